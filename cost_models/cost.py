@@ -1,0 +1,53 @@
+"""Per-node cost record: plain symbolic data, no torch objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+__all__ = ["NodeCost", "BATCH", "SEQ", "ZERO"]
+
+#: The batch symbol: every batch-dependent size is a polynomial in it.
+BATCH = sympy.Symbol("B", positive=True, integer=True)
+#: The sequence-length symbol, for models that have one.
+SEQ = sympy.Symbol("S", positive=True, integer=True)
+ZERO = sympy.Integer(0)
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """What one graph node costs, per micro-batch of ``B`` samples.
+
+    Every field is a sympy expression in ``B`` (and ``S``), or a constant.
+    """
+
+    fwd_flops: sympy.Expr = ZERO  # all forward FLOPs we count (matmul-like, elementwise, norms, ...)
+    bwd_flops: sympy.Expr = ZERO  # all backward FLOPs (input grads + weight grads)
+    fwd_flops_fc: sympy.Expr = ZERO  # the part of fwd_flops on ops that FlopCounterMode also counts
+    bwd_flops_fc: sympy.Expr = ZERO  # same for backward
+    param_bytes: sympy.Expr = ZERO  # parameters this node reads (owned by its stage)
+    buffer_bytes: sympy.Expr = ZERO  # buffers this node reads
+    output_bytes: sympy.Expr = ZERO  # bytes of the node's output tensors
+    saved_bytes: sympy.Expr = ZERO  # bytes autograd keeps alive for backward
+    fwd_bytes_moved: sympy.Expr = ZERO  # memory traffic of the forward (reads + writes)
+    ops: tuple[str, ...] = field(default=())  # aten ops seen, for inspection
+
+    def __add__(self, other: NodeCost) -> NodeCost:
+        return NodeCost(
+            *(getattr(self, f) + getattr(other, f) for f in _SUMMED),
+            ops=self.ops + other.ops,
+        )
+
+
+_SUMMED = (
+    "fwd_flops",
+    "bwd_flops",
+    "fwd_flops_fc",
+    "bwd_flops_fc",
+    "param_bytes",
+    "buffer_bytes",
+    "output_bytes",
+    "saved_bytes",
+    "fwd_bytes_moved",
+)
