@@ -1,0 +1,208 @@
+"""Capture: model → a flat ``fx.GraphModule``, by ``torch.fx`` first, ``torch.export`` where fx cannot.
+
+Both routes end in the same shape of graph: placeholders are the flat inputs in order,
+parameters and buffers are reached through ``get_attr``/``call_module`` with their original
+fully qualified names, and the output node returns a flat tuple whose structure is kept
+in ``Captured.out_spec``. Nothing here mutates the user's module: ``GraphModule(model, g)``
+refers to the user's submodules and tensors, it does not move or copy them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from passes.base import InputSpec
+from passes.errors import CaptureError
+
+__all__ = ["Captured", "capture", "ROUTES"]
+
+ROUTES = ("auto", "fx", "export")
+
+
+@dataclass(frozen=True)
+class Captured:
+    gm: fx.GraphModule  # flat graph: placeholders = flat inputs, output = flat tuple
+    route: str  # "fx" or "export": which capture produced gm
+    input_names: tuple[str, ...]  # placeholder names, in order
+    flatten: Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]  # user call → flat inputs
+    out_spec: pytree.TreeSpec  # flat outputs → the model's output structure
+    fallback_reason: str = ""  # why fx was not used, when route == "export"
+
+    def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: frozenset[str], leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self._leaf_paths = leaf_modules
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self._leaf_paths or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _flat_output(graph: fx.Graph) -> pytree.TreeSpec:
+    """Rewrite the output node to return a flat tuple; return the structure it had."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves, spec = pytree.tree_flatten(out.args[0])
+    out.args = (tuple(leaves),)
+    return spec
+
+
+def _trace_fx(
+    model: nn.Module,
+    leaf_modules: Sequence[str | type],
+    concrete_args: dict[str, Any] | None,
+) -> Captured:
+    paths = frozenset(m for m in leaf_modules if isinstance(m, str))
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    tracer = _Tracer(paths, types)
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    out_spec = _flat_output(graph)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    targets = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
+    sig = inspect.signature(model.forward)
+    defaults = dict(concrete_args or {})
+
+    def flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise CaptureError(f"inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
+        bound.apply_defaults()
+        values = {**defaults, **bound.arguments}
+        # placeholders are named after the parameters ("*args" placeholders get a suffix)
+        return [values.get(str(t).lstrip("*"), defaults.get(str(t))) for t in targets]
+
+    return Captured(gm, "fx", names, flatten, out_spec)
+
+
+def _example_from_specs(specs: Sequence[InputSpec]) -> list[Any]:
+    values: list[Any] = []
+    for s in specs:
+        if s.kind == "tensor":
+            dtype = getattr(torch, s.dtype)
+            values.append(torch.zeros(s.shape, dtype=dtype))
+        else:
+            values.append(s.value)
+    return values
+
+
+def _trace_export(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic: dict[str, dict[int, str]],
+) -> Captured:
+    from torch.export import Dim, export
+
+    def dims_for(name: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and name in dynamic:
+            return {d: Dim.AUTO for d in dynamic[name]}
+        return None
+
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(*args, **kwargs)
+    dyn_args = tuple(dims_for(n, v) for n, v in list(bound.arguments.items())[: len(args)])
+    dyn_kwargs = {k: dims_for(k, v) for k, v in kwargs.items()}
+    dynamic_shapes: Any = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {
+        **dict(zip(list(bound.arguments)[: len(args)], dyn_args)),
+        **dyn_kwargs,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        unlifted = ep.module()
+    in_spec = unlifted._in_spec
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in unlifted.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            continue  # export's input guard; shapes are checked against the plan instead
+        if node.op == "output":
+            graph.output(tuple(fx.map_arg(a, lambda n: env[n]) for a in node.args[0]))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
+
+    def flatten(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> list[Any]:
+        b = sig.bind(*call_args, **call_kwargs)
+        pos = tuple(b.arguments[n] for n in list(b.arguments)[: len(args)])
+        rest = {k: v for k, v in b.arguments.items() if k in kwargs}
+        try:
+            from torch.fx._pytree import tree_flatten_spec
+
+            return list(tree_flatten_spec((pos, rest), in_spec))
+        except Exception as e:  # pytree says only "mismatch"; name what was expected
+            raise CaptureError(
+                f"inputs do not match the exported signature {in_spec}: {e}"
+            ) from None
+
+    return Captured(gm, "export", names, flatten, unlifted._out_spec)
+
+
+def _last_line(e: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+def capture(
+    model: nn.Module,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    route: str = "auto",
+    leaf_modules: Sequence[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    dynamic: dict[str, dict[int, str]] | None = None,
+) -> Captured:
+    """Capture ``model`` as a flat graph; ``dynamic`` maps input name → {dim: "B"/"S"}."""
+    if route not in ROUTES:
+        raise CaptureError(f"unknown capture route {route!r}; use one of {', '.join(ROUTES)}")
+    name = type(model).__name__
+    fx_error: BaseException | None = None
+    if route in ("auto", "fx"):
+        try:
+            return _trace_fx(model, leaf_modules, concrete_args)
+        except CaptureError:
+            raise
+        except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
+            fx_error = e
+            if route == "fx":
+                raise CaptureError(
+                    f"torch.fx could not trace {name}: {_last_line(e)}. Mark the offending "
+                    "submodule as a leaf (leaf_modules=[...]), pass concrete_args for "
+                    "control-flow flags, or use route='export'"
+                ) from e
+    if args is None and not kwargs:
+        raise CaptureError(
+            f"torch.fx could not trace {name} ({_last_line(fx_error) if fx_error else 'not tried'}) "
+            "and torch.export needs example inputs: pass example_inputs=(...)"
+        )
+    try:
+        cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {})
+    except Exception as e:
+        why_fx = f"torch.fx: {_last_line(fx_error)}; " if fx_error else ""
+        raise CaptureError(
+            f"cannot capture {name}: {why_fx}torch.export: {_last_line(e)}. Mark the failing "
+            "submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
+            "control flow on flags, or make data-dependent branches tensor ops (torch.where)"
+        ) from e
+    if fx_error is not None:
+        cap = Captured(cap.gm, cap.route, cap.input_names, cap.flatten, cap.out_spec, _last_line(fx_error))
+    return cap
