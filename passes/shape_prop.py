@@ -1,0 +1,245 @@
+"""Shape propagation: FakeTensors through the graph, sizes symbolic in B and S.
+
+No real compute and no real weight is touched: inputs are created inside a
+``FakeTensorMode`` from their ``InputSpec`` (the listed dims backed by ShapeEnv symbols),
+parameters and buffers are converted to fake tensors once (static shapes, requires_grad
+kept), and ``call_module`` nodes run their module through ``torch.func.functional_call``
+with those fakes. A 7B-parameter model built on the meta device propagates in seconds.
+
+Each node gets ``meta["val"]`` (as torch.export writes it), ``meta["pp.desc"]`` (the same
+value with sizes as sympy expressions in ``cost_models.BATCH``/``SEQ``) and
+``meta["pp.module"]``. If symbolic propagation fails or a guard pins B or S to a number,
+the whole graph is propagated again with static shapes and ``gm.meta["pp.symbolic"]`` is
+False: costs are then valid for the example sizes only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import sympy
+import torch
+from torch import fx, nn
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+from cost_models.cost import BATCH, SEQ
+from cost_models.errors import PartitionError
+from passes.base import InputSpec, Pass, TensorDesc
+from passes.meta import DESC, MODULE, VAL
+
+__all__ = ["ShapeProp", "ShapePropError", "default_specs", "to_desc", "fake_params", "module_of"]
+
+_NAMED = {"B": BATCH, "S": SEQ}
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+class ShapePropError(PartitionError):
+    """A node could not be propagated, even with static shapes."""
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node: fx.Node, cause: BaseException) -> None:
+        super().__init__(f"{node.format_node()}: {type(cause).__name__}: {cause}")
+        self.node, self.cause = node, cause
+
+
+@dataclass(frozen=True)
+class ShapeProp(Pass):
+    """Propagate FakeTensors; write ``val``, ``pp.desc`` and ``pp.module`` on every node."""
+
+    name = "shape-prop"
+    provides = (VAL, DESC, MODULE)
+
+    inputs: tuple[InputSpec, ...] = ()  # one per placeholder, in order
+    device: str | None = None  # device of the fake inputs; None: that of the first parameter
+
+    def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        if n_ph != len(self.inputs):
+            raise ShapePropError(
+                f"ShapeProp got {len(self.inputs)} InputSpecs for {n_ph} placeholders; "
+                "pass one InputSpec per flat graph input"
+            )
+        try:
+            self._propagate(gm, symbolic=True)
+        except _NodeFailed as first:
+            warnings.warn(
+                f"symbolic shape propagation failed at {first}; costs fall back to the static "
+                f"example sizes {self._example()}",
+                stacklevel=2,
+            )
+            try:
+                self._propagate(gm, symbolic=False)
+            except _NodeFailed as again:
+                raise ShapePropError(
+                    f"shape propagation failed at node {again.node.format_node()} "
+                    f"({type(again.cause).__name__}: {again.cause}); even static shapes fail, "
+                    "so the node cannot run on these inputs"
+                ) from again.cause
+        return gm
+
+    def _example(self) -> dict[str, int]:
+        ex: dict[str, int] = {}
+        for spec in self.inputs:
+            for dim, sym in spec.dims:
+                ex.setdefault(sym, spec.shape[dim])
+        return ex
+
+    def _propagate(self, gm: fx.GraphModule, symbolic: bool) -> None:
+        env = ShapeEnv(duck_shape=False)  # duck sizing would merge B and S when equal
+        mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=False)
+        symbols: dict[str, torch.SymInt] = {}
+        if symbolic:
+            for name, value in self._example().items():
+                src = ConstantSource(f"pp_{name}")
+                sym = env.create_symbol(
+                    value, src, dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True
+                )
+                symbols[name] = env.create_symintnode(sym, hint=value, source=src)
+        mapping = {s.node.expr: _NAMED.get(n, sympy.Symbol(n, positive=True, integer=True)) for n, s in symbols.items()}
+        device = torch.device(self.device) if self.device else _model_device(gm)
+        with mode:
+            args = [self._make_input(spec, symbols, device) for spec in self.inputs]
+        interp = _FakeInterpreter(gm, mode, mapping)
+        with mode:
+            interp.run(*args)
+        gm.meta.update(
+            {
+                "pp.fake_mode": mode,
+                "pp.symbols": mapping,
+                "pp.example": self._example(),
+                "pp.symbolic": symbolic,
+                "pp.fake_params": interp.fakes,
+            }
+        )
+
+    @staticmethod
+    def _make_input(spec: InputSpec, symbols: dict[str, torch.SymInt], device: torch.device) -> Any:
+        if spec.kind != "tensor":
+            return spec.value
+        dims = dict(spec.dims)
+        shape = [symbols.get(dims.get(i, ""), s) for i, s in enumerate(spec.shape)]
+        dtype = _DTYPES.get(spec.dtype)
+        if dtype is None:
+            raise ShapePropError(f"input {spec.name!r} has unknown dtype {spec.dtype!r}; use a torch dtype name such as 'float32'")
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _FakeInterpreter(fx.Interpreter):
+    """Runs every node on fake values and records them in ``node.meta``."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, mapping: dict[Any, sympy.Expr]) -> None:
+        super().__init__(gm)
+        self.mode, self.mapping = mode, mapping
+        self.symbols = tuple(mapping)
+        self.fakes = fake_params(gm, mode)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+            env = self.mode.shape_env
+            if env is not None and any(env.replace(s).is_number for s in self.symbols):
+                raise RuntimeError("a guard specialized a symbolic size (B or S) to a constant")
+        except _NodeFailed:
+            raise
+        except Exception as e:  # any failure is reported with the node that raised it
+            raise _NodeFailed(n, e) from e
+        n.meta[VAL] = out
+        n.meta[DESC] = to_desc(out, self.mapping, self.mode.shape_env)
+        n.meta[MODULE] = module_of(n)
+        return out
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in self.fakes:
+            return self.fakes[target]
+        value = self.fetch_attr(target)  # a constant tensor the capture inlined
+        if isinstance(value, torch.Tensor):
+            self.fakes[target] = value = self.mode.from_tensor(value, static_shapes=True)
+        return value
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mod = self.fetch_attr(target)
+        prefix = f"{target}."
+        state = {k[len(prefix):]: v for k, v in self.fakes.items() if k.startswith(prefix)}
+        return torch.func.functional_call(mod, state, tuple(args), dict(kwargs), strict=False)
+
+
+def default_specs(values: Any, names: Any = None) -> tuple[InputSpec, ...]:
+    """InputSpecs for flat example inputs under the usual policy: every tensor's dim 0 is
+    "B", and a 2-D integer tensor (token ids) also has dim 1 "S"."""
+    specs = []
+    for i, v in enumerate(values):
+        name = names[i] if names is not None else f"arg{i}"
+        if isinstance(v, torch.Tensor):
+            dims: tuple[tuple[int, str], ...] = ((0, "B"),) if v.dim() >= 1 else ()
+            if v.dim() == 2 and not (v.is_floating_point() or v.is_complex()):
+                dims += ((1, "S"),)
+            specs.append(InputSpec(name, "tensor", tuple(v.shape), str(v.dtype).removeprefix("torch."), dims))
+        else:
+            kind = "none" if v is None else type(v).__name__
+            specs.append(InputSpec(name, kind, (), "", (), v))
+    return tuple(specs)
+
+
+def fake_params(gm: fx.GraphModule, mode: FakeTensorMode) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (tied ones under each name) as a static-shaped fake tensor."""
+    named: Iterator[tuple[str, torch.Tensor]] = _chain(
+        gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)
+    )
+    # from_tensor memoizes on the real tensor, so tied weights map to one fake.
+    return {k: mode.from_tensor(v, static_shapes=True) for k, v in named}
+
+
+def _chain(*its: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for it in its:
+        yield from it
+
+
+def _model_device(gm: nn.Module) -> torch.device:
+    for t in _chain(gm.named_parameters(), gm.named_buffers()):
+        return t[1].device
+    return torch.device("cpu")
+
+
+def to_desc(value: Any, mapping: dict[Any, sympy.Expr], env: ShapeEnv | None = None) -> Any:
+    """``value`` with tensors as ``TensorDesc`` and sizes as sympy expressions in B/S."""
+    if isinstance(value, torch.Tensor):
+        shape = tuple(_expr(s, mapping, env) for s in value.shape)
+        return TensorDesc(shape, value.dtype, value.requires_grad)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return _expr(value, mapping, env)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    if isinstance(value, (tuple, list)):
+        items = [to_desc(v, mapping, env) for v in value]
+        return type(value)(items) if type(value) in (tuple, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: to_desc(v, mapping, env) for k, v in value.items()}
+    return value
+
+
+def _expr(size: Any, mapping: dict[Any, sympy.Expr], env: ShapeEnv | None) -> sympy.Expr:
+    if isinstance(size, int):
+        return sympy.Integer(size)
+    expr = size.node.expr
+    if env is not None:
+        expr = env.replace(expr)
+    return sympy.sympify(expr).xreplace(mapping)
+
+
+def module_of(node: fx.Node) -> str:
+    """Dotted path of the innermost module owning ``node`` ("" for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = str(list(stack.values())[-1][0])
+        # torch.export / dynamo spell paths as "L['self'].layers.0" or "L__self___layers_0".
+        return path.removeprefix("L['self'].").removeprefix("L['self']")
+    return ""
