@@ -1,0 +1,399 @@
+"""Pipeline schedules as data: one ordered list of actions per rank.
+
+A runtime interprets these lists and ``simulator`` replays them; a new schedule is a
+new list, never a new runtime (DESIGN.md, "Schedules as data"). Stage ``s`` lives on
+rank ``s % n_ranks`` (looped placement, as in torch.distributed.pipelining's
+interleaved schedules), so each rank holds ``v = n_stages // n_ranks`` stages.
+
+>>> s = build_schedule("1f1b", n_ranks=2, n_microbatches=2)
+>>> [str(a) for a in s.actions[1]]
+['1RECV_F0', '1F0', '1B0', '1SEND_B0', '1RECV_F1', '1F1', '1B1', '1SEND_B1']
+>>> Schedule.from_text(s.to_text()) == s
+True
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from cost_models.errors import PartitionError
+
+__all__ = ["Action", "Schedule", "ScheduleError", "build_schedule", "SCHEDULE_NAMES"]
+
+COMPUTE_KINDS = ("F", "B", "I", "W")  # B = full backward; I + W = the same, split
+COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "naive")
+_ACTION_RE = re.compile(r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)")
+_ACTION_FORM = "<stage><kind><microbatch>, e.g. '2F0' or '1SEND_F3', kind one of " + ", ".join(
+    COMPUTE_KINDS + COMM_KINDS
+)
+
+
+class ScheduleError(PartitionError):
+    """A schedule's text, counts or action lists break a rule."""
+
+
+class Action(NamedTuple):
+    """One step of one rank. SEND/RECV name the stage on *this* side of the link."""
+
+    stage: int
+    kind: str
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        m = _ACTION_RE.fullmatch(text)
+        if m is None:
+            raise ScheduleError(f"bad action text {text!r}: expected {_ACTION_FORM}")
+        return cls(int(m[1]), m[2], int(m[3]))
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE_KINDS
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str  # a builder's name, or any word for hand-written lists
+    n_ranks: int
+    n_stages: int  # a multiple of n_ranks; stage s runs on rank s % n_ranks
+    n_microbatches: int
+    actions: tuple[tuple[Action, ...], ...]  # per rank, in execution order, comms included
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ScheduleError(f"schedule name {self.name!r} must be one non-empty word")
+        if min(self.n_ranks, self.n_stages, self.n_microbatches) < 1:
+            raise ScheduleError(
+                f"counts must be >= 1: ranks={self.n_ranks} stages={self.n_stages} "
+                f"microbatches={self.n_microbatches}"
+            )
+        if self.n_stages % self.n_ranks:
+            raise ScheduleError(
+                f"n_stages must be a multiple of n_ranks ({self.n_stages} % {self.n_ranks} != 0)"
+            )
+        if len(self.actions) != self.n_ranks:
+            raise ScheduleError(f"need one action list per rank ({len(self.actions)} != {self.n_ranks})")
+        # Lists and plain tuples are accepted so hand-written schedules stay short to write.
+        acts = tuple(tuple(Action(*a) for a in rank) for rank in self.actions)
+        object.__setattr__(self, "actions", acts)
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.n_ranks
+
+    def to_text(self) -> str:
+        head = (
+            f"schedule {self.name} ranks={self.n_ranks} stages={self.n_stages} "
+            f"microbatches={self.n_microbatches}"
+        )
+        rows = [" ".join([f"rank {r}:", *map(str, acts)]) for r, acts in enumerate(self.actions)]
+        return "\n".join([head, *rows]) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str) -> Schedule:
+        # '#' comments and blank lines let golden files and bug reports carry notes.
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        head = re.fullmatch(r"schedule (\S+) ranks=(\d+) stages=(\d+) microbatches=(\d+)", lines[0]) if lines else None
+        if head is None:
+            raise ScheduleError(
+                "schedule text must start with 'schedule <name> ranks=<p> stages=<s> microbatches=<m>'"
+            )
+        actions = []
+        for r, line in enumerate(lines[1:]):
+            label, _, rest = line.partition(":")
+            if label != f"rank {r}":
+                raise ScheduleError(f"expected line 'rank {r}: <actions>', got {line!r}")
+            actions.append(tuple(Action.parse(t) for t in rest.split()))
+        return cls(head[1], int(head[2]), int(head[3]), int(head[4]), tuple(actions))
+
+    def grid(self, mark: tuple[int, int] | None = None, *, comms: bool = False) -> str:
+        """Steps x ranks, like torch.distributed.pipelining's ``_format_pipeline_order``.
+
+        Rows are positions in each rank's list, not times (the simulator gives times).
+        ``mark=(rank, step)`` brackets that cell, ``step`` indexing the full list; in a
+        compute-only grid a marked SEND/RECV lands on the rank's next compute.
+        """
+        cols = [[(i, a) for i, a in enumerate(acts) if comms or a.is_compute] for acts in self.actions]
+        n_rows = max(map(len, cols), default=0)
+        cells = [[str(a) for _, a in col] + [""] * (n_rows - len(col)) for col in cols]
+        mark_row = None
+        if mark is not None:
+            r, step = mark
+            mark_row = next((j for j, (i, _) in enumerate(cols[r]) if i >= step), None)
+            if mark_row is not None:
+                cells[r][mark_row] = f"[{cells[r][mark_row]}]"
+        width = [max([len(f"Rank {r}"), *map(len, col)]) for r, col in enumerate(cells)]
+        digits = len(str(max(n_rows - 1, 0)))
+        label = " " * (len("Step ") + digits + 2)
+        out = [(label + " ".join(f"{f'Rank {r}':<{w}}" for r, w in enumerate(width))).rstrip()]
+        for j in range(n_rows):
+            row = f"Step {j:0{digits}d}: " + " ".join(f"{cells[r][j]:<{w}}" for r, w in enumerate(width))
+            out.append(row.rstrip() + (f"  <-- rank {mark[0]}" if mark and j == mark_row else ""))
+        return "\n".join(out)
+
+    def validate(self) -> None:
+        """Raise ScheduleError if the lists would deadlock, use data before it arrives,
+        or miss / repeat a forward or backward."""
+        replay(self)
+
+
+# --- message-passing replay, shared by validate() and the simulator -----------------
+
+
+def _message(a: Action) -> tuple[str, int, int]:
+    """The link message a SEND posts or a RECV takes: (direction, sending stage, mb)."""
+    return {
+        "SEND_F": ("F", a.stage, a.microbatch),
+        "RECV_F": ("F", a.stage - 1, a.microbatch),
+        "SEND_B": ("B", a.stage, a.microbatch),
+        "RECV_B": ("B", a.stage + 1, a.microbatch),
+    }[a.kind]
+
+
+def _static_error(s: Schedule, r: int, a: Action) -> str | None:
+    if a.kind not in COMPUTE_KINDS + COMM_KINDS:
+        return f"unknown kind {a.kind!r}: expected {_ACTION_FORM}"
+    if not (0 <= a.stage < s.n_stages and 0 <= a.microbatch < s.n_microbatches):
+        return f"stage must be in [0, {s.n_stages}) and micro-batch in [0, {s.n_microbatches})"
+    if s.rank_of(a.stage) != r:
+        return f"stage {a.stage} lives on rank {s.rank_of(a.stage)} (stage % n_ranks), not rank {r}"
+    if a.kind in COMM_KINDS:
+        peer = a.stage + (1 if a.kind in ("SEND_F", "RECV_B") else -1)
+        if not 0 <= peer < s.n_stages:
+            return f"stage {a.stage} has no neighbour stage {peer} to talk to"
+        if s.rank_of(peer) == r:
+            return f"stages {a.stage} and {peer} share rank {r}; no message is needed"
+    return None
+
+
+def _inputs_error(s: Schedule, r: int, a: Action, done: set[tuple[int, str, int]],
+                  got: set[tuple[str, int, int]]) -> str | None:
+    st, k, mb = a
+    bwd = {(st, "B", mb), (st, "I", mb)} & done
+    if k == "F" and st > 0:
+        if s.rank_of(st - 1) == r:
+            if (st - 1, "F", mb) not in done:
+                return f"needs forward {st - 1}F{mb} first (same rank)"
+        elif ("F", st - 1, mb) not in got:
+            return f"uses micro-batch {mb} before it arrives: no {st}RECV_F{mb} earlier on rank {r}"
+    if k in ("B", "I", "SEND_F") and (st, "F", mb) not in done:
+        return f"needs forward {st}F{mb} to have run first"
+    if k in ("B", "I") and bwd:
+        return f"micro-batch {mb} of stage {st} already ran its backward"
+    if k in ("B", "I") and st < s.n_stages - 1:
+        if s.rank_of(st + 1) == r:
+            if not {(st + 1, "B", mb), (st + 1, "I", mb)} & done:
+                return f"needs backward of stage {st + 1} micro-batch {mb} first (same rank)"
+        elif ("B", st + 1, mb) not in got:
+            return f"needs the gradient from stage {st + 1}: no {st}RECV_B{mb} earlier on rank {r}"
+    if k == "W" and (st, "I", mb) not in done:
+        return f"weight grad needs input grad {st}I{mb} first"
+    if k == "SEND_B" and not bwd:
+        return f"sends a gradient not yet computed: no {st}B{mb} or {st}I{mb} earlier"
+    return None
+
+
+def replay(s: Schedule, visit: Callable[[int, int, Action], None] | None = None) -> None:
+    """Run the lists with buffered sends and blocking receives, calling ``visit(rank,
+    step, action)`` in an order that respects every dependency; raise on any fault."""
+
+    def fail(r: int, i: int, why: str) -> ScheduleError:
+        return ScheduleError(
+            f"schedule {s.name!r}: rank {r}, step {i}, action {s.actions[r][i]}: {why}\n"
+            + s.grid(mark=(r, i), comms=True)
+        )
+
+    pc = [0] * s.n_ranks
+    done: set[tuple[int, str, int]] = set()  # (stage, compute kind, mb)
+    in_flight: dict[tuple[str, int, int], tuple[int, int]] = {}  # message -> (rank, step) of SEND
+    got: set[tuple[str, int, int]] = set()  # messages received
+    progress = True
+    while progress:
+        progress = False
+        for r, acts in enumerate(s.actions):
+            while pc[r] < len(acts):
+                i = pc[r]
+                a = acts[i]
+                why = _static_error(s, r, a)
+                if why is None and a.kind.startswith("RECV"):
+                    msg = _message(a)
+                    if msg in got:
+                        why = "receives the same message twice"
+                    elif msg not in in_flight:
+                        break  # blocked: maybe the peer sends later
+                    else:
+                        del in_flight[msg]
+                        got.add(msg)
+                elif why is None and a.kind.startswith("SEND"):
+                    why = _inputs_error(s, r, a, done, got)
+                    if why is None and (_message(a) in in_flight or _message(a) in got):
+                        why = "sends the same message twice"
+                    in_flight[_message(a)] = (r, i)
+                elif why is None:
+                    why = _inputs_error(s, r, a, done, got)
+                    if why is None and a in done:
+                        why = "runs twice"
+                    done.add(a)
+                if why is not None:
+                    raise fail(r, i, why)
+                if visit is not None:
+                    visit(r, i, a)
+                pc[r] += 1
+                progress = True
+    stuck = [r for r in range(s.n_ranks) if pc[r] < len(s.actions[r])]
+    if stuck:
+        r, others = stuck[0], ", ".join(f"rank {q} step {pc[q]} ({s.actions[q][pc[q]]})" for q in stuck)
+        a = s.actions[r][pc[r]]
+        src = a.stage + (1 if a.kind == "RECV_B" else -1)
+        send = Action(src, "SEND_" + a.kind[-1], a.microbatch)
+        raise fail(r, pc[r], f"waits for {send} from rank {s.rank_of(src)}, which never comes; "
+                   f"deadlock, every unfinished rank waits: {others}")
+    for (r, i) in in_flight.values():
+        raise fail(r, i, "sent but never received")
+    missing = [
+        f"{st}{k}{mb}"
+        for st in range(s.n_stages)
+        for mb in range(s.n_microbatches)
+        for k in ("F", "B")
+        if (st, k, mb) not in done and not (k == "B" and {(st, "I", mb), (st, "W", mb)} <= done)
+    ]
+    if missing:
+        raise ScheduleError(
+            f"schedule {s.name!r} never runs {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}: every stage needs one forward and one "
+            f"backward (B, or I then W) per micro-batch\n{s.grid()}"
+        )
+
+
+# --- builders: each returns compute order per rank; _with_comms adds the messages ----
+
+
+def _gpipe(p: int, m: int, v: int) -> list[list[Action]]:
+    """All forwards, then all backwards (Huang et al. 2019, GPipe). p=3, m=4, f=b=1:
+
+    rank 0: 0F0 0F1 0F2 0F3 .   .   .   .   0B0 0B1 0B2 0B3
+    rank 1: .   1F0 1F1 1F2 1F3 .   .   1B0 1B1 1B2 1B3 .
+    rank 2: .   .   2F0 2F1 2F2 2F3 2B0 2B1 2B2 2B3 .   .
+    """
+    out = []
+    for r in range(p):
+        stages = range(r, v * p, p)  # v > 1 is "looped BFS": stage by stage
+        fwd = [Action(s, "F", mb) for s in stages for mb in range(m)]
+        out.append(fwd + [Action(s, "B", mb) for s in reversed(stages) for mb in range(m)])
+    return out
+
+
+def _one_f_one_b(p: int, m: int) -> list[list[Action]]:
+    """PipeDream-Flush / Megatron 1F1B (Narayanan et al. 2021). p=3, m=4, f=b=1:
+
+    rank 0: 0F0 0F1 0F2 .   .   0B0 0F3 0B1 .   0B2 .   0B3
+    rank 1: .   1F0 1F1 .   1B0 1F2 1B1 1F3 1B2 .   1B3 .
+    rank 2: .   .   2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3 .   .
+
+    Rank r warms up with p-1-r forwards, so stage r holds at most p-r micro-batches.
+    """
+    out = []
+    for r in range(p):
+        warm = min(p - 1 - r, m)
+        acts = [Action(r, "F", mb) for mb in range(warm)]
+        for i in range(m - warm):
+            acts += [Action(r, "F", warm + i), Action(r, "B", i)]
+        out.append(acts + [Action(r, "B", mb) for mb in range(m - warm, m)])
+    return out
+
+
+def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
+    """Megatron interleaved 1F1B (Narayanan et al. 2021, sec. 2.2). p=2, v=2, m=4, f=b=1:
+
+    rank 0: 0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 .   2B2 .   2B3 0B2 0B3
+    rank 1: .   1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3 .
+
+    Work is walked in rounds of p micro-batches per local stage; warm-up is
+    (v-1)*p + 2*(p-1-r) forwards, as in Megatron-LM and torch's ScheduleInterleaved1F1B.
+    """
+    total = m * v
+
+    def mb(k: int) -> int:  # k-th unit of work on a rank -> micro-batch
+        return (k // (p * v)) * p + k % p
+
+    out = []
+    for r in range(p):
+        def f(k: int) -> Action:
+            return Action((k // p) % v * p + r, "F", mb(k))
+
+        def b(k: int) -> Action:
+            return Action((v - 1 - (k // p) % v) * p + r, "B", mb(k))
+
+        warm = min((v - 1) * p + 2 * (p - 1 - r), total)
+        acts = [f(k) for k in range(warm)]
+        for i in range(total - warm):
+            acts += [f(warm + i), b(i)]
+        out.append(acts + [b(k) for k in range(total - warm, total)])
+    return out
+
+
+def _with_comms(p: int, n_stages: int, compute: list[list[Action]]) -> tuple[tuple[Action, ...], ...]:
+    """Post each SEND right after the compute that made the value and each RECV right
+    before the compute that needs it, as a runtime with async sends would."""
+    out = []
+    for r, acts in enumerate(compute):
+        full: list[Action] = []
+        for a in acts:
+            st, mb = a.stage, a.microbatch
+            prev_remote = st > 0 and (st - 1) % p != r
+            next_remote = st < n_stages - 1 and (st + 1) % p != r
+            fwd = a.kind == "F"
+            bwd = a.kind in ("B", "I")
+            if (fwd and prev_remote) or (bwd and next_remote):
+                full.append(Action(st, "RECV_F" if fwd else "RECV_B", mb))
+            full.append(a)
+            if (fwd and next_remote) or (bwd and prev_remote):
+                full.append(Action(st, "SEND_F" if fwd else "SEND_B", mb))
+        out.append(tuple(full))
+    return tuple(out)
+
+
+def build_schedule(name: str, n_ranks: int, n_microbatches: int, n_stages: int | None = None) -> Schedule:
+    """Build a named schedule with its SEND/RECV actions.
+
+    ``n_stages`` defaults to ``n_ranks`` (``2 * n_ranks`` for "interleaved-1f1b").
+    "naive" is plain model parallelism for comparison: the batch is not split, so
+    ``n_microbatches`` is forced to 1.
+    """
+    if name not in SCHEDULE_NAMES:
+        raise ScheduleError(f"unknown schedule {name!r}: expected one of {', '.join(SCHEDULE_NAMES)}")
+    if name == "naive":
+        n_microbatches = 1
+    if n_stages is None:
+        n_stages = 2 * n_ranks if name == "interleaved-1f1b" else n_ranks
+    for what, n in (("n_ranks", n_ranks), ("n_microbatches", n_microbatches), ("n_stages", n_stages)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ScheduleError(f"{what} must be an int >= 1, got {n!r}")
+    if n_stages % n_ranks:
+        raise ScheduleError(
+            f"n_stages must be a multiple of n_ranks ({n_stages} % {n_ranks} != 0): "
+            f"stage s runs on rank s % n_ranks"
+        )
+    p, m, v = n_ranks, n_microbatches, n_stages // n_ranks
+    if name == "1f1b" and v != 1:
+        raise ScheduleError(
+            f"1f1b needs n_stages == n_ranks ({n_stages} != {n_ranks}); "
+            f"use 'interleaved-1f1b' for {v} stages per rank"
+        )
+    if name == "interleaved-1f1b" and m % p:
+        raise ScheduleError(
+            f"interleaved-1f1b needs n_microbatches to be a multiple of n_ranks "
+            f"({m} % {p} != 0): try n_microbatches={(m // p + 1) * p}"
+        )
+    if name == "1f1b":
+        compute = _one_f_one_b(p, m)
+    elif name == "interleaved-1f1b":
+        compute = _interleaved(p, m, v)
+    else:
+        compute = _gpipe(p, m, v)
+    return Schedule(name, p, n_stages, m, _with_comms(p, n_stages, compute))
