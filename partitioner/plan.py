@@ -1,0 +1,293 @@
+"""The plan: plain, versioned, deterministic data; JSON out and in, never code.
+
+A ``Plan`` says which graph nodes each stage runs, which parameters it owns, what
+crosses each cut (shape symbolic in B/S, dtype, bytes), what each stage costs, and what
+the solver and simulator predicted. ``to_json`` is byte-identical for the same model and
+options; ``load_plan`` validates against ``plan.schema.json`` and then checks the plan's
+own consistency, naming the JSON path of the first bad field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from cost_models.errors import PartitionError
+from partitioner import poly
+
+__all__ = [
+    "PLAN_VERSION", "PlanError", "ValueSpec", "Boundary", "StageCost", "StagePlan",
+    "Prediction", "SolverReport", "Plan", "load_plan", "write_atomic",
+]
+
+PLAN_VERSION = 1
+
+
+class PlanError(PartitionError):
+    """A plan file is malformed, inconsistent, or does not fit the model it is applied to."""
+
+    def __init__(self, message: str, path: str = "$") -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    name: str  # graph node name
+    kind: str  # "tensor", "int", "float", "bool", "none"
+    shape: tuple[int | str, ...]  # entries are ints or polynomials in B/S as text
+    dtype: str  # "float32", ...; "" for non-tensors
+    bytes: str  # polynomial in B/S as text
+    requires_grad: bool = False  # a gradient flows back across the cut
+
+
+@dataclass(frozen=True)
+class Boundary:
+    index: int  # the cut between stage index and index + 1
+    label: str  # "transformer.h.1 | transformer.h.2": module paths either side of the cut
+    values: tuple[ValueSpec, ...]
+    bytes: int  # at the plan's micro-batch size, one direction
+
+
+@dataclass(frozen=True)
+class StageCost:
+    fwd_flops: str  # polynomials in B/S as text, per micro-batch
+    bwd_flops: str
+    saved_bytes: str  # activations kept for backward, per micro-batch in flight
+    param_bytes: int
+    buffer_bytes: int
+    fwd_time_s: float  # at the plan's micro-batch size, on the plan's device
+    bwd_time_s: float
+    comm_time_s: float  # sends and receives at this stage's cuts, per micro-batch
+    memory_bytes: int  # weights + grads + optimizer state + in-flight activations
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    rank: int  # the device (process) that runs it
+    nodes: tuple[str, ...]
+    modules: tuple[str, ...]  # module paths whose nodes the stage runs, in order
+    parameters: tuple[str, ...]  # fully qualified names
+    buffers: tuple[str, ...]
+    inputs: tuple[str, ...]  # value names received (stage 0: the model's flat inputs)
+    outputs: tuple[str, ...]  # value names sent on (last stage: the model's flat outputs)
+    cost: StageCost
+
+
+@dataclass(frozen=True)
+class Prediction:
+    schedule: str
+    n_microbatches: int
+    microbatch_size: int
+    step_time_s: float
+    bubble_fraction: float
+    bottleneck_s: float  # slowest stage, forward + backward + comm, per micro-batch
+    peak_inflight: tuple[int, ...]  # micro-batches in flight per stage, from the simulator
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    bottleneck_s: float
+    lower_bound_s: float  # no split of this order can beat it
+    optimal: bool  # the solver proved bottleneck_s optimal for the order
+    total_cut_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str  # class name of the model
+    fingerprint: str  # hash of the captured graph and parameter shapes
+    capture: str  # "fx" or "export"
+    inputs: tuple[dict[str, Any], ...]  # InputSpec as plain dicts
+    symbols: dict[str, int]  # example values: {"B": global batch, "S": sequence length}
+    options: dict[str, Any]  # what partition() was called with (plain JSON values)
+    device: dict[str, Any]
+    link: dict[str, Any]
+    stages: tuple[StagePlan, ...]
+    boundaries: tuple[Boundary, ...]
+    tied_parameters: tuple[tuple[str, ...], ...]  # groups of FQNs that are one tensor
+    prediction: Prediction
+    solver: SolverReport
+    version: int = PLAN_VERSION
+    notes: tuple[str, ...] = field(default=())  # warnings raised while planning
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def cuts(self) -> tuple[str, ...]:
+        return tuple(b.label for b in self.boundaries)
+
+    # -- JSON ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_atomic(path, self.to_json())
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        _validate_schema(data)
+        plan = _build(cls, data, "$")
+        _check_consistency(plan)
+        return plan
+
+    # -- re-pricing --------------------------------------------------------------------
+    def cost_at(self, batch: int, seq: int | None = None) -> list[dict[str, int]]:
+        """Per-stage FLOPs and activation bytes for a micro-batch of ``batch`` samples."""
+        if not isinstance(batch, int) or batch < 1:
+            raise PlanError(f"batch must be a positive int, got {batch!r}", "batch")
+        s = seq if seq is not None else self.symbols.get("S", 1)
+        out = []
+        for st in self.stages:
+            out.append({
+                "stage": st.index,
+                "fwd_flops": poly.evaluate(poly.from_text(st.cost.fwd_flops), batch, s),
+                "bwd_flops": poly.evaluate(poly.from_text(st.cost.bwd_flops), batch, s),
+                "saved_bytes": poly.evaluate(poly.from_text(st.cost.saved_bytes), batch, s),
+                "param_bytes": st.cost.param_bytes,
+            })
+        return out
+
+    def with_notes(self, *notes: str) -> Plan:
+        return replace(self, notes=self.notes + tuple(notes))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def load_plan(source: str | os.PathLike[str] | Mapping[str, Any]) -> Plan:
+    """A Plan from JSON text, a path to a JSON file, or a parsed dict. Never runs code."""
+    if isinstance(source, Mapping):
+        return Plan.from_dict(dict(source))
+    text: str
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {str(path)!r}: {e.strerror}") from None
+    else:
+        text = str(source)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    return Plan.from_dict(data)
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads(resources.files("partitioner").joinpath("plan.schema.json").read_text())
+
+
+def _validate_schema(data: Any) -> None:
+    import jsonschema
+
+    if isinstance(data, dict) and data.get("version") not in (None, PLAN_VERSION) and isinstance(data.get("version"), int):
+        raise PlanError(f"plan version {data['version']} is not supported (this build reads {PLAN_VERSION})", "$.version")
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        err = errors[0]
+        raise PlanError(err.message, err.json_path)
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    """Dataclass from schema-valid dict (tuples for lists)."""
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        sub = _NESTED.get((cls.__name__, f.name))
+        if sub is not None and isinstance(value, list):
+            value = tuple(_build(sub, v, f"{path}.{f.name}[{i}]") for i, v in enumerate(value))
+        elif sub is not None:
+            value = _build(sub, value, f"{path}.{f.name}")
+        elif f.name == "tied_parameters":
+            value = tuple(tuple(g) for g in value)
+        elif f.name == "inputs" and cls is Plan:
+            value = tuple(dict(v) for v in value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[str, str], Any] = {
+    ("Plan", "stages"): StagePlan,
+    ("Plan", "boundaries"): Boundary,
+    ("Plan", "prediction"): Prediction,
+    ("Plan", "solver"): SolverReport,
+    ("StagePlan", "cost"): StageCost,
+    ("Boundary", "values"): ValueSpec,
+}
+
+
+def _check_consistency(plan: Plan) -> None:
+    """Rules a schema cannot say: indices in order, nodes once, cuts that chain."""
+    n = len(plan.stages)
+    if plan.options.get("n_stages", n) != n:
+        raise PlanError(f"options say {plan.options['n_stages']} stages but the plan lists {n}", "$.stages")
+    if len(plan.boundaries) != n - 1:
+        raise PlanError(f"{n} stages need {n - 1} boundaries, found {len(plan.boundaries)}", "$.boundaries")
+    seen: dict[str, int] = {}
+    for i, st in enumerate(plan.stages):
+        p = f"$.stages[{i}]"
+        if st.index != i:
+            raise PlanError(f"stage index {st.index} out of order (expected {i})", f"{p}.index")
+        if not st.nodes:
+            raise PlanError("a stage must run at least one node", f"{p}.nodes")
+        for j, name in enumerate(st.nodes):
+            if name in seen:
+                raise PlanError(f"node {name!r} is in stage {seen[name]} and stage {i}", f"{p}.nodes[{j}]")
+            seen[name] = i
+        if i > 0 and st.inputs != plan.stages[i - 1].outputs:
+            raise PlanError(f"stage {i} inputs do not match stage {i - 1} outputs", f"{p}.inputs")
+        for key in ("fwd_flops", "bwd_flops", "saved_bytes"):
+            try:
+                poly.from_text(getattr(st.cost, key))
+            except PartitionError as e:
+                raise PlanError(str(e), f"{p}.cost.{key}") from None
+    for i, b in enumerate(plan.boundaries):
+        if b.index != i:
+            raise PlanError(f"boundary index {b.index} out of order (expected {i})", f"$.boundaries[{i}].index")
+        names = tuple(v.name for v in b.values)
+        if names != plan.stages[i].outputs:
+            raise PlanError(f"boundary {i} values do not match stage {i} outputs", f"$.boundaries[{i}].values")
+    n_gpus = plan.options.get("n_gpus")
+    for i, st in enumerate(plan.stages):
+        if isinstance(n_gpus, int) and not 0 <= st.rank < n_gpus:
+            raise PlanError(f"rank {st.rank} outside 0..{n_gpus - 1}", f"$.stages[{i}].rank")
+
+
+def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

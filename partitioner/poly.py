@@ -1,0 +1,73 @@
+"""Symbolic costs as text that loads without ``eval``: polynomials in B and S.
+
+``sympy.sympify`` and ``parse_expr`` evaluate Python, so plans (user files, data) use
+this small grammar instead: ``"4096*B*S + 12*B^2 + 7"`` — a sum of terms, each an
+integer or rational coefficient times powers of ``B`` and ``S``.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Mapping
+
+import sympy
+
+from cost_models.cost import BATCH, SEQ
+from cost_models.errors import PartitionError
+
+__all__ = ["PolyError", "to_text", "from_text", "evaluate"]
+
+_SYMBOLS = {"B": BATCH, "S": SEQ}
+_TERM = re.compile(r"^(?:(\d+)(?:/(\d+))?)?((?:\*?[BS](?:\^\d+)?)*)$")
+_FACTOR = re.compile(r"([BS])(?:\^(\d+))?")
+
+
+class PolyError(PartitionError):
+    """A cost expression is not a polynomial in B and S, or its text does not parse."""
+
+
+def to_text(expr: sympy.Expr | int, at: Mapping[str, int] | None = None) -> str:
+    """Canonical text of ``expr``; a non-polynomial is evaluated at ``at`` (or refused)."""
+    expr = sympy.sympify(expr)
+    try:
+        poly = sympy.Poly(expr, BATCH, SEQ)
+        if not all(c.is_rational for c in poly.coeffs()):
+            raise sympy.PolynomialError(str(expr))
+    except sympy.PolynomialError:
+        if at is None:
+            raise PolyError(f"cost {expr} is not a polynomial in B and S") from None
+        return str(int(sympy.ceiling(expr.subs({BATCH: at.get("B", 1), SEQ: at.get("S", 1)}))))
+    terms = []
+    for (pb, ps), c in sorted(poly.terms(), reverse=True):
+        factors = [f"B^{pb}" if pb > 1 else "B"] * (pb > 0) + [f"S^{ps}" if ps > 1 else "S"] * (ps > 0)
+        coef = str(sympy.Rational(c))
+        if factors and coef == "1":
+            terms.append("*".join(factors))
+        else:
+            terms.append("*".join([coef, *factors]))
+    return " + ".join(terms) if terms else "0"
+
+
+def from_text(text: str) -> sympy.Expr:
+    """Parse ``to_text`` output back into a sympy expression; never evaluates code."""
+    if not isinstance(text, str) or not text.strip():
+        raise PolyError(f"expected a polynomial in B and S as text, got {text!r}")
+    total: sympy.Expr = sympy.Integer(0)
+    for raw in text.split("+"):
+        term = raw.strip().replace(" ", "")
+        m = _TERM.match(term)
+        if not term or m is None:
+            raise PolyError(f"bad term {raw.strip()!r} in {text!r}: expected e.g. '12*B^2*S'")
+        num, den, factors = m.groups()
+        if num is None and not factors:
+            raise PolyError(f"bad term {raw.strip()!r} in {text!r}")
+        value: sympy.Expr = sympy.Rational(Fraction(int(num or 1), int(den or 1)))
+        for sym, power in _FACTOR.findall(factors):
+            value *= _SYMBOLS[sym] ** int(power or 1)
+        total += value
+    return total
+
+
+def evaluate(expr: sympy.Expr, batch: int, seq: int = 1) -> int:
+    return int(sympy.ceiling(sympy.sympify(expr).subs({BATCH: batch, SEQ: seq})))

@@ -1,0 +1,79 @@
+"""Runs passes in order, checks their declared meta keys, and can keep a snapshot after each.
+
+The snapshot is what compiler engineers call "print IR after each pass": the readable
+graph text and a summary of every node's metadata, so a diff tool can show what a pass
+changed. Snapshots are plain strings and dicts: cheap to keep, safe to write out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from torch import fx
+
+from passes.base import Pass
+from passes.errors import GraphError
+
+__all__ = ["Snapshot", "PassManager", "graph_text", "node_summary"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    after: str  # the pass name ("capture" for the graph as captured)
+    code: str  # readable graph, one node per line
+    nodes: dict[str, dict[str, str]]  # node name → {op, target, module, stage, desc, cost}
+    seconds: float = 0.0  # how long the pass took
+
+
+def graph_text(gm: fx.GraphModule) -> str:
+    """The graph as text, one node per line, stable across runs (no object ids)."""
+    return "\n".join(n.format_node() or "" for n in gm.graph.nodes)
+
+
+def node_summary(gm: fx.GraphModule) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for n in gm.graph.nodes:
+        entry = {"op": n.op, "target": str(n.target)}
+        for key in ("pp.module", "pp.stage", "pp.desc", "pp.cost"):
+            if key in n.meta:
+                entry[key] = _short(n.meta[key])
+        out[n.name] = entry
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+@dataclass
+class PassManager:
+    passes: Sequence[Pass]
+    keep_snapshots: bool = False
+    callback: Callable[[Pass, fx.GraphModule], None] | None = None
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+    def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        if self.keep_snapshots:
+            self.snapshots.append(Snapshot("capture", graph_text(gm), node_summary(gm)))
+        for p in self.passes:
+            self._check(p, gm, p.requires, "requires")
+            start = time.perf_counter()
+            gm = p.run(gm)
+            elapsed = time.perf_counter() - start
+            self._check(p, gm, p.provides, "provides")
+            if self.keep_snapshots:
+                self.snapshots.append(Snapshot(p.name, graph_text(gm), node_summary(gm), elapsed))
+            if self.callback is not None:
+                self.callback(p, gm)
+        return gm
+
+    @staticmethod
+    def _check(p: Pass, gm: fx.GraphModule, keys: Sequence[str], what: str) -> None:
+        for key in keys:
+            for n in gm.graph.nodes:
+                if n.op not in ("placeholder", "output", "get_attr") and key not in n.meta:
+                    verb = "needs" if what == "requires" else "did not set"
+                    raise GraphError(f"pass {p.name!r} {verb} node.meta[{key!r}] on {n.format_node()}")
