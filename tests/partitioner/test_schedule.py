@@ -1,0 +1,192 @@
+"""Schedules as data: text round trip, builders that validate, golden lists and grids,
+and validation that catches hand-broken lists with a marked grid."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cost_models.errors import PartitionError
+from partitioner.schedule import SCHEDULE_NAMES, Action, Schedule, ScheduleError, build_schedule
+
+GOLDEN = Path(__file__).parent / "golden"
+KINDS = ("F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
+actions = st.builds(Action, st.integers(0, 10**6), st.sampled_from(KINDS), st.integers(0, 10**6))
+
+
+@given(actions)
+def test_action_text_round_trips(a: Action) -> None:
+    assert Action.parse(str(a)) == a
+
+
+def test_action_text_is_compact() -> None:
+    assert str(Action(2, "F", 0)) == "2F0"
+    assert Action.parse("1SEND_F3") == Action(1, "SEND_F", 3)
+    assert Action.parse("0RECV_B1") == Action(0, "RECV_B", 1)
+
+
+@pytest.mark.parametrize("text", ["", "F0", "2X0", "2f0", "-1F0", "2F", " 2F0", "2SEND0", "2F0x"])
+def test_bad_action_text_says_the_expected_form(text: str) -> None:
+    with pytest.raises(ScheduleError, match=r"bad action text .*expected <stage><kind><microbatch>"):
+        Action.parse(text)
+    assert issubclass(ScheduleError, PartitionError)
+
+
+@given(st.lists(st.lists(actions, max_size=6), min_size=1, max_size=4), st.integers(1, 9))
+def test_schedule_text_round_trips_any_lists(lists: list[list[Action]], m: int) -> None:
+    s = Schedule("hand-made", len(lists), 2 * len(lists), m, tuple(map(tuple, lists)))
+    assert Schedule.from_text(s.to_text()) == s
+    assert Schedule.from_text(s.to_text()).to_text() == s.to_text()
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "must start with 'schedule <name>"),
+        ("schedule x ranks=1 stages=1\nrank 0: 0F0", "must start with"),
+        ("schedule x ranks=2 stages=2 microbatches=1\nrank 1: 1F0\nrank 0:", "expected line 'rank 0: <actions>'"),
+        ("schedule x ranks=1 stages=1 microbatches=1\nrank 0: 0F0 0Q0", "bad action text '0Q0'"),
+        ("schedule x ranks=2 stages=2 microbatches=1\nrank 0: 0F0", r"one action list per rank \(1 != 2\)"),
+        ("schedule x ranks=2 stages=3 microbatches=1\nrank 0:\nrank 1:", r"multiple of n_ranks \(3 % 2 != 0\)"),
+    ],
+)
+def test_from_text_errors(text: str, match: str) -> None:
+    with pytest.raises(ScheduleError, match=match):
+        Schedule.from_text(text)
+
+
+def _cases() -> list[tuple[str, int, int, int]]:
+    out = []
+    for p, m in itertools.product((1, 2, 3, 4, 5), (1, 2, 3, 4, 7, 8, 12)):
+        out += [("gpipe", p, m, p), ("1f1b", p, m, p), ("naive", p, 1, p)]
+        out += [("gpipe", p, m, 2 * p), ("naive", p, 1, 3 * p)]
+        if m % p == 0:
+            out += [("interleaved-1f1b", p, m, v * p) for v in (1, 2, 3, 4)]
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize("name, p, m, n_stages", _cases())
+def test_builders_produce_valid_complete_lists(name: str, p: int, m: int, n_stages: int) -> None:
+    s = build_schedule(name, p, m, n_stages)
+    s.validate()
+    computes = [a for rank in s.actions for a in rank if a.is_compute]
+    want = {(st_, k, mb) for st_ in range(n_stages) for mb in range(m) for k in "FB"}
+    assert sorted(computes) == sorted(Action(*t) for t in want)  # each exactly once
+    assert all(s.rank_of(a.stage) == r for r, rank in enumerate(s.actions) for a in rank)
+    assert Schedule.from_text(s.to_text()) == s
+
+
+def test_naive_forces_one_microbatch_and_defaults() -> None:
+    assert build_schedule("naive", 3, 8).n_microbatches == 1
+    assert build_schedule("interleaved-1f1b", 2, 4).n_stages == 4  # v = 2 by default
+    assert build_schedule("1f1b", 4, 8).n_stages == 4
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("pipedream", 2, 4), "unknown schedule 'pipedream': expected one of gpipe, 1f1b, interleaved-1f1b, naive"),
+        (("interleaved-1f1b", 4, 6), r"multiple of n_ranks \(6 % 4 != 0\): try n_microbatches=8"),
+        (("1f1b", 2, 4, 4), r"1f1b needs n_stages == n_ranks \(4 != 2\); use 'interleaved-1f1b'"),
+        (("gpipe", 2, 4, 3), r"multiple of n_ranks \(3 % 2 != 0\)"),
+        (("gpipe", 0, 4), "n_ranks must be an int >= 1, got 0"),
+        (("1f1b", 2, 0), "n_microbatches must be an int >= 1, got 0"),
+        (("gpipe", 2, True), "n_microbatches must be an int >= 1, got True"),
+    ],
+)
+def test_builder_errors(args: tuple, match: str) -> None:
+    with pytest.raises(ScheduleError, match=match):
+        build_schedule(*args)
+
+
+GOLDEN_CASES = {
+    "gpipe_p2_m4": ("gpipe", 2, 4, None),
+    "1f1b_p4_m8": ("1f1b", 4, 8, None),
+    "interleaved_p2_v2_m4": ("interleaved-1f1b", 2, 4, 4),
+    "naive_p3": ("naive", 3, 1, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_golden(case: str) -> None:
+    """Any change to a builder's lists shows up here as a readable diff.
+    Refresh deliberately with UPDATE_GOLDEN=1."""
+    s = build_schedule(*GOLDEN_CASES[case])
+    for suffix, text in ((".schedule.txt", s.to_text()), (".grid.txt", s.grid() + "\n")):
+        path = GOLDEN / (case + suffix)
+        if os.environ.get("UPDATE_GOLDEN") == "1":
+            path.write_text(text)
+        assert path.read_text() == text, f"{path.name} differs; rerun with UPDATE_GOLDEN=1 if intended"
+    assert Schedule.from_text((GOLDEN / f"{case}.schedule.txt").read_text()) == s
+
+
+def _edit(s: Schedule, rank: int, new: str) -> Schedule:
+    acts = list(s.actions)
+    acts[rank] = tuple(Action.parse(t) for t in new.split())
+    return Schedule(s.name, s.n_ranks, s.n_stages, s.n_microbatches, tuple(acts))
+
+
+def test_recv_before_peer_send_deadlocks() -> None:
+    s = build_schedule("gpipe", 2, 1)
+    assert " ".join(map(str, s.actions[0])) == "0F0 0SEND_F0 0RECV_B0 0B0"
+    # Rank 0 now waits for the gradient before sending the activation rank 1 waits for.
+    bad = _edit(s, 0, "0F0 0RECV_B0 0SEND_F0 0B0")
+    with pytest.raises(ScheduleError, match=r"rank 0, step 1, action 0RECV_B0: waits for 1SEND_B0 from rank 1.*deadlock") as e:
+        bad.validate()
+    assert "[0RECV_B0]" in str(e.value) and "<-- rank 0" in str(e.value)
+    assert "rank 1 step 0 (1RECV_F0)" in str(e.value)
+
+
+def test_forward_before_its_input_arrives() -> None:
+    s = build_schedule("1f1b", 2, 2)
+    bad = _edit(s, 1, "1RECV_F0 1F0 1B0 1SEND_B0 1F1 1RECV_F1 1B1 1SEND_B1")
+    with pytest.raises(ScheduleError, match=r"rank 1, step 4, action 1F1: uses micro-batch 1 before it arrives"):
+        bad.validate()
+
+
+@pytest.mark.parametrize(
+    "rank, new, match",
+    [
+        (0, "0F0 0SEND_F0 0RECV_B0 0B0 0F0", r"step 4, action 0F0: runs twice"),
+        (0, "0B0 0F0 0SEND_F0 0RECV_B0", r"step 0, action 0B0: needs forward 0F0 to have run first"),
+        (0, "0F0 0SEND_F0 0B0", r"action 0B0: needs the gradient from stage 1: no 0RECV_B0"),
+        (0, "0F0 0SEND_F0 0SEND_F0 0RECV_B0 0B0", r"step 2, action 0SEND_F0: sends the same message twice"),
+        (0, "0F0 0SEND_F0 1F0 0RECV_B0 0B0", r"step 2, action 1F0: stage 1 lives on rank 1"),
+        (0, "0F0 0SEND_F0 0RECV_B0 0B0 0SEND_B0", r"0SEND_B0: stage 0 has no neighbour stage -1"),
+        (0, "0F0 0SEND_F0 0RECV_B0 0B0 0F5", r"0F5: stage must be in \[0, 2\) and micro-batch in \[0, 1\)"),
+        (0, "0F0 0SEND_F0", r"rank 1, step 3, action 1SEND_B0: sent but never received"),
+        (1, "1RECV_F0 1F0", r"rank 0, step 2, action 0RECV_B0: waits for 1SEND_B0"),
+    ],
+)
+def test_validation_names_rank_step_action_and_rule(rank: int, new: str, match: str) -> None:
+    with pytest.raises(ScheduleError, match=match):
+        _edit(build_schedule("gpipe", 2, 1), rank, new).validate()
+
+
+def test_missing_compute_is_reported() -> None:
+    bad = _edit(build_schedule("gpipe", 1, 2), 0, "0F0 0F1 0B0")
+    with pytest.raises(ScheduleError, match=r"never runs 0B1: every stage needs one forward and one backward"):
+        bad.validate()
+
+
+def test_split_backward_validates_and_w_needs_i() -> None:
+    s = build_schedule("1f1b", 2, 2)
+    split = [[b for a in rank for b in ([a._replace(kind="I"), a._replace(kind="W")] if a.kind == "B" else [a])]
+             for rank in s.actions]
+    Schedule("1f1b-iw", 2, 2, 2, tuple(map(tuple, split))).validate()
+    bad = _edit(build_schedule("gpipe", 1, 1), 0, "0F0 0W0 0I0")
+    with pytest.raises(ScheduleError, match=r"action 0W0: weight grad needs input grad 0I0 first"):
+        bad.validate()
+
+
+def test_grid_marks_a_cell() -> None:
+    s = build_schedule("gpipe", 2, 2)
+    assert s.grid().splitlines()[0] == "        Rank 0 Rank 1"
+    marked = s.grid(mark=(1, 1))  # step 1 of rank 1 is 1F0; rank 1 compute row 0
+    assert marked.splitlines()[1] == "Step 0: 0F0    [1F0]  <-- rank 1"
+    assert "[1RECV_F0]" in s.grid(mark=(1, 0), comms=True)
