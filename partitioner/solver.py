@@ -1,0 +1,413 @@
+"""Exact min-bottleneck partition of a linear order into pipeline stages.
+
+Positions ``0..n-1`` are cut into exactly ``S`` contiguous, non-empty stages. Stage
+``i = [a, b)`` costs ``P[b] - P[a] + cut_cost[a] + cut_cost[b]`` time (``P`` = prefix
+sums of compute) and ``sum(static_mem[a:b]) + inflight[i] * sum(act_mem[a:b])`` bytes,
+which must fit ``capacity[i]``. We minimise the largest stage time, then, among the
+bottleneck-optimal partitions, the total ``cut_bytes`` of the chosen cuts.
+
+Algorithm (the bottleneck-threshold idea of torchgpipe's ``blockpartition.solve``,
+after Bokhari 1988 / Pinar & Aykanat 2004 "Fast optimal load balancing algorithms
+for 1D partitioning", extended with per-cut costs, per-stage memory and a fixed
+stage count):
+
+1. ``feasible(T)``: reachability per stage count. ``R_i[b]`` = "``[0, b)`` splits into
+   ``i`` valid stages with time <= T". Memory is monotone in ``a`` (all sizes >= 0),
+   so for stage ``i`` and end ``b`` it gives a lower limit ``lo_i[b]`` on the start
+   (one ``searchsorted``); pinned cuts raise it further. The time test
+   ``cost(a, b) <= T`` is ``P[a] - cut_cost[a] >= P[b] + cut_cost[b] - T``, so one
+   range maximum of ``P[a] - cut_cost[a]`` over the reachable ``a`` in the window
+   answers it for every ``b`` at once (sparse table, numpy). One test costs
+   ``O(S n log w)`` with ``w`` the widest window (about ``n / S`` in practice).
+2. Binary search on the integer ``T`` between a lower bound and a feasible witness;
+   after every feasible test the upper end snaps down to the witness's actual
+   bottleneck, so it ends on the optimum in ``O(log(UB - LB))`` tests, usually fewer.
+3. Tie-break at the optimal ``T*``: positions that are both forward-reachable with
+   ``i`` stages and backward-reachable with ``S - i`` (``F_i``) are the only possible
+   ``i``-th cuts. A min-bytes DP over pairs ``(a in F_{i-1}, b in F_i)`` is exact and
+   costs ``O(sum_i |F_{i-1} x F_i|)``; at the optimum the ``F_i`` are narrow bands.
+   Approximation: when ``n > 2000`` and that pair count exceeds ``_PAIR_BUDGET`` (only
+   degenerate inputs, e.g. long runs of zero-cost positions), each window is cut to
+   its ``_APPROX_WIDTH`` nearest predecessors plus its largest-slack one, so the
+   answer stays bottleneck-optimal and feasible but its byte total may not be minimal.
+
+All search arithmetic is int64; inputs whose totals could overflow are rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cost_models.errors import PartitionError
+
+__all__ = ["SolverInput", "Solution", "solve", "InfeasibleError", "SolverInputError"]
+
+_I64 = npt.NDArray[np.int64]
+_Bool = npt.NDArray[np.bool_]
+_NEG = np.int64(-(2**62))  # "unreachable" in range maxima; below every real value
+_LIMIT = 2**61  # totals must stay below this so sums of two never overflow int64
+_PAIR_BUDGET = 30_000_000
+_APPROX_WIDTH = 64
+_CHUNK_PAIRS = 4_000_000  # pairs per numpy batch in the tie-break: bounds its memory
+_FIX = ("use more GPUs, a device with more memory, fewer micro-batches in flight, "
+        "or activation checkpointing")
+
+
+class SolverInputError(PartitionError):
+    """The solver was given inconsistent input (lengths, signs, pinned cuts)."""
+
+
+class InfeasibleError(PartitionError):
+    """No partition into the requested stages satisfies the constraints."""
+
+
+@dataclass(frozen=True)
+class SolverInput:
+    compute: Sequence[int]  # per position: forward+backward time (integer units), >= 0
+    cut_cost: Sequence[int]  # n+1: time a stage spends on cut k; [0] and [n] must be 0
+    cut_bytes: Sequence[int]  # n+1: bytes crossing cut k (tie-break objective)
+    allowed: Sequence[bool]  # n+1: may we cut at k? ([0] and [n] ignored)
+    static_mem: Sequence[int]  # per position: weights, grads, optimizer state bytes
+    act_mem: Sequence[int]  # per position: activation bytes per in-flight micro-batch
+    inflight: Sequence[int]  # S: micro-batches in flight on stage i (1F1B: S - i)
+    capacity: Sequence[int]  # S: device memory of stage i in bytes
+    pinned: Sequence[int] = ()  # cut positions that must be used
+
+
+@dataclass(frozen=True)
+class Solution:
+    cuts: tuple[int, ...]  # the S-1 interior cut positions, increasing
+    bottleneck: int  # max stage time
+    stage_times: tuple[int, ...]
+    stage_mem: tuple[int, ...]
+    total_cut_bytes: int  # sum of cut_bytes over the interior cuts
+    lower_bound: int  # bound on the bottleneck computed apart from the search
+    optimal: bool  # the bottleneck is proven optimal for this order
+
+
+@dataclass(frozen=True)
+class _Prep:
+    """Integer arrays for one direction of the instance (forward or mirrored)."""
+
+    n: int
+    S: int
+    P: _I64  # prefix compute, n+1
+    g: _I64  # P[a] - cut_cost[a]: what a stage start contributes to the time test
+    f: _I64  # P[b] + cut_cost[b]: what a stage end contributes
+    base_lo: list[_I64]  # per stage: smallest start allowed by memory and pins, n+1
+    ends: list[npt.NDArray[np.intp]]  # per stage: positions that may end it
+
+
+def _fmt_bytes(x: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= size:
+            return f"{x / size:.1f} {unit}"
+    return f"{x} B"
+
+
+def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
+    if S < 1:
+        raise SolverInputError(f"n_gpus must be >= 1, got {S}")
+    n = len(inp.compute)
+    for name, want in (("cut_cost", n + 1), ("cut_bytes", n + 1), ("allowed", n + 1),
+                       ("static_mem", n), ("act_mem", n), ("inflight", S), ("capacity", S)):
+        got = len(getattr(inp, name))
+        if got != want:
+            raise SolverInputError(f"{name} has length {got}, expected {want} (n = {n} "
+                                   f"positions, {S} stages); build every input from the "
+                                   f"same order and stage count")
+    for name in ("compute", "cut_cost", "cut_bytes", "static_mem", "act_mem", "inflight",
+                 "capacity"):
+        bad = [i for i, v in enumerate(getattr(inp, name)) if v < 0]
+        if bad:
+            raise SolverInputError(f"{name}[{bad[0]}] = {getattr(inp, name)[bad[0]]} is "
+                                   f"negative; costs and sizes must be >= 0")
+    if n and (inp.cut_cost[0] != 0 or inp.cut_cost[n] != 0):
+        raise SolverInputError(f"cut_cost[0] and cut_cost[n] must be 0 (nothing crosses the "
+                               f"ends of the model), got {inp.cut_cost[0]} and {inp.cut_cost[n]}")
+    if n < S:
+        raise InfeasibleError(f"cannot make {S} stages from {n} nodes ({n} < {S}); "
+                              f"use at most {n} GPUs")
+    n_allowed = sum(1 for k in range(1, n) if inp.allowed[k])
+    if n_allowed < S - 1:
+        raise InfeasibleError(f"cannot make {S} stages from {n} nodes: only {n_allowed} cut "
+                              f"positions are allowed but {S - 1} are needed; use at most "
+                              f"{n_allowed + 1} GPUs or allow more cut positions")
+    pins = sorted(set(int(p) for p in inp.pinned))
+    for p in pins:
+        if not 1 <= p <= n - 1:
+            raise SolverInputError(f"pinned cut {p} is out of range; cuts lie in 1..{n - 1}")
+        if not inp.allowed[p]:
+            raise SolverInputError(f"pinned cut {p} is not an allowed cut position; "
+                                   f"allow it or unpin it")
+    if len(pins) > S - 1:
+        raise InfeasibleError(f"{len(pins)} pinned cuts need at least {len(pins) + 1} stages "
+                              f"but {S} were asked for; use more GPUs or pin fewer cuts")
+    time_total = sum(inp.compute) + 2 * max(inp.cut_cost, default=0)
+    mem_total = sum(inp.static_mem) + max(inp.inflight) * sum(inp.act_mem)
+    bytes_total = sum(inp.cut_bytes)
+    if max(time_total, mem_total, bytes_total) >= _LIMIT:
+        raise SolverInputError(f"totals too large for the int64 search (time {time_total}, "
+                               f"memory {mem_total}, cut bytes {bytes_total}); use coarser units")
+    return n, pins
+
+
+def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0) -> _Prep:
+    n = len(inp.compute)
+    P = np.zeros(n + 1, np.int64)
+    np.cumsum(np.asarray(inp.compute, np.int64), out=P[1:])
+    cc = np.asarray(inp.cut_cost, np.int64)
+    SM = np.zeros(n + 1, np.int64)
+    np.cumsum(np.asarray(inp.static_mem, np.int64), out=SM[1:])
+    AM = np.zeros(n + 1, np.int64)
+    np.cumsum(np.asarray(inp.act_mem, np.int64), out=AM[1:])
+    pos = np.arange(n + 1)
+    # A stage may not straddle a pinned cut: its start is at least the last pin before b.
+    pin_arr = np.asarray([0, *pins], np.int64)
+    pin_lo = pin_arr[np.searchsorted(pin_arr, pos, "left") - 1]
+    pin_lo[0] = 0
+    allowed = np.asarray(inp.allowed, bool).copy()
+    base_lo, ends = [], []
+    for i in range(S):
+        W = SM + int(inp.inflight[i]) * AM
+        cap = min(int(inp.capacity[i]) + slack, int(W[n]))  # clamp "unlimited" into int64
+        base_lo.append(np.maximum(np.searchsorted(W, W - cap, "left"), pin_lo))
+        if i == S - 1:
+            ends.append(np.array([n], np.intp))
+        else:  # leave room for the S-1-i stages still to come, one position each
+            ok = allowed.copy()
+            ok[: i + 1] = False
+            ok[n - (S - 1 - i) + 1:] = False
+            ends.append(np.flatnonzero(ok))
+    return _Prep(n, S, P, P - cc, P + cc, base_lo, ends)
+
+
+def _log2_table(m: int) -> npt.NDArray[np.intp]:
+    lg = np.zeros(m + 1, np.intp)
+    k = 1
+    while (1 << k) <= m:
+        lg[1 << k:] += 1
+        k += 1
+    return lg
+
+
+def _reach(pr: _Prep, T: int) -> list[_Bool] | None:
+    """Forward reachability ``R_0..R_S`` at threshold ``T``; None when infeasible."""
+    n = pr.n
+    loT = np.searchsorted(pr.P, pr.P - T, "left")  # P[b]-P[a] <= T: only narrows windows
+    R = np.zeros(n + 1, bool)
+    R[0] = True
+    out = [R]
+    lg = _log2_table(n + 1)
+    for i in range(pr.S):
+        b = pr.ends[i]
+        lo = np.maximum(pr.base_lo[i][b], loT[b])
+        width = b - lo
+        vals = np.where(R, pr.g, _NEG)
+        top = int(lg[max(int(width.max(initial=1)), 1)])
+        table = np.full((top + 1, n + 1), _NEG)
+        table[0] = vals
+        for k in range(1, top + 1):  # sparse table: table[k, x] = max(vals[x : x + 2^k])
+            h = 1 << (k - 1)
+            table[k, : n + 1 - h] = np.maximum(table[k - 1, : n + 1 - h], table[k - 1, h:])
+        w = np.maximum(width, 1)
+        k = lg[w]
+        lo_c = np.minimum(lo, n)
+        best = np.maximum(table[k, lo_c], table[k, np.maximum(b - (1 << k), 0)])
+        hit = (width >= 1) & (best >= pr.f[b] - T)
+        R = np.zeros(n + 1, bool)
+        R[b[hit]] = True
+        out.append(R)
+        if not hit.any():
+            return None
+    return out
+
+
+def _witness(pr: _Prep, R: list[_Bool], T: int) -> list[int]:
+    """Backtrack one feasible partition; returns cuts c_0=0..c_S=n."""
+    cuts = [pr.n]
+    b = pr.n
+    for i in range(pr.S - 1, -1, -1):
+        lo = int(pr.base_lo[i][b])
+        a = np.arange(lo, b)
+        ok = R[i][lo:b] & (pr.g[lo:b] >= pr.f[b] - T)
+        b = int(a[np.flatnonzero(ok)[-1]])
+        cuts.append(b)
+    return cuts[::-1]
+
+
+def _times(pr: _Prep, cuts: list[int]) -> _I64:
+    c = np.asarray(cuts)
+    cc = pr.f - pr.P
+    return pr.P[c[1:]] - pr.P[c[:-1]] + cc[c[1:]] + cc[c[:-1]]
+
+
+def _range_argmax(vals: _I64, s: npt.NDArray[np.intp], e: npt.NDArray[np.intp]
+                  ) -> npt.NDArray[np.intp]:
+    """Index of the maximum of ``vals[s_j:e_j]`` for each j (windows non-empty)."""
+    m = len(vals)
+    lg = _log2_table(m)
+    idx = [np.arange(m)]
+    k = 1
+    while (1 << k) <= m:
+        prev, h = idx[-1], 1 << (k - 1)
+        left, right = prev[: m - 2 * h + 1], prev[h: m - h + 1]
+        idx.append(np.where(vals[left] >= vals[right], left, right))
+        k += 1
+    out = np.empty(len(s), np.intp)
+    kk = lg[e - s]
+    for k in np.unique(kk):
+        sel = kk == k
+        left, right = idx[k][s[sel]], idx[k][e[sel] - (1 << k)]
+        out[sel] = np.where(vals[left] >= vals[right], left, right)
+    return out
+
+
+def _min_bytes(pr: _Prep, F: list[_Bool], cb: _I64, T: int) -> list[int]:
+    """Min-``cut_bytes`` partition among those with every stage time <= T (see step 3)."""
+    n, S, INF = pr.n, pr.S, np.int64(2**62)
+    loT = np.searchsorted(pr.P, pr.P - T, "left")
+    cb = cb.copy()
+    cb[n] = 0
+    bands = [np.flatnonzero(x) for x in F]
+    spans = []
+    for i in range(1, S + 1):
+        Fa, Fb = bands[i - 1], bands[i]
+        lo = np.maximum(pr.base_lo[i - 1][Fb], loT[Fb])
+        spans.append((np.searchsorted(Fa, lo, "left"), np.searchsorted(Fa, Fb, "left")))
+    approx = n > 2000 and sum(int((e - s).sum()) for s, e in spans) > _PAIR_BUDGET
+    best = np.zeros(1, np.int64)
+    preds: list[npt.NDArray[np.intp]] = []
+    for i in range(1, S + 1):
+        Fa, Fb = bands[i - 1], bands[i]
+        s, e = spans[i - 1]
+        s_full = s
+        if approx:
+            s = np.maximum(s, e - _APPROX_WIDTH)
+        thr = pr.f[Fb] - T
+        width = e - s
+        new_best = np.full(len(Fb), INF)
+        pred = np.zeros(len(Fb), np.intp)  # index into Fa
+        ends = np.cumsum(width)
+        chunk_lo = 0
+        while chunk_lo < len(Fb):
+            base = ends[chunk_lo - 1] if chunk_lo else 0
+            chunk_hi = max(int(np.searchsorted(ends, base + _CHUNK_PAIRS, "right")),
+                           chunk_lo + 1)
+            w = width[chunk_lo:chunk_hi]
+            starts = np.cumsum(w) - w
+            total = int(w.sum())
+            row = np.repeat(np.arange(len(w)), w)
+            ai = np.repeat(s[chunk_lo:chunk_hi], w) + np.arange(total) - np.repeat(starts, w)
+            ok = pr.g[Fa[ai]] >= thr[chunk_lo:chunk_hi][row]
+            cost = np.where(ok, best[ai], INF)
+            seg = np.minimum.reduceat(cost, starts)
+            first = np.minimum.reduceat(
+                np.where(cost == seg[row], np.arange(total), total), starts)
+            new_best[chunk_lo:chunk_hi] = seg
+            pred[chunk_lo:chunk_hi] = ai[first]
+            chunk_lo = chunk_hi
+        if approx:  # the largest-slack predecessor keeps every reachable b reachable
+            am = _range_argmax(pr.g[Fa], s_full, e)
+            c_am = best[am]
+            take = (pr.g[Fa[am]] >= thr) & (c_am < new_best)
+            new_best = np.where(take, c_am, new_best)
+            pred = np.where(take, am, pred)
+        best = new_best + cb[Fb]
+        preds.append(pred)
+    cuts = [n]
+    j = 0  # index of n in the last band
+    for i in range(S, 0, -1):
+        j = int(preds[i - 1][j])
+        cuts.append(int(bands[i - 1][j]))
+    return cuts[::-1]
+
+
+def _mirror(inp: SolverInput, n: int) -> SolverInput:
+    """The same instance read right to left: stage i becomes stage S-1-i."""
+    r = lambda xs: list(reversed(list(xs)))  # noqa: E731
+    return SolverInput(r(inp.compute), r(inp.cut_cost), r(inp.cut_bytes), r(inp.allowed),
+                       r(inp.static_mem), r(inp.act_mem), r(inp.inflight), r(inp.capacity),
+                       [n - int(p) for p in inp.pinned])
+
+
+def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> InfeasibleError:
+    # Report the worst stage of the partition that minimises the largest overflow
+    # (bytes over capacity): it is the partition closest to fitting, so its worst
+    # stage shows the smallest change that would make the model fit.
+    n = len(inp.compute)
+    lo, hi = 1, sum(inp.static_mem) + max(inp.inflight) * sum(inp.act_mem) + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _reach(_prepare(inp, S, pins, slack=mid), T_inf) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    pr = _prepare(inp, S, pins, slack=lo)
+    R = _reach(pr, T_inf)
+    assert R is not None  # slack lo is feasible by construction of the search
+    cuts = _witness(pr, R, T_inf)
+    worst, over, parts = 0, None, (0, 0, 0)
+    for i in range(S):
+        a, b = cuts[i], cuts[i + 1]
+        w, act = sum(inp.static_mem[a:b]), sum(inp.act_mem[a:b])
+        need = w + inp.inflight[i] * act
+        if over is None or need - inp.capacity[i] > over:
+            worst, over, parts = i, need - inp.capacity[i], (need, w, act)
+    need, w, act = parts
+    return InfeasibleError(
+        f"stage {worst} needs {_fmt_bytes(need)} (weights {_fmt_bytes(w)} + "
+        f"{inp.inflight[worst]} micro-batches x {_fmt_bytes(act)} activations) but the device "
+        f"holds {_fmt_bytes(inp.capacity[worst])}; {_FIX}")
+
+
+def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
+    # Every stage but a lone one touches >= 1 interior cut and S-1 cuts are each paid
+    # twice, so the cheapest allowed cut cost lifts both the average and the max bound.
+    m = min((inp.cut_cost[k] for k in range(1, n) if inp.allowed[k]), default=0) if S > 1 else 0
+    total = sum(inp.compute) + 2 * (S - 1) * m
+    return max(-(-total // S), max(inp.compute, default=0) + m)
+
+
+def solve(inp: SolverInput, n_stages: int) -> Solution:
+    """Cut ``inp`` into ``n_stages`` stages minimising the bottleneck, then cut bytes.
+
+    >>> s = solve(SolverInput([3, 1, 1, 3], [0, 0, 0, 0, 0], [0, 5, 1, 5, 0], [True] * 5,
+    ...                       [0] * 4, [0] * 4, [1, 1], [100, 100]), 2)
+    >>> s.cuts, s.bottleneck, s.total_cut_bytes
+    ((2,), 4, 1)
+    """
+    S = n_stages
+    n, pins = _check(inp, S)
+    fw = _prepare(inp, S, pins)
+    T_inf = int(fw.P[n]) + 2 * int(max(inp.cut_cost)) + 1
+    R = _reach(fw, T_inf)
+    if R is None:
+        raise _memory_error(inp, S, pins, T_inf)
+    lb = _lower_bound(inp, S, n)
+    hi = int(_times(fw, _witness(fw, R, T_inf)).max())
+    lo = min(lb, hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        R = _reach(fw, mid)
+        if R is None:
+            lo = mid + 1
+        else:  # snap to what the witness really achieves: often far below mid
+            hi = int(_times(fw, _witness(fw, R, mid)).max())
+    T = hi
+    R = _reach(fw, T)
+    Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins]), T)
+    assert R is not None and Rm is not None  # T was proven feasible above
+    F = [R[i] & Rm[S - i][::-1] for i in range(S + 1)]
+    cuts = _min_bytes(fw, F, np.asarray(inp.cut_bytes, np.int64), T)
+    times = tuple(int(t) for t in _times(fw, cuts))
+    mems = tuple(int(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(inp.act_mem[a:b]))
+                 for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])))
+    return Solution(cuts=tuple(cuts[1:-1]), bottleneck=max(times), stage_times=times,
+                    stage_mem=mems,
+                    total_cut_bytes=int(sum(inp.cut_bytes[k] for k in cuts[1:-1])),
+                    lower_bound=int(lb), optimal=True)
