@@ -291,3 +291,13 @@ def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _apply(self: Plan, model: Any, example_inputs: Any = None) -> Any:
+    """Rebuild this plan's stages for ``model`` (checked by fingerprint); no re-solve."""
+    from partitioner.api import apply_plan
+
+    return apply_plan(self, model, example_inputs)
+
+
+Plan.apply = _apply  # type: ignore[attr-defined]

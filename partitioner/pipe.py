@@ -1,0 +1,72 @@
+"""``Pipe``: the partitioned model: its stages, its plan, and a way to run them in order.
+
+Stages share parameters with the model they came from (no copies), as
+``torch.distributed.pipelining`` does within one process; ``build_stage`` makes a
+rank's own copy on its device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from partitioner.plan import Plan
+from passes.trace import Captured
+
+__all__ = ["Pipe"]
+
+
+class Pipe(nn.Module):
+    """The stages of one model, in pipeline order, with the plan that made them.
+
+    ``pipe(*args, **kwargs)`` runs every stage in this process, one after another, and
+    returns what ``model(*args, **kwargs)`` returns.
+    """
+
+    def __init__(self, captured: Captured, stages: Sequence[fx.GraphModule], plan: Plan) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.plan = plan
+        self._captured = captured
+
+    @property
+    def captured(self) -> Captured:
+        return self._captured
+
+    def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        return self._captured.flatten(args, kwargs)
+
+    def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
+        return self._captured.unflatten_outputs(flat)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        values: Sequence[Any] = self.flatten_inputs(args, kwargs)
+        for stage in self.stages:
+            values = stage(*values)
+        return self.unflatten_outputs(values)
+
+    def stage_source(self, index: int) -> str:
+        """Readable Python source of one stage (``forward`` of its GraphModule)."""
+        return str(self.stages[index].code)
+
+    def __repr__(self) -> str:
+        cuts = ", ".join(self.plan.cuts) or "none"
+        return f"Pipe({self.plan.model}, {len(self.stages)} stages, cuts: {cuts})"
+
+    # Runtime entry points live in partitioner.runtime; imported lazily to keep import light.
+    def train_step(self, *args: Any, **kwargs: Any) -> Any:
+        from partitioner.runtime.local import train_step
+
+        return train_step(self, *args, **kwargs)
+
+    def build_stage(self, rank: int, device: torch.device | str | None = None, **kwargs: Any) -> Any:
+        from partitioner.runtime.stage import build_stage
+
+        return build_stage(self, rank, device, **kwargs)
+
+    def export_onnx(self, directory: str, *args: Any, **kwargs: Any) -> list[str]:
+        from partitioner.export import export_onnx
+
+        return export_onnx(self, directory, *args, **kwargs)

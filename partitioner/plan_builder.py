@@ -1,0 +1,171 @@
+"""Assembles a ``Plan`` from the solved, split graph: pure bookkeeping, no decisions."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import sympy
+import torch
+from torch import fx, nn
+
+from cost_models.cost import BATCH, SEQ, NodeCost
+from cost_models.devices import DeviceSpec, LinkSpec
+from partitioner import poly
+from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueSpec
+from partitioner.pricing import Priced, module_instance, wire_kind
+from partitioner.schedule import Schedule
+from partitioner.simulator import simulate
+from partitioner.solver import Solution
+from passes.base import InputSpec, TensorDesc
+from passes.meta import COST, DESC, MODULE
+from passes.split import SplitResult
+from passes.trace import Captured
+
+__all__ = ["build_plan", "forced_solution", "ev_int", "param_bytes_by_first_use"]
+
+
+def ev_int(expr: Any, values: Mapping[str, int]) -> int:
+    if isinstance(expr, int):
+        return expr
+    return int(sympy.ceiling(sympy.sympify(expr).xreplace({BATCH: values.get("B", 1), SEQ: values.get("S", 1)})))
+
+
+def param_bytes_by_first_use(gm: fx.GraphModule, order: Sequence[fx.Node]) -> None:
+    """Without example inputs, price each node by the parameter bytes it first touches."""
+    seen: set[int] = set()
+
+    def tensors_of(node: fx.Node) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            out += list(mod.parameters()) + list(mod.buffers())
+        for a in node.all_input_nodes:
+            if a.op == "get_attr":
+                t = _fetch(gm, str(a.target))
+                if isinstance(t, torch.Tensor):
+                    out.append(t)
+        return out
+
+    for node in order:
+        pb = bb = 0
+        for t in tensors_of(node):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            size = t.numel() * t.element_size()
+            if isinstance(t, nn.Parameter):
+                pb += size
+            else:
+                bb += size
+        node.meta[COST] = NodeCost(param_bytes=sympy.Integer(pb), buffer_bytes=sympy.Integer(bb))
+
+
+def _fetch(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def forced_solution(priced: Priced, forced: Mapping[str, int], n_stages: int, comm: Sequence[int],
+                    inflight: Sequence[int]) -> Solution:
+    """A Solution for a given assignment (re-applying a plan): same bookkeeping, no search."""
+    stages = [forced[n.name] for n in priced.order]
+    cuts = tuple(stages.index(s) for s in range(1, n_stages))
+    bounds = [0, *cuts, len(stages)]
+    from partitioner.pricing import to_units
+
+    compute = to_units([f + b for f, b in zip(priced.fwd_s, priced.bwd_s)])
+    times = tuple(sum(compute[a:b]) + comm[a] + comm[b] for a, b in zip(bounds, bounds[1:]))
+    mem = tuple(sum(priced.static_mem[a:b]) + inflight[i] * sum(priced.act_mem[a:b])
+                for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
+    total = sum(priced.cut_bytes[c] for c in cuts)
+    return Solution(cuts, max(times), times, mem, total, max(times), False)
+
+
+def _label(priced: Priced, k: int, cut_at: str | None) -> str:
+    def side(node: fx.Node) -> str:
+        path = str(node.meta.get(MODULE, ""))
+        inst = module_instance(path, cut_at)
+        return inst or path or node.name
+
+    return f"{side(priced.order[k - 1])} | {side(priced.order[k])}"
+
+
+def _value_spec(node: fx.Node, at: Mapping[str, int]) -> ValueSpec:
+    desc = node.meta.get(DESC)
+    if isinstance(desc, TensorDesc):
+        shape = tuple(int(d) if sympy.sympify(d).is_Integer else poly.to_text(d, at) for d in desc.shape)
+        return ValueSpec(node.name, "tensor", shape, str(desc.dtype).removeprefix("torch."),
+                         poly.to_text(desc.nbytes(), at), bool(desc.requires_grad))
+    kind = wire_kind(desc) or "unknown"
+    return ValueSpec(node.name, kind if kind != "unknown" else "none", (), "", "8" if kind != "none" else "0")
+
+
+def build_plan(
+    *, model: nn.Module, cap: Captured, gm: fx.GraphModule, fingerprint: str, specs: Sequence[InputSpec],
+    symbols: dict[str, int], options: dict[str, Any], device: DeviceSpec, link: LinkSpec, priced: Priced,
+    bounds: Sequence[int], split: SplitResult, schedule: Schedule, micro: int, solution: Solution,
+    comm_units: Sequence[int], notes: Sequence[str], time_unit: float,
+) -> Plan:
+    at = {"B": micro, "S": symbols.get("S", 1)}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    n_stages = len(split.stages)
+    stage_plans = []
+    owners: dict[int, dict[str, set[Any]]] = {}
+    unit_sim = simulate(schedule, [1.0] * n_stages, [2.0] * n_stages)
+    for s, (stage, io) in enumerate(zip(split.stages, split.io)):
+        a, b = bounds[s], bounds[s + 1]
+        total = sum((priced.order[i].meta.get(COST, NodeCost()) for i in range(a, b)), NodeCost())
+        params = list(stage.named_parameters(remove_duplicate=False))
+        buffers = list(stage.named_buffers(remove_duplicate=False))
+        for name, t in params:
+            entry = owners.setdefault(id(t), {"names": set(), "stages": set()})
+            entry["names"].add(name)
+            entry["stages"].add(s)
+        pbytes = sum(t.numel() * t.element_size() for t in {id(t): t for _, t in params}.values())
+        bbytes = sum(t.numel() * t.element_size() for t in {id(t): t for _, t in buffers}.values())
+        modules: list[str] = []
+        for i in range(a, b):
+            path = str(priced.order[i].meta.get(MODULE, ""))
+            if path and path not in modules:
+                modules.append(path)
+        cost = StageCost(
+            fwd_flops=poly.to_text(total.fwd_flops, at), bwd_flops=poly.to_text(total.bwd_flops, at),
+            saved_bytes=poly.to_text(total.saved_bytes, at), param_bytes=pbytes, buffer_bytes=bbytes,
+            fwd_time_s=sum(priced.fwd_s[a:b]), bwd_time_s=sum(priced.bwd_s[a:b]),
+            comm_time_s=(comm_units[a] + comm_units[b]) * time_unit,
+            memory_bytes=solution.stage_mem[s],
+        )
+        stage_plans.append(StagePlan(
+            index=s, rank=schedule.rank_of(s), nodes=io.nodes, modules=tuple(modules),
+            parameters=tuple(n for n, _ in params), buffers=tuple(n for n, _ in buffers),
+            inputs=io.inputs, outputs=io.outputs, cost=cost))
+    boundaries = []
+    for i in range(n_stages - 1):
+        k = bounds[i + 1]
+        values = tuple(_value_spec(by_name[name], at) for name in split.io[i].outputs)
+        boundaries.append(Boundary(i, _label(priced, k, options.get("cut_at")), values, priced.cut_bytes[k]))
+    tied = sorted(tuple(sorted(e["names"])) for e in owners.values() if len(e["stages"]) > 1)
+    send = [link.transfer_time(priced.cut_bytes[bounds[i + 1]]) for i in range(n_stages - 1)]
+    bsend = [link.transfer_time(priced.cut_grad_bytes[bounds[i + 1]]) if priced.cut_grad_bytes[bounds[i + 1]] else 0.0
+             for i in range(n_stages - 1)]
+    sim = simulate(schedule, [st.cost.fwd_time_s for st in stage_plans],
+                   [st.cost.bwd_time_s for st in stage_plans], send, bsend)
+    prediction = Prediction(schedule.name, schedule.n_microbatches, micro, sim.step_time,
+                            min(1.0, max(0.0, sim.bubble_fraction)), solution.bottleneck * time_unit,
+                            tuple(unit_sim.peak_inflight))
+    report = SolverReport(solution.bottleneck * time_unit, solution.lower_bound * time_unit,
+                          bool(solution.optimal), int(solution.total_cut_bytes))
+    return Plan(
+        model=type(model).__name__, fingerprint=fingerprint, capture=cap.route,
+        inputs=tuple(_input_dict(s) for s in specs), symbols=dict(symbols), options=dict(options),
+        device=device.to_dict(), link=link.to_dict(), stages=tuple(stage_plans),
+        boundaries=tuple(boundaries), tied_parameters=tuple(tied), prediction=prediction,
+        solver=report, notes=tuple(notes),
+    )
+
+
+def _input_dict(s: InputSpec) -> dict[str, Any]:
+    return {"name": s.name, "kind": s.kind, "shape": list(s.shape), "dtype": s.dtype,
+            "dims": [[d, sym] for d, sym in s.dims], "value": s.value}

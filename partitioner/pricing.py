@@ -1,0 +1,173 @@
+"""Turns an annotated graph into the solver's integer arrays, at one micro-batch size.
+
+Positions are the graph's compute nodes in order. A value crosses cut ``k`` when it is
+produced before position ``k`` (graph inputs count as produced before position 0) and
+used at or after ``k`` (the graph output counts as used at the end), so a skip
+connection that spans two cuts is priced at both. A cut is allowed only where every
+crossing value can go over the wire: a tensor, or a plain int/float/bool/None.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import sympy
+import torch
+from torch import fx
+
+from cost_models.cost import BATCH, SEQ, NodeCost
+from passes.base import TensorDesc
+from passes.meta import COST, DESC, MODULE
+from passes.split import compute_nodes
+
+__all__ = ["Priced", "price", "value_bytes", "wire_kind", "TIME_UNIT"]
+
+#: The solver works in integer picoseconds: exact sums, and 10^4 s still fits int64.
+TIME_UNIT = 1e-12
+
+
+@dataclass(frozen=True)
+class Priced:
+    order: tuple[fx.Node, ...]
+    fwd_s: tuple[float, ...]  # per position
+    bwd_s: tuple[float, ...]
+    static_mem: tuple[int, ...]  # weights + grads + optimizer state + buffers, per position
+    act_mem: tuple[int, ...]  # bytes saved for backward per micro-batch, per position
+    cut_bytes: tuple[int, ...]  # n + 1 entries: activation bytes crossing each cut
+    cut_grad_bytes: tuple[int, ...]  # n + 1 entries: gradient bytes coming back
+    allowed: tuple[bool, ...]  # n + 1 entries
+    blocked_by: tuple[str, ...]  # n + 1 entries: why a cut is not allowed ("" when it is)
+
+
+class _Evaluator:
+    """Sympy → int at fixed B and S, cached: transformer layers repeat the same expressions."""
+
+    def __init__(self, batch: int, seq: int) -> None:
+        self.values = {BATCH: batch, SEQ: seq}
+        self.cache: dict[Any, int] = {}
+
+    def __call__(self, expr: Any) -> int:
+        if isinstance(expr, int):
+            return expr
+        hit = self.cache.get(expr)
+        if hit is None:
+            hit = int(sympy.ceiling(sympy.sympify(expr).xreplace(self.values)))
+            self.cache[expr] = hit
+        return hit
+
+
+def wire_kind(desc: Any) -> str | None:
+    """How a value would cross a cut, or None if it cannot."""
+    if isinstance(desc, TensorDesc):
+        return "tensor"
+    if isinstance(desc, bool):
+        return "bool"
+    if isinstance(desc, (int, sympy.Expr)):
+        return "int"
+    if isinstance(desc, float):
+        return "float"
+    if desc is None:
+        return "none"
+    return None
+
+
+def value_bytes(desc: Any, ev: _Evaluator) -> tuple[int, int]:
+    """(bytes forward, gradient bytes backward) of one crossing value."""
+    if isinstance(desc, TensorDesc):
+        nbytes = ev(desc.nbytes())
+        grad = nbytes if desc.requires_grad and (desc.dtype.is_floating_point or desc.dtype.is_complex) else 0
+        return nbytes, grad
+    return 8, 0
+
+
+def module_instance(path: str, pattern: str | None) -> str | None:
+    """The shortest prefix of ``path`` that matches ``pattern`` (a glob), if any."""
+    if pattern is None:
+        return None
+    parts = path.split(".") if path else []
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if fnmatch.fnmatchcase(prefix, pattern):
+            return prefix
+    return None
+
+
+def price(
+    gm: fx.GraphModule,
+    *,
+    batch: int,
+    seq: int,
+    node_time: Any,  # (NodeCost, {"B": b, "S": s}) -> (fwd seconds, bwd seconds)
+    state_multiplier: int,  # bytes kept per parameter byte: weight + grad + optimizer state
+    cut_at: str | None = None,
+    costs_known: bool = True,
+) -> Priced:
+    order = compute_nodes(gm)
+    n = len(order)
+    pos = {node: i for i, node in enumerate(order)}
+    ev = _Evaluator(batch, seq)
+    fwd, bwd, static, act = [], [], [], []
+    values = {"B": batch, "S": seq}
+    for node in order:
+        cost: NodeCost = node.meta.get(COST, NodeCost())
+        f, b = node_time(cost, values)
+        fwd.append(f)
+        bwd.append(b)
+        static.append(ev(cost.param_bytes) * state_multiplier + ev(cost.buffer_bytes))
+        act.append(ev(cost.saved_bytes))
+    # difference arrays: a value adds its bytes to cuts produced+1 .. last_use
+    dbytes = [0] * (n + 2)
+    dgrad = [0] * (n + 2)
+    dbad = [0] * (n + 2)
+    bad_name: list[str] = [""] * (n + 1)
+    producers = [nd for nd in gm.graph.nodes if nd.op == "placeholder"] + order
+    for v in producers:
+        produced = pos.get(v, -1)
+        last = max((pos.get(u, n) for u in v.users), default=produced)
+        if last <= produced:
+            continue
+        lo, hi = produced + 1, min(last, n)
+        desc = v.meta.get(DESC) if costs_known else None
+        kind = wire_kind(desc) if costs_known else ("tensor" if v.op in ("placeholder", "call_module") else None)
+        if kind is None:
+            dbad[lo] += 1
+            dbad[hi + 1] -= 1
+            for k in range(lo, hi + 1):
+                if not bad_name[k]:
+                    bad_name[k] = f"{v.name} ({type(desc).__name__ if costs_known else 'unknown type'})"
+            continue
+        fb, gb = value_bytes(desc, ev) if costs_known else (0, 0)
+        dbytes[lo] += fb
+        dbytes[hi + 1] -= fb
+        dgrad[lo] += gb
+        dgrad[hi + 1] -= gb
+    cut_bytes, cut_grad, allowed, why = [], [], [], []
+    acc_b = acc_g = acc_bad = 0
+    instances = [module_instance(str(nd.meta.get(MODULE, "")), cut_at) for nd in order]
+    for k in range(n + 1):
+        acc_b += dbytes[k]
+        acc_g += dgrad[k]
+        acc_bad += dbad[k]
+        cut_bytes.append(acc_b)
+        cut_grad.append(acc_g)
+        reason = ""
+        if 0 < k < n:
+            if acc_bad:
+                reason = f"non-tensor value crosses: {bad_name[k]}"
+            elif cut_at is not None and (instances[k - 1] == instances[k] or
+                                         (instances[k - 1] is None and instances[k] is None)):
+                reason = f"inside or outside {cut_at!r} boundaries"
+        allowed.append(not reason)
+        why.append(reason)
+    return Priced(tuple(order), tuple(fwd), tuple(bwd), tuple(static), tuple(act),
+                  tuple(cut_bytes), tuple(cut_grad), tuple(allowed), tuple(why))
+
+
+def to_units(seconds: Sequence[float]) -> list[int]:
+    return [int(round(s / TIME_UNIT)) for s in seconds]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
