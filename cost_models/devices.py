@@ -1,0 +1,188 @@
+"""Devices and links as plain data, and the roofline time of a node on them.
+
+A node takes ``max(FLOPs / peak, bytes moved / memory bandwidth)`` (a roofline without
+the ridge refinement); a transfer takes ``latency + bytes / bandwidth``. Figures are the
+vendors' datasheet peaks (dense, no sparsity), cited beside each profile; real kernels
+reach perhaps 50-80 % of them, which scales every stage alike and so does not move cuts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import sympy
+import torch
+
+from cost_models.cost import BATCH, SEQ, NodeCost
+from cost_models.errors import CostModelError
+
+__all__ = ["DeviceSpec", "LinkSpec", "DEVICES", "LINKS", "get_device", "get_link", "evaluate"]
+
+_LOWP = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    peak_flops: float  # dense fp32/tf32 FLOP/s (what float32 matmuls get)
+    peak_flops_lowp: float  # dense bf16/fp16 FLOP/s
+    mem_bandwidth: float  # device memory bytes/s
+    memory_bytes: int  # device memory capacity
+
+    def peak(self, dtype: torch.dtype | str | None = None) -> float:
+        """Peak FLOP/s for compute in ``dtype`` (low precision gets the tensor-core peak)."""
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        return self.peak_flops_lowp if dtype in _LOWP else self.peak_flops
+
+    def node_time(self, cost: NodeCost, values: Mapping[str, int], dtype: torch.dtype | str | None = None) -> tuple[float, float]:
+        """(forward, backward) seconds of one node: roofline of FLOPs and bytes moved.
+
+        The backward moves about twice the forward's bytes (it reads the saved inputs and
+        the output gradient, and writes input and weight gradients).
+        """
+        fwd, bwd, moved = evaluate((cost.fwd_flops, cost.bwd_flops, cost.fwd_bytes_moved), values)
+        peak = self.peak(dtype)
+        return (
+            max(fwd / peak, moved / self.mem_bandwidth),
+            max(bwd / peak, 2 * moved / self.mem_bandwidth),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DeviceSpec:
+        return cls(**_validated(cls, data))
+
+    @classmethod
+    def measure_local(cls, seconds: float = 0.5) -> DeviceSpec:
+        """This machine's CPU, measured: fp32 and bf16 matmul FLOP/s and copy bandwidth."""
+        n = 512
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        fp32 = _rate(lambda: torch.mm(a, b), 2 * n**3, seconds * 0.4)
+        lowp = _rate(lambda: torch.mm(a.bfloat16(), b.bfloat16()), 2 * n**3, seconds * 0.2)
+        src = torch.empty(16 * 2**20 // 4)  # 16 MiB: past most caches' reach per pass
+        dst = torch.empty_like(src)
+        bw = _rate(lambda: dst.copy_(src), 2 * src.nbytes, seconds * 0.4)  # read + write
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        return cls("local", fp32, max(lowp, fp32), bw, int(mem))
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    name: str
+    bandwidth: float  # bytes/s, one direction
+    latency: float  # seconds per message
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth if nbytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LinkSpec:
+        return cls(**_validated(cls, data))
+
+
+DEVICES: dict[str, DeviceSpec] = {
+    d.name: d
+    for d in [
+        # NVIDIA H100 SXM5 datasheet: FP32 67 TFLOPS, BF16 989 TFLOPS dense (1979 is with
+        # sparsity), HBM3 3.35 TB/s, 80 GB. fp32 matmuls get plain FP32 unless TF32 is on.
+        DeviceSpec("h100-sxm", 67e12, 989e12, 3.35e12, 80 * 10**9),
+        # NVIDIA H200 SXM datasheet: same compute as H100 SXM, HBM3e 4.8 TB/s, 141 GB.
+        DeviceSpec("h200", 67e12, 989e12, 4.8e12, 141 * 10**9),
+        # NVIDIA A100 80GB SXM datasheet: FP32 19.5 TFLOPS, BF16 312 TFLOPS dense,
+        # HBM2e 2.039 TB/s, 80 GB.
+        DeviceSpec("a100-80gb", 19.5e12, 312e12, 2.039e12, 80 * 10**9),
+        # A generic server CPU socket (order of magnitude only: ~16 AVX-512 cores,
+        # ~1 TFLOP/s fp32, no bf16 speed-up assumed, ~100 GB/s DDR). Prefer measure_local().
+        DeviceSpec("cpu", 1e12, 1e12, 100e9, 64 * 2**30),
+    ]
+}
+
+LINKS: dict[str, LinkSpec] = {
+    l.name: l
+    for l in [
+        LinkSpec("nvlink4", 450e9, 3e-6),  # H100 NVLink 4: 900 GB/s total = 450 GB/s each way
+        LinkSpec("pcie4", 32e9, 10e-6),  # PCIe 4.0 x16: 31.5 GB/s each way
+        LinkSpec("pcie5", 64e9, 10e-6),  # PCIe 5.0 x16: 63 GB/s each way
+        LinkSpec("ethernet-100g", 12.5e9, 25e-6),  # 100 Gb/s line rate; TCP round trips ~25 us
+        LinkSpec("loopback", 4e9, 50e-6),  # gloo over TCP on one host: a few GB/s, ~50 us
+    ]
+}
+
+
+def get_device(spec: str | DeviceSpec) -> DeviceSpec:
+    """A built-in profile by name, ``"local"`` (measured now), or a spec passed through."""
+    if isinstance(spec, DeviceSpec):
+        return spec
+    if spec == "local":
+        return _local()
+    if spec not in DEVICES:
+        raise CostModelError(f"unknown device {spec!r}; valid names: {', '.join([*DEVICES, 'local'])}")
+    return DEVICES[spec]
+
+
+def get_link(spec: str | LinkSpec) -> LinkSpec:
+    if isinstance(spec, LinkSpec):
+        return spec
+    if spec not in LINKS:
+        raise CostModelError(f"unknown link {spec!r}; valid names: {', '.join(LINKS)}")
+    return LINKS[spec]
+
+
+def evaluate(exprs: Sequence[sympy.Expr], values: Mapping[str, int]) -> list[float]:
+    """Substitute B and S into several expressions at once (lambdified once per tuple)."""
+    f = _lambdified(tuple(sympy.sympify(e) for e in exprs))
+    return [float(v) for v in f(values.get("B", 1), values.get("S", 1))]
+
+
+@functools.lru_cache(maxsize=65536)
+def _lambdified(exprs: tuple[sympy.Expr, ...]) -> Callable[..., Any]:
+    # Python ints in, Python arithmetic out: polynomials with integer coefficients stay exact.
+    return sympy.lambdify((BATCH, SEQ), list(exprs), modules="math")
+
+
+@functools.cache
+def _local() -> DeviceSpec:
+    return DeviceSpec.measure_local()
+
+
+def _rate(fn: Callable[[], Any], work: float, seconds: float) -> float:
+    fn()  # warm up: first calls pay for allocation and thread-pool start
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+        fn()
+        count += 1
+    return work * count / elapsed
+
+
+def _validated(cls: type, data: Any) -> dict[str, Any]:
+    """Check a spec dict field by field, so a bad plan file names what is wrong."""
+    if not isinstance(data, Mapping):
+        raise CostModelError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+    names = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise CostModelError(f"{cls.__name__} has unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    out: dict[str, Any] = {}
+    for name, typ in names.items():
+        if name not in data:
+            raise CostModelError(f"{cls.__name__} is missing field {name!r}")
+        v = data[name]
+        if name == "name":
+            if not isinstance(v, str) or not v:
+                raise CostModelError(f"{cls.__name__}.name must be a non-empty string, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise CostModelError(f"{cls.__name__}.{name} must be a finite non-negative number, got {v!r}")
+        elif name != "latency" and name != "memory_bytes" and v == 0:
+            raise CostModelError(f"{cls.__name__}.{name} must be positive, got {v!r}")
+        out[name] = int(v) if typ in ("int", int) else (v if name == "name" else float(v))
+    return out
