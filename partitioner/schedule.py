@@ -15,12 +15,13 @@ True
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from cost_models.errors import PartitionError
 
-__all__ = ["Action", "Schedule", "ScheduleError", "build_schedule", "SCHEDULE_NAMES"]
+__all__ = ["SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "build_schedule"]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")  # B = full backward; I + W = the same, split
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -70,13 +71,10 @@ class Schedule:
             raise ScheduleError(f"schedule name {self.name!r} must be one non-empty word")
         if min(self.n_ranks, self.n_stages, self.n_microbatches) < 1:
             raise ScheduleError(
-                f"counts must be >= 1: ranks={self.n_ranks} stages={self.n_stages} "
-                f"microbatches={self.n_microbatches}"
+                f"counts must be >= 1: ranks={self.n_ranks} stages={self.n_stages} microbatches={self.n_microbatches}"
             )
         if self.n_stages % self.n_ranks:
-            raise ScheduleError(
-                f"n_stages must be a multiple of n_ranks ({self.n_stages} % {self.n_ranks} != 0)"
-            )
+            raise ScheduleError(f"n_stages must be a multiple of n_ranks ({self.n_stages} % {self.n_ranks} != 0)")
         if len(self.actions) != self.n_ranks:
             raise ScheduleError(f"need one action list per rank ({len(self.actions)} != {self.n_ranks})")
         # Lists and plain tuples are accepted so hand-written schedules stay short to write.
@@ -87,10 +85,7 @@ class Schedule:
         return stage % self.n_ranks
 
     def to_text(self) -> str:
-        head = (
-            f"schedule {self.name} ranks={self.n_ranks} stages={self.n_stages} "
-            f"microbatches={self.n_microbatches}"
-        )
+        head = f"schedule {self.name} ranks={self.n_ranks} stages={self.n_stages} microbatches={self.n_microbatches}"
         rows = [" ".join([f"rank {r}:", *map(str, acts)]) for r, acts in enumerate(self.actions)]
         return "\n".join([head, *rows]) + "\n"
 
@@ -100,9 +95,7 @@ class Schedule:
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         head = re.fullmatch(r"schedule (\S+) ranks=(\d+) stages=(\d+) microbatches=(\d+)", lines[0]) if lines else None
         if head is None:
-            raise ScheduleError(
-                "schedule text must start with 'schedule <name> ranks=<p> stages=<s> microbatches=<m>'"
-            )
+            raise ScheduleError("schedule text must start with 'schedule <name> ranks=<p> stages=<s> microbatches=<m>'")
         actions = []
         for r, line in enumerate(lines[1:]):
             label, _, rest = line.partition(":")
@@ -171,8 +164,9 @@ def _static_error(s: Schedule, r: int, a: Action) -> str | None:
     return None
 
 
-def _inputs_error(s: Schedule, r: int, a: Action, done: set[tuple[int, str, int]],
-                  got: set[tuple[str, int, int]]) -> str | None:
+def _inputs_error(
+    s: Schedule, r: int, a: Action, done: set[tuple[int, str, int]], got: set[tuple[str, int, int]]
+) -> str | None:
     st, k, mb = a
     bwd = {(st, "B", mb), (st, "I", mb)} & done
     if k == "F" and st > 0:
@@ -251,9 +245,13 @@ def replay(s: Schedule, visit: Callable[[int, int, Action], None] | None = None)
         a = s.actions[r][pc[r]]
         src = a.stage + (1 if a.kind == "RECV_B" else -1)
         send = Action(src, "SEND_" + a.kind[-1], a.microbatch)
-        raise fail(r, pc[r], f"waits for {send} from rank {s.rank_of(src)}, which never comes; "
-                   f"deadlock, every unfinished rank waits: {others}")
-    for (r, i) in in_flight.values():
+        raise fail(
+            r,
+            pc[r],
+            f"waits for {send} from rank {s.rank_of(src)}, which never comes; "
+            f"deadlock, every unfinished rank waits: {others}",
+        )
+    for r, i in in_flight.values():
         raise fail(r, i, "sent but never received")
     missing = [
         f"{st}{k}{mb}"
@@ -321,19 +319,19 @@ def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
     def mb(k: int) -> int:  # k-th unit of work on a rank -> micro-batch
         return (k // (p * v)) * p + k % p
 
+    def f(r: int, k: int) -> Action:  # round k // p walks local stages upward...
+        return Action((k // p) % v * p + r, "F", mb(k))
+
+    def b(r: int, k: int) -> Action:  # ...and backwards walks them downward
+        return Action((v - 1 - (k // p) % v) * p + r, "B", mb(k))
+
     out = []
     for r in range(p):
-        def f(k: int) -> Action:
-            return Action((k // p) % v * p + r, "F", mb(k))
-
-        def b(k: int) -> Action:
-            return Action((v - 1 - (k // p) % v) * p + r, "B", mb(k))
-
         warm = min((v - 1) * p + 2 * (p - 1 - r), total)
-        acts = [f(k) for k in range(warm)]
+        acts = [f(r, k) for k in range(warm)]
         for i in range(total - warm):
-            acts += [f(warm + i), b(i)]
-        out.append(acts + [b(k) for k in range(total - warm, total)])
+            acts += [f(r, warm + i), b(r, i)]
+        out.append(acts + [b(r, k) for k in range(total - warm, total)])
     return out
 
 
@@ -376,14 +374,12 @@ def build_schedule(name: str, n_ranks: int, n_microbatches: int, n_stages: int |
             raise ScheduleError(f"{what} must be an int >= 1, got {n!r}")
     if n_stages % n_ranks:
         raise ScheduleError(
-            f"n_stages must be a multiple of n_ranks ({n_stages} % {n_ranks} != 0): "
-            f"stage s runs on rank s % n_ranks"
+            f"n_stages must be a multiple of n_ranks ({n_stages} % {n_ranks} != 0): stage s runs on rank s % n_ranks"
         )
     p, m, v = n_ranks, n_microbatches, n_stages // n_ranks
     if name == "1f1b" and v != 1:
         raise ScheduleError(
-            f"1f1b needs n_stages == n_ranks ({n_stages} != {n_ranks}); "
-            f"use 'interleaved-1f1b' for {v} stages per rank"
+            f"1f1b needs n_stages == n_ranks ({n_stages} != {n_ranks}); use 'interleaved-1f1b' for {v} stages per rank"
         )
     if name == "interleaved-1f1b" and m % p:
         raise ScheduleError(

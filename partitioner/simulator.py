@@ -22,8 +22,9 @@ and B = v*b (Narayanan et al. 2021, eq. for interleaving); bubble fraction
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from partitioner.schedule import Action, Schedule, ScheduleError, replay
 
@@ -50,7 +51,9 @@ def _per_stage(what: str, times: Sequence[float], n: int, *, optional: bool = Fa
     if optional and len(times) == 0:
         return [0.0] * n  # comm not modelled
     if len(times) != n:
-        raise ScheduleError(f"{what} needs {n} values ({'one per boundary' if optional else 'one per stage'}), got {len(times)}")
+        raise ScheduleError(
+            f"{what} needs {n} values ({'one per boundary' if optional else 'one per stage'}), got {len(times)}"
+        )
     bad = [t for t in times if not (math.isfinite(t) and t >= 0)]
     if bad:
         raise ScheduleError(f"{what} must be finite and >= 0, got {bad[0]!r}")

@@ -4,7 +4,6 @@ and validation that catches hand-broken lists with a marked grid."""
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cost_models.errors import PartitionError
-from partitioner.schedule import SCHEDULE_NAMES, Action, Schedule, ScheduleError, build_schedule
+from partitioner.schedule import Action, Schedule, ScheduleError, build_schedule
 
 GOLDEN = Path(__file__).parent / "golden"
 KINDS = ("F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -49,10 +48,16 @@ def test_schedule_text_round_trips_any_lists(lists: list[list[Action]], m: int) 
     [
         ("", "must start with 'schedule <name>"),
         ("schedule x ranks=1 stages=1\nrank 0: 0F0", "must start with"),
-        ("schedule x ranks=2 stages=2 microbatches=1\nrank 1: 1F0\nrank 0:", "expected line 'rank 0: <actions>'"),
+        (
+            "schedule x ranks=2 stages=2 microbatches=1\nrank 1: 1F0\nrank 0:",
+            "expected line 'rank 0: <actions>'",
+        ),
         ("schedule x ranks=1 stages=1 microbatches=1\nrank 0: 0F0 0Q0", "bad action text '0Q0'"),
         ("schedule x ranks=2 stages=2 microbatches=1\nrank 0: 0F0", r"one action list per rank \(1 != 2\)"),
-        ("schedule x ranks=2 stages=3 microbatches=1\nrank 0:\nrank 1:", r"multiple of n_ranks \(3 % 2 != 0\)"),
+        (
+            "schedule x ranks=2 stages=3 microbatches=1\nrank 0:\nrank 1:",
+            r"multiple of n_ranks \(3 % 2 != 0\)",
+        ),
     ],
 )
 def test_from_text_errors(text: str, match: str) -> None:
@@ -90,7 +95,10 @@ def test_naive_forces_one_microbatch_and_defaults() -> None:
 @pytest.mark.parametrize(
     "args, match",
     [
-        (("pipedream", 2, 4), "unknown schedule 'pipedream': expected one of gpipe, 1f1b, interleaved-1f1b, naive"),
+        (
+            ("pipedream", 2, 4),
+            "unknown schedule 'pipedream': expected one of gpipe, 1f1b, interleaved-1f1b, naive",
+        ),
         (("interleaved-1f1b", 4, 6), r"multiple of n_ranks \(6 % 4 != 0\): try n_microbatches=8"),
         (("1f1b", 2, 4, 4), r"1f1b needs n_stages == n_ranks \(4 != 2\); use 'interleaved-1f1b'"),
         (("gpipe", 2, 4, 3), r"multiple of n_ranks \(3 % 2 != 0\)"),
@@ -113,13 +121,13 @@ GOLDEN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
-def test_golden(case: str) -> None:
+def test_golden(case: str, update_golden: bool) -> None:
     """Any change to a builder's lists shows up here as a readable diff.
-    Refresh deliberately with UPDATE_GOLDEN=1."""
+    Refresh deliberately with UPDATE_GOLDEN=1 (or pytest --update-golden)."""
     s = build_schedule(*GOLDEN_CASES[case])
     for suffix, text in ((".schedule.txt", s.to_text()), (".grid.txt", s.grid() + "\n")):
         path = GOLDEN / (case + suffix)
-        if os.environ.get("UPDATE_GOLDEN") == "1":
+        if update_golden:
             path.write_text(text)
         assert path.read_text() == text, f"{path.name} differs; rerun with UPDATE_GOLDEN=1 if intended"
     assert Schedule.from_text((GOLDEN / f"{case}.schedule.txt").read_text()) == s
@@ -136,7 +144,9 @@ def test_recv_before_peer_send_deadlocks() -> None:
     assert " ".join(map(str, s.actions[0])) == "0F0 0SEND_F0 0RECV_B0 0B0"
     # Rank 0 now waits for the gradient before sending the activation rank 1 waits for.
     bad = _edit(s, 0, "0F0 0RECV_B0 0SEND_F0 0B0")
-    with pytest.raises(ScheduleError, match=r"rank 0, step 1, action 0RECV_B0: waits for 1SEND_B0 from rank 1.*deadlock") as e:
+    with pytest.raises(
+        ScheduleError, match=r"rank 0, step 1, action 0RECV_B0: waits for 1SEND_B0 from rank 1.*deadlock"
+    ) as e:
         bad.validate()
     assert "[0RECV_B0]" in str(e.value) and "<-- rank 0" in str(e.value)
     assert "rank 1 step 0 (1RECV_F0)" in str(e.value)
@@ -176,8 +186,10 @@ def test_missing_compute_is_reported() -> None:
 
 def test_split_backward_validates_and_w_needs_i() -> None:
     s = build_schedule("1f1b", 2, 2)
-    split = [[b for a in rank for b in ([a._replace(kind="I"), a._replace(kind="W")] if a.kind == "B" else [a])]
-             for rank in s.actions]
+    split = [
+        [b for a in rank for b in ([a._replace(kind="I"), a._replace(kind="W")] if a.kind == "B" else [a])]
+        for rank in s.actions
+    ]
     Schedule("1f1b-iw", 2, 2, 2, tuple(map(tuple, split))).validate()
     bad = _edit(build_schedule("gpipe", 1, 1), 0, "0F0 0W0 0I0")
     with pytest.raises(ScheduleError, match=r"action 0W0: weight grad needs input grad 0I0 first"):

@@ -70,11 +70,17 @@ def test_split_backward_lets_the_gradient_leave_early() -> None:
 def test_events_respect_program_order_and_messages() -> None:
     s = build_schedule("interleaved-1f1b", 2, 4, 4)
     r = simulate(s, [1, 2, 1, 2], [2, 3, 2, 3], send_time=[0.1, 0.2, 0.3], bwd_send_time=[0.3, 0.2, 0.1])
-    assert sorted((e.rank, e.action) for e in r.events) == sorted((q, a) for q, acts in enumerate(s.actions) for a in acts)
+    assert sorted((e.rank, e.action) for e in r.events) == sorted(
+        (q, a) for q, acts in enumerate(s.actions) for a in acts
+    )
     for q in range(2):
         comp = sorted((e for e in r.events if e.rank == q and e.action.is_compute), key=lambda e: e.start)
-        assert all(x.end <= y.start for x, y in zip(comp, comp[1:]))  # a rank runs one thing at a time
-    sends = {(e.action.kind[-1], e.action.stage, e.action.microbatch): e.end for e in r.events if e.action.kind.startswith("SEND")}
+        assert all(x.end <= y.start for x, y in itertools.pairwise(comp))  # a rank runs one thing at a time
+    sends = {
+        (e.action.kind[-1], e.action.stage, e.action.microbatch): e.end
+        for e in r.events
+        if e.action.kind.startswith("SEND")
+    }
     for e in r.events:
         if e.action.kind.startswith("RECV"):
             src = e.action.stage + (1 if e.action.kind == "RECV_B" else -1)
@@ -89,11 +95,17 @@ def test_timeline_picture() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(fwd_time=[1], bwd_time=[1, 1]), r"fwd_time needs 2 values \(one per stage\), got 1"),
-        (dict(fwd_time=[1, 1], bwd_time=[1, -1]), r"bwd_time must be finite and >= 0, got -1"),
-        (dict(fwd_time=[1, float("nan")], bwd_time=[1, 1]), r"fwd_time must be finite"),
-        (dict(fwd_time=[1, 1], bwd_time=[1, 1], send_time=[1, 1]), r"send_time needs 1 values \(one per boundary\), got 2"),
-        (dict(fwd_time=[1, 1], bwd_time=[1, 1], igrad_time=[2, 0]), r"igrad_time must not exceed bwd_time"),
+        ({"fwd_time": [1], "bwd_time": [1, 1]}, r"fwd_time needs 2 values \(one per stage\), got 1"),
+        ({"fwd_time": [1, 1], "bwd_time": [1, -1]}, r"bwd_time must be finite and >= 0, got -1"),
+        ({"fwd_time": [1, float("nan")], "bwd_time": [1, 1]}, r"fwd_time must be finite"),
+        (
+            {"fwd_time": [1, 1], "bwd_time": [1, 1], "send_time": [1, 1]},
+            r"send_time needs 1 values \(one per boundary\), got 2",
+        ),
+        (
+            {"fwd_time": [1, 1], "bwd_time": [1, 1], "igrad_time": [2, 0]},
+            r"igrad_time must not exceed bwd_time",
+        ),
     ],
 )
 def test_input_errors(kwargs: dict, match: str) -> None:
@@ -103,6 +115,15 @@ def test_input_errors(kwargs: dict, match: str) -> None:
 
 def test_invalid_schedule_is_rejected_not_simulated() -> None:
     s = build_schedule("gpipe", 2, 1)
-    bad = Schedule("bad", 2, 2, 1, ((Action(0, "F", 0), Action(0, "RECV_B", 0), Action(0, "SEND_F", 0), Action(0, "B", 0)), s.actions[1]))
+    bad = Schedule(
+        "bad",
+        2,
+        2,
+        1,
+        (
+            (Action(0, "F", 0), Action(0, "RECV_B", 0), Action(0, "SEND_F", 0), Action(0, "B", 0)),
+            s.actions[1],
+        ),
+    )
     with pytest.raises(ScheduleError, match="deadlock"):
         simulate(bad, [1, 1], [1, 1])
