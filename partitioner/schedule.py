@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from cost_models.errors import PartitionError
 
-__all__ = ["SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "build_schedule"]
+__all__ = ["SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "build_schedule", "replay"]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")  # B = full backward; I + W = the same, split
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
