@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx
+from torch import fx, nn
 
 from passes.errors import GraphError
 
-__all__ = ["StageIO", "SplitResult", "compute_nodes", "live_values", "split_graph"]
+__all__ = ["StageIO", "SplitResult", "compute_nodes", "live_values", "split_graph", "copy_persistence"]
 
 _NOT_COMPUTE = ("placeholder", "get_attr", "output")
 
@@ -32,6 +32,23 @@ class StageIO:
 class SplitResult:
     stages: tuple[fx.GraphModule, ...]
     io: tuple[StageIO, ...]
+
+
+def copy_persistence(src: nn.Module, dst: nn.Module) -> None:
+    """Mark ``dst``'s buffers non-persistent where ``src``'s are.
+
+    ``GraphModule`` copies a ``get_attr`` buffer with ``register_buffer(name, t)``, which
+    makes it persistent: without this, a stage's state_dict would grow keys (rotary
+    tables, masks) that the model's checkpoint does not have.
+    """
+    for fqn, _ in dst.named_buffers(remove_duplicate=False):
+        parent, _, leaf = fqn.rpartition(".")
+        try:
+            owner = src.get_submodule(parent)
+        except AttributeError:
+            continue
+        if leaf in owner._non_persistent_buffers_set:
+            dst.get_submodule(parent)._non_persistent_buffers_set.add(leaf)
 
 
 def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -102,6 +119,7 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
             graph.output(tuple(lookup(by_name[name]) for name in out_names))
         graph.lint()
         stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
+        copy_persistence(gm, stage)
         stages.append(stage)
         ios.append(StageIO(tuple(ins[s]), tuple(out_names), tuple(n.name for n in nodes)))
     return SplitResult(tuple(stages), tuple(ios))

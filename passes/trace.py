@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from passes.base import InputSpec
 from passes.errors import CaptureError
+from passes.split import copy_persistence
 
 __all__ = ["Captured", "capture", "ROUTES"]
 
@@ -71,6 +72,7 @@ def _trace_fx(
     graph = tracer.trace(model, concrete_args=concrete_args)
     out_spec = _flat_output(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    copy_persistence(model, gm)
     names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
     targets = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     sig = inspect.signature(model.forward)
@@ -136,6 +138,7 @@ def _trace_export(
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
+    copy_persistence(model, gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
