@@ -237,6 +237,8 @@ def module_of(node: fx.Node) -> str:
     """Dotted path of the innermost module owning ``node`` ("" for the root)."""
     if node.op == "call_module":
         return str(node.target)
+    if node.op == "get_attr":  # a parameter belongs to the module that holds it
+        return str(node.target).rpartition(".")[0]
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = str(list(stack.values())[-1][0])
