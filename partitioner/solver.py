@@ -47,7 +47,7 @@ from cost_models.errors import PartitionError
 __all__ = ["SolverInput", "Solution", "solve", "InfeasibleError", "SolverInputError"]
 
 _I64 = npt.NDArray[np.int64]
-_Bool = npt.NDArray[np.bool_]
+_Ix = npt.NDArray[np.intp]
 _NEG = np.int64(-(2**62))  # "unreachable" in range maxima; below every real value
 _LIMIT = 2**61  # totals must stay below this so sums of two never overflow int64
 _PAIR_BUDGET = 30_000_000
@@ -98,8 +98,14 @@ class _Prep:
     P: _I64  # prefix compute, n+1
     g: _I64  # P[a] - cut_cost[a]: what a stage start contributes to the time test
     f: _I64  # P[b] + cut_cost[b]: what a stage end contributes
-    base_lo: list[_I64]  # per stage: smallest start allowed by memory and pins, n+1
-    ends: list[npt.NDArray[np.intp]]  # per stage: positions that may end it
+    SM: _I64  # prefix static memory, n+1
+    AM: _I64  # prefix activation memory, n+1
+    inflight: list[int]
+    cap: list[int]  # per stage, clamped to the whole model's need so it fits int64
+    pin_lo: _Ix  # last pinned cut before b: a stage may not straddle a pin
+    cuts: _Ix  # allowed interior cut positions, increasing
+    P_cuts: _I64  # P at those positions (non-decreasing too)
+    lg: _Ix  # floor(log2(x)) for x in 0..n+1, integer-only
 
 
 def _fmt_bytes(x: int) -> str:
@@ -158,84 +164,96 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
 
 def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0) -> _Prep:
     n = len(inp.compute)
-    P = np.zeros(n + 1, np.int64)
-    np.cumsum(np.asarray(inp.compute, np.int64), out=P[1:])
+    pre = []
+    for xs in (inp.compute, inp.static_mem, inp.act_mem):
+        x = np.zeros(n + 1, np.int64)
+        np.cumsum(np.asarray(xs, np.int64), out=x[1:])
+        pre.append(x)
+    P, SM, AM = pre
     cc = np.asarray(inp.cut_cost, np.int64)
-    SM = np.zeros(n + 1, np.int64)
-    np.cumsum(np.asarray(inp.static_mem, np.int64), out=SM[1:])
-    AM = np.zeros(n + 1, np.int64)
-    np.cumsum(np.asarray(inp.act_mem, np.int64), out=AM[1:])
-    pos = np.arange(n + 1)
-    # A stage may not straddle a pinned cut: its start is at least the last pin before b.
-    pin_arr = np.asarray([0, *pins], np.int64)
-    pin_lo = pin_arr[np.searchsorted(pin_arr, pos, "left") - 1]
-    pin_lo[0] = 0
-    allowed = np.asarray(inp.allowed, bool).copy()
-    base_lo, ends = [], []
-    for i in range(S):
-        W = SM + int(inp.inflight[i]) * AM
-        cap = min(int(inp.capacity[i]) + slack, int(W[n]))  # clamp "unlimited" into int64
-        base_lo.append(np.maximum(np.searchsorted(W, W - cap, "left"), pin_lo))
-        if i == S - 1:
-            ends.append(np.array([n], np.intp))
-        else:  # leave room for the S-1-i stages still to come, one position each
-            ok = allowed.copy()
-            ok[: i + 1] = False
-            ok[n - (S - 1 - i) + 1:] = False
-            ends.append(np.flatnonzero(ok))
-    return _Prep(n, S, P, P - cc, P + cc, base_lo, ends)
-
-
-def _log2_table(m: int) -> npt.NDArray[np.intp]:
-    lg = np.zeros(m + 1, np.intp)
+    pin_arr = np.asarray([0, *pins], np.intp)
+    pin_lo = pin_arr[np.maximum(np.searchsorted(pin_arr, np.arange(n + 1), "left") - 1, 0)]
+    cuts = np.flatnonzero(np.asarray(inp.allowed, bool)[1:n]) + 1
+    inflight = [int(x) for x in inp.inflight]
+    cap = [min(int(c) + slack, int(SM[n]) + k * int(AM[n])) for c, k in zip(inp.capacity, inflight)]
+    lg = np.zeros(n + 2, np.intp)
     k = 1
-    while (1 << k) <= m:
+    while (1 << k) <= n + 1:
         lg[1 << k:] += 1
         k += 1
-    return lg
+    return _Prep(n, S, P, P - cc, P + cc, SM, AM, inflight, cap, pin_lo, cuts, P[cuts], lg)
 
 
-def _reach(pr: _Prep, T: int) -> list[_Bool] | None:
-    """Forward reachability ``R_0..R_S`` at threshold ``T``; None when infeasible."""
-    n = pr.n
-    loT = np.searchsorted(pr.P, pr.P - T, "left")  # P[b]-P[a] <= T: only narrows windows
-    R = np.zeros(n + 1, bool)
-    R[0] = True
+def _lo(pr: _Prep, i: int, b: _Ix, T: int) -> _Ix:
+    """Smallest start of stage ``i`` ending at each ``b`` (memory, pins, P[b]-P[a] <= T)."""
+    loT = np.searchsorted(pr.P, pr.P[b] - T, "left")  # implied by the time test; narrows
+    # Memory grows as the start moves left, so its limit is one searchsorted; the
+    # prefix W is built only over the positions these windows can touch.
+    a0, a1 = int(loT.min()), int(b.max()) + 1
+    k = pr.inflight[i]
+    W = pr.SM[a0:a1] + k * pr.AM[a0:a1]
+    lom = a0 + np.searchsorted(W, pr.SM[b] + k * pr.AM[b] - pr.cap[i], "left")
+    return np.maximum(np.maximum(lom, loT), pr.pin_lo[b])
+
+
+def _ends(pr: _Prep, i: int, T: int) -> _Ix:
+    """Where stage ``i`` may end at threshold ``T``."""
+    n, S, total = pr.n, pr.S, int(pr.P[pr.n])
+    if i == S - 1:
+        return np.array([n] if S * T >= total else [], np.intp)
+    # The compute before b must fit i+1 stages and the compute after the S-1-i others:
+    # near the optimum a band of about 2n/S positions, so a sweep is O(n log w), not
+    # O(S n log w). Positions also leave one node for each stage still to come.
+    lo_p, hi_p = max(total - (S - 1 - i) * T, 0), min((i + 1) * T, total)
+    c, Pc = pr.cuts, pr.P_cuts
+    j0 = max(int(np.searchsorted(c, i + 1, "left")), int(np.searchsorted(Pc, lo_p, "left")))
+    j1 = min(int(np.searchsorted(c, n - (S - 1 - i), "right")),
+             int(np.searchsorted(Pc, hi_p, "right")))
+    return c[j0:max(j0, j1)]
+
+
+def _reach(pr: _Prep, T: int) -> list[_Ix] | None:
+    """Positions reachable with 0..S stages of time <= T, each sorted; None if infeasible."""
+    R = np.zeros(1, np.intp)
     out = [R]
-    lg = _log2_table(n + 1)
     for i in range(pr.S):
-        b = pr.ends[i]
-        lo = np.maximum(pr.base_lo[i][b], loT[b])
-        width = b - lo
-        vals = np.where(R, pr.g, _NEG)
-        top = int(lg[max(int(width.max(initial=1)), 1)])
-        table = np.full((top + 1, n + 1), _NEG)
-        table[0] = vals
-        for k in range(1, top + 1):  # sparse table: table[k, x] = max(vals[x : x + 2^k])
-            h = 1 << (k - 1)
-            table[k, : n + 1 - h] = np.maximum(table[k - 1, : n + 1 - h], table[k - 1, h:])
-        w = np.maximum(width, 1)
-        k = lg[w]
-        lo_c = np.minimum(lo, n)
-        best = np.maximum(table[k, lo_c], table[k, np.maximum(b - (1 << k), 0)])
-        hit = (width >= 1) & (best >= pr.f[b] - T)
-        R = np.zeros(n + 1, bool)
-        R[b[hit]] = True
-        out.append(R)
-        if not hit.any():
+        b = _ends(pr, i, T)
+        if len(b) == 0:
             return None
+        lo = np.maximum(_lo(pr, i, b, T), int(R[0]))  # nothing reachable before R[0]
+        width = b - lo
+        x0, x1 = int(lo.min()), int(b[-1])
+        if x0 >= x1:
+            return None
+        m = x1 - x0
+        mask = np.zeros(m, bool)
+        mask[R[np.searchsorted(R, x0):np.searchsorted(R, x1)] - x0] = True
+        top = int(pr.lg[max(int(width.max()), 1)])
+        table = np.empty((top + 1, m), np.int64)  # table[k, x] = max(vals[x : x + 2^k])
+        table[0] = np.where(mask, pr.g[x0:x1], _NEG)
+        for k in range(1, top + 1):
+            h = 1 << (k - 1)
+            table[k, : m - h] = np.maximum(table[k - 1, : m - h], table[k - 1, h:])
+            table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
+        k = pr.lg[np.maximum(width, 1)]
+        left = np.minimum(lo - x0, m - 1)
+        right = np.maximum(b - x0 - (1 << k), 0)
+        best = np.maximum(table[k, left], table[k, right])
+        R = b[(width >= 1) & (best >= pr.f[b] - T)]
+        if len(R) == 0:
+            return None
+        out.append(R)
     return out
 
 
-def _witness(pr: _Prep, R: list[_Bool], T: int) -> list[int]:
+def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
     """Backtrack one feasible partition; returns cuts c_0=0..c_S=n."""
     cuts = [pr.n]
     b = pr.n
     for i in range(pr.S - 1, -1, -1):
-        lo = int(pr.base_lo[i][b])
-        a = np.arange(lo, b)
-        ok = R[i][lo:b] & (pr.g[lo:b] >= pr.f[b] - T)
-        b = int(a[np.flatnonzero(ok)[-1]])
+        lo = int(_lo(pr, i, np.array([b]), T)[0])
+        a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], b, "left")]
+        b = int(a[pr.g[a] >= pr.f[b] - T][-1])
         cuts.append(b)
     return cuts[::-1]
 
@@ -250,7 +268,9 @@ def _range_argmax(vals: _I64, s: npt.NDArray[np.intp], e: npt.NDArray[np.intp]
                   ) -> npt.NDArray[np.intp]:
     """Index of the maximum of ``vals[s_j:e_j]`` for each j (windows non-empty)."""
     m = len(vals)
-    lg = _log2_table(m)
+    lg = np.zeros(m + 1, np.intp)
+    for k in range(1, m.bit_length()):
+        lg[1 << k:] += 1
     idx = [np.arange(m)]
     k = 1
     while (1 << k) <= m:
@@ -267,17 +287,15 @@ def _range_argmax(vals: _I64, s: npt.NDArray[np.intp], e: npt.NDArray[np.intp]
     return out
 
 
-def _min_bytes(pr: _Prep, F: list[_Bool], cb: _I64, T: int) -> list[int]:
+def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
     """Min-``cut_bytes`` partition among those with every stage time <= T (see step 3)."""
     n, S, INF = pr.n, pr.S, np.int64(2**62)
-    loT = np.searchsorted(pr.P, pr.P - T, "left")
     cb = cb.copy()
     cb[n] = 0
-    bands = [np.flatnonzero(x) for x in F]
     spans = []
     for i in range(1, S + 1):
         Fa, Fb = bands[i - 1], bands[i]
-        lo = np.maximum(pr.base_lo[i - 1][Fb], loT[Fb])
+        lo = _lo(pr, i - 1, Fb, T)
         spans.append((np.searchsorted(Fa, lo, "left"), np.searchsorted(Fa, Fb, "left")))
     approx = n > 2000 and sum(int((e - s).sum()) for s, e in spans) > _PAIR_BUDGET
     best = np.zeros(1, np.int64)
@@ -391,18 +409,21 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     lb = _lower_bound(inp, S, n)
     hi = int(_times(fw, _witness(fw, R, T_inf)).max())
     lo = min(lb, hi)
+    # Gallop up from the lower bound before bisecting: tests near the optimum only touch
+    # narrow bands (see _ends), while a midpoint near the first witness touches all n.
+    step = max(1, lb >> 6)
     while lo < hi:
-        mid = (lo + hi) // 2
+        mid = min(lo + step, (lo + hi) // 2)
         R = _reach(fw, mid)
         if R is None:
-            lo = mid + 1
-        else:  # snap to what the witness really achieves: often far below mid
-            hi = int(_times(fw, _witness(fw, R, mid)).max())
+            lo, step = mid + 1, 2 * step
+        else:  # snap to what the witness really achieves (often below mid), then bisect
+            hi, step = int(_times(fw, _witness(fw, R, mid)).max()), hi
     T = hi
     R = _reach(fw, T)
     Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins]), T)
     assert R is not None and Rm is not None  # T was proven feasible above
-    F = [R[i] & Rm[S - i][::-1] for i in range(S + 1)]
+    F = [np.intersect1d(R[i], n - Rm[S - i], assume_unique=True) for i in range(S + 1)]
     cuts = _min_bytes(fw, F, np.asarray(inp.cut_bytes, np.int64), T)
     times = tuple(int(t) for t in _times(fw, cuts))
     mems = tuple(int(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(inp.act_mem[a:b]))
