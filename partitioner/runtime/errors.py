@@ -1,0 +1,21 @@
+"""The runtime's errors: one class, rooted at ``PartitionError`` like every other."""
+
+from __future__ import annotations
+
+from cost_models.errors import PartitionError
+
+__all__ = ["PipelineRuntimeError"]
+
+
+class PipelineRuntimeError(PartitionError):
+    """A pipeline step failed: a stage raised, a value crossed a cut with the wrong
+    shape or dtype, or a rank died. ``rank`` and ``action`` say where, when known."""
+
+    def __init__(self, message: str, rank: int | None = None, action: str | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.action = action
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, str | None]]:
+        # Keep rank/action when the error crosses a process boundary (pickled).
+        return (type(self), (str(self), self.rank, self.action))

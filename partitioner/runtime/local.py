@@ -1,0 +1,89 @@
+"""Every rank of a plan in this one process: the in-process transport, same interpreter.
+
+The stages share parameters with the user's model (``Pipe`` makes no copies), so
+gradients land in the model's own ``.grad`` and an ordinary optimizer over
+``model.parameters()`` steps it; tied weights are one tensor and need no reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.interpreter import Interpreter, TraceEvent
+from partitioner.runtime.microbatch import batch_size, split
+from partitioner.runtime.transport import LocalTransport
+from partitioner.schedule import Schedule, build_schedule
+
+__all__ = ["train_step", "resolve_schedule", "seq_len"]
+
+
+def resolve_schedule(pipe: Any, schedule: str | Schedule, n_microbatches: int | None) -> Schedule:
+    """A Schedule for the pipe's stages: a name is built for the plan's ranks and stages."""
+    plan = pipe.plan
+    n_ranks = plan.options.get("n_gpus") or max(st.rank for st in plan.stages) + 1
+    if isinstance(schedule, Schedule):
+        return schedule
+    m = n_microbatches if n_microbatches is not None else plan.prediction.n_microbatches
+    return build_schedule(schedule, n_ranks, m, plan.n_stages)
+
+
+def seq_len(plan: Any, flat_inputs: list[Any] | None = None) -> int:
+    """S for shapes: read from the inputs where the plan marks a sequence dim, else the plan's."""
+    for spec, value in zip(plan.inputs, flat_inputs or ()):
+        for d, sym in spec.get("dims", ()):
+            if sym == "S" and isinstance(value, torch.Tensor):
+                return int(value.shape[int(d)])
+    return int(plan.symbols.get("S", 1))
+
+
+def train_step(pipe: Any, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
+               schedule: str | Schedule = "gpipe", n_microbatches: int | None = None,
+               trace: str | None = None, **kwargs: Any) -> torch.Tensor:
+    """Forward and backward over every micro-batch; grads accumulate into the model's
+    parameters (zero them yourself, as with any torch training loop). Returns the
+    full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached).
+
+    >>> loss = pipe.train_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)  # doctest: +SKIP
+    """
+    sched = resolve_schedule(pipe, schedule, n_microbatches)
+    m = sched.n_microbatches
+    flat = pipe.flatten_inputs(inputs, kwargs)
+    batch = batch_size(flat)
+    seq = seq_len(pipe.plan, flat)
+    transport = LocalTransport()
+    modules = {s: pipe.stages[s] for s in range(len(pipe.stages))}
+    ranks = [
+        Interpreter(r, {s: mod for s, mod in modules.items() if sched.rank_of(s) == r}, pipe.plan, sched,
+                    transport, loss_fn, pipe.unflatten_outputs)
+        for r in range(sched.n_ranks)
+    ]
+    mb_inputs = split(flat, m, batch)
+    mb_targets = split(target, m, batch)
+    for it in ranks:
+        it.start(batch // m, seq, mb_inputs, mb_targets)
+    pcs = [0] * len(ranks)
+    # Round-robin over ranks, each running until it needs a message not yet sent: the
+    # order schedule.replay validates, so a valid schedule always finishes.
+    while True:
+        progress = False
+        for r, it in enumerate(ranks):
+            while pcs[r] < len(it.actions) and it.can_run(it.actions[pcs[r]]):
+                it.run(it.actions[pcs[r]])
+                pcs[r] += 1
+                progress = True
+        if not progress:
+            break
+    stuck = [f"rank {r} at {it.actions[pcs[r]]}" for r, it in enumerate(ranks) if pcs[r] < len(it.actions)]
+    if stuck:
+        raise PipelineRuntimeError(f"schedule {sched.name!r} deadlocks: {', '.join(stuck)} wait for messages "
+                                   f"never sent\n{sched.grid(comms=True)}")
+    losses = [it.finish() for it in ranks]
+    if trace is not None:
+        from partitioner.runtime.trace import write_trace
+
+        write_trace(trace, [ev for it in ranks for ev in it.events], sched)
+    loss = next(x for x in losses if x is not None)
+    return loss
