@@ -1,0 +1,121 @@
+"""AnnotateCosts: per-node costs that sum to exactly what FlopCounterMode counts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sympy
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from cost_models.cost import BATCH, SEQ, NodeCost
+from cost_models.flops import register_cpu_flash_attention_flops
+from passes.annotate import AnnotateCosts, param_users
+from passes.meta import COST
+from passes.shape_prop import ShapeProp, default_specs
+from tests.fixtures.models import FIXTURES, big_llama_on_meta
+
+
+def _annotated(model: nn.Module, flat: list[object]) -> fx.GraphModule:
+    gm = fx.symbolic_trace(model)
+    return AnnotateCosts().run(ShapeProp(inputs=default_specs(flat)).run(gm))
+
+
+def _total(gm: fx.GraphModule) -> NodeCost:
+    return sum((n.meta[COST] for n in gm.graph.nodes), NodeCost())
+
+
+def _at(expr: sympy.Expr, gm: fx.GraphModule) -> int:
+    ex = gm.meta["pp.example"]
+    return int(sympy.sympify(expr).subs({BATCH: ex.get("B", 1), SEQ: ex.get("S", 1)}))
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_flops_equal_flop_counter_mode(name: str) -> None:
+    """The transparency test of the cost model: forward and backward, every fixture."""
+    register_cpu_flash_attention_flops()  # else FlopCounterMode counts CPU SDPA as 0
+    f = FIXTURES[name]
+    model, args, kwargs = f.build(), f.inputs(), f.kwargs()
+    gm = _annotated(model, [*args, *kwargs.values()])
+    total = _total(gm)
+    with FlopCounterMode(display=False) as fwd:
+        out = model(*args, **kwargs)
+    loss = sum(o.sum() for o in pytree.tree_leaves(out) if o.is_floating_point())
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    assert _at(total.fwd_flops_fc, gm) == fwd.get_total_flops() > 0
+    assert _at(total.bwd_flops_fc, gm) == bwd.get_total_flops() > 0
+    # Everything we price includes what FlopCounterMode prices, and more (norms, pointwise).
+    assert _at(total.fwd_flops, gm) > _at(total.fwd_flops_fc, gm)
+
+
+def test_linear_3_to_5_exact() -> None:
+    """First layer: no input gradient, so the backward is the weight gradient only."""
+    gm = _annotated(nn.Sequential(nn.Linear(3, 5)), [torch.randn(2, 3)])
+    lin = next(n for n in gm.graph.nodes if n.op == "call_module").meta[COST]
+    assert lin.fwd_flops_fc == 2 * 3 * 5 * BATCH  # = 60 at B=2
+    assert lin.bwd_flops_fc == 2 * 3 * 5 * BATCH  # grad_weight = x^T @ grad_out, no grad_input
+    assert lin.param_bytes == (15 + 5) * 4
+    assert lin.output_bytes == 5 * 4 * BATCH
+    assert lin.saved_bytes == 3 * 4 * BATCH  # the input, kept for grad_weight; not the weight
+    assert "aten.addmm.default" in lin.ops
+
+
+def test_second_layer_also_pays_for_its_input_gradient() -> None:
+    gm = _annotated(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 7)), [torch.randn(2, 3)])
+    second = next(n for n in gm.graph.nodes if n.target == "1").meta[COST]
+    assert second.fwd_flops_fc == 2 * 5 * 7 * BATCH
+    assert second.bwd_flops_fc == 2 * (2 * 5 * 7 * BATCH)  # grad_input and grad_weight
+
+
+def test_costs_are_symbolic_linear_in_b_and_attention_quadratic_in_s() -> None:
+    f = FIXTURES["gpt"]
+    gm = _annotated(f.build(), list(f.inputs()))
+    total = _total(gm)
+    for field in ("fwd_flops", "bwd_flops", "fwd_flops_fc", "bwd_flops_fc", "saved_bytes", "output_bytes"):
+        assert sympy.degree(sympy.expand(getattr(total, field)), BATCH) == 1, field
+    # Matmul work scales exactly with the batch. (Not all work does: the position-embedding
+    # gradient and the arange of positions are per sequence position, whatever the batch.)
+    for field in ("fwd_flops_fc", "bwd_flops_fc"):
+        expr = getattr(total, field)
+        assert sympy.expand(expr.subs(BATCH, 2 * BATCH) - 2 * expr) == 0, field
+    sdpa = next(n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention)
+    assert sympy.degree(sdpa.meta[COST].fwd_flops_fc, SEQ) == 2
+    # b * h * (2 * s * s * d) twice (scores and scores @ v): sdpa_flop_count in torch.
+    assert sympy.expand(sdpa.meta[COST].fwd_flops_fc) == 2 * (2 * BATCH * 2 * SEQ**2 * 16)
+
+
+def test_tied_weights_are_counted_once_and_users_are_listed() -> None:
+    f = FIXTURES["gpt"]
+    model = f.build()
+    gm = _annotated(model, list(f.inputs()))
+    unique = sum(p.numel() * p.element_size() for p in model.parameters())  # dedups the tie
+    assert _total(gm).param_bytes == unique
+    users = param_users(gm)
+    assert users["lm_head"] == ("lm_head.weight",)
+    assert users["transformer_wte"] == ("transformer.wte.weight",)
+    assert next(n for n in gm.graph.nodes if n.name == "lm_head").meta[COST].param_bytes == 0
+
+
+def test_buffers_are_priced_apart_from_parameters() -> None:
+    f = FIXTURES["cnn"]
+    gm = _annotated(f.build(), list(f.inputs()))
+    bn = next(n for n in gm.graph.nodes if n.target == "features.1").meta[COST]
+    assert bn.param_bytes == 2 * 8 * 4 and bn.buffer_bytes == 2 * 8 * 4 + 8  # + num_batches_tracked
+
+
+def test_7b_llama_on_meta_annotates_fast() -> None:
+    model, args = big_llama_on_meta()
+    start = time.perf_counter()
+    gm = _annotated(model, list(args))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"shape-prop + annotate took {elapsed:.1f}s"  # ~5 s on 2 cores
+    total = _total(gm)
+    assert total.param_bytes == 4 * sum(p.numel() for p in model.parameters())
+    # 2 FLOPs per parameter per token for the matmuls (not the embedding lookup), plus attention.
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "tok_" not in n)
+    attn = 32 * 2 * (2 * BATCH * 32 * SEQ**2 * 128)
+    assert sympy.expand(total.fwd_flops_fc - attn) == 2 * n_matmul * BATCH * SEQ
