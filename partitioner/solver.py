@@ -11,40 +11,47 @@ after Bokhari 1988 / Pinar & Aykanat 2004 "Fast optimal load balancing algorithm
 for 1D partitioning", extended with per-cut costs, per-stage memory and a fixed
 stage count):
 
-1. ``feasible(T)``: reachability per stage count. ``R_i[b]`` = "``[0, b)`` splits into
-   ``i`` valid stages with time <= T". Memory is monotone in ``a`` (all sizes >= 0),
-   so for stage ``i`` and end ``b`` it gives a lower limit ``lo_i[b]`` on the start
-   (one ``searchsorted``); pinned cuts raise it further. The time test
+1. ``feasible(T)``: reachability per stage count. ``R_i`` = the ends ``b`` such that
+   ``[0, b)`` splits into ``i`` valid stages of time <= T. Memory is monotone in the
+   start ``a`` (all sizes >= 0), so for stage ``i`` and end ``b`` it gives a lower limit
+   on ``a`` (one ``searchsorted``); pinned cuts raise it further. The time test
    ``cost(a, b) <= T`` is ``P[a] - cut_cost[a] >= P[b] + cut_cost[b] - T``, so one
    range maximum of ``P[a] - cut_cost[a]`` over the reachable ``a`` in the window
-   answers it for every ``b`` at once (sparse table, numpy). One test costs
-   ``O(S n log w)`` with ``w`` the widest window (about ``n / S`` in practice).
-2. Binary search on the integer ``T`` between a lower bound and a feasible witness;
-   after every feasible test the upper end snaps down to the witness's actual
-   bottleneck, so it ends on the optimum in ``O(log(UB - LB))`` tests, usually fewer.
+   answers it for every ``b`` at once (numpy sparse table). Stage ``i`` can only end
+   where ``P[b] <= (i+1) T`` and ``P[n] - P[b] <= (S-1-i) T``, a band of about
+   ``(S T - P[n]) / P[n] * n + 2 n / S`` positions, so a test near the optimum costs
+   ``O(n log w + S)`` numpy work (``w`` = widest window, about ``n / S``), and at
+   worst ``O(S n log n)``.
+2. Search on the integer ``T`` from the lower bound: gallop up (doubling steps) until
+   feasible, then bisect; every feasible test snaps the upper end down to the
+   witness's actual bottleneck. ``O(log(T* - LB))`` tests, all near the optimum.
 3. Tie-break at the optimal ``T*``: positions that are both forward-reachable with
-   ``i`` stages and backward-reachable with ``S - i`` (``F_i``) are the only possible
-   ``i``-th cuts. A min-bytes DP over pairs ``(a in F_{i-1}, b in F_i)`` is exact and
-   costs ``O(sum_i |F_{i-1} x F_i|)``; at the optimum the ``F_i`` are narrow bands.
-   Approximation: when ``n > 2000`` and that pair count exceeds ``_PAIR_BUDGET`` (only
-   degenerate inputs, e.g. long runs of zero-cost positions), each window is cut to
-   its ``_APPROX_WIDTH`` nearest predecessors plus its largest-slack one, so the
-   answer stays bottleneck-optimal and feasible but its byte total may not be minimal.
+   ``i`` stages and backward-reachable (the mirrored instance) with ``S - i`` (``F_i``)
+   are the only possible ``i``-th cuts. A min-bytes DP over pairs
+   ``(a in F_{i-1}, b in F_i)`` is exact and costs ``O(sum_i |F_{i-1} x F_i|)``; at
+   the optimum the ``F_i`` are narrow bands. Degenerate inputs (long runs of
+   zero-cost positions, huge slack) widen them towards ``O(S n^2)``.
+   Approximation: when ``n > 2000`` and that pair count exceeds ``_PAIR_BUDGET``, each
+   window is cut to its ``_APPROX_WIDTH`` nearest predecessors plus its largest-slack
+   one, so the answer stays bottleneck-optimal and feasible but its byte total may
+   not be minimal. For ``n <= 2000`` the tie-break is always exact.
 
 All search arithmetic is int64; inputs whose totals could overflow are rejected.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cost_models.errors import PartitionError
 
-__all__ = ["SolverInput", "Solution", "solve", "InfeasibleError", "SolverInputError"]
+__all__ = ["InfeasibleError", "Solution", "SolverInput", "SolverInputError", "solve"]
 
 _I64 = npt.NDArray[np.int64]
 _Ix = npt.NDArray[np.intp]
@@ -143,7 +150,7 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
         raise InfeasibleError(f"cannot make {S} stages from {n} nodes: only {n_allowed} cut "
                               f"positions are allowed but {S - 1} are needed; use at most "
                               f"{n_allowed + 1} GPUs or allow more cut positions")
-    pins = sorted(set(int(p) for p in inp.pinned))
+    pins = sorted({int(p) for p in inp.pinned})
     for p in pins:
         if not 1 <= p <= n - 1:
             raise SolverInputError(f"pinned cut {p} is out of range; cuts lie in 1..{n - 1}")
@@ -235,10 +242,10 @@ def _reach(pr: _Prep, T: int) -> list[_Ix] | None:
             h = 1 << (k - 1)
             table[k, : m - h] = np.maximum(table[k - 1, : m - h], table[k - 1, h:])
             table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
-        k = pr.lg[np.maximum(width, 1)]
+        lvl = pr.lg[np.maximum(width, 1)]
         left = np.minimum(lo - x0, m - 1)
-        right = np.maximum(b - x0 - (1 << k), 0)
-        best = np.maximum(table[k, left], table[k, right])
+        right = np.maximum(b - x0 - (1 << lvl), 0)
+        best = np.maximum(table[lvl, left], table[lvl, right])
         R = b[(width >= 1) & (best >= pr.f[b] - T)]
         if len(R) == 0:
             return None
@@ -261,7 +268,8 @@ def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
 def _times(pr: _Prep, cuts: list[int]) -> _I64:
     c = np.asarray(cuts)
     cc = pr.f - pr.P
-    return pr.P[c[1:]] - pr.P[c[:-1]] + cc[c[1:]] + cc[c[:-1]]
+    t: _I64 = pr.P[c[1:]] - pr.P[c[:-1]] + cc[c[1:]] + cc[c[:-1]]
+    return t
 
 
 def _range_argmax(vals: _I64, s: npt.NDArray[np.intp], e: npt.NDArray[np.intp]
@@ -347,7 +355,9 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
 
 def _mirror(inp: SolverInput, n: int) -> SolverInput:
     """The same instance read right to left: stage i becomes stage S-1-i."""
-    r = lambda xs: list(reversed(list(xs)))  # noqa: E731
+    def r(xs: Sequence[Any]) -> list[Any]:
+        return list(reversed(list(xs)))
+
     return SolverInput(r(inp.compute), r(inp.cut_cost), r(inp.cut_bytes), r(inp.allowed),
                        r(inp.static_mem), r(inp.act_mem), r(inp.inflight), r(inp.capacity),
                        [n - int(p) for p in inp.pinned])
@@ -357,7 +367,6 @@ def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> Infe
     # Report the worst stage of the partition that minimises the largest overflow
     # (bytes over capacity): it is the partition closest to fitting, so its worst
     # stage shows the smallest change that would make the model fit.
-    n = len(inp.compute)
     lo, hi = 1, sum(inp.static_mem) + max(inp.inflight) * sum(inp.act_mem) + 1
     while lo < hi:
         mid = (lo + hi) // 2
@@ -427,7 +436,7 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     cuts = _min_bytes(fw, F, np.asarray(inp.cut_bytes, np.int64), T)
     times = tuple(int(t) for t in _times(fw, cuts))
     mems = tuple(int(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(inp.act_mem[a:b]))
-                 for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])))
+                 for i, (a, b) in enumerate(itertools.pairwise(cuts)))
     return Solution(cuts=tuple(cuts[1:-1]), bottleneck=max(times), stage_times=times,
                     stage_mem=mems,
                     total_cut_bytes=int(sum(inp.cut_bytes[k] for k in cuts[1:-1])),
