@@ -113,7 +113,7 @@ class Interpreter:
         except PipelineRuntimeError as e:
             if e.rank is not None:
                 raise
-            raise PipelineRuntimeError(f"rank {self.rank}, action {a}: {e}", self.rank, str(a)) from e
+            raise PipelineRuntimeError(f"rank {self.rank}, action {a}: {e}", self.rank, str(a), e.secondary) from e
         except Exception as e:
             what = {"F": "forward", "B": "backward"}.get(a.kind, a.kind.lower())
             raise PipelineRuntimeError(
