@@ -11,8 +11,21 @@ from cost_models.flops import (
 )
 
 __all__ = [
-    "BATCH", "SEQ", "ZERO", "NodeCost",
-    "DeviceSpec", "LinkSpec", "DEVICES", "LINKS", "get_device", "get_link", "evaluate",
-    "CostModelError", "PartitionError",
-    "op_flops", "fc_flops", "counted_by_flop_counter", "register_cpu_flash_attention_flops",
+    "BATCH",
+    "DEVICES",
+    "LINKS",
+    "SEQ",
+    "ZERO",
+    "CostModelError",
+    "DeviceSpec",
+    "LinkSpec",
+    "NodeCost",
+    "PartitionError",
+    "counted_by_flop_counter",
+    "evaluate",
+    "fc_flops",
+    "get_device",
+    "get_link",
+    "op_flops",
+    "register_cpu_flash_attention_flops",
 ]

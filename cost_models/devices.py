@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import sympy
 import torch
@@ -20,7 +21,7 @@ import torch
 from cost_models.cost import BATCH, SEQ, NodeCost
 from cost_models.errors import CostModelError
 
-__all__ = ["DeviceSpec", "LinkSpec", "DEVICES", "LINKS", "get_device", "get_link", "evaluate"]
+__all__ = ["DEVICES", "LINKS", "DeviceSpec", "LinkSpec", "evaluate", "get_device", "get_link"]
 
 _LOWP = (torch.bfloat16, torch.float16)
 
@@ -39,7 +40,9 @@ class DeviceSpec:
             dtype = getattr(torch, dtype.removeprefix("torch."), None)
         return self.peak_flops_lowp if dtype in _LOWP else self.peak_flops
 
-    def node_time(self, cost: NodeCost, values: Mapping[str, int], dtype: torch.dtype | str | None = None) -> tuple[float, float]:
+    def node_time(
+        self, cost: NodeCost, values: Mapping[str, int], dtype: torch.dtype | str | None = None
+    ) -> tuple[float, float]:
         """(forward, backward) seconds of one node: roofline of FLOPs and bytes moved.
 
         The backward moves about twice the forward's bytes (it reads the saved inputs and

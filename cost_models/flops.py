@@ -16,8 +16,9 @@ in the op's arguments; everything else (ints, lists, bools) as it is. Two number
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import sympy
 import torch
@@ -28,10 +29,10 @@ from cost_models.errors import CostModelError
 
 __all__ = [
     "Shape",
-    "op_name",
     "counted_by_flop_counter",
     "fc_flops",
     "op_flops",
+    "op_name",
     "register_cpu_flash_attention_flops",
 ]
 
@@ -99,13 +100,49 @@ _T = 4
 # FLOPs per *output* element. Arithmetic is 1; composites add their parts.
 _PER_OUT: dict[str, int] = {
     **dict.fromkeys(
-        "add sub rsub mul div neg abs relu clamp clamp_min clamp_max maximum minimum where "
-        "masked_fill threshold_backward eq ne lt le gt ge logical_not bitwise_not sign "
-        "reciprocal square pow floor ceil round remainder fmod hardtanh leaky_relu".split(),
+        [
+            "add",
+            "sub",
+            "rsub",
+            "mul",
+            "div",
+            "neg",
+            "abs",
+            "relu",
+            "clamp",
+            "clamp_min",
+            "clamp_max",
+            "maximum",
+            "minimum",
+            "where",
+            "masked_fill",
+            "threshold_backward",
+            "eq",
+            "ne",
+            "lt",
+            "le",
+            "gt",
+            "ge",
+            "logical_not",
+            "bitwise_not",
+            "sign",
+            "reciprocal",
+            "square",
+            "pow",
+            "floor",
+            "ceil",
+            "round",
+            "remainder",
+            "fmod",
+            "hardtanh",
+            "leaky_relu",
+        ],
         1,
     ),
-    **dict.fromkeys("addcmul addcdiv lerp hardtanh_backward".split(), 2),
-    **dict.fromkeys("exp exp2 expm1 log log2 log1p sin cos tan tanh erf sqrt rsqrt".split(), _T),
+    **dict.fromkeys(["addcmul", "addcdiv", "lerp", "hardtanh_backward"], 2),
+    **dict.fromkeys(
+        ["exp", "exp2", "expm1", "log", "log2", "log1p", "sin", "cos", "tan", "tanh", "erf", "sqrt", "rsqrt"], _T
+    ),
     "sigmoid": _T + 2,  # 1 / (1 + exp(-x))
     "silu": _T + 3,  # x * sigmoid(x)
     "gelu": _T + 4,  # 0.5 * x * (1 + erf(x / sqrt 2)), or the tanh form
@@ -120,9 +157,11 @@ _PER_OUT: dict[str, int] = {
 }
 # FLOPs per *input* element (argument 0): reductions and statistics.
 _PER_IN: dict[str, int] = {
-    **dict.fromkeys("sum mean amax amin max min prod argmax argmin any all norm logsumexp".split(), 1),
-    **dict.fromkeys("var std var_mean std_mean".split(), 3),
-    **dict.fromkeys("_adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool2d".split(), 1),
+    **dict.fromkeys(
+        ["sum", "mean", "amax", "amin", "max", "min", "prod", "argmax", "argmin", "any", "all", "norm", "logsumexp"], 1
+    ),
+    **dict.fromkeys(["var", "std", "var_mean", "std_mean"], 3),
+    **dict.fromkeys(["_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool2d"], 1),
     "embedding_dense_backward": 1,  # one accumulate per gradient element (index_add)
 }
 # Norms, fvcore's convention: per input element, 5 with an affine transform, 4 without;
@@ -135,7 +174,7 @@ _NORMS: dict[str, tuple[int, int]] = {  # name → (weight argument index, fwd/b
     "_native_batch_norm_legit_no_training": (1, 1),
     "native_group_norm": (1, 1),
     "_fused_rms_norm": (2, 1),
-    "native_layer_norm_backward": (4, 2),
+    "native_layer_norm_backward": (5, 2),
     "native_batch_norm_backward": (2, 2),
     "native_group_norm_backward": (4, 2),
     "_fused_rms_norm_backward": (4, 2),
@@ -161,8 +200,8 @@ def op_flops(op: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) 
         return factor * (5 if affine else 4) * _numel(args[0 if factor == 1 else 1])
     if name in _POOLS:
         kernel = args[1] if len(args) > 1 else kwargs.get("kernel_size", (1,))
-        return _out_numel(out if not isinstance(out, tuple) else out[0]) * math.prod(kernel)
-    if name.endswith("pool2d_backward") or name.endswith("pool3d_backward") or name.endswith("pool2d_with_indices_backward"):
+        return _out_numel(out if isinstance(out, Shape) else out[0]) * math.prod(kernel)
+    if name.endswith(("pool2d_backward", "pool3d_backward", "pool2d_with_indices_backward")):
         return _out_numel(out)
     base = name.rstrip("_") if name not in _PER_OUT else name  # in-place add_ prices as add
     if base in _PER_IN:
@@ -175,14 +214,66 @@ def op_flops(op: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) 
 
 
 # Data movement only: views, copies, gathers, factories. Priced by bytes, not FLOPs.
-_ZERO = set(
-    "view _unsafe_view reshape _reshape_alias transpose t permute expand expand_as slice select "
-    "unsqueeze squeeze split split_with_sizes chunk narrow as_strided alias detach clone copy "
-    "contiguous cat stack index index_select gather scatter embedding arange fill lift_fresh "
-    "unbind flatten unflatten scalar_tensor zero bernoulli native_dropout rand randn randint "
-    "view_as _unsafe_index slice_scatter select_scatter index_put repeat roll flip tril triu "
-    "masked_select nonzero where_self _local_scalar_dense item".split()
-)
+_ZERO = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "_reshape_alias",
+    "transpose",
+    "t",
+    "permute",
+    "expand",
+    "expand_as",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "narrow",
+    "as_strided",
+    "alias",
+    "detach",
+    "clone",
+    "copy",
+    "contiguous",
+    "cat",
+    "stack",
+    "index",
+    "index_select",
+    "gather",
+    "scatter",
+    "embedding",
+    "arange",
+    "fill",
+    "lift_fresh",
+    "unbind",
+    "flatten",
+    "unflatten",
+    "scalar_tensor",
+    "zero",
+    "bernoulli",
+    "native_dropout",
+    "rand",
+    "randn",
+    "randint",
+    "view_as",
+    "_unsafe_index",
+    "slice_scatter",
+    "select_scatter",
+    "index_put",
+    "repeat",
+    "roll",
+    "flip",
+    "tril",
+    "triu",
+    "masked_select",
+    "nonzero",
+    "where_self",
+    "_local_scalar_dense",
+    "item",
+}
 
 
 def _cpu_flash(name: str, args: Sequence[Any]) -> sympy.Expr:
@@ -208,5 +299,7 @@ def register_cpu_flash_attention_flops() -> None:
     if bwd not in fc.flop_registry:
 
         @fc.register_flop_formula(bwd)
-        def _bwd(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        def _bwd(
+            grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+        ) -> int:
             return fc.sdpa_backward_flop_count(grad_out, query, key, value)

@@ -15,8 +15,9 @@ the 32 identical decoder layers of a Llama are priced once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import sympy
 import torch
@@ -35,8 +36,21 @@ __all__ = ["AnnotateCosts", "param_users"]
 # Metadata queries FlopCounterMode lets through without counting (flop_counter.py).
 _META_OPS = {
     getattr(torch.ops.aten, n).default
-    for n in "sym_is_contiguous is_contiguous is_strides_like_format is_non_overlapping_and_dense size "
-    "sym_size stride sym_stride storage_offset sym_storage_offset numel sym_numel dim".split()
+    for n in [
+        "sym_is_contiguous",
+        "is_contiguous",
+        "is_strides_like_format",
+        "is_non_overlapping_and_dense",
+        "size",
+        "sym_size",
+        "stride",
+        "sym_stride",
+        "storage_offset",
+        "sym_storage_offset",
+        "numel",
+        "sym_numel",
+        "dim",
+    ]
 } | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
 
 
@@ -112,6 +126,7 @@ def _first_use_bytes(gm: fx.GraphModule) -> dict[str, tuple[sympy.Expr, sympy.Ex
 
 def _key(node: fx.Node, gm: fx.GraphModule) -> str:
     """What a node's cost depends on: what it runs and the shapes it runs on."""
+
     def show(a: Any) -> Any:
         return a.meta.get(DESC) if isinstance(a, fx.Node) else a
 
@@ -163,7 +178,9 @@ def _nbytes(d: TensorDesc) -> sympy.Expr:
 
 
 def _descs(desc: Any) -> list[TensorDesc]:
-    return [d for d in pytree.tree_leaves(desc, is_leaf=lambda x: isinstance(x, TensorDesc)) if isinstance(d, TensorDesc)]
+    return [
+        d for d in pytree.tree_leaves(desc, is_leaf=lambda x: isinstance(x, TensorDesc)) if isinstance(d, TensorDesc)
+    ]
 
 
 class _Recorder(TorchDispatchMode):
@@ -242,11 +259,13 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
     )  # fmt: skip
 
 
-def _runner(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor]) -> tuple[Callable[..., Any], list[torch.Tensor]]:
+def _runner(
+    node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor]
+) -> tuple[Callable[..., Any], list[torch.Tensor]]:
     """The callable a node runs, and the fake parameters it owns."""
     if node.op == "call_module":
         mod, prefix = gm.get_submodule(str(node.target)), f"{node.target}."
-        state = {k[len(prefix):]: v for k, v in fakes.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in fakes.items() if k.startswith(prefix)}
         unique = list({id(v): v for v in state.values()}.values())
 
         def call(*a: Any, **kw: Any) -> Any:

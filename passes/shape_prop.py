@@ -16,8 +16,9 @@ False: costs are then valid for the example sizes only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import sympy
 import torch
@@ -31,7 +32,7 @@ from cost_models.errors import PartitionError
 from passes.base import InputSpec, Pass, TensorDesc
 from passes.meta import DESC, MODULE, VAL
 
-__all__ = ["ShapeProp", "ShapePropError", "default_specs", "to_desc", "fake_params", "module_of"]
+__all__ = ["ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "to_desc"]
 
 _NAMED = {"B": BATCH, "S": SEQ}
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
@@ -92,13 +93,11 @@ class ShapeProp(Pass):
     def _propagate(self, gm: fx.GraphModule, symbolic: bool) -> None:
         env = ShapeEnv(duck_shape=False)  # duck sizing would merge B and S when equal
         mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=False)
-        symbols: dict[str, torch.SymInt] = {}
+        symbols: dict[str, Any] = {}  # name → SymInt
         if symbolic:
             for name, value in self._example().items():
                 src = ConstantSource(f"pp_{name}")
-                sym = env.create_symbol(
-                    value, src, dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True
-                )
+                sym = env.create_symbol(value, src, dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True)
                 symbols[name] = env.create_symintnode(sym, hint=value, source=src)
         mapping = {s.node.expr: _NAMED.get(n, sympy.Symbol(n, positive=True, integer=True)) for n, s in symbols.items()}
         device = torch.device(self.device) if self.device else _model_device(gm)
@@ -118,14 +117,16 @@ class ShapeProp(Pass):
         )
 
     @staticmethod
-    def _make_input(spec: InputSpec, symbols: dict[str, torch.SymInt], device: torch.device) -> Any:
+    def _make_input(spec: InputSpec, symbols: dict[str, Any], device: torch.device) -> Any:
         if spec.kind != "tensor":
             return spec.value
         dims = dict(spec.dims)
         shape = [symbols.get(dims.get(i, ""), s) for i, s in enumerate(spec.shape)]
         dtype = _DTYPES.get(spec.dtype)
         if dtype is None:
-            raise ShapePropError(f"input {spec.name!r} has unknown dtype {spec.dtype!r}; use a torch dtype name such as 'float32'")
+            raise ShapePropError(
+                f"input {spec.name!r} has unknown dtype {spec.dtype!r}; use a torch dtype name such as 'float32'"
+            )
         return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -164,7 +165,7 @@ class _FakeInterpreter(fx.Interpreter):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
         prefix = f"{target}."
-        state = {k[len(prefix):]: v for k, v in self.fakes.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in self.fakes.items() if k.startswith(prefix)}
         return torch.func.functional_call(mod, state, tuple(args), dict(kwargs), strict=False)
 
 

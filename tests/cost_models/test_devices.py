@@ -34,9 +34,15 @@ def test_required_profiles_exist() -> None:
     "data, message",
     [
         ([1, 2], r"DeviceSpec must be a JSON object, got list"),
-        ({"name": "x", "peak_flops": 1.0, "peak_flops_lowp": 1.0, "mem_bandwidth": 1.0}, r"missing field 'memory_bytes'"),
+        (
+            {"name": "x", "peak_flops": 1.0, "peak_flops_lowp": 1.0, "mem_bandwidth": 1.0},
+            r"missing field 'memory_bytes'",
+        ),
         ({**DEVICES["cpu"].to_dict(), "peak_flop": 1.0}, r"unknown field\(s\) \['peak_flop'\]"),
-        ({**DEVICES["cpu"].to_dict(), "mem_bandwidth": "fast"}, r"DeviceSpec.mem_bandwidth must be a finite non-negative number, got 'fast'"),
+        (
+            {**DEVICES["cpu"].to_dict(), "mem_bandwidth": "fast"},
+            r"DeviceSpec.mem_bandwidth must be a finite non-negative number, got 'fast'",
+        ),
         ({**DEVICES["cpu"].to_dict(), "peak_flops": 0}, r"DeviceSpec.peak_flops must be positive, got 0"),
         ({**DEVICES["cpu"].to_dict(), "peak_flops": float("nan")}, r"DeviceSpec.peak_flops must be a finite"),
         ({**DEVICES["cpu"].to_dict(), "name": ""}, r"DeviceSpec.name must be a non-empty string"),
