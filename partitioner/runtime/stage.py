@@ -98,10 +98,12 @@ class RankStage:
 
         return pipelining_stage(self, stage_index, n_microbatches, batch)
 
-    def reduce_tied_grads(self, saved: list[list[torch.Tensor | None]]) -> None:
-        """Sum this step's gradients of tied tensors over their ranks; ``saved`` holds the
-        gradients accumulated before the step, which each rank already has in full."""
-        for (pg, params), before in zip(self._tied, saved):
+    def reduce_tied_grads(self, saved: list[list[torch.Tensor | None]] | None = None) -> None:
+        """Sum the gradients of tied tensors over their ranks (call it yourself after a
+        step of a torch.distributed.pipelining schedule). ``saved`` holds gradients from
+        before this step, which each rank already has in full, so they are not summed."""
+        for i, (pg, params) in enumerate(self._tied):
+            before = saved[i] if saved is not None else [None] * len(params)
             for p, old in zip(params, before):
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 dist.all_reduce(g, group=pg)

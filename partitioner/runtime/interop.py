@@ -1,0 +1,97 @@
+"""Our stages as ``torch.distributed.pipelining.PipelineStage``s, so PyTorch's own
+schedules (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) can run a plan.
+
+PipelineStage moves tensors only, so the wrapper carries non-tensor boundary values
+(ints, floats, bools) as the same one-element tensors our runtime sends, and leaves
+values the plan knows are None off the wire. Its shapes are given up front (static
+mode, no metadata exchange): they come from running the stages before ``stage_index``
+once, without grad, on zeros shaped like the plan's inputs, which also yields the
+real values of any integers that cross a cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.local import seq_len
+from partitioner.runtime.values import Wire, boundary_wires, input_wires
+
+__all__ = ["TensorOnlyStage", "pipelining_stage"]
+
+
+def _to_wire(wires: Sequence[Wire], values: Sequence[Any], *, detach: bool) -> tuple[torch.Tensor, ...]:
+    out = []
+    for w, v in zip(wires, values, strict=True):
+        if w.kind == "tensor":
+            out.append(v.detach().requires_grad_(w.requires_grad) if detach else v)
+        elif w.travels:
+            out.append(torch.tensor([v], dtype=w.dtype))
+    return tuple(out)
+
+
+def _from_wire(wires: Sequence[Wire], tensors: Sequence[torch.Tensor]) -> list[Any]:
+    it = iter(tensors)
+    out: list[Any] = []
+    for w in wires:
+        if not w.travels:
+            out.append(None)
+        elif w.kind == "tensor":
+            out.append(next(it))
+        else:
+            out.append({"int": int, "bool": bool, "float": float}[w.kind](next(it).item()))
+    return out
+
+
+class TensorOnlyStage(nn.Module):
+    """``module`` with its boundary values as tensors; the last stage returns the model's
+    output structure (what the user's loss_fn takes)."""
+
+    def __init__(self, module: nn.Module, in_wires: Sequence[Wire], out_wires: Sequence[Wire] | None,
+                 unflatten: Callable[[Sequence[Any]], Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.in_wires, self.out_wires, self.unflatten = tuple(in_wires), out_wires, unflatten
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        out = self.module(*_from_wire(self.in_wires, args))
+        if self.out_wires is None:
+            return self.unflatten(list(out))
+        return _to_wire(self.out_wires, list(out), detach=False)
+
+
+def pipelining_stage(stage: Any, stage_index: int, n_microbatches: int | None = None, batch: int | None = None) -> Any:
+    """A PipelineStage for ``stage_index`` of a RankStage (``stage.as_pipelining_stage``)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    plan, pipe = stage.plan, stage.pipe
+    if stage_index not in stage.modules:
+        raise PipelineRuntimeError(f"stage {stage_index} does not run on rank {stage.rank} "
+                                   f"(it holds {sorted(stage.modules)})", stage.rank)
+    m = n_microbatches if n_microbatches is not None else plan.prediction.n_microbatches
+    b = batch if batch is not None else int(plan.symbols.get("B", 1))
+    if b % m:
+        raise PipelineRuntimeError(f"the batch of {b} samples does not split into {m} micro-batches")
+    mb, seq = b // m, seq_len(plan)
+    first = input_wires(plan, mb, seq)
+    wires = [first, *(boundary_wires(plan, i, mb, seq) for i in range(plan.n_stages - 1))]
+    values: list[Any] = [torch.zeros(w.shape, dtype=w.dtype) if w.kind == "tensor" else None for w in first]
+    with torch.no_grad():
+        for s in range(stage_index):
+            values = list(pipe.stages[s](*values))  # the user's stages: one example forward
+        out = list(pipe.stages[stage_index](*values))
+    last = stage_index == plan.n_stages - 1
+    dev = stage.device
+    in_args = tuple(t.to(dev) for t in _to_wire(wires[stage_index], values, detach=True))
+    if last:
+        res = pipe.unflatten_outputs(out)
+        out_args = tuple(t.to(dev) for t in (res if isinstance(res, tuple) else (res,)))
+    else:
+        out_args = tuple(t.to(dev) for t in _to_wire(wires[stage_index + 1], out, detach=True))
+    wrapped = TensorOnlyStage(stage.modules[stage_index], wires[stage_index], None if last else wires[stage_index + 1],
+                              pipe.unflatten_outputs)
+    return PipelineStage(wrapped, stage_index, plan.n_stages, dev, input_args=in_args, output_args=out_args,
+                         group=stage.group)

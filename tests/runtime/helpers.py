@@ -1,0 +1,86 @@
+"""Shared set-up for runtime tests: fixture pipes built once, reset between tests.
+
+Partitioning costs seconds, so each (model, layout) is partitioned once per session;
+the stages share the model's tensors, so ``reset`` restores the initial weights in
+place and every test starts from the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partitioner import partition
+from tests.fixtures.models import FIXTURES
+
+# float32; sums of m micro-batch gradients vs one full-batch gradient differ by rounding only.
+RTOL, ATOL = 1e-5, 1e-6
+LR = 0.1
+STEPS = 3
+
+# Cuts pinned at block boundaries so the tied embedding lands on the first and the last
+# rank (the solver, pricing this tiny GPT for an H100, would put all blocks on one stage).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "gpt-2": dict(n_gpus=2, pinned_cuts=["transformer.h.2"]),
+    "gpt-4": dict(n_gpus=4, pinned_cuts=["transformer.h.1", "transformer.h.2", "transformer.h.3"]),
+    "gpt-2x2": dict(n_gpus=2, virtual_stages=2, schedule="interleaved-1f1b",
+                    pinned_cuts=["transformer.h.1", "transformer.h.2", "transformer.h.3"]),
+    "unet-2": dict(n_gpus=2),
+    "unet-4": dict(n_gpus=4),
+    "unet-2x2": dict(n_gpus=2, virtual_stages=2, schedule="interleaved-1f1b"),
+}
+
+
+def gpt_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def data(model_name: str, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    if model_name == "gpt":
+        x = torch.randint(0, 128, (batch, 16), generator=g)
+        return x, torch.randint(0, 128, (batch, 16), generator=g), gpt_loss
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randn(batch, 2, 16, 16, generator=g), F.mse_loss
+
+
+@functools.cache
+def _built(layout: str) -> tuple[nn.Module, Any, dict[str, torch.Tensor]]:
+    name = layout.split("-")[0]
+    torch.manual_seed(0)
+    model = FIXTURES[name].build()
+    pipe = partition(model, example_inputs=FIXTURES[name].inputs(), **LAYOUTS[layout])
+    return model, pipe, copy.deepcopy(model.state_dict())
+
+
+def fresh(layout: str) -> tuple[nn.Module, Any]:
+    """The layout's model (initial weights restored in place) and its pipe."""
+    model, pipe, init = _built(layout)
+    model.load_state_dict(init)
+    model.zero_grad(set_to_none=True)
+    return model, pipe
+
+
+def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
+              steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train a copy of the unpartitioned model: losses and final parameters by FQN."""
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(ref(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
+
+
+def assert_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got, "no parameters to compare"
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,81 @@
+"""In-process transparency: the pipelined step trains exactly like the plain model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from partitioner.runtime.errors import PipelineRuntimeError
+from tests.runtime.helpers import LR, STEPS, assert_params, data, fresh, reference
+
+CASES = [
+    ("gpt-2", "gpipe", 4), ("gpt-2", "1f1b", 4), ("gpt-2x2", "interleaved-1f1b", 4),
+    ("gpt-4", "1f1b", 4),
+    ("unet-2", "gpipe", 2), ("unet-2", "1f1b", 4), ("unet-2x2", "interleaved-1f1b", 2),
+]
+
+
+@pytest.mark.parametrize("layout,schedule,m", CASES)
+def test_train_step_matches_unpartitioned(layout: str, schedule: str, m: int) -> None:
+    model, pipe = fresh(layout)
+    x, y, loss_fn = data(layout.split("-")[0])
+    want_losses, want = reference(model, x, y, loss_fn)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m).item())
+        opt.step()
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    assert_params(dict(model.named_parameters(remove_duplicate=False)), want)
+
+
+def test_batch_must_divide() -> None:
+    _, pipe = fresh("gpt-2")
+    x, y, loss_fn = data("gpt", batch=6)
+    with pytest.raises(PipelineRuntimeError, match=r"batch of 6 samples does not split into 4 micro-batches.*\[1, 2, 3, 6\]"):
+        pipe.train_step(x, target=y, loss_fn=loss_fn, n_microbatches=4)
+
+
+def test_shape_mismatch_names_stage_value_and_shapes() -> None:
+    # A plan whose cut promises a wider activation than the stage produces: what a plan
+    # made for another config would do. The sending side catches it before any transfer.
+    model, pipe = fresh("gpt-2")
+    b0 = pipe.plan.boundaries[0]
+    v = dataclasses.replace(b0.values[0], shape=("B", "S", 64))
+    bad_plan = dataclasses.replace(pipe.plan, boundaries=(dataclasses.replace(b0, values=(v,)),))
+    good_plan = pipe.plan
+    x, y, loss_fn = data("gpt")
+    try:
+        pipe.plan = bad_plan
+        with pytest.raises(PipelineRuntimeError, match=r"rank 0, action 0F0.*stage 0 micro-batch 0 output: value "
+                           r"'add_4' does not match the plan: expected shape \(1, 16, 64\) float32, got \(1, 16, 32\)"):
+            pipe.train_step(x, target=y, loss_fn=loss_fn, n_microbatches=4)
+    finally:
+        pipe.plan = good_plan
+
+
+def test_stage_error_names_rank_and_action() -> None:
+    _, pipe = fresh("gpt-2")
+    x, y, _ = data("gpt")
+
+    def bad_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(PipelineRuntimeError, match=r"rank 1, action 1F0 \(stage 1 forward, micro-batch 0\) failed: RuntimeError: boom"):
+        pipe.train_step(x, target=y, loss_fn=bad_loss, n_microbatches=4)
+
+
+def test_trace_has_every_action_and_a_prediction(tmp_path: object) -> None:
+    _, pipe = fresh("gpt-2")
+    x, y, loss_fn = data("gpt")
+    path = f"{tmp_path}/trace.json"
+    pipe.train_step(x, target=y, loss_fn=loss_fn, schedule="1f1b", n_microbatches=4, trace=path)
+    trace = json.load(open(path))
+    names = {(e["pid"], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {(0, "0F3"), (1, "1B3"), (0, "0SEND_F0"), (1, "1SEND_B2")} <= names
+    assert {(1000, "0F0"), (1001, "1B3")} <= names  # the simulator's rows
+    assert trace["otherData"]["predicted_step_s"] > 0
