@@ -89,7 +89,11 @@ def _label(priced: Priced, k: int, cut_at: str | None) -> str:
         inst = module_instance(path, cut_at)
         return inst or path or node.name
 
-    return f"{side(priced.order[k - 1])} | {side(priced.order[k])}"
+    left, right = priced.order[k - 1], priced.order[k]
+    a, b = side(left), side(right)
+    if a == b:  # a cut inside one module: name the nodes either side too
+        return f"{a} [{left.name} | {right.name}]"
+    return f"{a} | {b}"
 
 
 def _value_spec(node: fx.Node, at: Mapping[str, int]) -> ValueSpec:
