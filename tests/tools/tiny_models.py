@@ -1,0 +1,50 @@
+"""Model factories for the CLI tests: ``tests/tools/tiny_models.py:mlp`` and friends.
+
+Small on purpose: every CLI test pays for a fresh process that traces the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["mlp", "wide_mlp", "skip", "broken", "not_a_pair"]
+
+
+class Skip(nn.Module):
+    """A residual that crosses a cut: the stage in between passes it through unchanged."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.d(self.c(torch.relu(self.b(h))) + h)
+
+
+def mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (nn.Linear(16, 16), nn.ReLU())]
+    return nn.Sequential(*layers, nn.Linear(16, 4)), (torch.randn(8, 16),)
+
+
+def wide_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """The same shape of model, wider: a 'model change' for plan diffs."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (nn.Linear(16, 16), nn.ReLU())]
+    layers[4] = nn.Linear(16, 16)
+    return nn.Sequential(*layers, nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)), (torch.randn(8, 16),)
+
+
+def skip() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return Skip(), (torch.randn(8, 16),)
+
+
+def broken() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    raise RuntimeError("weights not found")
+
+
+def not_a_pair() -> nn.Module:
+    return nn.Linear(2, 2)

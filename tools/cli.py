@@ -1,0 +1,139 @@
+"""``partitioner``: plan, show, diff, run and export pipeline partitions from the shell.
+
+Every failure a user can cause prints one line, ``error: ...``, on stderr and exits 2;
+``--debug`` shows the traceback instead. ``diff`` exits like diff(1): 0 same, 1 different.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, Sequence
+
+__all__ = ["main", "build_parser"]
+
+_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "naive")
+_MODEL_HELP = "model factory: path/to/file.py:factory or package.module:factory, returning (model, example_inputs)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def _partition_options() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("partitioning")
+    g.add_argument("--gpus", type=int, default=4, metavar="N", help="pipeline ranks (devices) (default: %(default)s)")
+    g.add_argument("--virtual-stages", type=int, default=1, metavar="V",
+                   help="stages per rank; V > 1 needs --schedule interleaved-1f1b (default: %(default)s)")
+    g.add_argument("--device", default="h100-sxm",
+                   help="device profile: h100-sxm, h200, a100-80gb, cpu or local (measured) (default: %(default)s)")
+    g.add_argument("--link", default="nvlink4",
+                   help="link profile: nvlink4, pcie4, pcie5, ethernet-100g, loopback (default: %(default)s)")
+    g.add_argument("--schedule", default="1f1b", choices=_SCHEDULES, help="pipeline schedule (default: %(default)s)")
+    g.add_argument("--microbatches", type=int, default=None, metavar="M",
+                   help="micro-batches per step (default: up to 2 x GPUs, dividing the batch)")
+    g.add_argument("--cut-at", default=None, metavar="GLOB",
+                   help="cut only between modules matching GLOB, e.g. 'transformer.h.*' (default: anywhere)")
+    g.add_argument("--pin", action="append", default=[], metavar="CUT",
+                   help="force a cut before this node or module path; repeatable (default: none)")
+    g.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory per device, e.g. 40GiB or 80GB (default: the device profile's)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    part = _partition_options()
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="partitioner", description=__doc__, formatter_class=fmt, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", parents=[common, part], help="partition a model and write its plan",
+                       description="Trace MODEL, solve for balanced stages, print the per-stage table, "
+                                   "and write the plan JSON atomically.")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--output", "-o", default="plan.json", help="plan file to write (default: %(default)s)")
+    p.add_argument("--dot", metavar="FILE", help="also write the segmentation as Graphviz DOT (default: no)")
+    p.add_argument("--svg", metavar="FILE", help="also draw the segmentation as SVG (default: no)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="collapse pictures to module paths of this depth (default: auto, boxes <= 60)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+    s = sub.add_parser("show", parents=[common], help="print a plan's per-stage table",
+                       description="Per-stage nodes, parameter bytes, FLOPs (forward+backward per micro-batch), "
+                                   "memory, time, bytes sent and cut labels; predicted step time and bubble; "
+                                   "the solver's bound.")
+    s.add_argument("plan", metavar="PLAN.json", help="a plan written by 'partitioner plan'")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON (stable keys) instead")
+    s.add_argument("--timeline", metavar="FILE", help="draw the predicted schedule timeline (.svg or .png)")
+    s.add_argument("--trace", metavar="TRACE.json",
+                   help="with --timeline: draw a measured Chrome trace instead of the prediction")
+
+    d = sub.add_parser("diff", parents=[common, part], help="compare two plans, or show what the compiler did",
+                       description="diff A.json B.json: nodes that moved, per-stage cost changes, cut traffic, "
+                                   "cuts that moved.  diff --passes MODEL: what each pass changed.  "
+                                   "diff --stages MODEL: original graph vs stages.  Exit 0: no differences, "
+                                   "1: differences (for --stages: a node not in exactly one stage), 2: trouble.")
+    d.add_argument("inputs", nargs="+", metavar="A B | MODEL", help="two plan files, or MODEL with --passes/--stages")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--passes", action="store_true", help="diff the graph pass by pass while partitioning MODEL")
+    mode.add_argument("--stages", action="store_true", help="diff MODEL's original graph against its stages")
+    d.add_argument("--json", action="store_true", help="print the diff as JSON (stable keys)")
+    d.add_argument("--html", metavar="FILE", help="also write a self-contained side-by-side HTML page")
+
+    r = sub.add_parser("run", parents=[common, part], help="train a few steps on the pipeline (gloo on CPU)",
+                       description="Spawn one process per rank, train --steps steps on the factory's example "
+                                   "inputs with a default loss, print each step's loss.")
+    r.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    r.add_argument("--steps", type=int, default=3, help="training steps (default: %(default)s)")
+    r.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: %(default)s)")
+    r.add_argument("--trace", metavar="FILE", help="write a Chrome trace of what ran (default: no)")
+
+    e = sub.add_parser("export", parents=[common, part], help="write each stage's Python source (and ONNX)",
+                       description="Write DIR/stage{i}.py for each stage. SOURCE is MODEL (partitioned now) or a "
+                                   "plan file, re-applied to --model without solving again.")
+    e.add_argument("source", metavar="MODEL|PLAN.json", help="a model factory, or a plan file (then --model is needed)")
+    e.add_argument("--model", dest="model_spec", metavar="MODEL", help="the model a plan file is applied to")
+    e.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created if missing)")
+    e.add_argument("--onnx", action="store_true", help="also export each stage as ONNX into DIR")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from tools import commands
+
+    handler = {"plan": commands.cmd_plan, "show": commands.cmd_show, "diff": commands.cmd_diff,
+               "run": commands.cmd_run, "export": commands.cmd_export}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    from tools.loading import ToolError
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    # Our own and the partitioner's errors (ValueError subclasses) are written for users;
+    # anything else is named, so a bug report says what broke.
+    if isinstance(e, (ToolError, OSError, ValueError)):
+        return text
+    return f"{type(e).__name__}: {text}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The model's segmentation as a picture: graph nodes (or modules) coloured by stage.
+
+``segmentation(graph, plan)`` groups the annotated graph's compute nodes: one box per
+node, or, for big graphs, per module path cut to ``depth`` (``transformer.h.3``), split
+where a cut falls inside a module. Edges that cross a cut carry the tensor shapes the
+plan says are sent there. ``to_dot`` writes Graphviz text; ``to_svg`` uses the ``dot``
+binary when it is installed and otherwise lays the picture out itself (stages as
+columns, nodes in graph order), so nothing here needs Graphviz.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape
+
+from tools.fmt import human_bytes
+
+__all__ = ["Segmentation", "segmentation", "to_dot", "to_svg", "STAGE_COLOURS"]
+
+#: Light fills that stay distinct side by side and keep black text readable.
+STAGE_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+                 "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#d9d9d9")
+_MODULE, _STAGE = "pp.module", "pp.stage"  # passes.meta keys; tools read node.meta, never write it
+
+
+@dataclass
+class Group:
+    key: str  # unique id in the picture
+    label: str  # module path (or node name) shown in the box
+    stage: int  # -1 for the model's inputs
+    nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Segmentation:
+    groups: list[Group]
+    edges: dict[tuple[str, str], list[str]]  # (from group, to group) → value names carried
+    labels: dict[tuple[str, str], str]  # cross-stage edges only: what is sent
+    n_stages: int
+    title: str
+
+
+def _value_text(v: Any) -> str:
+    shape = "×".join(str(s) for s in v.shape) if v.shape else "scalar"
+    return f"{shape} {v.dtype}".strip() if v.kind == "tensor" else f"{v.kind}"
+
+
+def segmentation(graph: Any, plan: Any, depth: int | None = None, max_boxes: int = 60) -> Segmentation:
+    """Group ``graph``'s nodes for drawing; ``depth=None`` picks the finest depth that fits."""
+    nodes = [n for n in graph.graph.nodes if n.op not in ("get_attr", "output")]
+    if depth is None:
+        depth = 0 if len(nodes) <= max_boxes else next(
+            (d for d in range(8, 0, -1) if len(_grouping(nodes, d)[0]) <= max_boxes), 1)
+    groups, of = _grouping(nodes, depth)
+    edges: dict[tuple[str, str], list[str]] = {}
+    for n in nodes:
+        for v in n.all_input_nodes:
+            if v.name in of and of[v.name] != of[n.name]:
+                edges.setdefault((of[v.name], of[n.name]), [])
+                if v.name not in edges[(of[v.name], of[n.name])]:
+                    edges[(of[v.name], of[n.name])].append(v.name)
+    specs = {v.name: (v, b.bytes) for b in plan.boundaries for v in b.values}
+    by_key = {g.key: g for g in groups}
+    labels = {}
+    for (src, dst), values in edges.items():
+        if by_key[src].stage != by_key[dst].stage:
+            sent = [specs[v][0] for v in values if v in specs]
+            if len(sent) == 1:
+                labels[(src, dst)] = _value_text(sent[0])
+            elif sent:
+                labels[(src, dst)] = f"{len(sent)} values"
+    boundary = ", ".join(human_bytes(b.bytes) for b in plan.boundaries) or "no cuts"
+    title = f"{plan.model}: {plan.n_stages} stages (bytes per micro-batch at each cut: {boundary})"
+    return Segmentation(groups, edges, labels, plan.n_stages, title)
+
+
+def _grouping(nodes: list[Any], depth: int) -> tuple[list[Group], dict[str, str]]:
+    groups: dict[str, Group] = {}
+    of: dict[str, str] = {}
+    for n in nodes:
+        if n.op == "placeholder":
+            stage, label = -1, n.name
+        else:
+            stage = int(n.meta.get(_STAGE, 0))
+            module = str(n.meta.get(_MODULE, ""))
+            label = ".".join(module.split(".")[:depth]) if depth and module else n.name
+        key = f"s{stage}:{label}"
+        groups.setdefault(key, Group(key, label, stage)).nodes.append(n.name)
+        of[n.name] = key
+    return list(groups.values()), of
+
+
+def _colour(stage: int) -> str:
+    return "#ffffff" if stage < 0 else STAGE_COLOURS[stage % len(STAGE_COLOURS)]
+
+
+def _box_text(g: Group) -> str:
+    return g.label if len(g.nodes) == 1 else f"{g.label} ({len(g.nodes)} nodes)"
+
+
+def to_dot(seg: Segmentation) -> str:
+    """Graphviz text: one cluster per stage, cross-stage edges bold and labelled."""
+    ids = {g.key: f"n{i}" for i, g in enumerate(seg.groups)}
+    out = ["digraph segmentation {", f"  label={_q(seg.title)}; labelloc=t; rankdir=TB;",
+           '  node [shape=box, style="filled,rounded", fontname="Helvetica", fontsize=10];']
+    for stage in range(-1, seg.n_stages):
+        members = [g for g in seg.groups if g.stage == stage]
+        if not members:
+            continue
+        indent = "  "
+        if stage >= 0:
+            out += [f"  subgraph cluster_stage{stage} {{", f"    label={_q(f'stage {stage}')};",
+                    f"    style=filled; fillcolor={_q(_colour(stage) + '55')};"]
+            indent = "    "
+        for g in members:
+            shape = ", shape=ellipse" if stage < 0 else ""
+            out.append(f"{indent}{ids[g.key]} [label={_q(_box_text(g))}, fillcolor={_q(_colour(g.stage))}{shape}];")
+        if stage >= 0:
+            out.append("  }")
+    for (src, dst) in seg.edges:
+        label = seg.labels.get((src, dst))
+        attrs = f' [label={_q(label)}, penwidth=2, color="#d62728", fontsize=9]' if label else ""
+        out.append(f"  {ids[src]} -> {ids[dst]}{attrs};")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_svg(seg: Segmentation, engine: str = "auto") -> str:
+    """SVG text; ``engine`` is "auto" (dot if installed), "dot" or "builtin"."""
+    if engine == "dot" or (engine == "auto" and shutil.which("dot")):
+        done = subprocess.run(["dot", "-Tsvg"], input=to_dot(seg), capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return done.stdout
+        if engine == "dot":
+            raise RuntimeError(f"dot failed: {done.stderr.strip()}")
+    return _builtin_svg(seg)
+
+
+_BOX_W, _BOX_H, _ROW, _GAP, _TOP = 230, 24, 36, 170, 60
+
+
+def _builtin_svg(seg: Segmentation) -> str:
+    """Stages as columns (model inputs first), boxes in graph order, edges as curves."""
+    columns = [s for s in range(-1, seg.n_stages) if any(g.stage == s for g in seg.groups)]
+    pos: dict[str, tuple[float, float]] = {}
+    for c, stage in enumerate(columns):
+        for r, g in enumerate(g for g in seg.groups if g.stage == stage):
+            pos[g.key] = (20 + c * (_BOX_W + _GAP), _TOP + r * _ROW)
+    width = 40 + len(columns) * (_BOX_W + _GAP) - _GAP
+    height = _TOP + 20 + max((y for _, y in pos.values()), default=0) + _ROW
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
+           'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
+           f'<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="20" y="22" font-size="14" font-weight="bold">{escape(seg.title)}</text>']
+    for c, stage in enumerate(columns):
+        x = 20 + c * (_BOX_W + _GAP)
+        name = "inputs" if stage < 0 else f"stage {stage}"
+        out.append(f'<text x="{x + _BOX_W / 2:.0f}" y="{_TOP - 12}" text-anchor="middle" font-weight="bold">{name}</text>')
+    cross = []
+    for (src, dst) in seg.edges:
+        (x1, y1), (x2, y2) = pos[src], pos[dst]
+        if x1 == x2:  # same column: straight down to the next box, else an arc on the left
+            if y2 - y1 == _ROW:
+                d = f"M {x1 + _BOX_W / 2:.0f} {y1 + _BOX_H:.0f} L {x2 + _BOX_W / 2:.0f} {y2:.0f}"
+            else:
+                bulge = min(60, 12 + (y2 - y1) / _ROW * 4)
+                d = (f"M {x1:.0f} {y1 + _BOX_H / 2:.0f} C {x1 - bulge:.0f} {y1 + _BOX_H / 2:.0f} "
+                     f"{x2 - bulge:.0f} {y2 + _BOX_H / 2:.0f} {x2:.0f} {y2 + _BOX_H / 2:.0f}")
+            out.append(f'<path d="{d}" fill="none" stroke="#888" marker-end="url(#arrow)"/>')
+        else:
+            cross.append((src, dst))
+    for i, (src, dst) in enumerate(cross):  # drawn last so they sit on top of the columns' arcs
+        (x1, y1), (x2, y2) = pos[src], pos[dst]
+        sx, sy, ex, ey = x1 + _BOX_W, y1 + _BOX_H / 2, x2, y2 + _BOX_H / 2
+        mid = (sx + ex) / 2
+        out.append(f'<path d="M {sx:.0f} {sy:.0f} C {mid:.0f} {sy:.0f} {mid:.0f} {ey:.0f} {ex:.0f} {ey:.0f}" '
+                   f'fill="none" stroke="#d62728" stroke-width="2" marker-end="url(#arrow)"/>')
+        label = seg.labels.get((src, dst))
+        if label:
+            ly = (sy + ey) / 2 - 4 + (i % 2) * 12  # alternate so neighbouring labels do not collide
+            out.append(f'<text x="{mid:.0f}" y="{ly:.0f}" text-anchor="middle" fill="#d62728" font-size="10" '
+                       f'stroke="white" stroke-width="3" paint-order="stroke">{escape(label)}</text>')
+    for g in seg.groups:
+        x, y = pos[g.key]
+        text = _box_text(g)
+        shown = text if len(text) <= 36 else text[:35] + "…"
+        rx = 12 if g.stage < 0 else 5
+        out.append(f'<g><title>{escape(", ".join(g.nodes))}</title>'
+                   f'<rect x="{x:.0f}" y="{y:.0f}" width="{_BOX_W}" height="{_BOX_H}" rx="{rx}" '
+                   f'fill="{_colour(g.stage)}" stroke="#444"/>'
+                   f'<text x="{x + _BOX_W / 2:.0f}" y="{y + 16:.0f}" text-anchor="middle">{escape(shown)}</text></g>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

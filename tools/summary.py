@@ -1,0 +1,66 @@
+"""A plan reduced to the numbers people compare: one dict per stage, plus the prediction.
+
+``show`` prints it, ``show --json`` writes it, ``diff`` subtracts two of them. Keys are
+stable: scripts read them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["plan_summary"]
+
+
+def plan_summary(plan: Any) -> dict[str, Any]:
+    """Per-stage nodes, parameter bytes, FLOPs (fwd+bwd), memory, time, boundary bytes, cut."""
+    micro = plan.prediction.microbatch_size
+    flops = plan.cost_at(micro)  # polynomials in B/S, evaluated at the plan's micro-batch
+    stages = []
+    for st, f in zip(plan.stages, flops):
+        c = st.cost
+        cut = plan.boundaries[st.index] if st.index < len(plan.boundaries) else None
+        stages.append({
+            "index": st.index,
+            "rank": st.rank,
+            "nodes": len(st.nodes),
+            "first_node": st.nodes[0],
+            "last_node": st.nodes[-1],
+            "param_bytes": c.param_bytes,
+            "fwd_flops": f["fwd_flops"],
+            "bwd_flops": f["bwd_flops"],
+            "flops": f["fwd_flops"] + f["bwd_flops"],
+            "memory_bytes": c.memory_bytes,
+            "fwd_time_s": c.fwd_time_s,
+            "bwd_time_s": c.bwd_time_s,
+            "comm_time_s": c.comm_time_s,
+            "time_s": c.fwd_time_s + c.bwd_time_s + c.comm_time_s,
+            "boundary_bytes": cut.bytes if cut else 0,  # sent on to the next stage, one direction
+            "cut": cut.label if cut else None,
+        })
+    p, s = plan.prediction, plan.solver
+    return {
+        "model": plan.model,
+        "fingerprint": plan.fingerprint,
+        "n_gpus": plan.options.get("n_gpus"),
+        "n_stages": plan.n_stages,
+        "device": plan.device.get("name"),
+        "link": plan.link.get("name"),
+        "cuts": list(plan.cuts),
+        "stages": stages,
+        "prediction": {
+            "schedule": p.schedule,
+            "n_microbatches": p.n_microbatches,
+            "microbatch_size": p.microbatch_size,
+            "step_time_s": p.step_time_s,
+            "bubble_fraction": p.bubble_fraction,
+            "bottleneck_s": p.bottleneck_s,
+            "peak_inflight": list(p.peak_inflight),
+        },
+        "solver": {
+            "bottleneck_s": s.bottleneck_s,
+            "lower_bound_s": s.lower_bound_s,
+            "optimal": s.optimal,
+            "total_cut_bytes": s.total_cut_bytes,
+        },
+        "notes": list(plan.notes),
+    }

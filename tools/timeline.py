@@ -1,0 +1,107 @@
+"""The schedule's timeline: ranks × time, one block per forward/backward, bubbles as gaps.
+
+Events come from the simulator (``predicted_events(plan)`` re-simulates a plan from its
+stage times) or from a measured Chrome trace (``trace_events``: ``traceEvents`` with
+``pid`` = rank, ``name`` = action text such as "1F0", ``ts``/``dur`` in µs). The same
+``draw`` renders both, so a prediction and a measurement can sit side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = ["Block", "predicted_events", "trace_events", "draw"]
+
+# Forward blues, backward oranges, split backward (I / W) in two greens: kinds read at a glance.
+_KIND_COLOURS = {"F": ("#4c78a8", "#9ecae9"), "B": ("#e45756", "#ff9d98"),
+                 "I": ("#54a24b", "#88d27a"), "W": ("#b79a20", "#f2cf5b")}
+
+
+class Block(NamedTuple):
+    rank: int
+    text: str  # action text, "1F0": stage 1, forward, micro-batch 0
+    kind: str  # F, B, I or W
+    microbatch: int
+    start: float  # seconds
+    end: float
+
+
+def predicted_events(plan: Any) -> tuple[list[Block], float]:
+    """Re-simulate ``plan``'s schedule from its per-stage times; (blocks, step time in s)."""
+    from partitioner import LinkSpec
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import simulate
+
+    p = plan.prediction
+    sched = build_schedule(p.schedule, int(plan.options["n_gpus"]), p.n_microbatches, plan.n_stages)
+    link = LinkSpec.from_dict(plan.link)
+    # Gradients flow back over the same cut; the plan's boundary bytes are one direction.
+    send = [link.transfer_time(b.bytes) for b in plan.boundaries]
+    result = simulate(sched, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
+                      send, send)
+    blocks = [Block(e.rank, str(e.action), e.action.kind, e.action.microbatch, e.start, e.end)
+              for e in result.events if e.action.is_compute]
+    return blocks, result.step_time
+
+
+def trace_events(path: str | Path) -> list[Block]:
+    """Compute blocks from a Chrome trace JSON; events whose name is not an action are skipped."""
+    from partitioner.schedule import Action, ScheduleError
+
+    data = json.loads(Path(path).read_text())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    blocks = []
+    for ev in events:
+        if ev.get("ph", "X") != "X" or "dur" not in ev:
+            continue
+        try:
+            a = Action.parse(str(ev.get("name", "")))
+        except ScheduleError:
+            continue  # sends, receives and user ranges are not compute blocks
+        if a.is_compute:
+            start = float(ev["ts"]) * 1e-6
+            blocks.append(Block(int(ev["pid"]), str(a), a.kind, a.microbatch, start, start + float(ev["dur"]) * 1e-6))
+    if not blocks:
+        raise ValueError(f"{path}: no compute events (names like '1F0') in traceEvents")
+    t0 = min(b.start for b in blocks)  # traces start at wall-clock µs: draw from zero
+    return [b._replace(start=b.start - t0, end=b.end - t0) for b in blocks]
+
+
+def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool = False) -> None:
+    """Write an SVG or PNG (by suffix) with matplotlib's Agg backend: no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_ranks = max(b.rank for b in blocks) + 1
+    span = max(b.end for b in blocks)
+    scale, unit = next(((s, u) for s, u in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")) if span >= s), (1e-9, "ns"))
+    fig_w = min(24.0, max(8.0, len(blocks) / n_ranks * 0.45))
+    fig, ax = plt.subplots(figsize=(fig_w, 1.0 + 0.6 * n_ranks), dpi=110)
+    for b in blocks:
+        dark, light = _KIND_COLOURS.get(b.kind, ("#777777", "#bbbbbb"))
+        colour = dark if b.microbatch % 2 == 0 else light  # neighbours of one kind stay apart
+        x, w = b.start / scale, (b.end - b.start) / scale
+        ax.broken_barh([(x, w)], (b.rank - 0.4, 0.8), facecolors=colour, edgecolor="white", linewidth=0.8)
+        label = b.text if show_stage else f"{b.kind}{b.microbatch}"
+        # Only label blocks wide enough to hold the text; a tiny block with a label is noise.
+        if w / (span / scale) * fig_w * 72 > 7 * len(label):
+            ax.text(x + w / 2, b.rank, label, ha="center", va="center", fontsize=8,
+                    color="white" if colour == dark else "black")
+    ax.set_yticks(range(n_ranks), [f"rank {r}" for r in range(n_ranks)])
+    ax.set_ylim(n_ranks - 0.5, -0.5)  # rank 0 on top, as in the schedule grids
+    ax.set_xlim(0, span / scale * 1.01)
+    ax.set_xlabel(f"time ({unit}); gaps are the bubble")
+    if title:
+        ax.set_title(title, loc="left", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_KIND_COLOURS[k][0]) for k in sorted({b.kind for b in blocks})]
+    names = {"F": "forward", "B": "backward", "I": "input grad", "W": "weight grad"}
+    ax.legend(handles, [names[k] for k in sorted({b.kind for b in blocks})], loc="upper right",
+              bbox_to_anchor=(1.0, -0.12 - 0.02 * n_ranks), ncol=4, fontsize=8, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(out), format=Path(out).suffix.lstrip(".").lower() or "png")
+    plt.close(fig)
