@@ -10,11 +10,14 @@ own consistency, naming the JSON path of the first bad field.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from cost_models.errors import PartitionError
 from partitioner import poly
@@ -176,6 +179,8 @@ def load_plan(source: str | os.PathLike[str] | Mapping[str, Any]) -> Plan:
     """A Plan from JSON text, a path to a JSON file, or a parsed dict. Never runs code."""
     if isinstance(source, Mapping):
         return Plan.from_dict(dict(source))
+    if not isinstance(source, (str, os.PathLike)):
+        raise PlanError(f"expected JSON text, a path or a dict, got {type(source).__name__}")
     text: str
     if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith("{")):
         path = Path(source)
@@ -189,6 +194,8 @@ def load_plan(source: str | os.PathLike[str] | Mapping[str, Any]) -> Plan:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # "[[[[...": json recurses once per level
+        raise PlanError("not valid JSON: nested too deeply") from None
     return Plan.from_dict(data)
 
 
@@ -201,11 +208,31 @@ def _validate_schema(data: Any) -> None:
 
     if isinstance(data, dict) and data.get("version") not in (None, PLAN_VERSION) and isinstance(data.get("version"), int):
         raise PlanError(f"plan version {data['version']} is not supported (this build reads {PLAN_VERSION})", "$.version")
+    bad = _non_finite(data, "$")
+    if bad is not None:  # json.loads reads NaN/Infinity; to_json would write invalid JSON back
+        raise PlanError("numbers must be finite (NaN and Infinity are not JSON)", bad)
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:
         err = errors[0]
         raise PlanError(err.message, err.json_path)
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """JSON path of the first NaN or infinite float in ``value``, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub, v in items:
+        hit = _non_finite(v, sub)
+        if hit is not None:
+            return hit
+    return None
 
 
 def _build(cls: Any, data: Any, path: str) -> Any:
@@ -268,13 +295,31 @@ def _check_consistency(plan: Plan) -> None:
     for i, b in enumerate(plan.boundaries):
         if b.index != i:
             raise PlanError(f"boundary index {b.index} out of order (expected {i})", f"$.boundaries[{i}].index")
+        for j, v in enumerate(b.values):
+            texts = [("bytes", v.bytes)] + [(f"shape[{k}]", d) for k, d in enumerate(v.shape) if isinstance(d, str)]
+            for key, text in texts:
+                try:
+                    poly.from_text(text)
+                except PartitionError as e:
+                    raise PlanError(str(e), f"$.boundaries[{i}].values[{j}].{key}") from None
         names = tuple(v.name for v in b.values)
         if names != plan.stages[i].outputs:
             raise PlanError(f"boundary {i} values do not match stage {i} outputs", f"$.boundaries[{i}].values")
     n_gpus = plan.options.get("n_gpus")
+    if isinstance(n_gpus, int) and n % n_gpus:
+        raise PlanError(f"{n} stages do not spread evenly over n_gpus={n_gpus}", "$.options.n_gpus")
     for i, st in enumerate(plan.stages):
-        if isinstance(n_gpus, int) and not 0 <= st.rank < n_gpus:
-            raise PlanError(f"rank {st.rank} outside 0..{n_gpus - 1}", f"$.stages[{i}].rank")
+        # every schedule places stage s on rank s % n_gpus (partitioner.schedule)
+        if isinstance(n_gpus, int) and st.rank != i % n_gpus:
+            raise PlanError(f"stage {i} must run on rank {i % n_gpus} of {n_gpus}, not {st.rank}",
+                            f"$.stages[{i}].rank")
+    for i, spec in enumerate(plan.inputs):
+        p = f"$.inputs[{i}]"
+        if spec["kind"] == "tensor" and not isinstance(getattr(torch, spec["dtype"], None), torch.dtype):
+            raise PlanError(f"unknown tensor dtype {spec['dtype']!r}; expected e.g. 'float32'", f"{p}.dtype")
+        for j, (dim, _) in enumerate(spec["dims"]):
+            if isinstance(dim, int) and dim >= len(spec["shape"]):
+                raise PlanError(f"dim {dim} does not exist in shape {spec['shape']}", f"{p}.dims[{j}]")
 
 
 def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:

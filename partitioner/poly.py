@@ -19,6 +19,7 @@ from cost_models.errors import PartitionError
 __all__ = ["PolyError", "to_text", "from_text", "evaluate"]
 
 _SYMBOLS = {"B": BATCH, "S": SEQ}
+MAX_DEGREE = 16  # real costs are at most quadratic in S (attention); anything far past that is garbage
 _TERM = re.compile(r"^(?:(\d+)(?:/(\d+))?)?((?:\*?[BS](?:\^\d+)?)*)$")
 _FACTOR = re.compile(r"([BS])(?:\^(\d+))?")
 
@@ -62,8 +63,12 @@ def from_text(text: str) -> sympy.Expr:
         num, den, factors = m.groups()
         if num is None and not factors:
             raise PolyError(f"bad term {raw.strip()!r} in {text!r}")
+        if den is not None and int(den) == 0:
+            raise PolyError(f"bad term {raw.strip()!r} in {text!r}: division by zero")
         value: sympy.Expr = sympy.Rational(Fraction(int(num or 1), int(den or 1)))
         for sym, power in _FACTOR.findall(factors):
+            if int(power or 1) > MAX_DEGREE:  # B^10**9 parses, but evaluating it never ends
+                raise PolyError(f"bad term {raw.strip()!r} in {text!r}: powers above {MAX_DEGREE} are not costs")
             value *= _SYMBOLS[sym] ** int(power or 1)
         total += value
     return total
