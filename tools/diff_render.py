@@ -32,7 +32,8 @@ def _cell(m: dict[str, Any], key: str) -> str:
     if m["delta"] == 0:
         return f(a)
     colour = "red" if m["delta"] > 0 else "green"  # more cost is worse; fewer bytes is better
-    return f"{f(a)} → {f(b)} [{colour}]({signed(m['delta'], f)})[/{colour}]"
+    # The delta on its own line keeps columns narrow enough for an 80-column terminal.
+    return f"{f(a)} → {f(b)}\n[{colour}]{signed(m['delta'], f)}[/{colour}]"
 
 
 def _print_plans(d: dict[str, Any], console: Console) -> None:

@@ -154,7 +154,7 @@ def _builtin_svg(seg: Segmentation) -> str:
         for r, g in enumerate(g for g in seg.groups if g.stage == stage):
             pos[g.key] = (20 + c * (_BOX_W + _GAP), _TOP + r * _ROW)
     width = 40 + len(columns) * (_BOX_W + _GAP) - _GAP
-    height = _TOP + 20 + max((y for _, y in pos.values()), default=0) + _ROW
+    height = max((y for _, y in pos.values()), default=_TOP) + _BOX_H + 20
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
@@ -178,16 +178,23 @@ def _builtin_svg(seg: Segmentation) -> str:
             out.append(f'<path d="{d}" fill="none" stroke="#888" marker-end="url(#arrow)"/>')
         else:
             cross.append((src, dst))
-    for i, (src, dst) in enumerate(cross):  # drawn last so they sit on top of the columns' arcs
+    by_key = {g.key: g for g in seg.groups}
+    placed: list[tuple[float, float]] = []
+    for src, dst in cross:  # drawn last so they sit on top of the columns' arcs
         (x1, y1), (x2, y2) = pos[src], pos[dst]
         sx, sy, ex, ey = x1 + _BOX_W, y1 + _BOX_H / 2, x2, y2 + _BOX_H / 2
         mid = (sx + ex) / 2
+        cut = by_key[src].stage >= 0  # edges from the model's inputs are not sends between stages
+        stroke = 'stroke="#d62728" stroke-width="2"' if cut else 'stroke="#888"'
         out.append(f'<path d="M {sx:.0f} {sy:.0f} C {mid:.0f} {sy:.0f} {mid:.0f} {ey:.0f} {ex:.0f} {ey:.0f}" '
-                   f'fill="none" stroke="#d62728" stroke-width="2" marker-end="url(#arrow)"/>')
+                   f'fill="none" {stroke} marker-end="url(#arrow)"/>')
         label = seg.labels.get((src, dst))
         if label:
-            ly = (sy + ey) / 2 - 4 + (i % 2) * 12  # alternate so neighbouring labels do not collide
-            out.append(f'<text x="{mid:.0f}" y="{ly:.0f}" text-anchor="middle" fill="#d62728" font-size="10" '
+            lx, ly = mid, (sy + ey) / 2 - 6  # above a level edge, beside a slanted one
+            while any(abs(lx - px) < 80 and abs(ly - py) < 12 for px, py in placed):
+                ly += 13  # labels of one cut stack instead of printing over each other
+            placed.append((lx, ly))
+            out.append(f'<text x="{lx:.0f}" y="{ly:.0f}" text-anchor="middle" fill="#d62728" font-size="10" '
                        f'stroke="white" stroke-width="3" paint-order="stroke">{escape(label)}</text>')
     for g in seg.groups:
         x, y = pos[g.key]

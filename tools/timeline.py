@@ -99,8 +99,8 @@ def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool
         ax.set_title(title, loc="left", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=_KIND_COLOURS[k][0]) for k in sorted({b.kind for b in blocks})]
     names = {"F": "forward", "B": "backward", "I": "input grad", "W": "weight grad"}
-    ax.legend(handles, [names[k] for k in sorted({b.kind for b in blocks})], loc="upper right",
-              bbox_to_anchor=(1.0, -0.12 - 0.02 * n_ranks), ncol=4, fontsize=8, frameon=False)
+    ax.legend(handles, [names[k] for k in sorted({b.kind for b in blocks})], loc="lower right",
+              bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=8, frameon=False)  # beside the title, off the bars
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(str(out), format=Path(out).suffix.lstrip(".").lower() or "png")
