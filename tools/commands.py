@@ -32,14 +32,15 @@ def _phase(text: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
-def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: bool = False) -> Any:
-    """``partition()`` with the shared options; returns the Pipe."""
+def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: bool = False,
+                        loaded: tuple[Any, Any] | None = None) -> Any:
+    """``partition()`` with the shared options; returns the Pipe. ``loaded``: the factory's result."""
     from partitioner import partition
     from tools.fmt import parse_bytes
 
     quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     with _phase(f"loading {spec}", quiet):
-        model, inputs = load_model(spec)
+        model, inputs = loaded if loaded is not None else load_model(spec)
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet):
         return partition(
@@ -106,7 +107,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if len(args.inputs) != 1:
             raise ToolError(f"diff --{'passes' if args.passes else 'stages'} takes one MODEL, got {len(args.inputs)}")
         pipe = partition_from_args(args, args.inputs[0], keep_snapshots=args.passes)
-        d = diff.diff_passes(pipe.snapshots) if args.passes else diff.diff_stages(pipe.graph, list(pipe.stages), pipe.plan)
+        if args.passes:
+            from passes.manager import Snapshot, graph_text, node_summary
+
+            # The solver is not a graph pass, but its answer is node meta (pp.stage): show it as one.
+            solved = Snapshot("solve", graph_text(pipe.graph), node_summary(pipe.graph))
+            d = diff.diff_passes([*pipe.snapshots, solved])
+        else:
+            d = diff.diff_stages(pipe.graph, list(pipe.stages), pipe.plan)
         title = f"{'passes' if args.passes else 'graph vs stages'}: {args.inputs[0]}"
     else:
         if len(args.inputs) != 2:

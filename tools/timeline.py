@@ -19,6 +19,11 @@ _KIND_COLOURS = {"F": ("#4c78a8", "#9ecae9"), "B": ("#e45756", "#ff9d98"),
                  "I": ("#54a24b", "#88d27a"), "W": ("#b79a20", "#f2cf5b")}
 
 
+# The runtime's traces add the simulator's rows at pid 1000 + rank
+# (partitioner.runtime.trace.PREDICTED_PID); a measured timeline draws the real rows only.
+_PREDICTED_PID = 1000
+
+
 class Block(NamedTuple):
     rank: int
     text: str  # action text, "1F0": stage 1, forward, micro-batch 0
@@ -54,7 +59,7 @@ def trace_events(path: str | Path) -> list[Block]:
     events = data["traceEvents"] if isinstance(data, dict) else data
     blocks = []
     for ev in events:
-        if ev.get("ph", "X") != "X" or "dur" not in ev:
+        if ev.get("ph", "X") != "X" or "dur" not in ev or int(ev.get("pid", 0)) >= _PREDICTED_PID:
             continue
         try:
             a = Action.parse(str(ev.get("name", "")))

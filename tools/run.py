@@ -1,0 +1,82 @@
+"""``partitioner run``: train a few steps on the real pipeline, one process per rank (gloo on CPU).
+
+The loss is a default that needs no labels: next-token cross-entropy when the model maps
+token ids (B, T) to logits (B, T, V), else the mean square of the outputs. Both are there
+to show that the pipeline trains, not to train anything useful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tools.loading import ToolError
+
+__all__ = ["run", "default_loss"]
+
+
+def default_loss(model: torch.nn.Module, inputs: Any) -> tuple[Any, Any]:
+    """(loss_fn(output, target), target) for the factory's example inputs."""
+    tokens = inputs[0] if isinstance(inputs, tuple) and len(inputs) == 1 else None
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point():
+        with torch.no_grad():
+            out = model(tokens)
+        if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[:2] == tokens.shape:
+            def next_token(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+                # position t predicts token t + 1: drop the last logit and the first id
+                return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            return next_token, tokens
+
+    def mean_square(out: Any, _unused: torch.Tensor) -> torch.Tensor:
+        flat = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return sum((t.float().pow(2).mean() for t in flat), torch.zeros(()))
+
+    batch = next(t.shape[0] for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))
+    return mean_square, torch.zeros(batch)  # the runner splits a target by batch; this one is unused
+
+
+def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: Any, args: argparse.Namespace) -> list[float]:
+    stage = pipe.build_stage(rank, "cpu")
+    params = stage.parameters()
+    opt = torch.optim.SGD(params, lr=args.lr) if params else None  # a stage may own no weights
+    m = pipe.plan.prediction.n_microbatches
+    runner = stage.runner(args.schedule, n_microbatches=m, loss_fn=loss_fn)
+    pos, kw = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    losses = []
+    for step in range(args.steps):
+        for p in params:
+            p.grad = None
+        trace = args.trace if args.trace and step == args.steps - 1 else None  # the last, warmed-up step
+        loss = runner.step(*pos, target=target, trace=trace, **kw)
+        losses.append(float("nan") if loss is None else float(loss.item()))
+        if opt is not None:
+            opt.step()
+    return losses
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("partitioner.runtime") is None:
+        raise ToolError("runtime not available: partitioner.runtime is not installed in this build")
+    from partitioner.runtime import spawn
+    from tools.commands import partition_from_args
+    from tools.loading import load_model
+
+    if args.steps < 1:
+        raise ToolError(f"--steps must be >= 1, got {args.steps}")
+    model, inputs = load_model(args.model)
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    loss_fn, target = default_loss(model, inputs)
+    pipe = partition_from_args(args, args.model, loaded=(model, inputs))
+    last = pipe.plan.stages[-1].rank
+    results = spawn(_train, args.gpus, pipe, inputs, target, loss_fn, args)
+    name = getattr(loss_fn, "__name__", "loss").replace("_", "-")
+    for step, loss in enumerate(results[last], 1):
+        print(f"step {step}: loss {loss:.6f} ({name})")
+    if args.trace:
+        print(f"wrote {args.trace}")
+    return 0
