@@ -266,10 +266,7 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
         device=dev, link=lnk, priced=priced, bounds=bounds, split=split, schedule=sched,
         micro=micro, solution=solution, comm_units=comm, notes=notes, time_unit=TIME_UNIT,
     )
-    pipe = Pipe(cap, split.stages, plan)
-    pipe.snapshots = pm.snapshots  # type: ignore[attr-defined]
-    pipe.graph = gm  # type: ignore[attr-defined]
-    return pipe
+    return Pipe(cap, split.stages, plan, graph=gm, snapshots=pm.snapshots)
 
 
 def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: Any) -> Pipe:
@@ -279,12 +276,12 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
     opts = plan.options
     if specs and specs[0].kind != "none" and not plan.inputs:
         raise PlanError("plan has no inputs", "$.inputs")
-    example = None
-    if plan.capture == "export":
-        example = tuple(_zeros(s) for s in specs)
+    example: dict[str, Any] | None = None
+    if plan.capture == "export":  # export needs inputs: zeros of the recorded shapes, by name
+        example = {s.name: _zeros(s) for s in specs}
     route = plan.capture
     try:
-        cap = capture(model, example, None, route=route, leaf_modules=tuple(opts.get("leaf_modules", ())),
+        cap = capture(model, None, example, route=route, leaf_modules=tuple(opts.get("leaf_modules", ())),
                       dynamic={s.name: dict(s.dims) for s in specs})
     except PartitionError as e:
         raise PlanError(f"cannot capture {type(model).__name__} the way the plan did ({route}): {e}") from e

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from partitioner.plan import Plan
+from passes.manager import Snapshot
 from passes.trace import Captured
 
 __all__ = ["Pipe"]
@@ -25,11 +26,23 @@ class Pipe(nn.Module):
     returns what ``model(*args, **kwargs)`` returns.
     """
 
-    def __init__(self, captured: Captured, stages: Sequence[fx.GraphModule], plan: Plan) -> None:
+    def __init__(
+        self,
+        captured: Captured,
+        stages: Sequence[fx.GraphModule],
+        plan: Plan,
+        graph: fx.GraphModule | None = None,
+        snapshots: Sequence[Snapshot] = (),
+    ) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.plan = plan
         self._captured = captured
+        #: the whole annotated graph (node.meta holds costs and stages); not a submodule,
+        #: so it adds nothing to parameters() or state_dict()
+        self.__dict__["graph"] = graph if graph is not None else captured.gm
+        #: graph text + metadata after capture and after each pass (partition(keep_snapshots=True))
+        self.snapshots: tuple[Snapshot, ...] = tuple(snapshots)
 
     @property
     def captured(self) -> Captured:

@@ -186,3 +186,12 @@ def test_meta_device_llama_7b_plans_in_seconds() -> None:
     assert total > 6.5e9 * 4
     assert len(plan.cuts) == 7 and all("layers." in c for c in plan.cuts)
     Plan.from_dict(json.loads(plan.to_json()))
+
+
+def test_apply_works_for_the_export_route_with_keyword_inputs() -> None:
+    model, args, kwargs = _example("multi_io")
+    pipe = partition(model, n_gpus=2, example_inputs=kwargs, capture_route="export", device="cpu")
+    pipe2 = load_plan(pipe.plan.to_json()).apply(model)
+    assert pipe2.plan.capture == "export"
+    assert [s.nodes for s in pipe2.plan.stages] == [s.nodes for s in pipe.plan.stages]
+    torch.testing.assert_close(pipe2(**kwargs), model(**kwargs))
