@@ -35,13 +35,15 @@ def _phase(text: str, quiet: bool = False) -> Iterator[None]:
 def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: bool = False,
                         loaded: tuple[Any, Any] | None = None) -> Any:
     """``partition()`` with the shared options; returns the Pipe. ``loaded``: the factory's result."""
-    from partitioner import partition
     from tools.fmt import parse_bytes
 
+    # Check what the user typed before importing torch: a typo costs no start-up time.
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     with _phase(f"loading {spec}", quiet):
         model, inputs = loaded if loaded is not None else load_model(spec)
-    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    from partitioner import partition
+
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet):
         return partition(
             model, args.gpus, inputs, schedule=args.schedule, n_microbatches=args.microbatches,

@@ -83,10 +83,10 @@ def is_plan_file(text: str) -> bool:
 
 def read_plan(path: str) -> Any:
     """``load_plan`` with its PlanError (which names the JSON path) turned into a ToolError."""
+    if not Path(path).is_file():  # before importing torch, so the common typo answers at once
+        raise ToolError(f"plan file {path!r} does not exist")
     from partitioner import PlanError, load_plan
 
-    if not Path(path).is_file():
-        raise ToolError(f"plan file {path!r} does not exist")
     try:
         return load_plan(Path(path))
     except PlanError as e:

@@ -1,0 +1,82 @@
+"""The CLI as a user runs it: fresh processes, real files, golden output.
+
+Plans are made once per session (``plans`` in conftest.py: partitioning costs seconds
+per process); the tests that only read plans reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.tools.helpers import MODELS, check_golden, cli, json_golden, normalise
+
+
+def test_plan_prints_table_and_writes_files(plans: Path, update_golden: bool) -> None:
+    check_golden("plan_mlp_4.txt", (plans / "a.stdout").read_text(), update_golden)
+    json_golden("plan_mlp_4.json", (plans / "a.json").read_text(), plans, update_golden)
+    svg = ET.parse(plans / "a.svg").getroot()
+    assert svg.tag.endswith("svg") and len(svg.findall(".//{http://www.w3.org/2000/svg}rect")) >= 10
+    assert "B×16 float32" in (plans / "a.svg").read_text()  # boundary edges carry tensor sizes
+    dot = (plans / "a.dot").read_text()
+    assert dot.startswith("digraph") and dot.count("cluster_stage") == 4
+
+
+def test_show_text(plans: Path, update_golden: bool) -> None:
+    text = cli("show", str(plans / "a.json"))
+    assert text.returncode == 0, text.stderr
+    check_golden("show_mlp_4.txt", text.stdout, update_golden)
+
+
+def test_diff_two_plans(plans: Path, update_golden: bool) -> None:
+    a, b = str(plans / "a.json"), str(plans / "b.json")
+    out = cli("diff", a, b, "--json", "--html", str(plans / "d.html"))
+    assert out.returncode == 1, out.stderr  # like diff(1): 1 = different
+    data = json_golden("diff_mlp_4_vs_2.json", out.stdout, plans, update_golden)
+    assert data["moved"] and data["cuts"]["removed"]
+    page = (plans / "d.html").read_text()
+    for label in data["a"]["cuts"] + data["b"]["cuts"]:
+        assert f"<li>{label}</li>" in page  # both plans' cuts, side by side
+    assert "<link" not in page and "<script" not in page and "http" not in page.split("<style>")[0]
+
+
+def test_diff_passes(update_golden: bool, tmp_path: Path) -> None:
+    out = cli("diff", "--passes", f"{MODELS}:skip", "--gpus", "2", "--json", "--html", str(tmp_path / "p.html"))
+    assert out.returncode == 1, out.stderr
+    data = json_golden("diff_passes_skip.json", out.stdout, tmp_path, update_golden)
+    assert data["passes"] == ["capture", "shape-prop", "annotate-costs", "solve"]
+    assert data["steps"][0]["meta_keys"]["pp.desc added"] == 8
+    assert "(graph text unchanged)" not in (tmp_path / "p.html").read_text()
+
+
+def test_run_trains_and_traces(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.json"
+    out = cli("run", f"{MODELS}:mlp", "--gpus", "2", "--steps", "2", "--microbatches", "4", "--trace", str(trace))
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2 and all("loss" in ln for ln in lines)
+    assert any(ev.get("name") == "0F0" for ev in json.loads(trace.read_text())["traceEvents"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan", "tests/tools/nope.py:mlp"], "does not exist"),
+    (["plan", f"{MODELS}:broken"], "raised RuntimeError: weights not found"),
+])
+def test_errors_are_one_line(args: list[str], needle: str) -> None:
+    out = cli(*args)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_malformed_plan_names_the_json_path(plans: Path, tmp_path: Path) -> None:
+    data = json.loads((plans / "a.json").read_text())
+    data["stages"][1]["cost"]["param_bytes"] = "lots"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    out = cli("show", str(bad))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "$.stages[1].cost.param_bytes" in out.stderr
