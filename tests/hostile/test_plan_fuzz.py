@@ -18,7 +18,8 @@ import copy
 import json
 import math
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
