@@ -38,8 +38,8 @@ def _cell(m: dict[str, Any], key: str) -> str:
 
 def _print_plans(d: dict[str, Any], console: Console) -> None:
     a, b = d["a"], d["b"]
-    console.print(f"[bold]--- a[/bold] {a['model']}: {a['n_stages']} stages on {a['n_gpus']} GPUs ({a['device']})")
-    console.print(f"[bold]+++ b[/bold] {b['model']}: {b['n_stages']} stages on {b['n_gpus']} GPUs ({b['device']})")
+    console.print(f"[bold]--- a[/bold] {escape(a['model'])}: {a['n_stages']} stages on {a['n_gpus']} GPUs ({a['device']})")
+    console.print(f"[bold]+++ b[/bold] {escape(b['model'])}: {b['n_stages']} stages on {b['n_gpus']} GPUs ({b['device']})")
     if not d["different"]:
         console.print("plans are identical")
         return
@@ -54,7 +54,7 @@ def _print_plans(d: dict[str, Any], console: Console) -> None:
     console.print(table)
     for mv in d["moved"]:
         names = ", ".join(mv["nodes"][:_SHOW_NODES]) + (f", … ({mv['count']} in all)" if mv["count"] > _SHOW_NODES else "")
-        console.print(f"moved stage {mv['from']} → {mv['to']}: {escape(names)}")
+        console.print(f"moved stage {mv['from']} → {mv['to']}: {escape(names)}", soft_wrap=True)
     for key, colour in (("only_a", "red"), ("only_b", "green")):
         if d[key]:
             console.print(f"[{colour}]nodes only in {key[-1]}: {escape(', '.join(d[key][:_SHOW_NODES]))}[/{colour}]")

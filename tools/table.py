@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tools.fmt import human_bytes, human_flops, human_seconds
@@ -14,7 +15,7 @@ __all__ = ["print_plan"]
 
 def print_plan(summary: dict[str, Any], console: Console) -> None:
     p, s = summary["prediction"], summary["solver"]
-    title = (f"{summary['model']}: {summary['n_stages']} stages on {summary['n_gpus']} GPUs "
+    title = escape(f"{summary['model']}: {summary['n_stages']} stages on {summary['n_gpus']} GPUs "
              f"({summary['device']}, {summary['link']})")
     table = Table(title=title, title_justify="left")
     for name, justify in [("stage", "right"), ("rank", "right"), ("nodes", "right"), ("params", "right"),
@@ -28,7 +29,8 @@ def print_plan(summary: dict[str, Any], console: Console) -> None:
             str(st["index"]), str(st["rank"]), str(st["nodes"]), human_bytes(st["param_bytes"]),
             human_flops(st["flops"]), human_bytes(st["memory_bytes"]),
             f"[bold]{time}[/bold]" if st["time_s"] == slowest else time,  # the bottleneck sets throughput
-            human_bytes(st["boundary_bytes"]) if st["cut"] else "-", st["cut"] or "",
+            human_bytes(st["boundary_bytes"]) if st["cut"] else "-",
+            escape(st["cut"] or ""),  # labels like "attn [view_18 | transpose_18]" are not markup
         )
     console.print(table)
     optimal = "[green]optimal[/green]" if s["optimal"] else "[yellow]not proved optimal[/yellow]"
@@ -41,4 +43,4 @@ def print_plan(summary: dict[str, Any], console: Console) -> None:
         f"{human_seconds(s['lower_bound_s'])} ({optimal}), cross-stage traffic {human_bytes(s['total_cut_bytes'])}"
     )
     for note in summary["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
