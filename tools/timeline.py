@@ -85,7 +85,7 @@ def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool
     span = max(b.end for b in blocks)
     scale, unit = next(((s, u) for s, u in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")) if span >= s), (1e-9, "ns"))
     fig_w = min(24.0, max(8.0, len(blocks) / n_ranks * 0.45))
-    fig, ax = plt.subplots(figsize=(fig_w, 1.0 + 0.6 * n_ranks), dpi=110)
+    fig, ax = plt.subplots(figsize=(fig_w, 1.4 + 0.6 * n_ranks), dpi=110)
     for b in blocks:
         dark, light = _KIND_COLOURS.get(b.kind, ("#777777", "#bbbbbb"))
         colour = dark if b.microbatch % 2 == 0 else light  # neighbours of one kind stay apart
@@ -101,11 +101,11 @@ def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool
     ax.set_xlim(0, span / scale * 1.01)
     ax.set_xlabel(f"time ({unit}); gaps are the bubble")
     if title:
-        ax.set_title(title, loc="left", fontsize=10)
+        ax.set_title(title, loc="left", fontsize=10, pad=22)  # room for the legend below it
     handles = [plt.Rectangle((0, 0), 1, 1, color=_KIND_COLOURS[k][0]) for k in sorted({b.kind for b in blocks})]
     names = {"F": "forward", "B": "backward", "I": "input grad", "W": "weight grad"}
-    ax.legend(handles, [names[k] for k in sorted({b.kind for b in blocks})], loc="lower right",
-              bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=8, frameon=False)  # beside the title, off the bars
+    ax.legend(handles, [names[k] for k in sorted({b.kind for b in blocks})], loc="lower left",
+              bbox_to_anchor=(0.0, 1.0), ncol=4, fontsize=8, frameon=False, borderaxespad=0.2)  # between title and bars
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(str(out), format=Path(out).suffix.lstrip(".").lower() or "png")
