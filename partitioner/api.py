@@ -106,7 +106,8 @@ def fingerprint(gm: fx.GraphModule) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _resolve_pins(order: Sequence[fx.Node], pins: Sequence[str]) -> list[int]:
+def _resolve_pins(order: Sequence[fx.Node], pins: Sequence[str], allowed: Sequence[bool],
+                  blocked_by: Sequence[str]) -> list[int]:
     """A pin names a node (cut before it) or a module path (cut before its first node)."""
     out = []
     for pin in pins:
@@ -117,8 +118,22 @@ def _resolve_pins(order: Sequence[fx.Node], pins: Sequence[str]) -> list[int]:
         if hit is None or hit == 0:
             raise PartitionError(f"pinned cut {pin!r} names no node or module after the first node; "
                                  "pin a node name or a module path such as 'layers.2'")
+        if not allowed[hit]:
+            raise PartitionError(f"pinned cut {pin!r} cannot be used: {blocked_by[hit]}; pin a neighbouring "
+                                 "node or module instead")
         out.append(hit)
     return sorted(set(out))
+
+
+def _check_enough_cuts(priced: Any, n_stages: int) -> None:
+    n_allowed = sum(priced.allowed[1:-1])
+    if n_allowed >= n_stages - 1 or n_stages > len(priced.order):
+        return  # enough cuts, or too few nodes: the solver's own error says so
+    reasons = sorted({r for r in priced.blocked_by if r})
+    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    raise PartitionError(
+        f"{n_stages} stages need {n_stages - 1} cuts but only {n_allowed} positions can be cut "
+        f"({shown}); use fewer GPUs, a coarser/finer cut_at, or make those values tensors")
 
 
 def partition(
@@ -247,7 +262,8 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
     if forced is not None:
         solution = plan_builder.forced_solution(priced, forced, opts.n_stages, comm, inflight)
     else:
-        pins = _resolve_pins(priced.order, opts.pinned_cuts)
+        pins = _resolve_pins(priced.order, opts.pinned_cuts, priced.allowed, priced.blocked_by)
+        _check_enough_cuts(priced, opts.n_stages)
         sin = SolverInput(
             compute=to_units([f + b for f, b in zip(priced.fwd_s, priced.bwd_s)]),
             cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
@@ -276,6 +292,13 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
     opts = plan.options
     if specs and specs[0].kind != "none" and not plan.inputs:
         raise PlanError("plan has no inputs", "$.inputs")
+    for i, sp in enumerate(specs):
+        numel = 1
+        for d in sp.shape:
+            numel *= d
+        if numel > _MAX_INPUT_NUMEL:
+            raise PlanError(f"input {sp.name!r} of shape {list(sp.shape)} is too large to rebuild "
+                            f"({numel} elements > {_MAX_INPUT_NUMEL})", f"$.inputs[{i}].shape")
     example: dict[str, Any] | None = None
     if plan.capture == "export":  # export needs inputs: zeros of the recorded shapes, by name
         example = {s.name: _zeros(s) for s in specs}
@@ -292,13 +315,25 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
             f"{type(model).__name__} gives {fp[:19]}... (plan model: {plan.model}); re-run partition() "
             "for this model", "$.fingerprint")
     forced = {name: st.index for st in plan.stages for name in st.nodes}
-    names = {n.name for n in compute_nodes(cap.gm)}
+    order = compute_nodes(cap.gm)
+    names = {n.name for n in order}
     if set(forced) != names:
-        extra = sorted(set(forced) - names)[:3]
-        raise PlanError(f"plan nodes do not match the model's graph (unknown: {extra})", "$.stages")
+        unknown, missing = sorted(set(forced) - names)[:3], sorted(names - set(forced))[:3]
+        raise PlanError(f"plan nodes do not match the model's graph (unknown: {unknown}, missing: {missing})",
+                        "$.stages")
+    seq = [forced[n.name] for n in order]
+    for n, a, b in zip(order[1:], seq, seq[1:]):
+        if b < a:
+            raise PlanError(f"stages are not contiguous in graph order: node {n.name!r} is in stage {b} "
+                            f"but comes after nodes of stage {a}", f"$.stages[{b}].nodes")
     o = Options(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()})
     return _compile(model, cap, specs, o, o.n_microbatches, get_device(DeviceSpec.from_dict(plan.device)),
                     get_link(LinkSpec.from_dict(plan.link)), False, forced=forced)
+
+
+#: Re-applying an exported plan builds zeros of its recorded input shapes; a hostile file
+#: must not make that allocate gigabytes.
+_MAX_INPUT_NUMEL = 2**28
 
 
 def _zeros(s: InputSpec) -> Any:

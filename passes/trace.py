@@ -19,7 +19,6 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from passes.base import InputSpec
 from passes.errors import CaptureError
 from passes.split import copy_persistence
 
@@ -74,32 +73,26 @@ def _trace_fx(
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
     names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    targets = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     sig = inspect.signature(model.forward)
-    defaults = dict(concrete_args or {})
+    params = list(sig.parameters)
+    # fx makes one placeholder per forward parameter, in order (a concrete arg's
+    # placeholder may be renamed, e.g. "flag_1"), so map them by position.
+    if len(names) == len(params):
+        keys = params
+    else:
+        keys = [str(n.target).lstrip("*") for n in gm.graph.nodes if n.op == "placeholder"]
+    signature_defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+    fixed = dict(concrete_args or {})
 
     def flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as e:
             raise CaptureError(f"inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
-        bound.apply_defaults()
-        values = {**defaults, **bound.arguments}
-        # placeholders are named after the parameters ("*args" placeholders get a suffix)
-        return [values.get(str(t).lstrip("*"), defaults.get(str(t))) for t in targets]
+        values = {**signature_defaults, **fixed, **bound.arguments}
+        return [values.get(k) for k in keys]
 
     return Captured(gm, "fx", names, flatten, out_spec)
-
-
-def _example_from_specs(specs: Sequence[InputSpec]) -> list[Any]:
-    values: list[Any] = []
-    for s in specs:
-        if s.kind == "tensor":
-            dtype = getattr(torch, s.dtype)
-            values.append(torch.zeros(s.shape, dtype=dtype))
-        else:
-            values.append(s.value)
-    return values
 
 
 def _trace_export(

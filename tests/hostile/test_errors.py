@@ -62,10 +62,6 @@ def test_leaf_module_advice_from_the_capture_error_works() -> None:
     torch.testing.assert_close(pipe(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="passes/trace.py _trace_fx.flatten looks placeholders up by "
-                   "target, but fx names a concrete_args placeholder '<name>_1' (here 'double_1'), so "
-                   "flatten feeds None and the graph's _assert(double_1 == True) fails in ShapeProp; "
-                   "the capture error's own advice (concrete_args) cannot work")
 def test_concrete_args_advice_works_for_flags() -> None:
     class Flagged(nn.Module):
         def __init__(self) -> None:

@@ -286,9 +286,6 @@ def test_unknown_or_missing_node_is_refused_on_apply(name: str) -> None:
         dropped.apply(model)
 
 
-@pytest.mark.xfail(strict=True, reason="apply_plan/forced_solution turn a non-contiguous stage "
-                   "assignment into cuts at the first node of each stage, so the pipe silently "
-                   "runs other stages than the file names instead of refusing it")
 @pytest.mark.parametrize("name", BASE_MODELS)
 def test_noncontiguous_stages_are_refused(name: str) -> None:
     def swap(d: dict[str, Any]) -> None:
