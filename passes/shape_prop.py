@@ -241,8 +241,11 @@ def module_of(node: fx.Node) -> str:
     if node.op == "get_attr":  # a parameter belongs to the module that holds it
         return str(node.target).rpartition(".")[0]
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = str(list(stack.values())[-1][0])
+    for entry in reversed(list((stack or {}).values())):
+        path = str(entry[0])
+        # torch.export files shape nodes under a pseudo-module with this prefix: not a path.
+        if path.startswith("_empty_nn_module_stack"):
+            continue
         # torch.export / dynamo spell paths as "L['self'].layers.0" or "L__self___layers_0".
         return path.removeprefix("L['self'].").removeprefix("L['self']")
     return ""

@@ -130,6 +130,7 @@ def _trace_export(
             graph.output(tuple(fx.map_arg(a, lambda n: env[n]) for a in node.args[0]))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
+    _split_tied_attrs(graph, model)
     gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
     gm.graph.eliminate_dead_code()
@@ -150,6 +151,31 @@ def _trace_export(
             ) from None
 
     return Captured(gm, "export", names, flatten, unlifted._out_spec)
+
+
+def _split_tied_attrs(graph: fx.Graph, model: nn.Module) -> None:
+    """Give each use of a tied tensor the name its own module knows it by.
+
+    ``torch.export`` keeps one name per tensor, so GPT-2's embedding would read
+    ``lm_head.weight``; fx (and users' checkpoints) say ``transformer.wte.weight`` there.
+    """
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    by_name = {n: aliases for aliases in names.values() if len(aliases) > 1 for n in aliases}
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in by_name:
+            continue
+        for user in list(node.users):
+            stack = [str(v[0]) for v in (user.meta.get("nn_module_stack") or {}).values()]
+            owner = next((a for path in reversed(stack) for a in by_name[node.target]
+                          if a.rpartition(".")[0] == path), None)
+            if owner is None or owner == node.target:
+                continue
+            with graph.inserting_before(user):
+                alias = graph.get_attr(owner)
+            alias.meta = dict(node.meta)
+            user.replace_input_with(node, alias)
 
 
 def _last_line(e: BaseException) -> str:

@@ -90,10 +90,6 @@ def test_gpt2_tied_embedding_is_one_tensor_across_stages() -> None:
     assert groups, pipe.plan.tied_parameters  # the plan reports the tie (under some name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: torch.export's ep.module() registers a tied tensor under one FQN, so on the "
-    "export route stage 0's embedding is named 'lm_head.weight' and plan.tied_parameters is "
-    "(('lm_head.weight',),) instead of ('lm_head.weight', 'transformer.wte.weight')"))
 def test_export_route_keeps_every_name_of_a_tied_weight() -> None:
     _, pipe = _partitioned("gpt2", 4, CASES["gpt2"].blocks)
     assert {"transformer.wte.weight", "lm_head.weight"} in [set(g) for g in pipe.plan.tied_parameters]
@@ -164,10 +160,6 @@ def test_gpt2_block_cut_labels_name_adjacent_blocks() -> None:
         assert int(right.rsplit(".", 1)[1]) == int(left.rsplit(".", 1)[1]) + 1, label
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: torch.export puts sym_size nodes under a pseudo-module "
-    "'_empty_nn_module_stack_from_metadata_hook' in nn_module_stack, and "
-    "passes/shape_prop.py module_of returns it as a module path"))
 @pytest.mark.parametrize("name", NAMES)
 def test_stage_modules_are_plain_paths(name: str) -> None:
     """Module paths come from torch.export's nn_module_stack; none of its spellings
