@@ -2,7 +2,7 @@
 the unpartitioned model on one thread, against torch.distributed.pipelining running the
 same stages and schedule, and against the simulator fed this CPU's measured stage times.
 
-Run: ``.venv/bin/python benchmarks/runtime_bench.py [--batch 16] [--layers 8] [--steps 5]``.
+Run: ``.venv/bin/python benchmarks/runtime_bench.py [--batch 32] [--cut solver|middle] [--layers 8] [--steps 5]``.
 Times are the fastest of ``--steps`` steps (other jobs share the cores) after two warm-up steps, forward + backward of
 one global batch (no optimizer step), gloo over loopback.
 """
@@ -68,12 +68,14 @@ def _ranks(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor, s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
+    ap.add_argument("--cut", default="solver", choices=["middle", "solver"],
+                    help="middle: pin the cut at the middle block; solver: our plan priced on this CPU (device='local')")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -81,7 +83,11 @@ def main() -> None:
                               n_head=4, block_size=args.seq)
     y = torch.randint(0, model.cfg.vocab_size, x.shape)
     # The cut is pinned mid-stack: this measures the runtime, not the solver's H100 pricing.
-    pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=[f"transformer.h.{args.layers // 2}"])
+    if args.cut == "middle":
+        pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=[f"transformer.h.{args.layers // 2}"])
+    else:
+        pipe = partition(model, n_gpus=2, example_inputs=(x,), device="local", link="loopback",
+                         )
 
     def plain() -> float:
         times = []
