@@ -159,7 +159,7 @@ def _builtin_svg(seg: Segmentation) -> str:
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
            'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
-           f'<rect width="100%" height="100%" fill="white"/>',
+           '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="20" y="22" font-size="14" font-weight="bold">{escape(seg.title)}</text>']
     for c, stage in enumerate(columns):
         x = 20 + c * (_BOX_W + _GAP)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from partitioner.runtime.errors import PipelineRuntimeError
-from partitioner.runtime.interpreter import Interpreter, TraceEvent
+from partitioner.runtime.interpreter import Interpreter
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.transport import LocalTransport
 from partitioner.schedule import Schedule, build_schedule

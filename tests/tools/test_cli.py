@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools.helpers import MODELS, check_golden, cli, json_golden, normalise
+from tests.tools.helpers import MODELS, check_golden, cli, json_golden
 
 
 def test_plan_prints_table_and_writes_files(plans: Path, update_golden: bool) -> None:
