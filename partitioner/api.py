@@ -22,7 +22,7 @@ from partitioner.simulator import simulate
 from partitioner.solver import SolverInput, solve
 from passes.annotate import AnnotateCosts
 from passes.base import InputSpec
-from passes.manager import PassManager
+from passes.manager import PassManager, Snapshot, graph_text, node_summary
 from passes.meta import MODULE, STAGE
 from passes.shape_prop import ShapeProp, default_specs, module_of
 from passes.split import compute_nodes, split_graph
@@ -277,6 +277,8 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
             assignment[node.name] = s
             node.meta[STAGE] = s
     split = split_graph(gm, assignment, opts.n_stages)
+    if keep_snapshots:  # the solver is not a graph pass, but its answer is node meta (pp.stage)
+        pm.snapshots.append(Snapshot("solve", graph_text(gm), node_summary(gm)))
     plan = plan_builder.build_plan(
         model=model, cap=cap, gm=gm, fingerprint=fp, specs=specs, symbols=symbols, options=opts.to_dict(),
         device=dev, link=lnk, priced=priced, bounds=bounds, split=split, schedule=sched,

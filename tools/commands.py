@@ -110,11 +110,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             raise ToolError(f"diff --{'passes' if args.passes else 'stages'} takes one MODEL, got {len(args.inputs)}")
         pipe = partition_from_args(args, args.inputs[0], keep_snapshots=args.passes)
         if args.passes:
-            from passes.manager import Snapshot, graph_text, node_summary
-
-            # The solver is not a graph pass, but its answer is node meta (pp.stage): show it as one.
-            solved = Snapshot("solve", graph_text(pipe.graph), node_summary(pipe.graph))
-            d = diff.diff_passes([*pipe.snapshots, solved])
+            d = diff.diff_passes(list(pipe.snapshots))
         else:
             d = diff.diff_stages(pipe.graph, list(pipe.stages), pipe.plan)
         title = f"{'passes' if args.passes else 'graph vs stages'}: {args.inputs[0]}"
