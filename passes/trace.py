@@ -178,6 +178,29 @@ def _split_tied_attrs(graph: fx.Graph, model: nn.Module) -> None:
             user.replace_input_with(node, alias)
 
 
+def _failing_submodule(model: nn.Module, e: BaseException) -> str:
+    """" in submodule 'gate' (Gate.forward, file.py:12)" for the innermost module frame."""
+    paths = {id(m): name for name, m in model.named_modules() if name}
+    found = ""
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            code = frame.f_code
+            found = (f" in submodule {paths[id(owner)]!r} ({type(owner).__name__}.{code.co_name}, "
+                     f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})")
+        tb = tb.tb_next
+    return found
+
+
+def _first_line(e: BaseException) -> str:
+    """The message's first line: torch.export ends its errors with boilerplate."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return f"{type(e).__name__}: {text[:240]}"
+
+
 def _last_line(e: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
     return text[-1] if text else type(e).__name__
@@ -207,7 +230,7 @@ def capture(
             fx_error = e
             if route == "fx":
                 raise CaptureError(
-                    f"torch.fx could not trace {name}: {_last_line(e)}. Mark the offending "
+                    f"torch.fx could not trace {name}{_failing_submodule(model, e)}: {_last_line(e)}. Mark the offending "
                     "submodule as a leaf (leaf_modules=[...]), pass concrete_args for "
                     "control-flow flags, or use route='export'"
                 ) from e
@@ -219,9 +242,9 @@ def capture(
     try:
         cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {})
     except Exception as e:
-        why_fx = f"torch.fx: {_last_line(fx_error)}; " if fx_error else ""
+        why_fx = f"torch.fx{_failing_submodule(model, fx_error)}: {_last_line(fx_error)}; " if fx_error else ""
         raise CaptureError(
-            f"cannot capture {name}: {why_fx}torch.export: {_last_line(e)}. Mark the failing "
+            f"cannot capture {name}: {why_fx}torch.export: {_first_line(e)}. Mark the failing "
             "submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
             "control flow on flags, or make data-dependent branches tensor ops (torch.where)"
         ) from e

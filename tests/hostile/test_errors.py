@@ -43,9 +43,6 @@ def test_data_dependent_control_flow_names_the_model_and_the_fixes(route: str) -
     assert "control flow" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="capture() reports the top-level class only; the fx TraceError's "
-                   "traceback holds the frame of Gate.forward (innermost frame whose self is an "
-                   "nn.Module), which would tell the user which submodule to mark as a leaf")
 def test_data_dependent_control_flow_names_the_submodule() -> None:
     with pytest.raises(PartitionError, match=r"Gate\b.*forward|'gate'"):
         partition(Gated(), n_gpus=2, example_inputs=(torch.randn(4, 4),), capture_route="fx", device="cpu")
