@@ -15,6 +15,7 @@ the 32 identical decoder layers of a Llama are priced once.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from cost_models.cost import ZERO, NodeCost
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import ShapePropError
+from passes.shape_prop import DATA_DEPENDENT, ShapePropError
 
 __all__ = ["AnnotateCosts", "param_users"]
 
@@ -251,6 +252,11 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
             grads = [torch.ones_like(o) for o in outs]
             with bwd:
                 torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+    except DATA_DEPENDENT:
+        # A leaf that branches on data (shape-prop ran it for real): no fake run can price it.
+        warnings.warn(f"cannot price leaf {node.format_node()}: it branches on tensor data; "
+                      "its FLOPs count as 0", stacklevel=2)
+        return NodeCost(ops=("<data-dependent leaf>",))
     except Exception as e:  # report the node, not the depths of autograd
         raise ShapePropError(f"cannot price node {node.format_node()}: {type(e).__name__}: {e}") from e
     return NodeCost(

@@ -24,7 +24,14 @@ import sympy
 import torch
 from torch import fx, nn
 from torch._dynamo.source import ConstantSource
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.utils import _pytree as pytree
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 from cost_models.cost import BATCH, SEQ
@@ -166,7 +173,43 @@ class _FakeInterpreter(fx.Interpreter):
         mod = self.fetch_attr(target)
         prefix = f"{target}."
         state = {k[len(prefix) :]: v for k, v in self.fakes.items() if k.startswith(prefix)}
-        return torch.func.functional_call(mod, state, tuple(args), dict(kwargs), strict=False)
+        try:
+            return torch.func.functional_call(mod, state, tuple(args), dict(kwargs), strict=False)
+        except DATA_DEPENDENT as e:
+            return self._run_leaf_for_real(str(target), mod, args, kwargs, e)
+
+    def _run_leaf_for_real(self, target: str, mod: nn.Module, args: Any, kwargs: Any, cause: Exception) -> Any:
+        """A leaf module with data-dependent control flow cannot run on fake tensors (that is
+        why the user made it a leaf): run it once on real random inputs of the same shapes
+        and take its output shapes from there. Sizes it produces are then static."""
+        if any(t.device.type == "meta" for t in [*mod.parameters(), *mod.buffers()]):
+            raise RuntimeError(
+                f"leaf module {target!r} branches on tensor data and its weights are on the meta device, "
+                "so its output shape cannot be computed; load its weights or make the branch a tensor op"
+            ) from cause
+        real_args, real_kwargs = pytree.tree_map_only(torch.Tensor, _real_like, (args, kwargs))
+        with unset_fake_temporarily(), torch.no_grad():
+            out = mod(*real_args, **real_kwargs)
+        warnings.warn(
+            f"leaf module {target!r} branches on tensor data: its output shape comes from one real run on "
+            "random inputs and is not symbolic", stacklevel=2,
+        )
+        return pytree.tree_map_only(torch.Tensor, lambda t: self.mode.from_tensor(t, static_shapes=True), out)
+
+
+#: What fake tensors raise when an op needs real values (``.item()``, ``nonzero``, branches).
+DATA_DEPENDENT: tuple[type[Exception], ...] = (
+    GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException,
+)
+
+
+def _real_like(t: torch.Tensor) -> torch.Tensor:
+    """A real tensor with ``t``'s concrete (hinted) shape and dtype, on the CPU."""
+    with unset_fake_temporarily():
+        shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in t.shape]
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            return torch.randn(shape, dtype=t.dtype)
+        return torch.zeros(shape, dtype=t.dtype)
 
 
 def default_specs(values: Any, names: Any = None) -> tuple[InputSpec, ...]:

@@ -48,10 +48,6 @@ def test_data_dependent_control_flow_names_the_submodule() -> None:
         partition(Gated(), n_gpus=2, example_inputs=(torch.randn(4, 4),), capture_route="fx", device="cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="following the capture error's advice (leaf_modules=[Gate]) "
-                   "then fails in ShapeProp with GuardOnDataDependentSymNode: FakeTensors cannot "
-                   "run a data-dependent leaf; ShapeProp could run such a leaf on the real example "
-                   "inputs (it has them) instead of failing")
 def test_leaf_module_advice_from_the_capture_error_works() -> None:
     x = torch.randn(4, 4)
     model = Gated()
