@@ -5,7 +5,8 @@ needs ``pip install transformers``). Writes the "Cost model" section of
 ``benchmarks/RESULTS.md``.
 
 The device is calibrated first (median of 5 ``DeviceSpec.measure_local()`` runs: fp32 matmul FLOP/s and
-copy bandwidth, one thread). Each model (the balance benchmark's GPT-2 and Llama) is
+copy bandwidth, one thread), then per model with ``calibrate_device`` (one short measured
+forward + backward of the whole model sets the absolute level). Each model (the balance benchmark's GPT-2 and Llama) is
 partitioned into 4 stages twice, with our cuts and with uniform block cuts, and every
 stage's predicted forward and backward time (``plan.stages[i].cost``, roofline of its
 nodes) is set against the stage timed alone (median of 7 interleaved rounds, same micro-batch).
@@ -30,7 +31,7 @@ from benchmarks._models import (  # noqa: E402
     stage_entries,
 )
 from benchmarks.balance_bench import PREAMBLE, RESULTS, uniform_bounds  # noqa: E402
-from partitioner import DeviceSpec, partition  # noqa: E402
+from partitioner import DeviceSpec, calibrate_device, partition  # noqa: E402
 
 REPEAT = 7
 
@@ -47,16 +48,19 @@ def calibrate(n: int = 5) -> DeviceSpec:
 def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    dev = calibrate()
+    base = calibrate()
     out = [
-        f"Calibrated with the median of 5 `DeviceSpec.measure_local()` runs at one thread: {dev.peak_flops / 1e9:.0f} GFLOP/s fp32 "
-        f"matmul (512x512), {dev.mem_bandwidth / 1e9:.0f} GB/s copy. Micro-batch {MICRO} x {SEQ} tokens; times "
+        f"Device: the median of 5 `DeviceSpec.measure_local()` runs at one thread ({base.peak_flops / 1e9:.0f} GFLOP/s fp32 "
+        f"matmul (512x512), {base.mem_bandwidth / 1e9:.0f} GB/s copy), then `calibrate_device(model, micro-batch)`: its "
+        "rates scaled by predicted / measured for one real forward + backward of the whole model (median of 5). Micro-batch {MICRO} x {SEQ} tokens; times "
         f"in ms; measured = median of {REPEAT} interleaved rounds, each stage alone. error = predicted/measured - 1; "
         "share error = (predicted share of the total) / (measured share) - 1.\n",
     ]
     worst_abs, worst_share = 0.0, 0.0
     for name in BENCHES:
         bench = BENCHES[name]()
+        dev = calibrate_device(bench.model, bench.inputs(MICRO), device=base, repeats=5)
+        print(f"  {name}: calibration scale {dev.peak_flops / base.peak_flops:.3f}", flush=True)
         kw = dict(n_microbatches=M, device=dev, link="nvlink4")
         pipes = {
             "ours": partition(bench.model, N_STAGES, bench.inputs(MICRO * M), cut_at=bench.blocks, **kw),

@@ -10,7 +10,7 @@ import partitioner
 def test_exported_names() -> None:
     assert sorted(partitioner.__all__) == sorted([
         "partition", "Pipe", "Plan", "load_plan", "PartitionError", "PlanError",
-        "DeviceSpec", "LinkSpec", "DEVICES", "LINKS",
+        "DeviceSpec", "LinkSpec", "DEVICES", "LINKS", "calibrate_device",
     ])
 
 
