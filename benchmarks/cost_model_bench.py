@@ -52,7 +52,7 @@ def main() -> None:
     out = [
         f"Device: the median of 5 `DeviceSpec.measure_local()` runs at one thread ({base.peak_flops / 1e9:.0f} GFLOP/s fp32 "
         f"matmul (512x512), {base.mem_bandwidth / 1e9:.0f} GB/s copy), then `calibrate_device(model, micro-batch)`: its "
-        "rates scaled by predicted / measured for one real forward + backward of the whole model (median of 5). Micro-batch {MICRO} x {SEQ} tokens; times "
+        f"rates scaled by predicted / measured for one real forward + backward of the whole model (median of 5). Micro-batch {MICRO} x {SEQ} tokens; times "
         f"in ms; measured = median of {REPEAT} interleaved rounds, each stage alone. error = predicted/measured - 1; "
         "share error = (predicted share of the total) / (measured share) - 1.\n",
     ]
