@@ -2,10 +2,11 @@
 
 Each message is one ``batch_isend_irecv`` (as torch.distributed.pipelining does per
 action), so NCCL launches its tensors as one group. Messages carry a tag made from
-(direction, stage, micro-batch, value): gloo matches by tag, so every receive of a step
+(direction, sending stage, receiving stage, micro-batch, value): gloo matches by tag, so every receive of a step
 can be posted before the step starts and waited on just before use, overlapping the
 transfer with compute. NCCL ignores tags and matches in issue order, so there receives
-are posted at their RECV action, in the schedule's order (``prepost`` False).
+are posted at their RECV action, in the schedule's order (``prepost`` False), and the
+interpreter issues each rank's sends to a peer in the order that peer posts them.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class _Works:
             for w in self.works:
                 w.wait()
         except Exception as e:  # the peer died or timed out: say which message we waited for
-            direction, stage, mb = self.key
+            direction, src, dst, mb = self.key
             raise PipelineRuntimeError(
-                f"receiving {'activations' if direction == 'F' else 'gradients'} of stage {stage} "
+                f"receiving {'activations' if direction == 'F' else 'gradients'} of stage {src} for stage {dst} "
                 f"micro-batch {mb} from rank {self.peer} failed (peer failed or timed out): {e}",
                 secondary=True,
             ) from e
@@ -52,11 +53,13 @@ class DistTransport:
         self.prepost = dist.get_backend(group) != "nccl"
         self._shape = (n_stages, n_microbatches, max(max_values, 1))
         self._sends: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+        self.bytes_sent = 0
 
     def _tag(self, key: Key, i: int) -> int:
-        direction, stage, mb = key
+        # A value with several consumers goes once to each: the receiving stage is in the tag.
+        direction, src, dst, mb = key
         n_stages, _, width = self._shape
-        return ((mb * n_stages + stage) * 2 + (direction == "B")) * width + i
+        return ((((mb * n_stages + src) * n_stages + dst) * 2) + (direction == "B")) * width + i
 
     def _peer(self, peer: int) -> int:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
@@ -70,6 +73,7 @@ class DistTransport:
 
     def send(self, key: Key, peer: int, tensors: Sequence[torch.Tensor]) -> None:
         tensors = [t.contiguous() for t in tensors]
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
         # The tensors stay referenced until the send completes (flush).
         self._sends.append((self._ops(dist.isend, key, peer, tensors), tensors))
 

@@ -7,6 +7,23 @@ collects the gradients of the stage inputs; ``SEND_*``/``RECV_*`` hand tensors t
 ``Transport``. Receives are waited on only by the compute that needs them, so a
 transport that posts them early (``prepost``) overlaps communication with compute.
 
+Routing (``routing``): a value goes from the stage that makes it straight to each
+stage that uses it, and its gradient straight back, where the producer sums the
+gradients of all its consumers. The SEND/RECV actions stay the points where a stage
+sends what it made / posts what it needs; a stage a value only passes through is
+called with ``None`` in that slot and its output there is ignored.
+
+Message order for NCCL (matched in issue order per pair of ranks, no tags): receives
+are posted at their RECV action, in schedule order, then ascending sender stage; a
+direct message may therefore be posted at a different point, relative to the peer's
+other messages, than where its producer's SEND action comes. So, without ``prepost``,
+each rank issues its sends to a peer strictly in the order that peer posts them
+(``routing.posting_order``, computed by both sides from the same schedule): a message
+whose predecessors are not yet made waits in ``_held`` and goes as soon as they have
+gone. That delays nothing the peer could use earlier, as in-order matching would hold
+it up behind those predecessors anyway. Messages between stages of the same rank never
+touch the transport. The in-process transport (``prepost`` False) runs the same code.
+
 Loss scaling: the last stage computes ``loss_fn(output_mb, target_mb) / m`` for each of
 the ``m`` micro-batches, so for a mean-reduced loss the sum over micro-batches (what
 ``finish`` returns, and what the gradients are of) equals the full-batch loss.
@@ -22,6 +39,7 @@ from torch import nn
 
 from partitioner.plan import Plan
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.routing import Links, Route, posting_order
 from partitioner.runtime.transport import Key, Pending, Transport
 from partitioner.runtime.values import Wire, boundary_wires, check_value, decode, encode, input_wires
 from partitioner.schedule import Action, Schedule
@@ -38,18 +56,16 @@ class TraceEvent(NamedTuple):
     end_ns: int
 
 
-def _message(a: Action) -> Key:
-    st, k, mb = a
-    return {"SEND_F": ("F", st, mb), "RECV_F": ("F", st - 1, mb),
-            "SEND_B": ("B", st, mb), "RECV_B": ("B", st + 1, mb)}[k]
+Link = tuple[int, tuple[Wire, ...]]  # (the stage at the other end, the values)
 
 
 class Interpreter:
-    """Runs ``schedule.actions[rank]`` over ``modules`` ({stage index: module})."""
+    """Runs ``schedule.actions[rank]`` over ``modules`` ({stage index: module});
+    ``routes`` (``routing.routes``) says where each boundary value is made and used."""
 
     def __init__(self, rank: int, modules: Mapping[int, nn.Module], plan: Plan, schedule: Schedule,
                  transport: Transport, loss_fn: LossFn, unflatten: Callable[[Sequence[Any]], Any],
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, *, routes: Mapping[str, Route]) -> None:
         mine = [s for s in range(schedule.n_stages) if schedule.rank_of(s) == rank]
         if schedule.n_stages != plan.n_stages or sorted(modules) != mine:
             raise PipelineRuntimeError(
@@ -62,9 +78,12 @@ class Interpreter:
                                        f"the schedule on rank {schedule.rank_of(wrong[0])}")
         self.rank, self.modules, self.plan, self.schedule = rank, dict(modules), plan, schedule
         self.transport, self.loss_fn, self.unflatten, self.device = transport, loss_fn, unflatten, device
+        self.links = Links(dict(routes))
         self.actions = schedule.actions[rank]
         self.last = plan.n_stages - 1
         self.events: list[TraceEvent] = []
+        #: (key, value names, payload bytes) of every message this rank sent in the last step
+        self.sent: list[tuple[Key, tuple[str, ...], int]] = []
         self._layout: tuple[int, int] | None = None
         self._waited_until = 0
         self._reset()
@@ -74,8 +93,35 @@ class Interpreter:
         self._pending: dict[Key, Pending] = {}
         self._local: dict[Key, list[torch.Tensor]] = {}  # same-rank hand-offs
         self._out: dict[Key, list[torch.Tensor]] = {}  # encoded, waiting for their SEND
+        self._held: dict[Key, list[torch.Tensor]] = {}  # sent, waiting for their turn (see docstring)
+        self._next: dict[int, int] = {}  # peer rank -> index into its posting order
         self._saved: dict[tuple[int, int], tuple[list[Any], Any]] = {}
         self._loss: torch.Tensor | None = None
+
+    def _wire_layout(self, microbatch_size: int, seq: int) -> None:
+        """Per stage and direction, the links it sends and receives, with the values'
+        wires at this layout; messages with nothing to carry are dropped on both ends."""
+        wire: dict[str, Wire] = {}
+        for b in range(self.last):
+            for w in boundary_wires(self.plan, b, microbatch_size, seq):
+                wire.setdefault(w.name, w)
+        self._wire = wire
+
+        def links(pairs: list[tuple[int, tuple[str, ...]]], grad: bool) -> list[Link]:
+            out = []
+            for peer, names in pairs:
+                ws = tuple(wire[n] for n in names if not grad or wire[n].requires_grad)
+                if ws:
+                    out.append((peer, ws))
+            return out
+
+        n = self.plan.n_stages
+        self._sends = {"F": [links(self.links.sends(s), False) for s in range(n)],
+                       "B": [links(self.links.receives(s), True) for s in range(n)]}
+        self._recvs = {"F": [links(self.links.receives(s), False) for s in range(n)],
+                       "B": [links(self.links.sends(s), True) for s in range(n)]}
+        order = posting_order(self.schedule, lambda d, s: [p for p, _ in self._recvs[d][s]])
+        self._order = {dst: keys for (src, dst), keys in order.items() if src == self.rank}
 
     def start(self, microbatch_size: int, seq: int, inputs: Sequence[Sequence[Any]] | None = None,
               targets: Sequence[Any] | None = None) -> None:
@@ -88,22 +134,29 @@ class Interpreter:
             raise PipelineRuntimeError(f"rank {self.rank} runs the last stage and needs {m} micro-batches of "
                                        "targets: pass target=...", self.rank)
         self._reset()
-        self.events = []
+        self.events, self.sent = [], []
         if self._layout != (microbatch_size, seq):
             # Evaluating the plan's polynomials is slow-ish (sympy): once per layout.
-            self._wires = [boundary_wires(self.plan, b, microbatch_size, seq) for b in range(self.last)]
-            self._grad_wires = [tuple(w for w in ws if w.requires_grad) for ws in self._wires]
+            self._wire_layout(microbatch_size, seq)
             self._inputs_wires = input_wires(self.plan, microbatch_size, seq)
             self._layout = (microbatch_size, seq)
         self.inputs, self.targets, self.m = inputs, targets, m
         if self.transport.prepost:
             for a in self.actions:
                 if a.kind.startswith("RECV"):
-                    self._post(a)
+                    self._RECV_F(a.stage, a.microbatch, a)
+
+    def _incoming(self, a: Action) -> list[tuple[Key, tuple[Wire, ...]]]:
+        """The messages a RECV action posts that come from another rank."""
+        d = a.kind[-1]
+        return [((d, peer, a.stage, a.microbatch), ws) for peer, ws in self._recvs[d][a.stage]
+                if self.schedule.rank_of(peer) != self.rank]
 
     def can_run(self, a: Action) -> bool:
-        """False while ``a`` is a receive whose message has not been sent (one process)."""
-        return not a.kind.startswith("RECV") or self.transport.prepost or self.transport.arrived(_message(a))
+        """False while ``a`` is a receive whose messages have not all been sent (one process)."""
+        if not a.kind.startswith("RECV") or self.transport.prepost:
+            return True
+        return all(self.transport.arrived(key) for key, _ in self._incoming(a))
 
     def run(self, a: Action) -> None:
         t0 = time.perf_counter_ns()
@@ -124,23 +177,16 @@ class Interpreter:
 
     def finish(self) -> torch.Tensor | None:
         """Wait for outstanding sends; the step's loss on the last stage's rank, else None."""
+        if self._held:
+            raise PipelineRuntimeError(f"rank {self.rank}: messages {sorted(self._held)} were never sent: an "
+                                       "earlier message to the same peer was never made (schedule and plan disagree)")
         self.transport.flush()
         left = [f"{s}F{mb}" for s, mb in self._saved]
         if left:
             raise PipelineRuntimeError(f"rank {self.rank}: forwards without a backward at the end of the step: {left}")
         return self._loss
 
-    # -- actions -----------------------------------------------------------------------
-    def _wires_of(self, key: Key) -> tuple[Wire, ...]:
-        direction, sender, _ = key
-        return self._wires[sender] if direction == "F" else self._grad_wires[sender - 1]
-
-    def _post(self, a: Action) -> None:
-        key = _message(a)
-        if key not in self._pending:
-            bufs = [w.empty(self.device) for w in self._wires_of(key) if w.travels]
-            self._pending[key] = self.transport.recv(key, self.schedule.rank_of(key[1]), bufs)
-
+    # -- messages ----------------------------------------------------------------------
     def _take(self, key: Key) -> list[torch.Tensor]:
         """The tensors of message ``key``, from this rank or a peer, waiting if needed."""
         if self.schedule.rank_of(key[1]) == self.rank:
@@ -151,26 +197,43 @@ class Interpreter:
         t0 = time.perf_counter_ns()
         out = pending.wait()
         self._waited_until = time.perf_counter_ns()
-        self.events.append(TraceEvent(self.rank, f"wait {key[0]}{key[1]}:{key[2]}", t0, self._waited_until))
+        d, src, dst, mb = key
+        self.events.append(TraceEvent(self.rank, f"wait {d}{src}>{dst}:{mb}", t0, self._waited_until))
         return out
 
     def _give(self, key: Key, tensors: list[torch.Tensor]) -> None:
-        peer_stage = key[1] + (1 if key[0] == "F" else -1)
-        (self._local if self.schedule.rank_of(peer_stage) == self.rank else self._out)[key] = tensors
+        (self._local if self.schedule.rank_of(key[2]) == self.rank else self._out)[key] = tensors
 
     def _RECV_F(self, s: int, mb: int, a: Action) -> None:
-        self._post(a)
+        for key, ws in self._incoming(a):
+            if key not in self._pending:
+                bufs = [w.empty(self.device) for w in ws if w.travels]
+                self._pending[key] = self.transport.recv(key, self.schedule.rank_of(key[1]), bufs)
 
     _RECV_B = _RECV_F
 
     def _SEND_F(self, s: int, mb: int, a: Action) -> None:
-        key = _message(a)
-        self.transport.send(key, self.schedule.rank_of(s + 1), self._out.pop(key))
+        d = a.kind[-1]
+        for peer, ws in self._sends[d][s]:
+            dst = self.schedule.rank_of(peer)
+            if dst == self.rank:
+                continue
+            key = (d, s, peer, mb)
+            tensors = self._out.pop(key)
+            self.sent.append((key, tuple(w.name for w in ws), sum(t.numel() * t.element_size() for t in tensors)))
+            if self.transport.prepost:
+                self.transport.send(key, dst, tensors)
+                continue
+            self._held[key] = tensors
+            order, i = self._order.get(dst, []), self._next.get(dst, 0)
+            while i < len(order) and order[i] in self._held:
+                self.transport.send(order[i], dst, self._held.pop(order[i]))
+                i += 1
+            self._next[dst] = i
 
-    def _SEND_B(self, s: int, mb: int, a: Action) -> None:
-        key = _message(a)
-        self.transport.send(key, self.schedule.rank_of(s - 1), self._out.pop(key))
+    _SEND_B = _SEND_F
 
+    # -- compute -----------------------------------------------------------------------
     def _F(self, s: int, mb: int, a: Action) -> None:
         where = f"stage {s} micro-batch {mb}"
         if s == 0:
@@ -178,7 +241,10 @@ class Interpreter:
             args = list(self.inputs[mb])
             encode(f"{where} input", self._inputs_wires, args)  # checks only
         else:
-            args = decode(self._wires[s - 1], self._take(("F", s - 1, mb)), grad=True)
+            got: dict[str, Any] = {}
+            for peer, ws in self._recvs["F"][s]:
+                got.update(zip((w.name for w in ws), decode(ws, self._take(("F", peer, s, mb)), grad=True)))
+            args = [got.get(n) for n in self.plan.stages[s].inputs]  # None: only passes through
         out = self.modules[s](*args)
         if s == self.last:
             assert self.targets is not None
@@ -189,35 +255,44 @@ class Interpreter:
             loss = loss / self.m  # see the module docstring
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
             self._saved[(s, mb)] = (args, loss)
-        else:
-            self._give(("F", s, mb), encode(f"{where} output", self._wires[s], list(out)))
-            self._saved[(s, mb)] = (args, list(out))
+            return
+        names = self.plan.stages[s].outputs
+        if len(out) != len(names):
+            raise PipelineRuntimeError(f"{where} output: expected {len(names)} values ({list(names)}), got {len(out)}")
+        made = dict(zip(names, out))
+        for peer, ws in self._sends["F"][s]:
+            self._give(("F", s, peer, mb), encode(f"{where} output", ws, [made[w.name] for w in ws]))
+        self._saved[(s, mb)] = (args, made)
 
     def _B(self, s: int, mb: int, a: Action) -> None:
         args, out = self._saved.pop((s, mb))
         if s == self.last:
             torch.autograd.backward(out)
         else:
-            grads = iter(self._take(("B", s + 1, mb)))
+            grads: dict[str, torch.Tensor] = {}  # summed over the value's consumers
+            for peer, ws in self._recvs["B"][s]:
+                for w, g in zip(ws, self._take(("B", peer, s, mb))):
+                    grads[w.name] = grads[w.name] + g if w.name in grads else g
             roots, seeds = [], []
-            for w, o in zip(self._wires[s], out):
-                if w.requires_grad:
-                    g = next(grads)
-                    if isinstance(o, torch.Tensor) and o.requires_grad:
-                        roots.append(o)
-                        seeds.append(g)
+            for name, g in grads.items():
+                o = out[name]
+                if isinstance(o, torch.Tensor) and o.requires_grad:
+                    roots.append(o)
+                    seeds.append(g)
             if roots:
                 torch.autograd.backward(roots, seeds)
         if s > 0:
-            gin = []
-            for w, v in zip(self._wires[s - 1], args):
-                if w.requires_grad:
+            given = dict(zip(self.plan.stages[s].inputs, args))
+            for peer, ws in self._sends["B"][s]:
+                gin = []
+                for w in ws:
+                    v = given[w.name]
                     # No gradient reached this input (it did not feed the loss): send zeros,
                     # since the peer's buffer layout comes from the plan, not from this run.
                     g = v.grad if isinstance(v, torch.Tensor) and v.grad is not None else torch.zeros_like(v)
                     check_value(f"stage {s} micro-batch {mb} gradient", w, g)
                     gin.append(g)
-            self._give(("B", s, mb), gin)
+                self._give(("B", s, peer, mb), gin)
 
     def _I(self, s: int, mb: int, a: Action) -> None:
         raise PipelineRuntimeError("split backward (I/W actions) is not supported by this runtime yet; "

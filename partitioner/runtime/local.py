@@ -14,6 +14,7 @@ import torch
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
 from partitioner.runtime.microbatch import batch_size, split
+from partitioner.runtime.routing import routes
 from partitioner.runtime.transport import LocalTransport
 from partitioner.schedule import Schedule, build_schedule
 
@@ -55,9 +56,10 @@ def train_step(pipe: Any, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any
     seq = seq_len(pipe.plan, flat)
     transport = LocalTransport()
     modules = {s: pipe.stages[s] for s in range(len(pipe.stages))}
+    table = routes(pipe.plan, pipe.stages)
     ranks = [
         Interpreter(r, {s: mod for s, mod in modules.items() if sched.rank_of(s) == r}, pipe.plan, sched,
-                    transport, loss_fn, pipe.unflatten_outputs)
+                    transport, loss_fn, pipe.unflatten_outputs, routes=table)
         for r in range(sched.n_ranks)
     ]
     mb_inputs = split(flat, m, batch)

@@ -27,6 +27,7 @@ from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter, TraceEvent
 from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.microbatch import batch_size, split
+from partitioner.runtime.routing import routes
 from partitioner.schedule import Schedule
 
 __all__ = ["build_stage", "RankStage", "Runner"]
@@ -136,7 +137,8 @@ class Runner:
         width = max((len(b.values) for b in plan.boundaries), default=1)
         self.transport = DistTransport(plan.n_stages, m, width, stage.group)
         self.interpreter = Interpreter(stage.rank, stage.modules, plan, schedule, self.transport, loss_fn,
-                                       stage.pipe.unflatten_outputs, stage.device)
+                                       stage.pipe.unflatten_outputs, stage.device,
+                                       routes=routes(plan, stage.pipe.stages))
         self.events: list[TraceEvent] = []
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, **kwargs: Any) -> torch.Tensor | None:

@@ -4,8 +4,9 @@
 one process; ``partitioner.runtime.dist.DistTransport`` uses torch.distributed P2P.
 The interpreter only ever sees this interface, so both run the same code.
 
-A message is named by ``Key``: (direction "F" or "B", the stage that sends it,
-micro-batch), the same naming ``schedule.replay`` uses.
+A message is named by ``Key``: (direction "F" or "B", the stage that sends it, the
+stage it is for, micro-batch). The two stages need not be neighbours: a skip
+connection goes straight from its producer to its consumer (``routing``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 __all__ = ["Key", "Pending", "Transport", "LocalTransport"]
 
-Key = tuple[str, int, int]
+Key = tuple[str, int, int, int]
 
 
 class Pending(Protocol):
@@ -28,6 +29,8 @@ class Pending(Protocol):
 class Transport(Protocol):
     #: True when receives may be posted long before use (messages matched by tag, not order).
     prepost: bool
+    #: payload bytes handed to ``send`` so far (what this rank put on the wire)
+    bytes_sent: int
 
     def send(self, key: Key, peer: int, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending; the tensors must stay unchanged until ``flush``."""
@@ -66,8 +69,10 @@ class LocalTransport:
 
     def __init__(self) -> None:
         self._box: dict[Key, list[torch.Tensor]] = {}
+        self.bytes_sent = 0
 
     def send(self, key: Key, peer: int, tensors: Sequence[torch.Tensor]) -> None:
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
         self._box[key] = list(tensors)
 
     def recv(self, key: Key, peer: int, buffers: Sequence[torch.Tensor]) -> Pending:

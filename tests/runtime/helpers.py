@@ -33,6 +33,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "unet-2": dict(n_gpus=2),
     "unet-4": dict(n_gpus=4),
     "unet-2x2": dict(n_gpus=2, virtual_stages=2, schedule="interleaved-1f1b"),
+    # enc1's features are made in stage 0 and used in stage 3: they skip two stages.
+    "unet-skip": dict(n_gpus=4, pinned_cuts=["enc2", "bottleneck", "dec2"]),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from partitioner import poly
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from tests.runtime.helpers import LR, STEPS, assert_params, data, fresh, reference
@@ -120,3 +121,56 @@ def test_torch_pipelining_runs_our_stages_with_the_same_gradients(schedule: str)
     for ours, theirs in spawn(_ours_and_torch, 2, schedule, timeout_s=TIMEOUT_S):
         assert ours.keys() == theirs.keys()
         assert_params(ours, theirs)
+
+
+def _train_counting(rank: int, world: int, schedule: str) -> tuple[dict[str, torch.Tensor], int, list[Any]]:
+    _, pipe = fresh("unet-skip")
+    x, y, loss_fn = data("unet")
+    stage = pipe.build_stage(rank, "cpu")
+    params = stage.parameters()
+    opt = torch.optim.SGD(params, lr=LR) if params else None
+    runner = stage.runner(schedule, n_microbatches=4, loss_fn=loss_fn, batch_size=len(x))
+    for _ in range(STEPS):
+        stage_zero_grad(params)
+        runner.step(x if rank == 0 else None, target=y)
+        if opt is not None:
+            opt.step()
+    sent = runner.interpreter.sent  # the last step's messages
+    return {n: p.detach() for n, p in stage.named_parameters().items()}, runner.transport.bytes_sent, sent
+
+
+def _relay_bytes(plan: Any, rank: int, microbatch: int, m: int) -> int:
+    """What rank ``rank`` (stage ``rank``) would send per step relaying every value
+    through each cut: activations over its right cut, gradients over its left cut."""
+    def cut(b: int, grad: bool) -> int:
+        return sum(poly.evaluate(poly.from_text(v.bytes), microbatch, 1)
+                   for v in plan.boundaries[b].values if not grad or v.requires_grad)
+    last = plan.n_stages - 1
+    return m * ((cut(rank, False) if rank < last else 0) + (cut(rank - 1, True) if rank > 0 else 0))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_skip_connections_go_straight_to_the_stage_that_uses_them(schedule: str) -> None:
+    model, pipe = fresh("unet-skip")
+    plan = pipe.plan
+    # enc1_5 is made in stage 0 and crosses cuts 0, 1 and 2: relayed, stages 1 and 2 would pass it on.
+    assert [b.index for b in plan.boundaries if "enc1_5" in [v.name for v in b.values]] == [0, 1, 2]
+    assert "enc1_5" in plan.stages[3].inputs and "enc1_5" not in plan.stages[0].inputs
+    x, y, loss_fn = data("unet")
+    _, want = reference(model, x, y, loss_fn)
+    results = spawn(_train_counting, 4, schedule, timeout_s=TIMEOUT_S)
+    for params, _, _ in results:
+        if params:
+            assert_params(params, want)
+    relay = [_relay_bytes(plan, r, len(x) // 4, 4) for r in range(4)]
+    direct = [sent for _, sent, _ in results]
+    assert [d // STEPS for d in direct] == [sum(n for _, _, n in log) for _, _, log in results]
+    assert all(d <= r * STEPS for d, r in zip(direct, relay)), (direct, relay)
+    assert direct[1] < relay[1] * STEPS and direct[2] < relay[2] * STEPS  # the pass-through ranks
+    assert sum(direct) < sum(relay) * STEPS
+    for _, _, log in results:
+        for (_, src, dst, _), names, _ in log:
+            if "enc1_5" in names:
+                assert {src, dst} == {0, 3}
+    assert any("enc1_5" in names for _, _, log in results for _, names, _ in log)
+    print(f"\nU-Net {schedule}, bytes per step by rank: relay {relay}, direct {[d // STEPS for d in direct]}")
