@@ -34,10 +34,8 @@ class NodeCost:
     ops: tuple[str, ...] = field(default=())  # aten ops seen, for inspection
 
     def __add__(self, other: NodeCost) -> NodeCost:
-        return NodeCost(
-            *(getattr(self, f) + getattr(other, f) for f in _SUMMED),
-            ops=self.ops + other.ops,
-        )
+        summed = {f: getattr(self, f) + getattr(other, f) for f in _SUMMED}
+        return NodeCost(**summed, ops=self.ops + other.ops)
 
 
 _SUMMED = (

@@ -328,7 +328,8 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
         if b < a:
             raise PlanError(f"stages are not contiguous in graph order: node {n.name!r} is in stage {b} "
                             f"but comes after nodes of stage {a}", f"$.stages[{b}].nodes")
-    o = Options(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()})
+    fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
+    o = Options(**fields)
     return _compile(model, cap, specs, o, o.n_microbatches, get_device(DeviceSpec.from_dict(plan.device)),
                     get_link(LinkSpec.from_dict(plan.link)), False, forced=forced)
 

@@ -150,7 +150,10 @@ def _trace_export(
                 f"inputs do not match the exported signature {in_spec}: {e}"
             ) from None
 
-    return Captured(gm, "export", names, flatten, unlifted._out_spec)
+    out_spec = unlifted._out_spec
+    if out_spec is None:  # export always records it; say so rather than fail later
+        raise CaptureError(f"torch.export gave no output structure for {type(model).__name__}")
+    return Captured(gm, "export", names, flatten, out_spec)
 
 
 def _split_tied_attrs(graph: fx.Graph, model: nn.Module) -> None:

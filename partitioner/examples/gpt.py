@@ -85,14 +85,15 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
+            self.lm_head.weight = self.transformer["wte"].weight  # type: ignore[assignment]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.size(1)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(t, device=idx.device)))
-        for block in self.transformer.h:
+        tr = self.transformer
+        x = tr["drop"](tr["wte"](idx) + tr["wpe"](torch.arange(t, device=idx.device)))
+        for block in tr["h"]:  # type: ignore[attr-defined]
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.lm_head(tr["ln_f"](x))
 
 
 def gpt_example(

@@ -101,7 +101,7 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.size(1)
-        cos, sin = self.cos.narrow(0, 0, t), self.sin.narrow(0, 0, t)
+        cos, sin = self.cos.narrow(0, 0, t), self.sin.narrow(0, 0, t)  # type: ignore[operator]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)

@@ -99,7 +99,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, args, port, backend, timeout_s, threads, results),
+    procs = [ctx.Process(target=_child,  # type: ignore[attr-defined]
+                         args=(fn, r, world_size, args, port, backend, timeout_s, threads, results),
                          name=f"pipeline-rank-{r}") for r in range(world_size)]
     for p in procs:
         p.start()
