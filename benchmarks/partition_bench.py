@@ -74,6 +74,15 @@ def solver_figure() -> None:
 
 def quality_figure() -> None:
     model, (idx,) = gpt_example(batch=32, seq=64, n_layer=12, n_embd=256, n_head=8, vocab_size=8192, block_size=64)
+    _quality("gpt 12x256", model, idx)
+    # GPT-2 small's shape (124M parameters, 1024 tokens), built on the meta device: no weights needed.
+    with torch.device("meta"):
+        big, (idx,) = gpt_example(batch=32, seq=1024, n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
+                                  block_size=1024)
+    _quality("gpt2-small shape", big, idx)
+
+
+def _quality(label: str, model: nn.Module, idx: torch.Tensor) -> None:
     for n in (4, 8):
         t, pipe = _timed(lambda: partition(model, n_gpus=n, example_inputs=(idx,), device="a100-80gb", link="nvlink4"))
         plan = pipe.plan
@@ -83,7 +92,7 @@ def quality_figure() -> None:
         at = {"B": plan.prediction.microbatch_size, "S": plan.symbols.get("S", 1)}
         biggest = max(sum(dev.node_time(nd.meta[COST], at)) for nd in pipe.graph.graph.nodes if COST in nd.meta)
         ideal = max(work / n, biggest)
-        print(f"gpt 12x256 -> {n} stages: bottleneck {plan.solver.bottleneck_s * 1e6:.1f} us, "
+        print(f"{label} -> {n} stages: bottleneck {plan.solver.bottleneck_s * 1e6:.1f} us, "
               f"ideal max(work/{n}, largest node) {ideal * 1e6:.1f} us (work/{n} = {work / n * 1e6:.1f} us), "
               f"ratio {plan.solver.bottleneck_s / ideal:.3f}; "
               f"over solver lower bound {plan.solver.bottleneck_s / plan.solver.lower_bound_s:.3f}; "

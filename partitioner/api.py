@@ -19,6 +19,7 @@ from partitioner.plan import Plan, PlanError
 from partitioner.pricing import TIME_UNIT, price, to_units
 from partitioner.schedule import SCHEDULE_NAMES, build_schedule
 from partitioner.simulator import simulate
+from partitioner.refine import refine
 from partitioner.solver import SolverInput, solve
 from passes.annotate import AnnotateCosts
 from passes.base import InputSpec
@@ -269,7 +270,7 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
             cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
             static_mem=list(priced.static_mem), act_mem=list(priced.act_mem),
             inflight=inflight, capacity=[capacity] * opts.n_stages, pinned=pins)
-        solution = solve(sin, opts.n_stages)
+        solution = refine(sin, opts.n_stages, solve(sin, opts.n_stages))
     assignment: dict[str, int] = {}
     bounds = [0, *solution.cuts, n]
     for s in range(opts.n_stages):
