@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -19,7 +19,7 @@ from partitioner.plan import Plan, PlanError
 from partitioner.pricing import TIME_UNIT, price, to_units
 from partitioner.schedule import SCHEDULE_NAMES, build_schedule
 from partitioner.simulator import simulate
-from partitioner.refine import refine
+from partitioner.refine import refine, score
 from partitioner.solver import SolverInput, solve
 from passes.annotate import AnnotateCosts
 from passes.base import InputSpec
@@ -260,16 +260,19 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
             for b, g in zip(priced.cut_bytes, priced.cut_grad_bytes)]
     n = len(priced.order)
     comm[0] = comm[n] = 0
-    if forced is not None:
-        solution = plan_builder.forced_solution(priced, forced, opts.n_stages, comm, inflight)
+    sin = SolverInput(
+        compute=to_units([f + b for f, b in zip(priced.fwd_s, priced.bwd_s)]),
+        cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
+        static_mem=list(priced.static_mem), act_mem=list(priced.act_mem),
+        inflight=inflight, capacity=[capacity] * opts.n_stages, pinned=[])
+    if forced is not None:  # re-applying a plan: its cuts, priced the same way, no search
+        stage_of = [forced[n.name] for n in priced.order]
+        cuts = tuple(stage_of.index(s) for s in range(1, opts.n_stages))
+        solution = score(sin, cuts)
     else:
         pins = _resolve_pins(priced.order, opts.pinned_cuts, priced.allowed, priced.blocked_by)
         _check_enough_cuts(priced, opts.n_stages)
-        sin = SolverInput(
-            compute=to_units([f + b for f, b in zip(priced.fwd_s, priced.bwd_s)]),
-            cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
-            static_mem=list(priced.static_mem), act_mem=list(priced.act_mem),
-            inflight=inflight, capacity=[capacity] * opts.n_stages, pinned=pins)
+        sin = replace(sin, pinned=pins)
         solution = refine(sin, opts.n_stages, solve(sin, opts.n_stages))
     assignment: dict[str, int] = {}
     bounds = [0, *solution.cuts, n]
@@ -293,8 +296,6 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
     specs = tuple(InputSpec(d["name"], d["kind"], tuple(d["shape"]), d["dtype"],
                             tuple((int(a), str(b)) for a, b in d["dims"]), d.get("value")) for d in plan.inputs)
     opts = plan.options
-    if specs and specs[0].kind != "none" and not plan.inputs:
-        raise PlanError("plan has no inputs", "$.inputs")
     for i, sp in enumerate(specs):
         numel = 1
         for d in sp.shape:

@@ -21,7 +21,7 @@ from passes.meta import COST, DESC, MODULE
 from passes.split import SplitResult
 from passes.trace import Captured
 
-__all__ = ["build_plan", "forced_solution", "ev_int", "param_bytes_by_first_use"]
+__all__ = ["build_plan", "ev_int", "param_bytes_by_first_use"]
 
 
 def ev_int(expr: Any, values: Mapping[str, int]) -> int:
@@ -65,22 +65,6 @@ def _fetch(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def forced_solution(priced: Priced, forced: Mapping[str, int], n_stages: int, comm: Sequence[int],
-                    inflight: Sequence[int]) -> Solution:
-    """A Solution for a given assignment (re-applying a plan): same bookkeeping, no search."""
-    stages = [forced[n.name] for n in priced.order]
-    cuts = tuple(stages.index(s) for s in range(1, n_stages))
-    bounds = [0, *cuts, len(stages)]
-    from partitioner.pricing import to_units
-
-    compute = to_units([f + b for f, b in zip(priced.fwd_s, priced.bwd_s)])
-    times = tuple(sum(compute[a:b]) + comm[a] + comm[b] for a, b in zip(bounds, bounds[1:]))
-    mem = tuple(sum(priced.static_mem[a:b]) + inflight[i] * sum(priced.act_mem[a:b])
-                for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
-    total = sum(priced.cut_bytes[c] for c in cuts)
-    return Solution(cuts, max(times), times, mem, total, max(times), False)
 
 
 def _label(priced: Priced, k: int, cut_at: str | None) -> str:

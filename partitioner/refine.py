@@ -11,11 +11,9 @@ The global bottleneck never grows: the first solution is a witness for every sub
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from partitioner.solver import InfeasibleError, Solution, SolverInput, solve
 
-__all__ = ["refine"]
+__all__ = ["refine", "score"]
 
 #: Sub-solves allowed per call: a 64-stage, 10,000-node refine stays near one second.
 _MAX_SOLVES = 8
@@ -73,9 +71,15 @@ def refine(inp: SolverInput, n_stages: int, first: Solution) -> Solution:
     worst = max(range(n_stages), key=lambda i: first.stage_times[i])
     balance(0, worst)
     balance(worst + 1, n_stages - worst - 1)
-    cuts = tuple(bounds[1:-1])
+    return score(inp, tuple(bounds[1:-1]), lower_bound=first.lower_bound, optimal=first.optimal)
+
+
+def score(inp: SolverInput, cuts: tuple[int, ...], *, lower_bound: int | None = None,
+          optimal: bool = False) -> Solution:
+    """The Solution that ``cuts`` give on ``inp``: stage times, memory, bytes (no search)."""
+    bounds = [0, *cuts, len(inp.compute)]
     times = tuple(sum(inp.compute[a:b]) + inp.cut_cost[a] + inp.cut_cost[b] for a, b in zip(bounds, bounds[1:]))
     mem = tuple(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(inp.act_mem[a:b])
                 for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
-    return replace(first, cuts=cuts, stage_times=times, stage_mem=mem, bottleneck=max(times),
-                   total_cut_bytes=sum(inp.cut_bytes[c] for c in cuts))
+    return Solution(cuts, max(times), times, mem, sum(inp.cut_bytes[c] for c in cuts),
+                    max(times) if lower_bound is None else lower_bound, optimal)
