@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from cost_models.devices import DeviceSpec, LinkSpec, get_device, get_link
 from cost_models.errors import PartitionError
-from partitioner import plan_builder
+from partitioner import plan_builder, poly
 from partitioner.pipe import Pipe
 from partitioner.plan import Plan, PlanError
 from partitioner.pricing import TIME_UNIT, price, to_units
@@ -243,7 +243,7 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
 
     def node_time(cost: Any, values: Mapping[str, int]) -> tuple[float, float]:
         if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
-            pb = float(plan_builder.ev_int(cost.param_bytes, values))
+            pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
             return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
         return dev.node_time(cost, values, compute_dtype)
 
@@ -293,8 +293,7 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
 
 def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: Any) -> Pipe:
     """Rebuild the stages ``plan`` describes for ``model``, without solving again."""
-    specs = tuple(InputSpec(d["name"], d["kind"], tuple(d["shape"]), d["dtype"],
-                            tuple((int(a), str(b)) for a, b in d["dims"]), d.get("value")) for d in plan.inputs)
+    specs = plan.input_specs()
     opts = plan.options
     for i, sp in enumerate(specs):
         numel = 1
@@ -305,7 +304,7 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
                             f"({numel} elements > {_MAX_INPUT_NUMEL})", f"$.inputs[{i}].shape")
     example: dict[str, Any] | None = None
     if plan.capture == "export":  # export needs inputs: zeros of the recorded shapes, by name
-        example = {s.name: _zeros(s) for s in specs}
+        example = {s.name: s.zeros() for s in specs}
     route = plan.capture
     try:
         cap = capture(model, None, example, route=route, leaf_modules=tuple(opts.get("leaf_modules", ())),
@@ -340,8 +339,3 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
 #: must not make that allocate gigabytes.
 _MAX_INPUT_NUMEL = 2**28
 
-
-def _zeros(s: InputSpec) -> Any:
-    if s.kind != "tensor":
-        return s.value
-    return torch.zeros(s.shape, dtype=getattr(torch, s.dtype))

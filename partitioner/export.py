@@ -30,21 +30,6 @@ def stage_inputs(pipe: Pipe, *args: Any, **kwargs: Any) -> list[list[Any]]:
     return _run_flat(pipe, pipe.flatten_inputs(args, kwargs))
 
 
-def _example_from_plan(pipe: Pipe) -> list[Any]:
-    micro = pipe.plan.prediction.microbatch_size
-    out: list[Any] = []
-    for spec in pipe.plan.inputs:
-        if spec["kind"] != "tensor":
-            out.append(spec["value"])
-            continue
-        shape = list(spec["shape"])
-        for dim, sym in spec["dims"]:
-            if sym == "B":
-                shape[dim] = micro
-        out.append(torch.zeros(shape, dtype=getattr(torch, spec["dtype"])))
-    return out
-
-
 def write_sources(pipe: Pipe, directory: str | os.PathLike[str]) -> list[str]:
     """``stage{i}.py`` per stage: the generated ``forward``, with the plan's I/O as a header."""
     paths = []
@@ -66,7 +51,8 @@ def export_onnx(pipe: Pipe, directory: str | os.PathLike[str], *args: Any, opset
     if args or kwargs:
         per_stage = stage_inputs(pipe, *args, **kwargs)
     else:
-        flat = _example_from_plan(pipe)
+        micro = pipe.plan.prediction.microbatch_size
+        flat = [spec.zeros(micro) for spec in pipe.plan.input_specs()]
         per_stage = _run_flat(pipe, flat)
     out_dir = Path(directory)
     out_dir.mkdir(parents=True, exist_ok=True)

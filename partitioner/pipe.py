@@ -44,10 +44,6 @@ class Pipe(nn.Module):
         #: graph text + metadata after capture and after each pass (partition(keep_snapshots=True))
         self.snapshots: tuple[Snapshot, ...] = tuple(snapshots)
 
-    @property
-    def captured(self) -> Captured:
-        return self._captured
-
     def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         return self._captured.flatten(args, kwargs)
 

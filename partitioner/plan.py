@@ -21,6 +21,7 @@ import torch
 
 from cost_models.errors import PartitionError
 from partitioner import poly
+from passes.base import InputSpec
 
 __all__ = [
     "PLAN_VERSION", "PlanError", "ValueSpec", "Boundary", "StageCost", "StagePlan",
@@ -122,6 +123,12 @@ class Plan:
     @property
     def n_stages(self) -> int:
         return len(self.stages)
+
+    def input_specs(self) -> tuple[InputSpec, ...]:
+        """The recorded model inputs as ``InputSpec``s (enough to re-trace without data)."""
+        return tuple(InputSpec(d["name"], d["kind"], tuple(d["shape"]), d["dtype"],
+                               tuple((int(a), str(b)) for a, b in d["dims"]), d.get("value"))
+                     for d in self.inputs)
 
     @property
     def cuts(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import sympy
 import torch
 from torch import fx, nn
 
-from cost_models.cost import BATCH, SEQ, NodeCost
+from cost_models.cost import NodeCost
 from cost_models.devices import DeviceSpec, LinkSpec
 from partitioner import poly
 from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueSpec
@@ -21,13 +21,7 @@ from passes.meta import COST, DESC, MODULE
 from passes.split import SplitResult
 from passes.trace import Captured
 
-__all__ = ["build_plan", "ev_int", "param_bytes_by_first_use"]
-
-
-def ev_int(expr: Any, values: Mapping[str, int]) -> int:
-    if isinstance(expr, int):
-        return expr
-    return int(sympy.ceiling(sympy.sympify(expr).xreplace({BATCH: values.get("B", 1), SEQ: values.get("S", 1)})))
+__all__ = ["build_plan", "param_bytes_by_first_use"]
 
 
 def param_bytes_by_first_use(gm: fx.GraphModule, order: Sequence[fx.Node]) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import sympy
-import torch
 from torch import fx
 
 from cost_models.cost import BATCH, SEQ, NodeCost
@@ -167,7 +166,3 @@ def price(
 
 def to_units(seconds: Sequence[float]) -> list[int]:
     return [int(round(s / TIME_UNIT)) for s in seconds]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

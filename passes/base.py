@@ -27,6 +27,17 @@ class InputSpec(NamedTuple):
     dims: tuple[tuple[int, str], ...]  # ((0, "B"), (1, "S"))
     value: int | float | bool | None = None  # for non-tensor inputs
 
+    def zeros(self, batch: int | None = None) -> torch.Tensor | int | float | bool | None:
+        """An example value: zeros of the recorded shape (dims marked "B" set to ``batch``)."""
+        if self.kind != "tensor":
+            return self.value
+        shape = list(self.shape)
+        if batch is not None:
+            for dim, sym in self.dims:
+                if sym == "B":
+                    shape[dim] = batch
+        return torch.zeros(shape, dtype=getattr(torch, self.dtype))
+
 
 class TensorDesc(NamedTuple):
     """A tensor value as the cost model and the plan see it: shape symbolic in B and S."""
