@@ -288,7 +288,7 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
         device=dev, link=lnk, priced=priced, bounds=bounds, split=split, schedule=sched,
         micro=micro, solution=solution, comm_units=comm, notes=notes, time_unit=TIME_UNIT,
     )
-    return Pipe(cap, split.stages, plan, graph=gm, snapshots=pm.snapshots)
+    return Pipe(cap, split.stages, plan, graph=gm, snapshots=pm.snapshots, model=model)
 
 
 def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: Any) -> Pipe:

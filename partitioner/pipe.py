@@ -33,6 +33,7 @@ class Pipe(nn.Module):
         plan: Plan,
         graph: fx.GraphModule | None = None,
         snapshots: Sequence[Snapshot] = (),
+        model: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stages)
@@ -41,6 +42,9 @@ class Pipe(nn.Module):
         #: the whole annotated graph (node.meta holds costs and stages); not a submodule,
         #: so it adds nothing to parameters() or state_dict()
         self.__dict__["graph"] = graph if graph is not None else captured.gm
+        #: the model the stages came from (not a submodule): ``build_stage`` initialises a meta
+        #: model's tensors through its modules' own init code and reads which buffers persist
+        self.__dict__["model"] = model
         #: graph text + metadata after capture and after each pass (partition(keep_snapshots=True))
         self.snapshots: tuple[Snapshot, ...] = tuple(snapshots)
 
