@@ -7,8 +7,9 @@ Every failure a user can cause prints one line, ``error: ...``, on stderr and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import NoReturn, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -24,34 +25,64 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+#: What partition() uses when a flag is not given. The parser's own defaults are None so a
+#: command can tell a flag the user typed from one left alone (and refuse the ones it ignores).
+PARTITION_DEFAULTS = {"gpus": 4, "virtual_stages": 1, "device": "h100-sxm", "link": "nvlink4", "schedule": "1f1b",
+                      "microbatches": None, "cut_at": None, "pin": [], "memory_limit": None, "optimizer": "adam",
+                      "leaf_module": []}
+_OPTIMIZERS = ("adam", "adamw", "momentum", "sgd", "none")  # partitioner.api.OPTIMIZER_STATES
+
+
 def _partition_options() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("partitioning")
-    g.add_argument("--gpus", type=int, default=4, metavar="N", help="pipeline ranks (devices) (default: %(default)s)")
-    g.add_argument("--virtual-stages", type=int, default=1, metavar="V",
-                   help="stages per rank; V > 1 needs --schedule interleaved-1f1b (default: %(default)s)")
-    g.add_argument("--device", default="h100-sxm",
-                   help="device profile: h100-sxm, h200, a100-80gb, cpu or local (measured) (default: %(default)s)")
-    g.add_argument("--link", default="nvlink4",
-                   help="link profile: nvlink4, pcie4, pcie5, ethernet-100g, loopback (default: %(default)s)")
-    g.add_argument("--schedule", default="1f1b", choices=_SCHEDULES, help="pipeline schedule (default: %(default)s)")
+    g.add_argument("--gpus", type=int, default=None, metavar="N", help="pipeline ranks (devices) (default: 4)")
+    g.add_argument("--virtual-stages", type=int, default=None, metavar="V",
+                   help="stages per rank; V > 1 needs --schedule interleaved-1f1b (default: 1)")
+    g.add_argument("--device", default=None,
+                   help="device profile: h100-sxm, h200, a100-80gb, cpu or local (measured) (default: h100-sxm)")
+    g.add_argument("--link", default=None,
+                   help="link profile: nvlink4, pcie4, pcie5, ethernet-100g, loopback (default: nvlink4)")
+    g.add_argument("--schedule", default=None, choices=_SCHEDULES,
+                   help="pipeline schedule; naive runs the batch whole, one stage at a time (default: 1f1b)")
     g.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="micro-batches per step (default: up to 2 x GPUs, dividing the batch)")
     g.add_argument("--cut-at", default=None, metavar="GLOB",
                    help="cut only between modules matching GLOB, e.g. 'transformer.h.*' (default: anywhere)")
-    g.add_argument("--pin", action="append", default=[], metavar="CUT",
+    g.add_argument("--pin", action="append", default=None, metavar="CUT",
                    help="force a cut before this node or module path; repeatable (default: none)")
     g.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory per device, e.g. 40GiB or 80GB (default: the device profile's)")
+    g.add_argument("--optimizer", default=None, choices=_OPTIMIZERS,
+                   help="optimizer whose state is priced into each stage's memory (default: adam)")
+    g.add_argument("--leaf-module", action="append", default=None, metavar="PATH",
+                   help="trace this submodule (module path, e.g. 'encoder.router') as one opaque node; "
+                        "repeatable (default: none)")
     return p
 
 
+def given_partition_flags(args: argparse.Namespace) -> list[str]:
+    """The partitioning flags the user typed (parser defaults are None)."""
+    return ["--" + k.replace("_", "-") for k in PARTITION_DEFAULTS if getattr(args, k, None) is not None]
+
+
+def fill_partition_defaults(args: argparse.Namespace) -> None:
+    for key, value in PARTITION_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    top = _Parser(add_help=False)
+    top.add_argument("--debug", action="store_true",
+                     help="show tracebacks and library logs instead of one-line errors (default: off)")
+    # The subcommands' --debug must not reset one given before the subcommand: SUPPRESS keeps it.
     common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and library logs instead of one-line errors (default: off)")
     part = _partition_options()
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="partitioner", description=__doc__, formatter_class=fmt, parents=[common])
+    parser = _Parser(prog="partitioner", description=__doc__, formatter_class=fmt, parents=[top])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plan", parents=[common, part], help="partition a model and write its plan",
@@ -91,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Spawn one process per rank, train --steps steps on the factory's example "
                                    "inputs with a default loss, print each step's loss.")
     r.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    r.add_argument("--plan", metavar="PLAN.json",
+                   help="run this saved plan on MODEL instead of partitioning again (default: partition now)")
     r.add_argument("--steps", type=int, default=3, help="training steps (default: %(default)s)")
     r.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: %(default)s)")
     r.add_argument("--trace", metavar="FILE", help="write a Chrome trace of what ran (default: no)")
@@ -108,20 +141,70 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     from tools import commands
 
     handler = {"plan": commands.cmd_plan, "show": commands.cmd_show, "diff": commands.cmd_diff,
                "run": commands.cmd_run, "export": commands.cmd_export}[args.command]
     try:
-        return handler(args)
+        with _library_noise(debug):
+            return handler(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _library_noise(debug: bool) -> Iterator[None]:
+    """torch's log lines and Python warnings stay out of the way unless --debug asks for them.
+
+    What the planner itself warns about is recorded in the plan's notes, which the table prints.
+    """
+    if debug:
+        yield
+        return
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+#: Python argument names in the library's messages → the flag that sets them here.
+_FLAG_NAMES = [
+    (r"n_gpus(?:=(\d+))?", "--gpus"), (r"virtual_stages(?:=(\d+))?", "--virtual-stages"),
+    (r"n_microbatches(?:=(\d+))?", "--microbatches"), (r"leaf_modules=\[\.\.\.\]", "--leaf-module PATH"),
+    (r"leaf_modules", "--leaf-module"), (r"cut_at(?:=\.\.\.)?", "--cut-at"), (r"pinned_cuts", "--pin"),
+    (r"memory_limit", "--memory-limit"), (r"schedule='([\w-]+)'", "--schedule"),
+    (r"optimizer=", "--optimizer"), (r"concrete_args", "concrete_args (Python API only)"),
+    (r"route='export'", "capture_route='export' (Python API only)"),
+]
+
+
+def flag_names(text: str) -> str:
+    """``n_gpus`` → ``--gpus`` etc. in a library message; JSON paths ($.options.n_gpus) stay."""
+    import re
+
+    for pattern, flag in _FLAG_NAMES:
+        def sub(m: re.Match[str], flag: str = flag) -> str:
+            value = m.group(1) if m.groups() else None
+            return f"{flag} {value}" if value else flag
+        text = re.sub(r"(?<![.\w$])" + pattern + r"(?!\w)", sub, text)
+    return text
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,22 +1,32 @@
-"""One function per subcommand: parsed arguments in, exit status out. Heavy imports stay inside."""
+"""One function per subcommand: parsed arguments in, exit status out. Heavy imports stay inside.
+
+Every command checks its output paths before any work starts and writes its files all
+together at the end (``tools.outputs``): a failing command leaves nothing new behind.
+``show`` and ``diff`` of plan files never import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from rich.console import Console
-
 from tools.loading import ToolError, is_plan_file, load_model, read_plan
+from tools.outputs import Outputs, check_output_dir, check_outputs
 
 __all__ = ["cmd_plan", "cmd_show", "cmd_diff", "cmd_export", "cmd_run", "partition_from_args"]
 
+#: The timeline draws every block; past this many micro-batches it is unreadable and slow.
+MAX_TIMELINE_MICROBATCHES = 256
 
-def _out() -> Console:
+
+def _out() -> Any:
+    from rich.console import Console
+
     # Not a terminal (a pipe, a test): plain text, wide enough that tables never wrap.
     return Console(width=None if sys.stdout.isatty() else 160)
 
@@ -24,6 +34,8 @@ def _out() -> Console:
 @contextlib.contextmanager
 def _phase(text: str, quiet: bool = False) -> Iterator[None]:
     """A spinner on stderr while a slow phase runs; silent when stderr is not a terminal."""
+    from rich.console import Console
+
     err = Console(stderr=True)
     if quiet or not err.is_terminal:
         yield
@@ -32,57 +44,106 @@ def _phase(text: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _library_output(args: argparse.Namespace) -> Iterator[None]:
+    """What torch prints while tracing (graph dumps on a failed export) is not ours to show:
+    kept out of the terminal unless --debug."""
+    if getattr(args, "debug", False):
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _model_file(spec: str) -> str | None:
+    where = spec.rpartition(":")[0]
+    return where if where.endswith(".py") else None
+
+
+def _refuse_partition_flags(args: argparse.Namespace, why: str) -> None:
+    from tools.cli import given_partition_flags
+
+    given = given_partition_flags(args)
+    if given:
+        raise ToolError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used {why}; drop "
+                        f"{'it' if len(given) == 1 else 'them'}")
+
+
+def check_partition_args(args: argparse.Namespace) -> None:
+    """Flag combinations partition() would silently override, refused before any work."""
+    from tools.cli import fill_partition_defaults
+    from tools.fmt import parse_bytes
+
+    if args.schedule == "naive" and args.microbatches not in (None, 1):
+        raise ToolError(f"--schedule naive runs the whole batch as one micro-batch; drop --microbatches "
+                        f"{args.microbatches} or choose --schedule gpipe or 1f1b")
+    fill_partition_defaults(args)
+    args.memory_limit_bytes = parse_bytes(args.memory_limit) if args.memory_limit else None
+
+
 def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: bool = False,
                         loaded: tuple[Any, Any] | None = None) -> Any:
     """``partition()`` with the shared options; returns the Pipe. ``loaded``: the factory's result."""
-    from tools.fmt import parse_bytes
+    from tools.cli import flag_names
 
-    # Check what the user typed before importing torch: a typo costs no start-up time.
-    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    if not hasattr(args, "memory_limit_bytes"):
+        check_partition_args(args)  # a typo costs no start-up time: checked before torch loads
     quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     with _phase(f"loading {spec}", quiet):
         model, inputs = loaded if loaded is not None else load_model(spec)
-    from partitioner import partition
+    from partitioner import PartitionError, partition
 
-    with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet):
-        return partition(
-            model, args.gpus, inputs, schedule=args.schedule, n_microbatches=args.microbatches,
-            virtual_stages=args.virtual_stages, device=args.device, link=args.link, cut_at=args.cut_at,
-            pinned_cuts=tuple(args.pin), memory_limit=limit, keep_snapshots=keep_snapshots)
+    extra = {k: getattr(args, k) for k in ("precision", "recompute") if getattr(args, k, None) is not None}
+    with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet), _library_output(args):
+        try:
+            return partition(
+                model, args.gpus, inputs, schedule=args.schedule, n_microbatches=args.microbatches,
+                virtual_stages=args.virtual_stages, device=args.device, link=args.link, cut_at=args.cut_at,
+                pinned_cuts=tuple(args.pin), memory_limit=args.memory_limit_bytes, optimizer=args.optimizer,
+                leaf_modules=tuple(args.leaf_module), keep_snapshots=keep_snapshots, **extra)
+        except PartitionError as e:  # written for Python callers: name the flags instead
+            raise ToolError(flag_names(" ".join(str(e).split()))) from e
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from partitioner.plan import write_atomic
+    check_partition_args(args)
+    check_outputs([("-o", args.output), ("--dot", args.dot), ("--svg", args.svg)], [_model_file(args.model) or ""])
+    if args.depth is not None and args.depth < 1:
+        raise ToolError(f"--depth must be >= 1, got {args.depth}")
     from tools.summary import plan_summary
     from tools.table import print_plan
 
     pipe = partition_from_args(args, args.model)
-    write_atomic(args.output, pipe.plan.to_json())
+    files = Outputs()
+    files.add(args.output, pipe.plan.to_json())
     if args.dot or args.svg:
         from tools.pictures import segmentation, to_dot, to_svg
 
         seg = segmentation(pipe.graph, pipe.plan, depth=args.depth)
         if args.dot:
-            write_atomic(args.dot, to_dot(seg))
+            files.add(args.dot, to_dot(seg))
         if args.svg:
-            write_atomic(args.svg, to_svg(seg))
+            files.add(args.svg, to_svg(seg))
+    written = files.commit()
     if not args.quiet:
         out = _out()
         print_plan(plan_summary(pipe.plan), out)
-        out.print(f"wrote {args.output}" + "".join(f", {p}" for p in (args.dot, args.svg) if p))
+        out.print("wrote " + ", ".join(written))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    if args.trace and not args.timeline:
+        raise ToolError("--trace draws a measured trace and needs --timeline FILE")
+    if args.timeline and Path(args.timeline).suffix.lower() not in (".svg", ".png", ".pdf"):
+        raise ToolError(f"--timeline {args.timeline}: write .svg, .png or .pdf")
+    check_outputs([("--timeline", args.timeline)], [args.plan, args.trace or ""])
     from tools.summary import plan_summary
     from tools.table import print_plan
 
     plan = read_plan(args.plan)
     summary = plan_summary(plan)
-    if args.json:
-        print(json.dumps(summary, indent=1, sort_keys=True))
-    else:
-        print_plan(summary, _out())
+    files = Outputs()
     if args.timeline:
         from tools import timeline
 
@@ -90,24 +151,34 @@ def cmd_show(args: argparse.Namespace) -> int:
             blocks = timeline.trace_events(args.trace)
             title = f"{plan.model}: measured ({Path(args.trace).name})"
         else:
-            blocks, step = timeline.predicted_events(plan)
             p = plan.prediction
+            if p.n_microbatches > MAX_TIMELINE_MICROBATCHES:
+                raise ToolError(f"{args.plan} has {p.n_microbatches} micro-batches; --timeline draws at most "
+                                f"{MAX_TIMELINE_MICROBATCHES} (re-plan with --microbatches M)")
+            blocks, _ = timeline.predicted_events(plan)
             title = (f"{plan.model}: {p.schedule}, {plan.n_stages} stages on {plan.options['n_gpus']} ranks, "
                      f"{p.n_microbatches} micro-batches (predicted, {plan.device.get('name')})")
-        timeline.draw(blocks, args.timeline, title, show_stage=plan.n_stages > int(plan.options["n_gpus"]))
+        files.add(args.timeline, timeline.render(blocks, args.timeline, title,
+                                                 show_stage=plan.n_stages > int(plan.options["n_gpus"])))
+    if args.json:
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        print_plan(summary, _out())
+    if args.timeline:
+        files.commit()
         if not args.json:
             print(f"wrote {args.timeline}")
-    elif args.trace:
-        raise ToolError("--trace draws a measured trace and needs --timeline FILE")
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from tools import diff, diff_render
-
+    check_outputs([("--html", args.html)], list(args.inputs))
     if args.passes or args.stages:
         if len(args.inputs) != 1:
             raise ToolError(f"diff --{'passes' if args.passes else 'stages'} takes one MODEL, got {len(args.inputs)}")
+        check_partition_args(args)
+        from tools import diff
+
         pipe = partition_from_args(args, args.inputs[0], keep_snapshots=args.passes)
         if args.passes:
             d = diff.diff_passes(list(pipe.snapshots))
@@ -117,47 +188,93 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         if len(args.inputs) != 2:
             raise ToolError(f"diff needs two plan files (or --passes/--stages MODEL), got {len(args.inputs)} argument(s)")
+        _refuse_partition_flags(args, "when comparing two plan files (they were planned already)")
+        from tools import diff
+
         a, b = (read_plan(p) for p in args.inputs)
         d = diff.diff_plans(a, b)
         title = f"{args.inputs[0]} vs {args.inputs[1]}"
+    from tools import diff_render
+
+    files = Outputs()
+    if args.html:
+        files.add(args.html, diff_render.html_diff(d, title))
     if args.json:
         print(json.dumps(d, indent=1, sort_keys=True))
     else:
         diff_render.print_diff(d, _out())
-    if args.html:
-        from partitioner.plan import write_atomic
-
-        write_atomic(args.html, diff_render.html_diff(d, title))
+    files.commit()
     return 1 if d["different"] else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from partitioner.plan import write_atomic
-
-    if is_plan_file(args.source):
+    check_output_dir("--out", args.out)
+    from_plan = is_plan_file(args.source)
+    if from_plan:
         if not args.model_spec:
             raise ToolError("export of a plan file needs --model MODEL: the plan holds no code or weights")
+        _refuse_partition_flags(args, "when exporting a plan file (its stages are fixed); to re-plan, "
+                                      "pass MODEL instead of the plan")
         plan = read_plan(args.source)
+        if args.onnx:
+            _onnx_ready(plan)  # before loading the model: refused up front, nothing written
         model, inputs = load_model(args.model_spec)
-        pipe = plan.apply(model, inputs)  # type: ignore[attr-defined]
+        with _library_output(args):
+            pipe = plan.apply(model, inputs)
     else:
+        if args.model_spec:
+            raise ToolError("--model is for exporting a plan file; SOURCE is a model already")
+        check_partition_args(args)
         pipe = partition_from_args(args, args.source)
+        if args.onnx:
+            _onnx_ready(pipe.plan)
+    from partitioner.export import write_sources
+
+    import shutil
+    import tempfile
+
     out = Path(args.out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the export fails
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i in range(len(pipe.stages)):
-        write_atomic(out / f"stage{i}.py", f"# stage {i} of {pipe.plan.model}, cut by partitioner\n"
-                     + pipe.stage_source(i).strip() + "\n")
-        written.append(str(out / f"stage{i}.py"))
-    if args.onnx:
-        try:
-            written += list(pipe.export_onnx(str(out)))
-        except ModuleNotFoundError as e:
-            if "partitioner.export" in str(e) or "onnx" in str(e):
-                raise ToolError(f"ONNX export is not available: {e}") from e
-            raise
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    ok = False
+    try:
+        names = [Path(p).name for p in write_sources(pipe, staging)]
+        if args.onnx:
+            from partitioner.export import ExportError
+
+            try:
+                with _library_output(args):
+                    names += [Path(p).name for p in pipe.export_onnx(str(staging))]
+            except ExportError as e:
+                raise ToolError(str(e)) from e
+        written = []
+        for name in names:  # every file made and checked: only now do they appear in DIR
+            (staging / name).replace(out / name)
+            written.append(str(out / name))
+        ok = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not ok:
+            for p in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    p.rmdir()
     print("wrote " + ", ".join(written))
     return 0
+
+
+def _onnx_ready(plan: Any) -> None:
+    from importlib.util import find_spec
+
+    from partitioner.export import onnx_blockers
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if find_spec(m) is None]
+    if missing:
+        raise ToolError(f"--onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
+    blockers = onnx_blockers(plan)
+    if blockers:
+        raise ToolError("--onnx: ONNX stages exchange tensors only, but " + "; ".join(blockers)
+                        + "; re-plan with cuts between blocks, e.g. --cut-at 'transformer.h.*'")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -76,6 +76,13 @@ def trace_events(path: str | Path) -> list[Block]:
 
 def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool = False) -> None:
     """Write an SVG or PNG (by suffix) with matplotlib's Agg backend: no display needed."""
+    Path(out).write_bytes(render(blocks, out, title, show_stage))
+
+
+def render(blocks: list[Block], name: str | Path, title: str = "", show_stage: bool = False) -> bytes:
+    """The picture's bytes, in the format ``name``'s suffix names (svg, png, pdf)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,5 +115,12 @@ def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool
               bbox_to_anchor=(0.0, 1.0), ncol=4, fontsize=8, frameon=False, borderaxespad=0.2)  # between title and bars
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(out), format=Path(out).suffix.lstrip(".").lower() or "png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(name).suffix.lstrip(".").lower() or "png", metadata=_FIXED_METADATA.get(
+        Path(name).suffix.lower()))
     plt.close(fig)
+    return buf.getvalue()
+
+
+# No creation dates in the files: the same plan draws the same bytes.
+_FIXED_METADATA = {".svg": {"Date": None}, ".png": {"Software": None}, ".pdf": {"CreationDate": None}}

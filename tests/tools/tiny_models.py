@@ -48,3 +48,53 @@ def broken() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def not_a_pair() -> nn.Module:
     return nn.Linear(2, 2)
+
+
+class ResidualMLP(nn.Module):
+    """Residual blocks (x + relu(linear(x))), ``depth`` of them: skips cross every cut."""
+
+    def __init__(self, depth: int = 6, width: int = 16) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + torch.relu(layer(x))
+        return self.head(x)
+
+
+def residual() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return ResidualMLP(6), (torch.randn(8, 16),)
+
+
+class _Mismatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
+def wrong_inputs() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A forward that fails on its example inputs (8 features into a 16-feature layer)."""
+    return _Mismatch(), (torch.randn(4, 8),)
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:  # data-dependent control flow: neither fx nor export can capture it
+            h = self.b(h)
+        return h
+
+
+def branchy() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return _Branchy(), (torch.randn(4, 16),)
