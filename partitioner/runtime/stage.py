@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,45 +26,49 @@ from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter, TraceEvent
 from partitioner.runtime.local import resolve_schedule, seq_len
+from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.routing import routes
 from partitioner.schedule import Schedule
 
-__all__ = ["build_stage", "RankStage", "Runner"]
+__all__ = ["build_stage", "RankStage", "Runner", "IncompatibleKeys"]
 
 
-def _copy_to(modules: list[nn.Module], device: torch.device) -> list[nn.Module]:
-    """Deep copies made together, so a tensor shared by two stages of this rank stays
-    one tensor; parameters and buffers are copied straight onto ``device``."""
-    memo: dict[int, Any] = {}
-    for mod in modules:
-        for _, p in mod.named_parameters(remove_duplicate=False):
-            if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
-        for _, b in mod.named_buffers(remove_duplicate=False):
-            if id(b) not in memo:
-                memo[id(b)] = b.detach().to(device, copy=True)
-    return copy.deepcopy(modules, memo)
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class RankStage:
     """The stages ``rank`` runs (stage s lives on rank s % n_ranks)."""
 
-    def __init__(self, pipe: Any, rank: int, device: torch.device, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, pipe: Any, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
+                 init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0) -> None:
         plan = pipe.plan
         self.pipe, self.plan, self.rank, self.device, self.group = pipe, plan, rank, device, group
         self.n_ranks = plan.options.get("n_gpus") or max(st.rank for st in plan.stages) + 1
         mine = [st.index for st in plan.stages if st.rank == rank]
         if not mine:
             raise PipelineRuntimeError(f"rank {rank} runs no stage of this plan (ranks 0..{self.n_ranks - 1})", rank)
-        self.modules: dict[int, nn.Module] = dict(zip(mine, _copy_to([pipe.stages[s] for s in mine], device)))
+        model = getattr(pipe, "model", None)
+        #: FQN -> every FQN of the same tensor in the model (tied weights), itself included
+        self.aliases: dict[str, tuple[str, ...]] = _alias_groups(model, plan.tied_parameters)
+        self._non_persistent = non_persistent_buffers(model) if model is not None else set()
+        originals = [pipe.stages[s] for s in mine]
+        made = materialize(originals, device, model, init_fn=init_fn, seed=seed,
+                           tied=tuple(g for g in set(self.aliases.values()) if len(g) > 1))
+        # Deep copies made together, so a tensor shared by two stages of this rank stays one.
+        self.modules: dict[int, nn.Module] = dict(zip(mine, copy.deepcopy(originals, made.memo)))
+        #: FQNs whose values nobody has written yet (a meta model's tensors without an
+        #: initialiser): the runner refuses to run until a checkpoint or state dict fills them
+        self.uninitialized: set[str] = made.uninitialized
         self._tied = self._tie_groups()
 
     def _tie_groups(self) -> list[tuple[dist.ProcessGroup, list[nn.Parameter]]]:
         """One subgroup per tied set spanning several ranks. ``new_group`` is collective:
         every rank creates every subgroup, in plan order, member or not."""
         out = []
-        named = {n: p for mod in self.modules.values() for n, p in mod.named_parameters(remove_duplicate=False)}
+        named = dict(self.named_parameters(remove_duplicate=False))
         for names in self.plan.tied_parameters:
             ranks = sorted({st.rank for st in self.plan.stages if set(st.parameters) & set(names)})
             if len(ranks) < 2:
@@ -76,16 +80,154 @@ class RankStage:
                 out.append((pg, params))
         return out
 
-    def parameters(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
+    # nn.Module conventions, over every stage of this rank, with the model's FQNs.
+    def _named_tensors(self, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+        seen: set[str] = set()
         for mod in self.modules.values():
-            for p in mod.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+            items = (mod.named_parameters(remove_duplicate=False) if kind == "p"
+                     else mod.named_buffers(remove_duplicate=False))
+            for n, t in items:
+                if n not in seen:  # a name used by two stages of this rank is one tensor
+                    seen.add(n)
+                    yield n, t
 
-    def named_parameters(self) -> dict[str, nn.Parameter]:
-        """FQN → parameter, the model's names (a tied tensor appears under each name)."""
-        return {n: p for mod in self.modules.values() for n, p in mod.named_parameters(remove_duplicate=False)}
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(FQN, parameter)`` pairs, the model's names. As ``nn.Module``: a tensor tied
+        under several names is yielded once unless ``remove_duplicate=False``."""
+        del recurse  # always the whole of this rank's stages
+        ids: set[int] = set()
+        for n, p in self._named_tensors("p"):
+            if remove_duplicate and id(p) in ids:
+                continue
+            ids.add(id(p))
+            yield prefix + n, p  # type: ignore[misc]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once (a list, so ``if stage.parameters():`` works)."""
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        del recurse
+        ids: set[int] = set()
+        for n, b in self._named_tensors("b"):
+            if remove_duplicate and id(b) in ids:
+                continue
+            ids.add(id(b))
+            yield prefix + n, b
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [b for _, b in self.named_buffers()]
+
+    def is_persistent(self, name: str) -> bool:
+        return name not in self._non_persistent
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """FQN -> tensor (detached, sharing storage) for this rank's parameters and
+        persistent buffers, tied tensors under each of their names here; the keys are a
+        subset of ``model.state_dict()``'s."""
+        out = {n: p.detach() for n, p in self.named_parameters(remove_duplicate=False)}
+        out.update({n: b.detach() for n, b in self.named_buffers(remove_duplicate=False) if self.is_persistent(n)})
+        return out
+
+    def unique_tensors(self) -> list[tuple[list[str], torch.Tensor]]:
+        """Each of this rank's parameters and persistent buffers once, with its names here."""
+        by_id: dict[int, tuple[list[str], torch.Tensor]] = {}
+        pairs = [*self.named_parameters(remove_duplicate=False),
+                 *((n, b) for n, b in self.named_buffers(remove_duplicate=False) if self.is_persistent(n))]
+        for n, t in pairs:
+            by_id.setdefault(id(t), ([], t.detach()))[0].append(n)
+        return list(by_id.values())
+
+    def candidates(self, names: list[str]) -> list[str]:
+        """Names a checkpoint may hold one tensor under: its names here, then its other
+        tied names in the model (a Hugging Face checkpoint stores a tied weight once)."""
+        out = list(names)
+        for n in names:
+            out += [a for a in self.aliases.get(n, ()) if a not in out]
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> IncompatibleKeys:
+        """Copy values into this rank's tensors. ``state_dict`` may be the whole model's:
+        keys of other ranks are ignored; a tied tensor is loaded from whichever of its names
+        is present. ``strict``: every tensor of this rank must be found, and keys that are
+        not the model's raise. Returns (missing_keys, unexpected_keys) like ``nn.Module``."""
+        own = self.state_dict()
+        missing = []
+        with torch.no_grad():
+            for names, t in self.unique_tensors():
+                src_name = next((a for a in self.candidates(names) if a in state_dict), None)
+                if src_name is None:
+                    missing.extend(names)
+                    continue
+                src = state_dict[src_name]
+                if tuple(src.shape) != tuple(t.shape):
+                    raise PipelineRuntimeError(
+                        f"rank {self.rank}: {src_name!r} has shape {tuple(src.shape)} in the state dict, "
+                        f"the model's is {tuple(t.shape)}: the state dict is from another model or configuration")
+                t.copy_(src)
+                self.uninitialized.difference_update(names)
+        known = set(own) | {a for n in own for a in self.aliases.get(n, (n,))}
+        model = getattr(self.pipe, "model", None)
+        if model is not None:
+            known |= set(dict(model.named_parameters(remove_duplicate=False)))
+            known |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        unexpected = sorted(k for k in state_dict if k not in known) if model is not None else []
+        if strict and (missing or unexpected):
+            raise PipelineRuntimeError(
+                f"rank {self.rank}: load_state_dict(strict=True): "
+                + (f"missing {missing[:5]}{' …' if len(missing) > 5 else ''} " if missing else "")
+                + (f"unexpected (not the model's) {unexpected[:5]}" if unexpected else "")
+                + "; pass strict=False to load what matches")
+        return IncompatibleKeys(missing, unexpected)
+
+    def check_initialized(self) -> None:
+        if not self.uninitialized:
+            return
+        names = sorted(self.uninitialized)
+        np_ = [n for n in names if not self.is_persistent(n)]
+        hint = (f" {np_[:3]} are non-persistent buffers (in no checkpoint): build the model with "
+                "partitioner.runtime.meta_params() (parameters on meta, buffers computed) or pass "
+                "build_stage(..., init_fn=...) that computes them" if np_ else "")
+        raise PipelineRuntimeError(
+            f"rank {self.rank}: {len(names)} tensors of this rank were never initialised "
+            f"({names[:5]}{' …' if len(names) > 5 else ''}): the model was on the meta device and no "
+            f"initialiser wrote them; call stage.load_checkpoint(path) or pass build_stage(..., init_fn=fn)." + hint)
+
+    def train(self, mode: bool = True) -> RankStage:
+        for mod in self.modules.values():
+            mod.train(mode)
+        return self
+
+    def eval(self) -> RankStage:
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return all(mod.training for mod in self.modules.values())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for mod in self.modules.values():
+            mod.zero_grad(set_to_none=set_to_none)
+
+    def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+        """Read this rank's tensors (and optionally ``optimizer``'s state) from ``path``: a
+        ``.safetensors`` file, a Hugging Face directory (``model.safetensors`` or
+        ``model.safetensors.index.json`` + shards: only the shards holding this rank's keys
+        are opened) or a ``torch.distributed.checkpoint`` directory (``save_checkpoint``'s).
+        Returns the files read. Not collective: each rank reads its own keys."""
+        from partitioner.runtime.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path, optimizer)
+
+    def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective (every rank calls it): write the model's state (and ``optimizer``'s,
+        keyed by parameter FQN) with ``torch.distributed.checkpoint`` to directory
+        ``path``, atomically, so any plan (another rank count) can load it."""
+        from partitioner.runtime.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, optimizer)
 
     def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
                loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None) -> Runner:
@@ -145,6 +287,7 @@ class Runner:
         """One forward+backward over every micro-batch. The first rank passes the model's
         inputs, the last rank ``target``; returns the loss on the last rank, else None.
         With ``trace``, every rank must pass it (it gathers events); rank 0 writes the file."""
+        self.stage.check_initialized()
         it, m, dev = self.interpreter, self.schedule.n_microbatches, self.stage.device
         mb_inputs = mb_targets = None
         if 0 in it.modules:
@@ -185,8 +328,14 @@ class Runner:
 
 def build_stage(pipe: Any, rank: int, device: torch.device | str | None = None, *,
                 init_process_group: bool | str = "auto", group: dist.ProcessGroup | None = None,
-                timeout_s: float = 300.0) -> RankStage:
+                timeout_s: float = 300.0, init_fn: Callable[[nn.Module], Any] | None = None,
+                seed: int = 0) -> RankStage:
     """This rank's stages, copied onto ``device`` (default: cuda:LOCAL_RANK if CUDA, else cpu).
+
+    Tensors on the meta device are allocated on ``device`` for this rank only and
+    initialised by their modules (``init_fn(module)`` if given, else ``reset_parameters()``
+    and the model's ``_init_weights``), seeded by ``seed`` and each module's path; see
+    ``partitioner.runtime.materialize``. Then ``stage.load_checkpoint(path)``.
 
     ``init_process_group="auto"`` joins the default group from the environment (torchrun,
     ``spawn``) unless one exists; NCCL on CUDA devices, gloo on CPU.
@@ -205,4 +354,18 @@ def build_stage(pipe: Any, rank: int, device: torch.device | str | None = None, 
     if world != n_ranks:
         raise PipelineRuntimeError(f"the plan runs on {n_ranks} ranks, the process group has {world}: "
                                    f"launch {n_ranks} processes or re-partition with n_gpus={world}")
-    return RankStage(pipe, rank, dev, group)
+    return RankStage(pipe, rank, dev, group, init_fn=init_fn, seed=seed)
+
+
+def _alias_groups(model: nn.Module | None, tied: Any) -> dict[str, tuple[str, ...]]:
+    """FQN -> all names of the same tensor, from the model when there is one (complete),
+    else from the plan's ``tied_parameters``."""
+    groups: list[tuple[str, ...]] = []
+    if model is not None:
+        by_id: dict[int, list[str]] = {}
+        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            by_id.setdefault(id(t), []).append(n)
+        groups = [tuple(v) for v in by_id.values() if len(v) > 1]
+    else:
+        groups = [tuple(g) for g in tied]
+    return {n: g for g in groups for n in g}

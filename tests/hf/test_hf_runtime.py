@@ -54,7 +54,7 @@ def _train(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]
         loss = runner.step(**(inputs if rank == 0 else {}), target=y)
         losses.append(float("nan") if loss is None else loss.item())
         opt.step()
-    return losses, {n: p.detach().clone() for n, p in stage.named_parameters().items()}
+    return losses, {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}
 
 
 @pytest.mark.timeout(240)

@@ -40,7 +40,7 @@ def _train(rank: int, world: int, layout: str, schedule: str, m: int) -> tuple[l
         losses.append(float("nan") if loss is None else loss.item())
         if opt is not None:
             opt.step()
-    return losses, {n: p.detach() for n, p in stage.named_parameters().items()}
+    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}
 
 
 @pytest.mark.parametrize("layout,schedule,m", [
@@ -111,7 +111,7 @@ def _ours_and_torch(rank: int, world: int, schedule: str) -> tuple[dict[str, tor
     else:
         sched.step(target=y)
     theirs.reduce_tied_grads()  # torch's schedules know nothing of weights tied across ranks
-    grads = lambda st: {n: p.grad for n, p in st.named_parameters().items()}  # noqa: E731
+    grads = lambda st: {n: p.grad for n, p in st.named_parameters(remove_duplicate=False)}  # noqa: E731
     return grads(ours), grads(theirs)
 
 
@@ -136,7 +136,7 @@ def _train_counting(rank: int, world: int, schedule: str) -> tuple[dict[str, tor
         if opt is not None:
             opt.step()
     sent = runner.interpreter.sent  # the last step's messages
-    return {n: p.detach() for n, p in stage.named_parameters().items()}, runner.transport.bytes_sent, sent
+    return {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}, runner.transport.bytes_sent, sent
 
 
 def _relay_bytes(plan: Any, rank: int, microbatch: int, m: int) -> int:

@@ -1,0 +1,332 @@
+"""Per-rank checkpoints keyed by the model's FQNs, so any plan can read any save.
+
+Loading (``RankStage.load_checkpoint``) reads only this rank's keys, each once:
+
+* a ``.safetensors`` file, or a directory holding ``model.safetensors``;
+* a Hugging Face sharded directory: ``model.safetensors.index.json`` maps keys to shards;
+  only the shards that hold this rank's keys are opened;
+* a ``torch.distributed.checkpoint`` directory (``.metadata`` + ``*.distcp``), as
+  ``save_checkpoint`` writes: keys ``model.<FQN>`` (plain ``<FQN>`` is accepted too) and,
+  for the optimizer, ``optim.state.<FQN>.<field>`` and ``optim.param_groups.<FQN>``.
+
+A tied tensor is read from whichever of its names the checkpoint holds (Hugging Face
+stores ``lm_head.weight`` only as ``transformer.wte.weight``). A key that is missing or
+has another shape is an error naming the key and the file, before anything is copied.
+Non-persistent buffers are never read: they are recomputed (see ``materialize``).
+
+Saving (``RankStage.save_checkpoint``) is collective: every rank writes its tensors with
+``torch.distributed.checkpoint`` (tensors held by several ranks — tied weights, data
+parallel replicas — are written once) into ``PATH.partial``; when all have written, rank 0
+moves the previous checkpoint to ``PATH.old``, renames ``PATH.partial`` to ``PATH`` and
+deletes ``PATH.old``. An interrupted save leaves ``PATH`` as it was (a crash between the
+two renames, a window of microseconds, leaves it at ``PATH.old``; loading says so).
+Optimizer state is keyed by parameter FQN, with each parameter's group hyperparameters
+beside it, so a plan with other ranks rebuilds it for its own optimizer.
+``PATH`` must be on a file system every rank sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from partitioner.runtime.errors import PipelineRuntimeError
+
+if TYPE_CHECKING:
+    from partitioner.runtime.stage import RankStage
+
+__all__ = ["load_checkpoint", "save_checkpoint", "checkpoint_format"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def checkpoint_format(path: str) -> str:
+    """"safetensors", "hf-sharded" or "dcp"; an error saying what was expected otherwise."""
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            return "safetensors"
+        if os.path.basename(path) == INDEX:
+            return "hf-sharded"
+    elif os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return "dcp"
+        if os.path.isfile(os.path.join(path, INDEX)):
+            return "hf-sharded"
+        if os.path.isfile(os.path.join(path, SINGLE)):
+            return "safetensors"
+    elif os.path.isdir(path + ".old"):
+        raise PipelineRuntimeError(
+            f"no checkpoint at {path}, but {path}.old exists: a save was interrupted while replacing it; "
+            f"the previous checkpoint is intact there: rename {path}.old to {path}")
+    else:
+        raise PipelineRuntimeError(f"no checkpoint at {path}: no such file or directory")
+    raise PipelineRuntimeError(
+        f"{path} is not a checkpoint this runtime reads: expected a .safetensors file, a directory with "
+        f"{SINGLE} or {INDEX} (Hugging Face save_pretrained), or a torch.distributed.checkpoint directory "
+        "(with .metadata)")
+
+
+def _canonical_names(stage: RankStage) -> dict[int, str]:
+    """id(parameter) -> the name its optimizer state is stored under: the first of all its
+    names in the model (the same under every plan), else the first of them by name."""
+    model = getattr(stage.pipe, "model", None)
+    order: dict[str, int] = {}
+    if model is not None:
+        for k, (n, _) in enumerate(model.named_parameters(remove_duplicate=False)):
+            order.setdefault(n, k)
+    here: dict[int, list[str]] = {}
+    for n, p in stage.named_parameters(remove_duplicate=False):
+        here.setdefault(id(p), []).append(n)
+    return {i: min(stage.candidates(names), key=lambda n: (order.get(n, len(order)), n)) for i, names in here.items()}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    path = os.fspath(path)
+    fmt = checkpoint_format(path)
+    if fmt == "dcp":
+        files = _load_dcp(stage, path, optimizer)
+    else:
+        if optimizer is not None:
+            raise PipelineRuntimeError(
+                f"{path} is a safetensors checkpoint: it holds weights only, no optimizer state; load the "
+                "weights without optimizer=..., or load a directory written by stage.save_checkpoint")
+        files = _load_safetensors(stage, path, fmt)
+    return files
+
+
+def _missing_error(stage: RankStage, missing: list[tuple[list[str], str]], where: str) -> PipelineRuntimeError:
+    first = missing[0]
+    alias = [a for a in stage.candidates(first[0]) if a != first[0][0]]
+    also = f" (nor under its tied names {alias})" if alias else ""
+    more = f"; {len(missing) - 1} more missing: {[m[0][0] for m in missing[1:6]]}" if len(missing) > 1 else ""
+    return PipelineRuntimeError(
+        f"rank {stage.rank}: key {first[0][0]!r} is not in {where}{also}{more}: the checkpoint is of another "
+        "model (or another version of its code); rename the keys or load with the model it was saved from")
+
+
+def _shape_error(stage: RankStage, key: str, got: tuple[int, ...], want: tuple[int, ...], file: str) -> PipelineRuntimeError:
+    return PipelineRuntimeError(
+        f"rank {stage.rank}: key {key!r} in {file} has shape {tuple(got)}, the model's is {tuple(want)}: "
+        "the checkpoint was saved from another configuration of the model")
+
+
+def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
+    from safetensors import safe_open
+
+    if fmt == "hf-sharded":
+        index = path if os.path.isfile(path) else os.path.join(path, INDEX)
+        root = os.path.dirname(index)
+        with open(index) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        where = {k: os.path.join(root, v) for k, v in weight_map.items()}
+        described = index
+    else:
+        file = path if os.path.isfile(path) else os.path.join(path, SINGLE)
+        with safe_open(file, framework="pt") as f:
+            where = {k: file for k in f.keys()}
+        described = file
+    todo: dict[str, list[tuple[str, torch.Tensor, list[str]]]] = {}
+    missing = []
+    for names, t in stage.unique_tensors():
+        key = next((c for c in stage.candidates(names) if c in where), None)
+        if key is None:
+            missing.append((names, described))
+            continue
+        todo.setdefault(where[key], []).append((key, t, names))
+    if missing:
+        raise _missing_error(stage, missing, described)
+    device = str(stage.device) if stage.device.type == "cuda" else "cpu"
+    opened: list[tuple[str, Any, list[tuple[str, torch.Tensor, list[str]]]]] = []
+    try:
+        for file in sorted(todo):
+            if not os.path.isfile(file):
+                raise PipelineRuntimeError(f"rank {stage.rank}: {described} names shard {file}, which does not exist")
+            f = safe_open(file, framework="pt", device=device)
+            opened.append((file, f, todo[file]))
+            for key, t, _ in todo[file]:  # every shape checked before anything is copied
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(t.shape):
+                    raise _shape_error(stage, key, shape, tuple(t.shape), file)
+        with torch.no_grad():
+            for file, f, items in opened:
+                for key, t, names in items:
+                    t.copy_(f.get_tensor(key))  # one tensor in memory at a time beside the model's
+                    stage.uninitialized.difference_update(names)
+    finally:
+        opened.clear()
+    return sorted(todo)
+
+
+def _dcp_reader(path: str) -> tuple[Any, dict[str, Any]]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(path)
+    return reader, dict(reader.read_metadata().state_dict_metadata)
+
+
+def _load_dcp(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> list[str]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader, meta = _dcp_reader(path)
+    dest: dict[str, Any] = {}
+    missing = []
+    loaded_names: list[str] = []
+    for names, t in stage.unique_tensors():
+        key = next((k for c in stage.candidates(names) for k in (f"model.{c}", c) if k in meta), None)
+        if key is None:
+            missing.append((names, path))
+            continue
+        m = meta[key]
+        if not isinstance(m, TensorStorageMetadata):
+            raise PipelineRuntimeError(f"rank {stage.rank}: key {key!r} in {path} is not a tensor")
+        if tuple(m.size) != tuple(t.shape):
+            raise _shape_error(stage, key, tuple(m.size), tuple(t.shape), path)
+        dest[key] = t
+        loaded_names += names
+    if missing:
+        raise _missing_error(stage, missing, path)
+    opt_dest, rebuild = _optimizer_dest(stage, optimizer, meta, path) if optimizer is not None else ({}, None)
+    dest.update(opt_dest)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(dest, storage_reader=reader, no_dist=True)  # each rank reads its own keys: no collective
+    stage.uninitialized.difference_update(loaded_names)
+    if optimizer is not None and rebuild is not None:
+        optimizer.load_state_dict(rebuild(dest))
+    return [path]
+
+
+def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                    path: str) -> tuple[dict[str, Any], Any]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    want_class = type(optimizer).__qualname__
+    if "optim.class" not in meta:
+        raise PipelineRuntimeError(f"{path} holds no optimizer state (it was saved without optimizer=...)")
+    canon = _canonical_names(stage)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = []
+    for p in params:
+        n = canon.get(id(p))
+        if n is None:
+            raise PipelineRuntimeError(f"rank {stage.rank}: the optimizer holds a tensor of shape {tuple(p.shape)} "
+                                       "that is not one of this stage's parameters (build it over stage.parameters())")
+        names.append(n)
+    dest: dict[str, Any] = {"optim.class": ""}
+    fields: list[list[str]] = []
+    for n in names:
+        gkey = f"optim.param_groups.{n}"
+        if gkey not in meta:
+            raise PipelineRuntimeError(f"rank {stage.rank}: key {gkey!r} is not in {path}: the checkpoint has no "
+                                       f"optimizer state for parameter {n!r}")
+        dest[gkey] = ""
+        prefix = f"optim.state.{n}."
+        mine = [k for k in meta if k.startswith(prefix) and "." not in k[len(prefix):]]
+        fields.append([k[len(prefix):] for k in mine])
+        for k in mine:
+            m = meta[k]
+            if isinstance(m, TensorStorageMetadata):
+                dest[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)  # load_state_dict moves it
+            else:
+                dest[k] = ""
+
+    def rebuild(loaded: dict[str, Any]) -> dict[str, Any]:
+        if loaded["optim.class"] != want_class:
+            raise PipelineRuntimeError(f"{path} holds {loaded['optim.class']} state; this optimizer is {want_class}")
+        state = {}
+        for i, (n, fs) in enumerate(zip(names, fields)):
+            if fs:
+                state[i] = {f: loaded[f"optim.state.{n}.{f}"] for f in fs}
+        groups, i = [], 0
+        for g in optimizer.param_groups:
+            idx = list(range(i, i + len(g["params"])))
+            i += len(g["params"])
+            hypers = [json.loads(loaded[f"optim.param_groups.{names[j]}"]) for j in idx]
+            if any(h != hypers[0] for h in hypers):
+                bad = next(names[j] for j, h in zip(idx, hypers) if h != hypers[0])
+                raise PipelineRuntimeError(
+                    f"{path} gives {names[idx[0]]!r} and {bad!r} different hyperparameters, but this optimizer "
+                    "puts them in one parameter group: group the parameters as the saved run did")
+            h = hypers[0] if hypers else {}
+            restored = {k: (tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v)
+                        for k, v in h.items()}
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, **restored, "params": idx})
+        return {"state": state, "param_groups": groups}
+
+    return dest, rebuild
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    raise TypeError(f"cannot store optimizer hyperparameter {v!r}")
+
+
+def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    path = os.fspath(path).rstrip("/")
+    state: dict[str, Any] = {}
+    for names, t in stage.unique_tensors():
+        for n in names:
+            state[f"model.{n}"] = t
+    if optimizer is not None:
+        state.update(_optimizer_state(stage, optimizer))
+    distributed = dist.is_available() and dist.is_initialized()
+    group = stage.group
+    rank0 = (not distributed) or dist.get_rank(group) == 0
+    partial, old = path + ".partial", path + ".old"
+    if rank0 and os.path.exists(partial):
+        shutil.rmtree(partial)  # an earlier save that was interrupted
+    if distributed:
+        dist.barrier(group=group)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+            dcp.save(state, checkpoint_id=partial, process_group=group, no_dist=not distributed)
+    except Exception as e:
+        raise PipelineRuntimeError(f"rank {stage.rank}: saving to {partial} failed ({type(e).__name__}: {e}); "
+                                   f"{path} is unchanged") from e
+    if distributed:
+        dist.barrier(group=group)  # every rank's files are written (DCP wrote .metadata last)
+    if rank0:
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(partial, path)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    if distributed:
+        dist.barrier(group=group)
+
+
+def _optimizer_state(stage: RankStage, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    canon = _canonical_names(stage)
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: dict[str, Any] = {"optim.class": type(optimizer).__qualname__}
+    for g_obj, g in zip(optimizer.param_groups, sd["param_groups"]):
+        hyper = json.dumps({k: v for k, v in g.items() if k != "params"}, sort_keys=True, default=_jsonable)
+        for idx in g["params"]:
+            n = canon.get(id(params[idx]))
+            if n is None:
+                raise PipelineRuntimeError(f"rank {stage.rank}: the optimizer holds a tensor that is not one of this "
+                                           "stage's parameters (build it over stage.parameters())")
+            out[f"optim.param_groups.{n}"] = hyper
+            for k, v in sd["state"].get(idx, {}).items():
+                if v is not None:
+                    out[f"optim.state.{n}.{k}"] = v
+    return out
