@@ -9,20 +9,26 @@ refers to the user's submodules and tensors, it does not move or copy them.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import difflib
 import inspect
+import operator
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from passes.errors import CaptureError
+from passes.markers import take_markers
 from passes.split import copy_persistence
 
-__all__ = ["Captured", "capture", "ROUTES"]
+__all__ = ["Captured", "capture", "ROUTES", "with_seq_dims"]
 
 ROUTES = ("auto", "fx", "export")
 
@@ -60,36 +66,206 @@ def _flat_output(graph: fx.Graph) -> pytree.TreeSpec:
     return spec
 
 
+_MISSING = object()
+#: Defaults fx can bake in as they are (other defaults, such as tuples, stay graph inputs).
+_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+_VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether ``a`` is the constant ``b`` a graph was captured with (tensors never are)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - containers of tensors, odd __eq__: not the same constant
+        return False
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {str(v.dtype).removeprefix('torch.')} tensor of shape {tuple(v.shape)}"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _call_arguments(sig: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments a call passes, by parameter name (``**kwargs`` entries by their own name)."""
+    bound = sig.bind(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _defaults(sig: inspect.Signature) -> dict[str, Any]:
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+
+
+def _include_hint(name: str) -> str:
+    return (f"include {name} in the example inputs (example_inputs={{..., {name!r}: ...}} or "
+            f"example_kwargs={{{name!r}: ...}}) and partition again")
+
+
+def _not_captured(model: nn.Module, name: str, value: Any) -> CaptureError:
+    return CaptureError(
+        f"{type(model).__name__}: this call passes {name}={_show(value)}, but {name!r} was not in the "
+        f"example inputs, so the captured graph has no input for it and would ignore it; {_include_hint(name)}"
+    )
+
+
+def _normalize_slices(graph: fx.Graph) -> None:
+    """Give every slice whose bounds are graph values a node of its own.
+
+    ``x[:, :n]`` with a traced ``n`` leaves ``slice(None, n, None)`` inside a node's
+    arguments; fx walks slices but pytree (and so the cost passes) does not. A
+    ``builtins.slice`` node makes the slice an ordinary value: every node nested in an
+    argument is then in a tuple, list or dict, where every walker finds it.
+    """
+
+    def has_node(a: Any) -> bool:
+        found = []
+        fx.map_arg(a, lambda n: found.append(n) or n)
+        return bool(found)
+
+    for node in list(graph.nodes):
+        made: dict[int, fx.Node] = {}
+
+        def lift(a: Any) -> Any:
+            if isinstance(a, slice):
+                if not has_node((a.start, a.stop, a.step)):
+                    return a
+                key = id(a)
+                if key not in made:
+                    with graph.inserting_before(node):
+                        made[key] = graph.call_function(builtins.slice, (lift(a.start), lift(a.stop), lift(a.step)))
+                    made[key].meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+                return made[key]
+            if isinstance(a, tuple) and not hasattr(a, "_fields"):
+                return tuple(lift(x) for x in a)
+            if isinstance(a, list):
+                return [lift(x) for x in a]
+            if isinstance(a, dict):
+                return {k: lift(v) for k, v in a.items()}
+            return a
+
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        args, kwargs = lift(node.args), lift(node.kwargs)
+        if made:
+            node.args, node.kwargs = args, kwargs
+
+
+def _drop_specialization_asserts(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """Remove the asserts fx adds for concrete arguments: ``flatten`` checks them with a
+    message that says how to include the argument instead."""
+    phs = {n for n in graph.nodes if n.op == "placeholder"}
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        if node.target is torch.fx._symbolic_trace._assert_is_none and node.args and node.args[0] in phs:
+            graph.erase_node(node)
+        elif node.target is torch._assert and len(node.args) == 2 and "has been specialized" in str(node.args[1]):
+            cond = node.args[0]
+            graph.erase_node(node)
+            if (isinstance(cond, fx.Node) and not cond.users and cond.target is operator.eq
+                    and cond.args and cond.args[0] in phs):
+                graph.erase_node(cond)
+
+
+@contextlib.contextmanager
+def _recording_pipe_split(tracer: fx.Tracer) -> Any:
+    """While fx traces, ``torch.distributed.pipelining.pipe_split()`` leaves a node.
+
+    ``pipe_split`` calls ``torch.ops.pippy._pipe_split()``, which takes no tensor, so fx
+    would run it eagerly and record nothing; torch.export records it by itself.
+    """
+    if "torch.distributed.pipelining._IR" not in sys.modules:  # nobody can have called it
+        yield
+        return
+    ns = torch.ops.pippy
+    op = ns._pipe_split
+    target = op.default
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        tracer.create_node("call_function", target, (), {})
+
+    setattr(ns, "_pipe_split", record)
+    try:
+        yield
+    finally:
+        setattr(ns, "_pipe_split", op)
+
+
 def _trace_fx(
     model: nn.Module,
     leaf_modules: Sequence[str | type],
     concrete_args: dict[str, Any] | None,
+    example: dict[str, Any] | None = None,
 ) -> Captured:
+    """``example``: the example inputs by parameter name, when there are any. Parameters
+    with a default that the example leaves out (or passes at its default) are traced at
+    that default: fx would otherwise bake a Proxy into ``x if bias is None else ...``."""
     paths = frozenset(m for m in leaf_modules if isinstance(m, str))
     types = tuple(m for m in leaf_modules if isinstance(m, type))
     tracer = _Tracer(paths, types)
-    graph = tracer.trace(model, concrete_args=concrete_args)
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters)
+    signature_defaults = _defaults(sig)
+    fixed = dict(concrete_args or {})
+    concrete: dict[str, Any] = dict(fixed)
+    if example is not None:
+        for k, default in signature_defaults.items():
+            if k not in fixed and sig.parameters[k].kind not in _VAR_KINDS and isinstance(default, _CONSTANTS) and (
+                    k not in example or _same(example[k], default)):
+                concrete[k] = default
+    with _recording_pipe_split(tracer):
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    _drop_specialization_asserts(graph, concrete)
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(phs) == len(params):  # fx names a concrete argument's placeholder "bias_1": say "bias"
+        for node, param in zip(phs, params):
+            if param in concrete and node.name != param:
+                node._rename(param)
+                if node.name == param:
+                    node.target = param
+    _normalize_slices(graph)
     out_spec = _flat_output(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
+    take_markers(gm)
     names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    sig = inspect.signature(model.forward)
-    params = list(sig.parameters)
     # fx makes one placeholder per forward parameter, in order (a concrete arg's
     # placeholder may be renamed, e.g. "flag_1"), so map them by position.
     if len(names) == len(params):
         keys = params
     else:
         keys = [str(n.target).lstrip("*") for n in gm.graph.nodes if n.op == "placeholder"]
-    signature_defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
-    fixed = dict(concrete_args or {})
+    model_name = type(model).__name__
 
     def flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as e:
-            raise CaptureError(f"inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
-        values = {**signature_defaults, **fixed, **bound.arguments}
+            raise CaptureError(f"inputs do not match {model_name}.forward{sig}: {e}") from None
+        given = bound.arguments
+        for k, baked in concrete.items():
+            value = given.get(k, signature_defaults.get(k, _MISSING))
+            if _same(value, baked):
+                continue
+            if k in fixed:
+                raise CaptureError(
+                    f"{model_name} was captured with {k}={_show(baked)} (concrete_args), so this call's "
+                    f"{k}={_show(value) if value is not _MISSING else '<not passed>'} cannot be honoured; "
+                    f"pass {k}={_show(baked)}, or partition again with concrete_args={{{k!r}: ...}} set to "
+                    "the value you call with")
+            raise _not_captured(model, k, value)
+        values = {**signature_defaults, **fixed, **given}
         return [values.get(k) for k in keys]
 
     return Captured(gm, "fx", names, flatten, out_spec)
@@ -110,10 +286,11 @@ def _trace_export(
 
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
+    pos_names = list(bound.arguments)[: len(args)]
     dyn_args = tuple(dims_for(n, v) for n, v in list(bound.arguments.items())[: len(args)])
     dyn_kwargs = {k: dims_for(k, v) for k, v in kwargs.items()}
     dynamic_shapes: Any = (*dyn_args, *dyn_kwargs.values()) if not kwargs else {
-        **dict(zip(list(bound.arguments)[: len(args)], dyn_args)),
+        **dict(zip(pos_names, dyn_args)),
         **dyn_kwargs,
     }
     with warnings.catch_warnings():
@@ -133,14 +310,54 @@ def _trace_export(
     _split_tied_attrs(graph, model)
     gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code()  # pipe_split is side-effectful: DCE keeps it for take_markers
+    take_markers(gm)
     gm.recompile()
     names = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    example = {**dict(zip(pos_names, args)), **kwargs}
+    defaults = _defaults(sig)
+    model_name = type(model).__name__
+
+    def check(name: str, value: Any, want: Any) -> None:
+        """``value`` must have the example's structure, with the example's constants."""
+        got_leaves, got_spec = pytree.tree_flatten(value)
+        want_leaves, want_spec = pytree.tree_flatten(want)
+        if got_spec != want_spec:
+            raise CaptureError(
+                f"{model_name}: input {name!r} is {_show(value)}, but the graph was captured with "
+                f"{_show(want)} (a different structure); call with the example's structure or "
+                "partition again with this one in the example inputs")
+        for g, w in zip(got_leaves, want_leaves):
+            if isinstance(w, torch.Tensor):
+                if not isinstance(g, torch.Tensor):
+                    raise CaptureError(f"{model_name}: input {name!r} must be a tensor, as in the example "
+                                       f"inputs; got {_show(g)}")
+            elif not _same(g, w):
+                raise CaptureError(
+                    f"{model_name}: this call passes {name}={_show(value)}, but the graph was captured "
+                    f"with {name}={_show(want)} (torch.export fixes non-tensor inputs); call with "
+                    f"{name}={_show(want)}, or partition again with {name}={_show(value)} in the example inputs")
 
     def flatten(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> list[Any]:
-        b = sig.bind(*call_args, **call_kwargs)
-        pos = tuple(b.arguments[n] for n in list(b.arguments)[: len(args)])
-        rest = {k: v for k, v in b.arguments.items() if k in kwargs}
+        try:
+            given = _call_arguments(sig, call_args, call_kwargs)
+        except TypeError as e:
+            raise CaptureError(f"inputs do not match {model_name}.forward{sig}: {e}") from None
+        for k, v in given.items():
+            if k not in example and not (k in defaults and _same(v, defaults[k])):
+                raise _not_captured(model, k, v)
+        for k, want in example.items():
+            if k not in given:
+                if k in defaults and _same(want, defaults[k]):
+                    given[k] = want
+                    continue
+                raise CaptureError(
+                    f"{model_name}: this call does not pass {k!r}, which the example inputs had "
+                    f"({_show(want)}) and the captured graph takes as an input; pass {k}=..., or partition "
+                    f"again without {k!r} in the example inputs")
+            check(k, given[k], want)
+        pos = tuple(given[n] for n in pos_names)
+        rest = {k: given[k] for k in kwargs}
         try:
             from torch.fx._pytree import tree_flatten_spec
 
@@ -209,6 +426,65 @@ def _last_line(e: BaseException) -> str:
     return text[-1] if text else type(e).__name__
 
 
+def with_seq_dims(specs: Sequence[Any], seq_dims: Any, *, strict: bool = True) -> tuple[Any, ...]:
+    """``specs`` (``InputSpec``s) with ``seq_dims`` (input name → dim) marked "S".
+
+    ``strict``: every name must be a tensor input with that dim (the example inputs, by
+    ``forward``'s parameter names); otherwise names that match no spec are skipped (the
+    flat graph inputs, which may be named differently)."""
+    if not seq_dims:
+        return tuple(specs)
+    if not isinstance(seq_dims, Mapping) or not all(isinstance(k, str) for k in seq_dims):
+        raise CaptureError(f"seq_dims must map input names to a dimension, e.g. {{'input_ids': 1}}; got {seq_dims!r}")
+    by_name = {s.name: s for s in specs}
+    tensors = [s.name for s in specs if s.kind == "tensor"]
+    out = {s.name: s for s in specs}
+    for name, dim in seq_dims.items():
+        spec = by_name.get(name)
+        if spec is None or spec.kind != "tensor":
+            if strict:
+                raise CaptureError(f"seq_dims names {name!r}, which is not a tensor in the example inputs; "
+                                   f"name one of {', '.join(tensors) or '(none)'}")
+            continue
+        rank = len(spec.shape)
+        if not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank or dim % rank == 0:
+            raise CaptureError(f"seq_dims[{name!r}] = {dim!r} is not a sequence dimension of a tensor of shape "
+                               f"{tuple(spec.shape)}: use an int in 1..{rank - 1} (dim 0 is the batch)")
+        marks = {**dict(spec.dims), dim % rank: "S"}
+        out[name] = spec._replace(dims=tuple(sorted(marks.items())))
+    return tuple(out[s.name] for s in specs)
+
+
+def _check_example_names(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """A misspelled example key: name ``forward``'s parameters (and the likely one).
+
+    ``forward(**kwargs)`` swallows any key, so a typo there would surface later as the
+    model's own complaint about a missing input; a key close to a parameter's name is
+    taken for a typo."""
+    sig = inspect.signature(model.forward)
+    named = [k for k, p in sig.parameters.items() if p.kind not in _VAR_KINDS]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    for key in kwargs:
+        if key in named:
+            continue
+        close = difflib.get_close_matches(key, named, n=3, cutoff=0.75)
+        if close or not takes_any:
+            guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise CaptureError(f"example input {key!r} is not a parameter of {type(model).__name__}.forward "
+                               f"(its parameters: {', '.join(named)}){guess}")
+
+
+def _use_cache_hint(model: nn.Module, kwargs: dict[str, Any] | None) -> str:
+    """Hugging Face caches do not export: say so when the capture ran with one on."""
+    on = (kwargs or {}).get("use_cache")
+    if on is None:
+        on = getattr(getattr(model, "config", None), "use_cache", False)
+    if on is True:
+        return ("The capture ran with use_cache=True: Hugging Face models capture only with use_cache=False "
+                "(set config.use_cache = False or pass use_cache=False in the example inputs). ")
+    return ""
+
+
 def capture(
     model: nn.Module,
     args: tuple[Any, ...] | None = None,
@@ -223,10 +499,19 @@ def capture(
     if route not in ROUTES:
         raise CaptureError(f"unknown capture route {route!r}; use one of {', '.join(ROUTES)}")
     name = type(model).__name__
+    if kwargs:
+        _check_example_names(model, kwargs)
+    example: dict[str, Any] | None = None
+    if args is not None or kwargs:
+        try:
+            example = _call_arguments(inspect.signature(model.forward), tuple(args or ()), dict(kwargs or {}))
+        except TypeError as e:
+            raise CaptureError(f"example inputs do not match {name}.forward"
+                               f"{inspect.signature(model.forward)}: {e}") from None
     fx_error: BaseException | None = None
     if route in ("auto", "fx"):
         try:
-            return _trace_fx(model, leaf_modules, concrete_args)
+            return _trace_fx(model, leaf_modules, concrete_args, example)
         except CaptureError:
             raise
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
@@ -247,8 +532,8 @@ def capture(
     except Exception as e:
         why_fx = f"torch.fx{_failing_submodule(model, fx_error)}: {_last_line(fx_error)}; " if fx_error else ""
         raise CaptureError(
-            f"cannot capture {name}: {why_fx}torch.export: {_first_line(e)}. Mark the failing "
-            "submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
+            f"cannot capture {name}: {why_fx}torch.export: {_first_line(e)}. {_use_cache_hint(model, kwargs)}Mark the "
+            "failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
             "control flow on flags, or make data-dependent branches tensor ops (torch.where)"
         ) from e
     if fx_error is not None:
