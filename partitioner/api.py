@@ -16,23 +16,27 @@ from cost_models.errors import PartitionError
 from partitioner import plan_builder, poly
 from partitioner.pipe import Pipe
 from partitioner.plan import Plan, PlanError
-from partitioner.pricing import TIME_UNIT, price, to_units
+from partitioner.plan_builder import StageMemory
+from partitioner.memory import (
+    OPTIMIZER_STATES, PRECISIONS, RECOMPUTE, Activations, Static, bytes_per_param, compute_dtype, default_precision,
+)
+from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
 from partitioner.schedule import SCHEDULE_NAMES, build_schedule
 from partitioner.simulator import simulate
 from partitioner.refine import refine, score
-from partitioner.solver import SolverInput, solve
+from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, solve
 from passes.annotate import AnnotateCosts
+from passes.recompute import with_recompute
 from passes.base import InputSpec
 from passes.manager import PassManager, Snapshot, graph_text, node_summary
-from passes.meta import MODULE, STAGE
+from passes.meta import COST, MODULE, STAGE
 from passes.shape_prop import ShapeProp, default_specs, module_of
 from passes.split import compute_nodes, split_graph
-from passes.trace import Captured, capture
+from passes.markers import cut_constraints
+from passes.trace import Captured, capture, with_seq_dims
 
 __all__ = ["partition", "apply_plan", "OPTIMIZER_STATES"]
 
-#: Optimizer state kept per parameter, in parameter-sized copies (Adam: two moments).
-OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Options:
     capture: str
     leaf_modules: tuple[str, ...]
     memory_limit: int | None
+    precision: str = "fp32"
+    recompute: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -151,6 +157,8 @@ def partition(
     cut_at: str | None = None,
     pinned_cuts: Sequence[str] = (),
     optimizer: str = "adam",
+    precision: str | None = None,
+    recompute: str = "auto",
     memory_limit: int | None = None,
     capture_route: str = "auto",
     leaf_modules: Sequence[str | type] = (),
@@ -169,12 +177,25 @@ def partition(
     ``example_inputs`` is a tuple of positional inputs, a dict of keyword inputs, or a
     single tensor; dim 0 of every tensor is the batch. Without example inputs the split
     balances parameter bytes only (a warning says so).
+
+    Memory is priced as a training run on ``device`` holds it (``partitioner.memory``):
+    ``precision`` ("fp32", "bf16-mixed", "fp16-mixed", "bf16"; default from the parameters'
+    dtype: bf16/fp16 parameters train mixed) and ``optimizer`` set the static bytes per
+    parameter; activations are the storages autograd keeps, each once per stage, in the
+    compute dtype. ``recompute`` ("auto", "none", "full", "selective") lets the solver
+    checkpoint stages: "auto" recomputes only the stages that would not fit otherwise.
     """
     if not isinstance(model, nn.Module):
         raise PartitionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_counts(n_gpus, virtual_stages, schedule, n_microbatches)
     if optimizer not in OPTIMIZER_STATES:
         raise PartitionError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
+    if precision is None:
+        precision = default_precision(next((p.dtype for p in model.parameters()), torch.float32))
+    if precision not in PRECISIONS:
+        raise PartitionError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if recompute not in RECOMPUTE:
+        raise PartitionError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTE)}")
     dev, lnk = get_device(device), get_link(link)
     inputs = _split_inputs(example_inputs, example_kwargs)
     dynamic = None
@@ -184,46 +205,99 @@ def partition(
             bound = sig.bind(*inputs[0], **inputs[1])
         except TypeError as e:
             raise PartitionError(f"example inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
-        specs0 = default_specs(list(bound.arguments.values()), list(bound.arguments))
+        specs0 = with_seq_dims(default_specs(list(bound.arguments.values()), list(bound.arguments)), seq_dims)
         dynamic = {s.name: {d: sym for d, sym in s.dims} for s in specs0}
     cap = capture(model, *(inputs or (None, None)), route=capture_route, leaf_modules=leaf_modules,
                   concrete_args=concrete_args, dynamic=dynamic)
     n_stages = n_gpus * virtual_stages
     opts = Options(n_gpus, n_stages, schedule, 0, cut_at, tuple(pinned_cuts), optimizer,
-                   cap.route, tuple(str(m) for m in leaf_modules), memory_limit)
+                   cap.route, tuple(str(m) for m in leaf_modules), memory_limit, precision, recompute)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)
-        specs = default_specs(flat, list(cap.input_names))
-        if seq_dims:
-            specs = tuple(s._replace(dims=tuple(sorted({**dict(s.dims), seq_dims[s.name]: "S"}.items())))
-                          if s.name in seq_dims else s for s in specs)
+        specs = with_seq_dims(default_specs(flat, list(cap.input_names)), seq_dims, strict=False)
     return _compile(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
 
 
-def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
-             n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool,
-             forced: Mapping[str, int] | None = None) -> Pipe:
+@dataclass
+class _Problem:
+    """An annotated graph priced at one micro-batch size: everything the search needs."""
+
+    gm: fx.GraphModule
+    pm: PassManager
+    notes: list[str]
+    opts: Options
+    micro: int
+    symbols: dict[str, int]
+    priced: Any  # pricing.Priced
+    sched: Any  # schedule.Schedule
+    comm: list[int]
+    sin: SolverInput
+    modes: tuple[str, ...]  # recompute mode of each solver option
+    acts: Activations | None
+    static: Static
+    ev: Any
+    capacity: int
+    dev: DeviceSpec
+    lnk: LinkSpec
+
+    def exact(self, cuts: Sequence[int], modes: Sequence[str] | None = None) -> list[tuple[str, int, int, int]]:
+        """Per stage (mode, static bytes, kept bytes per micro-batch, transient bytes), each
+        storage and tensor counted once per stage; ``modes`` forced or the first that fits."""
+        bounds = [0, *cuts, len(self.priced.order)]
+        out = []
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            static = self.static.stage(a, b)
+            tries = [modes[i]] if modes is not None else list(self.modes)
+            best = None
+            for mode in tries:
+                kept, extra = self.acts.stage_saved(a, b, mode, self.ev) if self.acts else (0, 0)
+                entry = (mode, static, self.ev(kept), self.ev(extra))
+                need = static + self.sin.inflight[i] * entry[2] + entry[3]
+                if need <= self.capacity:
+                    best = entry
+                    break
+                if best is None or need < best[1] + self.sin.inflight[i] * best[2] + best[3]:
+                    best = entry
+            assert best is not None
+            out.append(best)
+        return out
+
+    def need(self, i: int, entry: tuple[str, int, int, int]) -> int:
+        return entry[1] + self.sin.inflight[i] * entry[2] + entry[3]
+
+
+def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, dev: DeviceSpec,
+              keep_snapshots: bool) -> tuple[fx.GraphModule, PassManager, list[str]]:
+    """Shape-prop and cost annotation (or parameter bytes only, without example inputs)."""
     notes: list[str] = []
     if cap.route == "export" and cap.fallback_reason:
         notes.append(f"captured with torch.export because torch.fx failed: {cap.fallback_reason}")
     gm = cap.gm
-    fp = fingerprint(gm)
-    costs_known = bool(specs)
-    if costs_known:
-        pm = PassManager([ShapeProp(specs), AnnotateCosts()], keep_snapshots=keep_snapshots)
+    if specs:
+        param_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        cast = None if opts.precision == default_precision(param_dtype) else compute_dtype(opts.precision)
+        pm = PassManager([ShapeProp(specs, dtype=cast), AnnotateCosts(target=dev.kind)], keep_snapshots=keep_snapshots)
         gm = pm.run(gm)
         if not gm.meta.get("pp.symbolic", True):
             notes.append("costs are exact for the example sizes only: symbolic shape propagation failed")
-    else:
-        msg = ("no example inputs: balancing parameter bytes only; FLOP and activation costs "
-               "need example_inputs=(...)")
-        warnings.warn(msg, stacklevel=3)
-        notes.append(msg)
-        pm = PassManager([], keep_snapshots=keep_snapshots)
-        gm = pm.run(gm)
-        for n in gm.graph.nodes:
-            n.meta.setdefault(MODULE, module_of(n))
+        return gm, pm, notes
+    msg = ("no example inputs: balancing parameter bytes only; FLOP and activation costs "
+           "need example_inputs=(...)")
+    warnings.warn(msg, stacklevel=4)
+    notes.append(msg)
+    pm = PassManager([], keep_snapshots=keep_snapshots)
+    gm = pm.run(gm)
+    for n in gm.graph.nodes:
+        n.meta.setdefault(MODULE, module_of(n))
+    plan_builder.param_bytes_by_first_use(gm, compute_nodes(gm))
+    return gm, pm, notes
+
+
+def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
+             n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> _Problem:
+    gm, pm, notes = _annotate(model, cap, specs, opts, dev, keep_snapshots)
+    costs_known = bool(specs)
     batch = _batch_size(specs) if specs else None
     m = n_microbatches if n_microbatches is not None else _default_microbatches(batch, opts.n_gpus, opts.schedule)
     if opts.schedule == "naive":
@@ -231,49 +305,181 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
     if batch is not None and batch % m:
         raise PartitionError(f"the batch of {batch} samples does not split into {m} micro-batches; "
                              f"choose n_microbatches among {[d for d in range(1, batch + 1) if batch % d == 0]}")
-    opts = Options(**{**opts.__dict__, "n_microbatches": m})
+    opts = replace(opts, n_microbatches=m)
     micro = batch // m if batch else 1
     symbols = {"B": batch or 1}
     seq = next((s.shape[d] for s in specs for d, sym in s.dims if sym == "S"), None)
     if seq is not None:
         symbols["S"] = seq
-    dtype = next((getattr(torch, s.dtype) for s in specs if s.kind == "tensor" and s.dtype.startswith(("float", "bfloat"))), None)
-    param_dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    compute_dtype = dtype or param_dtype
+    compute = getattr(torch, compute_dtype(opts.precision))
 
     def node_time(cost: Any, values: Mapping[str, int]) -> tuple[float, float]:
         if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
             pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
             return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
-        return dev.node_time(cost, values, compute_dtype)
+        return dev.node_time(cost, values, compute)
 
-    if not costs_known:
-        plan_builder.param_bytes_by_first_use(gm, compute_nodes(gm))
-    priced = price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,
-                   state_multiplier=2 + OPTIMIZER_STATES[opts.optimizer], cut_at=opts.cut_at,
-                   costs_known=costs_known)
+    marks = cut_constraints(gm, opts.cut_at, opts.n_stages, opts.pinned_cuts)  # pipe_split() markers, cut_at check
+    notes.extend(marks.notes)
+    priced = marks.apply(price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,
+                               cut_at=marks.glob, costs_known=costs_known))
+    ev = Evaluator(micro, symbols.get("S", 1))
+    width, _, _ = PRECISIONS[opts.precision]
+    static = Static(gm, priced.order, bytes_per_param(opts.precision, opts.optimizer), width)
+    static_mem = static.first_use
+    acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
+        if costs_known else None
     sched = build_schedule(opts.schedule, opts.n_gpus, m, opts.n_stages)
     unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
-    inflight = list(unit.peak_inflight)
     capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
     comm = [to_units([lnk.transfer_time(b) + lnk.transfer_time(g)])[0] if (b or g) else 0
             for b, g in zip(priced.cut_bytes, priced.cut_grad_bytes)]
     n = len(priced.order)
     comm[0] = comm[n] = 0
+    fwd, bwd = to_units(priced.fwd_s), to_units(priced.bwd_s)
+    modes = RECOMPUTE[opts.recompute]
+    options = []
+    for mode in modes:
+        act, redo, reserve = acts.arrays(mode, ev) if acts else ([0] * n, [False] * n, 0)
+        options.append(Option([f + b + (f if r else 0) for f, b, r in zip(fwd, bwd, redo)], act, reserve))
     sin = SolverInput(
-        compute=to_units([f + b for f, b in zip(priced.fwd_s, priced.bwd_s)]),
-        cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
-        static_mem=list(priced.static_mem), act_mem=list(priced.act_mem),
-        inflight=inflight, capacity=[capacity] * opts.n_stages, pinned=[])
-    if forced is not None:  # re-applying a plan: its cuts, priced the same way, no search
-        stage_of = [forced[n.name] for n in priced.order]
-        cuts = tuple(stage_of.index(s) for s in range(1, opts.n_stages))
-        solution = score(sin, cuts)
-    else:
-        pins = _resolve_pins(priced.order, opts.pinned_cuts, priced.allowed, priced.blocked_by)
-        _check_enough_cuts(priced, opts.n_stages)
-        sin = replace(sin, pinned=pins)
-        solution = refine(sin, opts.n_stages, solve(sin, opts.n_stages))
+        compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
+        static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
+        capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
+    prob = _Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
+                    capacity, dev, lnk)
+    prob.pins = _resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed,  # type: ignore[attr-defined]
+                              priced.blocked_by)
+    return prob
+
+
+def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
+    """Cuts and per-stage recompute minimising the bottleneck under memory.
+
+    The solver works on additive costs; each solution is then checked stage by stage with
+    the exact memory (storages and tied weights once per stage). Where a stage is over, its
+    capacity is lowered by the excess and the search runs again (at most ``_RETRIES`` times).
+    """
+    _check_enough_cuts(prob.priced, prob.opts.n_stages)
+    sin = replace(prob.sin, pinned=prob.pins)  # type: ignore[attr-defined]
+    caps = list(sin.capacity)
+    last: tuple[Solution, list[tuple[str, int, int, int]]] | None = None
+    for _ in range(_RETRIES):
+        try:
+            first = solve(replace(sin, capacity=caps), prob.opts.n_stages)
+        except InfeasibleError as e:
+            raise _explain(prob, e, last) from None
+        sol = refine(replace(sin, capacity=caps), prob.opts.n_stages, first)
+        exact = prob.exact(sol.cuts)
+        over = [prob.need(i, x) - prob.capacity for i, x in enumerate(exact)]
+        last = (sol, exact)
+        if max(over) <= 0:
+            return _rescore(prob, sol, exact, optimal=sol.optimal), exact
+        caps = [c - max(o, 0) for c, o in zip(caps, over)]
+    raise _explain(prob, InfeasibleError("the exact memory check kept finding stages over capacity"), last)
+
+
+def _rescore(prob: _Problem, sol: Solution, exact: list[tuple[str, int, int, int]], *, optimal: bool) -> Solution:
+    """``sol`` with the stage times and memory of the recompute modes really chosen."""
+    bounds = [0, *sol.cuts, len(prob.priced.order)]
+    index = {m: j for j, m in enumerate(prob.modes)}
+    opts = prob.sin.choices()
+    times, chosen = [], []
+    for (a, b), x in zip(zip(bounds, bounds[1:]), exact):
+        j = index.get(x[0], 0)
+        chosen.append(j)
+        times.append(sum(opts[j].compute[a:b]) + prob.comm[a] + prob.comm[b])
+    same = tuple(chosen) == tuple(sol.stage_option or (0,) * len(chosen))
+    return Solution(sol.cuts, max(times), tuple(times), tuple(prob.need(i, x) for i, x in enumerate(exact)),
+                    sol.total_cut_bytes, min(sol.lower_bound, max(times)), optimal and same, tuple(chosen))
+
+
+def _explain(prob: _Problem, err: InfeasibleError, last: Any) -> InfeasibleError:
+    """The solver's refusal, with what would fit: more GPUs, recompute, fewer micro-batches
+    in flight, a smaller micro-batch (each tried on the same costs)."""
+    hints = []
+    S = prob.opts.n_stages
+    base = replace(prob.sin, pinned=prob.pins)  # type: ignore[attr-defined]
+
+    def fits(sin: SolverInput, stages: int) -> bool:
+        try:
+            solve(sin, stages)
+            return True
+        except PartitionError:
+            return False
+
+    if prob.opts.recompute in ("none", "selective") and prob.acts is not None:
+        act, redo, reserve = prob.acts.arrays("full", prob.ev)
+        full = Option([c + (f if r else 0) for c, f, r in zip(prob.sin.compute, to_units(prob.priced.fwd_s), redo)],
+                      act, reserve)
+        if fits(replace(base, options=[full]), S):
+            hints.append("recompute='full' (or 'auto') fits")
+    if max(prob.sin.inflight) > 1 and fits(replace(base, inflight=[1] * S), S):
+        hints.append(f"with one micro-batch in flight per stage it fits (today up to {max(prob.sin.inflight)}: "
+                     "fewer micro-batches, or schedule='gpipe' with n_microbatches=1)")
+    if prob.micro > 1 and prob.acts is not None:
+        hints.append(f"activations scale with the micro-batch ({prob.micro} samples now): a smaller one needs "
+                     "fewer bytes per micro-batch in flight")
+    if not prob.pins:  # type: ignore[attr-defined]
+        for more in sorted({S + 1, S + 2, 2 * S, 4 * S, 8 * S}):
+            if more > len(prob.priced.order):
+                break
+            sched = build_schedule(prob.opts.schedule if prob.opts.schedule != "interleaved-1f1b" else "1f1b",
+                                   more, prob.opts.n_microbatches, more)
+            inflight = list(simulate(sched, [1.0] * more, [2.0] * more).peak_inflight)
+            if fits(replace(base, inflight=inflight, capacity=[prob.capacity] * more), more):
+                hints.append(f"{more} GPUs fit this configuration")
+                break
+    text = str(err)
+    if last is not None:
+        sol, exact = last
+        worst = max(range(len(exact)), key=lambda i: prob.need(i, exact[i]) - prob.capacity)
+        mode, static, kept, extra = exact[worst]
+        text = (f"stage {worst} needs {_gib(prob.need(worst, exact[worst]))} (static {_gib(static)} = weights, "
+                f"gradients and optimizer state at {bytes_per_param(prob.opts.precision, prob.opts.optimizer)} B/param "
+                f"({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
+                f"{_gib(kept)} activations" + (f" + {_gib(extra)} recomputed in backward" if extra else "")
+                + f", recompute {mode!r}) but the device holds {_gib(prob.capacity)}")
+    out = InfeasibleError(text + ("; " + "; ".join(hints) if hints else "; no cheaper configuration tried fits"))
+    return out
+
+
+def _gib(x: int) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.1f} MiB"
+
+
+_RETRIES = 6
+
+
+def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
+             n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
+    """Solve: cuts and recompute chosen by the search."""
+    prob = _problem(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
+    solution, exact = _search(prob)
+    return _emit(model, cap, specs, prob, solution, exact, keep_snapshots)
+
+
+def _reapply(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, dev: DeviceSpec,
+             lnk: LinkSpec, plan: Plan) -> Pipe:
+    """Re-apply ``plan``: its cuts and recompute, priced the same way, no search."""
+    prob = _problem(model, cap, specs, opts, opts.n_microbatches, dev, lnk, False)
+    forced = {name: st.index for st in plan.stages for name in st.nodes}
+    stage_of = [forced[n.name] for n in prob.priced.order]
+    cuts = tuple(stage_of.index(s) for s in range(1, opts.n_stages))
+    exact = prob.exact(cuts, [st.recompute for st in plan.stages])
+    first = score(prob.sin, cuts)
+    sol = _rescore(prob, first, exact, optimal=plan.solver.optimal)
+    sol = replace(sol, lower_bound=to_units([plan.solver.lower_bound_s])[0])
+    pipe = _emit(model, cap, specs, prob, sol, exact, False)
+    pipe.plan = replace(pipe.plan, notes=plan.notes, solver=plan.solver)
+    return pipe
+
+
+def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _Problem, solution: Solution,
+          exact: list[tuple[str, int, int, int]], keep_snapshots: bool) -> Pipe:
+    """Stage modules (with recompute where chosen) and the plan."""
+    gm, priced, opts = prob.gm, prob.priced, prob.opts
+    n = len(priced.order)
     assignment: dict[str, int] = {}
     bounds = [0, *solution.cuts, n]
     for s in range(opts.n_stages):
@@ -281,14 +487,31 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
             assignment[node.name] = s
             node.meta[STAGE] = s
     split = split_graph(gm, assignment, opts.n_stages)
+    stages = list(split.stages)
+    for s, (mode, *_rest) in enumerate(exact):
+        if mode != "none" and prob.acts is not None:
+            regions = [[priced.order[p].name for p in range(a, b)]
+                       for a, b in prob.acts._pieces(bounds[s], bounds[s + 1], mode)]
+            stages[s] = with_recompute(stages[s], regions, mode)
     if keep_snapshots:  # the solver is not a graph pass, but its answer is node meta (pp.stage)
-        pm.snapshots.append(Snapshot("solve", graph_text(gm), node_summary(gm)))
+        prob.pm.snapshots.append(Snapshot("solve", graph_text(gm), node_summary(gm)))
+    memory = [StageMemory(mode, static, kept_expr, extra_expr) for (mode, static, _, _), (kept_expr, extra_expr)
+              in zip(exact, _symbolic(prob, bounds, exact))]
     plan = plan_builder.build_plan(
-        model=model, cap=cap, gm=gm, fingerprint=fp, specs=specs, symbols=symbols, options=opts.to_dict(),
-        device=dev, link=lnk, priced=priced, bounds=bounds, split=split, schedule=sched,
-        micro=micro, solution=solution, comm_units=comm, notes=notes, time_unit=TIME_UNIT,
+        model=model, cap=cap, gm=gm, fingerprint=fingerprint(cap.gm), specs=specs, symbols=prob.symbols,
+        options=opts.to_dict(), device=prob.dev, link=prob.lnk, priced=priced, bounds=bounds, split=split,
+        schedule=prob.sched, micro=prob.micro, solution=solution, comm_units=prob.comm, notes=prob.notes,
+        time_unit=TIME_UNIT, memory=memory,
     )
-    return Pipe(cap, split.stages, plan, graph=gm, snapshots=pm.snapshots, model=model)
+    return Pipe(cap, stages, plan, graph=gm, snapshots=prob.pm.snapshots, model=model)
+
+
+def _symbolic(prob: _Problem, bounds: Sequence[int], exact: Sequence[tuple[str, int, int, int]]) -> list[tuple[Any, Any]]:
+    """Kept and transient bytes of each stage as polynomials in B and S (for the plan)."""
+    out = []
+    for (a, b), x in zip(zip(bounds, bounds[1:]), exact):
+        out.append(prob.acts.stage_saved(a, b, x[0], prob.ev) if prob.acts else (0, 0))
+    return out
 
 
 def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: Any) -> Pipe:
@@ -303,7 +526,7 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
             raise PlanError(f"input {sp.name!r} of shape {list(sp.shape)} is too large to rebuild "
                             f"({numel} elements > {_MAX_INPUT_NUMEL})", f"$.inputs[{i}].shape")
     example: dict[str, Any] | None = None
-    if plan.capture == "export":  # export needs inputs: zeros of the recorded shapes, by name
+    if specs:  # export needs inputs, fx which arguments were given: zeros of the recorded shapes, by name
         example = {s.name: s.zeros() for s in specs}
     route = plan.capture
     try:
@@ -331,8 +554,8 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
                             f"but comes after nodes of stage {a}", f"$.stages[{b}].nodes")
     fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
     o = Options(**fields)
-    return _compile(model, cap, specs, o, o.n_microbatches, get_device(DeviceSpec.from_dict(plan.device)),
-                    get_link(LinkSpec.from_dict(plan.link)), False, forced=forced)
+    return _reapply(model, cap, specs, o, get_device(DeviceSpec.from_dict(plan.device)),
+                    get_link(LinkSpec.from_dict(plan.link)), plan)
 
 
 #: Re-applying an exported plan builds zeros of its recorded input shapes; a hostile file
