@@ -27,6 +27,7 @@ beside it, so a plan with other ranks rebuilds it for its own optimizer.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -120,9 +121,48 @@ def _shape_error(stage: RankStage, key: str, got: tuple[int, ...], want: tuple[i
         "the checkpoint was saved from another configuration of the model")
 
 
-def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
-    from safetensors import safe_open
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
+
+def safetensors_header(file: str) -> tuple[dict[str, Any], int]:
+    """The header of a .safetensors file (name -> dtype, shape, data_offsets) and where
+    its data starts. Reading it touches only the first bytes of the file."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise PipelineRuntimeError(f"{file} is not a safetensors file (shorter than its header)")
+        n = int.from_bytes(raw, "little")
+        if n > 100_000_000:
+            raise PipelineRuntimeError(f"{file} is not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_into(f: Any, start: int, entry: dict[str, Any], dst: torch.Tensor, key: str, file: str) -> None:
+    """Read one tensor's bytes straight into ``dst`` when it is a contiguous CPU tensor of
+    the same dtype (no mmap, no temporary: memory grows by the model's tensors only),
+    else through one temporary of that tensor's size."""
+    dtype = _DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise PipelineRuntimeError(f"key {key!r} in {file} has dtype {entry['dtype']}, which this reader does not know")
+    begin, end = entry["data_offsets"]
+    f.seek(start + begin)
+    if dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == dtype:
+        view = memoryview((ctypes.c_char * (end - begin)).from_address(dst.data_ptr())).cast("B")
+        if f.readinto(view) != end - begin:
+            raise PipelineRuntimeError(f"{file} ends inside key {key!r}: the file is truncated")
+        return
+    data = bytearray(end - begin)
+    if f.readinto(data) != end - begin:
+        raise PipelineRuntimeError(f"{file} ends inside key {key!r}: the file is truncated")
+    src = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    dst.copy_(src.reshape(dst.shape))
+
+
+def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
     if fmt == "hf-sharded":
         index = path if os.path.isfile(path) else os.path.join(path, INDEX)
         root = os.path.dirname(index)
@@ -130,10 +170,11 @@ def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
             weight_map: dict[str, str] = json.load(f)["weight_map"]
         where = {k: os.path.join(root, v) for k, v in weight_map.items()}
         described = index
+        headers: dict[str, tuple[dict[str, Any], int]] = {}
     else:
         file = path if os.path.isfile(path) else os.path.join(path, SINGLE)
-        with safe_open(file, framework="pt") as f:
-            where = {k: file for k in f.keys()}
+        headers = {file: safetensors_header(file)}
+        where = {k: file for k in headers[file][0]}
         described = file
     todo: dict[str, list[tuple[str, torch.Tensor, list[str]]]] = {}
     missing = []
@@ -145,25 +186,25 @@ def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
         todo.setdefault(where[key], []).append((key, t, names))
     if missing:
         raise _missing_error(stage, missing, described)
-    device = str(stage.device) if stage.device.type == "cuda" else "cpu"
-    opened: list[tuple[str, Any, list[tuple[str, torch.Tensor, list[str]]]]] = []
-    try:
-        for file in sorted(todo):
+    for file, items in todo.items():  # every key and shape checked before anything is read
+        if file not in headers:
             if not os.path.isfile(file):
                 raise PipelineRuntimeError(f"rank {stage.rank}: {described} names shard {file}, which does not exist")
-            f = safe_open(file, framework="pt", device=device)
-            opened.append((file, f, todo[file]))
-            for key, t, _ in todo[file]:  # every shape checked before anything is copied
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(t.shape):
-                    raise _shape_error(stage, key, shape, tuple(t.shape), file)
-        with torch.no_grad():
-            for file, f, items in opened:
-                for key, t, names in items:
-                    t.copy_(f.get_tensor(key))  # one tensor in memory at a time beside the model's
+            headers[file] = safetensors_header(file)
+        for key, t, _ in items:
+            entry = headers[file][0].get(key)
+            if entry is None:
+                raise PipelineRuntimeError(f"rank {stage.rank}: key {key!r} is not in {file}, the shard {described} "
+                                           "names for it")
+            if tuple(entry["shape"]) != tuple(t.shape):
+                raise _shape_error(stage, key, tuple(entry["shape"]), tuple(t.shape), file)
+    with torch.no_grad():
+        for file in sorted(todo):
+            start = headers[file][1]
+            with open(file, "rb", buffering=0) as f:
+                for key, t, names in sorted(todo[file], key=lambda it: headers[file][0][it[0]]["data_offsets"][0]):
+                    _read_into(f, start, headers[file][0][key], t, key, file)
                     stage.uninitialized.difference_update(names)
-    finally:
-        opened.clear()
     return sorted(todo)
 
 
@@ -278,6 +319,7 @@ def _jsonable(v: Any) -> Any:
 
 def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = os.fspath(path).rstrip("/")
     state: dict[str, Any] = {}
@@ -298,7 +340,7 @@ def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimize
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
             dcp.save(state, checkpoint_id=partial, process_group=group, no_dist=not distributed)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise PipelineRuntimeError(f"rank {stage.rank}: saving to {partial} failed ({type(e).__name__}: {e}); "
                                    f"{path} is unchanged") from e
     if distributed:
