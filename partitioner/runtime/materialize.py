@@ -157,7 +157,14 @@ def materialize(
         lookup = _lookup_in(stage_modules)
     else:
         lookup = lambda path: root.get_submodule(path)  # noqa: E731
-    shells = _shells(owners, lookup, out.memo, set(meta_ids))
+    # By name, not by tensor identity: the export route's stages hold their own Parameter
+    # objects, so the model's modules are matched to this rank's tensors through FQNs.
+    fresh: dict[str, torch.Tensor] = {}
+    for i in meta_ids:
+        for n in named[i]:
+            for a in aliases_by_name.get(n, (n,)):
+                fresh.setdefault(a, out.memo[i])
+    shells = _shells(owners, lookup, fresh)
     hf_init = getattr(model, "_init_weights", None) if model is not None and init_fn is None else None
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -199,27 +206,28 @@ def _lookup_in(sources: list[nn.Module]) -> Callable[[str], nn.Module]:
     return lookup
 
 
-def _shells(owners: set[str], lookup: Callable[[str], nn.Module], memo: dict[int, Any],
-            fresh: set[int]) -> dict[str, nn.Module]:
+def _shells(owners: set[str], lookup: Callable[[str], nn.Module],
+            fresh: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
     """Shallow copies of each owner and its ancestors, linked into one tree. A shell's own
-    tensors are this rank's new ones (ids in ``fresh``) or meta placeholders: tensors of
-    other ranks, and tensors copied from real values (an initialiser must not overwrite
-    what the user's model holds), take writes that go nowhere."""
+    tensors are this rank's new ones (by FQN, from ``fresh``) or meta placeholders:
+    tensors of other ranks, and tensors copied from real values (an initialiser must not
+    overwrite what the user's model holds), take writes that go nowhere."""
     placeholders: dict[int, torch.Tensor] = {}
 
-    def own(v: torch.Tensor | None) -> torch.Tensor | None:
+    def own(fqn: str, v: torch.Tensor | None) -> torch.Tensor | None:
         if v is None:
             return None
-        if id(v) in fresh:
-            return memo[id(v)]
+        if fqn in fresh:
+            return fresh[fqn]
         if id(v) not in placeholders:
             placeholders[id(v)] = _meta_like(v)
         return placeholders[id(v)]
 
-    def shallow(orig: nn.Module) -> nn.Module:
+    def shallow(orig: nn.Module, path: str) -> nn.Module:
+        pre = f"{path}." if path else ""
         shell = copy.copy(orig)
-        shell.__dict__["_parameters"] = {k: own(v) for k, v in orig._parameters.items()}
-        shell.__dict__["_buffers"] = {k: own(v) for k, v in orig._buffers.items()}
+        shell.__dict__["_parameters"] = {k: own(pre + k, v) for k, v in orig._parameters.items()}
+        shell.__dict__["_buffers"] = {k: own(pre + k, v) for k, v in orig._buffers.items()}
         shell.__dict__["_modules"] = dict(orig._modules)
         return shell
 
@@ -234,7 +242,7 @@ def _shells(owners: set[str], lookup: Callable[[str], nn.Module], memo: dict[int
             orig = lookup(path)
         except AttributeError:
             continue
-        shells[path] = shallow(orig)
+        shells[path] = shallow(orig, path)
         if path:
             parent, _, leaf = path.rpartition(".")
             if parent in shells and leaf in shells[parent]._modules:
@@ -243,13 +251,14 @@ def _shells(owners: set[str], lookup: Callable[[str], nn.Module], memo: dict[int
     # subtree, so a parent's initialiser walking them changes nothing of the user's model.
     linked = {id(s) for s in shells.values()}
 
-    def subtree(mod: nn.Module) -> nn.Module:
-        shell = shallow(mod)
-        shell.__dict__["_modules"] = {k: (None if c is None else subtree(c)) for k, c in mod._modules.items()}
+    def subtree(mod: nn.Module, path: str) -> nn.Module:
+        shell = shallow(mod, path)
+        shell.__dict__["_modules"] = {k: (None if c is None else subtree(c, f"{path}.{k}"))
+                                      for k, c in mod._modules.items()}
         return shell
 
-    for shell in list(shells.values()):
+    for path, shell in list(shells.items()):
         for k, child in list(shell._modules.items()):
             if child is not None and id(child) not in linked:
-                shell._modules[k] = subtree(child)
+                shell._modules[k] = subtree(child, f"{path}.{k}" if path else k)
     return shells

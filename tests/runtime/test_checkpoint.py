@@ -209,41 +209,48 @@ def test_a_missing_or_misshaped_key_names_the_key_and_the_file(tmp_path: Any) ->
 # --------------------------------------------------------------- Hugging Face, sharded
 
 
-@functools.cache
-def _hf() -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
+def _hf_config() -> Any:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=4, n_head=2, use_cache=False,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg)
-    want = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-    pipe = partition(model, 2, {"input_ids": torch.randint(0, 128, (4, 16))}, device="cpu",
+    return transformers, transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=4, n_head=2,
+                                                 use_cache=False, bos_token_id=0, eos_token_id=0)
+
+
+@functools.cache
+def _hf_meta_pipe() -> Any:
+    transformers, cfg = _hf_config()
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(cfg)
+    return partition(model, 2, {"input_ids": torch.randint(0, 128, (4, 16))}, device="cpu",
                      pinned_cuts=["transformer.h.2"])
-    return model, pipe, want
 
 
-def _hf_rank(rank: int, world: int, directory: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-    _, pipe, _ = _hf()
-    stage = pipe.build_stage(rank, "cpu")
-    assert stage.uninitialized  # meta weights, no initialiser given
+def _hf_rank(rank: int, world: int, directory: str) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any]]:
+    stage = _hf_meta_pipe().build_stage(rank, "cpu")
+    initial = {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}
+    assert not stage.uninitialized  # initialised by transformers' own _init_weights
     read = stage.load_checkpoint(directory)
-    assert not stage.uninitialized
-    return read, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}
+    return read, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}, initial
 
 
 def test_a_sharded_hugging_face_checkpoint_loads_per_rank_opening_only_its_shards(tmp_path: Any) -> None:
-    model, pipe, want = _hf()
+    transformers, cfg = _hf_config()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    want = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
     model.save_pretrained(str(tmp_path), max_shard_size="20KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in index  # HF stores the tied head once, as transformer.wte.weight
-    model.to("meta")  # the stages share the model's Parameter objects: now every rank starts from meta
-    assert all(p.device.type == "meta" for st in pipe.stages for p in st.parameters())
+    pipe = _hf_meta_pipe()
     results = spawn(_hf_rank, 2, str(tmp_path), timeout_s=TIMEOUT_S)
     shards = sorted(set(index.values()))
-    for rank, (read, params) in enumerate(results):
+    for rank, (read, params, initial) in enumerate(results):
         names = set(pipe.plan.stages[rank].parameters)
-        needed = {os.path.join(str(tmp_path), index.get(n, index.get("transformer.wte.weight")))
-                  for n in names if n in index or n == "lm_head.weight"}
+        needed = {os.path.join(str(tmp_path), index[n if n in index else "transformer.wte.weight"]) for n in names}
         assert set(read) == needed and len(read) < len(shards)
         assert set(params) == names
         assert_params(params, want)
+        # before loading: HF's initialisation (normal, std 0.02), not NaN nor the checkpoint
+        w = initial["transformer.h.3.attn.c_attn.weight" if rank else "transformer.h.0.attn.c_attn.weight"]
+        assert 0.015 < w.std() < 0.025 and w.mean().abs() < 0.005
+    torch.testing.assert_close(results[0][2]["transformer.wte.weight"], results[1][2]["lm_head.weight"],
+                               rtol=0, atol=0)
