@@ -32,6 +32,18 @@ class NodeCost:
     saved_bytes: sympy.Expr = ZERO  # bytes autograd keeps alive for backward
     fwd_bytes_moved: sympy.Expr = ZERO  # memory traffic of the forward (reads + writes)
     ops: tuple[str, ...] = field(default=())  # aten ops seen, for inspection
+    # -- where the saved bytes live, so a stage can count each storage once --------------
+    # ``saved_bytes`` above is this node priced alone. The same bytes split by storage:
+    saved_internal: sympy.Expr = ZERO  # storages only this node's backward uses (created inside it)
+    #: storages of the node's own inputs or outputs that it saves: ``(j, i)`` = tensor leaf ``i``
+    #: of the node's ``j``-th fx input (in ``(args, kwargs)`` order); ``(-1, i)`` = its output leaf ``i``
+    saved_refs: tuple[tuple[int, int], ...] = field(default=())
+    #: per output tensor leaf: the input leaf ``(j, i)`` whose storage it shares (a view, a
+    #: getitem), or None when the node allocated it
+    out_alias: tuple[tuple[int, int] | None, ...] = field(default=())
+    out_storage: tuple[sympy.Expr, ...] = field(default=())  # per output tensor leaf: storage bytes
+    #: "attention": an attention core (SDPA), the region selective recomputation re-runs
+    kind: str = ""
 
     def __add__(self, other: NodeCost) -> NodeCost:
         summed = {f: getattr(self, f) + getattr(other, f) for f in _SUMMED}

@@ -33,6 +33,8 @@ class DeviceSpec:
     peak_flops_lowp: float  # dense bf16/fp16 FLOP/s
     mem_bandwidth: float  # device memory bytes/s
     memory_bytes: int  # device memory capacity
+    #: "gpu" or "cpu": which kernels the costs describe (attention on a GPU keeps no S x S)
+    kind: str = "gpu"
 
     def peak(self, dtype: torch.dtype | str | None = None) -> float:
         """Peak FLOP/s for compute in ``dtype`` (low precision gets the tensor-core peak)."""
@@ -73,7 +75,7 @@ class DeviceSpec:
         dst = torch.empty_like(src)
         bw = _rate(lambda: dst.copy_(src), 2 * src.nbytes, seconds * 0.4)  # read + write
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        return cls("local", fp32, max(lowp, fp32), bw, int(mem))
+        return cls("local", fp32, max(lowp, fp32), bw, int(mem), "cpu")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("a100-80gb", 19.5e12, 312e12, 2.039e12, 80 * 10**9),
         # A generic server CPU socket (order of magnitude only: ~16 AVX-512 cores,
         # ~1 TFLOP/s fp32, no bf16 speed-up assumed, ~100 GB/s DDR). Prefer measure_local().
-        DeviceSpec("cpu", 1e12, 1e12, 100e9, 64 * 2**30),
+        DeviceSpec("cpu", 1e12, 1e12, 100e9, 64 * 2**30, "cpu"),
     ]
 }
 
@@ -177,6 +179,12 @@ def _validated(cls: type, data: Any) -> dict[str, Any]:
         raise CostModelError(f"{cls.__name__} has unknown field(s) {unknown}; valid fields: {sorted(names)}")
     out: dict[str, Any] = {}
     for name, typ in names.items():
+        if name == "kind":  # optional (plans before it priced every device as a GPU)
+            kind = data.get("kind", "gpu")
+            if kind not in ("gpu", "cpu"):
+                raise CostModelError(f"{cls.__name__}.kind must be 'gpu' or 'cpu', got {kind!r}")
+            out[name] = kind
+            continue
         if name not in data:
             raise CostModelError(f"{cls.__name__} is missing field {name!r}")
         v = data[name]

@@ -28,7 +28,7 @@ __all__ = [
     "Prediction", "SolverReport", "Plan", "load_plan", "write_atomic",
 ]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 class PlanError(PartitionError):
@@ -61,13 +61,17 @@ class Boundary:
 class StageCost:
     fwd_flops: str  # polynomials in B/S as text, per micro-batch
     bwd_flops: str
-    saved_bytes: str  # activations kept for backward, per micro-batch in flight
-    param_bytes: int
+    #: storages autograd keeps for this stage's backward, per micro-batch in flight, each
+    #: once (under the stage's recompute choice: checkpointed regions keep their inputs)
+    saved_bytes: str
+    param_bytes: int  # the stage's parameters as the model holds them
     buffer_bytes: int
-    fwd_time_s: float  # at the plan's micro-batch size, on the plan's device
+    fwd_time_s: float  # at the plan's micro-batch size, on the plan's device (recompute included in bwd)
     bwd_time_s: float
     comm_time_s: float  # sends and receives at this stage's cuts, per micro-batch
-    memory_bytes: int  # weights + grads + optimizer state + in-flight activations
+    memory_bytes: int  # static + in-flight micro-batches x saved + recompute transient
+    static_bytes: int = 0  # weights + grads + optimizer state (precision, optimizer) + buffers
+    recompute_bytes: str = "0"  # held once during backward while a region is recomputed
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class StagePlan:
     inputs: tuple[str, ...]  # value names received (stage 0: the model's flat inputs)
     outputs: tuple[str, ...]  # value names sent on (last stage: the model's flat outputs)
     cost: StageCost
+    recompute: str = "none"  # "none", "selective" or "full": what the stage recomputes in backward
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,9 @@ class Plan:
                 "fwd_flops": poly.evaluate(poly.from_text(st.cost.fwd_flops), batch, s),
                 "bwd_flops": poly.evaluate(poly.from_text(st.cost.bwd_flops), batch, s),
                 "saved_bytes": poly.evaluate(poly.from_text(st.cost.saved_bytes), batch, s),
+                "recompute_bytes": poly.evaluate(poly.from_text(st.cost.recompute_bytes), batch, s),
                 "param_bytes": st.cost.param_bytes,
+                "static_bytes": st.cost.static_bytes,
             })
         return out
 
@@ -294,7 +301,7 @@ def _check_consistency(plan: Plan) -> None:
             seen[name] = i
         if i > 0 and st.inputs != plan.stages[i - 1].outputs:
             raise PlanError(f"stage {i} inputs do not match stage {i - 1} outputs", f"{p}.inputs")
-        for key in ("fwd_flops", "bwd_flops", "saved_bytes"):
+        for key in ("fwd_flops", "bwd_flops", "saved_bytes", "recompute_bytes"):
             try:
                 poly.from_text(getattr(st.cost, key))
             except PartitionError as e:

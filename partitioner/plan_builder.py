@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import sympy
@@ -21,7 +22,17 @@ from passes.meta import COST, DESC, MODULE
 from passes.split import SplitResult
 from passes.trace import Captured
 
-__all__ = ["build_plan", "param_bytes_by_first_use"]
+__all__ = ["StageMemory", "build_plan", "param_bytes_by_first_use"]
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """What the planner decided a stage holds (``partitioner.memory``)."""
+
+    recompute: str  # "none", "selective", "full"
+    static_bytes: int  # weights + grads + optimizer state + buffers, each tensor once
+    saved: Any  # sympy: bytes kept per micro-batch in flight
+    transient: Any  # sympy: held once while a region is recomputed
 
 
 def param_bytes_by_first_use(gm: fx.GraphModule, order: Sequence[fx.Node]) -> None:
@@ -88,7 +99,7 @@ def build_plan(
     *, model: nn.Module, cap: Captured, gm: fx.GraphModule, fingerprint: str, specs: Sequence[InputSpec],
     symbols: dict[str, int], options: dict[str, Any], device: DeviceSpec, link: LinkSpec, priced: Priced,
     bounds: Sequence[int], split: SplitResult, schedule: Schedule, micro: int, solution: Solution,
-    comm_units: Sequence[int], notes: Sequence[str], time_unit: float,
+    comm_units: Sequence[int], notes: Sequence[str], time_unit: float, memory: Sequence[StageMemory],
 ) -> Plan:
     at = {"B": micro, "S": symbols.get("S", 1)}
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -112,17 +123,22 @@ def build_plan(
             path = str(priced.order[i].meta.get(MODULE, ""))
             if path and path not in modules:
                 modules.append(path)
+        mem = memory[s]
+        # a stage that recomputes pays its checkpointed regions' forward again in backward
+        redo = solution.stage_times[s] * time_unit - (comm_units[a] + comm_units[b]) * time_unit \
+            - sum(priced.fwd_s[a:b]) - sum(priced.bwd_s[a:b])
         cost = StageCost(
             fwd_flops=poly.to_text(total.fwd_flops, at), bwd_flops=poly.to_text(total.bwd_flops, at),
-            saved_bytes=poly.to_text(total.saved_bytes, at), param_bytes=pbytes, buffer_bytes=bbytes,
-            fwd_time_s=sum(priced.fwd_s[a:b]), bwd_time_s=sum(priced.bwd_s[a:b]),
+            saved_bytes=poly.to_text(mem.saved, at), param_bytes=pbytes, buffer_bytes=bbytes,
+            fwd_time_s=sum(priced.fwd_s[a:b]), bwd_time_s=sum(priced.bwd_s[a:b]) + max(redo, 0.0),
             comm_time_s=(comm_units[a] + comm_units[b]) * time_unit,
-            memory_bytes=solution.stage_mem[s],
+            memory_bytes=solution.stage_mem[s], static_bytes=mem.static_bytes,
+            recompute_bytes=poly.to_text(mem.transient, at),
         )
         stage_plans.append(StagePlan(
             index=s, rank=schedule.rank_of(s), nodes=io.nodes, modules=tuple(modules),
             parameters=tuple(n for n, _ in params), buffers=tuple(n for n, _ in buffers),
-            inputs=io.inputs, outputs=io.outputs, cost=cost))
+            inputs=io.inputs, outputs=io.outputs, cost=cost, recompute=mem.recompute))
     boundaries = []
     for i in range(n_stages - 1):
         k = bounds[i + 1]

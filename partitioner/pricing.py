@@ -32,15 +32,13 @@ class Priced:
     order: tuple[fx.Node, ...]
     fwd_s: tuple[float, ...]  # per position
     bwd_s: tuple[float, ...]
-    static_mem: tuple[int, ...]  # weights + grads + optimizer state + buffers, per position
-    act_mem: tuple[int, ...]  # bytes saved for backward per micro-batch, per position
     cut_bytes: tuple[int, ...]  # n + 1 entries: activation bytes crossing each cut
     cut_grad_bytes: tuple[int, ...]  # n + 1 entries: gradient bytes coming back
     allowed: tuple[bool, ...]  # n + 1 entries
     blocked_by: tuple[str, ...]  # n + 1 entries: why a cut is not allowed ("" when it is)
 
 
-class _Evaluator:
+class Evaluator:
     """Sympy → int at fixed B and S, cached: transformer layers repeat the same expressions."""
 
     def __init__(self, batch: int, seq: int) -> None:
@@ -72,7 +70,7 @@ def wire_kind(desc: Any) -> str | None:
     return None
 
 
-def value_bytes(desc: Any, ev: _Evaluator) -> tuple[int, int]:
+def value_bytes(desc: Any, ev: Evaluator) -> tuple[int, int]:
     """(bytes forward, gradient bytes backward) of one crossing value."""
     if isinstance(desc, TensorDesc):
         nbytes = ev(desc.nbytes())
@@ -99,23 +97,20 @@ def price(
     batch: int,
     seq: int,
     node_time: Any,  # (NodeCost, {"B": b, "S": s}) -> (fwd seconds, bwd seconds)
-    state_multiplier: int,  # bytes kept per parameter byte: weight + grad + optimizer state
     cut_at: str | None = None,
     costs_known: bool = True,
 ) -> Priced:
     order = compute_nodes(gm)
     n = len(order)
     pos = {node: i for i, node in enumerate(order)}
-    ev = _Evaluator(batch, seq)
-    fwd, bwd, static, act = [], [], [], []
+    ev = Evaluator(batch, seq)
+    fwd, bwd = [], []
     values = {"B": batch, "S": seq}
     for node in order:
         cost: NodeCost = node.meta.get(COST, NodeCost())
         f, b = node_time(cost, values)
         fwd.append(f)
         bwd.append(b)
-        static.append(ev(cost.param_bytes) * state_multiplier + ev(cost.buffer_bytes))
-        act.append(ev(cost.saved_bytes))
     # difference arrays: a value adds its bytes to cuts produced+1 .. last_use
     dbytes = [0] * (n + 2)
     dgrad = [0] * (n + 2)
@@ -160,7 +155,7 @@ def price(
                 reason = f"inside or outside {cut_at!r} boundaries"
         allowed.append(not reason)
         why.append(reason)
-    return Priced(tuple(order), tuple(fwd), tuple(bwd), tuple(static), tuple(act),
+    return Priced(tuple(order), tuple(fwd), tuple(bwd),
                   tuple(cut_bytes), tuple(cut_grad), tuple(allowed), tuple(why))
 
 

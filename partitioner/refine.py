@@ -11,7 +11,7 @@ The global bottleneck never grows: the first solution is a witness for every sub
 
 from __future__ import annotations
 
-from partitioner.solver import InfeasibleError, Solution, SolverInput, solve
+from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, solve
 
 __all__ = ["refine", "score"]
 
@@ -27,9 +27,13 @@ def _sub(inp: SolverInput, lo: int, hi: int, s0: int, k: int) -> SolverInput:
     The cut costs at lo and hi are paid whatever the split inside, by the first and the
     last stage: they are folded into the first and last position's compute.
     """
-    compute = list(inp.compute[lo:hi])
-    compute[0] += inp.cut_cost[lo]
-    compute[-1] += inp.cut_cost[hi]
+    def fold(xs: object) -> list[int]:
+        out = list(xs[lo:hi])  # type: ignore[index]
+        out[0] += inp.cut_cost[lo]
+        out[-1] += inp.cut_cost[hi]
+        return out
+
+    compute = fold(inp.compute)
     return SolverInput(
         compute=compute,
         cut_cost=[0, *inp.cut_cost[lo + 1:hi], 0],
@@ -40,6 +44,7 @@ def _sub(inp: SolverInput, lo: int, hi: int, s0: int, k: int) -> SolverInput:
         inflight=inp.inflight[s0:s0 + k],
         capacity=inp.capacity[s0:s0 + k],
         pinned=[p - lo for p in inp.pinned if lo < p < hi],
+        options=[Option(fold(o.compute), o.act_mem[lo:hi], o.reserve) for o in inp.options],
     )
 
 
@@ -53,8 +58,7 @@ def refine(inp: SolverInput, n_stages: int, first: Solution) -> Solution:
         if k < 2 or budget[0] <= 0:
             return
         lo, hi = bounds[s0], bounds[s0 + k]
-        current = max(sum(inp.compute[a:b]) + inp.cut_cost[a] + inp.cut_cost[b]
-                      for a, b in zip(bounds[s0:s0 + k], bounds[s0 + 1:s0 + k + 1]))
+        current = max(score(inp, tuple(bounds[1:-1])).stage_times[s0:s0 + k])
         even = (sum(inp.compute[lo:hi]) + inp.cut_cost[lo] + inp.cut_cost[hi]) / k
         if current <= even * (1 + _SLACK):  # already within 5 % of an even split: little to gain
             return
@@ -78,8 +82,15 @@ def score(inp: SolverInput, cuts: tuple[int, ...], *, lower_bound: int | None = 
           optimal: bool = False) -> Solution:
     """The Solution that ``cuts`` give on ``inp``: stage times, memory, bytes (no search)."""
     bounds = [0, *cuts, len(inp.compute)]
-    times = tuple(sum(inp.compute[a:b]) + inp.cut_cost[a] + inp.cut_cost[b] for a, b in zip(bounds, bounds[1:]))
-    mem = tuple(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(inp.act_mem[a:b])
-                for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
-    return Solution(cuts, max(times), times, mem, sum(inp.cut_bytes[c] for c in cuts),
-                    max(times) if lower_bound is None else lower_bound, optimal)
+    opts = inp.choices()
+    times, mem, choice = [], [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        static = sum(inp.static_mem[a:b])
+        need = [static + inp.inflight[i] * sum(o.act_mem[a:b]) + o.reserve for o in opts]
+        # the first option that fits (options are listed fastest first), else the smallest
+        j = next((j for j, m in enumerate(need) if m <= inp.capacity[i]), min(range(len(opts)), key=need.__getitem__))
+        choice.append(j)
+        mem.append(need[j])
+        times.append(sum(opts[j].compute[a:b]) + inp.cut_cost[a] + inp.cut_cost[b])
+    return Solution(cuts, max(times), tuple(times), tuple(mem), sum(inp.cut_bytes[c] for c in cuts),
+                    max(times) if lower_bound is None else lower_bound, optimal, tuple(choice))

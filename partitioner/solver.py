@@ -36,6 +36,15 @@ stage count):
    one, so the answer stays bottleneck-optimal and feasible but its byte total may
    not be minimal. For ``n <= 2000`` the tie-break is always exact.
 
+Per-stage options (recomputation): ``SolverInput.options`` may list alternative ways to
+run a stage, each with its own per-position compute and activation memory and a reserve
+of bytes (the transient peak of recomputing during backward). A stage ``[a, b)`` is then
+valid at ``T`` when *some* option fits both time and memory: reachability is the union
+over options, the tie-break takes the cheapest pair over options, and the solution
+records, per stage, the first listed option that fits (list the fastest first). This is
+exact for the min-bottleneck problem over cuts x options, since the choice of option is
+local to a stage.
+
 All search arithmetic is int64; inputs whose totals could overflow are rejected.
 """
 
@@ -51,7 +60,7 @@ import numpy.typing as npt
 
 from cost_models.errors import PartitionError
 
-__all__ = ["InfeasibleError", "Solution", "SolverInput", "SolverInputError", "solve"]
+__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "solve"]
 
 _I64 = npt.NDArray[np.int64]
 _Ix = npt.NDArray[np.intp]
@@ -73,6 +82,15 @@ class InfeasibleError(PartitionError):
 
 
 @dataclass(frozen=True)
+class Option:
+    """One way to run a stage (e.g. with recomputation): its own time and memory per position."""
+
+    compute: Sequence[int]  # per position: forward+backward time under this option
+    act_mem: Sequence[int]  # per position: activation bytes per in-flight micro-batch
+    reserve: int = 0  # bytes held once per stage on top (the recompute's transient peak)
+
+
+@dataclass(frozen=True)
 class SolverInput:
     compute: Sequence[int]  # per position: forward+backward time (integer units), >= 0
     cut_cost: Sequence[int]  # n+1: time a stage spends on cut k; [0] and [n] must be 0
@@ -83,6 +101,11 @@ class SolverInput:
     inflight: Sequence[int]  # S: micro-batches in flight on stage i (1F1B: S - i)
     capacity: Sequence[int]  # S: device memory of stage i in bytes
     pinned: Sequence[int] = ()  # cut positions that must be used
+    #: alternatives to (compute, act_mem); empty: the one option (compute, act_mem, 0)
+    options: Sequence[Option] = ()
+
+    def choices(self) -> list[Option]:
+        return list(self.options) or [Option(self.compute, self.act_mem, 0)]
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,18 @@ class Solution:
     total_cut_bytes: int  # sum of cut_bytes over the interior cuts
     lower_bound: int  # bound on the bottleneck computed apart from the search
     optimal: bool  # the bottleneck is proven optimal for this order
+    stage_option: tuple[int, ...] = ()  # per stage: index into SolverInput.choices()
+
+
+@dataclass(frozen=True)
+class _Opt:
+    """One option's arrays."""
+
+    P: _I64  # prefix compute, n+1
+    g: _I64  # P[a] - cut_cost[a]: what a stage start contributes to the time test
+    f: _I64  # P[b] + cut_cost[b]: what a stage end contributes
+    AM: _I64  # prefix activation memory, n+1
+    cap: list[int]  # per stage: capacity less the option's reserve, clamped to fit int64
 
 
 @dataclass(frozen=True)
@@ -102,13 +137,10 @@ class _Prep:
 
     n: int
     S: int
-    P: _I64  # prefix compute, n+1
-    g: _I64  # P[a] - cut_cost[a]: what a stage start contributes to the time test
-    f: _I64  # P[b] + cut_cost[b]: what a stage end contributes
+    P: _I64  # prefix of the cheapest compute over options, n+1 (bands, bounds)
     SM: _I64  # prefix static memory, n+1
-    AM: _I64  # prefix activation memory, n+1
+    opts: list[_Opt]
     inflight: list[int]
-    cap: list[int]  # per stage, clamped to the whole model's need so it fits int64
     pin_lo: _Ix  # last pinned cut before b: a stage may not straddle a pin
     cuts: _Ix  # allowed interior cut positions, increasing
     P_cuts: _I64  # P at those positions (non-decreasing too)
@@ -133,6 +165,12 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
             raise SolverInputError(f"{name} has length {got}, expected {want} (n = {n} "
                                    f"positions, {S} stages); build every input from the "
                                    f"same order and stage count")
+    for k, o in enumerate(inp.options):
+        for name in ("compute", "act_mem"):
+            if len(getattr(o, name)) != n:
+                raise SolverInputError(f"options[{k}].{name} has length {len(getattr(o, name))}, expected {n}")
+        if o.reserve < 0 or min(o.compute, default=0) < 0 or min(o.act_mem, default=0) < 0:
+            raise SolverInputError(f"options[{k}] has a negative cost or size; they must be >= 0")
     for name in ("compute", "cut_cost", "cut_bytes", "static_mem", "act_mem", "inflight",
                  "capacity"):
         bad = [i for i, v in enumerate(getattr(inp, name)) if v < 0]
@@ -160,8 +198,8 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
     if len(pins) > S - 1:
         raise InfeasibleError(f"{len(pins)} pinned cuts need at least {len(pins) + 1} stages "
                               f"but {S} were asked for; use more GPUs or pin fewer cuts")
-    time_total = sum(inp.compute) + 2 * max(inp.cut_cost, default=0)
-    mem_total = sum(inp.static_mem) + max(inp.inflight) * sum(inp.act_mem)
+    time_total = max(sum(o.compute) for o in inp.choices()) + 2 * max(inp.cut_cost, default=0)
+    mem_total = sum(inp.static_mem) + max(max(inp.inflight) * sum(o.act_mem) + o.reserve for o in inp.choices())
     bytes_total = sum(inp.cut_bytes)
     if max(time_total, mem_total, bytes_total) >= _LIMIT:
         raise SolverInputError(f"totals too large for the int64 search (time {time_total}, "
@@ -169,37 +207,45 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
     return n, pins
 
 
+def _prefix(xs: Sequence[int]) -> _I64:
+    x = np.zeros(len(xs) + 1, np.int64)
+    np.cumsum(np.asarray(xs, np.int64), out=x[1:])
+    return x
+
+
 def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0) -> _Prep:
     n = len(inp.compute)
-    pre = []
-    for xs in (inp.compute, inp.static_mem, inp.act_mem):
-        x = np.zeros(n + 1, np.int64)
-        np.cumsum(np.asarray(xs, np.int64), out=x[1:])
-        pre.append(x)
-    P, SM, AM = pre
+    SM = _prefix(inp.static_mem)
     cc = np.asarray(inp.cut_cost, np.int64)
+    inflight = [int(x) for x in inp.inflight]
+    opts = []
+    for o in inp.choices():
+        P, AM = _prefix(o.compute), _prefix(o.act_mem)
+        cap = [max(min(int(c) + slack - int(o.reserve), int(SM[n]) + k * int(AM[n])), -1)
+               for c, k in zip(inp.capacity, inflight)]
+        opts.append(_Opt(P, P - cc, P + cc, AM, cap))
+    Pmin = _prefix(np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0)) if n else _prefix([])
     pin_arr = np.asarray([0, *pins], np.intp)
     pin_lo = pin_arr[np.maximum(np.searchsorted(pin_arr, np.arange(n + 1), "left") - 1, 0)]
     cuts = np.flatnonzero(np.asarray(inp.allowed, bool)[1:n]) + 1
-    inflight = [int(x) for x in inp.inflight]
-    cap = [min(int(c) + slack, int(SM[n]) + k * int(AM[n])) for c, k in zip(inp.capacity, inflight)]
     lg = np.zeros(n + 2, np.intp)
     k = 1
     while (1 << k) <= n + 1:
         lg[1 << k:] += 1
         k += 1
-    return _Prep(n, S, P, P - cc, P + cc, SM, AM, inflight, cap, pin_lo, cuts, P[cuts], lg)
+    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg)
 
 
-def _lo(pr: _Prep, i: int, b: _Ix, T: int) -> _Ix:
-    """Smallest start of stage ``i`` ending at each ``b`` (memory, pins, P[b]-P[a] <= T)."""
-    loT = np.searchsorted(pr.P, pr.P[b] - T, "left")  # implied by the time test; narrows
+def _lo(pr: _Prep, o: _Opt, i: int, b: _Ix, T: int) -> _Ix:
+    """Smallest start of stage ``i`` ending at each ``b`` under option ``o`` (memory, pins,
+    P[b]-P[a] <= T)."""
+    loT = np.searchsorted(o.P, o.P[b] - T, "left")  # implied by the time test; narrows
     # Memory grows as the start moves left, so its limit is one searchsorted; the
     # prefix W is built only over the positions these windows can touch.
     a0, a1 = int(loT.min()), int(b.max()) + 1
     k = pr.inflight[i]
-    W = pr.SM[a0:a1] + k * pr.AM[a0:a1]
-    lom = a0 + np.searchsorted(W, pr.SM[b] + k * pr.AM[b] - pr.cap[i], "left")
+    W = pr.SM[a0:a1] + k * o.AM[a0:a1]
+    lom = a0 + np.searchsorted(W, pr.SM[b] + k * o.AM[b] - o.cap[i], "left")
     return np.maximum(np.maximum(lom, loT), pr.pin_lo[b])
 
 
@@ -227,30 +273,39 @@ def _reach(pr: _Prep, T: int) -> list[_Ix] | None:
         b = _ends(pr, i, T)
         if len(b) == 0:
             return None
-        lo = np.maximum(_lo(pr, i, b, T), int(R[0]))  # nothing reachable before R[0]
-        width = b - lo
-        x0, x1 = int(lo.min()), int(b[-1])
-        if x0 >= x1:
-            return None
-        m = x1 - x0
-        mask = np.zeros(m, bool)
-        mask[R[np.searchsorted(R, x0):np.searchsorted(R, x1)] - x0] = True
-        top = int(pr.lg[max(int(width.max()), 1)])
-        table = np.empty((top + 1, m), np.int64)  # table[k, x] = max(vals[x : x + 2^k])
-        table[0] = np.where(mask, pr.g[x0:x1], _NEG)
-        for k in range(1, top + 1):
-            h = 1 << (k - 1)
-            table[k, : m - h] = np.maximum(table[k - 1, : m - h], table[k - 1, h:])
-            table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
-        lvl = pr.lg[np.maximum(width, 1)]
-        left = np.minimum(lo - x0, m - 1)
-        right = np.maximum(b - x0 - (1 << lvl), 0)
-        best = np.maximum(table[lvl, left], table[lvl, right])
-        R = b[(width >= 1) & (best >= pr.f[b] - T)]
+        ok = np.zeros(len(b), bool)
+        for o in pr.opts:
+            ok |= _valid_ends(pr, o, i, b, R, T)
+        R = b[ok]
         if len(R) == 0:
             return None
         out.append(R)
     return out
+
+
+def _valid_ends(pr: _Prep, o: _Opt, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
+    """Which ends ``b`` a stage ``i`` under option ``o`` reaches from a start in ``R``."""
+    lo = np.maximum(_lo(pr, o, i, b, T), int(R[0]))  # nothing reachable before R[0]
+    width = b - lo
+    x0, x1 = int(lo.min()), int(b[-1])
+    if x0 >= x1:
+        return np.zeros(len(b), bool)
+    m = x1 - x0
+    mask = np.zeros(m, bool)
+    mask[R[np.searchsorted(R, x0):np.searchsorted(R, x1)] - x0] = True
+    top = int(pr.lg[max(int(width.max()), 1)])
+    table = np.empty((top + 1, m), np.int64)  # table[k, x] = max(vals[x : x + 2^k])
+    table[0] = np.where(mask, o.g[x0:x1], _NEG)
+    for k in range(1, top + 1):
+        h = 1 << (k - 1)
+        table[k, : m - h] = np.maximum(table[k - 1, : m - h], table[k - 1, h:])
+        table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
+    lvl = pr.lg[np.maximum(width, 1)]
+    left = np.minimum(lo - x0, m - 1)
+    right = np.maximum(b - x0 - (1 << lvl), 0)
+    best = np.maximum(table[lvl, left], table[lvl, right])
+    ok: npt.NDArray[np.bool_] = (width >= 1) & (best >= o.f[b] - T)
+    return ok
 
 
 def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
@@ -258,18 +313,45 @@ def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
     cuts = [pr.n]
     b = pr.n
     for i in range(pr.S - 1, -1, -1):
-        lo = int(_lo(pr, i, np.array([b]), T)[0])
-        a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], b, "left")]
-        b = int(a[pr.g[a] >= pr.f[b] - T][-1])
+        best = -1
+        for o in pr.opts:
+            lo = int(_lo(pr, o, i, np.array([b]), T)[0])
+            a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], b, "left")]
+            a = a[o.g[a] >= o.f[b] - T]
+            if len(a):
+                best = max(best, int(a[-1]))
+        b = best
         cuts.append(b)
     return cuts[::-1]
 
 
-def _times(pr: _Prep, cuts: list[int]) -> _I64:
+def _pick(pr: _Prep, cuts: Sequence[int], T: int | None) -> list[int]:
+    """Per stage, the first option under which it fits memory (and time ``T`` if given)."""
+    out = []
+    for i, (a, b) in enumerate(itertools.pairwise(cuts)):
+        k = pr.inflight[i]
+        chosen = None
+        for j, o in enumerate(pr.opts):
+            t = int(o.f[b] - o.g[a]) if a < b else 0
+            mem = int(pr.SM[b] - pr.SM[a] + k * (o.AM[b] - o.AM[a]))
+            if mem <= o.cap[i] and (T is None or t <= T):
+                chosen = j
+                break
+        if chosen is None:  # fits nothing: report it under the option that needs least memory
+            chosen = min(range(len(pr.opts)), key=lambda j: int(k * (pr.opts[j].AM[b] - pr.opts[j].AM[a]))
+                         - pr.opts[j].cap[i])
+        out.append(chosen)
+    return out
+
+
+def _times(pr: _Prep, cuts: list[int], choice: Sequence[int] | None = None) -> _I64:
     c = np.asarray(cuts)
-    cc = pr.f - pr.P
-    t: _I64 = pr.P[c[1:]] - pr.P[c[:-1]] + cc[c[1:]] + cc[c[:-1]]
-    return t
+    if choice is None:  # the cheapest compute: a lower estimate, used by the search only
+        cc = pr.opts[0].f - pr.opts[0].P
+        t: _I64 = pr.P[c[1:]] - pr.P[c[:-1]] + cc[c[1:]] + cc[c[:-1]]
+        return t
+    return np.asarray([int(pr.opts[j].f[b] - pr.opts[j].g[a])
+                       for j, (a, b) in zip(choice, itertools.pairwise(cuts))], np.int64)
 
 
 def _range_argmax(vals: _I64, s: npt.NDArray[np.intp], e: npt.NDArray[np.intp]
@@ -300,49 +382,23 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
     n, S, INF = pr.n, pr.S, np.int64(2**62)
     cb = cb.copy()
     cb[n] = 0
-    spans = []
+    spans: list[list[tuple[_Ix, _Ix]]] = []
     for i in range(1, S + 1):
         Fa, Fb = bands[i - 1], bands[i]
-        lo = _lo(pr, i - 1, Fb, T)
-        spans.append((np.searchsorted(Fa, lo, "left"), np.searchsorted(Fa, Fb, "left")))
-    approx = n > 2000 and sum(int((e - s).sum()) for s, e in spans) > _PAIR_BUDGET
+        spans.append([(np.searchsorted(Fa, _lo(pr, o, i - 1, Fb, T), "left"), np.searchsorted(Fa, Fb, "left"))
+                      for o in pr.opts])
+    approx = n > 2000 and sum(int((e - s).sum()) for sp in spans for s, e in sp) > _PAIR_BUDGET
     best = np.zeros(1, np.int64)
     preds: list[npt.NDArray[np.intp]] = []
     for i in range(1, S + 1):
         Fa, Fb = bands[i - 1], bands[i]
-        s, e = spans[i - 1]
-        s_full = s
-        if approx:
-            s = np.maximum(s, e - _APPROX_WIDTH)
-        thr = pr.f[Fb] - T
-        width = e - s
         new_best = np.full(len(Fb), INF)
         pred = np.zeros(len(Fb), np.intp)  # index into Fa
-        ends = np.cumsum(width)
-        chunk_lo = 0
-        while chunk_lo < len(Fb):
-            base = ends[chunk_lo - 1] if chunk_lo else 0
-            chunk_hi = max(int(np.searchsorted(ends, base + _CHUNK_PAIRS, "right")),
-                           chunk_lo + 1)
-            w = width[chunk_lo:chunk_hi]
-            starts = np.cumsum(w) - w
-            total = int(w.sum())
-            row = np.repeat(np.arange(len(w)), w)
-            ai = np.repeat(s[chunk_lo:chunk_hi], w) + np.arange(total) - np.repeat(starts, w)
-            ok = pr.g[Fa[ai]] >= thr[chunk_lo:chunk_hi][row]
-            cost = np.where(ok, best[ai], INF)
-            seg = np.minimum.reduceat(cost, starts)
-            first = np.minimum.reduceat(
-                np.where(cost == seg[row], np.arange(total), total), starts)
-            new_best[chunk_lo:chunk_hi] = seg
-            pred[chunk_lo:chunk_hi] = ai[first]
-            chunk_lo = chunk_hi
-        if approx:  # the largest-slack predecessor keeps every reachable b reachable
-            am = _range_argmax(pr.g[Fa], s_full, e)
-            c_am = best[am]
-            take = (pr.g[Fa[am]] >= thr) & (c_am < new_best)
-            new_best = np.where(take, c_am, new_best)
-            pred = np.where(take, am, pred)
+        for o, (s, e) in zip(pr.opts, spans[i - 1]):
+            nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx)
+            take = nb < new_best
+            new_best = np.where(take, nb, new_best)
+            pred = np.where(take, pd, pred)
         best = new_best + cb[Fb]
         preds.append(pred)
     cuts = [n]
@@ -353,6 +409,49 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
     return cuts[::-1]
 
 
+def _pairs(o: _Opt, Fa: _Ix, Fb: _Ix, s: _Ix, e: _Ix, best: _I64, T: int, approx: bool
+           ) -> tuple[_I64, npt.NDArray[np.intp]]:
+    """For each end in ``Fb``: the cheapest valid start in ``Fa`` under option ``o``."""
+    INF = np.int64(2**62)
+    s_full = s
+    if approx:
+        s = np.maximum(s, e - _APPROX_WIDTH)
+    thr = o.f[Fb] - T
+    width = np.maximum(e - s, 0)
+    new_best = np.full(len(Fb), INF)
+    pred = np.zeros(len(Fb), np.intp)  # index into Fa
+    ends = np.cumsum(width)
+    chunk_lo = 0
+    while chunk_lo < len(Fb):
+        base = ends[chunk_lo - 1] if chunk_lo else 0
+        chunk_hi = max(int(np.searchsorted(ends, base + _CHUNK_PAIRS, "right")), chunk_lo + 1)
+        w = width[chunk_lo:chunk_hi]
+        total = int(w.sum())
+        if total:
+            nz = np.flatnonzero(w)  # rows with at least one candidate
+            wn = w[nz]
+            starts = np.cumsum(wn) - wn
+            row = np.repeat(np.arange(len(wn)), wn)
+            ai = np.repeat(s[chunk_lo:chunk_hi][nz], wn) + np.arange(total) - np.repeat(starts, wn)
+            ok = o.g[Fa[ai]] >= thr[chunk_lo:chunk_hi][nz][row]
+            cost = np.where(ok, best[ai], INF)
+            seg = np.minimum.reduceat(cost, starts)
+            first = np.minimum.reduceat(np.where(cost == seg[row], np.arange(total), total), starts)
+            new_best[chunk_lo + nz] = seg
+            pred[chunk_lo + nz] = ai[first]
+        chunk_lo = chunk_hi
+    if approx:  # the largest-slack predecessor keeps every reachable b reachable
+        has = e > s_full
+        if has.any():
+            idx = np.flatnonzero(has)
+            am = _range_argmax(o.g[Fa], s_full[idx], e[idx])
+            c_am = best[am]
+            take = (o.g[Fa[am]] >= thr[idx]) & (c_am < new_best[idx])
+            new_best[idx] = np.where(take, c_am, new_best[idx])
+            pred[idx] = np.where(take, am, pred[idx])
+    return new_best, pred
+
+
 def _mirror(inp: SolverInput, n: int) -> SolverInput:
     """The same instance read right to left: stage i becomes stage S-1-i."""
     def r(xs: Sequence[Any]) -> list[Any]:
@@ -360,14 +459,15 @@ def _mirror(inp: SolverInput, n: int) -> SolverInput:
 
     return SolverInput(r(inp.compute), r(inp.cut_cost), r(inp.cut_bytes), r(inp.allowed),
                        r(inp.static_mem), r(inp.act_mem), r(inp.inflight), r(inp.capacity),
-                       [n - int(p) for p in inp.pinned])
+                       [n - int(p) for p in inp.pinned],
+                       [Option(r(o.compute), r(o.act_mem), o.reserve) for o in inp.options])
 
 
 def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> InfeasibleError:
     # Report the worst stage of the partition that minimises the largest overflow
     # (bytes over capacity): it is the partition closest to fitting, so its worst
     # stage shows the smallest change that would make the model fit.
-    lo, hi = 1, sum(inp.static_mem) + max(inp.inflight) * sum(inp.act_mem) + 1
+    lo, hi = 1, sum(inp.static_mem) + max(max(inp.inflight) * sum(o.act_mem) + o.reserve for o in inp.choices()) + 1
     while lo < hi:
         mid = (lo + hi) // 2
         if _reach(_prepare(inp, S, pins, slack=mid), T_inf) is None:
@@ -378,26 +478,33 @@ def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> Infe
     R = _reach(pr, T_inf)
     assert R is not None  # slack lo is feasible by construction of the search
     cuts = _witness(pr, R, T_inf)
-    worst, over, parts = 0, None, (0, 0, 0)
+    choice = _pick(_prepare(inp, S, pins), cuts, None)
+    opts = inp.choices()
+    worst, over, parts = 0, None, (0, 0, 0, 0)
     for i in range(S):
         a, b = cuts[i], cuts[i + 1]
-        w, act = sum(inp.static_mem[a:b]), sum(inp.act_mem[a:b])
-        need = w + inp.inflight[i] * act
+        o = opts[choice[i]]
+        w, act = sum(inp.static_mem[a:b]), sum(o.act_mem[a:b])
+        need = w + inp.inflight[i] * act + o.reserve
         if over is None or need - inp.capacity[i] > over:
-            worst, over, parts = i, need - inp.capacity[i], (need, w, act)
-    need, w, act = parts
-    return InfeasibleError(
+            worst, over, parts = i, need - inp.capacity[i], (need, w, act, o.reserve)
+    need, w, act, extra = parts
+    more = f" + {_fmt_bytes(extra)} recomputed during backward" if extra else ""
+    err = InfeasibleError(
         f"stage {worst} needs {_fmt_bytes(need)} (weights {_fmt_bytes(w)} + "
-        f"{inp.inflight[worst]} micro-batches x {_fmt_bytes(act)} activations) but the device "
+        f"{inp.inflight[worst]} micro-batches x {_fmt_bytes(act)} activations{more}) but the device "
         f"holds {_fmt_bytes(inp.capacity[worst])}; {_FIX}")
+    err.closest = (tuple(cuts[1:-1]), tuple(choice))  # type: ignore[attr-defined]
+    return err
 
 
 def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
     # Every stage but a lone one touches >= 1 interior cut and S-1 cuts are each paid
     # twice, so the cheapest allowed cut cost lifts both the average and the max bound.
     m = min((inp.cut_cost[k] for k in range(1, n) if inp.allowed[k]), default=0) if S > 1 else 0
-    total = sum(inp.compute) + 2 * (S - 1) * m
-    return max(-(-total // S), max(inp.compute, default=0) + m)
+    compute = [min(c) for c in zip(*(o.compute for o in inp.choices()))]
+    total = sum(compute) + 2 * (S - 1) * m
+    return max(-(-total // S), max(compute, default=0) + m)
 
 
 def solve(inp: SolverInput, n_stages: int) -> Solution:
@@ -411,12 +518,17 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     S = n_stages
     n, pins = _check(inp, S)
     fw = _prepare(inp, S, pins)
-    T_inf = int(fw.P[n]) + 2 * int(max(inp.cut_cost)) + 1
+    T_inf = max(int(o.P[n]) for o in fw.opts) + 2 * int(max(inp.cut_cost)) + 1
     R = _reach(fw, T_inf)
     if R is None:
         raise _memory_error(inp, S, pins, T_inf)
     lb = _lower_bound(inp, S, n)
-    hi = int(_times(fw, _witness(fw, R, T_inf)).max())
+
+    def achieved(R: list[_Ix], T: int) -> int:
+        w = _witness(fw, R, T)
+        return int(_times(fw, w, _pick(fw, w, T)).max())
+
+    hi = achieved(R, T_inf)
     lo = min(lb, hi)
     # Gallop up from the lower bound before bisecting: tests near the optimum only touch
     # narrow bands (see _ends), while a midpoint near the first witness touches all n.
@@ -427,17 +539,19 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
         if R is None:
             lo, step = mid + 1, 2 * step
         else:  # snap to what the witness really achieves (often below mid), then bisect
-            hi, step = int(_times(fw, _witness(fw, R, mid)).max()), hi
+            hi, step = achieved(R, mid), hi
     T = hi
     R = _reach(fw, T)
     Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins]), T)
     assert R is not None and Rm is not None  # T was proven feasible above
     F = [np.intersect1d(R[i], n - Rm[S - i], assume_unique=True) for i in range(S + 1)]
     cuts = _min_bytes(fw, F, np.asarray(inp.cut_bytes, np.int64), T)
-    times = tuple(int(t) for t in _times(fw, cuts))
-    mems = tuple(int(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(inp.act_mem[a:b]))
-                 for i, (a, b) in enumerate(itertools.pairwise(cuts)))
+    choice = _pick(fw, cuts, T)
+    times = tuple(int(t) for t in _times(fw, cuts, choice))
+    opts = inp.choices()
+    mems = tuple(int(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(opts[j].act_mem[a:b]) + opts[j].reserve)
+                 for i, ((a, b), j) in enumerate(zip(itertools.pairwise(cuts), choice)))
     return Solution(cuts=tuple(cuts[1:-1]), bottleneck=max(times), stage_times=times,
                     stage_mem=mems,
                     total_cut_bytes=int(sum(inp.cut_bytes[k] for k in cuts[1:-1])),
-                    lower_bound=int(lb), optimal=True)
+                    lower_bound=int(lb), optimal=True, stage_option=tuple(choice))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sympy
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cost_models.cost import ZERO, NodeCost
@@ -32,7 +33,7 @@ from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
 from passes.shape_prop import DATA_DEPENDENT, ShapePropError
 
-__all__ = ["AnnotateCosts", "param_users"]
+__all__ = ["AnnotateCosts", "is_attention", "param_users", "tensor_users"]
 
 # Metadata queries FlopCounterMode lets through without counting (flop_counter.py).
 _META_OPS = {
@@ -57,36 +58,136 @@ _META_OPS = {
 
 @dataclass(frozen=True)
 class AnnotateCosts(Pass):
-    """Write a ``NodeCost`` (symbolic in B and S) into ``meta["pp.cost"]`` of every node."""
+    """Write a ``NodeCost`` (symbolic in B and S) into ``meta["pp.cost"]`` of every node.
+
+    ``target`` is the kind of device the plan is for. "cpu": every op is priced as the CPU
+    kernels run it (the fakes live on the CPU, whatever device the model object is on).
+    "gpu": the same, except attention (SDPA), which is priced as the CUDA flash and
+    memory-efficient kernels run it (see ``_flash_attention``).
+    """
 
     name = "annotate-costs"
     requires = (VAL, DESC)
     provides = (COST,)
 
+    target: str = "gpu"
+
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         if "pp.fake_mode" not in gm.meta:
             raise ShapePropError("annotate-costs needs shape-prop first: gm.meta has no 'pp.fake_mode'")
+        if self.target not in ("gpu", "cpu"):
+            raise ValueError(f"AnnotateCosts.target must be 'gpu' or 'cpu', got {self.target!r}")
         mode, mapping = gm.meta["pp.fake_mode"], gm.meta["pp.symbols"]
         fakes: dict[str, torch.Tensor] = gm.meta["pp.fake_params"]
         owned = _first_use_bytes(gm)
         cache: dict[str, NodeCost] = {}
         sizes = _Sizes(mapping, mode.shape_env)
+        depends: dict[fx.Node, bool] = {}
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 node.meta[COST] = NodeCost()
                 continue
             key = _key(node, gm)
+            causal = is_attention(node) and not _data_mask(node, depends)
+            key += "|causal" if causal else ""
             if key not in cache:
                 with mode:
-                    cache[key] = _price(node, gm, fakes, sizes)
+                    cost = _price(node, gm, fakes, sizes)
+                    if is_attention(node):
+                        cost = _attention(node, sizes, cost, self.target, causal)
+                cache[key] = cost
             params, buffers = owned.get(node.name, (ZERO, ZERO))
             out_bytes = sum((_nbytes(d) for d in _descs(node.meta[DESC])), ZERO)
-            cost = cache[key]
-            node.meta[COST] = NodeCost(
-                cost.fwd_flops, cost.bwd_flops, cost.fwd_flops_fc, cost.bwd_flops_fc,
-                params, buffers, out_bytes, cost.saved_bytes, cost.fwd_bytes_moved, cost.ops,
-            )  # fmt: skip
+            node.meta[COST] = replace(cache[key], param_bytes=params, buffer_bytes=buffers, output_bytes=out_bytes)
         return gm
+
+
+#: What the attention core is, as the two capture routes spell it.
+_ATTENTION = {torch.ops.aten.scaled_dot_product_attention.default, torch._C._nn.scaled_dot_product_attention,
+              torch.nn.functional.scaled_dot_product_attention}
+
+
+def is_attention(node: fx.Node) -> bool:
+    """An SDPA call: the attention core that selective recomputation re-runs."""
+    return node.op == "call_function" and node.target in _ATTENTION
+
+
+def _attention(node: fx.Node, sizes: _Sizes, cost: NodeCost, target: str, causal: bool) -> NodeCost:
+    """SDPA as the target's kernel runs it.
+
+    GPU: the CUDA flash / memory-efficient kernels keep q, k, v, the output and the
+    log-sum-exp (B x H x Sq, fp32) for backward, never the S x S probabilities (the
+    backward recomputes them), plus the mask when there is a real one (attn_bias of the
+    memory-efficient kernel). FLOPs are PyTorch's own SDPA formulas
+    (``flop_counter.sdpa_flop_count`` / ``sdpa_backward_flop_count``).
+
+    Capture artefacts: a mask computed from shapes alone (no input's data reaches it) is
+    the causal mask that export materialises where eager Hugging Face code passes no mask
+    and ``is_causal`` (and, then, GQA in the kernel: see ``partitioner.memory``). It is
+    priced as the kernel runs the eager call: not kept, on either target (the CPU kernel
+    would otherwise keep it converted to float). ``kind`` records "attention-causal".
+    A mask that depends on an input (padding) is real and is kept as priced.
+    """
+    lse = None
+    q = _qkv(node)[0].meta[VAL]
+    qs = Shape(sizes.expr(d) for d in q.shape)
+    lse = sympy.Mul(*qs[:-1]) * 4  # log-sum-exp rows, fp32
+    kind = "attention-causal" if causal else "attention"
+    if target == "cpu":
+        if causal:  # what the CPU kernel keeps without the mask: its refs and the log-sum-exp
+            cost = replace(cost, saved_internal=lse, saved_bytes=cost.saved_bytes - cost.saved_internal + lse)
+        return replace(cost, kind=kind)
+    qkv = _qkv(node)
+    q, k, v = (a.meta[VAL] for a in qkv)  # type: ignore[union-attr]
+    qs, ks, vs = (Shape(sizes.expr(d) for d in t.shape) for t in (q, k, v))
+    fwd = sympy.sympify(fc.sdpa_flop_count(qs, ks, vs))
+    bwd = sympy.sympify(fc.sdpa_backward_flop_count(Shape((*qs[:-1], vs[-1])), qs, ks, vs))
+    out = sympy.Mul(*qs[:-1]) * vs[-1] * _itemsize(q.dtype)
+    io = sum((sympy.Mul(*s) * _itemsize(t.dtype) for s, t in ((qs, q), (ks, k), (vs, v))), ZERO) + out
+    refs = [*(_input_index(node, a) for a in qkv), (-1, 0)]
+    mask = _mask(node)
+    saved = io + lse
+    if mask is not None and not causal and isinstance(mask.meta.get(VAL), torch.Tensor):
+        refs.append(_input_index(node, mask))
+        saved += sizes.nbytes(mask.meta[VAL])
+    return replace(
+        cost, fwd_flops=fwd, bwd_flops=bwd, fwd_flops_fc=fwd, bwd_flops_fc=bwd, fwd_bytes_moved=io + lse,
+        saved_bytes=saved, saved_internal=lse, saved_refs=tuple(refs), kind=kind,
+        ops=("aten._scaled_dot_product_flash_attention (priced for a GPU target)",),
+    )
+
+
+def _qkv(node: fx.Node) -> list[fx.Node]:
+    names = ("query", "key", "value")
+    return [node.args[i] if i < len(node.args) else node.kwargs[names[i]] for i in range(3)]  # type: ignore[misc]
+
+
+def _mask(node: fx.Node) -> fx.Node | None:
+    m = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    return m if isinstance(m, fx.Node) else None
+
+
+_SHAPE_QUERIES = {"sym_size", "size", "sym_numel", "numel", "dim", "sym_stride", "stride"}
+
+
+def _data_mask(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """Whether the SDPA node's mask carries data from a model input (padding), rather than
+    being built from shapes alone (a causal mask the capture materialised)."""
+    mask = _mask(node)
+    return mask is not None and _depends(mask, memo)
+
+
+def _depends(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    if not memo:  # one pass over the graph, in its (topological) order
+        for n in node.graph.nodes:
+            name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)).split(".")[0]
+            if n.op == "placeholder":
+                memo[n] = True
+            elif n.op == "get_attr" or name in _SHAPE_QUERIES:
+                memo[n] = False
+            else:
+                memo[n] = any(memo.get(a, False) for a in n.all_input_nodes)
+    return memo.get(node, True)
 
 
 def param_users(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
@@ -106,13 +207,31 @@ def param_users(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     return users
 
 
+def tensor_users(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """compute node name → FQNs of the parameters and buffers it uses, directly
+    (``call_module``) or through a ``get_attr`` input (what ``torch.export`` produces)."""
+    direct = param_users(gm)
+    out: dict[str, tuple[str, ...]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        fqns = list(direct.get(node.name, ()))
+        for a in node.all_input_nodes:
+            if a.op == "get_attr":
+                fqns += [f for f in direct.get(a.name, ()) if f not in fqns]
+        if fqns:
+            out[node.name] = tuple(fqns)
+    return out
+
+
 def _first_use_bytes(gm: fx.GraphModule) -> dict[str, tuple[sympy.Expr, sympy.Expr]]:
-    """Parameter and buffer bytes per node, each tensor charged once, to its first user."""
+    """Parameter and buffer bytes per compute node, each tensor charged once, to its first
+    user (a ``get_attr`` is no position of the solver: its first consumer pays)."""
     params = dict(gm.named_parameters(remove_duplicate=False))
     buffers = dict(gm.named_buffers(remove_duplicate=False))
     seen: set[int] = set()
     out: dict[str, tuple[sympy.Expr, sympy.Expr]] = {}
-    for name, fqns in param_users(gm).items():
+    for name, fqns in tensor_users(gm).items():
         p = b = 0
         for f in fqns:
             t = params.get(f, buffers.get(f))
@@ -206,7 +325,7 @@ class _Recorder(TorchDispatchMode):
         s_args, s_kwargs, s_out = self.sizes.shapes((args, kwargs, out))
         self.flops += op_flops(func, s_args, s_kwargs, s_out)
         self.flops_fc += fc_flops(func, s_args, s_kwargs, s_out)
-        if not func.is_view:  # a view moves no bytes
+        if not func.is_view and not str(func).startswith("aten.empty"):  # views and allocations move no bytes
             tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
             self.moved += sum((self.sizes.nbytes(t) for t in tensors), ZERO)
         self.ops.append(str(func))
@@ -227,18 +346,29 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
         leaves.append(leaf)
         return leaf.clone()  # a non-leaf, so in-place ops on it stay legal
 
+    # Which storage each tensor the node receives lives in: (j, i) = leaf i of fx input j.
+    inputs: dict[int, tuple[int, int]] = {}
+    n_inputs = [0]
+
     def value(a: Any) -> Any:
-        return fresh(a.meta[VAL]) if isinstance(a, fx.Node) else a
+        if not isinstance(a, fx.Node):
+            return a
+        v = fresh(a.meta[VAL])
+        j = n_inputs[0]
+        n_inputs[0] += 1
+        for i, t in enumerate(_tensors(v)):
+            inputs.setdefault(_storage(t), (j, i))
+        return v
 
     args, kwargs = pytree.tree_map(value, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
     run, own = _runner(node, gm, fakes)
+    own_storages = {_storage(p) for p in own}  # weights are static memory, not activations
     saved: dict[int, sympy.Expr] = {}
-    own_ids = {id(p) for p in own}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(t) not in own_ids and id(base) not in own_ids:  # weights are counted as params
-            saved.setdefault(id(base), sizes.nbytes(base))
+        key = _storage(t)
+        if key not in own_storages:
+            saved.setdefault(key, sizes.expr(t.untyped_storage().nbytes()))
         return t
 
     fwd = _Recorder(sizes)
@@ -259,10 +389,46 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
         return NodeCost(ops=("<data-dependent leaf>",))
     except Exception as e:  # report the node, not the depths of autograd
         raise ShapePropError(f"cannot price node {node.format_node()}: {type(e).__name__}: {e}") from e
+    outputs: dict[int, int] = {}
+    alias: list[tuple[int, int] | None] = []
+    storage: list[sympy.Expr] = []
+    for i, o in enumerate(_tensors(out)):
+        key = _storage(o)
+        outputs.setdefault(key, i)
+        alias.append(inputs.get(key))
+        storage.append(sizes.expr(o.untyped_storage().nbytes()))
+    refs: list[tuple[int, int]] = []
+    internal = ZERO
+    for key, nbytes in saved.items():
+        if key in inputs:
+            refs.append(inputs[key])
+        elif key in outputs:
+            refs.append((-1, outputs[key]))
+        else:
+            internal += nbytes
     return NodeCost(
         fwd_flops=fwd.flops, bwd_flops=bwd.flops, fwd_flops_fc=fwd.flops_fc, bwd_flops_fc=bwd.flops_fc,
         saved_bytes=sum(saved.values(), ZERO), fwd_bytes_moved=fwd.moved, ops=tuple(fwd.ops),
+        saved_internal=internal, saved_refs=tuple(refs), out_alias=tuple(alias), out_storage=tuple(storage),
+        kind="",
     )  # fmt: skip
+
+
+def _input_index(node: fx.Node, arg: fx.Node) -> tuple[int, int]:
+    """(j, 0): ``arg`` is the node's j-th fx input in ``(args, kwargs)`` order."""
+    flat = [a for a in pytree.tree_leaves((node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+            if isinstance(a, fx.Node)]
+    return flat.index(arg), 0
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensor leaves of a value, in pytree order (the order ``saved_refs`` index)."""
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Identity of the storage under ``t`` (views, detaches and getitems share it)."""
+    return int(t.untyped_storage()._cdata)
 
 
 def _runner(

@@ -63,7 +63,13 @@ class ShapeProp(Pass):
     provides = (VAL, DESC, MODULE)
 
     inputs: tuple[InputSpec, ...] = ()  # one per placeholder, in order
-    device: str | None = None  # device of the fake inputs; None: that of the first parameter
+    #: Device type the fakes live on. Pricing must not depend on where the model object lives
+    #: (meta, CPU, GPU): parameters, buffers and inputs are all re-made as fakes on this device,
+    #: so the kernels the dispatcher picks (and the tensors they save) are the same either way.
+    device: str = "cpu"
+    #: Compute dtype ("float32", "bfloat16", "float16") for floating parameters, buffers and
+    #: inputs; None keeps each tensor's own dtype. Mixed precision prices activations this way.
+    dtype: str | None = None
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
@@ -107,10 +113,11 @@ class ShapeProp(Pass):
                 sym = env.create_symbol(value, src, dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True)
                 symbols[name] = env.create_symintnode(sym, hint=value, source=src)
         mapping = {s.node.expr: _NAMED.get(n, sympy.Symbol(n, positive=True, integer=True)) for n, s in symbols.items()}
-        device = torch.device(self.device) if self.device else _model_device(gm)
+        device = torch.device(self.device)
+        cast = _DTYPES[self.dtype] if self.dtype else None
         with mode:
-            args = [self._make_input(spec, symbols, device) for spec in self.inputs]
-        interp = _FakeInterpreter(gm, mode, mapping)
+            args = [self._make_input(spec, symbols, device, cast) for spec in self.inputs]
+        interp = _FakeInterpreter(gm, mode, mapping, device, cast)
         with mode:
             interp.run(*args)
         gm.meta.update(
@@ -124,7 +131,8 @@ class ShapeProp(Pass):
         )
 
     @staticmethod
-    def _make_input(spec: InputSpec, symbols: dict[str, Any], device: torch.device) -> Any:
+    def _make_input(spec: InputSpec, symbols: dict[str, Any], device: torch.device,
+                    cast: torch.dtype | None = None) -> Any:
         if spec.kind != "tensor":
             return spec.value
         dims = dict(spec.dims)
@@ -134,17 +142,21 @@ class ShapeProp(Pass):
             raise ShapePropError(
                 f"input {spec.name!r} has unknown dtype {spec.dtype!r}; use a torch dtype name such as 'float32'"
             )
+        if cast is not None and dtype.is_floating_point:
+            dtype = cast
         return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _FakeInterpreter(fx.Interpreter):
     """Runs every node on fake values and records them in ``node.meta``."""
 
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, mapping: dict[Any, sympy.Expr]) -> None:
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, mapping: dict[Any, sympy.Expr],
+                 device: torch.device, cast: torch.dtype | None) -> None:
         super().__init__(gm)
         self.mode, self.mapping = mode, mapping
         self.symbols = tuple(mapping)
-        self.fakes = fake_params(gm, mode)
+        self.device, self.cast = device, cast
+        self.fakes = fake_params(gm, mode, device, cast)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -166,7 +178,7 @@ class _FakeInterpreter(fx.Interpreter):
             return self.fakes[target]
         value = self.fetch_attr(target)  # a constant tensor the capture inlined
         if isinstance(value, torch.Tensor):
-            self.fakes[target] = value = self.mode.from_tensor(value, static_shapes=True)
+            self.fakes[target] = value = _fake_like(value, self.mode, self.device, self.cast, {})
         return value
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -229,13 +241,33 @@ def default_specs(values: Any, names: Any = None) -> tuple[InputSpec, ...]:
     return tuple(specs)
 
 
-def fake_params(gm: fx.GraphModule, mode: FakeTensorMode) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer (tied ones under each name) as a static-shaped fake tensor."""
+def fake_params(gm: fx.GraphModule, mode: FakeTensorMode, device: torch.device | str = "cpu",
+                cast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (tied ones under each name) as a static-shaped fake tensor
+    on ``device`` (floating ones in ``cast`` when given); tied weights map to one fake."""
     named: Iterator[tuple[str, torch.Tensor]] = _chain(
         gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)
     )
-    # from_tensor memoizes on the real tensor, so tied weights map to one fake.
-    return {k: mode.from_tensor(v, static_shapes=True) for k, v in named}
+    memo: dict[int, torch.Tensor] = {}
+    return {k: _fake_like(v, mode, torch.device(device), cast, memo) for k, v in named}
+
+
+def _fake_like(t: torch.Tensor, mode: FakeTensorMode, device: torch.device, cast: torch.dtype | None,
+               memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A fake of ``t``'s shape on ``device``, never reading ``t``'s data (it may be on meta)."""
+    hit = memo.get(id(t))
+    if hit is not None:
+        return hit
+    dtype = cast if cast is not None and t.dtype.is_floating_point else t.dtype
+    if t.device == device and dtype == t.dtype:
+        fake = mode.from_tensor(t, static_shapes=True)
+    else:
+        with mode:
+            fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype, device=device)
+        if t.requires_grad:
+            fake.requires_grad_(True)
+    memo[id(t)] = fake
+    return fake
 
 
 def _chain(*its: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

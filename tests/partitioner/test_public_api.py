@@ -18,7 +18,8 @@ def test_partition_signature() -> None:
     sig = inspect.signature(partitioner.partition)
     assert list(sig.parameters) == [
         "model", "n_gpus", "example_inputs", "example_kwargs", "schedule", "n_microbatches",
-        "virtual_stages", "device", "link", "cut_at", "pinned_cuts", "optimizer", "memory_limit",
+        "virtual_stages", "device", "link", "cut_at", "pinned_cuts", "optimizer", "precision",
+        "recompute", "memory_limit",
         "capture_route", "leaf_modules", "concrete_args", "seq_dims", "keep_snapshots",
     ]
     assert sig.parameters["schedule"].default == "1f1b"

@@ -1,0 +1,360 @@
+"""Memory of a stage as a training run holds it: static bytes, activations, recomputation.
+
+Static memory of a stage is every parameter and buffer it uses, counted once per rank
+(a weight tied across two stages is held by both ranks), at the bytes per parameter of
+the precision and optimizer (``bytes_per_param``).
+
+Activations are *storages*, not node outputs. ``annotate`` records, per node, which of
+its input and output storages its backward keeps (``NodeCost.saved_refs``), which output
+shares an input's storage (a view, a getitem: ``out_alias``) and what it keeps privately
+(``saved_internal``). Here each value is resolved to the storage it lives in (its
+*root*: the node that allocated it), so a stage keeps each root once however many of
+its nodes save it, a received boundary tensor counts once, and parameters never count.
+
+Recomputation (``recompute=``) changes what a stage keeps:
+
+- ``"full"``: every repeated block in the stage (a transformer layer: the instances of
+  ``blocks``, by default the longest run of ``<path>.<int>`` module instances) runs under
+  ``torch.utils.checkpoint``: the stage keeps each block's inputs; the backward re-runs
+  one block at a time, so one block's activations are held on top (the *transient*).
+  Nodes outside blocks (embeddings, the head) keep what they keep without recompute.
+- ``"selective"``: only the attention cores (SDPA nodes) are checkpointed, as Megatron's
+  selective recomputation: they keep their inputs; their outputs and internals go.
+
+The solver needs costs that add up position by position; a stage's real memory does not
+(a storage saved on both sides of a cut is held by both ranks). ``Activations.arrays``
+gives the additive form (each root charged to the first position that keeps it); the
+planner checks every chosen stage with the exact ``stage_saved`` and re-solves with a
+tighter capacity where the two differ (see ``partitioner.api``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from cost_models.cost import ZERO, NodeCost
+from passes.base import TensorDesc
+from passes.meta import COST, DESC, MODULE
+
+__all__ = [
+    "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
+    "find_blocks", "optimizer_copies",
+]
+
+Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
+
+#: precision → (weight/grad bytes per element, fp32 master copy kept by the optimizer, state bytes)
+PRECISIONS: dict[str, tuple[int, bool, int]] = {
+    "fp32": (4, False, 4),
+    "bf16-mixed": (2, True, 4),  # bf16 weights and grads; fp32 master weights and optimizer state
+    "fp16-mixed": (2, True, 4),
+    "bf16": (2, False, 2),  # pure bf16: weights, grads and optimizer state all bf16
+}
+#: Optimizer state kept per parameter, in parameter-sized copies (Adam: two moments).
+OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+#: recompute= values, and the options each lets the solver use (fastest first).
+RECOMPUTE: dict[str, tuple[str, ...]] = {
+    "none": ("none",),
+    "selective": ("selective",),
+    "full": ("full",),
+    "auto": ("none", "selective", "full"),
+}
+
+
+def optimizer_copies(optimizer: str) -> int:
+    return OPTIMIZER_STATES[optimizer]
+
+
+def bytes_per_param(precision: str, optimizer: str) -> int:
+    """Bytes a training run keeps per parameter: weight + gradient + optimizer state.
+
+    Mixed precision (the ZeRO paper's accounting, Rajbhandari et al. 2020, section 3.1):
+    2-byte weights and gradients, and, when an optimizer updates them, an fp32 master copy
+    (4) and fp32 state (4 per copy): Adam 2 + 2 + 4 + 8 = 16 bytes. ``optimizer="none"``
+    keeps weights and gradients only (no update step, so no master copy).
+    """
+    width, master, state = PRECISIONS[precision]
+    copies = OPTIMIZER_STATES[optimizer]
+    updates = optimizer != "none"
+    return 2 * width + (4 if master and updates else 0) + copies * state
+
+
+def default_precision(param_dtype: torch.dtype) -> str:
+    """bf16/fp16 parameters train mixed (the usual recipe); everything else fp32."""
+    return {torch.bfloat16: "bf16-mixed", torch.float16: "fp16-mixed"}.get(param_dtype, "fp32")
+
+
+def compute_dtype(precision: str) -> str:
+    return {"fp32": "float32", "fp16-mixed": "float16"}.get(precision, "bfloat16")
+
+
+# -- repeated blocks ----------------------------------------------------------------------
+
+def find_blocks(paths: Sequence[str]) -> tuple[str, ...]:
+    """Globs of the model's repeated blocks: the outermost ``<prefix>.<int>`` module lists
+    with two or more instances (``model.layers.*``; T5's ``encoder.block.*`` and
+    ``decoder.block.*``); empty if the model has none."""
+    instances: dict[str, set[str]] = {}
+    for path in paths:
+        parts = path.split(".") if path else []
+        for i in range(1, len(parts)):
+            if parts[i].isdigit():
+                instances.setdefault(".".join(parts[:i]), set()).add(parts[i])
+                break  # the outermost list only
+    return tuple(sorted(p + ".*" for p, idx in instances.items() if len(idx) >= 2))
+
+
+def _instance(path: str, patterns: Sequence[str]) -> str | None:
+    parts = path.split(".") if path else []
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if any(fnmatch.fnmatchcase(prefix, pat) for pat in patterns):
+            return prefix
+    return None
+
+
+def _runs(keys: Sequence[Any]) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of equal, non-None keys."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(keys):
+        j = i + 1
+        while j < len(keys) and keys[j] == keys[i]:
+            j += 1
+        if keys[i] is not None:
+            out.append((i, j))
+        i = j
+    return out
+
+
+# -- activations --------------------------------------------------------------------------
+
+_VIEWS = {"reshape", "view", "_unsafe_view"}
+
+
+def _name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def _is_repeat_kv(node: fx.Node) -> bool:
+    """``reshape(expand(x))``: the K/V head repeat of grouped-query attention."""
+    if node.op not in ("call_function", "call_method") or _name(node.target) not in _VIEWS:
+        return False
+    src = node.args[0] if node.args else None
+    return isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and _name(src.target) == "expand"
+
+
+def _arg_nodes(node: fx.Node) -> list[fx.Node]:
+    return [a for a in pytree.tree_leaves((node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+            if isinstance(a, fx.Node)]
+
+
+def _desc_leaves(desc: Any) -> list[TensorDesc]:
+    return [d for d in pytree.tree_leaves(desc, is_leaf=lambda x: isinstance(x, TensorDesc))
+            if isinstance(d, TensorDesc)]
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Checkpointed regions for one recompute mode: [start, end) position ranges."""
+
+    mode: str
+    spans: tuple[tuple[int, int], ...]
+
+
+class Activations:
+    """Who keeps which storage, for one captured graph (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, order: Sequence[fx.Node], *, target: str = "gpu",
+                 blocks: Sequence[str] | None = None) -> None:
+        self.order = tuple(order)
+        self.pos = {n.name: i for i, n in enumerate(self.order)}
+        self.bytes: dict[Root, sympy.Expr] = {}
+        roots: dict[str, list[Root | None]] = {}
+        saves: list[tuple[Root, ...]] = []
+        inputs: list[tuple[Root, ...]] = []
+        internal: list[sympy.Expr] = []
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                continue
+            leaves = _desc_leaves(node.meta.get(DESC))
+            if node.op == "get_attr":  # parameters and buffers: static memory, never activations
+                roots[node.name] = [None] * max(len(leaves), 1)
+                continue
+            if node.op == "placeholder":
+                roots[node.name] = [(node.name, i) for i in range(len(leaves))]
+                for i, d in enumerate(leaves):
+                    self.bytes[(node.name, i)] = d.nbytes()
+                continue
+            cost: NodeCost = node.meta.get(COST, NodeCost())
+            args = _arg_nodes(node)
+
+            def resolve(j: int, i: int) -> Root | None:
+                src = roots.get(args[j].name, []) if 0 <= j < len(args) else []
+                return src[i] if i < len(src) else None
+
+            if cost.kind == "attention-causal":
+                # GQA in the kernel: eager code that passes no mask passes K/V unrepeated, so a
+                # repeat the capture made (reshape of an expand) is priced as its source
+                def resolve(j: int, i: int, plain: Any = resolve) -> Root | None:  # noqa: F811
+                    if 0 <= j < len(args) and _is_repeat_kv(args[j]):
+                        src = roots.get(args[j].args[0].name, [])  # type: ignore[union-attr]
+                        return src[i] if i < len(src) else None
+                    return plain(j, i)
+
+            mine: list[Root | None] = []
+            for i, d in enumerate(leaves):
+                alias = cost.out_alias[i] if i < len(cost.out_alias) else None
+                if alias is not None and resolve(*alias) is not None:
+                    mine.append(resolve(*alias))
+                else:
+                    mine.append((node.name, i))
+                    self.bytes[(node.name, i)] = cost.out_storage[i] if i < len(cost.out_storage) else d.nbytes()
+            roots[node.name] = mine
+            kept: list[Root] = []
+            for j, i in cost.saved_refs:
+                r = mine[i] if j == -1 and i < len(mine) else (resolve(j, i) if j >= 0 else None)
+                if r is not None and r not in kept:
+                    kept.append(r)
+            ins: list[Root] = []
+            for a in args:
+                for r in roots.get(a.name, []):
+                    if r is not None and r not in ins:
+                        ins.append(r)
+            saves.append(tuple(kept))
+            inputs.append(tuple(ins))
+            internal.append(sympy.sympify(cost.saved_internal))
+        self.saves, self.inputs, self.internal = saves, inputs, internal
+        self.attention = tuple(n.meta.get(COST, NodeCost()).kind.startswith("attention") for n in self.order)
+        paths = [str(n.meta.get(MODULE, "")) for n in self.order]
+        self.blocks = tuple(blocks) if blocks is not None else find_blocks(paths)
+        block_runs = _runs([_instance(p, self.blocks) for p in paths]) if self.blocks else [(0, len(self.order))]
+        self.regions = {
+            "none": Regions("none", ()),
+            "full": Regions("full", tuple(block_runs)),
+            "selective": Regions("selective", tuple((i, i + 1) for i, a in enumerate(self.attention) if a)),
+        }
+
+    # -- exact, per stage ----------------------------------------------------------------
+    def stage_saved(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr]:
+        """(bytes kept per micro-batch, transient bytes of the recompute) of positions [a, b)."""
+        pieces = self._pieces(a, b, mode)
+        inside = {p for s, e in pieces for p in range(s, e)}
+        kept: dict[Root, None] = {}
+        total = ZERO
+        for p in range(a, b):
+            if p in inside:
+                continue
+            total += self.internal[p]
+            kept.update(dict.fromkeys(self.saves[p]))
+        for s, e in pieces:
+            kept.update(dict.fromkeys(self._piece_inputs(s, e)))
+        total += sum((self.bytes[r] for r in kept), ZERO)
+        transient, best = ZERO, -1
+        for s, e in pieces:
+            own: dict[Root, None] = {}
+            extra = ZERO
+            for p in range(s, e):
+                extra += self.internal[p]
+                own.update(dict.fromkeys(r for r in self.saves[p] if r not in kept))
+            extra += sum((self.bytes[r] for r in own), ZERO)
+            value = ev(extra)
+            if value > best:
+                transient, best = extra, value
+        return total, transient
+
+    def _pieces(self, a: int, b: int, mode: str) -> list[tuple[int, int]]:
+        return [(max(s, a), min(e, b)) for s, e in self.regions[mode].spans if s < b and e > a]
+
+    def _piece_inputs(self, s: int, e: int) -> list[Root]:
+        """Storages a checkpointed piece [s, e) keeps: its inputs made outside it."""
+        made = {self.order[p].name for p in range(s, e)}
+        out: dict[Root, None] = {}
+        for p in range(s, e):
+            for r in self.inputs[p]:
+                if r[0] not in made:
+                    out[r] = None
+        return list(out)
+
+    # -- additive, for the solver ----------------------------------------------------------
+    def arrays(self, mode: str, ev: Callable[[Any], int]) -> tuple[list[int], list[bool], int]:
+        """(activation bytes per position, recomputed per position, reserve) for ``mode``:
+        each storage charged to the first position that keeps it; reserve is the largest
+        transient of any region (held once per stage)."""
+        n = len(self.order)
+        spans = self.regions[mode].spans
+        start = {s: e for s, e in spans}
+        redo = [False] * n
+        keeps: list[tuple[Root, ...]] = list(self.saves)
+        internal = [ev(x) for x in self.internal]
+        reserve = 0
+        for s, e in spans:
+            for p in range(s, e):
+                redo[p] = True
+                keeps[p] = ()
+                internal[p] = 0
+            keeps[s] = tuple(self._piece_inputs(s, e))
+            reserve = max(reserve, ev(self.stage_saved(s, e, "none", ev)[0]))
+        del start
+        seen: set[Root] = set()
+        act = []
+        for p in range(n):
+            total = internal[p]
+            for r in keeps[p]:
+                if r not in seen:
+                    seen.add(r)
+                    total += ev(self.bytes[r])
+            act.append(total)
+        return act, redo, reserve
+
+
+# -- static memory ------------------------------------------------------------------------
+
+class Static:
+    """Parameters and buffers per stage: each tensor once per rank that uses it."""
+
+    def __init__(self, gm: fx.GraphModule, order: Sequence[fx.Node], per_param: int, per_frozen: int) -> None:
+        from passes.annotate import tensor_users
+
+        named: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
+        params = set(named)
+        named.update(gm.named_buffers(remove_duplicate=False))
+        users = tensor_users(gm)
+        self.size: dict[int, int] = {}
+        self.uses: list[tuple[int, ...]] = []
+        for node in order:
+            ids: list[int] = []
+            for fqn in users.get(node.name, ()):
+                t = named.get(fqn)
+                if t is None:
+                    continue
+                if id(t) not in self.size:
+                    nbytes = t.numel() * t.element_size()
+                    if fqn in params:
+                        nbytes = t.numel() * (per_param if t.requires_grad else per_frozen)
+                    self.size[id(t)] = nbytes
+                if id(t) not in ids:
+                    ids.append(id(t))
+            self.uses.append(tuple(ids))
+        seen: set[int] = set()
+        self.first_use: list[int] = []
+        for ids in self.uses:
+            fresh = [i for i in ids if i not in seen]
+            seen.update(fresh)
+            self.first_use.append(sum(self.size[i] for i in fresh))
+
+    def stage(self, a: int, b: int) -> int:
+        """Static bytes of positions [a, b): every tensor they use, once."""
+        ids = {i for p in range(a, b) for i in self.uses[p]}
+        return sum(self.size[i] for i in ids)
