@@ -59,6 +59,9 @@ class RankStage:
                            tied=tuple(g for g in set(self.aliases.values()) if len(g) > 1))
         # Deep copies made together, so a tensor shared by two stages of this rank stays one.
         self.modules: dict[int, nn.Module] = dict(zip(mine, copy.deepcopy(originals, made.memo)))
+        if made.initialized_on_device:
+            for mod in self.modules.values():
+                _retarget_meta_devices(mod, device)
         #: FQNs whose values nobody has written yet (a meta model's tensors without an
         #: initialiser): the runner refuses to run until a checkpoint or state dict fills them
         self.uninitialized: set[str] = made.uninitialized
@@ -369,3 +372,21 @@ def _alias_groups(model: nn.Module | None, tied: Any) -> dict[str, tuple[str, ..
     else:
         groups = [tuple(g) for g in tied]
     return {n: g for g in groups for n in g}
+
+
+def _retarget_meta_devices(gm: nn.Module, device: torch.device) -> None:
+    """A graph captured from a meta model holds ``device=meta`` constants (torch.export bakes
+    ``arange(..., device=x.device)`` and ``_assert_tensor_metadata(device=...)`` in): they
+    name the rank's device instead, as ``torch.export.passes.move_to_device_pass`` does."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return
+    swap = lambda v: device if isinstance(v, torch.device) and v.type == "meta" else v  # noqa: E731
+    changed = False
+    for node in graph.nodes:
+        args, kwargs = pytree.tree_map(swap, node.args), pytree.tree_map(swap, node.kwargs)
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = args, kwargs
+            changed = True
+    if changed:
+        gm.recompile()  # type: ignore[operator]

@@ -212,7 +212,8 @@ def test_a_missing_or_misshaped_key_names_the_key_and_the_file(tmp_path: Any) ->
 def _hf_config() -> Any:
     transformers = pytest.importorskip("transformers")
     return transformers, transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=4, n_head=2,
-                                                 use_cache=False, bos_token_id=0, eos_token_id=0)
+                                                 use_cache=False, bos_token_id=0, eos_token_id=0,
+                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 @functools.cache
@@ -229,7 +230,20 @@ def _hf_rank(rank: int, world: int, directory: str) -> tuple[list[str], dict[str
     initial = {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}
     assert not stage.uninitialized  # initialised by transformers' own _init_weights
     read = stage.load_checkpoint(directory)
+    ids, y = _hf_data()
+    loss = stage.runner("1f1b", n_microbatches=2, loss_fn=_hf_loss).step(**({"input_ids": ids} if rank == 0 else {}),
+                                                                         target=y)
+    initial["loss"] = None if loss is None else loss.item()  # the stages run on cpu: no device=meta left
     return read, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}, initial
+
+
+def _hf_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 128, (4, 16), generator=g), torch.randint(0, 128, (4, 16), generator=g)
+
+
+def _hf_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
 
 
 def test_a_sharded_hugging_face_checkpoint_loads_per_rank_opening_only_its_shards(tmp_path: Any) -> None:
@@ -254,3 +268,5 @@ def test_a_sharded_hugging_face_checkpoint_loads_per_rank_opening_only_its_shard
         assert 0.015 < w.std() < 0.025 and w.mean().abs() < 0.005
     torch.testing.assert_close(results[0][2]["transformer.wte.weight"], results[1][2]["lm_head.weight"],
                                rtol=0, atol=0)
+    ids, y = _hf_data()
+    assert results[1][2]["loss"] == pytest.approx(_hf_loss(model(input_ids=ids), y).item(), rel=1e-5)
