@@ -62,7 +62,7 @@ def meta_params() -> Iterator[None]:
             assert p is not None
             module._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -258,7 +258,7 @@ def _shells(owners: set[str], lookup: Callable[[str], nn.Module],
         return shell
 
     for path, shell in list(shells.items()):
-        for k, child in list(shell._modules.items()):
+        for attr, child in list(shell._modules.items()):
             if child is not None and id(child) not in linked:
-                shell._modules[k] = subtree(child, f"{path}.{k}" if path else k)
+                shell._modules[attr] = subtree(child, f"{path}.{attr}" if path else attr)
     return shells
