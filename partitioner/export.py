@@ -99,8 +99,8 @@ def export_onnx(pipe: Pipe, directory: str | os.PathLike[str], *args: Any, opset
         for i, stage in enumerate(pipe.stages):
             st = pipe.plan.stages[i]
             tmp_path = staging / f"stage{i}.onnx"
-            _export_one(i, stage, trace_in[i], check_in[i], list(st.inputs), list(st.outputs), tmp_path, opset)
-            _fix_pass_through(onnx, tmp_path)
+            _export_one(i, stage, trace_in[i], check_in[i], tmp_path, opset)
+            _name_values(onnx, i, tmp_path, list(st.inputs), list(st.outputs))
             _verify(onnxruntime, i, tmp_path, list(st.inputs), check_in[i], check_out[i], trace_batch + 1)
             names.append(tmp_path.name)
         paths = []
@@ -161,16 +161,16 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export_one(i: int, stage: Any, trace_in: list[Any], check_in: list[Any], in_names: list[str],
-                out_names: list[str], path: Path, opset: int) -> None:
+def _export_one(i: int, stage: Any, trace_in: list[Any], check_in: list[Any], path: Path, opset: int) -> None:
     # Dimensions that differ between two batch sizes are the dynamic ones (batch, or batch × seq).
     dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim()) if t.shape[d] != c.shape[d]}
                     for t, c in zip(trace_in, check_in))
     try:
         with _quiet():
-            torch.onnx.export(stage, tuple(trace_in), str(path), opset_version=opset, input_names=in_names,
-                              output_names=out_names, dynamic_shapes=dynamic, dynamo=True, verbose=False,
-                              external_data=False)
+            # The exporter's own value names; the plan's are put on afterwards (_name_values): asked
+            # for up front, they collide with names torch.export gives the stage's inner nodes.
+            torch.onnx.export(stage, tuple(trace_in), str(path), opset_version=opset, dynamic_shapes=dynamic,
+                              dynamo=True, verbose=False, external_data=False)
     except Exception as e:
         first = " ".join(str(e).split("Next steps")[0].split())
         raise ExportError(f"ONNX export of stage {i} failed: {type(e).__name__}: {_strip_ansi(first)}") from e
@@ -182,16 +182,63 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def _fix_pass_through(onnx: Any, path: Path) -> None:
-    """A value a stage receives and sends on unchanged is one name, input and output: the
-    exporter writes an ``Identity(x) -> x`` for it, which defines ``x`` twice. Drop those."""
+def _name_values(onnx: Any, i: int, path: Path, in_names: list[str], out_names: list[str]) -> None:
+    """Give the graph's inputs and outputs the plan's value names, so stage files chain by name.
+
+    Inner values that happen to carry one of those names are renamed out of the way; an
+    output that is an input passed through unchanged keeps the input's name (no Identity
+    that would define the name twice)."""
     model = onnx.load(str(path))
-    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and list(n.input) == list(n.output))]
-    if len(keep) != len(model.graph.node):
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-        onnx.save(model, str(path))
-    onnx.checker.check_model(model)
+    g = model.graph
+    if len(g.input) != len(in_names) or len(g.output) != len(out_names):
+        raise ExportError(f"stage {i}: ONNX has {len(g.input)} inputs / {len(g.output)} outputs, the plan "
+                          f"{len(in_names)} / {len(out_names)}")
+    wanted = set(in_names) | set(out_names)
+    rename: dict[str, str] = {}
+    for vi, name in zip(g.input, in_names):
+        rename[vi.name] = name
+    extra_outputs: list[tuple[int, str, str]] = []  # (output index, source value, new name)
+    for k, (vi, name) in enumerate(zip(g.output, out_names)):
+        if vi.name in rename and rename[vi.name] != name:
+            extra_outputs.append((k, vi.name, name))  # one value, two names: needs an Identity
+        else:
+            rename[vi.name] = name
+    every = {n for node in g.node for n in (*node.input, *node.output)} | {t.name for t in g.initializer}
+    taken = set(wanted) | every
+    for n in sorted(every):
+        if n in wanted and n not in rename:  # an inner value wearing a plan name: move it aside
+            k = 0
+            while f"{n}__{k}" in taken:
+                k += 1
+            rename[n] = f"{n}__{k}"
+            taken.add(rename[n])
+
+    def r(n: str) -> str:
+        return rename.get(n, n) if n else n
+
+    for node in g.node:
+        node.input[:] = [r(n) for n in node.input]
+        node.output[:] = [r(n) for n in node.output]
+    for t in g.initializer:
+        t.name = r(t.name)
+    for vi in (*g.input, *g.value_info):
+        vi.name = r(vi.name)
+    for k, vi in enumerate(g.output):
+        src = next((e for e in extra_outputs if e[0] == k), None)
+        if src is None:
+            vi.name = r(vi.name)
+        else:
+            g.node.append(onnx.helper.make_node("Identity", [r(src[1])], [src[2]]))
+            vi.name = src[2]
+    keep = [n for n in g.node if not (n.op_type == "Identity" and list(n.input) == list(n.output))]
+    del g.node[:]
+    g.node.extend(keep)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ExportError(f"stage {i}: the ONNX file is not valid after naming its values: "
+                          f"{' '.join(str(e).split())[:300]}") from e
+    onnx.save(model, str(path))
 
 
 def _verify(ort: Any, i: int, path: Path, in_names: list[str], inputs: list[Any], expected: Any, batch: int) -> None:

@@ -171,17 +171,13 @@ def _library_noise(debug: bool) -> Iterator[None]:
     import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+    logging.disable(logging.CRITICAL)  # torch's handlers hold the real stderr: disable, not redirect
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 #: Python argument names in the library's messages → the flag that sets them here.

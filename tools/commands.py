@@ -27,8 +27,11 @@ MAX_TIMELINE_MICROBATCHES = 256
 def _out() -> Any:
     from rich.console import Console
 
-    # Not a terminal (a pipe, a test): plain text, wide enough that tables never wrap.
-    return Console(width=None if sys.stdout.isatty() else 160)
+    # Not a terminal (a pipe, a test): plain text, 160 columns unless COLUMNS says otherwise.
+    import os
+
+    width = os.environ.get("COLUMNS", "")
+    return Console(width=None if sys.stdout.isatty() else int(width) if width.isdigit() else 160)
 
 
 @contextlib.contextmanager
@@ -278,6 +281,7 @@ def _onnx_ready(plan: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    check_outputs([("--trace", args.trace)], [args.plan or "", _model_file(args.model) or ""])
     from tools.run import run
 
     return run(args)

@@ -113,7 +113,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em} h2{font-size:1.1em;margin-top:1.5em}
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 th{background:#f0f0f0} td.l,th.l{text-align:left}
-.side{display:flex;gap:2em} .side>div{flex:1;min-width:0}
+/* side by side while both fit, stacked when not; a wide table scrolls inside its own column */
+.side{display:flex;flex-wrap:wrap;gap:2em} .side>div{flex:1 1 40em;min-width:0;overflow-x:auto}
 .add{background:#e6ffec;color:#116329} .del{background:#ffebe9;color:#82071e} .hunk{color:#0550ae}
 pre{background:#fafafa;border:1px solid #ddd;padding:.5em;overflow-x:auto;font-size:12px}
 .bad{color:#b00} .ok{color:#070}

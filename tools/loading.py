@@ -38,6 +38,10 @@ def load_factory(spec: str) -> Any:
             raise ToolError(f"cannot import {where!r} as Python")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[name] = module
+        # As `python file.py` would: the file's folder is importable, so `import layers` beside it works.
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: any failure is theirs to read about

@@ -43,8 +43,8 @@ def check_outputs(outputs: Iterable[tuple[str, str | None]], inputs: Iterable[st
         folder = where.parent
         if not folder.is_dir():
             raise ToolError(f"{flag} {path}: folder {str(p.parent) or '.'} does not exist; create it first")
-        if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-            raise ToolError(f"{flag} {path}: cannot write there (permission denied); choose a writable path")
+        if not _writable(folder) or (p.exists() and not os.access(p, os.W_OK)):
+            raise ToolError(f"{flag} {path}: cannot write into {str(p.parent) or '.'}; choose a writable path")
 
 
 def check_output_dir(flag: str, path: str) -> None:
@@ -57,8 +57,19 @@ def check_output_dir(flag: str, path: str) -> None:
         probe = probe.parent if probe.parent != probe else Path(".")
         if probe == Path("."):
             break
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ToolError(f"{flag} {path}: cannot write there (permission denied); choose a writable directory")
+    if not _writable(probe):
+        raise ToolError(f"{flag} {path}: cannot write into {probe}; choose a writable directory")
+
+
+def _writable(folder: Path) -> bool:
+    """Try it: os.access says yes to root on a read-only file system."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".partitioner-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    _remove(tmp)
+    return True
 
 
 class Outputs:

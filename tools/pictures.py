@@ -10,13 +10,14 @@ columns, nodes in graph order), so nothing here needs Graphviz.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
-from tools.fmt import human_bytes
+from tools.fmt import human_bytes, human_seconds
 
 __all__ = ["Segmentation", "segmentation", "to_dot", "to_svg", "STAGE_COLOURS"]
 
@@ -41,6 +42,8 @@ class Segmentation:
     labels: dict[tuple[str, str], str]  # cross-stage edges only: what is sent
     n_stages: int
     title: str
+    stage_notes: list[str] = field(default_factory=list)  # per stage: time, weights, activations × in flight
+    cut_notes: list[str] = field(default_factory=list)  # per cut: bytes and value count
 
 
 def _value_text(v: Any) -> str:
@@ -49,12 +52,20 @@ def _value_text(v: Any) -> str:
 
 
 def segmentation(graph: Any, plan: Any, depth: int | None = None, max_boxes: int = 60) -> Segmentation:
-    """Group ``graph``'s nodes for drawing; ``depth=None`` picks the finest depth that fits."""
+    """Group ``graph``'s nodes for drawing: at most ``max_boxes`` boxes, always.
+
+    ``depth=None`` picks the finest module depth that fits. Nodes outside any module (a
+    residual ``add``) join the box before them; runs of repeated blocks in one stage
+    become one box ("layers.0–49 ×50"); if that is still too many, neighbouring boxes of
+    a stage are merged until the promise holds.
+    """
     nodes = [n for n in graph.graph.nodes if n.op not in ("get_attr", "output")]
-    if depth is None:
+    if depth is None:  # the finest depth whose boxes, repeated blocks folded, fit
         depth = 0 if len(nodes) <= max_boxes else next(
-            (d for d in range(8, 0, -1) if len(_grouping(nodes, d)[0]) <= max_boxes), 1)
+            (d for d in range(8, 0, -1) if len(_fold(_grouping(nodes, d)[0])) <= max_boxes), 1)
     groups, of = _grouping(nodes, depth)
+    if len(groups) > max_boxes:
+        groups, of = _fit(groups, max_boxes)
     edges: dict[tuple[str, str], list[str]] = {}
     for n in nodes:
         for v in n.all_input_nodes:
@@ -68,29 +79,113 @@ def segmentation(graph: Any, plan: Any, depth: int | None = None, max_boxes: int
     for (src, dst), values in edges.items():
         if by_key[src].stage != by_key[dst].stage:
             sent = [specs[v][0] for v in values if v in specs]
-            if len(sent) == 1:
-                labels[(src, dst)] = _value_text(sent[0])
-            elif sent:
-                labels[(src, dst)] = f"{len(sent)} values"
+            if sent:  # every value by name, one per line: "6 values" says nothing
+                labels[(src, dst)] = "\n".join(f"{v.name}: {_value_text(v)}" for v in sent)
     boundary = ", ".join(human_bytes(b.bytes) for b in plan.boundaries) or "no cuts"
     title = f"{plan.model}: {plan.n_stages} stages (bytes per micro-batch at each cut: {boundary})"
-    return Segmentation(groups, edges, labels, plan.n_stages, title)
+    return Segmentation(groups, edges, labels, plan.n_stages, title, _stage_notes(plan), _cut_notes(plan))
+
+
+def _stage_notes(plan: Any) -> list[str]:
+    """Per stage: time per micro-batch, weights, activations × micro-batches in flight."""
+    saved = plan.cost_at(plan.prediction.microbatch_size)
+    inflight = list(plan.prediction.peak_inflight) or [1] * plan.n_stages
+    out = []
+    for st, c, k in zip(plan.stages, saved, inflight):
+        cost = st.cost
+        time = cost.fwd_time_s + cost.bwd_time_s + cost.comm_time_s
+        out.append(f"{human_seconds(time)} f+b+c · weights {human_bytes(cost.param_bytes + cost.buffer_bytes)} · "
+                   f"act {human_bytes(c['saved_bytes'])} × {k} · total {human_bytes(cost.memory_bytes)}")
+    return out
+
+
+def _cut_notes(plan: Any) -> list[str]:
+    return [f"cut {b.index}: {human_bytes(b.bytes)} ({len(b.values)} value{'s' if len(b.values) != 1 else ''})"
+            for b in plan.boundaries]
 
 
 def _grouping(nodes: list[Any], depth: int) -> tuple[list[Group], dict[str, str]]:
     groups: dict[str, Group] = {}
     of: dict[str, str] = {}
+    prev: dict[int, str] = {}  # per stage: the last box a node joined
     for n in nodes:
         if n.op == "placeholder":
             stage, label = -1, n.name
         else:
             stage = int(n.meta.get(_STAGE, 0))
             module = str(n.meta.get(_MODULE, ""))
+            if depth and not module and stage in prev:
+                # An op outside every module (a residual add) belongs with the block before it.
+                key = prev[stage]
+                groups[key].nodes.append(n.name)
+                of[n.name] = key
+                continue
             label = ".".join(module.split(".")[:depth]) if depth and module else n.name
         key = f"s{stage}:{label}"
         groups.setdefault(key, Group(key, label, stage)).nodes.append(n.name)
         of[n.name] = key
+        prev[stage] = key
     return list(groups.values()), of
+
+
+_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
+
+
+def _fold(groups: list[Group]) -> list[list[Group]]:
+    """Runs of repeated blocks (layers.3, layers.4, ...) in one stage."""
+    merged: list[list[Group]] = []
+    for g in groups:
+        last = merged[-1][-1] if merged else None
+        if last is not None and last.stage == g.stage and g.stage >= 0 and _next_index(last.label, g.label):
+            merged[-1].append(g)
+        else:
+            merged.append([g])
+    return merged
+
+
+def _fit(groups: list[Group], max_boxes: int) -> tuple[list[Group], dict[str, str]]:
+    """Fewer boxes: fold runs of repeated blocks, then merge neighbours within a stage."""
+    merged = _fold(groups)
+    if len(merged) > max_boxes:  # still too many: even chunks per stage
+        stages = sorted({run[0].stage for run in merged})
+        quota = max(1, (max_boxes - sum(1 for r in merged if r[0].stage < 0)) // max(1, len([s for s in stages if s >= 0])))
+        chunked: list[list[Group]] = []
+        for s in stages:
+            runs = [r for r in merged if r[0].stage == s]
+            if s < 0:
+                chunked += runs
+                continue
+            size = -(-len(runs) // quota)
+            for i in range(0, len(runs), size):
+                chunked.append([g for r in runs[i:i + size] for g in r])
+        merged = chunked
+    out, new_of = [], {}
+    for run in merged:
+        if len(run) == 1:
+            g = run[0]
+        else:
+            g = Group(run[0].key, _run_label(run), run[0].stage, [n for x in run for n in x.nodes])
+        out.append(g)
+        for n in g.nodes:
+            new_of[n] = g.key
+    return out, new_of
+
+
+def _next_index(a: str, b: str) -> bool:
+    """'layers.3' then 'layers.4' (or a run 'layers.0–3' then 'layers.4'): one repeated block."""
+    ma, mb = list(_INDEX.finditer(a)), list(_INDEX.finditer(b))
+    if not ma or not mb:
+        return False
+    x, y = ma[-1], mb[-1]
+    return a[:x.start()] == b[:y.start()] and a[x.end():] == b[y.end():] and int(y[1]) == int(x[1]) + 1
+
+
+def _run_label(run: list[Group]) -> str:
+    first, last = run[0].label, run[-1].label
+    if all(_next_index(a.label, b.label) for a, b in zip(run, run[1:])):
+        m = list(_INDEX.finditer(last))[-1]
+        return f"{first}–{m[1]}{last[m.end():]} ×{len(run)}"
+    return f"{first} … {last} ({len(run)} groups)"
 
 
 def _colour(stage: int) -> str:
@@ -112,7 +207,8 @@ def to_dot(seg: Segmentation) -> str:
             continue
         indent = "  "
         if stage >= 0:
-            out += [f"  subgraph cluster_stage{stage} {{", f"    label={_q(f'stage {stage}')};",
+            out += [f"  subgraph cluster_stage{stage} {{",
+                    f"    label={_q(f'stage {stage}' + (chr(10) + seg.stage_notes[stage] if stage < len(seg.stage_notes) else ''))};",
                     f"    style=filled; fillcolor={_q(_colour(stage) + '55')};"]
             indent = "    "
         for g in members:
@@ -129,7 +225,7 @@ def to_dot(seg: Segmentation) -> str:
 
 
 def _q(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def to_svg(seg: Segmentation, engine: str = "auto") -> str:
@@ -143,18 +239,29 @@ def to_svg(seg: Segmentation, engine: str = "auto") -> str:
     return _builtin_svg(seg)
 
 
-_BOX_W, _BOX_H, _ROW, _GAP, _TOP = 230, 24, 36, 170, 60
+_BOX_W, _BOX_H, _ROW, _GAP, _TOP = 230, 24, 36, 190, 92
 
 
 def _builtin_svg(seg: Segmentation) -> str:
-    """Stages as columns (model inputs first), boxes in graph order, edges as curves."""
+    """Stages as columns (model inputs first), boxes in graph order, edges as curves.
+
+    Under each stage's name: its time per micro-batch and its memory (weights, activations
+    × micro-batches in flight). Edges that skip a stage run below the columns, never under
+    the boxes of the stages they pass.
+    """
     columns = [s for s in range(-1, seg.n_stages) if any(g.stage == s for g in seg.groups)]
+    col_of = {stage: c for c, stage in enumerate(columns)}
     pos: dict[str, tuple[float, float]] = {}
     for c, stage in enumerate(columns):
         for r, g in enumerate(g for g in seg.groups if g.stage == stage):
             pos[g.key] = (20 + c * (_BOX_W + _GAP), _TOP + r * _ROW)
     width = 40 + len(columns) * (_BOX_W + _GAP) - _GAP
-    height = max((y for _, y in pos.values()), default=_TOP) + _BOX_H + 20
+    bottom = max((y for _, y in pos.values()), default=_TOP) + _BOX_H
+    by_key = {g.key: g for g in seg.groups}
+    skips = [(src, dst) for (src, dst) in seg.edges
+             if abs(col_of[by_key[dst].stage] - col_of[by_key[src].stage]) > 1]
+    label_lines = sum(len(seg.labels.get(e, "").splitlines()) for e in skips)
+    height = bottom + 24 + 14 * len(skips) + 13 * label_lines + 14 * (len(seg.cut_notes) + 1)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
@@ -164,7 +271,12 @@ def _builtin_svg(seg: Segmentation) -> str:
     for c, stage in enumerate(columns):
         x = 20 + c * (_BOX_W + _GAP)
         name = "inputs" if stage < 0 else f"stage {stage}"
-        out.append(f'<text x="{x + _BOX_W / 2:.0f}" y="{_TOP - 12}" text-anchor="middle" font-weight="bold">{name}</text>')
+        out.append(f'<text x="{x + _BOX_W / 2:.0f}" y="{_TOP - 44}" text-anchor="middle" font-weight="bold">{name}</text>')
+        if 0 <= stage < len(seg.stage_notes):  # why the cut is here: time and memory per stage
+            time, rest = seg.stage_notes[stage].split(" · ", 1)
+            for k, line in enumerate((time, rest)):
+                out.append(f'<text x="{x + _BOX_W / 2:.0f}" y="{_TOP - 30 + 12 * k}" text-anchor="middle" '
+                           f'font-size="9" fill="#333">{escape(line)}</text>')
     cross = []
     for (src, dst) in seg.edges:
         (x1, y1), (x2, y2) = pos[src], pos[dst]
@@ -172,30 +284,39 @@ def _builtin_svg(seg: Segmentation) -> str:
             if y2 - y1 == _ROW:
                 d = f"M {x1 + _BOX_W / 2:.0f} {y1 + _BOX_H:.0f} L {x2 + _BOX_W / 2:.0f} {y2:.0f}"
             else:
-                bulge = min(60, 12 + (y2 - y1) / _ROW * 4)
+                bulge = min(60, 12 + abs(y2 - y1) / _ROW * 4)
                 d = (f"M {x1:.0f} {y1 + _BOX_H / 2:.0f} C {x1 - bulge:.0f} {y1 + _BOX_H / 2:.0f} "
                      f"{x2 - bulge:.0f} {y2 + _BOX_H / 2:.0f} {x2:.0f} {y2 + _BOX_H / 2:.0f}")
             out.append(f'<path d="{d}" fill="none" stroke="#888" marker-end="url(#arrow)"/>')
         else:
             cross.append((src, dst))
-    by_key = {g.key: g for g in seg.groups}
     placed: list[tuple[float, float]] = []
+    lane = bottom + 24
     for src, dst in cross:  # drawn last so they sit on top of the columns' arcs
         (x1, y1), (x2, y2) = pos[src], pos[dst]
         sx, sy, ex, ey = x1 + _BOX_W, y1 + _BOX_H / 2, x2, y2 + _BOX_H / 2
-        mid = (sx + ex) / 2
         cut = by_key[src].stage >= 0  # edges from the model's inputs are not sends between stages
         stroke = 'stroke="#d62728" stroke-width="2"' if cut else 'stroke="#888"'
-        out.append(f'<path d="M {sx:.0f} {sy:.0f} C {mid:.0f} {sy:.0f} {mid:.0f} {ey:.0f} {ex:.0f} {ey:.0f}" '
-                   f'fill="none" {stroke} marker-end="url(#arrow)"/>')
         label = seg.labels.get((src, dst))
-        if label:
-            lx, ly = mid, (sy + ey) / 2 - 6  # above a level edge, beside a slanted one
-            while any(abs(lx - px) < 80 and abs(ly - py) < 12 for px, py in placed):
+        lines = label.splitlines() if label else []
+        if (src, dst) in skips:
+            # Out into the gap, down below every column, across, and up the gap before the target.
+            gx1, gx2 = sx + _GAP * 0.25, ex - _GAP * 0.25
+            d = (f"M {sx:.0f} {sy:.0f} L {gx1:.0f} {sy:.0f} L {gx1:.0f} {lane:.0f} L {gx2:.0f} {lane:.0f} "
+                 f"L {gx2:.0f} {ey:.0f} L {ex:.0f} {ey:.0f}")
+            lx, ly = (gx1 + gx2) / 2, lane + 12
+            lane += 14 + 13 * len(lines)
+        else:
+            mid = (sx + ex) / 2
+            d = f"M {sx:.0f} {sy:.0f} C {mid:.0f} {sy:.0f} {mid:.0f} {ey:.0f} {ex:.0f} {ey:.0f}"
+            lx, ly = mid, (sy + ey) / 2 - 6 - 6 * (len(lines) - 1)  # above a level edge, beside a slanted one
+            while any(abs(lx - px) < 80 and abs(ly - py) < 12 * len(lines) for px, py in placed):
                 ly += 13  # labels of one cut stack instead of printing over each other
             placed.append((lx, ly))
-            out.append(f'<text x="{lx:.0f}" y="{ly:.0f}" text-anchor="middle" fill="#d62728" font-size="10" '
-                       f'stroke="white" stroke-width="3" paint-order="stroke">{escape(label)}</text>')
+        out.append(f'<path d="{d}" fill="none" {stroke} marker-end="url(#arrow)"/>')
+        for k, line in enumerate(lines):
+            out.append(f'<text x="{lx:.0f}" y="{ly + 12 * k:.0f}" text-anchor="middle" fill="#d62728" font-size="10" '
+                       f'stroke="white" stroke-width="3" paint-order="stroke">{escape(line)}</text>')
     for g in seg.groups:
         x, y = pos[g.key]
         text = _box_text(g)
@@ -205,5 +326,7 @@ def _builtin_svg(seg: Segmentation) -> str:
                    f'<rect x="{x:.0f}" y="{y:.0f}" width="{_BOX_W}" height="{_BOX_H}" rx="{rx}" '
                    f'fill="{_colour(g.stage)}" stroke="#444"/>'
                    f'<text x="{x + _BOX_W / 2:.0f}" y="{y + 16:.0f}" text-anchor="middle">{escape(shown)}</text></g>')
+    for k, note in enumerate(seg.cut_notes):
+        out.append(f'<text x="20" y="{lane + 10 + 14 * k:.0f}" font-size="10" fill="#d62728">{escape(note)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -39,44 +39,74 @@ def default_loss(model: torch.nn.Module, inputs: Any) -> tuple[Any, Any]:
     return mean_square, torch.zeros(batch)  # the runner splits a target by batch; this one is unused
 
 
-def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: Any, args: argparse.Namespace) -> list[float]:
+def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: Any, args: argparse.Namespace,
+           trace_path: str | None, schedule: str, loss_name: str) -> list[float]:
     stage = pipe.build_stage(rank, "cpu")
     params = stage.parameters()
     opt = torch.optim.SGD(params, lr=args.lr) if params else None  # a stage may own no weights
     m = pipe.plan.prediction.n_microbatches
-    runner = stage.runner(args.schedule, n_microbatches=m, loss_fn=loss_fn)
+    runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn)
     pos, kw = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    last = rank == pipe.plan.stages[-1].rank
     losses = []
     for step in range(args.steps):
         for p in params:
             p.grad = None
-        trace = args.trace if args.trace and step == args.steps - 1 else None  # the last, warmed-up step
+        trace = trace_path if trace_path and step == args.steps - 1 else None  # the last, warmed-up step
         loss = runner.step(*pos, target=target, trace=trace, **kw)
         losses.append(float("nan") if loss is None else float(loss.item()))
         if opt is not None:
             opt.step()
+        if last:  # as it happens: a long run shows progress, and a crash later keeps the losses seen
+            print(f"step {step + 1}: loss {losses[-1]:.6f} ({loss_name})", flush=True)
     return losses
 
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("partitioner.runtime") is None:
         raise ToolError("runtime not available: partitioner.runtime is not installed in this build")
-    from partitioner.runtime import spawn
-    from tools.commands import partition_from_args
-    from tools.loading import load_model
+    import os
+    import tempfile
+
+    from tools.commands import _library_output, _refuse_partition_flags, check_partition_args, partition_from_args
+    from tools.loading import load_model, read_plan
+    from tools.outputs import check_outputs
 
     if args.steps < 1:
         raise ToolError(f"--steps must be >= 1, got {args.steps}")
+    check_outputs([("--trace", args.trace)], [args.plan or "", args.model.rpartition(":")[0]])
+    if args.plan:
+        _refuse_partition_flags(args, "with --plan (the plan fixes stages, schedule and micro-batches)")
+        plan = read_plan(args.plan)
+    else:
+        check_partition_args(args)
+    from partitioner.runtime import spawn
+
     model, inputs = load_model(args.model)
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     loss_fn, target = default_loss(model, inputs)
-    pipe = partition_from_args(args, args.model, loaded=(model, inputs))
-    last = pipe.plan.stages[-1].rank
-    results = spawn(_train, args.gpus, pipe, inputs, target, loss_fn, args)
+    if args.plan:
+        with _library_output(args):
+            pipe = plan.apply(model, inputs)
+    else:
+        pipe = partition_from_args(args, args.model, loaded=(model, inputs))
+    ranks = int(pipe.plan.options["n_gpus"])
+    schedule = pipe.plan.prediction.schedule
     name = getattr(loss_fn, "__name__", "loss").replace("_", "-")
-    for step, loss in enumerate(results[last], 1):
-        print(f"step {step}: loss {loss:.6f} ({name})")
+    tmp = None
+    if args.trace:  # written beside the target and renamed at the end: no half-written trace
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(args.trace)}.", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(args.trace)))
+        os.close(fd)
+    try:
+        spawn(_train, ranks, pipe, inputs, target, loss_fn, args, tmp, schedule, name)
+        if tmp:
+            os.replace(tmp, args.trace)
+            tmp = None
+    finally:
+        if tmp:
+            os.unlink(tmp)
     if args.trace:
         print(f"wrote {args.trace}")
     return 0

@@ -6,15 +6,35 @@ stable: scripts read them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["plan_summary"]
+__all__ = ["plan_summary", "cut_label"]
+
+_CALL_SUFFIX = re.compile(r"_\d+$")
+
+
+def _cut_label(cut: Any, left: Any, right: Any) -> str:
+    return cut_label(cut.label, left.nodes[-1], right.nodes[0])
+
+
+def cut_label(label: str, last: str, first: str) -> str:
+    """The plan's module-path label, with the node names either side added when the label
+    alone is ambiguous: a module called more than once (fx names its calls ``act``,
+    ``act_1``, ...) appears at several places in the graph."""
+    if "[" in label or "|" not in label:
+        return label  # already names the nodes
+    left, right = (p.strip() for p in label.split("|", 1))
+    reused = [(node, path) for node, path in ((last, left), (first, right))
+              if _CALL_SUFFIX.search(node) and _CALL_SUFFIX.sub("", node) == path.replace(".", "_")]
+    return f"{label} [{last} | {first}]" if reused else label
 
 
 def plan_summary(plan: Any) -> dict[str, Any]:
     """Per-stage nodes, parameter bytes, FLOPs (fwd+bwd), memory, time, boundary bytes, cut."""
     micro = plan.prediction.microbatch_size
     flops = plan.cost_at(micro)  # polynomials in B/S, evaluated at the plan's micro-batch
+    p_inflight = list(plan.prediction.peak_inflight)
     stages = []
     for st, f in zip(plan.stages, flops):
         c = st.cost
@@ -30,12 +50,15 @@ def plan_summary(plan: Any) -> dict[str, Any]:
             "bwd_flops": f["bwd_flops"],
             "flops": f["fwd_flops"] + f["bwd_flops"],
             "memory_bytes": c.memory_bytes,
+            "weight_bytes": c.param_bytes + c.buffer_bytes,
+            "activation_bytes": f["saved_bytes"],  # per micro-batch in flight
+            "inflight": p_inflight[st.index] if st.index < len(p_inflight) else 1,
             "fwd_time_s": c.fwd_time_s,
             "bwd_time_s": c.bwd_time_s,
             "comm_time_s": c.comm_time_s,
             "time_s": c.fwd_time_s + c.bwd_time_s + c.comm_time_s,
             "boundary_bytes": cut.bytes if cut else 0,  # sent on to the next stage, one direction
-            "cut": cut.label if cut else None,
+            "cut": _cut_label(cut, st, plan.stages[st.index + 1]) if cut else None,
         })
     p, s = plan.prediction, plan.solver
     return {

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["mlp", "wide_mlp", "skip", "broken", "not_a_pair"]
+__all__ = ["mlp", "wide_mlp", "skip", "broken", "not_a_pair", "residual", "residual_200", "wrong_inputs", "branchy",
+           "leafy", "reuse"]
 
 
 class Skip(nn.Module):
@@ -98,3 +99,51 @@ class _Branchy(nn.Module):
 def branchy() -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(0)
     return _Branchy(), (torch.randn(4, 16),)
+
+
+def residual_200() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """200 residual blocks: the segmentation picture must fold them to a few boxes."""
+    torch.manual_seed(0)
+    return ResidualMLP(200, width=8), (torch.randn(4, 8),)
+
+
+class _Router(nn.Module):
+    """Branches on tensor data: untraceable unless treated as a leaf (--leaf-module router)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+class _Leafy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.router, self.b = nn.Linear(16, 16), _Router(), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.router(self.a(x)))
+
+
+def leafy() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return _Leafy(), (torch.randn(4, 16),)
+
+
+class _Reuse(nn.Module):
+    """One activation module called twice: fx names its calls ``act`` and ``act_1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def reuse() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return _Reuse(), (torch.randn(4, 16),)
