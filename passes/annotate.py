@@ -31,7 +31,7 @@ from cost_models.cost import ZERO, NodeCost
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, ShapePropError
+from passes.shape_prop import DATA_DEPENDENT, OnDevice, ShapePropError
 
 __all__ = ["AnnotateCosts", "is_attention", "param_users", "tensor_users"]
 
@@ -91,7 +91,7 @@ class AnnotateCosts(Pass):
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
-                with mode:
+                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu"))):
                     cost = _price(node, gm, fakes, sizes)
                     if is_attention(node):
                         cost = _attention(node, sizes, cost, self.target, causal)

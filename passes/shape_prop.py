@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 from cost_models.cost import BATCH, SEQ
@@ -39,7 +40,7 @@ from cost_models.errors import PartitionError
 from passes.base import InputSpec, Pass, TensorDesc
 from passes.meta import DESC, MODULE, VAL
 
-__all__ = ["ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "to_desc"]
+__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "to_desc"]
 
 _NAMED = {"B": BATCH, "S": SEQ}
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
@@ -118,7 +119,7 @@ class ShapeProp(Pass):
         with mode:
             args = [self._make_input(spec, symbols, device, cast) for spec in self.inputs]
         interp = _FakeInterpreter(gm, mode, mapping, device, cast)
-        with mode:
+        with mode, OnDevice(device):
             interp.run(*args)
         gm.meta.update(
             {
@@ -127,6 +128,7 @@ class ShapeProp(Pass):
                 "pp.example": self._example(),
                 "pp.symbolic": symbolic,
                 "pp.fake_params": interp.fakes,
+                "pp.device": device,
             }
         )
 
@@ -145,6 +147,22 @@ class ShapeProp(Pass):
         if cast is not None and dtype.is_floating_point:
             dtype = cast
         return torch.empty(shape, dtype=dtype, device=device)
+
+
+class OnDevice(TorchDispatchMode):
+    """Every op that names a device (``arange(..., device=...)``, ``.to(device)``) gets the
+    fakes' device instead: a graph captured from a model on meta or cuda bakes its device
+    into such calls (inside higher-order ops too), and pricing must not depend on it."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if isinstance(kwargs.get("device"), torch.device) and kwargs["device"] != self.device:
+            kwargs = {**kwargs, "device": self.device}
+        return func(*args, **kwargs)
 
 
 class _FakeInterpreter(fx.Interpreter):
@@ -273,12 +291,6 @@ def _fake_like(t: torch.Tensor, mode: FakeTensorMode, device: torch.device, cast
 def _chain(*its: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     for it in its:
         yield from it
-
-
-def _model_device(gm: nn.Module) -> torch.device:
-    for t in _chain(gm.named_parameters(), gm.named_buffers()):
-        return t[1].device
-    return torch.device("cpu")
 
 
 def to_desc(value: Any, mapping: dict[Any, sympy.Expr], env: ShapeEnv | None = None) -> Any:
