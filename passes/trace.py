@@ -28,7 +28,7 @@ from passes.errors import CaptureError
 from passes.markers import take_markers
 from passes.split import copy_persistence
 
-__all__ = ["Captured", "capture", "ROUTES", "with_seq_dims"]
+__all__ = ["Captured", "capture", "check_example_names", "ROUTES", "with_seq_dims"]
 
 ROUTES = ("auto", "fx", "export")
 
@@ -219,11 +219,16 @@ def _trace_fx(
     signature_defaults = _defaults(sig)
     fixed = dict(concrete_args or {})
     concrete: dict[str, Any] = dict(fixed)
+    from_example: set[str] = set()
     if example is not None:
         for k, default in signature_defaults.items():
             if k not in fixed and sig.parameters[k].kind not in _VAR_KINDS and isinstance(default, _CONSTANTS) and (
                     k not in example or _same(example[k], default)):
                 concrete[k] = default
+        for k, v in example.items():  # flags: Python branches on them, as torch.export would fix them
+            if k not in concrete and k in sig.parameters and isinstance(v, (bool, str, type(None))):
+                concrete[k] = v
+                from_example.add(k)
     with _recording_pipe_split(tracer):
         graph = tracer.trace(model, concrete_args=concrete or None)
     _drop_specialization_asserts(graph, concrete)
@@ -258,6 +263,11 @@ def _trace_fx(
             value = given.get(k, signature_defaults.get(k, _MISSING))
             if _same(value, baked):
                 continue
+            if k in from_example:
+                raise CaptureError(
+                    f"{model_name} was captured with {k}={_show(baked)} (as in the example inputs), so this call's "
+                    f"{k}={_show(value) if value is not _MISSING else '<not passed>'} cannot be honoured; "
+                    f"pass {k}={_show(baked)}, or partition again with {k}={_show(value)} in the example inputs")
             if k in fixed:
                 raise CaptureError(
                     f"{model_name} was captured with {k}={_show(baked)} (concrete_args), so this call's "
@@ -455,7 +465,7 @@ def with_seq_dims(specs: Sequence[Any], seq_dims: Any, *, strict: bool = True) -
     return tuple(out[s.name] for s in specs)
 
 
-def _check_example_names(model: nn.Module, kwargs: dict[str, Any]) -> None:
+def check_example_names(model: nn.Module, kwargs: dict[str, Any]) -> None:
     """A misspelled example key: name ``forward``'s parameters (and the likely one).
 
     ``forward(**kwargs)`` swallows any key, so a typo there would surface later as the
@@ -463,15 +473,15 @@ def _check_example_names(model: nn.Module, kwargs: dict[str, Any]) -> None:
     taken for a typo."""
     sig = inspect.signature(model.forward)
     named = [k for k, p in sig.parameters.items() if p.kind not in _VAR_KINDS]
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     for key in kwargs:
         if key in named:
             continue
+        # no likely typo: forward(**kwargs) may take it, or Signature.bind says what is wrong
         close = difflib.get_close_matches(key, named, n=3, cutoff=0.75)
-        if close or not takes_any:
-            guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        if close:
             raise CaptureError(f"example input {key!r} is not a parameter of {type(model).__name__}.forward "
-                               f"(its parameters: {', '.join(named)}){guess}")
+                               f"(its parameters: {', '.join(named)}); did you mean "
+                               f"{' or '.join(repr(c) for c in close)}?")
 
 
 def _use_cache_hint(model: nn.Module, kwargs: dict[str, Any] | None) -> str:
@@ -480,8 +490,8 @@ def _use_cache_hint(model: nn.Module, kwargs: dict[str, Any] | None) -> str:
     if on is None:
         on = getattr(getattr(model, "config", None), "use_cache", False)
     if on is True:
-        return ("The capture ran with use_cache=True: Hugging Face models capture only with use_cache=False "
-                "(set config.use_cache = False or pass use_cache=False in the example inputs). ")
+        return (" with use_cache=True (Hugging Face models capture only with use_cache=False: set "
+                "config.use_cache = False or pass use_cache=False in the example inputs)")
     return ""
 
 
@@ -500,7 +510,7 @@ def capture(
         raise CaptureError(f"unknown capture route {route!r}; use one of {', '.join(ROUTES)}")
     name = type(model).__name__
     if kwargs:
-        _check_example_names(model, kwargs)
+        check_example_names(model, kwargs)
     example: dict[str, Any] | None = None
     if args is not None or kwargs:
         try:
@@ -532,8 +542,8 @@ def capture(
     except Exception as e:
         why_fx = f"torch.fx{_failing_submodule(model, fx_error)}: {_last_line(fx_error)}; " if fx_error else ""
         raise CaptureError(
-            f"cannot capture {name}: {why_fx}torch.export: {_first_line(e)}. {_use_cache_hint(model, kwargs)}Mark the "
-            "failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
+            f"cannot capture {name}{_use_cache_hint(model, kwargs)}: {why_fx}torch.export: {_first_line(e)}. Mark "
+            "the failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
             "control flow on flags, or make data-dependent branches tensor ops (torch.where)"
         ) from e
     if fx_error is not None:
