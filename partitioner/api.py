@@ -33,7 +33,7 @@ from passes.meta import COST, MODULE, STAGE
 from passes.shape_prop import ShapeProp, default_specs, module_of
 from passes.split import compute_nodes, split_graph
 from passes.markers import cut_constraints
-from passes.trace import Captured, capture, with_seq_dims
+from passes.trace import Captured, capture, check_example_names, with_seq_dims
 
 __all__ = ["partition", "apply_plan", "OPTIMIZER_STATES"]
 
@@ -201,6 +201,7 @@ def partition(
     dynamic = None
     if inputs is not None:
         sig = inspect.signature(model.forward)
+        check_example_names(model, inputs[1])  # a misspelled key: name forward's parameters
         try:
             bound = sig.bind(*inputs[0], **inputs[1])
         except TypeError as e:
