@@ -129,8 +129,13 @@ def _normalize_slices(graph: fx.Graph) -> None:
     """
 
     def has_node(a: Any) -> bool:
-        found = []
-        fx.map_arg(a, lambda n: found.append(n) or n)
+        found: list[fx.Node] = []
+
+        def see(n: fx.Node) -> fx.Node:
+            found.append(n)
+            return n
+
+        fx.map_arg(a, see)
         return bool(found)
 
     for node in list(graph.nodes):
@@ -161,7 +166,7 @@ def _normalize_slices(graph: fx.Graph) -> None:
             node.args, node.kwargs = args, kwargs
 
 
-def _drop_specialization_asserts(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+def _drop_specialization_asserts(graph: fx.Graph) -> None:
     """Remove the asserts fx adds for concrete arguments: ``flatten`` checks them with a
     message that says how to include the argument instead."""
     phs = {n for n in graph.nodes if n.op == "placeholder"}
@@ -231,7 +236,7 @@ def _trace_fx(
                 from_example.add(k)
     with _recording_pipe_split(tracer):
         graph = tracer.trace(model, concrete_args=concrete or None)
-    _drop_specialization_asserts(graph, concrete)
+    _drop_specialization_asserts(graph)
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(phs) == len(params):  # fx names a concrete argument's placeholder "bias_1": say "bias"
         for node, param in zip(phs, params):
