@@ -29,8 +29,12 @@ class _Parser(argparse.ArgumentParser):
 #: command can tell a flag the user typed from one left alone (and refuse the ones it ignores).
 PARTITION_DEFAULTS = {"gpus": 4, "virtual_stages": 1, "device": "h100-sxm", "link": "nvlink4", "schedule": "1f1b",
                       "microbatches": None, "cut_at": None, "pin": [], "memory_limit": None, "optimizer": "adam",
-                      "leaf_module": []}
-_OPTIMIZERS = ("adam", "adamw", "momentum", "sgd", "none")  # partitioner.api.OPTIMIZER_STATES
+                      "leaf_module": [], "precision": None, "recompute": "auto"}
+# The library's names (partitioner.memory: OPTIMIZER_STATES, PRECISIONS, RECOMPUTE), spelled out so
+# --help needs no torch; a test keeps them equal.
+_OPTIMIZERS = ("adam", "adamw", "momentum", "sgd", "none")
+_PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+_RECOMPUTE = ("auto", "none", "full", "selective")
 
 
 def _partition_options() -> argparse.ArgumentParser:
@@ -55,6 +59,12 @@ def _partition_options() -> argparse.ArgumentParser:
                    help="memory per device, e.g. 40GiB or 80GB (default: the device profile's)")
     g.add_argument("--optimizer", default=None, choices=_OPTIMIZERS,
                    help="optimizer whose state is priced into each stage's memory (default: adam)")
+    g.add_argument("--precision", default=None, choices=_PRECISIONS,
+                   help="training precision priced into memory: bytes per weight, gradient, master copy and "
+                        "optimizer state (default: from the parameters' dtype: bf16/fp16 train mixed, else fp32)")
+    g.add_argument("--recompute", default=None, choices=_RECOMPUTE,
+                   help="activation recompute the solver may use per stage; auto: only where a stage would "
+                        "not fit otherwise (default: auto)")
     g.add_argument("--leaf-module", action="append", default=None, metavar="PATH",
                    help="trace this submodule (module path, e.g. 'encoder.router') as one opaque node; "
                         "repeatable (default: none)")

@@ -89,7 +89,9 @@ def read_plan(path: str) -> Any:
     """``load_plan`` with its PlanError (which names the JSON path) turned into a ToolError."""
     if not Path(path).is_file():  # before importing torch, so the common typo answers at once
         raise ToolError(f"plan file {path!r} does not exist")
-    from partitioner import PlanError, load_plan
+    # The submodule, not the package: once partitioner/__init__ and partitioner.plan stop
+    # importing torch eagerly, show and diff of plan files need no torch at all.
+    from partitioner.plan import PlanError, load_plan
 
     try:
         return load_plan(Path(path))

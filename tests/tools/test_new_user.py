@@ -264,11 +264,26 @@ def test_leaf_module_and_optimizer_flags(tmp_path: Path) -> None:
     assert options["optimizer"] == "sgd" and "router" in json.dumps(options.get("leaf_modules", ["router"]))
 
 
-def test_optimizer_choices_match_the_library() -> None:
-    from partitioner.api import OPTIMIZER_STATES
-    from tools.cli import _OPTIMIZERS
+def test_choices_match_the_library() -> None:
+    from partitioner.memory import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
+    from tools.cli import _OPTIMIZERS, _PRECISIONS, _RECOMPUTE
 
     assert set(_OPTIMIZERS) == set(OPTIMIZER_STATES)
+    assert set(_PRECISIONS) == set(PRECISIONS) and set(_RECOMPUTE) == set(RECOMPUTE)
+
+
+def test_precision_and_recompute_reach_the_plan(tmp_path: Path) -> None:
+    plans = {}
+    for precision in ("fp32", "bf16"):
+        path = tmp_path / f"{precision}.json"
+        out = cli("plan", f"{MODELS}:mlp", "--gpus", "2", "--precision", precision, "--recompute", "none",
+                  "-o", str(path), "-q")
+        assert out.returncode == 0, out.stderr
+        plans[precision] = json.loads(path.read_text())
+    assert plans["fp32"]["options"]["precision"] == "fp32" and plans["bf16"]["options"]["precision"] == "bf16"
+    assert plans["bf16"]["options"]["recompute"] == "none"
+    static = [sum(st["cost"]["static_bytes"] for st in p["stages"]) for p in (plans["fp32"], plans["bf16"])]
+    assert static[1] < static[0]  # bf16 weights, grads and state: fewer bytes
 
 
 # -- 13: the solver line says what it means ----------------------------------------------------------------
@@ -287,8 +302,10 @@ def test_cut_in_a_reused_module_names_the_call(tmp_path: Path) -> None:
     assert "act | fc3 [act_1 | fc3]" in out.stdout
 
 
-def test_run_a_saved_plan(plans: Path) -> None:
-    out = cli("run", f"{MODELS}:mlp", "--plan", str(plans / "b.json"), "--steps", "2")
+def test_run_a_saved_plan(tmp_path: Path) -> None:
+    plan = tmp_path / "skip2.json"
+    assert cli("plan", f"{MODELS}:skip", "--gpus", "2", "-o", str(plan), "-q").returncode == 0
+    out = cli("run", f"{MODELS}:skip", "--plan", str(plan), "--steps", "2")
     assert out.returncode == 0, out.stderr
     assert [ln.split(":")[0] for ln in out.stdout.splitlines()] == ["step 1", "step 2"]
 
