@@ -93,6 +93,7 @@ def render(blocks: list[Block], name: str | Path, title: str = "", show_stage: b
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "partitioner"  # fixed ids: the same plan draws the same bytes
     import matplotlib.pyplot as plt
 
     n_ranks = max(b.rank for b in blocks) + 1

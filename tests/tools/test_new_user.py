@@ -385,3 +385,11 @@ def test_segmentation_picture_explains_the_cuts(tmp_path: Path) -> None:
                     continue
                 inside = [b for b in boxes if b[0] + 2 < x < b[0] + b[2] - 2 and b[1] + 2 < y < b[1] + b[3] - 2]
                 assert not inside, f"cut edge {path.get('d')} runs under a box at ({x:.0f}, {y:.0f})"
+
+
+def test_pictures_are_byte_identical_on_re_runs(plans: Path, tmp_path: Path) -> None:
+    for suffix in ("svg", "png"):
+        a, b = tmp_path / f"a.{suffix}", tmp_path / f"b.{suffix}"
+        for path in (a, b):
+            assert cli("show", str(plans / "a.json"), "--timeline", str(path)).returncode == 0
+        assert a.read_bytes() == b.read_bytes()
