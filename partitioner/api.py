@@ -29,7 +29,7 @@ from passes.annotate import AnnotateCosts
 from passes.recompute import with_recompute
 from passes.base import InputSpec
 from passes.manager import PassManager, Snapshot, graph_text, node_summary
-from passes.meta import COST, MODULE, STAGE
+from passes.meta import MODULE, STAGE
 from passes.shape_prop import ShapeProp, default_specs, module_of
 from passes.split import compute_nodes, split_graph
 from passes.markers import cut_constraints

@@ -180,62 +180,10 @@ class Activations:
                  blocks: Sequence[str] | None = None) -> None:
         self.order = tuple(order)
         self.pos = {n.name: i for i, n in enumerate(self.order)}
-        self.bytes: dict[Root, sympy.Expr] = {}
-        roots: dict[str, list[Root | None]] = {}
-        saves: list[tuple[Root, ...]] = []
-        inputs: list[tuple[Root, ...]] = []
-        internal: list[sympy.Expr] = []
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                continue
-            leaves = _desc_leaves(node.meta.get(DESC))
-            if node.op == "get_attr":  # parameters and buffers: static memory, never activations
-                roots[node.name] = [None] * max(len(leaves), 1)
-                continue
-            if node.op == "placeholder":
-                roots[node.name] = [(node.name, i) for i in range(len(leaves))]
-                for i, d in enumerate(leaves):
-                    self.bytes[(node.name, i)] = d.nbytes()
-                continue
-            cost: NodeCost = node.meta.get(COST, NodeCost())
-            args = _arg_nodes(node)
-
-            def resolve(j: int, i: int) -> Root | None:
-                src = roots.get(args[j].name, []) if 0 <= j < len(args) else []
-                return src[i] if i < len(src) else None
-
-            if cost.kind == "attention-causal":
-                # GQA in the kernel: eager code that passes no mask passes K/V unrepeated, so a
-                # repeat the capture made (reshape of an expand) is priced as its source
-                def resolve(j: int, i: int, plain: Any = resolve) -> Root | None:  # noqa: F811
-                    if 0 <= j < len(args) and _is_repeat_kv(args[j]):
-                        src = roots.get(args[j].args[0].name, [])  # type: ignore[union-attr]
-                        return src[i] if i < len(src) else None
-                    return plain(j, i)
-
-            mine: list[Root | None] = []
-            for i, d in enumerate(leaves):
-                alias = cost.out_alias[i] if i < len(cost.out_alias) else None
-                if alias is not None and resolve(*alias) is not None:
-                    mine.append(resolve(*alias))
-                else:
-                    mine.append((node.name, i))
-                    self.bytes[(node.name, i)] = cost.out_storage[i] if i < len(cost.out_storage) else d.nbytes()
-            roots[node.name] = mine
-            kept: list[Root] = []
-            for j, i in cost.saved_refs:
-                r = mine[i] if j == -1 and i < len(mine) else (resolve(j, i) if j >= 0 else None)
-                if r is not None and r not in kept:
-                    kept.append(r)
-            ins: list[Root] = []
-            for a in args:
-                for r in roots.get(a.name, []):
-                    if r is not None and r not in ins:
-                        ins.append(r)
-            saves.append(tuple(kept))
-            inputs.append(tuple(ins))
-            internal.append(sympy.sympify(cost.saved_internal))
-        self.saves, self.inputs, self.internal = saves, inputs, internal
+        self.leaves = {n.name: _desc_leaves(n.meta.get(DESC)) for n in gm.graph.nodes}
+        self.static_names = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+        self._cache: dict[tuple[int, int], Any] = {}
+        self.saves, self.inputs, self.internal, self.bytes = self._resolve(0, len(self.order))
         self.attention = tuple(n.meta.get(COST, NodeCost()).kind.startswith("attention") for n in self.order)
         paths = [str(n.meta.get(MODULE, "")) for n in self.order]
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(paths)
@@ -246,9 +194,78 @@ class Activations:
             "selective": Regions("selective", tuple((i, i + 1) for i, a in enumerate(self.attention) if a)),
         }
 
+    def _resolve(self, a: int, b: int) -> tuple[list[tuple[Root, ...]], list[tuple[Root, ...]], list[sympy.Expr],
+                                                dict[Root, sympy.Expr]]:
+        """Storages of positions [a, b) run as one stage: every value made outside it (graph
+        inputs, earlier stages) arrives as its own storage, as the transport delivers it."""
+        hit = self._cache.get((a, b))
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        sizes: dict[Root, sympy.Expr] = {}
+        roots: dict[str, list[Root | None]] = {}
+
+        def root_of(arg: fx.Node) -> list[Root | None]:
+            if arg.name in roots:
+                return roots[arg.name]
+            if arg.name in self.static_names:  # parameters and buffers: static memory
+                return [None] * max(len(self.leaves.get(arg.name, [])), 1)
+            received: list[Root | None] = []
+            for i, d in enumerate(self.leaves.get(arg.name, [])):
+                sizes[(arg.name, i)] = d.nbytes()
+                received.append((arg.name, i))
+            roots[arg.name] = received
+            return received
+
+        saves: list[tuple[Root, ...]] = []
+        inputs: list[tuple[Root, ...]] = []
+        internal: list[sympy.Expr] = []
+        for node in self.order[a:b]:
+            cost: NodeCost = node.meta.get(COST, NodeCost())
+            args = _arg_nodes(node)
+            gqa = cost.kind == "attention-causal"
+
+            def resolve(j: int, i: int) -> Root | None:
+                if not 0 <= j < len(args):
+                    return None
+                arg = args[j]
+                # GQA in the kernel: eager code that passes no mask passes K/V unrepeated, so a
+                # repeat the capture made in this stage (reshape of an expand) is priced as its source
+                if gqa and arg.name in roots and _is_repeat_kv(arg):
+                    arg = arg.args[0]  # type: ignore[assignment]
+                src = root_of(arg)
+                return src[i] if i < len(src) else None
+
+            mine: list[Root | None] = []
+            for i, d in enumerate(self.leaves.get(node.name, [])):
+                alias = cost.out_alias[i] if i < len(cost.out_alias) else None
+                r = resolve(*alias) if alias is not None else None
+                if r is None:
+                    r = (node.name, i)
+                    sizes[r] = cost.out_storage[i] if i < len(cost.out_storage) else d.nbytes()
+                mine.append(r)
+            roots[node.name] = mine
+            kept: list[Root] = []
+            for j, i in cost.saved_refs:
+                r = (mine[i] if i < len(mine) else None) if j == -1 else resolve(j, i)
+                if r is not None and r not in kept:
+                    kept.append(r)
+            ins: list[Root] = []
+            for arg in args:
+                for r in root_of(arg):
+                    if r is not None and r not in ins:
+                        ins.append(r)
+            saves.append(tuple(kept))
+            inputs.append(tuple(ins))
+            internal.append(sympy.sympify(cost.saved_internal))
+        out = (saves, inputs, internal, sizes)
+        self._cache[(a, b)] = out
+        return out
+
     # -- exact, per stage ----------------------------------------------------------------
     def stage_saved(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr]:
-        """(bytes kept per micro-batch, transient bytes of the recompute) of positions [a, b)."""
+        """(bytes kept per micro-batch, transient bytes of the recompute) of positions [a, b)
+        run as one stage."""
+        saves, inputs, internal, sizes = self._resolve(a, b)
         pieces = self._pieces(a, b, mode)
         inside = {p for s, e in pieces for p in range(s, e)}
         kept: dict[Root, None] = {}
@@ -256,19 +273,19 @@ class Activations:
         for p in range(a, b):
             if p in inside:
                 continue
-            total += self.internal[p]
-            kept.update(dict.fromkeys(self.saves[p]))
+            total += internal[p - a]
+            kept.update(dict.fromkeys(saves[p - a]))
         for s, e in pieces:
-            kept.update(dict.fromkeys(self._piece_inputs(s, e)))
-        total += sum((self.bytes[r] for r in kept), ZERO)
+            kept.update(dict.fromkeys(self._piece_inputs(s, e, inputs[s - a:e - a])))
+        total += sum((sizes[r] for r in kept), ZERO)
         transient, best = ZERO, -1
         for s, e in pieces:
             own: dict[Root, None] = {}
             extra = ZERO
             for p in range(s, e):
-                extra += self.internal[p]
-                own.update(dict.fromkeys(r for r in self.saves[p] if r not in kept))
-            extra += sum((self.bytes[r] for r in own), ZERO)
+                extra += internal[p - a]
+                own.update(dict.fromkeys(r for r in saves[p - a] if r not in kept))
+            extra += sum((sizes[r] for r in own), ZERO)
             value = ev(extra)
             if value > best:
                 transient, best = extra, value
@@ -277,12 +294,12 @@ class Activations:
     def _pieces(self, a: int, b: int, mode: str) -> list[tuple[int, int]]:
         return [(max(s, a), min(e, b)) for s, e in self.regions[mode].spans if s < b and e > a]
 
-    def _piece_inputs(self, s: int, e: int) -> list[Root]:
+    def _piece_inputs(self, s: int, e: int, inputs: Sequence[tuple[Root, ...]]) -> list[Root]:
         """Storages a checkpointed piece [s, e) keeps: its inputs made outside it."""
         made = {self.order[p].name for p in range(s, e)}
         out: dict[Root, None] = {}
-        for p in range(s, e):
-            for r in self.inputs[p]:
+        for ins in inputs:
+            for r in ins:
                 if r[0] not in made:
                     out[r] = None
         return list(out)
@@ -304,7 +321,7 @@ class Activations:
                 redo[p] = True
                 keeps[p] = ()
                 internal[p] = 0
-            keeps[s] = tuple(self._piece_inputs(s, e))
+            keeps[s] = tuple(self._piece_inputs(s, e, self.inputs[s:e]))
             reserve = max(reserve, ev(self.stage_saved(s, e, "none", ev)[0]))
         del start
         seen: set[Root] = set()
@@ -358,3 +375,43 @@ class Static:
         """Static bytes of positions [a, b): every tensor they use, once."""
         ids = {i for p in range(a, b) for i in self.uses[p]}
         return sum(self.size[i] for i in ids)
+
+
+# -- measuring the truth --------------------------------------------------------------------
+
+def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> tuple[int, Any]:
+    """Run ``fn()`` on real tensors and return (bytes of the storages autograd keeps for
+    backward, fn's result): every storage once, ``exclude`` (the parameters) left out.
+
+    Inputs of regions run under ``passes.recompute.checkpoint`` are counted too: the
+    checkpoint keeps them alive for the recomputation although no saved-tensor hook sees
+    them. This is the instrument the tests and ``benchmarks/memory_bench.py`` compare the
+    plan's ``saved_bytes`` with.
+    """
+    from passes import recompute
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict[int, int] = {}
+
+    def note(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip and st.nbytes():
+                kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    plain = recompute.checkpoint
+
+    def spy(f: Any, *args: Any) -> Any:
+        for a in args:
+            note(a)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return plain(f, *args)  # what runs inside is recomputed, not kept
+
+    recompute.checkpoint = spy
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+            out = fn()
+    finally:
+        recompute.checkpoint = plain
+    return sum(kept.values()), out

@@ -91,7 +91,7 @@ class AnnotateCosts(Pass):
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
-                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu"))):
+                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu")), gm.meta.get("pp.retype")):
                     cost = _price(node, gm, fakes, sizes)
                     if is_attention(node):
                         cost = _attention(node, sizes, cost, self.target, causal)
@@ -174,7 +174,12 @@ def _data_mask(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
     """Whether the SDPA node's mask carries data from a model input (padding), rather than
     being built from shapes alone (a causal mask the capture materialised)."""
     mask = _mask(node)
-    return mask is not None and _depends(mask, memo)
+    if mask is None:
+        return False
+    val = mask.meta.get(VAL)
+    if isinstance(val, torch.Tensor) and val.requires_grad:  # a learned bias (T5's position bias)
+        return True
+    return _depends(mask, memo)
 
 
 def _depends(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:

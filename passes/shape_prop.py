@@ -16,7 +16,6 @@ False: costs are then valid for the example sizes only.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +118,8 @@ class ShapeProp(Pass):
         with mode:
             args = [self._make_input(spec, symbols, device, cast) for spec in self.inputs]
         interp = _FakeInterpreter(gm, mode, mapping, device, cast)
-        with mode, OnDevice(device):
+        retype = (_param_dtype(gm), cast) if cast is not None and cast != _param_dtype(gm) else None
+        with mode, OnDevice(device, retype):
             interp.run(*args)
         gm.meta.update(
             {
@@ -129,6 +129,7 @@ class ShapeProp(Pass):
                 "pp.symbolic": symbolic,
                 "pp.fake_params": interp.fakes,
                 "pp.device": device,
+                "pp.retype": retype,
             }
         )
 
@@ -152,16 +153,33 @@ class ShapeProp(Pass):
 class OnDevice(TorchDispatchMode):
     """Every op that names a device (``arange(..., device=...)``, ``.to(device)``) gets the
     fakes' device instead: a graph captured from a model on meta or cuda bakes its device
-    into such calls (inside higher-order ops too), and pricing must not depend on it."""
+    into such calls (inside higher-order ops too), and pricing must not depend on it. The
+    capture's own metadata asserts (``_assert_tensor_metadata``: the device and dtype seen
+    at capture) are skipped for the same reason: pricing re-makes tensors on purpose.
 
-    def __init__(self, device: torch.device) -> None:
+    ``retype=(src, dst)``: the capture also bakes its dtype into casts (Hugging Face norms
+    cast back to the input's dtype, float32 when captured in fp32), so pricing another
+    precision turns every ``src`` dtype argument into ``dst``. An upcast the model makes on
+    purpose (a norm's statistics in fp32) is a no-op in an fp32 capture and so is priced in
+    ``dst`` too: capture the model in its training dtype for exact bytes."""
+
+    def __init__(self, device: torch.device, retype: tuple[torch.dtype, torch.dtype] | None = None) -> None:
         super().__init__()
-        self.device = device
+        self.device, self.retype = device, retype
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.ops.aten._assert_tensor_metadata.default:
+            return None
         if isinstance(kwargs.get("device"), torch.device) and kwargs["device"] != self.device:
             kwargs = {**kwargs, "device": self.device}
+        if self.retype is not None:
+            src, dst = self.retype
+
+            def swap(a: Any) -> Any:
+                return dst if a is src else a
+
+            args, kwargs = tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
@@ -262,12 +280,14 @@ def default_specs(values: Any, names: Any = None) -> tuple[InputSpec, ...]:
 def fake_params(gm: fx.GraphModule, mode: FakeTensorMode, device: torch.device | str = "cpu",
                 cast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (tied ones under each name) as a static-shaped fake tensor
-    on ``device`` (floating ones in ``cast`` when given); tied weights map to one fake."""
-    named: Iterator[tuple[str, torch.Tensor]] = _chain(
-        gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)
-    )
+    on ``device`` (floating ones in ``cast`` when given, as ``model.to(dtype)`` would make
+    them); tied weights map to one fake."""
     memo: dict[int, torch.Tensor] = {}
-    return {k: _fake_like(v, mode, torch.device(device), cast, memo) for k, v in named}
+    out = {k: _fake_like(v, mode, torch.device(device), cast, memo)
+           for k, v in gm.named_parameters(remove_duplicate=False)}
+    out.update({k: _fake_like(v, mode, torch.device(device), cast, memo)
+                for k, v in gm.named_buffers(remove_duplicate=False)})
+    return out
 
 
 def _fake_like(t: torch.Tensor, mode: FakeTensorMode, device: torch.device, cast: torch.dtype | None,
@@ -288,9 +308,8 @@ def _fake_like(t: torch.Tensor, mode: FakeTensorMode, device: torch.device, cast
     return fake
 
 
-def _chain(*its: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    for it in its:
-        yield from it
+def _param_dtype(gm: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
 
 
 def to_desc(value: Any, mapping: dict[Any, sympy.Expr], env: ShapeEnv | None = None) -> Any:
