@@ -393,3 +393,11 @@ def test_pictures_are_byte_identical_on_re_runs(plans: Path, tmp_path: Path) -> 
         for path in (a, b):
             assert cli("show", str(plans / "a.json"), "--timeline", str(path)).returncode == 0
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_run_prints_each_loss_as_the_step_ends(tmp_path: Path) -> None:
+    out = cli("run", f"{MODELS}:fails_in_step_2", "--gpus", "2", "--microbatches", "2", "--steps", "3",
+              "--leaf-module", "1")
+    one_error_line(out, "the data loader ran dry")
+    assert out.stdout.startswith("step 1: loss ")  # printed before step 2 failed, not lost with it
+    assert "step 2" not in out.stdout

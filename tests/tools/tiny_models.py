@@ -5,11 +5,13 @@ Small on purpose: every CLI test pays for a fresh process that traces the model.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 __all__ = ["mlp", "wide_mlp", "skip", "broken", "not_a_pair", "residual", "residual_200", "wrong_inputs", "branchy",
-           "leafy", "reuse"]
+           "leafy", "reuse", "fails_in_step_2"]
 
 
 class Skip(nn.Module):
@@ -147,3 +149,24 @@ class _Reuse(nn.Module):
 def reuse() -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(0)
     return _Reuse(), (torch.randn(4, 16),)
+
+
+class _FailsLater(nn.Module):
+    """Runs normally while planning; in a spawned rank, fails after ``calls`` forwards."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.lin, self.calls, self.parent = nn.Linear(16, 16), calls, os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if os.getpid() != self.parent:
+            self.calls -= 1
+            if self.calls < 0:
+                raise RuntimeError("the data loader ran dry")
+        return self.lin(x)
+
+
+def fails_in_step_2() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Two micro-batches a step: step 1 trains, step 2 raises (run with --leaf-module flaky)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), _FailsLater(2), nn.Linear(16, 4)), (torch.randn(4, 16),)
