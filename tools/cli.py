@@ -37,7 +37,7 @@ _PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 _RECOMPUTE = ("auto", "none", "full", "selective")
 
 
-def _partition_options() -> argparse.ArgumentParser:
+def _partition_options() -> _Parser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("partitioning")
     g.add_argument("--gpus", type=int, default=None, metavar="N", help="pipeline ranks (devices) (default: 4)")
