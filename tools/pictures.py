@@ -269,7 +269,7 @@ def _builtin_svg(seg: Segmentation) -> str:
            '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="20" y="22" font-size="14" font-weight="bold">{escape(seg.title)}</text>']
     for c, stage in enumerate(columns):
-        x = 20 + c * (_BOX_W + _GAP)
+        x = 20.0 + c * (_BOX_W + _GAP)
         name = "inputs" if stage < 0 else f"stage {stage}"
         out.append(f'<text x="{x + _BOX_W / 2:.0f}" y="{_TOP - 44}" text-anchor="middle" font-weight="bold">{name}</text>')
         if 0 <= stage < len(seg.stage_notes):  # why the cut is here: time and memory per stage
@@ -291,7 +291,7 @@ def _builtin_svg(seg: Segmentation) -> str:
         else:
             cross.append((src, dst))
     placed: list[tuple[float, float]] = []
-    lane = bottom + 24
+    lane: float = bottom + 24
     for src, dst in cross:  # drawn last so they sit on top of the columns' arcs
         (x1, y1), (x2, y2) = pos[src], pos[dst]
         sx, sy, ex, ey = x1 + _BOX_W, y1 + _BOX_H / 2, x2, y2 + _BOX_H / 2
