@@ -432,8 +432,12 @@ def _explain(prob: _Problem, err: InfeasibleError, last: Any) -> InfeasibleError
                 hints.append(f"{more} GPUs fit this configuration")
                 break
     text = str(err)
+    closest = getattr(err, "closest", None)
+    if last is None and closest is not None:  # the solver's split closest to fitting, checked exactly
+        cuts, choice = closest
+        last = (None, prob.exact(cuts, [prob.modes[j] for j in choice]))
     if last is not None:
-        sol, exact = last
+        _, exact = last
         worst = max(range(len(exact)), key=lambda i: prob.need(i, exact[i]) - prob.capacity)
         mode, static, kept, extra = exact[worst]
         text = (f"stage {worst} needs {_gib(prob.need(worst, exact[worst]))} (static {_gib(static)} = weights, "
@@ -441,6 +445,9 @@ def _explain(prob: _Problem, err: InfeasibleError, last: Any) -> InfeasibleError
                 f"({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
                 f"{_gib(kept)} activations" + (f" + {_gib(extra)} recomputed in backward" if extra else "")
                 + f", recompute {mode!r}) but the device holds {_gib(prob.capacity)}")
+        if prob.opts.recompute != "auto" and not any("recompute" in h for h in hints):
+            hints.append("recompute='auto' would not fit either" if prob.opts.recompute == "full"
+                         else "recompute='full' would not fit either")
     out = InfeasibleError(text + ("; " + "; ".join(hints) if hints else "; no cheaper configuration tried fits"))
     return out
 

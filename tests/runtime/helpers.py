@@ -30,6 +30,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "gpt-4": dict(n_gpus=4, pinned_cuts=["transformer.h.1", "transformer.h.2", "transformer.h.3"]),
     "gpt-2x2": dict(n_gpus=2, virtual_stages=2, schedule="interleaved-1f1b",
                     pinned_cuts=["transformer.h.1", "transformer.h.2", "transformer.h.3"]),
+    # every stage recomputes its blocks in backward (checkpointed regions): same training
+    "gpt-2-full": dict(n_gpus=2, pinned_cuts=["transformer.h.2"], recompute="full"),
+    "gpt-2-selective": dict(n_gpus=2, pinned_cuts=["transformer.h.2"], recompute="selective"),
     "unet-2": dict(n_gpus=2),
     "unet-4": dict(n_gpus=4),
     "unet-2x2": dict(n_gpus=2, virtual_stages=2, schedule="interleaved-1f1b"),
