@@ -21,7 +21,8 @@ from partitioner.memory import (
     OPTIMIZER_STATES, PRECISIONS, RECOMPUTE, Activations, Static, bytes_per_param, compute_dtype, default_precision,
 )
 from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
-from partitioner.schedule import SCHEDULE_NAMES, build_schedule
+from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, check_counts
+from partitioner.schedule import default_microbatches
 from partitioner.simulator import simulate
 from partitioner.refine import refine, score
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, solve
@@ -53,9 +54,10 @@ class Options:
     memory_limit: int | None
     precision: str = "fp32"
     recompute: str = "auto"
+    custom: Schedule | None = None  # a Schedule object given to partition(); the plan records its name
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k != "custom"}
 
 
 def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -70,17 +72,34 @@ def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None)
     return tuple(example_inputs), kwargs
 
 
-def _check_counts(n_gpus: Any, virtual_stages: Any, schedule: str, n_microbatches: Any) -> None:
+def _check_counts(n_gpus: Any, virtual_stages: Any, schedule: Any, n_microbatches: Any) -> None:
+    """Counts and the schedule, against the schedule's registry entry (``schedule.SCHEDULES``)."""
     if not isinstance(n_gpus, int) or isinstance(n_gpus, bool) or n_gpus < 1:
         raise PartitionError(f"n_gpus must be an int >= 1, got {n_gpus!r}")
     if not isinstance(virtual_stages, int) or virtual_stages < 1:
         raise PartitionError(f"virtual_stages must be an int >= 1, got {virtual_stages!r}")
-    if schedule not in SCHEDULE_NAMES:
-        raise PartitionError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULE_NAMES)}")
-    if virtual_stages > 1 and schedule != "interleaved-1f1b":
-        raise PartitionError(f"virtual_stages={virtual_stages} needs schedule='interleaved-1f1b', got {schedule!r}")
-    if n_microbatches is not None and (not isinstance(n_microbatches, int) or n_microbatches < 1):
-        raise PartitionError(f"n_microbatches must be an int >= 1, got {n_microbatches!r}")
+    if n_microbatches is not None and n_microbatches != "auto" and (
+            not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1):
+        raise PartitionError(f"n_microbatches must be an int >= 1 or 'auto', got {n_microbatches!r}")
+    if isinstance(schedule, Schedule):
+        if schedule.n_ranks != n_gpus or schedule.n_stages != n_gpus * virtual_stages:
+            raise PartitionError(f"schedule {schedule.name!r} is for {schedule.n_ranks} ranks and {schedule.n_stages} "
+                                 f"stages, partition() for n_gpus={n_gpus} x virtual_stages={virtual_stages}")
+        if isinstance(n_microbatches, int) and n_microbatches != schedule.n_microbatches:
+            raise PartitionError(f"n_microbatches={n_microbatches} but schedule {schedule.name!r} has "
+                                 f"{schedule.n_microbatches}")
+        schedule.validate()
+        return
+    if schedule == "auto":
+        return
+    if schedule not in SCHEDULES:
+        raise PartitionError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULE_NAMES)} or 'auto'")
+    allowed = SCHEDULES[schedule].stages_per_rank
+    if allowed is not None and virtual_stages not in allowed:
+        if virtual_stages > 1:
+            raise PartitionError(f"virtual_stages={virtual_stages} needs schedule='interleaved-1f1b'"
+                                 f"{' or zbv (2)' if virtual_stages == 2 else ''}, got {schedule!r}")
+        raise PartitionError(f"schedule {schedule!r} needs virtual_stages={allowed[0]}, got {virtual_stages}")
 
 
 def _batch_size(specs: Sequence[InputSpec]) -> int | None:
@@ -92,13 +111,7 @@ def _batch_size(specs: Sequence[InputSpec]) -> int | None:
 
 
 def _default_microbatches(batch: int | None, n_gpus: int, schedule: str) -> int:
-    if schedule == "naive" or batch is None:
-        return 1
-    want = 2 * n_gpus
-    divisors = [d for d in range(1, batch + 1) if batch % d == 0 and d <= want]
-    if schedule == "interleaved-1f1b":
-        divisors = [d for d in divisors if d % n_gpus == 0] or [n_gpus]
-    return max(divisors)
+    return default_microbatches(schedule, batch, n_gpus)
 
 
 def fingerprint(gm: fx.GraphModule) -> str:
@@ -149,9 +162,9 @@ def partition(
     example_inputs: Any = None,
     *,
     example_kwargs: Mapping[str, Any] | None = None,
-    schedule: str = "1f1b",
-    n_microbatches: int | None = None,
-    virtual_stages: int = 1,
+    schedule: str | Schedule = "1f1b",
+    n_microbatches: int | str | None = None,
+    virtual_stages: int | None = None,
     device: str | DeviceSpec = "h100-sxm",
     link: str | LinkSpec = "nvlink4",
     cut_at: str | None = None,
@@ -187,7 +200,14 @@ def partition(
     """
     if not isinstance(model, nn.Module):
         raise PartitionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if virtual_stages is None:  # the schedule's own (zbv: 2), else 1
+        spr = schedule.n_stages // schedule.n_ranks if isinstance(schedule, Schedule) else \
+            SCHEDULES[schedule].stages_per_rank if schedule in SCHEDULES else None
+        virtual_stages = spr if isinstance(spr, int) else (spr[0] if spr and 1 not in spr else 1)
     _check_counts(n_gpus, virtual_stages, schedule, n_microbatches)
+    custom = schedule if isinstance(schedule, Schedule) else None
+    if custom is not None:
+        schedule, n_microbatches = custom.name, custom.n_microbatches
     if optimizer not in OPTIMIZER_STATES:
         raise PartitionError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
     if precision is None:
@@ -212,7 +232,7 @@ def partition(
                   concrete_args=concrete_args, dynamic=dynamic)
     n_stages = n_gpus * virtual_stages
     opts = Options(n_gpus, n_stages, schedule, 0, cut_at, tuple(pinned_cuts), optimizer,
-                   cap.route, tuple(str(m) for m in leaf_modules), memory_limit, precision, recompute)
+                   cap.route, tuple(str(m) for m in leaf_modules), memory_limit, precision, recompute, custom)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)
@@ -330,7 +350,7 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
     static_mem = static.first_use
     acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
         if costs_known else None
-    sched = build_schedule(opts.schedule, opts.n_gpus, m, opts.n_stages)
+    sched = opts.custom or build_schedule(opts.schedule, opts.n_gpus, m, opts.n_stages)
     unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
     capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
     comm = [to_units([lnk.transfer_time(b) + lnk.transfer_time(g)])[0] if (b or g) else 0
@@ -425,7 +445,7 @@ def _explain(prob: _Problem, err: InfeasibleError, last: Any) -> InfeasibleError
         for more in sorted({S + 1, S + 2, 2 * S, 4 * S, 8 * S}):
             if more > len(prob.priced.order):
                 break
-            sched = build_schedule(prob.opts.schedule if prob.opts.schedule != "interleaved-1f1b" else "1f1b",
+            sched = build_schedule(prob.opts.schedule if prob.opts.schedule in ("gpipe", "1f1b", "zb-h1") else "1f1b",
                                    more, prob.opts.n_microbatches, more)
             inflight = list(simulate(sched, [1.0] * more, [2.0] * more).peak_inflight)
             if fits(replace(base, inflight=inflight, capacity=[prob.capacity] * more), more):
