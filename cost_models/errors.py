@@ -1,14 +1,28 @@
 """The root of the project's exception hierarchy.
 
 It lives in the lowest layer so that every package can raise it without importing
-upward; ``partitioner`` re-exports it as the public name.
+upward; ``partitioner`` re-exports the names users catch. The tree::
+
+    PartitionerError                      every error the project raises on purpose
+    ├── PartitionError (ValueError)       bad input: model, options, graph, plan file
+    │   ├── CostModelError, PolyError, ScheduleError, PlanError, ExportError
+    │   ├── CaptureError, GraphError, ShapePropError, AnnotateError   (passes/)
+    │   └── SolverInputError, InfeasibleError                         (solver)
+    └── PipelineRuntimeError (RuntimeError)   a step failed while running (partitioner.runtime)
+
+Catch ``PartitionError`` around ``partition()`` / ``load_plan()``, ``PipelineRuntimeError``
+around ``train_step`` / ``runner().step``, ``PartitionerError`` for both.
 """
 
-__all__ = ["PartitionError", "CostModelError"]
+__all__ = ["PartitionerError", "PartitionError", "CostModelError"]
 
 
-class PartitionError(ValueError):
+class PartitionerError(Exception):
     """Every error the project raises on purpose derives from this."""
+
+
+class PartitionError(PartitionerError, ValueError):
+    """Something the caller gave (a model, an option, a plan) cannot be partitioned as asked."""
 
 
 class CostModelError(PartitionError):

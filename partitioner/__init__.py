@@ -1,18 +1,67 @@
 """A compiler for pipeline parallelism: ``partition(model, n_gpus)`` → balanced stages + a plan.
 
 The public surface is small on purpose: ``partition``, ``Pipe``, ``Plan``, ``load_plan``,
-the device/link specs and the error root. Everything else is internal.
+the device/link specs and the errors users catch (``PartitionerError`` is the root;
+``PartitionError`` — a ``ValueError`` — for bad input, with ``InfeasibleError``,
+``CaptureError`` and ``PlanError`` under it; ``PipelineRuntimeError`` — a
+``RuntimeError`` — when a step fails while running). Everything else is internal.
+
+The names load on first use (PEP 562): ``import partitioner.schedule`` or
+``partitioner.plan`` does not import torch or the compiler. docs/ARCHITECTURE.md
+describes the package.
 """
 
-from cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec
-from cost_models.errors import PartitionError
-from partitioner.api import partition
-from partitioner.calibrate import calibrate_device
-from partitioner.pipe import Pipe
-from partitioner.plan import Plan, PlanError, load_plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec
+    from cost_models.errors import PartitionError, PartitionerError
+    from partitioner.api import partition
+    from partitioner.calibrate import calibrate_device
+    from partitioner.pipe import Pipe
+    from partitioner.plan import Plan, PlanError, load_plan
+    from partitioner.runtime.errors import PipelineRuntimeError
+    from partitioner.solver import InfeasibleError
+    from passes.errors import CaptureError
+
+#: public name → the module that defines it
+_WHERE = {
+    "partition": "partitioner.api",
+    "Pipe": "partitioner.pipe",
+    "Plan": "partitioner.plan",
+    "load_plan": "partitioner.plan",
+    "PlanError": "partitioner.plan",
+    "calibrate_device": "partitioner.calibrate",
+    "DeviceSpec": "cost_models.devices",
+    "LinkSpec": "cost_models.devices",
+    "DEVICES": "cost_models.devices",
+    "LINKS": "cost_models.devices",
+    "PartitionerError": "cost_models.errors",
+    "PartitionError": "cost_models.errors",
+    "InfeasibleError": "partitioner.solver",
+    "CaptureError": "passes.errors",
+    "PipelineRuntimeError": "partitioner.runtime.errors",
+}
 
 __all__ = [
-    "partition", "Pipe", "Plan", "load_plan", "PartitionError", "PlanError",
-    "DeviceSpec", "LinkSpec", "DEVICES", "LINKS", "calibrate_device",
+    "partition", "Pipe", "Plan", "load_plan", "PlanError", "calibrate_device",
+    "DeviceSpec", "LinkSpec", "DEVICES", "LINKS",
+    "PartitionerError", "PartitionError", "InfeasibleError", "CaptureError", "PipelineRuntimeError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -40,6 +40,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from cost_models.cost import ZERO, NodeCost
+from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE  # re-exported: torch-free tables
 from passes.base import TensorDesc
 from passes.meta import COST, DESC, MODULE
 
@@ -49,23 +50,6 @@ __all__ = [
 ]
 
 Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
-
-#: precision → (weight/grad bytes per element, fp32 master copy kept by the optimizer, state bytes)
-PRECISIONS: dict[str, tuple[int, bool, int]] = {
-    "fp32": (4, False, 4),
-    "bf16-mixed": (2, True, 4),  # bf16 weights and grads; fp32 master weights and optimizer state
-    "fp16-mixed": (2, True, 4),
-    "bf16": (2, False, 2),  # pure bf16: weights, grads and optimizer state all bf16
-}
-#: Optimizer state kept per parameter, in parameter-sized copies (Adam: two moments).
-OPTIMIZER_STATES = {"none": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-#: recompute= values, and the options each lets the solver use (fastest first).
-RECOMPUTE: dict[str, tuple[str, ...]] = {
-    "none": ("none",),
-    "selective": ("selective",),
-    "full": ("full",),
-    "auto": ("none", "selective", "full"),
-}
 
 
 def optimizer_copies(optimizer: str) -> int:

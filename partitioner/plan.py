@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cost_models.errors import PartitionError
 from partitioner import poly
-from passes.base import InputSpec
+
+if TYPE_CHECKING:  # torch-free at import: ``partitioner show``/``diff`` read plans without torch
+    from partitioner.pipe import Pipe
+    from passes.base import InputSpec
 
 __all__ = [
     "PLAN_VERSION", "PlanError", "ValueSpec", "Boundary", "StageCost", "StagePlan",
@@ -29,6 +30,17 @@ __all__ = [
 ]
 
 PLAN_VERSION = 2
+
+#: The names ``torch`` gives its dtypes (``getattr(torch, name)`` is a ``torch.dtype``), spelled
+#: out so that loading a plan needs no torch; tests/partitioner/test_imports.py keeps it equal.
+TORCH_DTYPES = frozenset({
+    "bfloat16", "bit", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "cdouble", "cfloat", "chalf",
+    "complex128", "complex32", "complex64", "double", "float", "float16", "float32", "float4_e2m1fn_x2", "float64",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "half", "int", "int1",
+    "int16", "int2", "int3", "int32", "int4", "int5", "int6", "int64", "int7", "int8", "long", "qint32", "qint8",
+    "quint2x4", "quint4x2", "quint8", "short", "uint1", "uint16", "uint2", "uint3", "uint32", "uint4", "uint5",
+    "uint6", "uint64", "uint7", "uint8",
+})
 
 
 class PlanError(PartitionError):
@@ -131,6 +143,8 @@ class Plan:
 
     def input_specs(self) -> tuple[InputSpec, ...]:
         """The recorded model inputs as ``InputSpec``s (enough to re-trace without data)."""
+        from passes.base import InputSpec
+
         return tuple(InputSpec(d["name"], d["kind"], tuple(d["shape"]), d["dtype"],
                                tuple((int(a), str(b)) for a, b in d["dims"]), d.get("value"))
                      for d in self.inputs)
@@ -175,8 +189,23 @@ class Plan:
             })
         return out
 
-    def with_notes(self, *notes: str) -> Plan:
-        return replace(self, notes=self.notes + tuple(notes))
+    def apply(self, model: Any, example_inputs: Any = None) -> Pipe:
+        """Rebuild this plan's stages for ``model``, without solving again.
+
+        Args:
+            model: the model the plan was made from (checked by the graph's fingerprint), on
+                any device, or on the meta device.
+            example_inputs: needed only when the plan recorded no input shapes.
+
+        Returns:
+            A ``Pipe`` with the plan's stages, cuts and ranks.
+
+        Raises:
+            PlanError: the plan does not fit ``model``.
+        """
+        from partitioner.api import apply_plan  # api imports this module: the import runs one way
+
+        return apply_plan(self, model, example_inputs)
 
 
 def _plain(value: Any) -> Any:
@@ -329,7 +358,7 @@ def _check_consistency(plan: Plan) -> None:
                             f"$.stages[{i}].rank")
     for i, spec in enumerate(plan.inputs):
         p = f"$.inputs[{i}]"
-        if spec["kind"] == "tensor" and not isinstance(getattr(torch, spec["dtype"], None), torch.dtype):
+        if spec["kind"] == "tensor" and spec["dtype"] not in TORCH_DTYPES:
             raise PlanError(f"unknown tensor dtype {spec['dtype']!r}; expected e.g. 'float32'", f"{p}.dtype")
         for j, (dim, _) in enumerate(spec["dims"]):
             if isinstance(dim, int) and dim >= len(spec["shape"]):
@@ -351,12 +380,3 @@ def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
         if tmp.exists():
             tmp.unlink()
 
-
-def _apply(self: Plan, model: Any, example_inputs: Any = None) -> Any:
-    """Rebuild this plan's stages for ``model`` (checked by fingerprint); no re-solve."""
-    from partitioner.api import apply_plan
-
-    return apply_plan(self, model, example_inputs)
-
-
-Plan.apply = _apply  # type: ignore[attr-defined]

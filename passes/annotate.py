@@ -28,12 +28,13 @@ from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cost_models.cost import ZERO, NodeCost
+from cost_models.errors import PartitionError
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, OnDevice, ShapePropError
+from passes.shape_prop import DATA_DEPENDENT, OnDevice
 
-__all__ = ["AnnotateCosts", "is_attention", "param_users", "tensor_users"]
+__all__ = ["AnnotateCosts", "AnnotateError", "is_attention", "param_users", "tensor_users"]
 
 # Metadata queries FlopCounterMode lets through without counting (flop_counter.py).
 _META_OPS = {
@@ -56,6 +57,11 @@ _META_OPS = {
 } | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
 
 
+class AnnotateError(PartitionError):
+    """Pricing the graph failed: a node's op could not be run on fake tensors, or the pass was
+    run out of order (before shape-prop) or with a bad option."""
+
+
 @dataclass(frozen=True)
 class AnnotateCosts(Pass):
     """Write a ``NodeCost`` (symbolic in B and S) into ``meta["pp.cost"]`` of every node.
@@ -74,9 +80,9 @@ class AnnotateCosts(Pass):
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         if "pp.fake_mode" not in gm.meta:
-            raise ShapePropError("annotate-costs needs shape-prop first: gm.meta has no 'pp.fake_mode'")
+            raise AnnotateError("annotate-costs needs shape-prop first: gm.meta has no 'pp.fake_mode'")
         if self.target not in ("gpu", "cpu"):
-            raise ValueError(f"AnnotateCosts.target must be 'gpu' or 'cpu', got {self.target!r}")
+            raise AnnotateError(f"AnnotateCosts.target must be 'gpu' or 'cpu', got {self.target!r}")
         mode, mapping = gm.meta["pp.fake_mode"], gm.meta["pp.symbols"]
         fakes: dict[str, torch.Tensor] = gm.meta["pp.fake_params"]
         owned = _first_use_bytes(gm)
@@ -393,7 +399,7 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
                       "its FLOPs count as 0", stacklevel=2)
         return NodeCost(ops=("<data-dependent leaf>",))
     except Exception as e:  # report the node, not the depths of autograd
-        raise ShapePropError(f"cannot price node {node.format_node()}: {type(e).__name__}: {e}") from e
+        raise AnnotateError(f"cannot price node {node.format_node()}: {type(e).__name__}: {e}") from e
     outputs: dict[int, int] = {}
     alias: list[tuple[int, int] | None] = []
     storage: list[sympy.Expr] = []

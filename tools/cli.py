@@ -11,6 +11,9 @@ import contextlib
 import sys
 from typing import Iterator, NoReturn, Sequence
 
+# Torch-free modules: --help and the plan-only commands (show, diff A B) never import torch.
+from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
+
 __all__ = ["main", "build_parser"]
 
 _SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "naive")
@@ -30,11 +33,6 @@ class _Parser(argparse.ArgumentParser):
 PARTITION_DEFAULTS = {"gpus": 4, "virtual_stages": 1, "device": "h100-sxm", "link": "nvlink4", "schedule": "1f1b",
                       "microbatches": None, "cut_at": None, "pin": [], "memory_limit": None, "optimizer": "adam",
                       "leaf_module": [], "precision": None, "recompute": "auto"}
-# The library's names (partitioner.memory: OPTIMIZER_STATES, PRECISIONS, RECOMPUTE), spelled out so
-# --help needs no torch; a test keeps them equal.
-_OPTIMIZERS = ("adam", "adamw", "momentum", "sgd", "none")
-_PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
-_RECOMPUTE = ("auto", "none", "full", "selective")
 
 
 def _partition_options() -> _Parser:
@@ -57,12 +55,12 @@ def _partition_options() -> _Parser:
                    help="force a cut before this node or module path; repeatable (default: none)")
     g.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory per device, e.g. 40GiB or 80GB (default: the device profile's)")
-    g.add_argument("--optimizer", default=None, choices=_OPTIMIZERS,
+    g.add_argument("--optimizer", default=None, choices=tuple(OPTIMIZER_STATES),
                    help="optimizer whose state is priced into each stage's memory (default: adam)")
-    g.add_argument("--precision", default=None, choices=_PRECISIONS,
+    g.add_argument("--precision", default=None, choices=tuple(PRECISIONS),
                    help="training precision priced into memory: bytes per weight, gradient, master copy and "
                         "optimizer state (default: from the parameters' dtype: bf16/fp16 train mixed, else fp32)")
-    g.add_argument("--recompute", default=None, choices=_RECOMPUTE,
+    g.add_argument("--recompute", default=None, choices=tuple(RECOMPUTE),
                    help="activation recompute the solver may use per stage; auto: only where a stage would "
                         "not fit otherwise (default: auto)")
     g.add_argument("--leaf-module", action="append", default=None, metavar="PATH",
@@ -214,12 +212,13 @@ def flag_names(text: str) -> str:
 
 
 def _one_line(e: BaseException) -> str:
+    from cost_models.errors import PartitionerError
     from tools.loading import ToolError
 
     text = " ".join(str(e).split()) or type(e).__name__
-    # Our own and the partitioner's errors (ValueError subclasses) are written for users;
-    # anything else is named, so a bug report says what broke.
-    if isinstance(e, (ToolError, OSError, ValueError)):
+    # Our own and the partitioner's errors (PartitionerError: input errors are ValueErrors, a failed
+    # step a RuntimeError) are written for users; anything else is named, so a bug report says what broke.
+    if isinstance(e, (ToolError, OSError, ValueError, PartitionerError)):
         return text
     return f"{type(e).__name__}: {text}"
 

@@ -1,13 +1,14 @@
-"""The runtime's errors: one class, rooted at ``PartitionError`` like every other."""
+"""The runtime's errors: one class, a ``RuntimeError`` under the project's root
+``PartitionerError`` (input errors are ``PartitionError``, a ``ValueError``)."""
 
 from __future__ import annotations
 
-from cost_models.errors import PartitionError
+from cost_models.errors import PartitionerError
 
 __all__ = ["PipelineRuntimeError"]
 
 
-class PipelineRuntimeError(PartitionError):
+class PipelineRuntimeError(PartitionerError, RuntimeError):
     """A pipeline step failed: a stage raised, a value crossed a cut with the wrong
     shape or dtype, or a rank died. ``rank`` and ``action`` say where, when known."""
 

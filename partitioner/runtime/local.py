@@ -7,9 +7,10 @@ gradients land in the model's own ``.grad`` and an ordinary optimizer over
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
+from torch import fx
 
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
@@ -18,10 +19,14 @@ from partitioner.runtime.routing import routes
 from partitioner.runtime.transport import LocalTransport
 from partitioner.schedule import Schedule, build_schedule
 
+if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the types point back without an import cycle
+    from partitioner.pipe import Pipe
+    from partitioner.plan import Plan
+
 __all__ = ["train_step", "resolve_schedule", "seq_len"]
 
 
-def resolve_schedule(pipe: Any, schedule: str | Schedule, n_microbatches: int | None) -> Schedule:
+def resolve_schedule(pipe: Pipe, schedule: str | Schedule, n_microbatches: int | None) -> Schedule:
     """A Schedule for the pipe's stages: a name is built for the plan's ranks and stages."""
     plan = pipe.plan
     n_ranks = plan.options.get("n_gpus") or max(st.rank for st in plan.stages) + 1
@@ -31,7 +36,7 @@ def resolve_schedule(pipe: Any, schedule: str | Schedule, n_microbatches: int | 
     return build_schedule(schedule, n_ranks, m, plan.n_stages)
 
 
-def seq_len(plan: Any, flat_inputs: list[Any] | None = None) -> int:
+def seq_len(plan: Plan, flat_inputs: list[Any] | None = None) -> int:
     """S for shapes: read from the inputs where the plan marks a sequence dim, else the plan's."""
     for spec, value in zip(plan.inputs, flat_inputs or ()):
         for d, sym in spec.get("dims", ()):
@@ -40,7 +45,7 @@ def seq_len(plan: Any, flat_inputs: list[Any] | None = None) -> int:
     return int(plan.symbols.get("S", 1))
 
 
-def train_step(pipe: Any, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
+def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                schedule: str | Schedule = "gpipe", n_microbatches: int | None = None,
                trace: str | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward and backward over every micro-batch; grads accumulate into the model's
@@ -56,7 +61,7 @@ def train_step(pipe: Any, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any
     seq = seq_len(pipe.plan, flat)
     transport = LocalTransport()
     modules = {s: pipe.stages[s] for s in range(len(pipe.stages))}
-    table = routes(pipe.plan, pipe.stages)
+    table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     ranks = [
         Interpreter(r, {s: mod for s, mod in modules.items() if sched.rank_of(s) == r}, pipe.plan, sched,
                     transport, loss_fn, pipe.unflatten_outputs, routes=table)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import copy
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from partitioner.runtime.dist import DistTransport, backend_for
@@ -30,6 +30,9 @@ from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.routing import routes
 from partitioner.schedule import Schedule
+
+if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the type points back without an import cycle
+    from partitioner.pipe import Pipe
 
 __all__ = ["build_stage", "RankStage", "Runner", "IncompatibleKeys"]
 
@@ -42,7 +45,7 @@ class IncompatibleKeys(NamedTuple):
 class RankStage:
     """The stages ``rank`` runs (stage s lives on rank s % n_ranks)."""
 
-    def __init__(self, pipe: Any, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
+    def __init__(self, pipe: Pipe, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
                  init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0) -> None:
         plan = pipe.plan
         self.pipe, self.plan, self.rank, self.device, self.group = pipe, plan, rank, device, group
@@ -283,7 +286,7 @@ class Runner:
         self.transport = DistTransport(plan.n_stages, m, width, stage.group)
         self.interpreter = Interpreter(stage.rank, stage.modules, plan, schedule, self.transport, loss_fn,
                                        stage.pipe.unflatten_outputs, stage.device,
-                                       routes=routes(plan, stage.pipe.stages))
+                                       routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))))
         self.events: list[TraceEvent] = []
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -329,7 +332,7 @@ class Runner:
             write_trace(path, [TraceEvent(*e) for evs in gathered for e in evs], self.schedule)
 
 
-def build_stage(pipe: Any, rank: int, device: torch.device | str | None = None, *,
+def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None, *,
                 init_process_group: bool | str = "auto", group: dist.ProcessGroup | None = None,
                 timeout_s: float = 300.0, init_fn: Callable[[nn.Module], Any] | None = None,
                 seed: int = 0) -> RankStage:

@@ -229,9 +229,6 @@ def test_timeline_of_a_huge_microbatch_count_is_refused_quickly(plans: Path, tmp
 
 # -- 11: plan-only commands stay light ------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="partitioner/__init__.py imports partitioner.api (torch); partitioner/plan.py "
-                   "imports torch and passes.base (torch); partitioner/poly.py imports cost_models.cost, whose "
-                   "package __init__ imports cost_models.devices (torch). Remove this mark once those are lazy.")
 def test_show_and_diff_do_not_import_torch(plans: Path) -> None:
     code = ("import sys; from tools.cli import main; rc = main(['show', sys.argv[1]]); "
             "rc2 = main(['diff', sys.argv[1], sys.argv[2]]); "
@@ -266,10 +263,12 @@ def test_leaf_module_and_optimizer_flags(tmp_path: Path) -> None:
 
 def test_choices_match_the_library() -> None:
     from partitioner.memory import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
-    from tools.cli import _OPTIMIZERS, _PRECISIONS, _RECOMPUTE
+    from tools.cli import build_parser
 
-    assert set(_OPTIMIZERS) == set(OPTIMIZER_STATES)
-    assert set(_PRECISIONS) == set(PRECISIONS) and set(_RECOMPUTE) == set(RECOMPUTE)
+    plan = next(a for a in build_parser()._actions if a.dest == "command").choices["plan"]  # type: ignore[attr-defined]
+    choices = {a.dest: set(a.choices) for a in plan._actions if a.choices}
+    assert choices["optimizer"] == set(OPTIMIZER_STATES) and choices["precision"] == set(PRECISIONS)
+    assert choices["recompute"] == set(RECOMPUTE)
 
 
 def test_precision_and_recompute_reach_the_plan(tmp_path: Path) -> None:
