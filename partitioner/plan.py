@@ -351,10 +351,14 @@ def _check_consistency(plan: Plan) -> None:
     n_gpus = plan.options.get("n_gpus")
     if isinstance(n_gpus, int) and n % n_gpus:
         raise PlanError(f"{n} stages do not spread evenly over n_gpus={n_gpus}", "$.options.n_gpus")
+    from partitioner.schedule import SCHEDULES, rank_of  # pure Python, no cycle
+
+    spec = SCHEDULES.get(plan.prediction.schedule)
+    placement = spec.placement if spec is not None and n == 2 * (n_gpus or 0) else "loop"
     for i, st in enumerate(plan.stages):
-        # every schedule places stage s on rank s % n_gpus (partitioner.schedule)
-        if isinstance(n_gpus, int) and st.rank != i % n_gpus:
-            raise PlanError(f"stage {i} must run on rank {i % n_gpus} of {n_gpus}, not {st.rank}",
+        # stage s runs on rank s % n_gpus, or in a V for zbv (partitioner.schedule.rank_of)
+        if isinstance(n_gpus, int) and st.rank != rank_of(i, n_gpus, placement):
+            raise PlanError(f"stage {i} must run on rank {rank_of(i, n_gpus, placement)} of {n_gpus}, not {st.rank}",
                             f"$.stages[{i}].rank")
     for i, spec in enumerate(plan.inputs):
         p = f"$.inputs[{i}]"
