@@ -21,11 +21,11 @@ from typing import NamedTuple
 
 from cost_models.errors import PartitionError
 
-__all__ = ["SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "build_schedule", "replay"]
+__all__ = ["SCHEDULES", "SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "ScheduleSpec", "build_schedule",
+           "check_counts", "default_microbatches", "replay"]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")  # B = full backward; I + W = the same, split
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "naive")
 _ACTION_RE = re.compile(r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)")
 _ACTION_FORM = "<stage><kind><microbatch>, e.g. '2F0' or '1SEND_F3', kind one of " + ", ".join(
     COMPUTE_KINDS + COMM_KINDS
@@ -34,6 +34,16 @@ _ACTION_FORM = "<stage><kind><microbatch>, e.g. '2F0' or '1SEND_F3', kind one of
 
 class ScheduleError(PartitionError):
     """A schedule's text, counts or action lists break a rule."""
+
+
+PLACEMENTS = ("loop", "v")
+
+
+def rank_of(stage: int, n_ranks: int, placement: str = "loop") -> int:
+    """The rank that runs ``stage`` under ``placement`` (see ``Schedule.placement``)."""
+    if placement == "v":
+        return stage if stage < n_ranks else 2 * n_ranks - 1 - stage
+    return stage % n_ranks
 
 
 class Action(NamedTuple):
@@ -65,6 +75,9 @@ class Schedule:
     n_stages: int  # a multiple of n_ranks; stage s runs on rank s % n_ranks
     n_microbatches: int
     actions: tuple[tuple[Action, ...], ...]  # per rank, in execution order, comms included
+    #: "loop": stage s on rank s % n_ranks; "v" (two stages per rank): stage s on rank s
+    #: for s < n_ranks, else on rank 2 * n_ranks - 1 - s (rank 0 holds the first and last stage)
+    placement: str = "loop"
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -75,6 +88,10 @@ class Schedule:
             )
         if self.n_stages % self.n_ranks:
             raise ScheduleError(f"n_stages must be a multiple of n_ranks ({self.n_stages} % {self.n_ranks} != 0)")
+        if self.placement not in PLACEMENTS:
+            raise ScheduleError(f"placement {self.placement!r} must be one of {', '.join(PLACEMENTS)}")
+        if self.placement == "v" and self.n_stages != 2 * self.n_ranks:
+            raise ScheduleError(f"placement 'v' needs n_stages == 2 * n_ranks ({self.n_stages} != {2 * self.n_ranks})")
         if len(self.actions) != self.n_ranks:
             raise ScheduleError(f"need one action list per rank ({len(self.actions)} != {self.n_ranks})")
         # Lists and plain tuples are accepted so hand-written schedules stay short to write.
@@ -82,10 +99,12 @@ class Schedule:
         object.__setattr__(self, "actions", acts)
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.n_ranks
+        return rank_of(stage, self.n_ranks, self.placement)
 
     def to_text(self) -> str:
         head = f"schedule {self.name} ranks={self.n_ranks} stages={self.n_stages} microbatches={self.n_microbatches}"
+        if self.placement != "loop":
+            head += f" placement={self.placement}"
         rows = [" ".join([f"rank {r}:", *map(str, acts)]) for r, acts in enumerate(self.actions)]
         return "\n".join([head, *rows]) + "\n"
 
@@ -93,7 +112,8 @@ class Schedule:
     def from_text(cls, text: str) -> Schedule:
         # '#' comments and blank lines let golden files and bug reports carry notes.
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-        head = re.fullmatch(r"schedule (\S+) ranks=(\d+) stages=(\d+) microbatches=(\d+)", lines[0]) if lines else None
+        head = re.fullmatch(r"schedule (\S+) ranks=(\d+) stages=(\d+) microbatches=(\d+)(?: placement=(\w+))?",
+                            lines[0]) if lines else None
         if head is None:
             raise ScheduleError("schedule text must start with 'schedule <name> ranks=<p> stages=<s> microbatches=<m>'")
         actions = []
@@ -102,7 +122,7 @@ class Schedule:
             if label != f"rank {r}":
                 raise ScheduleError(f"expected line 'rank {r}: <actions>', got {line!r}")
             actions.append(tuple(Action.parse(t) for t in rest.split()))
-        return cls(head[1], int(head[2]), int(head[3]), int(head[4]), tuple(actions))
+        return cls(head[1], int(head[2]), int(head[3]), int(head[4]), tuple(actions), head[5] or "loop")
 
     def grid(self, mark: tuple[int, int] | None = None, *, comms: bool = False) -> str:
         """Steps x ranks, like torch.distributed.pipelining's ``_format_pipeline_order``.
@@ -335,7 +355,76 @@ def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
     return out
 
 
-def _with_comms(p: int, n_stages: int, compute: list[list[Action]]) -> tuple[tuple[Action, ...], ...]:
+def _zero_bubble(p: int, m: int, v: int, placement: str) -> list[list[Action]]:
+    """Zero-bubble orders (Qi et al. 2023): backward split into I (input gradient, on the
+    critical path) and W (weight gradient, deferred into what would be bubbles).
+
+    Built by list scheduling in unit time (F = I = W = 1, free links), as the paper's
+    handcrafted ZB-H1 / ZB-V are: a free rank runs the ready I of the oldest micro-batch
+    (nearest the loss first), else a ready F, else its oldest pending W. New micro-batches
+    enter a rank's first local stage only while fewer than ``limit`` of its forwards await
+    their W, which bounds activation memory as 1F1B does: ``p - r`` micro-batches on rank
+    r for zb-h1 (1F1B's figure), ``2p`` half-size chunks per rank for zbv (one rank's
+    1F1B peak, p full chunks). p=2, m=4, v=1 (zb-h1):
+
+    rank 0: 0F0 0F1 .   0I0 0F2 0I1 0F3 0I2 0W0 0I3 0W1 0W2 0W3
+    rank 1: .   1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1F3 1I3 1W2 1W3
+    """
+    n = p * v
+    where = [rank_of(s, p, placement) for s in range(n)]
+    local = [[s for s in range(n) if where[s] == r] for r in range(p)]
+    limit = [2 * p if placement == "v" else p] * p
+    done: dict[tuple[int, str, int], int] = {}  # (stage, kind, mb) -> finishing time
+    nxt = {(s, k): 0 for s in range(n) for k in "FIW"}
+    out: list[list[Action]] = [[] for _ in range(p)]
+    waiting = [0] * p  # forwards on the rank whose W has not run
+    busy_until = [0] * p
+    t, total = 0, 3 * n * m
+    while sum(len(o) for o in out) < total:
+        for r in range(p):
+            if busy_until[r] > t:
+                continue
+
+            def ready(s: int, k: str) -> bool:
+                mb = nxt[(s, k)]
+                if mb >= m:
+                    return False
+                if k == "F":
+                    return s == 0 or done.get((s - 1, "F", mb), t + 1) <= t
+                if k == "I":
+                    return done.get((s, "F", mb), t + 1) <= t and (
+                        s == n - 1 or done.get((s + 1, "I", mb), t + 1) <= t)
+                return done.get((s, "I", mb), t + 1) <= t
+
+            pick = None
+            ready_i = [s for s in local[r] if ready(s, "I")]
+            if ready_i:
+                pick = (min(ready_i, key=lambda s: (nxt[(s, "I")], -s)), "I")
+            else:
+                ready_f = [s for s in local[r] if ready(s, "F") and (s != local[r][0] or waiting[r] < limit[r])]
+                if ready_f:
+                    pick = (max(ready_f), "F")
+                else:
+                    ready_w = [s for s in local[r] if ready(s, "W")]
+                    if ready_w:
+                        pick = (min(ready_w, key=lambda s: (nxt[(s, "W")], -s)), "W")
+            if pick is None:
+                continue
+            s, k = pick
+            mb = nxt[(s, k)]
+            nxt[(s, k)] += 1
+            done[(s, k, mb)] = t + 1
+            busy_until[r] = t + 1
+            waiting[r] += {"F": 1, "I": 0, "W": -1}[k]
+            out[r].append(Action(s, k, mb))
+        t += 1
+        if t > 10 * total + 10:  # cannot happen for these builders; never loop forever
+            raise ScheduleError(f"zero-bubble builder made no progress (p={p}, m={m}, v={v})")
+    return out
+
+
+def _with_comms(p: int, n_stages: int, compute: list[list[Action]],
+                placement: str = "loop") -> tuple[tuple[Action, ...], ...]:
     """Post each SEND right after the compute that made the value and each RECV right
     before the compute that needs it, as a runtime with async sends would."""
     out = []
@@ -343,8 +432,8 @@ def _with_comms(p: int, n_stages: int, compute: list[list[Action]]) -> tuple[tup
         full: list[Action] = []
         for a in acts:
             st, mb = a.stage, a.microbatch
-            prev_remote = st > 0 and (st - 1) % p != r
-            next_remote = st < n_stages - 1 and (st + 1) % p != r
+            prev_remote = st > 0 and rank_of(st - 1, p, placement) != r
+            next_remote = st < n_stages - 1 and rank_of(st + 1, p, placement) != r
             fwd = a.kind == "F"
             bwd = a.kind in ("B", "I")
             if (fwd and prev_remote) or (bwd and next_remote):
@@ -356,19 +445,60 @@ def _with_comms(p: int, n_stages: int, compute: list[list[Action]]) -> tuple[tup
     return tuple(out)
 
 
-def build_schedule(name: str, n_ranks: int, n_microbatches: int, n_stages: int | None = None) -> Schedule:
-    """Build a named schedule with its SEND/RECV actions.
+# --- the registry: one entry per schedule -----------------------------------------
 
-    ``n_stages`` defaults to ``n_ranks`` (``2 * n_ranks`` for "interleaved-1f1b").
-    "naive" is plain model parallelism for comparison: the batch is not split, so
-    ``n_microbatches`` is forced to 1.
-    """
-    if name not in SCHEDULE_NAMES:
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Everything the library knows about a named schedule: the API, the CLI's help and
+    choices, the plan schema (tests/partitioner/test_schedule.py checks it) and the
+    PyTorch interop read it from here. Adding a schedule = one entry + its tests."""
+
+    name: str
+    build: Callable[[int, int, int], list[list[Action]]]  # (n_ranks, n_microbatches, v) -> compute per rank
+    help: str  # one line for --help
+    stages_per_rank: tuple[int, ...] | None = None  # allowed v = n_stages // n_ranks; None: any
+    default_stages_per_rank: int = 1
+    placement: str = "loop"
+    microbatches_multiple_of_ranks: bool = False
+    whole_batch: bool = False  # the batch runs unsplit (n_microbatches forced to 1)
+    split_backward: bool = False  # uses I/W actions
+    pytorch: str | None = None  # torch.distributed.pipelining class that runs it
+
+
+SCHEDULES: dict[str, ScheduleSpec] = {
+    "gpipe": ScheduleSpec("gpipe", _gpipe, "all forwards, then all backwards (GPipe)", pytorch="ScheduleGPipe"),
+    "1f1b": ScheduleSpec("1f1b", lambda p, m, v: _one_f_one_b(p, m),
+                         "one forward, one backward (PipeDream-Flush); memory bounded by the stage count",
+                         stages_per_rank=(1,), pytorch="Schedule1F1B"),
+    "interleaved-1f1b": ScheduleSpec("interleaved-1f1b", _interleaved,
+                                     "1F1B over V stages per rank (Megatron); needs micro-batches a multiple of ranks",
+                                     default_stages_per_rank=2, microbatches_multiple_of_ranks=True,
+                                     pytorch="ScheduleInterleaved1F1B"),
+    "zb-h1": ScheduleSpec("zb-h1", lambda p, m, v: _zero_bubble(p, m, v, "loop"),
+                          "zero bubble ZB-H1: backward split into input and weight gradients, weights deferred "
+                          "into the bubbles; 1F1B's memory", stages_per_rank=(1,), split_backward=True,
+                          pytorch="ScheduleInterleavedZeroBubble"),
+    "zbv": ScheduleSpec("zbv", lambda p, m, v: _zero_bubble(p, m, v, "v"),
+                        "zero bubble ZB-V: two stages per rank in a V (rank 0 holds the first and last), split "
+                        "backward", stages_per_rank=(2,), default_stages_per_rank=2, placement="v",
+                        split_backward=True, pytorch="ScheduleZBVZeroBubble"),
+    "naive": ScheduleSpec("naive", _gpipe, "no pipelining: the whole batch through one stage at a time",
+                          whole_batch=True),
+}
+SCHEDULE_NAMES = tuple(SCHEDULES)
+
+
+def _spec_of(name: str) -> ScheduleSpec:
+    spec = SCHEDULES.get(name) if isinstance(name, str) else None
+    if spec is None:
         raise ScheduleError(f"unknown schedule {name!r}: expected one of {', '.join(SCHEDULE_NAMES)}")
-    if name == "naive":
-        n_microbatches = 1
-    if n_stages is None:
-        n_stages = 2 * n_ranks if name == "interleaved-1f1b" else n_ranks
+    return spec
+
+
+def check_counts(name: str, n_ranks: int, n_microbatches: int, n_stages: int) -> None:
+    """Raise ScheduleError unless schedule ``name`` can run these counts."""
+    spec = _spec_of(name)
     for what, n in (("n_ranks", n_ranks), ("n_microbatches", n_microbatches), ("n_stages", n_stages)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ScheduleError(f"{what} must be an int >= 1, got {n!r}")
@@ -377,19 +507,44 @@ def build_schedule(name: str, n_ranks: int, n_microbatches: int, n_stages: int |
             f"n_stages must be a multiple of n_ranks ({n_stages} % {n_ranks} != 0): stage s runs on rank s % n_ranks"
         )
     p, m, v = n_ranks, n_microbatches, n_stages // n_ranks
-    if name == "1f1b" and v != 1:
+    if spec.stages_per_rank is not None and v not in spec.stages_per_rank:
+        k = spec.stages_per_rank[0]
+        hint = {"1f1b": "; use 'interleaved-1f1b' for {v} stages per rank",
+                "zb-h1": "; use 'zbv' for 2 stages per rank"}.get(name, "")
+        raise ScheduleError(f"{name} needs n_stages == {'' if k == 1 else f'{k} * '}n_ranks "
+                            f"({n_stages} != {k * p})" + hint.format(v=v))
+    if spec.microbatches_multiple_of_ranks and m % p and not spec.whole_batch:
         raise ScheduleError(
-            f"1f1b needs n_stages == n_ranks ({n_stages} != {n_ranks}); use 'interleaved-1f1b' for {v} stages per rank"
-        )
-    if name == "interleaved-1f1b" and m % p:
-        raise ScheduleError(
-            f"interleaved-1f1b needs n_microbatches to be a multiple of n_ranks "
+            f"{name} needs n_microbatches to be a multiple of n_ranks "
             f"({m} % {p} != 0): try n_microbatches={(m // p + 1) * p}"
         )
-    if name == "1f1b":
-        compute = _one_f_one_b(p, m)
-    elif name == "interleaved-1f1b":
-        compute = _interleaved(p, m, v)
-    else:
-        compute = _gpipe(p, m, v)
-    return Schedule(name, p, n_stages, m, _with_comms(p, n_stages, compute))
+
+
+def default_microbatches(name: str, batch: int | None, n_ranks: int) -> int:
+    """The default micro-batch count: the largest divisor of ``batch`` up to 2 per rank
+    (a multiple of the ranks where the schedule needs one); 1 without a batch."""
+    spec = _spec_of(name)
+    if spec.whole_batch or batch is None:
+        return 1
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0 and d <= 2 * n_ranks]
+    if spec.microbatches_multiple_of_ranks:
+        divisors = [d for d in divisors if d % n_ranks == 0] or [n_ranks]
+    return max(divisors)
+
+
+def build_schedule(name: str, n_ranks: int, n_microbatches: int, n_stages: int | None = None) -> Schedule:
+    """Build a named schedule (``SCHEDULES``) with its SEND/RECV actions.
+
+    ``n_stages`` defaults to the entry's stages per rank times ``n_ranks`` (2 for
+    "interleaved-1f1b" and "zbv"). "naive" is plain model parallelism for comparison:
+    the batch is not split, so ``n_microbatches`` is forced to 1.
+    """
+    spec = _spec_of(name)
+    if spec.whole_batch:
+        n_microbatches = 1
+    if n_stages is None:
+        n_stages = spec.default_stages_per_rank * n_ranks if isinstance(n_ranks, int) else n_ranks
+    check_counts(name, n_ranks, n_microbatches, n_stages)
+    p, m, v = n_ranks, n_microbatches, n_stages // n_ranks
+    return Schedule(name, p, n_stages, m, _with_comms(p, n_stages, spec.build(p, m, v), spec.placement),
+                    spec.placement)

@@ -3,7 +3,10 @@
 Actions (``partitioner.schedule``): ``F`` runs a stage forward on its inputs and keeps
 inputs and outputs for the backward; ``B`` runs ``torch.autograd.backward`` from the
 stage outputs with the gradients that came back (the loss on the last stage) and
-collects the gradients of the stage inputs; ``SEND_*``/``RECV_*`` hand tensors to the
+collects the gradients of the stage inputs; a split backward runs ``I`` (the stage
+inputs' gradients only, graph kept, sent on at once) and later ``W`` (the weights'
+gradients, from what ``I`` saved: ``runtime.splitgrad``), so until ``W`` the
+micro-batch's activations stay alive; ``SEND_*``/``RECV_*`` hand tensors to the
 ``Transport``. Receives are waited on only by the compute that needs them, so a
 transport that posts them early (``prepost``) overlaps communication with compute.
 
@@ -32,6 +35,7 @@ the ``m`` micro-batches, so for a mean-reduced loss the sum over micro-batches (
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -40,6 +44,7 @@ from torch import nn
 from partitioner.plan import Plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.routing import Links, Route, posting_order
+from partitioner.runtime.splitgrad import WeightWork, input_grads, weight_grads
 from partitioner.runtime.transport import Key, Pending, Transport
 from partitioner.runtime.values import Wire, boundary_wires, check_value, decode, encode, input_wires
 from partitioner.schedule import Action, Schedule
@@ -57,6 +62,34 @@ class TraceEvent(NamedTuple):
 
 
 Link = tuple[int, tuple[Wire, ...]]  # (the stage at the other end, the values)
+
+
+def _with_route_comms(schedule: Schedule, links: Links) -> Schedule:
+    """``schedule`` with a RECV before / SEND after each compute that exchanges a direct
+    message with another rank but has no such action (same lists otherwise)."""
+    rank_of = schedule.rank_of
+    out, changed = [], False
+    for r, acts in enumerate(schedule.actions):
+        have = set(acts)
+        new: list[Action] = []
+        for a in acts:
+            st, k, mb = a
+            if k not in ("F", "B", "I"):
+                new.append(a)
+                continue
+            d = "F" if k == "F" else "B"
+            ins = links.receives(st) if d == "F" else links.sends(st)
+            outs = links.sends(st) if d == "F" else links.receives(st)
+            recv, send = Action(st, "RECV_" + d, mb), Action(st, "SEND_" + d, mb)
+            if recv not in have and any(rank_of(p) != r for p, _ in ins):
+                new.append(recv)
+                changed = True
+            new.append(a)
+            if send not in have and any(rank_of(p) != r for p, _ in outs) and st not in (0,) * (d == "B"):
+                new.append(send)
+                changed = True
+        out.append(tuple(new))
+    return replace(schedule, actions=tuple(out)) if changed else schedule
 
 
 class Interpreter:
@@ -79,6 +112,9 @@ class Interpreter:
         self.rank, self.modules, self.plan, self.schedule = rank, dict(modules), plan, schedule
         self.transport, self.loss_fn, self.unflatten, self.device = transport, loss_fn, unflatten, device
         self.links = Links(dict(routes))
+        # Direct messages whose stage has no SEND/RECV action (its pipeline neighbour shares
+        # the rank, as in zbv's V, but a skip connection reaches another rank) get one.
+        self.schedule = schedule = _with_route_comms(schedule, self.links)
         self.actions = schedule.actions[rank]
         self.last = plan.n_stages - 1
         self.events: list[TraceEvent] = []
@@ -96,6 +132,7 @@ class Interpreter:
         self._held: dict[Key, list[torch.Tensor]] = {}  # sent, waiting for their turn (see docstring)
         self._next: dict[int, int] = {}  # peer rank -> index into its posting order
         self._saved: dict[tuple[int, int], tuple[list[Any], Any]] = {}
+        self._weights: dict[tuple[int, int], WeightWork] = {}  # I done, W to come
         self._loss: torch.Tensor | None = None
 
     def _wire_layout(self, microbatch_size: int, seq: int) -> None:
@@ -264,38 +301,54 @@ class Interpreter:
             self._give(("F", s, peer, mb), encode(f"{where} output", ws, [made[w.name] for w in ws]))
         self._saved[(s, mb)] = (args, made)
 
+    def _roots(self, s: int, mb: int, out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """What backward starts from: the loss on the last stage, else the outputs that
+        require grad with the gradients that came back (summed over their consumers)."""
+        if s == self.last:
+            return [out], [None]
+        grads: dict[str, torch.Tensor] = {}  # summed over the value's consumers
+        for peer, ws in self._recvs["B"][s]:
+            for w, g in zip(ws, self._take(("B", peer, s, mb))):
+                grads[w.name] = grads[w.name] + g if w.name in grads else g
+        roots, seeds = [], []
+        for name, g in grads.items():
+            o = out[name]
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                roots.append(o)
+                seeds.append(g)
+        return roots, seeds
+
+    def _send_input_grads(self, s: int, mb: int, args: list[Any]) -> None:
+        if s == 0:
+            return
+        given = dict(zip(self.plan.stages[s].inputs, args))
+        for peer, ws in self._sends["B"][s]:
+            gin = []
+            for w in ws:
+                v = given[w.name]
+                # No gradient reached this input (it did not feed the loss): send zeros,
+                # since the peer's buffer layout comes from the plan, not from this run.
+                g = v.grad if isinstance(v, torch.Tensor) and v.grad is not None else torch.zeros_like(v)
+                check_value(f"stage {s} micro-batch {mb} gradient", w, g)
+                gin.append(g)
+            self._give(("B", s, peer, mb), gin)
+
     def _B(self, s: int, mb: int, a: Action) -> None:
         args, out = self._saved.pop((s, mb))
-        if s == self.last:
-            torch.autograd.backward(out)
-        else:
-            grads: dict[str, torch.Tensor] = {}  # summed over the value's consumers
-            for peer, ws in self._recvs["B"][s]:
-                for w, g in zip(ws, self._take(("B", peer, s, mb))):
-                    grads[w.name] = grads[w.name] + g if w.name in grads else g
-            roots, seeds = [], []
-            for name, g in grads.items():
-                o = out[name]
-                if isinstance(o, torch.Tensor) and o.requires_grad:
-                    roots.append(o)
-                    seeds.append(g)
-            if roots:
-                torch.autograd.backward(roots, seeds)
-        if s > 0:
-            given = dict(zip(self.plan.stages[s].inputs, args))
-            for peer, ws in self._sends["B"][s]:
-                gin = []
-                for w in ws:
-                    v = given[w.name]
-                    # No gradient reached this input (it did not feed the loss): send zeros,
-                    # since the peer's buffer layout comes from the plan, not from this run.
-                    g = v.grad if isinstance(v, torch.Tensor) and v.grad is not None else torch.zeros_like(v)
-                    check_value(f"stage {s} micro-batch {mb} gradient", w, g)
-                    gin.append(g)
-                self._give(("B", s, peer, mb), gin)
+        roots, seeds = self._roots(s, mb, out)
+        if roots:
+            torch.autograd.backward(roots, seeds)
+        self._send_input_grads(s, mb, args)
 
     def _I(self, s: int, mb: int, a: Action) -> None:
-        raise PipelineRuntimeError("split backward (I/W actions) is not supported by this runtime yet; "
-                                   "use a schedule with full backwards (B)")
+        """Input gradients only (``torch.autograd.grad`` on the stage inputs, graph kept);
+        what the weights need is kept for this micro-batch's ``W`` (see ``splitgrad``)."""
+        args, out = self._saved[(s, mb)]
+        roots, seeds = self._roots(s, mb, out)
+        params = [p for p in self.modules[s].parameters() if p.requires_grad]
+        self._weights[(s, mb)] = input_grads(roots, seeds, args, params)
+        self._send_input_grads(s, mb, args)
 
-    _W = _I
+    def _W(self, s: int, mb: int, a: Action) -> None:
+        self._saved.pop((s, mb))
+        weight_grads(self._weights.pop((s, mb)))
