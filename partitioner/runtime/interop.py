@@ -1,5 +1,7 @@
 """Our stages as ``torch.distributed.pipelining.PipelineStage``s, so PyTorch's own
-schedules (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) can run a plan.
+schedules (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, and for our zero-bubble
+names ScheduleInterleavedZeroBubble ("zb-h1") and ScheduleZBVZeroBubble ("zbv"), whose V
+places stages as ours does) can run a plan: ``pytorch_schedule(name)`` gives the class.
 
 PipelineStage moves tensors only, so the wrapper carries non-tensor boundary values
 (ints, floats, bools) as the same one-element tensors our runtime sends, and leaves
@@ -20,7 +22,21 @@ from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.local import seq_len
 from partitioner.runtime.values import Wire, boundary_wires, input_wires
 
-__all__ = ["TensorOnlyStage", "pipelining_stage"]
+__all__ = ["TensorOnlyStage", "pipelining_stage", "pytorch_schedule"]
+
+
+def pytorch_schedule(name: str) -> Any:
+    """The ``torch.distributed.pipelining`` schedule class that runs our schedule ``name``
+    (the registry's ``ScheduleSpec.pytorch``); an error for names PyTorch has no class for."""
+    import torch.distributed.pipelining as pp
+
+    from partitioner.schedule import SCHEDULES
+
+    spec = SCHEDULES.get(name)
+    if spec is None or spec.pytorch is None:
+        have = [n for n, s in SCHEDULES.items() if s.pytorch]
+        raise PipelineRuntimeError(f"PyTorch pipelining has no class for schedule {name!r}; it runs {', '.join(have)}")
+    return getattr(pp, spec.pytorch)
 
 
 def _to_wire(wires: Sequence[Wire], values: Sequence[Any], *, detach: bool) -> tuple[torch.Tensor, ...]:
