@@ -316,8 +316,15 @@ def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opt
 
 
 def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
-             n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> _Problem:
-    gm, pm, notes = _annotate(model, cap, specs, opts, dev, keep_snapshots)
+             n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool,
+             annotated: dict[str, Any] | None = None) -> _Problem:
+    if annotated is not None and "gm" in annotated:  # _auto: one annotation for every candidate
+        gm, pm, notes = annotated["gm"]
+        notes = list(notes)
+    else:
+        gm, pm, notes = _annotate(model, cap, specs, opts, dev, keep_snapshots)
+        if annotated is not None:
+            annotated["gm"] = (gm, pm, list(notes))
     costs_known = bool(specs)
     batch = _batch_size(specs) if specs else None
     m = n_microbatches if n_microbatches is not None else _default_microbatches(batch, opts.n_gpus, opts.schedule)
@@ -482,9 +489,72 @@ _RETRIES = 6
 def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
              n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
     """Solve: cuts and recompute chosen by the search."""
+    if opts.schedule == "auto" or n_microbatches == "auto":
+        return _auto(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
     prob = _problem(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
     solution, exact = _search(prob)
     return _emit(model, cap, specs, prob, solution, exact, keep_snapshots)
+
+
+#: Plan notes that record the automatic choice start with this (``partitioner plan --explain``).
+AUTO_NOTE = "auto:"
+
+
+def _auto(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, n_microbatches: Any,
+          dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
+    """``schedule="auto"`` / ``n_microbatches="auto"``: solve every candidate (each registry
+    schedule, at its default stages per rank unless ``virtual_stages`` > 1 was given; each
+    divisor of the batch) and keep the predicted-fastest that fits memory. The ranking goes
+    into the plan's notes, one line per candidate, best first."""
+    batch = _batch_size(specs) if specs else None
+    v_given = opts.n_stages // opts.n_gpus
+    names = [opts.schedule] if opts.schedule != "auto" else [
+        n for n, sp in SCHEDULES.items() if not sp.whole_batch
+        and (sp.stages_per_rank is None or (v_given if v_given > 1 else sp.default_stages_per_rank) in sp.stages_per_rank)]
+    ms = [d for d in range(1, (batch or 1) + 1) if (batch or 1) % d == 0] if n_microbatches == "auto" else [n_microbatches]
+    gm_cache: dict[str, Any] = {}
+    ranked, refused = [], []
+    for name in names:
+        spec = SCHEDULES[name]
+        v = v_given if v_given > 1 or spec.stages_per_rank is None else spec.default_stages_per_rank
+        v = v if spec.stages_per_rank is None or v in spec.stages_per_rank else spec.stages_per_rank[0]
+        for m in ms:
+            label = f"{name} m={m if m is not None else 'default'}"
+            o = replace(opts, schedule=name, n_stages=opts.n_gpus * v)
+            try:
+                check_counts(name, o.n_gpus, m if isinstance(m, int) else 1, o.n_stages)
+                prob = _problem(model, cap, specs, o, m, dev, lnk, keep_snapshots, annotated=gm_cache)
+                sol, exact = _search(prob)
+            except (ScheduleError, InfeasibleError) as e:
+                refused.append(f"{label}: {'does not fit' if isinstance(e, InfeasibleError) else 'not allowed'} "
+                               f"({' '.join(str(e).split())[:160]})")
+                continue
+            ranked.append((_predicted_step(prob, sol), label, prob, sol, exact))
+    if not ranked:
+        raise InfeasibleError("no candidate schedule / micro-batch count fits: " + "; ".join(refused[:6]))
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    best_t, best_label, prob, sol, exact = ranked[0]
+    prob.notes = list(prob.notes) + [
+        f"{AUTO_NOTE} picked {best_label} of {len(ranked)} fitting candidates (predicted step {best_t * 1e3:.4g} ms)"
+    ] + [f"{AUTO_NOTE} #{i + 1} {label}: predicted step {t * 1e3:.4g} ms" for i, (t, label, *_r) in enumerate(ranked)] \
+      + [f"{AUTO_NOTE} -- {r}" for r in refused]
+    return _emit(model, cap, specs, prob, sol, exact, keep_snapshots)
+
+
+def _predicted_step(prob: _Problem, sol: Solution) -> float:
+    """The step time the plan will record (plan_builder's stage times, the same simulation)."""
+    bounds = [0, *sol.cuts, len(prob.priced.order)]
+    fwd, bwd, send, bsend = [], [], [], []
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        f, bw = sum(prob.priced.fwd_s[a:b]), sum(prob.priced.bwd_s[a:b])
+        redo = (sol.stage_times[s] - prob.comm[a] - prob.comm[b]) * TIME_UNIT - f - bw
+        fwd.append(f)
+        bwd.append(bw + max(redo, 0.0))
+    for k in bounds[1:-1]:
+        send.append(prob.lnk.transfer_time(prob.priced.cut_bytes[k]))
+        g = prob.priced.cut_grad_bytes[k]
+        bsend.append(prob.lnk.transfer_time(g) if g else 0.0)
+    return simulate(prob.sched, fwd, bwd, send, bsend).step_time
 
 
 def _reapply(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, dev: DeviceSpec,
