@@ -1,0 +1,82 @@
+"""schedule="auto" / n_microbatches="auto": the predicted-fastest candidate that fits memory,
+with the ranking in the plan's notes (what ``partitioner plan --explain`` prints)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+
+from partitioner import partition
+from partitioner.api import AUTO_NOTE
+from partitioner.examples import quickstart
+from partitioner.solver import InfeasibleError
+
+
+@functools.cache
+def _model():  # type: ignore[no-untyped-def]
+    return quickstart()
+
+
+def _ranking(plan) -> list[tuple[str, int, float]]:  # type: ignore[no-untyped-def]
+    out = []
+    for note in plan.notes:
+        hit = re.fullmatch(rf"{AUTO_NOTE} #\d+ (\S+) m=(\d+): predicted step ([\d.e+-]+) ms", note)
+        if hit:
+            out.append((hit[1], int(hit[2]), float(hit[3]) * 1e-3))
+    return out
+
+
+def test_auto_picks_the_fastest_candidate_and_records_the_ranking() -> None:
+    model, inputs = _model()
+    pipe = partition(model, n_gpus=2, example_inputs=inputs, schedule="auto", n_microbatches="auto", device="cpu")
+    ranking = _ranking(pipe.plan)
+    batch = inputs[0].shape[0]
+    names = {n for n, _, _ in ranking}
+    assert names == {"gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"}
+    assert {m for _, m, _ in ranking} == {d for d in range(1, batch + 1) if batch % d == 0}
+    assert [t for *_, t in ranking] == sorted(t for *_, t in ranking)
+    best, m, t = ranking[0]
+    p = pipe.plan.prediction
+    assert (p.schedule, p.n_microbatches) == (best, m)
+    assert p.step_time_s == pytest.approx(t, rel=1e-3)  # notes print 4 digits
+    # the same plan as asking for that schedule and m directly (no drift between the two paths)
+    direct = partition(model, n_gpus=2, example_inputs=inputs, schedule=best, n_microbatches=m, device="cpu")
+    assert direct.plan.prediction == p
+    assert [st.nodes for st in direct.plan.stages] == [st.nodes for st in pipe.plan.stages]
+    # and every other candidate predicts no faster when solved on its own
+    for name, mm, tt in ranking[1:4]:
+        other = partition(model, n_gpus=2, example_inputs=inputs, schedule=name, n_microbatches=mm, device="cpu")
+        assert other.plan.prediction.step_time_s >= p.step_time_s
+        assert other.plan.prediction.step_time_s == pytest.approx(tt, rel=1e-3)
+
+
+def test_auto_leaves_out_what_does_not_fit_memory() -> None:
+    model, inputs = _model()
+    kw = dict(n_gpus=2, example_inputs=inputs, n_microbatches=8, device="cpu", recompute="none")
+    need = {s: max(st.cost.memory_bytes for st in partition(model, schedule=s, **kw).plan.stages)
+            for s in ("gpipe", "1f1b")}
+    assert need["gpipe"] > need["1f1b"]  # gpipe keeps 8 micro-batches in flight, 1f1b at most 2
+    limit = (need["gpipe"] + need["1f1b"]) // 2
+    pipe = partition(model, schedule="auto", memory_limit=limit, **kw)
+    assert pipe.plan.prediction.schedule != "gpipe"
+    assert "gpipe" not in {n for n, _, _ in _ranking(pipe.plan)}
+    assert any(n.startswith(f"{AUTO_NOTE} -- gpipe m=8: does not fit") for n in pipe.plan.notes)
+    with pytest.raises(InfeasibleError):
+        partition(model, schedule="gpipe", memory_limit=limit, **kw)
+    with pytest.raises(InfeasibleError, match="no candidate"):
+        partition(model, schedule="auto", memory_limit=need["1f1b"] // 4, **kw)
+
+
+def test_auto_plan_records_the_choice_and_reapplies() -> None:
+    import json
+
+    from partitioner import load_plan
+
+    model, inputs = _model()
+    pipe = partition(model, n_gpus=2, example_inputs=inputs, schedule="1f1b", n_microbatches="auto", device="cpu")
+    assert pipe.plan.options["n_microbatches"] == pipe.plan.prediction.n_microbatches
+    assert pipe.plan.options["schedule"] == "1f1b"
+    again = load_plan(json.loads(pipe.plan.to_json())).apply(model)
+    assert again.plan.to_json() == pipe.plan.to_json()
