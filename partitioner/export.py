@@ -82,7 +82,8 @@ def export_onnx(pipe: Pipe, directory: str | os.PathLike[str], *args: Any, opset
         import onnx
         import onnxruntime
     except ModuleNotFoundError as e:
-        raise ExportError(f"ONNX export needs the onnx and onnxruntime packages ({e})") from None
+        raise ExportError(f"ONNX export needs the onnx, onnxruntime and onnxscript packages ({e}): "
+                          "pip install 'pipeline-partitioner[onnx]'") from None
     micro = max(2, pipe.plan.prediction.microbatch_size)
     trace_flat = pipe.flatten_inputs(args, kwargs) if (args or kwargs) else _example(pipe.plan, micro, seed=0)
     trace_batch = _batch_of(pipe.plan, trace_flat, micro)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from torch import fx
 
@@ -52,7 +52,6 @@ def _short(value: Any) -> str:
 class PassManager:
     passes: Sequence[Pass]
     keep_snapshots: bool = False
-    callback: Callable[[Pass, fx.GraphModule], None] | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
@@ -66,8 +65,6 @@ class PassManager:
             self._check(p, gm, p.provides, "provides")
             if self.keep_snapshots:
                 self.snapshots.append(Snapshot(p.name, graph_text(gm), node_summary(gm), elapsed))
-            if self.callback is not None:
-                self.callback(p, gm)
         return gm
 
     @staticmethod

@@ -23,6 +23,13 @@ __all__ = ["cmd_plan", "cmd_show", "cmd_diff", "cmd_export", "cmd_run", "partiti
 #: The timeline draws every block; past this many micro-batches it is unreadable and slow.
 MAX_TIMELINE_MICROBATCHES = 256
 
+#: Optional features → the modules they import; pyproject.toml declares each as an extra.
+EXTRAS = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "viz": ("matplotlib",)}
+
+
+def install_hint(extra: str) -> str:
+    return f"pip install 'pipeline-partitioner[{extra}]'"
+
 
 def _out() -> Any:
     from rich.console import Console
@@ -141,6 +148,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.timeline and Path(args.timeline).suffix.lower() not in (".svg", ".png", ".pdf"):
         raise ToolError(f"--timeline {args.timeline}: write .svg, .png or .pdf")
     check_outputs([("--timeline", args.timeline)], [args.plan, args.trace or ""])
+    if args.timeline:
+        from importlib.util import find_spec
+
+        if find_spec("matplotlib") is None:
+            raise ToolError(f"--timeline draws with matplotlib, which is not installed: {install_hint('viz')}")
     from tools.summary import plan_summary
     from tools.table import print_plan
 
@@ -243,14 +255,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     ok = False
     try:
         names = [Path(p).name for p in write_sources(pipe, staging)]
-        if args.onnx:
-            from partitioner.export import ExportError
-
-            try:
-                with _library_output(args):
-                    names += [Path(p).name for p in pipe.export_onnx(str(staging))]
-            except ExportError as e:
-                raise ToolError(str(e)) from e
+        if args.onnx:  # an ExportError prints as one line like any PartitionError (cli._one_line)
+            with _library_output(args):
+                names += [Path(p).name for p in pipe.export_onnx(str(staging))]
         written = []
         for name in names:  # every file made and checked: only now do they appear in DIR
             (staging / name).replace(out / name)
@@ -271,9 +278,9 @@ def _onnx_ready(plan: Any) -> None:
 
     from partitioner.export import onnx_blockers
 
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if find_spec(m) is None]
+    missing = [m for m in EXTRAS["onnx"] if find_spec(m) is None]
     if missing:
-        raise ToolError(f"--onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        raise ToolError(f"--onnx needs {', '.join(missing)}: {install_hint('onnx')}")
     blockers = onnx_blockers(plan)
     if blockers:
         raise ToolError("--onnx: ONNX stages exchange tensors only, but " + "; ".join(blockers)

@@ -400,3 +400,30 @@ def test_run_prints_each_loss_as_the_step_ends(tmp_path: Path) -> None:
     one_error_line(out, "the data loader ran dry")
     assert out.stdout.startswith("step 1: loss ")  # printed before step 2 failed, not lost with it
     assert "step 2" not in out.stdout
+
+
+# -- issue 13 item 8: optional features name the extra that installs them -------------------------------------
+
+def test_optional_features_name_their_extra(plans: Path, tmp_path: Path) -> None:
+    import tomllib
+
+    from tools.commands import EXTRAS
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, modules in EXTRAS.items():
+        declared = {re.split(r"[<>=\[; ]", req)[0] for req in extras[extra]}
+        assert declared == set(modules), (extra, declared)
+    # a fresh process where the extras' modules cannot be imported: each command says what to install
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('matplotlib', 'onnx', 'onnxruntime', "
+            "'onnxscript')]; import importlib.util as u; real = u.find_spec; "
+            "u.find_spec = lambda name, *a: None if name.split('.')[0] in ('matplotlib', 'onnx', 'onnxruntime', "
+            "'onnxscript') else real(name, *a); from tools.cli import main; sys.exit(main(sys.argv[1:]))")
+    show = subprocess.run([sys.executable, "-c", code, "show", str(plans / "a.json"), "--timeline",
+                           str(tmp_path / "t.svg")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    one_error_line(show, "pip install 'pipeline-partitioner[viz]'")
+    assert not (tmp_path / "t.svg").exists()
+    export = subprocess.run([sys.executable, "-c", code, "export", str(plans / "a.json"), "--model", f"{MODELS}:mlp",
+                             "--out", str(tmp_path / "out"), "--onnx"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    one_error_line(export, "pip install 'pipeline-partitioner[onnx]'")
+    assert not (tmp_path / "out").exists()
