@@ -477,7 +477,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
                                      pytorch="ScheduleInterleaved1F1B"),
     "zb-h1": ScheduleSpec("zb-h1", lambda p, m, v: _zero_bubble(p, m, v, "loop"),
                           "zero bubble ZB-H1: backward split into input and weight gradients, weights deferred "
-                          "into the bubbles; 1F1B's memory", stages_per_rank=(1,), split_backward=True,
+                          "into the bubbles; at most p micro-batches in flight per rank (1F1B's rank 0)", stages_per_rank=(1,), split_backward=True,
                           pytorch="ScheduleInterleavedZeroBubble"),
     "zbv": ScheduleSpec("zbv", lambda p, m, v: _zero_bubble(p, m, v, "v"),
                         "zero bubble ZB-V: two stages per rank in a V (rank 0 holds the first and last), split "

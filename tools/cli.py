@@ -13,10 +13,11 @@ from typing import Iterator, NoReturn, Sequence
 
 # Torch-free modules: --help and the plan-only commands (show, diff A B) never import torch.
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
+from partitioner.schedule import SCHEDULES
 
 __all__ = ["main", "build_parser"]
 
-_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "naive")
+_SCHEDULES = (*SCHEDULES, "auto")  # the registry (partitioner.schedule, torch-free) and the automatic choice
 _MODEL_HELP = "model factory: path/to/file.py:factory or package.module:factory, returning (model, example_inputs)"
 
 
@@ -30,9 +31,18 @@ class _Parser(argparse.ArgumentParser):
 
 #: What partition() uses when a flag is not given. The parser's own defaults are None so a
 #: command can tell a flag the user typed from one left alone (and refuse the ones it ignores).
-PARTITION_DEFAULTS = {"gpus": 4, "virtual_stages": 1, "device": "h100-sxm", "link": "nvlink4", "schedule": "1f1b",
+PARTITION_DEFAULTS = {"gpus": 4, "virtual_stages": None, "device": "h100-sxm", "link": "nvlink4", "schedule": "1f1b",
                       "microbatches": None, "cut_at": None, "pin": [], "memory_limit": None, "optimizer": "adam",
                       "leaf_module": [], "precision": None, "recompute": "auto"}
+
+
+def _microbatches(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _partition_options() -> _Parser:
@@ -40,15 +50,18 @@ def _partition_options() -> _Parser:
     g = p.add_argument_group("partitioning")
     g.add_argument("--gpus", type=int, default=None, metavar="N", help="pipeline ranks (devices) (default: 4)")
     g.add_argument("--virtual-stages", type=int, default=None, metavar="V",
-                   help="stages per rank; V > 1 needs --schedule interleaved-1f1b (default: 1)")
+                   help="stages per rank; V > 1 needs --schedule interleaved-1f1b (or zbv: V = 2) "
+                        "(default: the schedule's: 2 for zbv, else 1)")
     g.add_argument("--device", default=None,
                    help="device profile: h100-sxm, h200, a100-80gb, cpu or local (measured) (default: h100-sxm)")
     g.add_argument("--link", default=None,
                    help="link profile: nvlink4, pcie4, pcie5, ethernet-100g, loopback (default: nvlink4)")
-    g.add_argument("--schedule", default=None, choices=_SCHEDULES,
-                   help="pipeline schedule; naive runs the batch whole, one stage at a time (default: 1f1b)")
-    g.add_argument("--microbatches", type=int, default=None, metavar="M",
-                   help="micro-batches per step (default: up to 2 x GPUs, dividing the batch)")
+    g.add_argument("--schedule", default=None, choices=_SCHEDULES, metavar="NAME",
+                   help="pipeline schedule: " + "; ".join(f"{n}: {s.help}" for n, s in SCHEDULES.items())
+                   + "; auto: the predicted-fastest that fits memory (see plan --explain) (default: 1f1b)")
+    g.add_argument("--microbatches", type=_microbatches, default=None, metavar="M",
+                   help="micro-batches per step, or 'auto': the predicted-fastest divisor of the batch that fits "
+                        "(default: up to 2 x GPUs, dividing the batch)")
     g.add_argument("--cut-at", default=None, metavar="GLOB",
                    help="cut only between modules matching GLOB, e.g. 'transformer.h.*' (default: anywhere)")
     g.add_argument("--pin", action="append", default=None, metavar="CUT",
@@ -103,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None,
                    help="collapse pictures to module paths of this depth (default: auto, boxes <= 60)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    p.add_argument("--explain", action="store_true",
+                   help="also print how --schedule auto / --microbatches auto ranked the candidates "
+                        "(predicted step of each, and those that did not fit) (default: off)")
 
     s = sub.add_parser("show", parents=[common], help="print a plan's per-stage table",
                        description="Per-stage nodes, parameter bytes, FLOPs (forward+backward per micro-batch), "

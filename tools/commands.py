@@ -139,7 +139,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out = _out()
         print_plan(plan_summary(pipe.plan), out)
         out.print("wrote " + ", ".join(written))
+    if getattr(args, "explain", False):
+        _explain_choice(pipe.plan)
     return 0
+
+
+def _explain_choice(plan: Any) -> None:
+    """The automatic choice's ranking, from the plan's notes (``partitioner.api.AUTO_NOTE``)."""
+    lines = [n[len("auto:"):].strip() for n in plan.notes if n.startswith("auto:")]
+    p = plan.prediction
+    if not lines:
+        print(f"schedule {p.schedule} with {p.n_microbatches} micro-batches was given, nothing was ranked; "
+              "use --schedule auto and/or --microbatches auto")
+        return
+    print(f"automatic choice: {lines[0]}")
+    for line in lines[1:]:
+        print(("  " + line[3:]) if line.startswith("-- ") else "  " + line)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

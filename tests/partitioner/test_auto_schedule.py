@@ -80,3 +80,18 @@ def test_auto_plan_records_the_choice_and_reapplies() -> None:
     assert pipe.plan.options["schedule"] == "1f1b"
     again = load_plan(json.loads(pipe.plan.to_json())).apply(model)
     assert again.plan.to_json() == pipe.plan.to_json()
+
+
+def test_cli_explain_prints_the_ranking(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tools.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "partitioner.examples:quickstart", "--gpus", "2", "--device", "cpu", "--schedule", "auto",
+                 "--microbatches", "4", "-o", str(out), "--quiet", "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("automatic choice: picked ")
+    rows = [ln for ln in text.splitlines() if ln.startswith("  #")]
+    assert len(rows) == 5 and {r.split()[1] for r in rows} == {"gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"}
+    with pytest.raises(SystemExit):
+        main(["plan", "partitioner.examples:quickstart", "--microbatches", "x", "-o", str(out)])
+    assert "expected an integer or 'auto'" in capsys.readouterr().err

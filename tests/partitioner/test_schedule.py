@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cost_models.errors import PartitionError
-from partitioner.schedule import Action, Schedule, ScheduleError, build_schedule
+from partitioner.schedule import SCHEDULES, Action, Schedule, ScheduleError, build_schedule
 
 GOLDEN = Path(__file__).parent / "golden"
 KINDS = ("F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -70,6 +70,7 @@ def _cases() -> list[tuple[str, int, int, int]]:
     for p, m in itertools.product((1, 2, 3, 4, 5), (1, 2, 3, 4, 7, 8, 12)):
         out += [("gpipe", p, m, p), ("1f1b", p, m, p), ("naive", p, 1, p)]
         out += [("gpipe", p, m, 2 * p), ("naive", p, 1, 3 * p)]
+        out += [("zb-h1", p, m, p), ("zbv", p, m, 2 * p)]
         if m % p == 0:
             out += [("interleaved-1f1b", p, m, v * p) for v in (1, 2, 3, 4)]
     return sorted(set(out))
@@ -80,7 +81,8 @@ def test_builders_produce_valid_complete_lists(name: str, p: int, m: int, n_stag
     s = build_schedule(name, p, m, n_stages)
     s.validate()
     computes = [a for rank in s.actions for a in rank if a.is_compute]
-    want = {(st_, k, mb) for st_ in range(n_stages) for mb in range(m) for k in "FB"}
+    kinds = "FIW" if SCHEDULES[name].split_backward else "FB"
+    want = {(st_, k, mb) for st_ in range(n_stages) for mb in range(m) for k in kinds}
     assert sorted(computes) == sorted(Action(*t) for t in want)  # each exactly once
     assert all(s.rank_of(a.stage) == r for r, rank in enumerate(s.actions) for a in rank)
     assert Schedule.from_text(s.to_text()) == s
@@ -97,7 +99,7 @@ def test_naive_forces_one_microbatch_and_defaults() -> None:
     [
         (
             ("pipedream", 2, 4),
-            "unknown schedule 'pipedream': expected one of gpipe, 1f1b, interleaved-1f1b, naive",
+            "unknown schedule 'pipedream': expected one of gpipe, 1f1b, interleaved-1f1b, zb-h1, zbv, naive",
         ),
         (("interleaved-1f1b", 4, 6), r"multiple of n_ranks \(6 % 4 != 0\): try n_microbatches=8"),
         (("1f1b", 2, 4, 4), r"1f1b needs n_stages == n_ranks \(4 != 2\); use 'interleaved-1f1b'"),
@@ -117,6 +119,8 @@ GOLDEN_CASES = {
     "1f1b_p4_m8": ("1f1b", 4, 8, None),
     "interleaved_p2_v2_m4": ("interleaved-1f1b", 2, 4, 4),
     "naive_p3": ("naive", 3, 1, None),
+    "zbh1_p4_m8": ("zb-h1", 4, 8, None),
+    "zbv_p2_m4": ("zbv", 2, 4, None),
 }
 
 
@@ -202,3 +206,54 @@ def test_grid_marks_a_cell() -> None:
     marked = s.grid(mark=(1, 1))  # step 1 of rank 1 is 1F0; rank 1 compute row 0
     assert marked.splitlines()[1] == "Step 0: 0F0    [1F0]  <-- rank 1"
     assert "[1RECV_F0]" in s.grid(mark=(1, 0), comms=True)
+
+
+def test_registry_is_the_one_list_of_schedules() -> None:
+    """API, CLI and interop read the registry: nothing keeps its own list."""
+    import subprocess
+    import sys
+
+    from partitioner.api import _check_counts
+    from tools.cli import build_parser
+
+    assert tuple(SCHEDULES) == ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "naive")
+    parser = build_parser()
+    plan = next(a for a in parser._subparsers._group_actions[0].choices["plan"]._actions if "--schedule" in a.option_strings)
+    assert tuple(plan.choices) == (*SCHEDULES, "auto")
+    for name, spec in SCHEDULES.items():
+        _check_counts(2, spec.default_stages_per_rank, name, 4)  # each accepted by the API at its defaults
+        s = build_schedule(name, 2, 4)
+        assert s.n_stages == 2 * spec.default_stages_per_rank and s.placement == spec.placement
+    out = subprocess.run([sys.executable, "-c", "import sys, partitioner.schedule; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the registry is pure Python
+
+
+def test_zero_bubble_shrinks_the_bubble_at_1f1b_memory() -> None:
+    """Unit times (F = 1, B = 2 = I + W): zb-h1 beats 1f1b and keeps every rank's
+    micro-batches in flight (forward done, W not yet) at most p, 1F1B's peak; zbv beats
+    interleaved-1f1b. The paper's ZB-H1 bubble is (p-1)(F+I-W) = p-1 units per rank;
+    1F1B's is (p-1)(F+B) = 3(p-1)."""
+    from partitioner.simulator import simulate
+
+    for p, m in ((2, 4), (4, 8), (4, 16)):
+        one = simulate(build_schedule("1f1b", p, m), [1.0] * p, [2.0] * p)
+        zb = simulate(build_schedule("zb-h1", p, m), [1.0] * p, [2.0] * p)
+        assert zb.step_time < one.step_time
+        # the greedy order comes within 2 units of the paper's handcrafted ZB-H1 (bubble p-1)
+        assert zb.step_time <= 3 * m + (p - 1) + 2
+        assert max(zb.peak_inflight) == max(one.peak_inflight) == p
+        inter = simulate(build_schedule("interleaved-1f1b", p, m), [0.5] * 2 * p, [1.0] * 2 * p)
+        v = simulate(build_schedule("zbv", p, m), [0.5] * 2 * p, [1.0] * 2 * p)
+        assert v.step_time < inter.step_time
+
+
+def test_v_placement_round_trips_and_is_checked() -> None:
+    s = build_schedule("zbv", 3, 4)
+    assert [s.rank_of(i) for i in range(6)] == [0, 1, 2, 2, 1, 0]
+    assert "placement=v" in s.to_text().splitlines()[0]
+    assert Schedule.from_text(s.to_text()) == s
+    with pytest.raises(ScheduleError, match="placement 'v' needs n_stages == 2 \\* n_ranks"):
+        Schedule("x", 2, 2, 1, ((), ()), "v")
+    with pytest.raises(ScheduleError, match=r"zbv needs n_stages == 2 \* n_ranks \(2 != 4\)"):
+        build_schedule("zbv", 2, 4, 2)
