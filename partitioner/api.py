@@ -390,6 +390,17 @@ def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     """
     _check_enough_cuts(prob.priced, prob.opts.n_stages)
     sin = replace(prob.sin, pinned=prob.pins)  # type: ignore[attr-defined]
+    if len(prob.modes) > 1 and prob.modes[0] == "none":
+        # Recompute only adds compute: if the best split without it, memory ignored, fits
+        # exactly, no split with recompute can beat it (and none is needed). The common case,
+        # and one option instead of three for the search.
+        base = sin.choices()[0]
+        free = replace(sin, options=[], compute=base.compute, act_mem=base.act_mem,
+                       capacity=[_UNBOUNDED] * len(sin.capacity))
+        sol = refine(free, prob.opts.n_stages, solve(free, prob.opts.n_stages))
+        exact = prob.exact(sol.cuts, ["none"] * prob.opts.n_stages)
+        if all(prob.need(i, x) <= prob.capacity for i, x in enumerate(exact)):
+            return _rescore(prob, sol, exact, optimal=sol.optimal), exact
     caps = list(sin.capacity)
     last: tuple[Solution, list[tuple[str, int, int, int]]] | None = None
     for _ in range(_RETRIES):
@@ -484,6 +495,7 @@ def _gib(x: int) -> str:
 
 
 _RETRIES = 6
+_UNBOUNDED = 2**60  # a capacity no stage reaches (the solver clamps it to the model's total)
 
 
 def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,

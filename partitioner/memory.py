@@ -120,6 +120,15 @@ def _runs(keys: Sequence[Any]) -> list[tuple[int, int]]:
 
 # -- activations --------------------------------------------------------------------------
 
+def _sum(terms: Sequence[Any]) -> sympy.Expr:
+    """One sympy Add of many terms (adding one by one is quadratic); equal terms grouped first."""
+    counts: dict[Any, int] = {}
+    for t in terms:
+        if t != 0:
+            counts[t] = counts.get(t, 0) + 1
+    return sympy.Add(*(k * c if c > 1 else k for k, c in counts.items())) if counts else ZERO
+
+
 _VIEWS = {"reshape", "view", "_unsafe_view"}
 
 
@@ -253,26 +262,26 @@ class Activations:
         pieces = self._pieces(a, b, mode)
         inside = {p for s, e in pieces for p in range(s, e)}
         kept: dict[Root, None] = {}
-        total = ZERO
+        terms: list[sympy.Expr] = []
         for p in range(a, b):
             if p in inside:
                 continue
-            total += internal[p - a]
+            terms.append(internal[p - a])
             kept.update(dict.fromkeys(saves[p - a]))
         for s, e in pieces:
             kept.update(dict.fromkeys(self._piece_inputs(s, e, inputs[s - a:e - a])))
-        total += sum((sizes[r] for r in kept), ZERO)
+        terms += [sizes[r] for r in kept]
+        total = _sum(terms)
         transient, best = ZERO, -1
         for s, e in pieces:
             own: dict[Root, None] = {}
-            extra = ZERO
+            extra = [internal[p - a] for p in range(s, e)]
             for p in range(s, e):
-                extra += internal[p - a]
                 own.update(dict.fromkeys(r for r in saves[p - a] if r not in kept))
-            extra += sum((sizes[r] for r in own), ZERO)
-            value = ev(extra)
+            piece = _sum(extra + [sizes[r] for r in own])
+            value = ev(piece)
             if value > best:
-                transient, best = extra, value
+                transient, best = piece, value
         return total, transient
 
     def _pieces(self, a: int, b: int, mode: str) -> list[tuple[int, int]]:

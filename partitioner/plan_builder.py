@@ -109,7 +109,8 @@ def build_plan(
     unit_sim = simulate(schedule, [1.0] * n_stages, [2.0] * n_stages)
     for s, (stage, io) in enumerate(zip(split.stages, split.io)):
         a, b = bounds[s], bounds[s + 1]
-        total = sum((priced.order[i].meta.get(COST, NodeCost()) for i in range(a, b)), NodeCost())
+        costs = [priced.order[i].meta.get(COST, NodeCost()) for i in range(a, b)]
+        total = NodeCost(fwd_flops=_sum(c.fwd_flops for c in costs), bwd_flops=_sum(c.bwd_flops for c in costs))
         params = list(stage.named_parameters(remove_duplicate=False))
         buffers = list(stage.named_buffers(remove_duplicate=False))
         for name, t in params:
@@ -162,6 +163,13 @@ def build_plan(
         boundaries=tuple(boundaries), tied_parameters=tuple(tied), prediction=prediction,
         solver=report, notes=tuple(notes),
     )
+
+
+def _sum(terms: Any) -> Any:
+    """One sympy Add (adding one by one is quadratic in the number of nodes)."""
+    from partitioner.memory import _sum as grouped
+
+    return grouped(list(terms))
 
 
 def _input_dict(s: InputSpec) -> dict[str, Any]:

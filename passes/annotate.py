@@ -208,11 +208,15 @@ def param_users(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     module, everything under it). Tied weights appear under each of their names.
     """
     named = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+    under: dict[str, list[str]] = {}  # every module path prefix → the FQNs below it (and itself)
+    for k in named:
+        parts = k.split(".")
+        for i in range(1, len(parts) + 1):
+            under.setdefault(".".join(parts[:i]), []).append(k)
     users: dict[str, tuple[str, ...]] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            t = str(node.target)
-            fqns = tuple(k for k in named if k == t or k.startswith(t + "."))
+            fqns = tuple(under.get(str(node.target), ()))
             if fqns:
                 users[node.name] = fqns
     return users
@@ -447,8 +451,11 @@ def _runner(
 ) -> tuple[Callable[..., Any], list[torch.Tensor]]:
     """The callable a node runs, and the fake parameters it owns."""
     if node.op == "call_module":
-        mod, prefix = gm.get_submodule(str(node.target)), f"{node.target}."
-        state = {k[len(prefix) :]: v for k, v in fakes.items() if k.startswith(prefix)}
+        mod = gm.get_submodule(str(node.target))
+        index = gm.meta.get("pp.fakes_by_module")
+        if index is None:
+            index = gm.meta["pp.fakes_by_module"] = state_by_module(fakes)
+        state = dict(index.get(str(node.target), {}))
         unique = list({id(v): v for v in state.values()}.values())
 
         def call(*a: Any, **kw: Any) -> Any:

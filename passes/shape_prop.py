@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -128,6 +128,7 @@ class ShapeProp(Pass):
                 "pp.example": self._example(),
                 "pp.symbolic": symbolic,
                 "pp.fake_params": interp.fakes,
+                "pp.fakes_by_module": interp.by_module,
                 "pp.device": device,
                 "pp.retype": retype,
             }
@@ -193,10 +194,22 @@ class _FakeInterpreter(fx.Interpreter):
         self.symbols = tuple(mapping)
         self.device, self.cast = device, cast
         self.fakes = fake_params(gm, mode, device, cast)
+        self.by_module = state_by_module(self.fakes)
+        self.templates: dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            out = super().run_node(n)
+            key = _structural_key(n, self.module) if n.op in ("call_module", "call_function", "call_method") else None
+            hit = self.templates.get(key) if key is not None else None
+            if hit is not None:  # structurally identical to a node already run: same output shapes
+                with self.mode:
+                    out = pytree.tree_map(_remake, hit, is_leaf=lambda x: isinstance(x, _Template))
+            else:
+                out = super().run_node(n)
+                if key is not None:
+                    template = _template(out)
+                    if template is not None:
+                        self.templates[key] = template
             env = self.mode.shape_env
             if env is not None and any(env.replace(s).is_number for s in self.symbols):
                 raise RuntimeError("a guard specialized a symbolic size (B or S) to a constant")
@@ -219,8 +232,7 @@ class _FakeInterpreter(fx.Interpreter):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
-        prefix = f"{target}."
-        state = {k[len(prefix) :]: v for k, v in self.fakes.items() if k.startswith(prefix)}
+        state = self.by_module.get(str(target), {})
         try:
             return torch.func.functional_call(mod, state, tuple(args), dict(kwargs), strict=False)
         except DATA_DEPENDENT as e:
@@ -243,6 +255,75 @@ class _FakeInterpreter(fx.Interpreter):
             "random inputs and is not symbolic", stacklevel=2,
         )
         return pytree.tree_map_only(torch.Tensor, lambda t: self.mode.from_tensor(t, static_shapes=True), out)
+
+
+def state_by_module(fakes: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """module path → {name relative to it: fake} for every parameter and buffer below it
+    (one pass; looking prefixes up per node is quadratic on deep models)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in fakes.items():
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), {})[".".join(parts[i:])] = v
+    return out
+
+
+class _Template(NamedTuple):
+    shape: tuple[Any, ...]
+    stride: tuple[Any, ...]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+
+def _template(out: Any) -> Any:
+    """Output metadata to rebuild for a structurally identical node, or None when the output
+    is not plain tensors with sizes in the backed symbols (ints, unbacked sizes: run it)."""
+    leaves = pytree.tree_leaves(out)
+    if not leaves or not all(isinstance(t, torch.Tensor) and not t.is_sparse and t.layout == torch.strided
+                             for t in leaves):
+        return None
+    for t in leaves:
+        for s in (*t.shape, *t.stride()):
+            if isinstance(s, torch.SymInt) and s.node.expr.free_symbols and any(
+                    str(x).startswith("u") for x in s.node.expr.free_symbols):
+                return None  # data-dependent (unbacked) sizes differ per call
+    return pytree.tree_map(lambda t: _Template(tuple(t.shape), tuple(t.stride()), t.dtype, t.device,
+                                               t.requires_grad), out)
+
+
+def _remake(t: Any) -> Any:
+    if not isinstance(t, _Template):
+        return t
+    fake = torch.empty_strided(t.shape, t.stride, dtype=t.dtype, device=t.device)
+    return fake.requires_grad_(True) if t.requires_grad else fake
+
+
+def _structural_key(node: fx.Node, root: nn.Module) -> str | None:
+    """What a node's output shapes depend on: what it runs and on what (its inputs' shapes,
+    dtypes and grad flags, other arguments as they are, a module's type and state shapes)."""
+    if node.op == "call_method" and str(node.target).endswith("_"):
+        return None  # in-place: its result is its input
+    name = getattr(node.target, "__name__", "")
+    if node.op == "call_function" and (name.endswith("_") or not callable(node.target)):
+        return None
+
+    def show(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return ("node", a.meta.get(DESC, a.name))
+        return a
+
+    args = pytree.tree_map(show, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        if any(True for _ in mod.children()):
+            return None  # a module with submodules may do anything: run it
+        state = [(k, tuple(v.shape), v.dtype, v.requires_grad) for k, v in mod.state_dict(keep_vars=True).items()]
+        target: Any = (type(mod).__qualname__, mod.extra_repr(), mod.training, state)
+    else:
+        target = (getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", str(node.target)),
+                  id(node.target))
+    return repr((node.op, target, args))
 
 
 #: What fake tensors raise when an op needs real values (``.item()``, ``nonzero``, branches).
