@@ -162,6 +162,9 @@ def test_a_slice_bounded_by_a_traced_size_is_priced(n_stages: int) -> None:
     torch.testing.assert_close(pipe(longer), model(longer))
     cost10, cost20 = (sum(c["fwd_flops"] for c in pipe.plan.cost_at(batch=4, seq=s)) for s in (10, 20))
     assert cost20 > cost10
+    again = _quiet(load_plan(pipe.plan.to_json()).apply, model)  # slice nodes survive the plan round trip
+    assert again.plan.cuts == pipe.plan.cuts
+    torch.testing.assert_close(again(longer), model(longer))
 
 
 def test_no_graph_value_is_left_inside_a_slice() -> None:
