@@ -32,7 +32,7 @@ from cost_models.errors import PartitionError
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, OnDevice
+from passes.shape_prop import DATA_DEPENDENT, OnDevice, state_by_module
 
 __all__ = ["AnnotateCosts", "AnnotateError", "is_attention", "param_users", "tensor_users"]
 
