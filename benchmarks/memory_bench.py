@@ -1,0 +1,173 @@
+"""Memory benchmark: the plan's memory against the truth and the published formula.
+
+    .venv/bin/python benchmarks/memory_bench.py [--quick] [--skip-70b]
+
+1. Predicted vs measured activation bytes: Hugging Face GPT-2, Llama, BERT and T5 (2 layers,
+   small hidden sizes) at 3 sequence lengths, fp32 and bf16, on the CPU target. Measured:
+   ``partitioner.memory.measure_saved`` (saved-tensor hooks on the eager model, each
+   storage once, parameters left out). Predicted: ``plan.stages[0].cost.saved_bytes`` of a
+   one-stage plan.
+2. Per-layer activations of a Llama-3-70B-shaped model (bf16, 1 x 4096 tokens, H100
+   target: flash attention) against the analytic formula of Korthikanti et al. 2022
+   adapted to SwiGLU, RMSNorm and GQA (derivation in the docstring of ``formula``).
+3. The 70B table: 80 layers, 8 GPUs without optimizer; 32 and 64 GPUs with Adam in
+   bf16-mixed under recompute "none", "full" and "auto", beside the peers' rules on the
+   same costs (the uniform split, Megatron-style full recompute everywhere).
+
+Prints markdown; benchmarks/RESULTS.md keeps the last run's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from partitioner import partition, poly  # noqa: E402
+from partitioner.memory import Activations, measure_saved  # noqa: E402
+from partitioner.pricing import Evaluator  # noqa: E402
+from passes.split import compute_nodes  # noqa: E402
+
+GiB = 2**30
+
+
+def part1(seqs: list[int]) -> None:
+    from tests.hf.models import CASES
+
+    print("## Activation bytes: predicted vs measured (CPU, saved-tensor hooks, storages once)\n")
+    print("| model | dtype | seq | measured | predicted | ratio |")
+    print("|---|---|---|---|---|---|")
+    worst = 0.0
+    for name in ("gpt2", "llama", "bert", "t5"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for seq in seqs:
+                case = CASES[name]
+                torch.manual_seed(0)
+                model = case.build(2).to(dtype)
+                inputs = case.inputs(2, seq)
+                measured, _ = measure_saved(lambda: model(**inputs), exclude=list(model.parameters()))
+                pipe = partition(model, n_gpus=1, example_inputs=inputs, device="cpu", recompute="none")
+                predicted = poly.evaluate(poly.from_text(pipe.plan.stages[0].cost.saved_bytes), 2, seq)
+                ratio = predicted / measured
+                worst = max(worst, abs(ratio - 1))
+                print(f"| {name} | {str(dtype)[6:]} | {seq} | {measured:,} | {predicted:,} | {ratio:.3f} |")
+    print(f"\nWorst deviation: {100 * worst:.1f} %.\n")
+
+
+def llama70b(layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=8192, num_hidden_layers=layers, num_attention_heads=64, num_key_value_heads=8,
+                      intermediate_size=28672, vocab_size=128256, max_position_embeddings=8192, use_cache=False,
+                      attn_implementation="sdpa")
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def formula(s: int, b: int, h: int, f: int, a: int, g: int, *, hf_norm: bool) -> dict[str, int]:
+    """Bytes one Llama layer keeps for backward per micro-batch, bf16 (2 bytes), flash attention.
+
+    Korthikanti et al. 2022 (section 4.1) count, per GPT layer, 11sbh + 5as^2b (attention)
+    + 19sbh (MLP) + 4sbh (two LayerNorms) = sbh(34 + 5as/h) bytes. Adapted:
+    - flash attention keeps no s x s matrix (the 5as^2b term goes) but its log-sum-exp,
+      4sab bytes (fp32 per row and head), and q, k, v and its output;
+    - GQA: k and v have g of the a heads: 2 x 2sbh g/a;
+    - no dropout (Llama trains without): the 1-byte masks go;
+    - SwiGLU with ffn width f instead of GELU with 4h: the gate and up projections share
+      their input (2sbh), SiLU keeps its input (2sbf), the product keeps both factors
+      (4sbf), the down projection keeps the product (2sbf): 2sbh + 8sbf;
+    - attention: the projections' shared input 2sbh, q 2sbh, k and v 4sbh g/a, the
+      kernel's output 2sbh, the output projection's (contiguous) input 2sbh;
+    - RMSNorm, twice per layer. A fused kernel keeps its input (2sbh) and 1/rms (4sb).
+      Hugging Face's eager RMSNorm (``hf_norm``) computes in fp32: it keeps the fp32 copy
+      of its input (4sbh), 1/rms (4sb), and the normalised bf16 tensor the weight
+      multiplies (2sbh).
+    """
+    per = {
+        "attention (q, k, v, out, lse, projections' inputs)": 2 * s * b * h * 4 + 4 * s * b * h * g // a + 4 * s * a * b,
+        "mlp (SwiGLU)": 2 * s * b * h + 8 * s * b * f,
+    }
+    norm = (4 * s * b * h + 4 * s * b + 2 * s * b * h) if hf_norm else (2 * s * b * h + 4 * s * b)
+    per["two RMSNorms"] = 2 * norm
+    per["total"] = sum(per.values())
+    return per
+
+
+def part2() -> None:
+    print("## 70B-shaped Llama: activations per layer, H100 target (flash attention)\n")
+    model = llama70b(4)
+    ids = torch.zeros(1, 4096, dtype=torch.long)
+    pipe = partition(model, n_gpus=1, example_inputs={"input_ids": ids}, device="h100-sxm", recompute="none",
+                     optimizer="none", memory_limit=2**50)
+    order = compute_nodes(pipe.graph)
+    acts = Activations(pipe.graph, order, target="gpu")
+    ev = Evaluator(1, 4096)
+    spans = acts.regions["full"].spans
+    s, e = spans[len(spans) // 2]
+    layer = ev(acts.stage_saved(s, e, "none", ev)[0])
+    hf = formula(4096, 1, 8192, 28672, 64, 8, hf_norm=True)
+    fused = formula(4096, 1, 8192, 28672, 64, 8, hf_norm=False)
+    print("| | bytes per layer | GiB |")
+    print("|---|---|---|")
+    print(f"| planner (one middle layer of the captured HF graph) | {layer:,} | {layer / GiB:.3f} |")
+    for k, v in hf.items():
+        print(f"| formula, HF eager RMSNorm: {k} | {v:,} | {v / GiB:.3f} |")
+    print(f"| formula, fused RMSNorm: total | {fused['total']:,} | {fused['total'] / GiB:.3f} |")
+    print(f"\nPlanner / formula (HF RMSNorm): {layer / hf['total']:.3f}; "
+          f"planner / formula (fused RMSNorm): {layer / fused['total']:.3f}.\n")
+
+
+def part3() -> None:
+    print("## 70B table: Llama-3-70B shape, 80 layers, bf16, 1 x 4096 tokens per micro-batch, H100 80 GB\n")
+    model = llama70b(80)
+    rows: list[tuple[int, str, str, str, int, bool]] = [(8, "none", "bf16-mixed", "none", 1, False),
+                                                         (8, "none", "bf16-mixed", "auto", 1, False)]
+    for gpus in (32, 64):
+        for rc in ("none", "full", "auto"):
+            rows.append((gpus, "adam", "bf16-mixed", rc, 2 * gpus, False))
+        rows.append((gpus, "adam", "bf16-mixed", "full", 2 * gpus, True))  # Megatron's rule: uniform layers
+    print("| GPUs | optimizer | split | recompute | micro-batches | feasible | stages recomputing | predicted step | "
+          "peak memory/stage | planning time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for gpus, opt, prec, rc, m, uniform in rows:
+        batch = torch.zeros(m, 4096, dtype=torch.long)
+        pins = [f"model.layers.{round(k * 80 / gpus)}" for k in range(1, gpus)] if uniform else []
+        split = "uniform layers (Megatron)" if uniform else "solver"
+        t0 = time.perf_counter()
+        try:
+            pipe = partition(model, n_gpus=gpus, example_inputs={"input_ids": batch}, optimizer=opt, precision=prec,
+                             recompute=rc, n_microbatches=m, cut_at="model.layers.*", pinned_cuts=pins)
+        except Exception as e:  # noqa: BLE001 - the table reports the refusal
+            took = time.perf_counter() - t0
+            first = str(e).split(";")[0]
+            print(f"| {gpus} | {opt} | {split} | {rc} | {m} | no: {first} | | | | {took:.0f} s |")
+            continue
+        took = time.perf_counter() - t0
+        plan = pipe.plan
+        redo = sum(st.recompute != "none" for st in plan.stages)
+        peak = max(st.cost.memory_bytes for st in plan.stages)
+        print(f"| {gpus} | {opt} | {split} | {rc} | {m} | yes | {redo} of {gpus} | {plan.prediction.step_time_s:.2f} s | "
+              f"{peak / GiB:.1f} GiB | {took:.0f} s |")
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one sequence length in part 1")
+    ap.add_argument("--skip-70b", action="store_true")
+    args = ap.parse_args()
+    part1([32] if args.quick else [16, 64, 128])
+    if not args.skip_70b:
+        part2()
+        part3()
+
+
+if __name__ == "__main__":
+    main()
