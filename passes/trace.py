@@ -119,6 +119,13 @@ def _not_captured(model: nn.Module, name: str, value: Any) -> CaptureError:
     )
 
 
+def _not_passed(model: nn.Module, name: str, example: Any) -> CaptureError:
+    return CaptureError(
+        f"{type(model).__name__}: this call does not pass {name!r}, which the example inputs had "
+        f"({_show(example)}) and the captured graph takes as an input; pass {name}=..., or partition "
+        f"again without {name!r} in the example inputs")
+
+
 def _normalize_slices(graph: fx.Graph) -> None:
     """Give every slice whose bounds are graph values a node of its own.
 
@@ -257,6 +264,9 @@ def _trace_fx(
     else:
         keys = [str(n.target).lstrip("*") for n in gm.graph.nodes if n.op == "placeholder"]
     model_name = type(model).__name__
+    # inputs the example gave as tensors: leaving one out would feed its default (None) to the graph
+    tensor_inputs = [k for k, v in (example or {}).items() if k not in concrete and k in sig.parameters
+                     and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))]
 
     def flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         try:
@@ -280,6 +290,9 @@ def _trace_fx(
                     f"pass {k}={_show(baked)}, or partition again with concrete_args={{{k!r}: ...}} set to "
                     "the value you call with")
             raise _not_captured(model, k, value)
+        for k in tensor_inputs:
+            if k not in given:
+                raise _not_passed(model, k, example[k])  # type: ignore[index]
         values = {**signature_defaults, **fixed, **given}
         return [values.get(k) for k in keys]
 
@@ -366,10 +379,7 @@ def _trace_export(
                 if k in defaults and _same(want, defaults[k]):
                     given[k] = want
                     continue
-                raise CaptureError(
-                    f"{model_name}: this call does not pass {k!r}, which the example inputs had "
-                    f"({_show(want)}) and the captured graph takes as an input; pass {k}=..., or partition "
-                    f"again without {k!r} in the example inputs")
+                raise _not_passed(model, k, want)
             check(k, given[k], want)
         pos = tuple(given[n] for n in pos_names)
         rest = {k: given[k] for k in kwargs}

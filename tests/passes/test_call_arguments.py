@@ -140,6 +140,14 @@ def test_an_optional_argument_given_in_the_example_stays_an_input_on_fx() -> Non
     torch.testing.assert_close(pipe(x, b2), model(x, b2))
 
 
+def test_leaving_out_a_tensor_the_example_had_names_it_on_fx() -> None:
+    model, x, b = Biased(), torch.randn(4, 8), torch.randn(4, 8)
+    pipe = _quiet(partition, model, 2, (x, b), device="cpu")
+    assert pipe.plan.capture == "fx"
+    with pytest.raises(PartitionError, match=r"does not pass 'bias', which the example inputs had \(a float32 tensor"):
+        pipe(x)  # the graph adds bias: None would fail deep inside a stage
+
+
 def test_concrete_args_are_checked_at_call_time() -> None:
     model, x = Biased(), torch.randn(4, 8)
     pipe = _quiet(partition, model, 2, (x,), example_kwargs={"scale": 2.0}, concrete_args={"scale": 2.0},
