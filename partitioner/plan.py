@@ -168,6 +168,7 @@ class Plan:
         _validate_schema(data)
         plan = _build(cls, data, "$")
         _check_consistency(plan)
+        _check_values(plan)
         return plan
 
     # -- re-pricing --------------------------------------------------------------------
@@ -308,6 +309,39 @@ _NESTED: dict[tuple[str, str], Any] = {
     ("StagePlan", "cost"): StageCost,
     ("Boundary", "values"): ValueSpec,
 }
+
+
+def _check_values(plan: Plan) -> None:
+    """What the plan's options and profiles must mean, checked on load (the single gate):
+    a device or link that prices nothing, an unknown schedule, micro-batches that do not
+    divide the batch, a recompute choice the options do not allow."""
+    from cost_models.devices import DeviceSpec, LinkSpec
+    from cost_models.errors import CostModelError
+    from partitioner.options import RECOMPUTE
+
+    for key, cls in (("device", DeviceSpec), ("link", LinkSpec)):
+        try:
+            cls.from_dict(getattr(plan, key))
+        except CostModelError as e:
+            raise PlanError(str(e), f"$.{key}") from None
+    try:
+        from partitioner.schedule import SCHEDULES as known
+    except ImportError:  # pragma: no cover - older schedule module
+        from partitioner.schedule import SCHEDULE_NAMES as known  # type: ignore[no-redef]
+    schedule = plan.options.get("schedule")
+    if schedule not in known:
+        raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(known))}", "$.options.schedule")
+    if plan.prediction.schedule != schedule:
+        raise PlanError(f"prediction is for schedule {plan.prediction.schedule!r} but the options say "
+                        f"{schedule!r}", "$.prediction.schedule")
+    m, batch = plan.options.get("n_microbatches"), plan.symbols.get("B")
+    if isinstance(m, int) and isinstance(batch, int) and batch % m:
+        raise PlanError(f"{m} micro-batches do not divide the batch of {batch}", "$.options.n_microbatches")
+    allowed = RECOMPUTE.get(str(plan.options.get("recompute", "none")), ())
+    for i, st in enumerate(plan.stages):
+        if st.recompute not in allowed:
+            raise PlanError(f"stage {i} recomputes {st.recompute!r}, which recompute="
+                            f"{plan.options.get('recompute')!r} does not allow", f"$.stages[{i}].recompute")
 
 
 def _check_consistency(plan: Plan) -> None:
