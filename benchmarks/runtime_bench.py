@@ -5,6 +5,13 @@ same stages and schedule, and against the simulator fed this CPU's measured stag
 Run: ``.venv/bin/python benchmarks/runtime_bench.py [--batch 32] [--cut solver|middle] [--layers 8] [--steps 5]``.
 Times are the fastest of ``--steps`` steps (other jobs share the cores) after two warm-up steps, forward + backward of
 one global batch (no optimizer step), gloo over loopback.
+
+``--model llama`` is issue 11's benchmark (Llama-shaped: dim 256, 8 layers, vocab 4096, batch 16 x 64 tokens):
+``--model llama --batch 16 --seq 64 --cut middle --ms 8 --schedule 1f1b``. ``--schedule`` takes any registry name
+(zb-h1, zbv: PyTorch's ScheduleInterleavedZeroBubble / ScheduleZBVZeroBubble run the same stages). Each row
+also gives, from our runtime's trace, where each rank's step went (max over ranks): compute (F/B/I/W), waiting
+for peers (blocked receives), and overhead (the rest: Python, sends, posting receives), and ours / simulated, the
+simulation fed the stage times measured in the same run.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from partitioner import partition  # noqa: E402
 from partitioner.examples import gpt_example  # noqa: E402
+from partitioner.examples.llama import Llama, LlamaConfig  # noqa: E402
+from partitioner.runtime.interop import pytorch_schedule  # noqa: E402
+from partitioner.schedule import SCHEDULES, Action  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
-from partitioner.runtime.trace import measured_stage_times  # noqa: E402
 from partitioner.schedule import build_schedule  # noqa: E402
 from partitioner.simulator import simulate  # noqa: E402
 
@@ -37,8 +46,10 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, 1), y.flatten())
 
 
-def _median_step(step: Any, steps: int) -> float:
-    times = []
+def _median_step(step: Any, steps: int, events: Any = None) -> float:
+    """Fastest of ``steps`` timed steps; with ``events`` (a callable giving the last step's
+    trace), that step's trace is kept in ``_median_step.events``."""
+    times, traces = [], []
     for i in range(steps + 2):
         dist.barrier()
         t0 = time.perf_counter()
@@ -46,24 +57,65 @@ def _median_step(step: Any, steps: int) -> float:
         dist.barrier()  # the step ends when the slowest rank ends
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return min(times)  # the least-disturbed step: the machine is shared
+            traces.append(list(events()) if events is not None else None)
+    best = min(range(len(times)), key=times.__getitem__)
+    _median_step.events = traces[best]  # type: ignore[attr-defined]
+    return times[best]  # the least-disturbed step: the machine is shared
 
 
-def _ranks(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor, schedule: str, steps: int) -> dict[str, Any]:
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
-
+def _ranks(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor, schedule: str, steps: int,
+           ms: tuple[int, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for m in MS:
+    for m in ms:
         ours = pipe.build_stage(rank, "cpu")
         runner = ours.runner(schedule, n_microbatches=m, loss_fn=loss_fn, batch_size=len(x))
-        out[("ours", m)] = _median_step(lambda: runner.step(x if rank == 0 else None, target=y), steps)
-        out[("events", m)] = runner.events
+        out[("ours", m)] = _median_step(lambda: runner.step(x if rank == 0 else None, target=y), steps,
+                                        lambda: runner.interpreter.events)
+        out[("events", m)] = _median_step.events  # type: ignore[attr-defined]
         theirs = pipe.build_stage(rank, "cpu")
         # torch's 1F1B refuses m < n_stages; with m = 1 both schedules are the same list.
-        cls = ScheduleGPipe if schedule == "gpipe" or m < world else Schedule1F1B
-        sched = cls(theirs.as_pipelining_stage(rank, n_microbatches=m, batch=len(x)), m, loss_fn=loss_fn)
-        out[("torch", m)] = _median_step(lambda: sched.step(x) if rank == 0 else sched.step(target=y), steps)
+        name = "gpipe" if schedule == "1f1b" and m < world else schedule
+        stages = [theirs.as_pipelining_stage(s, n_microbatches=m, batch=len(x)) for s in sorted(theirs.modules)]
+        cls = pytorch_schedule(name)
+        sched = cls(stages if len(stages) > 1 or name in ("zb-h1", "interleaved-1f1b") else stages[0], m,
+                    loss_fn=loss_fn)
+        first, last = 0 in theirs.modules, pipe.plan.n_stages - 1 in theirs.modules
+
+        def torch_step() -> None:
+            if first and last:
+                sched.step(x, target=y)
+            elif first:
+                sched.step(x)
+            else:
+                sched.step(target=y)
+        out[("torch", m)] = _median_step(torch_step, steps)
     return out
+
+
+def breakdown(events: list[Any]) -> tuple[float, float, float, float]:
+    """(wall, compute, waiting, overhead) seconds of one rank's traced step."""
+    wall = (max(e.end_ns for e in events) - min(e.start_ns for e in events)) / 1e9
+    compute = sum(e.end_ns - e.start_ns for e in events
+                  if not e.name.startswith("wait") and Action.parse(e.name).is_compute) / 1e9
+    wait = sum(e.end_ns - e.start_ns for e in events if e.name.startswith("wait")) / 1e9
+    return wall, compute, wait, wall - compute - wait
+
+
+def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> float:
+    """The simulator on the stage times measured in ``events`` (mean per stage and kind)."""
+    acc: dict[tuple[int, str], list[float]] = {}
+    for e in events:
+        if not e.name.startswith("wait"):
+            a = Action.parse(e.name)
+            if a.is_compute:
+                acc.setdefault((a.stage, a.kind), []).append((e.end_ns - e.start_ns) / 1e9)
+    mean = {k: sum(v) / len(v) for k, v in acc.items()}
+    n = pipe.plan.n_stages
+    f = [mean.get((s, "F"), 0.0) for s in range(n)]
+    i = [mean.get((s, "I"), 0.0) for s in range(n)]
+    b = [mean.get((s, "B"), 0.0) + i[s] + mean.get((s, "W"), 0.0) for s in range(n)]
+    sched = build_schedule(schedule, 2, m, n)
+    return simulate(sched, f, b, igrad_time=i if SCHEDULES[schedule].split_backward else ()).step_time
 
 
 def main() -> None:
@@ -73,21 +125,34 @@ def main() -> None:
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
+    ap.add_argument("--schedule", default="1f1b", choices=[n for n, sp in SCHEDULES.items() if sp.pytorch])
+    ap.add_argument("--model", default="gpt", choices=["gpt", "llama"])
+    ap.add_argument("--vocab", type=int, default=4096, help="llama only")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="micro-batch counts, comma-separated")
     ap.add_argument("--cut", default="solver", choices=["middle", "solver"],
                     help="middle: pin the cut at the middle block; solver: our plan priced on this CPU (device='local')")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model, (x,) = gpt_example(batch=args.batch, seq=args.seq, n_layer=args.layers, n_embd=args.embd,
-                              n_head=4, block_size=args.seq)
-    y = torch.randint(0, model.cfg.vocab_size, x.shape)
+    ms = tuple(int(v) for v in args.ms.split(","))
+    if args.model == "llama":
+        model: Any = Llama(LlamaConfig(vocab_size=args.vocab, dim=args.embd, n_layers=args.layers, n_heads=4,
+                                       hidden_dim=4 * args.embd * 2 // 3, max_seq_len=args.seq))
+        x = torch.randint(0, args.vocab, (args.batch, args.seq))
+        blocks = "layers"
+    else:
+        model, (x,) = gpt_example(batch=args.batch, seq=args.seq, n_layer=args.layers, n_embd=args.embd,
+                                  n_head=4, block_size=args.seq)
+        blocks = "transformer.h"
+    y = torch.randint(0, args.vocab if args.model == "llama" else model.cfg.vocab_size, x.shape)
+    n_stages = 2 * SCHEDULES[args.schedule].default_stages_per_rank
     # The cut is pinned mid-stack: this measures the runtime, not the solver's H100 pricing.
     if args.cut == "middle":
-        pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=[f"transformer.h.{args.layers // 2}"])
+        pins = [f"{blocks}.{args.layers * k // n_stages}" for k in range(1, n_stages)]
+        pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=pins, schedule=args.schedule)
     else:
         pipe = partition(model, n_gpus=2, example_inputs=(x,), device="local", link="loopback",
-                         )
+                         schedule=args.schedule)
 
     def plain() -> float:
         times = []
@@ -100,19 +165,21 @@ def main() -> None:
         return min(times)  # the least-disturbed step: the machine is shared
 
     base = plain()
-    res = spawn(_ranks, 2, pipe, x, y, args.schedule, args.steps, timeout_s=600)
+    res = spawn(_ranks, 2, pipe, x, y, args.schedule, args.steps, ms, timeout_s=600)
     base = min(base, plain())  # again after, in case other load hit the first measurement
-    print(f"GPT n_layer={args.layers} n_embd={args.embd} seq={args.seq} batch={args.batch}, "
-          f"schedule {args.schedule}, cut {pipe.plan.cuts[0]}, 2 ranks x 1 thread, gloo")
+    print(f"{args.model} layers={args.layers} dim={args.embd} seq={args.seq} batch={args.batch}, "
+          f"schedule {args.schedule}, cuts {' ; '.join(pipe.plan.cuts)}, 2 ranks x 1 thread, gloo")
     print(f"unpartitioned, 1 thread: {base * 1e3:.1f} ms/step")
-    print(f"{'m':>3} {'ours ms':>9} {'speedup':>8} {'torch.pp ms':>12} {'ours/torch':>10} {'simulated ms':>13} {'ours/sim':>9}")
-    for m in MS:
+    print(f"{'m':>3} {'ours ms':>9} {'speedup':>8} {'torch.pp ms':>12} {'ours/torch':>10} {'simulated ms':>13} "
+          f"{'ours/sim':>9}  traced step: compute / waiting / overhead ms (max over ranks)")
+    for m in ms:
         ours = max(r[("ours", m)] for r in res)
         torch_pp = max(r[("torch", m)] for r in res)
-        fwd, bwd = measured_stage_times([e for r in res for e in r[("events", m)]], 2)
-        sim = simulate(build_schedule(args.schedule, 2, m), fwd, bwd).step_time
+        sim = simulated(pipe, [e for r in res for e in r[("events", m)]], args.schedule, m)
+        parts = [breakdown(r[("events", m)]) for r in res]
         print(f"{m:>3} {ours * 1e3:>9.1f} {base / ours:>7.2f}x {torch_pp * 1e3:>12.1f} {ours / torch_pp:>10.2f} "
-              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f}")
+              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f}  "
+              + " / ".join(f"{max(p[k] for p in parts) * 1e3:.1f}" for k in (1, 2, 3)))
 
 
 if __name__ == "__main__":

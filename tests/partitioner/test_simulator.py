@@ -127,3 +127,16 @@ def test_invalid_schedule_is_rejected_not_simulated() -> None:
     )
     with pytest.raises(ScheduleError, match="deadlock"):
         simulate(bad, [1, 1], [1, 1])
+
+
+def test_zero_bubble_activations_live_until_w() -> None:
+    """A micro-batch's activations count as in flight from F to W (W needs the stage's
+    inputs and the saved graph), not to I: zb-h1 on 2 ranks keeps 2 on the last stage,
+    where 1F1B keeps 1; this is what the solver prices memory with."""
+    one = simulate(build_schedule("1f1b", 2, 4), [1.0, 1.0], [2.0, 2.0])
+    zb = simulate(build_schedule("zb-h1", 2, 4), [1.0, 1.0], [2.0, 2.0])
+    assert one.peak_inflight == (2, 1) and zb.peak_inflight == (2, 2)
+    s = Schedule.from_text("schedule iw ranks=1 stages=1 microbatches=2\nrank 0: 0F0 0I0 0F1 0I1 0W0 0W1\n")
+    assert simulate(s, [1.0], [2.0]).peak_inflight == (2,)  # I released nothing
+    s = Schedule.from_text("schedule iw ranks=1 stages=1 microbatches=2\nrank 0: 0F0 0I0 0W0 0F1 0I1 0W1\n")
+    assert simulate(s, [1.0], [2.0]).peak_inflight == (1,)
