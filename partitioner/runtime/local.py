@@ -50,9 +50,9 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
                trace: str | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward and backward over every micro-batch; grads accumulate into the model's
     parameters (zero them yourself, as with any torch training loop). Returns the
-    full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached).
+    full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached)::
 
-    >>> loss = pipe.train_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)  # doctest: +SKIP
+        loss = pipe.train_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)
     """
     sched = resolve_schedule(pipe, schedule, n_microbatches)
     m = sched.n_microbatches

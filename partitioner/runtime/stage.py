@@ -1,9 +1,9 @@
-"""This rank's share of a pipeline: its stage modules on its device, and a runner.
+"""This rank's share of a pipeline: its stage modules on its device, and a runner::
 
->>> stage = pipe.build_stage(rank, "cpu")                      # doctest: +SKIP
->>> runner = stage.runner("1f1b", n_microbatches=8, loss_fn=loss_fn)
->>> loss = runner.step(x, target=y)   # x on the first rank, y on the last; None elsewhere
->>> opt.step()                        # opt over stage.parameters()
+    stage = pipe.build_stage(rank, "cpu")
+    runner = stage.runner("1f1b", n_microbatches=8, loss_fn=loss_fn)
+    loss = runner.step(x, target=y)   # x on the first rank, y on the last; None elsewhere
+    opt.step()                        # opt over stage.parameters()
 
 The modules are copies (the user's model is untouched), so weights tied across ranks
 (``plan.tied_parameters``) are separate tensors here: every step all-reduces their

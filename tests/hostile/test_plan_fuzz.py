@@ -165,19 +165,27 @@ def test_loader_refuses_damaged_plans_with_a_json_path(case: tuple[str, Any]) ->
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(case=mutated_plan(), how=st.sampled_from(["dict", "text", "file"]))
-def test_every_source_kind_refuses_the_same_way(case: tuple[str, Any], how: str, tmp_path_factory: Any) -> None:
-    """JSON text and a file path go through json.loads first; NaN text must still be refused."""
+@given(case=mutated_plan())
+def test_every_source_kind_refuses_the_same_way(case: tuple[str, Any], tmp_path_factory: Any) -> None:
+    """A parsed dict, JSON text and a file path give the same plan or the same refusal (same JSON
+    path, same words). Text and files go through json.loads first; NaN text must still be refused."""
     _, data = case
     text = json.dumps(data)  # writes NaN/Infinity literals, which json.loads reads back
-    source: Any = data if how == "dict" else text
-    if how == "file":
-        source = tmp_path_factory.mktemp("plan") / "plan.json"
-        source.write_text(text)
-    try:
-        load_plan(source)
-    except PlanError as e:
-        _assert_clean_refusal(e)
+    file = tmp_path_factory.mktemp("plan") / "plan.json"
+    file.write_text(text)
+    sources: dict[str, Any] = {"file": file}
+    if isinstance(data, dict):  # a root that is not an object: load_plan takes only a Mapping as parsed
+        # data, and reads text as JSON only when it starts with "{" (else as a path); the file must refuse
+        sources.update(dict=copy.deepcopy(data), text=text)
+    outcomes = {}
+    for how, source in sources.items():
+        try:
+            outcomes[how] = ("loaded", load_plan(source).to_json())
+        except PlanError as e:
+            _assert_clean_refusal(e)
+            outcomes[how] = ("refused", str(e))
+    assert len(set(outcomes.values())) == 1, outcomes
+    assert isinstance(data, dict) or outcomes["file"][0] == "refused"
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

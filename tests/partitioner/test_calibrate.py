@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -11,10 +14,10 @@ from tests.fixtures.models import FIXTURES
 
 def test_calibration_restores_model_state_and_fits_the_measured_run() -> None:
     f = FIXTURES["cnn"]  # batch norm: buffers that a training-mode forward would change
-    model, args = f.build(), f.inputs()
+    model, args = f.build(), (torch.randn(64, 3, 16, 16),)  # ~10 ms a step: timer noise stays small
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.random.get_rng_state()
-    dev = calibrate_device(model, args, device="cpu", repeats=3)
+    dev = calibrate_device(model, args, device="cpu", repeats=9)
     assert dev.name == "cpu-calibrated"
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
@@ -25,7 +28,26 @@ def test_calibration_restores_model_state_and_fits_the_measured_run() -> None:
     # the calibrated profile predicts a whole-model step of the same order as a real one
     plan = partition(model, n_gpus=1, example_inputs=args, device=dev, schedule="naive").plan
     predicted = plan.stages[0].cost.fwd_time_s + plan.stages[0].cost.bwd_time_s
-    assert predicted > 0
+    measured = _measured_step(model, args)
+    # calibration sets the rates so the two agree at calibration time; a second measurement on this
+    # shared 2-core machine differs by load only (seen: ratios 1.1 to 1.6 while other tests ran), so a
+    # factor of 2.5 either way fails only when the scale is wrong (inverted, squared, not applied),
+    # which is off by far more (the uncalibrated cpu profile predicts about 10x too fast here)
+    assert 0.4 < predicted / measured < 2.5, (predicted, measured)
+    uncalibrated = partition(model, n_gpus=1, example_inputs=args, device="cpu", schedule="naive").plan.stages[0].cost
+    assert uncalibrated.fwd_time_s + uncalibrated.bwd_time_s != pytest.approx(predicted, rel=0.01)
+
+
+def _measured_step(model: torch.nn.Module, args: tuple[torch.Tensor, ...], repeats: int = 7) -> float:
+    """Median wall time of forward + backward, as calibrate_device measures it (first run discarded)."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        model(*args).float().sum().backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
 
 
 def test_calibration_needs_real_weights() -> None:
