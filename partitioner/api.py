@@ -638,6 +638,13 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
     example: dict[str, Any] | None = None
     if specs:  # export needs inputs, fx which arguments were given: zeros of the recorded shapes, by name
         example = {s.name: s.zeros() for s in specs}
+        if plan.capture == "fx":  # fx names placeholders after forward's parameters, renaming
+            # some (``input`` -> ``input_1``): map them back by position
+            params = [n for n, p in inspect.signature(model.forward).parameters.items()
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if len(params) >= len(specs) and all(s.name not in params or s.name == params[i]
+                                                 for i, s in enumerate(specs)):
+                example = {params[i] if s.name not in params else s.name: s.zeros() for i, s in enumerate(specs)}
     route = plan.capture
     try:
         cap = capture(model, None, example, route=route, leaf_modules=tuple(opts.get("leaf_modules", ())),
