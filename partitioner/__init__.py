@@ -14,6 +14,8 @@ describes the package.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -52,6 +54,33 @@ __all__ = [
     "PartitionerError", "PartitionError", "InfeasibleError", "CaptureError", "PipelineRuntimeError",
 ]
 __version__ = "0.1.0"
+
+
+#: Loggers of the library's packages: capture and passes ("passes.*"), planning and the
+#: runtime ("partitioner.*"). ``PARTITIONER_LOG=debug`` (or info, warning, ...) prints them.
+LOGGERS = ("partitioner", "passes", "cost_models")
+
+
+def _configure_logging(setting: str | None) -> int | None:
+    """Level and a stderr handler for the library's loggers from ``PARTITIONER_LOG``; the
+    level set, or None (unset: logging stays the application's to configure)."""
+    if not setting or not setting.strip():
+        return None
+    level = logging.getLevelName(setting.strip().upper())
+    if not isinstance(level, int):
+        raise ValueError(f"PARTITIONER_LOG={setting!r}: expected debug, info, warning, error or critical")
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(getattr(h, "_partitioner", False) for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+            handler._partitioner = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+    return level
+
+
+_configure_logging(os.environ.get("PARTITIONER_LOG"))
 
 
 def __getattr__(name: str) -> Any:

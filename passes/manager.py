@@ -7,6 +7,7 @@ changed. Snapshots are plain strings and dicts: cheap to keep, safe to write out
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -17,6 +18,8 @@ from passes.base import Pass
 from passes.errors import GraphError
 
 __all__ = ["Snapshot", "PassManager", "graph_text", "node_summary"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class PassManager:
             gm = p.run(gm)
             elapsed = time.perf_counter() - start
             self._check(p, gm, p.provides, "provides")
+            log.debug("pass %s: %.3f s, %d nodes", p.name, elapsed, len(gm.graph.nodes))
             if self.keep_snapshots:
                 self.snapshots.append(Snapshot(p.name, graph_text(gm), node_summary(gm), elapsed))
         return gm

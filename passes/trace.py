@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import difflib
 import inspect
+import logging
 import operator
 import sys
 import traceback
@@ -27,6 +28,8 @@ from torch.utils import _pytree as pytree
 from passes.errors import CaptureError
 from passes.markers import take_markers
 from passes.split import copy_persistence
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Captured", "capture", "check_example_names", "ROUTES", "with_seq_dims"]
 
@@ -536,11 +539,14 @@ def capture(
     fx_error: BaseException | None = None
     if route in ("auto", "fx"):
         try:
-            return _trace_fx(model, leaf_modules, concrete_args, example)
+            cap = _trace_fx(model, leaf_modules, concrete_args, example)
+            log.debug("captured %s with torch.fx: %d nodes", name, len(cap.gm.graph.nodes))
+            return cap
         except CaptureError:
             raise
         except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
             fx_error = e
+            log.debug("torch.fx could not trace %s: %s", name, _last_line(e))
             if route == "fx":
                 raise CaptureError(
                     f"torch.fx could not trace {name}{_failing_submodule(model, e)}: {_last_line(e)}. Mark the offending "
@@ -563,4 +569,5 @@ def capture(
         ) from e
     if fx_error is not None:
         cap = Captured(cap.gm, cap.route, cap.input_names, cap.flatten, cap.out_spec, _last_line(fx_error))
+    log.debug("captured %s with torch.export: %d nodes", name, len(cap.gm.graph.nodes))
     return cap

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import torch
 from torch import fx
 
+from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
 from partitioner.runtime.microbatch import batch_size, split
@@ -78,7 +79,11 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
         progress = False
         for r, it in enumerate(ranks):
             while pcs[r] < len(it.actions) and it.can_run(it.actions[pcs[r]]):
-                it.run(it.actions[pcs[r]])
+                try:
+                    it.run(it.actions[pcs[r]])
+                except PipelineRuntimeError as e:
+                    log_failure(sched, e, r)  # the grid around the failing action
+                    raise
                 pcs[r] += 1
                 progress = True
         if not progress:

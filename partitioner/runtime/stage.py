@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter, TraceEvent
@@ -312,8 +313,12 @@ class Runner:
                                m, self.batch)
         it.start(self.batch // m, seq_len(self.stage.plan), mb_inputs, mb_targets)
         saved = self.stage.take_tied_grads()
-        for a in it.actions:
-            it.run(a)
+        try:
+            for a in it.actions:
+                it.run(a)
+        except PipelineRuntimeError as e:
+            log_failure(self.schedule, e, self.stage.rank)  # the grid around the failing action
+            raise
         loss = it.finish()
         self.stage.reduce_tied_grads(saved)
         self.events = list(it.events)
