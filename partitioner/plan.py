@@ -387,8 +387,8 @@ def _check_consistency(plan: Plan) -> None:
         raise PlanError(f"{n} stages do not spread evenly over n_gpus={n_gpus}", "$.options.n_gpus")
     from partitioner.schedule import SCHEDULES, rank_of  # pure Python, no cycle
 
-    spec = SCHEDULES.get(plan.prediction.schedule)
-    placement = spec.placement if spec is not None and n == 2 * (n_gpus or 0) else "loop"
+    entry = SCHEDULES.get(plan.prediction.schedule)
+    placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"
     for i, st in enumerate(plan.stages):
         # stage s runs on rank s % n_gpus, or in a V for zbv (partitioner.schedule.rank_of)
         if isinstance(n_gpus, int) and st.rank != rank_of(i, n_gpus, placement):
