@@ -231,7 +231,7 @@ def partition(
     cap = capture(model, *(inputs or (None, None)), route=capture_route, leaf_modules=leaf_modules,
                   concrete_args=concrete_args, dynamic=dynamic)
     n_stages = n_gpus * virtual_stages
-    opts = Options(n_gpus, n_stages, schedule, 0, cut_at, tuple(pinned_cuts), optimizer,
+    opts = Options(n_gpus, n_stages, str(schedule), 0, cut_at, tuple(pinned_cuts), optimizer,
                    cap.route, tuple(str(m) for m in leaf_modules), memory_limit, precision, recompute, custom)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
@@ -499,10 +499,11 @@ _UNBOUNDED = 2**60  # a capacity no stage reaches (the solver clamps it to the m
 
 
 def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
-             n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
+             n_microbatches: int | str | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
     """Solve: cuts and recompute chosen by the search."""
     if opts.schedule == "auto" or n_microbatches == "auto":
         return _auto(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
+    assert not isinstance(n_microbatches, str)
     prob = _problem(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
     solution, exact = _search(prob)
     return _emit(model, cap, specs, prob, solution, exact, keep_snapshots)
