@@ -310,7 +310,8 @@ class Interpreter:
         for peer, ws in self._recvs["B"][s]:
             for w, g in zip(ws, self._take(("B", peer, s, mb))):
                 grads[w.name] = grads[w.name] + g if w.name in grads else g
-        roots, seeds = [], []
+        roots: list[torch.Tensor] = []
+        seeds: list[torch.Tensor | None] = []
         for name, g in grads.items():
             o = out[name]
             if isinstance(o, torch.Tensor) and o.requires_grad:

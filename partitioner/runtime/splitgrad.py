@@ -68,7 +68,7 @@ def input_grads(roots: list[torch.Tensor], seeds: list[torch.Tensor | None], arg
     reverse = _pp.construct_reverse_graph(out_fns)
     groups = _pp.get_param_groups(in_fns, list(w_fns), reverse)
     covered = set().union(*(g["params"] for g in groups)) if groups else set()
-    early = [p for fn, p in w_fns.items() if fn not in covered]
+    early: list[torch.Tensor] = [p for fn, p in w_fns.items() if fn not in covered]
     handles = []
     for group in groups:
         group["intermediates"] = list(group["intermediates"])

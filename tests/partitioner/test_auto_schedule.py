@@ -95,3 +95,23 @@ def test_cli_explain_prints_the_ranking(tmp_path, capsys) -> None:  # type: igno
     with pytest.raises(SystemExit):
         main(["plan", "partitioner.examples:quickstart", "--microbatches", "x", "-o", str(out)])
     assert "expected an integer or 'auto'" in capsys.readouterr().err
+
+
+def test_partition_accepts_a_schedule_object() -> None:
+    from partitioner.schedule import Schedule, build_schedule
+
+    model, inputs = _model()
+    by_name = partition(model, n_gpus=2, example_inputs=inputs, schedule="zb-h1", n_microbatches=4, device="cpu")
+    obj = build_schedule("zb-h1", 2, 4)
+    by_obj = partition(model, n_gpus=2, example_inputs=inputs, schedule=obj, device="cpu")
+    assert by_obj.plan.to_json() == by_name.plan.to_json()
+    # a hand-written list: priced and recorded under its own name
+    text = obj.to_text().replace("schedule zb-h1", "schedule mine")
+    mine = Schedule.from_text(text)
+    pipe = partition(model, n_gpus=2, example_inputs=inputs, schedule=mine, device="cpu")
+    assert pipe.plan.prediction.schedule == "mine" and pipe.plan.prediction.n_microbatches == 4
+    assert pipe.plan.prediction.step_time_s == by_name.plan.prediction.step_time_s
+    with pytest.raises(Exception, match="is for 2 ranks and 2 stages"):
+        partition(model, n_gpus=4, example_inputs=inputs, schedule=mine, device="cpu")
+    with pytest.raises(Exception, match="n_microbatches=8 but schedule 'mine' has 4"):
+        partition(model, n_gpus=2, example_inputs=inputs, schedule=mine, n_microbatches=8, device="cpu")
