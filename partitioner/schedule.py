@@ -1,7 +1,7 @@
 """Pipeline schedules as data: one ordered list of actions per rank.
 
 A runtime interprets these lists and ``simulator`` replays them; a new schedule is a
-new list, never a new runtime (DESIGN.md, "Schedules as data"). Stage ``s`` lives on
+new list, never a new runtime (docs/ARCHITECTURE.md, "Schedules"). Stage ``s`` lives on
 rank ``s % n_ranks`` (looped placement, as in torch.distributed.pipelining's
 interleaved schedules), so each rank holds ``v = n_stages // n_ranks`` stages.
 
