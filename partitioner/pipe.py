@@ -23,7 +23,15 @@ class Pipe(nn.Module):
     """The stages of one model, in pipeline order, with the plan that made them.
 
     ``pipe(*args, **kwargs)`` runs every stage in this process, one after another, and
-    returns what ``model(*args, **kwargs)`` returns.
+    returns what ``model(*args, **kwargs)`` returns. Made by ``partition()`` or
+    ``Plan.apply``, not by hand.
+
+    Attributes:
+        stages: one ``fx.GraphModule`` per stage, in pipeline order, sharing the model's
+            parameters (no copies).
+        plan: the ``Plan`` they were built from.
+        graph: the whole annotated graph (``node.meta`` holds costs and stage indices).
+        snapshots: graph text after capture and after each pass (``keep_snapshots=True``).
     """
 
     def __init__(

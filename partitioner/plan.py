@@ -121,6 +121,14 @@ class SolverReport:
 
 @dataclass(frozen=True)
 class Plan:
+    """Which nodes each stage runs and what it costs: everything needed to rebuild the stages.
+
+    Made by ``partition()`` (``pipe.plan``), read by ``load_plan``; plain data, compared and
+    stored as ``to_json()``. ``apply(model)`` rebuilds the stages without solving again,
+    ``cost_at(batch, seq)`` re-prices them for another micro-batch. docs/ARCHITECTURE.md,
+    "The plan", describes the fields.
+    """
+
     model: str  # class name of the model
     fingerprint: str  # hash of the captured graph and parameter shapes
     capture: str  # "fx" or "export"
@@ -220,7 +228,19 @@ def _plain(value: Any) -> Any:
 # -- loading -------------------------------------------------------------------------------
 
 def load_plan(source: str | os.PathLike[str] | Mapping[str, Any]) -> Plan:
-    """A Plan from JSON text, a path to a JSON file, or a parsed dict. Never runs code."""
+    """A Plan from JSON text, a path to a JSON file, or a parsed dict. Never runs code.
+
+    Args:
+        source: JSON text (a string starting with ``{``), a path to a JSON file (any other
+            string, or a ``PathLike``), or the parsed JSON as a mapping.
+
+    Returns:
+        The ``Plan``, validated against ``plan.schema.json`` and checked for consistency.
+
+    Raises:
+        PlanError: unreadable, not JSON, another plan version, or a bad field (the message
+            starts with the field's JSON path, e.g. ``$.stages[1].nodes[0]``).
+    """
     if isinstance(source, Mapping):
         return Plan.from_dict(dict(source))
     if not isinstance(source, (str, os.PathLike)):

@@ -100,6 +100,22 @@ def price(
     cut_at: str | None = None,
     costs_known: bool = True,
 ) -> Priced:
+    """The solver's view of an annotated graph at one micro-batch size.
+
+    Args:
+        gm: a graph annotated by ``ShapeProp`` and ``AnnotateCosts`` (``node.meta["pp.cost"]``).
+        batch: the micro-batch size ``B`` the costs are evaluated at.
+        seq: the sequence length ``S`` (1 for models without one).
+        node_time: ``(NodeCost, {"B": b, "S": s}) -> (forward s, backward s)``, e.g.
+            ``DeviceSpec.node_time``.
+        cut_at: a glob of module paths; cuts are allowed only between modules it matches.
+        costs_known: False when there were no example inputs (only parameter bytes are known).
+
+    Returns:
+        ``Priced``: the compute nodes in order (the positions), their forward and backward
+        seconds, and per cut (n + 1 entries) the activation and gradient bytes crossing it,
+        whether it may be cut, and why not.
+    """
     order = compute_nodes(gm)
     n = len(order)
     pos = {node: i for i, node in enumerate(order)}

@@ -238,6 +238,23 @@ class RankStage:
 
     def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
                loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None) -> Runner:
+        """A ``Runner`` whose ``step(x, target=y)`` trains one step on this rank's stages.
+
+        Args:
+            schedule: a schedule name (``partitioner.schedule.SCHEDULES``) or a ``Schedule``;
+                every rank must pass the same.
+            n_microbatches: micro-batches per step (default: the plan's).
+            loss_fn: ``loss_fn(output, target) -> scalar``, called on the last stage per
+                micro-batch (the step's loss is their mean).
+            batch_size: the global batch each step gets (default: the plan's); ranks size
+                their receive buffers from it.
+
+        Returns:
+            The ``Runner``.
+
+        Raises:
+            PipelineRuntimeError: no ``loss_fn``.
+        """
         if loss_fn is None:
             raise PipelineRuntimeError("runner() needs loss_fn=...: the last stage computes the loss")
         return Runner(self, resolve_schedule(self.pipe, schedule, n_microbatches), loss_fn, batch_size)
@@ -341,7 +358,7 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
                 init_process_group: bool | str = "auto", group: dist.ProcessGroup | None = None,
                 timeout_s: float = 300.0, init_fn: Callable[[nn.Module], Any] | None = None,
                 seed: int = 0) -> RankStage:
-    """This rank's stages, copied onto ``device`` (default: cuda:LOCAL_RANK if CUDA, else cpu).
+    """This rank's stages, copied onto ``device`` (default: the current CUDA device if any, else cpu).
 
     Tensors on the meta device are allocated on ``device`` for this rank only and
     initialised by their modules (``init_fn(module)`` if given, else ``reset_parameters()``
@@ -350,6 +367,26 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
 
     ``init_process_group="auto"`` joins the default group from the environment (torchrun,
     ``spawn``) unless one exists; NCCL on CUDA devices, gloo on CPU.
+
+    Args:
+        pipe: the partitioned model (``partition()`` or ``Plan.apply``), the same on every rank.
+        rank: this process's rank in ``group``; it runs stages ``s`` with ``plan.stages[s].rank == rank``.
+        device: where this rank's copies live.
+        init_process_group: ``"auto"``/True: join the default group if none exists; False: one must.
+        group: the pipeline's process group (default: the default group); its size must be
+            the plan's rank count.
+        timeout_s: the process group's timeout when this call creates it.
+        init_fn: called on each module that owns a meta tensor of this rank, instead of its
+            own initialisation.
+        seed: seeds that initialisation (with each module's path), equal on every rank.
+
+    Returns:
+        ``RankStage``: this rank's stage modules (``.modules``), ``runner(...)``,
+        ``load_checkpoint`` / ``save_checkpoint`` and ``parameters()`` for the optimizer.
+
+    Raises:
+        PipelineRuntimeError: torch.distributed is not initialised, the group's size is not
+            the plan's rank count, or this rank runs no stage.
     """
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
