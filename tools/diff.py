@@ -41,6 +41,7 @@ def diff_plans(a: Any, b: Any) -> dict[str, Any]:
             va, vb = (x or {}).get(key), (y or {}).get(key)
             row[key] = {"a": va, "b": vb, "delta": (vb or 0) - (va or 0) if (x or y) else 0}
         row["cut"] = {"a": x["cut"] if x else None, "b": y["cut"] if y else None}
+        row["recompute"] = {"a": x["recompute"] if x else None, "b": y["recompute"] if y else None}
         stages.append(row)
     moved_cuts = []
     if a.n_stages == b.n_stages:  # same count: cut i in one plan is cut i in the other

@@ -66,6 +66,10 @@ def _print_plans(d: dict[str, Any], console: Console) -> None:
             console.print(f"[red]- cut {escape(c)}[/red]")
         for c in cuts["added"]:
             console.print(f"[green]+ cut {escape(c)}[/green]")
+    for row in d["stages"]:
+        rc = row.get("recompute", {})
+        if rc.get("a") and rc.get("b") and rc["a"] != rc["b"]:
+            console.print(f"stage {row['index']} recompute: [red]{rc['a']}[/red] → [green]{rc['b']}[/green]")
     t = d["traffic"]["total"]
     console.print(f"cross-stage traffic {human_bytes(t['a'])} → {human_bytes(t['b'])} ({signed(t['delta'], human_bytes)})")
     p = d["prediction"]

@@ -50,6 +50,8 @@ def plan_summary(plan: Any) -> dict[str, Any]:
             "bwd_flops": f["bwd_flops"],
             "flops": f["fwd_flops"] + f["bwd_flops"],
             "memory_bytes": c.memory_bytes,
+            "static_bytes": c.static_bytes,  # weights + grads + optimizer state (precision, optimizer)
+            "recompute": st.recompute,
             "weight_bytes": c.param_bytes + c.buffer_bytes,
             "activation_bytes": f["saved_bytes"],  # per micro-batch in flight
             "inflight": p_inflight[st.index] if st.index < len(p_inflight) else 1,

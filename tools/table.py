@@ -20,6 +20,10 @@ def _table(summary: dict[str, Any], title: str, with_cuts: bool) -> Table:
     for name in ("stage", "rank", "nodes", "params", "FLOPs f+b", "memory", "time f+b+c", "sends"):
         if name != "rank" or ranks:
             table.add_column(name, justify="right", no_wrap=True)
+    # recompute only when some stage recomputes (the common plan keeps its narrow table)
+    recompute = any(st.get("recompute", "none") != "none" for st in summary["stages"])
+    if recompute:
+        table.add_column("recompute", justify="left", no_wrap=True)
     if with_cuts:
         table.add_column("cut after", justify="left", no_wrap=True)
     slowest = max(st["time_s"] for st in summary["stages"])
@@ -31,6 +35,8 @@ def _table(summary: dict[str, Any], title: str, with_cuts: bool) -> Table:
             f"[bold]{time}[/bold]" if st["time_s"] == slowest else time,  # the bottleneck sets throughput
             human_bytes(st["boundary_bytes"]) if st["cut"] else "-",
         ]
+        if recompute:
+            row.append(st.get("recompute", "none"))
         if with_cuts:
             row.append(escape(st["cut"] or ""))  # labels like "attn [view_18 | transpose_18]" are not markup
         table.add_row(*row)

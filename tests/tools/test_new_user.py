@@ -427,3 +427,18 @@ def test_optional_features_name_their_extra(plans: Path, tmp_path: Path) -> None
                             timeout=120)
     one_error_line(export, "pip install 'pipeline-partitioner[onnx]'")
     assert not (tmp_path / "out").exists()
+
+
+def test_recompute_is_shown_in_the_table_and_the_diff(tmp_path: Path) -> None:
+    """A stage's recompute choice is in `plan`'s table and `diff` says when it changes."""
+    paths = {}
+    for mode in ("none", "full"):
+        paths[mode] = tmp_path / f"{mode}.json"
+        out = cli("plan", "partitioner.examples:quickstart", "--gpus", "2", "--device", "cpu", "--recompute", mode,
+                  "-o", str(paths[mode]))
+        assert out.returncode == 0, out.stderr
+        assert ("┃ recompute" in out.stdout) == (mode == "full"), out.stdout  # the column only when used
+    assert "│ full" in out.stdout
+    d = cli("diff", str(paths["none"]), str(paths["full"]))
+    assert d.returncode == 1, d.stderr
+    assert "stage 0 recompute: none → full" in d.stdout and "stage 1 recompute: none → full" in d.stdout
