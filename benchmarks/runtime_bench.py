@@ -101,7 +101,7 @@ def breakdown(events: list[Any]) -> tuple[float, float, float, float]:
     return wall, compute, wait, wall - compute - wait
 
 
-def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> float:
+def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> Any:
     """The simulator on the stage times measured in ``events`` (mean per stage and kind)."""
     acc: dict[tuple[int, str], list[float]] = {}
     for e in events:
@@ -115,7 +115,7 @@ def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> float:
     i = [mean.get((s, "I"), 0.0) for s in range(n)]
     b = [mean.get((s, "B"), 0.0) + i[s] + mean.get((s, "W"), 0.0) for s in range(n)]
     sched = build_schedule(schedule, 2, m, n)
-    return simulate(sched, f, b, igrad_time=i if SCHEDULES[schedule].split_backward else ()).step_time
+    return simulate(sched, f, b, igrad_time=i if SCHEDULES[schedule].split_backward else ())
 
 
 def main() -> None:
@@ -149,10 +149,11 @@ def main() -> None:
     # The cut is pinned mid-stack: this measures the runtime, not the solver's H100 pricing.
     if args.cut == "middle":
         pins = [f"{blocks}.{args.layers * k // n_stages}" for k in range(1, n_stages)]
-        pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=pins, schedule=args.schedule)
+        pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=pins, schedule=args.schedule,
+                         virtual_stages=n_stages // 2)
     else:
         pipe = partition(model, n_gpus=2, example_inputs=(x,), device="local", link="loopback",
-                         schedule=args.schedule)
+                         schedule=args.schedule, virtual_stages=n_stages // 2)
 
     def plain() -> float:
         times = []
@@ -171,14 +172,17 @@ def main() -> None:
           f"schedule {args.schedule}, cuts {' ; '.join(pipe.plan.cuts)}, 2 ranks x 1 thread, gloo")
     print(f"unpartitioned, 1 thread: {base * 1e3:.1f} ms/step")
     print(f"{'m':>3} {'ours ms':>9} {'speedup':>8} {'torch.pp ms':>12} {'ours/torch':>10} {'simulated ms':>13} "
-          f"{'ours/sim':>9}  traced step: compute / waiting / overhead ms (max over ranks)")
+          f"{'ours/sim':>9} {'bubble meas/sim':>16}  traced step: compute / waiting / overhead ms (max over ranks)")
     for m in ms:
         ours = max(r[("ours", m)] for r in res)
         torch_pp = max(r[("torch", m)] for r in res)
-        sim = simulated(pipe, [e for r in res for e in r[("events", m)]], args.schedule, m)
+        simr = simulated(pipe, [e for r in res for e in r[("events", m)]], args.schedule, m)
+        sim = simr.step_time
         parts = [breakdown(r[("events", m)]) for r in res]
+        wall = max(p[0] for p in parts)
+        bubble = 1 - sum(p[1] for p in parts) / (len(parts) * wall)
         print(f"{m:>3} {ours * 1e3:>9.1f} {base / ours:>7.2f}x {torch_pp * 1e3:>12.1f} {ours / torch_pp:>10.2f} "
-              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f}  "
+              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f} {bubble:>7.1%} /{simr.bubble_fraction:>7.1%}  "
               + " / ".join(f"{max(p[k] for p in parts) * 1e3:.1f}" for k in (1, 2, 3)))
 
 
