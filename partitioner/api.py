@@ -25,7 +25,7 @@ from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleEr
 from partitioner.schedule import default_microbatches
 from partitioner.simulator import simulate
 from partitioner.refine import refine, score
-from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, solve
+from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
 from passes.annotate import AnnotateCosts
 from passes.recompute import with_recompute
 from passes.base import InputSpec
@@ -456,9 +456,6 @@ def _explain(prob: _Problem, err: InfeasibleError, last: Any) -> InfeasibleError
     if max(prob.sin.inflight) > 1 and fits(replace(base, inflight=[1] * S), S):
         hints.append(f"with one micro-batch in flight per stage it fits (today up to {max(prob.sin.inflight)}: "
                      "fewer micro-batches, or schedule='gpipe' with n_microbatches=1)")
-    if prob.micro > 1 and prob.acts is not None:
-        hints.append(f"activations scale with the micro-batch ({prob.micro} samples now): a smaller one needs "
-                     "fewer bytes per micro-batch in flight")
     if not prob.pins:  # type: ignore[attr-defined]
         for more in sorted({S + 1, S + 2, 2 * S, 4 * S, 8 * S}):
             if more > len(prob.priced.order):
@@ -478,20 +475,15 @@ def _explain(prob: _Problem, err: InfeasibleError, last: Any) -> InfeasibleError
         _, exact = last
         worst = max(range(len(exact)), key=lambda i: prob.need(i, exact[i]) - prob.capacity)
         mode, static, kept, extra = exact[worst]
-        text = (f"stage {worst} needs {_gib(prob.need(worst, exact[worst]))} (static {_gib(static)} = weights, "
-                f"gradients and optimizer state at {bytes_per_param(prob.opts.precision, prob.opts.optimizer)} B/param "
-                f"({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
-                f"{_gib(kept)} activations" + (f" + {_gib(extra)} recomputed in backward" if extra else "")
-                + f", recompute {mode!r}) but the device holds {_gib(prob.capacity)}")
-        if prob.opts.recompute != "auto" and not any("recompute" in h for h in hints):
-            hints.append("recompute='auto' would not fit either" if prob.opts.recompute == "full"
-                         else "recompute='full' would not fit either")
-    out = InfeasibleError(text + ("; " + "; ".join(hints) if hints else "; no cheaper configuration tried fits"))
-    return out
-
-
-def _gib(x: int) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.1f} MiB"
+        text = (f"stage {worst} needs {_fmt_bytes(prob.need(worst, exact[worst]))} (static {_fmt_bytes(static)} = "
+                f"weights, gradients and optimizer state at {bytes_per_param(prob.opts.precision, prob.opts.optimizer)} "
+                f"B/param ({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
+                f"{_fmt_bytes(kept)} activations" + (f" + {_fmt_bytes(extra)} recomputed in backward" if extra else "")
+                + f", recompute {mode!r}) but the device holds {_fmt_bytes(prob.capacity)}")
+    advice = "use more GPUs, a device with more memory, fewer micro-batches in flight, recompute or a smaller micro-batch"
+    tried = (f" (tried on these costs: {'; '.join(hints)})" if hints else
+             " (tried on these costs, none fits: up to 8x the GPUs, recompute='full', one micro-batch in flight)")
+    return InfeasibleError(f"{text}; {advice}{tried}")
 
 
 _RETRIES = 6
