@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from partitioner.runtime.launch import spawn
-from partitioner.schedule import build_schedule
+from partitioner.schedule import Action, Schedule, build_schedule
 from tests.runtime.helpers import LAYOUTS, LR, STEPS, assert_params, data, fresh, reference
 from tests.runtime.test_dist import TIMEOUT_S, _train
 
@@ -123,3 +123,40 @@ def test_torch_zero_bubble_classes_run_our_stages_with_the_same_gradients(layout
     for ours, theirs in spawn(_ours_and_torch, 2, layout, schedule, timeout_s=TIMEOUT_S):
         assert ours.keys() == theirs.keys()
         assert_params({n: g for n, g in ours.items() if n not in tied}, theirs)
+
+
+def _mixed(name: str, p: int, m: int, n_stages: int) -> Schedule:
+    """``name``'s lists with the backward of every odd micro-batch split: I where B was,
+    W at the end of the rank's list (valid, and unlike any builder)."""
+    s = build_schedule(name, p, m, n_stages)
+    out = []
+    for acts in s.actions:
+        head, tail = [], []
+        for a in acts:
+            if a.kind == "B" and a.microbatch % 2:
+                head.append(Action(a.stage, "I", a.microbatch))
+                tail.append(Action(a.stage, "W", a.microbatch))
+            else:
+                head.append(a)
+        out.append(tuple(head + tail))
+    mixed = Schedule(f"{name}-mixed", p, n_stages, m, tuple(out), s.placement)
+    mixed.validate()
+    return mixed
+
+
+@pytest.mark.parametrize("layout,name,m", [("gpt-2", "1f1b", 4), ("gpt-2x2", "interleaved-1f1b", 4),
+                                           ("unet-skip", "gpipe", 2)])
+def test_any_schedule_the_validator_accepts_runs(layout: str, name: str, m: int) -> None:
+    """Hand-made mixtures of B and I/W (the validator accepts them) train like one process."""
+    model, pipe = fresh(layout)
+    sched = _mixed(name, pipe.plan.options["n_gpus"], m, pipe.plan.n_stages)
+    x, y, loss_fn = data(layout.split("-")[0])
+    want_losses, want = reference(model, x, y, loss_fn)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=sched).item())
+        opt.step()
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    assert_params(dict(model.named_parameters(remove_duplicate=False)), want)
