@@ -13,17 +13,19 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sympy
-import torch
 
 from cost_models.cost import BATCH, SEQ, NodeCost
 from cost_models.errors import CostModelError
 
+if TYPE_CHECKING:  # torch only where a device is measured: loading a plan's profiles needs none
+    import torch
+
 __all__ = ["DEVICES", "LINKS", "DeviceSpec", "LinkSpec", "evaluate", "get_device", "get_link"]
 
-_LOWP = (torch.bfloat16, torch.float16)
+_LOWP = ("bfloat16", "float16", "half")  # dtype names that get the low-precision (tensor-core) peak
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,8 @@ class DeviceSpec:
 
     def peak(self, dtype: torch.dtype | str | None = None) -> float:
         """Peak FLOP/s for compute in ``dtype`` (low precision gets the tensor-core peak)."""
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype.removeprefix("torch."), None)
-        return self.peak_flops_lowp if dtype in _LOWP else self.peak_flops
+        name = str(dtype).removeprefix("torch.") if dtype is not None else None  # torch.bfloat16 -> "bfloat16"
+        return self.peak_flops_lowp if name in _LOWP else self.peak_flops
 
     def node_time(
         self, cost: NodeCost, values: Mapping[str, int], dtype: torch.dtype | str | None = None
@@ -67,6 +68,8 @@ class DeviceSpec:
     @classmethod
     def measure_local(cls, seconds: float = 0.5) -> DeviceSpec:
         """This machine's CPU, measured: fp32 and bf16 matmul FLOP/s and copy bandwidth."""
+        import torch
+
         n = 512
         a, b = torch.randn(n, n), torch.randn(n, n)
         fp32 = _rate(lambda: torch.mm(a, b), 2 * n**3, seconds * 0.4)

@@ -138,7 +138,7 @@ def test_the_cycle_finder_finds_cycles(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["partitioner.schedule", "partitioner.plan", "partitioner.options",
-                                    "partitioner", "cost_models.errors", "tools.cli"])
+                                    "partitioner", "cost_models.errors", "cost_models.devices", "tools.cli"])
 def test_torch_free_modules_import_no_torch(module: str) -> None:
     code = (f"import sys, {module}; bad = sorted(m for m in ('torch', 'numpy') if m in sys.modules); "
             "assert not bad, bad")
@@ -165,3 +165,21 @@ def test_torch_dtype_names_match_torch() -> None:
     from partitioner.plan import TORCH_DTYPES
 
     assert TORCH_DTYPES == {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
+
+
+def test_loading_a_plan_imports_no_torch(tmp_path: Path) -> None:
+    # load_plan is the gate for plan files (schema, consistency, device/link profiles, schedule):
+    # every check it runs must stay torch-free, or `partitioner show` pays seconds for torch
+    from tests.fixtures.models import FIXTURES
+
+    from partitioner import partition
+
+    f = FIXTURES["mlp"]
+    path = tmp_path / "plan.json"
+    partition(f.build(), n_gpus=2, example_inputs=f.inputs()).plan.save(path)
+    code = ("import sys; from partitioner.plan import load_plan; p = load_plan(sys.argv[1]); p.cost_at(batch=2); "
+            "bad = sorted(m for m in ('torch', 'numpy') if m in sys.modules); assert not bad, bad; print(p.n_stages)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"
