@@ -12,6 +12,7 @@ import sys
 from typing import Iterator, NoReturn, Sequence
 
 # Torch-free modules: --help and the plan-only commands (show, diff A B) never import torch.
+from cost_models.devices import DEVICES, LINKS
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
 from partitioner.schedule import SCHEDULES
 
@@ -53,9 +54,9 @@ def _partition_options() -> _Parser:
                    help="stages per rank; V > 1 needs --schedule interleaved-1f1b (or zbv: V = 2) "
                         "(default: the schedule's: 2 for zbv, else 1)")
     g.add_argument("--device", default=None,
-                   help="device profile: h100-sxm, h200, a100-80gb, cpu or local (measured) (default: h100-sxm)")
+                   help=f"device profile: {', '.join(DEVICES)} or local (measured) (default: h100-sxm)")
     g.add_argument("--link", default=None,
-                   help="link profile: nvlink4, pcie4, pcie5, ethernet-100g, loopback (default: nvlink4)")
+                   help=f"link profile: {', '.join(LINKS)} (default: nvlink4)")
     g.add_argument("--schedule", default=None, choices=_SCHEDULES, metavar="NAME",
                    help="pipeline schedule: " + "; ".join(f"{n}: {s.help}" for n, s in SCHEDULES.items())
                    + "; auto: the predicted-fastest that fits memory (see plan --explain) (default: 1f1b)")
