@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("partitioner", "passes", "cost_models")
+PACKAGES = ("partitioner", "passes", "cost_models", "tools")
 
 
 def _module_name(path: Path, root: Path) -> str:
