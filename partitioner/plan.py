@@ -344,10 +344,7 @@ def _check_values(plan: Plan) -> None:
             cls.from_dict(getattr(plan, key))
         except CostModelError as e:
             raise PlanError(str(e), f"$.{key}") from None
-    try:
-        from partitioner.schedule import SCHEDULES as known
-    except ImportError:  # pragma: no cover - older schedule module
-        from partitioner.schedule import SCHEDULE_NAMES as known  # type: ignore[no-redef]
+    from partitioner.schedule import SCHEDULES as known  # pure Python: loading stays torch-free
     schedule = plan.options.get("schedule")
     if schedule not in known:
         raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(known))}", "$.options.schedule")
