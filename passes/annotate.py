@@ -356,7 +356,9 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
         if not isinstance(v, torch.Tensor):
             return v
         if not v.requires_grad:
-            return v.detach()
+            # its own storage: shape-prop may give structurally identical nodes one shared value,
+            # and two inputs must not look like one storage to the saved-tensor accounting
+            return v.detach().clone()
         leaf = v.detach().requires_grad_(True)
         leaves.append(leaf)
         return leaf.clone()  # a non-leaf, so in-place ops on it stay legal

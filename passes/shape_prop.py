@@ -201,15 +201,16 @@ class _FakeInterpreter(fx.Interpreter):
         try:
             key = _structural_key(n, self.module) if n.op in ("call_module", "call_function", "call_method") else None
             hit = self.templates.get(key) if key is not None else None
-            if hit is not None:  # structurally identical to a node already run: same output shapes
-                with self.mode:
-                    out = pytree.tree_map(_remake, hit, is_leaf=lambda x: isinstance(x, _Template))
+            if hit is not None:
+                # Structurally identical to a node already run (same op, same input shapes): the
+                # same output. Its fake value is shared, not re-made: values are only read after
+                # shape-prop (annotate re-creates fresh leaves from them), and in-place ops, the
+                # only writers, are never shared (``_structural_key``).
+                out = hit
             else:
                 out = super().run_node(n)
-                if key is not None:
-                    template = _template(out)
-                    if template is not None:
-                        self.templates[key] = template
+                if key is not None and _template(out) is not None:
+                    self.templates[key] = out
             env = self.mode.shape_env
             if env is not None and any(env.replace(s).is_number for s in self.symbols):
                 raise RuntimeError("a guard specialized a symbolic size (B or S) to a constant")
@@ -277,8 +278,9 @@ class _Template(NamedTuple):
 
 
 def _template(out: Any) -> Any:
-    """Output metadata to rebuild for a structurally identical node, or None when the output
-    is not plain tensors with sizes in the backed symbols (ints, unbacked sizes: run it)."""
+    """Output metadata of a node whose value a structurally identical node may share, or None
+    when the output is not plain tensors with sizes in the backed symbols (ints, unbacked
+    sizes: such nodes always run)."""
     leaves = pytree.tree_leaves(out)
     if not leaves or not all(isinstance(t, torch.Tensor) and not t.is_sparse and t.layout == torch.strided
                              for t in leaves):
@@ -290,13 +292,6 @@ def _template(out: Any) -> Any:
                 return None  # data-dependent (unbacked) sizes differ per call
     return pytree.tree_map(lambda t: _Template(tuple(t.shape), tuple(t.stride()), t.dtype, t.device,
                                                t.requires_grad), out)
-
-
-def _remake(t: Any) -> Any:
-    if not isinstance(t, _Template):
-        return t
-    fake = torch.empty_strided(t.shape, t.stride, dtype=t.dtype, device=t.device)
-    return fake.requires_grad_(True) if t.requires_grad else fake
 
 
 def _structural_key(node: fx.Node, root: nn.Module) -> str | None:
