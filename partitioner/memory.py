@@ -359,8 +359,8 @@ class Static:
             self.uses.append(tuple(ids))
         seen: set[int] = set()
         self.first_use: list[int] = []
-        for ids in self.uses:
-            fresh = [i for i in ids if i not in seen]
+        for used in self.uses:
+            fresh = [i for i in used if i not in seen]
             seen.update(fresh)
             self.first_use.append(sum(self.size[i] for i in fresh))
 
@@ -401,7 +401,7 @@ def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return plain(f, *args)  # what runs inside is recomputed, not kept
 
-    recompute.checkpoint = spy
+    recompute.checkpoint = spy  # type: ignore[assignment]
     try:
         with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
             out = fn()

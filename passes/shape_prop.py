@@ -373,6 +373,7 @@ def _fake_like(t: torch.Tensor, mode: FakeTensorMode, device: torch.device, cast
     if hit is not None:
         return hit
     dtype = cast if cast is not None and t.dtype.is_floating_point else t.dtype
+    fake: torch.Tensor
     if t.device == device and dtype == t.dtype:
         fake = mode.from_tensor(t, static_shapes=True)
     else:

@@ -126,7 +126,7 @@ def test_model_that_is_not_a_module(thing: Any, name: str) -> None:
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_gpus": True}, "n_gpus must be an int >= 1, got True"),
     ({"n_gpus": 2.0}, "n_gpus must be an int >= 1, got 2.0"),
-    ({"n_gpus": 2, "n_microbatches": 0}, "n_microbatches must be an int >= 1, got 0"),
+    ({"n_gpus": 2, "n_microbatches": 0}, "n_microbatches must be an int >= 1 or 'auto', got 0"),
     ({"n_gpus": 2, "optimizer": "lion"}, "unknown optimizer 'lion'"),
     ({"n_gpus": 2, "pinned_cuts": ["nowhere"]}, "pinned cut 'nowhere' names no node or module"),
     ({"n_gpus": 2, "capture_route": "jit"}, "unknown capture route 'jit'"),

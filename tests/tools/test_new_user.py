@@ -219,6 +219,7 @@ def test_timeline_may_not_overwrite_its_plan(plans: Path, tmp_path: Path) -> Non
 def test_timeline_of_a_huge_microbatch_count_is_refused_quickly(plans: Path, tmp_path: Path) -> None:
     data = json.loads((plans / "b.json").read_text())
     data["prediction"]["n_microbatches"] = data["options"]["n_microbatches"] = 65536
+    data["symbols"]["B"] = 65536 * data["prediction"]["microbatch_size"]  # a plan that loads: only its size is extreme
     big = tmp_path / "big.json"
     big.write_text(json.dumps(data))
     start = time.monotonic()
