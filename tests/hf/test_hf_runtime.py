@@ -34,16 +34,18 @@ def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
 
 @functools.cache
-def _built() -> tuple[torch.nn.Module, Pipe, dict[str, torch.Tensor]]:
+def _built(recompute: str = "none") -> tuple[torch.nn.Module, Pipe, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = CASES["gpt2"].build(4)
     inputs, _ = _data()
-    pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=["transformer.h.2"])
+    pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=["transformer.h.2"],
+                     recompute=recompute)
+    assert [st.recompute for st in pipe.plan.stages] == [recompute] * 2
     return model, pipe, copy.deepcopy(model.state_dict())
 
 
-def _train(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    _, pipe, _ = _built()
+def _train(rank: int, world: int, recompute: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    _, pipe, _ = _built(recompute)
     inputs, y = _data()
     stage = pipe.build_stage(rank, "cpu")
     opt = torch.optim.SGD(stage.parameters(), lr=LR)
@@ -58,8 +60,9 @@ def _train(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]
 
 
 @pytest.mark.timeout(240)
-def test_gpt2_on_two_ranks_trains_like_the_unpartitioned_model() -> None:
-    model, pipe, init = _built()
+@pytest.mark.parametrize("recompute", ["none", "full"])  # export route, recomputing stages on gloo
+def test_gpt2_on_two_ranks_trains_like_the_unpartitioned_model(recompute: str) -> None:
+    model, pipe, init = _built(recompute)
     model.load_state_dict(init)
     assert [st.rank for st in pipe.plan.stages] == [0, 1]
     assert pipe.plan.tied_parameters  # embedding on rank 0, head on rank 1
@@ -76,7 +79,7 @@ def test_gpt2_on_two_ranks_trains_like_the_unpartitioned_model() -> None:
         want_losses.append(loss.item())
     want = dict(ref.named_parameters(remove_duplicate=False))
 
-    results = spawn(_train, 2, timeout_s=TIMEOUT_S)
+    results = spawn(_train, 2, recompute, timeout_s=TIMEOUT_S)
     assert results[1][0] == pytest.approx(want_losses, rel=1e-5)
     for _, params in results:
         assert params
