@@ -662,6 +662,12 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
         if b < a:
             raise PlanError(f"stages are not contiguous in graph order: node {n.name!r} is in stage {b} "
                             f"but comes after nodes of stage {a}", f"$.stages[{b}].nodes")
+    for st in plan.stages:  # a stage lists its nodes in graph order (what split and the plan write)
+        want = tuple(n.name for n in order if forced[n.name] == st.index)
+        if st.nodes != want:
+            k = next(i for i, (x, y) in enumerate(zip(st.nodes, want)) if x != y)
+            raise PlanError(f"stage {st.index} lists node {st.nodes[k]!r} where the graph has {want[k]!r}: a stage's "
+                            "nodes must be in graph order", f"$.stages[{st.index}].nodes[{k}]")
     fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
     o = Options(**fields)
     return _reapply(model, cap, specs, o, get_device(DeviceSpec.from_dict(plan.device)),
