@@ -145,7 +145,6 @@ def test_zoo_model_is_transparent_and_its_plan_reapplies(name: str, n_stages: in
         pipe(**case.inputs(), **{arg: make()})
 
 
-@pytest.mark.xfail(reason="issue 9 item 4: apply(plan).plan.to_json() is not yet byte-identical", strict=False)
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_plan_round_trip_is_byte_identical(name: str) -> None:
     pipe, again = _reapplied(name)
