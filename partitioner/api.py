@@ -274,11 +274,10 @@ class _Problem:
             for mode in tries:
                 kept, extra = self.acts.stage_saved(a, b, mode, self.ev) if self.acts else (0, 0)
                 entry = (mode, static, self.ev(kept), self.ev(extra))
-                need = static + self.sin.inflight[i] * entry[2] + entry[3]
-                if need <= self.capacity:
+                if self.need(i, entry) <= self.capacity:
                     best = entry
                     break
-                if best is None or need < best[1] + self.sin.inflight[i] * best[2] + best[3]:
+                if best is None or self.need(i, entry) < self.need(i, best):
                     best = entry
             assert best is not None
             out.append(best)

@@ -304,7 +304,6 @@ class Activations:
         transient of any region (held once per stage)."""
         n = len(self.order)
         spans = self.regions[mode].spans
-        start = {s: e for s, e in spans}
         redo = [False] * n
         keeps: list[tuple[Root, ...]] = list(self.saves)
         internal = [ev(x) for x in self.internal]
@@ -316,7 +315,6 @@ class Activations:
                 internal[p] = 0
             keeps[s] = tuple(self._piece_inputs(s, e, self.inputs[s:e]))
             reserve = max(reserve, ev(self.stage_saved(s, e, "none", ev)[0]))
-        del start
         seen: set[Root] = set()
         act = []
         for p in range(n):

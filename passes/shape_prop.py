@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import sympy
 import torch
@@ -209,7 +209,7 @@ class _FakeInterpreter(fx.Interpreter):
                 out = hit
             else:
                 out = super().run_node(n)
-                if key is not None and _template(out) is not None:
+                if key is not None and _shareable(out):
                     self.templates[key] = out
             env = self.mode.shape_env
             if env is not None and any(env.replace(s).is_number for s in self.symbols):
@@ -269,29 +269,19 @@ def state_by_module(fakes: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     return out
 
 
-class _Template(NamedTuple):
-    shape: tuple[Any, ...]
-    stride: tuple[Any, ...]
-    dtype: torch.dtype
-    device: torch.device
-    requires_grad: bool
-
-
-def _template(out: Any) -> Any:
-    """Output metadata of a node whose value a structurally identical node may share, or None
-    when the output is not plain tensors with sizes in the backed symbols (ints, unbacked
-    sizes: such nodes always run)."""
+def _shareable(out: Any) -> bool:
+    """Whether a structurally identical node may share this node's value: plain tensors with
+    sizes in the backed symbols only (ints and unbacked, data-dependent sizes always run)."""
     leaves = pytree.tree_leaves(out)
     if not leaves or not all(isinstance(t, torch.Tensor) and not t.is_sparse and t.layout == torch.strided
                              for t in leaves):
-        return None
+        return False
     for t in leaves:
         for s in (*t.shape, *t.stride()):
             if isinstance(s, torch.SymInt) and s.node.expr.free_symbols and any(
                     str(x).startswith("u") for x in s.node.expr.free_symbols):
-                return None  # data-dependent (unbacked) sizes differ per call
-    return pytree.tree_map(lambda t: _Template(tuple(t.shape), tuple(t.stride()), t.dtype, t.device,
-                                               t.requires_grad), out)
+                return False  # data-dependent (unbacked) sizes differ per call
+    return True
 
 
 def _structural_key(node: fx.Node, root: nn.Module) -> str | None:
