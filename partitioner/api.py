@@ -600,10 +600,11 @@ def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _
     memory = [StageMemory(mode, static, kept_expr, extra_expr) for (mode, static, _, _), (kept_expr, extra_expr)
               in zip(exact, _symbolic(prob, bounds, exact))]
     plan = plan_builder.build_plan(
-        model=model, cap=cap, gm=gm, fingerprint=fingerprint(cap.gm), specs=specs, symbols=prob.symbols,
-        options=opts.to_dict(), device=prob.dev, link=prob.lnk, priced=priced, bounds=bounds, split=split,
-        schedule=prob.sched, micro=prob.micro, solution=solution, comm_units=prob.comm, notes=prob.notes,
-        time_unit=TIME_UNIT, memory=memory,
+        plan_builder.PlanSource(type(model).__name__, fingerprint(cap.gm), cap.route, specs, prob.symbols,
+                                opts.to_dict(), prob.notes),
+        plan_builder.Hardware(prob.dev, prob.lnk),
+        plan_builder.SolvedSplit(gm, priced, bounds, split, prob.sched, prob.micro, solution, prob.comm, memory,
+                                 TIME_UNIT),
     )
     return Pipe(cap, stages, plan, graph=gm, snapshots=prob.pm.snapshots, model=model)
 

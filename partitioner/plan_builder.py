@@ -20,9 +20,8 @@ from partitioner.solver import Solution
 from passes.base import InputSpec, TensorDesc
 from passes.meta import COST, DESC, MODULE
 from passes.split import SplitResult
-from passes.trace import Captured
 
-__all__ = ["StageMemory", "build_plan", "param_bytes_by_first_use"]
+__all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan", "param_bytes_by_first_use"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,43 @@ class StageMemory:
     static_bytes: int  # weights + grads + optimizer state + buffers, each tensor once
     saved: Any  # sympy: bytes kept per micro-batch in flight
     transient: Any  # sympy: held once while a region is recomputed
+
+
+@dataclass(frozen=True)
+class PlanSource:
+    """What was partitioned and how it was asked for (the plan's header)."""
+
+    model: str  # the model's class name
+    fingerprint: str  # passes' graph fingerprint (api.fingerprint)
+    capture: str  # the capture route taken: "fx" or "export"
+    specs: Sequence[InputSpec]  # one per flat graph input
+    symbols: Mapping[str, int]  # {"B": batch, "S": seq} of the example inputs
+    options: Mapping[str, Any]  # api.Options.to_dict()
+    notes: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The profiles the plan was priced on."""
+
+    device: DeviceSpec
+    link: LinkSpec
+
+
+@dataclass(frozen=True)
+class SolvedSplit:
+    """The solver's answer and the split graph it was applied to."""
+
+    gm: fx.GraphModule  # the annotated graph (node.meta carries pp.cost, pp.desc, pp.module)
+    priced: Priced  # pricing at ``micro``
+    bounds: Sequence[int]  # 0, cut positions..., n: stage s runs priced.order[bounds[s]:bounds[s + 1]]
+    split: SplitResult
+    schedule: Schedule
+    micro: int  # micro-batch size
+    solution: Solution
+    comm_units: Sequence[int]  # per cut position, transfer time in ``time_unit``s (both directions)
+    memory: Sequence[StageMemory]  # per stage
+    time_unit: float  # seconds per solver time unit (pricing.TIME_UNIT)
 
 
 def param_bytes_by_first_use(gm: fx.GraphModule, order: Sequence[fx.Node]) -> None:
@@ -95,12 +131,14 @@ def _value_spec(node: fx.Node, at: Mapping[str, int]) -> ValueSpec:
     return ValueSpec(node.name, kind if kind != "unknown" else "none", (), "", "8" if kind != "none" else "0")
 
 
-def build_plan(
-    *, model: nn.Module, cap: Captured, gm: fx.GraphModule, fingerprint: str, specs: Sequence[InputSpec],
-    symbols: dict[str, int], options: dict[str, Any], device: DeviceSpec, link: LinkSpec, priced: Priced,
-    bounds: Sequence[int], split: SplitResult, schedule: Schedule, micro: int, solution: Solution,
-    comm_units: Sequence[int], notes: Sequence[str], time_unit: float, memory: Sequence[StageMemory],
-) -> Plan:
+def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> Plan:
+    """The ``Plan`` for a solved split: per-stage costs and memory, boundaries, the simulated
+    step (``simulator.predict_step``, the same call ``partitioner timeline`` makes on the plan)."""
+    specs, symbols, options, notes = source.specs, dict(source.symbols), dict(source.options), source.notes
+    device, link = hardware.device, hardware.link
+    gm, priced, bounds, split, schedule = solved.gm, solved.priced, solved.bounds, solved.split, solved.schedule
+    micro, solution, comm_units, time_unit, memory = (solved.micro, solved.solution, solved.comm_units,
+                                                       solved.time_unit, solved.memory)
     at = {"B": micro, "S": symbols.get("S", 1)}
     by_name = {n.name: n for n in gm.graph.nodes}
     n_stages = len(split.stages)
@@ -157,7 +195,7 @@ def build_plan(
     report = SolverReport(solution.bottleneck * time_unit, solution.lower_bound * time_unit,
                           bool(solution.optimal), int(solution.total_cut_bytes))
     return Plan(
-        model=type(model).__name__, fingerprint=fingerprint, capture=cap.route,
+        model=source.model, fingerprint=source.fingerprint, capture=source.capture,
         inputs=tuple(_input_dict(s) for s in specs), symbols=dict(symbols), options=dict(options),
         device=device.to_dict(), link=link.to_dict(), stages=tuple(stage_plans),
         boundaries=tuple(boundaries), tied_parameters=tuple(tied), prediction=prediction,

@@ -61,7 +61,8 @@ def _itemsize(dtype: torch.dtype) -> int:
 class Pass:
     """Base of every pass. Subclasses are frozen dataclasses; options are their fields.
 
-    ``requires`` and ``provides`` name ``node.meta`` keys (see ``passes.meta``); the pass
+    ``requires`` and ``provides`` name ``node.meta`` keys, ``graph_requires`` and
+    ``graph_provides`` name ``gm.meta`` keys (all declared in ``passes.meta``); the pass
     manager checks them between passes. ``run`` returns a new or the same GraphModule and
     never touches the user's original module.
     """
@@ -69,6 +70,8 @@ class Pass:
     name: ClassVar[str] = "pass"
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
+    graph_requires: ClassVar[tuple[str, ...]] = ()
+    graph_provides: ClassVar[tuple[str, ...]] = ()
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -16,6 +16,7 @@ from torch import fx
 
 from passes.base import Pass
 from passes.errors import GraphError
+from passes.meta import GRAPH_KEYS, NODE_KEYS
 
 __all__ = ["Snapshot", "PassManager", "graph_text", "node_summary"]
 
@@ -61,15 +62,39 @@ class PassManager:
         if self.keep_snapshots:
             self.snapshots.append(Snapshot("capture", graph_text(gm), node_summary(gm)))
         for p in self.passes:
+            self._declared(p)
+        for p in self.passes:
             self._check(p, gm, p.requires, "requires")
+            self._check_graph(p, gm, p.graph_requires, "requires")
             start = time.perf_counter()
             gm = p.run(gm)
             elapsed = time.perf_counter() - start
             self._check(p, gm, p.provides, "provides")
+            self._check_graph(p, gm, p.graph_provides, "provides")
             log.debug("pass %s: %.3f s, %d nodes", p.name, elapsed, len(gm.graph.nodes))
             if self.keep_snapshots:
                 self.snapshots.append(Snapshot(p.name, graph_text(gm), node_summary(gm), elapsed))
         return gm
+
+    @staticmethod
+    def _declared(p: Pass) -> None:
+        """Refuse, before any pass runs, a pass naming a key ``passes/meta.py`` does not declare."""
+        for keys, table, where in ((p.requires, NODE_KEYS, "node.meta"), (p.provides, NODE_KEYS, "node.meta"),
+                                   (getattr(p, "graph_requires", ()), GRAPH_KEYS, "gm.meta"),
+                                   (getattr(p, "graph_provides", ()), GRAPH_KEYS, "gm.meta")):
+            for key in keys:
+                if key not in table:
+                    raise GraphError(f"pass {p.name!r} names {where}[{key!r}], which passes/meta.py does not declare; "
+                                     f"add it to {'GRAPH_KEYS' if table is GRAPH_KEYS else 'NODE_KEYS'} there")
+
+    @staticmethod
+    def _check_graph(p: Pass, gm: fx.GraphModule, keys: Sequence[str], what: str) -> None:
+        for key in keys:
+            if key not in gm.meta:
+                verb = "needs" if what == "requires" else "did not set"
+                raise GraphError(f"pass {p.name!r} {verb} gm.meta[{key!r}] ({GRAPH_KEYS.get(key, 'undeclared')}); "
+                                 + ("run the pass that provides it first" if what == "requires" else
+                                    "the pass must set every key it declares in graph_provides"))
 
     @staticmethod
     def _check(p: Pass, gm: fx.GraphModule, keys: Sequence[str], what: str) -> None:
