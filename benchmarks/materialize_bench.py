@@ -12,6 +12,11 @@ peak resident set (``/proc/self/clear_refs`` = 5), then
 and reports its peak RSS growth (VmHWM minus VmRSS before), the bytes its stage holds and
 the plan's ``param_bytes`` for it.
 
+Before measuring, each rank runs the same route once on a tiny GPT of the same class (2
+layers x 32): that pays the fixed per-process overhead (shared-library pages faulted in the
+first time a code path runs, the allocator's first arenas: 11 MB in a warm .venv, 31 MB in a
+freshly created one), reported as ``warm-up``; the growth then measured is the model's.
+
     python benchmarks/materialize_bench.py [--layers 12 --width 768 --vocab 8192]
 """
 
@@ -53,7 +58,7 @@ def _mem() -> tuple[int, int]:
     return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
 
 
-def _rank(rank: int, world: int, pipe: Any, cfg: GPTConfig, path: str, how: str) -> dict[str, float]:
+def _once(rank: int, pipe: Any, cfg: GPTConfig, path: str, how: str) -> tuple[dict[str, float], Any]:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -72,8 +77,29 @@ def _rank(rank: int, world: int, pipe: Any, cfg: GPTConfig, path: str, how: str)
         stage = real.build_stage(rank, "cpu")
     seconds = time.perf_counter() - t0
     _, peak = _mem()
+    return dict(growth=peak - base, seconds=seconds), stage
+
+
+def _rank(rank: int, world: int, warm: tuple[Any, GPTConfig, str], pipe: Any, cfg: GPTConfig, path: str,
+          how: str) -> dict[str, float]:
+    overhead, _ = _once(rank, *warm, how)  # the same route on a tiny model: the fixed overhead
+    r, stage = _once(rank, pipe, cfg, path, how)
     held = sum(t.numel() * t.element_size() for _, t in stage.unique_tensors())
-    return dict(growth=peak - base, held=held, predicted=pipe.plan.stages[rank].cost.param_bytes, seconds=seconds)
+    return dict(r, held=held, predicted=pipe.plan.stages[rank].cost.param_bytes, overhead=overhead["growth"])
+
+
+def _plan(cfg: GPTConfig) -> Any:
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model, partition(model, n_gpus=2, example_inputs=(torch.randint(0, cfg.vocab_size, (2, 128)),),
+                            pinned_cuts=[f"transformer.h.{cfg.n_layer // 2}"])
+
+
+def _write_in_child(cfg: GPTConfig, path: str) -> None:
+    p = mp.get_context("fork").Process(target=_write, args=(cfg, path))
+    p.start()
+    p.join()
+    assert p.exitcode == 0
 
 
 def main() -> None:
@@ -83,24 +109,25 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     a = ap.parse_args()
     cfg = _cfg(a)
+    tiny = GPTConfig(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=32)
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "gpt.safetensors")
-        p = mp.get_context("fork").Process(target=_write, args=(cfg, path))
-        p.start()
-        p.join()
-        with torch.device("meta"):
-            model = GPT(cfg)
+        path, warm_path = os.path.join(d, "gpt.safetensors"), os.path.join(d, "tiny.safetensors")
+        _write_in_child(cfg, path)
+        _write_in_child(tiny, warm_path)
+        model, pipe = _plan(cfg)
+        warm = (_plan(tiny)[1], tiny, warm_path)
         whole = sum(t.numel() * t.element_size() for t in model.parameters())
-        pipe = partition(model, n_gpus=2, example_inputs=(torch.randint(0, cfg.vocab_size, (2, 128)),),
-                         pinned_cuts=[f"transformer.h.{cfg.n_layer // 2}"])
         print(f"GPT {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}: {whole / 1e6:.1f} MB of float32 "
               f"weights (file {os.path.getsize(path) / 1e6:.1f} MB); 2 ranks, cut {pipe.plan.cuts[0]}")
-        print("| route | rank | peak RSS growth (MB) | stage holds (MB) | plan param_bytes (MB) | growth / whole | s |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"load: {os.getloadavg()[0]:.2f}")
+        print("| route | rank | warm-up growth (MB) | peak RSS growth (MB) | stage holds (MB) | "
+              "plan param_bytes (MB) | growth / whole | s |")
+        print("|---|---|---|---|---|---|---|---|")
         for how in ("per-rank", "whole model"):
-            for rank, r in enumerate(spawn(_rank, 2, pipe, cfg, path, how, timeout_s=600)):
-                print(f"| {how} | {rank} | {r['growth'] / 1e6:.1f} | {r['held'] / 1e6:.1f} | "
-                      f"{r['predicted'] / 1e6:.1f} | {r['growth'] / whole:.2f} | {r['seconds']:.2f} |")
+            for rank, r in enumerate(spawn(_rank, 2, warm, pipe, cfg, path, how, timeout_s=600)):
+                print(f"| {how} | {rank} | {r['overhead'] / 1e6:.1f} | {r['growth'] / 1e6:.1f} | "
+                      f"{r['held'] / 1e6:.1f} | {r['predicted'] / 1e6:.1f} | {r['growth'] / whole:.2f} | "
+                      f"{r['seconds']:.2f} |")
 
 
 if __name__ == "__main__":
