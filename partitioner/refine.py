@@ -7,9 +7,19 @@ other stages under that bound is "optimal", including ones with near-empty stage
 its left and right for their own bottlenecks, recursively: a greedy step towards the
 lexicographic min-max (the sorted stage times as small as they can be, largest first).
 The global bottleneck never grows: the first solution is a witness for every sub-problem.
+
+A part is re-solved only when its slowest stage is more than ``_SLACK`` above the part's
+own lower bound (its compute and end cuts, plus the cheapest inner cut paid twice per inner
+boundary, over its stage count; or its largest node): a part already that close to even
+cannot gain much, and the bound costs two prefix-sum lookups where a re-solve costs a search.
+The parts around its slowest stage are still examined the same way. Sub-problems keep the
+solver's rules: every stage computes something where possible, and cuts that send Python
+ints lose ties to cuts that send tensors only.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, solve
 
@@ -17,7 +27,7 @@ __all__ = ["refine", "score"]
 
 #: Sub-solves allowed per call: a 64-stage, 10,000-node refine stays near one second.
 _MAX_SOLVES = 8
-#: A part already this close to an even split (its inner cut costs aside) is left alone.
+#: A part whose slowest stage is within this fraction of the part's lower bound is not re-solved.
 _SLACK = 0.05
 
 
@@ -45,36 +55,61 @@ def _sub(inp: SolverInput, lo: int, hi: int, s0: int, k: int) -> SolverInput:
         capacity=inp.capacity[s0:s0 + k],
         pinned=[p - lo for p in inp.pinned if lo < p < hi],
         options=[Option(fold(o.compute), o.act_mem[lo:hi], o.reserve) for o in inp.options],
+        avoid=[False, *inp.avoid[lo + 1:hi], False] if len(inp.avoid) else (),
+        # folding the end cuts into the first and last position must not make them "compute"
+        has_compute=list(_computes(inp)[lo:hi]),
     )
+
+
+def _computes(inp: SolverInput) -> np.ndarray:  # type: ignore[type-arg]
+    if len(inp.has_compute):
+        return np.asarray(inp.has_compute, bool)
+    return np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0) > 0
 
 
 def refine(inp: SolverInput, n_stages: int, first: Solution) -> Solution:
     """``first`` (from ``solve``) with its non-bottleneck stages re-balanced."""
     bounds = [0, *first.cuts, len(inp.compute)]
-    budget = [_MAX_SOLVES]
+    budget = [_MAX_SOLVES]  # sub-solves left
+    n = len(inp.compute)
+    cheap = np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0) if n else np.zeros(0, np.int64)
+    P = np.concatenate([[0], np.cumsum(cheap)])
+    cc = np.asarray(inp.cut_cost, np.int64)
+    ok = np.asarray(inp.allowed, bool).copy()
+    ok[0] = ok[-1] = False
+    # the cheapest allowed cut anywhere: no window's cheapest inner cut is below it
+    m_all = int(cc[ok].min()) if ok.any() else 0
 
-    def balance(s0: int, k: int) -> None:
-        """Re-solve stages s0..s0+k-1 (currently bounds[s0]..bounds[s0+k]) in place."""
-        if k < 2 or budget[0] <= 0:
-            return
+    def lower_bound(lo: int, hi: int, k: int) -> int:
+        total = int(P[hi] - P[lo]) + int(cc[lo]) + int(cc[hi]) + 2 * (k - 1) * m_all
+        return max(-(-total // k), int(cheap[lo:hi].max(initial=0)) + (m_all if k > 1 else 0))
+
+    times = list(first.stage_times)
+    todo: list[tuple[int, int]] = []  # parts (first stage, stage count) still to examine
+
+    def around_worst(s0: int, k: int) -> None:
+        """Queue the parts left and right of the slowest stage of s0..s0+k-1 (left first)."""
+        part = times[s0:s0 + k]
+        worst = part.index(max(part))
+        todo.append((s0 + worst + 1, k - worst - 1))
+        todo.append((s0, worst))
+
+    around_worst(0, n_stages)
+    while todo:  # depth-first, left part first; a loop, since a part can nest S deep
+        s0, k = todo.pop()
+        if k < 2:
+            continue
         lo, hi = bounds[s0], bounds[s0 + k]
-        current = max(score(inp, tuple(bounds[1:-1])).stage_times[s0:s0 + k])
-        even = (sum(inp.compute[lo:hi]) + inp.cut_cost[lo] + inp.cut_cost[hi]) / k
-        if current <= even * (1 + _SLACK):  # already within 5 % of an even split: little to gain
-            return
-        budget[0] -= 1
-        try:
-            sol = solve(_sub(inp, lo, hi, s0, k), k)
-        except InfeasibleError:  # cannot happen (the current split is feasible); keep it
-            return
-        bounds[s0 + 1:s0 + k] = [lo + c for c in sol.cuts]
-        worst = max(range(k), key=lambda i: sol.stage_times[i])
-        balance(s0, worst)
-        balance(s0 + worst + 1, k - worst - 1)
-
-    worst = max(range(n_stages), key=lambda i: first.stage_times[i])
-    balance(0, worst)
-    balance(worst + 1, n_stages - worst - 1)
+        if max(times[s0:s0 + k]) > lower_bound(lo, hi, k) * (1 + _SLACK) and budget[0] > 0:
+            budget[0] -= 1
+            try:
+                sol = solve(_sub(inp, lo, hi, s0, k), k)
+            except InfeasibleError:  # cannot happen (the current split is feasible); keep it
+                sol = None
+            if sol is not None:
+                bounds[s0 + 1:s0 + k] = [lo + c for c in sol.cuts]
+                times[s0:s0 + k] = sol.stage_times
+        around_worst(s0, k)
     return score(inp, tuple(bounds[1:-1]), lower_bound=first.lower_bound, optimal=first.optimal)
 
 

@@ -103,6 +103,12 @@ class SolverInput:
     pinned: Sequence[int] = ()  # cut positions that must be used
     #: alternatives to (compute, act_mem); empty: the one option (compute, act_mem, 0)
     options: Sequence[Option] = ()
+    #: n+1: cuts that send a non-tensor value (a Python int such as a sym size); empty: none.
+    #: Among partitions of equal bottleneck they lose to cuts that send tensors only.
+    avoid: Sequence[bool] = ()
+    #: per position: does it compute anything? Empty: the cheapest option's compute > 0.
+    #: Every stage gets at least one such position when the instance allows it.
+    has_compute: Sequence[bool] = ()
 
     def choices(self) -> list[Option]:
         return list(self.options) or [Option(self.compute, self.act_mem, 0)]
@@ -129,6 +135,7 @@ class _Opt:
     f: _I64  # P[b] + cut_cost[b]: what a stage end contributes
     AM: _I64  # prefix activation memory, n+1
     cap: list[int]  # per stage: capacity less the option's reserve, clamped to fit int64
+    free: list[bool]  # per stage: the whole model fits, so the memory test can be skipped
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ class _Prep:
     cuts: _Ix  # allowed interior cut positions, increasing
     P_cuts: _I64  # P at those positions (non-decreasing too)
     lg: _Ix  # floor(log2(x)) for x in 0..n+1, integer-only
+    top: _Ix  # n+1: a stage ending at b starts before top[b] (b, or 1 + its last computing position)
+    min_cut: int  # the cheapest cut_cost among allowed interior cuts
 
 
 def _fmt_bytes(x: int) -> str:
@@ -165,6 +174,10 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
             raise SolverInputError(f"{name} has length {got}, expected {want} (n = {n} "
                                    f"positions, {S} stages); build every input from the "
                                    f"same order and stage count")
+    for name, want in (("avoid", n + 1), ("has_compute", n)):
+        got = len(getattr(inp, name))
+        if got not in (0, want):
+            raise SolverInputError(f"{name} has length {got}, expected {want} or 0 (n = {n} positions)")
     for k, o in enumerate(inp.options):
         for name in ("compute", "act_mem"):
             if len(getattr(o, name)) != n:
@@ -213,7 +226,7 @@ def _prefix(xs: Sequence[int]) -> _I64:
     return x
 
 
-def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0) -> _Prep:
+def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_compute: bool = False) -> _Prep:
     n = len(inp.compute)
     SM = _prefix(inp.static_mem)
     cc = np.asarray(inp.cut_cost, np.int64)
@@ -223,7 +236,8 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0) -> _Prep
         P, AM = _prefix(o.compute), _prefix(o.act_mem)
         cap = [max(min(int(c) + slack - int(o.reserve), int(SM[n]) + k * int(AM[n])), -1)
                for c, k in zip(inp.capacity, inflight)]
-        opts.append(_Opt(P, P - cc, P + cc, AM, cap))
+        whole = [int(SM[n]) + k * int(AM[n]) for k in inflight]
+        opts.append(_Opt(P, P - cc, P + cc, AM, cap, [c >= w for c, w in zip(cap, whole)]))
     Pmin = _prefix(np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0)) if n else _prefix([])
     pin_arr = np.asarray([0, *pins], np.intp)
     pin_lo = pin_arr[np.maximum(np.searchsorted(pin_arr, np.arange(n + 1), "left") - 1, 0)]
@@ -233,13 +247,28 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0) -> _Prep
     while (1 << k) <= n + 1:
         lg[1 << k:] += 1
         k += 1
-    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg)
+    top = np.arange(n + 1, dtype=np.intp)
+    if need_compute:  # [a, b) computes iff a <= its last computing position
+        comp = _computes(inp)
+        last = np.where(comp, np.arange(n), -1)
+        top[1:] = np.maximum.accumulate(last) + 1 if n else top[1:]
+    min_cut = int(cc[cuts].min()) if len(cuts) else 0
+    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut)
+
+
+def _computes(inp: SolverInput) -> npt.NDArray[np.bool_]:
+    """Per position: does it compute (``has_compute``, else the cheapest option's time > 0)?"""
+    if len(inp.has_compute):
+        return np.asarray(inp.has_compute, bool)
+    return np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0) > 0
 
 
 def _lo(pr: _Prep, o: _Opt, i: int, b: _Ix, T: int) -> _Ix:
     """Smallest start of stage ``i`` ending at each ``b`` under option ``o`` (memory, pins,
     P[b]-P[a] <= T)."""
     loT = np.searchsorted(o.P, o.P[b] - T, "left")  # implied by the time test; narrows
+    if o.free[i]:  # any stage fits: no memory limit to compute
+        return np.maximum(loT, pr.pin_lo[b])
     # Memory grows as the start moves left, so its limit is one searchsorted; the
     # prefix W is built only over the positions these windows can touch.
     a0, a1 = int(loT.min()), int(b.max()) + 1
@@ -257,7 +286,11 @@ def _ends(pr: _Prep, i: int, T: int) -> _Ix:
     # The compute before b must fit i+1 stages and the compute after the S-1-i others:
     # near the optimum a band of about 2n/S positions, so a sweep is O(n log w), not
     # O(S n log w). Positions also leave one node for each stage still to come.
-    lo_p, hi_p = max(total - (S - 1 - i) * T, 0), min((i + 1) * T, total)
+    # Every stage pays at least the cheapest allowed cut (m) on each interior side: the
+    # i+1 stages up to b pay 2i+1 of them, the S-1-i after it 2(S-1-i)-1.
+    m = pr.min_cut
+    lo_p = max(total - (S - 1 - i) * T + (2 * (S - 1 - i) - 1) * m, 0)
+    hi_p = min((i + 1) * T - (2 * i + 1) * m, total)
     c, Pc = pr.cuts, pr.P_cuts
     j0 = max(int(np.searchsorted(c, i + 1, "left")), int(np.searchsorted(Pc, lo_p, "left")))
     j1 = min(int(np.searchsorted(c, n - (S - 1 - i), "right")),
@@ -286,7 +319,8 @@ def _reach(pr: _Prep, T: int) -> list[_Ix] | None:
 def _valid_ends(pr: _Prep, o: _Opt, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
     """Which ends ``b`` a stage ``i`` under option ``o`` reaches from a start in ``R``."""
     lo = np.maximum(_lo(pr, o, i, b, T), int(R[0]))  # nothing reachable before R[0]
-    width = b - lo
+    hi = pr.top[b]  # starts lie in [lo, hi)
+    width = hi - lo
     x0, x1 = int(lo.min()), int(b[-1])
     if x0 >= x1:
         return np.zeros(len(b), bool)
@@ -302,7 +336,7 @@ def _valid_ends(pr: _Prep, o: _Opt, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArr
         table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
     lvl = pr.lg[np.maximum(width, 1)]
     left = np.minimum(lo - x0, m - 1)
-    right = np.maximum(b - x0 - (1 << lvl), 0)
+    right = np.maximum(hi - x0 - (1 << lvl), 0)
     best = np.maximum(table[lvl, left], table[lvl, right])
     ok: npt.NDArray[np.bool_] = (width >= 1) & (best >= o.f[b] - T)
     return ok
@@ -316,7 +350,7 @@ def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
         best = -1
         for o in pr.opts:
             lo = int(_lo(pr, o, i, np.array([b]), T)[0])
-            a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], b, "left")]
+            a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], int(pr.top[b]), "left")]
             a = a[o.g[a] >= o.f[b] - T]
             if len(a):
                 best = max(best, int(a[-1]))
@@ -385,7 +419,7 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
     spans: list[list[tuple[_Ix, _Ix]]] = []
     for i in range(1, S + 1):
         Fa, Fb = bands[i - 1], bands[i]
-        spans.append([(np.searchsorted(Fa, _lo(pr, o, i - 1, Fb, T), "left"), np.searchsorted(Fa, Fb, "left"))
+        spans.append([(np.searchsorted(Fa, _lo(pr, o, i - 1, Fb, T), "left"), np.searchsorted(Fa, pr.top[Fb], "left"))
                       for o in pr.opts])
     approx = n > 2000 and sum(int((e - s).sum()) for sp in spans for s, e in sp) > _PAIR_BUDGET
     best = np.zeros(1, np.int64)
@@ -460,7 +494,8 @@ def _mirror(inp: SolverInput, n: int) -> SolverInput:
     return SolverInput(r(inp.compute), r(inp.cut_cost), r(inp.cut_bytes), r(inp.allowed),
                        r(inp.static_mem), r(inp.act_mem), r(inp.inflight), r(inp.capacity),
                        [n - int(p) for p in inp.pinned],
-                       [Option(r(o.compute), r(o.act_mem), o.reserve) for o in inp.options])
+                       [Option(r(o.compute), r(o.act_mem), o.reserve) for o in inp.options],
+                       r(inp.avoid), r(inp.has_compute))
 
 
 def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> InfeasibleError:
@@ -498,6 +533,16 @@ def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> Infe
     return err
 
 
+def _tie_costs(inp: SolverInput, S: int) -> _I64:
+    """Per cut, what the tie-break minimises: its bytes, plus a penalty above any byte total
+    where it sends a non-tensor value (``avoid``), so that fewer such cuts always win."""
+    cb = np.asarray(inp.cut_bytes, np.int64)
+    if not len(inp.avoid) or not any(inp.avoid):
+        return cb
+    penalty = min(int(cb.sum()) + 1, _LIMIT // (S + 1))  # S cuts of penalty stay in int64
+    return cb + penalty * np.asarray(inp.avoid, np.int64)
+
+
 def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
     # Every stage but a lone one touches >= 1 interior cut and S-1 cuts are each paid
     # twice, so the cheapest allowed cut cost lifts both the average and the max bound.
@@ -517,9 +562,14 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     """
     S = n_stages
     n, pins = _check(inp, S)
-    fw = _prepare(inp, S, pins)
+    need = S > 1  # every stage computes something, where the instance allows it
+    fw = _prepare(inp, S, pins, need_compute=need)
     T_inf = max(int(o.P[n]) for o in fw.opts) + 2 * int(max(inp.cut_cost)) + 1
     R = _reach(fw, T_inf)
+    if R is None and need:  # too few computing positions (or pins, memory): allow idle stages
+        need = False
+        fw = _prepare(inp, S, pins)
+        R = _reach(fw, T_inf)
     if R is None:
         raise _memory_error(inp, S, pins, T_inf)
     lb = _lower_bound(inp, S, n)
@@ -542,10 +592,10 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
             hi, step = achieved(R, mid), hi
     T = hi
     R = _reach(fw, T)
-    Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins]), T)
+    Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins], need_compute=need), T)
     assert R is not None and Rm is not None  # T was proven feasible above
     F = [np.intersect1d(R[i], n - Rm[S - i], assume_unique=True) for i in range(S + 1)]
-    cuts = _min_bytes(fw, F, np.asarray(inp.cut_bytes, np.int64), T)
+    cuts = _min_bytes(fw, F, _tie_costs(inp, S), T)
     choice = _pick(fw, cuts, T)
     times = tuple(int(t) for t in _times(fw, cuts, choice))
     opts = inp.choices()

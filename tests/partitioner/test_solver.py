@@ -49,9 +49,10 @@ def stage_mem(inp: SolverInput, i: int, a: int, b: int) -> int:
 
 
 def brute(inp: SolverInput, S: int) -> tuple[int, int] | None:
-    """(bottleneck, bytes) of the best partition, or None when none is valid."""
+    """(bottleneck, bytes) of the best partition, or None when none is valid. When some valid
+    partition gives every stage compute (> 0), only those count (the solver's rule)."""
     n = len(inp.compute)
-    best = None
+    best: dict[bool, tuple[int, int]] = {}
     inner = [k for k in range(1, n) if inp.allowed[k]]
     for combo in itertools.combinations(inner, S - 1):
         if not set(inp.pinned) <= set(combo):
@@ -61,8 +62,9 @@ def brute(inp: SolverInput, S: int) -> tuple[int, int] | None:
             continue
         key = (max(stage_time(inp, c[i], c[i + 1]) for i in range(S)),
                sum(inp.cut_bytes[k] for k in combo))
-        best = key if best is None or key < best else best
-    return best
+        busy = S == 1 or all(sum(inp.compute[c[i]:c[i + 1]]) > 0 for i in range(S))
+        best[busy] = key if busy not in best or key < best[busy] else best[busy]
+    return best.get(True, best.get(False))
 
 
 def check_valid(inp: SolverInput, S: int, sol: Solution) -> None:
