@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import sympy
 
-__all__ = ["NodeCost", "BATCH", "SEQ", "ZERO"]
+from cost_models.errors import CostModelError
+
+__all__ = ["NodeCost", "BATCH", "SEQ", "ZERO", "evaluate"]
 
 #: The batch symbol: every batch-dependent size is a polynomial in it.
 BATCH = sympy.Symbol("B", positive=True, integer=True)
@@ -61,3 +65,25 @@ _SUMMED = (
     "saved_bytes",
     "fwd_bytes_moved",
 )
+
+
+def evaluate(expr: Any, batch: int, seq: int = 1) -> int:
+    """``expr`` (a sympy expression in ``B`` and ``S``, or a number) at ``B=batch``, ``S=seq``,
+    rounded up to an int: exact (rational arithmetic, no floats), cached per (expression,
+    sizes). The one evaluator of cost expressions: pricing, the plan's ``cost_at``,
+    ``DeviceSpec.node_time`` and the runtime's wire shapes all call it.
+
+    Raises ``CostModelError`` if the expression has a symbol other than ``B`` and ``S``.
+    """
+    if isinstance(expr, int) and not isinstance(expr, bool):
+        return expr
+    return _evaluate(sympy.sympify(expr), int(batch), int(seq))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _evaluate(expr: sympy.Expr, batch: int, seq: int) -> int:
+    value = sympy.sympify(expr.xreplace({BATCH: sympy.Integer(batch), SEQ: sympy.Integer(seq)}))
+    if value.free_symbols:
+        raise CostModelError(f"cost {expr} has symbols other than B and S ({sorted(map(str, value.free_symbols))}); "
+                             "costs must be polynomials or functions of B and S only")
+    return int(sympy.ceiling(value))

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import sympy
 
-from cost_models.cost import BATCH, SEQ, NodeCost
+from cost_models.cost import NodeCost
+from cost_models.cost import evaluate as cost_evaluate
 from cost_models.errors import CostModelError
 
 if TYPE_CHECKING:  # torch only where a device is measured: loading a plan's profiles needs none
@@ -122,6 +123,13 @@ LINKS: dict[str, LinkSpec] = {
         LinkSpec("pcie4", 32e9, 10e-6),  # PCIe 4.0 x16: 31.5 GB/s each way
         LinkSpec("pcie5", 64e9, 10e-6),  # PCIe 5.0 x16: 63 GB/s each way
         LinkSpec("ethernet-100g", 12.5e9, 25e-6),  # 100 Gb/s line rate; TCP round trips ~25 us
+        # Between nodes, one NIC per GPU (the DGX H100 layout: 8 x ConnectX-7 per node).
+        # InfiniBand NDR: 400 Gb/s = 50 GB/s each way; ~2 us through one switch hop plus
+        # NCCL's per-message software cost, ~5 us end to end.
+        LinkSpec("ib-ndr-400", 50e9, 5e-6),
+        # 200 Gb/s Ethernet with RoCE v2: 25 GB/s each way, ~10 us (switch and NIC latency
+        # are higher than InfiniBand's; NCCL over RoCE).
+        LinkSpec("ethernet-200g", 25e9, 10e-6),
         LinkSpec("loopback", 4e9, 50e-6),  # gloo over TCP on one host: a few GB/s, ~50 us
     ]
 }
@@ -147,15 +155,9 @@ def get_link(spec: str | LinkSpec) -> LinkSpec:
 
 
 def evaluate(exprs: Sequence[sympy.Expr], values: Mapping[str, int]) -> list[float]:
-    """Substitute B and S into several expressions at once (lambdified once per tuple)."""
-    f = _lambdified(tuple(sympy.sympify(e) for e in exprs))
-    return [float(v) for v in f(values.get("B", 1), values.get("S", 1))]
-
-
-@functools.lru_cache(maxsize=65536)
-def _lambdified(exprs: tuple[sympy.Expr, ...]) -> Callable[..., Any]:
-    # Python ints in, Python arithmetic out: polynomials with integer coefficients stay exact.
-    return sympy.lambdify((BATCH, SEQ), list(exprs), modules="math")
+    """Several expressions at ``values`` ({"B": .., "S": ..}): ``cost.evaluate`` on each."""
+    b, s = values.get("B", 1), values.get("S", 1)
+    return [float(cost_evaluate(e, b, s)) for e in exprs]
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from typing import Mapping
 import sympy
 
 from cost_models.cost import BATCH, SEQ
+from cost_models.cost import evaluate as cost_evaluate
 from cost_models.errors import PartitionError
 
 __all__ = ["PolyError", "to_text", "from_text", "evaluate"]
@@ -38,7 +39,7 @@ def to_text(expr: sympy.Expr | int, at: Mapping[str, int] | None = None) -> str:
     except sympy.PolynomialError:
         if at is None:
             raise PolyError(f"cost {expr} is not a polynomial in B and S") from None
-        return str(int(sympy.ceiling(expr.subs({BATCH: at.get("B", 1), SEQ: at.get("S", 1)}))))
+        return str(cost_evaluate(expr, at.get("B", 1), at.get("S", 1)))
     terms = []
     for (pb, ps), c in sorted(poly.terms(), reverse=True):
         factors = [f"B^{pb}" if pb > 1 else "B"] * (pb > 0) + [f"S^{ps}" if ps > 1 else "S"] * (ps > 0)
@@ -75,4 +76,5 @@ def from_text(text: str) -> sympy.Expr:
 
 
 def evaluate(expr: sympy.Expr, batch: int, seq: int = 1) -> int:
-    return int(sympy.ceiling(sympy.sympify(expr).subs({BATCH: batch, SEQ: seq})))
+    """``expr`` at ``B=batch``, ``S=seq``, rounded up: ``cost_models.cost.evaluate``."""
+    return cost_evaluate(expr, batch, seq)

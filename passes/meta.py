@@ -21,7 +21,7 @@ from __future__ import annotations
 __all__ = [
     "VAL", "COST", "MODULE", "STAGE", "DESC", "NODE_KEYS",
     "FAKE_MODE", "SYMBOLS", "EXAMPLE", "SYMBOLIC", "FAKE_PARAMS", "FAKES_BY_MODULE", "DEVICE", "RETYPE",
-    "MARKERS", "ORDER", "GRAPH_KEYS", "is_declared",
+    "MARKERS", "ORDER", "ORDER_PINNED", "GRAPH_KEYS", "is_declared",
 ]
 
 # -- node.meta ------------------------------------------------------------------------------
@@ -70,6 +70,9 @@ MARKERS = "pp.markers"
 #: ``passes.order.OrderReport``: the linear order chosen for a multi-branch graph.
 ORDER = "pp.order"
 
+#: ``tuple[str, ...]``: compute-node names in the order a re-applied plan fixes (``passes.order.pin_order``).
+ORDER_PINNED = "pp.order_pinned"
+
 #: Every graph key, with what it holds (``PassManager`` refuses a pass naming another).
 GRAPH_KEYS: dict[str, str] = {
     FAKE_MODE: "FakeTensorMode shape-prop ran in",
@@ -82,6 +85,7 @@ GRAPH_KEYS: dict[str, str] = {
     RETYPE: "mixed-precision recast (from, to) or None",
     MARKERS: "number of pipe_split() markers capture removed",
     ORDER: "OrderReport: bytes crossing each position before and after reordering",
+    ORDER_PINNED: "compute-node order a re-applied plan fixes (OrderForCuts keeps it)",
     "pp.recompute_mode": "a stage module's recompute mode (passes/recompute.py)",
 }
 
