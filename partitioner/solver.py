@@ -60,7 +60,7 @@ import numpy.typing as npt
 
 from cost_models.errors import PartitionError
 
-__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "solve"]
+__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "min_cost_at", "solve"]
 
 _I64 = npt.NDArray[np.int64]
 _Ix = npt.NDArray[np.intp]
@@ -605,3 +605,25 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
                     stage_mem=mems,
                     total_cut_bytes=int(sum(inp.cut_bytes[k] for k in cuts[1:-1])),
                     lower_bound=int(lb), optimal=True, stage_option=tuple(choice))
+
+
+def min_cost_at(inp: SolverInput, n_stages: int, T: int, costs: Sequence[int]) -> tuple[int, ...] | None:
+    """The interior cuts minimising ``sum(costs[k])`` over partitions whose every stage takes
+    <= ``T`` and fits memory (every stage computing where possible), or None if there is none.
+    Exact: the tie-break DP of ``solve`` at a given threshold with other per-cut costs
+    (``partitioner.objective`` uses the cuts' transfer times)."""
+    S = n_stages
+    n, pins = _check(inp, S)
+    c = np.asarray(costs, np.int64)
+    if len(c) != n + 1 or (len(c) and int(c.min()) < 0) or int(c.sum()) >= _LIMIT:
+        raise SolverInputError(f"costs needs {n + 1} non-negative entries with a total below 2^61")
+    for need in ((True, False) if S > 1 else (False,)):
+        fw = _prepare(inp, S, pins, need_compute=need)
+        R = _reach(fw, T)
+        if R is None:
+            continue
+        Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins], need_compute=need), T)
+        assert Rm is not None  # the mirror of a feasible instance is feasible
+        F = [np.intersect1d(R[i], n - Rm[S - i], assume_unique=True) for i in range(S + 1)]
+        return tuple(int(x) for x in _min_bytes(fw, F, c, T)[1:-1])
+    return None
