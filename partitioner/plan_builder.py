@@ -15,7 +15,7 @@ from partitioner import poly
 from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueSpec
 from partitioner.pricing import Priced, module_instance, wire_kind
 from partitioner.schedule import Schedule
-from partitioner.simulator import simulate
+from partitioner.simulator import boundary_bytes, predict_step, simulate
 from partitioner.solver import Solution
 from passes.base import InputSpec, TensorDesc
 from passes.meta import COST, DESC, MODULE
@@ -184,11 +184,9 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
         values = tuple(_value_spec(by_name[name], at) for name in split.io[i].outputs)
         boundaries.append(Boundary(i, _label(priced, k, options.get("cut_at")), values, priced.cut_bytes[k]))
     tied = sorted(tuple(sorted(e["names"])) for e in owners.values() if len(e["stages"]) > 1)
-    send = [link.transfer_time(priced.cut_bytes[bounds[i + 1]]) for i in range(n_stages - 1)]
-    bsend = [link.transfer_time(priced.cut_grad_bytes[bounds[i + 1]]) if priced.cut_grad_bytes[bounds[i + 1]] else 0.0
-             for i in range(n_stages - 1)]
-    sim = simulate(schedule, [st.cost.fwd_time_s for st in stage_plans],
-                   [st.cost.bwd_time_s for st in stage_plans], send, bsend)
+    # the plan's own records, the way ``partitioner timeline`` re-simulates a loaded plan
+    sim = predict_step(schedule, [st.cost.fwd_time_s for st in stage_plans], [st.cost.bwd_time_s for st in stage_plans],
+                       link.transfer_time, *boundary_bytes(boundaries, micro, at["S"]))
     prediction = Prediction(schedule.name, schedule.n_microbatches, micro, sim.step_time,
                             min(1.0, max(0.0, sim.bubble_fraction)), solution.bottleneck * time_unit,
                             tuple(unit_sim.peak_inflight))

@@ -26,9 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from collections.abc import Callable
+from typing import Any
+
+from partitioner import poly
 from partitioner.schedule import Action, Schedule, ScheduleError, replay
 
-__all__ = ["Event", "SimResult", "simulate", "timeline"]
+__all__ = ["Event", "SimResult", "boundary_bytes", "predict_plan", "predict_step", "simulate", "timeline"]
 
 
 class Event(NamedTuple):
@@ -111,6 +115,38 @@ def simulate(
     bubble = 1 - sum(busy) / (schedule.n_ranks * step) if step > 0 else 0.0
     events.sort(key=lambda e: (e.start, e.rank))
     return SimResult(step, bubble, tuple(busy), tuple(peak), tuple(events))
+
+
+def boundary_bytes(boundaries: Sequence[Any], microbatch: int, seq: int = 1) -> tuple[list[int], list[int]]:
+    """Per plan ``Boundary``: (bytes sent forward, gradient bytes sent back) at one micro-batch.
+    A gradient comes back for every floating tensor that requires one; integer tensors (token
+    ids, masks) and Python values send nothing back."""
+    fwd = [int(b.bytes) for b in boundaries]
+    grad = [sum(poly.evaluate(poly.from_text(v.bytes), microbatch, seq) for v in b.values
+                if v.kind == "tensor" and v.requires_grad and v.dtype.startswith(("float", "bfloat", "complex")))
+            for b in boundaries]
+    return fwd, grad
+
+
+def predict_step(schedule: Schedule, fwd_time: Sequence[float], bwd_time: Sequence[float],
+                 transfer_time: Callable[[float], float], fwd_bytes: Sequence[int],
+                 grad_bytes: Sequence[int]) -> SimResult:
+    """The predicted step: ``simulate`` with each boundary's transfers priced by the link
+    (``LinkSpec.transfer_time``). The plan's ``prediction`` and ``partitioner timeline`` both
+    come from here, on the same inputs (``predict_plan``), so they agree to the last digit."""
+    send = [transfer_time(b) for b in fwd_bytes]
+    bsend = [transfer_time(g) if g else 0.0 for g in grad_bytes]
+    return simulate(schedule, fwd_time, bwd_time, send, bsend)
+
+
+def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
+    """Re-simulate a loaded ``Plan`` from its own records: per-stage times, boundaries and link."""
+    from cost_models.devices import LinkSpec
+
+    link = LinkSpec.from_dict(plan.link)
+    fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
+    return predict_step(schedule, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
+                        link.transfer_time, fwd, grad)
 
 
 def timeline(result: SimResult, n_ranks: int, unit: float = 1.0) -> str:

@@ -42,17 +42,12 @@ class Block(NamedTuple):
 
 def predicted_events(plan: Any) -> tuple[list[Block], float]:
     """Re-simulate ``plan``'s schedule from its per-stage times; (blocks, step time in s)."""
-    from partitioner import LinkSpec
     from partitioner.schedule import build_schedule
-    from partitioner.simulator import simulate
+    from partitioner.simulator import predict_plan
 
     p = plan.prediction
     sched = build_schedule(p.schedule, int(plan.options["n_gpus"]), p.n_microbatches, plan.n_stages)
-    link = LinkSpec.from_dict(plan.link)
-    # Gradients flow back over the same cut; the plan's boundary bytes are one direction.
-    send = [link.transfer_time(b.bytes) for b in plan.boundaries]
-    result = simulate(sched, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
-                      send, send)
+    result = predict_plan(plan, sched)  # the plan's own prediction, re-run for its events
     blocks = [Block(e.rank, str(e.action), e.action.kind, e.action.microbatch, e.start, e.end)
               for e in result.events if e.end > e.start or e.action.is_compute]
     return blocks, result.step_time

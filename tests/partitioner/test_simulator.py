@@ -140,3 +140,39 @@ def test_zero_bubble_activations_live_until_w() -> None:
     assert simulate(s, [1.0], [2.0]).peak_inflight == (2,)  # I released nothing
     s = Schedule.from_text("schedule iw ranks=1 stages=1 microbatches=2\nrank 0: 0F0 0I0 0W0 0F1 0I1 0W1\n")
     assert simulate(s, [1.0], [2.0]).peak_inflight == (1,)
+
+
+def test_plan_and_timeline_predict_the_same_step() -> None:
+    """One prediction (issue 13 item 4): ``partitioner timeline`` re-simulates a loaded plan with
+    ``predict_plan``, the plan builder simulates with ``predict_step`` on the same records. Before,
+    the CLI sent every boundary's bytes back as gradients, so a model whose token ids cross the
+    cuts (no gradient) got a different step from the CLI than from its own plan."""
+    import torch
+    from torch import nn
+
+    from partitioner import load_plan, partition
+    from partitioner.simulator import boundary_bytes, predict_plan
+    from tools.timeline import predicted_events
+
+    class IdsEverywhere(nn.Module):  # token ids are read by every layer: an int64 tensor crosses every cut
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(64, 64)
+            self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+            self.bias = nn.ModuleList(nn.Embedding(64, 64) for _ in range(4))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.emb(ids)
+            for layer, bias in zip(self.layers, self.bias):
+                h = torch.relu(layer(h)) + bias(ids)
+            return h
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (16, 1024))
+    plan = partition(IdsEverywhere(), 4, (ids,), link="ethernet-100g").plan
+    fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
+    assert all(g < f for f, g in zip(fwd, grad))  # the ids go forward only
+    loaded = load_plan(plan.to_json())
+    sched = build_schedule(plan.prediction.schedule, 4, plan.prediction.n_microbatches)
+    assert predict_plan(loaded, sched).step_time == plan.prediction.step_time_s
+    assert predicted_events(loaded)[1] == plan.prediction.step_time_s
