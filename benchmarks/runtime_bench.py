@@ -34,7 +34,7 @@ from partitioner.examples.llama import Llama, LlamaConfig  # noqa: E402
 from partitioner.runtime.interop import pytorch_schedule  # noqa: E402
 from partitioner.schedule import SCHEDULES, Action  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
-from partitioner.schedule import build_schedule  # noqa: E402
+from partitioner.schedule import build_schedule, replay  # noqa: E402
 from partitioner.simulator import simulate  # noqa: E402
 
 __all__: list[str] = []
@@ -101,6 +101,46 @@ def breakdown(events: list[Any]) -> tuple[float, float, float, float]:
     return wall, compute, wait, wall - compute - wait
 
 
+def per_kind(events: list[Any]) -> dict[str, float]:
+    """One rank's traced step by action kind (seconds): compute per kind ("F", "B", "I",
+    "W"), "wait F" / "wait B" (blocked on activations / gradients), each comm kind's own
+    time ("SEND_F", "RECV_B", ...: the Python and the transport calls), and "between" (the
+    gaps between actions that no event covers: the interpreter's loop)."""
+    out: dict[str, float] = {}
+    for e in events:
+        k = "wait " + e.name.split()[1][0] if e.name.startswith("wait") else Action.parse(e.name).kind
+        out[k] = out.get(k, 0.0) + (e.end_ns - e.start_ns) / 1e9
+    wall = (max(e.end_ns for e in events) - min(e.start_ns for e in events)) / 1e9
+    out["between"] = wall - sum(out.values())
+    return out
+
+
+def replayed(pipe: Any, events: list[Any], schedule: str, m: int) -> float:
+    """The step a runtime with no overhead and free messages would take given the very
+    compute durations of this traced step (each action its own measured time, not a mean):
+    ours / replayed is the runtime's own loss, replayed / simulated the compute's variance."""
+    dur: dict[tuple[int, str, int], float] = {}
+    for e in events:
+        if not e.name.startswith("wait"):
+            a = Action.parse(e.name)
+            if a.is_compute:
+                dur[(a.stage, a.kind, a.microbatch)] = (e.end_ns - e.start_ns) / 1e9
+    sched = build_schedule(schedule, 2, m, pipe.plan.n_stages)
+    clock, lands = [0.0] * sched.n_ranks, {}
+
+    def visit(r: int, _i: int, a: Action) -> None:
+        st, k, mb = a
+        if k.startswith("SEND"):
+            lands[(k[-1], st, mb)] = clock[r]
+        elif k.startswith("RECV"):
+            clock[r] = max(clock[r], lands[(k[-1], st - 1 if k == "RECV_F" else st + 1, mb)])
+        else:
+            clock[r] += dur[(st, k, mb)]
+
+    replay(sched, visit)
+    return max(clock)
+
+
 def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> Any:
     """The simulator on the stage times measured in ``events`` (mean per stage and kind)."""
     acc: dict[tuple[int, str], list[float]] = {}
@@ -129,6 +169,7 @@ def main() -> None:
     ap.add_argument("--model", default="gpt", choices=["gpt", "llama"])
     ap.add_argument("--vocab", type=int, default=4096, help="llama only")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="micro-batch counts, comma-separated")
+    ap.add_argument("--dump", default=None, help="write every rank's traced step (events per m) to this JSON file")
     ap.add_argument("--cut", default="solver", choices=["middle", "solver"],
                     help="middle: pin the cut at the middle block; solver: our plan priced on this CPU (device='local')")
     args = ap.parse_args()
@@ -172,18 +213,32 @@ def main() -> None:
           f"schedule {args.schedule}, cuts {' ; '.join(pipe.plan.cuts)}, 2 ranks x 1 thread, gloo")
     print(f"unpartitioned, 1 thread: {base * 1e3:.1f} ms/step")
     print(f"{'m':>3} {'ours ms':>9} {'speedup':>8} {'torch.pp ms':>12} {'ours/torch':>10} {'simulated ms':>13} "
-          f"{'ours/sim':>9} {'bubble meas/sim':>16}  traced step: compute / waiting / overhead ms (max over ranks)")
+          f"{'ours/sim':>9} {'ours/replay':>11} {'bubble meas/sim':>16}  traced step: compute / waiting / overhead ms "
+          "(max over ranks)")
     for m in ms:
         ours = max(r[("ours", m)] for r in res)
         torch_pp = max(r[("torch", m)] for r in res)
-        simr = simulated(pipe, [e for r in res for e in r[("events", m)]], args.schedule, m)
+        evs = [e for r in res for e in r[("events", m)]]
+        simr = simulated(pipe, evs, args.schedule, m)
         sim = simr.step_time
         parts = [breakdown(r[("events", m)]) for r in res]
         wall = max(p[0] for p in parts)
         bubble = 1 - sum(p[1] for p in parts) / (len(parts) * wall)
         print(f"{m:>3} {ours * 1e3:>9.1f} {base / ours:>7.2f}x {torch_pp * 1e3:>12.1f} {ours / torch_pp:>10.2f} "
-              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f} {bubble:>7.1%} /{simr.bubble_fraction:>7.1%}  "
+              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f} {wall / replayed(pipe, evs, args.schedule, m):>11.2f} "
+              f"{bubble:>7.1%} /{simr.bubble_fraction:>7.1%}  "
               + " / ".join(f"{max(p[k] for p in parts) * 1e3:.1f}" for k in (1, 2, 3)))
+        for rank, r in enumerate(res):
+            kinds = per_kind(r[("events", m)])
+            print(f"      rank {rank} by kind, ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(kinds.items())))
+    if args.dump:
+        import json
+        with open(args.dump, "w") as fh:
+            json.dump({"base_s": base, "schedule": args.schedule, "n_stages": pipe.plan.n_stages,
+                       "steps": {str(m): {"ours_s": max(r[("ours", m)] for r in res),
+                                          "torch_s": max(r[("torch", m)] for r in res),
+                                          "events": [list(map(list, r[("events", m)])) for r in res]}
+                                 for m in ms}}, fh)
 
 
 if __name__ == "__main__":

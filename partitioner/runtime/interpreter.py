@@ -133,6 +133,7 @@ class Interpreter:
         self._next: dict[int, int] = {}  # peer rank -> index into its posting order
         self._saved: dict[tuple[int, int], tuple[list[Any], Any]] = {}
         self._weights: dict[tuple[int, int], WeightWork] = {}  # I done, W to come
+        self._params: dict[int, list[nn.Parameter]] = {}  # per stage, for I
         self._loss: torch.Tensor | None = None
 
     def _wire_layout(self, microbatch_size: int, seq: int) -> None:
@@ -159,6 +160,12 @@ class Interpreter:
                        "B": [links(self.links.sends(s), True) for s in range(n)]}
         order = posting_order(self.schedule, lambda d, s: [p for p, _ in self._recvs[d][s]])
         self._order = {dst: keys for (src, dst), keys in order.items() if src == self.rank}
+        # Per receiving stage and direction, the messages from other ranks: (peer rank, peer
+        # stage, layout), so posting a receive does no lookups.
+        rank_of = self.schedule.rank_of
+        self._remote = {d: [[(rank_of(peer), peer, tuple((w.shape, w.dtype) for w in ws if w.travels))
+                             for peer, ws in self._recvs[d][s] if rank_of(peer) != self.rank] for s in range(n)]
+                        for d in ("F", "B")}
 
     def start(self, microbatch_size: int, seq: int, inputs: Sequence[Sequence[Any]] | None = None,
               targets: Sequence[Any] | None = None) -> None:
@@ -183,17 +190,12 @@ class Interpreter:
                 if a.kind.startswith("RECV"):
                     self._RECV_F(a.stage, a.microbatch, a)
 
-    def _incoming(self, a: Action) -> list[tuple[Key, tuple[Wire, ...]]]:
-        """The messages a RECV action posts that come from another rank."""
-        d = a.kind[-1]
-        return [((d, peer, a.stage, a.microbatch), ws) for peer, ws in self._recvs[d][a.stage]
-                if self.schedule.rank_of(peer) != self.rank]
-
     def can_run(self, a: Action) -> bool:
         """False while ``a`` is a receive whose messages have not all been sent (one process)."""
         if not a.kind.startswith("RECV") or self.transport.prepost:
             return True
-        return all(self.transport.arrived(key) for key, _ in self._incoming(a))
+        d = a.kind[-1]
+        return all(self.transport.arrived((d, peer, a.stage, a.microbatch)) for _, peer, _ in self._remote[d][a.stage])
 
     def run(self, a: Action) -> None:
         t0 = time.perf_counter_ns()
@@ -242,10 +244,11 @@ class Interpreter:
         (self._local if self.schedule.rank_of(key[2]) == self.rank else self._out)[key] = tensors
 
     def _RECV_F(self, s: int, mb: int, a: Action) -> None:
-        for key, ws in self._incoming(a):
+        d = a.kind[-1]
+        for rank, peer, layout in self._remote[d][s]:
+            key = (d, peer, s, mb)
             if key not in self._pending:
-                bufs = [w.empty(self.device) for w in ws if w.travels]
-                self._pending[key] = self.transport.recv(key, self.schedule.rank_of(key[1]), bufs)
+                self._pending[key] = self.transport.recv(key, rank, layout, self.device)
 
     _RECV_B = _RECV_F
 
@@ -346,7 +349,9 @@ class Interpreter:
         what the weights need is kept for this micro-batch's ``W`` (see ``splitgrad``)."""
         args, out = self._saved[(s, mb)]
         roots, seeds = self._roots(s, mb, out)
-        params = [p for p in self.modules[s].parameters() if p.requires_grad]
+        params = self._params.get(s)
+        if params is None:  # once per stage: requires_grad does not change within a step
+            params = self._params[s] = [p for p in self.modules[s].parameters() if p.requires_grad]
         self._weights[(s, mb)] = input_grads(roots, seeds, args, params)
         self._send_input_grads(s, mb, args)
 

@@ -174,3 +174,105 @@ def test_skip_connections_go_straight_to_the_stage_that_uses_them(schedule: str)
                 assert {src, dst} == {0, 3}
     assert any("enc1_5" in names for _, _, log in results for _, names, _ in log)
     print(f"\nU-Net {schedule}, bytes per step by rank: relay {relay}, direct {[d // STEPS for d in direct]}")
+
+
+# -- DistTransport: one packed transfer per message, buffers reused across steps ----------
+
+_MIXED = [((2, 3), torch.float32), ((1,), torch.int64), ((5,), torch.bool), ((3, 1), torch.float16),
+          ((0, 4), torch.float32), ((7,), torch.float64)]
+
+
+def _exchange(rank: int, world: int) -> list[Any]:
+    import torch.distributed as dist
+
+    from partitioner.runtime.dist import DistTransport
+
+    tr = DistTransport(n_stages=2, n_microbatches=1, max_values=len(_MIXED))
+    key = ("F", 0, 1, 0)
+    seen = []
+    for step in range(2):
+        if rank == 0:
+            g = torch.Generator().manual_seed(step)
+            tensors = [torch.randint(0, 2, shape, generator=g).to(dtype) if dtype == torch.bool
+                       else (torch.randn(shape, generator=g) * 100).to(dtype) for shape, dtype in _MIXED]
+            tr.send(key, 1, tensors)
+            tr.flush()
+            seen.append((tensors, tr.bytes_sent))
+        else:
+            got = tr.recv(key, 0, _MIXED, "cpu").wait()
+            fresh = [t.grad is None and not t.requires_grad for t in got]
+            seen.append([(t.clone(), f, t.untyped_storage().data_ptr()) for t, f in zip(got, fresh)])
+            got[0].requires_grad_()
+            (got[0] * 2).sum().backward()  # a .grad on step 0's tensor must not reach step 1's
+        dist.barrier()
+    return seen
+
+
+def test_a_message_of_mixed_dtypes_arrives_whole_and_its_buffers_are_reused() -> None:
+    sent, got = spawn(_exchange, 2, timeout_s=TIMEOUT_S)
+    payload = sum(torch.empty(s, dtype=d).nbytes for s, d in _MIXED)
+    for step in range(2):
+        tensors, bytes_sent = sent[step]
+        assert bytes_sent == payload * (step + 1)  # payload only, not the alignment padding
+        for want, (have, fresh, _) in zip(tensors, got[step]):
+            assert have.dtype == want.dtype and have.shape == want.shape
+            assert torch.equal(have, want)
+            assert fresh  # new tensor objects: step 0's .grad and requires_grad do not carry over
+    # the same bytes hold step 1's message (CPU buffers are kept per key) ...
+    assert [p for _, _, p in got[0]] == [p for _, _, p in got[1]]
+    assert len({p for _, _, p in got[0]}) == 1  # ... and every value is a view of one packed buffer
+
+
+def _train_mid_block(rank: int, world: int, schedule: str) -> tuple[list[float], dict[str, torch.Tensor], list[Any]]:
+    _, pipe = _mid_block_pipe()
+    x, y, loss_fn = data("gpt")
+    stage = pipe.build_stage(rank, "cpu")
+    params = stage.parameters()
+    opt = torch.optim.SGD(params, lr=LR)
+    runner = stage.runner(schedule, n_microbatches=4, loss_fn=loss_fn)
+    losses = []
+    for _ in range(STEPS):
+        stage_zero_grad(params)
+        loss = runner.step(x if rank == 0 else None, target=y)
+        losses.append(float("nan") if loss is None else loss.item())
+        opt.step()
+    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}, runner.interpreter.sent
+
+
+def _mid_block_pipe() -> tuple[Any, Any]:
+    import copy
+    import functools
+
+    from partitioner import partition
+    from tests.fixtures.models import FIXTURES
+
+    @functools.cache
+    def built() -> tuple[Any, Any, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = FIXTURES["gpt"].build()
+        # Inside block 1: the residual and ln_2's output both cross (one message, two values).
+        pipe = partition(model, example_inputs=FIXTURES["gpt"].inputs(), n_gpus=2,
+                         pinned_cuts=["transformer.h.1.mlp"])
+        return model, pipe, copy.deepcopy(model.state_dict())
+
+    model, pipe, init = _MID.setdefault("built", built)()
+    model.load_state_dict(init)
+    model.zero_grad(set_to_none=True)
+    return model, pipe
+
+
+_MID: dict[str, Any] = {}
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_a_cut_inside_a_block_packs_its_values_and_trains_like_one_process(schedule: str) -> None:
+    model, pipe = _mid_block_pipe()
+    assert len(pipe.plan.boundaries[0].values) == 2
+    x, y, loss_fn = data("gpt")
+    want_losses, want = reference(model, x, y, loss_fn)
+    results = spawn(_train_mid_block, 2, schedule, timeout_s=TIMEOUT_S)
+    assert results[1][0] == pytest.approx(want_losses, rel=1e-5)
+    for _, params, _ in results:
+        assert_params(params, want)
+    forward = [names for (d, _, _, _), names, _ in results[0][2] if d == "F"]
+    assert forward and all(len(names) == 2 for names in forward)
