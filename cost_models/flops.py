@@ -9,14 +9,23 @@ in the op's arguments; everything else (ints, lists, bools) as it is. Two number
   so the numbers agree by construction (torch/utils/flop_counter.py, ``flop_registry``).
   Ops outside the registry count 0 there.
 - ``op_flops``: everything we price. Equal to ``fc_flops`` on registry ops; for the rest,
-  per-element constants below (fvcore's conventions for norms: 5 FLOPs per element with an
-  affine transform, 4 without, fvcore/nn/jit_handles.py ``norm_flop_counter``).
+  the rule registered in ``OP_RULES`` under the op's name (``register_op_rule``): formulas
+  (matmul, linear, norms, pools, CPU flash attention) and per-element constants (fvcore's
+  conventions for norms: 5 FLOPs per element with an affine transform, 4 without,
+  fvcore/nn/jit_handles.py ``norm_flop_counter``).
+
+Where a new op's rule goes: ``@register_op_rule("op_name")`` on a function ``(args, kwargs,
+out) -> sympy.Expr`` (shapes as ``Shape``), here or in user code before ``partition()``. An op
+with no rule is priced as elementwise, one FLOP per output element, and logged once at DEBUG
+(``cost_models.flops``) so ``PARTITIONER_LOG=debug`` lists the ops priced that way. Ops that
+``FlopCounterMode`` counts use torch's formula; registering a rule for one is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,13 +37,17 @@ from torch.utils import flop_counter as fc
 from cost_models.errors import CostModelError
 
 __all__ = [
+    "OP_RULES",
     "Shape",
     "counted_by_flop_counter",
     "fc_flops",
     "op_flops",
     "op_name",
     "register_cpu_flash_attention_flops",
+    "register_op_rule",
 ]
+
+log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
@@ -182,35 +195,91 @@ _NORMS: dict[str, tuple[int, int]] = {  # name → (weight argument index, fwd/b
 _POOLS = {"max_pool1d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d"}
 
 
+#: A cost rule: (args, kwargs, out) with tensors as ``Shape`` -> forward FLOPs (sympy, in B and S).
+Rule = Callable[[Sequence[Any], Mapping[str, Any], Any], sympy.Expr]
+#: op name (``op_name``: "mm", "native_layer_norm", ...) -> its rule. One entry per op.
+OP_RULES: dict[str, Rule] = {}
+
+
+def register_op_rule(*names: str, replace: bool = False) -> Callable[[Rule], Rule]:
+    """Decorator: ``rule`` prices the ops ``names`` (aten names without overload, "add" also
+    prices in-place "add_"). Refuses an op ``FlopCounterMode`` counts (torch's formula wins
+    there, a rule would never run) and a second rule for one op unless ``replace=True``."""
+
+    def wrap(rule: Rule) -> Rule:
+        for name in names:
+            if counted_by_flop_counter(name):
+                raise CostModelError(f"op {name!r} is priced by torch.utils.flop_counter's own formula; "
+                                     "a rule registered here would never run")
+            if name in OP_RULES and not replace:
+                raise CostModelError(f"op {name!r} already has a cost rule ({OP_RULES[name].__name__}); "
+                                     "pass replace=True to replace it")
+            OP_RULES[name] = rule
+        return rule
+
+    return wrap
+
+
+_UNPRICED: set[str] = set()
+
+
 def op_flops(op: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
     """All forward FLOPs we price for ``op`` (a backward op is priced as its own forward)."""
-    name = op_name(op)
     if counted_by_flop_counter(op):
         return fc_flops(op, args, kwargs, out)
-    if name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        return _cpu_flash(name, args)
-    if name == "matmul":
-        a = args[0]
-        return 2 * _out_numel(out) * a[-1]
-    if name == "linear":
-        return 2 * _out_numel(out) * args[0][-1]
-    if name in _NORMS:
-        w_idx, factor = _NORMS[name]
+    name = op_name(op)
+    rule = OP_RULES.get(name) or OP_RULES.get(name.rstrip("_"))  # in-place add_ prices as add
+    if rule is None and name.rstrip("_").startswith(_ZERO_PREFIXES):
+        return sympy.Integer(0)
+    if rule is not None:
+        return rule(args, kwargs, out)
+    if name not in _UNPRICED:
+        _UNPRICED.add(name)
+        log.debug("no cost rule for op %r: priced as elementwise, 1 FLOP per output element "
+                  "(add one with cost_models.flops.register_op_rule)", name)
+    return _out_numel(out)
+
+
+def _per_out(k: int) -> Rule:
+    def rule(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
+        return k * _out_numel(out)
+
+    rule.__name__ = f"per_output_element_{k}"
+    return rule
+
+
+def _per_in(k: int) -> Rule:
+    def rule(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
+        return k * _numel(args[0])
+
+    rule.__name__ = f"per_input_element_{k}"
+    return rule
+
+
+def _zero(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
+    return sympy.Integer(0)
+
+
+def _norm(w_idx: int, factor: int) -> Rule:
+    def rule(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
         affine = len(args) > w_idx and isinstance(args[w_idx], Shape)
         return factor * (5 if affine else 4) * _numel(args[0 if factor == 1 else 1])
-    if name in _POOLS:
-        kernel = args[1] if len(args) > 1 else kwargs.get("kernel_size", (1,))
-        return _out_numel(out if isinstance(out, Shape) else out[0]) * math.prod(kernel)
-    if name.endswith(("pool2d_backward", "pool3d_backward", "pool2d_with_indices_backward")):
-        return _out_numel(out)
-    base = name.rstrip("_") if name not in _PER_OUT else name  # in-place add_ prices as add
-    if base in _PER_IN:
-        return _PER_IN[base] * _numel(args[0])
-    if base in _PER_OUT:
-        return _PER_OUT[base] * _out_numel(out)
-    if base in _ZERO or base.startswith(("new_", "empty", "zeros", "ones", "full", "sym_", "_to_")):
-        return sympy.Integer(0)
-    return _out_numel(out)  # unknown op: assume elementwise, 1 FLOP per output element
+
+    rule.__name__ = "norm"
+    return rule
+
+
+def _matmul(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
+    return 2 * _out_numel(out) * args[0][-1]
+
+
+def _pool(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
+    kernel = args[1] if len(args) > 1 else kwargs.get("kernel_size", (1,))
+    return _out_numel(out if isinstance(out, Shape) else out[0]) * math.prod(kernel)
+
+
+def _pool_backward(args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) -> sympy.Expr:
+    return _out_numel(out)
 
 
 # Data movement only: views, copies, gathers, factories. Priced by bytes, not FLOPs.
@@ -282,6 +351,32 @@ def _cpu_flash(name: str, args: Sequence[Any]) -> sympy.Expr:
     return sympy.sympify(fc.sdpa_flop_count(args[0], args[1], args[2]))
 
 
+# Names that are data movement or factories whatever their suffix (new_zeros, empty_like, sym_size, ...)
+_ZERO_PREFIXES = ("new_", "empty", "zeros", "ones", "full", "sym_", "_to_")
+
+
+def _register_builtin_rules() -> None:
+    """The built-in table, one rule per op name (tables above turned into registry entries)."""
+    for n in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        if not counted_by_flop_counter(n):  # once registered with FlopCounterMode, torch's formula prices it
+            OP_RULES[n] = (lambda name: lambda args, kwargs, out: _cpu_flash(name, args))(n)
+    OP_RULES["matmul"] = OP_RULES["linear"] = _matmul
+    for n, (w_idx, factor) in _NORMS.items():
+        OP_RULES[n] = _norm(w_idx, factor)
+    for n in _POOLS:
+        OP_RULES[n] = _pool
+    for n in ("max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward", "avg_pool2d_backward",
+              "avg_pool3d_backward", "adaptive_max_pool2d_backward", "_adaptive_avg_pool2d_backward",
+              "_adaptive_avg_pool3d_backward"):
+        OP_RULES[n] = _pool_backward
+    for n in _ZERO:
+        OP_RULES[n] = _zero
+    for n, k in _PER_OUT.items():
+        OP_RULES[n] = _per_out(k)
+    for n, k in _PER_IN.items():  # after _PER_OUT: a name in both is a reduction ("max", "min")
+        OP_RULES[n] = _per_in(k)
+
+
 def register_cpu_flash_attention_flops() -> None:
     """Teach ``FlopCounterMode`` the CPU flash-attention kernels (it counts 0 for them).
 
@@ -303,3 +398,6 @@ def register_cpu_flash_attention_flops() -> None:
             grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
         ) -> int:
             return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_register_builtin_rules()

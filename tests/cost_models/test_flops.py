@@ -195,3 +195,62 @@ def test_op_name_and_errors() -> None:
     assert op_name(aten.mm.default) == op_name(aten.mm) == op_name("aten::mm.default") == "mm"
     with pytest.raises(CostModelError, match="cannot price 3: expected an aten OpOverload"):
         op_name(3)
+
+
+# -- the per-op rule registry (issue 13 item 3) ----------------------------------------------
+
+
+def test_every_builtin_table_entry_is_a_registry_rule() -> None:
+    from cost_models import flops
+
+    for table in (flops._PER_OUT, flops._PER_IN, flops._ZERO, flops._NORMS, flops._POOLS):
+        missing = [n for n in table if n not in flops.OP_RULES]
+        assert not missing, missing
+    assert flops.OP_RULES["matmul"] is flops.OP_RULES["linear"]
+
+
+def test_a_registered_rule_prices_its_op_and_unknown_ops_are_elementwise() -> None:
+    import logging
+
+    from cost_models import flops
+    from cost_models.cost import BATCH
+
+    x = flops.Shape((BATCH, 16))
+    name = "pp_test_only_op"
+    assert flops.op_flops(name, (x,), {}, x) == 16 * BATCH  # no rule: one FLOP per output element
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("cost_models.flops")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        flops.op_flops(name + "_2", (x,), {}, x)
+        flops.op_flops(name + "_2", (x,), {}, x)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert sum(name + "_2" in r.getMessage() for r in records) == 1  # logged once per op
+
+    @flops.register_op_rule(name)
+    def seven_per_element(args: Any, kwargs: Any, out: Any) -> sympy.Expr:
+        return 7 * flops._numel(args[0])
+
+    try:
+        assert flops.op_flops(name, (x,), {}, x) == 7 * 16 * BATCH
+        assert flops.op_flops(name + "_", (x,), {}, x) == 7 * 16 * BATCH  # in-place variant
+        with pytest.raises(CostModelError, match="already has a cost rule"):
+            flops.register_op_rule(name)(seven_per_element)
+        flops.register_op_rule(name, replace=True)(flops._zero)
+        assert flops.op_flops(name, (x,), {}, x) == 0
+    finally:
+        del flops.OP_RULES[name]
+
+
+def test_a_rule_for_an_op_torch_counts_is_refused() -> None:
+    from cost_models import flops
+
+    with pytest.raises(CostModelError, match="flop_counter's own formula"):
+        flops.register_op_rule("mm")(flops._zero)
+    assert "mm" not in flops.OP_RULES

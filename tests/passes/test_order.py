@@ -82,8 +82,7 @@ def test_reordered_plan_reapplies_with_its_stages() -> None:
 
 def test_pin_order_refuses_an_order_that_breaks_data_flow() -> None:
     torch.manual_seed(0)
-    model, args = TwoTower(width=32, depth=3), two_tower_inputs(4)
-    gm = torch.fx.symbolic_trace(model)
+    gm = torch.fx.symbolic_trace(TwoTower(width=32, depth=3))
     names = [n.name for n in compute_nodes(gm)]
     assert pin_order(gm, names[::-1]) == compute_nodes(gm) and "pp.order_pinned" not in gm.meta
     assert pin_order(gm, names[:-1]) == compute_nodes(gm) and "pp.order_pinned" not in gm.meta
