@@ -2,6 +2,11 @@
 
 Run: ``.venv/bin/python benchmarks/solver_bench.py [--n 10000] [--stages 64]``.
 Prints the best-of-3 solve time and the bottleneck against the lower bound.
+
+``--mlp``: the search of ``benchmarks/partition_bench.py``'s instance (the 2,500-layer MLP,
+10,000 nodes, 64 stages, A100 + PCIe 4, GPipe m=8) captured from ``partition()``: solve +
+refine as ``api._search`` runs them, now and at commit 2cec17e (before the issue 8 item 7
+work, loaded from git), side by side in one run, best of 3 each, and whether the answers agree.
 """
 
 from __future__ import annotations
@@ -32,11 +37,93 @@ def build(n: int, S: int, seed: int = 0) -> SolverInput:
                        capacity, pinned=(sorted(k for k in range(1, n) if allowed[k])[n // 4],))
 
 
+def _old_modules() -> tuple[object, object]:
+    """solver and refine as of commit 2cec17e, loaded from git into private modules."""
+    import importlib.util
+    import subprocess
+    import sys
+    import types
+
+    mods = []
+    for name in ("solver", "refine"):
+        src = subprocess.run(["git", "show", f"2cec17e:partitioner/{name}.py"], capture_output=True, text=True,
+                             check=True).stdout
+        if name == "refine":
+            src = src.replace("from partitioner.solver import", "from _old_solver import")
+        mod = types.ModuleType(f"_old_{name}")
+        sys.modules[f"_old_{name}"] = mod
+        exec(compile(src, f"2cec17e:partitioner/{name}.py", "exec"), mod.__dict__)  # noqa: S102 - our own history
+        mods.append(mod)
+    assert importlib.util is not None
+    return mods[0], mods[1]
+
+
+def mlp_search() -> None:
+    from dataclasses import replace
+
+    import torch
+
+    import partitioner.api as api
+    from partitioner import partition
+    from partitioner.refine import refine
+
+    sys_path_bench()
+    from partition_bench import DeepMLP
+
+    got: dict[str, SolverInput] = {}
+    real = api._search_cuts
+
+    def spy(prob, sin):  # type: ignore[no-untyped-def]
+        got["sin"] = sin
+        return real(prob, sin)
+
+    api._search_cuts = spy
+    try:
+        partition(DeepMLP(2500), n_gpus=64, example_inputs=(torch.randn(8, 64),), device="a100-80gb", link="pcie4",
+                  schedule="gpipe", n_microbatches=8)
+    finally:
+        api._search_cuts = real
+    sin = got["sin"]
+    base = sin.choices()[0]  # what _search solves first: memory free, no recompute option
+    free = replace(sin, options=[], compute=base.compute, act_mem=base.act_mem, capacity=[2**60] * len(sin.capacity))
+    old_solver, old_refine = _old_modules()
+    old_free = old_solver.SolverInput(**{k: v for k, v in free.__dict__.items()  # type: ignore[attr-defined]
+                                         if k not in ("avoid", "has_compute")})
+    rows = {}
+    for label, run in (("now", lambda: refine(free, 64, solve(free, 64))),
+                       ("2cec17e", lambda: old_refine.refine(old_free, 64, old_solver.solve(old_free, 64)))):  # type: ignore[attr-defined]
+        best, sol = float("inf"), None
+        for _ in range(3):
+            t0 = time.perf_counter()
+            sol = run()
+            best = min(best, time.perf_counter() - t0)
+        rows[label] = (best, sol)
+    (t_new, new), (t_old, old) = rows["now"], rows["2cec17e"]
+    print(f"search (solve + refine) of the 10,000-node MLP into 64 stages, best of 3: now {t_new:.3f} s, "
+          f"at 2cec17e {t_old:.3f} s ({t_old / t_new:.1f}x)")
+    print(f"bottleneck now {new.bottleneck} ps, before {old.bottleneck} ps (equal: {new.bottleneck == old.bottleneck}); "
+          f"sorted stage times now {sorted(new.stage_times, reverse=True)[:3]}..., "
+          f"before {sorted(old.stage_times, reverse=True)[:3]}...")
+
+
+def sys_path_bench() -> None:
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--stages", type=int, default=64)
+    parser.add_argument("--mlp", action="store_true", help="time the search of partition_bench's MLP, now vs before")
     args = parser.parse_args()
+    if args.mlp:
+        mlp_search()
+        return
     inp = build(args.n, args.stages)
     times = []
     for _ in range(3):

@@ -11,6 +11,8 @@ Search (``step_search``): the simulator is the arbiter among candidates, all fea
 the solver's additive memory model:
 
 1. the min-bottleneck split (after ``refine``): the answer is never predicted slower than it;
+   and the min-bottleneck split of compute alone, transfers ignored (the baseline of PyTorch's
+   proposed ``auto_partition``);
 2. for thresholds ``T = T* (1 + d)``, ``d`` in ``_LADDER``, the split with every stage <= ``T``
    that minimises the total transfer time of its cuts (exact: the solver's reachability
    bands and its min-cost DP over cut pairs, ``solver.min_cost_at``). Under the 1F1B
@@ -115,9 +117,13 @@ def step_search(inp: SolverInput, n_stages: int, model: StepModel, first: Soluti
     base = visit(first.cuts)
     assert base is not None, "the min-bottleneck split must fit (it came from the solver)"
     if S > 1:
+        try:  # the split that balances compute alone (transfers ignored), as PyTorch's auto_partition DP
+            visit(solve(replace(inp, cut_cost=[0] * (n + 1), avoid=()), S).cuts)
+        except InfeasibleError:
+            pass
         cost = np.asarray(inp.cut_cost, np.int64)
         for d in _LADDER:
-            cuts = min_cost_at(inp, S, int(first.bottleneck * (1 + d)), cost)
+            cuts = min_cost_at(inp, S, int(first.bottleneck * (1 + d)), cost.tolist())
             if cuts is not None:
                 visit(cuts)
     allowed = [k for k in range(1, n) if inp.allowed[k]]
@@ -177,7 +183,8 @@ def _computes(inp: SolverInput) -> np.ndarray:  # type: ignore[type-arg]
 def fewer_stages(inp: SolverInput, model: StepModel, current: float, *, n_gpus: int, stages_per_rank: int,
                  counts: Sequence[int] | None = None,
                  inflight_of: Callable[[Schedule], Sequence[int]] | None = None) -> list[tuple[int, float | None]]:
-    """Predicted step per pipeline rank count below ``n_gpus``: (ranks, step or None when it
+    """Predicted step per pipeline rank count below ``n_gpus`` (every count up to 8 GPUs, else
+    one GPU and half of them): (ranks, step or None when it
     does not fit or the schedule does not allow it), each with the min-bottleneck split of the
     same costs under the same schedule, micro-batches and per-rank memory. ``current`` is the
     plan's own step: counts whose lower bound (each rank busy m x total work / ranks at least;
@@ -187,7 +194,7 @@ def fewer_stages(inp: SolverInput, model: StepModel, current: float, *, n_gpus: 
     sched = model.schedule
     name, m = sched.name, sched.n_microbatches
     if counts is None:
-        counts = list(range(1, n_gpus)) if n_gpus <= 8 else sorted({max(1, n_gpus >> k) for k in range(1, 12)} - {n_gpus})
+        counts = list(range(1, n_gpus)) if n_gpus <= 8 else [1, n_gpus // 2]  # a solve per count: few
     work = min(sum(o.compute) for o in inp.choices())
     out: list[tuple[int, float | None]] = []
     for g in counts:

@@ -103,7 +103,7 @@ def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: boo
         model, inputs = loaded if loaded is not None else load_model(spec)
     from partitioner import PartitionError, partition
 
-    extra = {k: getattr(args, k) for k in ("precision", "recompute") if getattr(args, k, None) is not None}
+    extra = {k: getattr(args, k) for k in ("precision", "recompute", "objective") if getattr(args, k, None) is not None}
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet), _library_output(args):
         try:
             return partition(
