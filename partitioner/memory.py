@@ -149,8 +149,31 @@ def _is_repeat_kv(node: fx.Node) -> bool:
 
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
+    """Every fx input of ``node`` in ``(args, kwargs)`` pytree order, repeats included (the
+    ``j`` of ``saved_refs``): a direct walk of plain tuples, lists and dicts, pytree for
+    anything else (namedtuples, ...)."""
+    out: list[fx.Node] = []
+    if _walk_nodes((node.args, node.kwargs), out):
+        return out
     return [a for a in pytree.tree_leaves((node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
             if isinstance(a, fx.Node)]
+
+
+_SEQS = (tuple, list, fx.immutable_collections.immutable_list)
+_MAPS = (dict, fx.immutable_collections.immutable_dict)
+
+
+def _walk_nodes(a: Any, out: list[fx.Node]) -> bool:
+    t = type(a)
+    if t is fx.Node:
+        out.append(a)
+    elif t in _SEQS:
+        return all(_walk_nodes(x, out) for x in a)
+    elif t in _MAPS:
+        return all(_walk_nodes(v, out) for v in a.values())
+    elif isinstance(a, (tuple, list, dict, fx.Node)):
+        return False  # a subclass pytree may flatten otherwise
+    return True
 
 
 def _desc_leaves(desc: Any) -> list[TensorDesc]:
@@ -176,6 +199,11 @@ class Activations:
         self.leaves = {n.name: _desc_leaves(n.meta.get(DESC)) for n in gm.graph.nodes}
         self.static_names = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
         self._cache: dict[tuple[int, int], Any] = {}
+        # per position, what every _resolve needs (walked once, not once per stage tried)
+        self.args = [_arg_nodes(n) for n in self.order]
+        self.costs: list[NodeCost] = [n.meta.get(COST, NodeCost()) for n in self.order]
+        self.internal_expr = [sympy.sympify(c.saved_internal) for c in self.costs]
+        self._nbytes: dict[Root, sympy.Expr] = {}
         self.saves, self.inputs, self.internal, self.bytes = self._resolve(0, len(self.order))
         self.attention = tuple(n.meta.get(COST, NodeCost()).kind.startswith("attention") for n in self.order)
         paths = [str(n.meta.get(MODULE, "")) for n in self.order]
@@ -204,7 +232,7 @@ class Activations:
                 return [None] * max(len(self.leaves.get(arg.name, [])), 1)
             received: list[Root | None] = []
             for i, d in enumerate(self.leaves.get(arg.name, [])):
-                sizes[(arg.name, i)] = d.nbytes()
+                sizes[(arg.name, i)] = self._leaf_bytes(arg.name, i, d)
                 received.append((arg.name, i))
             roots[arg.name] = received
             return received
@@ -212,9 +240,8 @@ class Activations:
         saves: list[tuple[Root, ...]] = []
         inputs: list[tuple[Root, ...]] = []
         internal: list[sympy.Expr] = []
-        for node in self.order[a:b]:
-            cost: NodeCost = node.meta.get(COST, NodeCost())
-            args = _arg_nodes(node)
+        for p in range(a, b):
+            node, cost, args = self.order[p], self.costs[p], self.args[p]
             gqa = cost.kind == "attention-causal"
 
             def resolve(j: int, i: int) -> Root | None:
@@ -234,7 +261,7 @@ class Activations:
                 r = resolve(*alias) if alias is not None else None
                 if r is None:
                     r = (node.name, i)
-                    sizes[r] = cost.out_storage[i] if i < len(cost.out_storage) else d.nbytes()
+                    sizes[r] = cost.out_storage[i] if i < len(cost.out_storage) else self._leaf_bytes(node.name, i, d)
                 mine.append(r)
             roots[node.name] = mine
             kept: list[Root] = []
@@ -249,10 +276,16 @@ class Activations:
                         ins.append(r)
             saves.append(tuple(kept))
             inputs.append(tuple(ins))
-            internal.append(sympy.sympify(cost.saved_internal))
+            internal.append(self.internal_expr[p])
         out = (saves, inputs, internal, sizes)
         self._cache[(a, b)] = out
         return out
+
+    def _leaf_bytes(self, name: str, i: int, d: TensorDesc) -> sympy.Expr:
+        hit = self._nbytes.get((name, i))
+        if hit is None:
+            hit = self._nbytes[(name, i)] = d.nbytes()
+        return hit
 
     # -- exact, per stage ----------------------------------------------------------------
     def stage_saved(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr]:

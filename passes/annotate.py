@@ -32,7 +32,7 @@ from cost_models.errors import PartitionError
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, OnDevice, state_by_module
+from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, state_by_module
 
 __all__ = ["AnnotateCosts", "AnnotateError", "is_attention", "param_users", "tensor_users"]
 
@@ -89,11 +89,12 @@ class AnnotateCosts(Pass):
         cache: dict[str, NodeCost] = {}
         sizes = _Sizes(mapping, mode.shape_env)
         depends: dict[fx.Node, bool] = {}
+        shown = _Shown()
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 node.meta[COST] = NodeCost()
                 continue
-            key = _key(node, gm)
+            key = _key(node, gm, shown)
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
@@ -259,17 +260,16 @@ def _first_use_bytes(gm: fx.GraphModule) -> dict[str, tuple[sympy.Expr, sympy.Ex
     return out
 
 
-def _key(node: fx.Node, gm: fx.GraphModule) -> str:
-    """What a node's cost depends on: what it runs and the shapes it runs on."""
-
-    def show(a: Any) -> Any:
-        return a.meta.get(DESC) if isinstance(a, fx.Node) else a
-
-    args = pytree.tree_map(show, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+def _key(node: fx.Node, gm: fx.GraphModule, shown: _Shown | None = None) -> str:
+    """What a node's cost depends on: what it runs and the shapes it runs on (each input
+    node's shape description printed once per pass, ``shape_prop._Shown``)."""
+    shown = shown or _Shown()
+    args = shown.args(node)
+    if args is None:
+        args = pytree.tree_map(lambda a: ("node", shown.node(a)) if isinstance(a, fx.Node) else a,
+                               (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        state = [(k, tuple(v.shape), v.dtype, v.requires_grad) for k, v in mod.state_dict(keep_vars=True).items()]
-        target: Any = (type(mod).__qualname__, mod.extra_repr(), mod.training, state)
+        target: Any = shown.module(gm, str(node.target))[1]
     elif node.op == "get_attr":
         target = node.meta.get(DESC)
     else:

@@ -196,10 +196,12 @@ class _FakeInterpreter(fx.Interpreter):
         self.fakes = fake_params(gm, mode, device, cast)
         self.by_module = state_by_module(self.fakes)
         self.templates: dict[str, Any] = {}
+        self.shown = _Shown()
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            key = _structural_key(n, self.module) if n.op in ("call_module", "call_function", "call_method") else None
+            key = _structural_key(n, self.module, self.shown) \
+                if n.op in ("call_module", "call_function", "call_method") else None
             hit = self.templates.get(key) if key is not None else None
             if hit is not None:
                 # Structurally identical to a node already run (same op, same input shapes): the
@@ -284,7 +286,97 @@ def _shareable(out: Any) -> bool:
     return True
 
 
-def _structural_key(node: fx.Node, root: nn.Module) -> str | None:
+class _Shown:
+    """Memo of what ``_structural_key`` (and annotate's cost key) print per input node and per
+    module: a node's shape description is printed once, not once per consumer (sympy printing
+    was most of the key's cost on deep graphs), and a leaf module's type, options and state
+    shapes once per module."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[fx.Node, str] = {}
+        self.modules: dict[str, Any] = {}
+
+    def node(self, a: fx.Node) -> str:
+        hit = self.nodes.get(a)
+        if hit is None:
+            hit = self.nodes[a] = _show_desc(a.meta.get(DESC, a.name))
+        return hit
+
+    def args(self, node: fx.Node) -> Any:
+        """``(node.args, node.kwargs)`` with every input node replaced by its printed shape
+        description, or None for containers the fast walk does not know (namedtuples, ...)."""
+        try:
+            return (self._walk(node.args), self._walk(node.kwargs))
+        except _Unknown:
+            return None
+
+    def _walk(self, a: Any) -> Any:
+        t = type(a)
+        if t is fx.Node:
+            return ("node", self.node(a))
+        if t in _TUPLES:
+            return tuple(self._walk(x) for x in a)
+        if t in _LISTS:
+            return [self._walk(x) for x in a]
+        if t in _DICTS:
+            return {k: self._walk(v) for k, v in a.items()}
+        if isinstance(a, (tuple, list, dict, fx.Node)):
+            raise _Unknown  # a subclass pytree may treat otherwise: take the general path
+        return a
+
+    def module(self, root: nn.Module, target: str) -> tuple[bool, Any]:
+        """Whether the module has submodules, and its type, options, mode and state shapes."""
+        hit = self.modules.get(target)
+        if hit is None:
+            mod = root.get_submodule(target)
+            state = [(k, tuple(v.shape), v.dtype, v.requires_grad) for k, v in mod.state_dict(keep_vars=True).items()]
+            hit = self.modules[target] = (any(True for _ in mod.children()),
+                                          (type(mod).__qualname__, mod.extra_repr(), mod.training, state))
+        return hit
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _show_desc(desc: Any) -> str:
+    """``repr(desc)``, the same text, with each size expression printed once per process
+    (sympy's printer costs ~50 us a call; a deep graph has a handful of distinct sizes)."""
+    t = type(desc)
+    if t is TensorDesc:
+        dims = ", ".join(_show_expr(e) for e in desc.shape)
+        shape = f"({dims},)" if len(desc.shape) == 1 else f"({dims})"
+        return f"TensorDesc(shape={shape}, dtype={desc.dtype!r}, requires_grad={desc.requires_grad!r})"
+    if t is tuple or t is list:
+        items = ", ".join(_show_desc(d) for d in desc)
+        return (f"({items},)" if len(desc) == 1 else f"({items})") if t is tuple else f"[{items}]"
+    if isinstance(desc, sympy.Basic):
+        return _show_expr(desc)
+    return repr(desc)
+
+
+_SHOWN: dict[int, tuple[Any, str]] = {}  # id(expr) -> (expr, its repr): the entry keeps the id alive
+
+
+def _show_expr(e: Any) -> str:
+    # By identity, not equality: sympy's __eq__ is slow, and the sizes of a graph are mostly
+    # the same few objects (shape-prop's translations are cached by sympy).
+    hit = _SHOWN.get(id(e))
+    if hit is not None and hit[0] is e:
+        return hit[1]
+    if len(_SHOWN) > 1 << 14:
+        _SHOWN.clear()
+    text = repr(e)
+    _SHOWN[id(e)] = (e, text)
+    return text
+
+
+_TUPLES = (tuple,)
+_LISTS = (list, fx.immutable_collections.immutable_list)
+_DICTS = (dict, fx.immutable_collections.immutable_dict)
+
+
+def _structural_key(node: fx.Node, root: nn.Module, shown: _Shown | None = None) -> str | None:
     """What a node's output shapes depend on: what it runs and on what (its inputs' shapes,
     dtypes and grad flags, other arguments as they are, a module's type and state shapes)."""
     if node.op == "call_method" and str(node.target).endswith("_"):
@@ -292,19 +384,15 @@ def _structural_key(node: fx.Node, root: nn.Module) -> str | None:
     name = getattr(node.target, "__name__", "")
     if node.op == "call_function" and (name.endswith("_") or not callable(node.target)):
         return None
-
-    def show(a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            return ("node", a.meta.get(DESC, a.name))
-        return a
-
-    args = pytree.tree_map(show, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+    shown = shown or _Shown()
+    args = shown.args(node)
+    if args is None:
+        args = pytree.tree_map(lambda a: ("node", shown.node(a)) if isinstance(a, fx.Node) else a,
+                               (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
     if node.op == "call_module":
-        mod = root.get_submodule(str(node.target))
-        if any(True for _ in mod.children()):
+        nested, target = shown.module(root, str(node.target))
+        if nested:
             return None  # a module with submodules may do anything: run it
-        state = [(k, tuple(v.shape), v.dtype, v.requires_grad) for k, v in mod.state_dict(keep_vars=True).items()]
-        target: Any = (type(mod).__qualname__, mod.extra_repr(), mod.training, state)
     else:
         target = (getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", str(node.target)),
                   id(node.target))
@@ -364,7 +452,16 @@ def _fake_like(t: torch.Tensor, mode: FakeTensorMode, device: torch.device, cast
         return hit
     dtype = cast if cast is not None and t.dtype.is_floating_point else t.dtype
     fake: torch.Tensor
-    if t.device == device and dtype == t.dtype:
+    if type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and not t.is_quantized:
+        # A plain dense tensor: the fake is made from a meta tensor of its shape and strides,
+        # directly (what ``torch.empty_strided`` under the mode does, without dispatch;
+        # ``from_tensor`` describes the whole tensor and cost ~0.2 ms each on a 10,000-
+        # parameter model). The same fake whether the model lives on meta, CPU or GPU.
+        meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype, device="meta")
+        fake = mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
+        if t.requires_grad:
+            fake.requires_grad_(True)
+    elif t.device == device and dtype == t.dtype:
         fake = mode.from_tensor(t, static_shapes=True)
     else:
         with mode:

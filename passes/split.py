@@ -10,6 +10,7 @@ keys are a subset of the model's, so an existing checkpoint loads into stages di
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -63,12 +64,14 @@ def live_values(gm: fx.GraphModule, cuts: list[int]) -> list[tuple[str, ...]]:
     n_total = len(order)
     crossing: list[list[str]] = [[] for _ in cuts]
     values = [n for n in gm.graph.nodes if n.op == "placeholder"] + order
-    for v in values:
+    by_cut = sorted(range(len(cuts)), key=lambda j: cuts[j])
+    at = [cuts[j] for j in by_cut]
+    for v in values:  # in graph order, so each cut lists its values in graph order
         produced = pos.get(v, -1)
         last = max((pos.get(u, n_total) for u in v.users), default=produced)
-        for j, k in enumerate(cuts):
-            if produced < k <= last:
-                crossing[j].append(v.name)
+        # the cuts k with produced < k <= last, found by bisection (not every cut per value)
+        for j in by_cut[bisect.bisect_right(at, produced):bisect.bisect_right(at, last)]:
+            crossing[j].append(v.name)
     return [tuple(c) for c in crossing]
 
 
@@ -92,8 +95,11 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
     ins = [placeholders, *crossing]
     outs = [*crossing, None]
     stages, ios = [], []
+    per_stage: list[list[fx.Node]] = [[] for _ in range(n_stages)]
+    for n, s in zip(order, stages_seen):
+        per_stage[s].append(n)
     for s in range(n_stages):
-        nodes = [n for n in order if assignment[n.name] == s]
+        nodes = per_stage[s]
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for name in ins[s]:
