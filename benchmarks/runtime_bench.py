@@ -1,23 +1,34 @@
-"""Pipeline runtime on this machine: 2 stages in 2 processes (one thread each) against
-the unpartitioned model on one thread, against torch.distributed.pipelining running the
-same stages and schedule, and against the simulator fed this CPU's measured stage times.
+"""Pipeline runtime on this machine: stages in one process per rank (one thread each)
+against the unpartitioned model on one thread, against torch.distributed.pipelining
+running the same stages and schedule (and, with ``--cut solver``, PyTorch on the middle
+cut too), and against the simulator fed the stage times measured in the same run.
 
-Run: ``.venv/bin/python benchmarks/runtime_bench.py [--batch 32] [--cut solver|middle] [--layers 8] [--steps 5]``.
-Times are the fastest of ``--steps`` steps (other jobs share the cores) after two warm-up steps, forward + backward of
-one global batch (no optimizer step), gloo over loopback.
+Run: ``.venv/bin/python benchmarks/runtime_bench.py [--batch 32] [--cut solver|middle] [--layers 8] [--steps 5]
+[--ranks 2] [--no-torch] [--dump FILE]``. Every contender runs once per round, ``--steps`` + 2 rounds (two warm
+up), so load from other jobs hits them alike; each keeps its fastest step. Forward + backward of one global batch
+(no optimizer step), gloo over loopback.
 
 ``--model llama`` is issue 11's benchmark (Llama-shaped: dim 256, 8 layers, vocab 4096, batch 16 x 64 tokens):
-``--model llama --batch 16 --seq 64 --cut middle --ms 8 --schedule 1f1b``. ``--schedule`` takes any registry name
-(zb-h1, zbv: PyTorch's ScheduleInterleavedZeroBubble / ScheduleZBVZeroBubble run the same stages). Each row
-also gives, from our runtime's trace, where each rank's step went (max over ranks): compute (F/B/I/W), waiting
-for peers (blocked receives), and overhead (the rest: Python, sends, posting receives), and ours / simulated, the
-simulation fed the stage times measured in the same run.
+``--model llama --batch 16 --seq 64 --ms 8 --schedule 1f1b``. ``--schedule`` takes any registry name (zb-h1, zbv:
+PyTorch's ScheduleInterleavedZeroBubble / ScheduleZBVZeroBubble run the same stages).
+
+Columns: plain (unpartitioned, one process), ours, torch.pp, "tpp mid" (PyTorch on the middle cut, as a speedup
+over plain), sim (the simulator on the mean F/B/I/W time per stage of our traced step), ours/replay (the traced
+step over a replay of the same lists with each action's own measured duration and free messages: what the
+runtime itself loses, apart from the compute's variance), the bubble measured vs simulated, "local" (every
+stage in one process, no transport) and "solo sim" (the simulator on local's stage times: the step the ranks
+would reach if none slowed another, the ceiling for this cut), and the traced step's compute / waiting for
+peers / overhead (max over ranks), then per rank and action kind (``trace.breakdown``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import statistics
+import tempfile
 import sys
 import time
 from typing import Any
@@ -32,6 +43,8 @@ from partitioner import partition  # noqa: E402
 from partitioner.examples import gpt_example  # noqa: E402
 from partitioner.examples.llama import Llama, LlamaConfig  # noqa: E402
 from partitioner.runtime.interop import pytorch_schedule  # noqa: E402
+from partitioner.runtime.interpreter import TraceEvent  # noqa: E402
+from partitioner.runtime.trace import PREDICTED_PID, breakdown  # noqa: E402
 from partitioner.schedule import SCHEDULES, Action  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
 from partitioner.schedule import build_schedule, replay  # noqa: E402
@@ -40,79 +53,108 @@ from partitioner.simulator import simulate  # noqa: E402
 __all__: list[str] = []
 
 MS = (1, 4, 8)
+_TRACE = os.path.join(tempfile.gettempdir(), f"runtime_bench_{os.getpid()}.json")
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, 1), y.flatten())
 
 
-def _median_step(step: Any, steps: int, events: Any = None) -> float:
-    """Fastest of ``steps`` timed steps; with ``events`` (a callable giving the last step's
-    trace), that step's trace is kept in ``_median_step.events``."""
-    times, traces = [], []
+def _rounds(contenders: dict[str, tuple[Any, bool]], steps: int, rank: int) -> dict[str, Any]:
+    """Every contender once per round, in a shuffled order, ``steps + 2`` rounds (the first
+    two warm up), so the load other jobs put on the machine hits them all alike. A contender is (step,
+    solo): a solo step runs on rank 0 alone (the other ranks wait in the barrier) and is
+    timed there; the others end when the slowest rank ends. Keeps each one's fastest
+    step (the least disturbed: the machine is shared) and, for steps returning a trace,
+    that step's trace under ("events", name), and every timed step under "every" (per
+    round, so two contenders compare round by round)."""
+    best: dict[str, Any] = {}
+    every: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
     for i in range(steps + 2):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        dist.barrier()  # the step ends when the slowest rank ends
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-            traces.append(list(events()) if events is not None else None)
-    best = min(range(len(times)), key=times.__getitem__)
-    _median_step.events = traces[best]  # type: ignore[attr-defined]
-    return times[best]  # the least-disturbed step: the machine is shared
+        random.Random(i).shuffle(order)  # the same order on every rank; no contender always follows another
+        for name in order:
+            step, solo = contenders[name]
+            dist.barrier()
+            t0 = time.perf_counter()
+            got = step() if rank == 0 or not solo else None
+            t = time.perf_counter() - t0
+            dist.barrier()
+            if not solo:
+                t = time.perf_counter() - t0  # the step ends when the slowest rank ends
+            if i >= 2:
+                every[name].append(t)
+            if i >= 2 and (name not in best or t < best[name]):
+                best[name] = t
+                if got is not None:
+                    best[("events", name)] = got
+    best["every"] = every
+    return best
 
 
-def _ranks(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor, schedule: str, steps: int,
-           ms: tuple[int, ...]) -> dict[str, Any]:
+def _torch_step(pipe: Any, rank: int, world: int, schedule: str, m: int, x: torch.Tensor, y: torch.Tensor) -> Any:
+    theirs = pipe.build_stage(rank, "cpu")
+    # torch's 1F1B refuses m < n_stages; with m = 1 both schedules are the same list.
+    name = "gpipe" if schedule == "1f1b" and m < world else schedule
+    stages = [theirs.as_pipelining_stage(s, n_microbatches=m, batch=len(x)) for s in sorted(theirs.modules)]
+    cls = pytorch_schedule(name)
+    sched = cls(stages if len(stages) > 1 or name in ("zb-h1", "interleaved-1f1b") else stages[0], m,
+                loss_fn=loss_fn)
+    first, last = 0 in theirs.modules, pipe.plan.n_stages - 1 in theirs.modules
+
+    def step() -> None:
+        if first and last:
+            sched.step(x, target=y)
+        elif first:
+            sched.step(x)
+        else:
+            sched.step(target=y)
+    return step
+
+
+def _ranks(rank: int, world: int, pipe: Any, middle: Any, model: Any, x: torch.Tensor, y: torch.Tensor,
+           schedule: str, steps: int, ms: tuple[int, ...], with_torch: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in ms:
         ours = pipe.build_stage(rank, "cpu")
         runner = ours.runner(schedule, n_microbatches=m, loss_fn=loss_fn, batch_size=len(x))
-        out[("ours", m)] = _median_step(lambda: runner.step(x if rank == 0 else None, target=y), steps,
-                                        lambda: runner.interpreter.events)
-        out[("events", m)] = _median_step.events  # type: ignore[attr-defined]
-        theirs = pipe.build_stage(rank, "cpu")
-        # torch's 1F1B refuses m < n_stages; with m = 1 both schedules are the same list.
-        name = "gpipe" if schedule == "1f1b" and m < world else schedule
-        stages = [theirs.as_pipelining_stage(s, n_microbatches=m, batch=len(x)) for s in sorted(theirs.modules)]
-        cls = pytorch_schedule(name)
-        sched = cls(stages if len(stages) > 1 or name in ("zb-h1", "interleaved-1f1b") else stages[0], m,
-                    loss_fn=loss_fn)
-        first, last = 0 in theirs.modules, pipe.plan.n_stages - 1 in theirs.modules
 
-        def torch_step() -> None:
-            if first and last:
-                sched.step(x, target=y)
-            elif first:
-                sched.step(x)
-            else:
-                sched.step(target=y)
-        out[("torch", m)] = _median_step(torch_step, steps)
+        def ours_step() -> list[Any]:
+            runner.step(x if rank == 0 else None, target=y)
+            return list(runner.interpreter.events)
+
+        def plain() -> None:
+            loss_fn(model(x), y).backward()
+            model.zero_grad(set_to_none=True)
+
+        def local() -> list[Any]:
+            # every stage in this one process, no transport: each stage's compute alone
+            its = pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m,
+                                  trace=_TRACE)
+            del its
+            model.zero_grad(set_to_none=True)
+            with open(_TRACE) as fh:
+                tr = json.load(fh)
+            return [TraceEvent(e["pid"], e["name"], int(e["ts"] * 1e3), int((e["ts"] + e["dur"]) * 1e3))
+                    for e in tr["traceEvents"] if e.get("ph") == "X" and e["pid"] < PREDICTED_PID]
+
+        contenders = {"plain": (plain, True), "local": (local, True), "ours": (ours_step, False)}
+        if with_torch:
+            contenders["torch"] = (_torch_step(pipe, rank, world, schedule, m, x, y), False)
+        if middle is not None and with_torch:
+            contenders["torch middle"] = (_torch_step(middle, rank, world, schedule, m, x, y), False)
+        got = _rounds(contenders, steps, rank)
+        for k, v in got.items():
+            out[(k, m)] = v
     return out
 
 
-def breakdown(events: list[Any]) -> tuple[float, float, float, float]:
+def split3(events: list[Any]) -> tuple[float, float, float, float]:
     """(wall, compute, waiting, overhead) seconds of one rank's traced step."""
-    wall = (max(e.end_ns for e in events) - min(e.start_ns for e in events)) / 1e9
-    compute = sum(e.end_ns - e.start_ns for e in events
-                  if not e.name.startswith("wait") and Action.parse(e.name).is_compute) / 1e9
-    wait = sum(e.end_ns - e.start_ns for e in events if e.name.startswith("wait")) / 1e9
-    return wall, compute, wait, wall - compute - wait
-
-
-def per_kind(events: list[Any]) -> dict[str, float]:
-    """One rank's traced step by action kind (seconds): compute per kind ("F", "B", "I",
-    "W"), "wait F" / "wait B" (blocked on activations / gradients), each comm kind's own
-    time ("SEND_F", "RECV_B", ...: the Python and the transport calls), and "between" (the
-    gaps between actions that no event covers: the interpreter's loop)."""
-    out: dict[str, float] = {}
-    for e in events:
-        k = "wait " + e.name.split()[1][0] if e.name.startswith("wait") else Action.parse(e.name).kind
-        out[k] = out.get(k, 0.0) + (e.end_ns - e.start_ns) / 1e9
-    wall = (max(e.end_ns for e in events) - min(e.start_ns for e in events)) / 1e9
-    out["between"] = wall - sum(out.values())
-    return out
+    k = breakdown(events)
+    compute = sum(v for n, v in k.items() if n in ("F", "B", "I", "W"))
+    wait = sum(v for n, v in k.items() if n.startswith("wait"))
+    return k["wall"], compute, wait, k["wall"] - compute - wait
 
 
 def replayed(pipe: Any, events: list[Any], schedule: str, m: int) -> float:
@@ -125,7 +167,7 @@ def replayed(pipe: Any, events: list[Any], schedule: str, m: int) -> float:
             a = Action.parse(e.name)
             if a.is_compute:
                 dur[(a.stage, a.kind, a.microbatch)] = (e.end_ns - e.start_ns) / 1e9
-    sched = build_schedule(schedule, 2, m, pipe.plan.n_stages)
+    sched = build_schedule(schedule, pipe.plan.options["n_gpus"], m, pipe.plan.n_stages)
     clock, lands = [0.0] * sched.n_ranks, {}
 
     def visit(r: int, _i: int, a: Action) -> None:
@@ -154,13 +196,15 @@ def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> Any:
     f = [mean.get((s, "F"), 0.0) for s in range(n)]
     i = [mean.get((s, "I"), 0.0) for s in range(n)]
     b = [mean.get((s, "B"), 0.0) + i[s] + mean.get((s, "W"), 0.0) for s in range(n)]
-    sched = build_schedule(schedule, 2, m, n)
+    sched = build_schedule(schedule, pipe.plan.options["n_gpus"], m, n)
     return simulate(sched, f, b, igrad_time=i if SCHEDULES[schedule].split_backward else ())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ranks", type=int, default=2, help="pipeline ranks (processes), one thread each")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
@@ -173,6 +217,7 @@ def main() -> None:
     ap.add_argument("--cut", default="solver", choices=["middle", "solver"],
                     help="middle: pin the cut at the middle block; solver: our plan priced on this CPU (device='local')")
     args = ap.parse_args()
+    load0 = f"{os.getloadavg()[0]:.2f}"
     torch.manual_seed(0)
     torch.set_num_threads(1)
     ms = tuple(int(v) for v in args.ms.split(","))
@@ -186,59 +231,84 @@ def main() -> None:
                                   n_head=4, block_size=args.seq)
         blocks = "transformer.h"
     y = torch.randint(0, args.vocab if args.model == "llama" else model.cfg.vocab_size, x.shape)
-    n_stages = 2 * SCHEDULES[args.schedule].default_stages_per_rank
+    n_stages = args.ranks * SCHEDULES[args.schedule].default_stages_per_rank
     # The cut is pinned mid-stack: this measures the runtime, not the solver's H100 pricing.
     if args.cut == "middle":
         pins = [f"{blocks}.{args.layers * k // n_stages}" for k in range(1, n_stages)]
-        pipe = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=pins, schedule=args.schedule,
-                         virtual_stages=n_stages // 2)
+        pipe = partition(model, n_gpus=args.ranks, example_inputs=(x,), pinned_cuts=pins, schedule=args.schedule,
+                         virtual_stages=n_stages // args.ranks)
     else:
-        pipe = partition(model, n_gpus=2, example_inputs=(x,), device="local", link="loopback",
-                         schedule=args.schedule, virtual_stages=n_stages // 2)
+        pipe = partition(model, n_gpus=args.ranks, example_inputs=(x,), device="local", link="loopback",
+                         schedule=args.schedule, virtual_stages=n_stages // args.ranks)
 
-    def plain() -> float:
-        times = []
-        for i in range(args.steps + 2):
-            t0 = time.perf_counter()
-            loss_fn(model(x), y).backward()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-        return min(times)  # the least-disturbed step: the machine is shared
-
-    base = plain()
-    res = spawn(_ranks, 2, pipe, x, y, args.schedule, args.steps, ms, timeout_s=600)
-    base = min(base, plain())  # again after, in case other load hit the first measurement
+    # PyTorch pipelining is also run on the middle cut (the cut a user would pin by hand).
+    middle = None
+    if args.cut == "solver" and not args.no_torch:
+        pins = [f"{blocks}.{args.layers * k // n_stages}" for k in range(1, n_stages)]
+        middle = partition(model, n_gpus=args.ranks, example_inputs=(x,), pinned_cuts=pins,
+                           schedule=args.schedule, virtual_stages=n_stages // args.ranks)
+    res = spawn(_ranks, args.ranks, pipe, middle, model, x, y, args.schedule, args.steps, ms, not args.no_torch,
+                timeout_s=900)
     print(f"{args.model} layers={args.layers} dim={args.embd} seq={args.seq} batch={args.batch}, "
-          f"schedule {args.schedule}, cuts {' ; '.join(pipe.plan.cuts)}, 2 ranks x 1 thread, gloo")
-    print(f"unpartitioned, 1 thread: {base * 1e3:.1f} ms/step")
-    print(f"{'m':>3} {'ours ms':>9} {'speedup':>8} {'torch.pp ms':>12} {'ours/torch':>10} {'simulated ms':>13} "
-          f"{'ours/sim':>9} {'ours/replay':>11} {'bubble meas/sim':>16}  traced step: compute / waiting / overhead ms "
-          "(max over ranks)")
+          f"schedule {args.schedule}, cuts {' ; '.join(pipe.plan.cuts)}, {args.ranks} ranks x 1 thread, gloo; "
+          f"load average before / after: {load0} / {os.getloadavg()[0]:.2f}")
+    rows = []
     for m in ms:
-        ours = max(r[("ours", m)] for r in res)
-        torch_pp = max(r[("torch", m)] for r in res)
-        evs = [e for r in res for e in r[("events", m)]]
+        got = {k: max(r[(k, m)] for r in res) for k in ("plain", "local", "ours", "torch", "torch middle")
+               if (k, m) in res[0]}
+        evs = [e for r in res for e in r[(("events", "ours"), m)]]
+        local_evs = res[0][(("events", "local"), m)]
         simr = simulated(pipe, evs, args.schedule, m)
-        sim = simr.step_time
-        parts = [breakdown(r[("events", m)]) for r in res]
+        solo = simulated(pipe, local_evs, args.schedule, m)
+        parts = [split3(r[(("events", "ours"), m)]) for r in res]
         wall = max(p[0] for p in parts)
-        bubble = 1 - sum(p[1] for p in parts) / (len(parts) * wall)
-        print(f"{m:>3} {ours * 1e3:>9.1f} {base / ours:>7.2f}x {torch_pp * 1e3:>12.1f} {ours / torch_pp:>10.2f} "
-              f"{sim * 1e3:>13.1f} {ours / sim:>9.2f} {wall / replayed(pipe, evs, args.schedule, m):>11.2f} "
-              f"{bubble:>7.1%} /{simr.bubble_fraction:>7.1%}  "
-              + " / ".join(f"{max(p[k] for p in parts) * 1e3:.1f}" for k in (1, 2, 3)))
-        for rank, r in enumerate(res):
-            kinds = per_kind(r[("events", m)])
-            print(f"      rank {rank} by kind, ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(kinds.items())))
+        base = got["plain"]
+        # Round by round, slowest rank per round (the load drifts; a pair in one round saw the same).
+        every = {k: [max(r[("every", m)][k][i] if k not in ("plain", "local") else res[0][("every", m)][k][i]
+                         for r in res) for i in range(args.steps)] for k in res[0][("every", m)]}
+
+        def paired(a: str, b: str) -> float | None:
+            return statistics.median(x / y for x, y in zip(every[a], every[b])) if a in every and b in every else None
+        rows.append(dict(
+            paired_speedup=paired("plain", "ours"), paired_ours_vs_torch=paired("ours", "torch"),
+            paired_torch_middle_speedup=paired("plain", "torch middle"), rounds=every,
+            m=m, plain_ms=base * 1e3, ours_ms=got["ours"] * 1e3, speedup=base / got["ours"],
+            torch_ms=got["torch"] * 1e3 if "torch" in got else None,
+            ours_vs_torch=got["ours"] / got["torch"] if "torch" in got else None,
+            torch_middle_ms=got["torch middle"] * 1e3 if "torch middle" in got else None,
+            torch_middle_speedup=base / got["torch middle"] if "torch middle" in got else None,
+            sim_ms=simr.step_time * 1e3, ours_vs_sim=got["ours"] / simr.step_time,
+            ours_vs_replay=wall / replayed(pipe, evs, args.schedule, m),
+            bubble=1 - sum(p[1] for p in parts) / (len(parts) * wall), sim_bubble=simr.bubble_fraction,
+            compute_ms=max(p[1] for p in parts) * 1e3, wait_ms=max(p[2] for p in parts) * 1e3,
+            overhead_ms=max(p[3] for p in parts) * 1e3,
+            local_ms=got["local"] * 1e3, solo_sim_ms=solo.step_time * 1e3, solo_speedup=base / solo.step_time,
+            by_kind=[{k: v * 1e3 for k, v in breakdown(r[(("events", "ours"), m)]).items() if k != "wall"} for r in res]))
+    print("plain: the unpartitioned model, one process, 1 thread. local: every stage in one process (no "
+          "transport). solo sim: the simulator on the stage times of 'local' (each stage computing alone), "
+          "i.e. what the ranks reach if none slows another.")
+    print(f"{'m':>3} {'plain':>7} {'ours':>7} {'speedup':>8} {'torch.pp':>9} {'ours/tpp':>8} {'tpp mid':>8} "
+          f"{'sim':>7} {'ours/sim':>8} {'ours/replay':>11} {'bubble meas/sim':>16} {'local':>7} {'solo sim':>9}"
+          "  traced: compute / waiting / overhead (max over ranks), ms")
+    for r in rows:
+        mid = f"{r['torch_middle_speedup']:>7.2f}x" if r["torch_middle_ms"] is not None else f"{'-':>8}"
+        tpp = f"{r['torch_ms']:>9.1f} {r['ours_vs_torch']:>8.2f}" if r["torch_ms"] is not None else f"{'-':>9} {'-':>8}"
+        print(f"{r['m']:>3} {r['plain_ms']:>7.1f} {r['ours_ms']:>7.1f} {r['speedup']:>7.2f}x {tpp} {mid} {r['sim_ms']:>7.1f} {r['ours_vs_sim']:>8.2f} "
+              f"{r['ours_vs_replay']:>11.2f} {r['bubble']:>7.1%} /{r['sim_bubble']:>7.1%} {r['local_ms']:>7.1f} "
+              f"{r['solo_sim_ms']:>7.1f} ({r['solo_speedup']:.2f}x)  "
+              f"{r['compute_ms']:.1f} / {r['wait_ms']:.1f} / {r['overhead_ms']:.1f}")
+        print(f"      median over rounds of the per-round ratio: speedup {r['paired_speedup']:.2f}x"
+              + (f", ours/torch.pp {r['paired_ours_vs_torch']:.2f}, torch.pp middle cut speedup "
+                 f"{r['paired_torch_middle_speedup']:.2f}x" if r["paired_ours_vs_torch"] is not None
+                 and r["paired_torch_middle_speedup"] is not None else ""))
+        for rank, kinds in enumerate(r["by_kind"]):
+            print(f"      rank {rank} by kind, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items())))
     if args.dump:
-        import json
         with open(args.dump, "w") as fh:
-            json.dump({"base_s": base, "schedule": args.schedule, "n_stages": pipe.plan.n_stages,
-                       "steps": {str(m): {"ours_s": max(r[("ours", m)] for r in res),
-                                          "torch_s": max(r[("torch", m)] for r in res),
-                                          "events": [list(map(list, r[("events", m)])) for r in res]}
-                                 for m in ms}}, fh)
+            json.dump({"args": vars(args), "cuts": list(pipe.plan.cuts), "rows": rows,
+                       "events": {str(m): [[list(e) for e in r[(("events", "ours"), m)]] for r in res] for m in ms},
+                       "local_events": {str(m): [list(e) for e in res[0][(("events", "local"), m)]] for m in ms}},
+                      fh)
 
 
 if __name__ == "__main__":

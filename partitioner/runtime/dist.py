@@ -57,13 +57,16 @@ def _views(buf: torch.Tensor, layout: Layout, segs: list[tuple[int, int]]) -> li
 
 
 class _Works:
-    def __init__(self, key: Key, peer: int, works: list[dist.Work], tensors: list[torch.Tensor]) -> None:
-        self.key, self.peer, self.works, self.tensors = key, peer, works, tensors
+    def __init__(self, key: Key, peer: int, works: list[dist.Work], tensors: list[torch.Tensor],
+                 busy: set[Key] | None = None) -> None:
+        self.key, self.peer, self.works, self.tensors, self.busy = key, peer, works, tensors, busy
 
     def wait(self) -> list[torch.Tensor]:
         try:
             for w in self.works:
                 w.wait()
+            if self.busy is not None:
+                self.busy.discard(self.key)  # its buffer may take the next step's message
         except Exception as e:  # the peer died or timed out: say which message we waited for
             direction, src, dst, mb = self.key
             raise PipelineRuntimeError(
@@ -86,6 +89,7 @@ class DistTransport:
         self._in_flight: set[Key] = set()  # keys sent since the last flush: their buffers are busy
         self._send_bufs: dict[Key, torch.Tensor] = {}  # CPU only: reused once flushed
         self._recv_bufs: dict[Key, torch.Tensor] = {}  # CPU only: reused by the next step
+        self._receiving: set[Key] = set()  # posted, not yet waited on: never reuse their buffers
         self.bytes_sent = 0
 
     def _tag(self, key: Key, i: int) -> int:
@@ -133,13 +137,17 @@ class DistTransport:
         dev = torch.device(device or "cpu")
         if not layout:
             return _Works(key, peer, [], [])
+        # A receive of this key still outstanding (a step that failed before waiting on it)
+        # keeps its buffer: gloo may still write into it.
+        reuse = key not in self._receiving
+        self._receiving.add(key)
         if len(layout) == 1:
             (shape, dtype), = layout
-            buf = self._buffer(self._recv_bufs, key, math.prod(shape), dtype, dev, True)
-            return _Works(key, peer, self._ops(dist.irecv, key, peer, [buf]), [buf.view(shape)])
+            buf = self._buffer(self._recv_bufs, key, math.prod(shape), dtype, dev, reuse)
+            return _Works(key, peer, self._ops(dist.irecv, key, peer, [buf]), [buf.view(shape)], self._receiving)
         segs, total = pack_layout(layout)
-        buf = self._buffer(self._recv_bufs, key, total, torch.uint8, dev, True)
-        return _Works(key, peer, self._ops(dist.irecv, key, peer, [buf]), _views(buf, layout, segs))
+        buf = self._buffer(self._recv_bufs, key, total, torch.uint8, dev, reuse)
+        return _Works(key, peer, self._ops(dist.irecv, key, peer, [buf]), _views(buf, layout, segs), self._receiving)
 
     def arrived(self, key: Key) -> bool:
         return True  # receives block in wait(); one process runs one rank

@@ -20,7 +20,7 @@ from partitioner.runtime.interpreter import TraceEvent
 from partitioner.schedule import Action, Schedule
 from partitioner.simulator import SimResult, simulate
 
-__all__ = ["write_trace", "trace_json", "measured_stage_times", "PREDICTED_PID"]
+__all__ = ["write_trace", "trace_json", "measured_stage_times", "breakdown", "PREDICTED_PID"]
 
 PREDICTED_PID = 1000  # + rank: the simulator's rows sort after the real ones
 
@@ -36,6 +36,26 @@ def measured_stage_times(events: Iterable[TraceEvent], n_stages: int) -> tuple[l
             acc[(a.stage, a.kind)].append((ev.end_ns - ev.start_ns) / 1e9)
     mean = {k: sum(v) / len(v) for k, v in acc.items()}
     return [mean.get((s, "F"), 0.0) for s in range(n_stages)], [mean.get((s, "B"), 0.0) for s in range(n_stages)]
+
+
+def breakdown(events: Iterable[TraceEvent]) -> dict[str, float]:
+    """One rank's traced step (``Runner.events``) by action kind, in seconds: compute per
+    kind (``"F"``, ``"B"``, ``"I"``, ``"W"``), ``"wait F"`` / ``"wait B"`` (blocked on a
+    peer's activations / gradients), each communication kind's own time (``"SEND_F"``,
+    ``"RECV_B"``, ...: the Python and the transport calls), ``"between"`` (time no event
+    covers: the interpreter's loop) and ``"wall"`` (first start to last end), so
+    wall = the sum of the others."""
+    evs = list(events)
+    if len({e.rank for e in evs}) > 1:
+        raise ValueError(f"breakdown takes one rank's events, got ranks {sorted({e.rank for e in evs})}")
+    out: dict[str, float] = {}
+    for e in evs:
+        k = "wait " + e.name.split()[1][0] if e.name.startswith("wait") else Action.parse(e.name).kind
+        out[k] = out.get(k, 0.0) + (e.end_ns - e.start_ns) / 1e9
+    wall = (max(e.end_ns for e in evs) - min(e.start_ns for e in evs)) / 1e9 if evs else 0.0
+    out["between"] = wall - sum(out.values())
+    out["wall"] = wall
+    return out
 
 
 def _meta(pid: int, name: str, sort: int) -> list[dict[str, Any]]:

@@ -223,7 +223,7 @@ def test_a_message_of_mixed_dtypes_arrives_whole_and_its_buffers_are_reused() ->
     assert len({p for _, _, p in got[0]}) == 1  # ... and every value is a view of one packed buffer
 
 
-def _train_mid_block(rank: int, world: int, schedule: str) -> tuple[list[float], dict[str, torch.Tensor], list[Any]]:
+def _train_mid_block(rank: int, world: int, schedule: str) -> tuple[Any, ...]:
     _, pipe = _mid_block_pipe()
     x, y, loss_fn = data("gpt")
     stage = pipe.build_stage(rank, "cpu")
@@ -236,7 +236,8 @@ def _train_mid_block(rank: int, world: int, schedule: str) -> tuple[list[float],
         loss = runner.step(x if rank == 0 else None, target=y)
         losses.append(float("nan") if loss is None else loss.item())
         opt.step()
-    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}, runner.interpreter.sent
+    return (losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)},
+            runner.interpreter.sent, runner.events)
 
 
 def _mid_block_pipe() -> tuple[Any, Any]:
@@ -272,7 +273,14 @@ def test_a_cut_inside_a_block_packs_its_values_and_trains_like_one_process(sched
     want_losses, want = reference(model, x, y, loss_fn)
     results = spawn(_train_mid_block, 2, schedule, timeout_s=TIMEOUT_S)
     assert results[1][0] == pytest.approx(want_losses, rel=1e-5)
-    for _, params, _ in results:
+    for _, params, _, _ in results:
         assert_params(params, want)
     forward = [names for (d, _, _, _), names, _ in results[0][2] if d == "F"]
     assert forward and all(len(names) == 2 for names in forward)
+    from partitioner.runtime.trace import breakdown
+
+    for rank, (_, _, _, events) in enumerate(results):  # the last step, by action kind
+        kinds = breakdown(events)
+        assert kinds["F"] > 0 and ("B" in kinds) == (schedule == "1f1b") and ("W" in kinds) == (schedule != "1f1b")
+        assert ("SEND_F" if rank == 0 else "SEND_B") in kinds
+        assert sum(v for k, v in kinds.items() if k != "wall") == pytest.approx(kinds["wall"])

@@ -79,3 +79,18 @@ def test_trace_has_every_action_and_a_prediction(tmp_path: object) -> None:
     assert {(0, "0F3"), (1, "1B3"), (0, "0SEND_F0"), (1, "1SEND_B2")} <= names
     assert {(1000, "0F0"), (1001, "1B3")} <= names  # the simulator's rows
     assert trace["otherData"]["predicted_step_s"] > 0
+
+
+def test_breakdown_splits_a_ranks_step_by_action_kind() -> None:
+    from partitioner.runtime.interpreter import TraceEvent
+    from partitioner.runtime.trace import breakdown
+
+    ms = 1_000_000
+    evs = [TraceEvent(0, "0F0", 0, 10 * ms), TraceEvent(0, "0SEND_F0", 10 * ms, 11 * ms),
+           TraceEvent(0, "wait B1>0:0", 12 * ms, 20 * ms), TraceEvent(0, "0RECV_B0", 11 * ms, 12 * ms),
+           TraceEvent(0, "0I0", 20 * ms, 30 * ms), TraceEvent(0, "0W0", 31 * ms, 35 * ms)]
+    got = breakdown(evs)
+    assert got == pytest.approx({"F": 0.010, "SEND_F": 0.001, "RECV_B": 0.001, "wait B": 0.008, "I": 0.010,
+                                 "W": 0.004, "between": 0.001, "wall": 0.035})
+    with pytest.raises(ValueError, match=r"one rank's events, got ranks \[0, 1\]"):
+        breakdown(evs + [TraceEvent(1, "1F0", 0, 1)])
