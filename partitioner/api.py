@@ -15,7 +15,7 @@ from cost_models.devices import DeviceSpec, LinkSpec, get_device, get_link
 from cost_models.errors import PartitionError
 from partitioner import plan_builder, poly
 from partitioner.pipe import Pipe
-from partitioner.plan import Plan, PlanError
+from partitioner.plan import Mesh, Plan, PlanError
 from partitioner.plan_builder import StageMemory
 from partitioner.memory import (
     OPTIMIZER_STATES, PRECISIONS, RECOMPUTE, Activations, Static, bytes_per_param, compute_dtype, default_precision,
@@ -23,13 +23,17 @@ from partitioner.memory import (
 from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
 from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, check_counts
 from partitioner.schedule import default_microbatches
+from partitioner.data_parallel import Layout, ZeroShard, as_plan_mesh, boundary_links, divisors, placements
+from partitioner.data_parallel import price_replicas
 from partitioner.simulator import simulate
 from partitioner.refine import refine, score
+from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, step_of, step_search
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
 from passes.annotate import AnnotateCosts
 from passes.recompute import with_recompute
 from passes.base import InputSpec
 from passes.manager import PassManager, Snapshot, graph_text, node_summary
+from passes.order import OrderForCuts, pin_order
 from passes.meta import MODULE, STAGE
 from passes.shape_prop import ShapeProp, default_specs, module_of
 from passes.split import compute_nodes, split_graph
@@ -55,9 +59,20 @@ class Options:
     precision: str = "fp32"
     recompute: str = "auto"
     custom: Schedule | None = None  # a Schedule object given to partition(); the plan records its name
+    data_parallel: int = 1  # replicas of the pipeline; n_gpus = data_parallel x pipeline ranks
+    zero: int = 0  # 1: optimizer state sharded over the replicas (ZeRO stage 1)
+    gpus_per_node: int | None = None  # None: every rank on one node
+    inter_link: LinkSpec | None = None  # between nodes (the plan records it in mesh.inter_link)
+    objective: str = "bottleneck"  # "step": cuts minimise the schedule's simulated step (partitioner.objective)
+
+    @property
+    def pp(self) -> int:
+        """Ranks of one pipeline."""
+        return self.n_gpus // self.data_parallel
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if k != "custom"}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if k not in ("custom", "inter_link")}
 
 
 def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -178,6 +193,11 @@ def partition(
     concrete_args: dict[str, Any] | None = None,
     seq_dims: Mapping[str, int] | None = None,
     keep_snapshots: bool = False,
+    objective: str = "bottleneck",
+    data_parallel: int | str = 1,
+    zero: int = 0,
+    gpus_per_node: int | None = None,
+    inter_link: str | LinkSpec | None = None,
 ) -> Pipe:
     """Split ``model`` into ``n_gpus`` (× ``virtual_stages``) balanced pipeline stages.
 
@@ -197,6 +217,19 @@ def partition(
     parameter; activations are the storages autograd keeps, each once per stage, in the
     compute dtype. ``recompute`` ("auto", "none", "full", "selective") lets the solver
     checkpoint stages: "auto" recomputes only the stages that would not fit otherwise.
+
+    ``objective`` ("bottleneck", "step"): the cuts minimise the slowest stage (then the bytes
+    cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
+    slower than the bottleneck split, which is one of its candidates).
+
+    Data parallelism (``partitioner.data_parallel``): ``n_gpus = data_parallel x`` pipeline
+    ranks; ``example_inputs`` is the global batch, each replica runs ``1/data_parallel`` of
+    it and the replicas average gradients once per step (DDP at run time), priced as a ring
+    all-reduce. ``data_parallel="auto"`` picks the degree (a divisor of ``n_gpus``) with the
+    fastest predicted step that fits; ``zero=1`` shards optimizer state over the replicas
+    (ZeRO-1). ``gpus_per_node`` places ranks on nodes (torchrun's order), ``inter_link``
+    (default "ib-ndr-400") joins them, and the planner picks the mesh order (pipelines
+    inside nodes, or each stage's replicas inside) with the faster predicted step.
     """
     if not isinstance(model, nn.Module):
         raise PartitionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -204,7 +237,8 @@ def partition(
         spr = schedule.n_stages // schedule.n_ranks if isinstance(schedule, Schedule) else \
             SCHEDULES[schedule].stages_per_rank if schedule in SCHEDULES else None
         virtual_stages = spr if isinstance(spr, int) else (spr[0] if spr and 1 not in spr else 1)
-    _check_counts(n_gpus, virtual_stages, schedule, n_microbatches)
+    dp, lnk_between = _check_mesh(n_gpus, data_parallel, zero, gpus_per_node, inter_link, schedule)
+    _check_counts(n_gpus // dp, virtual_stages, schedule, n_microbatches)
     custom = schedule if isinstance(schedule, Schedule) else None
     if custom is not None:
         schedule, n_microbatches = custom.name, custom.n_microbatches
@@ -216,6 +250,8 @@ def partition(
         raise PartitionError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if recompute not in RECOMPUTE:
         raise PartitionError(f"unknown recompute {recompute!r}; use one of {', '.join(RECOMPUTE)}")
+    if objective not in OBJECTIVES:
+        raise PartitionError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     dev, lnk = get_device(device), get_link(link)
     inputs = _split_inputs(example_inputs, example_kwargs)
     dynamic = None
@@ -230,14 +266,46 @@ def partition(
         dynamic = {s.name: {d: sym for d, sym in s.dims} for s in specs0}
     cap = capture(model, *(inputs or (None, None)), route=capture_route, leaf_modules=leaf_modules,
                   concrete_args=concrete_args, dynamic=dynamic)
-    n_stages = n_gpus * virtual_stages
+    n_stages = n_gpus // dp * virtual_stages
     opts = Options(n_gpus, n_stages, str(schedule), 0, cut_at, tuple(pinned_cuts), optimizer,
-                   cap.route, tuple(str(m) for m in leaf_modules), memory_limit, precision, recompute, custom)
+                   cap.route, tuple(str(m) for m in leaf_modules), memory_limit, precision, recompute, custom,
+                   dp, zero, gpus_per_node, lnk_between, objective)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)
         specs = with_seq_dims(default_specs(flat, list(cap.input_names)), seq_dims, strict=False)
-    return _compile(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
+    return _compile(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots, data_parallel)
+
+
+def _check_mesh(n_gpus: Any, data_parallel: Any, zero: Any, gpus_per_node: Any, inter_link: Any,
+                schedule: Any) -> tuple[int, LinkSpec | None]:
+    """The data-parallel arguments; returns (replicas to start from, the link between nodes).
+    ``data_parallel="auto"`` starts from 1 (``_compile`` tries every divisor)."""
+    if not isinstance(n_gpus, int) or isinstance(n_gpus, bool) or n_gpus < 1:
+        raise PartitionError(f"n_gpus must be an int >= 1, got {n_gpus!r}")
+    if data_parallel == "auto":
+        if isinstance(schedule, Schedule):
+            raise PartitionError("data_parallel='auto' needs a schedule name: a Schedule object fixes the pipeline's "
+                                 f"rank count ({schedule.n_ranks}); pass data_parallel={n_gpus // schedule.n_ranks}")
+        dp = 1
+    elif not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or data_parallel < 1:
+        raise PartitionError(f"data_parallel must be an int >= 1 or 'auto', got {data_parallel!r}")
+    elif n_gpus % data_parallel:
+        raise PartitionError(f"n_gpus={n_gpus} does not split into data_parallel={data_parallel} replicas; choose "
+                             f"data_parallel among {divisors(n_gpus)} (n_gpus = data_parallel x pipeline ranks)")
+    else:
+        dp = data_parallel
+    if zero not in (0, 1) or isinstance(zero, bool):
+        raise PartitionError(f"zero must be 0 or 1 (ZeRO-1: optimizer state sharded over the replicas), got {zero!r}")
+    if gpus_per_node is not None and (not isinstance(gpus_per_node, int) or isinstance(gpus_per_node, bool)
+                                      or gpus_per_node < 1):
+        raise PartitionError(f"gpus_per_node must be an int >= 1 or None, got {gpus_per_node!r}")
+    if inter_link is not None and gpus_per_node is None:
+        raise PartitionError("inter_link= prices messages between nodes: give gpus_per_node= too")
+    between = None
+    if gpus_per_node is not None and gpus_per_node < n_gpus:
+        between = get_link(inter_link if inter_link is not None else "ib-ndr-400")
+    return dp, between
 
 
 @dataclass
@@ -261,6 +329,13 @@ class _Problem:
     capacity: int
     dev: DeviceSpec
     lnk: LinkSpec
+    shard: ZeroShard  # trainable elements per position: gradient bytes, ZeRO-1's saving
+    layout: Layout  # where the ranks sit (data parallelism, nodes)
+
+    def static_at(self, a: int, b: int) -> int:
+        """Static bytes of positions [a, b) on one rank (ZeRO-1: 1/dp of the optimizer state)."""
+        saved = self.shard.saving(a, b, self.opts.data_parallel) if self.opts.zero else 0
+        return self.static.stage(a, b) - saved
 
     def exact(self, cuts: Sequence[int], modes: Sequence[str] | None = None) -> list[tuple[str, int, int, int]]:
         """Per stage (mode, static bytes, kept bytes per micro-batch, transient bytes), each
@@ -268,7 +343,7 @@ class _Problem:
         bounds = [0, *cuts, len(self.priced.order)]
         out = []
         for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-            static = self.static.stage(a, b)
+            static = self.static_at(a, b)
             tries = [modes[i]] if modes is not None else list(self.modes)
             best = None
             for mode in tries:
@@ -297,7 +372,8 @@ def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opt
     if specs:
         param_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         cast = None if opts.precision == default_precision(param_dtype) else compute_dtype(opts.precision)
-        pm = PassManager([ShapeProp(specs, dtype=cast), AnnotateCosts(target=dev.kind)], keep_snapshots=keep_snapshots)
+        pm = PassManager([ShapeProp(specs, dtype=cast), AnnotateCosts(target=dev.kind), OrderForCuts()],
+                         keep_snapshots=keep_snapshots)
         gm = pm.run(gm)
         if not gm.meta.get("pp.symbolic", True):
             notes.append("costs are exact for the example sizes only: symbolic shape propagation failed")
@@ -316,7 +392,7 @@ def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opt
 
 def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
              n_microbatches: int | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool,
-             annotated: dict[str, Any] | None = None) -> _Problem:
+             annotated: dict[str, Any] | None = None, dims: tuple[str, ...] = ("dp", "pp")) -> _Problem:
     if annotated is not None and "gm" in annotated:  # _auto: one annotation for every candidate
         gm, pm, notes = annotated["gm"]
         notes = list(notes)
@@ -326,7 +402,12 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
             annotated["gm"] = (gm, pm, list(notes))
     costs_known = bool(specs)
     batch = _batch_size(specs) if specs else None
-    m = n_microbatches if n_microbatches is not None else _default_microbatches(batch, opts.n_gpus, opts.schedule)
+    if batch is not None:
+        if batch % opts.data_parallel:
+            raise PartitionError(f"the global batch of {batch} samples does not split into data_parallel="
+                                 f"{opts.data_parallel} replicas; give a batch that is a multiple of it")
+        batch //= opts.data_parallel  # each replica's share: the pipeline's batch
+    m = n_microbatches if n_microbatches is not None else _default_microbatches(batch, opts.pp, opts.schedule)
     if opts.schedule == "naive":
         m = 1
     if batch is not None and batch % m:
@@ -334,7 +415,7 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
                              f"choose n_microbatches among {[d for d in range(1, batch + 1) if batch % d == 0]}")
     opts = replace(opts, n_microbatches=m)
     micro = batch // m if batch else 1
-    symbols = {"B": batch or 1}
+    symbols = {"B": batch * opts.data_parallel if batch else 1}  # the global batch, as the user gave it
     seq = next((s.shape[d] for s in specs for d, sym in s.dims if sym == "S"), None)
     if seq is not None:
         symbols["S"] = seq
@@ -352,11 +433,17 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
                                cut_at=marks.glob, costs_known=costs_known))
     ev = Evaluator(micro, symbols.get("S", 1))
     width, _, _ = PRECISIONS[opts.precision]
-    static = Static(gm, priced.order, bytes_per_param(opts.precision, opts.optimizer), width)
+    per_param = bytes_per_param(opts.precision, opts.optimizer)
+    static = Static(gm, priced.order, per_param, width)
+    trainable = {id(t): t.numel() for _, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
+    shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width)
     static_mem = static.first_use
+    if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO-1's saving
+        static_mem = [s - (n * shard.optimizer_bytes - -(-n * shard.optimizer_bytes // opts.data_parallel))
+                      for s, n in zip(static_mem, shard.first_use())]
     acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
         if costs_known else None
-    sched = opts.custom or build_schedule(opts.schedule, opts.n_gpus, m, opts.n_stages)
+    sched = opts.custom or build_schedule(opts.schedule, opts.pp, m, opts.n_stages)
     unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
     capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
     comm = [to_units([lnk.transfer_time(b) + lnk.transfer_time(g)])[0] if (b or g) else 0
@@ -373,8 +460,9 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
         compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
         static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
         capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
+    layout = Layout(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0)
     prob = _Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
-                    capacity, dev, lnk)
+                    capacity, dev, lnk, shard, layout)
     prob.pins = _resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed,  # type: ignore[attr-defined]
                               priced.blocked_by)
     return prob
@@ -388,7 +476,104 @@ def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     capacity is lowered by the excess and the search runs again (at most ``_RETRIES`` times).
     """
     _check_enough_cuts(prob.priced, prob.opts.n_stages)
-    sin = replace(prob.sin, pinned=prob.pins)  # type: ignore[attr-defined]
+    sin = replace(prob.sin, pinned=prob.pins, avoid=_non_tensor_cuts(prob),  # type: ignore[attr-defined]
+                  has_compute=_computing(prob))
+    sol, exact = _search_cuts(prob, sin)
+    if prob.opts.objective == "step":
+        sol, exact = _step_objective(prob, sin, sol, exact)
+    _note_fewer_stages(prob, sin, sol)
+    return sol, exact
+
+
+def _computing(prob: _Problem) -> list[bool]:
+    """Per position: does it count FLOPs? (A view, a flatten or a sym size does not: the solver
+    gives every stage at least one computing node where it can.) Without example inputs: ()."""
+    from cost_models.cost import NodeCost
+    from passes.meta import COST
+
+    if prob.acts is None:
+        return []
+    return [prob.ev(c.fwd_flops) + prob.ev(c.bwd_flops) > 0
+            for c in (n.meta.get(COST, NodeCost()) for n in prob.priced.order)]
+
+
+def _fmt_time(units: float) -> str:
+    s = units * TIME_UNIT
+    return f"{s * 1e3:.4g} ms" if s >= 1e-3 else f"{s * 1e6:.4g} us"
+
+
+def _non_tensor_cuts(prob: _Problem) -> list[bool]:
+    """Per cut: does a non-tensor value (a Python int such as a sym size) cross it?"""
+    from passes.meta import DESC
+    from partitioner.pricing import wire_kind
+
+    order = prob.priced.order
+    n = len(order)
+    pos = {node: i for i, node in enumerate(order)}
+    diff = [0] * (n + 2)
+    for v in [nd for nd in prob.gm.graph.nodes if nd.op == "placeholder"] + list(order):
+        produced = pos.get(v, -1)
+        last = max((pos.get(u, n) for u in v.users), default=produced)
+        if last > produced and wire_kind(v.meta.get(DESC)) not in ("tensor", None):
+            diff[produced + 1] += 1
+            diff[min(last, n) + 1] -= 1
+    out, acc = [], 0
+    for k in range(n + 1):
+        acc += diff[k]
+        out.append(0 < k < n and acc > 0)
+    return out
+
+
+def _step_model(prob: _Problem, sched: Any = None) -> StepModel:
+    send = [to_units([prob.lnk.transfer_time(b)])[0] if b else 0 for b in prob.priced.cut_bytes]
+    bsend = [to_units([prob.lnk.transfer_time(g)])[0] if g else 0 for g in prob.priced.cut_grad_bytes]
+    n = len(prob.priced.order)
+    send[0] = send[n] = bsend[0] = bsend[n] = 0
+    return StepModel(to_units(prob.priced.fwd_s), send, bsend, sched or prob.sched)
+
+
+def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]]
+                    ) -> tuple[Solution, list[tuple[str, int, int, int]]]:
+    """``objective="step"``: the candidate with the fastest simulated step that fits exactly."""
+    model = _step_model(prob)
+    cands, rep = step_search(sin, prob.opts.n_stages, model, sol)
+    for cand in cands:
+        ex = exact if cand.cuts == sol.cuts else prob.exact(cand.cuts)
+        if all(prob.need(i, x) <= prob.capacity for i, x in enumerate(ex)):
+            chosen = _rescore(prob, cand, ex, optimal=cand.optimal)
+            gain = 1 - rep.step / rep.bottleneck_step if rep.bottleneck_step else 0.0
+            prob.notes.append(f"objective step: predicted step {_fmt_time(rep.step)} vs "
+                              f"{_fmt_time(rep.bottleneck_step)} for the min-bottleneck cuts "
+                              f"({gain:.1%} faster; {rep.evaluations} simulations"
+                              f"{'' if rep.local_optimum else ', search budget reached'})")
+            return chosen, ex
+    return sol, exact
+
+
+def _note_fewer_stages(prob: _Problem, sin: SolverInput, sol: Solution) -> None:
+    """A plan note when fewer pipeline ranks are predicted faster on the same costs."""
+    if prob.opts.custom is not None or prob.opts.n_gpus < 2:
+        return
+    ranks = prob.sched.n_ranks
+    v = prob.opts.n_stages // ranks
+    model = _step_model(prob)
+    here = step_of(sin, model, sol)
+    rows = fewer_stages(sin, model, here, n_gpus=ranks, stages_per_rank=v)
+    faster = [(g, t) for g, t in rows if t is not None and t < here]
+    if not faster:
+        return
+    def gpus(g: int) -> str:
+        return f"{g} GPU{'s' if g > 1 else ''}"
+
+    table = ", ".join(f"{gpus(g)} {_fmt_time(t)}" if t is not None else f"{gpus(g)} does not fit" for g, t in rows)
+    best = min(faster, key=lambda r: (r[1], r[0]))
+    prob.notes.append(f"fewer stages would be predicted faster: {gpus(best[0])} per pipeline {_fmt_time(best[1])} "
+                      f"vs {_fmt_time(here)} with {ranks} (predicted step per pipeline GPU count, "
+                      f"{prob.sched.name} m={prob.sched.n_microbatches}: {table}; {ranks} GPUs {_fmt_time(here)})")
+
+
+def _search_cuts(prob: _Problem, sin: SolverInput) -> tuple[Solution, list[tuple[str, int, int, int]]]:
+    """Min-bottleneck cuts under exact memory (the loop described in ``_search``)."""
     if len(prob.modes) > 1 and prob.modes[0] == "none":
         # Recompute only adds compute: if the best split without it, memory ignored, fits
         # exactly, no split with recompute can beat it (and none is needed). The common case,
@@ -490,14 +675,67 @@ _UNBOUNDED = 2**60  # a capacity no stage reaches (the solver clamps it to the m
 
 
 def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
-             n_microbatches: int | str | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
-    """Solve: cuts and recompute chosen by the search."""
+             n_microbatches: int | str | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool,
+             data_parallel: int | str = 1) -> Pipe:
+    """Solve: cuts and recompute chosen by the search; the layout on nodes (and with
+    ``data_parallel="auto"`` the replica count) chosen by the predicted step."""
+    cache: dict[str, Any] = {}
+    if data_parallel != "auto":
+        prob, sol, exact = _solve(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots, cache)
+        ranked = sorted(((_replicated(prob, sol, lay)[0], i, lay) for i, lay in
+                         enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node))), key=lambda r: r[:2])
+        if len(ranked) > 1:
+            prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {lay.describe()}: predicted step {t * 1e3:.4g} ms"
+                                             for t, _, lay in ranked]
+        return _emit(model, cap, specs, prob, sol, exact, keep_snapshots, ranked[0][2])
+    v = opts.n_stages // opts.pp
+    batch = _batch_size(specs) if specs else None
+    rows, refused = [], []
+    for d in divisors(opts.n_gpus):
+        label = f"D={d} P={opts.n_gpus // d}"
+        if batch is not None and batch % d:
+            refused.append(f"{label}: the batch of {batch} does not split into {d} replicas")
+            continue
+        o = replace(opts, data_parallel=d, n_stages=(opts.n_gpus // d) * v)
+        try:
+            prob, sol, exact = _solve(model, cap, specs, o, n_microbatches, dev, lnk, keep_snapshots, cache)
+        except PartitionError as e:  # infeasible, too few cuts, a schedule that does not fit the counts
+            refused.append(f"{label}: {' '.join(str(e).split())[:160]}")
+            continue
+        peak = max(prob.need(i, x) for i, x in enumerate(exact))
+        for lay in placements(d, o.pp, o.gpus_per_node):
+            step, mesh, sim = _replicated(prob, sol, lay)
+            rows.append((step, peak, -d, len(rows), lay, prob, sol, exact, mesh, sim))
+    if not rows:
+        raise InfeasibleError(f"no data-parallel degree fits {opts.n_gpus} GPUs: " + "; ".join(refused[:6]))
+    rows.sort(key=lambda r: r[:4])
+    step, peak, _, _, lay, prob, sol, exact, mesh, sim = rows[0]
+
+    def line(r: tuple[Any, ...]) -> str:
+        t, pk, _, _, ly, pr, _, _, ms, sm = r
+        return (f"D={ly.dp} P={ly.pp} m={pr.opts.n_microbatches} {pr.opts.schedule}"
+                + (f" ({ly.describe()})" if ly.n_nodes > 1 else "")
+                + f": predicted step {t * 1e3:.4g} ms (all-reduce exposed {ms['exposed_s'] * 1e3:.3g} ms, "
+                f"bubble {sm.bubble_fraction:.1%}), peak memory {_fmt_bytes(pk)}")
+    prob.notes = list(prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}; {len(rows)} candidates fit"] + [
+        f"{DP_NOTE} #{i + 1} {line(r)}" for i, r in enumerate(rows)] + [f"{DP_NOTE} -- {r}" for r in refused]
+    return _emit(model, cap, specs, prob, sol, exact, keep_snapshots, lay)
+
+
+#: Plan notes that record the data-parallel degree and placement chosen start with this.
+DP_NOTE = "dp:"
+
+
+def _solve(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options,
+           n_microbatches: int | str | None, dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool,
+           cache: dict[str, Any]) -> tuple[_Problem, Solution, list[tuple[str, int, int, int]]]:
+    """One pipeline (``opts.pp`` ranks on each replica's share of the batch), solved."""
     if opts.schedule == "auto" or n_microbatches == "auto":
-        return _auto(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
+        return _auto(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots, cache)
     assert not isinstance(n_microbatches, str)
-    prob = _problem(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots)
+    prob = _problem(model, cap, specs, opts, n_microbatches, dev, lnk, keep_snapshots, annotated=cache)
     solution, exact = _search(prob)
-    return _emit(model, cap, specs, prob, solution, exact, keep_snapshots)
+    return prob, solution, exact
 
 
 #: Plan notes that record the automatic choice start with this (``partitioner plan --explain``).
@@ -505,18 +743,18 @@ AUTO_NOTE = "auto:"
 
 
 def _auto(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, n_microbatches: Any,
-          dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool) -> Pipe:
+          dev: DeviceSpec, lnk: LinkSpec, keep_snapshots: bool,
+          gm_cache: dict[str, Any]) -> tuple[_Problem, Solution, list[tuple[str, int, int, int]]]:
     """``schedule="auto"`` / ``n_microbatches="auto"``: solve every candidate (each registry
     schedule, at its default stages per rank unless ``virtual_stages`` > 1 was given; each
     divisor of the batch) and keep the predicted-fastest that fits memory. The ranking goes
     into the plan's notes, one line per candidate, best first."""
-    batch = _batch_size(specs) if specs else None
-    v_given = opts.n_stages // opts.n_gpus
+    batch = _batch_size(specs) // opts.data_parallel if specs else None
+    v_given = opts.n_stages // opts.pp
     names = [opts.schedule] if opts.schedule != "auto" else [
         n for n, sp in SCHEDULES.items() if not sp.whole_batch
         and (sp.stages_per_rank is None or (v_given if v_given > 1 else sp.default_stages_per_rank) in sp.stages_per_rank)]
     ms = [d for d in range(1, (batch or 1) + 1) if (batch or 1) % d == 0] if n_microbatches == "auto" else [n_microbatches]
-    gm_cache: dict[str, Any] = {}
     ranked, refused = [], []
     for name in names:
         spec = SCHEDULES[name]
@@ -524,9 +762,9 @@ def _auto(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: O
         v = v if spec.stages_per_rank is None or v in spec.stages_per_rank else spec.stages_per_rank[0]
         for m in ms:
             label = f"{name} m={m if m is not None else 'default'}"
-            o = replace(opts, schedule=name, n_stages=opts.n_gpus * v)
+            o = replace(opts, schedule=name, n_stages=opts.pp * v)
             try:
-                check_counts(name, o.n_gpus, m if isinstance(m, int) else 1, o.n_stages)
+                check_counts(name, o.pp, m if isinstance(m, int) else 1, o.n_stages)
                 prob = _problem(model, cap, specs, o, m, dev, lnk, keep_snapshots, annotated=gm_cache)
                 sol, exact = _search(prob)
             except (ScheduleError, InfeasibleError) as e:
@@ -542,11 +780,20 @@ def _auto(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: O
         f"{AUTO_NOTE} picked {best_label} of {len(ranked)} fitting candidates (predicted step {best_t * 1e3:.4g} ms)"
     ] + [f"{AUTO_NOTE} #{i + 1} {label}: predicted step {t * 1e3:.4g} ms" for i, (t, label, *_r) in enumerate(ranked)] \
       + [f"{AUTO_NOTE} -- {r}" for r in refused]
-    return _emit(model, cap, specs, prob, sol, exact, keep_snapshots)
+    return prob, sol, exact
 
 
 def _predicted_step(prob: _Problem, sol: Solution) -> float:
-    """The step time the plan will record (plan_builder's stage times, the same simulation)."""
+    """The step time the plan will record: the pipeline's simulated step (plan_builder's
+    stage times, the same simulation), with the replicas' gradient all-reduce after it."""
+    return _replicated(prob, sol)[0]
+
+
+def _replicated(prob: _Problem, sol: Solution, layout: Layout | None = None) -> tuple[float, dict[str, Any], Any]:
+    """(step, the plan's ``mesh`` fields, the pipeline's SimResult) under ``layout``
+    (default: the problem's): each cut priced on the link it crosses, each pipeline rank's
+    all-reduce starting when its action list ends (``partitioner.data_parallel``)."""
+    layout = layout or prob.layout
     bounds = [0, *sol.cuts, len(prob.priced.order)]
     fwd, bwd, send, bsend = [], [], [], []
     for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
@@ -554,17 +801,33 @@ def _predicted_step(prob: _Problem, sol: Solution) -> float:
         redo = (sol.stage_times[s] - prob.comm[a] - prob.comm[b]) * TIME_UNIT - f - bw
         fwd.append(f)
         bwd.append(bw + max(redo, 0.0))
-    for k in bounds[1:-1]:
-        send.append(prob.lnk.transfer_time(prob.priced.cut_bytes[k]))
+    inter = prob.opts.inter_link or prob.lnk
+    stage_rank = [prob.sched.rank_of(s) for s in range(prob.opts.n_stages)]
+    links = boundary_links(layout, stage_rank, prob.lnk, inter)
+    for lk, k in zip(links, bounds[1:-1]):
+        send.append(lk.transfer_time(prob.priced.cut_bytes[k]))
         g = prob.priced.cut_grad_bytes[k]
-        bsend.append(prob.lnk.transfer_time(g) if g else 0.0)
-    return simulate(prob.sched, fwd, bwd, send, bsend).step_time
+        bsend.append(lk.transfer_time(g) if g else 0.0)
+    sim = simulate(prob.sched, fwd, bwd, send, bsend)
+    if layout.dp == 1:
+        return sim.step_time, as_plan_mesh(layout, prob.opts.zero, prob.opts.inter_link, (), 0.0), sim
+    held: list[set[int]] = [set() for _ in range(layout.pp)]  # each tensor once per rank
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        for p in range(a, b):
+            held[stage_rank[s]].update(prob.shard.uses[p])
+    grads = [sum(prob.shard.numel.get(i, 0) for i in ids) * prob.shard.grad_width for ids in held]
+    weights = grads  # ZeRO-1 gathers the updated weights back: as many bytes as the gradients
+    end = [0.0] * layout.pp
+    for e in sim.events:
+        end[e.rank] = max(end[e.rank], e.end)
+    times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, grads, weights, end, sim.step_time)
+    return step, as_plan_mesh(layout, prob.opts.zero, prob.opts.inter_link, times, step - sim.step_time), sim
 
 
 def _reapply(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, dev: DeviceSpec,
              lnk: LinkSpec, plan: Plan) -> Pipe:
     """Re-apply ``plan``: its cuts and recompute, priced the same way, no search."""
-    prob = _problem(model, cap, specs, opts, opts.n_microbatches, dev, lnk, False)
+    prob = _problem(model, cap, specs, opts, opts.n_microbatches, dev, lnk, False, dims=tuple(plan.mesh.dims))
     forced = {name: st.index for st in plan.stages for name in st.nodes}
     stage_of = [forced[n.name] for n in prob.priced.order]
     cuts = tuple(stage_of.index(s) for s in range(1, opts.n_stages))
@@ -578,7 +841,7 @@ def _reapply(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
 
 
 def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _Problem, solution: Solution,
-          exact: list[tuple[str, int, int, int]], keep_snapshots: bool) -> Pipe:
+          exact: list[tuple[str, int, int, int]], keep_snapshots: bool, layout: Layout | None = None) -> Pipe:
     """Stage modules (with recompute where chosen) and the plan."""
     gm, priced, opts = prob.gm, prob.priced, prob.opts
     n = len(priced.order)
@@ -606,6 +869,11 @@ def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _
         plan_builder.SolvedSplit(gm, priced, bounds, split, prob.sched, prob.micro, solution, prob.comm, memory,
                                  TIME_UNIT),
     )
+    layout = layout or prob.layout
+    step, mesh, _ = _replicated(prob, solution, layout)
+    plan = replace(plan, mesh=Mesh(**mesh))
+    if layout.dp > 1 or layout.n_nodes > 1:  # the replicas' all-reduce; cuts priced on the links they cross
+        plan = replace(plan, prediction=replace(plan.prediction, step_time_s=step))
     return Pipe(cap, stages, plan, graph=gm, snapshots=prob.pm.snapshots, model=model)
 
 
@@ -651,7 +919,7 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
             f"{type(model).__name__} gives {fp[:19]}... (plan model: {plan.model}); re-run partition() "
             "for this model", "$.fingerprint")
     forced = {name: st.index for st in plan.stages for name in st.nodes}
-    order = compute_nodes(cap.gm)
+    order = pin_order(cap.gm, [name for st in plan.stages for name in st.nodes])  # the plan's order, if valid
     names = {n.name for n in order}
     if set(forced) != names:
         unknown, missing = sorted(set(forced) - names)[:3], sorted(names - set(forced))[:3]
@@ -669,6 +937,8 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
             raise PlanError(f"stage {st.index} lists node {st.nodes[k]!r} where the graph has {want[k]!r}: a stage's "
                             "nodes must be in graph order", f"$.stages[{st.index}].nodes[{k}]")
     fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
+    if plan.mesh.inter_link is not None:
+        fields["inter_link"] = LinkSpec.from_dict(plan.mesh.inter_link)
     o = Options(**fields)
     return _reapply(model, cap, specs, o, get_device(DeviceSpec.from_dict(plan.device)),
                     get_link(LinkSpec.from_dict(plan.link)), plan)

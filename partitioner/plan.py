@@ -26,10 +26,10 @@ if TYPE_CHECKING:  # torch-free at import: ``partitioner show``/``diff`` read pl
 
 __all__ = [
     "PLAN_VERSION", "PlanError", "ValueSpec", "Boundary", "StageCost", "StagePlan",
-    "Prediction", "SolverReport", "Plan", "load_plan", "write_atomic",
+    "Prediction", "SolverReport", "Mesh", "Plan", "load_plan", "write_atomic",
 ]
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: data parallelism (options data_parallel, zero, gpus_per_node; mesh)
 
 #: The names ``torch`` gives its dtypes (``getattr(torch, name)`` is a ``torch.dtype``), spelled
 #: out so that loading a plan needs no torch; tests/partitioner/test_imports.py keeps it equal.
@@ -120,6 +120,42 @@ class SolverReport:
 
 
 @dataclass(frozen=True)
+class Mesh:
+    """The plan's ranks as a 2-D device mesh: ``dp`` replicas of a ``pp``-rank pipeline.
+
+    ``dims`` lists the mesh dimensions outermost first, as
+    ``torch.distributed.device_mesh.init_device_mesh(..., mesh_dim_names=dims)`` builds it:
+    ``("dp", "pp")`` puts rank ``d * pp + p`` at replica d, pipeline rank p (a pipeline on
+    consecutive ranks, so inside a node where it fits: torchtitan's layout);
+    ``("pp", "dp")`` puts rank ``p * dp + d`` there (the replicas of a stage side by side).
+    Node ``k`` holds ranks ``k * gpus_per_node ...`` (torchrun's order); ``gpus_per_node`` 0
+    means one node. ``allreduce_s`` is each pipeline rank's gradient all-reduce over its
+    replicas (ring, plus ZeRO-1's parameter all-gather); ``exposed_s`` is the part of the
+    step spent waiting for it after that rank's last action.
+    """
+
+    dp: int = 1
+    pp: int = 0  # 0: read options.n_gpus (plans written before data parallelism)
+    dims: tuple[str, ...] = ("dp", "pp")
+    gpus_per_node: int = 0
+    zero: int = 0
+    inter_link: dict[str, Any] | None = None
+    allreduce_s: tuple[float, ...] = ()
+    exposed_s: float = 0.0
+
+    def rank(self, dp_rank: int, pp_rank: int) -> int:
+        """The global rank of replica ``dp_rank``'s pipeline rank ``pp_rank``."""
+        return dp_rank * self.pp + pp_rank if self.dims[0] == "dp" else pp_rank * self.dp + dp_rank
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(dp_rank, pp_rank) of a global rank."""
+        return divmod(rank, self.pp) if self.dims[0] == "dp" else divmod(rank, self.dp)[::-1]  # type: ignore[return-value]
+
+    def node(self, rank: int) -> int:
+        return rank // self.gpus_per_node if self.gpus_per_node else 0
+
+
+@dataclass(frozen=True)
 class Plan:
     """Which nodes each stage runs and what it costs: everything needed to rebuild the stages.
 
@@ -144,10 +180,19 @@ class Plan:
     solver: SolverReport
     version: int = PLAN_VERSION
     notes: tuple[str, ...] = field(default=())  # warnings raised while planning
+    mesh: Mesh = field(default_factory=Mesh)  # data-parallel replicas x pipeline ranks, and their nodes
 
     @property
     def n_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def pp_ranks(self) -> int:
+        """Ranks of one pipeline (one data-parallel replica): ``n_gpus / data_parallel``."""
+        if self.mesh.pp:
+            return self.mesh.pp
+        n = self.options.get("n_gpus")
+        return int(n) // self.mesh.dp if isinstance(n, int) else max(st.rank for st in self.stages) + 1
 
     def input_specs(self) -> tuple[InputSpec, ...]:
         """The recorded model inputs as ``InputSpec``s (enough to re-trace without data)."""
@@ -326,6 +371,7 @@ _NESTED: dict[tuple[str, str], Any] = {
     ("Plan", "boundaries"): Boundary,
     ("Plan", "prediction"): Prediction,
     ("Plan", "solver"): SolverReport,
+    ("Plan", "mesh"): Mesh,
     ("StagePlan", "cost"): StageCost,
     ("Boundary", "values"): ValueSpec,
 }
@@ -352,8 +398,17 @@ def _check_values(plan: Plan) -> None:
         raise PlanError(f"prediction is for schedule {plan.prediction.schedule!r} but the options say "
                         f"{schedule!r}", "$.prediction.schedule")
     m, batch = plan.options.get("n_microbatches"), plan.symbols.get("B")
-    if isinstance(m, int) and isinstance(batch, int) and batch % m:
-        raise PlanError(f"{m} micro-batches do not divide the batch of {batch}", "$.options.n_microbatches")
+    dp = plan.mesh.dp
+    if isinstance(batch, int) and batch % dp:
+        raise PlanError(f"the batch of {batch} does not split into data_parallel={dp} replicas", "$.mesh.dp")
+    if isinstance(m, int) and isinstance(batch, int) and (batch // dp) % m:
+        raise PlanError(f"{m} micro-batches do not divide the batch of {batch // dp}"
+                        + (f" (each of {dp} replicas' share of {batch})" if dp > 1 else ""), "$.options.n_microbatches")
+    if plan.mesh.inter_link is not None:
+        try:
+            LinkSpec.from_dict(plan.mesh.inter_link)
+        except CostModelError as e:
+            raise PlanError(str(e), "$.mesh.inter_link") from None
     allowed = RECOMPUTE.get(str(plan.options.get("recompute", "none")), ())
     for i, st in enumerate(plan.stages):
         if st.recompute not in allowed:
@@ -399,9 +454,23 @@ def _check_consistency(plan: Plan) -> None:
         names = tuple(v.name for v in b.values)
         if names != plan.stages[i].outputs:
             raise PlanError(f"boundary {i} values do not match stage {i} outputs", f"$.boundaries[{i}].values")
-    n_gpus = plan.options.get("n_gpus")
+    total = plan.options.get("n_gpus")
+    mesh = plan.mesh
+    dp = plan.options.get("data_parallel", 1)
+    if mesh.dp != dp:
+        raise PlanError(f"mesh.dp is {mesh.dp} but options.data_parallel is {dp}", "$.mesh.dp")
+    if isinstance(total, int) and total % mesh.dp:
+        raise PlanError(f"n_gpus={total} does not split into data_parallel={mesh.dp} replicas", "$.options.n_gpus")
+    n_gpus = total // mesh.dp if isinstance(total, int) else None  # ranks of one pipeline
     if isinstance(n_gpus, int) and n % n_gpus:
-        raise PlanError(f"{n} stages do not spread evenly over n_gpus={n_gpus}", "$.options.n_gpus")
+        raise PlanError(f"{n} stages do not spread evenly over {n_gpus} pipeline ranks", "$.options.n_gpus")
+    if mesh.pp and mesh.pp != n_gpus:
+        raise PlanError(f"mesh.pp is {mesh.pp} but n_gpus / data_parallel is {n_gpus}", "$.mesh.pp")
+    if sorted(mesh.dims) != ["dp", "pp"]:
+        raise PlanError(f"mesh.dims must be ['dp', 'pp'] or ['pp', 'dp'], got {list(mesh.dims)}", "$.mesh.dims")
+    if mesh.allreduce_s and len(mesh.allreduce_s) != n_gpus:
+        raise PlanError(f"mesh.allreduce_s has {len(mesh.allreduce_s)} entries for {n_gpus} pipeline ranks",
+                        "$.mesh.allreduce_s")
     from partitioner.schedule import SCHEDULES, rank_of  # pure Python, no cycle
 
     entry = SCHEDULES.get(plan.prediction.schedule)

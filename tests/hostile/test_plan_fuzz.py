@@ -227,7 +227,7 @@ def _stages(d: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("edit, path, match", [
-    (lambda d: d.__setitem__("version", "1"), "$.version", "2 was expected"),
+    (lambda d: d.__setitem__("version", "1"), "$.version", "3 was expected"),
     (lambda d: d.__setitem__("version", 0), "$.version", "not supported"),
     (lambda d: d.pop("stages"), "$", "'stages' is a required property"),
     (lambda d: d.__setitem__("surprise", 1), "$", "Additional properties"),
@@ -310,7 +310,7 @@ def test_options_schema_knows_every_optimizer() -> None:
 
     opts = _schema()["properties"]["options"]
     assert opts["properties"]["optimizer"]["enum"] == list(OPTIMIZER_STATES)
-    assert sorted(opts["required"]) == sorted(k for k in Options.__dataclass_fields__ if k != "custom")  # not in plans
+    assert sorted(opts["required"]) == sorted(k for k in Options.__dataclass_fields__ if k not in ("custom", "inter_link"))  # not in options (inter_link: plan.mesh)
 
 
 # -- loading never runs code -------------------------------------------------------------
