@@ -186,10 +186,10 @@ def cmd_show(args: argparse.Namespace) -> int:
                 raise ToolError(f"{args.plan} has {p.n_microbatches} micro-batches; --timeline draws at most "
                                 f"{MAX_TIMELINE_MICROBATCHES} (re-plan with --microbatches M)")
             blocks, _ = timeline.predicted_events(plan)
-            title = (f"{plan.model}: {p.schedule}, {plan.n_stages} stages on {plan.options['n_gpus']} ranks, "
+            title = (f"{plan.model}: {p.schedule}, {plan.n_stages} stages on {plan.pp_ranks} ranks, "
                      f"{p.n_microbatches} micro-batches (predicted, {plan.device.get('name')})")
         files.add(args.timeline, timeline.render(blocks, args.timeline, title,
-                                                 show_stage=plan.n_stages > int(plan.options["n_gpus"])))
+                                                 show_stage=plan.n_stages > plan.pp_ranks))
     if args.json:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:

@@ -43,11 +43,11 @@ def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: 
            trace_path: str | None, schedule: str, loss_name: str) -> list[float]:
     stage = pipe.build_stage(rank, "cpu")
     params = stage.parameters()
-    opt = torch.optim.SGD(params, lr=args.lr) if params else None  # a stage may own no weights
+    opt = stage.optimizer(torch.optim.SGD, lr=args.lr) if params else None  # a stage may own no weights
     m = pipe.plan.prediction.n_microbatches
     runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn)
     pos, kw = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    last = rank == pipe.plan.stages[-1].rank
+    last = stage.is_last and stage.dp_rank == 0  # with data parallelism: replica 0's loss (its share of the batch)
     losses = []
     for step in range(args.steps):
         for p in params:

@@ -46,7 +46,7 @@ def predicted_events(plan: Any) -> tuple[list[Block], float]:
     from partitioner.simulator import predict_plan
 
     p = plan.prediction
-    sched = build_schedule(p.schedule, int(plan.options["n_gpus"]), p.n_microbatches, plan.n_stages)
+    sched = build_schedule(p.schedule, plan.pp_ranks, p.n_microbatches, plan.n_stages)
     result = predict_plan(plan, sched)  # the plan's own prediction, re-run for its events
     blocks = [Block(e.rank, str(e.action), e.action.kind, e.action.microbatch, e.start, e.end)
               for e in result.events if e.end > e.start or e.action.is_compute]

@@ -146,6 +146,13 @@ def _watch(procs: list[Any], results: Any, timeout_s: float) -> list[Any]:
 
 
 def _failure(errors: list[tuple[Any, ...]], dead: list[int], procs: list[Any]) -> PipelineRuntimeError:
+    if dead and all(e[4] for e in errors):  # the others only broke waiting on it: the dead rank is the cause
+        rank = dead[0]
+        first = min(errors, key=lambda e: e[5]) if errors else None
+        peers = (f"; ranks {sorted({e[0] for e in errors})} failed waiting on it (first: rank {first[0]}"
+                 f"{f' at action {first[1]}' if first[1] else ''}: {first[2]})" if first else "")
+        return PipelineRuntimeError(f"rank {rank} exited with code {procs[rank].exitcode} without reporting an error"
+                                    f"{peers}; stopped the other ranks", rank)
     if errors:
         # The root cause is the earliest error that was not a broken receive.
         rank, action, message, tb, _, _ = min(errors, key=lambda e: (e[4], e[5]))

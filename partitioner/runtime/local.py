@@ -30,7 +30,7 @@ __all__ = ["train_step", "resolve_schedule", "seq_len"]
 def resolve_schedule(pipe: Pipe, schedule: str | Schedule, n_microbatches: int | None) -> Schedule:
     """A Schedule for the pipe's stages: a name is built for the plan's ranks and stages."""
     plan = pipe.plan
-    n_ranks = plan.options.get("n_gpus") or max(st.rank for st in plan.stages) + 1
+    n_ranks = plan.pp_ranks
     if isinstance(schedule, Schedule):
         return schedule
     m = n_microbatches if n_microbatches is not None else plan.prediction.n_microbatches

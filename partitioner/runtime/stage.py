@@ -9,6 +9,14 @@ The modules are copies (the user's model is untouched), so weights tied across r
 (``plan.tied_parameters``) are separate tensors here: every step all-reduces their
 gradients over the ranks that hold them, which keeps the copies equal under any
 optimizer that is a function of the gradient.
+
+With data parallelism (``plan.mesh.dp`` > 1) the ranks form a ``("dp", "pp")`` device mesh
+(``torch.distributed.device_mesh.init_device_mesh``; ``plan.mesh.dims`` gives the order):
+each replica runs the pipeline on its share of the batch, and the stage modules are wrapped
+in ``DistributedDataParallel`` over the replicas of their pipeline rank. Gradients
+accumulate locally over the step's micro-batches and DDP all-reduces them once, when the
+rank has run its last action (``RankStage.sync_replicas``); ``plan.mesh.zero`` = 1 makes
+``stage.optimizer(...)`` a ``ZeroRedundancyOptimizer`` over the replicas.
 """
 
 from __future__ import annotations
@@ -47,10 +55,13 @@ class RankStage:
     """The stages ``rank`` runs (stage s lives on rank s % n_ranks)."""
 
     def __init__(self, pipe: Pipe, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
-                 init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0) -> None:
+                 init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0,
+                 dp_group: dist.ProcessGroup | None = None, dp_rank: int = 0) -> None:
         plan = pipe.plan
         self.pipe, self.plan, self.rank, self.device, self.group = pipe, plan, rank, device, group
-        self.n_ranks = plan.options.get("n_gpus") or max(st.rank for st in plan.stages) + 1
+        #: this rank's place in the mesh: pipeline rank (``rank``) and replica
+        self.pp_rank, self.dp_rank, self.dp_group = rank, dp_rank, dp_group
+        self.n_ranks = plan.pp_ranks
         mine = [st.index for st in plan.stages if st.rank == rank]
         if not mine:
             raise PipelineRuntimeError(f"rank {rank} runs no stage of this plan (ranks 0..{self.n_ranks - 1})", rank)
@@ -70,6 +81,71 @@ class RankStage:
         #: initialiser): the runner refuses to run until a checkpoint or state dict fills them
         self.uninitialized: set[str] = made.uninitialized
         self._tied = self._tie_groups()
+        self.ddp = self._replicate()
+
+    @property
+    def is_first(self) -> bool:
+        """Runs stage 0: ``runner.step`` takes the model's inputs here."""
+        return 0 in self.modules
+
+    @property
+    def is_last(self) -> bool:
+        """Runs the last stage: ``runner.step`` takes ``target=`` here and returns the loss."""
+        return self.plan.n_stages - 1 in self.modules
+
+    @property
+    def global_rank(self) -> int:
+        return self.plan.mesh.rank(self.dp_rank, self.pp_rank) if self.dp_group is not None else (
+            self.rank if self.group is None else dist.get_global_rank(self.group, self.rank))
+
+    def _replicate(self) -> nn.Module | None:
+        """``DistributedDataParallel`` over this pipeline rank's replicas (None without data
+        parallelism, or when this rank has nothing to train). Its forward is never called:
+        the interpreter runs the stage modules, gradients accumulate locally, and
+        ``sync_replicas`` has DDP reduce them once per step. Construction broadcasts replica
+        0's parameters and buffers, so the replicas start equal."""
+        if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return None
+        if not any(p.requires_grad for p in self.parameters()):
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        container = nn.ModuleDict({str(s): m for s, m in self.modules.items()})
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        return DistributedDataParallel(container, device_ids=ids, process_group=self.dp_group, broadcast_buffers=False,
+                                       find_unused_parameters=True, gradient_as_bucket_view=True)
+
+    def sync_replicas(self) -> None:
+        """Average the step's accumulated gradients over the replicas, once, with DDP's
+        bucketed all-reduce. DDP reduces during a backward it prepared for; this runs a
+        backward that adds zero to every gradient this rank computed (``p.sum() * 0``: its
+        gradient is an expanded zero, no allocation), which fires DDP's hooks on the
+        accumulated gradients, as the last micro-batch's backward does under ``no_sync``
+        gradient accumulation (PyTorch pipelining prepares DDP the same way before a stage's
+        last backward). Parameters without a gradient stay without one."""
+        if self.ddp is None:
+            return
+        params = [p for p in self.ddp.module.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return
+        with torch.enable_grad():
+            zero = torch.stack([p.sum().float() for p in params]).sum() * 0
+            self.ddp.reducer.prepare_for_backward([zero])
+            zero.backward()
+
+    def optimizer(self, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                  **kwargs: Any) -> torch.optim.Optimizer:
+        """An optimizer over this rank's parameters: ``optimizer_class(params, **kwargs)``,
+        or, with ``plan.mesh.zero`` = 1 and replicas, PyTorch's ``ZeroRedundancyOptimizer``
+        wrapping it over the replicas (each keeps 1/dp of the optimizer state)."""
+        params = self.parameters()
+        if self.plan.mesh.zero and self.ddp is not None:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=self.dp_group,
+                                           **kwargs)
+        return optimizer_class(params, **kwargs)
 
     def _tie_groups(self) -> list[tuple[dist.ProcessGroup, list[nn.Parameter]]]:
         """One subgroup per tied set spanning several ranks. ``new_group`` is collective:
@@ -80,8 +156,13 @@ class RankStage:
             ranks = sorted({st.rank for st in self.plan.stages if set(st.parameters) & set(names)})
             if len(ranks) < 2:
                 continue  # one rank holds every use: a single tensor after _copy_to
-            global_ranks = ranks if self.group is None else [dist.get_global_rank(self.group, r) for r in ranks]
-            pg = dist.new_group(global_ranks)
+            if self.dp_group is not None:  # one group per replica, each created by every rank
+                mesh = self.plan.mesh
+                groups = [dist.new_group([mesh.rank(d, r) for r in ranks]) for d in range(mesh.dp)]
+                pg = groups[self.dp_rank]
+            else:
+                global_ranks = ranks if self.group is None else [dist.get_global_rank(self.group, r) for r in ranks]
+                pg = dist.new_group(global_ranks)
             if self.rank in ranks:
                 params = list({id(named[n]): named[n] for n in names if n in named}.values())
                 out.append((pg, params))
@@ -247,7 +328,9 @@ class RankStage:
             loss_fn: ``loss_fn(output, target) -> scalar``, called on the last stage per
                 micro-batch (the step's loss is their mean).
             batch_size: the global batch each step gets (default: the plan's); ranks size
-                their receive buffers from it.
+                their receive buffers from it. With data parallelism each replica runs
+                ``batch_size / plan.mesh.dp`` of it: the first stage takes either the
+                global batch (and keeps its replica's share) or its share alone.
 
         Returns:
             The ``Runner``.
@@ -294,7 +377,9 @@ class Runner:
         if schedule.n_ranks != stage.n_ranks:
             raise PipelineRuntimeError(f"schedule is for {schedule.n_ranks} ranks, the plan for {stage.n_ranks}")
         self.stage, self.schedule = stage, schedule
-        self.batch = batch if batch is not None else int(plan.symbols.get("B", 0))
+        self.replicas = plan.mesh.dp if stage.dp_group is not None else 1
+        #: each replica's batch (the plan's global batch / data_parallel)
+        self.batch = (batch if batch is not None else int(plan.symbols.get("B", 0))) // self.replicas
         m = schedule.n_microbatches
         if self.batch % m:
             raise PipelineRuntimeError(
@@ -318,6 +403,8 @@ class Runner:
             flat = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v,
                                    self.stage.pipe.flatten_inputs(inputs, kwargs))
             got = batch_size(flat)
+            if self.replicas > 1 and got == self.batch * self.replicas:  # the global batch: take this replica's share
+                flat, got = split(flat, self.replicas, got)[self.stage.dp_rank], self.batch
             if got != self.batch:
                 raise PipelineRuntimeError(
                     f"rank {self.stage.rank}: the inputs have batch {got}, the runner expects {self.batch} "
@@ -326,8 +413,10 @@ class Runner:
         if it.last in it.modules:
             if target is None:
                 raise PipelineRuntimeError(f"rank {self.stage.rank} runs the last stage: step() needs target=...")
-            mb_targets = split(pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v, target),
-                               m, self.batch)
+            target = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v, target)
+            if self.replicas > 1 and batch_size(pytree.tree_leaves(target)) == self.batch * self.replicas:
+                target = split(target, self.replicas, self.batch * self.replicas)[self.stage.dp_rank]
+            mb_targets = split(target, m, self.batch)
         it.start(self.batch // m, seq_len(self.stage.plan), mb_inputs, mb_targets)
         saved = self.stage.take_tied_grads()
         try:
@@ -335,9 +424,19 @@ class Runner:
                 it.run(a)
         except PipelineRuntimeError as e:
             log_failure(self.schedule, e, self.stage.rank)  # the grid around the failing action
+            if self.replicas > 1:  # say which replica, and the rank torchrun knows
+                raise PipelineRuntimeError(f"replica {self.stage.dp_rank} of {self.replicas} (global rank "
+                                           f"{self.stage.global_rank}): {e}", e.rank, e.action, e.secondary) from e
             raise
         loss = it.finish()
         self.stage.reduce_tied_grads(saved)
+        try:
+            self.stage.sync_replicas()
+        except Exception as e:  # a replica died or hung: the all-reduce breaks or times out
+            raise PipelineRuntimeError(
+                f"replica {self.stage.dp_rank} of {self.replicas} (global rank {self.stage.global_rank}, pipeline rank "
+                f"{self.stage.rank}): averaging gradients over the replicas failed (a replica failed or timed out): {e}",
+                self.stage.rank, "gradient all-reduce over replicas", secondary=True) from e
         self.events = list(it.events)
         if trace is not None:
             self.write_trace(trace)
@@ -371,6 +470,8 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
     Args:
         pipe: the partitioned model (``partition()`` or ``Plan.apply``), the same on every rank.
         rank: this process's rank in ``group``; it runs stages ``s`` with ``plan.stages[s].rank == rank``.
+            With data parallelism (``plan.mesh.dp`` > 1): the global rank; the stage's
+            ``pp_rank`` and ``dp_rank`` follow from ``plan.mesh``.
         device: where this rank's copies live.
         init_process_group: ``"auto"``/True: join the default group if none exists; False: one must.
         group: the pipeline's process group (default: the default group); its size must be
@@ -397,12 +498,41 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
         dist.init_process_group(backend_for(dev), init_method="env://", timeout=timedelta(seconds=timeout_s))
     if not dist.is_initialized():
         raise PipelineRuntimeError("build_stage needs torch.distributed initialised (init_process_group=True)")
-    n_ranks = pipe.plan.options.get("n_gpus") or max(st.rank for st in pipe.plan.stages) + 1
+    plan = pipe.plan
     world = dist.get_world_size(group)
+    if plan.mesh.dp > 1:
+        return _build_replica(pipe, rank, dev, group, world, init_fn=init_fn, seed=seed)
+    n_ranks = plan.pp_ranks
     if world != n_ranks:
         raise PipelineRuntimeError(f"the plan runs on {n_ranks} ranks, the process group has {world}: "
                                    f"launch {n_ranks} processes or re-partition with n_gpus={world}")
     return RankStage(pipe, rank, dev, group, init_fn=init_fn, seed=seed)
+
+
+def _build_replica(pipe: Pipe, rank: int, dev: torch.device, group: dist.ProcessGroup | None, world: int, *,
+                   init_fn: Callable[[nn.Module], Any] | None, seed: int) -> RankStage:
+    """Data parallelism: the world as the plan's ``(dp, pp)`` device mesh; this rank's
+    pipeline rank and replica from it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = pipe.plan.mesh
+    total = mesh.dp * pipe.plan.pp_ranks
+    if group is not None:
+        raise PipelineRuntimeError("a data-parallel plan builds its own device mesh over the default process group: "
+                                   "call build_stage without group=")
+    if world != total:
+        raise PipelineRuntimeError(f"the plan runs {mesh.dp} replicas x {pipe.plan.pp_ranks} pipeline ranks = {total} "
+                                   f"ranks, the process group has {world}: launch {total} processes or re-partition "
+                                   f"with n_gpus={world}")
+    if rank != dist.get_rank():
+        raise PipelineRuntimeError(f"build_stage(rank={rank}) but this process is global rank {dist.get_rank()}: "
+                                   "a data-parallel plan takes the global rank")
+    sizes = {"dp": mesh.dp, "pp": pipe.plan.pp_ranks}
+    dm = init_device_mesh(dev.type, tuple(sizes[d] for d in mesh.dims), mesh_dim_names=tuple(mesh.dims))
+    dp_rank, pp_rank = dm.get_local_rank("dp"), dm.get_local_rank("pp")
+    assert (dp_rank, pp_rank) == mesh.coords(rank), "init_device_mesh laid the ranks out unlike plan.mesh"
+    return RankStage(pipe, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
+                     dp_group=dm.get_group("dp"), dp_rank=dp_rank)
 
 
 def _alias_groups(model: nn.Module | None, tied: Any) -> dict[str, tuple[str, ...]]:

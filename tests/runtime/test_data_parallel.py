@@ -1,0 +1,95 @@
+"""Pipeline x data parallelism on gloo: 4 ranks as 2 replicas x 2 pipeline ranks train like
+one process on the whole batch (GPipe and 1F1B, the GPT fixture's tied embedding on the first
+and last pipeline rank, ZeRO-1), and a dead replica is named by rank and replica."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from partitioner import partition
+from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.launch import spawn
+from tests.fixtures.models import FIXTURES
+from tests.runtime.helpers import LR, STEPS, assert_params, data, reference
+
+TIMEOUT_S = 120.0
+BATCH = 8
+
+
+def _pipe(schedule: str = "1f1b", **kw: Any) -> tuple[torch.nn.Module, Any]:
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, _, _ = data("gpt", BATCH)
+    pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), schedule=schedule, n_microbatches=2,
+                     pinned_cuts=["transformer.h.2"], **kw)
+    return model, pipe
+
+
+def _train(rank: int, world: int, pipe: Any, schedule: str, share: bool) -> dict[str, Any]:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    half = BATCH // 2
+    if share:  # each replica's data loader gives its own share
+        x, y = x[stage.dp_rank * half:(stage.dp_rank + 1) * half], y[stage.dp_rank * half:(stage.dp_rank + 1) * half]
+    losses = []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        loss = runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        losses.append(None if loss is None else loss.item())
+        opt.step()
+    return {"dp": stage.dp_rank, "pp": stage.pp_rank, "first": stage.is_first, "last": stage.is_last,
+            "losses": losses, "zero": type(opt).__name__,
+            "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
+
+
+@pytest.mark.parametrize("schedule,zero,share", [("1f1b", 0, False), ("gpipe", 0, True), ("1f1b", 1, False)])
+def test_two_replicas_of_two_stages_train_like_one_process(schedule: str, zero: int, share: bool) -> None:
+    model, pipe = _pipe(schedule, zero=zero)
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.pp, pipe.plan.pp_ranks) == (2, 2, 2)
+    assert pipe.plan.tied_parameters, "the fixture should tie its embedding across the cut"
+    x, y, loss_fn = data("gpt", BATCH)
+    want_losses, want = reference(model, x, y, loss_fn)
+    results = spawn(_train, 4, pipe, schedule, share, timeout_s=TIMEOUT_S)
+    # rank = d * pp + p (plan.mesh.dims == ("dp", "pp"))
+    assert [(r["dp"], r["pp"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r["first"] for r in results] == [True, False, True, False]
+    assert {r["zero"] for r in results} == {"ZeroRedundancyOptimizer" if zero else "SGD"}
+    last = [r["losses"] for r in results if r["last"]]
+    assert len(last) == 2 and last[0] != last[1], "each replica should see its own half of the batch"
+    mean = [(a + b) / 2 for a, b in zip(*last)]  # equal halves: the mean of replica losses is the batch loss
+    assert mean == pytest.approx(want_losses, rel=1e-5)
+    for r in results:  # every replica ends with the one-process parameters (tied copies included)
+        assert_params(r["params"], want)
+    assert set().union(*(r["params"] for r in results)) == set(want)
+
+
+def _dies(rank: int, world: int, pipe: Any) -> None:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    if rank == 3:  # replica 1's last pipeline rank dies before the step
+        os._exit(3)
+    runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+
+
+def test_a_dead_replica_is_reported_by_rank_within_the_timeout() -> None:
+    _, pipe = _pipe()
+    with pytest.raises(PipelineRuntimeError, match=r"rank 3") as info:
+        spawn(_dies, 4, pipe, timeout_s=60.0)
+    assert "exit" in str(info.value) or "died" in str(info.value), str(info.value)
+
+
+def test_a_data_parallel_plan_refuses_the_wrong_world_size() -> None:
+    _, pipe = _pipe()
+
+    def run(rank: int, world: int, pipe: Any) -> None:
+        pipe.build_stage(rank, "cpu")
+
+    with pytest.raises(PipelineRuntimeError, match=r"2 replicas x 2 pipeline ranks = 4 ranks, the process group has 2"):
+        spawn(run, 2, pipe, timeout_s=60.0)
