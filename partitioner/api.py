@@ -717,7 +717,9 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
                 + (f" ({ly.describe()})" if ly.n_nodes > 1 else "")
                 + f": predicted step {t * 1e3:.4g} ms (all-reduce exposed {ms['exposed_s'] * 1e3:.3g} ms, "
                 f"bubble {sm.bubble_fraction:.1%}), peak memory {_fmt_bytes(pk)}")
-    prob.notes = list(prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}; {len(rows)} candidates fit"] + [
+    why = (f"the fastest predicted step of {len(rows)} that fit; #2 is {rows[1][0] / step - 1:.1%} slower"
+           if len(rows) > 1 else "the only candidate that fits")
+    prob.notes = list(prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}: {why}"] + [
         f"{DP_NOTE} #{i + 1} {line(r)}" for i, r in enumerate(rows)] + [f"{DP_NOTE} -- {r}" for r in refused]
     return _emit(model, cap, specs, prob, sol, exact, keep_snapshots, lay)
 
@@ -870,10 +872,11 @@ def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _
                                  TIME_UNIT),
     )
     layout = layout or prob.layout
-    step, mesh, _ = _replicated(prob, solution, layout)
+    step, mesh, sim = _replicated(prob, solution, layout)
     plan = replace(plan, mesh=Mesh(**mesh))
     if layout.dp > 1 or layout.n_nodes > 1:  # the replicas' all-reduce; cuts priced on the links they cross
-        plan = replace(plan, prediction=replace(plan.prediction, step_time_s=step))
+        plan = replace(plan, prediction=replace(plan.prediction, step_time_s=step,
+                                                bubble_fraction=sim.bubble_fraction))
     return Pipe(cap, stages, plan, graph=gm, snapshots=prob.pm.snapshots, model=model)
 
 

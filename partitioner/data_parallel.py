@@ -76,6 +76,10 @@ class Layout:
     def describe(self) -> str:
         if self.n_nodes == 1:
             return "one node"
+        if self.dp == 1:
+            return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, one pipeline across them"
+        if self.pp == 1:
+            return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, replicas across them"
         inside = "pipelines inside nodes" if not any(
             self.boundary_crosses_nodes(p, p + 1) for p in range(self.pp - 1)) else (
             "replicas inside nodes" if not any(self.replicas_cross_nodes(p) for p in range(self.pp)) else "mixed")

@@ -34,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 #: command can tell a flag the user typed from one left alone (and refuse the ones it ignores).
 PARTITION_DEFAULTS = {"gpus": 4, "virtual_stages": None, "device": "h100-sxm", "link": "nvlink4", "schedule": "1f1b",
                       "microbatches": None, "cut_at": None, "pin": [], "memory_limit": None, "optimizer": "adam",
-                      "leaf_module": [], "precision": None, "recompute": "auto"}
+                      "leaf_module": [], "precision": None, "recompute": "auto", "objective": None,
+                      "dp": 1, "zero": 0, "gpus_per_node": None, "inter_link": None}
 
 
 def _microbatches(text: str) -> int | str:
@@ -49,7 +50,18 @@ def _microbatches(text: str) -> int | str:
 def _partition_options() -> _Parser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("partitioning")
-    g.add_argument("--gpus", type=int, default=None, metavar="N", help="pipeline ranks (devices) (default: 4)")
+    g.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs (ranks): data-parallel replicas x pipeline ranks (default: 4)")
+    g.add_argument("--dp", type=_microbatches, default=None, metavar="D",
+                   help="data-parallel replicas of the pipeline, a divisor of --gpus, or 'auto': the degree with "
+                        "the fastest predicted step that fits (prints the candidates) (default: 1)")
+    g.add_argument("--zero", type=int, default=None, choices=(0, 1),
+                   help="1: shard optimizer state over the replicas (ZeRO-1) (default: 0)")
+    g.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                   help="GPUs per node (torchrun's order): ranks on other nodes talk over --inter-link "
+                        "(default: all on one node)")
+    g.add_argument("--inter-link", default=None,
+                   help=f"link between nodes: {', '.join(LINKS)} (default: ib-ndr-400 with --gpus-per-node)")
     g.add_argument("--virtual-stages", type=int, default=None, metavar="V",
                    help="stages per rank; V > 1 needs --schedule interleaved-1f1b (or zbv: V = 2) "
                         "(default: the schedule's: 2 for zbv, else 1)")
@@ -216,6 +228,8 @@ _FLAG_NAMES = [
     (r"memory_limit", "--memory-limit"), (r"schedule='([\w-]+)'", "--schedule"),
     (r"optimizer=", "--optimizer"), (r"concrete_args", "concrete_args (Python API only)"),
     (r"route='export'", "capture_route='export' (Python API only)"),
+    (r"data_parallel(?:=(\d+|'auto'))?", "--dp"), (r"gpus_per_node", "--gpus-per-node"),
+    (r"inter_link", "--inter-link"), (r"zero(?:=(\d))?", "--zero"),
 ]
 
 

@@ -103,14 +103,16 @@ def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: boo
         model, inputs = loaded if loaded is not None else load_model(spec)
     from partitioner import PartitionError, partition
 
-    extra = {k: getattr(args, k) for k in ("precision", "recompute", "objective") if getattr(args, k, None) is not None}
+    extra = {k: getattr(args, k) for k in ("precision", "recompute", "objective", "gpus_per_node", "inter_link")
+             if getattr(args, k, None) is not None}
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet), _library_output(args):
         try:
             return partition(
                 model, args.gpus, inputs, schedule=args.schedule, n_microbatches=args.microbatches,
                 virtual_stages=args.virtual_stages, device=args.device, link=args.link, cut_at=args.cut_at,
                 pinned_cuts=tuple(args.pin), memory_limit=args.memory_limit_bytes, optimizer=args.optimizer,
-                leaf_modules=tuple(args.leaf_module), keep_snapshots=keep_snapshots, **extra)
+                leaf_modules=tuple(args.leaf_module), keep_snapshots=keep_snapshots, data_parallel=args.dp,
+                zero=args.zero, **extra)
         except PartitionError as e:  # written for Python callers: name the flags instead
             raise ToolError(flag_names(" ".join(str(e).split()))) from e
 
@@ -141,7 +143,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out.print("wrote " + ", ".join(written))
     if getattr(args, "explain", False):
         _explain_choice(pipe.plan)
+    if args.dp == "auto" and not args.quiet:
+        _explain_data_parallel(pipe.plan)
     return 0
+
+
+def _explain_data_parallel(plan: Any) -> None:
+    """``--dp auto``: every (replicas x pipeline ranks) candidate, from the plan's notes
+    (``partitioner.api.DP_NOTE``), fastest first, and those that did not fit."""
+    lines = [n[len("dp:"):].strip() for n in plan.notes if n.startswith("dp:")]
+    if not lines:
+        return
+    print(f"data parallelism: {lines[0]}")
+    for line in lines[1:]:
+        print(("  not possible: " + line[3:]) if line.startswith("-- ") else "  " + line)
 
 
 def _explain_choice(plan: Any) -> None:

@@ -88,4 +88,7 @@ def plan_summary(plan: Any) -> dict[str, Any]:
             "total_cut_bytes": s.total_cut_bytes,
         },
         "notes": list(plan.notes),
+        "mesh": {"dp": plan.mesh.dp, "pp": plan.pp_ranks, "dims": list(plan.mesh.dims),
+                 "gpus_per_node": plan.mesh.gpus_per_node, "zero": plan.mesh.zero,
+                 "allreduce_exposed_s": plan.mesh.exposed_s},
     }

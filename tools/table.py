@@ -79,5 +79,15 @@ def print_plan(summary: dict[str, Any], console: Console) -> None:
         f"lower bound {human_seconds(s['lower_bound_s'])} (no split of this node order is faster); "
         f"cross-stage traffic {human_bytes(s['total_cut_bytes'])}"
     )
+    mesh = summary.get("mesh") or {}
+    if mesh.get("dp", 1) > 1 or mesh.get("gpus_per_node"):
+        nodes = (f", {-(-summary['n_gpus'] // mesh['gpus_per_node'])} nodes x {mesh['gpus_per_node']} GPUs"
+                 if mesh.get("gpus_per_node") else "")
+        console.print(
+            f"data parallel: {mesh['dp']} replicas x {mesh['pp']} pipeline ranks{nodes}, mesh "
+            f"({', '.join(mesh['dims'])}){', ZeRO-1' if mesh.get('zero') else ''}; gradient all-reduce adds "
+            f"{human_seconds(mesh['allreduce_exposed_s'])} to the step")
     for note in summary["notes"]:
+        if note.startswith(("dp: #", "dp: --")):  # the ranking: plan --dp auto prints it under the table
+            continue
         console.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -1,0 +1,146 @@
+"""Pipeline x data parallelism in the planner: the mesh in the plan, the replicas' all-reduce
+priced by the ring formula from each stage's own parameters, ZeRO-1's memory, the automatic
+degree and placement, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cost_models.devices import LINKS
+from partitioner import PartitionError, load_plan, partition
+from partitioner.data_parallel import Layout, allgather_s, ring_allreduce_s
+from partitioner.examples import gpt_example
+from partitioner.plan import PlanError
+from partitioner.schedule import build_schedule
+from tests.tools.helpers import cli
+
+
+@pytest.fixture(scope="module")
+def gpt() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model, (idx,) = gpt_example(batch=8, seq=32)
+    return model, idx
+
+
+def _trainable(model: torch.nn.Module, names: tuple[str, ...]) -> int:
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    return sum(t.numel() for t in {id(by_name[n]): by_name[n] for n in names}.values() if t.requires_grad)
+
+
+def test_each_replica_runs_its_share_and_the_plan_records_the_mesh(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    plan = partition(model, n_gpus=4, data_parallel=2, example_inputs=(idx,), n_microbatches=2).plan
+    assert plan.options["n_gpus"] == 4 and plan.options["data_parallel"] == 2
+    assert (plan.mesh.dp, plan.mesh.pp, plan.pp_ranks, plan.n_stages) == (2, 2, 2, 2)
+    assert plan.mesh.dims == ("dp", "pp") and {st.rank for st in plan.stages} == {0, 1}
+    assert plan.symbols["B"] == 8 and plan.prediction.microbatch_size == 2  # 8 / 2 replicas / 2 micro-batches
+    assert [plan.mesh.coords(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    text = plan.to_json()
+    assert load_plan(text).to_json() == text
+    assert load_plan(text).apply(model).plan.to_json() == text
+
+
+def test_the_all_reduce_is_the_ring_formula_over_each_stages_parameters(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    link = LINKS["nvlink4"]
+    for zero in (0, 1):
+        plan = partition(model, n_gpus=8, data_parallel=4, example_inputs=(idx,), n_microbatches=2, zero=zero).plan
+        for st in plan.stages:  # one stage per rank here; fp32: 4-byte gradients
+            grad = _trainable(model, st.parameters) * 4
+            want = ring_allreduce_s(grad, 4, link) + (allgather_s(grad, 4, link) if zero else 0.0)
+            assert want > 0 and plan.mesh.allreduce_s[st.rank] == pytest.approx(want, rel=1e-12)
+        assert ring_allreduce_s(4e9, 4, link) == pytest.approx(2 * 3 * (link.latency + 1e9 / link.bandwidth))
+        # rank r's all-reduce starts when its list ends: the step waits only for what sticks out
+        assert 0 <= plan.mesh.exposed_s <= max(plan.mesh.allreduce_s) + 1e-15
+
+
+def test_zero_1_keeps_one_replicas_share_of_the_optimizer_state(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    kw = dict(n_gpus=4, data_parallel=2, example_inputs=(idx,), n_microbatches=2, pinned_cuts=["transformer.h.2"],
+              optimizer="adam", precision="fp32")
+    plain, sharded = partition(model, **kw).plan, partition(model, zero=1, **kw).plan
+    assert sharded.mesh.zero == 1 and sharded.options["zero"] == 1
+    for a, b in zip(plain.stages, sharded.stages):
+        state = _trainable(model, a.parameters) * 8  # Adam in fp32: two 4-byte moments per parameter
+        assert a.cost.static_bytes - b.cost.static_bytes == state - -(-state // 2)
+
+
+def test_auto_picks_the_fastest_degree_each_candidate_as_planned_alone(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    auto = partition(model, n_gpus=4, data_parallel="auto", example_inputs=(idx,)).plan
+    ranked = [n for n in auto.notes if n.startswith("dp: #")]
+    assert len(ranked) == 3  # D = 1, 2, 4
+    steps = {}
+    for d in (1, 2, 4):
+        alone = partition(model, n_gpus=4, data_parallel=d, example_inputs=(idx,)).plan
+        steps[d] = alone.prediction.step_time_s
+        line = next(n for n in ranked if f" D={d} " in n)
+        assert f"predicted step {steps[d] * 1e3:.4g} ms" in line
+    best = min(steps, key=steps.get)  # type: ignore[arg-type]
+    assert auto.mesh.dp == best and auto.prediction.step_time_s == pytest.approx(steps[best])
+    assert any(n.startswith("dp: picked") and "fastest predicted step" in n for n in auto.notes)
+
+
+def test_across_nodes_the_faster_placement_is_chosen_and_priced_on_the_inter_link(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    kw = dict(n_gpus=4, data_parallel=2, example_inputs=(idx,), n_microbatches=2, gpus_per_node=2)
+    slow = partition(model, inter_link="ethernet-100g", **kw).plan
+    ib = partition(model, **kw).plan
+    assert ib.mesh.inter_link["name"] == "ib-ndr-400" and slow.mesh.inter_link["name"] == "ethernet-100g"
+    placed = [n for n in ib.notes if n.startswith("dp: placement")]
+    assert len(placed) == 2
+    times = [float(re.search(r"predicted step ([\d.e+-]+) ms", n).group(1)) for n in placed]  # type: ignore[union-attr]
+    assert times == sorted(times) and ib.prediction.step_time_s * 1e3 == pytest.approx(times[0], rel=1e-3)
+    lay = Layout(2, 2, ib.mesh.dims, 2)
+    crossing = [p for p in range(2) if lay.replicas_cross_nodes(p)]
+    for p in range(2):  # replicas on one node use nvlink, across nodes the inter link
+        want_link = LINKS["ib-ndr-400"] if p in crossing else LINKS["nvlink4"]
+        grad = _trainable(model, tuple(n for st in ib.stages if st.rank == p for n in st.parameters)) * 4
+        assert ib.mesh.allreduce_s[p] == pytest.approx(ring_allreduce_s(grad, 2, want_link), rel=1e-12)
+    assert slow.prediction.step_time_s >= ib.prediction.step_time_s
+
+
+def test_bad_data_parallel_arguments_are_refused(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    with pytest.raises(PartitionError, match=r"n_gpus=4 does not split into data_parallel=3.*\[1, 2, 4\]"):
+        partition(model, n_gpus=4, data_parallel=3, example_inputs=(idx,))
+    with pytest.raises(PartitionError, match=r"global batch of 6 samples does not split into data_parallel=4"):
+        partition(model, n_gpus=4, data_parallel=4, example_inputs=(idx[:6],))
+    with pytest.raises(PartitionError, match="give gpus_per_node= too"):
+        partition(model, n_gpus=4, data_parallel=2, example_inputs=(idx,), inter_link="ib-ndr-400")
+    with pytest.raises(PartitionError, match="zero must be 0 or 1"):
+        partition(model, n_gpus=4, data_parallel=2, example_inputs=(idx,), zero=2)
+    with pytest.raises(PartitionError, match="a Schedule object fixes the pipeline's rank count"):
+        partition(model, n_gpus=4, data_parallel="auto", example_inputs=(idx,),
+                  schedule=build_schedule("1f1b", 2, 2, 2))
+
+
+def test_a_plan_whose_mesh_disagrees_is_refused_with_its_path(gpt) -> None:  # type: ignore[no-untyped-def]
+    model, idx = gpt
+    plan = partition(model, n_gpus=4, data_parallel=2, example_inputs=(idx,), n_microbatches=2).plan
+    for damage, path in [(lambda d: d["mesh"].__setitem__("dp", 4), r"\$\.mesh\.dp"),
+                         (lambda d: d["mesh"].__setitem__("pp", 4), r"\$\.mesh\.pp"),
+                         (lambda d: d["mesh"].__setitem__("dims", ["dp", "dp"]), r"\$\.mesh\.dims"),
+                         (lambda d: d["mesh"].__setitem__("allreduce_s", [0.1]), r"\$\.mesh\.allreduce_s"),
+                         (lambda d: d["mesh"].__setitem__("inter_link", {"name": "x", "bandwidth": -1, "latency": 0}),
+                          r"\$\.mesh\.inter_link")]:
+        data = json.loads(plan.to_json())
+        damage(data)
+        with pytest.raises(PlanError, match=path):
+            load_plan(data)
+
+
+def test_cli_dp_auto_prints_every_candidate(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    r = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--dp", "auto", "--gpus-per-node", "2",
+            "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "data parallelism: picked D=" in r.stdout and "fastest predicted step" in r.stdout
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\s+#\d D=\d P=\d m=\d+ ", line)]
+    assert len(rows) >= 3 and all("peak memory" in x and "bubble" in x for x in rows)
+    assert load_plan(out.read_text()).mesh.gpus_per_node == 2
