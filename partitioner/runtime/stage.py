@@ -113,8 +113,9 @@ class RankStage:
         container = nn.ModuleDict({str(s): m for s, m in self.modules.items()})
         ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else None
-        return DistributedDataParallel(container, device_ids=ids, process_group=self.dp_group, broadcast_buffers=False,
-                                       find_unused_parameters=True, gradient_as_bucket_view=True)
+        # Buffers: synced from replica 0 at construction; forward syncs never happen (no DDP forward).
+        return DistributedDataParallel(container, device_ids=ids, process_group=self.dp_group,
+                                       gradient_as_bucket_view=True)
 
     def sync_replicas(self) -> None:
         """Average the step's accumulated gradients over the replicas, once, with DDP's
@@ -123,16 +124,20 @@ class RankStage:
         gradient is an expanded zero, no allocation), which fires DDP's hooks on the
         accumulated gradients, as the last micro-batch's backward does under ``no_sync``
         gradient accumulation (PyTorch pipelining prepares DDP the same way before a stage's
-        last backward). Parameters without a gradient stay without one."""
+        last backward). A parameter no replica gave a gradient this step (its average is
+        all zeros) gets none, as in one process; one that only some replicas used gets the
+        average, counting the others' as zero."""
         if self.ddp is None:
             return
-        params = [p for p in self.ddp.module.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
-            return
+        params = [p for p in self.ddp.module.parameters() if p.requires_grad]
+        had_none = [p for p in params if p.grad is None]
         with torch.enable_grad():
             zero = torch.stack([p.sum().float() for p in params]).sum() * 0
-            self.ddp.reducer.prepare_for_backward([zero])
+            self.ddp.reducer.prepare_for_backward([])
             zero.backward()
+        for p in had_none:
+            if p.grad is not None and not torch.count_nonzero(p.grad):
+                p.grad = None
 
     def optimizer(self, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
                   **kwargs: Any) -> torch.optim.Optimizer:

@@ -93,3 +93,40 @@ def test_a_data_parallel_plan_refuses_the_wrong_world_size() -> None:
 
     with pytest.raises(PipelineRuntimeError, match=r"2 replicas x 2 pipeline ranks = 4 ranks, the process group has 2"):
         spawn(run, 2, pipe, timeout_s=60.0)
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # `unused` is read, but no gradient reaches it
+        return self.used(x) + self.unused(x).detach()
+
+
+def _adamw(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.AdamW, lr=0.1, weight_decay=0.5)
+    runner = stage.runner("1f1b", loss_fn=torch.nn.functional.mse_loss)
+    for _ in range(2):
+        stage.zero_grad()
+        runner.step(x, target=y)
+        grads = {n: p.grad is not None for n, p in stage.named_parameters()}
+        opt.step()
+    return {"grads": grads, "params": {n: p.detach().clone() for n, p in stage.named_parameters()}}
+
+
+def test_a_parameter_no_replica_uses_gets_no_gradient_as_in_one_process() -> None:
+    torch.manual_seed(0)
+    model = _WithUnused()
+    x, y = torch.randn(4, 4), torch.randn(4, 4)
+    pipe = partition(model, n_gpus=2, data_parallel=2, example_inputs=(x,), n_microbatches=1)
+    ref = __import__("copy").deepcopy(model)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    for r in spawn(_adamw, 2, pipe, x, y, timeout_s=TIMEOUT_S):
+        assert r["grads"] == {"used.weight": True, "used.bias": True, "unused.weight": False, "unused.bias": False}
+        assert_params(r["params"], dict(ref.named_parameters()))  # AdamW's decay skipped the unused weights
