@@ -130,3 +130,37 @@ def test_a_parameter_no_replica_uses_gets_no_gradient_as_in_one_process() -> Non
     for r in spawn(_adamw, 2, pipe, x, y, timeout_s=TIMEOUT_S):
         assert r["grads"] == {"used.weight": True, "used.bias": True, "unused.weight": False, "unused.bias": False}
         assert_params(r["params"], dict(ref.named_parameters()))  # AdamW's decay skipped the unused weights
+
+
+def _train_save(rank: int, world: int, pipe: Any, path: str) -> None:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    for _ in range(2):
+        stage.zero_grad()
+        runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        opt.step()
+    stage.save_checkpoint(path, optimizer=opt)
+
+
+def _resume(rank: int, world: int, pipe: Any, path: str) -> dict[str, torch.Tensor]:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    opt = torch.optim.SGD(stage.parameters(), lr=LR)
+    stage.load_checkpoint(path, optimizer=opt)
+    runner = stage.runner("1f1b", n_microbatches=2, loss_fn=loss_fn)
+    stage.zero_grad()
+    runner.step(x if rank == 0 else None, target=y)
+    opt.step()
+    return {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}
+
+
+def test_a_checkpoint_saved_by_two_replicas_resumes_on_one_pipeline(tmp_path: Any) -> None:
+    model, pipe = _pipe()
+    x, y, loss_fn = data("gpt", BATCH)
+    _, want = reference(model, x, y, loss_fn, steps=3)
+    spawn(_train_save, 4, pipe, str(tmp_path / "ckpt"), timeout_s=TIMEOUT_S)
+    one = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=["transformer.h.2"])
+    for params in spawn(_resume, 2, one, str(tmp_path / "ckpt"), timeout_s=TIMEOUT_S):
+        assert_params(params, want)
