@@ -51,6 +51,7 @@ All search arithmetic is int64; inputs whose totals could overflow are rejected.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cost_models.errors import PartitionError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "min_cost_at", "solve"]
 
@@ -571,6 +574,7 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
         fw = _prepare(inp, S, pins)
         R = _reach(fw, T_inf)
     if R is None:
+        logger.debug("solve: %d positions, %d stages: no split fits memory", n, S)
         raise _memory_error(inp, S, pins, T_inf)
     lb = _lower_bound(inp, S, n)
 
@@ -598,6 +602,8 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     cuts = _min_bytes(fw, F, _tie_costs(inp, S), T)
     choice = _pick(fw, cuts, T)
     times = tuple(int(t) for t in _times(fw, cuts, choice))
+    logger.debug("solve: %d positions, %d stages, %d options: bottleneck %d (lower bound %d), cuts %s, options %s",
+                 n, S, len(fw.opts), T, lb, list(cuts[1:-1]), list(choice))
     opts = inp.choices()
     mems = tuple(int(sum(inp.static_mem[a:b]) + inp.inflight[i] * sum(opts[j].act_mem[a:b]) + opts[j].reserve)
                  for i, ((a, b), j) in enumerate(zip(itertools.pairwise(cuts), choice)))
