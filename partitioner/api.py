@@ -690,7 +690,8 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
         return _emit(model, cap, specs, prob, sol, exact, keep_snapshots, ranked[0][2])
     v = opts.n_stages // opts.pp
     batch = _batch_size(specs) if specs else None
-    rows, refused = [], []
+    rows: list[tuple[Any, ...]] = []
+    refused: list[str] = []
     for d in divisors(opts.n_gpus):
         label = f"D={d} P={opts.n_gpus // d}"
         if batch is not None and batch % d:
@@ -751,7 +752,8 @@ def _auto(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: O
     schedule, at its default stages per rank unless ``virtual_stages`` > 1 was given; each
     divisor of the batch) and keep the predicted-fastest that fits memory. The ranking goes
     into the plan's notes, one line per candidate, best first."""
-    batch = _batch_size(specs) // opts.data_parallel if specs else None
+    whole = _batch_size(specs) if specs else None
+    batch = whole // opts.data_parallel if whole is not None else None
     v_given = opts.n_stages // opts.pp
     names = [opts.schedule] if opts.schedule != "auto" else [
         n for n, sp in SCHEDULES.items() if not sp.whole_batch

@@ -98,7 +98,7 @@ class RankStage:
         return self.plan.mesh.rank(self.dp_rank, self.pp_rank) if self.dp_group is not None else (
             self.rank if self.group is None else dist.get_global_rank(self.group, self.rank))
 
-    def _replicate(self) -> nn.Module | None:
+    def _replicate(self) -> Any:
         """``DistributedDataParallel`` over this pipeline rank's replicas (None without data
         parallelism, or when this rank has nothing to train). Its forward is never called:
         the interpreter runs the stage modules, gradients accumulate locally, and
