@@ -175,7 +175,7 @@ class Plan:
     link: dict[str, Any]
     stages: tuple[StagePlan, ...]
     boundaries: tuple[Boundary, ...]
-    tied_parameters: tuple[tuple[str, ...], ...]  # groups of FQNs that are one tensor
+    tied_parameters: tuple[tuple[str, ...], ...]  # FQNs of one tensor used by several stages (1+ names)
     prediction: Prediction
     solver: SolverReport
     version: int = PLAN_VERSION
