@@ -25,7 +25,7 @@ from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleEr
 from partitioner.schedule import default_microbatches
 from partitioner.data_parallel import Layout, ZeroShard, as_plan_mesh, boundary_links, divisors, placements
 from partitioner.data_parallel import price_replicas
-from partitioner.simulator import simulate
+from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
 from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, step_of, step_search
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
@@ -799,7 +799,7 @@ def _replicated(prob: _Problem, sol: Solution, layout: Layout | None = None) -> 
     all-reduce starting when its action list ends (``partitioner.data_parallel``)."""
     layout = layout or prob.layout
     bounds = [0, *sol.cuts, len(prob.priced.order)]
-    fwd, bwd, send, bsend = [], [], [], []
+    fwd, bwd = [], []
     for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
         f, bw = sum(prob.priced.fwd_s[a:b]), sum(prob.priced.bwd_s[a:b])
         redo = (sol.stage_times[s] - prob.comm[a] - prob.comm[b]) * TIME_UNIT - f - bw
@@ -808,11 +808,8 @@ def _replicated(prob: _Problem, sol: Solution, layout: Layout | None = None) -> 
     inter = prob.opts.inter_link or prob.lnk
     stage_rank = [prob.sched.rank_of(s) for s in range(prob.opts.n_stages)]
     links = boundary_links(layout, stage_rank, prob.lnk, inter)
-    for lk, k in zip(links, bounds[1:-1]):
-        send.append(lk.transfer_time(prob.priced.cut_bytes[k]))
-        g = prob.priced.cut_grad_bytes[k]
-        bsend.append(lk.transfer_time(g) if g else 0.0)
-    sim = simulate(prob.sched, fwd, bwd, send, bsend)
+    sim = predict_step(prob.sched, fwd, bwd, [lk.transfer_time for lk in links],
+                       [prob.priced.cut_bytes[k] for k in bounds[1:-1]], [prob.priced.cut_grad_bytes[k] for k in bounds[1:-1]])
     if layout.dp == 1:
         return sim.step_time, as_plan_mesh(layout, prob.opts.zero, prob.opts.inter_link, (), 0.0), sim
     held: list[set[int]] = [set() for _ in range(layout.pp)]  # each tensor once per rank

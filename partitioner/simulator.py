@@ -129,13 +129,15 @@ def boundary_bytes(boundaries: Sequence[Any], microbatch: int, seq: int = 1) -> 
 
 
 def predict_step(schedule: Schedule, fwd_time: Sequence[float], bwd_time: Sequence[float],
-                 transfer_time: Callable[[float], float], fwd_bytes: Sequence[int],
-                 grad_bytes: Sequence[int]) -> SimResult:
+                 transfer_time: Callable[[float], float] | Sequence[Callable[[float], float]],
+                 fwd_bytes: Sequence[int], grad_bytes: Sequence[int]) -> SimResult:
     """The predicted step: ``simulate`` with each boundary's transfers priced by the link
-    (``LinkSpec.transfer_time``). The plan's ``prediction`` and ``partitioner timeline`` both
-    come from here, on the same inputs (``predict_plan``), so they agree to the last digit."""
-    send = [transfer_time(b) for b in fwd_bytes]
-    bsend = [transfer_time(g) if g else 0.0 for g in grad_bytes]
+    (``LinkSpec.transfer_time``; one per boundary when ranks span nodes). The plan's
+    ``prediction`` and ``partitioner timeline`` both come from here, on the same inputs
+    (``predict_plan``), so they agree to the last digit."""
+    per = list(transfer_time) if isinstance(transfer_time, Sequence) else [transfer_time] * len(fwd_bytes)
+    send = [t(b) for t, b in zip(per, fwd_bytes)]
+    bsend = [t(g) if g else 0.0 for t, g in zip(per, grad_bytes)]
     return simulate(schedule, fwd_time, bwd_time, send, bsend)
 
 
@@ -143,10 +145,16 @@ def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
     """Re-simulate a loaded ``Plan`` from its own records: per-stage times, boundaries and link."""
     from cost_models.devices import LinkSpec
 
+    from partitioner.data_parallel import Layout, boundary_links
+
     link = LinkSpec.from_dict(plan.link)
+    mesh = plan.mesh
+    inter = LinkSpec.from_dict(mesh.inter_link) if mesh.inter_link is not None else link
+    layout = Layout(mesh.dp, plan.pp_ranks, tuple(mesh.dims), mesh.gpus_per_node)
+    links = boundary_links(layout, [st.rank for st in plan.stages], link, inter)  # the link each cut crosses
     fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
     return predict_step(schedule, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
-                        link.transfer_time, fwd, grad)
+                        [lk.transfer_time for lk in links], fwd, grad)
 
 
 def timeline(result: SimResult, n_ranks: int, unit: float = 1.0) -> str:

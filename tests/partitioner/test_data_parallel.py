@@ -144,3 +144,16 @@ def test_cli_dp_auto_prints_every_candidate(tmp_path: Path) -> None:
     rows = [line for line in r.stdout.splitlines() if re.match(r"\s+#\d D=\d P=\d m=\d+ ", line)]
     assert len(rows) >= 3 and all("peak memory" in x and "bubble" in x for x in rows)
     assert load_plan(out.read_text()).mesh.gpus_per_node == 2
+
+
+def test_the_plan_re_simulates_to_its_own_step_across_nodes(gpt) -> None:  # type: ignore[no-untyped-def]
+    from partitioner.simulator import predict_plan
+
+    model, idx = gpt
+    for dp in (1, 2):  # one pipeline spread over nodes, and replicas
+        plan = partition(model, n_gpus=4, data_parallel=dp, example_inputs=(idx,), n_microbatches=2,
+                         gpus_per_node=2, inter_link="ethernet-100g").plan
+        sched = build_schedule(plan.prediction.schedule, plan.pp_ranks, plan.prediction.n_microbatches, plan.n_stages)
+        sim = predict_plan(plan, sched)  # what `partitioner show --timeline` draws: the pipeline alone
+        assert plan.prediction.step_time_s - plan.mesh.exposed_s == pytest.approx(sim.step_time, rel=1e-9)
+        assert plan.prediction.bubble_fraction == pytest.approx(sim.bubble_fraction, rel=1e-9)
