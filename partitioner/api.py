@@ -22,7 +22,7 @@ from partitioner.memory import (
 )
 from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
 from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, check_counts
-from partitioner.schedule import default_microbatches
+from partitioner.schedule import default_microbatches, split_problem
 from partitioner.data_parallel import Layout, ZeroShard, as_plan_mesh, boundary_links, divisors, placements
 from partitioner.data_parallel import price_replicas
 from partitioner.simulator import predict_step, simulate
@@ -403,16 +403,17 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
     costs_known = bool(specs)
     batch = _batch_size(specs) if specs else None
     if batch is not None:
-        if batch % opts.data_parallel:
-            raise PartitionError(f"the global batch of {batch} samples does not split into data_parallel="
-                                 f"{opts.data_parallel} replicas; give a batch that is a multiple of it")
+        problem = split_problem(batch, opts.data_parallel, "replicas (data_parallel)", "data_parallel")
+        if problem:
+            raise PartitionError(problem.replace("the batch", "the global batch", 1))
         batch //= opts.data_parallel  # each replica's share: the pipeline's batch
     m = n_microbatches if n_microbatches is not None else _default_microbatches(batch, opts.pp, opts.schedule)
     if opts.schedule == "naive":
         m = 1
-    if batch is not None and batch % m:
-        raise PartitionError(f"the batch of {batch} samples does not split into {m} micro-batches; "
-                             f"choose n_microbatches among {[d for d in range(1, batch + 1) if batch % d == 0]}")
+    problem = split_problem(batch, m) if batch is not None else None
+    if problem:
+        raise PartitionError(problem + (f" (each of {opts.data_parallel} replicas' share)"
+                                        if opts.data_parallel > 1 else ""))
     opts = replace(opts, n_microbatches=m)
     micro = batch // m if batch else 1
     symbols = {"B": batch * opts.data_parallel if batch else 1}  # the global batch, as the user gave it

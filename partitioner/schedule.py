@@ -22,7 +22,7 @@ from typing import NamedTuple
 from cost_models.errors import PartitionError
 
 __all__ = ["SCHEDULES", "SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "ScheduleSpec", "build_schedule",
-           "check_counts", "default_microbatches", "replay"]
+           "check_counts", "default_microbatches", "replay", "split_problem"]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")  # B = full backward; I + W = the same, split
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -494,6 +494,16 @@ def _spec_of(name: str) -> ScheduleSpec:
     if spec is None:
         raise ScheduleError(f"unknown schedule {name!r}: expected one of {', '.join(SCHEDULE_NAMES)}")
     return spec
+
+
+def split_problem(batch: int, parts: int, what: str = "micro-batches", option: str = "n_microbatches") -> str | None:
+    """Why ``batch`` samples do not split into ``parts`` equal ``what`` (None if they do): the
+    one divisibility rule, worded once, for the planner and the runtime to raise as their own
+    error (micro-batches per step; data-parallel replicas)."""
+    if batch % parts == 0:
+        return None
+    return (f"the batch of {batch} samples does not split into {parts} {what}; choose {option} among "
+            f"{[d for d in range(1, batch + 1) if batch % d == 0]}")
 
 
 def check_counts(name: str, n_ranks: int, n_microbatches: int, n_stages: int) -> None:

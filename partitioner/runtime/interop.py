@@ -21,6 +21,7 @@ from torch import nn
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.local import seq_len
 from partitioner.runtime.values import Wire, boundary_wires, input_wires
+from partitioner.schedule import split_problem
 
 __all__ = ["TensorOnlyStage", "pipelining_stage", "pytorch_schedule"]
 
@@ -89,8 +90,9 @@ def pipelining_stage(stage: Any, stage_index: int, n_microbatches: int | None = 
                                    f"(it holds {sorted(stage.modules)})", stage.rank)
     m = n_microbatches if n_microbatches is not None else plan.prediction.n_microbatches
     b = batch if batch is not None else int(plan.symbols.get("B", 1))
-    if b % m:
-        raise PipelineRuntimeError(f"the batch of {b} samples does not split into {m} micro-batches")
+    problem = split_problem(b, m)
+    if problem:
+        raise PipelineRuntimeError(problem)
     mb, seq = b // m, seq_len(plan)
     first = input_wires(plan, mb, seq)
     wires = [first, *(boundary_wires(plan, i, mb, seq) for i in range(plan.n_stages - 1))]

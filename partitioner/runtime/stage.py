@@ -38,7 +38,7 @@ from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.routing import routes
-from partitioner.schedule import Schedule
+from partitioner.schedule import Schedule, split_problem
 
 if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the type points back without an import cycle
     from partitioner.pipe import Pipe
@@ -398,10 +398,9 @@ class Runner:
         #: each replica's batch (the plan's global batch / data_parallel)
         self.batch = (batch if batch is not None else int(plan.symbols.get("B", 0))) // self.replicas
         m = schedule.n_microbatches
-        if self.batch % m:
-            raise PipelineRuntimeError(
-                f"the batch of {self.batch} samples does not split into {m} micro-batches; choose n_microbatches "
-                f"among {[d for d in range(1, self.batch + 1) if self.batch % d == 0]} (or pass batch_size=...)")
+        problem = split_problem(self.batch, m)
+        if problem:
+            raise PipelineRuntimeError(problem + " (or pass batch_size=...)")
         width = max((len(b.values) for b in plan.boundaries), default=1)
         self.transport = DistTransport(plan.n_stages, m, width, stage.group)
         self.interpreter = Interpreter(stage.rank, stage.modules, plan, schedule, self.transport, loss_fn,

@@ -109,7 +109,7 @@ def test_bad_data_parallel_arguments_are_refused(gpt) -> None:  # type: ignore[n
     model, idx = gpt
     with pytest.raises(PartitionError, match=r"n_gpus=4 does not split into data_parallel=3.*\[1, 2, 4\]"):
         partition(model, n_gpus=4, data_parallel=3, example_inputs=(idx,))
-    with pytest.raises(PartitionError, match=r"global batch of 6 samples does not split into data_parallel=4"):
+    with pytest.raises(PartitionError, match=r"global batch of 6 samples does not split into 4 replicas \(data_parallel\); choose data_parallel among \[1, 2, 3, 6\]"):
         partition(model, n_gpus=4, data_parallel=4, example_inputs=(idx[:6],))
     with pytest.raises(PartitionError, match="give gpus_per_node= too"):
         partition(model, n_gpus=4, data_parallel=2, example_inputs=(idx,), inter_link="ib-ndr-400")
