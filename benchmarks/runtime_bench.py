@@ -68,7 +68,7 @@ def _rounds(contenders: dict[str, tuple[Any, bool]], steps: int, rank: int) -> d
     step (the least disturbed: the machine is shared) and, for steps returning a trace,
     that step's trace under ("events", name), and every timed step under "every" (per
     round, so two contenders compare round by round)."""
-    best: dict[str, Any] = {}
+    best: dict[Any, Any] = {}
     every: dict[str, list[float]] = {name: [] for name in contenders}
     order = list(contenders)
     for i in range(steps + 2):
@@ -113,8 +113,9 @@ def _torch_step(pipe: Any, rank: int, world: int, schedule: str, m: int, x: torc
 
 
 def _ranks(rank: int, world: int, pipe: Any, middle: Any, model: Any, x: torch.Tensor, y: torch.Tensor,
-           schedule: str, steps: int, ms: tuple[int, ...], with_torch: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+           schedule: str, steps: int, ms: tuple[int, ...], with_torch: bool,
+           only: tuple[str, ...] = ()) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
     for m in ms:
         ours = pipe.build_stage(rank, "cpu")
         runner = ours.runner(schedule, n_microbatches=m, loss_fn=loss_fn, batch_size=len(x))
@@ -143,6 +144,8 @@ def _ranks(rank: int, world: int, pipe: Any, middle: Any, model: Any, x: torch.T
             contenders["torch"] = (_torch_step(pipe, rank, world, schedule, m, x, y), False)
         if middle is not None and with_torch:
             contenders["torch middle"] = (_torch_step(middle, rank, world, schedule, m, x, y), False)
+        if only:
+            contenders = {k: v for k, v in contenders.items() if k in only or k in ("plain", "ours")}
         got = _rounds(contenders, steps, rank)
         for k, v in got.items():
             out[(k, m)] = v
@@ -200,11 +203,60 @@ def simulated(pipe: Any, events: list[Any], schedule: str, m: int) -> Any:
     return simulate(sched, f, b, igrad_time=i if SCHEDULES[schedule].split_backward else ())
 
 
+def cpu_ceiling(model: Any, pipe: Any, x: torch.Tensor, y: torch.Tensor, schedule: str, m: int,
+                steps: int) -> dict[str, float]:
+    """The same question as "solo sim", in this thread's CPU time (``time.thread_time``), which
+    other jobs on the machine barely move (wall time under load does): the unpartitioned
+    step's CPU time, every stage's F/B/I/W CPU time in one process (``train_step``, each
+    action timed), and the simulator on those: the speedup 2 ranks with a core each would
+    reach on this cut if the runtime cost nothing. Fastest of ``steps`` after 2 warm-ups."""
+    from partitioner.runtime.interpreter import Interpreter
+
+    plain = []
+    for _ in range(steps + 2):
+        t0 = time.thread_time()
+        loss_fn(model(x), y).backward()
+        plain.append(time.thread_time() - t0)
+        model.zero_grad(set_to_none=True)
+    per: dict[tuple[int, str], float] = {}
+    run = Interpreter.run
+
+    def timed(self: Any, a: Action) -> None:
+        t0 = time.thread_time()
+        run(self, a)
+        if a.is_compute:
+            acc[(a.stage, a.kind)] = acc.get((a.stage, a.kind), 0.0) + time.thread_time() - t0
+
+    Interpreter.run = timed  # type: ignore[method-assign]
+    try:
+        for i in range(steps + 2):
+            acc: dict[tuple[int, str], float] = {}
+            pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m)
+            model.zero_grad(set_to_none=True)
+            if i >= 2:
+                for k, v in acc.items():
+                    per[k] = min(per.get(k, v), v)
+    finally:
+        Interpreter.run = run  # type: ignore[method-assign]
+    n = pipe.plan.n_stages
+    f = [per.get((s, "F"), 0.0) / m for s in range(n)]
+    i_ = [per.get((s, "I"), 0.0) / m for s in range(n)]
+    b = [(per.get((s, "B"), 0.0) + per.get((s, "I"), 0.0) + per.get((s, "W"), 0.0)) / m for s in range(n)]
+    sched = build_schedule(schedule, pipe.plan.options["n_gpus"], m, n)
+    sim = simulate(sched, f, b, igrad_time=i_ if SCHEDULES[schedule].split_backward else ())
+    base = min(plain[2:])
+    return {"plain_cpu_ms": base * 1e3, "stages_cpu_ms": sum(per.values()) * 1e3, "sim_cpu_ms": sim.step_time * 1e3,
+            "ceiling": base / sim.step_time, "ideal": pipe.plan.options["n_gpus"] * m / (m + sched.n_ranks - 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ranks", type=int, default=2, help="pipeline ranks (processes), one thread each")
     ap.add_argument("--no-torch", action="store_true", help="skip torch.distributed.pipelining")
+    ap.add_argument("--only", default="", help="comma-separated contenders to keep besides plain and ours "
+                    "(local, torch, 'torch middle'); default all")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU-time ceiling")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
@@ -247,7 +299,9 @@ def main() -> None:
         pins = [f"{blocks}.{args.layers * k // n_stages}" for k in range(1, n_stages)]
         middle = partition(model, n_gpus=args.ranks, example_inputs=(x,), pinned_cuts=pins,
                            schedule=args.schedule, virtual_stages=n_stages // args.ranks)
-    res = spawn(_ranks, args.ranks, pipe, middle, model, x, y, args.schedule, args.steps, ms, not args.no_torch,
+    ceilings = {m: cpu_ceiling(model, pipe, x, y, args.schedule, m, args.steps) for m in ms} if not args.no_cpu else {}
+    only = tuple(args.only.split(",")) if args.only else ()
+    res = spawn(_ranks, args.ranks, pipe, middle, model, x, y, args.schedule, args.steps, ms, not args.no_torch, only,
                 timeout_s=900)
     print(f"{args.model} layers={args.layers} dim={args.embd} seq={args.seq} batch={args.batch}, "
           f"schedule {args.schedule}, cuts {' ; '.join(pipe.plan.cuts)}, {args.ranks} ranks x 1 thread, gloo; "
@@ -257,9 +311,8 @@ def main() -> None:
         got = {k: max(r[(k, m)] for r in res) for k in ("plain", "local", "ours", "torch", "torch middle")
                if (k, m) in res[0]}
         evs = [e for r in res for e in r[(("events", "ours"), m)]]
-        local_evs = res[0][(("events", "local"), m)]
         simr = simulated(pipe, evs, args.schedule, m)
-        solo = simulated(pipe, local_evs, args.schedule, m)
+        solo = simulated(pipe, res[0][(("events", "local"), m)], args.schedule, m) if "local" in got else None
         parts = [split3(r[(("events", "ours"), m)]) for r in res]
         wall = max(p[0] for p in parts)
         base = got["plain"]
@@ -269,7 +322,14 @@ def main() -> None:
 
         def paired(a: str, b: str) -> float | None:
             return statistics.median(x / y for x, y in zip(every[a], every[b])) if a in every and b in every else None
+        c = ceilings.get(m)
+        if c:
+            print(f"m={m}: CPU time (thread_time, barely moved by other jobs): unpartitioned {c['plain_cpu_ms']:.1f} ms, "
+                  f"all stages {c['stages_cpu_ms']:.1f} ms (x{c['stages_cpu_ms'] / c['plain_cpu_ms']:.2f}: "
+                  f"micro-batching and the cut), simulated step on those {c['sim_cpu_ms']:.1f} ms: ceiling "
+                  f"{c['ceiling']:.2f}x one process (ideal {c['ideal']:.2f}x)")
         rows.append(dict(
+            cpu=c,
             paired_speedup=paired("plain", "ours"), paired_ours_vs_torch=paired("ours", "torch"),
             paired_torch_middle_speedup=paired("plain", "torch middle"), rounds=every,
             m=m, plain_ms=base * 1e3, ours_ms=got["ours"] * 1e3, speedup=base / got["ours"],
@@ -282,7 +342,8 @@ def main() -> None:
             bubble=1 - sum(p[1] for p in parts) / (len(parts) * wall), sim_bubble=simr.bubble_fraction,
             compute_ms=max(p[1] for p in parts) * 1e3, wait_ms=max(p[2] for p in parts) * 1e3,
             overhead_ms=max(p[3] for p in parts) * 1e3,
-            local_ms=got["local"] * 1e3, solo_sim_ms=solo.step_time * 1e3, solo_speedup=base / solo.step_time,
+            local_ms=got["local"] * 1e3 if solo else None, solo_sim_ms=solo.step_time * 1e3 if solo else None,
+            solo_speedup=base / solo.step_time if solo else None,
             by_kind=[{k: v * 1e3 for k, v in breakdown(r[(("events", "ours"), m)]).items() if k != "wall"} for r in res]))
     print("plain: the unpartitioned model, one process, 1 thread. local: every stage in one process (no "
           "transport). solo sim: the simulator on the stage times of 'local' (each stage computing alone), "
@@ -293,21 +354,27 @@ def main() -> None:
     for r in rows:
         mid = f"{r['torch_middle_speedup']:>7.2f}x" if r["torch_middle_ms"] is not None else f"{'-':>8}"
         tpp = f"{r['torch_ms']:>9.1f} {r['ours_vs_torch']:>8.2f}" if r["torch_ms"] is not None else f"{'-':>9} {'-':>8}"
-        print(f"{r['m']:>3} {r['plain_ms']:>7.1f} {r['ours_ms']:>7.1f} {r['speedup']:>7.2f}x {tpp} {mid} {r['sim_ms']:>7.1f} {r['ours_vs_sim']:>8.2f} "
-              f"{r['ours_vs_replay']:>11.2f} {r['bubble']:>7.1%} /{r['sim_bubble']:>7.1%} {r['local_ms']:>7.1f} "
-              f"{r['solo_sim_ms']:>7.1f} ({r['solo_speedup']:.2f}x)  "
-              f"{r['compute_ms']:.1f} / {r['wait_ms']:.1f} / {r['overhead_ms']:.1f}")
-        print(f"      median over rounds of the per-round ratio: speedup {r['paired_speedup']:.2f}x"
-              + (f", ours/torch.pp {r['paired_ours_vs_torch']:.2f}, torch.pp middle cut speedup "
-                 f"{r['paired_torch_middle_speedup']:.2f}x" if r["paired_ours_vs_torch"] is not None
-                 and r["paired_torch_middle_speedup"] is not None else ""))
+        solo = (f"{r['local_ms']:>7.1f} {r['solo_sim_ms']:>7.1f} ({r['solo_speedup']:.2f}x)"
+                if r["local_ms"] is not None else f"{'-':>7} {'-':>9}")
+        print(f"{r['m']:>3} {r['plain_ms']:>7.1f} {r['ours_ms']:>7.1f} {r['speedup']:>7.2f}x {tpp} {mid} "
+              f"{r['sim_ms']:>7.1f} {r['ours_vs_sim']:>8.2f} {r['ours_vs_replay']:>11.2f} {r['bubble']:>7.1%} "
+              f"/{r['sim_bubble']:>7.1%} {solo}  {r['compute_ms']:.1f} / {r['wait_ms']:.1f} / {r['overhead_ms']:.1f}")
+        pairs = [f"speedup {r['paired_speedup']:.2f}x"]
+        if r["paired_ours_vs_torch"] is not None:
+            pairs.append(f"ours/torch.pp {r['paired_ours_vs_torch']:.2f}")
+        if r["paired_torch_middle_speedup"] is not None:
+            pairs.append(f"torch.pp middle cut speedup {r['paired_torch_middle_speedup']:.2f}x")
+        print("      median over rounds of the per-round ratio: " + ", ".join(pairs))
+        print("      every round, ms: " + "; ".join(f"{k} " + " ".join(f"{t * 1e3:.0f}" for t in v)
+                                                  for k, v in r["rounds"].items()))
         for rank, kinds in enumerate(r["by_kind"]):
             print(f"      rank {rank} by kind, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items())))
     if args.dump:
         with open(args.dump, "w") as fh:
             json.dump({"args": vars(args), "cuts": list(pipe.plan.cuts), "rows": rows,
                        "events": {str(m): [[list(e) for e in r[(("events", "ours"), m)]] for r in res] for m in ms},
-                       "local_events": {str(m): [list(e) for e in res[0][(("events", "local"), m)]] for m in ms}},
+                       "local_events": {str(m): [list(e) for e in res[0].get((("events", "local"), m), [])]
+                                        for m in ms}},
                       fh)
 
 

@@ -200,8 +200,8 @@ def _exchange(rank: int, world: int) -> list[Any]:
             seen.append((tensors, tr.bytes_sent))
         else:
             got = tr.recv(key, 0, _MIXED, "cpu").wait()
-            fresh = [t.grad is None and not t.requires_grad for t in got]
-            seen.append([(t.clone(), f, t.untyped_storage().data_ptr()) for t, f in zip(got, fresh)])
+            new = [t.grad is None and not t.requires_grad for t in got]
+            seen.append([(t.clone(), f, t.untyped_storage().data_ptr()) for t, f in zip(got, new)])
             got[0].requires_grad_()
             (got[0] * 2).sum().backward()  # a .grad on step 0's tensor must not reach step 1's
         dist.barrier()
@@ -214,10 +214,10 @@ def test_a_message_of_mixed_dtypes_arrives_whole_and_its_buffers_are_reused() ->
     for step in range(2):
         tensors, bytes_sent = sent[step]
         assert bytes_sent == payload * (step + 1)  # payload only, not the alignment padding
-        for want, (have, fresh, _) in zip(tensors, got[step]):
+        for want, (have, new, _) in zip(tensors, got[step]):
             assert have.dtype == want.dtype and have.shape == want.shape
             assert torch.equal(have, want)
-            assert fresh  # new tensor objects: step 0's .grad and requires_grad do not carry over
+            assert new  # new tensor objects: step 0's .grad and requires_grad do not carry over
     # the same bytes hold step 1's message (CPU buffers are kept per key) ...
     assert [p for _, _, p in got[0]] == [p for _, _, p in got[1]]
     assert len({p for _, _, p in got[0]}) == 1  # ... and every value is a view of one packed buffer
