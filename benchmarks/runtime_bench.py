@@ -4,7 +4,7 @@ running the same stages and schedule (and, with ``--cut solver``, PyTorch on the
 cut too), and against the simulator fed the stage times measured in the same run.
 
 Run: ``.venv/bin/python benchmarks/runtime_bench.py [--batch 32] [--cut solver|middle] [--layers 8] [--steps 5]
-[--ranks 2] [--no-torch] [--dump FILE]``. Every contender runs once per round, ``--steps`` + 2 rounds (two warm
+[--ranks 2] [--no-torch] [--only torch,local] [--no-cpu] [--dump FILE]``. Every contender runs once per round, ``--steps`` + 2 rounds (two warm
 up), so load from other jobs hits them alike; each keeps its fastest step. Forward + backward of one global batch
 (no optimizer step), gloo over loopback.
 
@@ -18,7 +18,9 @@ step over a replay of the same lists with each action's own measured duration an
 runtime itself loses, apart from the compute's variance), the bubble measured vs simulated, "local" (every
 stage in one process, no transport) and "solo sim" (the simulator on local's stage times: the step the ranks
 would reach if none slowed another, the ceiling for this cut), and the traced step's compute / waiting for
-peers / overhead (max over ranks), then per rank and action kind (``trace.breakdown``).
+peers / overhead (max over ranks), then per rank and action kind (``trace.breakdown``), the median over
+rounds of the per-round ratios, and every round's times. Before the ranks start, ``cpu_ceiling`` asks the
+"solo sim" question in thread CPU time, which load from other jobs moves far less than wall time.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ timeout and a hang becomes an error, never a stuck test run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -241,9 +243,6 @@ def _train_mid_block(rank: int, world: int, schedule: str) -> tuple[Any, ...]:
 
 
 def _mid_block_pipe() -> tuple[Any, Any]:
-    import copy
-    import functools
-
     from partitioner import partition
     from tests.fixtures.models import FIXTURES
 
@@ -284,3 +283,58 @@ def test_a_cut_inside_a_block_packs_its_values_and_trains_like_one_process(sched
         assert kinds["F"] > 0 and ("B" in kinds) == (schedule == "1f1b") and ("W" in kinds) == (schedule != "1f1b")
         assert ("SEND_F" if rank == 0 else "SEND_B") in kinds
         assert sum(v for k, v in kinds.items() if k != "wall") == pytest.approx(kinds["wall"])
+
+
+@functools.cache
+def _hf_llama_mid_layer() -> tuple[Any, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from partitioner import partition
+    from tests.hf.models import BATCH, CASES, SEQ
+
+    torch.manual_seed(0)
+    model = CASES["llama"].build(4)
+    inputs = CASES["llama"].inputs(BATCH, SEQ)
+    # Inside layer 1: two int sizes, the bool causal mask, rotary cos/sin and two activations cross.
+    pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=["model.layers.1.mlp"])
+    return model, pipe, inputs, copy.deepcopy(model.state_dict())
+
+
+def _hf_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+
+
+def _hf_target() -> torch.Tensor:
+    from tests.hf.models import BATCH, SEQ, VOCAB
+
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+
+
+def _train_hf_llama(rank: int, world: int) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    _, pipe, inputs, _ = _hf_llama_mid_layer()
+    stage = pipe.build_stage(rank, "cpu")
+    opt = torch.optim.SGD(stage.parameters(), lr=LR)
+    runner = stage.runner("1f1b", n_microbatches=2, loss_fn=_hf_loss, batch_size=len(inputs["input_ids"]))
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        runner.step(**(inputs if rank == 0 else {}), target=_hf_target())
+        opt.step()
+    return {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}, runner.interpreter.sent
+
+
+def test_hf_llama_cut_inside_a_layer_sends_mixed_dtypes_in_one_message_and_trains_like_one_process() -> None:
+    pytest.importorskip("transformers")
+    model, pipe, inputs, init = _hf_llama_mid_layer()
+    kinds = {(v.kind, v.dtype) for v in pipe.plan.boundaries[0].values}
+    assert {("int", ""), ("tensor", "bool"), ("tensor", "float32")} <= kinds, kinds
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(init)
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        _hf_loss(ref(**inputs), _hf_target()).backward()
+        opt.step()
+    want = {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
+    results = spawn(_train_hf_llama, 2, timeout_s=TIMEOUT_S)
+    for params, _ in results:
+        assert_params(params, want)
+    forward = [names for (d, _, _, _), names, _ in results[0][1] if d == "F"]
+    assert forward and all(len(names) == len(pipe.plan.boundaries[0].values) for names in forward)
