@@ -119,13 +119,15 @@ class DistTransport:
 
     def send(self, key: Key, peer: int, tensors: Sequence[torch.Tensor]) -> None:
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        devices = {t.device for t in tensors}
-        if len(tensors) <= 1 or len(devices) > 1:
+        if len(tensors) <= 1:
             wire = [t.contiguous() for t in tensors]
         else:
+            # Non-tensor values are encoded on the CPU; they travel in the accelerator's
+            # buffer with the activations (the receiver unpacks on its stage's device).
+            dev = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
             layout = [(tuple(t.shape), t.dtype) for t in tensors]
             segs, total = pack_layout(layout)
-            buf = self._buffer(self._send_bufs, key, total, torch.uint8, devices.pop(), key not in self._in_flight)
+            buf = self._buffer(self._send_bufs, key, total, torch.uint8, dev, key not in self._in_flight)
             for v, t in zip(_views(buf, layout, segs), tensors):
                 v.copy_(t)
             wire = [buf]
