@@ -8,10 +8,16 @@ Run: ``.venv/bin/python benchmarks/partition_bench.py``
 2. Quality: the GPT example into 4 and 8 stages: the predicted bottleneck stage time
    over the ideal (total work / stages), and over the solver's lower bound (goal: within 5%).
 3. The whole ``partition()`` time of the quick-start GPT.
+
+``--phases`` prints instead where ``partition()`` of the 10,000-node MLP spends its time:
+capture, each graph pass, pricing, the memory models, the search (solve + refine), stage
+emission (split, plan), wall and CPU seconds per phase, best of ``--repeat`` runs (each phase's
+own minimum) with the load average beside them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -105,8 +111,94 @@ def quickstart_figure() -> None:
     print(f"quickstart GPT -> 4 stages: partition() {t:.2f} s, {sum(len(s.nodes) for s in pipe.plan.stages)} nodes")
 
 
+#: (label, module, attribute) of what ``--phases`` times; nested phases are timed inside
+#: their parents and listed after them.
+_PHASES = (
+    ("capture", "partitioner.api", "capture"),
+    ("shape-prop", "passes.shape_prop", "ShapeProp.run"),
+    ("annotate-costs", "passes.annotate", "AnnotateCosts.run"),
+    ("order-for-cuts", "passes.order", "OrderForCuts.run"),
+    ("pricing", "partitioner.api", "price"),
+    ("memory (static + activations)", "partitioner.api", "Static"),
+    ("memory (static + activations)", "partitioner.api", "Activations"),
+    ("memory (static + activations)", "partitioner.memory", "Activations.arrays"),
+    ("search (solve + refine + exact memory)", "partitioner.api", "_search"),
+    ("emission (split + recompute + plan)", "partitioner.api", "_emit"),
+    ("  of which split", "partitioner.api", "split_graph"),
+    ("  of which build_plan", "partitioner.plan_builder", "build_plan"),
+)
+
+
+def _timed_phases(run):  # type: ignore[no-untyped-def]
+    """Run ``run()`` with the functions of ``_PHASES`` wrapped; {label: (wall, cpu)}."""
+    import importlib
+
+    spent: dict[str, list[float]] = {}
+    undo = []
+    for label, module, attr in _PHASES:
+        owner: object = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for p in path:
+            owner = getattr(owner, p)
+        real = getattr(owner, name)
+
+        def wrapped(*a, _real=real, _label=label, **k):  # type: ignore[no-untyped-def]
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                return _real(*a, **k)
+            finally:
+                acc = spent.setdefault(_label, [0.0, 0.0])
+                acc[0] += time.perf_counter() - w
+                acc[1] += time.process_time() - c
+
+        setattr(owner, name, wrapped)
+        undo.append((owner, name, real))
+    try:
+        w, c = time.perf_counter(), time.process_time()
+        run()
+        spent["total partition()"] = [time.perf_counter() - w, time.process_time() - c]
+    finally:
+        for owner, name, real in reversed(undo):
+            setattr(owner, name, real)
+    return spent
+
+
+def phases_figure(repeat: int) -> None:
+    model = DeepMLP(2500)
+    x = torch.randn(8, 64)
+    best: dict[str, list[float]] = {}
+    loads = []
+    for _ in range(repeat):
+        loads.append(os.getloadavg()[0])
+        spent = _timed_phases(lambda: partition(model, n_gpus=64, example_inputs=(x,), device="a100-80gb",
+                                                link="pcie4", schedule="gpipe", n_microbatches=8))
+        for k, (w, c) in spent.items():
+            b = best.setdefault(k, [w, c])
+            b[0], b[1] = min(b[0], w), min(b[1], c)
+    other = best["total partition()"][0] - sum(
+        w for k, (w, _) in best.items() if k != "total partition()" and not k.startswith(" "))
+    print(f"partition() of the 10,000-node MLP into 64 stages, best of {repeat} "
+          f"(load average {', '.join(f'{x:.2f}' for x in loads)})")
+    print("| phase | wall s | CPU s |")
+    print("|---|---|---|")
+    for label in dict.fromkeys(lbl for lbl, _, _ in _PHASES):
+        if label in best:
+            print(f"| {label} | {best[label][0]:.2f} | {best[label][1]:.2f} |")
+    print(f"| rest (checks, schedule, simulation, ...) | {other:.2f} | |")
+    print(f"| total partition() | {best['total partition()'][0]:.2f} | {best['total partition()'][1]:.2f} |")
+
+
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phases", action="store_true", help="time partition()'s phases on the 10,000-node MLP")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
     torch.manual_seed(0)
-    solver_figure()
-    quality_figure()
-    quickstart_figure()
+    if a.phases:
+        phases_figure(a.repeat)
+    else:
+        solver_figure()
+        quality_figure()
+        quickstart_figure()

@@ -122,9 +122,15 @@ def price(
     ev = Evaluator(batch, seq)
     fwd, bwd = [], []
     values = {"B": batch, "S": seq}
+    # annotate gives structurally identical nodes one shared cost record: each is timed once
+    # (by identity, the entry keeping the record alive; sympy's equality is slow)
+    times: dict[int, tuple[NodeCost, tuple[float, float]]] = {}
     for node in order:
         cost: NodeCost = node.meta.get(COST, NodeCost())
-        f, b = node_time(cost, values)
+        hit = times.get(id(cost))
+        if hit is None or hit[0] is not cost:
+            hit = times[id(cost)] = (cost, node_time(cost, values))
+        f, b = hit[1]
         fwd.append(f)
         bwd.append(b)
     # difference arrays: a value adds its bytes to cuts produced+1 .. last_use

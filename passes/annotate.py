@@ -90,6 +90,8 @@ class AnnotateCosts(Pass):
         sizes = _Sizes(mapping, mode.shape_env)
         depends: dict[fx.Node, bool] = {}
         shown = _Shown()
+        out_memo: dict[TensorDesc, sympy.Expr] = {}
+        final: dict[tuple[Any, ...], NodeCost] = {}
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 node.meta[COST] = NodeCost()
@@ -104,8 +106,19 @@ class AnnotateCosts(Pass):
                         cost = _attention(node, sizes, cost, self.target, causal)
                 cache[key] = cost
             params, buffers = owned.get(node.name, (ZERO, ZERO))
-            out_bytes = sum((_nbytes(d) for d in _descs(node.meta[DESC])), ZERO)
-            node.meta[COST] = replace(cache[key], param_bytes=params, buffer_bytes=buffers, output_bytes=out_bytes)
+            desc = node.meta[DESC]
+            out_bytes = out_memo.get(desc) if type(desc) is TensorDesc else None
+            if out_bytes is None:
+                out_bytes = sum((_nbytes(d) for d in _descs(desc)), ZERO)
+                if type(desc) is TensorDesc:
+                    out_memo[desc] = out_bytes
+            # structurally identical nodes with the same parameter bytes share one (frozen) record
+            whole = (key, params, buffers, out_bytes)
+            cost = final.get(whole)
+            if cost is None:
+                cost = final[whole] = replace(cache[key], param_bytes=params, buffer_bytes=buffers,
+                                              output_bytes=out_bytes)
+            node.meta[COST] = cost
         return gm
 
 
