@@ -121,7 +121,7 @@ def test_a_missing_input_is_named_not_a_treespec() -> None:
 def test_an_optional_argument_left_at_its_default_traces_on_fx() -> None:
     model, x = Biased(), torch.randn(4, 8)
     pipe = _quiet(partition, model, 2, (x,), device="cpu")
-    assert pipe.plan.capture == "fx" and not pipe.plan.notes
+    assert pipe.plan.capture == "fx" and not any("torch.export" in n or "fell back" in n for n in pipe.plan.notes)
     torch.testing.assert_close(pipe(x), model(x))
     torch.testing.assert_close(pipe(x, None, 1.0), model(x))
     with pytest.raises(PartitionError, match=r"bias=a float32 tensor.*'bias' was not in the example inputs"):

@@ -47,7 +47,7 @@ def test_diff_passes(update_golden: bool, tmp_path: Path) -> None:
     out = cli("diff", "--passes", f"{MODELS}:skip", "--gpus", "2", "--json", "--html", str(tmp_path / "p.html"))
     assert out.returncode == 1, out.stderr
     data = json_golden("diff_passes_skip.json", out.stdout, tmp_path, update_golden)
-    assert data["passes"] == ["capture", "shape-prop", "annotate-costs", "solve"]
+    assert data["passes"] == ["capture", "shape-prop", "annotate-costs", "order-for-cuts", "solve"]
     assert data["steps"][0]["meta_keys"]["pp.desc added"] == 8
     assert "(graph text unchanged)" not in (tmp_path / "p.html").read_text()
 
