@@ -20,7 +20,7 @@ from torch import nn
 
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.local import seq_len
-from partitioner.runtime.values import Wire, boundary_wires, input_wires
+from partitioner.runtime.values import Wire, boundary_wires, decode, encode, input_wires
 from partitioner.schedule import split_problem
 
 __all__ = ["TensorOnlyStage", "pipelining_stage", "pytorch_schedule"]
@@ -41,26 +41,17 @@ def pytorch_schedule(name: str) -> Any:
 
 
 def _to_wire(wires: Sequence[Wire], values: Sequence[Any], *, detach: bool) -> tuple[torch.Tensor, ...]:
-    out = []
-    for w, v in zip(wires, values, strict=True):
-        if w.kind == "tensor":
-            out.append(v.detach().requires_grad_(w.requires_grad) if detach else v)
-        elif w.travels:
-            out.append(torch.tensor([v], dtype=w.dtype))
+    """The runtime's encoding (``values.encode``); detached example tensors get the
+    ``requires_grad`` the plan records, as PipelineStage's shape inference expects."""
+    out = encode("pipelining stage", wires, values, detach=detach)
+    if detach:
+        tensors = iter(w for w in wires if w.travels)
+        out = [t.requires_grad_(w.requires_grad) if w.kind == "tensor" else t for w, t in zip(tensors, out)]
     return tuple(out)
 
 
 def _from_wire(wires: Sequence[Wire], tensors: Sequence[torch.Tensor]) -> list[Any]:
-    it = iter(tensors)
-    out: list[Any] = []
-    for w in wires:
-        if not w.travels:
-            out.append(None)
-        elif w.kind == "tensor":
-            out.append(next(it))
-        else:
-            out.append({"int": int, "bool": bool, "float": float}[w.kind](next(it).item()))
-    return out
+    return decode(wires, tensors, grad=None)  # PyTorch's autograd owns the tensors' grad flags
 
 
 class TensorOnlyStage(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.schedule import split_problem
 
 __all__ = ["batch_size", "split"]
 
@@ -24,12 +25,9 @@ def split(value: Any, m: int, batch: int) -> list[Any]:
     """``m`` copies of ``value``'s structure, each tensor leaf with dim 0 == ``batch``
     cut into equal chunks; other leaves (scalars, tensors without that batch dim, e.g. a
     shared mask) are repeated in every micro-batch."""
-    if batch % m:
-        valid = [d for d in range(1, batch + 1) if batch % d == 0]
-        raise PipelineRuntimeError(
-            f"the batch of {batch} samples does not split into {m} micro-batches; "
-            f"choose n_microbatches among {valid}"
-        )
+    problem = split_problem(batch, m)
+    if problem:
+        raise PipelineRuntimeError(problem)
     leaves, spec = pytree.tree_flatten(value)
     cols: list[list[Any]] = []
     for leaf in leaves:

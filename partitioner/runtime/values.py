@@ -95,23 +95,25 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def encode(where: str, wires: Sequence[Wire], values: Sequence[Any]) -> list[torch.Tensor]:
-    """Check ``values`` and turn them into the tensors that travel (detached)."""
+def encode(where: str, wires: Sequence[Wire], values: Sequence[Any], *, detach: bool = True) -> list[torch.Tensor]:
+    """Check ``values`` and turn them into the tensors that travel: tensors as they are
+    (detached unless ``detach`` is False: PyTorch's pipelining differentiates through
+    them), Python scalars as one-element tensors, ``None`` not at all."""
     if len(values) != len(wires):
         raise PipelineRuntimeError(f"{where}: expected {len(wires)} values ({[w.name for w in wires]}), got {len(values)}")
     out = []
     for w, v in zip(wires, values):
         check_value(where, w, v)
         if w.kind == "tensor":
-            out.append(v.detach())
+            out.append(v.detach() if detach else v)
         elif w.travels:
             out.append(torch.tensor([v], dtype=w.dtype))
     return out
 
 
-def decode(wires: Sequence[Wire], tensors: Sequence[torch.Tensor], *, grad: bool) -> list[Any]:
+def decode(wires: Sequence[Wire], tensors: Sequence[torch.Tensor], *, grad: bool | None) -> list[Any]:
     """Inverse of ``encode``; with ``grad`` the received tensors become leaves that
-    collect the gradient to send back."""
+    collect the gradient to send back (``None``: tensors are left as they come)."""
     it = iter(tensors)
     out: list[Any] = []
     for w in wires:
@@ -120,7 +122,7 @@ def decode(wires: Sequence[Wire], tensors: Sequence[torch.Tensor], *, grad: bool
             continue
         t = next(it)
         if w.kind == "tensor":
-            out.append(t.requires_grad_(grad and w.requires_grad))
+            out.append(t if grad is None else t.requires_grad_(grad and w.requires_grad))
         elif w.kind == "bool":
             out.append(bool(t.item()))
         elif w.kind == "int":
