@@ -119,3 +119,31 @@ def test_7b_llama_on_meta_annotates_fast() -> None:
     n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "tok_" not in n)
     attn = 32 * 2 * (2 * BATCH * 32 * SEQ**2 * 128)
     assert sympy.expand(total.fwd_flops_fc - attn) == 2 * n_matmul * BATCH * SEQ
+
+
+def test_identical_layers_share_one_cost_record_and_different_ones_do_not() -> None:
+    """Annotate gives structurally identical nodes with equal parameter bytes one (frozen)
+    NodeCost, which pricing times once; a layer of another width, or the first layer (whose
+    input needs no gradient), must get its own record with its own figures."""
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.same = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+            self.wide = nn.Linear(16, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for lin in self.same:
+                x = torch.relu(lin(x))
+            return self.wide(x)
+
+    gm = _annotated(Stack(), [torch.randn(8, 16)])
+    cost = {n.name: n.meta[COST] for n in gm.graph.nodes}
+    assert cost["same_1"] is cost["same_2"] is cost["same_3"]
+    assert cost["relu"] is cost["relu_1"]
+    assert cost["same_0"] is not cost["same_1"]  # no input gradient for the first layer
+    assert _at(cost["same_0"].bwd_flops, gm) < _at(cost["same_1"].bwd_flops, gm)
+    assert cost["wide"] is not cost["same_1"]
+    assert _at(cost["wide"].fwd_flops, gm) == 2 * _at(cost["same_1"].fwd_flops, gm)
+    assert _at(cost["wide"].param_bytes, gm) == (16 * 32 + 32) * 4 and _at(cost["same_1"].param_bytes, gm) == (
+        16 * 16 + 16) * 4

@@ -112,3 +112,47 @@ def test_torch_export_graph_with_dotted_get_attr_params() -> None:
     lin = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
     assert lin.meta[MODULE] == "transformer.h.0.attn.c_attn"
     assert lin.meta[DESC].shape == (BATCH, SEQ, 96)
+
+
+def test_shown_descs_print_exactly_as_repr() -> None:
+    """The structural keys print each size once per process (``_show_desc``); the text must be
+    ``repr``'s, or two different shapes could share a key (and one fake value)."""
+    from passes.shape_prop import _show_desc
+
+    descs = [TensorDesc((BATCH, sympy.Integer(64)), torch.float32, True), TensorDesc((), torch.int64, False),
+             TensorDesc((BATCH * SEQ,), torch.bfloat16, False), (TensorDesc((BATCH,), torch.float32, True),),
+             [TensorDesc((SEQ, 2 * BATCH + 1), torch.float16, True), sympy.Integer(3)], (), [], BATCH + 1,
+             None, 3, True, "x", {"a": TensorDesc((BATCH,), torch.float32, False)}]
+    for d in descs:
+        assert _show_desc(d) == repr(d)
+    assert _show_desc(TensorDesc((BATCH, 64), torch.float32, True)) != _show_desc(
+        TensorDesc((BATCH, 65), torch.float32, True))
+
+
+@pytest.mark.parametrize("where", ["cpu", "meta"])
+def test_parameter_fakes_match_the_parameters_and_keep_ties(where: str) -> None:
+    """Parameter fakes are made from meta tensors directly: same shape, strides, dtype and
+    grad flag as the real tensor, on the fakes' device, one storage each, one fake per tie."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from passes.shape_prop import fake_params
+
+    with torch.device(where):
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 4))
+    model[2].weight.requires_grad_(False)
+    model.register_buffer("table", torch.ones(3, 5, device=where).t())  # non-contiguous strides
+    model.tied = nn.Linear(6, 4)
+    model.tied.weight = model[2].weight
+    mode = FakeTensorMode()
+    fakes = fake_params(model, mode, "cpu")  # type: ignore[arg-type]  # reads the named tensors only
+    real = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    assert fakes.keys() == real.keys() and len(real) == 9
+    for name, t in real.items():
+        f = fakes[name]
+        assert isinstance(f, FakeTensor) and f.fake_mode is mode and f.device.type == "cpu"
+        assert (f.shape, f.stride(), f.dtype, f.requires_grad) == (t.shape, t.stride(), t.dtype, t.requires_grad)
+    assert fakes["tied.weight"] is fakes["2.weight"]
+    storages = {f.untyped_storage()._cdata for n, f in fakes.items() if n != "tied.weight"}
+    assert len(storages) == len(fakes) - 1
+    half = fake_params(model, FakeTensorMode(), "cpu", torch.bfloat16)  # type: ignore[arg-type]
+    assert half["0.weight"].dtype == torch.bfloat16 and half["0.weight"].requires_grad
