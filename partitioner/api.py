@@ -143,13 +143,22 @@ def fingerprint(gm: fx.GraphModule) -> str:
 
 def _resolve_pins(order: Sequence[fx.Node], pins: Sequence[str], allowed: Sequence[bool],
                   blocked_by: Sequence[str]) -> list[int]:
-    """A pin names a node (cut before it) or a module path (cut before its first node)."""
+    """A pin names a node (cut before it) or a module path: cut before the module's body, the
+    longest run of its nodes in the order (torch.export hoists small pieces of later layers,
+    e.g. rotary ``unsqueeze``s, above the first layer; the first node would cut there)."""
     out = []
     for pin in pins:
         hit = next((i for i, n in enumerate(order) if n.name == pin), None)
         if hit is None:
-            hit = next((i for i, n in enumerate(order)
-                        if str(n.meta.get(MODULE, "")) == pin or str(n.meta.get(MODULE, "")).startswith(pin + ".")), None)
+            inside = [str(n.meta.get(MODULE, "")) == pin or str(n.meta.get(MODULE, "")).startswith(pin + ".")
+                      for n in order]
+            best, start = (0, None), None
+            for i, yes in enumerate([*inside, False]):
+                if yes and start is None:
+                    start = i
+                elif not yes and start is not None:
+                    best, start = max(best, (i - start, -start)), None
+            hit = -best[1] if best[0] else None
         if hit is None or hit == 0:
             raise PartitionError(f"pinned cut {pin!r} names no node or module after the first node; "
                                  "pin a node name or a module path such as 'layers.2'")
