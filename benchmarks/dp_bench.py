@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/dp_bench.py --out /tmp/dp.jsonl [--models 7b 70b] [--gpus 8 16 32 64] [--zero 0]
     .venv/bin/python benchmarks/dp_bench.py --render /tmp/dp.jsonl      # markdown tables
 
-benchmarks/dp_results.md keeps the last run's tables (zero=0 and zero=1) and notes.
+benchmarks/RESULTS.md, "Pipeline x data parallelism", keeps the last run's tables (zero=0 and zero=1) and notes.
 
 Everything here is PREDICTED (the planner's cost model on simulated H100 SXM GPUs, 8 per node,
 NVLink 4 inside a node, InfiniBand NDR 400 between nodes); nothing runs on a GPU.

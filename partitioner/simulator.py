@@ -134,7 +134,8 @@ def predict_step(schedule: Schedule, fwd_time: Sequence[float], bwd_time: Sequen
     """The predicted step: ``simulate`` with each boundary's transfers priced by the link
     (``LinkSpec.transfer_time``; one per boundary when ranks span nodes). The plan's
     ``prediction`` and ``partitioner timeline`` both come from here, on the same inputs
-    (``predict_plan``), so they agree to the last digit."""
+    (``predict_plan``), so they agree to the last digit; with data parallelism the plan's
+    step adds the replicas' exposed all-reduce (``plan.mesh.exposed_s``) to this pipeline step."""
     per = list(transfer_time) if isinstance(transfer_time, Sequence) else [transfer_time] * len(fwd_bytes)
     send = [t(b) for t, b in zip(per, fwd_bytes)]
     bsend = [t(g) if g else 0.0 for t, g in zip(per, grad_bytes)]
