@@ -114,11 +114,11 @@ class AnnotateCosts(Pass):
                     out_memo[desc] = out_bytes
             # structurally identical nodes with the same parameter bytes share one (frozen) record
             whole = (key, params, buffers, out_bytes)
-            cost = final.get(whole)
-            if cost is None:
-                cost = final[whole] = replace(cache[key], param_bytes=params, buffer_bytes=buffers,
-                                              output_bytes=out_bytes)
-            node.meta[COST] = cost
+            record = final.get(whole)
+            if record is None:
+                record = final[whole] = replace(cache[key], param_bytes=params, buffer_bytes=buffers,
+                                                output_bytes=out_bytes)
+            node.meta[COST] = record
         return gm
 
 

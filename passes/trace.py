@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 try:  # private, but what torch.compile uses for the same reason; a plain GraphModule otherwise
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
 except ImportError:  # pragma: no cover - other torch versions
-    _GraphModule = fx.GraphModule  # type: ignore[misc]
+    _GraphModule = fx.GraphModule  # type: ignore[misc,assignment]
 
 __all__ = ["Captured", "capture", "check_example_names", "ROUTES", "with_seq_dims"]
 
