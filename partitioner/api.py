@@ -152,7 +152,8 @@ def _resolve_pins(order: Sequence[fx.Node], pins: Sequence[str], allowed: Sequen
         if hit is None:
             inside = [str(n.meta.get(MODULE, "")) == pin or str(n.meta.get(MODULE, "")).startswith(pin + ".")
                       for n in order]
-            best, start = (0, None), None
+            best: tuple[int, int] = (0, 0)  # (run length, -run start): the longest, then the earliest
+            start: int | None = None
             for i, yes in enumerate([*inside, False]):
                 if yes and start is None:
                     start = i
