@@ -233,8 +233,10 @@ def test_a_rank_grows_by_its_share_not_the_whole_model(tmp_path: Any) -> None:
     for rank, r in enumerate(results):
         assert r["held"] == r["predicted"]  # what the plan predicts is what the rank holds
         assert r["predicted"] < 0.6 * whole  # half the blocks plus its copy of the tied embedding
-        # anonymous memory ends at the rank's tensors (the loader reads straight into them)
-        assert abs(r["anon"] - r["held"]) < 6e6, (rank, r)
+        # anonymous memory ends at most at the rank's tensors (the loader reads straight into
+        # them); less can happen: pages the allocator had resident before the build are reused
+        # (a fresh clone's CI run measured 128.4 MB anon growth for 139.3 MB held)
+        assert r["anon"] - r["held"] < 6e6, (rank, r)
         # the peak: the rank's tensors plus a small constant (4.6-6.3 MB measured here after the
         # warm-up, in a warm and in a fresh .venv alike), never the whole model nor the file's
         # other half
