@@ -48,7 +48,8 @@ def _train(rank: int, world: int, pipe: Any, schedule: str, share: bool) -> dict
             "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
 
 
-@pytest.mark.parametrize("schedule,zero,share", [("1f1b", 0, False), ("gpipe", 0, True), ("1f1b", 1, False)])
+@pytest.mark.parametrize("schedule,zero,share", [("1f1b", 0, False), ("gpipe", 0, True), ("1f1b", 1, False),
+                                                 ("zb-h1", 0, False)])  # split backward: weight grads in W
 def test_two_replicas_of_two_stages_train_like_one_process(schedule: str, zero: int, share: bool) -> None:
     model, pipe = _pipe(schedule, zero=zero)
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.pp, pipe.plan.pp_ranks) == (2, 2, 2)
