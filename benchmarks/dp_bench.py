@@ -67,40 +67,35 @@ def build(name: str):
 
 def reprice(plan, dims: tuple[str, ...]) -> dict:
     """The plan's step under mesh ``dims``, from its own stage times (as api._replicated prices it)."""
-    from cost_models.devices import LinkSpec
-    from partitioner.data_parallel import Layout, boundary_links, price_replicas
-    from partitioner.schedule import build_schedule
-    from partitioner.simulator import boundary_bytes, simulate
+    from dataclasses import replace
 
-    p, m = plan.prediction, plan.mesh
+    from cost_models.devices import LinkSpec
+    from partitioner.data_parallel import price_replicas
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import predict_plan
+
+    p, m = plan.prediction, replace(plan.mesh, dims=dims)
     sched = build_schedule(p.schedule, m.pp, p.n_microbatches, plan.n_stages)
-    layout = Layout(m.dp, m.pp, dims, m.gpus_per_node)
+    sim = predict_plan(replace(plan, mesh=m), sched)  # each cut on the link it crosses under ``dims``
+    if m.dp == 1:
+        return {"step": sim.step_time, "exposed": 0.0, "bubble": sim.bubble_fraction, "allreduce": []}
     link = LinkSpec.from_dict(plan.link)
     inter = LinkSpec.from_dict(m.inter_link) if m.inter_link else link
     ranks = [sched.rank_of(s) for s in range(plan.n_stages)]
-    fb, gb = boundary_bytes(plan.boundaries, p.microbatch_size, plan.symbols.get("S", 1))
-    links = boundary_links(layout, ranks, link, inter)
-    send = [lk.transfer_time(b) for lk, b in zip(links, fb)]
-    bsend = [lk.transfer_time(g) if g else 0.0 for lk, g in zip(links, gb)]
-    sim = simulate(sched, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
-                   send, bsend)
-    if layout.dp == 1:
-        return {"step": sim.step_time, "exposed": 0.0, "bubble": sim.bubble_fraction, "allreduce": []}
     grads = [0] * m.pp  # untied Llama: each parameter on one rank; bf16 gradients = parameter bytes
     for s in plan.stages:
         grads[ranks[s.index]] += s.cost.param_bytes
     end = [0.0] * m.pp
     for e in sim.events:
         end[e.rank] = max(end[e.rank], e.end)
-    times, step = price_replicas(layout, m.zero, link, inter, grads, grads, end, sim.step_time)
+    times, step = price_replicas(m, m.zero, link, inter, grads, grads, end, sim.step_time)
     return {"step": step, "exposed": step - sim.step_time, "bubble": sim.bubble_fraction, "allreduce": times}
 
 
 def describe(plan, dims: tuple[str, ...]) -> str:
-    from partitioner.data_parallel import Layout
+    from dataclasses import replace
 
-    m = plan.mesh
-    return Layout(m.dp, m.pp, dims, m.gpus_per_node).describe()
+    return replace(plan.mesh, dims=dims).describe()
 
 
 def summary(plan, took: float) -> dict:

@@ -23,7 +23,7 @@ from partitioner.memory import (
 from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
 from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, check_counts
 from partitioner.schedule import default_microbatches, split_problem
-from partitioner.data_parallel import Layout, ZeroShard, as_plan_mesh, boundary_links, divisors, placements
+from partitioner.data_parallel import ZeroShard, boundary_links, divisors, placements
 from partitioner.data_parallel import price_replicas
 from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
@@ -340,7 +340,7 @@ class _Problem:
     dev: DeviceSpec
     lnk: LinkSpec
     shard: ZeroShard  # trainable elements per position: gradient bytes, ZeRO-1's saving
-    layout: Layout  # where the ranks sit (data parallelism, nodes)
+    layout: Mesh  # where the ranks sit (data parallelism, nodes); prices filled in by _replicated
 
     def static_at(self, a: int, b: int) -> int:
         """Static bytes of positions [a, b) on one rank (ZeRO-1: 1/dp of the optimizer state)."""
@@ -471,7 +471,7 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
         compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
         static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
         capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
-    layout = Layout(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0)
+    layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0)
     prob = _Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
                     capacity, dev, lnk, shard, layout)
     prob.pins = _resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed,  # type: ignore[attr-defined]
@@ -727,7 +727,7 @@ def _compile(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
         t, pk, _, _, ly, pr, _, _, ms, sm = r
         return (f"D={ly.dp} P={ly.pp} m={pr.opts.n_microbatches} {pr.opts.schedule}"
                 + (f" ({ly.describe()})" if ly.n_nodes > 1 else "")
-                + f": predicted step {t * 1e3:.4g} ms (all-reduce exposed {ms['exposed_s'] * 1e3:.3g} ms, "
+                + f": predicted step {t * 1e3:.4g} ms (all-reduce exposed {ms.exposed_s * 1e3:.3g} ms, "
                 f"bubble {sm.bubble_fraction:.1%}), peak memory {_fmt_bytes(pk)}")
     why = (f"the fastest predicted step of {len(rows)} that fit; #2 is {rows[1][0] / step - 1:.1%} slower"
            if len(rows) > 1 else "the only candidate that fits")
@@ -804,8 +804,8 @@ def _predicted_step(prob: _Problem, sol: Solution) -> float:
     return _replicated(prob, sol)[0]
 
 
-def _replicated(prob: _Problem, sol: Solution, layout: Layout | None = None) -> tuple[float, dict[str, Any], Any]:
-    """(step, the plan's ``mesh`` fields, the pipeline's SimResult) under ``layout``
+def _replicated(prob: _Problem, sol: Solution, layout: Mesh | None = None) -> tuple[float, Mesh, Any]:
+    """(step, the plan's ``mesh`` with its prices, the pipeline's SimResult) under ``layout``
     (default: the problem's): each cut priced on the link it crosses, each pipeline rank's
     all-reduce starting when its action list ends (``partitioner.data_parallel``)."""
     layout = layout or prob.layout
@@ -821,8 +821,9 @@ def _replicated(prob: _Problem, sol: Solution, layout: Layout | None = None) -> 
     links = boundary_links(layout, stage_rank, prob.lnk, inter)
     sim = predict_step(prob.sched, fwd, bwd, [lk.transfer_time for lk in links],
                        [prob.priced.cut_bytes[k] for k in bounds[1:-1]], [prob.priced.cut_grad_bytes[k] for k in bounds[1:-1]])
+    inter_dict = prob.opts.inter_link.to_dict() if prob.opts.inter_link is not None else None
     if layout.dp == 1:
-        return sim.step_time, as_plan_mesh(layout, prob.opts.zero, prob.opts.inter_link, (), 0.0), sim
+        return sim.step_time, replace(layout, zero=prob.opts.zero, inter_link=inter_dict), sim
     held: list[set[int]] = [set() for _ in range(layout.pp)]  # each tensor once per rank
     for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
         for p in range(a, b):
@@ -833,7 +834,8 @@ def _replicated(prob: _Problem, sol: Solution, layout: Layout | None = None) -> 
     for e in sim.events:
         end[e.rank] = max(end[e.rank], e.end)
     times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, grads, weights, end, sim.step_time)
-    return step, as_plan_mesh(layout, prob.opts.zero, prob.opts.inter_link, times, step - sim.step_time), sim
+    return step, replace(layout, zero=prob.opts.zero, inter_link=inter_dict, allreduce_s=tuple(times),
+                         exposed_s=step - sim.step_time), sim
 
 
 def _reapply(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: Options, dev: DeviceSpec,
@@ -853,7 +855,7 @@ def _reapply(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
 
 
 def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _Problem, solution: Solution,
-          exact: list[tuple[str, int, int, int]], keep_snapshots: bool, layout: Layout | None = None) -> Pipe:
+          exact: list[tuple[str, int, int, int]], keep_snapshots: bool, layout: Mesh | None = None) -> Pipe:
     """Stage modules (with recompute where chosen) and the plan."""
     gm, priced, opts = prob.gm, prob.priced, prob.opts
     n = len(priced.order)
@@ -883,7 +885,7 @@ def _emit(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], prob: _
     )
     layout = layout or prob.layout
     step, mesh, sim = _replicated(prob, solution, layout)
-    plan = replace(plan, mesh=Mesh(**mesh))
+    plan = replace(plan, mesh=mesh)
     if layout.dp > 1 or layout.n_nodes > 1:  # the replicas' all-reduce; cuts priced on the links they cross
         plan = replace(plan, prediction=replace(plan.prediction, step_time_s=step,
                                                 bubble_fraction=sim.bubble_fraction))

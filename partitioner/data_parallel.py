@@ -11,20 +11,23 @@ the first rank's is exposed. ZeRO-1 (``zero=1``, PyTorch's ``ZeroRedundancyOptim
 keeps 1/dp of the optimizer state (fp32 master weights and moments) per rank and, after the
 update, gathers the parameters back: (dp-1) messages of ``weight_bytes / dp``.
 
-Ranks map to the mesh as ``Mesh.dims`` says (``("dp", "pp")``: rank = d * pp + p), and to
-nodes in blocks of ``gpus_per_node`` (torchrun's order). A message between ranks on one
+Ranks map to the mesh as ``partitioner.plan.Mesh`` says (``dims`` ``("dp", "pp")``: rank =
+d * pp + p), and to nodes in blocks of ``gpus_per_node`` (torchrun's order); the planner
+prices candidate ``Mesh``es and records the one it keeps. A message between ranks on one
 node uses ``link``, between nodes ``inter_link``. Pure Python (no torch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+from partitioner.plan import Mesh
 
 if TYPE_CHECKING:  # cost_models.devices imports torch; this module needs only the objects' methods
     from cost_models.devices import LinkSpec
 
-__all__ = ["Layout", "ring_allreduce_s", "allgather_s", "placements", "divisors", "ZeroShard", "price_replicas"]
+__all__ = ["ring_allreduce_s", "allgather_s", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links"]
 
 
 def divisors(n: int) -> list[int]:
@@ -46,54 +49,14 @@ def allgather_s(nbytes: float, dp: int, link: LinkSpec) -> float:
     return (dp - 1) * link.transfer_time(nbytes / dp)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where the ranks of a dp x pp mesh sit (``partitioner.plan.Mesh`` without the prices)."""
-
-    dp: int
-    pp: int
-    dims: tuple[str, ...] = ("dp", "pp")
-    gpus_per_node: int = 0
-
-    def rank(self, d: int, p: int) -> int:
-        return d * self.pp + p if self.dims[0] == "dp" else p * self.dp + d
-
-    def node(self, rank: int) -> int:
-        return rank // self.gpus_per_node if self.gpus_per_node else 0
-
-    @property
-    def n_nodes(self) -> int:
-        return -(-self.dp * self.pp // self.gpus_per_node) if self.gpus_per_node else 1
-
-    def replicas_cross_nodes(self, p: int) -> bool:
-        """Do the replicas of pipeline rank ``p`` span more than one node?"""
-        return len({self.node(self.rank(d, p)) for d in range(self.dp)}) > 1
-
-    def boundary_crosses_nodes(self, p: int, q: int) -> bool:
-        """Does a message from pipeline rank ``p`` to ``q`` leave the node, in any replica?"""
-        return any(self.node(self.rank(d, p)) != self.node(self.rank(d, q)) for d in range(self.dp))
-
-    def describe(self) -> str:
-        if self.n_nodes == 1:
-            return "one node"
-        if self.dp == 1:
-            return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, one pipeline across them"
-        if self.pp == 1:
-            return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, replicas across them"
-        inside = "pipelines inside nodes" if not any(
-            self.boundary_crosses_nodes(p, p + 1) for p in range(self.pp - 1)) else (
-            "replicas inside nodes" if not any(self.replicas_cross_nodes(p) for p in range(self.pp)) else "mixed")
-        return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, mesh {self.dims[0]} outer ({inside})"
-
-
-def placements(dp: int, pp: int, gpus_per_node: int | None) -> list[Layout]:
+def placements(dp: int, pp: int, gpus_per_node: int | None) -> list[Mesh]:
     """The layouts worth pricing: on one node only the default (``("dp", "pp")``); across
     nodes both dimension orders (pipelines inside nodes, or each stage's replicas inside)."""
     g = gpus_per_node or 0
-    first = Layout(dp, pp, ("dp", "pp"), g)
+    first = Mesh(dp, pp, ("dp", "pp"), g)
     if not g or first.n_nodes == 1 or dp == 1 or pp == 1:
         return [first]
-    return [first, Layout(dp, pp, ("pp", "dp"), g)]
+    return [first, Mesh(dp, pp, ("pp", "dp"), g)]
 
 
 @dataclass(frozen=True)
@@ -125,7 +88,7 @@ class ZeroShard:
         return opt - -(-opt // dp) if dp > 1 else 0
 
 
-def price_replicas(layout: Layout, zero: int, link: LinkSpec, inter_link: LinkSpec,
+def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec,
                    grad_bytes: Sequence[int], weight_bytes: Sequence[int],
                    rank_end: Sequence[float], pipeline_step: float) -> tuple[list[float], float]:
     """Per pipeline rank: its replicas' all-reduce (+ ZeRO's all-gather) seconds, and the
@@ -142,16 +105,8 @@ def price_replicas(layout: Layout, zero: int, link: LinkSpec, inter_link: LinkSp
     return times, step
 
 
-def boundary_links(layout: Layout, stage_rank: Sequence[int], link: LinkSpec, inter_link: LinkSpec) -> list[LinkSpec]:
+def boundary_links(layout: Mesh, stage_rank: Sequence[int], link: LinkSpec, inter_link: LinkSpec) -> list[LinkSpec]:
     """The link each cut (stage s -> s + 1) crosses: ``inter_link`` when, in any replica,
     the two ranks sit on different nodes."""
     return [inter_link if layout.boundary_crosses_nodes(a, b) else link
             for a, b in zip(stage_rank, stage_rank[1:])]
-
-
-def as_plan_mesh(layout: Layout, zero: int, inter_link: LinkSpec | None, allreduce: Sequence[float],
-                 exposed: float) -> dict[str, Any]:
-    """``partitioner.plan.Mesh`` fields."""
-    return {"dp": layout.dp, "pp": layout.pp, "dims": tuple(layout.dims), "gpus_per_node": layout.gpus_per_node,
-            "zero": zero, "inter_link": inter_link.to_dict() if inter_link is not None else None,
-            "allreduce_s": tuple(allreduce), "exposed_s": exposed}

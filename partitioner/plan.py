@@ -154,6 +154,30 @@ class Mesh:
     def node(self, rank: int) -> int:
         return rank // self.gpus_per_node if self.gpus_per_node else 0
 
+    @property
+    def n_nodes(self) -> int:
+        return -(-self.dp * self.pp // self.gpus_per_node) if self.gpus_per_node else 1
+
+    def replicas_cross_nodes(self, pp_rank: int) -> bool:
+        """Do the replicas of pipeline rank ``pp_rank`` span more than one node?"""
+        return len({self.node(self.rank(d, pp_rank)) for d in range(self.dp)}) > 1
+
+    def boundary_crosses_nodes(self, p: int, q: int) -> bool:
+        """Does a message from pipeline rank ``p`` to ``q`` leave the node, in any replica?"""
+        return any(self.node(self.rank(d, p)) != self.node(self.rank(d, q)) for d in range(self.dp))
+
+    def describe(self) -> str:
+        if self.n_nodes == 1:
+            return "one node"
+        if self.dp == 1:
+            return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, one pipeline across them"
+        if self.pp == 1:
+            return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, replicas across them"
+        inside = "pipelines inside nodes" if not any(
+            self.boundary_crosses_nodes(p, p + 1) for p in range(self.pp - 1)) else (
+            "replicas inside nodes" if not any(self.replicas_cross_nodes(p) for p in range(self.pp)) else "mixed")
+        return f"{self.n_nodes} nodes x {self.gpus_per_node} GPUs, mesh {self.dims[0]} outer ({inside})"
+
 
 @dataclass(frozen=True)
 class Plan:

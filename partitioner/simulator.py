@@ -146,13 +146,14 @@ def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
     """Re-simulate a loaded ``Plan`` from its own records: per-stage times, boundaries and link."""
     from cost_models.devices import LinkSpec
 
-    from partitioner.data_parallel import Layout, boundary_links
+    from dataclasses import replace
+
+    from partitioner.data_parallel import boundary_links
 
     link = LinkSpec.from_dict(plan.link)
     mesh = plan.mesh
     inter = LinkSpec.from_dict(mesh.inter_link) if mesh.inter_link is not None else link
-    layout = Layout(mesh.dp, plan.pp_ranks, tuple(mesh.dims), mesh.gpus_per_node)
-    links = boundary_links(layout, [st.rank for st in plan.stages], link, inter)  # the link each cut crosses
+    links = boundary_links(replace(mesh, pp=plan.pp_ranks), [st.rank for st in plan.stages], link, inter)  # the link each cut crosses
     fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
     return predict_step(schedule, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
                         [lk.transfer_time for lk in links], fwd, grad)

@@ -13,7 +13,7 @@ import torch
 
 from cost_models.devices import LINKS
 from partitioner import PartitionError, load_plan, partition
-from partitioner.data_parallel import Layout, allgather_s, ring_allreduce_s
+from partitioner.data_parallel import allgather_s, ring_allreduce_s
 from partitioner.examples import gpt_example
 from partitioner.plan import PlanError
 from partitioner.schedule import build_schedule
@@ -96,8 +96,7 @@ def test_across_nodes_the_faster_placement_is_chosen_and_priced_on_the_inter_lin
     assert len(placed) == 2
     times = [float(re.search(r"predicted step ([\d.e+-]+) ms", n).group(1)) for n in placed]  # type: ignore[union-attr]
     assert times == sorted(times) and ib.prediction.step_time_s * 1e3 == pytest.approx(times[0], rel=1e-3)
-    lay = Layout(2, 2, ib.mesh.dims, 2)
-    crossing = [p for p in range(2) if lay.replicas_cross_nodes(p)]
+    crossing = [p for p in range(2) if ib.mesh.replicas_cross_nodes(p)]
     for p in range(2):  # replicas on one node use nvlink, across nodes the inter link
         want_link = LINKS["ib-ndr-400"] if p in crossing else LINKS["nvlink4"]
         grad = _trainable(model, tuple(n for st in ib.stages if st.rank == p for n in st.parameters)) * 4
