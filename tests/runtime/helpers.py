@@ -85,6 +85,22 @@ def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Calla
     return losses, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
 
 
+def train_in_process(layout: str, schedule: Any, m: int) -> tuple[list[float], list[float], dict, dict]:
+    """``STEPS`` SGD steps of the layout's pipe in one process (``pipe.train_step``, a schedule
+    name or ``Schedule``) and of the plain model: (losses, reference losses, parameters,
+    reference parameters), by FQN."""
+    model, pipe = fresh(layout)
+    x, y, loss_fn = data(layout.split("-")[0])
+    want_losses, want = reference(model, x, y, loss_fn)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m).item())
+        opt.step()
+    return losses, want_losses, dict(model.named_parameters(remove_duplicate=False)), want
+
+
 def assert_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got, "no parameters to compare"
     for name, value in got.items():

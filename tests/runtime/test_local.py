@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from partitioner.runtime.errors import PipelineRuntimeError
-from tests.runtime.helpers import LR, STEPS, assert_params, data, fresh, reference
+from tests.runtime.helpers import assert_params, data, fresh, train_in_process
 
 CASES = [
     ("gpt-2", "gpipe", 4), ("gpt-2", "1f1b", 4), ("gpt-2x2", "interleaved-1f1b", 4),
@@ -20,17 +20,9 @@ CASES = [
 
 @pytest.mark.parametrize("layout,schedule,m", CASES)
 def test_train_step_matches_unpartitioned(layout: str, schedule: str, m: int) -> None:
-    model, pipe = fresh(layout)
-    x, y, loss_fn = data(layout.split("-")[0])
-    want_losses, want = reference(model, x, y, loss_fn)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m).item())
-        opt.step()
+    losses, want_losses, got, want = train_in_process(layout, schedule, m)
     assert losses == pytest.approx(want_losses, rel=1e-5)
-    assert_params(dict(model.named_parameters(remove_duplicate=False)), want)
+    assert_params(got, want)
 
 
 def test_batch_must_divide() -> None:

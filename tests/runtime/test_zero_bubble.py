@@ -7,11 +7,10 @@ weights (GPT's wte/lm_head), a skip connection across stages (U-Net) and checkpo
 from __future__ import annotations
 
 import pytest
-import torch
 
 from partitioner.runtime.launch import spawn
 from partitioner.schedule import Action, Schedule, build_schedule
-from tests.runtime.helpers import LAYOUTS, LR, STEPS, assert_params, data, fresh, reference
+from tests.runtime.helpers import LAYOUTS, assert_params, data, fresh, reference, train_in_process
 from tests.runtime.test_dist import TIMEOUT_S, _train
 
 LAYOUTS.update({
@@ -29,22 +28,9 @@ CASES = [("gpt-zb2", "zb-h1", 4), ("gpt-zb4", "zb-h1", 4), ("gpt-zbv", "zbv", 4)
          ("gpt-zbsel", "zb-h1", 2), ("unet-zbskip", "zb-h1", 4), ("unet-zbv", "zbv", 2)]
 
 
-def _pipe_train(layout: str, schedule: str, m: int) -> tuple[list[float], list[float], dict, dict]:
-    model, pipe = fresh(layout)
-    x, y, loss_fn = data(layout.split("-")[0])
-    want_losses, want = reference(model, x, y, loss_fn)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m).item())
-        opt.step()
-    return losses, want_losses, dict(model.named_parameters(remove_duplicate=False)), want
-
-
 @pytest.mark.parametrize("layout,schedule,m", CASES)
 def test_split_backward_trains_like_one_process(layout: str, schedule: str, m: int) -> None:
-    losses, want_losses, got, want = _pipe_train(layout, schedule, m)
+    losses, want_losses, got, want = train_in_process(layout, schedule, m)
     assert losses == pytest.approx(want_losses, rel=1e-5)
     assert_params(got, want)
 
@@ -65,7 +51,7 @@ def test_split_backward_is_needed_for_the_check_to_fail() -> None:
     orig = interpreter.Interpreter._W
     interpreter.Interpreter._W = lambda self, s, mb, a: self._saved.pop((s, mb))  # type: ignore[method-assign]
     try:
-        losses, want_losses, got, want = _pipe_train("gpt-zb2", "zb-h1", 4)
+        losses, want_losses, got, want = train_in_process("gpt-zb2", "zb-h1", 4)
         with pytest.raises(AssertionError):
             assert_params(got, want)
     finally:
@@ -148,15 +134,7 @@ def _mixed(name: str, p: int, m: int, n_stages: int) -> Schedule:
                                            ("unet-skip", "gpipe", 2)])
 def test_any_schedule_the_validator_accepts_runs(layout: str, name: str, m: int) -> None:
     """Hand-made mixtures of B and I/W (the validator accepts them) train like one process."""
-    model, pipe = fresh(layout)
-    sched = _mixed(name, pipe.plan.options["n_gpus"], m, pipe.plan.n_stages)
-    x, y, loss_fn = data(layout.split("-")[0])
-    want_losses, want = reference(model, x, y, loss_fn)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=sched).item())
-        opt.step()
+    _, pipe = fresh(layout)
+    losses, want_losses, got, want = train_in_process(layout, _mixed(name, pipe.plan.pp_ranks, m, pipe.plan.n_stages), m)
     assert losses == pytest.approx(want_losses, rel=1e-5)
-    assert_params(dict(model.named_parameters(remove_duplicate=False)), want)
+    assert_params(got, want)
