@@ -214,23 +214,14 @@ def test_a_registered_rule_prices_its_op_and_unknown_ops_are_elementwise() -> No
 
     from cost_models import flops
     from cost_models.cost import BATCH
+    from tests.logs import captured
 
     x = flops.Shape((BATCH, 16))
     name = "pp_test_only_op"
     assert flops.op_flops(name, (x,), {}, x) == 16 * BATCH  # no rule: one FLOP per output element
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("cost_models.flops")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+    with captured("cost_models.flops", logging.DEBUG) as records:
         flops.op_flops(name + "_2", (x,), {}, x)
         flops.op_flops(name + "_2", (x,), {}, x)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert sum(name + "_2" in r.getMessage() for r in records) == 1  # logged once per op
 
     @flops.register_op_rule(name)

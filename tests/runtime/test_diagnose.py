@@ -15,6 +15,7 @@ import torch
 from partitioner.runtime.diagnose import failure_grid
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.schedule import build_schedule
+from tests.logs import captured
 from tests.runtime.helpers import data, fresh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,15 +37,6 @@ def test_grid_marks_the_failing_action_and_cuts_to_its_neighbourhood() -> None:
     assert failure_grid(s, 5, "1B5") is None
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_a_failed_step_logs_the_grid_around_its_action() -> None:
     _, pipe = fresh("gpt-2")
     x, y, _ = data("gpt")
@@ -52,14 +44,8 @@ def test_a_failed_step_logs_the_grid_around_its_action() -> None:
     def bad_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("boom")
 
-    logger, handler = logging.getLogger("partitioner.runtime"), _Records()  # no caplog: CI runs -p no:logging
-    logger.addHandler(handler)
-    try:
-        with pytest.raises(PipelineRuntimeError, match="boom"):
-            pipe.train_step(x, target=y, loss_fn=bad_loss, schedule="1f1b", n_microbatches=4)
-    finally:
-        logger.removeHandler(handler)
-    records = handler.records
+    with captured("partitioner.runtime") as records, pytest.raises(PipelineRuntimeError, match="boom"):
+        pipe.train_step(x, target=y, loss_fn=bad_loss, schedule="1f1b", n_microbatches=4)
     assert len(records) == 1 and records[0].levelno == logging.ERROR
     text = records[0].getMessage()
     assert "schedule '1f1b', rank 1, action 1F0" in text and "boom" in text
