@@ -87,19 +87,19 @@ def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None)
     return tuple(example_inputs), kwargs
 
 
-def _check_counts(n_gpus: Any, virtual_stages: Any, schedule: Any, n_microbatches: Any) -> None:
-    """Counts and the schedule, against the schedule's registry entry (``schedule.SCHEDULES``)."""
-    if not isinstance(n_gpus, int) or isinstance(n_gpus, bool) or n_gpus < 1:
-        raise PartitionError(f"n_gpus must be an int >= 1, got {n_gpus!r}")
+def _check_counts(pp: int, virtual_stages: Any, schedule: Any, n_microbatches: Any) -> None:
+    """Counts and the schedule, against the schedule's registry entry (``schedule.SCHEDULES``);
+    ``pp``: the pipeline's ranks (``n_gpus / data_parallel``, checked by ``_check_mesh``)."""
     if not isinstance(virtual_stages, int) or virtual_stages < 1:
         raise PartitionError(f"virtual_stages must be an int >= 1, got {virtual_stages!r}")
     if n_microbatches is not None and n_microbatches != "auto" and (
             not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1):
         raise PartitionError(f"n_microbatches must be an int >= 1 or 'auto', got {n_microbatches!r}")
     if isinstance(schedule, Schedule):
-        if schedule.n_ranks != n_gpus or schedule.n_stages != n_gpus * virtual_stages:
+        if schedule.n_ranks != pp or schedule.n_stages != pp * virtual_stages:
             raise PartitionError(f"schedule {schedule.name!r} is for {schedule.n_ranks} ranks and {schedule.n_stages} "
-                                 f"stages, partition() for n_gpus={n_gpus} x virtual_stages={virtual_stages}")
+                                 f"stages, partition() for {pp} pipeline ranks (n_gpus / data_parallel) x "
+                                 f"virtual_stages={virtual_stages}")
         if isinstance(n_microbatches, int) and n_microbatches != schedule.n_microbatches:
             raise PartitionError(f"n_microbatches={n_microbatches} but schedule {schedule.name!r} has "
                                  f"{schedule.n_microbatches}")
