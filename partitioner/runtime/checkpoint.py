@@ -318,6 +318,22 @@ def _jsonable(v: Any) -> Any:
 
 
 def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    if stage.dp_group is None:
+        _save(stage, path, optimizer)
+        return
+    # Replicas hold the same weights and optimizer state: replica 0's pipeline writes them.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        raise PipelineRuntimeError(
+            f"rank {stage.global_rank}: with zero=1 the optimizer state is sharded over the replicas and "
+            "save_checkpoint cannot write it yet; save without optimizer=... (weights only) or plan with zero=0")
+    if stage.dp_rank == 0:
+        _save(stage, path, optimizer)
+    dist.barrier()  # the other replicas wait until the checkpoint is complete
+
+
+def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 

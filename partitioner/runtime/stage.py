@@ -320,19 +320,7 @@ class RankStage:
         ``path``, atomically, so any plan (another rank count) can load it."""
         from partitioner.runtime.checkpoint import save_checkpoint
 
-        if self.dp_group is None:
-            save_checkpoint(self, path, optimizer)
-            return
-        # Replicas hold the same weights and optimizer state: replica 0's pipeline writes them.
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
-            raise PipelineRuntimeError(
-                f"rank {self.global_rank}: with zero=1 the optimizer state is sharded over the replicas and "
-                "save_checkpoint cannot write it yet; save without optimizer=... (weights only) or plan with zero=0")
-        if self.dp_rank == 0:
-            save_checkpoint(self, path, optimizer)
-        dist.barrier()  # the other replicas wait until the checkpoint is complete
+        save_checkpoint(self, path, optimizer)
 
     def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
                loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None) -> Runner:
