@@ -22,6 +22,14 @@ deletes ``PATH.old``. An interrupted save leaves ``PATH`` as it was (a crash bet
 two renames, a window of microseconds, leaves it at ``PATH.old``; loading says so).
 Optimizer state is keyed by parameter FQN, with each parameter's group hyperparameters
 beside it, so a plan with other ranks rebuilds it for its own optimizer.
+With data parallelism replica 0's pipeline writes; under ZeRO-1 (``stage.optimizer()`` is a
+``ZeroRedundancyOptimizer`` over ``stage.dp_group``) the replicas' shards are first gathered
+on replica 0 (``consolidate_state_dict``, collective over the replicas) and written whole,
+recorded as the class it wraps (``AdamW``): the checkpoint is the same as an unsharded run's,
+so either kind of optimizer, under any plan, loads either. On loading, a
+``ZeroRedundancyOptimizer`` reads only its own shard. An optimizer of another class than the
+saved one, or a ``ZeroRedundancyOptimizer`` over another group than ``stage.dp_group``, is
+refused before anything is read.
 ``PATH`` must be on a file system every rank sees.
 """
 
@@ -250,11 +258,29 @@ def _load_dcp(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | No
 
 def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
                     path: str) -> tuple[dict[str, Any], Any]:
+    """The DCP keys ``optimizer``'s state is read from (tensors allocated for DCP to fill)
+    and ``rebuild(loaded)``, which makes the state dict ``optimizer.load_state_dict`` takes
+    (indices in ``optimizer.param_groups`` order). Everything that can be refused (class,
+    missing keys, parameter groups) is refused here, before anything is read into the
+    model: the small entries (class, hyperparameters) are read first. A ZeroRedundancyOptimizer takes
+    the same consolidated state dict and keeps its own shard: only that shard's tensors
+    are read."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    want_class = type(optimizer).__qualname__
     if "optim.class" not in meta:
         raise PipelineRuntimeError(f"{path} holds no optimizer state (it was saved without optimizer=...)")
+    zero = _as_zero(optimizer)
+    if zero is not None:
+        _check_zero(stage, zero, "load its state")
+    want_class = _class_name(optimizer)
+    saved_class = _read_small(path, ["optim.class"])["optim.class"]
+    if saved_class != want_class:
+        raise PipelineRuntimeError(
+            f"rank {stage.global_rank}: {path} holds {saved_class} state; this optimizer is {want_class}"
+            + (" (the ZeroRedundancyOptimizer's wrapped class)" if zero is not None else "")
+            + f": build a {saved_class}, or load without optimizer=... (weights only) and start its state afresh")
+    # ZeRO-1: this replica's shard (ZeroRedundancyOptimizer.load_state_dict drops the rest)
+    owned = None if zero is None else {id(p) for p, r in zero._param_to_rank.items() if r == zero.rank}
     canon = _canonical_names(stage)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = []
@@ -264,16 +290,33 @@ def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: di
             raise PipelineRuntimeError(f"rank {stage.rank}: the optimizer holds a tensor of shape {tuple(p.shape)} "
                                        "that is not one of this stage's parameters (build it over stage.parameters())")
         names.append(n)
-    dest: dict[str, Any] = {"optim.class": ""}
+    dest: dict[str, Any] = {}
     fields: list[list[str]] = []
     for n in names:
         gkey = f"optim.param_groups.{n}"
         if gkey not in meta:
             raise PipelineRuntimeError(f"rank {stage.rank}: key {gkey!r} is not in {path}: the checkpoint has no "
                                        f"optimizer state for parameter {n!r}")
-        dest[gkey] = ""
+    hyper = _read_small(path, [f"optim.param_groups.{n}" for n in names])
+    groups, i = [], 0
+    for g in optimizer.param_groups:
+        idx = list(range(i, i + len(g["params"])))
+        i += len(g["params"])
+        hypers = [json.loads(hyper[f"optim.param_groups.{names[j]}"]) for j in idx]
+        if any(h != hypers[0] for h in hypers):
+            bad = next(names[j] for j, h in zip(idx, hypers) if h != hypers[0])
+            raise PipelineRuntimeError(
+                f"{path} gives {names[idx[0]]!r} and {bad!r} different hyperparameters, but this optimizer "
+                "puts them in one parameter group: group the parameters as the saved run did")
+        h = hypers[0] if hypers else {}
+        restored = {k: (tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v)
+                    for k, v in h.items()}
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, **restored, "params": idx})
+    for n, p in zip(names, params):
         prefix = f"optim.state.{n}."
         mine = [k for k in meta if k.startswith(prefix) and "." not in k[len(prefix):]]
+        if owned is not None and id(p) not in owned:
+            mine = []  # another replica's shard
         fields.append([k[len(prefix):] for k in mine])
         for k in mine:
             m = meta[k]
@@ -283,26 +326,8 @@ def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: di
                 dest[k] = ""
 
     def rebuild(loaded: dict[str, Any]) -> dict[str, Any]:
-        if loaded["optim.class"] != want_class:
-            raise PipelineRuntimeError(f"{path} holds {loaded['optim.class']} state; this optimizer is {want_class}")
-        state = {}
-        for i, (n, fs) in enumerate(zip(names, fields)):
-            if fs:
-                state[i] = {f: loaded[f"optim.state.{n}.{f}"] for f in fs}
-        groups, i = [], 0
-        for g in optimizer.param_groups:
-            idx = list(range(i, i + len(g["params"])))
-            i += len(g["params"])
-            hypers = [json.loads(loaded[f"optim.param_groups.{names[j]}"]) for j in idx]
-            if any(h != hypers[0] for h in hypers):
-                bad = next(names[j] for j, h in zip(idx, hypers) if h != hypers[0])
-                raise PipelineRuntimeError(
-                    f"{path} gives {names[idx[0]]!r} and {bad!r} different hyperparameters, but this optimizer "
-                    "puts them in one parameter group: group the parameters as the saved run did")
-            h = hypers[0] if hypers else {}
-            restored = {k: (tuple(v) if isinstance(g.get(k), tuple) and isinstance(v, list) else v)
-                        for k, v in h.items()}
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, **restored, "params": idx})
+        state = {i: {f: loaded[f"optim.state.{n}.{f}"] for f in fs}
+                 for i, (n, fs) in enumerate(zip(names, fields)) if fs}
         return {"state": state, "param_groups": groups}
 
     return dest, rebuild
@@ -318,19 +343,73 @@ def _jsonable(v: Any) -> Any:
 
 
 def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    zero = _as_zero(optimizer)
+    if zero is not None:
+        _check_zero(stage, zero, "save its state")
     if stage.dp_group is None:
         _save(stage, path, optimizer)
         return
     # Replicas hold the same weights and optimizer state: replica 0's pipeline writes them.
+    # Under ZeRO-1 each replica holds a shard of the state: they are gathered on replica 0
+    # first (a collective over the replicas of this pipeline rank), which writes the whole
+    # state as an unsharded optimizer would.
+    if zero is not None:
+        # ``to`` is a rank in the optimizer's group (compared with ``dist.get_rank(group)``)
+        zero.consolidate_state_dict(to=dist.get_group_rank(zero.process_group,
+                                                            stage.plan.mesh.rank(0, stage.pp_rank)))
+    try:
+        if stage.dp_rank == 0:
+            _save(stage, path, optimizer)
+    finally:
+        if zero is not None:
+            zero._all_state_dicts = []  # the gathered copy of the whole state: free it
+    dist.barrier()  # the other replicas wait until the checkpoint is complete
+
+
+def _as_zero(optimizer: torch.optim.Optimizer | None) -> Any:
+    """``optimizer`` if it is a ``ZeroRedundancyOptimizer``, else None."""
+    if optimizer is None or not dist.is_available():
+        return None
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    return optimizer if isinstance(optimizer, ZeroRedundancyOptimizer) else None
+
+
+def _check_zero(stage: RankStage, zero: Any, doing: str) -> None:
+    """A ZeroRedundancyOptimizer must shard over this stage's replicas (``stage.dp_group``):
+    only then are the shards, together, the state of this rank's parameters."""
+    have = dist.get_process_group_ranks(zero.process_group)
+    want = dist.get_process_group_ranks(stage.dp_group) if stage.dp_group is not None else None
+    if have != want:
+        replicas = f"are ranks {want}" if want is not None else "do not exist: the plan has no data parallelism"
         raise PipelineRuntimeError(
-            f"rank {stage.global_rank}: with zero=1 the optimizer state is sharded over the replicas and "
-            "save_checkpoint cannot write it yet; save without optimizer=... (weights only) or plan with zero=0")
-    if stage.dp_rank == 0:
-        _save(stage, path, optimizer)
-    dist.barrier()  # the other replicas wait until the checkpoint is complete
+            f"rank {stage.global_rank}: cannot {doing}: the ZeroRedundancyOptimizer shards over ranks {have}, "
+            f"but this pipeline rank's replicas (stage.dp_group) {replicas}; the shards would not be this stage's "
+            "optimizer state. Build it with stage.optimizer(...) under a zero=1 plan "
+            "(ZeroRedundancyOptimizer(..., process_group=stage.dp_group)), or use a plain optimizer")
+    if getattr(zero, "_overlap_with_ddp", False):
+        raise PipelineRuntimeError(
+            f"rank {stage.global_rank}: cannot {doing}: a ZeroRedundancyOptimizer with overlap_with_ddp=True "
+            "is not supported (its local optimizer is a functional one); build it with stage.optimizer(...)")
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    """The class recorded with the state: a ZeroRedundancyOptimizer's is the class it wraps,
+    so a plain optimizer of that class loads it, and the other way round."""
+    zero = _as_zero(optimizer)
+    return type(zero.optim if zero is not None else optimizer).__qualname__
+
+
+def _read_small(path: str, keys: list[str]) -> dict[str, str]:
+    """The string entries ``keys`` of a DCP checkpoint (class name, hyperparameters)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out: dict[str, Any] = dict.fromkeys(keys, "")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(out, storage_reader=FileSystemReader(path), no_dist=True)
+    return out
 
 
 def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> None:
@@ -373,9 +452,9 @@ def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) 
 
 def _optimizer_state(stage: RankStage, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     canon = _canonical_names(stage)
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict()  # a ZeroRedundancyOptimizer's: the whole state, consolidated on this replica
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    out: dict[str, Any] = {"optim.class": type(optimizer).__qualname__}
+    out: dict[str, Any] = {"optim.class": _class_name(optimizer)}
     for g_obj, g in zip(optimizer.param_groups, sd["param_groups"]):
         hyper = json.dumps({k: v for k, v in g.items() if k != "params"}, sort_keys=True, default=_jsonable)
         for idx in g["params"]:
