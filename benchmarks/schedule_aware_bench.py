@@ -1,6 +1,6 @@
 """Schedule-aware cuts vs the bottleneck objective vs an auto_partition-style DP, on the same costs.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/schedule_aware_bench.py``
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/schedule_aware_bench.py [--measure [ROUNDS]]``
 
 For each model x schedule, ``partition(..., objective="step")`` is run once; its solver input
 and simulator inputs are captured, and three splits are priced by the same simulator
@@ -19,7 +19,13 @@ and simulator inputs are captured, and three splits are priced by the same simul
   best-first, at most 64 candidates. Layers here are the solver's positions (graph nodes), and
   only allowed cuts are used (the PR knows no disallowed cuts).
 
-Predicted only: measuring these splits on 2 gloo ranks was not done in this session.
+``--measure`` runs the bottleneck and the schedule-aware splits for real, on 2 gloo ranks of this
+CPU (one thread each), for the instances below where the two objectives choose different cuts
+when priced on this machine (``calibrate_device``: the "local" profile scaled so the predicted
+forward + backward of the whole model equals the measured one). Both runners are built in the
+same processes and alternate within every round (shuffled order, as ``runtime_bench`` does), so
+load moves both alike; reported: predicted step of each split, the fastest measured step, and the
+median over rounds of the per-round ratio step / bottleneck.
 """
 
 from __future__ import annotations
@@ -123,7 +129,103 @@ def capture(model: torch.nn.Module, inputs: tuple[Any, ...], **kw: Any) -> dict[
     return got
 
 
+MEASURED = (  # (label, model builder, schedule): where the objectives disagree on this CPU
+    ("GPT 6x256 vocab 16384", "gpt6", "interleaved-1f1b"),
+    ("GPT 6x256 vocab 16384", "gpt6", "zbv"),
+    ("GPT 8x256 vocab 8192", "gpt8", "interleaved-1f1b"),
+    ("Llama 8x256 vocab 4096", "llama", "interleaved-1f1b"),
+    ("Llama 8x256 vocab 4096", "llama", "zbv"),
+)
+
+
+def _build(which: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
+    from partitioner.examples import gpt_example
+    from partitioner.examples.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    if which == "llama":
+        model = Llama(LlamaConfig(vocab_size=4096, dim=256, n_layers=8, n_heads=4, hidden_dim=682, max_seq_len=64))
+        return model, torch.randint(0, 4096, (16, 64)), 4096
+    layers, vocab = (6, 16384) if which == "gpt6" else (8, 8192)
+    gpt, (idx,) = gpt_example(batch=16, seq=64, n_layer=layers, n_embd=256, n_head=4, vocab_size=vocab, block_size=64)
+    return gpt, idx, vocab
+
+
+def _measure_ranks(rank: int, world: int, pipes: dict[str, Any], schedule: str, m: int, x: torch.Tensor,
+                   y: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    import random
+    import time
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.flatten(0, 1), t.flatten())
+
+    runners = {k: p.build_stage(rank, "cpu").runner(schedule, n_microbatches=m, loss_fn=loss_fn, batch_size=len(x))
+               for k, p in pipes.items()}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for i in range(rounds + 2):  # two warm-up rounds
+        random.Random(i).shuffle(order)
+        for k in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            runners[k].step(x if rank == 0 else None, target=y)
+            dist.barrier()
+            if i >= 2:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def measure(rounds: int) -> None:
+    import statistics
+
+    from partitioner.calibrate import calibrate_device
+    from partitioner.runtime.launch import spawn
+
+    torch.set_num_threads(1)
+    print("| model | schedule | 2 ranks x v | m | predicted bottleneck | predicted step-aware | predicted gain | "
+          "measured bottleneck | measured step-aware | measured gain (best) | measured gain (median per round) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    built: dict[str, Any] = {}
+    for label, which, sched in MEASURED:
+        if which not in built:
+            model, x, vocab = _build(which)
+            built[which] = (model, x, vocab, calibrate_device(model, (x,)))
+        model, x, vocab, dev = built[which]
+        y = torch.randint(0, vocab, x.shape)
+        pipes = {}
+        for obj in ("bottleneck", "step"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pipes[obj] = partition(model, n_gpus=2, example_inputs=(x,), device=dev, link="loopback",
+                                       schedule=sched, n_microbatches=8, virtual_stages=2, objective=obj)
+        pred = {k: p.plan.prediction.step_time_s for k, p in pipes.items()}
+        cuts = {k: [s.nodes[-1] for s in p.plan.stages[:-1]] for k, p in pipes.items()}
+        if cuts["bottleneck"] == cuts["step"]:
+            print(f"| {label} | {sched} | same cuts on this CPU's profile; not measured |")
+            continue
+        got = spawn(_measure_ranks, 2, pipes, sched, 8, x, y, rounds, timeout_s=900)
+        every = {k: [max(r[k][i] for r in got) for i in range(rounds)] for k in pipes}
+        best = {k: min(v) for k, v in every.items()}
+        med = statistics.median(s / b for s, b in zip(every["step"], every["bottleneck"]))
+        print(f"| {label} | {sched} | 2 x 2 | 8 | {pred['bottleneck'] * 1e3:.1f} ms | {pred['step'] * 1e3:.1f} ms | "
+              f"{pred['step'] / pred['bottleneck'] - 1:+.1%} | {best['bottleneck'] * 1e3:.1f} ms | "
+              f"{best['step'] * 1e3:.1f} ms | {best['step'] / best['bottleneck'] - 1:+.1%} | {med - 1:+.1%} |",
+              flush=True)
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--measure", type=int, nargs="?", const=10, default=None, metavar="ROUNDS",
+                    help="run the two splits on 2 gloo ranks, ROUNDS timed rounds each (default 10)")
+    args = ap.parse_args()
+    if args.measure is not None:
+        measure(args.measure)
+        return
     from partitioner.examples import gpt_example
     from tests.fixtures.models import FIXTURES
     from tests.hf.zoo import ZOO
