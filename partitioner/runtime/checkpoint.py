@@ -278,7 +278,7 @@ def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: di
         raise PipelineRuntimeError(
             f"rank {stage.global_rank}: {path} holds {saved_class} state; this optimizer is {want_class}"
             + (" (the ZeroRedundancyOptimizer's wrapped class)" if zero is not None else "")
-            + f": build a {saved_class}, or load without optimizer=... (weights only) and start its state afresh")
+            + f": build an optimizer of class {saved_class}, or load without optimizer=... (weights only) and start its state afresh")
     # ZeRO-1: this replica's shard (ZeroRedundancyOptimizer.load_state_dict drops the rest)
     owned = None if zero is None else {id(p) for p, r in zero._param_to_rank.items() if r == zero.rank}
     canon = _canonical_names(stage)

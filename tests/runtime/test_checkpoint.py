@@ -272,3 +272,202 @@ def test_a_sharded_hugging_face_checkpoint_loads_per_rank_opening_only_its_shard
                                rtol=0, atol=0)
     ids, y = _hf_data()
     assert results[1][2]["loss"] == pytest.approx(_hf_loss(model(input_ids=ids), y).item(), rel=1e-5)
+
+
+# --------------------------------------------------------------- ZeRO-1: pipeline x data parallel
+#
+# 4 gloo ranks as 2 replicas x 2 pipeline ranks, AdamW with weight decay: each replica keeps
+# half of the optimizer state (ZeroRedundancyOptimizer over stage.dp_group). The checkpoint
+# holds the whole state, keyed by FQN, as an unsharded run's does. Resuming in the same
+# layout replays the uninterrupted run bit for bit; against one process on the whole batch
+# (other summation order) parameters and moments agree to DP_RTOL/DP_ATOL, except the
+# attention's key bias: its gradient is zero in exact arithmetic (softmax ignores a shift
+# shared by all keys), so it is rounding noise, whose sign AdamW turns into a whole
+# lr-sized step (up to 4e-3 apart after 4 steps); it is compared bit for bit only.
+
+DP_BATCH, ADAMW = 8, dict(lr=0.01, weight_decay=0.1)
+DP_RTOL, DP_ATOL = 1e-5, 1e-6
+
+
+@functools.cache
+def dp_pipe(zero: int) -> Any:
+    x, _, _ = data("gpt", DP_BATCH)
+    return partition(real_gpt(), n_gpus=4, data_parallel=2, zero=zero, example_inputs=(x,), n_microbatches=2,
+                     pinned_cuts=["transformer.h.2"])
+
+
+def adamw_reference(steps: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """One process, the whole batch: parameters and AdamW state by FQN (tied names included)."""
+    model = real_gpt()
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)  # type: ignore[arg-type]
+    x, y, loss_fn = data("gpt", DP_BATCH)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return ({n: p.detach() for n, p in named.items()},
+            {n: {k: v for k, v in opt.state[p].items() if k != "step"} for n, p in named.items()})
+
+
+def _moments(stage: Any, params: list[torch.Tensor], state: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """exp_avg / exp_avg_sq / step by this rank's parameter names (each of a tied tensor's);
+    ``state`` keyed by index into ``params``, as in a state dict."""
+    names: dict[int, list[str]] = {}
+    for n, p in stage.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {n: {k: v.detach().clone() for k, v in state[i].items()}
+            for i, p in enumerate(params) if state.get(i) for n in names[id(p)]}
+
+
+def _dp_phase(rank: int, world: int, pipe: Any, load: str | None, save: str | None, steps: int) -> dict[str, Any]:
+    x, y, loss_fn = data("gpt", DP_BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.AdamW, **ADAMW)
+    if load:
+        stage.load_checkpoint(load, optimizer=opt)
+    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    for _ in range(steps):
+        stage.zero_grad()
+        runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        opt.step()
+    out: dict[str, Any] = {"dp": stage.dp_rank, "optimizer": type(opt).__name__,
+                           "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
+    if save:
+        stage.save_checkpoint(save, optimizer=opt)
+        if out["optimizer"] == "ZeroRedundancyOptimizer":
+            assert not opt._all_state_dicts  # the gathered copy was freed
+            opt.consolidate_state_dict(to=0)  # group rank 0: replica 0
+            if stage.dp_rank == 0:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                out["state"] = _moments(stage, params, opt.state_dict()["state"])
+    return out
+
+
+def _plain_resume(rank: int, world: int, path: str, steps: int) -> dict[str, Any]:
+    """The 2-rank pipeline (no data parallelism) with a plain AdamW."""
+    x, y, loss_fn = data("gpt", DP_BATCH)
+    stage = meta_pipe("gpt-2").build_stage(rank, "cpu")
+    opt = torch.optim.AdamW(stage.parameters(), **ADAMW)  # type: ignore[arg-type]
+    stage.load_checkpoint(path, optimizer=opt)
+    params = stage.parameters()
+    loaded = _moments(stage, params, {i: opt.state[p] for i, p in enumerate(params) if p in opt.state})
+    runner = stage.runner("1f1b", n_microbatches=2, loss_fn=loss_fn, batch_size=len(x))
+    for _ in range(steps):
+        stage.zero_grad()
+        runner.step(x if rank == 0 else None, target=y)
+        opt.step()
+    return {"loaded": loaded, "hypers": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
+
+
+@pytest.fixture(scope="module")
+def zero1_checkpoint(tmp_path_factory: Any) -> tuple[str, list[dict[str, Any]]]:
+    """A checkpoint written after 2 ZeRO-1 steps, and what each rank held then."""
+    path = str(tmp_path_factory.mktemp("zero1") / "step2")
+    saved = spawn(_dp_phase, 4, dp_pipe(1), None, path, 2, timeout_s=TIMEOUT_S)
+    assert {r["optimizer"] for r in saved} == {"ZeroRedundancyOptimizer"}
+    return path, saved
+
+
+def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float, atol: float) -> None:
+    assert got
+    for n, t in got.items():
+        torch.testing.assert_close(t, want[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def _like_one_process(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """DP_RTOL/DP_ATOL, the key third of each attention bias left out (see above)."""
+    def query_value(n: str, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:len(t) // 3], t[2 * len(t) // 3:]]) if n.endswith("attn.c_attn.bias") else t
+
+    _close({n: query_value(n, t) for n, t in got.items()}, {n: query_value(n, want[n]) for n in got},
+           DP_RTOL, DP_ATOL)
+
+
+def test_a_zero1_checkpoint_resumes_like_an_uninterrupted_run(zero1_checkpoint: Any) -> None:
+    from partitioner.runtime.checkpoint import _read_small
+
+    path, saved = zero1_checkpoint
+    assert _read_small(path, ["optim.class"]) == {"optim.class": "AdamW"}  # the wrapped class, not ZeRO's
+    uninterrupted = spawn(_dp_phase, 4, dp_pipe(1), None, None, 4, timeout_s=TIMEOUT_S)
+    resumed = spawn(_dp_phase, 4, dp_pipe(1), path, None, 2, timeout_s=TIMEOUT_S)
+    want, _ = adamw_reference(4)
+    for a, b in zip(resumed, uninterrupted):
+        _close(a["params"], b["params"], rtol=0, atol=0)  # same layout, same arithmetic: bit for bit
+        _like_one_process(a["params"], want)
+    # the consolidated state written is one process's AdamW state after 2 steps
+    _, moments = adamw_reference(2)
+    consolidated = {n: s for r in saved if "state" in r for n, s in r["state"].items()}
+    assert set(consolidated) == set(moments)  # every parameter, tied copies under both names
+    for n, s in consolidated.items():
+        assert float(s["step"]) == 2.0
+        _close({k: s[k] for k in ("exp_avg", "exp_avg_sq")}, moments[n], DP_RTOL, DP_ATOL)
+
+
+def test_a_zero1_checkpoint_loads_into_a_plain_optimizer_on_a_pipeline_without_replicas(
+        zero1_checkpoint: Any) -> None:
+    path, saved = zero1_checkpoint
+    consolidated = {n: s for r in saved if "state" in r for n, s in r["state"].items()}
+    meta_pipe("gpt-2")
+    want, _ = adamw_reference(4)
+    results = spawn(_plain_resume, 2, path, 2, timeout_s=TIMEOUT_S)
+    for r in results:
+        assert r["loaded"] and r["loaded"].keys() == r["params"].keys()
+        for n, s in r["loaded"].items():  # exactly the consolidated moments, step included
+            _close(s, consolidated[n], rtol=0, atol=0)
+        assert r["hypers"][0]["lr"] == ADAMW["lr"] and r["hypers"][0]["weight_decay"] == ADAMW["weight_decay"]
+        _like_one_process(r["params"], want)
+
+
+def test_zero1_and_zero0_load_each_others_checkpoints(zero1_checkpoint: Any, tmp_path: Any) -> None:
+    path, _ = zero1_checkpoint
+    want, _ = adamw_reference(4)
+    # zero=1 -> zero=0: every replica's AdamW reads the whole state
+    for r in spawn(_dp_phase, 4, dp_pipe(0), path, None, 2, timeout_s=TIMEOUT_S):
+        assert r["optimizer"] == "AdamW"
+        _like_one_process(r["params"], want)
+    # zero=0 -> zero=1: each replica keeps its shard of an unsharded run's state
+    plain = str(tmp_path / "zero0")
+    spawn(_dp_phase, 4, dp_pipe(0), None, plain, 2, timeout_s=TIMEOUT_S)
+    for r in spawn(_dp_phase, 4, dp_pipe(1), plain, None, 2, timeout_s=TIMEOUT_S):
+        assert r["optimizer"] == "ZeroRedundancyOptimizer"
+        _like_one_process(r["params"], want)
+
+
+def _zero_refusals(rank: int, world: int, path: str) -> list[str]:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    stage = dp_pipe(1).build_stage(rank, "cpu")
+    before = {n: t.clone() for n, t in stage.state_dict().items()}
+    messages = []
+    # sharded over all 4 ranks, not over this pipeline rank's 2 replicas
+    world_zero = ZeroRedundancyOptimizer(stage.parameters(), optimizer_class=torch.optim.AdamW, **ADAMW)
+    with pytest.raises(PipelineRuntimeError) as info:
+        stage.save_checkpoint(path + ".new", optimizer=world_zero)
+    messages.append(str(info.value))
+    with pytest.raises(PipelineRuntimeError) as info:
+        stage.load_checkpoint(path, optimizer=world_zero)
+    messages.append(str(info.value))
+    # the checkpoint holds AdamW state: a ZeRO-wrapped SGD, or a plain SGD, is refused
+    for opt in (stage.optimizer(torch.optim.SGD, lr=0.1, momentum=0.9), torch.optim.SGD(stage.parameters(), lr=0.1)):
+        with pytest.raises(PipelineRuntimeError) as info:
+            stage.load_checkpoint(path, optimizer=opt)
+        messages.append(str(info.value))
+    # refused before anything was read: the weights are the fresh ones
+    assert all(torch.equal(t, before[n]) for n, t in stage.state_dict().items())
+    return messages
+
+
+def test_a_zero_optimizer_over_another_group_or_of_another_class_is_refused(zero1_checkpoint: Any) -> None:
+    path, _ = zero1_checkpoint
+    results = spawn(_zero_refusals, 4, path, timeout_s=TIMEOUT_S)
+    assert not os.path.exists(path + ".new") and not os.path.exists(path + ".new.partial")
+    for rank, (save, load, zero_sgd, sgd_) in enumerate(results):
+        replicas = [rank % 2, rank % 2 + 2]
+        for m in (save, load):
+            assert f"rank {rank}: cannot" in m and "shards over ranks [0, 1, 2, 3]" in m, m
+            assert f"replicas (stage.dp_group) are ranks {replicas}" in m, m
+        assert "save its state" in save and "load its state" in load
+        assert "holds AdamW state; this optimizer is SGD (the ZeroRedundancyOptimizer's wrapped class)" in zero_sgd
+        assert "holds AdamW state; this optimizer is SGD: build an optimizer of class AdamW" in sgd_
