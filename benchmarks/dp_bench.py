@@ -25,7 +25,8 @@ Per (model, N GPUs):
   the first D whose even split fits is taken. Placement is Megatron's rank order (pp outermost,
   the replicas of a stage on consecutive ranks: mesh ``("pp", "dp")``). Its step under that
   placement is re-priced here from the plan's own stage times with the library's functions
-  (``simulator.simulate``, ``data_parallel.price_replicas``); the same re-pricing of the
+  (``simulator.simulate``, ``data_parallel.reduction_windows`` / ``price_replicas``: each rank's
+  bucketed all-reduce overlapped with its stages' final backwards); the same re-pricing of the
   planner's chosen placement is checked against ``plan.prediction.step_time_s``.
   Micro-batches: the library's default for both (the largest divisor of the replica's batch
   up to 2 P), so the comparison is about D, the split and recompute only.
@@ -65,12 +66,13 @@ def build(name: str):
         return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def reprice(plan, dims: tuple[str, ...]) -> dict:
-    """The plan's step under mesh ``dims``, from its own stage times (as api._replicated prices it)."""
+def reprice(plan, dims: tuple[str, ...], sizes: dict[str, tuple[int, int]]) -> dict:
+    """The plan's step under mesh ``dims``, from its own stage times (as api._replicated prices
+    it): ``sizes`` maps each trainable parameter name to (tensor id, gradient bytes)."""
     from dataclasses import replace
 
     from cost_models.devices import LinkSpec
-    from partitioner.data_parallel import price_replicas
+    from partitioner.data_parallel import price_replicas, reduction_windows
     from partitioner.schedule import build_schedule
     from partitioner.simulator import predict_plan
 
@@ -82,13 +84,13 @@ def reprice(plan, dims: tuple[str, ...]) -> dict:
     link = LinkSpec.from_dict(plan.link)
     inter = LinkSpec.from_dict(m.inter_link) if m.inter_link else link
     ranks = [sched.rank_of(s) for s in range(plan.n_stages)]
-    grads = [0] * m.pp  # untied Llama: each parameter on one rank; bf16 gradients = parameter bytes
-    for s in plan.stages:
-        grads[ranks[s.index]] += s.cost.param_bytes
-    end = [0.0] * m.pp
-    for e in sim.events:
-        end[e.rank] = max(end[e.rank], e.end)
-    times, step = price_replicas(m, m.zero, link, inter, grads, grads, end, sim.step_time)
+    # per stage, its trainable tensors once, in registration order (bf16 gradients = parameter bytes)
+    params = [list(dict.fromkeys(sizes[n] for n in s.parameters if n in sizes)) for s in plan.stages]
+    weights = [0] * m.pp
+    for r in range(m.pp):
+        weights[r] = sum(b for _, b in {k: b for s in plan.stages if ranks[s.index] == r for k, b in params[s.index]}.items())
+    windows = reduction_windows(sim.events, ranks, params, m.pp)  # each stage's buckets over its final backward
+    times, step = price_replicas(m, m.zero, link, inter, windows, weights, sim.step_time)
     return {"step": step, "exposed": step - sim.step_time, "bubble": sim.bubble_fraction, "allreduce": times}
 
 
@@ -98,12 +100,12 @@ def describe(plan, dims: tuple[str, ...]) -> str:
     return replace(plan.mesh, dims=dims).describe()
 
 
-def summary(plan, took: float) -> dict:
+def summary(plan, took: float, sizes: dict[str, tuple[int, int]]) -> dict:
     from partitioner.schedule import build_schedule
     from partitioner.simulator import predict_plan
 
     p, m = plan.prediction, plan.mesh
-    own = reprice(plan, tuple(m.dims))
+    own = reprice(plan, tuple(m.dims), sizes)
     timeline = predict_plan(plan, build_schedule(p.schedule, m.pp, p.n_microbatches, plan.n_stages)).step_time
     return {"dp": m.dp, "pp": m.pp, "m": p.n_microbatches, "micro": p.microbatch_size, "dims": list(m.dims),
             "placement": describe(plan, tuple(m.dims)), "step": p.step_time_s, "exposed": m.exposed_s,
@@ -155,6 +157,8 @@ def run(model_name: str, gpus: int, zero: int, out: Path) -> None:
     from partitioner import PartitionError
 
     model = build(model_name)
+    sizes = {n: (id(t), t.numel() * t.element_size()) for n, t in model.named_parameters(remove_duplicate=False)
+             if t.requires_grad}
     layers = SHAPES[model_name]["num_hidden_layers"]
     ids = {"input_ids": torch.zeros(BATCH, SEQ, dtype=torch.long)}
 
@@ -172,7 +176,7 @@ def run(model_name: str, gpus: int, zero: int, out: Path) -> None:
         emit({"kind": "planner", "error": " ".join(str(e).split()), "took": time.perf_counter() - t0})
         feasible = []
     else:
-        rec = summary(pipe.plan, time.perf_counter() - t0)
+        rec = summary(pipe.plan, time.perf_counter() - t0, sizes)
         rec["kind"] = "planner"
         emit(rec)
         feasible = sorted({r["dp"] for r in candidates(rec["notes"])[0]}, reverse=True)
@@ -192,8 +196,8 @@ def run(model_name: str, gpus: int, zero: int, out: Path) -> None:
             except PartitionError as e:
                 tried.append(f"D={d} P={pp} recompute={rc}: {' '.join(str(e).split())[:200]}")
                 continue
-            rec = summary(pipe.plan, time.perf_counter() - t0)
-            meg = reprice(pipe.plan, ("pp", "dp"))
+            rec = summary(pipe.plan, time.perf_counter() - t0, sizes)
+            meg = reprice(pipe.plan, ("pp", "dp"), sizes)
             rec.update(kind="megatron", recompute_mode=rc, refused=tried, even=layers % pp == 0,
                        megatron={**meg, "placement": describe(pipe.plan, ("pp", "dp"))})
             emit(rec)

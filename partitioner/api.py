@@ -24,10 +24,10 @@ from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
 from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, check_counts
 from partitioner.schedule import default_microbatches, split_problem
 from partitioner.data_parallel import ZeroShard, boundary_links, divisors, placements
-from partitioner.data_parallel import price_replicas
+from partitioner.data_parallel import price_replicas, reduction_windows
 from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
-from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, step_of, step_search
+from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, resolve_objective, step_of, step_search
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
 from passes.annotate import AnnotateCosts
 from passes.recompute import with_recompute
@@ -63,7 +63,7 @@ class Options:
     zero: int = 0  # 1: optimizer state sharded over the replicas (ZeRO stage 1)
     gpus_per_node: int | None = None  # None: every rank on one node
     inter_link: LinkSpec | None = None  # between nodes (the plan records it in mesh.inter_link)
-    objective: str = "bottleneck"  # "step": cuts minimise the schedule's simulated step (partitioner.objective)
+    objective: str = "auto"  # "step": cuts minimise the schedule's simulated step; "auto": step where it differs
 
     @property
     def pp(self) -> int:
@@ -203,7 +203,7 @@ def partition(
     concrete_args: dict[str, Any] | None = None,
     seq_dims: Mapping[str, int] | None = None,
     keep_snapshots: bool = False,
-    objective: str = "bottleneck",
+    objective: str = "auto",
     data_parallel: int | str = 1,
     zero: int = 0,
     gpus_per_node: int | None = None,
@@ -228,9 +228,12 @@ def partition(
     compute dtype. ``recompute`` ("auto", "none", "full", "selective") lets the solver
     checkpoint stages: "auto" recomputes only the stages that would not fit otherwise.
 
-    ``objective`` ("bottleneck", "step"): the cuts minimise the slowest stage (then the bytes
-    cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
-    slower than the bottleneck split, which is one of its candidates).
+    ``objective`` ("auto", "bottleneck", "step"): the cuts minimise the slowest stage (then the
+    bytes cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
+    slower than the bottleneck split, which is one of its candidates). "auto" (the default) uses
+    the step where the slowest stage is a poor proxy for it (several stages per rank, or split
+    backward: interleaved-1f1b, zb-h1, zbv) and the bottleneck for gpipe and 1f1b
+    (``objective.resolve_objective``; the plan notes which).
 
     Data parallelism (``partitioner.data_parallel``): ``n_gpus = data_parallel x`` pipeline
     ranks; ``example_inputs`` is the global batch, each replica runs ``1/data_parallel`` of
@@ -490,8 +493,9 @@ def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     sin = replace(prob.sin, pinned=prob.pins, avoid=_non_tensor_cuts(prob),  # type: ignore[attr-defined]
                   has_compute=_computing(prob))
     sol, exact = _search_cuts(prob, sin)
-    if prob.opts.objective == "step":
-        sol, exact = _step_objective(prob, sin, sol, exact)
+    used, budget, why = resolve_objective(prob.opts.objective, prob.sched)
+    if used == "step":
+        sol, exact = _step_objective(prob, sin, sol, exact, budget, why)
     _note_fewer_stages(prob, sin, sol)
     return sol, exact
 
@@ -543,11 +547,13 @@ def _step_model(prob: _Problem, sched: Any = None) -> StepModel:
     return StepModel(to_units(prob.priced.fwd_s), send, bsend, sched or prob.sched)
 
 
-def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]]
-                    ) -> tuple[Solution, list[tuple[str, int, int, int]]]:
+def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]],
+                    budget: int, why: str) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     """``objective="step"``: the candidate with the fastest simulated step that fits exactly."""
     model = _step_model(prob)
-    cands, rep = step_search(sin, prob.opts.n_stages, model, sol)
+    cands, rep = step_search(sin, prob.opts.n_stages, model, sol, max_evals=budget)
+    if why:
+        prob.notes.append(why)
     for cand in cands:
         ex = exact if cand.cuts == sol.cuts else prob.exact(cand.cuts)
         if all(prob.need(i, x) <= prob.capacity for i, x in enumerate(ex)):
@@ -800,14 +806,14 @@ def _auto(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts: O
 
 def _predicted_step(prob: _Problem, sol: Solution) -> float:
     """The step time the plan will record: the pipeline's simulated step (plan_builder's
-    stage times, the same simulation), with the replicas' gradient all-reduce after it."""
+    stage times, the same simulation), with what the replicas' gradient all-reduce adds to it."""
     return _replicated(prob, sol)[0]
 
 
 def _replicated(prob: _Problem, sol: Solution, layout: Mesh | None = None) -> tuple[float, Mesh, Any]:
     """(step, the plan's ``mesh`` with its prices, the pipeline's SimResult) under ``layout``
     (default: the problem's): each cut priced on the link it crosses, each pipeline rank's
-    all-reduce starting when its action list ends (``partitioner.data_parallel``)."""
+    bucketed all-reduce overlapped with its stages' final backwards (``partitioner.data_parallel``)."""
     layout = layout or prob.layout
     bounds = [0, *sol.cuts, len(prob.priced.order)]
     fwd, bwd = [], []
@@ -825,15 +831,14 @@ def _replicated(prob: _Problem, sol: Solution, layout: Mesh | None = None) -> tu
     if layout.dp == 1:
         return sim.step_time, replace(layout, zero=prob.opts.zero, inter_link=inter_dict), sim
     held: list[set[int]] = [set() for _ in range(layout.pp)]  # each tensor once per rank
+    params: list[list[tuple[int, int]]] = []  # per stage: trainable tensors in first-use order, gradient bytes
     for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        for p in range(a, b):
-            held[stage_rank[s]].update(prob.shard.uses[p])
-    grads = [sum(prob.shard.numel.get(i, 0) for i in ids) * prob.shard.grad_width for ids in held]
-    weights = grads  # ZeRO-1 gathers the updated weights back: as many bytes as the gradients
-    end = [0.0] * layout.pp
-    for e in sim.events:
-        end[e.rank] = max(end[e.rank], e.end)
-    times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, grads, weights, end, sim.step_time)
+        ids = list(dict.fromkeys(i for p in range(a, b) for i in prob.shard.uses[p] if i in prob.shard.numel))
+        params.append([(i, prob.shard.numel[i] * prob.shard.grad_width) for i in ids])
+        held[stage_rank[s]].update(ids)
+    weights = [sum(prob.shard.numel[i] for i in ids) * prob.shard.grad_width for ids in held]  # ZeRO-1's gather
+    windows = reduction_windows(sim.events, stage_rank, params, layout.pp)  # overlapped with each final backward
+    times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, windows, weights, sim.step_time)
     return step, replace(layout, zero=prob.opts.zero, inter_link=inter_dict, allreduce_s=tuple(times),
                          exposed_s=step - sim.step_time), sim
 

@@ -2,32 +2,64 @@
 ranks sit on nodes (docs/ARCHITECTURE.md, "Data parallelism").
 
 ``n_gpus = dp x pp``: ``dp`` replicas of one ``pp``-rank pipeline, each on ``1/dp`` of the
-global batch. Replicas of a pipeline rank average their gradients once per step (the
-runtime wraps the stage modules in PyTorch's ``DistributedDataParallel``); the plan prices
-that as a ring all-reduce, 2(dp-1) messages of ``grad_bytes / dp`` each over the link the
-replicas share, starting when the rank has run its last action of the step. A rank whose
-list ends early (the last stages under 1F1B) hides its all-reduce in the others' cool-down;
-the first rank's is exposed. ZeRO-1 (``zero=1``, PyTorch's ``ZeroRedundancyOptimizer``)
-keeps 1/dp of the optimizer state (fp32 master weights and moments) per rank and, after the
-update, gathers the parameters back: (dp-1) messages of ``weight_bytes / dp``.
+global batch. Replicas of a pipeline rank average their gradients once per step, overlapped
+with each stage's last backward (``partitioner.runtime.grad_sync``, Megatron-LM's
+``--overlap-grad-reduce``): the gradients go in buckets (``pack``: reverse registration
+order, ``BUCKET_BYTES`` each), and a bucket's all-reduce is launched as soon as the final
+backward of its stage on the rank (the last ``B``/``I``/``W`` of that stage in the schedule)
+has made its gradients final; the step waits for all of them after the rank's last action.
+
+The plan prices that (``price_replicas``): each bucket is a ring all-reduce, 2(dp-1)
+messages of ``bucket_bytes / dp`` over the link the replicas share (``ring_allreduce_s``);
+a stage's buckets become ready evenly, by bytes, over its final backward (simulated start
+S, end E: the bucket ending at byte c of the stage's G is ready at S + (E - S) c / G), and
+one rank's buckets go over the link one at a time in launch order. So the rank's reduction
+ends at max over its buckets k of (ready_k + the time of k and every bucket after it);
+for one stage that is at least E + the last bucket's time, and at most
+max(S + the whole reduction, E + the last bucket's time) when every bucket is ready by the
+time the ones before it are done. The step ends when the pipeline and every rank's
+reduction (+ ZeRO-1's all-gather) have. ZeRO-1 (``zero=1``, PyTorch's
+``ZeroRedundancyOptimizer``) keeps 1/dp of the optimizer state (fp32 master weights and
+moments) per rank and, after the update (so after the reduction), gathers the parameters
+back: (dp-1) messages of ``weight_bytes / dp``.
 
 Ranks map to the mesh as ``partitioner.plan.Mesh`` says (``dims`` ``("dp", "pp")``: rank =
 d * pp + p), and to nodes in blocks of ``gpus_per_node`` (torchrun's order); the planner
 prices candidate ``Mesh``es and records the one it keeps. A message between ranks on one
 node uses ``link``, between nodes ``inter_link``. Pure Python (no torch).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 
 from partitioner.plan import Mesh
 
 if TYPE_CHECKING:  # cost_models.devices imports torch; this module needs only the objects' methods
     from cost_models.devices import LinkSpec
 
-__all__ = ["ring_allreduce_s", "allgather_s", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links"]
+__all__ = ["ring_allreduce_s", "allgather_s", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
+           "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
+
+#: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
+BUCKET_BYTES = 25 * 2**20
+
+
+def pack(sizes: Sequence[int], cap: int = BUCKET_BYTES) -> list[list[int]]:
+    """Buckets over items of ``sizes`` (bytes, in launch order): consecutive runs, each
+    closed once it holds ``cap`` bytes or more; an item is never split."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        cur.append(i)
+        total += n
+        if total >= cap:
+            out.append(cur)
+            cur, total = [], 0
+    if cur:
+        out.append(cur)
+    return out
 
 
 def divisors(n: int) -> list[int]:
@@ -88,21 +120,72 @@ class ZeroShard:
         return opt - -(-opt // dp) if dp > 1 else 0
 
 
+@dataclass(frozen=True)
+class Window:
+    """One stage's final backward on its rank (simulated ``start``/``end``) and the bytes of
+    the gradient buckets it makes final, in launch order."""
+
+    start: float
+    end: float
+    buckets: tuple[int, ...]
+
+
+def reduction_windows(events: Iterable[Any], stage_rank: Sequence[int],
+                      stage_params: Sequence[Sequence[tuple[Hashable, int]]], n_ranks: int,
+                      cap: int = BUCKET_BYTES) -> list[list[Window]]:
+    """Per pipeline rank, its stages' ``Window``s in the order they end. ``events`` are the
+    simulator's (``rank``, ``action``, ``start``, ``end``); ``stage_params[s]`` lists stage
+    s's trainable tensors as (key, gradient bytes) in registration order. A tensor several
+    stages of one rank use (one tensor there) is reduced with the stage whose final backward
+    ends last; one used on several ranks is reduced on each (tied copies)."""
+    final: dict[int, tuple[float, float]] = {}
+    for e in events:
+        st, kind = e.action.stage, e.action.kind
+        if kind in ("B", "I", "W") and (st not in final or e.end > final[st][1]):
+            final[st] = (e.start, e.end)
+    out: list[list[Window]] = [[] for _ in range(n_ranks)]
+    for r in range(n_ranks):
+        mine = sorted((s for s in range(len(stage_rank)) if stage_rank[s] == r and s in final),
+                      key=lambda s: final[s][1])
+        owner = {k: s for s in mine for k, _ in stage_params[s]}  # the later stage wins
+        for s in mine:
+            sizes = [b for k, b in reversed(stage_params[s]) if owner[k] == s and b > 0]
+            if sizes:
+                start, end = final[s]
+                out[r].append(Window(start, end, tuple(sum(sizes[i] for i in g) for g in pack(sizes, cap))))
+    return out
+
+
+def reduction_end(windows: Sequence[Window], dp: int, link: LinkSpec) -> float:
+    """When one rank's bucketed reduction ends (the model in the module docstring): each
+    bucket is ready when its stage's final backward has made its last byte, and starts when
+    it is ready and the bucket before it is done. 0.0 without buckets."""
+    free = 0.0
+    for w in windows:
+        total, done = sum(w.buckets), 0
+        for b in w.buckets:
+            done += b
+            ready = w.start + (w.end - w.start) * done / total
+            free = max(free, ready) + ring_allreduce_s(b, dp, link)
+    return free
+
+
 def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec,
-                   grad_bytes: Sequence[int], weight_bytes: Sequence[int],
-                   rank_end: Sequence[float], pipeline_step: float) -> tuple[list[float], float]:
-    """Per pipeline rank: its replicas' all-reduce (+ ZeRO's all-gather) seconds, and the
-    step with them: each starts when its rank's action list ends (``rank_end``), the step
-    ends when the last finishes. Returns (seconds per rank, step)."""
-    times = []
+                   windows: Sequence[Sequence[Window]], weight_bytes: Sequence[int],
+                   pipeline_step: float) -> tuple[list[float], float]:
+    """Per pipeline rank: its replicas' all-reduce (+ ZeRO's all-gather) seconds, as one ring
+    all-reduce of all its gradient bytes (``plan.mesh.allreduce_s``), and the step: the
+    pipeline's, or later where a rank's reduction (``reduction_end`` over its ``windows``,
+    each bucket priced as its own ring all-reduce) plus ZeRO-1's all-gather ends after it.
+    Returns (seconds per rank, step)."""
+    times, ends = [], []
     for p in range(layout.pp):
         lk = inter_link if layout.replicas_cross_nodes(p) else link
-        t = ring_allreduce_s(grad_bytes[p], layout.dp, lk)
-        if zero:
-            t += allgather_s(weight_bytes[p], layout.dp, lk)
-        times.append(t)
-    step = max([pipeline_step, *(e + t for e, t in zip(rank_end, times))])
-    return times, step
+        grads = sum(b for w in windows[p] for b in w.buckets)
+        gather = allgather_s(weight_bytes[p], layout.dp, lk) if zero else 0.0
+        times.append(ring_allreduce_s(grads, layout.dp, lk) + gather)
+        ends.append(reduction_end(windows[p], layout.dp, lk) + gather)
+    return times, max([pipeline_step, *ends])
 
 
 def boundary_links(layout: Mesh, stage_rank: Sequence[int], link: LinkSpec, inter_link: LinkSpec) -> list[LinkSpec]:

@@ -27,6 +27,12 @@ gone. That delays nothing the peer could use earlier, as in-order matching would
 it up behind those predecessors anyway. Messages between stages of the same rank never
 touch the transport. The in-process transport (``prepost`` False) runs the same code.
 
+Data parallelism: with ``grad_sync`` (``runtime.grad_sync.GradSync``), the interpreter
+tells it, from the schedule, which action is each stage's final backward on this rank (its
+last ``B``, ``I`` or ``W``): ``arm(stage)`` just before it and ``ready(stage)`` just after,
+so the replicas' all-reduce of that stage's gradients starts during it; the actions never
+wait for it (``Runner.step`` does, after the last action).
+
 Loss scaling: the last stage computes ``loss_fn(output_mb, target_mb) / m`` for each of
 the ``m`` micro-batches, so for a mean-reduced loss the sum over micro-batches (what
 ``finish`` returns, and what the gradients are of) equals the full-batch loss.
@@ -36,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +68,14 @@ class TraceEvent(NamedTuple):
 
 
 Link = tuple[int, tuple[Wire, ...]]  # (the stage at the other end, the values)
+
+
+class GradReady(Protocol):
+    """Told when each stage's gradients become final in a step (``runtime.grad_sync.GradSync``)."""
+
+    def begin(self, order: Sequence[int]) -> None: ...  # the stages, as their final backwards come
+    def arm(self, stage: int) -> None: ...  # the stage's final backward is next
+    def ready(self, stage: int) -> None: ...  # it has run: the stage's gradients are final
 
 
 def _with_route_comms(schedule: Schedule, links: Links) -> Schedule:
@@ -98,7 +112,8 @@ class Interpreter:
 
     def __init__(self, rank: int, modules: Mapping[int, nn.Module], plan: Plan, schedule: Schedule,
                  transport: Transport, loss_fn: LossFn, unflatten: Callable[[Sequence[Any]], Any],
-                 device: torch.device | str | None = None, *, routes: Mapping[str, Route]) -> None:
+                 device: torch.device | str | None = None, *, routes: Mapping[str, Route],
+                 grad_sync: GradReady | None = None) -> None:
         mine = [s for s in range(schedule.n_stages) if schedule.rank_of(s) == rank]
         if schedule.n_stages != plan.n_stages or sorted(modules) != mine:
             raise PipelineRuntimeError(
@@ -117,6 +132,11 @@ class Interpreter:
         self.schedule = schedule = _with_route_comms(schedule, self.links)
         self.actions = schedule.actions[rank]
         self.last = plan.n_stages - 1
+        self.grad_sync = grad_sync
+        #: each stage's final backward action on this rank -> the stage, and the stages in that order
+        last: dict[int, int] = {a.stage: i for i, a in enumerate(self.actions) if a.kind in ("B", "I", "W")}
+        self.final_backward: dict[Action, int] = {self.actions[i]: s for s, i in last.items()}
+        self.final_order: list[int] = sorted(last, key=last.__getitem__)
         self.events: list[TraceEvent] = []
         #: (key, value names, payload bytes) of every message this rank sent in the last step
         self.sent: list[tuple[Key, tuple[str, ...], int]] = []
@@ -185,6 +205,8 @@ class Interpreter:
             self._inputs_wires = input_wires(self.plan, microbatch_size, seq)
             self._layout = (microbatch_size, seq)
         self.inputs, self.targets, self.m = inputs, targets, m
+        if self.grad_sync is not None:
+            self.grad_sync.begin(self.final_order)
         if self.transport.prepost:
             for a in self.actions:
                 if a.kind.startswith("RECV"):
@@ -200,8 +222,13 @@ class Interpreter:
     def run(self, a: Action) -> None:
         t0 = time.perf_counter_ns()
         self._waited_until = 0
+        final = self.final_backward.get(a) if self.grad_sync is not None else None
         try:
+            if final is not None:
+                self.grad_sync.arm(final)  # type: ignore[union-attr]
             getattr(self, "_" + a.kind)(a.stage, a.microbatch, a)
+            if final is not None:
+                self.grad_sync.ready(final)  # type: ignore[union-attr]  # launches, never waits
         except PipelineRuntimeError as e:
             if e.rank is not None:
                 raise

@@ -12,10 +12,14 @@ optimizer that is a function of the gradient.
 
 With data parallelism (``plan.mesh.dp`` > 1) the ranks form a ``("dp", "pp")`` device mesh
 (``torch.distributed.device_mesh.init_device_mesh``; ``plan.mesh.dims`` gives the order):
-each replica runs the pipeline on its share of the batch, and the stage modules are wrapped
-in ``DistributedDataParallel`` over the replicas of their pipeline rank. Gradients
-accumulate locally over the step's micro-batches and DDP all-reduces them once, when the
-rank has run its last action (``RankStage.sync_replicas``); ``plan.mesh.zero`` = 1 makes
+each replica runs the pipeline on its share of the batch, and the replicas of a pipeline
+rank average their gradients with ``runtime.grad_sync.GradSync`` (no DDP: its reducer would
+wait for the reduction at the end of the backward that launched it, delaying the input
+gradient the upstream rank waits for). Gradients accumulate locally over the step's
+micro-batches; each bucket's all-reduce is launched, asynchronously, during or right after
+its stage's final backward on the rank, and the step waits for them all once the rank has
+run its last action (``RankStage.sync_replicas``). At build, replica 0's parameters and
+buffers are broadcast so the replicas start equal. ``plan.mesh.zero`` = 1 makes
 ``stage.optimizer(...)`` a ``ZeroRedundancyOptimizer`` over the replicas.
 """
 
@@ -33,6 +37,7 @@ from torch.utils import _pytree as pytree
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.grad_sync import GradSync, broadcast_from_first
 from partitioner.runtime.interpreter import Interpreter, TraceEvent
 from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.materialize import materialize, non_persistent_buffers
@@ -81,7 +86,8 @@ class RankStage:
         #: initialiser): the runner refuses to run until a checkpoint or state dict fills them
         self.uninitialized: set[str] = made.uninitialized
         self._tied = self._tie_groups()
-        self.ddp = self._replicate()
+        #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
+        self.grad_sync = self._replicate()
 
     @property
     def is_first(self) -> bool:
@@ -98,46 +104,29 @@ class RankStage:
         return self.plan.mesh.rank(self.dp_rank, self.pp_rank) if self.dp_group is not None else (
             self.rank if self.group is None else dist.get_global_rank(self.group, self.rank))
 
-    def _replicate(self) -> Any:
-        """``DistributedDataParallel`` over this pipeline rank's replicas (None without data
-        parallelism, or when this rank has nothing to train). Its forward is never called:
-        the interpreter runs the stage modules, gradients accumulate locally, and
-        ``sync_replicas`` has DDP reduce them once per step. Construction broadcasts replica
-        0's parameters and buffers, so the replicas start equal."""
+    def _replicate(self) -> GradSync | None:
+        """The replicas start equal: replica 0's parameters and buffers are broadcast over
+        the replicas of this pipeline rank. Returns the ``GradSync`` that averages the
+        gradients over them each step (None without data parallelism, or when this rank
+        has nothing to train); the ``Runner`` tells it when each stage's final backward
+        runs, so it reduces during it."""
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return None
+        broadcast_from_first([*self.parameters(), *self.buffers()], self.dp_group)
         if not any(p.requires_grad for p in self.parameters()):
             return None
-        from torch.nn.parallel import DistributedDataParallel
-
-        container = nn.ModuleDict({str(s): m for s, m in self.modules.items()})
-        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-            if self.device.type == "cuda" else None
-        # Buffers: synced from replica 0 at construction; forward syncs never happen (no DDP forward).
-        return DistributedDataParallel(container, device_ids=ids, process_group=self.dp_group,
-                                       gradient_as_bucket_view=True)
+        return GradSync(self.modules, self.dp_group)
 
     def sync_replicas(self) -> None:
-        """Average the step's accumulated gradients over the replicas, once, with DDP's
-        bucketed all-reduce. DDP reduces during a backward it prepared for; this runs a
-        backward that adds zero to every gradient this rank computed (``p.sum() * 0``: its
-        gradient is an expanded zero, no allocation), which fires DDP's hooks on the
-        accumulated gradients, as the last micro-batch's backward does under ``no_sync``
-        gradient accumulation (PyTorch pipelining prepares DDP the same way before a stage's
-        last backward). A parameter no replica gave a gradient this step (its average is
-        all zeros) gets none, as in one process; one that only some replicas used gets the
-        average, counting the others' as zero."""
-        if self.ddp is None:
-            return
-        params = [p for p in self.ddp.module.parameters() if p.requires_grad]
-        had_none = [p for p in params if p.grad is None]
-        with torch.enable_grad():
-            zero = torch.stack([p.sum().float() for p in params]).sum() * 0
-            self.ddp.reducer.prepare_for_backward([])
-            zero.backward()
-        for p in had_none:
-            if p.grad is not None and not torch.count_nonzero(p.grad):
-                p.grad = None
+        """Finish averaging the step's gradients over the replicas: launch the buckets not
+        launched yet (those of stages with no final backward this step), wait for every
+        all-reduce, and set each ``.grad`` to its average (``GradSync.finish``). A parameter
+        no replica gave a gradient this step (its average is all zeros) gets none, as in one
+        process; one that only some replicas used gets the average, counting the others'
+        as zero. Called by ``Runner.step`` after the rank's last action; outside a step it
+        reduces whatever has accumulated."""
+        if self.grad_sync is not None:
+            self.grad_sync.finish()
 
     def optimizer(self, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
                   **kwargs: Any) -> torch.optim.Optimizer:
@@ -145,7 +134,7 @@ class RankStage:
         or, with ``plan.mesh.zero`` = 1 and replicas, PyTorch's ``ZeroRedundancyOptimizer``
         wrapping it over the replicas (each keeps 1/dp of the optimizer state)."""
         params = self.parameters()
-        if self.plan.mesh.zero and self.ddp is not None:
+        if self.plan.mesh.zero and self.grad_sync is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=self.dp_group,
@@ -393,7 +382,8 @@ class Runner:
         self.transport = DistTransport(plan.n_stages, m, width, stage.group)
         self.interpreter = Interpreter(stage.rank, stage.modules, plan, schedule, self.transport, loss_fn,
                                        stage.pipe.unflatten_outputs, stage.device,
-                                       routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))))
+                                       routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))),
+                                       grad_sync=stage.grad_sync)
         self.events: list[TraceEvent] = []
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -433,14 +423,17 @@ class Runner:
                                            f"{self.stage.global_rank}): {e}", e.rank, e.action, e.secondary) from e
             raise
         loss = it.finish()
-        self.stage.reduce_tied_grads(saved)
-        try:
+        try:  # the buckets' all-reduces were launched during the final backwards: wait, average
             self.stage.sync_replicas()
         except Exception as e:  # a replica died or hung: the all-reduce breaks or times out
             raise PipelineRuntimeError(
                 f"replica {self.stage.dp_rank} of {self.replicas} (global rank {self.stage.global_rank}, pipeline rank "
                 f"{self.stage.rank}): averaging gradients over the replicas failed (a replica failed or timed out): {e}",
                 self.stage.rank, "gradient all-reduce over replicas", secondary=True) from e
+        # Then tied copies sum over this replica's pipeline ranks: a sum of replica averages
+        # is the average of the replicas' sums, and the reduced .grad must not change under
+        # an all-reduce still in flight, so this comes after.
+        self.stage.reduce_tied_grads(saved)
         self.events = list(it.events)
         if trace is not None:
             self.write_trace(trace)

@@ -1,6 +1,6 @@
 """Pipeline x data parallelism in the planner: the mesh in the plan, the replicas' all-reduce
-priced by the ring formula from each stage's own parameters, ZeRO-1's memory, the automatic
-degree and placement, and the refusals."""
+priced by the ring formula from each stage's own parameters and overlapped with each stage's
+final backward, ZeRO-1's memory, the automatic degree and placement, and the refusals."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from cost_models.devices import LINKS
 from partitioner import PartitionError, load_plan, partition
-from partitioner.data_parallel import allgather_s, ring_allreduce_s
+from partitioner.data_parallel import (BUCKET_BYTES, Window, allgather_s, pack, price_replicas, reduction_end,
+                                       reduction_windows, ring_allreduce_s)
 from partitioner.examples import gpt_example
 from partitioner.plan import PlanError
 from partitioner.schedule import build_schedule
@@ -55,7 +56,7 @@ def test_the_all_reduce_is_the_ring_formula_over_each_stages_parameters(gpt) -> 
             want = ring_allreduce_s(grad, 4, link) + (allgather_s(grad, 4, link) if zero else 0.0)
             assert want > 0 and plan.mesh.allreduce_s[st.rank] == pytest.approx(want, rel=1e-12)
         assert ring_allreduce_s(4e9, 4, link) == pytest.approx(2 * 3 * (link.latency + 1e9 / link.bandwidth))
-        # rank r's all-reduce starts when its list ends: the step waits only for what sticks out
+        # rank r's all-reduce overlaps its final backward: the step waits only for what sticks out
         assert 0 <= plan.mesh.exposed_s <= max(plan.mesh.allreduce_s) + 1e-15
 
 
@@ -156,3 +157,89 @@ def test_the_plan_re_simulates_to_its_own_step_across_nodes(gpt) -> None:  # typ
         sim = predict_plan(plan, sched)  # what `partitioner show --timeline` draws: the pipeline alone
         assert plan.prediction.step_time_s - plan.mesh.exposed_s == pytest.approx(sim.step_time, rel=1e-9)
         assert plan.prediction.bubble_fraction == pytest.approx(sim.bubble_fraction, rel=1e-9)
+
+
+def test_buckets_close_at_the_cap_and_never_split_a_tensor() -> None:
+    assert pack([10, 10, 10, 30, 5], 20) == [[0, 1], [2, 3], [4]]
+    assert pack([50], 20) == [[0]] and pack([], 20) == []
+    assert BUCKET_BYTES == 25 * 2**20
+
+
+def _old_step(windows: list[list[Window]], rank_end: list[float], pipeline_step: float, dp: int) -> float:
+    """The model before overlap: each rank's whole all-reduce after its last action."""
+    link = LINKS["nvlink4"]
+    return max([pipeline_step, *(e + ring_allreduce_s(sum(b for w in ws for b in w.buckets), dp, link)
+                                 for e, ws in zip(rank_end, windows))])
+
+
+def test_the_reduction_overlaps_the_final_backward() -> None:
+    from partitioner.plan import Mesh
+
+    link, dp = LINKS["nvlink4"], 8
+    mesh = Mesh(dp, 1, ("dp", "pp"), 0)
+    grads = 40 * BUCKET_BYTES
+    buckets = tuple(b for b in [BUCKET_BYTES] * 40)
+    whole = ring_allreduce_s(grads, dp, link)
+    last = ring_allreduce_s(BUCKET_BYTES, dp, link)
+    # The final backward (start 1.0) is longer than the whole reduction: only the last bucket sticks out.
+    for length in (2 * whole, 10 * whole):
+        win = [[Window(1.0, 1.0 + length, buckets)]]
+        times, step = price_replicas(mesh, 0, link, link, win, [grads], 1.0 + length)
+        assert times == [pytest.approx(whole)]
+        assert step - (1.0 + length) == pytest.approx(last, rel=1e-9)
+        assert step < _old_step(win, [1.0 + length], 1.0 + length, dp)
+    # A short final backward: the reduction runs back to back from the first bucket on, and
+    # ends between max(S + all of it, E + last bucket) and the old after-the-step model.
+    for length in (0.0, whole / 10, whole / 2):
+        win = [[Window(1.0, 1.0 + length, buckets)]]
+        _, step = price_replicas(mesh, 0, link, link, win, [grads], 1.0 + length)
+        per_bucket = sum(ring_allreduce_s(b, dp, link) for b in buckets)
+        assert step >= max(1.0 + length + last, 1.0 + per_bucket - 1e-12)
+        assert step <= 1.0 + length + per_bucket + 1e-12  # never later than all of it after the step
+        assert step - (1.0 + length) >= 0
+    # never negative: a rank whose reduction ends before the pipeline does exposes nothing
+    _, step = price_replicas(mesh, 0, link, link, [[Window(0.0, 1.0, buckets)]], [grads], 100.0)
+    assert step == 100.0
+    # ZeRO-1's all-gather comes after the reduction
+    times, step = price_replicas(mesh, 1, link, link, [[Window(1.0, 1.0 + 10 * whole, buckets)]], [grads],
+                                 1.0 + 10 * whole)
+    gather = allgather_s(grads, dp, link)
+    assert times == [pytest.approx(whole + gather)] and step == pytest.approx(1.0 + 10 * whole + last + gather)
+
+
+def test_each_stages_window_is_its_final_backward_and_a_shared_tensor_goes_with_the_later() -> None:
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import simulate
+
+    sched = build_schedule("interleaved-1f1b", 2, 4, 4)  # stages 0, 2 on rank 0; 1, 3 on rank 1
+    sim = simulate(sched, [1.0] * 4, [2.0] * 4)
+    params = [[("emb", 100), ("a", 10)], [("b", 10)], [("c", 10), ("emb", 100)], [("d", 10)]]  # emb: stages 0, 2
+    wins = reduction_windows(sim.events, [0, 1, 0, 1], params, 2, cap=10)
+    for r, ws in enumerate(wins):
+        finals = sorted((e for e in sim.events if sched.rank_of(e.action.stage) == r and e.action.kind == "B"),
+                        key=lambda e: e.end)
+        last_of = {e.action.stage: e for e in finals}
+        assert [(w.start, w.end) for w in ws] == sorted(((e.start, e.end) for e in last_of.values()),
+                                                        key=lambda t: t[1])
+    # rank 0: stage 0's final B comes after stage 2's, so emb goes with stage 0; buckets in
+    # reverse registration order
+    assert [w.buckets for w in wins[0]] == [(10,), (10, 100)]
+    assert [w.buckets for w in wins[1]] == [(10,), (10,)]
+    link = LINKS["nvlink4"]
+    assert reduction_end([], 2, link) == 0.0
+
+
+def test_the_planned_exposure_is_at_most_the_after_the_step_model(gpt) -> None:  # type: ignore[no-untyped-def]
+    """This GPT's gradients fit one bucket, ready when the final backward ends: nothing to
+    overlap, so the plan's exposure is the old model's; never more, never negative."""
+    model, idx = gpt
+    for sched in ("1f1b", "gpipe"):
+        plan = partition(model, n_gpus=8, data_parallel=4, example_inputs=(idx,), n_microbatches=2,
+                         schedule=sched, gpus_per_node=2, inter_link="ethernet-100g").plan
+        from partitioner.simulator import predict_plan
+
+        sim = predict_plan(plan, build_schedule(sched, plan.pp_ranks, 2, plan.n_stages))
+        end = [max(e.end for e in sim.events if e.rank == r) for r in range(plan.pp_ranks)]
+        old = max([sim.step_time, *(e + t for e, t in zip(end, plan.mesh.allreduce_s))])
+        assert 0 <= plan.mesh.exposed_s <= old - sim.step_time + 1e-15
+        assert plan.prediction.step_time_s == pytest.approx(sim.step_time + plan.mesh.exposed_s, rel=1e-9)

@@ -165,3 +165,49 @@ def test_a_checkpoint_saved_by_two_replicas_resumes_on_one_pipeline(tmp_path: An
     one = partition(model, n_gpus=2, example_inputs=(x,), pinned_cuts=["transformer.h.2"])
     for params in spawn(_resume, 2, one, str(tmp_path / "ckpt"), timeout_s=TIMEOUT_S):
         assert_params(params, want)
+
+
+def _overlapped(rank: int, world: int, pipe: Any, schedule: str) -> dict[str, Any]:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    assert stage.grad_sync is not None
+    stage.grad_sync.bucket_bytes = 4096  # this GPT is tiny: many buckets, so some can go early
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    for _ in range(STEPS):
+        stage.zero_grad()
+        runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        opt.step()
+    finals = {str(a): s for a, s in runner.interpreter.final_backward.items()}
+    return {"events": [tuple(e) for e in runner.events], "finals": finals,
+            "launches": list(stage.grad_sync.launches), "waits": list(stage.grad_sync.waits),
+            "buckets": len(stage.grad_sync.buckets),
+            "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_the_all_reduce_overlaps_the_last_backward_and_no_action_waits_for_it(schedule: str) -> None:
+    model, pipe = _pipe(schedule)
+    x, y, loss_fn = data("gpt", BATCH)
+    _, want = reference(model, x, y, loss_fn)
+    results = spawn(_overlapped, 4, pipe, schedule, timeout_s=TIMEOUT_S)
+    for rank, r in enumerate(results):
+        assert_params(r["params"], want)  # small buckets, launched early: the same training
+        assert r["buckets"] > 2 and sorted(b for b, _, _ in r["launches"]) == list(range(r["buckets"]))
+        assert [b for b, _, _ in r["launches"]] == list(range(r["buckets"])), "buckets go in one order on all replicas"
+        actions = [e for e in r["events"] if not e[1].startswith("wait")]
+        final = [e for e in actions if e[1] in r["finals"]]
+        assert len(final) == len(r["finals"]) >= 1
+        # (1) a reduction was launched before the rank's last final backward ended: during it
+        #     (autograd's post-accumulate hooks, B) or right after an earlier one ...
+        last_final = max(final, key=lambda e: e[3])
+        early = [t for _, t, _ in r["launches"] if t < last_final[3]]
+        assert early, f"rank {rank}: every bucket was launched after {last_final[1]} ended"
+        if schedule == "1f1b":  # ... with B, inside the final backward itself
+            inside = [t for _, t, how in r["launches"] if how == "hook" and last_final[2] <= t <= last_final[3]]
+            assert inside, f"rank {rank}: no bucket was launched inside {last_final[1]}"
+        else:  # W accumulates by hand: its stage's buckets go as soon as it ends, before the step does
+            assert {how for _, _, how in r["launches"]} <= {"hook", "ready"}
+        # (2) no action waited on a reduction: every wait comes after the rank's last action
+        end_of_actions = max(e[3] for e in actions)
+        assert r["waits"] and min(t0 for _, t0, _ in r["waits"]) >= end_of_actions
