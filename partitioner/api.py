@@ -27,7 +27,7 @@ from partitioner.data_parallel import ZeroShard, boundary_links, divisors, place
 from partitioner.data_parallel import price_replicas, reduction_windows
 from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
-from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, resolve_objective, step_of, step_search
+from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, step_of, step_search
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
 from passes.annotate import AnnotateCosts
 from passes.recompute import with_recompute
@@ -63,7 +63,7 @@ class Options:
     zero: int = 0  # 1: optimizer state sharded over the replicas (ZeRO stage 1)
     gpus_per_node: int | None = None  # None: every rank on one node
     inter_link: LinkSpec | None = None  # between nodes (the plan records it in mesh.inter_link)
-    objective: str = "auto"  # "step": cuts minimise the schedule's simulated step; "auto": step where it differs
+    objective: str = "bottleneck"  # "step": cuts minimise the schedule's simulated step (partitioner.objective)
 
     @property
     def pp(self) -> int:
@@ -203,7 +203,7 @@ def partition(
     concrete_args: dict[str, Any] | None = None,
     seq_dims: Mapping[str, int] | None = None,
     keep_snapshots: bool = False,
-    objective: str = "auto",
+    objective: str = "bottleneck",
     data_parallel: int | str = 1,
     zero: int = 0,
     gpus_per_node: int | None = None,
@@ -228,12 +228,9 @@ def partition(
     compute dtype. ``recompute`` ("auto", "none", "full", "selective") lets the solver
     checkpoint stages: "auto" recomputes only the stages that would not fit otherwise.
 
-    ``objective`` ("auto", "bottleneck", "step"): the cuts minimise the slowest stage (then the
-    bytes cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
-    slower than the bottleneck split, which is one of its candidates). "auto" (the default) uses
-    the step where the slowest stage is a poor proxy for it (several stages per rank, or split
-    backward: interleaved-1f1b, zb-h1, zbv) and the bottleneck for gpipe and 1f1b
-    (``objective.resolve_objective``; the plan notes which).
+    ``objective`` ("bottleneck", "step"): the cuts minimise the slowest stage (then the bytes
+    cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
+    slower than the bottleneck split, which is one of its candidates).
 
     Data parallelism (``partitioner.data_parallel``): ``n_gpus = data_parallel x`` pipeline
     ranks; ``example_inputs`` is the global batch, each replica runs ``1/data_parallel`` of
@@ -493,9 +490,8 @@ def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     sin = replace(prob.sin, pinned=prob.pins, avoid=_non_tensor_cuts(prob),  # type: ignore[attr-defined]
                   has_compute=_computing(prob))
     sol, exact = _search_cuts(prob, sin)
-    used, budget, why = resolve_objective(prob.opts.objective, prob.sched)
-    if used == "step":
-        sol, exact = _step_objective(prob, sin, sol, exact, budget, why)
+    if prob.opts.objective == "step":
+        sol, exact = _step_objective(prob, sin, sol, exact)
     _note_fewer_stages(prob, sin, sol)
     return sol, exact
 
@@ -547,13 +543,11 @@ def _step_model(prob: _Problem, sched: Any = None) -> StepModel:
     return StepModel(to_units(prob.priced.fwd_s), send, bsend, sched or prob.sched)
 
 
-def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]],
-                    budget: int, why: str) -> tuple[Solution, list[tuple[str, int, int, int]]]:
+def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]]
+                    ) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     """``objective="step"``: the candidate with the fastest simulated step that fits exactly."""
     model = _step_model(prob)
-    cands, rep = step_search(sin, prob.opts.n_stages, model, sol, max_evals=budget)
-    if why:
-        prob.notes.append(why)
+    cands, rep = step_search(sin, prob.opts.n_stages, model, sol)
     for cand in cands:
         ex = exact if cand.cuts == sol.cuts else prob.exact(cand.cuts)
         if all(prob.need(i, x) <= prob.capacity for i, x in enumerate(ex)):
