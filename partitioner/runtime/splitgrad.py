@@ -11,6 +11,11 @@ need no gradient, e.g. stage 0 fed token ids) cannot be split off that way: when
 input needs a gradient, ``I`` does nothing and ``W`` runs the whole backward; weights
 outside every group in a stage that has such inputs get their gradients in ``I``.
 
+Both accumulate into ``.grad`` by hand (``torch.autograd.grad`` then ``+=``), so no
+``register_post_accumulate_grad_hook`` fires for those weights (only a ``W`` that runs the
+whole backward fires them): ``runtime.grad_sync`` learns that a stage's weights are final
+from the interpreter, right after the stage's last ``W``.
+
 Checkpointed stages (``passes.recompute.RecomputeStage``, non-reentrant
 ``torch.utils.checkpoint``) work: ``W`` is a second backward pass through the same
 graph, so a checkpointed region is recomputed again for it (a recomputing stage pays
