@@ -27,7 +27,7 @@ from partitioner.data_parallel import ZeroShard, boundary_links, divisors, place
 from partitioner.data_parallel import price_replicas, reduction_windows
 from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
-from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, step_of, step_search
+from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, resolve_objective, step_of, step_search
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
 from passes.annotate import AnnotateCosts
 from passes.recompute import with_recompute
@@ -63,7 +63,7 @@ class Options:
     zero: int = 0  # 1: optimizer state sharded over the replicas (ZeRO stage 1)
     gpus_per_node: int | None = None  # None: every rank on one node
     inter_link: LinkSpec | None = None  # between nodes (the plan records it in mesh.inter_link)
-    objective: str = "bottleneck"  # "step": cuts minimise the schedule's simulated step (partitioner.objective)
+    objective: str = "auto"  # "step": cuts minimise the schedule's simulated step; "auto": step where it differs
 
     @property
     def pp(self) -> int:
@@ -71,8 +71,11 @@ class Options:
         return self.n_gpus // self.data_parallel
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-                if k not in ("custom", "inter_link")}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+               if k not in ("custom", "inter_link")}
+        if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
+            out["schedule_text"] = self.custom.to_text()
+        return out
 
 
 def _split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -203,7 +206,7 @@ def partition(
     concrete_args: dict[str, Any] | None = None,
     seq_dims: Mapping[str, int] | None = None,
     keep_snapshots: bool = False,
-    objective: str = "bottleneck",
+    objective: str = "auto",
     data_parallel: int | str = 1,
     zero: int = 0,
     gpus_per_node: int | None = None,
@@ -228,9 +231,12 @@ def partition(
     compute dtype. ``recompute`` ("auto", "none", "full", "selective") lets the solver
     checkpoint stages: "auto" recomputes only the stages that would not fit otherwise.
 
-    ``objective`` ("bottleneck", "step"): the cuts minimise the slowest stage (then the bytes
-    cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
-    slower than the bottleneck split, which is one of its candidates).
+    ``objective`` ("auto", "bottleneck", "step"): the cuts minimise the slowest stage (then the
+    bytes cut), or the schedule's simulated step time (``partitioner.objective``; never predicted
+    slower than the bottleneck split, which is one of its candidates). "auto" (the default) uses
+    the bottleneck for 1F1B with one stage per rank, whose steady state it is, and the step for
+    the other schedules (gpipe, interleaved-1f1b, zb-h1, zbv) when the pipeline is small enough
+    to simulate 20 times in the budget (``objective.resolve_objective``; the plan notes which).
 
     Data parallelism (``partitioner.data_parallel``): ``n_gpus = data_parallel x`` pipeline
     ranks; ``example_inputs`` is the global batch, each replica runs ``1/data_parallel`` of
@@ -252,6 +258,16 @@ def partition(
     custom = schedule if isinstance(schedule, Schedule) else None
     if custom is not None:
         schedule, n_microbatches = custom.name, custom.n_microbatches
+        if custom.name in SCHEDULES:  # a built-in name must mean the built-in lists (a plan stores only the name)
+            try:
+                builtin: Schedule | None = build_schedule(custom.name, custom.n_ranks, custom.n_microbatches,
+                                                          custom.n_stages)
+            except ScheduleError:
+                builtin = None
+            if custom != builtin:
+                raise PartitionError(f"this Schedule is named {custom.name!r}, a built-in schedule, but its action "
+                                     "lists differ from the builder's: give hand-written lists their own name")
+            custom = None
     if optimizer not in OPTIMIZER_STATES:
         raise PartitionError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
     if precision is None:
@@ -490,8 +506,9 @@ def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     sin = replace(prob.sin, pinned=prob.pins, avoid=_non_tensor_cuts(prob),  # type: ignore[attr-defined]
                   has_compute=_computing(prob))
     sol, exact = _search_cuts(prob, sin)
-    if prob.opts.objective == "step":
-        sol, exact = _step_objective(prob, sin, sol, exact)
+    used, budget, why = resolve_objective(prob.opts.objective, prob.sched)
+    if used == "step":
+        sol, exact = _step_objective(prob, sin, sol, exact, budget, why)
     _note_fewer_stages(prob, sin, sol)
     return sol, exact
 
@@ -543,17 +560,17 @@ def _step_model(prob: _Problem, sched: Any = None) -> StepModel:
     return StepModel(to_units(prob.priced.fwd_s), send, bsend, sched or prob.sched)
 
 
-def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]]
-                    ) -> tuple[Solution, list[tuple[str, int, int, int]]]:
+def _step_objective(prob: _Problem, sin: SolverInput, sol: Solution, exact: list[tuple[str, int, int, int]],
+                    budget: int, why: str) -> tuple[Solution, list[tuple[str, int, int, int]]]:
     """``objective="step"``: the candidate with the fastest simulated step that fits exactly."""
     model = _step_model(prob)
-    cands, rep = step_search(sin, prob.opts.n_stages, model, sol)
+    cands, rep = step_search(sin, prob.opts.n_stages, model, sol, max_evals=budget)
     for cand in cands:
         ex = exact if cand.cuts == sol.cuts else prob.exact(cand.cuts)
         if all(prob.need(i, x) <= prob.capacity for i, x in enumerate(ex)):
             chosen = _rescore(prob, cand, ex, optimal=cand.optimal)
             gain = 1 - rep.step / rep.bottleneck_step if rep.bottleneck_step else 0.0
-            prob.notes.append(f"objective step: predicted step {_fmt_time(rep.step)} vs "
+            prob.notes.append(f"objective step{why}: predicted step {_fmt_time(rep.step)} vs "
                               f"{_fmt_time(rep.bottleneck_step)} for the min-bottleneck cuts "
                               f"({gain:.1%} faster; {rep.evaluations} simulations"
                               f"{'' if rep.local_optimum else ', search budget reached'})")
@@ -951,6 +968,9 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
             raise PlanError(f"stage {st.index} lists node {st.nodes[k]!r} where the graph has {want[k]!r}: a stage's "
                             "nodes must be in graph order", f"$.stages[{st.index}].nodes[{k}]")
     fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
+    text = fields.pop("schedule_text", None)
+    if text is not None:  # load_plan checked it parses, validates and matches the plan
+        fields["custom"] = Schedule.from_text(text)
     if plan.mesh.inter_link is not None:
         fields["inter_link"] = LinkSpec.from_dict(plan.mesh.inter_link)
     o = Options(**fields)

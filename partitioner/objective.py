@@ -46,11 +46,15 @@ from partitioner.schedule import Schedule, ScheduleError, build_schedule
 from partitioner.simulator import simulate
 from partitioner.solver import InfeasibleError, Solution, SolverInput, min_cost_at, solve
 
-__all__ = ["OBJECTIVES", "StepModel", "StepReport", "fewer_stages", "step_of", "step_search"]
+__all__ = ["OBJECTIVES", "StepModel", "StepReport", "fewer_stages", "resolve_objective", "step_of", "step_search"]
 
 #: ``partition(objective=...)``: "bottleneck" minimises the slowest stage (then bytes cut),
-#: "step" the schedule's simulated step time.
-OBJECTIVES = ("bottleneck", "step")
+#: "step" the schedule's simulated step time, "auto" (the default) the step where the slowest
+#: stage is not a good proxy for it (``resolve_objective``).
+OBJECTIVES = ("auto", "bottleneck", "step")
+#: simulated actions ``objective="auto"`` may spend on the step search (evaluations x actions
+#: per simulation), so a large pipeline (many stages x micro-batches) plans in seconds
+_AUTO_ACTIONS = 20_000
 _LADDER = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 _MOVES = (1, 2, 4, 8)
 _ALL_MOVES = 32  # up to this many allowed cuts, a cut may move to any of them
@@ -92,6 +96,33 @@ def step_of(inp: SolverInput, model: StepModel, sol: Solution) -> float:
 
 def _fits(inp: SolverInput, sol: Solution) -> bool:
     return all(m <= c for m, c in zip(sol.stage_mem, inp.capacity))
+
+
+def resolve_objective(objective: str, schedule: Schedule) -> tuple[str, int, str]:
+    """(objective used, the step search's simulation budget, why) for ``partition(objective=...)``.
+
+    "auto" keeps the bottleneck for 1F1B with one stage per rank, whose steady state is
+    (m - 1) x the slowest stage's forward + backward: there the two objectives predicted within
+    0.6 % on every model tried (benchmarks/RESULTS.md). Elsewhere the slowest stage is a poor
+    proxy for the step: GPipe runs all forwards, then all backwards (the forward and backward
+    phases have their own slowest stage), interleaved 1F1B and zbv place several stages on a
+    rank, zb-h1 and zbv defer weight gradients into the bubbles; there the step-aware cuts were
+    predicted up to 8.8 % and measured up to 7 % faster, and "auto" searches the step, with a
+    budget of ``_AUTO_ACTIONS`` simulated compute actions (at most 400 simulations). A pipeline
+    too large for 20 simulations in that budget (e.g. 64 stages x 8 micro-batches) keeps the
+    bottleneck, so planning it stays a matter of seconds."""
+    if objective != "auto":
+        return objective, 400, ""
+    v = schedule.n_stages // max(1, schedule.n_ranks)
+    split = any(a.kind == "W" for acts in schedule.actions for a in acts)
+    if v == 1 and not split and schedule.name == "1f1b":
+        return "bottleneck", 0, ""
+    size = sum(1 for acts in schedule.actions for a in acts if a.is_compute)
+    budget = min(400, _AUTO_ACTIONS // max(1, size))
+    if budget < 20:
+        return "bottleneck", 0, ""
+    why = f"{v} stages per rank" if v > 1 else "split backward" if split else "forward and backward phases"
+    return "step", budget, f" (auto: {schedule.name}, {why})"
 
 
 def step_search(inp: SolverInput, n_stages: int, model: StepModel, first: Solution, *,

@@ -401,6 +401,28 @@ _NESTED: dict[tuple[str, str], Any] = {
 }
 
 
+def _check_schedule_text(plan: Plan, name: str, text: Any) -> None:
+    """A hand-written schedule (``partition(schedule=Schedule(...))``) stored in the plan: it
+    must parse, pass the validator, and fit the plan (name, ranks, stages, micro-batches)."""
+    from partitioner.schedule import SCHEDULES, Schedule, ScheduleError
+
+    where = "$.options.schedule_text"
+    if name in SCHEDULES:
+        raise PlanError(f"options.schedule_text is only for hand-written schedules, but {name!r} is a built-in "
+                        "one: remove it", where)
+    try:
+        sched = Schedule.from_text(str(text))
+        sched.validate()
+    except ScheduleError as e:
+        raise PlanError(f"the stored schedule is not valid: {e}", where) from None
+    want = {"name": name, "ranks": plan.pp_ranks, "stages": len(plan.stages),
+            "microbatches": plan.options.get("n_microbatches")}
+    got = {"name": sched.name, "ranks": sched.n_ranks, "stages": sched.n_stages, "microbatches": sched.n_microbatches}
+    for k, v in want.items():
+        if got[k] != v:
+            raise PlanError(f"the stored schedule has {k} {got[k]!r} but the plan has {v!r}", where)
+
+
 def _check_values(plan: Plan) -> None:
     """What the plan's options and profiles must mean, checked on load (the single gate):
     a device or link that prices nothing, an unknown schedule, micro-batches that do not
@@ -416,8 +438,12 @@ def _check_values(plan: Plan) -> None:
             raise PlanError(str(e), f"$.{key}") from None
     from partitioner.schedule import SCHEDULES as known  # pure Python: loading stays torch-free
     schedule = plan.options.get("schedule")
-    if schedule not in known:
-        raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(known))}", "$.options.schedule")
+    text = plan.options.get("schedule_text")
+    if text is not None:
+        _check_schedule_text(plan, str(schedule), text)
+    elif schedule not in known:
+        raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(known))} (a hand-written "
+                        "schedule is stored as options.schedule_text)", "$.options.schedule")
     if plan.prediction.schedule != schedule:
         raise PlanError(f"prediction is for schedule {plan.prediction.schedule!r} but the options say "
                         f"{schedule!r}", "$.prediction.schedule")

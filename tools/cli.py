@@ -89,9 +89,9 @@ def _partition_options() -> _Parser:
     g.add_argument("--recompute", default=None, choices=tuple(RECOMPUTE),
                    help="activation recompute the solver may use per stage; auto: only where a stage would "
                         "not fit otherwise (default: auto)")
-    g.add_argument("--objective", default=None, choices=("bottleneck", "step"),
-                   help="what the cuts minimise: the slowest stage (bottleneck, default) or the schedule's "
-                        "simulated step time (step)")
+    g.add_argument("--objective", default=None, choices=("auto", "bottleneck", "step"),
+                   help="what the cuts minimise: the slowest stage (bottleneck) or the schedule's simulated "
+                        "step time (step); auto (default): bottleneck for 1f1b, step for the other schedules")
     g.add_argument("--leaf-module", action="append", default=None, metavar="PATH",
                    help="trace this submodule (module path, e.g. 'encoder.router') as one opaque node; "
                         "repeatable (default: none)")

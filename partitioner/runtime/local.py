@@ -33,6 +33,13 @@ def resolve_schedule(pipe: Pipe, schedule: str | Schedule, n_microbatches: int |
     n_ranks = plan.pp_ranks
     if isinstance(schedule, Schedule):
         return schedule
+    text = plan.options.get("schedule_text")
+    if text is not None and schedule == plan.options.get("schedule"):  # the plan's hand-written lists
+        sched = Schedule.from_text(text)
+        if n_microbatches is not None and n_microbatches != sched.n_microbatches:
+            raise PipelineRuntimeError(f"schedule {schedule!r} is hand-written for {sched.n_microbatches} "
+                                       f"micro-batches, not {n_microbatches}: pass a Schedule built for them")
+        return sched
     m = n_microbatches if n_microbatches is not None else plan.prediction.n_microbatches
     return build_schedule(schedule, n_ranks, m, plan.n_stages)
 

@@ -115,3 +115,55 @@ def test_partition_accepts_a_schedule_object() -> None:
         partition(model, n_gpus=4, example_inputs=inputs, schedule=mine, device="cpu")
     with pytest.raises(Exception, match="n_microbatches=8 but schedule 'mine' has 4"):
         partition(model, n_gpus=2, example_inputs=inputs, schedule=mine, n_microbatches=8, device="cpu")
+
+
+def test_a_hand_written_schedule_round_trips_through_the_plan_file() -> None:
+    """The plan stores a hand-written schedule's action lists (options.schedule_text, data): it
+    loads, re-applies byte-identically and runs by its name; a damaged copy is refused with its
+    path, and a built-in name on lists that are not the builder's is refused at partition()."""
+    import copy
+    import dataclasses
+    import json
+
+    import torch
+
+    from partitioner import PlanError, load_plan
+    from partitioner.schedule import Schedule, build_schedule
+
+    model, inputs = _model()
+    zb = build_schedule("zb-h1", 2, 4)
+    mine = Schedule.from_text(zb.to_text().replace("schedule zb-h1", "schedule mine"))
+    pipe = partition(model, n_gpus=2, example_inputs=inputs, schedule=mine, device="cpu")
+    j = pipe.plan.to_json()
+    assert json.loads(j)["options"]["schedule_text"] == mine.to_text()
+    plan = load_plan(j)
+    again = plan.apply(model)
+    assert again.plan.to_json() == j
+    (x,) = inputs
+    y = torch.randn_like(model(x))
+    loss_fn = torch.nn.functional.mse_loss
+    # runs by name with the stored lists, like the object itself
+    a = again.train_step(x, target=y, loss_fn=loss_fn, schedule="mine")
+    b = again.train_step(x, target=y, loss_fn=loss_fn, schedule=mine)
+    assert torch.allclose(a, b)
+    with pytest.raises(Exception, match="hand-written for 4 micro-batches, not 2"):
+        again.train_step(x, target=y, loss_fn=loss_fn, schedule="mine", n_microbatches=2)
+    # a built-in schedule given as an object records no lists (the name rebuilds them)
+    by_obj = partition(model, n_gpus=2, example_inputs=inputs, schedule=zb, device="cpu").plan
+    assert "schedule_text" not in json.loads(by_obj.to_json())["options"]
+    d = json.loads(j)
+    for bad, match in ((d["options"]["schedule_text"].replace("0F3", "0F2", 1), "not valid"),
+                       (d["options"]["schedule_text"].replace("microbatches=4", "microbatches=2"), "not valid|microbatches"),
+                       (d["options"]["schedule_text"].replace("schedule mine", "schedule yours"), "has name 'yours'")):
+        e = copy.deepcopy(d)
+        e["options"]["schedule_text"] = bad
+        with pytest.raises(PlanError, match=match) as info:
+            load_plan(json.dumps(e))
+        assert "$.options.schedule_text" in str(info.value) or info.value.path == "$.options.schedule_text"
+    e = copy.deepcopy(d)
+    del e["options"]["schedule_text"]
+    with pytest.raises(PlanError, match="unknown schedule 'mine'.*schedule_text"):
+        load_plan(json.dumps(e))
+    fake = dataclasses.replace(build_schedule("1f1b", 2, 4), name="zb-h1")  # valid lists, not zb-h1's
+    with pytest.raises(Exception, match="named 'zb-h1', a built-in schedule.*own name"):
+        partition(model, n_gpus=2, example_inputs=inputs, schedule=fake, device="cpu")
