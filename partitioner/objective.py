@@ -101,7 +101,8 @@ def _fits(inp: SolverInput, sol: Solution) -> bool:
 def resolve_objective(objective: str, schedule: Schedule) -> tuple[str, int, str]:
     """(objective used, the step search's simulation budget, why) for ``partition(objective=...)``.
 
-    "auto" keeps the bottleneck for 1F1B with one stage per rank, whose steady state is
+    "auto" keeps the bottleneck for 1F1B with one stage per rank (its action order, under any
+    name: interleaved 1F1B with one stage per rank is the same lists), whose steady state is
     (m - 1) x the slowest stage's forward + backward: there the two objectives predicted within
     0.6 % on every model tried (benchmarks/RESULTS.md). Elsewhere the slowest stage is a poor
     proxy for the step: GPipe runs all forwards, then all backwards (the forward and backward
@@ -115,13 +116,20 @@ def resolve_objective(objective: str, schedule: Schedule) -> tuple[str, int, str
         return objective, 400, ""
     v = schedule.n_stages // max(1, schedule.n_ranks)
     split = any(a.kind == "W" for acts in schedule.actions for a in acts)
-    if v == 1 and not split and schedule.name == "1f1b":
-        return "bottleneck", 0, ""
-    size = sum(1 for acts in schedule.actions for a in acts if a.is_compute)
-    budget = min(400, _AUTO_ACTIONS // max(1, size))
+    compute = [[a for a in acts if a.is_compute] for acts in schedule.actions]
+    if v == 1 and not split:
+        try:  # 1F1B's order under any name (interleaved-1f1b with one stage per rank is 1F1B)
+            ref = build_schedule("1f1b", schedule.n_ranks, schedule.n_microbatches, schedule.n_stages)
+            if compute == [[a for a in acts if a.is_compute] for acts in ref.actions]:
+                return "bottleneck", 0, ""
+        except ScheduleError:
+            pass
+    budget = min(400, _AUTO_ACTIONS // max(1, sum(map(len, compute))))
     if budget < 20:
         return "bottleneck", 0, ""
-    why = f"{v} stages per rank" if v > 1 else "split backward" if split else "forward and backward phases"
+    phases = all(all(a.kind == "F" for a in acts[:len(acts) // 2]) for acts in compute)
+    why = (f"{v} stages per rank" if v > 1 else "split backward" if split
+           else "forward and backward phases" if phases else "not 1F1B's order")
     return "step", budget, f" (auto: {schedule.name}, {why})"
 
 

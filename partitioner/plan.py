@@ -525,6 +525,14 @@ def _check_consistency(plan: Plan) -> None:
 
     entry = SCHEDULES.get(plan.prediction.schedule)
     placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"
+    text = plan.options.get("schedule_text")
+    if text is not None:  # a hand-written schedule places its stages itself (checked in full by _check_values)
+        from partitioner.schedule import Schedule, ScheduleError
+
+        try:
+            placement = Schedule.from_text(str(text)).placement
+        except ScheduleError as e:
+            raise PlanError(f"the stored schedule is not valid: {e}", "$.options.schedule_text") from None
     for i, st in enumerate(plan.stages):
         # stage s runs on rank s % n_gpus, or in a V for zbv (partitioner.schedule.rank_of)
         if isinstance(n_gpus, int) and st.rank != rank_of(i, n_gpus, placement):
