@@ -148,6 +148,11 @@ def test_a_hand_written_schedule_round_trips_through_the_plan_file() -> None:
     assert torch.allclose(a, b)
     with pytest.raises(Exception, match="hand-written for 4 micro-batches, not 2"):
         again.train_step(x, target=y, loss_fn=loss_fn, schedule="mine", n_microbatches=2)
+    # a V-placed hand-written schedule: stage ranks are checked against its own placement
+    myv = Schedule.from_text(build_schedule("zbv", 2, 4, 4).to_text().replace("schedule zbv", "schedule myv"))
+    vj = partition(model, n_gpus=2, example_inputs=inputs, schedule=myv, device="cpu").plan.to_json()
+    assert [st["rank"] for st in json.loads(vj)["stages"]] == [0, 1, 1, 0]
+    assert load_plan(vj).apply(model).plan.to_json() == vj
     # a built-in schedule given as an object records no lists (the name rebuilds them)
     by_obj = partition(model, n_gpus=2, example_inputs=inputs, schedule=zb, device="cpu").plan
     assert "schedule_text" not in json.loads(by_obj.to_json())["options"]
