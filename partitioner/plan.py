@@ -525,12 +525,12 @@ def _check_consistency(plan: Plan) -> None:
 
     entry = SCHEDULES.get(plan.prediction.schedule)
     placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"
-    text = plan.options.get("schedule_text")
-    if text is not None:  # a hand-written schedule places its stages itself (checked in full by _check_values)
+    stored = plan.options.get("schedule_text")
+    if stored is not None:  # a hand-written schedule places its stages itself (checked in full by _check_values)
         from partitioner.schedule import Schedule, ScheduleError
 
         try:
-            placement = Schedule.from_text(str(text)).placement
+            placement = Schedule.from_text(str(stored)).placement
         except ScheduleError as e:
             raise PlanError(f"the stored schedule is not valid: {e}", "$.options.schedule_text") from None
     for i, st in enumerate(plan.stages):
