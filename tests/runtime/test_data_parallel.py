@@ -49,10 +49,14 @@ def _train(rank: int, world: int, pipe: Any, schedule: str, share: bool) -> dict
 
 
 @pytest.mark.parametrize("schedule,zero,share", [("1f1b", 0, False), ("gpipe", 0, True), ("1f1b", 1, False),
-                                                 ("zb-h1", 0, False)])  # split backward: weight grads in W
+                                                 ("zb-h1", 0, False),  # split backward: weight grads in W
+                                                 # two stages per rank: each stage's final backward starts its
+                                                 # own buckets (the V puts the tied embedding on one rank twice)
+                                                 ("interleaved-1f1b", 0, False), ("zbv", 0, False)])
 def test_two_replicas_of_two_stages_train_like_one_process(schedule: str, zero: int, share: bool) -> None:
-    model, pipe = _pipe(schedule, zero=zero)
+    model, pipe = _pipe(schedule, zero=zero, **({"virtual_stages": 2} if schedule == "interleaved-1f1b" else {}))
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.pp, pipe.plan.pp_ranks) == (2, 2, 2)
+    assert pipe.plan.n_stages == (4 if schedule in ("interleaved-1f1b", "zbv") else 2)
     assert pipe.plan.tied_parameters, "the fixture should tie its embedding across the cut"
     x, y, loss_fn = data("gpt", BATCH)
     want_losses, want = reference(model, x, y, loss_fn)
