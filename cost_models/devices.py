@@ -38,6 +38,12 @@ class DeviceSpec:
     memory_bytes: int  # device memory capacity
     #: "gpu" or "cpu": which kernels the costs describe (attention on a GPU keeps no S x S)
     kind: str = "gpu"
+    #: seconds every node costs on top of its roofline, in forward and again in backward: eager
+    #: PyTorch's per-op dispatch and autograd bookkeeping, which a CPU pays in line with the
+    #: compute and which makes small micro-batches dearer than their FLOPs say. 0 for the GPU
+    #: profiles (kernel launches overlap the device's work at the sizes pipelines run);
+    #: ``measure_local`` and ``calibrate_device`` measure it.
+    op_overhead_s: float = 0.0
 
     def peak(self, dtype: torch.dtype | str | None = None) -> float:
         """Peak FLOP/s for compute in ``dtype`` (low precision gets the tensor-core peak)."""
@@ -50,17 +56,22 @@ class DeviceSpec:
         """(forward, backward) seconds of one node: roofline of FLOPs and bytes moved.
 
         The backward moves about twice the forward's bytes (it reads the saved inputs and
-        the output gradient, and writes input and weight gradients).
+        the output gradient, and writes input and weight gradients). A node that computes or
+        moves anything also pays ``op_overhead_s`` in each direction where it does.
         """
         fwd, bwd, moved = evaluate((cost.fwd_flops, cost.bwd_flops, cost.fwd_bytes_moved), values)
         peak = self.peak(dtype)
+        ov = self.op_overhead_s
         return (
-            max(fwd / peak, moved / self.mem_bandwidth),
-            max(bwd / peak, 2 * moved / self.mem_bandwidth),
+            max(fwd / peak, moved / self.mem_bandwidth) + (ov if fwd or moved else 0.0),
+            max(bwd / peak, 2 * moved / self.mem_bandwidth) + (ov if bwd or moved else 0.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.op_overhead_s:  # optional: plans of profiles without it stay as they were
+            del out["op_overhead_s"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> DeviceSpec:
@@ -79,7 +90,7 @@ class DeviceSpec:
         dst = torch.empty_like(src)
         bw = _rate(lambda: dst.copy_(src), 2 * src.nbytes, seconds * 0.4)  # read + write
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        return cls("local", fp32, max(lowp, fp32), bw, int(mem), "cpu")
+        return cls("local", fp32, max(lowp, fp32), bw, int(mem), "cpu", _op_overhead(seconds * 0.2))
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,30 @@ def _rate(fn: Callable[[], Any], work: float, seconds: float) -> float:
     return work * count / elapsed
 
 
+def _op_overhead(seconds: float) -> float:
+    """Seconds per op per direction of a chain of element-wise ops on 8 floats that autograd
+    records (forward + backward, halved): eager PyTorch's dispatch and bookkeeping alone."""
+    import torch
+
+    n = 100
+    x = torch.ones(8, requires_grad=True)
+
+    def run() -> None:
+        y = x
+        for _ in range(n):
+            y = y * 1.0001
+        y.sum().backward()
+
+    run()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            return best / (2 * n)
+
+
 def _validated(cls: type, data: Any) -> dict[str, Any]:
     """Check a spec dict field by field, so a bad plan file names what is wrong."""
     if not isinstance(data, Mapping):
@@ -190,6 +225,8 @@ def _validated(cls: type, data: Any) -> dict[str, Any]:
                 raise CostModelError(f"{cls.__name__}.kind must be 'gpu' or 'cpu', got {kind!r}")
             out[name] = kind
             continue
+        if name == "op_overhead_s" and name not in data:  # optional, 0 when absent
+            continue
         if name not in data:
             raise CostModelError(f"{cls.__name__} is missing field {name!r}")
         v = data[name]
@@ -198,7 +235,7 @@ def _validated(cls: type, data: Any) -> dict[str, Any]:
                 raise CostModelError(f"{cls.__name__}.name must be a non-empty string, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
             raise CostModelError(f"{cls.__name__}.{name} must be a finite non-negative number, got {v!r}")
-        elif name != "latency" and name != "memory_bytes" and v == 0:
+        elif name not in ("latency", "memory_bytes", "op_overhead_s") and v == 0:
             raise CostModelError(f"{cls.__name__}.{name} must be positive, got {v!r}")
         out[name] = int(v) if typ in ("int", int) else (v if name == "name" else float(v))
     return out
