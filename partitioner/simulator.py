@@ -64,6 +64,27 @@ def _per_stage(what: str, times: Sequence[float], n: int, *, optional: bool = Fa
     return [float(t) for t in times]
 
 
+#: the last schedules' dependency orders (the schedule kept alive beside its order, so an
+#: id is never reused while cached); the step search simulates one schedule hundreds of times
+_ORDERS: dict[int, tuple[Schedule, list[tuple[int, Action]]]] = {}
+_ORDERS_KEPT = 8
+
+
+def _order(schedule: Schedule) -> list[tuple[int, Action]]:
+    """(rank, action) in an order that respects every dependency, from ``schedule.replay``
+    (which validates the lists and raises on any fault); it depends on the lists only, not
+    on the times, so it is computed once per schedule object."""
+    hit = _ORDERS.get(id(schedule))
+    if hit is not None and hit[0] is schedule:
+        return hit[1]
+    order: list[tuple[int, Action]] = []
+    replay(schedule, lambda r, _i, a: order.append((r, a)))
+    if len(_ORDERS) >= _ORDERS_KEPT:
+        del _ORDERS[next(iter(_ORDERS))]
+    _ORDERS[id(schedule)] = (schedule, order)
+    return order
+
+
 def simulate(
     schedule: Schedule,
     fwd_time: Sequence[float],
@@ -110,7 +131,8 @@ def simulate(
             peak[st] = max(peak[st], inflight[st])
         events.append(Event(r, a, start, end))
 
-    replay(schedule, visit)
+    for r, a in _order(schedule):
+        visit(r, 0, a)
     step = max(clock)
     bubble = 1 - sum(busy) / (schedule.n_ranks * step) if step > 0 else 0.0
     events.sort(key=lambda e: (e.start, e.rank))
