@@ -402,7 +402,9 @@ def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opt
                          keep_snapshots=keep_snapshots)
         gm = pm.run(gm)
         if not gm.meta.get("pp.symbolic", True):
-            notes.append("costs are exact for the example sizes only: symbolic shape propagation failed")
+            kept = sorted(str(v) for v in gm.meta.get("pp.symbols", {}).values())
+            notes.append("costs are exact for the example sizes only: symbolic shape propagation failed"
+                         + (f" ({', '.join(kept)} stays symbolic)" if kept else ""))
         return gm, pm, notes
     msg = ("no example inputs: balancing parameter bytes only; FLOP and activation costs "
            "need example_inputs=(...)")

@@ -14,6 +14,7 @@ the 32 identical decoder layers of a Llama are priced once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from typing import Any
 import sympy
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -101,7 +104,18 @@ class AnnotateCosts(Pass):
             key += "|causal" if causal else ""
             if key not in cache:
                 with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu")), gm.meta.get("pp.retype")):
-                    cost = _price(node, gm, fakes, sizes)
+                    # Guards off: a kernel that reads a size as an int (constant_pad_nd) must not
+                    # pin B or S for every later node. Its own output then lost a symbol its
+                    # shape has (shape-prop's): price it again through the Python dispatcher
+                    # (Python metas and decompositions, as torch.export traces), which keeps
+                    # sizes symbolic. Not always: its decompositions differ from the C++ kernels
+                    # in what aliases (eval-mode dropout returns a copy), which memory prices.
+                    with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
+                        cost = _price(node, gm, fakes, sizes)
+                    if _lost_symbols(cost, node.meta[DESC]):
+                        _clear_fake_cache(mode)  # that run cached static outputs for symbolic inputs
+                        with enable_python_dispatcher():
+                            cost = _price(node, gm, fakes, sizes)
                     if is_attention(node):
                         cost = _attention(node, sizes, cost, self.target, causal)
                 cache[key] = cost
@@ -120,6 +134,22 @@ class AnnotateCosts(Pass):
                                                 output_bytes=out_bytes)
             node.meta[COST] = record
         return gm
+
+
+def _clear_fake_cache(mode: FakeTensorMode) -> None:
+    FakeTensorMode.cache_clear()
+    cache = getattr(mode.shape_env, "fake_tensor_cache", None)  # with symbolic sizes, the cache is the env's
+    if isinstance(cache, dict):
+        cache.clear()
+
+
+def _lost_symbols(cost: NodeCost, desc: Any) -> bool:
+    """Whether the priced run's outputs miss a size symbol that shape-prop gave them."""
+    want = set().union(*(sympy.sympify(e).free_symbols for d in _descs(desc) for e in d.shape))
+    if not want:
+        return False
+    got = set().union(*(sympy.sympify(e).free_symbols for e in cost.out_storage))
+    return bool(want - got)
 
 
 #: What the attention core is, as the two capture routes spell it.

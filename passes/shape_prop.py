@@ -22,6 +22,7 @@ from typing import Any
 import sympy
 import torch
 from torch import fx, nn
+from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
@@ -50,9 +51,9 @@ class ShapePropError(PartitionError):
 
 
 class _NodeFailed(Exception):
-    def __init__(self, node: fx.Node, cause: BaseException) -> None:
+    def __init__(self, node: fx.Node, cause: BaseException, pinned: frozenset[str] = frozenset()) -> None:
         super().__init__(f"{node.format_node()}: {type(cause).__name__}: {cause}")
-        self.node, self.cause = node, cause
+        self.node, self.cause, self.pinned = node, cause, pinned  # pinned: size names a guard made constant
 
 
 @dataclass(frozen=True)
@@ -78,22 +79,32 @@ class ShapeProp(Pass):
                 f"ShapeProp got {len(self.inputs)} InputSpecs for {n_ph} placeholders; "
                 "pass one InputSpec per flat graph input"
             )
-        try:
-            self._propagate(gm, symbolic=True)
-        except _NodeFailed as first:
+        names = frozenset(self._example())
+        first: _NodeFailed | None = None
+        while True:
+            try:
+                self._propagate(gm, symbolic=names)
+                break
+            except _NodeFailed as failed:
+                if not names:
+                    raise ShapePropError(
+                        f"shape propagation failed at node {failed.node.format_node()} "
+                        f"({type(failed.cause).__name__}: {failed.cause}); even static shapes fail, "
+                        "so the node cannot run on these inputs"
+                    ) from failed.cause
+                first = first or failed
+                # Only the sizes a guard pinned become static (a capture that fixed S keeps B
+                # symbolic, so micro-batches of another size still run); any other failure: all.
+                pinned = failed.pinned & names
+                names = names - pinned if pinned and pinned != names else frozenset()
+        if first is not None:
+            static = {k: v for k, v in self._example().items() if k not in names}
+            kept = f" ({', '.join(sorted(names))} stays symbolic)" if names else ""
             warnings.warn(
                 f"symbolic shape propagation failed at {first}; costs fall back to the static "
-                f"example sizes {self._example()}",
+                f"example sizes {static}{kept}",
                 stacklevel=2,
             )
-            try:
-                self._propagate(gm, symbolic=False)
-            except _NodeFailed as again:
-                raise ShapePropError(
-                    f"shape propagation failed at node {again.node.format_node()} "
-                    f"({type(again.cause).__name__}: {again.cause}); even static shapes fail, "
-                    "so the node cannot run on these inputs"
-                ) from again.cause
         return gm
 
     def _example(self) -> dict[str, int]:
@@ -103,12 +114,13 @@ class ShapeProp(Pass):
                 ex.setdefault(sym, spec.shape[dim])
         return ex
 
-    def _propagate(self, gm: fx.GraphModule, symbolic: bool) -> None:
+    def _propagate(self, gm: fx.GraphModule, symbolic: frozenset[str]) -> None:
+        """``symbolic``: the size names (B, S) made ShapeEnv symbols; the others stay the example's."""
         env = ShapeEnv(duck_shape=False)  # duck sizing would merge B and S when equal
         mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=False)
         symbols: dict[str, Any] = {}  # name → SymInt
-        if symbolic:
-            for name, value in self._example().items():
+        for name, value in self._example().items():
+            if name in symbolic:
                 src = ConstantSource(f"pp_{name}")
                 sym = env.create_symbol(value, src, dynamic_dim=DimDynamic.DYNAMIC, do_not_specialize_zero_one=True)
                 symbols[name] = env.create_symintnode(sym, hint=value, source=src)
@@ -119,14 +131,17 @@ class ShapeProp(Pass):
             args = [self._make_input(spec, symbols, device, cast) for spec in self.inputs]
         interp = _FakeInterpreter(gm, mode, mapping, device, cast)
         retype = (_param_dtype(gm), cast) if cast is not None and cast != _param_dtype(gm) else None
-        with mode, OnDevice(device, retype):
+        # The Python dispatcher (as torch.export traces): C++ kernels without a SymInt path
+        # (constant_pad_nd, ...) take their Python meta instead of reading sizes as ints,
+        # which guards B and S to the example's sizes.
+        with mode, enable_python_dispatcher(), OnDevice(device, retype):
             interp.run(*args)
         gm.meta.update(
             {
                 "pp.fake_mode": mode,
                 "pp.symbols": mapping,
                 "pp.example": self._example(),
-                "pp.symbolic": symbolic,
+                "pp.symbolic": symbolic == frozenset(self._example()),
                 "pp.fake_params": interp.fakes,
                 "pp.fakes_by_module": interp.by_module,
                 "pp.device": device,
@@ -214,8 +229,11 @@ class _FakeInterpreter(fx.Interpreter):
                 if key is not None and _shareable(out):
                     self.templates[key] = out
             env = self.mode.shape_env
-            if env is not None and any(env.replace(s).is_number for s in self.symbols):
-                raise RuntimeError("a guard specialized a symbolic size (B or S) to a constant")
+            pinned = frozenset(str(self.mapping[s]) for s in self.symbols
+                               if env is not None and env.replace(s).is_number)
+            if pinned:
+                raise _NodeFailed(n, RuntimeError(
+                    f"a guard specialized a symbolic size ({', '.join(sorted(pinned))}) to a constant"), pinned)
         except _NodeFailed:
             raise
         except Exception as e:  # any failure is reported with the node that raised it

@@ -156,3 +156,38 @@ def test_parameter_fakes_match_the_parameters_and_keep_ties(where: str) -> None:
     assert len(storages) == len(fakes) - 1
     half = fake_params(model, FakeTensorMode(), "cpu", torch.bfloat16)  # type: ignore[arg-type]
     assert half["0.weight"].dtype == torch.bfloat16 and half["0.weight"].requires_grad
+
+
+class _PadsShifted(nn.Module):
+    """``F.pad(x[:, 1:], ...)`` (MobileBERT's shifted embeddings): aten.constant_pad_nd's C++
+    kernel reads sizes as ints, which pinned B and S unless run through the Python dispatcher."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x[:, 1:], [0, 0, 0, 1, 0, 0], value=0.0) * 2
+
+
+def test_pad_keeps_batch_and_sequence_symbolic() -> None:
+    x = torch.randn(2, 8, 4)
+    spec = InputSpec("x", "tensor", (2, 8, 4), "float32", ((0, "B"), (1, "S")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        gm = ShapeProp(inputs=(spec,)).run(fx.symbolic_trace(_PadsShifted()))
+    assert gm.meta["pp.symbolic"] is True
+    out = next(n for n in gm.graph.nodes if n.op == "output").meta[DESC]
+    assert out == TensorDesc((BATCH, SEQ, sympy.Integer(4)), torch.float32, False)
+    assert tuple(_PadsShifted()(x).shape) == (2, 8, 4)
+
+
+class _PinsSequence(nn.Module):
+    """``view(b, 8, ...)``: a capture that fixed S (Funnel, RecurrentGemma do) pins S only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], 8, -1) * 2
+
+
+def test_a_guard_on_the_sequence_only_keeps_the_batch_symbolic() -> None:
+    spec = InputSpec("x", "tensor", (2, 8, 4), "float32", ((0, "B"), (1, "S")))
+    with pytest.warns(UserWarning, match=r"static example sizes \{'S': 8\} \(B stays symbolic\)"):
+        gm = ShapeProp(inputs=(spec,)).run(fx.symbolic_trace(_PinsSequence()))
+    assert gm.meta["pp.symbolic"] is False and set(gm.meta["pp.symbols"].values()) == {BATCH}
+    assert next(n for n in gm.graph.nodes if n.name == "mul").meta[DESC].shape == (BATCH, 8, 4)
