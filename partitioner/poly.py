@@ -1,8 +1,8 @@
 """Symbolic costs as text that loads without ``eval``: polynomials in B and S.
 
 ``sympy.sympify`` and ``parse_expr`` evaluate Python, so plans (user files, data) use
-this small grammar instead: ``"4096*B*S + 12*B^2 + 7"`` — a sum of terms, each an
-integer or rational coefficient times powers of ``B`` and ``S``.
+this small grammar instead: ``"4096*B*S + 12*B^2 + 7"``, ``"S - 1"`` — a sum of terms (signed by
+``+``/``-``), each an integer or rational coefficient times powers of ``B`` and ``S``.
 """
 
 from __future__ import annotations
@@ -40,15 +40,14 @@ def to_text(expr: sympy.Expr | int, at: Mapping[str, int] | None = None) -> str:
         if at is None:
             raise PolyError(f"cost {expr} is not a polynomial in B and S") from None
         return str(cost_evaluate(expr, at.get("B", 1), at.get("S", 1)))
-    terms = []
+    text = ""
     for (pb, ps), c in sorted(poly.terms(), reverse=True):
         factors = [f"B^{pb}" if pb > 1 else "B"] * (pb > 0) + [f"S^{ps}" if ps > 1 else "S"] * (ps > 0)
-        coef = str(sympy.Rational(c))
-        if factors and coef == "1":
-            terms.append("*".join(factors))
-        else:
-            terms.append("*".join([coef, *factors]))
-    return " + ".join(terms) if terms else "0"
+        coef = str(abs(sympy.Rational(c)))
+        term = "*".join(factors) if factors and coef == "1" else "*".join([coef, *factors])
+        sign = "-" if c < 0 else "+"
+        text = (f"{text} {sign} {term}" if text else f"-{term}" if c < 0 else term)
+    return text or "0"
 
 
 def from_text(text: str) -> sympy.Expr:
@@ -56,8 +55,13 @@ def from_text(text: str) -> sympy.Expr:
     if not isinstance(text, str) or not text.strip():
         raise PolyError(f"expected a polynomial in B and S as text, got {text!r}")
     total: sympy.Expr = sympy.Integer(0)
-    for raw in text.split("+"):
-        term = raw.strip().replace(" ", "")
+    parts = re.split(r"([+-])", text)  # terms and the signs between them: "S - 1" (a pad), "-2*B + S"
+    if not parts[0].strip() and parts[1:2] == ["-"]:
+        parts = parts[2:]
+        parts[0] = "-" + parts[0]
+    for i, raw in enumerate(parts[::2]):
+        negative = raw.strip().startswith("-") or (i > 0 and parts[2 * i - 1] == "-")
+        term = raw.strip().removeprefix("-").replace(" ", "")
         m = _TERM.match(term)
         if not term or m is None:
             raise PolyError(f"bad term {raw.strip()!r} in {text!r}: expected e.g. '12*B^2*S'")
@@ -71,7 +75,7 @@ def from_text(text: str) -> sympy.Expr:
             if int(power or 1) > MAX_DEGREE:  # B^10**9 parses, but evaluating it never ends
                 raise PolyError(f"bad term {raw.strip()!r} in {text!r}: powers above {MAX_DEGREE} are not costs")
             value *= _SYMBOLS[sym] ** int(power or 1)
-        total += value
+        total += -value if negative else value
     return total
 
 

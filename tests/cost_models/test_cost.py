@@ -48,3 +48,17 @@ def test_poly_text_round_trip_evaluates_the_same() -> None:
 
     expr = 12 * BATCH**2 * SEQ + sympy.Rational(7, 2) * SEQ + 3
     assert poly.evaluate(poly.from_text(poly.to_text(expr)), 3, 5) == evaluate(expr, 3, 5) == 12 * 9 * 5 + 18 + 3
+
+
+def test_poly_text_with_negative_terms_round_trips() -> None:
+    """``S - 1`` (a shifted slice, padded back: MobileBERT) is a cost term; it once printed as
+    ``+ -32*B``, which the plan schema refused, so such a plan could not be reloaded."""
+    from partitioner import poly
+
+    for expr in (160 * BATCH * SEQ**2 - 32 * BATCH + 32 * SEQ, SEQ - 1, 1 - SEQ, -2 * BATCH + SEQ, sympy.Integer(-5)):
+        text = poly.to_text(expr)
+        assert "+ -" not in text and sympy.expand(poly.from_text(text) - expr) == 0, text
+    assert poly.to_text(SEQ - 1) == "S - 1" and poly.to_text(3 - 2 * BATCH) == "-2*B + 3"
+    for bad in ("-", "B -", "B + - S", "2 -- B"):
+        with pytest.raises(poly.PolyError):
+            poly.from_text(bad)
