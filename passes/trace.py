@@ -539,6 +539,24 @@ def _use_cache_hint(model: nn.Module, kwargs: dict[str, Any] | None) -> str:
     return ""
 
 
+def _eager_failure(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseException | None:
+    """After a failed capture: what running the model itself on the example raises, if it
+    does (a bad config is not a capture problem). Meta-device models are not run."""
+    if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        return None
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # batch norm statistics stay as they were
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:
+        return e
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return None
+
+
 def capture(
     model: nn.Module,
     args: tuple[Any, ...] | None = None,
@@ -587,6 +605,12 @@ def capture(
     try:
         cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {})
     except Exception as e:
+        eager = _eager_failure(model, tuple(args or ()), dict(kwargs or {}))
+        if eager is not None:
+            raise CaptureError(
+                f"{name} fails on the example inputs when run eagerly, before any capture: "
+                f"{_first_line(eager)}; check the model's config and the example inputs"
+            ) from eager
         why_fx = f"torch.fx{_failing_submodule(model, fx_error)}: {_last_line(fx_error)}; " if fx_error else ""
         raise CaptureError(
             f"cannot capture {name}{_use_cache_hint(model, kwargs)}: {why_fx}torch.export: {_first_line(e)}. Mark "

@@ -95,3 +95,28 @@ def test_vit_blocks_renamed_in_transformers_5_are_suggested() -> None:
         warnings.simplefilter("ignore")
         with pytest.raises(PartitionError, match=r"cut_at='vit.encoder.layer.\*' matches no module.*vit.layers.\*"):
             partition(model, 2, case.inputs(), device="cpu", cut_at="vit.encoder.layer.*")
+
+
+class _BrokenConfig(torch.nn.Module):
+    """Fails on its own inputs (a config whose head count does not divide the width, say),
+    and branches on data so that neither capture route gets as far as running it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.lin(x))
+        if h.sum() > 0:
+            h = h * 2
+        return h.view(x.shape[0], 3, -1)
+
+
+def test_a_model_that_fails_eagerly_is_not_reported_as_a_capture_problem() -> None:
+    model = _BrokenConfig()  # training mode: a forward would move the batch-norm statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PartitionError, match=r"_BrokenConfig fails on the example inputs when run eagerly, before any "
+                                             r"capture: RuntimeError: shape .* is invalid .*check the model's config"):
+        partition(model, 2, (torch.randn(4, 8),), device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
