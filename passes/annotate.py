@@ -110,9 +110,13 @@ class AnnotateCosts(Pass):
                     # (Python metas and decompositions, as torch.export traces), which keeps
                     # sizes symbolic. Not always: its decompositions differ from the C++ kernels
                     # in what aliases (eval-mode dropout returns a copy), which memory prices.
-                    with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
-                        cost = _price(node, gm, fakes, sizes)
-                    if _lost_symbols(cost, node.meta[DESC]):
+                    try:
+                        with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
+                            cost = _price(node, gm, fakes, sizes)
+                        again = _lost_symbols(cost, node.meta[DESC])
+                    except AnnotateError:  # such a kernel may also refuse symbolic strides outright
+                        again = True
+                    if again:
                         _clear_fake_cache(mode)  # that run cached static outputs for symbolic inputs
                         with enable_python_dispatcher():
                             cost = _price(node, gm, fakes, sizes)
