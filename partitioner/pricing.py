@@ -19,7 +19,7 @@ from torch import fx
 from cost_models.cost import BATCH, SEQ, NodeCost, evaluate
 from passes.base import TensorDesc
 from passes.meta import COST, DESC, MODULE
-from passes.split import compute_nodes
+from passes.split import aliases, compute_nodes, writes_into
 
 __all__ = ["Priced", "price", "value_bytes", "wire_kind", "TIME_UNIT"]
 
@@ -159,6 +159,7 @@ def price(
         dbytes[hi + 1] -= fb
         dgrad[lo] += gb
         dgrad[hi + 1] -= gb
+    split_write = _split_writes(gm, order, pos)
     cut_bytes, cut_grad, allowed, why = [], [], [], []
     acc_b = acc_g = acc_bad = 0
     instances = [module_instance(str(nd.meta.get(MODULE, "")), cut_at) for nd in order]
@@ -172,6 +173,8 @@ def price(
         if 0 < k < n:
             if acc_bad:
                 reason = f"non-tensor value crosses: {bad_name[k]}"
+            elif split_write[k]:
+                reason = split_write[k]
             elif cut_at is not None and (instances[k - 1] == instances[k] or
                                          (instances[k - 1] is None and instances[k] is None)):
                 reason = f"inside or outside {cut_at!r} boundaries"
@@ -179,6 +182,31 @@ def price(
         why.append(reason)
     return Priced(tuple(order), tuple(fwd), tuple(bwd),
                   tuple(cut_bytes), tuple(cut_grad), tuple(allowed), tuple(why))
+
+
+def _split_writes(gm: fx.GraphModule, order: Sequence[fx.Node], pos: dict[fx.Node, int]) -> list[str]:
+    """Per cut: why it may not be cut because an in-place write after it (``h[:, :4].mul_(2)``)
+    reaches a tensor of which two aliases (a base and its view) cross the cut. Each arrives
+    as its own tensor, so the write would miss the other: a silent wrong result. (One alias
+    crossing is fine: the stage writes into a copy, ``passes.split``.)"""
+    n = len(order)
+    out = [""] * (n + 1)
+    for w in order:
+        targets = [a for a in (*w.args, *w.kwargs.values()) if isinstance(a, fx.Node) and writes_into(gm, w, a)]
+        for target in targets:
+            count = [0] * (n + 2)
+            for m in aliases(target):
+                produced = pos.get(m, -1)
+                last = max((pos.get(u, n) for u in m.users), default=produced)
+                if last > produced:
+                    count[produced + 1] += 1
+                    count[min(last, n) + 1] -= 1
+            acc = 0
+            for k in range(min(pos[w], n) + 1):
+                acc += count[k]
+                if acc >= 2 and not out[k]:
+                    out[k] = f"{w.name} writes in place into {target.name}, and two of its aliases would cross"
+    return out
 
 
 def to_units(seconds: Sequence[float]) -> list[int]:

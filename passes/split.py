@@ -11,13 +11,18 @@ keys are a subset of the model's, so an existing checkpoint loads into stages di
 from __future__ import annotations
 
 import bisect
+import functools
+import operator
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import fx, nn
 
 from passes.errors import GraphError
 
-__all__ = ["StageIO", "SplitResult", "compute_nodes", "live_values", "split_graph", "copy_persistence"]
+__all__ = ["StageIO", "SplitResult", "compute_nodes", "live_values", "split_graph", "copy_persistence", "writes_into",
+           "is_view_of", "aliases"]
 
 _NOT_COMPUTE = ("placeholder", "get_attr", "output")
 
@@ -123,9 +128,98 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
             out_names = tuple(a.name for a in out_node.all_input_nodes)
         else:
             graph.output(tuple(lookup(by_name[name]) for name in out_names))
+        _clone_mutated_inputs(gm, graph, [ph for ph in graph.nodes if ph.op == "placeholder"
+                                          and by_name[ph.name].op != "placeholder"])
         graph.lint()
         stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
         copy_persistence(gm, stage)
         stages.append(stage)
         ios.append(StageIO(tuple(ins[s]), tuple(out_names), tuple(n.name for n in nodes)))
     return SplitResult(tuple(stages), tuple(ios))
+
+
+#: Methods and functions (by name) whose result shares storage with their first argument.
+_VIEWS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+    "expand_as", "narrow", "select", "flatten", "unflatten", "t", "chunk", "split", "unbind", "contiguous",
+    "detach", "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes", "unfold", "getitem", "tensor_split",
+    "split_with_sizes", "view_as_real", "view_as_complex", "real", "imag", "alias",
+})
+_SETS = frozenset({"setitem", "__setitem__", "iadd", "isub", "imul", "itruediv", "ior", "iand"})
+
+
+def writes_into(root: nn.Module, node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` writes into ``value`` (an in-place op, ``x[i] = ...``, ``inplace=True``)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        for i, arg in enumerate(target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                if (node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)) is value:
+                    return True
+        return False
+    if not node.args or node.args[0] is not value:
+        return False
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(str(target)), "inplace", False))
+    name = str(target) if node.op == "call_method" else getattr(target, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name in _SETS or node.kwargs.get("inplace") is True
+
+
+def is_view_of(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node``'s result may share storage with ``value`` (one of its inputs)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        args = target._schema.arguments
+        return bool(args) and args[0].alias_info is not None and not args[0].alias_info.is_write \
+            and bool(node.args) and node.args[0] is value
+    if node.op == "call_method" or (node.op == "call_function" and target is not operator.getitem):
+        name = str(target) if node.op == "call_method" else getattr(target, "__name__", "")
+        return name in _VIEWS and bool(node.args) and node.args[0] is value
+    return target is operator.getitem and bool(node.args) and node.args[0] is value
+
+
+def aliases(value: fx.Node) -> set[fx.Node]:
+    """The values that may share ``value``'s storage: its base (followed back through views)
+    and every view of it, taken forward."""
+    root = value
+    while root.op != "placeholder" and root.args and isinstance(root.args[0], fx.Node) \
+            and is_view_of(root, root.args[0]):
+        root = root.args[0]
+    group, todo = {root}, [root]
+    while todo:
+        v = todo.pop()
+        for user in v.users:
+            if user not in group and is_view_of(user, v):
+                group.add(user)
+                todo.append(user)
+    return group
+
+
+def _clone_mutated_inputs(root: nn.Module, graph: fx.Graph, received: list[fx.Node]) -> None:
+    """A stage input that the stage writes into, directly or through a view, is cloned first.
+
+    In the model that value is an intermediate; in a stage it arrives as a leaf that
+    requires grad, and autograd refuses in-place ops on (views of) such leaves. The sender
+    also keeps the tensor for its own backward, so writing into it would corrupt that.
+    """
+    last = next((n for n in reversed(graph.nodes) if n.op == "placeholder"), None)
+    for ph in received:
+        seen, todo = {ph}, [ph]
+        mutated = False
+        while todo and not mutated:
+            v = todo.pop()
+            for user in v.users:
+                if writes_into(root, user, v):
+                    mutated = True
+                    break
+                if user not in seen and is_view_of(user, v):
+                    seen.add(user)
+                    todo.append(user)
+        if not mutated:
+            continue
+        assert last is not None
+        with graph.inserting_after(last):
+            copy: Any = graph.call_function(torch.ops.aten.clone.default, (ph,))
+        copy.meta = dict(ph.meta)
+        ph.replace_all_uses_with(copy, delete_user_cb=functools.partial(operator.is_not, copy))
+        last = copy

@@ -86,3 +86,46 @@ def test_breakdown_splits_a_ranks_step_by_action_kind() -> None:
                                  "W": 0.004, "between": 0.001, "wall": 0.035})
     with pytest.raises(ValueError, match=r"one rank's events, got ranks \[0, 1\]"):
         breakdown(evs + [TraceEvent(1, "1F0", 0, 1)])
+
+
+class _ScalesInPlace(torch.nn.Module):
+    """An in-place write into a view of an intermediate (``g[:, :4].mul_(2)``, as Funnel's
+    attention does). Cut before the view, the intermediate arrives in stage 1 as a leaf that
+    requires grad, which autograd refuses to write into: the stage writes into a copy. Cut
+    between the view and the write, the base and the view would arrive as two tensors and
+    the write would miss the base: that cut is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.a(x) * 3
+        g[:, :4].mul_(2)
+        return self.b(g.relu())
+
+
+@pytest.mark.parametrize("route,pin", [("fx", "getitem"), ("fx", None), ("export", None)])
+def test_a_stage_writing_into_a_received_value_trains_like_one_process(route: str, pin: str | None) -> None:
+    import copy
+
+    from partitioner import PartitionError, partition
+
+    torch.manual_seed(0)
+    model, x = _ScalesInPlace(), torch.randn(4, 8)
+    kw = dict(capture_route=route, device="cpu", pinned_cuts=[pin] if pin else [])
+    pipe = partition(model, n_gpus=2, example_inputs=(x,), **kw)  # type: ignore[arg-type]
+    if pin:
+        assert pipe.plan.stages[1].nodes[:2] == ("getitem", "mul_")  # the view and the write in stage 1
+    ref = copy.deepcopy(model)
+    ref(x).pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    loss = pipe.train_step(x, target=torch.zeros(4), loss_fn=lambda out, y: out.pow(2).mean(), n_microbatches=2)
+    torch.testing.assert_close(loss, ref(x).pow(2).mean().detach())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(pipe(x), ref(x))
+    if route == "fx":
+        with pytest.raises(PartitionError, match=r"pinned cut 'mul_' cannot be used: mul_ writes in place into "
+                                                 r"getitem, and two of its aliases would cross"):
+            partition(model, n_gpus=2, example_inputs=(x,), capture_route="fx", device="cpu", pinned_cuts=["mul_"])
