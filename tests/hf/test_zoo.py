@@ -1,4 +1,4 @@
-"""The zoo (issue 9, item 11): 29 Hugging Face architectures from tiny configs, each into 2
+"""The zoo (issue 9, item 11): 34 Hugging Face architectures from tiny configs, each into 2
 and 4 stages on the torch.export route: outputs and every parameter gradient equal to the
 unpartitioned model's (``torch.testing.assert_close`` defaults for float32: rtol 1.3e-6,
 atol 1e-5), the plan's JSON re-applied with ``load_plan(...).apply(model)`` gives the same

@@ -125,6 +125,15 @@ ZOO: dict[str, ZooCase] = {
                             num_hidden_layers=LAYERS, state_size=8, expand=2, conv_kernel=4, use_cache=False,
                             bos_token_id=0, eos_token_id=0, pad_token_id=0),
                      lambda: {"input_ids": _ids()}, "logits", "ssm", _LM_EXTRA),
+    # hybrid and recurrent decoders: Jamba (Mamba + attention + MoE; its capture fixes S), RWKV
+    "jamba": ZooCase(_build("JambaConfig", "JambaForCausalLM", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                            expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4),
+                     _lm_inputs, "logits", "ssm", _LM_EXTRA),
+    "rwkv": ZooCase(_build("RwkvConfig", "RwkvForCausalLM", vocab_size=VOCAB, hidden_size=HIDDEN,
+                           num_hidden_layers=LAYERS, attention_hidden_size=HIDDEN, intermediate_size=FFN,
+                           context_length=POS, use_cache=False, bos_token_id=0, eos_token_id=0),
+                    lambda: {"input_ids": _ids()}, "logits", "ssm", _LM_EXTRA),
     # encoder-decoders
     "bart": ZooCase(_build("BartConfig", "BartForConditionalGeneration", vocab_size=VOCAB, d_model=HIDDEN,
                            encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
@@ -158,6 +167,16 @@ ZOO: dict[str, ZooCase] = {
                           _lm_inputs, "logits", "encoder", _HIDDEN_EXTRA),
     "albert": ZooCase(_build("AlbertConfig", "AlbertForMaskedLM", **_ENC, embedding_size=16, classifier_dropout_prob=0.0),
                       _lm_inputs, "logits", "encoder", _HIDDEN_EXTRA),
+    # MobileBERT pads a shifted slice (S - 1 + 1: symbolic only through the Python dispatcher);
+    # Funnel pools the sequence (its capture fixes S) and writes in place into attention scores
+    "mobilebert": ZooCase(_build("MobileBertConfig", "MobileBertForMaskedLM", **{**_ENC, "intermediate_size": HIDDEN},
+                                 embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+                                 num_feedforward_networks=2),
+                          _lm_inputs, "logits", "encoder", _HIDDEN_EXTRA),
+    "funnel": ZooCase(_build("FunnelConfig", "FunnelModel", vocab_size=VOCAB, block_sizes=[1, 1], block_repeats=None,
+                             num_decoder_layers=1, d_model=HIDDEN, n_head=HEADS, d_head=16, d_inner=FFN,
+                             hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0),
+                      _lm_inputs, "last_hidden_state", "encoder", _HIDDEN_EXTRA),
     # vision
     "vit": ZooCase(_build("ViTConfig", "ViTForImageClassification", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                           num_attention_heads=HEADS, intermediate_size=FFN, image_size=32, patch_size=8,
@@ -173,6 +192,12 @@ ZOO: dict[str, ZooCase] = {
                            depths=[1, 1], num_heads=[2, 2], window_size=4, mlp_ratio=2.0, hidden_dropout_prob=0.0,
                            attention_probs_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3),
                     lambda: {"pixel_values": _pixels()}, "logits", "vision", {"labels": _class_labels}),
+    "segformer": ZooCase(_build("SegformerConfig", "SegformerForSemanticSegmentation", num_encoder_blocks=2,
+                                depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+                                strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                classifier_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3),
+                         lambda: {"pixel_values": _pixels()}, "logits", "vision", _HIDDEN_EXTRA),
     # multimodal and audio
     "clip": ZooCase(_build("CLIPConfig", "CLIPModel",
                            text_config=dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
