@@ -15,7 +15,7 @@ from cost_models.devices import DeviceSpec, LinkSpec, get_device, get_link
 from cost_models.errors import PartitionError
 from partitioner import plan_builder, poly
 from partitioner.pipe import Pipe
-from partitioner.plan import Mesh, Plan, PlanError
+from partitioner.plan import STATIC_SHAPES_NOTE, Mesh, Plan, PlanError
 from partitioner.plan_builder import StageMemory
 from partitioner.memory import (
     OPTIMIZER_STATES, PRECISIONS, RECOMPUTE, Activations, Static, bytes_per_param, compute_dtype, default_precision,
@@ -403,7 +403,7 @@ def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opt
         gm = pm.run(gm)
         if not gm.meta.get("pp.symbolic", True):
             kept = sorted(str(v) for v in gm.meta.get("pp.symbols", {}).values())
-            notes.append("costs are exact for the example sizes only: symbolic shape propagation failed"
+            notes.append(f"{STATIC_SHAPES_NOTE}: symbolic shape propagation failed"
                          + (f" ({', '.join(kept)} stays symbolic)" if kept else ""))
         return gm, pm, notes
     msg = ("no example inputs: balancing parameter bytes only; FLOP and activation costs "

@@ -43,6 +43,11 @@ TORCH_DTYPES = frozenset({
 })
 
 
+#: the plan note ``partition()`` writes when symbolic shape propagation failed: the costs and
+#: the boundary shapes hold for the example's sizes only (the runtime's errors point at it)
+STATIC_SHAPES_NOTE = "costs are exact for the example sizes only"
+
+
 class PlanError(PartitionError):
     """A plan file is malformed, inconsistent, or does not fit the model it is applied to."""
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
-from partitioner.plan import Plan
+from partitioner.plan import STATIC_SHAPES_NOTE, Plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.routing import Links, Route, posting_order
 from partitioner.runtime.splitgrad import WeightWork, input_grads, weight_grads
@@ -232,14 +232,28 @@ class Interpreter:
         except PipelineRuntimeError as e:
             if e.rank is not None:
                 raise
-            raise PipelineRuntimeError(f"rank {self.rank}, action {a}: {e}", self.rank, str(a), e.secondary) from e
+            raise PipelineRuntimeError(f"rank {self.rank}, action {a}: {e}{self._static_hint()}", self.rank, str(a),
+                                       e.secondary) from e
         except Exception as e:
             what = {"F": "forward", "B": "backward"}.get(a.kind, a.kind.lower())
             raise PipelineRuntimeError(
                 f"rank {self.rank}, action {a} (stage {a.stage} {what}, micro-batch {a.microbatch}) failed: "
-                f"{type(e).__name__}: {e}", self.rank, str(a)) from e
+                f"{type(e).__name__}: {e}{self._static_hint()}", self.rank, str(a)) from e
         # Time blocked on a receive is its own "wait" event, not part of the compute.
         self.events.append(TraceEvent(self.rank, str(a), max(t0, self._waited_until), time.perf_counter_ns()))
+
+    def _static_hint(self) -> str:
+        """For a plan whose shapes are fixed to its example (symbolic shape propagation failed
+        when planning), run at another micro-batch size: most likely why an op failed."""
+        if not any(n.startswith(STATIC_SHAPES_NOTE) for n in self.plan.notes):
+            return ""
+        example = self.plan.symbols.get("B")
+        if example is None or self._layout is None or self._layout[0] == example:
+            return ""
+        return (f" (this plan's shapes are fixed to its example batch of {example}: symbolic shape propagation "
+                f"failed when planning, see plan.notes; the model may not run micro-batches of {self._layout[0]}: "
+                "make its shapes follow its inputs (no sizes written into view/reshape), or run with "
+                "n_microbatches=1)")
 
     def finish(self) -> torch.Tensor | None:
         """Wait for outstanding sends; the step's loss on the last stage's rank, else None."""

@@ -120,3 +120,36 @@ def test_a_model_that_fails_eagerly_is_not_reported_as_a_capture_problem() -> No
                                              r"capture: RuntimeError: shape .* is invalid .*check the model's config"):
         partition(model, 2, (torch.randn(4, 8),), device="cpu")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
+
+
+class _FixedBatch(torch.nn.Module):
+    """Writes its example's batch into a view: shapes cannot follow the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(self.a(x).view(8, 16))))
+
+
+def test_a_plan_with_fixed_shapes_says_why_a_smaller_micro_batch_fails() -> None:
+    """Symbolic shape propagation fails (the view pins the batch): the plan notes it, and a
+    step at micro-batch 4 fails in the stage's forward with that reason and what to do;
+    micro-batches of the example's size run."""
+    from partitioner.plan import STATIC_SHAPES_NOTE
+    from partitioner.runtime.errors import PipelineRuntimeError
+
+    torch.manual_seed(0)
+    model, x, y = _FixedBatch(), torch.randn(8, 16), torch.randn(8, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = partition(model, n_gpus=2, example_inputs=(x,), n_microbatches=2, device="cpu")
+    assert any(n.startswith(STATIC_SHAPES_NOTE) for n in pipe.plan.notes)
+    loss_fn = torch.nn.functional.mse_loss
+    with pytest.raises(PipelineRuntimeError, match=r"fixed to its example batch of 8.*micro-batches of 4.*"
+                                                   r"n_microbatches=1"):
+        pipe.train_step(x, target=y, loss_fn=loss_fn, n_microbatches=2)
+    model.zero_grad()
+    got = pipe.train_step(x, target=y, loss_fn=loss_fn, n_microbatches=1)
+    torch.testing.assert_close(got, loss_fn(model(x), y).detach())
