@@ -970,9 +970,8 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
             raise PlanError(f"stage {st.index} lists node {st.nodes[k]!r} where the graph has {want[k]!r}: a stage's "
                             "nodes must be in graph order", f"$.stages[{st.index}].nodes[{k}]")
     fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
-    text = fields.pop("schedule_text", None)
-    if text is not None:  # load_plan checked it parses, validates and matches the plan
-        fields["custom"] = Schedule.from_text(text)
+    fields.pop("schedule_text", None)
+    fields["custom"] = plan.stored_schedule()  # load_plan checked it validates and matches the plan
     if plan.mesh.inter_link is not None:
         fields["inter_link"] = LinkSpec.from_dict(plan.mesh.inter_link)
     o = Options(**fields)

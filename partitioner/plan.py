@@ -9,6 +9,7 @@ own consistency, naming the JSON path of the first bad field.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from partitioner import poly
 
 if TYPE_CHECKING:  # torch-free at import: ``partitioner show``/``diff`` read plans without torch
     from partitioner.pipe import Pipe
+    from partitioner.schedule import Schedule
     from passes.base import InputSpec
 
 __all__ = [
@@ -223,6 +225,19 @@ class Plan:
         n = self.options.get("n_gpus")
         return int(n) // self.mesh.dp if isinstance(n, int) else max(st.rank for st in self.stages) + 1
 
+    def stored_schedule(self) -> Schedule | None:
+        """The hand-written schedule the plan carries (``options.schedule_text``, written by
+        ``partition(schedule=Schedule(...))``), parsed; None for a built-in schedule."""
+        text = self.options.get("schedule_text")
+        if text is None:
+            return None
+        from partitioner.schedule import ScheduleError
+
+        try:
+            return _parse_schedule(str(text))
+        except ScheduleError as e:
+            raise PlanError(f"the stored schedule is not valid: {e}", "$.options.schedule_text") from None
+
     def input_specs(self) -> tuple[InputSpec, ...]:
         """The recorded model inputs as ``InputSpec``s (enough to re-trace without data)."""
         from passes.base import InputSpec
@@ -406,17 +421,27 @@ _NESTED: dict[tuple[str, str], Any] = {
 }
 
 
-def _check_schedule_text(plan: Plan, name: str, text: Any) -> None:
+@functools.lru_cache(maxsize=8)
+def _parse_schedule(text: str) -> Schedule:
+    """``Schedule.from_text``, once per text: loading checks a stored schedule twice and the
+    runners use it again (a Schedule is immutable, so sharing it is safe)."""
+    from partitioner.schedule import Schedule
+
+    return Schedule.from_text(text)
+
+
+def _check_schedule_text(plan: Plan, name: str) -> None:
     """A hand-written schedule (``partition(schedule=Schedule(...))``) stored in the plan: it
     must parse, pass the validator, and fit the plan (name, ranks, stages, micro-batches)."""
-    from partitioner.schedule import SCHEDULES, Schedule, ScheduleError
+    from partitioner.schedule import SCHEDULES, ScheduleError
 
     where = "$.options.schedule_text"
     if name in SCHEDULES:
         raise PlanError(f"options.schedule_text is only for hand-written schedules, but {name!r} is a built-in "
                         "one: remove it", where)
+    sched = plan.stored_schedule()
+    assert sched is not None  # the caller saw the text
     try:
-        sched = Schedule.from_text(str(text))
         sched.validate()
     except ScheduleError as e:
         raise PlanError(f"the stored schedule is not valid: {e}", where) from None
@@ -443,9 +468,8 @@ def _check_values(plan: Plan) -> None:
             raise PlanError(str(e), f"$.{key}") from None
     from partitioner.schedule import SCHEDULES as known  # pure Python: loading stays torch-free
     schedule = plan.options.get("schedule")
-    text = plan.options.get("schedule_text")
-    if text is not None:
-        _check_schedule_text(plan, str(schedule), text)
+    if plan.options.get("schedule_text") is not None:
+        _check_schedule_text(plan, str(schedule))
     elif schedule not in known:
         raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(known))} (a hand-written "
                         "schedule is stored as options.schedule_text)", "$.options.schedule")
@@ -530,14 +554,9 @@ def _check_consistency(plan: Plan) -> None:
 
     entry = SCHEDULES.get(plan.prediction.schedule)
     placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"
-    stored = plan.options.get("schedule_text")
+    stored = plan.stored_schedule()
     if stored is not None:  # a hand-written schedule places its stages itself (checked in full by _check_values)
-        from partitioner.schedule import Schedule, ScheduleError
-
-        try:
-            placement = Schedule.from_text(str(stored)).placement
-        except ScheduleError as e:
-            raise PlanError(f"the stored schedule is not valid: {e}", "$.options.schedule_text") from None
+        placement = stored.placement
     for i, st in enumerate(plan.stages):
         # stage s runs on rank s % n_gpus, or in a V for zbv (partitioner.schedule.rank_of)
         if isinstance(n_gpus, int) and st.rank != rank_of(i, n_gpus, placement):

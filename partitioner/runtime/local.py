@@ -33,9 +33,8 @@ def resolve_schedule(pipe: Pipe, schedule: str | Schedule, n_microbatches: int |
     n_ranks = plan.pp_ranks
     if isinstance(schedule, Schedule):
         return schedule
-    text = plan.options.get("schedule_text")
-    if text is not None and schedule == plan.options.get("schedule"):  # the plan's hand-written lists
-        sched = Schedule.from_text(text)
+    sched = plan.stored_schedule()
+    if sched is not None and schedule == sched.name:  # the plan's hand-written lists
         if n_microbatches is not None and n_microbatches != sched.n_microbatches:
             raise PipelineRuntimeError(f"schedule {schedule!r} is hand-written for {sched.n_microbatches} "
                                        f"micro-batches, not {n_microbatches}: pass a Schedule built for them")
