@@ -54,21 +54,15 @@ def calibrate_device(
     if any(p.device.type == "meta" for p in model.parameters()):
         raise PartitionError("calibration runs the model for real: load its weights first (it is on the meta device)")
     base = replace(get_device(device), op_overhead_s=0.0)
-    args, kwargs = (((), dict(example_inputs)) if isinstance(example_inputs, dict)
-                    else ((example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), {}))
     roof_full = _predicted(model, example_inputs, base)
-    ops = (_predicted(model, example_inputs, replace(base, op_overhead_s=1e-3)) - roof_full) / 1e-3
-    t_full = _measure(model, args, kwargs, repeats)
-    small = _first(args, kwargs)
-    fit = None
-    if small is not None:
-        s_args, s_kwargs, _ = small
-        s_inputs = s_kwargs if isinstance(example_inputs, dict) else (
-            s_args[0] if isinstance(example_inputs, torch.Tensor) else s_args)
-        fit = fit_overhead(roof_full, _predicted(model, s_inputs, base), ops, t_full,
-                           _measure(model, s_args, s_kwargs, repeats))
+    t_full = _measure(model, example_inputs, repeats)
     if roof_full <= 0 or t_full <= 0:
         raise PartitionError(f"cannot calibrate: predicted {roof_full} s, measured {t_full} s")
+    fit = None
+    small = _first(example_inputs)
+    if small is not None:
+        ops = (_predicted(model, example_inputs, replace(base, op_overhead_s=1e-3)) - roof_full) / 1e-3
+        fit = fit_overhead(roof_full, _predicted(model, small, base), ops, t_full, _measure(model, small, repeats))
     inv_k, overhead = fit if fit is not None else (t_full / roof_full, 0.0)
     return replace(base, name=f"{base.name}-calibrated", peak_flops=base.peak_flops / inv_k,
                    peak_flops_lowp=base.peak_flops_lowp / inv_k, mem_bandwidth=base.mem_bandwidth / inv_k,
@@ -97,24 +91,22 @@ def _predicted(model: nn.Module, example_inputs: Any, dev: DeviceSpec) -> float:
     return float(stage.fwd_time_s + stage.bwd_time_s)
 
 
-def _first(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any], int] | None:
-    """The inputs cut to their first ``B // 8`` samples (every tensor whose dim 0 is the batch
-    B, the first tensor's dim 0), or None for batch 1 or no batched tensor."""
-    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+def _first(example_inputs: Any) -> Any:
+    """``example_inputs`` cut to their first ``B // 8`` samples (every tensor whose dim 0 is
+    the batch B, the first tensor's dim 0), or None for batch 1 or no batched tensor."""
+    leaves = [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if not leaves or leaves[0].shape[0] < 2:
         return None
     batch = int(leaves[0].shape[0])
     b = max(1, batch // 8)
-
-    def cut(v: Any) -> Any:
-        return v[:b] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
-
-    s_args, s_kwargs = pytree.tree_map(cut, (args, kwargs))
-    return tuple(s_args), dict(s_kwargs), b
+    return pytree.tree_map(lambda v: v[:b] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+                           else v, example_inputs)
 
 
-def _measure(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], repeats: int) -> float:
+def _measure(model: nn.Module, example_inputs: Any, repeats: int) -> float:
     """Median wall seconds of forward + backward (the first run discarded), the model restored."""
+    args, kwargs = (((), dict(example_inputs)) if isinstance(example_inputs, dict)
+                    else ((example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), {}))
     grads = {id(p): p.grad for p in model.parameters()}
     buffers = copy.deepcopy({k: v for k, v in model.state_dict().items() if not isinstance(v, nn.Parameter)})
     rng = torch.random.get_rng_state()
