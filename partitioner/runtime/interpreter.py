@@ -222,13 +222,14 @@ class Interpreter:
     def run(self, a: Action) -> None:
         t0 = time.perf_counter_ns()
         self._waited_until = 0
-        final = self.final_backward.get(a) if self.grad_sync is not None else None
+        sync = self.grad_sync
+        final = self.final_backward.get(a) if sync is not None else None
         try:
-            if final is not None:
-                self.grad_sync.arm(final)  # type: ignore[union-attr]
+            if sync is not None and final is not None:
+                sync.arm(final)
             getattr(self, "_" + a.kind)(a.stage, a.microbatch, a)
-            if final is not None:
-                self.grad_sync.ready(final)  # type: ignore[union-attr]  # launches, never waits
+            if sync is not None and final is not None:
+                sync.ready(final)  # launches, never waits
         except PipelineRuntimeError as e:
             if e.rank is not None:
                 raise
