@@ -106,7 +106,12 @@ class DistTransport:
             return []
         p = self._peer(peer)
         ops = [dist.P2POp(op, t, p, self.group, self._tag(key, i)) for i, t in enumerate(tensors)]  # type: ignore[arg-type]
-        return dist.batch_isend_irecv(ops)
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as e:  # gloo posts on the socket now: a dead peer shows here, not in wait()
+            what = "sending" if op is dist.isend else "receiving"
+            raise PipelineRuntimeError(f"{what} message {key} (direction, from stage, to stage, micro-batch) with rank "
+                                       f"{peer} failed (peer failed or timed out): {e}", secondary=True) from e
 
     def _buffer(self, cache: dict[Key, torch.Tensor], key: Key, numel: int, dtype: torch.dtype,
                 device: torch.device, reuse: bool) -> torch.Tensor:
