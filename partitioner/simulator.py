@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from partitioner import poly
+from partitioner.comms import Lowered, lower
 from partitioner.schedule import Action, Schedule, ScheduleError, replay
 
 __all__ = ["Event", "SimResult", "boundary_bytes", "predict_plan", "predict_step", "simulate", "timeline"]
@@ -64,25 +65,43 @@ def _per_stage(what: str, times: Sequence[float], n: int, *, optional: bool = Fa
     return [float(t) for t in times]
 
 
-#: the last schedules' dependency orders (the schedule kept alive beside its order, so an
-#: id is never reused while cached); the step search simulates one schedule hundreds of times
-_ORDERS: dict[int, tuple[Schedule, list[tuple[int, Action]]]] = {}
-_ORDERS_KEPT = 8
+Key = tuple[str, int, int, int]
+#: per round: its computes (rank, index), its batches (rank, index) and its messages
+#: (key, the sender's batch, the receiver's batch)
+Rounds = list[tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[Key, tuple[int, int], tuple[int, int]]]]]
+
+#: the last schedules' lowerings (the schedule kept alive beside it, so an id is never
+#: reused while cached); the step search simulates one schedule hundreds of times
+_LOWERED: dict[int, tuple[Schedule, Lowered, Rounds]] = {}
+_KEPT = 8
 
 
-def _order(schedule: Schedule) -> list[tuple[int, Action]]:
-    """(rank, action) in an order that respects every dependency, from ``schedule.replay``
-    (which validates the lists and raises on any fault); it depends on the lists only, not
-    on the times, so it is computed once per schedule object."""
-    hit = _ORDERS.get(id(schedule))
+def _lowered(schedule: Schedule) -> tuple[Lowered, Rounds]:
+    """The schedule's lowering (``partitioner.comms.lower``, after ``schedule.replay`` has
+    validated the lists), arranged by round: it depends on the lists only, not on the
+    times, so it is computed once per schedule object."""
+    hit = _LOWERED.get(id(schedule))
     if hit is not None and hit[0] is schedule:
-        return hit[1]
-    order: list[tuple[int, Action]] = []
-    replay(schedule, lambda r, _i, a: order.append((r, a)))
-    if len(_ORDERS) >= _ORDERS_KEPT:
-        del _ORDERS[next(iter(_ORDERS))]
-    _ORDERS[id(schedule)] = (schedule, order)
-    return order
+        return hit[1], hit[2]
+    replay(schedule)
+    low = lower(schedule)
+    rounds: Rounds = [([], [], []) for _ in range(low.n_rounds)]
+    receiver: dict[Key, tuple[int, int]] = {}
+    for r in range(schedule.n_ranks):
+        for k, t in enumerate(low.rounds[r]):
+            rounds[t][0].append((r, k))
+        for j, b in enumerate(low.batches[r]):
+            rounds[b.round][1].append((r, j))
+            for key, _ in b.recvs:
+                receiver[key] = (r, j)
+    for r in range(schedule.n_ranks):
+        for j, b in enumerate(low.batches[r]):
+            for key, _ in b.sends:
+                rounds[b.round][2].append((key, (r, j), receiver[key]))
+    if len(_LOWERED) >= _KEPT:
+        del _LOWERED[next(iter(_LOWERED))]
+    _LOWERED[id(schedule)] = (schedule, low, rounds)
+    return low, rounds
 
 
 def simulate(
@@ -104,37 +123,53 @@ def simulate(
     igrad = [b / 2 for b in bwd] if len(igrad_time) == 0 else _per_stage("igrad_time", igrad_time, n)
     if any(i > b for i, b in zip(igrad, bwd)):
         raise ScheduleError(f"igrad_time must not exceed bwd_time per stage: {igrad} vs {bwd}")
+    low, rounds = _lowered(schedule)
 
-    clock = [0.0] * schedule.n_ranks
-    busy = [0.0] * schedule.n_ranks
-    lands: dict[tuple[str, int, int], float] = {}
+    p = schedule.n_ranks
+    clock = [0.0] * p  # when the rank's last compute ends
+    stream = [0.0] * p  # when the rank's last batch of messages completes (its communicator)
+    busy = [0.0] * p
+    ready: dict[Key, float] = {}  # message -> its receive's batch has completed
     inflight, peak = [0] * n, [0] * n
     events: list[Event] = []
 
-    def visit(r: int, _step: int, a: Action) -> None:
-        st, k, mb = a
-        start = clock[r]
-        if k == "SEND_F":
-            lands[("F", st, mb)] = end = start + fsend[st]
-        elif k == "SEND_B":
-            lands[("B", st, mb)] = end = start + bsend[st - 1]
-        elif k in ("RECV_F", "RECV_B"):
-            src = st - 1 if k == "RECV_F" else st + 1
-            end = clock[r] = max(start, lands[(k[-1], src, mb)])
-        else:
-            dur = {"F": fwd[st], "B": bwd[st], "I": igrad[st], "W": bwd[st] - igrad[st]}[k]
-            end = clock[r] = start + dur
+    for computes, batches, messages in rounds:
+        # This instant's batches (placed before the computes that start at it): each starts
+        # once its rank's previous batch has completed (one in-order communicator per rank);
+        # a message moves once the batches at both ends run, and a batch completes with its
+        # last message (a wait covers the whole batch).
+        began = {(r, j): max(clock[r], stream[r]) for r, j in batches}
+        issued = {(r, j): clock[r] for r, j in batches}
+        ends = dict(began)
+        moved = []
+        for key, snd, rcv in messages:
+            d, src, dst, _ = key
+            end = max(began[snd], began[rcv]) + (fsend[src] if d == "F" else bsend[dst])
+            ends[snd], ends[rcv] = max(ends[snd], end), max(ends[rcv], end)
+            moved.append((key, snd, rcv, end))
+        for r, j in batches:
+            stream[r] = ends[(r, j)]
+        for key, snd, rcv, end in moved:
+            ready[key] = ends[rcv]
+            d, src, dst, mb = key
+            events.append(Event(snd[0], Action(src, "SEND_" + d, mb), began[snd], end))
+            events.append(Event(rcv[0], Action(dst, "RECV_" + d, mb), issued[rcv], ends[rcv]))
+        for r, k in computes:
+            a = low.computes[r][k]
+            st, kind = a.stage, a.kind
+            start = clock[r]
+            for key in low.needs[r][k]:
+                start = max(start, ready[key])
+            dur = {"F": fwd[st], "B": bwd[st], "I": igrad[st], "W": bwd[st] - igrad[st]}[kind]
+            clock[r] = start + dur
             busy[r] += dur
             # A micro-batch's activations live until its last backward piece (W needs
             # the stage inputs), so I alone does not release it.
-            inflight[st] += 1 if k == "F" else -1 if k in ("B", "W") else 0
+            inflight[st] += 1 if kind == "F" else -1 if kind in ("B", "W") else 0
             peak[st] = max(peak[st], inflight[st])
-        events.append(Event(r, a, start, end))
-
-    for r, a in _order(schedule):
-        visit(r, 0, a)
-    step = max(clock)
-    bubble = 1 - sum(busy) / (schedule.n_ranks * step) if step > 0 else 0.0
+            events.append(Event(r, a, start, clock[r]))
+    step = max(max(clock), max(stream))
+    bubble = 1 - sum(busy) / (p * step) if step > 0 else 0.0
     events.sort(key=lambda e: (e.start, e.rank))
     return SimResult(step, bubble, tuple(busy), tuple(peak), tuple(events))
 

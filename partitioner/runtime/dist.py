@@ -3,15 +3,18 @@
 A message goes as one tensor: the values of a message with several are packed into one
 byte buffer (each at a 64-byte aligned offset) and received as views of one buffer, so
 a message costs one send and one receive whatever it carries (a cut inside a Llama layer
-sends five values: one transfer, one wake-up of the receiver, not five). Each message is
-one ``batch_isend_irecv`` (as torch.distributed.pipelining does per action).
+sends five values: one transfer, one wake-up of the receiver, not five). Each group the interpreter posts
+(``partitioner.comms``: a batch of the lowering) is one ``batch_isend_irecv``: on NCCL one
+group, whose operations progress together.
 
 Messages carry a tag made from (direction, sending stage, receiving stage,
 micro-batch): gloo matches by tag, so every receive of a step can be posted before the
 step starts and waited on just before use, overlapping the transfer with compute.
-NCCL ignores tags and matches in issue order, so there receives are posted at their
-RECV action, in the schedule's order (``prepost`` False), and the interpreter issues
-each rank's sends to a peer in the order that peer posts them.
+NCCL ignores tags and matches in issue order (``prepost`` False): there the receives go
+in the lowering's batches, whose order and grouping cannot deadlock under NCCL's rules.
+``DistTransport(..., tagless=True)`` runs gloo that way too (every tag 0, receives in
+their batches, so gloo matches in issue order per pair of ranks as NCCL does): the tests
+use it to run the NCCL code path's message order for real on CPU.
 
 On CPU the buffers are kept per message key and reused by the next step (the step's
 receives are all posted at its start, so a step holds them all anyway; a new step
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from partitioner.runtime.errors import PipelineRuntimeError
-from partitioner.runtime.transport import Key, Layout
+from partitioner.runtime.transport import Key, Layout, Pending
 
 __all__ = ["DistTransport", "backend_for", "pack_layout"]
 
@@ -81,9 +84,10 @@ class DistTransport:
     """P2P over ``group`` (default: the world); peers are ranks within ``group``."""
 
     def __init__(self, n_stages: int, n_microbatches: int, max_values: int,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, *, tagless: bool = False) -> None:
         self.group = group
-        self.prepost = dist.get_backend(group) != "nccl"
+        self.tagless = tagless
+        self.prepost = dist.get_backend(group) != "nccl" and not tagless
         self._shape = (n_stages, n_microbatches, max(max_values, 1))
         self._sends: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
         self._in_flight: set[Key] = set()  # keys sent since the last flush: their buffers are busy
@@ -92,26 +96,87 @@ class DistTransport:
         self._receiving: set[Key] = set()  # posted, not yet waited on: never reuse their buffers
         self.bytes_sent = 0
 
-    def _tag(self, key: Key, i: int) -> int:
+    def _tag(self, key: Key) -> int:
         # A value with several consumers goes once to each: the receiving stage is in the tag.
+        if self.tagless:
+            return 0
         direction, src, dst, mb = key
-        n_stages, _, width = self._shape
-        return ((((mb * n_stages + src) * n_stages + dst) * 2) + (direction == "B")) * width + i
+        n_stages, _, _ = self._shape
+        return (((mb * n_stages + src) * n_stages + dst) * 2) + (direction == "B")
 
     def _peer(self, peer: int) -> int:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
 
-    def _ops(self, op: object, key: Key, peer: int, tensors: Sequence[torch.Tensor]) -> list[dist.Work]:
-        if not tensors:
-            return []
-        p = self._peer(peer)
-        ops = [dist.P2POp(op, t, p, self.group, self._tag(key, i)) for i, t in enumerate(tensors)]  # type: ignore[arg-type]
+    def _wire(self, key: Key, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One tensor for the message: the value itself, or the values packed in one buffer."""
+        if len(tensors) == 1:
+            return tensors[0].contiguous()
+        # Non-tensor values are encoded on the CPU; they travel in the accelerator's
+        # buffer with the activations (the receiver unpacks on its stage's device).
+        dev = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+        layout = [(tuple(t.shape), t.dtype) for t in tensors]
+        segs, total = pack_layout(layout)
+        buf = self._buffer(self._send_bufs, key, total, torch.uint8, dev, key not in self._in_flight)
+        for v, t in zip(_views(buf, layout, segs), tensors):
+            v.copy_(t)
+        return buf
+
+    def _inbox(self, key: Key, layout: Layout, dev: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The buffer a message of ``layout`` lands in, and the tensors the receiver gets."""
+        # A receive of this key still outstanding (a step that failed before waiting on it)
+        # keeps its buffer: gloo may still write into it.
+        reuse = key not in self._receiving
+        self._receiving.add(key)
+        if len(layout) == 1:
+            (shape, dtype), = layout
+            buf = self._buffer(self._recv_bufs, key, math.prod(shape), dtype, dev, reuse)
+            return buf, [buf.view(shape)]
+        segs, total = pack_layout(layout)
+        buf = self._buffer(self._recv_bufs, key, total, torch.uint8, dev, reuse)
+        return buf, _views(buf, layout, segs)
+
+    def post(self, rank: int, sends: Sequence[tuple[Key, int, Sequence[torch.Tensor]]],
+             recvs: Sequence[tuple[Key, int, Layout]], device: torch.device | str | None) -> list[Pending]:
+        dev = torch.device(device or "cpu")
+        ops: list[dist.P2POp] = []
+        wires: list[torch.Tensor] = []
+        for key, peer, tensors in sends:
+            if not tensors:
+                continue
+            self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+            wire = self._wire(key, tensors)
+            self._in_flight.add(key)
+            wires.append(wire)  # referenced until the send completes (flush)
+            ops.append(dist.P2POp(dist.isend, wire, self._peer(peer), self.group, self._tag(key)))
+        n_sends = len(ops)
+        out: list[tuple[Key, int, list[torch.Tensor]]] = []
+        for key, peer, layout in recvs:
+            if not layout:
+                out.append((key, peer, []))
+                continue
+            buf, tensors = self._inbox(key, layout, dev)
+            ops.append(dist.P2POp(dist.irecv, buf, self._peer(peer), self.group, self._tag(key)))
+            out.append((key, peer, tensors))
+        if not ops:
+            return [_Works(key, peer, [], t) for key, peer, t in out]
         try:
-            return dist.batch_isend_irecv(ops)
+            works = dist.batch_isend_irecv(ops)
         except RuntimeError as e:  # gloo posts on the socket now: a dead peer shows here, not in wait()
-            what = "sending" if op is dist.isend else "receiving"
-            raise PipelineRuntimeError(f"{what} message {key} (direction, from stage, to stage, micro-batch) with rank "
-                                       f"{peer} failed (peer failed or timed out): {e}", secondary=True) from e
+            keys = [k for k, _, _ in sends] + [k for k, _, _ in recvs]
+            raise PipelineRuntimeError(f"posting messages {keys} (direction, from stage, to stage, micro-batch) "
+                                       f"failed (a peer failed or timed out): {e}", secondary=True) from e
+        # NCCL returns one work for the whole group (a wait covers it all); gloo one per operation.
+        per_op = len(works) == len(ops)
+        self._sends.append((works[:n_sends] if per_op else list(works), wires))
+        pending: list[Pending] = []
+        i = n_sends
+        for key, peer, tensors in out:
+            if not tensors:
+                pending.append(_Works(key, peer, [], []))
+                continue
+            pending.append(_Works(key, peer, [works[i]] if per_op else list(works), tensors, self._receiving))
+            i += 1
+        return pending
 
     def _buffer(self, cache: dict[Key, torch.Tensor], key: Key, numel: int, dtype: torch.dtype,
                 device: torch.device, reuse: bool) -> torch.Tensor:
@@ -121,40 +186,6 @@ class DistTransport:
             if device.type == "cpu":
                 cache[key] = buf
         return buf
-
-    def send(self, key: Key, peer: int, tensors: Sequence[torch.Tensor]) -> None:
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        if len(tensors) <= 1:
-            wire = [t.contiguous() for t in tensors]
-        else:
-            # Non-tensor values are encoded on the CPU; they travel in the accelerator's
-            # buffer with the activations (the receiver unpacks on its stage's device).
-            dev = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
-            layout = [(tuple(t.shape), t.dtype) for t in tensors]
-            segs, total = pack_layout(layout)
-            buf = self._buffer(self._send_bufs, key, total, torch.uint8, dev, key not in self._in_flight)
-            for v, t in zip(_views(buf, layout, segs), tensors):
-                v.copy_(t)
-            wire = [buf]
-        self._in_flight.add(key)
-        # The tensors stay referenced until the send completes (flush).
-        self._sends.append((self._ops(dist.isend, key, peer, wire), wire))
-
-    def recv(self, key: Key, peer: int, layout: Layout, device: torch.device | str | None) -> _Works:
-        dev = torch.device(device or "cpu")
-        if not layout:
-            return _Works(key, peer, [], [])
-        # A receive of this key still outstanding (a step that failed before waiting on it)
-        # keeps its buffer: gloo may still write into it.
-        reuse = key not in self._receiving
-        self._receiving.add(key)
-        if len(layout) == 1:
-            (shape, dtype), = layout
-            buf = self._buffer(self._recv_bufs, key, math.prod(shape), dtype, dev, reuse)
-            return _Works(key, peer, self._ops(dist.irecv, key, peer, [buf]), [buf.view(shape)], self._receiving)
-        segs, total = pack_layout(layout)
-        buf = self._buffer(self._recv_bufs, key, total, torch.uint8, dev, reuse)
-        return _Works(key, peer, self._ops(dist.irecv, key, peer, [buf]), _views(buf, layout, segs), self._receiving)
 
     def arrived(self, key: Key) -> bool:
         return True  # receives block in wait(); one process runs one rank

@@ -16,16 +16,16 @@ gradients of all its consumers. The SEND/RECV actions stay the points where a st
 sends what it made / posts what it needs; a stage a value only passes through is
 called with ``None`` in that slot and its output there is ignored.
 
-Message order for NCCL (matched in issue order per pair of ranks, no tags): receives
-are posted at their RECV action, in schedule order, then ascending sender stage; a
-direct message may therefore be posted at a different point, relative to the peer's
-other messages, than where its producer's SEND action comes. So, without ``prepost``,
-each rank issues its sends to a peer strictly in the order that peer posts them
-(``routing.posting_order``, computed by both sides from the same schedule): a message
-whose predecessors are not yet made waits in ``_held`` and goes as soon as they have
-gone. That delays nothing the peer could use earlier, as in-order matching would hold
-it up behind those predecessors anyway. Messages between stages of the same rank never
-touch the transport. The in-process transport (``prepost`` False) runs the same code.
+Communication is lowered once (``partitioner.comms.lower``, over the plan's routes): the
+rank's steps are its computes with batches of operations between them, each batch issued
+as one group (``Transport.post``: one ``batch_isend_irecv``), in an order and grouping
+that cannot deadlock under NCCL's rules (in-order execution per communicator, tags
+ignored, sends that complete only when their receive runs); the simulator prices the
+same lowering. A compute waits only for the messages it uses. A transport that matches
+by tag (``prepost``: gloo) posts every receive of the step at its start instead, and its
+batches carry only sends. Messages between stages of the same rank never touch the
+transport. ``comm_log`` records what the rank issued and waited for, in order, for
+``partitioner.comms.replay_log``.
 
 Data parallelism: with ``grad_sync`` (``runtime.grad_sync.GradSync``), the interpreter
 tells it, from the schedule, which action is each stage's final backward on this rank (its
@@ -40,8 +40,8 @@ the ``m`` micro-batches, so for a mean-reduced loss the sum over micro-batches (
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import replace
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
@@ -49,9 +49,10 @@ from torch import nn
 
 from partitioner.plan import STATIC_SHAPES_NOTE, Plan
 from partitioner.runtime.errors import PipelineRuntimeError
-from partitioner.runtime.routing import Links, Route, posting_order
+from partitioner.comms import Batch, Lowered, lower
+from partitioner.runtime.routing import Links, Route
 from partitioner.runtime.splitgrad import WeightWork, input_grads, weight_grads
-from partitioner.runtime.transport import Key, Pending, Transport
+from partitioner.runtime.transport import Key, Layout, Pending, Transport
 from partitioner.runtime.values import Wire, boundary_wires, check_value, decode, encode, input_wires
 from partitioner.schedule import Action, Schedule
 
@@ -78,32 +79,42 @@ class GradReady(Protocol):
     def ready(self, stage: int) -> None: ...  # it has run: the stage's gradients are final
 
 
-def _with_route_comms(schedule: Schedule, links: Links) -> Schedule:
-    """``schedule`` with a RECV before / SEND after each compute that exchanges a direct
-    message with another rank but has no such action (same lists otherwise)."""
-    rank_of = schedule.rank_of
-    out, changed = [], False
-    for r, acts in enumerate(schedule.actions):
-        have = set(acts)
-        new: list[Action] = []
-        for a in acts:
-            st, k, mb = a
-            if k not in ("F", "B", "I"):
-                new.append(a)
-                continue
-            d = "F" if k == "F" else "B"
-            ins = links.receives(st) if d == "F" else links.sends(st)
-            outs = links.sends(st) if d == "F" else links.receives(st)
-            recv, send = Action(st, "RECV_" + d, mb), Action(st, "SEND_" + d, mb)
-            if recv not in have and any(rank_of(p) != r for p, _ in ins):
-                new.append(recv)
-                changed = True
-            new.append(a)
-            if send not in have and any(rank_of(p) != r for p, _ in outs) and st not in (0,) * (d == "B"):
-                new.append(send)
-                changed = True
-        out.append(tuple(new))
-    return replace(schedule, actions=tuple(out)) if changed else schedule
+class _RouteEdges:
+    """``partitioner.comms.Edges`` from the plan's routes: who sends whom a message that
+    carries something (activations that travel; gradients only for values that need one)."""
+
+    def __init__(self, links: Links, wires: Mapping[str, Wire], n_stages: int) -> None:
+        self.out = {("F", s): [p for p, names in links.sends(s) if any(wires[n].travels for n in names)]
+                    for s in range(n_stages)}
+        self.out.update({("B", s): [p for p, names in links.receives(s) if any(wires[n].requires_grad for n in names)]
+                         for s in range(n_stages)})
+        self.inc: dict[tuple[str, int], list[int]] = {}
+        for (d, s), targets in self.out.items():
+            for t in targets:
+                self.inc.setdefault((d, t), []).append(s)
+        for v in self.inc.values():
+            v.sort()
+
+    def _key(self) -> tuple:
+        return tuple(sorted((k, tuple(v)) for k, v in self.out.items()))
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RouteEdges) and self._key() == other._key()
+
+    def targets(self, d: str, s: int) -> list[int]:
+        return self.out.get((d, s), [])
+
+    def sources(self, d: str, s: int) -> list[int]:
+        return self.inc.get((d, s), [])
+
+
+@functools.lru_cache(maxsize=8)
+def _lowered(schedule: Schedule, edges: _RouteEdges) -> Lowered:
+    """One lowering per schedule and routes: the ranks of one process share it."""
+    return lower(schedule, edges)
 
 
 class Interpreter:
@@ -127,19 +138,27 @@ class Interpreter:
         self.rank, self.modules, self.plan, self.schedule = rank, dict(modules), plan, schedule
         self.transport, self.loss_fn, self.unflatten, self.device = transport, loss_fn, unflatten, device
         self.links = Links(dict(routes))
-        # Direct messages whose stage has no SEND/RECV action (its pipeline neighbour shares
-        # the rank, as in zbv's V, but a skip connection reaches another rank) get one.
-        self.schedule = schedule = _with_route_comms(schedule, self.links)
-        self.actions = schedule.actions[rank]
+        # Which messages carry something (dtypes and kinds do not change with the layout).
+        seq = int(plan.symbols.get("S", 1))
+        wires = {w.name: w for b in range(plan.n_stages - 1) for w in boundary_wires(plan, b, 1, seq)}
+        #: the lowering this rank executes (``partitioner.comms``): computes and batches
+        self.lowered = _lowered(schedule, _RouteEdges(self.links, wires, plan.n_stages))
+        self.schedule = schedule = self.lowered.schedule
+        self.steps: list[Action | Batch] = self.lowered.steps(rank)
         self.last = plan.n_stages - 1
         self.grad_sync = grad_sync
+        computes = self.lowered.computes[rank]
+        self._needs = dict(zip(computes, self.lowered.needs[rank]))
         #: each stage's final backward action on this rank -> the stage, and the stages in that order
-        last: dict[int, int] = {a.stage: i for i, a in enumerate(self.actions) if a.kind in ("B", "I", "W")}
-        self.final_backward: dict[Action, int] = {self.actions[i]: s for s, i in last.items()}
+        last: dict[int, int] = {a.stage: i for i, a in enumerate(computes) if a.kind in ("B", "I", "W")}
+        self.final_backward: dict[Action, int] = {computes[i]: s for s, i in last.items()}
         self.final_order: list[int] = sorted(last, key=last.__getitem__)
         self.events: list[TraceEvent] = []
         #: (key, value names, payload bytes) of every message this rank sent in the last step
         self.sent: list[tuple[Key, tuple[str, ...], int]] = []
+        #: the last step's operations in issue order: ("batch", sends, recvs) with (key, peer
+        #: rank) pairs, and ("wait", key) where a compute waited for a message
+        self.comm_log: list[tuple] = []
         self._layout: tuple[int, int] | None = None
         self._waited_until = 0
         self._reset()
@@ -148,9 +167,7 @@ class Interpreter:
     def _reset(self) -> None:
         self._pending: dict[Key, Pending] = {}
         self._local: dict[Key, list[torch.Tensor]] = {}  # same-rank hand-offs
-        self._out: dict[Key, list[torch.Tensor]] = {}  # encoded, waiting for their SEND
-        self._held: dict[Key, list[torch.Tensor]] = {}  # sent, waiting for their turn (see docstring)
-        self._next: dict[int, int] = {}  # peer rank -> index into its posting order
+        self._out: dict[Key, list[torch.Tensor]] = {}  # encoded, waiting for their batch
         self._saved: dict[tuple[int, int], tuple[list[Any], Any]] = {}
         self._weights: dict[tuple[int, int], WeightWork] = {}  # I done, W to come
         self._params: dict[int, list[nn.Parameter]] = {}  # per stage, for I
@@ -178,14 +195,12 @@ class Interpreter:
                        "B": [links(self.links.receives(s), True) for s in range(n)]}
         self._recvs = {"F": [links(self.links.receives(s), False) for s in range(n)],
                        "B": [links(self.links.sends(s), True) for s in range(n)]}
-        order = posting_order(self.schedule, lambda d, s: [p for p, _ in self._recvs[d][s]])
-        self._order = {dst: keys for (src, dst), keys in order.items() if src == self.rank}
-        # Per receiving stage and direction, the messages from other ranks: (peer rank, peer
-        # stage, layout), so posting a receive does no lookups.
-        rank_of = self.schedule.rank_of
-        self._remote = {d: [[(rank_of(peer), peer, tuple((w.shape, w.dtype) for w in ws if w.travels))
-                             for peer, ws in self._recvs[d][s] if rank_of(peer) != self.rank] for s in range(n)]
-                        for d in ("F", "B")}
+        # Each message's layout and value names, so a batch does no lookups.
+        self._shape: dict[tuple[str, int, int], Layout] = {
+            (d, peer, s): tuple((w.shape, w.dtype) for w in ws if w.travels)
+            for d in ("F", "B") for s in range(n) for peer, ws in self._recvs[d][s]}
+        self._names = {(d, s, peer): tuple(w.name for w in ws)
+                       for d in ("F", "B") for s in range(n) for peer, ws in self._sends[d][s]}
 
     def start(self, microbatch_size: int, seq: int, inputs: Sequence[Sequence[Any]] | None = None,
               targets: Sequence[Any] | None = None) -> None:
@@ -207,21 +222,36 @@ class Interpreter:
         self.inputs, self.targets, self.m = inputs, targets, m
         if self.grad_sync is not None:
             self.grad_sync.begin(self.final_order)
-        if self.transport.prepost:
-            for a in self.actions:
-                if a.kind.startswith("RECV"):
-                    self._RECV_F(a.stage, a.microbatch, a)
+        self.comm_log = []
+        if self.transport.prepost:  # every receive of the step, now (matched by tag)
+            recvs = [(key, peer, self._shape[key[:3]]) for b in self.steps if isinstance(b, Batch)
+                     for key, peer in b.recvs]
+            self._pending.update(zip((k for k, _, _ in recvs), self.transport.post(self.rank, [], recvs, self.device)))
 
-    def can_run(self, a: Action) -> bool:
-        """False while ``a`` is a receive whose messages have not all been sent (one process)."""
-        if not a.kind.startswith("RECV") or self.transport.prepost:
+    def can_run(self, step: Action | Batch) -> bool:
+        """False while ``step`` is a compute whose messages have not all arrived (one process)."""
+        if isinstance(step, Batch):
             return True
-        d = a.kind[-1]
-        return all(self.transport.arrived((d, peer, a.stage, a.microbatch)) for _, peer, _ in self._remote[d][a.stage])
+        return all(self.transport.arrived(k) for k in self._needs.get(step, ()))
 
-    def run(self, a: Action) -> None:
+    def run(self, step: Action | Batch) -> None:
         t0 = time.perf_counter_ns()
         self._waited_until = 0
+        if isinstance(step, Batch):
+            a = step.actions[0]
+            try:
+                self._issue(step)
+            except PipelineRuntimeError as e:
+                if e.rank is not None:
+                    raise
+                raise PipelineRuntimeError(f"rank {self.rank}, batch {step}: {e}", self.rank, str(a), e.secondary) from e
+            # One event per action it carries, the group's time split between them, so a
+            # trace names every action and per-kind sums add up to the wall time.
+            t1 = time.perf_counter_ns()
+            cut = [t0 + (t1 - t0) * i // len(step.actions) for i in range(len(step.actions) + 1)]
+            self.events.extend(TraceEvent(self.rank, str(x), cut[i], cut[i + 1]) for i, x in enumerate(step.actions))
+            return
+        a = step
         sync = self.grad_sync
         final = self.final_backward.get(a) if sync is not None else None
         try:
@@ -258,9 +288,6 @@ class Interpreter:
 
     def finish(self) -> torch.Tensor | None:
         """Wait for outstanding sends; the step's loss on the last stage's rank, else None."""
-        if self._held:
-            raise PipelineRuntimeError(f"rank {self.rank}: messages {sorted(self._held)} were never sent: an "
-                                       "earlier message to the same peer was never made (schedule and plan disagree)")
         self.transport.flush()
         left = [f"{s}F{mb}" for s, mb in self._saved]
         if left:
@@ -274,7 +301,8 @@ class Interpreter:
             return [t.clone() for t in self._local.pop(key)]  # clone: the receiver owns its copy
         pending = self._pending.pop(key, None)
         if pending is None:
-            raise PipelineRuntimeError(f"message {key} used before its RECV action ran")
+            raise PipelineRuntimeError(f"message {key} used before its receive was posted")
+        self.comm_log.append(("wait", key))
         t0 = time.perf_counter_ns()
         out = pending.wait()
         self._waited_until = time.perf_counter_ns()
@@ -285,35 +313,18 @@ class Interpreter:
     def _give(self, key: Key, tensors: list[torch.Tensor]) -> None:
         (self._local if self.schedule.rank_of(key[2]) == self.rank else self._out)[key] = tensors
 
-    def _RECV_F(self, s: int, mb: int, a: Action) -> None:
-        d = a.kind[-1]
-        for rank, peer, layout in self._remote[d][s]:
-            key = (d, peer, s, mb)
-            if key not in self._pending:
-                self._pending[key] = self.transport.recv(key, rank, layout, self.device)
-
-    _RECV_B = _RECV_F
-
-    def _SEND_F(self, s: int, mb: int, a: Action) -> None:
-        d = a.kind[-1]
-        for peer, ws in self._sends[d][s]:
-            dst = self.schedule.rank_of(peer)
-            if dst == self.rank:
-                continue
-            key = (d, s, peer, mb)
+    def _issue(self, batch: Batch) -> None:
+        """Issue one batch: its sends (made by earlier computes) and, unless every receive
+        was posted at the start, its receives, as one group."""
+        sends = []
+        for key, peer in batch.sends:
             tensors = self._out.pop(key)
-            self.sent.append((key, tuple(w.name for w in ws), sum(t.numel() * t.element_size() for t in tensors)))
-            if self.transport.prepost:
-                self.transport.send(key, dst, tensors)
-                continue
-            self._held[key] = tensors
-            order, i = self._order.get(dst, []), self._next.get(dst, 0)
-            while i < len(order) and order[i] in self._held:
-                self.transport.send(order[i], dst, self._held.pop(order[i]))
-                i += 1
-            self._next[dst] = i
-
-    _SEND_B = _SEND_F
+            self.sent.append((key, self._names[key[:3]], sum(t.numel() * t.element_size() for t in tensors)))
+            sends.append((key, peer, tensors))
+        recvs = [] if self.transport.prepost else [(key, peer, self._shape[key[:3]]) for key, peer in batch.recvs]
+        self.comm_log.append(("batch", tuple(batch.sends), tuple(batch.recvs)))
+        if sends or recvs:
+            self._pending.update(zip((k for k, _, _ in recvs), self.transport.post(self.rank, sends, recvs, self.device)))
 
     # -- compute -----------------------------------------------------------------------
     def _F(self, s: int, mb: int, a: Action) -> None:

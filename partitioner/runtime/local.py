@@ -17,7 +17,7 @@ from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.routing import routes
-from partitioner.runtime.transport import LocalTransport
+from partitioner.runtime.transport import LocalTransport, NcclTransport
 from partitioner.schedule import Schedule, build_schedule
 
 if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the types point back without an import cycle
@@ -54,19 +54,26 @@ def seq_len(plan: Plan, flat_inputs: list[Any] | None = None) -> int:
 
 def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                schedule: str | Schedule = "gpipe", n_microbatches: int | None = None,
-               trace: str | None = None, **kwargs: Any) -> torch.Tensor:
+               trace: str | None = None, comm: str = "buffered", **kwargs: Any) -> torch.Tensor:
     """Forward and backward over every micro-batch; grads accumulate into the model's
     parameters (zero them yourself, as with any torch training loop). Returns the
     full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached)::
 
         loss = pipe.train_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)
+
+    ``comm="nccl"`` moves the messages under NCCL's rules (``runtime.transport.NcclTransport``:
+    in-order groups per rank, tags ignored, sends that wait for their receive) instead of
+    buffering them, so a schedule that would hang on GPUs fails here, naming the ranks and
+    operations that wait on each other.
     """
     sched = resolve_schedule(pipe, schedule, n_microbatches)
     m = sched.n_microbatches
     flat = pipe.flatten_inputs(inputs, kwargs)
     batch = batch_size(flat)
     seq = seq_len(pipe.plan, flat)
-    transport = LocalTransport()
+    if comm not in ("buffered", "nccl"):
+        raise PipelineRuntimeError(f"comm={comm!r}: expected 'buffered' or 'nccl'")
+    transport: LocalTransport | NcclTransport = LocalTransport() if comm == "buffered" else NcclTransport(sched.n_ranks)
     modules = {s: pipe.stages[s] for s in range(len(pipe.stages))}
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     ranks = [
@@ -84,9 +91,9 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     while True:
         progress = False
         for r, it in enumerate(ranks):
-            while pcs[r] < len(it.actions) and it.can_run(it.actions[pcs[r]]):
+            while pcs[r] < len(it.steps) and it.can_run(it.steps[pcs[r]]):
                 try:
-                    it.run(it.actions[pcs[r]])
+                    it.run(it.steps[pcs[r]])
                 except PipelineRuntimeError as e:
                     log_failure(sched, e, r)  # the grid around the failing action
                     raise
@@ -94,10 +101,12 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
                 progress = True
         if not progress:
             break
-    stuck = [f"rank {r} at {it.actions[pcs[r]]}" for r, it in enumerate(ranks) if pcs[r] < len(it.actions)]
-    if stuck:
-        raise PipelineRuntimeError(f"schedule {sched.name!r} deadlocks: {', '.join(stuck)} wait for messages "
-                                   f"never sent\n{sched.grid(comms=True)}")
+    stuck = [f"rank {r} at {it.steps[pcs[r]]}" for r, it in enumerate(ranks) if pcs[r] < len(it.steps)]
+    waits = transport.pending() if isinstance(transport, NcclTransport) else []
+    if stuck or waits:
+        raise PipelineRuntimeError(f"schedule {sched.name!r} deadlocks"
+                                   + (" under NCCL's rules" if comm == "nccl" else "") + ": "
+                                   + "; ".join(stuck + waits) + f"\n{sched.grid(comms=True)}")
     losses = [it.finish() for it in ranks]
     if trace is not None:
         from partitioner.runtime.trace import write_trace

@@ -14,14 +14,12 @@ stages neither receive nor send it: they are called with ``None`` in that slot.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 from torch import fx
 
 from partitioner.plan import Plan
 from partitioner.runtime.errors import PipelineRuntimeError
-from partitioner.runtime.transport import Key
-from partitioner.schedule import Schedule
 
 __all__: list[str] = []
 
@@ -87,21 +85,3 @@ class Links:
     def receives(self, stage: int) -> list[tuple[int, tuple[str, ...]]]:
         """(producer stage, values) that ``stage`` uses, ascending producer."""
         return [(p, tuple(v)) for p, v in sorted(self._in.get(stage, {}).items())]
-
-
-def posting_order(schedule: Schedule, incoming: Callable[[str, int], Sequence[int]]) -> dict[tuple[int, int], list[Key]]:
-    """For each (sending rank, receiving rank), the messages in the order the receiver
-    posts them: RECV actions in its list, then ascending sender stage. ``incoming(d, s)``
-    gives the stages that send stage ``s`` a message in direction ``d``. Same-rank
-    messages never touch the transport and are left out."""
-    out: dict[tuple[int, int], list[Key]] = defaultdict(list)
-    for r, acts in enumerate(schedule.actions):
-        for a in acts:
-            if a.kind not in ("RECV_F", "RECV_B"):
-                continue
-            d = a.kind[-1]
-            for peer in incoming(d, a.stage):
-                src = schedule.rank_of(peer)
-                if src != r:
-                    out[(src, r)].append((d, peer, a.stage, a.microbatch))
-    return dict(out)

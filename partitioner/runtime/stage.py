@@ -312,7 +312,8 @@ class RankStage:
         save_checkpoint(self, path, optimizer)
 
     def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
-               loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None) -> Runner:
+               loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None,
+               p2p: str = "auto") -> Runner:
         """A ``Runner`` whose ``step(x, target=y)`` trains one step on this rank's stages.
 
         Args:
@@ -325,6 +326,10 @@ class RankStage:
                 their receive buffers from it. With data parallelism each replica runs
                 ``batch_size / plan.mesh.dp`` of it: the first stage takes either the
                 global batch (and keeps its replica's share) or its share alone.
+            p2p: ``"auto"``: on gloo every receive of a step is posted at its start and
+                matched by tag; on NCCL messages are matched in issue order, as
+                ``partitioner.comms`` lowers them. ``"ordered"``: the NCCL way on any backend
+                (every tag 0, receives in their batches), to run NCCL's message order on CPU.
 
         Returns:
             The ``Runner``.
@@ -334,7 +339,10 @@ class RankStage:
         """
         if loss_fn is None:
             raise PipelineRuntimeError("runner() needs loss_fn=...: the last stage computes the loss")
-        return Runner(self, resolve_schedule(self.pipe, schedule, n_microbatches), loss_fn, batch_size)
+        if p2p not in ("auto", "ordered"):
+            raise PipelineRuntimeError(f"p2p={p2p!r}: expected 'auto' or 'ordered'")
+        return Runner(self, resolve_schedule(self.pipe, schedule, n_microbatches), loss_fn, batch_size,
+                      ordered=p2p == "ordered")
 
     def as_pipelining_stage(self, stage_index: int, n_microbatches: int | None = None, batch: int | None = None) -> Any:
         """This rank's stage ``stage_index`` as a ``torch.distributed.pipelining.PipelineStage``."""
@@ -366,7 +374,7 @@ class Runner:
     """Runs one training step of this rank's action list per ``step`` call."""
 
     def __init__(self, stage: RankStage, schedule: Schedule, loss_fn: Callable[[Any, Any], torch.Tensor],
-                 batch: int | None) -> None:
+                 batch: int | None, *, ordered: bool = False) -> None:
         plan = stage.plan
         if schedule.n_ranks != stage.n_ranks:
             raise PipelineRuntimeError(f"schedule is for {schedule.n_ranks} ranks, the plan for {stage.n_ranks}")
@@ -379,7 +387,7 @@ class Runner:
         if problem:
             raise PipelineRuntimeError(problem + " (or pass batch_size=...)")
         width = max((len(b.values) for b in plan.boundaries), default=1)
-        self.transport = DistTransport(plan.n_stages, m, width, stage.group)
+        self.transport = DistTransport(plan.n_stages, m, width, stage.group, tagless=ordered)
         self.interpreter = Interpreter(stage.rank, stage.modules, plan, schedule, self.transport, loss_fn,
                                        stage.pipe.unflatten_outputs, stage.device,
                                        routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))),
@@ -414,8 +422,8 @@ class Runner:
         it.start(self.batch // m, seq_len(self.stage.plan), mb_inputs, mb_targets)
         saved = self.stage.take_tied_grads()
         try:
-            for a in it.actions:
-                it.run(a)
+            for step in it.steps:
+                it.run(step)
         except PipelineRuntimeError as e:
             log_failure(self.schedule, e, self.stage.rank)  # the grid around the failing action
             if self.replicas > 1:  # say which replica, and the rank torchrun knows

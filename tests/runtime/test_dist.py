@@ -197,11 +197,11 @@ def _exchange(rank: int, world: int) -> list[Any]:
             g = torch.Generator().manual_seed(step)
             tensors = [torch.randint(0, 2, shape, generator=g).to(dtype) if dtype == torch.bool
                        else (torch.randn(shape, generator=g) * 100).to(dtype) for shape, dtype in _MIXED]
-            tr.send(key, 1, tensors)
+            tr.post(0, [(key, 1, tensors)], [], "cpu")
             tr.flush()
             seen.append((tensors, tr.bytes_sent))
         else:
-            got = tr.recv(key, 0, _MIXED, "cpu").wait()
+            got = tr.post(1, [], [(key, 0, _MIXED)], "cpu")[0].wait()
             new = [t.grad is None and not t.requires_grad for t in got]
             seen.append([(t.clone(), f, t.untyped_storage().data_ptr()) for t, f in zip(got, new)])
             got[0].requires_grad_()
