@@ -31,6 +31,13 @@ so either kind of optimizer, under any plan, loads either. On loading, a
 saved one, or a ``ZeroRedundancyOptimizer`` over another group than ``stage.dp_group``, is
 refused before anything is read.
 ``PATH`` must be on a file system every rank sees.
+
+Mixed precision (``runtime.precision``): a trainable parameter is saved and loaded as its
+fp32 master (``stage.unique_tensors()`` gives the master), so a mixed run's checkpoint is
+the fp32 model's state and loads into any precision and layout; after loading, the
+low-precision copies are refreshed from the masters. A ``MixedPrecisionOptimizer``'s state
+is the optimizer it wraps (over the masters), saved under that optimizer's class; its loss
+scale is not saved (a resumed fp16 run starts from the initial scale).
 """
 
 from __future__ import annotations
@@ -93,13 +100,28 @@ def _canonical_names(stage: RankStage) -> dict[int, str]:
     here: dict[int, list[str]] = {}
     for n, p in stage.named_parameters(remove_duplicate=False):
         here.setdefault(id(p), []).append(n)
+    for p, master in stage._pairs:  # a mixed-precision optimizer holds the fp32 masters
+        here[id(master)] = here[id(p)]
     return {i: min(stage.candidates(names), key=lambda n: (order.get(n, len(order)), n)) for i, names in here.items()}
 
 
 # ----------------------------------------------------------------------------- loading
 
 
+def _unwrap(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer whose state is saved: a ``MixedPrecisionOptimizer``'s is the one it wraps."""
+    from partitioner.runtime.precision import MixedPrecisionOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, MixedPrecisionOptimizer) else optimizer
+
+
 def load_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    files = _load_checkpoint(stage, path, _unwrap(optimizer))
+    stage.sync_masters()
+    return files
+
+
+def _load_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> list[str]:
     path = os.fspath(path)
     fmt = checkpoint_format(path)
     if fmt == "dcp":
@@ -343,6 +365,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    optimizer = _unwrap(optimizer)
     zero = _as_zero(optimizer)
     if zero is not None:
         _check_zero(stage, zero, "save its state")
