@@ -159,6 +159,13 @@ class RankStage:
         pairs = [(p, m) for p, m in pairs if p.dtype != torch.float32]  # a parameter left in fp32 is its own master
         return pairs
 
+    @property
+    def masters(self) -> dict[str, torch.Tensor]:
+        """FQN -> the fp32 master of each trainable parameter (mixed precision; else empty),
+        under each of its names here."""
+        return {n: self._master_of[id(p)] for n, p in self.named_parameters(remove_duplicate=False)
+                if id(p) in self._master_of}
+
     def sync_masters(self) -> None:
         """Copy the fp32 masters into the low-precision parameters (after loading masters)."""
         with torch.no_grad():

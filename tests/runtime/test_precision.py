@@ -122,7 +122,7 @@ def _planned(precision: str, n_gpus: int = 2, dp: int = 1, zero: int = 0) -> tup
 
 
 def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison: int | None = None,
-              microbatches: int = 2) -> dict[str, Any]:
+              microbatches: int = 2, pure: bool = False) -> dict[str, Any]:
     """One process, the same recipe: the model cast to ``dtype`` under pricing's dtype swap,
     fp32 masters, AdamW; with ``scaled``, ``torch.amp.GradScaler`` on the masters."""
     ref = copy.deepcopy(model)
@@ -130,6 +130,8 @@ def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison
     named = dict(ref.named_parameters())
     masters = {n: p.detach().to(torch.float32, copy=True) for n, p in named.items()}
     ref.to(dtype)
+    if pure:  # "bf16": no masters, the optimizer steps the bf16 parameters
+        masters = named
     opt = torch.optim.AdamW(list(masters.values()), lr=LR)
     scaler = torch.amp.GradScaler("cpu") if scaled else None
     losses, scales = [], []
@@ -144,7 +146,8 @@ def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison
             (scaler.scale(part) if scaler is not None else part).backward()
             loss = loss + part.detach()
         for n, p in named.items():
-            masters[n].grad = p.grad.float()
+            if not pure:
+                masters[n].grad = p.grad.float()
         if step == poison:
             masters["blocks.3.up.weight"].grad[0, 0] = float("inf")
         if scaler is not None:
@@ -155,9 +158,10 @@ def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison
             opt.step()
         with torch.no_grad():
             for n, p in named.items():
-                p.copy_(masters[n])
+                if not pure:
+                    p.copy_(masters[n])
         losses.append(loss.item())
-    by_name = {n: masters[n] for n in masters}
+    by_name = {n: masters[n].detach().clone() for n in masters}
     for n, p in ref.named_parameters(remove_duplicate=False):  # tied names
         by_name.setdefault(n, next(masters[m] for m, q in named.items() if q is p))
     return {"losses": losses, "masters": by_name, "scales": scales}
@@ -180,7 +184,7 @@ def _held_bytes(stage: Any, opt: Any) -> dict[str, int]:
 
     params = stage.parameters()
     out = {"params": size(params), "grads": size(p.grad for p in params if p.grad is not None),
-           "masters": size(m for _, m in stage._pairs),
+           "masters": size(stage.masters.values()),
            "state": size(v for s in opt.state.values() for v in s.values()
                          if isinstance(v, torch.Tensor) and v.dim() > 0),
            "buffers": size(stage.buffers())}
@@ -217,7 +221,7 @@ def _train(rank: int, world: int, pipe: Any, poison: int | None = None, ckpt: st
             "skipped": skipped, "held": held, "poisoned": before, "opt": type(opt).__name__,
             "static": plan_stage.cost.static_bytes, "buffer_bytes": plan_stage.cost.buffer_bytes,
             "dtypes": {str(p.dtype) for p in stage.parameters()},
-            "masters": {n: stage._master_of[id(p)].clone() for n, p in stage.named_parameters(remove_duplicate=False)},
+            "masters": {n: m.clone() for n, m in stage.masters.items()},
             "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
 
 
@@ -332,7 +336,7 @@ def test_a_mixed_checkpoint_holds_the_fp32_masters_and_loads_back(tmp_path: Any)
         stage = pipe.build_stage(rank, "cpu")
         opt = stage.optimizer(torch.optim.AdamW, lr=LR)
         stage.load_checkpoint(path, opt)
-        return {"masters": {n: stage._master_of[id(p)].clone() for n, p in stage.named_parameters()},
+        return {"masters": {n: m.clone() for n, m in stage.masters.items()},
                 "params": {n: p.detach().clone() for n, p in stage.named_parameters()},
                 "state": {k: v["exp_avg"].dtype for k, v in enumerate(opt.state.values())}}
 
@@ -341,6 +345,24 @@ def test_a_mixed_checkpoint_holds_the_fp32_masters_and_loads_back(tmp_path: Any)
         for n, m in r["masters"].items():
             assert torch.equal(m, masters[n]), n
             assert torch.equal(r["params"][n], m.to(torch.bfloat16)), n
+
+
+def test_pure_bf16_steps_the_bf16_parameters_and_holds_the_plans_bytes() -> None:
+    """precision="bf16": no masters; AdamW over the bf16 parameters, its moments in bf16:
+    2 + 2 + 4 bytes per parameter, the plan's."""
+    model, pipe = _planned("bf16")
+    results = spawn(_train, 2, pipe, timeout_s=TIMEOUT_S)
+    want = reference(model, torch.bfloat16, pure=True)
+    for r in results:
+        assert r["opt"] == "AdamW" and r["masters"] == {} and r["dtypes"] == {"torch.bfloat16"}
+        held = r["held"]
+        n = held["params"] // 2
+        assert (held["grads"], held["masters"], held["state"]) == (2 * n, 0, 4 * n), held
+        assert held["params"] + held["grads"] + held["state"] == r["static"] - r["buffer_bytes"]
+        if r["last"]:
+            assert r["losses"] == pytest.approx(want["losses"], rel=1e-2)
+        diffs = [(p.float() - want["masters"][n].float()).abs().mean().item() for n, p in r["params"].items()]
+        assert max(diffs) <= LR / 4, max(diffs)
 
 
 def test_mixed_precision_with_zero1_is_refused_with_a_reason() -> None:
