@@ -226,12 +226,12 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{kind}_hooks", {})
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups if self.optimizer is not None else []
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @property
+    def state(self) -> Any:  # type: ignore[override]
         return self.optimizer.state if self.optimizer is not None else {}
 
     @property
