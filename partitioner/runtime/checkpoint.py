@@ -365,6 +365,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    stage.check_masters()  # the masters are what is saved: refuse stale ones (collective)
     optimizer = _unwrap(optimizer)
     zero = _as_zero(optimizer)
     if zero is not None:

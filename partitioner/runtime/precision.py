@@ -73,7 +73,8 @@ def recipe(plan: Plan, param_dtype: torch.dtype) -> Recipe:
     cast = name != default_precision(param_dtype)
     retype = (param_dtype, compute) if cast and param_dtype != compute else None
     _, master, _ = PRECISIONS[name]
-    return Recipe(name, compute, cast, retype, master, name == "fp16-mixed")
+    master = master and plan.options.get("optimizer") != "none"  # priced without masters: no update step
+    return Recipe(name, compute, cast, retype, master, master and name == "fp16-mixed")
 
 
 # -- graphs ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ copies and never see the masters.
 from __future__ import annotations
 
 import copy
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, cast
 
@@ -110,9 +111,11 @@ class RankStage:
         #: (low-precision parameter, its fp32 master) for each trainable parameter (mixed precision)
         self._pairs = self._apply_precision()
         self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
+        #: every rank of the job: the pipeline's group, or with replicas the whole mesh (default group)
+        self.job_group = self.group if dp_group is None else None
         #: fp16-mixed: the dynamic loss scale, one for every rank of the job (``runtime.precision``)
-        self.loss_scaler = (LossScaler(device, self.group if dp_group is None else None)
-                            if self.recipe.loss_scaling else None)
+        self.loss_scaler = LossScaler(device, self.job_group) if self.recipe.loss_scaling else None
+        self._master_optimizers = 0  # built by optimizer(): the runner warns when a mixed run has none
 
     @property
     def is_first(self) -> bool:
@@ -166,6 +169,25 @@ class RankStage:
         return {n: self._master_of[id(p)] for n, p in self.named_parameters(remove_duplicate=False)
                 if id(p) in self._master_of}
 
+    def check_masters(self) -> None:
+        """Collective over every rank of the job: refuse when a low-precision parameter is not
+        its fp32 master cast, i.e. it was changed outside ``stage.optimizer()`` (an optimizer
+        over ``stage.parameters()``, a direct write): the masters, which checkpoints save,
+        would be stale. Called by ``save_checkpoint``."""
+        if not self.recipe.master:
+            return
+        bad = [n for n, p in self.named_parameters() if id(p) in self._master_of and n not in self.uninitialized
+               and not torch.equal(p, self._master_of[id(p)].to(p.dtype))]
+        flag = torch.tensor([float(bool(bad))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.job_group)
+        if flag.item():
+            raise PipelineRuntimeError(
+                (f"rank {self.global_rank}: parameters {bad[:3]}{' …' if len(bad) > 3 else ''} are not their fp32 "
+                 "masters" if bad else f"rank {self.global_rank}: another rank's parameters are not their fp32 masters")
+                + f" ({self.recipe.name}): they were changed outside stage.optimizer(...) (which steps the masters "
+                "and copies them back), so the masters a checkpoint saves are stale. Build the optimizer with "
+                "stage.optimizer(cls, ...), and write weights with stage.load_state_dict(...)")
+
     def sync_masters(self) -> None:
         """Copy the fp32 masters into the low-precision parameters (after loading masters)."""
         with torch.no_grad():
@@ -198,6 +220,7 @@ class RankStage:
         if self.recipe.master:
             targets = [self._master_of.get(id(p), p) for p in params if p.requires_grad]
             inner = optimizer_class(targets, **kwargs) if targets else None
+            self._master_optimizers += 1
             return MixedPrecisionOptimizer(inner, self._pairs, self.loss_scaler)
         if self.plan.mesh.zero and self.grad_sync is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -455,6 +478,7 @@ class Runner:
                                        grad_sync=stage.grad_sync)
         # fp16-mixed: the last stage's loss is scaled before backward (the step returns it unscaled)
         self.interpreter.loss_scale = stage.loss_scaler.scale if stage.loss_scaler is not None else None
+        self._warned = False
         self.events: list[TraceEvent] = []
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -462,6 +486,11 @@ class Runner:
         inputs, the last rank ``target``; returns the loss on the last rank, else None.
         With ``trace``, every rank must pass it (it gathers events); rank 0 writes the file."""
         self.stage.check_initialized()
+        if self.stage.recipe.master and not self.stage._master_optimizers and not self._warned:
+            self._warned = True
+            warnings.warn(f"this plan trains {self.stage.recipe.name}: build the optimizer with stage.optimizer(cls, "
+                          "...), which steps the fp32 master weights; an optimizer over stage.parameters() would step "
+                          "the low-precision copies (and checkpoints save the masters)", stacklevel=2)
         it, m, dev = self.interpreter, self.schedule.n_microbatches, self.stage.device
         mb_inputs = mb_targets = None
         if 0 in it.modules:

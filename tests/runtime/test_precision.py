@@ -336,6 +336,7 @@ def test_a_mixed_checkpoint_holds_the_fp32_masters_and_loads_back(tmp_path: Any)
         stage = pipe.build_stage(rank, "cpu")
         opt = stage.optimizer(torch.optim.AdamW, lr=LR)
         stage.load_checkpoint(path, opt)
+        assert {t.dtype for n, t in stage.state_dict().items() if n in stage.masters} == {torch.float32}
         return {"masters": {n: m.clone() for n, m in stage.masters.items()},
                 "params": {n: p.detach().clone() for n, p in stage.named_parameters()},
                 "state": {k: v["exp_avg"].dtype for k, v in enumerate(opt.state.values())}}
@@ -363,6 +364,24 @@ def test_pure_bf16_steps_the_bf16_parameters_and_holds_the_plans_bytes() -> None
             assert r["losses"] == pytest.approx(want["losses"], rel=1e-2)
         diffs = [(p.float() - want["masters"][n].float()).abs().mean().item() for n, p in r["params"].items()]
         assert max(diffs) <= LR / 4, max(diffs)
+
+
+def test_an_optimizer_over_the_low_precision_copies_is_warned_and_its_checkpoint_refused(tmp_path: Any) -> None:
+    _, pipe = _planned("bf16-mixed")
+    x, y = _data()
+
+    def wrong(rank: int, world: int) -> None:
+        stage = pipe.build_stage(rank, "cpu")
+        opt = torch.optim.AdamW(stage.parameters(), lr=LR)  # steps the bf16 copies, never the masters
+        runner = stage.runner("1f1b", loss_fn=loss_fn)
+        with pytest.warns(UserWarning, match=r"stage.optimizer"):
+            runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        opt.step()
+        stage.save_checkpoint(str(tmp_path / "stale"), opt)
+
+    with pytest.raises(PipelineRuntimeError, match=r"not their fp32 masters .* stage.optimizer"):
+        spawn(wrong, 2, timeout_s=TIMEOUT_S)
+    assert not (tmp_path / "stale").exists()
 
 
 def test_mixed_precision_with_zero1_is_refused_with_a_reason() -> None:
