@@ -37,7 +37,10 @@ fp32 master (``stage.unique_tensors()`` gives the master), so a mixed run's chec
 the fp32 model's state and loads into any precision and layout; after loading, the
 low-precision copies are refreshed from the masters. A ``MixedPrecisionOptimizer``'s state
 is the optimizer it wraps (over the masters), saved under that optimizer's class; its loss
-scale is not saved (a resumed fp16 run starts from the initial scale).
+scale is not saved (a resumed fp16 run starts from the initial scale). Under ZeRO-1 each
+replica holds the masters of its shard only: replica 0 gathers them all while it writes
+(``RankStage.full_masters``), and on loading a replica reads the fp32 values into the
+masters it holds and into the low-precision weights of the others.
 """
 
 from __future__ import annotations
@@ -382,8 +385,9 @@ def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimize
         zero.consolidate_state_dict(to=dist.get_group_rank(zero.process_group,
                                                             stage.plan.mesh.rank(0, stage.pp_rank)))
     try:
-        if stage.dp_rank == 0:
-            _save(stage, path, optimizer)
+        with stage.full_masters():  # ZeRO-1 mixed precision: replica 0 gathers the fp32 masters
+            if stage.dp_rank == 0:
+                _save(stage, path, optimizer)
     finally:
         if zero is not None:
             zero._all_state_dicts = []  # the gathered copy of the whole state: free it
@@ -420,8 +424,11 @@ def _check_zero(stage: RankStage, zero: Any, doing: str) -> None:
 def _class_name(optimizer: torch.optim.Optimizer) -> str:
     """The class recorded with the state: a ZeroRedundancyOptimizer's is the class it wraps,
     so a plain optimizer of that class loads it, and the other way round."""
+    from partitioner.runtime.precision import ShardOptimizer
+
     zero = _as_zero(optimizer)
-    return type(zero.optim if zero is not None else optimizer).__qualname__
+    local = zero.optim if zero is not None else optimizer
+    return type(local.optimizer if isinstance(local, ShardOptimizer) else local).__qualname__
 
 
 def _read_small(path: str, keys: list[str]) -> dict[str, str]:

@@ -16,6 +16,13 @@
   during ``step()`` (a transient of 4 bytes per trainable parameter). A rank then holds
   2 + 2 + 4 + state bytes per parameter, the plan's static bytes.
 - ``"fp16-mixed"`` adds dynamic loss scaling (``LossScaler``).
+- With ZeRO-1 (``plan.mesh.zero`` = 1 and replicas) the plan shards the masters with the
+  optimizer state (2 + 2 + (4 + state) / dp bytes per parameter): ``stage.optimizer`` is a
+  ``ZeroRedundancyOptimizer`` over the low-precision parameters whose local optimizer
+  (``ShardOptimizer``) steps the masters of the replica's shard; each replica drops the
+  other masters, and after a step the replicas broadcast their shards of the low-precision
+  weights (ZeRO's own parameter sync). ``RankStage.full_masters`` gathers every master on
+  replica 0 while a checkpoint is written.
 
 Pricing casts only when the precision differs from the one the model's parameters imply
 (``memory.default_precision``: bf16 parameters train bf16-mixed): then shape propagation
@@ -30,6 +37,8 @@ have exactly the plan's dtypes (the interpreter checks every one).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import MutableMapping
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
@@ -200,32 +209,44 @@ class LossScaler:
 
 # -- the optimizer --------------------------------------------------------------------------
 
+def _hook_tables(opt: torch.optim.Optimizer) -> None:
+    """The hook tables ``Optimizer.__init__`` makes, for wrappers that share another
+    optimizer's parameter groups and state instead of calling it."""
+    for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                 "load_state_dict_post"):
+        setattr(opt, f"_optimizer_{kind}_hooks", {})
+
+
 class MixedPrecisionOptimizer(torch.optim.Optimizer):
     """An optimizer over fp32 master weights for low-precision parameters (``stage.optimizer``).
 
-    ``optimizer`` is the wrapped optimizer over the masters; ``pairs`` are (low-precision
-    parameter, its master). ``step()``: each parameter's gradient is copied to its master as
-    fp32; with a ``scaler`` (fp16-mixed) they are unscaled and every rank agrees whether all
-    are finite, and if any rank's are not, the step is skipped on every rank (parameters and
-    optimizer state unchanged) and the scale backs off; otherwise the wrapped optimizer steps
-    the masters, which are copied back into the parameters. The fp32 gradient copies are
-    freed when ``step()`` returns. ``param_groups`` and ``state`` are the wrapped optimizer's
-    (an LR scheduler works on it as on any optimizer); ``state_dict()`` is the wrapped
-    optimizer's, plus ``"loss_scale"`` with a scaler. ``scale`` (the loss scale, or None) and
-    ``skipped`` (steps skipped so far) are for logging.
+    ``optimizer`` steps the masters: an ``optimizer_class`` over them, or under ZeRO-1 a
+    ``ZeroRedundancyOptimizer`` over the low-precision parameters whose local optimizer
+    (``ShardOptimizer``) steps the masters of this replica's shard only. ``pairs`` are
+    (low-precision parameter, its master) for the masters this rank holds; ``params`` every
+    trainable parameter of the rank. ``step()``: each held master gets its parameter's
+    gradient as fp32; with a ``scaler`` (fp16-mixed) those are unscaled and every rank agrees
+    whether all are finite, and if any rank's are not, the step is skipped on every rank
+    (parameters and optimizer state unchanged) and the scale backs off; otherwise
+    ``optimizer`` steps the masters and they are copied back into the parameters (under
+    ZeRO-1 each replica then broadcasts its shard of the low-precision parameters). The fp32
+    gradient copies are freed when ``step()`` returns. ``param_groups`` and ``state`` are the
+    wrapped optimizer's (an LR scheduler works on it as on any optimizer); ``state_dict()`` is
+    the wrapped optimizer's, plus ``"loss_scale"`` with a scaler. ``scale`` (the loss scale,
+    or None) and ``skipped`` (steps skipped so far) are for logging.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 scaler: LossScaler | None = None) -> None:
+                 scaler: LossScaler | None = None, params: Sequence[torch.Tensor] | None = None, *,
+                 sharded: bool = False) -> None:
         # Not Optimizer.__init__: the parameter groups and state are the wrapped optimizer's own
-        # objects (an LR scheduler's changes must reach it), so only the hook tables are made.
-        # No rank may go without the collective verdict, so a rank with nothing to train
-        # (``optimizer`` None) still takes part in ``step()``.
+        # objects (an LR scheduler's changes must reach it). No rank may miss the collective
+        # verdict, so a rank with nothing to train (``optimizer`` None) still takes part in step().
         self.optimizer, self.pairs, self.scaler = optimizer, list(pairs), scaler
+        self.params = list(params) if params is not None else [p for p, _ in self.pairs]
+        self.sharded = sharded  # ZeRO-1: the local ShardOptimizer copies back, then the shards are broadcast
         self.defaults = optimizer.defaults if optimizer is not None else {}
-        for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
-                     "load_state_dict_post"):
-            setattr(self, f"_optimizer_{kind}_hooks", {})
+        _hook_tables(self)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -233,7 +254,10 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     @property
     def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state if self.optimizer is not None else {}
+        """The optimizer state this rank holds (under ZeRO-1: its shard's, the local optimizer's)."""
+        if self.optimizer is None:
+            return {}
+        return self.optimizer.optim.state if self.sharded else self.optimizer.state  # type: ignore[attr-defined]
 
     @property
     def scale(self) -> float | None:
@@ -258,15 +282,17 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             finite = self.scaler.unscale_and_agree(grads) if self.scaler is not None else True
             if finite and self.optimizer is not None:
                 self.optimizer.step()
-                for p, m in self.pairs:
-                    p.copy_(m)
+                if not self.sharded:
+                    for p, m in self.pairs:
+                        p.copy_(m)
         finally:
             for _, m in self.pairs:
                 m.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p, m in self.pairs:
+        for _, m in self.pairs:
             m.grad = None
+        for p in self.params:
             if p.grad is not None:
                 if set_to_none:
                     p.grad = None
@@ -290,3 +316,95 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise PipelineRuntimeError("MixedPrecisionOptimizer: build it over all of the stage's parameters at once "
                                    "(stage.optimizer(cls, ...)); groups cannot be added to its masters later")
+
+
+class _ByMaster(MutableMapping):  # type: ignore[type-arg]
+    """An optimizer's state, keyed by the low-precision parameters a ZeroRedundancyOptimizer
+    knows, stored under their masters (the keys the wrapped optimizer reads)."""
+
+    def __init__(self, state: Any, master_of: dict[int, torch.Tensor]) -> None:
+        self._state, self._master_of = state, master_of
+
+    def _key(self, k: Any) -> Any:
+        return self._master_of.get(id(k), k)
+
+    def __getitem__(self, k: Any) -> Any:
+        return self._state[self._key(k)]
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        self._state[self._key(k)] = v
+
+    def __delitem__(self, k: Any) -> None:
+        del self._state[self._key(k)]
+
+    def __iter__(self) -> Any:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+class ShardOptimizer(torch.optim.Optimizer):
+    """ZeRO-1's local optimizer under mixed precision: ``optimizer_class`` over the fp32 masters
+    of this replica's shard (``param_groups`` hold its low-precision parameters, as
+    ``ZeroRedundancyOptimizer`` hands them out); ``step()`` steps them and copies them into
+    their parameters, which the ZeroRedundancyOptimizer then broadcasts to the other replicas.
+    Its state is the wrapped optimizer's, reachable by the low-precision parameters too
+    (``ZeroRedundancyOptimizer.load_state_dict`` keys it so)."""
+
+    def __init__(self, param_groups: Any, *, optimizer_class: type[torch.optim.Optimizer],
+                 master_of: dict[int, torch.Tensor], **defaults: Any) -> None:
+        groups = [dict(g) for g in param_groups] if isinstance(param_groups[0], dict) else [{"params": param_groups}]
+        self.pairs = [(p, master_of.get(id(p), p)) for g in groups for p in g["params"]]
+        masters = [{**g, "params": [master_of.get(id(p), p) for p in g["params"]]} for g in groups]
+        self.optimizer = optimizer_class(masters, **defaults)
+        self.defaults = self.optimizer.defaults
+        self._by_master = _ByMaster(self.optimizer.state, master_of)
+        _hook_tables(self)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._by_master
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        self.optimizer.step()
+        for p, m in self.pairs:
+            if p is not m:
+                p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
+@functools.cache
+def _zero_class() -> type:
+    """``ZeroRedundancyOptimizer`` whose ``load_state_dict`` then drops its own copy of the
+    state: ``Optimizer.load_state_dict`` casts it to the low-precision parameters' dtype, a
+    copy nothing reads (the local optimizer holds the fp32 state)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class MixedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            self.state.clear()
+
+    return MixedZeroRedundancyOptimizer
+
+
+def zero_mixed(params: Sequence[torch.Tensor], optimizer_class: type[torch.optim.Optimizer],
+               master_of: dict[int, torch.Tensor], group: dist.ProcessGroup, **kwargs: Any) -> Any:
+    """A ZeroRedundancyOptimizer over the low-precision ``params`` whose local optimizer steps
+    the fp32 masters of this replica's shard (``ShardOptimizer``)."""
+    local = functools.partial(ShardOptimizer, optimizer_class=optimizer_class, master_of=master_of)
+    return _zero_class()(params, optimizer_class=local, process_group=group, **kwargs)

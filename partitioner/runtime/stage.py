@@ -33,6 +33,7 @@ copies and never see the masters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from datetime import timedelta
@@ -52,7 +53,7 @@ from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.precision import (LossScaler, MixedPrecisionOptimizer, cast_inputs, cast_tensors_,
-                                           model_dtype, recipe, retype_graph)
+                                           model_dtype, recipe, retype_graph, zero_mixed)
 from partitioner.runtime.routing import routes
 from partitioner.schedule import Schedule, split_problem
 
@@ -102,12 +103,6 @@ class RankStage:
         #: the plan's precision as this rank runs it (``runtime.precision.Recipe``)
         graph = getattr(pipe, "graph", None)
         self.recipe = recipe(plan, model_dtype((graph if graph is not None else pipe).parameters()))
-        if self.recipe.master and plan.mesh.zero and self.grad_sync is not None:
-            raise PipelineRuntimeError(
-                f"precision {self.recipe.name!r} with ZeRO-1 is not supported by this runtime yet: the plan prices "
-                "the fp32 master weights sharded over the replicas with the optimizer state, and PyTorch's "
-                "ZeroRedundancyOptimizer over the masters would shard the state only (every replica holding every "
-                "master, more memory than planned). Re-partition with zero=0, or with precision='bf16'")
         #: (low-precision parameter, its fp32 master) for each trainable parameter (mixed precision)
         self._pairs = self._apply_precision()
         self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
@@ -116,6 +111,8 @@ class RankStage:
         #: fp16-mixed: the dynamic loss scale, one for every rank of the job (``runtime.precision``)
         self.loss_scaler = LossScaler(device, self.job_group) if self.recipe.loss_scaling else None
         self._master_optimizers = 0  # built by optimizer(): the runner warns when a mixed run has none
+        #: ZeRO-1 with mixed precision: id(parameter) -> the replica holding its master
+        self._master_owner: dict[int, int] = {}
 
     @property
     def is_first(self) -> bool:
@@ -188,6 +185,31 @@ class RankStage:
                 "and copies them back), so the masters a checkpoint saves are stale. Build the optimizer with "
                 "stage.optimizer(cls, ...), and write weights with stage.load_state_dict(...)")
 
+    @contextlib.contextmanager
+    def full_masters(self) -> Iterator[None]:
+        """Collective over the replicas under ZeRO-1 with mixed precision (else nothing): for
+        the duration, replica 0 holds every master of this pipeline rank, each broadcast by
+        the replica whose shard holds it, so a checkpoint saves fp32 values for all."""
+        added: list[int] = []
+        if self._master_owner and self.dp_group is not None:
+            with torch.no_grad():
+                for p in self.parameters():
+                    owner = self._master_owner.get(id(p))
+                    if owner is None:
+                        continue
+                    mine = id(p) in self._master_of
+                    buf = self._master_of[id(p)] if mine else torch.empty(p.shape, dtype=torch.float32,
+                                                                            device=p.device)
+                    dist.broadcast(buf, src=dist.get_global_rank(self.dp_group, owner), group=self.dp_group)
+                    if not mine and self.dp_rank == 0:
+                        self._master_of[id(p)] = buf
+                        added.append(id(p))
+        try:
+            yield
+        finally:
+            for k in added:
+                del self._master_of[k]
+
     def sync_masters(self) -> None:
         """Copy the fp32 masters into the low-precision parameters (after loading masters)."""
         with torch.no_grad():
@@ -215,13 +237,28 @@ class RankStage:
         ``runtime.precision.MixedPrecisionOptimizer``: ``optimizer_class`` over the fp32
         masters, stepping them from the low-precision gradients and copying them back; for
         fp16 its ``step()`` unscales, skips the step on every rank when any rank's gradients
-        are not finite, and updates the loss scale (``.scale``, ``.skipped``)."""
+        are not finite, and updates the loss scale (``.scale``, ``.skipped``). With ZeRO-1 it
+        wraps a ``ZeroRedundancyOptimizer`` whose shards step the masters, and this rank keeps
+        only its shard's masters from then on, as the plan prices them."""
         params = self.parameters()
         if self.recipe.master:
-            targets = [self._master_of.get(id(p), p) for p in params if p.requires_grad]
-            inner = optimizer_class(targets, **kwargs) if targets else None
             self._master_optimizers += 1
-            return MixedPrecisionOptimizer(inner, self._pairs, self.loss_scaler)
+            trainable = [p for p in params if p.requires_grad]
+            if self.plan.mesh.zero and self.grad_sync is not None:
+                # The plan shards the masters with the optimizer state: each replica keeps those of
+                # the parameters its shard steps, and drops the others' (in place: the shard's
+                # optimizer reads the same table).
+                zero = zero_mixed(params, optimizer_class, self._master_of, cast(dist.ProcessGroup, self.dp_group),
+                                  **kwargs)
+                owner = {id(p): r for p, r in zero._param_to_rank.items()}
+                self._master_owner.update({k: owner[k] for k in self._master_of if k in owner})
+                for k in [k for k in self._master_of if self._master_owner.get(k, zero.rank) != zero.rank]:
+                    del self._master_of[k]
+                self._pairs[:] = [(p, m) for p, m in self._pairs if id(p) in self._master_of]
+                return MixedPrecisionOptimizer(zero, self._pairs, self.loss_scaler, trainable, sharded=True)
+            targets = [self._master_of.get(id(p), p) for p in trainable]
+            inner = optimizer_class(targets, **kwargs) if targets else None
+            return MixedPrecisionOptimizer(inner, self._pairs, self.loss_scaler, trainable)
         if self.plan.mesh.zero and self.grad_sync is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -217,12 +217,42 @@ def _train(rank: int, world: int, pipe: Any, poison: int | None = None, ckpt: st
     if ckpt is not None:
         stage.save_checkpoint(ckpt, opt)
     plan_stage = next(st for st in pipe.plan.stages if st.rank == stage.pp_rank)
+    by_master = {id(m): n for n, m in stage.masters.items()}
     return {"rank": rank, "dp": stage.dp_rank, "last": stage.is_last, "losses": losses, "scales": scales,
             "skipped": skipped, "held": held, "poisoned": before, "opt": type(opt).__name__,
             "static": plan_stage.cost.static_bytes, "buffer_bytes": plan_stage.cost.buffer_bytes,
             "dtypes": {str(p.dtype) for p in stage.parameters()},
             "masters": {n: m.clone() for n, m in stage.masters.items()},
+            "exp_avg": {by_master[id(k)]: v["exp_avg"].clone() for k, v in opt.state.items() if id(k) in by_master},
             "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)}}
+
+
+def _load(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
+    """A fresh stage of ``pipe`` and its optimizer, loaded from ``path``."""
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.AdamW, lr=LR)
+    stage.load_checkpoint(path, opt)
+    assert {t.dtype for n, t in stage.state_dict().items() if n in stage.masters} == {torch.float32}
+    by_master = {id(m): n for n, m in stage.masters.items()}
+    return {"masters": {n: m.clone() for n, m in stage.masters.items()},
+            "params": {n: p.detach().clone() for n, p in stage.named_parameters(remove_duplicate=False)},
+            "exp_avg": {by_master[id(k)]: v["exp_avg"].clone() for k, v in opt.state.items() if id(k) in by_master}}
+
+
+def _assert_loaded(loaded: list[dict[str, Any]], masters: dict[str, torch.Tensor],
+                   exp_avg: dict[str, torch.Tensor]) -> None:
+    """Each loaded rank holds the saved fp32 masters, their bf16 copies and fp32 AdamW state."""
+    got = set()
+    for r in loaded:
+        assert r["masters"] and r["exp_avg"]
+        for n, m in r["masters"].items():
+            assert torch.equal(m, masters[n]), n
+        for n, p in r["params"].items():
+            assert torch.equal(p, masters[n].to(torch.bfloat16)), n
+        for n, v in r["exp_avg"].items():
+            assert v.dtype == torch.float32 and torch.equal(v, exp_avg[n]), n
+        got |= set(r["exp_avg"])
+    assert got == set(exp_avg)
 
 
 @functools.cache
@@ -331,21 +361,8 @@ def test_a_mixed_checkpoint_holds_the_fp32_masters_and_loads_back(tmp_path: Any)
     for n, m in masters.items():
         assert state[f"model.{n}"].dtype == torch.float32
         assert torch.equal(state[f"model.{n}"], m), n
-
-    def load(rank: int, world: int) -> dict[str, Any]:
-        stage = pipe.build_stage(rank, "cpu")
-        opt = stage.optimizer(torch.optim.AdamW, lr=LR)
-        stage.load_checkpoint(path, opt)
-        assert {t.dtype for n, t in stage.state_dict().items() if n in stage.masters} == {torch.float32}
-        return {"masters": {n: m.clone() for n, m in stage.masters.items()},
-                "params": {n: p.detach().clone() for n, p in stage.named_parameters()},
-                "state": {k: v["exp_avg"].dtype for k, v in enumerate(opt.state.values())}}
-
-    for r in spawn(load, 2, timeout_s=TIMEOUT_S):
-        assert r["state"] and set(r["state"].values()) == {torch.float32}
-        for n, m in r["masters"].items():
-            assert torch.equal(m, masters[n]), n
-            assert torch.equal(r["params"][n], m.to(torch.bfloat16)), n
+    exp_avg = {n: v for r in results for n, v in r["exp_avg"].items()}
+    _assert_loaded(spawn(_load, 2, pipe, path, timeout_s=TIMEOUT_S), masters, exp_avg)
 
 
 def test_pure_bf16_steps_the_bf16_parameters_and_holds_the_plans_bytes() -> None:
@@ -384,14 +401,45 @@ def test_an_optimizer_over_the_low_precision_copies_is_warned_and_its_checkpoint
     assert not (tmp_path / "stale").exists()
 
 
-def test_mixed_precision_with_zero1_is_refused_with_a_reason() -> None:
-    _, pipe = _planned("bf16-mixed", n_gpus=4, dp=2, zero=1)
+def test_bf16_mixed_with_zero1_shards_the_masters_and_trains_like_one_process(tmp_path: Any) -> None:
+    """ZeRO-1: each replica keeps the masters and AdamW state of its shard only (the plan
+    shards both: 2 + 2 + 12 / dp bytes per parameter), steps them, and the replicas
+    broadcast their shards of the bf16 weights; a checkpoint gathers every fp32 master."""
+    import torch.distributed.checkpoint as dcp
 
-    def build(rank: int, world: int) -> None:
-        pipe.build_stage(rank, "cpu")
-
-    with pytest.raises(PipelineRuntimeError, match=r"ZeRO-1 is not supported .* zero=0"):
-        spawn(build, 4, timeout_s=TIMEOUT_S)
+    model, pipe = _planned("bf16-mixed", n_gpus=4, dp=2, zero=1)
+    path = str(tmp_path / "ckpt")
+    results = spawn(_train, 4, pipe, None, path, timeout_s=TIMEOUT_S)
+    want = reference(model, torch.bfloat16, microbatches=4)
+    last = [r["losses"] for r in results if r["last"]]
+    assert [(a + b) / 2 for a, b in zip(*last)] == pytest.approx(want["losses"], rel=1e-2)
+    assert {r["opt"] for r in results} == {"MixedPrecisionOptimizer"}
+    for pp in (0, 1):
+        replicas = [r for r in results if r["rank"] % 2 == pp]  # rank = dp * 2 + pp
+        n = replicas[0]["held"]["params"] // 2
+        sharded = [r["held"]["masters"] + r["held"]["state"] for r in replicas]
+        assert all(0 < b < 12 * n for b in sharded) and sum(sharded) == 12 * n, sharded  # 4 + 8 B, split
+        assert sum(r["held"]["params"] + r["held"]["grads"] for r in replicas) == 2 * 4 * n
+        assert sum(sum(r["held"][k] for k in ("params", "grads", "masters", "state")) for r in replicas) == \
+            2 * (replicas[0]["static"] - replicas[0]["buffer_bytes"])
+        masters = {k: v for r in replicas for k, v in r["masters"].items()}  # the shards' union
+        for r in replicas:  # every replica's bf16 weights are the masters, whoever holds them
+            assert not set(r["masters"]) & set(next(q for q in replicas if q is not r)["masters"])
+            for k, v in r["params"].items():
+                assert torch.equal(v, masters[k].to(torch.bfloat16)), k
+        for k, m in masters.items():
+            diff = (m - want["masters"][k]).abs()
+            assert diff.mean().item() <= LR / 4 and diff.max().item() <= 2 * LR * STEPS, k
+    state = {f"model.{n}": torch.empty_like(p) for n, p in model.state_dict().items()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    everything = {k: v for r in results for k, v in r["masters"].items()}
+    assert set(everything) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for k, m in everything.items():
+        assert torch.equal(state[f"model.{k}"], m), k
+    # it resumes under ZeRO-1 (each replica reading its shard) and on a pipeline without replicas
+    exp_avg = {n: v for r in results for n, v in r["exp_avg"].items()}
+    _assert_loaded(spawn(_load, 4, pipe, path, timeout_s=TIMEOUT_S), everything, exp_avg)
+    _assert_loaded(spawn(_load, 2, _planned("bf16-mixed")[1], path, timeout_s=TIMEOUT_S), everything, exp_avg)
 
 
 def test_retype_graph_makes_the_swap_pricing_makes() -> None:
