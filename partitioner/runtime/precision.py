@@ -354,7 +354,9 @@ class ShardOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups: Any, *, optimizer_class: type[torch.optim.Optimizer],
                  master_of: dict[int, torch.Tensor], **defaults: Any) -> None:
-        groups = [dict(g) for g in param_groups] if isinstance(param_groups[0], dict) else [{"params": param_groups}]
+        param_groups = list(param_groups)
+        groups = ([dict(g) for g in param_groups] if param_groups and isinstance(param_groups[0], dict)
+                  else [{"params": param_groups}])
         self.pairs = [(p, master_of.get(id(p), p)) for g in groups for p in g["params"]]
         masters = [{**g, "params": [master_of.get(id(p), p) for p in g["params"]]} for g in groups]
         self.optimizer = optimizer_class(masters, **defaults)

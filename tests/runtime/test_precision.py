@@ -122,11 +122,15 @@ def _planned(precision: str, n_gpus: int = 2, dp: int = 1, zero: int = 0) -> tup
 
 
 def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison: int | None = None,
-              microbatches: int = 2, pure: bool = False) -> dict[str, Any]:
-    """One process, the same recipe: the model cast to ``dtype`` under pricing's dtype swap,
-    fp32 masters, AdamW; with ``scaled``, ``torch.amp.GradScaler`` on the masters."""
+              microbatches: int = 2, pure: bool = False, data: tuple[torch.Tensor, torch.Tensor] | None = None,
+              loss_fn: Any = loss_fn) -> dict[str, Any]:
+    """One process, the same recipe: the model cast to ``dtype`` under pricing's dtype swap
+    (floating inputs cast too), fp32 masters, AdamW; with ``scaled``, ``torch.amp.GradScaler``
+    on the masters."""
     ref = copy.deepcopy(model)
-    x, y = _data()
+    x, y = data if data is not None else _data()
+    if x.is_floating_point():
+        x = x.to(dtype)
     named = dict(ref.named_parameters())
     masters = {n: p.detach().to(torch.float32, copy=True) for n, p in named.items()}
     ref.to(dtype)
@@ -191,11 +195,12 @@ def _held_bytes(stage: Any, opt: Any) -> dict[str, int]:
     return out
 
 
-def _train(rank: int, world: int, pipe: Any, poison: int | None = None, ckpt: str | None = None) -> dict[str, Any]:
-    x, y = _data()
+def _train(rank: int, world: int, pipe: Any, poison: int | None = None, ckpt: str | None = None,
+           data: tuple[torch.Tensor, torch.Tensor] | None = None, loss: Any = loss_fn) -> dict[str, Any]:
+    x, y = data if data is not None else _data()
     stage = pipe.build_stage(rank, "cpu")
     opt = stage.optimizer(torch.optim.AdamW, lr=LR)
-    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    runner = stage.runner("1f1b", loss_fn=loss)
     losses, scales, skipped, held, before = [], [], [], None, None
     for step in range(STEPS):
         opt.zero_grad()
@@ -440,6 +445,27 @@ def test_bf16_mixed_with_zero1_shards_the_masters_and_trains_like_one_process(tm
     exp_avg = {n: v for r in results for n, v in r["exp_avg"].items()}
     _assert_loaded(spawn(_load, 4, pipe, path, timeout_s=TIMEOUT_S), everything, exp_avg)
     _assert_loaded(spawn(_load, 2, _planned("bf16-mixed")[1], path, timeout_s=TIMEOUT_S), everything, exp_avg)
+
+
+def test_float_inputs_are_cast_on_entry_as_priced_under_recomputation() -> None:
+    """An MLP takes fp32 inputs: the plan records them as given (fp32) and prices the stage in
+    bf16; stage 0 casts them on entry. Every stage recomputes its blocks (checkpointed regions)."""
+    from tests.fixtures.models import FIXTURES
+
+    torch.manual_seed(0)
+    model = FIXTURES["mlp"].build()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(BATCH, 32, generator=g), torch.randn(BATCH, 10, generator=g)
+    pipe = partition(model, n_gpus=2, example_inputs=(x,), precision="bf16-mixed", schedule="1f1b",
+                     n_microbatches=2, recompute="full")
+    assert pipe.plan.inputs[0]["dtype"] == "float32"
+    assert {st.recompute for st in pipe.plan.stages} == {"full"}
+
+    def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out.float(), target)
+
+    results = spawn(_train, 2, pipe, None, None, (x, y), mse, timeout_s=TIMEOUT_S)
+    _compare(results, reference(model, torch.bfloat16, data=(x, y), loss_fn=mse), torch.bfloat16)
 
 
 def test_retype_graph_makes_the_swap_pricing_makes() -> None:
