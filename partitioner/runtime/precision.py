@@ -163,7 +163,9 @@ class LossScaler:
     theirs; the stages, and the copies of tied weights, would no longer be one model's. Here
     each rank unscales its gradients, the verdicts are combined by one ``all_reduce(MAX)``
     over every rank of the job (all pipeline ranks and replicas) before any rank steps, and
-    every rank skips or steps and updates its scale alike.
+    every rank skips or steps and updates its scale alike. ``growth_factor``,
+    ``backoff_factor`` and ``growth_interval`` are plain attributes (``stage.loss_scaler``):
+    set them alike on every rank.
     """
 
     def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None, *,

@@ -334,7 +334,9 @@ class RankStage:
         """FQN -> tensor (detached, sharing storage) for this rank's parameters and
         persistent buffers, tied tensors under each of their names here; the keys are a
         subset of ``model.state_dict()``'s. Under mixed precision a trainable parameter is
-        given as its fp32 master (the model's state at full precision)."""
+        given as its fp32 master (the model's state at full precision); under ZeRO-1, once
+        ``optimizer()`` has sharded the masters, only those this replica holds (the others
+        as their low-precision weights: ``save_checkpoint`` gathers them)."""
         out = {n: self._master_of.get(id(p), p).detach() for n, p in self.named_parameters(remove_duplicate=False)}
         out.update({n: b.detach() for n, b in self.named_buffers(remove_duplicate=False) if self.is_persistent(n)})
         return out

@@ -123,7 +123,7 @@ def _planned(precision: str, n_gpus: int = 2, dp: int = 1, zero: int = 0) -> tup
 
 def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison: int | None = None,
               microbatches: int = 2, pure: bool = False, data: tuple[torch.Tensor, torch.Tensor] | None = None,
-              loss_fn: Any = loss_fn) -> dict[str, Any]:
+              loss_fn: Any = loss_fn, growth_interval: int = 2000) -> dict[str, Any]:
     """One process, the same recipe: the model cast to ``dtype`` under pricing's dtype swap
     (floating inputs cast too), fp32 masters, AdamW; with ``scaled``, ``torch.amp.GradScaler``
     on the masters."""
@@ -137,7 +137,7 @@ def reference(model: nn.Module, dtype: torch.dtype, scaled: bool = False, poison
     if pure:  # "bf16": no masters, the optimizer steps the bf16 parameters
         masters = named
     opt = torch.optim.AdamW(list(masters.values()), lr=LR)
-    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    scaler = torch.amp.GradScaler("cpu", growth_interval=growth_interval) if scaled else None
     losses, scales = [], []
     for step in range(STEPS):
         for p in named.values():
@@ -196,9 +196,12 @@ def _held_bytes(stage: Any, opt: Any) -> dict[str, int]:
 
 
 def _train(rank: int, world: int, pipe: Any, poison: int | None = None, ckpt: str | None = None,
-           data: tuple[torch.Tensor, torch.Tensor] | None = None, loss: Any = loss_fn) -> dict[str, Any]:
+           data: tuple[torch.Tensor, torch.Tensor] | None = None, loss: Any = loss_fn,
+           growth_interval: int | None = None) -> dict[str, Any]:
     x, y = data if data is not None else _data()
     stage = pipe.build_stage(rank, "cpu")
+    if growth_interval is not None:
+        stage.loss_scaler.growth_interval = growth_interval
     opt = stage.optimizer(torch.optim.AdamW, lr=LR)
     runner = stage.runner("1f1b", loss_fn=loss)
     losses, scales, skipped, held, before = [], [], [], None, None
@@ -332,12 +335,15 @@ def test_bf16_mixed_with_two_replicas_trains_like_one_process() -> None:
 
 
 def test_fp16_mixed_scales_the_loss_like_grad_scaler() -> None:
+    """The scale grows after every clean step here (growth_interval=1), as GradScaler's does,
+    until the third step's gradients overflow at 2**18: that step is skipped, the scale halves."""
     model, pipe = _planned("fp16-mixed")
-    results = spawn(_train, 2, pipe, timeout_s=TIMEOUT_S)
-    want = reference(model, torch.float16, scaled=True)
+    results = spawn(_train, 2, pipe, None, None, None, loss_fn, 1, timeout_s=TIMEOUT_S)
+    want = reference(model, torch.float16, scaled=True, growth_interval=1)
     _compare(results, want, torch.float16)
-    for r in results:  # the same scale on every rank, as GradScaler's in one process
-        assert r["scales"] == want["scales"]
+    assert want["scales"] == [2.0**17, 2.0**18, 2.0**17]
+    for r in results:  # the same scales and skips on every rank, as GradScaler's in one process
+        assert r["scales"] == want["scales"] and r["skipped"] == [0, 0, 1]
 
 
 def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank() -> None:
