@@ -31,6 +31,16 @@ so either kind of optimizer, under any plan, loads either. On loading, a
 saved one, or a ``ZeroRedundancyOptimizer`` over another group than ``stage.dp_group``, is
 refused before anything is read.
 ``PATH`` must be on a file system every rank sees.
+
+Mixed precision (``runtime.precision``): a trainable parameter is saved and loaded as its
+fp32 master (``stage.unique_tensors()`` gives the master), so a mixed run's checkpoint is
+the fp32 model's state and loads into any precision and layout; after loading, the
+low-precision copies are refreshed from the masters. A ``MixedPrecisionOptimizer``'s state
+is the optimizer it wraps (over the masters), saved under that optimizer's class; its loss
+scale is not saved (a resumed fp16 run starts from the initial scale). Under ZeRO-1 each
+replica holds the masters of its shard only: replica 0 gathers them all while it writes
+(``RankStage.full_masters``), and on loading a replica reads the fp32 values into the
+masters it holds and into the low-precision weights of the others.
 """
 
 from __future__ import annotations
@@ -93,13 +103,28 @@ def _canonical_names(stage: RankStage) -> dict[int, str]:
     here: dict[int, list[str]] = {}
     for n, p in stage.named_parameters(remove_duplicate=False):
         here.setdefault(id(p), []).append(n)
+    for p, master in stage._pairs:  # a mixed-precision optimizer holds the fp32 masters
+        here[id(master)] = here[id(p)]
     return {i: min(stage.candidates(names), key=lambda n: (order.get(n, len(order)), n)) for i, names in here.items()}
 
 
 # ----------------------------------------------------------------------------- loading
 
 
+def _unwrap(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer whose state is saved: a ``MixedPrecisionOptimizer``'s is the one it wraps."""
+    from partitioner.runtime.precision import MixedPrecisionOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, MixedPrecisionOptimizer) else optimizer
+
+
 def load_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    files = _load_checkpoint(stage, path, _unwrap(optimizer))
+    stage.sync_masters()
+    return files
+
+
+def _load_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> list[str]:
     path = os.fspath(path)
     fmt = checkpoint_format(path)
     if fmt == "dcp":
@@ -343,6 +368,8 @@ def _jsonable(v: Any) -> Any:
 
 
 def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    stage.check_masters()  # the masters are what is saved: refuse stale ones (collective)
+    optimizer = _unwrap(optimizer)
     zero = _as_zero(optimizer)
     if zero is not None:
         _check_zero(stage, zero, "save its state")
@@ -358,8 +385,9 @@ def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimize
         zero.consolidate_state_dict(to=dist.get_group_rank(zero.process_group,
                                                             stage.plan.mesh.rank(0, stage.pp_rank)))
     try:
-        if stage.dp_rank == 0:
-            _save(stage, path, optimizer)
+        with stage.full_masters():  # ZeRO-1 mixed precision: replica 0 gathers the fp32 masters
+            if stage.dp_rank == 0:
+                _save(stage, path, optimizer)
     finally:
         if zero is not None:
             zero._all_state_dicts = []  # the gathered copy of the whole state: free it
@@ -396,8 +424,11 @@ def _check_zero(stage: RankStage, zero: Any, doing: str) -> None:
 def _class_name(optimizer: torch.optim.Optimizer) -> str:
     """The class recorded with the state: a ZeroRedundancyOptimizer's is the class it wraps,
     so a plain optimizer of that class loads it, and the other way round."""
+    from partitioner.runtime.precision import ShardOptimizer
+
     zero = _as_zero(optimizer)
-    return type(zero.optim if zero is not None else optimizer).__qualname__
+    local = zero.optim if zero is not None else optimizer
+    return type(local.optimizer if isinstance(local, ShardOptimizer) else local).__qualname__
 
 
 def _read_small(path: str, keys: list[str]) -> dict[str, str]:

@@ -121,6 +121,9 @@ class Interpreter:
     """Runs ``schedule.actions[rank]`` over ``modules`` ({stage index: module});
     ``routes`` (``routing.routes``) says where each boundary value is made and used."""
 
+    #: fp16-mixed (``runtime.precision``): the last stage's backward starts from ``loss * loss_scale``
+    loss_scale: torch.Tensor | None = None
+
     def __init__(self, rank: int, modules: Mapping[int, nn.Module], plan: Plan, schedule: Schedule,
                  transport: Transport, loss_fn: LossFn, unflatten: Callable[[Sequence[Any]], Any],
                  device: torch.device | str | None = None, *, routes: Mapping[str, Route],
@@ -347,7 +350,7 @@ class Interpreter:
                                            f"{tuple(getattr(loss, 'shape', ()))}")
             loss = loss / self.m  # see the module docstring
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
-            self._saved[(s, mb)] = (args, loss)
+            self._saved[(s, mb)] = (args, loss if self.loss_scale is None else loss * self.loss_scale)
             return
         names = self.plan.stages[s].outputs
         if len(out) != len(names):

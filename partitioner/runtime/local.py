@@ -65,6 +65,12 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     in-order groups per rank, tags ignored, sends that wait for their receive) instead of
     buffering them, so a schedule that would hang on GPUs fails here, naming the ranks and
     operations that wait on each other.
+
+    The stages share the user's parameters, so this runs in the model's own dtypes and
+    ignores the plan's ``precision`` (no casts, no master weights, no loss scaling); a plan
+    priced at another compute dtype than the model's (an fp32 model planned bf16-mixed)
+    fails here on the first value that crosses a cut in the wrong dtype. ``build_stage``
+    runs the plan's precision (``partitioner.runtime.precision``).
     """
     sched = resolve_schedule(pipe, schedule, n_microbatches)
     m = sched.n_microbatches

@@ -21,11 +21,21 @@ its stage's final backward on the rank, and the step waits for them all once the
 run its last action (``RankStage.sync_replicas``). At build, replica 0's parameters and
 buffers are broadcast so the replicas start equal. ``plan.mesh.zero`` = 1 makes
 ``stage.optimizer(...)`` a ``ZeroRedundancyOptimizer`` over the replicas.
+
+Precision: the plan's (``plan.options["precision"]``) is what the rank holds and computes
+in (``runtime.precision``): parameters and buffers cast to its compute dtype at build, the
+stage graphs retyped as pricing retyped them, and for ``"bf16-mixed"`` / ``"fp16-mixed"``
+an fp32 master copy of each trainable parameter, which ``stage.optimizer(...)`` steps
+(with dynamic loss scaling agreed by every rank for fp16). Build the optimizer with
+``stage.optimizer(...)``: one over ``stage.parameters()`` would step the low-precision
+copies and never see the masters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, cast
 
@@ -42,6 +52,8 @@ from partitioner.runtime.interpreter import Interpreter, TraceEvent
 from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
+from partitioner.runtime.precision import (LossScaler, MixedPrecisionOptimizer, cast_inputs, cast_tensors_,
+                                           model_dtype, recipe, retype_graph, zero_mixed)
 from partitioner.runtime.routing import routes
 from partitioner.schedule import Schedule, split_problem
 
@@ -88,6 +100,19 @@ class RankStage:
         self._tied = self._tie_groups()
         #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
         self.grad_sync = self._replicate()
+        #: the plan's precision as this rank runs it (``runtime.precision.Recipe``)
+        graph = getattr(pipe, "graph", None)
+        self.recipe = recipe(plan, model_dtype((graph if graph is not None else pipe).parameters()))
+        #: (low-precision parameter, its fp32 master) for each trainable parameter (mixed precision)
+        self._pairs = self._apply_precision()
+        self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
+        #: every rank of the job: the pipeline's group, or with replicas the whole mesh (default group)
+        self.job_group = self.group if dp_group is None else None
+        #: fp16-mixed: the dynamic loss scale, one for every rank of the job (``runtime.precision``)
+        self.loss_scaler = LossScaler(device, self.job_group) if self.recipe.loss_scaling else None
+        self._master_optimizers = 0  # built by optimizer(): the runner warns when a mixed run has none
+        #: ZeRO-1 with mixed precision: id(parameter) -> the replica holding its master
+        self._master_owner: dict[int, int] = {}
 
     @property
     def is_first(self) -> bool:
@@ -117,6 +142,80 @@ class RankStage:
             return None
         return GradSync(self.modules, self.dp_group)
 
+    def _apply_precision(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Masters from the values before the cast, then cast and retype as pricing did."""
+        r = self.recipe
+        pairs = [(p, p.detach().to(torch.float32, copy=True)) for p in self.parameters()
+                 if r.master and p.requires_grad and p.is_floating_point()]
+        if r.cast:
+            cast_tensors_([*self.parameters(), *self.buffers()], r.compute)
+            for mod in self.modules.values():
+                if r.retype is not None:
+                    retype_graph(mod, *r.retype)
+            if 0 in self.modules:  # the model's floating inputs, cast on entry as pricing made them
+                floating = [i for i, d in enumerate(self.plan.inputs) if d.get("kind") == "tensor"
+                            and getattr(torch, str(d.get("dtype") or "-"), torch.int64).is_floating_point]
+                cast_inputs(self.modules[0], r.compute, floating)
+        pairs = [(p, m) for p, m in pairs if p.dtype != torch.float32]  # a parameter left in fp32 is its own master
+        return pairs
+
+    @property
+    def masters(self) -> dict[str, torch.Tensor]:
+        """FQN -> the fp32 master of each trainable parameter (mixed precision; else empty),
+        under each of its names here."""
+        return {n: self._master_of[id(p)] for n, p in self.named_parameters(remove_duplicate=False)
+                if id(p) in self._master_of}
+
+    def check_masters(self) -> None:
+        """Collective over every rank of the job: refuse when a low-precision parameter is not
+        its fp32 master cast, i.e. it was changed outside ``stage.optimizer()`` (an optimizer
+        over ``stage.parameters()``, a direct write): the masters, which checkpoints save,
+        would be stale. Called by ``save_checkpoint``."""
+        if not self.recipe.master:
+            return
+        bad = [n for n, p in self.named_parameters() if id(p) in self._master_of and n not in self.uninitialized
+               and not torch.equal(p, self._master_of[id(p)].to(p.dtype))]
+        flag = torch.tensor([float(bool(bad))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.job_group)
+        if flag.item():
+            raise PipelineRuntimeError(
+                (f"rank {self.global_rank}: parameters {bad[:3]}{' …' if len(bad) > 3 else ''} are not their fp32 "
+                 "masters" if bad else f"rank {self.global_rank}: another rank's parameters are not their fp32 masters")
+                + f" ({self.recipe.name}): they were changed outside stage.optimizer(...) (which steps the masters "
+                "and copies them back), so the masters a checkpoint saves are stale. Build the optimizer with "
+                "stage.optimizer(cls, ...), and write weights with stage.load_state_dict(...)")
+
+    @contextlib.contextmanager
+    def full_masters(self) -> Iterator[None]:
+        """Collective over the replicas under ZeRO-1 with mixed precision (else nothing): for
+        the duration, replica 0 holds every master of this pipeline rank, each broadcast by
+        the replica whose shard holds it, so a checkpoint saves fp32 values for all."""
+        added: list[int] = []
+        if self._master_owner and self.dp_group is not None:
+            with torch.no_grad():
+                for p in self.parameters():
+                    owner = self._master_owner.get(id(p))
+                    if owner is None:
+                        continue
+                    mine = id(p) in self._master_of
+                    buf = self._master_of[id(p)] if mine else torch.empty(p.shape, dtype=torch.float32,
+                                                                            device=p.device)
+                    dist.broadcast(buf, src=dist.get_global_rank(self.dp_group, owner), group=self.dp_group)
+                    if not mine and self.dp_rank == 0:
+                        self._master_of[id(p)] = buf
+                        added.append(id(p))
+        try:
+            yield
+        finally:
+            for k in added:
+                del self._master_of[k]
+
+    def sync_masters(self) -> None:
+        """Copy the fp32 masters into the low-precision parameters (after loading masters)."""
+        with torch.no_grad():
+            for p, m in self._pairs:
+                p.copy_(m)
+
     def sync_replicas(self) -> None:
         """Finish averaging the step's gradients over the replicas: launch the buckets not
         launched yet (those of stages with no final backward this step), wait for every
@@ -132,8 +231,34 @@ class RankStage:
                   **kwargs: Any) -> torch.optim.Optimizer:
         """An optimizer over this rank's parameters: ``optimizer_class(params, **kwargs)``,
         or, with ``plan.mesh.zero`` = 1 and replicas, PyTorch's ``ZeroRedundancyOptimizer``
-        wrapping it over the replicas (each keeps 1/dp of the optimizer state)."""
+        wrapping it over the replicas (each keeps 1/dp of the optimizer state).
+
+        Under a mixed precision (``"bf16-mixed"``, ``"fp16-mixed"``) a
+        ``runtime.precision.MixedPrecisionOptimizer``: ``optimizer_class`` over the fp32
+        masters, stepping them from the low-precision gradients and copying them back; for
+        fp16 its ``step()`` unscales, skips the step on every rank when any rank's gradients
+        are not finite, and updates the loss scale (``.scale``, ``.skipped``). With ZeRO-1 it
+        wraps a ``ZeroRedundancyOptimizer`` whose shards step the masters, and this rank keeps
+        only its shard's masters from then on, as the plan prices them."""
         params = self.parameters()
+        if self.recipe.master:
+            self._master_optimizers += 1
+            trainable = [p for p in params if p.requires_grad]
+            if self.plan.mesh.zero and self.grad_sync is not None:
+                # The plan shards the masters with the optimizer state: each replica keeps those of
+                # the parameters its shard steps, and drops the others' (in place: the shard's
+                # optimizer reads the same table).
+                zero = zero_mixed(params, optimizer_class, self._master_of, cast(dist.ProcessGroup, self.dp_group),
+                                  **kwargs)
+                owner = {id(p): r for p, r in zero._param_to_rank.items()}
+                self._master_owner.update({k: owner[k] for k in self._master_of if k in owner})
+                for k in [k for k in self._master_of if self._master_owner.get(k, zero.rank) != zero.rank]:
+                    del self._master_of[k]
+                self._pairs[:] = [(p, m) for p, m in self._pairs if id(p) in self._master_of]
+                return MixedPrecisionOptimizer(zero, self._pairs, self.loss_scaler, trainable, sharded=True)
+            targets = [self._master_of.get(id(p), p) for p in trainable]
+            inner = optimizer_class(targets, **kwargs) if targets else None
+            return MixedPrecisionOptimizer(inner, self._pairs, self.loss_scaler, trainable)
         if self.plan.mesh.zero and self.grad_sync is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -208,18 +333,23 @@ class RankStage:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """FQN -> tensor (detached, sharing storage) for this rank's parameters and
         persistent buffers, tied tensors under each of their names here; the keys are a
-        subset of ``model.state_dict()``'s."""
-        out = {n: p.detach() for n, p in self.named_parameters(remove_duplicate=False)}
+        subset of ``model.state_dict()``'s. Under mixed precision a trainable parameter is
+        given as its fp32 master (the model's state at full precision); under ZeRO-1, once
+        ``optimizer()`` has sharded the masters, only those this replica holds (the others
+        as their low-precision weights: ``save_checkpoint`` gathers them)."""
+        out = {n: self._master_of.get(id(p), p).detach() for n, p in self.named_parameters(remove_duplicate=False)}
         out.update({n: b.detach() for n, b in self.named_buffers(remove_duplicate=False) if self.is_persistent(n)})
         return out
 
     def unique_tensors(self) -> list[tuple[list[str], torch.Tensor]]:
-        """Each of this rank's parameters and persistent buffers once, with its names here."""
+        """Each of this rank's parameters and persistent buffers once, with its names here;
+        a parameter with an fp32 master (mixed precision) as its master, which checkpoints
+        save and load (then ``sync_masters``)."""
         by_id: dict[int, tuple[list[str], torch.Tensor]] = {}
         pairs = [*self.named_parameters(remove_duplicate=False),
                  *((n, b) for n, b in self.named_buffers(remove_duplicate=False) if self.is_persistent(n))]
         for n, t in pairs:
-            by_id.setdefault(id(t), ([], t.detach()))[0].append(n)
+            by_id.setdefault(id(t), ([], self._master_of.get(id(t), t).detach()))[0].append(n)
         return list(by_id.values())
 
     def candidates(self, names: list[str]) -> list[str]:
@@ -250,6 +380,7 @@ class RankStage:
                         f"the model's is {tuple(t.shape)}: the state dict is from another model or configuration")
                 t.copy_(src)
                 self.uninitialized.difference_update(names)
+        self.sync_masters()
         known = set(own) | {a for n in own for a in self.aliases.get(n, (n,))}
         model = getattr(self.pipe, "model", None)
         if model is not None:
@@ -392,6 +523,9 @@ class Runner:
                                        stage.pipe.unflatten_outputs, stage.device,
                                        routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))),
                                        grad_sync=stage.grad_sync)
+        # fp16-mixed: the last stage's loss is scaled before backward (the step returns it unscaled)
+        self.interpreter.loss_scale = stage.loss_scaler.scale if stage.loss_scaler is not None else None
+        self._warned = False
         self.events: list[TraceEvent] = []
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -399,6 +533,11 @@ class Runner:
         inputs, the last rank ``target``; returns the loss on the last rank, else None.
         With ``trace``, every rank must pass it (it gathers events); rank 0 writes the file."""
         self.stage.check_initialized()
+        if self.stage.recipe.master and not self.stage._master_optimizers and not self._warned:
+            self._warned = True
+            warnings.warn(f"this plan trains {self.stage.recipe.name}: build the optimizer with stage.optimizer(cls, "
+                          "...), which steps the fp32 master weights; an optimizer over stage.parameters() would step "
+                          "the low-precision copies (and checkpoints save the masters)", stacklevel=2)
         it, m, dev = self.interpreter, self.schedule.n_microbatches, self.stage.device
         mb_inputs = mb_targets = None
         if 0 in it.modules:
