@@ -175,6 +175,11 @@ class GradSync:
             self._next += 1
 
     def _launch(self, b: Bucket, how: str) -> None:
+        # named in a user's torch.profiler trace (and inside the backward's range when a hook launches it)
+        with torch.profiler.record_function(f"grad all-reduce: launch bucket {b.index} (stage {b.stage})"):
+            self._launch_bucket(b, how)
+
+    def _launch_bucket(self, b: Bucket, how: str) -> None:
         with torch.no_grad():
             for i, p in enumerate(b.params):
                 view, g = b.view(i), p.grad
@@ -201,7 +206,8 @@ class GradSync:
         for b in self._buckets:
             t0 = time.perf_counter_ns()
             assert b.work is not None
-            b.work.wait()  # on NCCL: the current stream waits, the host does not
+            with torch.profiler.record_function(f"grad all-reduce: wait bucket {b.index} (stage {b.stage})"):
+                b.work.wait()  # on NCCL: the current stream waits, the host does not
             self.waits.append((b.index, t0, time.perf_counter_ns()))
             b.work = None
             for i, p in enumerate(b.params):

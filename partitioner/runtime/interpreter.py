@@ -227,7 +227,8 @@ class Interpreter:
         try:
             if sync is not None and final is not None:
                 sync.arm(final)
-            getattr(self, "_" + a.kind)(a.stage, a.microbatch, a)
+            with torch.profiler.record_function(str(a)):  # names the action in a user's torch.profiler trace
+                getattr(self, "_" + a.kind)(a.stage, a.microbatch, a)
             if sync is not None and final is not None:
                 sync.ready(final)  # launches, never waits
         except PipelineRuntimeError as e:

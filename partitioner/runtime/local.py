@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import torch
 from torch import fx
 
+from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
@@ -54,20 +55,26 @@ def seq_len(plan: Plan, flat_inputs: list[Any] | None = None) -> int:
 
 def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                schedule: str | Schedule = "gpipe", n_microbatches: int | None = None,
-               trace: str | None = None, **kwargs: Any) -> torch.Tensor:
+               trace: str | None = None, compile: CompileOption = False, **kwargs: Any) -> torch.Tensor:
     """Forward and backward over every micro-batch; grads accumulate into the model's
     parameters (zero them yourself, as with any torch training loop). Returns the
     full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached)::
 
         loss = pipe.train_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)
+
+    ``compile=True`` (or a dict of ``torch.compile`` arguments) runs each stage through
+    ``torch.compile``, compiled once per pipe and reused by later steps
+    (``runtime.compile``); a schedule with a split backward is then refused.
     """
     sched = resolve_schedule(pipe, schedule, n_microbatches)
+    if compile_kwargs(compile) is not None:
+        check_schedule(sched)
     m = sched.n_microbatches
     flat = pipe.flatten_inputs(inputs, kwargs)
     batch = batch_size(flat)
     seq = seq_len(pipe.plan, flat)
     transport = LocalTransport()
-    modules = {s: pipe.stages[s] for s in range(len(pipe.stages))}
+    modules = compiled_modules(pipe, {s: pipe.stages[s] for s in range(len(pipe.stages))}, compile)
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     ranks = [
         Interpreter(r, {s: mod for s, mod in modules.items() if sched.rank_of(s) == r}, pipe.plan, sched,
