@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from partitioner.data_parallel import BUCKET_BYTES, pack
+from partitioner.runtime.profiling import named
 
 __all__ = ["GradSync", "Bucket", "broadcast_from_first"]
 
@@ -176,7 +177,7 @@ class GradSync:
 
     def _launch(self, b: Bucket, how: str) -> None:
         # named in a user's torch.profiler trace (and inside the backward's range when a hook launches it)
-        with torch.profiler.record_function(f"grad all-reduce: launch bucket {b.index} (stage {b.stage})"):
+        with named("grad all-reduce: launch bucket {} (stage {})", b.index, b.stage):
             self._launch_bucket(b, how)
 
     def _launch_bucket(self, b: Bucket, how: str) -> None:
@@ -206,7 +207,7 @@ class GradSync:
         for b in self._buckets:
             t0 = time.perf_counter_ns()
             assert b.work is not None
-            with torch.profiler.record_function(f"grad all-reduce: wait bucket {b.index} (stage {b.stage})"):
+            with named("grad all-reduce: wait bucket {} (stage {})", b.index, b.stage):
                 b.work.wait()  # on NCCL: the current stream waits, the host does not
             self.waits.append((b.index, t0, time.perf_counter_ns()))
             b.work = None
