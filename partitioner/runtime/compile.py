@@ -31,6 +31,7 @@ second pass over a backward compiled with donated buffers).
 
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Any, Mapping, Union
 
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from partitioner.runtime.errors import PipelineRuntimeError
+from passes.recompute import RecomputeStage, _segments
 from partitioner.schedule import Schedule
 
 __all__ = ["CompileOption", "compile_kwargs", "check_schedule", "compiled_modules"]
@@ -47,7 +49,7 @@ CompileOption = Union[bool, Mapping[str, Any], None]
 
 # owner (a Pipe or RankStage) -> {(stage, options): compiled wrapper}. Weak on the owner, so
 # the wrappers go with it; the wrappers reference the stage modules, never the owner.
-_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], nn.Module]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], tuple[nn.Module, Any]]] = weakref.WeakKeyDictionary()
 
 
 def compile_kwargs(compile: CompileOption) -> dict[str, Any] | None:
@@ -74,7 +76,7 @@ def check_schedule(schedule: Schedule) -> None:
             "compile=True")
 
 
-def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: CompileOption) -> dict[int, nn.Module]:
+def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: CompileOption) -> dict[int, Any]:
     """``modules`` ({stage: module}) with each module wrapped by ``torch.compile``, or
     ``modules`` itself when ``compile`` is off. The wrappers are made once per ``owner``,
     stage and options (a new runner or step reuses them, and with them dynamo's compiled
@@ -84,10 +86,31 @@ def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: Comp
         return dict(modules)
     key = repr(sorted(kwargs.items()))
     cache = _CACHE.setdefault(owner, {})
-    out: dict[int, nn.Module] = {}
+    out: dict[int, Any] = {}
     for s, mod in modules.items():
         hit = cache.get((s, key))
-        if hit is None or getattr(hit, "_orig_mod", None) is not mod:
-            hit = cache[(s, key)] = torch.compile(mod, **kwargs)
-        out[s] = hit
+        if hit is None or hit[0] is not mod:
+            hit = cache[(s, key)] = (mod, _compile(mod, s, kwargs))
+        out[s] = hit[1]
     return out
+
+
+def _compile(mod: nn.Module, stage: int, kwargs: dict[str, Any]) -> Any:
+    """``torch.compile(mod)``; a recomputing stage through a private copy of its forward.
+
+    Dynamo keeps compiled code per code object, at most ``recompile_limit`` (8) entries
+    each, and every recomputing stage's forward is the same function
+    (``passes.recompute._checkpointed_forward``): a ninth such stage in one process would
+    run eagerly (with a warning only). A copy of the code object per stage gives each its
+    own cache (fx's generated forwards are one code object per stage already). Calling the
+    bound copy skips ``nn.Module.__call__``, i.e. module hooks, which stages do not have."""
+    if not isinstance(mod, RecomputeStage):
+        return torch.compile(mod, **kwargs)
+    # Its segments are built (fx graph surgery, which dynamo cannot trace: a graph break
+    # and an eager fallback) on first use and cached while its tensors stay the same: build
+    # them now, eagerly, so the compiled forward finds them.
+    _segments(mod)
+    fwd = type(mod).forward
+    code = fwd.__code__.replace(co_name=f"{fwd.__code__.co_name}_stage{stage}")
+    private = types.FunctionType(code, fwd.__globals__, code.co_name, fwd.__defaults__, fwd.__closure__)
+    return torch.compile(types.MethodType(private, mod), **kwargs)

@@ -107,9 +107,34 @@ def test_recomputing_stages_compile_their_checkpoint_and_train_like_eager() -> N
     eager = _train(model, pipe, x, y, F.mse_loss, False)
     compiled = _train(model, pipe, x, y, F.mse_loss, {"backend": inductor_seeing})
     _assert_same(compiled, eager)
-    checkpointed = [gm for gm in graphs if any(n.target is torch.ops.higher_order.tag_activation_checkpoint
-                                               for n in gm.graph.nodes)]
-    assert len(checkpointed) == len(pipe.stages), "dynamo did not keep the checkpointed regions"
+    assert len(graphs) == len(pipe.stages)  # one whole graph per stage: no graph break
+    for gm in graphs:
+        assert any(n.target is torch.ops.higher_order.tag_activation_checkpoint for n in gm.graph.nodes), \
+            "dynamo did not keep the checkpointed regions"
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.lin(x))
+
+
+def test_more_recomputing_stages_than_dynamos_recompile_limit_all_compile() -> None:
+    # every recomputing stage has the same forward function; dynamo caches at most
+    # recompile_limit (8) compilations per code object and runs the rest eagerly
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_Block() for _ in range(10)])
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    pipe = partition(model, example_inputs=(x,), n_gpus=10, recompute="full", schedule="gpipe")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _train(model, pipe, x, y, F.mse_loss, {"backend": "aot_eager"}, "gpipe", m=2)
+    assert counters["stats"]["unique_graphs"] == 10, dict(counters["stats"])  # 8 when they shared one cache
+    assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])  # none fell back
+    _assert_same(compiled, _train(model, pipe, x, y, F.mse_loss, False, "gpipe", m=2))
 
 
 @pytest.mark.parametrize("schedule,kw", [("zb-h1", {}), ("zbv", dict(virtual_stages=2, schedule="zbv"))])
