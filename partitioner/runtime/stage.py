@@ -471,10 +471,10 @@ class Runner:
           trace of the step, where each action the interpreter ran is a ``record_function``
           range named by its text (``1F0``, ``1SEND_F0``, ``0W3``) around the operators it
           ran, and each gradient all-reduce over replicas one named by its bucket;
-        - ``trace.json`` on pipeline rank 0: the pipeline's own timeline, every rank's
-          actions as measured in this step beside the plan's predicted step
-          (``simulator.predict_plan`` for this runner's schedule), as ``trace=`` writes
-          it but with the plan's prediction.
+        - ``trace.json`` on pipeline rank 0 (of replica 0 with data parallelism): the
+          pipeline's own timeline, every rank's actions as measured in this step beside the
+          plan's predicted step (``simulator.predict_plan`` for this runner's schedule), as
+          ``trace=`` writes it but with the plan's prediction.
 
         A step with ``trace=`` as well writes that file too, after these."""
         import os
@@ -495,7 +495,8 @@ class Runner:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        self.write_trace(path, predicted=predict_plan(self.stage.plan, self.schedule))
+        if self.stage.dp_rank == 0:  # a pipeline group's members share their replica: all or none gather
+            self.write_trace(path, predicted=predict_plan(self.stage.plan, self.schedule))
         if trace is not None:
             self.write_trace(trace)
         return loss

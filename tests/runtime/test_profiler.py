@@ -88,6 +88,7 @@ def test_the_gradient_reduction_over_replicas_is_named_in_the_trace(tmp_path: Pa
     x, y = torch.randn(4, 8), torch.randn(4, 4)
     pipe = partition(model, n_gpus=2, data_parallel=2, example_inputs=(x,), n_microbatches=2)
     spawn(_replica, 2, pipe, x, y, str(tmp_path / "t.json"), timeout_s=TIMEOUT_S)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.rank0.json", "t.rank1.json"]
     for rank in (0, 1):
         names = _names(tmp_path / f"t.rank{rank}.json")
         assert "grad all-reduce: launch bucket 0 (stage 0)" in names and "grad all-reduce: wait bucket 0 (stage 0)" in names
