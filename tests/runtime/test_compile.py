@@ -230,3 +230,24 @@ def test_cli_run_compile_trains_like_the_model(tmp_path: Path, monkeypatch: pyte
     monkeypatch.delenv("TORCH_TRACE")
     out = cli("run", f"{MODELS}:mlp", "--gpus", "2", "--schedule", "zb-h1", "--compile")
     assert out.returncode == 2 and "--compile: schedule 'zb-h1' splits each backward" in out.stderr
+
+
+def _replica(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+    counters.clear()
+    stage = pipe.build_stage(rank, "cpu", compile=True)
+    stage.runner("1f1b", loss_fn=F.mse_loss).step(x, target=y)  # the global batch: each replica takes its half
+    launches = [how for _, _, how in stage.grad_sync.launches]
+    return {n: p.grad.clone() for n, p in stage.named_parameters()}, launches, counters["stats"]["unique_graphs"]
+
+
+def test_replicas_compiled_average_their_gradients_like_one_process() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    pipe = partition(model, n_gpus=2, data_parallel=2, example_inputs=(x,), n_microbatches=2)
+    F.mse_loss(model(x), y).backward()
+    for grads, launches, graphs in spawn(_replica, 2, pipe, x, y, timeout_s=TIMEOUT_S):
+        assert grads.keys() == dict(model.named_parameters()).keys()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        assert launches == ["hook"] and graphs == 1  # launched inside the compiled backward; one compilation
