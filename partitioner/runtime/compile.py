@@ -18,9 +18,13 @@ plan's ``B``/``S`` dimensions dynamic up front would avoid that one recompilatio
 would give every run the slower symbolic kernels, and an error where a model specialises
 a dimension.
 
-Recomputing stages (``passes.recompute.RecomputeStage``) compile as they are: dynamo
-traces ``torch.utils.checkpoint(use_reentrant=False)`` as its checkpoint operator and
-AOTAutograd recomputes the region in the compiled backward.
+Recomputing stages (``passes.recompute.RecomputeStage``) compile as one graph each:
+dynamo traces ``torch.utils.checkpoint(use_reentrant=False)`` as a tagged region, whose
+activations AOTAutograd's partitioner recomputes in the compiled backward rather than
+saving them (the GPT fixture's recomputing stage keeps 27.0 KB of activations compiled,
+25.1 KB eager, 273 KB without recompute), so the plan's memory model still holds. Their
+segments are built eagerly before compiling, and each gets its own copy of the shared
+forward function (``_compile``).
 
 Split backward (zero-bubble schedules: an ``I`` action per micro-batch, then ``W``) is
 refused: AOTAutograd compiles a stage's whole backward into one autograd node that makes
@@ -90,7 +94,10 @@ def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: Comp
     for s, mod in modules.items():
         hit = cache.get((s, key))
         if hit is None or hit[0] is not mod:
-            hit = cache[(s, key)] = (mod, _compile(mod, s, kwargs))
+            try:
+                hit = cache[(s, key)] = (mod, _compile(mod, s, kwargs))
+            except (TypeError, ValueError, RuntimeError) as e:  # torch.compile checks its arguments here
+                raise PipelineRuntimeError(f"compile={compile!r}: torch.compile refused it: {e}") from e
         out[s] = hit[1]
     return out
 

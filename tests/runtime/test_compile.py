@@ -113,6 +113,47 @@ def test_recomputing_stages_compile_their_checkpoint_and_train_like_eager() -> N
             "dynamo did not keep the checkpointed regions"
 
 
+class _Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 64), nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(x)))
+
+
+def _kept_bytes(stage: Any, x: torch.Tensor, not_counted: set[int]) -> int:
+    """Bytes of the storages a forward saves for backward, weights and the input aside."""
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in not_counted:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stage(x)
+    return sum(kept.values())
+
+
+def test_a_compiled_recomputing_stage_keeps_what_the_eager_one_keeps() -> None:
+    from partitioner.runtime.compile import compiled_modules
+
+    kept = {}
+    for recompute in ("none", "full"):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[_Wide() for _ in range(4)])
+        pipe = partition(model, example_inputs=(torch.randn(32, 8),), n_gpus=2, recompute=recompute)
+        x = torch.randn(32, 8, requires_grad=True)
+        ignore = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+        compiled = compiled_modules(pipe, {1: pipe.stages[1]}, True)[1]
+        kept[recompute] = (_kept_bytes(pipe.stages[1], x, ignore), _kept_bytes(compiled, x, ignore))
+    (eager_none, compiled_none), (eager_full, compiled_full) = kept["none"], kept["full"]
+    assert eager_full < eager_none / 2, kept  # the eager checkpoint keeps block inputs only
+    assert compiled_full <= 1.25 * eager_full and compiled_full < compiled_none / 2, kept
+
+
 class _Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -150,6 +191,8 @@ def test_bad_compile_value_is_refused() -> None:
     model, pipe = _mlp()
     with pytest.raises(PipelineRuntimeError, match="compile= takes True, False or a dict"):
         pipe.train_step(torch.randn(8, 32), target=torch.randn(8, 10), loss_fn=F.mse_loss, compile="yes")
+    with pytest.raises(PipelineRuntimeError, match="compile=.*'mode': 'fastest'.*torch.compile refused it"):
+        pipe.train_step(torch.randn(8, 32), target=torch.randn(8, 10), loss_fn=F.mse_loss, compile={"mode": "fastest"})
 
 
 def test_one_compilation_per_stage_serves_every_microbatch_and_a_new_length_recompiles_once() -> None:
