@@ -75,9 +75,9 @@ def check_schedule(schedule: Schedule) -> None:
             f"schedule {schedule.name!r} splits each backward into I (input gradients) and W (weight gradients), "
             "which compiled stages cannot do: torch.compile (AOTAutograd) makes a stage's whole backward one "
             "autograd node that computes input and weight gradients together, so W would run that backward a "
-            "second time (and PyTorch refuses it for backwards compiled with donated buffers). Use compile=False "
-            "with this schedule, or a schedule without a split backward (gpipe, 1f1b, interleaved-1f1b) with "
-            "compile=True")
+            "second time (and PyTorch refuses it for backwards compiled with donated buffers). Run this schedule "
+            "without compiling, or compile with a schedule that does not split the backward (gpipe, 1f1b, "
+            "interleaved-1f1b)")
 
 
 def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: CompileOption) -> dict[int, Any]:
