@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=3, help="training steps (default: %(default)s)")
     r.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: %(default)s)")
     r.add_argument("--trace", metavar="FILE", help="write a Chrome trace of what ran (default: no)")
+    r.add_argument("--compile", action="store_true",
+                   help="run each stage through torch.compile (inductor; not with a split-backward schedule "
+                        "such as zb-h1, zbv)")
 
     e = sub.add_parser("export", parents=[common, part], help="write each stage's Python source (and ONNX)",
                        description="Write DIR/stage{i}.py for each stage. SOURCE is MODEL (partitioned now) or a "

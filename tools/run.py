@@ -45,7 +45,7 @@ def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: 
     params = stage.parameters()
     opt = stage.optimizer(torch.optim.SGD, lr=args.lr) if params else None  # a stage may own no weights
     m = pipe.plan.prediction.n_microbatches
-    runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn)
+    runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn, compile=args.compile)
     pos, kw = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
     last = stage.is_last and stage.dp_rank == 0  # with data parallelism: replica 0's loss (its share of the batch)
     losses = []
@@ -93,6 +93,15 @@ def run(args: argparse.Namespace) -> int:
         pipe = partition_from_args(args, args.model, loaded=(model, inputs))
     ranks = int(pipe.plan.options["n_gpus"])
     schedule = pipe.plan.prediction.schedule
+    if args.compile:  # refused here, in one line, rather than in every rank
+        from partitioner.runtime.compile import check_schedule
+        from partitioner.runtime.errors import PipelineRuntimeError
+        from partitioner.runtime.local import resolve_schedule
+
+        try:
+            check_schedule(resolve_schedule(pipe, schedule, pipe.plan.prediction.n_microbatches))
+        except PipelineRuntimeError as e:
+            raise ToolError(f"--compile: {e}") from None
     name = getattr(loss_fn, "__name__", "loss").replace("_", "-")
     tmp = None
     if args.trace:  # written beside the target and renamed at the end: no half-written trace

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from partitioner.data_parallel import BUCKET_BYTES, pack
+from partitioner.runtime.profiling import named
 
 __all__ = ["GradSync", "Bucket", "broadcast_from_first"]
 
@@ -175,6 +176,11 @@ class GradSync:
             self._next += 1
 
     def _launch(self, b: Bucket, how: str) -> None:
+        # named in a user's torch.profiler trace (and inside the backward's range when a hook launches it)
+        with named("grad all-reduce: launch bucket {} (stage {})", b.index, b.stage):
+            self._launch_bucket(b, how)
+
+    def _launch_bucket(self, b: Bucket, how: str) -> None:
         with torch.no_grad():
             for i, p in enumerate(b.params):
                 view, g = b.view(i), p.grad
@@ -201,7 +207,8 @@ class GradSync:
         for b in self._buckets:
             t0 = time.perf_counter_ns()
             assert b.work is not None
-            b.work.wait()  # on NCCL: the current stream waits, the host does not
+            with named("grad all-reduce: wait bucket {} (stage {})", b.index, b.stage):
+                b.work.wait()  # on NCCL: the current stream waits, the host does not
             self.waits.append((b.index, t0, time.perf_counter_ns()))
             b.work = None
             for i, p in enumerate(b.params):

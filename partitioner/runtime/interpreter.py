@@ -40,6 +40,7 @@ the ``m`` micro-batches, so for a mean-reduced loss the sum over micro-batches (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
@@ -50,6 +51,7 @@ from torch import nn
 from partitioner.plan import STATIC_SHAPES_NOTE, Plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.comms import Batch, Lowered, lower
+from partitioner.runtime.profiling import named
 from partitioner.runtime.routing import Links, Route
 from partitioner.runtime.splitgrad import WeightWork, input_grads, weight_grads
 from partitioner.runtime.transport import Key, Layout, Pending, Transport
@@ -166,6 +168,12 @@ class Interpreter:
         self._waited_until = 0
         self._reset()
 
+    @property
+    def actions(self) -> list[Action]:
+        """The actions this rank runs, in order: its computes, and the SEND/RECV actions whose
+        messages each batch carries (a SEND/RECV with nothing to carry is not run)."""
+        return [x for st in self.steps for x in (st.actions if isinstance(st, Batch) else (st,))]
+
     # -- one step ------------------------------------------------------------------
     def _reset(self) -> None:
         self._pending: dict[Key, Pending] = {}
@@ -243,7 +251,10 @@ class Interpreter:
         if isinstance(step, Batch):
             a = step.actions[0]
             try:
-                self._issue(step)
+                with contextlib.ExitStack() as ranges:  # each action it carries, as a profiler range
+                    for x in step.actions:
+                        ranges.enter_context(named(x))
+                    self._issue(step)
             except PipelineRuntimeError as e:
                 if e.rank is not None:
                     raise
@@ -260,7 +271,8 @@ class Interpreter:
         try:
             if sync is not None and final is not None:
                 sync.arm(final)
-            getattr(self, "_" + a.kind)(a.stage, a.microbatch, a)
+            with named(a):  # the action's text ("1F0") as a range in a user's torch.profiler trace
+                getattr(self, "_" + a.kind)(a.stage, a.microbatch, a)
             if sync is not None and final is not None:
                 sync.ready(final)  # launches, never waits
         except PipelineRuntimeError as e:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import torch
 from torch import fx
 
+from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
@@ -54,7 +55,8 @@ def seq_len(plan: Plan, flat_inputs: list[Any] | None = None) -> int:
 
 def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                schedule: str | Schedule = "gpipe", n_microbatches: int | None = None,
-               trace: str | None = None, comm: str = "buffered", **kwargs: Any) -> torch.Tensor:
+               trace: str | None = None, comm: str = "buffered", compile: CompileOption = False,
+               **kwargs: Any) -> torch.Tensor:
     """Forward and backward over every micro-batch; grads accumulate into the model's
     parameters (zero them yourself, as with any torch training loop). Returns the
     full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached)::
@@ -71,8 +73,14 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     priced at another compute dtype than the model's (an fp32 model planned bf16-mixed)
     fails here on the first value that crosses a cut in the wrong dtype. ``build_stage``
     runs the plan's precision (``partitioner.runtime.precision``).
+
+    ``compile=True`` (or a dict of ``torch.compile`` arguments) runs each stage through
+    ``torch.compile``, compiled once per pipe and reused by later steps
+    (``runtime.compile``); a schedule with a split backward is then refused.
     """
     sched = resolve_schedule(pipe, schedule, n_microbatches)
+    if compile_kwargs(compile) is not None:
+        check_schedule(sched)
     m = sched.n_microbatches
     flat = pipe.flatten_inputs(inputs, kwargs)
     batch = batch_size(flat)
@@ -80,7 +88,7 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     if comm not in ("buffered", "nccl"):
         raise PipelineRuntimeError(f"comm={comm!r}: expected 'buffered' or 'nccl'")
     transport: LocalTransport | NcclTransport = LocalTransport() if comm == "buffered" else NcclTransport(sched.n_ranks)
-    modules = {s: pipe.stages[s] for s in range(len(pipe.stages))}
+    modules = compiled_modules(pipe, {s: pipe.stages[s] for s in range(len(pipe.stages))}, compile)
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     ranks = [
         Interpreter(r, {s: mod for s, mod in modules.items() if sched.rank_of(s) == r}, pipe.plan, sched,

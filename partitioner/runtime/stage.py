@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.errors import PipelineRuntimeError
@@ -59,6 +60,7 @@ from partitioner.schedule import Schedule, split_problem
 
 if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the type points back without an import cycle
     from partitioner.pipe import Pipe
+    from partitioner.simulator import SimResult
 
 __all__ = ["build_stage", "RankStage", "Runner", "IncompatibleKeys"]
 
@@ -70,6 +72,10 @@ class IncompatibleKeys(NamedTuple):
 
 class RankStage:
     """The stages ``rank`` runs (stage s lives on rank s % n_ranks)."""
+
+    #: the runners' default for ``compile=`` (``build_stage(..., compile=...)``): False, True
+    #: or ``torch.compile`` keyword arguments (``runtime.compile``)
+    compile: CompileOption = False
 
     def __init__(self, pipe: Pipe, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
                  init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0,
@@ -444,7 +450,7 @@ class RankStage:
 
     def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
                loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None,
-               p2p: str = "auto") -> Runner:
+               p2p: str = "auto", compile: CompileOption = None) -> Runner:
         """A ``Runner`` whose ``step(x, target=y)`` trains one step on this rank's stages.
 
         Args:
@@ -461,19 +467,24 @@ class RankStage:
                 matched by tag; on NCCL messages are matched in issue order, as
                 ``partitioner.comms`` lowers them. ``"ordered"``: the NCCL way on any backend
                 (every tag 0, receives in their batches), to run NCCL's message order on CPU.
+            compile: run this rank's stages through ``torch.compile``: True, False, or a dict
+                of ``torch.compile`` arguments (default: ``build_stage``'s ``compile=``). Each
+                stage is compiled once per ``RankStage`` (at its first forward) and reused
+                by later steps and runners; see ``partitioner.runtime.compile``.
 
         Returns:
             The ``Runner``.
 
         Raises:
-            PipelineRuntimeError: no ``loss_fn``.
+            PipelineRuntimeError: no ``loss_fn``; ``compile`` with a schedule that splits the
+                backward (zb-h1, zbv).
         """
         if loss_fn is None:
             raise PipelineRuntimeError("runner() needs loss_fn=...: the last stage computes the loss")
         if p2p not in ("auto", "ordered"):
             raise PipelineRuntimeError(f"p2p={p2p!r}: expected 'auto' or 'ordered'")
         return Runner(self, resolve_schedule(self.pipe, schedule, n_microbatches), loss_fn, batch_size,
-                      ordered=p2p == "ordered")
+                      ordered=p2p == "ordered", compile=self.compile if compile is None else compile)
 
     def as_pipelining_stage(self, stage_index: int, n_microbatches: int | None = None, batch: int | None = None) -> Any:
         """This rank's stage ``stage_index`` as a ``torch.distributed.pipelining.PipelineStage``."""
@@ -505,10 +516,12 @@ class Runner:
     """Runs one training step of this rank's action list per ``step`` call."""
 
     def __init__(self, stage: RankStage, schedule: Schedule, loss_fn: Callable[[Any, Any], torch.Tensor],
-                 batch: int | None, *, ordered: bool = False) -> None:
+                 batch: int | None, *, ordered: bool = False, compile: CompileOption = False) -> None:
         plan = stage.plan
         if schedule.n_ranks != stage.n_ranks:
             raise PipelineRuntimeError(f"schedule is for {schedule.n_ranks} ranks, the plan for {stage.n_ranks}")
+        if compile_kwargs(compile) is not None:
+            check_schedule(schedule)
         self.stage, self.schedule = stage, schedule
         self.replicas = plan.mesh.dp if stage.dp_group is not None else 1
         #: each replica's batch (the plan's global batch / data_parallel)
@@ -519,7 +532,9 @@ class Runner:
             raise PipelineRuntimeError(problem + " (or pass batch_size=...)")
         width = max((len(b.values) for b in plan.boundaries), default=1)
         self.transport = DistTransport(plan.n_stages, m, width, stage.group, tagless=ordered)
-        self.interpreter = Interpreter(stage.rank, stage.modules, plan, schedule, self.transport, loss_fn,
+        #: the modules the interpreter calls: ``stage.modules``, or their compiled wrappers
+        self.modules = compiled_modules(stage, stage.modules, compile)
+        self.interpreter = Interpreter(stage.rank, self.modules, plan, schedule, self.transport, loss_fn,
                                        stage.pipe.unflatten_outputs, stage.device,
                                        routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))),
                                        grad_sync=stage.grad_sync)
@@ -528,10 +543,15 @@ class Runner:
         self._warned = False
         self.events: list[TraceEvent] = []
 
-    def step(self, *inputs: Any, target: Any = None, trace: str | None = None, **kwargs: Any) -> torch.Tensor | None:
+    def step(self, *inputs: Any, target: Any = None, trace: str | None = None, profile: str | None = None,
+             **kwargs: Any) -> torch.Tensor | None:
         """One forward+backward over every micro-batch. The first rank passes the model's
         inputs, the last rank ``target``; returns the loss on the last rank, else None.
-        With ``trace``, every rank must pass it (it gathers events); rank 0 writes the file."""
+        With ``trace``, every rank must pass it (it gathers events); rank 0 writes the file.
+        With ``profile`` (every rank passes the same path), the step runs under
+        ``torch.profiler`` (``profile_step``)."""
+        if profile is not None:
+            return self.profile_step(profile, *inputs, target=target, trace=trace, **kwargs)
         self.stage.check_initialized()
         if self.stage.recipe.master and not self.stage._master_optimizers and not self._warned:
             self._warned = True
@@ -586,21 +606,63 @@ class Runner:
             self.write_trace(trace)
         return loss
 
-    def write_trace(self, path: str) -> None:
-        """Collective: gathers the last step's events to rank 0, which writes ``path``."""
+    def profile_step(self, path: str, *inputs: Any, target: Any = None, trace: str | None = None,
+                     **kwargs: Any) -> torch.Tensor | None:
+        """``step(...)`` under ``torch.profiler`` (CPU activity, plus CUDA on a CUDA device;
+        ``with_stack=True`` for flame graphs). Collective: every rank passes the same
+        ``path``. Writes, for ``path`` = ``"trace.json"``:
+
+        - ``trace.rank{r}.json`` on each rank (``r`` its global rank): the profiler's Chrome
+          trace of the step, where each action the interpreter ran is a ``record_function``
+          range named by its text (``1F0``, ``1SEND_F0``, ``0W3``) around the operators it
+          ran, and each gradient all-reduce over replicas one named by its bucket;
+        - ``trace.json`` on pipeline rank 0 (of replica 0 with data parallelism): the
+          pipeline's own timeline, every rank's actions as measured in this step beside the
+          plan's predicted step (``simulator.predict_plan`` for this runner's schedule), as
+          ``trace=`` writes it but with the plan's prediction.
+
+        A step with ``trace=`` as well writes that file too, after these."""
+        import os
+
+        from partitioner.simulator import predict_plan
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.stage.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities, with_stack=True) as prof:
+            loss = self.step(*inputs, target=target, **kwargs)
+        root, ext = os.path.splitext(path)
+        mine = f"{root}.rank{self.stage.global_rank}{ext or '.json'}"
+        tmp = f"{mine}.{os.getpid()}.tmp"  # renamed when whole: no half-written trace
+        try:
+            prof.export_chrome_trace(tmp)
+            os.replace(tmp, mine)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if self.stage.dp_rank == 0:  # a pipeline group's members share their replica: all or none gather
+            self.write_trace(path, predicted=predict_plan(self.stage.plan, self.schedule))
+        if trace is not None:
+            self.write_trace(trace)
+        return loss
+
+    def write_trace(self, path: str, predicted: SimResult | None = None) -> None:
+        """Collective: gathers the last step's events to rank 0, which writes ``path``
+        (``runtime.trace.write_trace``: beside them ``predicted``, default the simulator
+        on the stage times measured in this step)."""
         from partitioner.runtime.trace import write_trace
 
         gathered: list[Any] = [None] * dist.get_world_size(self.stage.group) if self.stage.rank == 0 else []
         dst = 0 if self.stage.group is None else dist.get_global_rank(self.stage.group, 0)
         dist.gather_object(self.events, gathered if self.stage.rank == 0 else None, dst=dst, group=self.stage.group)
         if self.stage.rank == 0:
-            write_trace(path, [TraceEvent(*e) for evs in gathered for e in evs], self.schedule)
+            write_trace(path, [TraceEvent(*e) for evs in gathered for e in evs], self.schedule, predicted)
 
 
 def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None, *,
                 init_process_group: bool | str = "auto", group: dist.ProcessGroup | None = None,
                 timeout_s: float = 300.0, init_fn: Callable[[nn.Module], Any] | None = None,
-                seed: int = 0) -> RankStage:
+                seed: int = 0, compile: CompileOption = False) -> RankStage:
     """This rank's stages, copied onto ``device`` (default: the current CUDA device if any, else cpu).
 
     Tensors on the meta device are allocated on ``device`` for this rank only and
@@ -624,6 +686,8 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
         init_fn: called on each module that owns a meta tensor of this rank, instead of its
             own initialisation.
         seed: seeds that initialisation (with each module's path), equal on every rank.
+        compile: the runners' default ``compile=`` (``RankStage.runner``): True runs each
+            stage through ``torch.compile``; a dict gives ``torch.compile``'s arguments.
 
     Returns:
         ``RankStage``: this rank's stage modules (``.modules``), ``runner(...)``,
@@ -644,13 +708,17 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
         raise PipelineRuntimeError("build_stage needs torch.distributed initialised (init_process_group=True)")
     plan = pipe.plan
     world = dist.get_world_size(group)
+    compile_kwargs(compile)  # a wrong value fails here, not at the first runner
     if plan.mesh.dp > 1:
-        return _build_replica(pipe, rank, dev, group, world, init_fn=init_fn, seed=seed)
-    n_ranks = plan.pp_ranks
-    if world != n_ranks:
-        raise PipelineRuntimeError(f"the plan runs on {n_ranks} ranks, the process group has {world}: "
-                                   f"launch {n_ranks} processes or re-partition with n_gpus={world}")
-    return RankStage(pipe, rank, dev, group, init_fn=init_fn, seed=seed)
+        stage = _build_replica(pipe, rank, dev, group, world, init_fn=init_fn, seed=seed)
+    else:
+        n_ranks = plan.pp_ranks
+        if world != n_ranks:
+            raise PipelineRuntimeError(f"the plan runs on {n_ranks} ranks, the process group has {world}: "
+                                       f"launch {n_ranks} processes or re-partition with n_gpus={world}")
+        stage = RankStage(pipe, rank, dev, group, init_fn=init_fn, seed=seed)
+    stage.compile = compile
+    return stage
 
 
 def _build_replica(pipe: Pipe, rank: int, dev: torch.device, group: dist.ProcessGroup | None, world: int, *,
