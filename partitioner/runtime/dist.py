@@ -107,10 +107,12 @@ class DistTransport:
     def _peer(self, peer: int) -> int:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
 
-    def _wire(self, key: Key, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _wire(self, key: Key, tensors: Sequence[torch.Tensor], dev: torch.device) -> torch.Tensor:
         """One tensor for the message: the value itself, or the values packed in one buffer."""
         if len(tensors) == 1:
-            return tensors[0].contiguous()
+            # A lone non-tensor value is encoded on the CPU: it goes from the stage's device
+            # (NCCL needs every tensor of a group on it; the receiver allocates it there too).
+            return tensors[0].to(dev).contiguous()
         # Non-tensor values are encoded on the CPU; they travel in the accelerator's
         # buffer with the activations (the receiver unpacks on its stage's device).
         dev = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
@@ -144,7 +146,7 @@ class DistTransport:
             if not tensors:
                 continue
             self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-            wire = self._wire(key, tensors)
+            wire = self._wire(key, tensors, dev)
             self._in_flight.add(key)
             wires.append(wire)  # referenced until the send completes (flush)
             ops.append(dist.P2POp(dist.isend, wire, self._peer(peer), self.group, self._tag(key)))
