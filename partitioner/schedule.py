@@ -151,8 +151,14 @@ class Schedule:
 
     def validate(self) -> None:
         """Raise ScheduleError if the lists would deadlock, use data before it arrives,
-        or miss / repeat a forward or backward."""
+        or miss / repeat a forward or backward; then lower their communication
+        (``partitioner.comms.lower``: groups that cannot deadlock under NCCL's rules for any
+        lists this replay accepts), which raises if a message has no receive."""
         replay(self)
+        # comms imports this module (Action, Schedule): imported here to keep that one-way.
+        from partitioner.comms import lower
+
+        lower(self)
 
 
 # --- message-passing replay, shared by validate() and the simulator -----------------
