@@ -1,0 +1,156 @@
+"""The training loop as people write it, each part equal to one process on the whole batch:
+a token-mean loss with ignored labels spread unevenly over the micro-batches
+(``normalize="tokens"``), gradient clipping over the pipeline (``stage.clip_grad_norm_``),
+evaluation (``eval_step``), two sequence lengths on one plan (``step(seq_len=...)``) and
+the loss on every rank. Ranks are forked by ``spawn`` (gloo, CPU) and inherit the pipes
+built here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.launch import spawn
+from tests.runtime.helpers import fresh
+
+TIMEOUT_S = 120.0
+BATCH, M, SEQ, SHORT = 8, 4, 16, 8
+MAX_NORM = 0.5
+
+
+def ce_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum")
+
+
+def ce_mean(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())  # ignore_index=-100 by default
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and labels whose valid (not -100) labels per micro-batch of 2 rows are 4, 32, 24, 32."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 128, (BATCH, SEQ), generator=g)
+    y = torch.randint(0, 128, (BATCH, SEQ), generator=g)
+    y[0:2, 2:] = -100
+    y[4:6, 12:] = -100
+    return x, y
+
+
+def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """One process, the whole batch: the token-mean loss's gradients clipped to MAX_NORM,
+    the evaluation of the clipped-but-unstepped model, and a step at the short length."""
+    ref = copy.deepcopy(model)
+    loss = ce_mean(ref(x), y)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters(remove_duplicate=False)}
+    with torch.no_grad():
+        out = ref(x)
+        eval_loss = ce_mean(out, y)
+    ref.zero_grad()
+    short = ce_mean(ref(x[:, :SHORT]), y[:, :SHORT])
+    short.backward()
+    return {"loss": loss.item(), "norm": norm.item(), "grads": grads, "eval": eval_loss.item(), "out": out,
+            "short": short.item(),
+            "short_grads": {n: p.grad.clone() for n, p in ref.named_parameters(remove_duplicate=False)}}
+
+
+def _loop(rank: int, world: int, layout: str, schedule: str, p2p: str) -> dict[str, Any]:
+    _, pipe = fresh(layout)
+    x, y = batch()
+    stage = pipe.build_stage(rank, "cpu")
+    runner = stage.runner(schedule, n_microbatches=M, loss_fn=ce_sum, batch_size=BATCH, normalize="tokens", p2p=p2p)
+    first, last = stage.is_first, stage.is_last
+    loss = runner.step(x if first else None, target=y if last else None, loss_on_every_rank=True)
+    unclipped = stage.grad_norm()
+    norm = stage.clip_grad_norm_(MAX_NORM)
+    grads = {n: p.grad.clone() for n, p in stage.named_parameters(remove_duplicate=False)}
+    ev = runner.eval_step(x if first else None, target=y if last else None, return_outputs=True)
+    untouched = all(torch.equal(p.grad, grads[n]) for n, p in stage.named_parameters(remove_duplicate=False))
+    stage.zero_grad()
+    short = runner.step(x[:, :SHORT] if first else None, target=y[:, :SHORT] if last else None, seq_len=SHORT,
+                        loss_on_every_rank=True)
+    return {"loss": loss.item(), "norm": norm.item(), "unclipped": unclipped.item(), "grads": grads,
+            "eval": None if ev[0] is None else ev[0].item(), "out": ev[1], "untouched": untouched,
+            "short": short.item(), "last": last,
+            "short_grads": {n: p.grad.clone() for n, p in stage.named_parameters(remove_duplicate=False)
+                            if p.grad is not None}}
+
+
+def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got
+    for n, g in got.items():
+        torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("layout,schedule,p2p", [("gpt-2", "1f1b", "auto"), ("gpt-2", "zb-h1", "ordered"),
+                                                  ("gpt-2x2", "interleaved-1f1b", "auto")])
+def test_the_training_loop_on_two_ranks_equals_one_process(layout: str, schedule: str, p2p: str) -> None:
+    model, pipe = fresh(layout)
+    x, y = batch()
+    want = reference(model, x, y)
+    assert want["norm"] > 2 * MAX_NORM, "the test should clip"
+    results = spawn(_loop, 2, layout, schedule, p2p, timeout_s=TIMEOUT_S)
+    for r in results:
+        assert r["loss"] == pytest.approx(want["loss"], rel=1e-5)  # on every rank
+        assert r["unclipped"] == r["norm"] == pytest.approx(want["norm"], rel=1e-5)
+        _close(r["grads"], want["grads"])  # tied embedding copies on both ranks alike
+        assert r["untouched"], "eval_step changed a gradient"
+        assert r["short"] == pytest.approx(want["short"], rel=1e-5)
+        _close(r["short_grads"], want["short_grads"])
+    assert set().union(*(r["grads"] for r in results)) == set(want["grads"])
+    last = next(r for r in results if r["last"])
+    assert last["eval"] == pytest.approx(want["eval"], rel=1e-5)
+    torch.testing.assert_close(last["out"], want["out"], rtol=1e-5, atol=1e-5)
+    assert all(r["eval"] is None and r["out"] is None for r in results if not r["last"])
+
+
+def test_the_default_mean_differs_and_tokens_equals_in_process() -> None:
+    """What ``normalize="mean"`` computes for a token mean with uneven ignored labels (the
+    mean of micro-batch means) and that ``"tokens"`` gives the full batch's."""
+    model, pipe = fresh("gpt-2")
+    x, y = batch()
+    want = reference(model, x, y)
+    model.zero_grad()
+    mean = pipe.train_step(x, target=y, loss_fn=ce_mean, schedule="1f1b", n_microbatches=M)
+    with torch.no_grad():
+        per_mb = [ce_mean(model(x[i:i + 2]), y[i:i + 2]).item() for i in range(0, BATCH, 2)]
+    assert mean.item() == pytest.approx(sum(per_mb) / M, rel=1e-5)
+    assert abs(mean.item() - want["loss"]) > 0.01, "the uneven batch should tell the two apart"
+    model.zero_grad()
+    tokens = pipe.train_step(x, target=y, loss_fn=ce_sum, schedule="1f1b", n_microbatches=M, normalize="tokens")
+    assert tokens.item() == pytest.approx(want["loss"], rel=1e-5)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    _close({n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}, want["grads"])
+    model.zero_grad()
+    loss, out = pipe.eval_step(x, target=y, loss_fn=ce_sum, schedule="zb-h1", n_microbatches=M, normalize="tokens",
+                               return_outputs=True, comm="nccl")  # NCCL's matching rules, in one process
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+        assert loss.item() == pytest.approx(ce_mean(model(x), y).item(), rel=1e-5)
+    with pytest.raises(PipelineRuntimeError, match="normalize='median'"):
+        pipe.train_step(x, target=y, loss_fn=ce_sum, normalize="median")
+    with pytest.raises(PipelineRuntimeError, match="no element to average"):
+        pipe.train_step(x, target=torch.full_like(y, -100), loss_fn=ce_sum, normalize="tokens")
+
+
+def _wrong_length(rank: int, world: int) -> None:
+    _, pipe = fresh("gpt-2")
+    x, y = batch()
+    stage = pipe.build_stage(rank, "cpu")
+    runner = stage.runner("1f1b", n_microbatches=M, loss_fn=ce_mean, batch_size=BATCH)
+    runner.step(x[:, :SHORT] if rank == 0 else None, target=y[:, :SHORT] if rank == 1 else None)
+
+
+def test_another_length_without_seq_len_says_what_to_pass() -> None:
+    fresh("gpt-2")
+    with pytest.raises(PipelineRuntimeError, match=r"sequence length 8, the plan's is 16: pass step\(\.\.\., "
+                                                    r"seq_len=8\) on every rank"):
+        spawn(_wrong_length, 2, timeout_s=TIMEOUT_S)
