@@ -154,3 +154,39 @@ def test_another_length_without_seq_len_says_what_to_pass() -> None:
     with pytest.raises(PipelineRuntimeError, match=r"sequence length 8, the plan's is 16: pass step\(\.\.\., "
                                                     r"seq_len=8\) on every rank"):
         spawn(_wrong_length, 2, timeout_s=TIMEOUT_S)
+
+
+def _replicas(rank: int, world: int, pipe: Any) -> dict[str, Any]:
+    x, y = batch()
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=0.1)  # ZeRO-1: each replica keeps half the optimizer state
+    runner = stage.runner("1f1b", n_microbatches=2, loss_fn=ce_sum, batch_size=BATCH, normalize="tokens")
+    first, last = stage.is_first, stage.is_last
+    loss = runner.step(x if first else None, target=y if last else None, loss_on_every_rank=True)
+    norm = stage.clip_grad_norm_(MAX_NORM)
+    grads = {n: p.grad.clone() for n, p in stage.named_parameters(remove_duplicate=False)}
+    ev = runner.eval_step(x if first else None, target=y if last else None, loss_on_every_rank=True)
+    opt.step()
+    return {"loss": loss.item(), "norm": norm.item(), "grads": grads, "eval": ev.item(), "zero": type(opt).__name__}
+
+
+def test_two_replicas_of_two_ranks_equal_one_process() -> None:
+    """Replicas see 36 and 56 valid labels: the count is summed over them before any
+    gradient is scaled, so the averaged gradients are the full batch's; the norm is the
+    whole model's under ZeRO-1."""
+    from partitioner import partition
+    from tests.fixtures.models import FIXTURES
+
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, y = batch()
+    pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), schedule="1f1b", n_microbatches=2,
+                     pinned_cuts=["transformer.h.2"], zero=1)
+    want = reference(model, x, y)
+    results = spawn(_replicas, 4, pipe, timeout_s=TIMEOUT_S)
+    assert {r["zero"] for r in results} == {"ZeroRedundancyOptimizer"}
+    for r in results:
+        assert r["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert r["eval"] == pytest.approx(want["eval"], rel=1e-5)
+        assert r["norm"] == pytest.approx(want["norm"], rel=1e-5)
+        _close(r["grads"], want["grads"])
