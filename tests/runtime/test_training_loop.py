@@ -190,3 +190,38 @@ def test_two_replicas_of_two_ranks_equal_one_process() -> None:
         assert r["eval"] == pytest.approx(want["eval"], rel=1e-5)
         assert r["norm"] == pytest.approx(want["norm"], rel=1e-5)
         _close(r["grads"], want["grads"])
+
+
+def _fp16_clip(rank: int, world: int, pipe: Any, max_norm: float) -> dict[str, Any]:
+    from tests.runtime.test_precision import _data, loss_fn
+
+    x, y = _data()
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=1.0)
+    runner = stage.runner("1f1b", n_microbatches=2, loss_fn=loss_fn)
+    runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+    before = {n: m.clone() for n, m in stage.masters.items()}
+    norm = stage.clip_grad_norm_(max_norm)
+    opt.step()
+    return {"norm": norm.item(), "scale": opt.scale, "skipped": opt.skipped,
+            "update": {n: before[n] - m for n, m in stage.masters.items()}}
+
+
+def test_fp16_gradients_are_unscaled_before_clipping() -> None:
+    """Under fp16-mixed the gradients carry the loss scale (2**16): the norm is the unscaled
+    one, and the step the optimizer takes (SGD, lr 1) is the clipped gradient, of norm max_norm."""
+    from tests.runtime.test_precision import _data, _planned, loss_fn
+
+    model, pipe = _planned("fp16-mixed")
+    x, y = _data()
+    ref = copy.deepcopy(model)
+    loss_fn(ref(x), y).backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
+    results = spawn(_fp16_clip, 2, pipe, want / 4, timeout_s=TIMEOUT_S)
+    unique = dict(model.named_parameters())  # a tied weight once
+    update = {n: u for r in results for n, u in r["update"].items() if n in unique}
+    assert set(update) == set(unique)
+    for r in results:
+        assert r["scale"] == 2.0**16 and r["skipped"] == 0
+        assert r["norm"] == pytest.approx(want, rel=2e-2)
+    assert torch.nn.utils.get_total_norm(list(update.values())).item() == pytest.approx(want / 4, rel=2e-2)
