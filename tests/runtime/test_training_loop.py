@@ -225,3 +225,49 @@ def test_fp16_gradients_are_unscaled_before_clipping() -> None:
         assert r["scale"] == 2.0**16 and r["skipped"] == 0
         assert r["norm"] == pytest.approx(want, rel=2e-2)
     assert torch.nn.utils.get_total_norm(list(update.values())).item() == pytest.approx(want / 4, rel=2e-2)
+
+
+def _example(rank: int, world: int, argv: list[str], pipe: Any) -> None:
+    from partitioner.examples.train_hf import main
+
+    main(argv, pipe)
+
+
+def test_the_hf_example_stopped_and_resumed_equals_one_process(tmp_path: Any) -> None:
+    """``partitioner/examples/train_hf.py`` on 2 ranks: 3 steps, a checkpoint, then 3 more
+    resumed from it; losses, gradient norms and evaluations equal the same loop in one
+    process (AdamW + cosine, clipping, padded token mean)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from partitioner.examples import train_hf
+
+    argv = ["--steps", "6", "--eval-every", "2", "--save-every", "3", "--ckpt", str(tmp_path / "ckpt"),
+            "--out", str(tmp_path / "out"), "--layers", "2", "--seq", "16"]
+    args = train_hf.parser().parse_args(argv)
+    pipe = train_hf.plan(args, 2)  # planned once here: the ranks inherit it (the example plans on each rank)
+    spawn(_example, 2, [*argv, "--stop-at", "3"], pipe, timeout_s=TIMEOUT_S)
+    spawn(_example, 2, [*argv, "--resume"], pipe, timeout_s=TIMEOUT_S)
+    log = json.loads((tmp_path / "out" / "log.json").read_text())
+
+    model = train_hf.build_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train_hf.lr_lambda(args))
+    ex, ey = train_hf.batch(-1, args)
+    losses, norms, evals = [], [], []
+    for step in range(args.steps):
+        ids, labels = train_hf.batch(step, args)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(input_ids=ids).logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip).item())
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % args.eval_every == 0:
+            with torch.no_grad():
+                evals.append([step + 1, F.cross_entropy(model(input_ids=ex).logits.flatten(0, 1), ey.flatten()).item()])
+    assert log["loss"] == pytest.approx(losses, rel=1e-4)
+    assert log["norm"] == pytest.approx(norms, rel=1e-3)
+    assert [e[0] for e in log["eval"]] == [2, 4, 6]
+    assert [e[1] for e in log["eval"]] == pytest.approx([e[1] for e in evals], rel=1e-4)
