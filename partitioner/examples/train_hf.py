@@ -37,10 +37,11 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    cfg = LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=2 * args.hidden, vocab_size=args.vocab,
-                      max_position_embeddings=args.seq, use_cache=False, attn_implementation="sdpa",
-                      bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
+    options: dict[str, Any] = dict(  # a dict: attn_implementation is a PretrainedConfig keyword stubs do not list
+        num_hidden_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=2 * args.hidden, vocab_size=args.vocab, max_position_embeddings=args.seq, use_cache=False,
+        attn_implementation="sdpa", bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
+    cfg = LlamaConfig(**options)
     return LlamaForCausalLM(cfg)
 
 

@@ -602,6 +602,9 @@ class Runner:
         if problem:
             raise PipelineRuntimeError(f"rank {stage.global_rank}: {problem}")
         planned = seq_len(plan)
+        if seq is not None and "S" not in plan.symbols:
+            raise PipelineRuntimeError(f"rank {stage.global_rank}: {what}(seq_len={seq}), but this plan's inputs have "
+                                       "no sequence dimension (no S in plan.symbols): leave seq_len out")
         if seq is not None and seq != planned and any(n.startswith(STATIC_SHAPES_NOTE) for n in plan.notes):
             raise PipelineRuntimeError(
                 f"rank {stage.global_rank}: {what}(seq_len={seq}) on a plan whose shapes are static (fixed to its "

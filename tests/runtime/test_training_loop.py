@@ -156,6 +156,25 @@ def test_another_length_without_seq_len_says_what_to_pass() -> None:
         spawn(_wrong_length, 2, timeout_s=TIMEOUT_S)
 
 
+def _static(rank: int, world: int) -> None:
+    import dataclasses
+
+    from partitioner.plan import STATIC_SHAPES_NOTE
+
+    _, pipe = fresh("gpt-2")
+    pipe = copy.copy(pipe)  # this rank's view of the plan, marked as planned with static shapes
+    pipe.plan = dataclasses.replace(pipe.plan, notes=(*pipe.plan.notes, f"{STATIC_SHAPES_NOTE}: (test)"))
+    x, y = batch()
+    runner = pipe.build_stage(rank, "cpu").runner("1f1b", n_microbatches=M, loss_fn=ce_mean, batch_size=BATCH)
+    runner.step(x[:, :SHORT] if rank == 0 else None, target=y[:, :SHORT] if rank == 1 else None, seq_len=SHORT)
+
+
+def test_a_static_shapes_plan_refuses_another_length_saying_why() -> None:
+    fresh("gpt-2")
+    with pytest.raises(PipelineRuntimeError, match=r"seq_len=8\) on a plan whose shapes are static .* re-partition"):
+        spawn(_static, 2, timeout_s=TIMEOUT_S)
+
+
 def _replicas(rank: int, world: int, pipe: Any) -> dict[str, Any]:
     x, y = batch()
     stage = pipe.build_stage(rank, "cpu")
