@@ -82,6 +82,12 @@ class Pipe(nn.Module):
 
         return train_step(self, *args, **kwargs)
 
+    def eval_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward only, under ``torch.no_grad``: ``partitioner.runtime.local.eval_step``."""
+        from partitioner.runtime.local import eval_step
+
+        return eval_step(self, *args, **kwargs)
+
     def build_stage(self, rank: int, device: torch.device | str | None = None, **kwargs: Any) -> Any:
         from partitioner.runtime.stage import build_stage
 

@@ -33,9 +33,18 @@ last ``B``, ``I`` or ``W``): ``arm(stage)`` just before it and ``ready(stage)`` 
 so the replicas' all-reduce of that stage's gradients starts during it; the actions never
 wait for it (``Runner.step`` does, after the last action).
 
-Loss scaling: the last stage computes ``loss_fn(output_mb, target_mb) / m`` for each of
-the ``m`` micro-batches, so for a mean-reduced loss the sum over micro-batches (what
-``finish`` returns, and what the gradients are of) equals the full-batch loss.
+Loss scaling: the last stage computes ``loss_fn(output_mb, target_mb) / d`` for each of
+the ``m`` micro-batches, with ``d = m`` unless ``start`` is given another divisor, so for a
+mean-reduced loss over equal micro-batches the sum over micro-batches (what ``finish``
+returns, and what the gradients are of) equals the full-batch loss. A loss that is a sum
+over tokens divided by the step's count of valid tokens (``start(..., loss_divisor=n)``)
+gives the full-batch token mean however unevenly the valid tokens fall (``Runner.step``'s
+``normalize="tokens"``).
+
+Evaluation: a schedule with no backward action (only ``F`` and its ``SEND_F``/``RECV_F``,
+lowered like any other) runs forwards only: nothing is kept for a backward, the last stage
+adds up the loss (when targets are given) and keeps its outputs when asked; the caller runs
+it under ``torch.no_grad``.
 """
 
 from __future__ import annotations
@@ -153,6 +162,10 @@ class Interpreter:
         self.last = plan.n_stages - 1
         self.grad_sync = grad_sync
         computes = self.lowered.computes[rank]
+        #: no backward in the schedule (every rank's list): an evaluation, nothing kept for a backward
+        self.forward_only = not any(a.kind != "F" for acts in self.lowered.computes for a in acts)
+        #: the last stage's outputs per micro-batch of the last step (``start(..., keep_outputs=True)``)
+        self.outputs: list[Any] = []
         self._needs = dict(zip(computes, self.lowered.needs[rank]))
         #: each stage's final backward action on this rank -> the stage, and the stages in that order
         last: dict[int, int] = {a.stage: i for i, a in enumerate(computes) if a.kind in ("B", "I", "W")}
@@ -214,13 +227,18 @@ class Interpreter:
                        for d in ("F", "B") for s in range(n) for peer, ws in self._sends[d][s]}
 
     def start(self, microbatch_size: int, seq: int, inputs: Sequence[Sequence[Any]] | None = None,
-              targets: Sequence[Any] | None = None) -> None:
+              targets: Sequence[Any] | None = None, *, loss_divisor: float | torch.Tensor | None = None,
+              keep_outputs: bool = False) -> None:
         """Begin a step: stage 0's owner passes the micro-batched flat ``inputs``, the last
-        stage's owner the micro-batched ``targets``."""
+        stage's owner the micro-batched ``targets`` (optional for a forward-only schedule:
+        without them no loss is computed). Each micro-batch's loss is divided by
+        ``loss_divisor`` (default: the number of micro-batches); ``keep_outputs`` keeps
+        the last stage's outputs in ``outputs`` (forward-only schedules)."""
         m = self.schedule.n_microbatches
         if 0 in self.modules and (inputs is None or len(inputs) != m):
             raise PipelineRuntimeError(f"rank {self.rank} runs stage 0 and needs {m} micro-batches of inputs", self.rank)
-        if self.last in self.modules and (targets is None or len(targets) != m):
+        if self.last in self.modules and (targets is not None or not self.forward_only) and (
+                targets is None or len(targets) != m):
             raise PipelineRuntimeError(f"rank {self.rank} runs the last stage and needs {m} micro-batches of "
                                        "targets: pass target=...", self.rank)
         self._reset()
@@ -231,6 +249,8 @@ class Interpreter:
             self._inputs_wires = input_wires(self.plan, microbatch_size, seq)
             self._layout = (microbatch_size, seq)
         self.inputs, self.targets, self.m = inputs, targets, m
+        self.loss_divisor = m if loss_divisor is None else loss_divisor
+        self.keep_outputs, self.outputs = keep_outputs, []
         if self.grad_sync is not None:
             self.grad_sync.begin(self.final_order)
         self.comm_log = []
@@ -357,13 +377,14 @@ class Interpreter:
             args = [got.get(n) for n in self.plan.stages[s].inputs]  # None: only passes through
         out = self.modules[s](*args)
         if s == self.last:
-            assert self.targets is not None
-            loss = self.loss_fn(self.unflatten(list(out)), self.targets[mb])
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise PipelineRuntimeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                                           f"{tuple(getattr(loss, 'shape', ()))}")
-            loss = loss / self.m  # see the module docstring
-            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
+            if self.forward_only:  # evaluation: the loss and, if asked, the outputs; nothing saved
+                if self.keep_outputs:
+                    self.outputs.append(self.unflatten(list(out)))
+                if self.targets is not None:
+                    self._add_loss(self._loss_of(out, mb))
+                return
+            loss = self._loss_of(out, mb)
+            self._add_loss(loss)
             self._saved[(s, mb)] = (args, loss if self.loss_scale is None else loss * self.loss_scale)
             return
         names = self.plan.stages[s].outputs
@@ -372,7 +393,20 @@ class Interpreter:
         made = dict(zip(names, out))
         for peer, ws in self._sends["F"][s]:
             self._give(("F", s, peer, mb), encode(f"{where} output", ws, [made[w.name] for w in ws]))
-        self._saved[(s, mb)] = (args, made)
+        if not self.forward_only:
+            self._saved[(s, mb)] = (args, made)
+
+    def _loss_of(self, out: Any, mb: int) -> torch.Tensor:
+        """The micro-batch's share of the step's loss: ``loss_fn(...) / loss_divisor``."""
+        assert self.targets is not None
+        loss = self.loss_fn(self.unflatten(list(out)), self.targets[mb])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise PipelineRuntimeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                                       f"{tuple(getattr(loss, 'shape', ()))}")
+        return loss / self.loss_divisor  # see the module docstring
+
+    def _add_loss(self, loss: torch.Tensor) -> None:
+        self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def _roots(self, s: int, mb: int, out: Any) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """What backward starts from: the loss on the last stage, else the outputs that

@@ -16,6 +16,7 @@ from partitioner.runtime.compile import CompileOption, check_schedule, compile_k
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
+from partitioner.runtime.loop import Normalize, check_normalize, concat_outputs, count_targets, forward_schedule, global_count
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.routing import routes
 from partitioner.runtime.transport import LocalTransport, NcclTransport
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the types point back wi
     from partitioner.pipe import Pipe
     from partitioner.plan import Plan
 
-__all__ = ["train_step", "resolve_schedule", "seq_len"]
+__all__ = ["train_step", "eval_step", "resolve_schedule", "seq_len"]
 
 
 def resolve_schedule(pipe: Pipe, schedule: str | Schedule, n_microbatches: int | None) -> Schedule:
@@ -56,12 +57,18 @@ def seq_len(plan: Plan, flat_inputs: list[Any] | None = None) -> int:
 def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                schedule: str | Schedule = "gpipe", n_microbatches: int | None = None,
                trace: str | None = None, comm: str = "buffered", compile: CompileOption = False,
+               normalize: Normalize = "mean",
                **kwargs: Any) -> torch.Tensor:
     """Forward and backward over every micro-batch; grads accumulate into the model's
     parameters (zero them yourself, as with any torch training loop). Returns the
     full-batch loss: the sum of ``loss_fn(out_mb, target_mb) / m`` (detached)::
 
         loss = pipe.train_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)
+
+    That is the full-batch loss for a mean over equal micro-batches, not for a token mean
+    with ignored labels (-100) spread unevenly over them: there pass ``normalize="tokens"``
+    and a ``loss_fn`` that sums (``reduction="sum"``); each micro-batch's sum is divided by
+    the batch's count of labels that are not -100 (``runtime.loop``).
 
     ``comm="nccl"`` moves the messages under NCCL's rules (``runtime.transport.NcclTransport``:
     in-order groups per rank, tags ignored, sends that wait for their receive) instead of
@@ -97,8 +104,11 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     ]
     mb_inputs = split(flat, m, batch)
     mb_targets = split(target, m, batch)
+    check_normalize(normalize)
+    count = count_targets(normalize, mb_targets)
+    divisor = None if count is None else global_count(count, torch.device("cpu"), None)
     for it in ranks:
-        it.start(batch // m, seq, mb_inputs, mb_targets)
+        it.start(batch // m, seq, mb_inputs, mb_targets, loss_divisor=divisor)
     pcs = [0] * len(ranks)
     # Round-robin over ranks, each running until it needs a message not yet sent: the
     # order schedule.replay validates, so a valid schedule always finishes.
@@ -128,3 +138,67 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
         write_trace(trace, [ev for it in ranks for ev in it.events], sched)
     loss = next(x for x in losses if x is not None)
     return loss
+
+
+def eval_step(pipe: Pipe, *inputs: Any, target: Any = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+              schedule: str | Schedule = "gpipe", n_microbatches: int | None = None, return_outputs: bool = False,
+              comm: str = "buffered", normalize: Normalize = "mean", **kwargs: Any) -> Any:
+    """Forward only through every rank's stages in this process, under ``torch.no_grad``:
+    the schedule's forwards and their messages (``loop.forward_schedule``), lowered as any
+    schedule. Returns the loss as ``train_step`` computes it (None without ``target``), or
+    ``(loss, outputs)`` with ``return_outputs`` (the last stage's outputs, micro-batches
+    concatenated along dim 0). No gradient is touched and no activation kept; the modules'
+    train/eval mode is left as it is (call ``pipe.eval()`` for dropout off)::
+
+        loss = pipe.eval_step(x, target=y, loss_fn=F.cross_entropy, n_microbatches=4)
+    """
+    if target is not None and loss_fn is None:
+        raise PipelineRuntimeError("eval_step(target=...) needs loss_fn=... to compute the loss")
+    if comm not in ("buffered", "nccl"):
+        raise PipelineRuntimeError(f"comm={comm!r}: expected 'buffered' or 'nccl'")
+    check_normalize(normalize)
+    sched = forward_schedule(resolve_schedule(pipe, schedule, n_microbatches))
+    m = sched.n_microbatches
+    flat = pipe.flatten_inputs(inputs, kwargs)
+    batch = batch_size(flat)
+    transport: LocalTransport | NcclTransport = LocalTransport() if comm == "buffered" else NcclTransport(sched.n_ranks)
+    table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
+    fn = loss_fn if loss_fn is not None else (lambda out, y: out)
+    ranks = [Interpreter(r, {s: pipe.stages[s] for s in range(len(pipe.stages)) if sched.rank_of(s) == r}, pipe.plan,
+                         sched, transport, fn, pipe.unflatten_outputs, routes=table) for r in range(sched.n_ranks)]
+    mb_targets = split(target, m, batch) if target is not None else None
+    count = count_targets(normalize, mb_targets) if mb_targets is not None else None
+    divisor = None if count is None else global_count(count, torch.device("cpu"), None)
+    with torch.no_grad():
+        for it in ranks:
+            it.start(batch // m, seq_len(pipe.plan, flat), split(flat, m, batch), mb_targets, loss_divisor=divisor,
+                     keep_outputs=return_outputs)
+        _drive(ranks, sched, transport, comm)
+        loss = next((x for x in (it.finish() for it in ranks) if x is not None), None)
+    if not return_outputs:
+        return loss
+    last = next(it for it in ranks if it.last in it.modules)
+    return loss, concat_outputs(last.outputs)
+
+
+def _drive(ranks: list[Interpreter], sched: Schedule, transport: LocalTransport | NcclTransport, comm: str) -> None:
+    """Round-robin over the ranks' steps, each running until it needs a message not yet
+    sent (as ``train_step``); a rank left waiting is a deadlock, reported with the grid."""
+    pcs = [0] * len(ranks)
+    progress = True
+    while progress:
+        progress = False
+        for r, it in enumerate(ranks):
+            while pcs[r] < len(it.steps) and it.can_run(it.steps[pcs[r]]):
+                try:
+                    it.run(it.steps[pcs[r]])
+                except PipelineRuntimeError as e:
+                    log_failure(sched, e, r)
+                    raise
+                pcs[r] += 1
+                progress = True
+    stuck = [f"rank {r} at {it.steps[pcs[r]]}" for r, it in enumerate(ranks) if pcs[r] < len(it.steps)]
+    waits = transport.pending() if isinstance(transport, NcclTransport) else []
+    if stuck or waits:
+        raise PipelineRuntimeError(f"schedule {sched.name!r} deadlocks" + (" under NCCL's rules" if comm == "nccl" else "")
+                                   + ": " + "; ".join(stuck + waits) + f"\n{sched.grid(comms=True)}")

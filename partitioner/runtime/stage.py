@@ -50,12 +50,14 @@ from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.grad_sync import GradSync, broadcast_from_first
 from partitioner.runtime.interpreter import Interpreter, TraceEvent
+from partitioner.runtime import loop
 from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.precision import (LossScaler, MixedPrecisionOptimizer, cast_inputs, cast_tensors_,
                                            model_dtype, recipe, retype_graph, zero_mixed)
 from partitioner.runtime.routing import routes
+from partitioner.plan import STATIC_SHAPES_NOTE
 from partitioner.schedule import Schedule, split_problem
 
 if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the type points back without an import cycle
@@ -430,6 +432,54 @@ class RankStage:
         for mod in self.modules.values():
             mod.zero_grad(set_to_none=set_to_none)
 
+    def _norm_grads(self) -> list[torch.Tensor]:
+        """The gradients this rank counts in the global norm: each parameter once, a weight
+        tied across pipeline ranks only on the first of them (every copy holds the summed
+        gradient after the step)."""
+        named = dict(self.named_parameters(remove_duplicate=False))
+        others: set[int] = set()
+        for names in self.plan.tied_parameters:
+            ranks = sorted({st.rank for st in self.plan.stages if set(st.parameters) & set(names)})
+            if len(ranks) > 1 and ranks[0] != self.rank:
+                others |= {id(named[n]) for n in names if n in named}
+        return [p.grad for p in self.parameters() if p.grad is not None and id(p) not in others]
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """Collective over the pipeline's ranks (every rank of the job calls it, after
+        ``runner.step``): the ``norm_type``-norm of the whole model's gradient, as
+        ``torch.nn.utils.get_total_norm`` gives it in one process; a tensor on this rank's
+        device, the same on every rank. Tied weights count once. With data parallelism the
+        step has averaged the gradients over the replicas (under ZeRO-1 too: only the
+        optimizer state is sharded), so every replica holds the global gradient and the norm
+        is taken over its own pipeline. Under fp16-mixed the gradients carry the loss scale:
+        the norm returned is of the unscaled gradients (non-finite when they overflowed)."""
+        norm = loop.global_grad_norm(self._norm_grads(), float(norm_type), self.device, self.group)
+        if self.loss_scaler is not None:
+            norm = norm / self.loss_scaler.scale.to(norm.device, torch.float32)
+        return norm
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        """Collective: ``torch.nn.utils.clip_grad_norm_`` over the whole pipelined model.
+        The global norm (``grad_norm``) is computed over every pipeline rank (tied weights
+        once, data-parallel replicas already averaged), then this rank's gradients (each
+        tied copy alike) are scaled by ``max_norm / (norm + 1e-6)`` where that is below 1,
+        by ``torch.nn.utils.clip_grads_with_norm_``. Returns the norm before clipping.
+
+        Call it between ``runner.step`` and the optimizer's step. Under fp16-mixed the norm
+        is of the unscaled gradients and the scaled gradients get the same factor, so the
+        optimizer's unscaling gives the clipped gradient (non-finite gradients stay
+        non-finite and the optimizer skips the step, as with ``GradScaler``)."""
+        norm = self.grad_norm(norm_type)
+        if error_if_nonfinite and not torch.isfinite(norm):
+            raise PipelineRuntimeError(f"rank {self.global_rank}: the total norm of order {norm_type} of the gradients "
+                                       "is non-finite, so it cannot be clipped (error_if_nonfinite=True)")
+        params = [p for p in self.parameters() if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].grad.device),  # type: ignore[union-attr]
+                                                 foreach=foreach)
+        return norm
+
     def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
         """Read this rank's tensors (and optionally ``optimizer``'s state) from ``path``: a
         ``.safetensors`` file, a Hugging Face directory (``model.safetensors`` or
@@ -450,7 +500,7 @@ class RankStage:
 
     def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
                loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None,
-               p2p: str = "auto", compile: CompileOption = None) -> Runner:
+               p2p: str = "auto", compile: CompileOption = None, normalize: loop.Normalize = "mean") -> Runner:
         """A ``Runner`` whose ``step(x, target=y)`` trains one step on this rank's stages.
 
         Args:
@@ -471,6 +521,14 @@ class RankStage:
                 of ``torch.compile`` arguments (default: ``build_stage``'s ``compile=``). Each
                 stage is compiled once per ``RankStage`` (at its first forward) and reused
                 by later steps and runners; see ``partitioner.runtime.compile``.
+            normalize: how each micro-batch's loss is scaled (``runtime.loop``). ``"mean"``:
+                ``loss_fn(out_mb, target_mb) / m``, the full-batch loss when ``loss_fn`` is a
+                mean over equal micro-batches, not for a token mean with ignored labels
+                spread unevenly. ``"tokens"``: ``loss_fn`` returns a sum
+                (``reduction="sum"``) and is divided by the step's count of target elements
+                that are not -100, over every micro-batch and replica: the full batch's
+                token mean, loss and gradients. A function ``count(target_mb)``: the same
+                with its count.
 
         Returns:
             The ``Runner``.
@@ -483,8 +541,10 @@ class RankStage:
             raise PipelineRuntimeError("runner() needs loss_fn=...: the last stage computes the loss")
         if p2p not in ("auto", "ordered"):
             raise PipelineRuntimeError(f"p2p={p2p!r}: expected 'auto' or 'ordered'")
+        loop.check_normalize(normalize)
         return Runner(self, resolve_schedule(self.pipe, schedule, n_microbatches), loss_fn, batch_size,
-                      ordered=p2p == "ordered", compile=self.compile if compile is None else compile)
+                      ordered=p2p == "ordered", compile=self.compile if compile is None else compile,
+                      normalize=normalize)
 
     def as_pipelining_stage(self, stage_index: int, n_microbatches: int | None = None, batch: int | None = None) -> Any:
         """This rank's stage ``stage_index`` as a ``torch.distributed.pipelining.PipelineStage``."""
@@ -516,7 +576,8 @@ class Runner:
     """Runs one training step of this rank's action list per ``step`` call."""
 
     def __init__(self, stage: RankStage, schedule: Schedule, loss_fn: Callable[[Any, Any], torch.Tensor],
-                 batch: int | None, *, ordered: bool = False, compile: CompileOption = False) -> None:
+                 batch: int | None, *, ordered: bool = False, compile: CompileOption = False,
+                 normalize: loop.Normalize = "mean") -> None:
         plan = stage.plan
         if schedule.n_ranks != stage.n_ranks:
             raise PipelineRuntimeError(f"schedule is for {schedule.n_ranks} ranks, the plan for {stage.n_ranks}")
@@ -542,43 +603,98 @@ class Runner:
         self.interpreter.loss_scale = stage.loss_scaler.scale if stage.loss_scaler is not None else None
         self._warned = False
         self.events: list[TraceEvent] = []
+        self.normalize = normalize
+        self._eval: Interpreter | None = None  # the forward-only interpreter, made by the first eval_step
 
-    def step(self, *inputs: Any, target: Any = None, trace: str | None = None, profile: str | None = None,
+    def _prepare(self, inputs: tuple[Any, ...], kwargs: dict[str, Any], target: Any, seq: int | None,
+                 global_batch: int | None, what: str, need_target: bool = True) -> tuple[Any, Any, int, int, Any]:
+        """This step's micro-batched inputs (first rank) and targets (last rank), the
+        micro-batch size, the sequence length and the loss divisor."""
+        stage, m, dev = self.stage, self.schedule.n_microbatches, self.stage.device
+        stage.check_initialized()
+        plan = stage.plan
+        batch = self.batch if global_batch is None else global_batch // self.replicas
+        problem = split_problem(batch, m) if global_batch is None or global_batch % self.replicas == 0 else (
+            f"batch_size={global_batch} does not divide into {self.replicas} replicas")
+        if problem:
+            raise PipelineRuntimeError(f"rank {stage.global_rank}: {problem}")
+        planned = seq_len(plan)
+        if seq is not None and "S" not in plan.symbols:
+            raise PipelineRuntimeError(f"rank {stage.global_rank}: {what}(seq_len={seq}), but this plan's inputs have "
+                                       "no sequence dimension (no S in plan.symbols): leave seq_len out")
+        if seq is not None and seq != planned and any(n.startswith(STATIC_SHAPES_NOTE) for n in plan.notes):
+            raise PipelineRuntimeError(
+                f"rank {stage.global_rank}: {what}(seq_len={seq}) on a plan whose shapes are static (fixed to its "
+                f"example's sequence length {planned}: symbolic shape propagation failed when planning, see plan.notes):"
+                f" re-partition with example inputs of length {seq}, or make the model's shapes follow its inputs")
+        it = self.interpreter
+        mb_inputs = mb_targets = None
+        if 0 in it.modules:
+            flat = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v,
+                                   stage.pipe.flatten_inputs(inputs, kwargs))
+            got = batch_size(flat)
+            if self.replicas > 1 and got == batch * self.replicas:  # the global batch: take this replica's share
+                flat, got = split(flat, self.replicas, got)[stage.dp_rank], batch
+            if got != batch:
+                raise PipelineRuntimeError(
+                    f"rank {stage.rank}: the inputs have batch {got}, the runner expects {batch} (the other ranks "
+                    f"size their buffers from it): pass {what}(..., batch_size={got * self.replicas}) on every rank, "
+                    f"or runner(..., batch_size={got * self.replicas})")
+            seen = seq_len(plan, flat)
+            if seen != (planned if seq is None else seq):
+                raise PipelineRuntimeError(
+                    f"rank {stage.rank}: the inputs have sequence length {seen}, " + (
+                        f"{what}(seq_len={seq}) says {seq}" if seq is not None else
+                        f"the plan's is {planned}: pass {what}(..., seq_len={seen}) on every rank (the other "
+                        "ranks do not see the inputs and size their buffers from it)"))
+            mb_inputs = split(flat, m, batch)
+        divisor = None
+        if it.last in it.modules and (target is not None or need_target):
+            if target is None:
+                raise PipelineRuntimeError(f"rank {stage.rank} runs the last stage: {what}() needs target=...")
+            target = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v, target)
+            if self.replicas > 1 and batch_size(pytree.tree_leaves(target)) == batch * self.replicas:
+                target = split(target, self.replicas, batch * self.replicas)[stage.dp_rank]
+            mb_targets = split(target, m, batch)
+            count = loop.count_targets(self.normalize, mb_targets)
+            if count is not None:  # known before any gradient: every micro-batch divides by the same
+                divisor = loop.global_count(count, dev, stage.dp_group) / self.replicas
+        return mb_inputs, mb_targets, batch // m, planned if seq is None else seq, divisor
+
+    def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """Collective over every rank of the job: the step's loss, averaged over the replicas."""
+        t = (loss.detach().float().reshape(()).clone() if loss is not None
+             else torch.zeros((), dtype=torch.float32, device=self.stage.device))
+        dist.all_reduce(t, group=self.stage.job_group)
+        return t / self.replicas
+
+    def step(self, *inputs: Any, target: Any = None, trace: str | None = None, seq_len: int | None = None,
+             batch_size: int | None = None, loss_on_every_rank: bool = False, profile: str | None = None,
              **kwargs: Any) -> torch.Tensor | None:
         """One forward+backward over every micro-batch. The first rank passes the model's
         inputs, the last rank ``target``; returns the loss on the last rank, else None.
         With ``trace``, every rank must pass it (it gathers events); rank 0 writes the file.
+
+        ``seq_len`` / ``batch_size``: this step's sequence length and global batch, when they
+        differ from the plan's (default) / the runner's: every rank passes the same (the
+        ranks after the first do not see the inputs); message shapes follow from the plan's
+        shapes symbolic in ``B`` and ``S``, with no re-partition. ``loss_on_every_rank``
+        (collective): every rank returns the step's loss, averaged over the replicas
+        (with data parallelism: the global batch's loss, also on the last stage).
         With ``profile`` (every rank passes the same path), the step runs under
         ``torch.profiler`` (``profile_step``)."""
         if profile is not None:
-            return self.profile_step(profile, *inputs, target=target, trace=trace, **kwargs)
-        self.stage.check_initialized()
+            return self.profile_step(profile, *inputs, target=target, trace=trace, seq_len=seq_len,
+                                     batch_size=batch_size, loss_on_every_rank=loss_on_every_rank, **kwargs)
         if self.stage.recipe.master and not self.stage._master_optimizers and not self._warned:
             self._warned = True
             warnings.warn(f"this plan trains {self.stage.recipe.name}: build the optimizer with stage.optimizer(cls, "
                           "...), which steps the fp32 master weights; an optimizer over stage.parameters() would step "
                           "the low-precision copies (and checkpoints save the masters)", stacklevel=2)
-        it, m, dev = self.interpreter, self.schedule.n_microbatches, self.stage.device
-        mb_inputs = mb_targets = None
-        if 0 in it.modules:
-            flat = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v,
-                                   self.stage.pipe.flatten_inputs(inputs, kwargs))
-            got = batch_size(flat)
-            if self.replicas > 1 and got == self.batch * self.replicas:  # the global batch: take this replica's share
-                flat, got = split(flat, self.replicas, got)[self.stage.dp_rank], self.batch
-            if got != self.batch:
-                raise PipelineRuntimeError(
-                    f"rank {self.stage.rank}: the inputs have batch {got}, the runner expects {self.batch} "
-                    f"(the other ranks size their buffers from it): pass runner(..., batch_size={got})")
-            mb_inputs = split(flat, m, self.batch)
-        if it.last in it.modules:
-            if target is None:
-                raise PipelineRuntimeError(f"rank {self.stage.rank} runs the last stage: step() needs target=...")
-            target = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v, target)
-            if self.replicas > 1 and batch_size(pytree.tree_leaves(target)) == self.batch * self.replicas:
-                target = split(target, self.replicas, self.batch * self.replicas)[self.stage.dp_rank]
-            mb_targets = split(target, m, self.batch)
-        it.start(self.batch // m, seq_len(self.stage.plan), mb_inputs, mb_targets)
+        it = self.interpreter
+        mb_inputs, mb_targets, mb_size, seq, divisor = self._prepare(inputs, kwargs, target, seq_len, batch_size,
+                                                                     "step")
+        it.start(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor)
         saved = self.stage.take_tied_grads()
         try:
             for step in it.steps:
@@ -604,7 +720,42 @@ class Runner:
         self.events = list(it.events)
         if trace is not None:
             self.write_trace(trace)
-        return loss
+        return self._share_loss(loss) if loss_on_every_rank else loss
+
+    def eval_step(self, *inputs: Any, target: Any = None, return_outputs: bool = False, seq_len: int | None = None,
+                  batch_size: int | None = None, loss_on_every_rank: bool = False,
+                  **kwargs: Any) -> torch.Tensor | None | tuple[torch.Tensor | None, Any]:
+        """Forward only, under ``torch.no_grad``: the schedule's forwards and their messages
+        (``loop.forward_schedule``, lowered as every schedule is), every rank calling it.
+        Returns the loss on the last rank (None elsewhere, or without ``target``), normalised
+        as ``step``'s; with ``return_outputs``, ``(loss, outputs)`` where the last rank's
+        outputs are the model's for this rank's batch (micro-batches concatenated along
+        dim 0; None on other ranks). Gradients are untouched and no activation is kept.
+        The modules' train/eval mode is left as it is: call ``stage.eval()`` for dropout
+        off, as with a model. ``seq_len``, ``batch_size``, ``loss_on_every_rank``: as ``step``."""
+        stage = self.stage
+        mb_inputs, mb_targets, mb_size, seq, divisor = self._prepare(inputs, kwargs, target, seq_len, batch_size,
+                                                                     "eval_step", need_target=False)
+        if self._eval is None:
+            plan = stage.plan
+            self._eval = Interpreter(stage.rank, stage.modules, plan, loop.forward_schedule(self.schedule),
+                                     self.transport, self.interpreter.loss_fn, stage.pipe.unflatten_outputs,
+                                     stage.device, routes=self.interpreter.links.routes)
+        it = self._eval
+        with torch.no_grad():
+            it.start(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor, keep_outputs=return_outputs)
+            try:
+                for step in it.steps:
+                    it.run(step)
+            except PipelineRuntimeError as e:
+                log_failure(it.schedule, e, stage.rank)
+                raise
+            loss = it.finish()
+        if loss_on_every_rank:
+            loss = self._share_loss(loss)
+        if not return_outputs:
+            return loss
+        return loss, (loop.concat_outputs(it.outputs) if it.last in it.modules else None)
 
     def profile_step(self, path: str, *inputs: Any, target: Any = None, trace: str | None = None,
                      **kwargs: Any) -> torch.Tensor | None:
