@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true",
                    help="run each stage through torch.compile (inductor; not with a split-backward schedule "
                         "such as zb-h1, zbv)")
+    r.add_argument("--clip", type=float, metavar="MAX_NORM",
+                   help="clip the gradient norm over every rank to MAX_NORM each step and print it (default: no)")
+    r.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="every K steps, a forward-only evaluation step on the same batch; print its loss")
+    r.add_argument("--normalize", choices=["mean", "tokens"], default="mean",
+                   help="'mean': each micro-batch's mean loss / micro-batches; 'tokens': the next-token loss "
+                        "summed and divided by the step's token count (models mapping token ids to logits)")
 
     e = sub.add_parser("export", parents=[common, part], help="write each stage's Python source (and ONNX)",
                        description="Write DIR/stage{i}.py for each stage. SOURCE is MODEL (partitioned now) or a "

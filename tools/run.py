@@ -19,17 +19,24 @@ from tools.loading import ToolError
 __all__ = ["run", "default_loss"]
 
 
-def default_loss(model: torch.nn.Module, inputs: Any) -> tuple[Any, Any]:
-    """(loss_fn(output, target), target) for the factory's example inputs."""
+def default_loss(model: torch.nn.Module, inputs: Any, normalize: str = "mean") -> tuple[Any, Any]:
+    """(loss_fn(output, target), target) for the factory's example inputs; with
+    ``normalize="tokens"`` the next-token loss is a sum (the runner divides by the step's
+    token count), refused for a model that does not map token ids to logits."""
     tokens = inputs[0] if isinstance(inputs, tuple) and len(inputs) == 1 else None
     if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point():
         with torch.no_grad():
             out = model(tokens)
         if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[:2] == tokens.shape:
+            reduction = "sum" if normalize == "tokens" else "mean"
+
             def next_token(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
                 # position t predicts token t + 1: drop the last logit and the first id
-                return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction=reduction)
             return next_token, tokens
+    if normalize == "tokens":
+        raise ToolError("--normalize tokens needs a model that maps token ids (B, T) to logits (B, T, V): "
+                        "its default loss is the next-token cross-entropy; use --normalize mean")
 
     def mean_square(out: Any, _unused: torch.Tensor) -> torch.Tensor:
         flat = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -45,7 +52,9 @@ def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: 
     params = stage.parameters()
     opt = stage.optimizer(torch.optim.SGD, lr=args.lr) if params else None  # a stage may own no weights
     m = pipe.plan.prediction.n_microbatches
-    runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn, compile=args.compile)
+    # "tokens": the target's last position predicts nothing (next_token drops it), so it is not counted.
+    normalize: Any = (lambda ids: ids[:, 1:].numel()) if args.normalize == "tokens" else "mean"
+    runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn, compile=args.compile, normalize=normalize)
     pos, kw = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
     last = stage.is_last and stage.dp_rank == 0  # with data parallelism: replica 0's loss (its share of the batch)
     losses = []
@@ -55,10 +64,16 @@ def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: 
         trace = trace_path if trace_path and step == args.steps - 1 else None  # the last, warmed-up step
         loss = runner.step(*pos, target=target, trace=trace, **kw)
         losses.append(float("nan") if loss is None else float(loss.item()))
+        norm = stage.clip_grad_norm_(args.clip) if args.clip is not None else None  # collective: every rank
         if opt is not None:
             opt.step()
         if last:  # as it happens: a long run shows progress, and a crash later keeps the losses seen
-            print(f"step {step + 1}: loss {losses[-1]:.6f} ({loss_name})", flush=True)
+            extra = f", gradient norm {float(norm):.6f} before clipping to {args.clip:g}" if norm is not None else ""
+            print(f"step {step + 1}: loss {losses[-1]:.6f} ({loss_name}){extra}", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            ev = runner.eval_step(*pos, target=target, **kw)  # collective; forward only, no gradients
+            if last:
+                print(f"step {step + 1}: eval loss {float(ev):.6f} ({loss_name})", flush=True)
     return losses
 
 
@@ -74,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise ToolError(f"--steps must be >= 1, got {args.steps}")
+    if args.eval_every < 0:
+        raise ToolError(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.clip is not None and not args.clip > 0:
+        raise ToolError(f"--clip must be > 0, got {args.clip}")
     check_outputs([("--trace", args.trace)], [args.plan or "", args.model.rpartition(":")[0]])
     if args.plan:
         _refuse_partition_flags(args, "with --plan (the plan fixes stages, schedule and micro-batches)")
@@ -85,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model)
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    loss_fn, target = default_loss(model, inputs)
+    loss_fn, target = default_loss(model, inputs, args.normalize)
     if args.plan:
         with _library_output(args):
             pipe = plan.apply(model, inputs)

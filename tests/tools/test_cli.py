@@ -81,3 +81,19 @@ def test_malformed_plan_names_the_json_path(plans: Path, tmp_path: Path) -> None
     out = cli("show", str(bad))
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "$.stages[1].cost.param_bytes" in out.stderr
+
+
+def test_run_clips_evaluates_and_normalizes_by_tokens() -> None:
+    out = cli("run", f"{MODELS}:tiny_gpt", "--gpus", "2", "--steps", "2", "--microbatches", "2",
+              "--clip", "0.5", "--eval-every", "1", "--normalize", "tokens")
+    assert out.returncode == 0, out.stderr
+    steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step ") and "eval" not in ln]
+    evals = [ln for ln in out.stdout.splitlines() if "eval loss" in ln]
+    assert len(steps) == 2 and all("gradient norm" in ln and "clipping to 0.5" in ln for ln in steps)
+    assert len(evals) == 2
+
+
+def test_run_refuses_token_normalization_for_a_model_without_tokens() -> None:
+    out = cli("run", f"{MODELS}:mlp", "--gpus", "2", "--steps", "1", "--normalize", "tokens")
+    assert out.returncode == 2 and out.stderr.startswith("error: --normalize tokens needs")
+    assert len(out.stderr.strip().splitlines()) == 1

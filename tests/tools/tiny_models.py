@@ -170,3 +170,12 @@ def fails_in_step_2() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """Two micro-batches a step: step 1 trains, step 2 raises (run with --leaf-module flaky)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 16), _FailsLater(2), nn.Linear(16, 4)), (torch.randn(4, 16),)
+
+
+def tiny_gpt() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Token ids (4 x 8) to logits: the default loss is the next-token cross-entropy."""
+    from partitioner.examples import gpt_example
+
+    torch.manual_seed(0)
+    model, inputs = gpt_example(batch=4, seq=8, n_layer=2, n_embd=16, n_head=2, block_size=8)
+    return model, inputs
