@@ -45,6 +45,15 @@ def resolve_schedule(pipe: Pipe, schedule: str | Schedule, n_microbatches: int |
     return build_schedule(schedule, n_ranks, m, plan.n_stages)
 
 
+def device_of(pipe: Pipe, flat_inputs: list[Any]) -> torch.device:
+    """Where one process's stages run: the device of the model's parameters (else of the
+    inputs, else the CPU). Messages between in-process ranks land there."""
+    for stage in pipe.stages:
+        for t in stage.parameters():
+            return t.device
+    return next((v.device for v in flat_inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 def seq_len(plan: Plan, flat_inputs: list[Any] | None = None) -> int:
     """S for shapes: read from the inputs where the plan marks a sequence dim, else the plan's."""
     for spec, value in zip(plan.inputs, flat_inputs or ()):
@@ -99,7 +108,7 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     ranks = [
         Interpreter(r, {s: mod for s, mod in modules.items() if sched.rank_of(s) == r}, pipe.plan, sched,
-                    transport, loss_fn, pipe.unflatten_outputs, routes=table)
+                    transport, loss_fn, pipe.unflatten_outputs, device_of(pipe, flat), routes=table)
         for r in range(sched.n_ranks)
     ]
     mb_inputs = split(flat, m, batch)
@@ -165,7 +174,8 @@ def eval_step(pipe: Pipe, *inputs: Any, target: Any = None, loss_fn: Callable[[A
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     fn = loss_fn if loss_fn is not None else (lambda out, y: out)
     ranks = [Interpreter(r, {s: pipe.stages[s] for s in range(len(pipe.stages)) if sched.rank_of(s) == r}, pipe.plan,
-                         sched, transport, fn, pipe.unflatten_outputs, routes=table) for r in range(sched.n_ranks)]
+                         sched, transport, fn, pipe.unflatten_outputs, device_of(pipe, flat), routes=table)
+             for r in range(sched.n_ranks)]
     mb_targets = split(target, m, batch) if target is not None else None
     count = count_targets(normalize, mb_targets) if mb_targets is not None else None
     divisor = None if count is None else global_count(count, torch.device("cpu"), None)
