@@ -61,16 +61,79 @@ class Captured:
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
 
+class _UserMapping:
+    """An output mapping whose class pytree does not know (a user's ``OrderedDict`` or
+    ``dict`` subclass): flattened as its values, rebuilt as its own class.
+
+    torch.fx turns every mapping it returns into its ``immutable_dict``, and pytree treats
+    an unregistered subclass as one opaque leaf; the structure is read from what
+    ``forward`` returned instead, and this node keeps the class."""
+
+    def __init__(self, cls: type, items: dict[Any, Any]) -> None:
+        self.cls, self.items = cls, items
+
+
+def _rebuild_mapping(values: Any, context: Any) -> Any:
+    cls, keys = context
+    try:
+        return cls(zip(keys, values))
+    except Exception:  # noqa: BLE001 - a subclass whose __init__ takes other arguments
+        out = cls.__new__(cls)
+        dict.update(out, zip(keys, values))
+        return out
+
+
+pytree.register_pytree_node(
+    _UserMapping,
+    lambda m: (list(m.items.values()), (m.cls, list(m.items))),
+    _rebuild_mapping,
+    serialized_type_name="passes.trace._UserMapping",
+)
+
+
+def _unregistered_mapping(x: Any) -> bool:
+    return isinstance(x, Mapping) and type(x) not in pytree.SUPPORTED_NODES and not isinstance(x, fx.Proxy)
+
+
+def _output_tree(out: Any) -> tuple[list[Any], pytree.TreeSpec]:
+    """The leaves and structure of what ``forward`` returned while fx traced it: the
+    model's own containers (``ModelOutput`` subclasses, dicts, ``OrderedDict``s,
+    namedtuples), not the ones fx rebuilds them as."""
+
+    def keep(x: Any) -> Any:
+        if _unregistered_mapping(x):
+            return _UserMapping(type(x), {k: pytree.tree_map(keep, v, is_leaf=_unregistered_mapping)
+                                          for k, v in x.items()})
+        return x
+
+    return pytree.tree_flatten(pytree.tree_map(keep, out, is_leaf=_unregistered_mapping))
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: frozenset[str], leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self._leaf_paths = leaf_modules
         self._leaf_types = leaf_types
+        #: the structure of what forward returned (None: fx's own output is kept)
+        self.out_spec: pytree.TreeSpec | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_paths or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        """The root function, returning its outputs as a flat tuple; their structure (with
+        the model's own container classes) goes to ``out_spec``."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if isinstance(self.graph._codegen, fx.graph._PyTreeCodeGen):  # fx flattens (and rebuilds) itself
+            return fn, args
+
+        def flat_outputs(*a: Any) -> Any:  # not functools.wraps: fn's return annotation is not this one's
+            leaves, self.out_spec = _output_tree(fn(*a))
+            return tuple(leaves)
+
+        return flat_outputs, args
 
 
 def _flat_output(graph: fx.Graph) -> pytree.TreeSpec:
@@ -268,6 +331,8 @@ def _trace_fx(
                     node.target = param
     _normalize_slices(graph)
     out_spec = _flat_output(graph)
+    if tracer.out_spec is not None and tracer.out_spec.num_leaves == out_spec.num_leaves:
+        out_spec = tracer.out_spec  # else a leaf fx itself expanded (an unregistered container): fx's structure
     gm = _GraphModule(tracer.root, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
     take_markers(gm)
