@@ -268,28 +268,53 @@ def _drop_specialization_asserts(graph: fx.Graph) -> None:
                 graph.erase_node(cond)
 
 
+class _RecordingOp:
+    """``torch.ops.pippy._pipe_split`` while fx traces: a call leaves a node; anything
+    else (``.default``, which the module defining the op reads when first imported)
+    is the real op's."""
+
+    def __init__(self, real: Any, record: Callable[[], None]) -> None:
+        self._real, self._record = real, record
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self._record()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real._pipe_split, name)
+
+
+class _RecordingNamespace:
+    """``torch.ops.pippy`` while fx traces: ``_pipe_split`` records, the rest is the real namespace."""
+
+    def __init__(self, real: Any, record: Callable[[], None]) -> None:
+        self._real, self._record = real, record
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_pipe_split":
+            return _RecordingOp(self._real, self._record)
+        return getattr(self._real, name)
+
+
 @contextlib.contextmanager
 def _recording_pipe_split(tracer: fx.Tracer) -> Any:
     """While fx traces, ``torch.distributed.pipelining.pipe_split()`` leaves a node.
 
     ``pipe_split`` calls ``torch.ops.pippy._pipe_split()``, which takes no tensor, so fx
-    would run it eagerly and record nothing; torch.export records it by itself.
+    would run it eagerly and record nothing; torch.export records it by itself. The
+    namespace is replaced for the duration whether or not the op exists yet: a
+    ``forward`` that imports ``torch.distributed.pipelining`` itself registers the op
+    during this very trace, and its first call must be recorded as the second is.
     """
-    if "torch.distributed.pipelining._IR" not in sys.modules:  # nobody can have called it
-        yield
-        return
-    ns = torch.ops.pippy
-    op = ns._pipe_split
-    target = op.default
+    real = torch.ops.pippy
 
-    def record(*args: Any, **kwargs: Any) -> None:
-        tracer.create_node("call_function", target, (), {})
+    def record() -> None:
+        tracer.create_node("call_function", torch.ops.pippy._pipe_split.default, (), {})
 
-    setattr(ns, "_pipe_split", record)
+    setattr(torch.ops, "pippy", _RecordingNamespace(real, record))
     try:
         yield
     finally:
-        setattr(ns, "_pipe_split", op)
+        setattr(torch.ops, "pippy", real)
 
 
 def _trace_fx(
