@@ -22,7 +22,6 @@ import difflib
 import inspect
 import logging
 import operator
-import sys
 import traceback
 import warnings
 from dataclasses import dataclass
