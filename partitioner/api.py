@@ -29,7 +29,7 @@ from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
 from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, resolve_objective, step_of, step_search
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
-from passes.annotate import AnnotateCosts
+from passes.annotate import AnnotateCosts, fallback_note
 from passes.recompute import with_recompute
 from passes.base import InputSpec
 from passes.manager import PassManager, Snapshot, graph_text, node_summary
@@ -405,6 +405,9 @@ def _annotate(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opt
             kept = sorted(str(v) for v in gm.meta.get("pp.symbols", {}).values())
             notes.append(f"{STATIC_SHAPES_NOTE}: symbolic shape propagation failed"
                          + (f" ({', '.join(kept)} stays symbolic)" if kept else ""))
+        fallback = fallback_note(gm)  # nodes whose cost torch's kernels could not give symbolically
+        if fallback:
+            notes.append(fallback)
         return gm, pm, notes
     msg = ("no example inputs: balancing parameter bytes only; FLOP and activation costs "
            "need example_inputs=(...)")

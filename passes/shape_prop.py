@@ -15,6 +15,8 @@ False: costs are then valid for the example sizes only.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,45 @@ from cost_models.errors import PartitionError
 from passes.base import InputSpec, Pass, TensorDesc
 from passes.meta import DESC, MODULE, VAL
 
-__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "to_desc"]
+__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of",
+           "quiet_fake_tensors", "to_desc"]
+
+log = logging.getLogger(__name__)
+
+#: torch's loggers that report, at ERROR and with a traceback, a fake-tensor kernel failure
+#: the caller catches (``FakeTensorMode`` logs "failed while attempting to run meta for ..."
+#: and re-raises): the passes here catch and handle every such failure themselves.
+_FAKE_TENSOR_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+class _ToDebug(logging.Filter):
+    """Drops torch's WARNING-and-above fake-tensor records; repeats each on this module's
+    logger at DEBUG, one line (the message and the exception's first line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if log.isEnabledFor(logging.DEBUG):
+            exc = record.exc_info[1] if record.exc_info else None
+            why = f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})" if exc else ""
+            log.debug("torch %s: %s%s (handled)", record.levelname, record.getMessage(), why)
+        return False
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors() -> Any:
+    """While shapes are propagated and nodes priced on fake tensors, torch's own ERROR
+    reports of a failing fake kernel go to DEBUG: the failure itself is caught and handled
+    (a retry, a fallback, or an error of ours naming the node)."""
+    loggers = [logging.getLogger(name) for name in _FAKE_TENSOR_LOGGERS]
+    demote = _ToDebug()
+    for logger in loggers:
+        logger.addFilter(demote)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(demote)
 
 _NAMED = {"B": BATCH, "S": SEQ}
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
@@ -83,7 +123,8 @@ class ShapeProp(Pass):
         first: _NodeFailed | None = None
         while True:
             try:
-                self._propagate(gm, symbolic=names)
+                with quiet_fake_tensors():
+                    self._propagate(gm, symbolic=names)
                 break
             except _NodeFailed as failed:
                 if not names:
