@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import inspect
 import warnings
@@ -184,6 +186,28 @@ def _check_enough_cuts(priced: Any, n_stages: int) -> None:
         f"({shown}); use fewer GPUs, a coarser/finer cut_at, or make those values tensors")
 
 
+def _few_full_collections(fn: Any) -> Any:
+    """Planning makes hundreds of thousands of long-lived objects (graph nodes, fake tensors,
+    size expressions), and their growth triggers Python's full garbage collections, each a
+    scan of the whole heap that frees next to nothing: three on a 10,000-node graph, a fifth
+    of its planning time. While ``fn`` runs the full collections wait (the young generations
+    are collected as usual); the first one after it sees everything."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before = gc.get_threshold()
+        deferred = (*before[:2], max(before[2], 1 << 30))
+        gc.set_threshold(*deferred)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if gc.get_threshold() == deferred:  # unless someone else changed them meanwhile
+                gc.set_threshold(*before)
+
+    return run
+
+
+@_few_full_collections
 def partition(
     model: nn.Module,
     n_gpus: int,
@@ -921,6 +945,7 @@ def _symbolic(prob: _Problem, bounds: Sequence[int], exact: Sequence[tuple[str, 
     return out
 
 
+@_few_full_collections
 def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: Any) -> Pipe:
     """Rebuild the stages ``plan`` describes for ``model``, without solving again."""
     specs = plan.input_specs()

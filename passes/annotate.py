@@ -36,7 +36,7 @@ from cost_models.errors import PartitionError
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, quiet_fake_tensors, state_by_module
+from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, quiet_fake_tensors, shown_for, state_by_module
 
 __all__ = ["FALLBACK", "AnnotateCosts", "AnnotateError", "fallback_note", "is_attention", "param_users",
            "tensor_users"]
@@ -96,7 +96,7 @@ class AnnotateCosts(Pass):
         cache: dict[str, NodeCost] = {}
         sizes = _Sizes(mapping, mode.shape_env)
         depends: dict[fx.Node, bool] = {}
-        shown = _Shown()
+        shown = shown_for(gm)
         out_memo: dict[TensorDesc, sympy.Expr] = {}
         final: dict[tuple[Any, ...], NodeCost] = {}
         for node in gm.graph.nodes:

@@ -108,6 +108,9 @@ def _output_tree(out: Any) -> tuple[list[Any], pytree.TreeSpec]:
     return pytree.tree_flatten(pytree.tree_map(keep, out, is_leaf=_unregistered_mapping))
 
 
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: frozenset[str], leaf_types: tuple[type, ...]) -> None:
         super().__init__()
@@ -120,6 +123,17 @@ class _Tracer(fx.Tracer):
         if qualname in self._leaf_paths or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's own, with the two commonest arguments first: a proxy is its node, a plain
+        scalar itself (what fx returns for them after checking each against parameters,
+        buffers and registered opaque types: a fifth of tracing a 10,000-node graph)."""
+        t = type(a)
+        if t is fx.Proxy:
+            return a.node
+        if t in _SCALARS:
+            return a
+        return super().create_arg(a)
 
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
         """The root function, returning its outputs as a flat tuple; their structure (with
