@@ -38,7 +38,7 @@ from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
 from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, quiet_fake_tensors, shown_for, state_by_module
 
-__all__ = ["FALLBACK", "AnnotateCosts", "AnnotateError", "fallback_note", "is_attention", "param_users",
+__all__ = ["FALLBACK", "REAL_RUN", "AnnotateCosts", "AnnotateError", "fallback_note", "is_attention", "param_users",
            "tensor_users"]
 
 log = logging.getLogger(__name__)
@@ -559,9 +559,7 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
                 torch.autograd.grad(outs, wrt, grads, allow_unused=True)
     except DATA_DEPENDENT:
         # A leaf that branches on data (shape-prop ran it for real): no fake run can price it.
-        warnings.warn(f"cannot price leaf {node.format_node()}: it branches on tensor data; "
-                      "its FLOPs count as 0", stacklevel=2)
-        return NodeCost(ops=("<data-dependent leaf>",))
+        return _price_leaf_for_real(node, gm)
     except Exception as e:  # report the node, not the depths of autograd
         raise AnnotateError(f"cannot price node {node.format_node()}: {type(e).__name__}: {e}") from e
     outputs: dict[int, int] = {}
@@ -587,6 +585,70 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
         saved_internal=internal, saved_refs=tuple(refs), out_alias=tuple(alias), out_storage=tuple(storage),
         kind="",
     )  # fmt: skip
+
+
+#: ``NodeCost.ops[0]`` of a leaf module priced on one real run.
+REAL_RUN = "<data-dependent leaf, priced on one real run>"
+
+
+def _price_leaf_for_real(node: fx.Node, gm: fx.GraphModule) -> NodeCost:
+    """A leaf module that branches on tensor data: one real forward and backward on random
+    inputs of the example's sizes, FLOPs as ``FlopCounterMode`` counts them, bytes saved for
+    backward from ``saved_tensors_hooks``; numbers for the example's sizes (a warning names
+    the leaf). Weights on the meta device cannot run: 0 FLOPs, with a warning."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from passes.shape_prop import _real_like
+
+    mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    own = [p for p in mod.parameters()] if mod is not None else []
+    if mod is None or any(t.device.type == "meta" for t in [*own, *mod.buffers()]):
+        warnings.warn(f"cannot price leaf {node.format_node()}: it branches on tensor data and cannot run for "
+                      "real here; its FLOPs count as 0", stacklevel=3)
+        return NodeCost(ops=("<data-dependent leaf>",))
+    device = next((t.device for t in [*own, *mod.buffers()]), torch.device("cpu"))
+    with unset_fake_temporarily():
+        leaves: list[torch.Tensor] = []
+
+        def real(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            t = _real_like(v).to(device)
+            if v.requires_grad:
+                t.requires_grad_(True)
+                leaves.append(t)
+            return t
+
+        args, kwargs = pytree.tree_map(lambda a: pytree.tree_map(real, a.meta[VAL]) if isinstance(a, fx.Node) else a,
+                                       (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+        own_storages = {_storage(p) for p in own}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if _storage(t) not in own_storages:
+                saved.setdefault(_storage(t), t.untyped_storage().nbytes())
+            return t
+
+        buffers = [(b, b.detach().clone()) for b in mod.buffers()]  # running statistics stay as they were
+        try:
+            with fc.FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = mod(*args, **kwargs)
+            outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = leaves + [p for p in own if p.requires_grad]
+            with fc.FlopCounterMode(display=False) as bwd:
+                if outs and wrt:
+                    torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for b, before in buffers:
+                    b.copy_(before)
+        storage = tuple(sympy.Integer(o.untyped_storage().nbytes()) for o in _tensors(out))
+    warnings.warn(f"leaf module {str(node.target)!r} branches on tensor data: priced from one real run on random "
+                  "inputs of the example's sizes (FlopCounterMode), not symbolic", stacklevel=3)
+    total = sympy.Integer(sum(saved.values()))
+    f, b = sympy.Integer(fwd.get_total_flops()), sympy.Integer(bwd.get_total_flops())
+    return NodeCost(fwd_flops=f, bwd_flops=b, fwd_flops_fc=f, bwd_flops_fc=b, saved_bytes=total,
+                    saved_internal=total, out_alias=(None,) * len(storage), out_storage=storage, ops=(REAL_RUN,))
 
 
 def _input_index(node: fx.Node, arg: fx.Node) -> tuple[int, int]:

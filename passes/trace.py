@@ -24,7 +24,7 @@ import logging
 import operator
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -431,11 +431,142 @@ def _no_stack_traces() -> Any:
         fx_config.do_not_emit_stack_traces = before
 
 
+@dataclass
+class _Leaf:
+    """A leaf module while torch.export traces: its real state, and what one call passed."""
+
+    path: str
+    module: nn.Module
+    forward: Callable[..., Any]  # the module's own forward
+    state: dict[str, torch.Tensor]  # its real parameters and buffers (export swaps in fakes)
+    in_spec: pytree.TreeSpec | None = None  # (args, kwargs) of the call
+    in_leaves: list[Any] | None = None  # their leaves; tensors replaced by None
+    out_spec: pytree.TreeSpec | None = None  # what it returned, from the real run
+
+
+#: The leaves of the capture under way, by key (the only argument the recorded op keeps).
+_LEAVES: dict[str, _Leaf] = {}
+
+
+@torch.library.custom_op("partitioner::opaque_leaf", mutates_args=())
+def _opaque_leaf(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A leaf module's call, one node while torch.export traces (never run outside a capture)."""
+    return [t.clone() for t in _run_leaf(_LEAVES[key], tensors)]
+
+
+@_opaque_leaf.register_fake
+def _(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Output shapes from one real run on random inputs of the example's sizes (the leaf
+    branches on data, so no fake run can give them): static."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from passes.shape_prop import _real_like
+
+    leaf = _LEAVES[key]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    with unset_fake_temporarily():
+        if any(t.device.type == "meta" for t in leaf.state.values()):
+            raise CaptureError(f"leaf module {leaf.path!r} has its weights on the meta device, so its output "
+                               "shapes cannot come from a real run; load its weights first")
+        with torch.no_grad():
+            outs = _run_leaf(leaf, [_real_like(t) for t in tensors])
+    return [torch.empty(tuple(o.shape), dtype=o.dtype, device=device) for o in outs]
+
+
+def _run_leaf(leaf: _Leaf, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    it = iter(tensors)
+    flat = [next(it) if v is None else v for v in leaf.in_leaves or []]
+    args, kwargs = pytree.tree_unflatten(flat, leaf.in_spec)  # type: ignore[arg-type]
+    shadow = leaf.module.__dict__.pop("forward", None)  # the module's own forward for this run
+    try:
+        out = torch.func.functional_call(leaf.module, leaf.state, tuple(args), dict(kwargs), strict=False)
+    finally:
+        if shadow is not None:
+            leaf.module.forward = shadow  # type: ignore[method-assign]
+    leaves, leaf.out_spec = pytree.tree_flatten(out)
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise CaptureError(f"leaf module {leaf.path!r} returns {type(out).__name__} with non-tensor values; "
+                           "a leaf module on the torch.export route must return tensors (in tuples, lists or dicts)")
+    return leaves
+
+
+def _leaf_modules(model: nn.Module, leaf_modules: Sequence[str | type]) -> dict[str, nn.Module]:
+    """The modules ``leaf_modules`` names (by path, by type, or by ``str(type)`` as a plan
+    stores it), outermost only."""
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    found: dict[str, nn.Module] = {}
+    for path, mod in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in found):
+            continue
+        if path in names or str(type(mod)) in names or (types and isinstance(mod, types)):
+            found[path] = mod
+    return found
+
+
+@contextlib.contextmanager
+def _opaque_leaves(model: nn.Module, leaf_modules: Sequence[str | type]) -> Any:
+    """While torch.export traces: each leaf module's call is one ``partitioner::opaque_leaf``
+    node (its forward shadowed on the instance, restored afterwards). Yields {key: _Leaf}."""
+    leaves: dict[str, _Leaf] = {}  # one record per call (a module may be called twice, differently)
+    modules = _leaf_modules(model, leaf_modules)
+    for path, mod in modules.items():
+        leaf = _Leaf(path, mod, mod.forward, dict(mod.state_dict(keep_vars=True)))
+
+        def forward(*args: Any, _leaf: _Leaf = leaf, **kwargs: Any) -> Any:
+            key = f"{id(model)}:{_leaf.path}#{len(leaves)}"
+            call = leaves[key] = _LEAVES[key] = replace(_leaf)
+            flat, call.in_spec = pytree.tree_flatten((args, kwargs))
+            call.in_leaves = [None if isinstance(v, torch.Tensor) else v for v in flat]
+            outs = torch.ops.partitioner.opaque_leaf(key, [v for v in flat if isinstance(v, torch.Tensor)])
+            return pytree.tree_unflatten(list(outs), call.out_spec)  # type: ignore[arg-type]
+
+        mod.forward = forward  # type: ignore[method-assign]
+    try:
+        yield leaves
+    finally:
+        for key in leaves:
+            _LEAVES.pop(key, None)
+        for mod in modules.values():
+            del mod.forward  # the class's forward again
+
+
+def _call_leaves(graph: fx.Graph, leaves: dict[str, _Leaf]) -> None:
+    """Each ``opaque_leaf`` node becomes a ``call_module`` of its leaf (run eagerly, as on
+    the fx route), its outputs read from the module's own output structure."""
+    target = torch.ops.partitioner.opaque_leaf.default
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        leaf = leaves[node.args[0]]
+        it = iter(node.args[1])
+        flat = [next(it) if v is None else v for v in leaf.in_leaves or []]
+        args, kwargs = pytree.tree_unflatten(flat, leaf.in_spec)  # type: ignore[arg-type]
+        with graph.inserting_before(node):
+            call = graph.call_module(leaf.path, tuple(args), dict(kwargs))
+        call.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        paths = [p for p, _ in pytree.tree_flatten_with_path(
+            pytree.tree_unflatten(list(range(leaf.out_spec.num_leaves)), leaf.out_spec))[0]]  # type: ignore[union-attr]
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise CaptureError(f"leaf module {leaf.path!r}: unexpected use of its outputs ({user.format_node()})")
+            value = call
+            with graph.inserting_before(user):
+                for k in paths[user.args[1]]:
+                    name = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
+                    value = (graph.call_function(getattr, (value, name)) if isinstance(k, pytree.GetAttrKey)
+                             else graph.call_function(operator.getitem, (value, name)))
+            user.replace_all_uses_with(value)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
 def _trace_export(
     model: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     dynamic: dict[str, dict[int, str]],
+    leaf_modules: Sequence[str | type] = (),
 ) -> Captured:
     from torch.export import Dim, export
 
@@ -453,7 +584,7 @@ def _trace_export(
         **dict(zip(pos_names, dyn_args)),
         **dyn_kwargs,
     }
-    with warnings.catch_warnings(), _no_stack_traces():
+    with warnings.catch_warnings(), _no_stack_traces(), _opaque_leaves(model, leaf_modules) as leaves:
         warnings.simplefilter("ignore")
         ep = export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         unlifted = ep.module()
@@ -468,6 +599,15 @@ def _trace_export(
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     _split_tied_attrs(graph, model)
+    if leaves:
+        _call_leaves(graph, leaves)
+        owned = {leaf.path: leaf.module for leaf in leaves.values()}
+        for path, mod in owned.items():  # the leaf's own module (export kept none of its tensors)
+            unlifted.add_submodule(path, mod)
+        names = ", ".join(repr(path) for path in owned)
+        warnings.warn(f"leaf module(s) {names} run eagerly as one node each on the torch.export route: output "
+                      "shapes from one real run on the example's sizes (static), costs from one real run",
+                      stacklevel=3)
     gm = _GraphModule(unlifted, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
     gm.graph.eliminate_dead_code()  # pipe_split is side-effectful: DCE keeps it for take_markers
@@ -555,20 +695,49 @@ def _split_tied_attrs(graph: fx.Graph, model: nn.Module) -> None:
             user.replace_input_with(node, alias)
 
 
-def _failing_submodule(model: nn.Module, e: BaseException) -> str:
-    """" in submodule 'gate' (Gate.forward, file.py:12)" for the innermost module frame."""
+def _innermost_submodule(model: nn.Module, e: BaseException) -> tuple[str, nn.Module, str] | None:
+    """(path, module, "Gate.forward, file.py:12") of the innermost submodule frame of ``e``'s traceback."""
     paths = {id(m): name for name, m in model.named_modules() if name}
-    found = ""
+    found = None
     tb = e.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and id(owner) in paths:
             code = frame.f_code
-            found = (f" in submodule {paths[id(owner)]!r} ({type(owner).__name__}.{code.co_name}, "
-                     f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})")
+            found = (paths[id(owner)], owner,
+                     f"{type(owner).__name__}.{code.co_name}, {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}")
         tb = tb.tb_next
     return found
+
+
+def _failing_submodule(model: nn.Module, e: BaseException) -> str:
+    """" in submodule 'gate' (Gate.forward, file.py:12)" for the innermost module frame."""
+    found = _innermost_submodule(model, e)
+    return f" in submodule {found[0]!r} ({found[2]})" if found else ""
+
+
+def _export_advice(model: nn.Module, e: BaseException) -> str:
+    """What to do when torch.export fails: for code that branches on tensor data, which
+    module to make a leaf (or, in the model's own forward, that no leaf can help)."""
+    from passes.shape_prop import DATA_DEPENDENT
+
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, DATA_DEPENDENT):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return ("Mark the failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
+                "control flow on flags, or make data-dependent branches tensor ops (torch.where)")
+    found = _innermost_submodule(model, e)
+    if found is None:
+        return (f"The code that branches on tensor data is in {type(model).__name__}.forward itself, which no leaf "
+                "module can cover: make the branch a tensor op (torch.where), or move it into a submodule and pass "
+                "that as leaf_modules=[...]; concrete_args only fixes flags that are not tensors")
+    path, mod, where = found
+    return (f"The code that branches on tensor data is in submodule {path!r} ({where}): pass "
+            f"leaf_modules=[{type(mod).__name__}] (or [{path!r}]) so that it runs eagerly as one node (output "
+            "shapes from one real run), or make the branch a tensor op (torch.where); concrete_args only fixes "
+            "flags that are not tensors")
 
 
 def _first_line(e: BaseException) -> str:
@@ -706,7 +875,7 @@ def capture(
             "and torch.export needs example inputs: pass example_inputs=(...)"
         )
     try:
-        cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {})
+        cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {}, leaf_modules)
     except Exception as e:
         eager = _eager_failure(model, tuple(args or ()), dict(kwargs or {}))
         if eager is not None:
@@ -716,9 +885,8 @@ def capture(
             ) from eager
         why_fx = f"torch.fx{_failing_submodule(model, fx_error)}: {_last_line(fx_error)}; " if fx_error else ""
         raise CaptureError(
-            f"cannot capture {name}{_use_cache_hint(model, kwargs)}: {why_fx}torch.export: {_first_line(e)}. Mark "
-            "the failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
-            "control flow on flags, or make data-dependent branches tensor ops (torch.where)"
+            f"cannot capture {name}{_use_cache_hint(model, kwargs)}: {why_fx}torch.export: {_first_line(e)}. "
+            f"{_export_advice(model, e)}"
         ) from e
     if fx_error is not None:
         cap = Captured(cap.gm, cap.route, cap.input_names, cap.flatten, cap.out_spec, _last_line(fx_error))
