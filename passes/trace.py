@@ -517,6 +517,7 @@ def _opaque_leaves(model: nn.Module, leaf_modules: Sequence[str | type]) -> Any:
             key = f"{id(model)}:{_leaf.path}#{len(leaves)}"
             call = leaves[key] = _LEAVES[key] = replace(_leaf)
             flat, call.in_spec = pytree.tree_flatten((args, kwargs))
+            _refuse_data_dependent_arguments(_leaf, args, kwargs)
             call.in_leaves = [None if isinstance(v, torch.Tensor) else v for v in flat]
             outs = torch.ops.partitioner.opaque_leaf(key, [v for v in flat if isinstance(v, torch.Tensor)])
             return pytree.tree_unflatten(list(outs), call.out_spec)  # type: ignore[arg-type]
@@ -529,6 +530,27 @@ def _opaque_leaves(model: nn.Module, leaf_modules: Sequence[str | type]) -> Any:
             _LEAVES.pop(key, None)
         for mod in modules.values():
             del mod.forward  # the class's forward again
+
+
+def _refuse_data_dependent_arguments(leaf: _Leaf, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A leaf cannot take a value computed from tensor data before it (a ``.item()`` in a
+    caller): the real run that gives its output shapes would have to guess it."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    try:
+        named = dict(inspect.signature(leaf.forward).bind(*args, **kwargs).arguments)
+    except TypeError:
+        named = {f"argument {i}": a for i, a in enumerate([*args, *kwargs.values()])}
+    for name, value in named.items():
+        if any(isinstance(v, (torch.SymInt, torch.SymBool, torch.SymFloat)) and free_unbacked_symbols(v)
+               for v in pytree.tree_leaves(value)):
+            path = leaf.path
+            callers = [path.rsplit(".", k)[0] for k in range(1, path.count(".") + 1)]
+            raise CaptureError(
+                f"leaf module {path!r} ({type(leaf.module).__name__}) is passed {name}, a value computed from tensor "
+                "data before it (a .item() in a caller): torch.export cannot hand such a value to a leaf; make the "
+                f"module that computes it a leaf instead (one of {', '.join(repr(c) for c in callers)}), or the "
+                "model itself cannot be split there")
 
 
 def _call_leaves(graph: fx.Graph, leaves: dict[str, _Leaf]) -> None:
@@ -740,6 +762,16 @@ def _export_advice(model: nn.Module, e: BaseException) -> str:
             "flags that are not tensors")
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from (or during), innermost last."""
+    out: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in out:
+        out.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return out
+
+
 def _first_line(e: BaseException) -> str:
     """The message's first line: torch.export ends its errors with boilerplate."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -876,7 +908,12 @@ def capture(
         )
     try:
         cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {}, leaf_modules)
+    except CaptureError:
+        raise
     except Exception as e:
+        ours = next((c for c in _causes(e) if isinstance(c, CaptureError)), None)
+        if ours is not None:  # raised by a leaf while export traced: it already says what to do
+            raise CaptureError(f"cannot capture {name}: {ours}") from e
         eager = _eager_failure(model, tuple(args or ()), dict(kwargs or {}))
         if eager is not None:
             raise CaptureError(

@@ -180,3 +180,42 @@ def test_a_plan_with_export_route_leaves_reapplies_byte_identical() -> None:
         again = load_plan(pipe.plan.to_json()).apply(model, inputs)
     assert again.plan.to_json() == pipe.plan.to_json()
     torch.testing.assert_close(again(**inputs), model(**inputs))
+
+
+class _Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, flag: bool) -> torch.Tensor:
+        return self.b(x) if flag else self.a(x)
+
+
+class _ComputesTheFlag(nn.Module):
+    """Longformer's encoder pattern: the flag comes from ``.item()`` before the block."""
+
+    def __init__(self, branch_here: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.block = _Flagged()
+        self.branch_here = branch_here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        flag = (h > 0).any().item()
+        if self.branch_here and flag:  # the model's own forward branches on data
+            h = h * 2
+        return self.block(h, flag)
+
+
+def test_a_leaf_passed_a_value_from_tensor_data_is_refused_naming_its_callers() -> None:
+    with pytest.raises(PartitionError, match=r"leaf module 'block' \(_Flagged\) is passed flag, a value computed "
+                                             r"from tensor data.*make the module that computes it a leaf"):
+        partition(_ComputesTheFlag(), 2, (torch.randn(4, D),), device="cpu", link="loopback",
+                  capture_route="export", leaf_modules=[_Flagged])
+
+
+def test_a_branch_in_the_models_own_forward_says_no_leaf_helps() -> None:
+    with pytest.raises(PartitionError, match=r"in _ComputesTheFlag.forward itself, which no leaf module can cover"):
+        partition(_ComputesTheFlag(branch_here=True), 2, (torch.randn(4, D),), device="cpu", link="loopback",
+                  capture_route="export", leaf_modules=[_Flagged])
