@@ -567,8 +567,10 @@ def _call_leaves(graph: fx.Graph, leaves: dict[str, _Leaf]) -> None:
         with graph.inserting_before(node):
             call = graph.call_module(leaf.path, tuple(args), dict(kwargs))
         call.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        out_spec = leaf.out_spec
+        assert out_spec is not None  # the fake kernel ran while export traced the call
         paths = [p for p, _ in pytree.tree_flatten_with_path(
-            pytree.tree_unflatten(list(range(leaf.out_spec.num_leaves)), leaf.out_spec))[0]]  # type: ignore[union-attr]
+            pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec))[0]]
         for user in list(node.users):
             if user.target is not operator.getitem:
                 raise CaptureError(f"leaf module {leaf.path!r}: unexpected use of its outputs ({user.format_node()})")
@@ -626,8 +628,8 @@ def _trace_export(
         owned = {leaf.path: leaf.module for leaf in leaves.values()}
         for path, mod in owned.items():  # the leaf's own module (export kept none of its tensors)
             unlifted.add_submodule(path, mod)
-        names = ", ".join(repr(path) for path in owned)
-        warnings.warn(f"leaf module(s) {names} run eagerly as one node each on the torch.export route: output "
+        listed = ", ".join(repr(path) for path in owned)
+        warnings.warn(f"leaf module(s) {listed} run eagerly as one node each on the torch.export route: output "
                       "shapes from one real run on the example's sizes (static), costs from one real run",
                       stacklevel=3)
     gm = _GraphModule(unlifted, graph, class_name=type(model).__name__)
