@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import difflib
+import functools
 import inspect
 import logging
 import operator
@@ -448,29 +449,34 @@ class _Leaf:
 _LEAVES: dict[str, _Leaf] = {}
 
 
-@torch.library.custom_op("partitioner::opaque_leaf", mutates_args=())
-def _opaque_leaf(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A leaf module's call, one node while torch.export traces (never run outside a capture)."""
-    return [t.clone() for t in _run_leaf(_LEAVES[key], tensors)]
+@functools.cache
+def _leaf_op() -> Any:
+    """``partitioner::opaque_leaf``: a leaf module's call, one node while torch.export traces
+    (registered on first use: only captures with leaf modules on that route need it)."""
 
+    @torch.library.custom_op("partitioner::opaque_leaf", mutates_args=())
+    def opaque_leaf(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.clone() for t in _run_leaf(_LEAVES[key], tensors)]  # never run outside a capture
 
-@_opaque_leaf.register_fake
-def _(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Output shapes from one real run on random inputs of the example's sizes (the leaf
-    branches on data, so no fake run can give them): static."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    @opaque_leaf.register_fake
+    def _(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Output shapes from one real run on random inputs of the example's sizes (the leaf
+        branches on data, so no fake run can give them): static."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from passes.shape_prop import _real_like
+        from passes.shape_prop import _real_like
 
-    leaf = _LEAVES[key]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    with unset_fake_temporarily():
-        if any(t.device.type == "meta" for t in leaf.state.values()):
-            raise CaptureError(f"leaf module {leaf.path!r} has its weights on the meta device, so its output "
-                               "shapes cannot come from a real run; load its weights first")
-        with torch.no_grad():
-            outs = _run_leaf(leaf, [_real_like(t) for t in tensors])
-    return [torch.empty(tuple(o.shape), dtype=o.dtype, device=device) for o in outs]
+        leaf = _LEAVES[key]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        with unset_fake_temporarily():
+            if any(t.device.type == "meta" for t in leaf.state.values()):
+                raise CaptureError(f"leaf module {leaf.path!r} has its weights on the meta device, so its output "
+                                   "shapes cannot come from a real run; load its weights first")
+            with torch.no_grad():
+                outs = _run_leaf(leaf, [_real_like(t) for t in tensors])
+        return [torch.empty(tuple(o.shape), dtype=o.dtype, device=device) for o in outs]
+
+    return torch.ops.partitioner.opaque_leaf
 
 
 def _run_leaf(leaf: _Leaf, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -519,7 +525,7 @@ def _opaque_leaves(model: nn.Module, leaf_modules: Sequence[str | type]) -> Any:
             flat, call.in_spec = pytree.tree_flatten((args, kwargs))
             _refuse_data_dependent_arguments(_leaf, args, kwargs)
             call.in_leaves = [None if isinstance(v, torch.Tensor) else v for v in flat]
-            outs = torch.ops.partitioner.opaque_leaf(key, [v for v in flat if isinstance(v, torch.Tensor)])
+            outs = _leaf_op()(key, [v for v in flat if isinstance(v, torch.Tensor)])
             return pytree.tree_unflatten(list(outs), call.out_spec)  # type: ignore[arg-type]
 
         mod.forward = forward  # type: ignore[method-assign]
@@ -556,7 +562,7 @@ def _refuse_data_dependent_arguments(leaf: _Leaf, args: tuple[Any, ...], kwargs:
 def _call_leaves(graph: fx.Graph, leaves: dict[str, _Leaf]) -> None:
     """Each ``opaque_leaf`` node becomes a ``call_module`` of its leaf (run eagerly, as on
     the fx route), its outputs read from the module's own output structure."""
-    target = torch.ops.partitioner.opaque_leaf.default
+    target = _leaf_op().default
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not target:
             continue
