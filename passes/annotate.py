@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,14 +31,17 @@ from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cost_models.cost import ZERO, NodeCost
+from cost_models.cost import BATCH, SEQ, ZERO, NodeCost
 from cost_models.errors import PartitionError
 from cost_models.flops import Shape, fc_flops, op_flops
 from passes.base import Pass, TensorDesc
 from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, state_by_module
+from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, quiet_fake_tensors, shown_for, state_by_module
 
-__all__ = ["AnnotateCosts", "AnnotateError", "is_attention", "param_users", "tensor_users"]
+__all__ = ["FALLBACK", "REAL_RUN", "AnnotateCosts", "AnnotateError", "fallback_note", "is_attention", "param_users",
+           "tensor_users"]
+
+log = logging.getLogger(__name__)
 
 # Metadata queries FlopCounterMode lets through without counting (flop_counter.py).
 _META_OPS = {
@@ -92,7 +96,7 @@ class AnnotateCosts(Pass):
         cache: dict[str, NodeCost] = {}
         sizes = _Sizes(mapping, mode.shape_env)
         depends: dict[fx.Node, bool] = {}
-        shown = _Shown()
+        shown = shown_for(gm)
         out_memo: dict[TensorDesc, sympy.Expr] = {}
         final: dict[tuple[Any, ...], NodeCost] = {}
         for node in gm.graph.nodes:
@@ -103,23 +107,9 @@ class AnnotateCosts(Pass):
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
-                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu")), gm.meta.get("pp.retype")):
-                    # Guards off: a kernel that reads a size as an int (constant_pad_nd) must not
-                    # pin B or S for every later node. Its own output then lost a symbol its
-                    # shape has (shape-prop's): price it again through the Python dispatcher
-                    # (Python metas and decompositions, as torch.export traces), which keeps
-                    # sizes symbolic. Not always: its decompositions differ from the C++ kernels
-                    # in what aliases (eval-mode dropout returns a copy), which memory prices.
-                    try:
-                        with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
-                            cost = _price(node, gm, fakes, sizes)
-                        again = _lost_symbols(cost, node.meta[DESC])
-                    except AnnotateError:  # such a kernel may also refuse symbolic strides outright
-                        again = True
-                    if again:
-                        _clear_fake_cache(mode)  # that run cached static outputs for symbolic inputs
-                        with enable_python_dispatcher():
-                            cost = _price(node, gm, fakes, sizes)
+                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu")), gm.meta.get("pp.retype")), \
+                        quiet_fake_tensors():
+                    cost = _price_symbolic(node, gm, fakes, sizes, mode)
                     if is_attention(node):
                         cost = _attention(node, sizes, cost, self.target, causal)
                 cache[key] = cost
@@ -140,11 +130,113 @@ class AnnotateCosts(Pass):
         return gm
 
 
+#: ``NodeCost.ops[0]`` of a node priced by the fallback (``_price_symbolic``); the plan notes name such nodes.
+FALLBACK = "<priced at the example sizes, scaled with B and S>"
+
+
+def _price_symbolic(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], sizes: _Sizes,
+                    mode: FakeTensorMode) -> NodeCost:
+    """A node's cost as an expression in B and S, by the first of these that keeps its sizes symbolic.
+
+    1. torch's kernels on the symbolic fakes, guards off: a kernel that reads a size as an
+       int (constant_pad_nd) must not pin B or S for every later node;
+    2. its own output then lost a symbol its shape has (shape-prop's), or such a kernel
+       refused symbolic strides outright: again through the Python dispatcher (Python
+       metas and decompositions, as torch.export traces), which keeps sizes symbolic. Not
+       first: its decompositions differ from the C++ kernels in what aliases (eval-mode
+       dropout returns a copy), which memory prices;
+    3. neither keeps them (a kernel fails on symbolic sizes either way): the node runs on
+       fakes of the example's sizes and each figure is scaled in proportion to the size
+       symbols its output has (B/B0, S/S0). ``ops[0]`` is then ``FALLBACK`` and the
+       reason, and the plan's notes name the node (``fallback_note``).
+    """
+    failed: AnnotateError | None = None
+    try:
+        with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
+            cost = _price(node, gm, fakes, sizes)
+        if not _lost_symbols(cost, node.meta[DESC]):
+            return cost
+    except AnnotateError as e:
+        failed = e
+    _clear_fake_cache(mode)  # that run cached static outputs for symbolic inputs
+    try:
+        with enable_python_dispatcher():
+            cost = _price(node, gm, fakes, sizes)
+        if not _lost_in_new_storage(cost, node.meta[DESC]):
+            return cost  # (a view keeps its base's storage, static when the base is a weight or buffer)
+        why = "its kernels give its output fixed sizes"
+    except AnnotateError as e:
+        failed = failed or e
+        why = _reason(failed)
+    log.debug("cost of %s not derived symbolically (%s): priced at the example sizes", node.name, why)
+    _clear_fake_cache(mode)
+    try:
+        static = _price(node, gm, fakes, sizes, at_example=True)
+    except AnnotateError:
+        if failed is not None:
+            raise failed from None
+        raise
+    return _scaled(static, node.meta[DESC], gm.meta.get("pp.example", {}), why)
+
+
+def _reason(e: BaseException) -> str:
+    cause = e.__cause__ or e
+    text = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {text[:160]}"
+
+
+def _scaled(cost: NodeCost, desc: Any, example: dict[str, int], why: str) -> NodeCost:
+    """``cost`` (numbers at the example sizes) times (B/B0)(S/S0) for the symbols the
+    node's output shape has."""
+    symbols = set().union(*(sympy.sympify(e).free_symbols for d in _descs(desc) for e in d.shape))
+    ratio: sympy.Expr = sympy.Integer(1)
+    for name, sym in (("B", BATCH), ("S", SEQ)):
+        if sym in symbols and example.get(name):
+            ratio *= sym / sympy.Integer(example[name])
+
+    def scale(e: sympy.Expr) -> sympy.Expr:
+        return sympy.expand(sympy.sympify(e) * ratio)
+
+    return replace(
+        cost, fwd_flops=scale(cost.fwd_flops), bwd_flops=scale(cost.bwd_flops), fwd_flops_fc=scale(cost.fwd_flops_fc),
+        bwd_flops_fc=scale(cost.bwd_flops_fc), saved_bytes=scale(cost.saved_bytes),
+        fwd_bytes_moved=scale(cost.fwd_bytes_moved), saved_internal=scale(cost.saved_internal),
+        out_storage=tuple(scale(e) for e in cost.out_storage), ops=(f"{FALLBACK} {why}", *cost.ops),
+    )
+
+
+def fallback_note(gm: fx.GraphModule) -> str | None:
+    """The plan note naming the nodes ``_price_symbolic`` priced by its fallback, if any."""
+    nodes = [n for n in gm.graph.nodes if (c := n.meta.get(COST)) is not None and c.ops
+             and str(c.ops[0]).startswith(FALLBACK)]
+    if not nodes:
+        return None
+    example = gm.meta.get("pp.example", {})
+    at = ", ".join(f"{k}={v}" for k, v in sorted(example.items()))
+    shown = "; ".join(f"{n.name} ({n.meta[COST].ops[0].removeprefix(FALLBACK).strip()})" for n in nodes[:5])
+    more = f"; and {len(nodes) - 5} more" if len(nodes) > 5 else ""
+    return (f"cost fallback: {len(nodes)} node(s) could not be priced symbolically in B and S, so each was "
+            f"priced at the example sizes ({at or 'static'}) and scaled in proportion to its output's "
+            f"B and S: {shown}{more}")
+
+
 def _clear_fake_cache(mode: FakeTensorMode) -> None:
     FakeTensorMode.cache_clear()
     cache = getattr(mode.shape_env, "fake_tensor_cache", None)  # with symbolic sizes, the cache is the env's
     if isinstance(cache, dict):
         cache.clear()
+
+
+def _lost_in_new_storage(cost: NodeCost, desc: Any) -> bool:
+    """Whether an output in a storage of its own (no input's) misses a size symbol its shape has."""
+    descs = _descs(desc)
+    if len(descs) != len(cost.out_storage) or len(cost.out_alias) != len(cost.out_storage):
+        return _lost_symbols(cost, desc)
+    for d, storage, alias in zip(descs, cost.out_storage, cost.out_alias):
+        want = set().union(*(sympy.sympify(e).free_symbols for e in d.shape))
+        if alias is None and want - sympy.sympify(storage).free_symbols:
+            return True
+    return False
 
 
 def _lost_symbols(cost: NodeCost, desc: Any) -> bool:
@@ -394,7 +486,24 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], sizes: _Sizes) -> NodeCost:
+def _at_example(v: Any) -> Any:
+    """A fake value with every symbolic size at its example value (its hint)."""
+
+    def hint(x: Any) -> Any:
+        return int(x.node.hint) if isinstance(x, torch.SymInt) else x
+
+    if isinstance(v, torch.Tensor):
+        if not any(isinstance(d, torch.SymInt) for d in (*v.shape, *v.stride())):
+            return v
+        out = torch.empty_strided([hint(d) for d in v.shape], [hint(d) for d in v.stride()], dtype=v.dtype,
+                                  device=v.device)
+        return out.requires_grad_(v.requires_grad)
+    return hint(v)
+
+
+def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], sizes: _Sizes,
+           at_example: bool = False) -> NodeCost:
+    """``at_example``: run on fakes of the example's sizes (no size symbol reaches the kernels)."""
     if node.op == "get_attr":
         return NodeCost()
     leaves: list[torch.Tensor] = []
@@ -417,7 +526,7 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
     def value(a: Any) -> Any:
         if not isinstance(a, fx.Node):
             return a
-        v = fresh(a.meta[VAL])
+        v = fresh(pytree.tree_map(_at_example, a.meta[VAL]) if at_example else a.meta[VAL])
         j = n_inputs[0]
         n_inputs[0] += 1
         for i, t in enumerate(_tensors(v)):
@@ -425,6 +534,8 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
         return v
 
     args, kwargs = pytree.tree_map(value, (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+    if at_example:  # sizes computed by other nodes (view shapes) reach a node as SymInts
+        args, kwargs = pytree.tree_map_only(torch.SymInt, _at_example, (args, kwargs))
     run, own = _runner(node, gm, fakes)
     own_storages = {_storage(p) for p in own}  # weights are static memory, not activations
     saved: dict[int, sympy.Expr] = {}
@@ -448,9 +559,7 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
                 torch.autograd.grad(outs, wrt, grads, allow_unused=True)
     except DATA_DEPENDENT:
         # A leaf that branches on data (shape-prop ran it for real): no fake run can price it.
-        warnings.warn(f"cannot price leaf {node.format_node()}: it branches on tensor data; "
-                      "its FLOPs count as 0", stacklevel=2)
-        return NodeCost(ops=("<data-dependent leaf>",))
+        return _price_leaf_for_real(node, gm)
     except Exception as e:  # report the node, not the depths of autograd
         raise AnnotateError(f"cannot price node {node.format_node()}: {type(e).__name__}: {e}") from e
     outputs: dict[int, int] = {}
@@ -476,6 +585,70 @@ def _price(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Tensor], si
         saved_internal=internal, saved_refs=tuple(refs), out_alias=tuple(alias), out_storage=tuple(storage),
         kind="",
     )  # fmt: skip
+
+
+#: ``NodeCost.ops[0]`` of a leaf module priced on one real run.
+REAL_RUN = "<data-dependent leaf, priced on one real run>"
+
+
+def _price_leaf_for_real(node: fx.Node, gm: fx.GraphModule) -> NodeCost:
+    """A leaf module that branches on tensor data: one real forward and backward on random
+    inputs of the example's sizes, FLOPs as ``FlopCounterMode`` counts them, bytes saved for
+    backward from ``saved_tensors_hooks``; numbers for the example's sizes (a warning names
+    the leaf). Weights on the meta device cannot run: 0 FLOPs, with a warning."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from passes.shape_prop import _real_like
+
+    mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    own = [p for p in mod.parameters()] if mod is not None else []
+    if mod is None or any(t.device.type == "meta" for t in [*own, *mod.buffers()]):
+        warnings.warn(f"cannot price leaf {node.format_node()}: it branches on tensor data and cannot run for "
+                      "real here; its FLOPs count as 0", stacklevel=3)
+        return NodeCost(ops=("<data-dependent leaf>",))
+    device = next((t.device for t in [*own, *mod.buffers()]), torch.device("cpu"))
+    with unset_fake_temporarily():
+        leaves: list[torch.Tensor] = []
+
+        def real(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            t = _real_like(v).to(device)
+            if v.requires_grad:
+                t.requires_grad_(True)
+                leaves.append(t)
+            return t
+
+        args, kwargs = pytree.tree_map(lambda a: pytree.tree_map(real, a.meta[VAL]) if isinstance(a, fx.Node) else a,
+                                       (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+        own_storages = {_storage(p) for p in own}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if _storage(t) not in own_storages:
+                saved.setdefault(_storage(t), t.untyped_storage().nbytes())
+            return t
+
+        buffers = [(b, b.detach().clone()) for b in mod.buffers()]  # running statistics stay as they were
+        try:
+            with fc.FlopCounterMode(display=False) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = mod(*args, **kwargs)
+            outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = leaves + [p for p in own if p.requires_grad]
+            with fc.FlopCounterMode(display=False) as bwd:
+                if outs and wrt:
+                    torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for b, before in buffers:
+                    b.copy_(before)
+        storage = tuple(sympy.Integer(o.untyped_storage().nbytes()) for o in _tensors(out))
+    warnings.warn(f"leaf module {str(node.target)!r} branches on tensor data: priced from one real run on random "
+                  "inputs of the example's sizes (FlopCounterMode), not symbolic", stacklevel=3)
+    total = sympy.Integer(sum(saved.values()))
+    f, b = sympy.Integer(fwd.get_total_flops()), sympy.Integer(bwd.get_total_flops())
+    return NodeCost(fwd_flops=f, bwd_flops=b, fwd_flops_fc=f, bwd_flops_fc=b, saved_bytes=total,
+                    saved_internal=total, out_alias=(None,) * len(storage), out_storage=storage, ops=(REAL_RUN,))
 
 
 def _input_index(node: fx.Node, arg: fx.Node) -> tuple[int, int]:

@@ -15,7 +15,10 @@ False: costs are then valid for the example sizes only.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +43,45 @@ from cost_models.errors import PartitionError
 from passes.base import InputSpec, Pass, TensorDesc
 from passes.meta import DESC, MODULE, VAL
 
-__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "to_desc"]
+__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of",
+           "quiet_fake_tensors", "to_desc"]
+
+log = logging.getLogger(__name__)
+
+#: torch's loggers that report, at ERROR and with a traceback, a fake-tensor kernel failure
+#: the caller catches (``FakeTensorMode`` logs "failed while attempting to run meta for ..."
+#: and re-raises): the passes here catch and handle every such failure themselves.
+_FAKE_TENSOR_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+class _ToDebug(logging.Filter):
+    """Drops torch's WARNING-and-above fake-tensor records; repeats each on this module's
+    logger at DEBUG, one line (the message and the exception's first line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if log.isEnabledFor(logging.DEBUG):
+            exc = record.exc_info[1] if record.exc_info else None
+            why = f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})" if exc else ""
+            log.debug("torch %s: %s%s (handled)", record.levelname, record.getMessage(), why)
+        return False
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors() -> Any:
+    """While shapes are propagated and nodes priced on fake tensors, torch's own ERROR
+    reports of a failing fake kernel go to DEBUG: the failure itself is caught and handled
+    (a retry, a fallback, or an error of ours naming the node)."""
+    loggers = [logging.getLogger(name) for name in _FAKE_TENSOR_LOGGERS]
+    demote = _ToDebug()
+    for logger in loggers:
+        logger.addFilter(demote)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(demote)
 
 _NAMED = {"B": BATCH, "S": SEQ}
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
@@ -83,7 +124,8 @@ class ShapeProp(Pass):
         first: _NodeFailed | None = None
         while True:
             try:
-                self._propagate(gm, symbolic=names)
+                with quiet_fake_tensors():
+                    self._propagate(gm, symbolic=names)
                 break
             except _NodeFailed as failed:
                 if not names:
@@ -136,6 +178,7 @@ class ShapeProp(Pass):
         # which guards B and S to the example's sizes.
         with mode, enable_python_dispatcher(), OnDevice(device, retype):
             interp.run(*args)
+        _SHOWN_BY_GRAPH[gm] = interp.shown
         gm.meta.update(
             {
                 "pp.fake_mode": mode,
@@ -214,6 +257,8 @@ class _FakeInterpreter(fx.Interpreter):
         self.shown = _Shown()
 
     def run_node(self, n: fx.Node) -> Any:
+        env = self.mode.shape_env
+        desc: Any = None
         try:
             key = _structural_key(n, self.module, self.shown) \
                 if n.op in ("call_module", "call_function", "call_method") else None
@@ -222,24 +267,29 @@ class _FakeInterpreter(fx.Interpreter):
                 # Structurally identical to a node already run (same op, same input shapes): the
                 # same output. Its fake value is shared, not re-made: values are only read after
                 # shape-prop (annotate re-creates fresh leaves from them), and in-place ops, the
-                # only writers, are never shared (``_structural_key``).
-                out = hit
+                # only writers, are never shared (``_structural_key``). Nothing runs, so no
+                # guard can pin a size; its description is the template's while the ShapeEnv
+                # has made no replacement since.
+                out, desc, replacements = hit
+                if replacements != _replacements(env):
+                    desc = None
             else:
                 out = super().run_node(n)
-                if key is not None and _shareable(out):
-                    self.templates[key] = out
-            env = self.mode.shape_env
-            pinned = frozenset(str(self.mapping[s]) for s in self.symbols
-                               if env is not None and env.replace(s).is_number)
-            if pinned:
-                raise _NodeFailed(n, RuntimeError(
-                    f"a guard specialized a symbolic size ({', '.join(sorted(pinned))}) to a constant"), pinned)
+                pinned = frozenset(str(self.mapping[s]) for s in self.symbols
+                                   if env is not None and env.replace(s).is_number)
+                if pinned:
+                    raise _NodeFailed(n, RuntimeError(
+                        f"a guard specialized a symbolic size ({', '.join(sorted(pinned))}) to a constant"), pinned)
         except _NodeFailed:
             raise
         except Exception as e:  # any failure is reported with the node that raised it
             raise _NodeFailed(n, e) from e
+        if desc is None:
+            desc = to_desc(out, self.mapping, env)
+            if key is not None and hit is None and _shareable(out):
+                self.templates[key] = (out, desc, _replacements(env))
         n.meta[VAL] = out
-        n.meta[DESC] = to_desc(out, self.mapping, self.mode.shape_env)
+        n.meta[DESC] = desc
         n.meta[MODULE] = module_of(n)
         return out
 
@@ -287,6 +337,11 @@ def state_by_module(fakes: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
         for i in range(1, len(parts)):
             out.setdefault(".".join(parts[:i]), {})[".".join(parts[i:])] = v
     return out
+
+
+def _replacements(env: ShapeEnv | None) -> int:
+    """How many replacements the ShapeEnv has made (a size description is valid while none is added)."""
+    return len(env.replacements) if env is not None else 0
 
 
 def _shareable(out: Any) -> bool:
@@ -351,6 +406,17 @@ class _Shown:
             hit = self.modules[target] = (any(True for _ in mod.children()),
                                           (type(mod).__qualname__, mod.extra_repr(), mod.training, state))
         return hit
+
+
+#: The ``_Shown`` memo of the last propagation of each graph: annotate's cost keys print the
+#: same shape descriptions and modules again (half of their cost on a 10,000-node graph).
+_SHOWN_BY_GRAPH: weakref.WeakKeyDictionary[fx.GraphModule, _Shown] = weakref.WeakKeyDictionary()
+
+
+def shown_for(gm: fx.GraphModule) -> _Shown:
+    """The ``_Shown`` memo shape-prop filled for ``gm`` (its descriptions are the graph's
+    ``pp.desc``), or a new one."""
+    return _SHOWN_BY_GRAPH.get(gm) or _Shown()
 
 
 class _Unknown(Exception):

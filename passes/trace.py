@@ -19,13 +19,13 @@ from __future__ import annotations
 import builtins
 import contextlib
 import difflib
+import functools
 import inspect
 import logging
 import operator
-import sys
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -61,16 +61,93 @@ class Captured:
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
 
+class _UserMapping:
+    """An output mapping whose class pytree does not know (a user's ``OrderedDict`` or
+    ``dict`` subclass): flattened as its values, rebuilt as its own class.
+
+    torch.fx turns every mapping it returns into its ``immutable_dict``, and pytree treats
+    an unregistered subclass as one opaque leaf; the structure is read from what
+    ``forward`` returned instead, and this node keeps the class."""
+
+    def __init__(self, cls: type, items: dict[Any, Any]) -> None:
+        self.cls, self.items = cls, items
+
+
+def _rebuild_mapping(values: Any, context: Any) -> Any:
+    cls, keys = context
+    try:
+        return cls(zip(keys, values))
+    except Exception:  # noqa: BLE001 - a subclass whose __init__ takes other arguments
+        out = cls.__new__(cls)
+        dict.update(out, zip(keys, values))
+        return out
+
+
+pytree.register_pytree_node(
+    _UserMapping,
+    lambda m: (list(m.items.values()), (m.cls, list(m.items))),
+    _rebuild_mapping,
+    serialized_type_name="passes.trace._UserMapping",
+)
+
+
+def _unregistered_mapping(x: Any) -> bool:
+    return isinstance(x, Mapping) and type(x) not in pytree.SUPPORTED_NODES and not isinstance(x, fx.Proxy)
+
+
+def _output_tree(out: Any) -> tuple[list[Any], pytree.TreeSpec]:
+    """The leaves and structure of what ``forward`` returned while fx traced it: the
+    model's own containers (``ModelOutput`` subclasses, dicts, ``OrderedDict``s,
+    namedtuples), not the ones fx rebuilds them as."""
+
+    def keep(x: Any) -> Any:
+        if _unregistered_mapping(x):
+            return _UserMapping(type(x), {k: pytree.tree_map(keep, v, is_leaf=_unregistered_mapping)
+                                          for k, v in x.items()})
+        return x
+
+    return pytree.tree_flatten(pytree.tree_map(keep, out, is_leaf=_unregistered_mapping))
+
+
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: frozenset[str], leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self._leaf_paths = leaf_modules
         self._leaf_types = leaf_types
+        #: the structure of what forward returned (None: fx's own output is kept)
+        self.out_spec: pytree.TreeSpec | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_paths or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's own, with the two commonest arguments first: a proxy is its node, a plain
+        scalar itself (what fx returns for them after checking each against parameters,
+        buffers and registered opaque types: a fifth of tracing a 10,000-node graph)."""
+        t = type(a)
+        if t is fx.Proxy:
+            return a.node
+        if t in _SCALARS:
+            return a
+        return super().create_arg(a)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        """The root function, returning its outputs as a flat tuple; their structure (with
+        the model's own container classes) goes to ``out_spec``."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if isinstance(self.graph._codegen, fx.graph._PyTreeCodeGen):  # fx flattens (and rebuilds) itself
+            return fn, args
+
+        def flat_outputs(*a: Any) -> Any:  # not functools.wraps: fn's return annotation is not this one's
+            leaves, self.out_spec = _output_tree(fn(*a))
+            return tuple(leaves)
+
+        return flat_outputs, args
 
 
 def _flat_output(graph: fx.Graph) -> pytree.TreeSpec:
@@ -205,28 +282,53 @@ def _drop_specialization_asserts(graph: fx.Graph) -> None:
                 graph.erase_node(cond)
 
 
+class _RecordingOp:
+    """``torch.ops.pippy._pipe_split`` while fx traces: a call leaves a node; anything
+    else (``.default``, which the module defining the op reads when first imported)
+    is the real op's."""
+
+    def __init__(self, real: Any, record: Callable[[], None]) -> None:
+        self._real, self._record = real, record
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self._record()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real._pipe_split, name)
+
+
+class _RecordingNamespace:
+    """``torch.ops.pippy`` while fx traces: ``_pipe_split`` records, the rest is the real namespace."""
+
+    def __init__(self, real: Any, record: Callable[[], None]) -> None:
+        self._real, self._record = real, record
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_pipe_split":
+            return _RecordingOp(self._real, self._record)
+        return getattr(self._real, name)
+
+
 @contextlib.contextmanager
 def _recording_pipe_split(tracer: fx.Tracer) -> Any:
     """While fx traces, ``torch.distributed.pipelining.pipe_split()`` leaves a node.
 
     ``pipe_split`` calls ``torch.ops.pippy._pipe_split()``, which takes no tensor, so fx
-    would run it eagerly and record nothing; torch.export records it by itself.
+    would run it eagerly and record nothing; torch.export records it by itself. The
+    namespace is replaced for the duration whether or not the op exists yet: a
+    ``forward`` that imports ``torch.distributed.pipelining`` itself registers the op
+    during this very trace, and its first call must be recorded as the second is.
     """
-    if "torch.distributed.pipelining._IR" not in sys.modules:  # nobody can have called it
-        yield
-        return
-    ns = torch.ops.pippy
-    op = ns._pipe_split
-    target = op.default
+    real = torch.ops.pippy
 
-    def record(*args: Any, **kwargs: Any) -> None:
-        tracer.create_node("call_function", target, (), {})
+    def record() -> None:
+        tracer.create_node("call_function", torch.ops.pippy._pipe_split.default, (), {})
 
-    setattr(ns, "_pipe_split", record)
+    setattr(torch.ops, "pippy", _RecordingNamespace(real, record))
     try:
         yield
     finally:
-        setattr(ns, "_pipe_split", op)
+        setattr(torch.ops, "pippy", real)
 
 
 def _trace_fx(
@@ -268,6 +370,8 @@ def _trace_fx(
                     node.target = param
     _normalize_slices(graph)
     out_spec = _flat_output(graph)
+    if tracer.out_spec is not None and tracer.out_spec.num_leaves == out_spec.num_leaves:
+        out_spec = tracer.out_spec  # else a leaf fx itself expanded (an unregistered container): fx's structure
     gm = _GraphModule(tracer.root, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
     take_markers(gm)
@@ -328,11 +432,171 @@ def _no_stack_traces() -> Any:
         fx_config.do_not_emit_stack_traces = before
 
 
+@dataclass
+class _Leaf:
+    """A leaf module while torch.export traces: its real state, and what one call passed."""
+
+    path: str
+    module: nn.Module
+    forward: Callable[..., Any]  # the module's own forward
+    state: dict[str, torch.Tensor]  # its real parameters and buffers (export swaps in fakes)
+    in_spec: pytree.TreeSpec | None = None  # (args, kwargs) of the call
+    in_leaves: list[Any] | None = None  # their leaves; tensors replaced by None
+    out_spec: pytree.TreeSpec | None = None  # what it returned, from the real run
+
+
+#: The leaves of the capture under way, by key (the only argument the recorded op keeps).
+_LEAVES: dict[str, _Leaf] = {}
+
+
+@functools.cache
+def _leaf_op() -> Any:
+    """``partitioner::opaque_leaf``: a leaf module's call, one node while torch.export traces
+    (registered on first use: only captures with leaf modules on that route need it)."""
+
+    @torch.library.custom_op("partitioner::opaque_leaf", mutates_args=())
+    def opaque_leaf(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.clone() for t in _run_leaf(_LEAVES[key], tensors)]  # never run outside a capture
+
+    @opaque_leaf.register_fake
+    def _(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Output shapes from one real run on random inputs of the example's sizes (the leaf
+        branches on data, so no fake run can give them): static."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        from passes.shape_prop import _real_like
+
+        leaf = _LEAVES[key]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        with unset_fake_temporarily():
+            if any(t.device.type == "meta" for t in leaf.state.values()):
+                raise CaptureError(f"leaf module {leaf.path!r} has its weights on the meta device, so its output "
+                                   "shapes cannot come from a real run; load its weights first")
+            with torch.no_grad():
+                outs = _run_leaf(leaf, [_real_like(t) for t in tensors])
+        return [torch.empty(tuple(o.shape), dtype=o.dtype, device=device) for o in outs]
+
+    return torch.ops.partitioner.opaque_leaf
+
+
+def _run_leaf(leaf: _Leaf, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    it = iter(tensors)
+    flat = [next(it) if v is None else v for v in leaf.in_leaves or []]
+    args, kwargs = pytree.tree_unflatten(flat, leaf.in_spec)  # type: ignore[arg-type]
+    shadow = leaf.module.__dict__.pop("forward", None)  # the module's own forward for this run
+    try:
+        out = torch.func.functional_call(leaf.module, leaf.state, tuple(args), dict(kwargs), strict=False)
+    finally:
+        if shadow is not None:
+            leaf.module.forward = shadow  # type: ignore[method-assign]
+    leaves, leaf.out_spec = pytree.tree_flatten(out)
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise CaptureError(f"leaf module {leaf.path!r} returns {type(out).__name__} with non-tensor values; "
+                           "a leaf module on the torch.export route must return tensors (in tuples, lists or dicts)")
+    return leaves
+
+
+def _leaf_modules(model: nn.Module, leaf_modules: Sequence[str | type]) -> dict[str, nn.Module]:
+    """The modules ``leaf_modules`` names (by path, by type, or by ``str(type)`` as a plan
+    stores it), outermost only."""
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    found: dict[str, nn.Module] = {}
+    for path, mod in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in found):
+            continue
+        if path in names or str(type(mod)) in names or (types and isinstance(mod, types)):
+            found[path] = mod
+    return found
+
+
+@contextlib.contextmanager
+def _opaque_leaves(model: nn.Module, leaf_modules: Sequence[str | type]) -> Any:
+    """While torch.export traces: each leaf module's call is one ``partitioner::opaque_leaf``
+    node (its forward shadowed on the instance, restored afterwards). Yields {key: _Leaf}."""
+    leaves: dict[str, _Leaf] = {}  # one record per call (a module may be called twice, differently)
+    modules = _leaf_modules(model, leaf_modules)
+    for path, mod in modules.items():
+        leaf = _Leaf(path, mod, mod.forward, dict(mod.state_dict(keep_vars=True)))
+
+        def forward(*args: Any, _leaf: _Leaf = leaf, **kwargs: Any) -> Any:
+            key = f"{id(model)}:{_leaf.path}#{len(leaves)}"
+            call = leaves[key] = _LEAVES[key] = replace(_leaf)
+            flat, call.in_spec = pytree.tree_flatten((args, kwargs))
+            _refuse_data_dependent_arguments(_leaf, args, kwargs)
+            call.in_leaves = [None if isinstance(v, torch.Tensor) else v for v in flat]
+            outs = _leaf_op()(key, [v for v in flat if isinstance(v, torch.Tensor)])
+            return pytree.tree_unflatten(list(outs), call.out_spec)  # type: ignore[arg-type]
+
+        mod.forward = forward  # type: ignore[method-assign]
+    try:
+        yield leaves
+    finally:
+        for key in leaves:
+            _LEAVES.pop(key, None)
+        for mod in modules.values():
+            del mod.forward  # the class's forward again
+
+
+def _refuse_data_dependent_arguments(leaf: _Leaf, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A leaf cannot take a value computed from tensor data before it (a ``.item()`` in a
+    caller): the real run that gives its output shapes would have to guess it."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    try:
+        named = dict(inspect.signature(leaf.forward).bind(*args, **kwargs).arguments)
+    except TypeError:
+        named = {f"argument {i}": a for i, a in enumerate([*args, *kwargs.values()])}
+    for name, value in named.items():
+        if any(isinstance(v, (torch.SymInt, torch.SymBool, torch.SymFloat)) and free_unbacked_symbols(v)
+               for v in pytree.tree_leaves(value)):
+            path = leaf.path
+            callers = [path.rsplit(".", k)[0] for k in range(1, path.count(".") + 1)]
+            raise CaptureError(
+                f"leaf module {path!r} ({type(leaf.module).__name__}) is passed {name}, a value computed from tensor "
+                "data before it (a .item() in a caller): torch.export cannot hand such a value to a leaf; make the "
+                f"module that computes it a leaf instead (one of {', '.join(repr(c) for c in callers)}), or the "
+                "model itself cannot be split there")
+
+
+def _call_leaves(graph: fx.Graph, leaves: dict[str, _Leaf]) -> None:
+    """Each ``opaque_leaf`` node becomes a ``call_module`` of its leaf (run eagerly, as on
+    the fx route), its outputs read from the module's own output structure."""
+    target = _leaf_op().default
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        leaf = leaves[node.args[0]]
+        it = iter(node.args[1])
+        flat = [next(it) if v is None else v for v in leaf.in_leaves or []]
+        args, kwargs = pytree.tree_unflatten(flat, leaf.in_spec)  # type: ignore[arg-type]
+        with graph.inserting_before(node):
+            call = graph.call_module(leaf.path, tuple(args), dict(kwargs))
+        call.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        out_spec = leaf.out_spec
+        assert out_spec is not None  # the fake kernel ran while export traced the call
+        paths = [p for p, _ in pytree.tree_flatten_with_path(
+            pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec))[0]]
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise CaptureError(f"leaf module {leaf.path!r}: unexpected use of its outputs ({user.format_node()})")
+            value = call
+            with graph.inserting_before(user):
+                for k in paths[user.args[1]]:
+                    name = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
+                    value = (graph.call_function(getattr, (value, name)) if isinstance(k, pytree.GetAttrKey)
+                             else graph.call_function(operator.getitem, (value, name)))
+            user.replace_all_uses_with(value)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
 def _trace_export(
     model: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     dynamic: dict[str, dict[int, str]],
+    leaf_modules: Sequence[str | type] = (),
 ) -> Captured:
     from torch.export import Dim, export
 
@@ -350,7 +614,7 @@ def _trace_export(
         **dict(zip(pos_names, dyn_args)),
         **dyn_kwargs,
     }
-    with warnings.catch_warnings(), _no_stack_traces():
+    with warnings.catch_warnings(), _no_stack_traces(), _opaque_leaves(model, leaf_modules) as leaves:
         warnings.simplefilter("ignore")
         ep = export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         unlifted = ep.module()
@@ -365,6 +629,15 @@ def _trace_export(
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     _split_tied_attrs(graph, model)
+    if leaves:
+        _call_leaves(graph, leaves)
+        owned = {leaf.path: leaf.module for leaf in leaves.values()}
+        for path, mod in owned.items():  # the leaf's own module (export kept none of its tensors)
+            unlifted.add_submodule(path, mod)
+        listed = ", ".join(repr(path) for path in owned)
+        warnings.warn(f"leaf module(s) {listed} run eagerly as one node each on the torch.export route: output "
+                      "shapes from one real run on the example's sizes (static), costs from one real run",
+                      stacklevel=3)
     gm = _GraphModule(unlifted, graph, class_name=type(model).__name__)
     copy_persistence(model, gm)
     gm.graph.eliminate_dead_code()  # pipe_split is side-effectful: DCE keeps it for take_markers
@@ -452,20 +725,59 @@ def _split_tied_attrs(graph: fx.Graph, model: nn.Module) -> None:
             user.replace_input_with(node, alias)
 
 
-def _failing_submodule(model: nn.Module, e: BaseException) -> str:
-    """" in submodule 'gate' (Gate.forward, file.py:12)" for the innermost module frame."""
+def _innermost_submodule(model: nn.Module, e: BaseException) -> tuple[str, nn.Module, str] | None:
+    """(path, module, "Gate.forward, file.py:12") of the innermost submodule frame of ``e``'s traceback."""
     paths = {id(m): name for name, m in model.named_modules() if name}
-    found = ""
+    found = None
     tb = e.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and id(owner) in paths:
             code = frame.f_code
-            found = (f" in submodule {paths[id(owner)]!r} ({type(owner).__name__}.{code.co_name}, "
-                     f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})")
+            found = (paths[id(owner)], owner,
+                     f"{type(owner).__name__}.{code.co_name}, {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}")
         tb = tb.tb_next
     return found
+
+
+def _failing_submodule(model: nn.Module, e: BaseException) -> str:
+    """" in submodule 'gate' (Gate.forward, file.py:12)" for the innermost module frame."""
+    found = _innermost_submodule(model, e)
+    return f" in submodule {found[0]!r} ({found[2]})" if found else ""
+
+
+def _export_advice(model: nn.Module, e: BaseException) -> str:
+    """What to do when torch.export fails: for code that branches on tensor data, which
+    module to make a leaf (or, in the model's own forward, that no leaf can help)."""
+    from passes.shape_prop import DATA_DEPENDENT
+
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, DATA_DEPENDENT):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return ("Mark the failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
+                "control flow on flags, or make data-dependent branches tensor ops (torch.where)")
+    found = _innermost_submodule(model, e)
+    if found is None:
+        return (f"The code that branches on tensor data is in {type(model).__name__}.forward itself, which no leaf "
+                "module can cover: make the branch a tensor op (torch.where), or move it into a submodule and pass "
+                "that as leaf_modules=[...]; concrete_args only fixes flags that are not tensors")
+    path, mod, where = found
+    return (f"The code that branches on tensor data is in submodule {path!r} ({where}): pass "
+            f"leaf_modules=[{type(mod).__name__}] (or [{path!r}]) so that it runs eagerly as one node (output "
+            "shapes from one real run), or make the branch a tensor op (torch.where); concrete_args only fixes "
+            "flags that are not tensors")
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from (or during), innermost last."""
+    out: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in out:
+        out.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return out
 
 
 def _first_line(e: BaseException) -> str:
@@ -603,8 +915,13 @@ def capture(
             "and torch.export needs example inputs: pass example_inputs=(...)"
         )
     try:
-        cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {})
+        cap = _trace_export(model, tuple(args or ()), dict(kwargs or {}), dynamic or {}, leaf_modules)
+    except CaptureError:
+        raise
     except Exception as e:
+        ours = next((c for c in _causes(e) if isinstance(c, CaptureError)), None)
+        if ours is not None:  # raised by a leaf while export traced: it already says what to do
+            raise CaptureError(f"cannot capture {name}: {ours}") from e
         eager = _eager_failure(model, tuple(args or ()), dict(kwargs or {}))
         if eager is not None:
             raise CaptureError(
@@ -613,9 +930,8 @@ def capture(
             ) from eager
         why_fx = f"torch.fx{_failing_submodule(model, fx_error)}: {_last_line(fx_error)}; " if fx_error else ""
         raise CaptureError(
-            f"cannot capture {name}{_use_cache_hint(model, kwargs)}: {why_fx}torch.export: {_first_line(e)}. Mark "
-            "the failing submodule as a leaf module (leaf_modules=[...]), pass concrete_args for Python "
-            "control flow on flags, or make data-dependent branches tensor ops (torch.where)"
+            f"cannot capture {name}{_use_cache_hint(model, kwargs)}: {why_fx}torch.export: {_first_line(e)}. "
+            f"{_export_advice(model, e)}"
         ) from e
     if fx_error is not None:
         cap = Captured(cap.gm, cap.route, cap.input_names, cap.flatten, cap.out_spec, _last_line(fx_error))

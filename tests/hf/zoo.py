@@ -27,6 +27,7 @@ class ZooCase:
     output: str  # the ModelOutput field compared first
     family: str  # decoder / moe / ssm / enc-dec / encoder / vision / audio / multimodal
     extra: dict[str, Callable[[], Any]] = field(default_factory=dict)  # an argument not in the example
+    route: str = "export"  # the capture route partition() takes (capture_route="auto")
 
 
 def _ids(seed: int = 1, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
@@ -198,6 +199,18 @@ ZOO: dict[str, ZooCase] = {
                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                 classifier_dropout_prob=0.0, drop_path_rate=0.0, num_labels=3),
                          lambda: {"pixel_values": _pixels()}, "logits", "vision", _HIDDEN_EXTRA),
+    # EfficientNet: fx traces it (depthwise padding reads sizes as ints); MobileViT: bilinear
+    # upsampling whose backward has no symbolic meta kernel (priced through the Python dispatcher)
+    "efficientnet": ZooCase(_build("EfficientNetConfig", "EfficientNetForImageClassification", image_size=32,
+                                   width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, num_labels=3,
+                                   dropout_rate=0.0, drop_connect_rate=0.0),
+                            lambda: {"pixel_values": _pixels()}, "logits", "vision", {"labels": _class_labels},
+                            route="fx"),
+    "mobilevit": ZooCase(_build("MobileViTConfig", "MobileViTForImageClassification", image_size=32, patch_size=2,
+                                hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+                                num_attention_heads=2, num_labels=3, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0),
+                         lambda: {"pixel_values": _pixels()}, "logits", "vision", {"labels": _class_labels}),
     # multimodal and audio
     "clip": ZooCase(_build("CLIPConfig", "CLIPModel",
                            text_config=dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,

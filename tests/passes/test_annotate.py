@@ -147,3 +147,63 @@ def test_identical_layers_share_one_cost_record_and_different_ones_do_not() -> N
     assert _at(cost["wide"].fwd_flops, gm) == 2 * _at(cost["same_1"].fwd_flops, gm)
     assert _at(cost["wide"].param_bytes, gm) == (16 * 32 + 32) * 4 and _at(cost["same_1"].param_bytes, gm) == (
         16 * 16 + 16) * 4
+
+
+@torch.library.custom_op("pptest::doubled", mutates_args=())
+def _doubled(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_doubled.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pptest::doubled_backward", mutates_args=())
+def _doubled_backward(grad: torch.Tensor) -> torch.Tensor:
+    return grad * 2
+
+
+@_doubled_backward.register_fake
+def _(grad: torch.Tensor) -> torch.Tensor:
+    if any(isinstance(d, torch.SymInt) for d in grad.shape):  # like a meta kernel that reads sizes as ints
+        raise RuntimeError("doubled_backward has no kernel for symbolic sizes")
+    return torch.empty_like(grad)
+
+
+_doubled.register_autograd(lambda ctx, grad: _doubled_backward(grad))
+
+
+class _Doubling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.ops.pptest.doubled(self.a(x)))
+
+
+def test_a_node_torch_cannot_price_symbolically_falls_back_quietly_and_the_plan_names_it(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The backward's fake kernel refuses symbolic sizes (torch's C++ kernels and the
+    Python dispatcher alike): the node is priced at the example's sizes, scaled with B,
+    the plan's notes name it, and stderr stays empty."""
+    from partitioner import partition
+    from passes.annotate import FALLBACK
+
+    torch.manual_seed(0)
+    model, x = _Doubling(), torch.randn(4, 8)
+    capfd.readouterr()
+    pipe = partition(model, 2, (x,), device="cpu", link="loopback")
+    assert "Traceback" not in capfd.readouterr().err
+    torch.testing.assert_close(pipe(x), model(x))
+    node = next(n for n in pipe.graph.graph.nodes if "doubled" in str(n.target))
+    cost = node.meta[COST]
+    assert cost.ops[0].startswith(FALLBACK) and "symbolic sizes" in cost.ops[0]
+    # the example's figures (B=4), in proportion to B
+    for e in (cost.fwd_bytes_moved, cost.fwd_flops):
+        per_sample = sympy.expand(e / BATCH)
+        assert not per_sample.free_symbols and per_sample > 0, e
+    assert all(BATCH in sympy.sympify(e).free_symbols for e in cost.out_storage)
+    note = next(n for n in pipe.plan.notes if n.startswith("cost fallback:"))
+    assert node.name in note and "B=4" in note

@@ -5,7 +5,12 @@ are not used, and the plan and a warning say so. Both capture routes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +25,7 @@ from passes.markers import MARKER, MARKERS  # noqa: E402
 from passes.trace import capture  # noqa: E402
 
 ROUTES = ("fx", "export")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Marked(nn.Module):
@@ -119,3 +125,44 @@ def test_a_marker_that_cannot_be_a_cut_says_which_and_why() -> None:
 def test_cut_at_markers_without_markers_says_so() -> None:
     with pytest.raises(PartitionError, match=r"cut_at='markers', but forward calls .*pipe_split\(\) nowhere"):
         _partition(Marked(after=()), 2, "fx", cut_at="markers")
+
+
+#: A forward that imports torch.distributed.pipelining itself: the op pipe_split() calls is
+#: registered for the first time while the first capture traces it.
+_FIRST_CALL = textwrap.dedent("""
+    import sys, warnings
+    import torch
+    from torch import nn
+    from partitioner import partition
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+        def forward(self, x):
+            from torch.distributed.pipelining import pipe_split
+            for i, layer in enumerate(self.layers):
+                x = torch.relu(layer(x))
+                if i == 1:
+                    pipe_split()
+            return x
+
+    assert "torch.distributed.pipelining" not in sys.modules, "imported before the first capture"
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 16)
+    for _ in range(2):
+        pipe = partition(model, 2, (x,), device="cpu", link="loopback", capture_route=sys.argv[1])
+        print("cuts", pipe.plan.cuts, "cuts at the 1 pipe_split() markers" in pipe.plan.notes)
+""")
+
+
+def test_a_marker_whose_module_forward_imports_is_found_on_the_first_call_of_a_process() -> None:
+    """A fresh process on the fx route (the export route records the op by itself)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL, "fx"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("cuts")]
+    assert lines == ["cuts ('relu_1 | layers.2',) True"] * 2, done.stdout
