@@ -38,9 +38,13 @@ import sys
 import time
 from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# Count GPUs through NVML, not the CUDA runtime: the multi-GPU ranks are forked, which needs
+# this process's CUDA untouched until then.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
