@@ -173,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--clip", type=float, metavar="MAX_NORM",
                    help="clip the gradient norm over every rank to MAX_NORM each step and print it (default: no)")
     r.add_argument("--eval-every", type=int, default=0, metavar="K",
-                   help="every K steps, a forward-only evaluation step on the same batch; print its loss")
+                   help="every K steps, a forward-only evaluation step on the same batch; print its loss "
+                        "(default: 0, never)")
     r.add_argument("--normalize", choices=["mean", "tokens"], default="mean",
                    help="'mean': each micro-batch's mean loss / micro-batches; 'tokens': the next-token loss "
-                        "summed and divided by the step's token count (models mapping token ids to logits)")
+                        "summed and divided by the step's token count (models mapping token ids to logits); "
+                        "default: %(default)s")
 
     e = sub.add_parser("export", parents=[common, part], help="write each stage's Python source (and ONNX)",
                        description="Write DIR/stage{i}.py for each stage. SOURCE is MODEL (partitioned now) or a "
@@ -234,6 +236,7 @@ def _library_noise(debug: bool) -> Iterator[None]:
 _FLAG_NAMES = [
     (r"n_gpus(?:=(\d+))?", "--gpus"), (r"virtual_stages(?:=(\d+))?", "--virtual-stages"),
     (r"n_microbatches(?:=(\d+))?", "--microbatches"), (r"leaf_modules=\[\.\.\.\]", "--leaf-module PATH"),
+    (r"leaf_modules=\[\w+\] \(or \['([^']+)'\]\)", "--leaf-module"),  # a named submodule: its path
     (r"leaf_modules", "--leaf-module"), (r"cut_at(?:=\.\.\.)?", "--cut-at"), (r"pinned_cuts", "--pin"),
     (r"memory_limit", "--memory-limit"), (r"schedule='([\w-]+)'", "--schedule"),
     (r"optimizer=", "--optimizer"), (r"concrete_args", "concrete_args (Python API only)"),

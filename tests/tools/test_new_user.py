@@ -249,7 +249,7 @@ def test_errors_name_flags_not_python_arguments(tmp_path: Path) -> None:
     one_error_line(out, "--virtual-stages 2 needs --schedule interleaved-1f1b")
     assert "virtual_stages" not in out.stderr
     out = cli("plan", f"{MODELS}:leafy", "--gpus", "2", "-o", str(tmp_path / "p.json"))
-    one_error_line(out, "--leaf-module PATH")
+    one_error_line(out, "pass --leaf-module router so that it runs eagerly")  # the submodule, as a flag
     assert "leaf_modules" not in out.stderr
 
 
