@@ -204,7 +204,7 @@ class LinkSpec:
     point-to-point rate ramps up with the message size, reaching half of its large-message rate
     (``p2p`` x line rate) at ``half_bytes``. One step of a ring collective (``collective_step``)
     moves at ``collective`` x line rate instead (the bus bandwidth nccl-tests reports, over the
-    line rate). Without the three optional fields a message takes ``latency + n / bandwidth``.
+    line rate), paying the latency per step. Without the three optional fields a message takes ``latency + n / bandwidth``.
     """
 
     name: str
@@ -214,16 +214,22 @@ class LinkSpec:
     collective: float = 1.0  # NCCL ring all-reduce bus bandwidth / line rate
     half_bytes: float = 0.0  # message size at which half the large-message rate is reached
 
+    def __post_init__(self) -> None:  # numbers as JSON gives them back, so a plan re-applies byte for byte
+        for name in ("bandwidth", "latency", "p2p", "collective", "half_bytes"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
     def transfer_time(self, nbytes: float) -> float:
         if not nbytes:
             return 0.0
         return self.latency + (nbytes + self.half_bytes) / (self.bandwidth * self.p2p)
 
     def collective_step(self, nbytes: float) -> float:
-        """One of a ring collective's steps moving ``nbytes`` per rank."""
+        """One of a ring collective's steps moving ``nbytes`` per rank: ``latency + nbytes /
+        (bandwidth x collective)``. No ramp per step: NCCL pipelines a ring's chunks, so the
+        per-message cost is paid per step (the latency), not the point-to-point ramp."""
         if not nbytes:
             return 0.0
-        return self.latency + (nbytes + self.half_bytes) / (self.bandwidth * self.collective)
+        return self.latency + nbytes / (self.bandwidth * self.collective)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -329,7 +335,9 @@ LINKS: dict[str, LinkSpec] = {
         LinkSpec("nvlink5", 900e9, 3e-6, p2p=0.8, collective=0.82, half_bytes=4 * 2**20),
         LinkSpec("pcie4", 32e9, 10e-6),  # PCIe 4.0 x16: 31.5 GB/s each way
         LinkSpec("pcie5", 64e9, 10e-6),  # PCIe 5.0 x16: 63 GB/s each way
-        LinkSpec("ethernet-100g", 12.5e9, 25e-6),  # 100 Gb/s line rate; TCP round trips ~25 us
+        # 100 Gb/s line rate; TCP round trips ~25 us. NCCL's socket transport: model, under
+        # RoCE's fractions, with the same ramp as the other networks between nodes
+        LinkSpec("ethernet-100g", 12.5e9, 25e-6, p2p=0.8, collective=0.75, half_bytes=2.0**20),
         # Between nodes, one NIC per GPU (the DGX H100 layout: 8 x ConnectX-7 per node).
         # InfiniBand NDR: 400 Gb/s = 50 GB/s each way; ~2 us through one switch hop plus
         # NCCL's per-message software cost, ~5 us end to end. NCCL reaches 0.9 (p2p) and 0.85
