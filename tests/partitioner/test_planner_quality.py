@@ -34,7 +34,9 @@ def test_fewer_stages_note_and_cli_text_on_a_small_model() -> None:
     plan = partition(fx.build(), n_gpus=4, example_inputs=fx.inputs()).plan
     note = [n for n in plan.notes if n.startswith("fewer stages would be predicted faster")]
     assert len(note) == 1
-    assert "1 GPU " in note[0] and "2 GPUs " in note[0] and "3 GPUs " in note[0] and "4 GPUs " in note[0]
+    # every count that could be faster is listed (on h100-sxm's efficiency model one GPU's lower
+    # bound, m x all the work with its kernel launch floors, cannot beat 4: it is not solved)
+    assert "2 GPUs " in note[0] and "3 GPUs " in note[0] and "4 GPUs " in note[0]
 
 
 def test_no_fewer_stages_note_when_more_stages_are_faster() -> None:
