@@ -191,11 +191,16 @@ def with_shape(node: fx.Node, cost: NodeCost) -> NodeCost:
     """``cost`` with the kernel's problem size the device model prices by (``NodeCost.shape``):
     ``(M, K, N)`` of a matrix multiply (K the first input's last dim, N the output's, M the
     rest of the output, batch dims folded in); ``(Sq, Sk, head_dim, causal)`` of an attention
-    core. Unchanged where the node is neither or its sizes are unknown."""
+    core. A ``.to()`` that keeps the dtype launches nothing on the stage's GPU (ops: an alias).
+    Unchanged where the node is none of these or its sizes are unknown."""
     if cost.shape:
         return cost
     descs = [a.meta.get(DESC) for a in node.all_input_nodes]
     out = node.meta.get(DESC)
+    if (str(node.target).startswith("aten.to.") or (node.op == "call_method" and node.target == "to")) and \
+            descs and isinstance(descs[0], TensorDesc) and isinstance(out, TensorDesc) and descs[0].dtype == out.dtype:
+        # a move to the device the stage runs on (a meta or CPU capture's artefact): no kernel
+        return replace(cost, ops=("aten.alias.default",))
     if cost.kind.startswith("attention"):
         q, k = (descs + [None, None])[:2]
         if isinstance(q, TensorDesc) and isinstance(k, TensorDesc) and len(q.shape) >= 2 and len(k.shape) >= 2:
