@@ -261,8 +261,9 @@ class LinkSpec:
 #         i.e. ~3 us per kernel.
 # [SM]    NVIDIA A100 / H100 architecture whitepapers: 108 SMs (A100), 132 SMs (H100 SXM5, and
 #         H200, the same GH100 die); NVIDIA Blackwell datasheet: 148 SMs (B200).
-# Model parameters that no measurement gives directly are marked "model:" and were chosen once
-# against the published pipeline runs in benchmarks/gpu_cost_bench.py (RESULTS.md), not per row.
+# Parameters that no measurement gives directly are marked "model:" (set by judgment, not
+# fitted); the one fitted number is _FIT below, fitted once to the published pipeline runs of
+# benchmarks/gpu_cost_bench.py (RESULTS.md), not per row.
 _LAUNCH_S = 3e-6  # [LAUNCH]
 _K_HALF = 96.0  # model: K at which a GEMM runs at half its best rate (K = 2304 -> 96 %, 4096 -> 98 %)
 _SEQ_HALF = 128.0  # model: attention at 1k tokens runs at 89 % of its long-sequence rate
