@@ -48,6 +48,10 @@ class NodeCost:
     out_storage: tuple[sympy.Expr, ...] = field(default=())  # per output tensor leaf: storage bytes
     #: "attention": an attention core (SDPA), the region selective recomputation re-runs
     kind: str = ""
+    #: the kernel's problem size where the device model needs it (``partitioner.pricing``
+    #: fills it; empty otherwise): ``(M, K, N)`` of a matrix multiply (batch folded into M),
+    #: ``(Sq, Sk, head_dim, causal)`` of an attention core
+    shape: tuple[sympy.Expr, ...] = field(default=())
 
     def __add__(self, other: NodeCost) -> NodeCost:
         summed = {f: getattr(self, f) + getattr(other, f) for f in _SUMMED}

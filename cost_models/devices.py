@@ -1,9 +1,13 @@
-"""Devices and links as plain data, and the roofline time of a node on them.
+"""Devices and links as plain data, and the time of a node or a message on them.
 
-A node takes ``max(FLOPs / peak, bytes moved / memory bandwidth)`` (a roofline without
-the ridge refinement); a transfer takes ``latency + bytes / bandwidth``. Figures are the
-vendors' datasheet peaks (dense, no sparsity), cited beside each profile; real kernels
-reach perhaps 50-80 % of them, which scales every stage alike and so does not move cuts.
+Without an ``efficiency`` a node takes ``max(FLOPs / peak, bytes moved / memory bandwidth)``
+(a roofline at the datasheet figures: the CPU profiles, ``measure_local`` and
+``calibrate_device``, and plans written before efficiencies existed). The GPU profiles carry
+an ``Efficiency`` (``cost_models.efficiency``): matrix multiplies by shape (tile and wave
+quantisation under the best measured matmul rate), flash attention by sequence length and head
+dimension, memory-bound ops at the achievable bandwidth, and a per-kernel launch floor; every
+figure is cited beside the profile. A message takes ``latency + bytes / bandwidth``, with
+NCCL's achieved fractions of the line rate where the link profile has them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sympy
 
 from cost_models.cost import NodeCost
 from cost_models.cost import evaluate as cost_evaluate
+from cost_models.efficiency import Efficiency, optimizer_bytes_per_param
 from cost_models.errors import CostModelError
 
 if TYPE_CHECKING:  # torch only where a device is measured: loading a plan's profiles needs none
@@ -27,6 +32,35 @@ if TYPE_CHECKING:  # torch only where a device is measured: loading a plan's pro
 __all__ = ["DEVICES", "LINKS", "DeviceSpec", "LinkSpec", "evaluate", "get_device", "get_link"]
 
 _LOWP = ("bfloat16", "float16", "half")  # dtype names that get the low-precision (tensor-core) peak
+
+#: aten ops that launch no kernel (views, metadata): not counted against the launch floor
+_NO_KERNEL = tuple(f"aten.{name}." for name in (
+    "view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "select", "slice",
+    "alias", "detach", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "reshape", "empty",
+    "empty_like", "empty_strided", "lift_fresh", "numpy_T", "_reshape_alias", "unsafe_split", "diagonal",
+    "sym_size", "sym_stride", "sym_numel", "size", "stride", "dim", "is_contiguous")) + ("prim.",)
+#: aten ops that are matrix multiplies (priced by ``Efficiency.gemm``)
+_GEMM = tuple(f"aten.{name}." for name in (
+    "mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "addbmm", "_scaled_mm"))
+
+
+#: ops whose backward moves about what their forward moves (casts, copies, the loss)
+_ONE_PASS = tuple(f"aten.{name}." for name in (
+    "_to_copy", "copy", "copy_", "clone", "_log_softmax", "log_softmax", "nll_loss_forward", "nll_loss",
+    "cross_entropy_loss", "mean", "sum", "div", "ne", "masked_fill", "where", "gather", "scalar_tensor", "lt", "ge"))
+
+
+def _one_pass(op: str) -> bool:
+    return op.startswith(_ONE_PASS) or op.startswith(_NO_KERNEL)
+
+
+def kernels(ops: Sequence[str]) -> int:
+    """How many GPU kernels a node's aten ops launch (views and allocations launch none)."""
+    return sum(1 for op in ops if not op.startswith(_NO_KERNEL))
+
+
+def is_gemm(ops: Sequence[str]) -> bool:
+    return any(op.startswith(_GEMM) for op in ops)
 
 
 @dataclass(frozen=True)
@@ -44,6 +78,9 @@ class DeviceSpec:
     #: profiles (kernel launches overlap the device's work at the sizes pipelines run);
     #: ``measure_local`` and ``calibrate_device`` measure it.
     op_overhead_s: float = 0.0
+    #: how close kernels come to the figures above (None: a roofline at them, as the CPU
+    #: profiles and plans written before efficiencies existed are priced)
+    efficiency: Efficiency | None = None
 
     def peak(self, dtype: torch.dtype | str | None = None) -> float:
         """Peak FLOP/s for compute in ``dtype`` (low precision gets the tensor-core peak)."""
@@ -62,20 +99,86 @@ class DeviceSpec:
         fwd, bwd, moved = evaluate((cost.fwd_flops, cost.bwd_flops, cost.fwd_bytes_moved), values)
         peak = self.peak(dtype)
         ov = self.op_overhead_s
+        if self.efficiency is not None:
+            f, b = self._kernel_time(cost, values, fwd, bwd, moved, peak)
+            return f + (ov if fwd or moved else 0.0), b + (ov if bwd or moved else 0.0)
         return (
             max(fwd / peak, moved / self.mem_bandwidth) + (ov if fwd or moved else 0.0),
             max(bwd / peak, 2 * moved / self.mem_bandwidth) + (ov if bwd or moved else 0.0),
         )
 
+    def _kernel_time(self, cost: NodeCost, values: Mapping[str, int], fwd: float, bwd: float, moved: float,
+                     peak: float) -> tuple[float, float]:
+        """(forward, backward) seconds with the efficiency curves (module docstring)."""
+        e = self.efficiency
+        assert e is not None
+        bw = self.mem_bandwidth * e.mem
+        shape = evaluate(cost.shape, values) if cost.shape else []
+        if cost.kind.startswith("attention") and len(shape) == 4:
+            sq, sk, d, causal = shape
+            done = _causal_share(sq, sk) if causal else 1.0  # the flash kernel skips masked-out blocks
+            cf = fwd * done / (peak * e.attention(sk, d))
+            cb = bwd * done / (peak * e.attention(sk, d, backward=True))
+        elif len(shape) == 3:
+            m, k, n = shape
+            cf = fwd / (peak * e.gemm(m, k, n))
+            # input gradient (m x n) @ (n x k) and weight gradient (k x m) @ (m x n), half each
+            cb = bwd / 2 / (peak * e.gemm(m, n, k)) + bwd / 2 / (peak * e.gemm(k, m, n))
+        elif is_gemm(cost.ops) or cost.kind.startswith("attention"):  # shape unknown: the best rate
+            top = (e.attn_fwd if cost.kind.startswith("attention") else e.gemm_max) * e.fit
+            cf, cb = fwd / (peak * top), bwd / (peak * top)
+        else:  # element-wise, norms, the loss, embeddings: CUDA cores, not tensor cores
+            cf, cb = fwd / self.peak_flops, bwd / self.peak_flops
+        if cost.ops and not kernels(cost.ops):  # views and metadata only: no kernel runs
+            return 0.0, 0.0
+        launches = max(1, kernels(cost.ops)) * e.launch_s
+        # A backward reads the saved input and the output gradient and writes the input
+        # gradient: twice the forward's traffic, except for casts and the loss, whose backward
+        # is one pass like their forward (the gradient of a cast is a cast; the loss's is
+        # softmax - one-hot, from the probabilities the forward kept)
+        back = 1 if all(_one_pass(op) for op in cost.ops) else 2
+        return (max(cf, moved / bw, launches) if fwd or moved else 0.0,
+                max(cb, back * moved / bw, launches) if bwd or moved else 0.0)
+
+    def optimizer_time(self, n_params: float, optimizer: str = "adam", precision: str = "bf16-mixed") -> float:
+        """Seconds of one optimizer step over ``n_params`` parameters: memory-bound, the bytes of
+        ``efficiency.OPTIMIZER_BYTES`` per parameter at the achievable bandwidth (a fused /
+        foreach step: its few launches are negligible next to billions of parameters)."""
+        nbytes = n_params * optimizer_bytes_per_param(optimizer, precision)
+        mem = self.efficiency.mem if self.efficiency is not None else 1.0
+        return nbytes / (self.mem_bandwidth * mem) if nbytes else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.op_overhead_s:  # optional: plans of profiles without it stay as they were
             del out["op_overhead_s"]
+        if self.efficiency is None:
+            del out["efficiency"]
         return out
 
     @classmethod
     def from_dict(cls, data: Any) -> DeviceSpec:
         return cls(**_validated(cls, data))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DeviceSpec:
+        """A profile from a JSON file (``to_dict``'s form), e.g. one ``calibrate_device`` wrote."""
+        import json
+
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CostModelError(f"cannot read device profile {str(path)!r}: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this profile as JSON (``load`` reads it back equal)."""
+        import json
+
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, sort_keys=True)
+            f.write("\n")
 
     @classmethod
     def measure_local(cls, seconds: float = 0.5) -> DeviceSpec:
@@ -95,52 +198,157 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class LinkSpec:
+    """A link between two GPUs: line rate one way, latency per message, and what NCCL gets of it.
+
+    A message of ``n`` bytes takes ``latency + (n + half_bytes) / (bandwidth x p2p)``: NCCL's
+    point-to-point rate ramps up with the message size, reaching half of its large-message rate
+    (``p2p`` x line rate) at ``half_bytes``. One step of a ring collective (``collective_step``)
+    moves at ``collective`` x line rate instead (the bus bandwidth nccl-tests reports, over the
+    line rate), paying the latency per step. Without the three optional fields a message takes ``latency + n / bandwidth``.
+    """
+
     name: str
     bandwidth: float  # bytes/s, one direction
     latency: float  # seconds per message
+    p2p: float = 1.0  # NCCL send/recv rate for large messages / line rate
+    collective: float = 1.0  # NCCL ring all-reduce bus bandwidth / line rate
+    half_bytes: float = 0.0  # message size at which half the large-message rate is reached
+
+    def __post_init__(self) -> None:  # numbers as JSON gives them back, so a plan re-applies byte for byte
+        for name in ("bandwidth", "latency", "p2p", "collective", "half_bytes"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def transfer_time(self, nbytes: float) -> float:
-        return self.latency + nbytes / self.bandwidth if nbytes else 0.0
+        if not nbytes:
+            return 0.0
+        return self.latency + (nbytes + self.half_bytes) / (self.bandwidth * self.p2p)
+
+    def collective_step(self, nbytes: float) -> float:
+        """One of a ring collective's steps moving ``nbytes`` per rank: ``latency + nbytes /
+        (bandwidth x collective)``. No ramp per step: NCCL pipelines a ring's chunks, so the
+        per-message cost is paid per step (the latency), not the point-to-point ramp."""
+        if not nbytes:
+            return 0.0
+        return self.latency + nbytes / (self.bandwidth * self.collective)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name, default in (("p2p", 1.0), ("collective", 1.0), ("half_bytes", 0.0)):
+            if out[name] == default:  # optional: plans of links without them stay as they were
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> LinkSpec:
         return cls(**_validated(cls, data))
 
 
+# -- sources of the efficiency figures (cited by tag beside each number) ----------------------
+# [MAMF]  S. Bekman, "Machine Learning Engineering", compute/accelerator/README.md, "Maximum
+#         Achievable Matmul FLOPS comparison table" (github.com/stas00/ml-engineering): best BF16
+#         torch.matmul over a sweep of shapes, mean of 100 iterations. A100 SXM 271.2 of 312
+#         TFLOPS (86.9 %), H100 SXM 794.5 of 989 (80.3 %), GH200 (H200-class, 141 GB HBM3e)
+#         828.6 of 989 (83.8 %), B200 SXM ~1745 of 2250 (77.6 %).
+# [FA2]   T. Dao, "FlashAttention-2" (arXiv 2307.08691): "50-73 % of the theoretical maximum
+#         FLOPs/s on A100" (forward at the top of that range, backward at the bottom).
+# [FA3]   J. Shah et al., "FlashAttention-3" (arXiv 2407.08608): FP16 forward up to 740 TFLOPS,
+#         75 % of H100's peak; FlashAttention-2 reaches 35 % on H100.
+# [BW]    "Memory bandwidth analysis" table (fridayswithfaraday.com/posts/memory-bandwidth-
+#         analysis-2019): achieved HBM bandwidth A100 ~1,800 of 2,039 GB/s (88 %), H100 SXM
+#         ~2,900 of 3,350 GB/s (87 %).
+# [LAUNCH] M. Boyer, "CUDA kernel overhead" (cs.virginia.edu/~mwb7w/cuda_support/
+#         kernel_overhead.html): at most ~334,000 asynchronous empty-kernel launches per second,
+#         i.e. ~3 us per kernel.
+# [SM]    NVIDIA A100 / H100 architecture whitepapers: 108 SMs (A100), 132 SMs (H100 SXM5, and
+#         H200, the same GH100 die); NVIDIA Blackwell datasheet: 148 SMs (B200).
+# Parameters that no measurement gives directly are marked "model:" (set by judgment, not
+# fitted); the one fitted number is _FIT below, fitted once to the published pipeline runs of
+# benchmarks/gpu_cost_bench.py (RESULTS.md), not per row.
+_LAUNCH_S = 3e-6  # [LAUNCH]
+_K_HALF = 96.0  # model: K at which a GEMM runs at half its best rate (K = 2304 -> 96 %, 4096 -> 98 %)
+_SEQ_HALF = 128.0  # model: attention at 1k tokens runs at 89 % of its long-sequence rate
+#: fitted: the one number adjusted to [ZB]'s 24 measured A100 iterations (benchmarks/gpu_cost_bench.py,
+#: RESULTS.md "GPU step times"); the microbenchmarks' rates above are kept as measured. No
+#: published pipeline run on the other GPUs was found to fit theirs: they take A100's.
+_FIT = 0.8
+
+A100_EFF = Efficiency(sms=108, gemm_max=0.869, gemm_k_half=_K_HALF,  # [SM], [MAMF] 271.2 / 312
+                      attn_fwd=0.73, attn_bwd=0.50, attn_seq_half=_SEQ_HALF,  # [FA2] 73 % / 50 %
+                      mem=0.88, launch_s=_LAUNCH_S, fit=_FIT)  # [BW] 1800 / 2039 GB/s
+H100_EFF = Efficiency(sms=132, gemm_max=0.803, gemm_k_half=_K_HALF,  # [SM], [MAMF] 794.5 / 989
+                      # [FA3] 75 % forward (cuDNN / FA3-class kernels, what Megatron-LM and
+                      # Transformer Engine run on Hopper); model: backward at FA2's A100 ratio
+                      # of backward to forward (50 / 73) of that
+                      attn_fwd=0.75, attn_bwd=0.51, attn_seq_half=_SEQ_HALF,
+                      mem=0.87, launch_s=_LAUNCH_S, fit=_FIT)  # [BW] 2900 / 3350 GB/s
+H200_EFF = Efficiency(sms=132, gemm_max=0.838, gemm_k_half=_K_HALF,  # [SM], [MAMF] GH200 828.6 / 989
+                      attn_fwd=0.75, attn_bwd=0.51, attn_seq_half=_SEQ_HALF,  # as H100 (same die)
+                      mem=0.87, launch_s=_LAUNCH_S, fit=_FIT)  # model: H100's measured fraction [BW]
+B200_EFF = Efficiency(sms=148, gemm_max=0.776, gemm_k_half=_K_HALF,  # [SM], [MAMF] 1745 / 2250
+                      # model: no public B200 attention measurement found; H100's fractions
+                      attn_fwd=0.75, attn_bwd=0.51, attn_seq_half=_SEQ_HALF,
+                      mem=0.87, launch_s=_LAUNCH_S, fit=_FIT)  # model: H100's measured fraction [BW]
+
 DEVICES: dict[str, DeviceSpec] = {
     d.name: d
     for d in [
         # NVIDIA H100 SXM5 datasheet: FP32 67 TFLOPS, BF16 989 TFLOPS dense (1979 is with
         # sparsity), HBM3 3.35 TB/s, 80 GB. fp32 matmuls get plain FP32 unless TF32 is on.
-        DeviceSpec("h100-sxm", 67e12, 989e12, 3.35e12, 80 * 10**9),
+        DeviceSpec("h100-sxm", 67e12, 989e12, 3.35e12, 80 * 10**9, efficiency=H100_EFF),
         # NVIDIA H200 SXM datasheet: same compute as H100 SXM, HBM3e 4.8 TB/s, 141 GB.
-        DeviceSpec("h200", 67e12, 989e12, 4.8e12, 141 * 10**9),
+        DeviceSpec("h200", 67e12, 989e12, 4.8e12, 141 * 10**9, efficiency=H200_EFF),
         # NVIDIA A100 80GB SXM datasheet: FP32 19.5 TFLOPS, BF16 312 TFLOPS dense,
         # HBM2e 2.039 TB/s, 80 GB.
-        DeviceSpec("a100-80gb", 19.5e12, 312e12, 2.039e12, 80 * 10**9),
+        DeviceSpec("a100-80gb", 19.5e12, 312e12, 2.039e12, 80 * 10**9, efficiency=A100_EFF),
+        # NVIDIA B200 (HGX B200 / DGX B200 datasheets): BF16 2.25 PFLOPS dense (4.5 with
+        # sparsity), FP32 ~75 TFLOPS, HBM3e 8 TB/s, 180 GB.
+        DeviceSpec("b200", 75e12, 2.25e15, 8e12, 180 * 10**9, efficiency=B200_EFF),
         # A generic server CPU socket (order of magnitude only: ~16 AVX-512 cores,
         # ~1 TFLOP/s fp32, no bf16 speed-up assumed, ~100 GB/s DDR). Prefer measure_local().
         DeviceSpec("cpu", 1e12, 1e12, 100e9, 64 * 2**30, "cpu"),
     ]
 }
 
+# -- sources of the link figures -------------------------------------------------------------
+# [NVL]   NVIDIA datasheets: NVLink 3 (A100) 600 GB/s, NVLink 4 (H100/H200) 900 GB/s, NVLink 5
+#         (B200) 1.8 TB/s, all bidirectional per GPU: half of it each way.
+# [P2P]   nccl-tests issue #149 (8x A100-SXM4-80GB, NVLink): CUDA p2pBandwidthLatencyTest
+#         430-520 GB/s bidirectional between two GPUs, i.e. ~240 of 300 GB/s each way (0.8);
+#         all_reduce_perf bus bandwidth ~200 GB/s; issue #178 (A100, NVLink pair): 208 GB/s.
+#         So a ring all-reduce step runs at ~0.69 of NVLink 3's 300 GB/s.
+# [NVLS]  nccl-tests issue #309 (2 HGX H100 hosts): ~370 GB/s all-reduce bus bandwidth of
+#         450 GB/s each way (0.82).
+# [RAMP]  nccl-tests issue #44 (all_reduce_perf, 2 GPUs over an NVLink bridge): bus bandwidth
+#         reaches half its plateau around 1 MB and the plateau from ~8 MB on; we put the half
+#         point at 4 MiB for NVLink (model: ~15 us of fixed cost at 240 GB/s) and 1 MiB between
+#         nodes (~40 us at 25 GB/s).
+# [IB]    nccl-tests issue #119 (3 nodes of 8x A100, 4x HDR 200 Gb/s per node): all-reduce bus
+#         bandwidth 84.8 GB/s average and 96 GB/s peak of 100 GB/s, 0.85-0.96 of the line rate.
 LINKS: dict[str, LinkSpec] = {
     l.name: l
     for l in [
-        LinkSpec("nvlink4", 450e9, 3e-6),  # H100 NVLink 4: 900 GB/s total = 450 GB/s each way
+        # A100 NVLink 3: 600 GB/s total = 300 GB/s each way [NVL]; NCCL p2p 0.8, ring 0.69 [P2P]
+        LinkSpec("nvlink3", 300e9, 3e-6, p2p=0.8, collective=0.69, half_bytes=4 * 2**20),
+        # H100 NVLink 4: 900 GB/s total = 450 GB/s each way [NVL]; p2p as NVLink 3 (model:
+        # [P2P]'s fraction), collectives 0.82 [NVLS]
+        LinkSpec("nvlink4", 450e9, 3e-6, p2p=0.8, collective=0.82, half_bytes=4 * 2**20),
+        # B200 NVLink 5: 1.8 TB/s total = 900 GB/s each way [NVL]; fractions as NVLink 4 (model)
+        LinkSpec("nvlink5", 900e9, 3e-6, p2p=0.8, collective=0.82, half_bytes=4 * 2**20),
         LinkSpec("pcie4", 32e9, 10e-6),  # PCIe 4.0 x16: 31.5 GB/s each way
         LinkSpec("pcie5", 64e9, 10e-6),  # PCIe 5.0 x16: 63 GB/s each way
-        LinkSpec("ethernet-100g", 12.5e9, 25e-6),  # 100 Gb/s line rate; TCP round trips ~25 us
+        # 100 Gb/s line rate; TCP round trips ~25 us. NCCL's socket transport: model, under
+        # RoCE's fractions, with the same ramp as the other networks between nodes
+        LinkSpec("ethernet-100g", 12.5e9, 25e-6, p2p=0.8, collective=0.75, half_bytes=2.0**20),
         # Between nodes, one NIC per GPU (the DGX H100 layout: 8 x ConnectX-7 per node).
         # InfiniBand NDR: 400 Gb/s = 50 GB/s each way; ~2 us through one switch hop plus
-        # NCCL's per-message software cost, ~5 us end to end.
-        LinkSpec("ib-ndr-400", 50e9, 5e-6),
+        # NCCL's per-message software cost, ~5 us end to end. NCCL reaches 0.9 (p2p) and 0.85
+        # (all-reduce) of the line rate [IB], half of it at 1 MiB [RAMP].
+        LinkSpec("ib-ndr-400", 50e9, 5e-6, p2p=0.9, collective=0.85, half_bytes=2**20),
+        # InfiniBand HDR: 200 Gb/s = 25 GB/s each way (the DGX A100 layout); fractions [IB]
+        LinkSpec("ib-hdr-200", 25e9, 5e-6, p2p=0.9, collective=0.85, half_bytes=2**20),
         # 200 Gb/s Ethernet with RoCE v2: 25 GB/s each way, ~10 us (switch and NIC latency
-        # are higher than InfiniBand's; NCCL over RoCE).
-        LinkSpec("ethernet-200g", 25e9, 10e-6),
+        # are higher than InfiniBand's; NCCL over RoCE). Fractions: model, a little under [IB].
+        LinkSpec("ethernet-200g", 25e9, 10e-6, p2p=0.85, collective=0.8, half_bytes=2**20),
         LinkSpec("loopback", 4e9, 50e-6),  # gloo over TCP on one host: a few GB/s, ~50 us
     ]
 }
@@ -163,6 +371,13 @@ def get_link(spec: str | LinkSpec) -> LinkSpec:
     if spec not in LINKS:
         raise CostModelError(f"unknown link {spec!r}; valid names: {', '.join(LINKS)}")
     return LINKS[spec]
+
+
+def _causal_share(sq: float, sk: float, block: int = 128) -> float:
+    """Share of a causal attention's blocks a flash kernel computes: the ``n(n+1)/2`` blocks of
+    ``block`` rows on or below the diagonal of ``n x n`` (square case; FlashAttention-2's tiles)."""
+    n = max(1, -(-int(max(sq, sk)) // block))
+    return (n + 1) / (2 * n)
 
 
 def evaluate(exprs: Sequence[sympy.Expr], values: Mapping[str, int]) -> list[float]:
@@ -227,6 +442,12 @@ def _validated(cls: type, data: Any) -> dict[str, Any]:
             continue
         if name == "op_overhead_s" and name not in data:  # optional, 0 when absent
             continue
+        if name == "efficiency":  # optional: absent in CPU profiles and in plans written before it
+            if data.get(name) is not None:
+                out[name] = Efficiency.from_dict(data[name])
+            continue
+        if name in ("p2p", "collective", "half_bytes") and name not in data:  # optional link fields
+            continue
         if name not in data:
             raise CostModelError(f"{cls.__name__} is missing field {name!r}")
         v = data[name]
@@ -235,7 +456,9 @@ def _validated(cls: type, data: Any) -> dict[str, Any]:
                 raise CostModelError(f"{cls.__name__}.name must be a non-empty string, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
             raise CostModelError(f"{cls.__name__}.{name} must be a finite non-negative number, got {v!r}")
-        elif name not in ("latency", "memory_bytes", "op_overhead_s") and v == 0:
+        elif name in ("collective", "p2p") and v > 1:
+            raise CostModelError(f"{cls.__name__}.{name} is a fraction of the line rate: at most 1, got {v!r}")
+        elif name not in ("latency", "memory_bytes", "op_overhead_s", "half_bytes") and v == 0:
             raise CostModelError(f"{cls.__name__}.{name} must be positive, got {v!r}")
         out[name] = int(v) if typ in ("int", int) else (v if name == "name" else float(v))
     return out

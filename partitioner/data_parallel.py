@@ -71,14 +71,14 @@ def ring_allreduce_s(nbytes: float, dp: int, link: LinkSpec) -> float:
     2(dp-1) steps each sending ``nbytes / dp`` (Patarasuk and Yuan 2009; NCCL's ring)."""
     if dp <= 1 or nbytes <= 0:
         return 0.0
-    return 2 * (dp - 1) * link.transfer_time(nbytes / dp)
+    return 2 * (dp - 1) * link.collective_step(nbytes / dp)  # at NCCL's ring bus bandwidth (LinkSpec)
 
 
 def allgather_s(nbytes: float, dp: int, link: LinkSpec) -> float:
     """Ring all-gather of ``nbytes`` (each rank holds ``nbytes / dp``): dp-1 steps."""
     if dp <= 1 or nbytes <= 0:
         return 0.0
-    return (dp - 1) * link.transfer_time(nbytes / dp)
+    return (dp - 1) * link.collective_step(nbytes / dp)
 
 
 def placements(dp: int, pp: int, gpus_per_node: int | None) -> list[Mesh]:

@@ -10,7 +10,7 @@ crossing value can go over the wire: a tensor, or a plain int/float/bool/None.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import sympy
@@ -129,7 +129,7 @@ def price(
         cost: NodeCost = node.meta.get(COST, NodeCost())
         hit = times.get(id(cost))
         if hit is None or hit[0] is not cost:
-            hit = times[id(cost)] = (cost, node_time(cost, values))
+            hit = times[id(cost)] = (cost, node_time(with_shape(node, cost), values))
         f, b = hit[1]
         fwd.append(f)
         bwd.append(b)
@@ -182,6 +182,40 @@ def price(
         why.append(reason)
     return Priced(tuple(order), tuple(fwd), tuple(bwd),
                   tuple(cut_bytes), tuple(cut_grad), tuple(allowed), tuple(why))
+
+
+_GEMM_OPS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten.matmul.", "aten.linear.")
+
+
+def with_shape(node: fx.Node, cost: NodeCost) -> NodeCost:
+    """``cost`` with the kernel's problem size the device model prices by (``NodeCost.shape``):
+    ``(M, K, N)`` of a matrix multiply (K the first input's last dim, N the output's, M the
+    rest of the output, batch dims folded in); ``(Sq, Sk, head_dim, causal)`` of an attention
+    core. A ``.to()`` that keeps the dtype launches nothing on the stage's GPU (ops: an alias).
+    Unchanged where the node is none of these or its sizes are unknown."""
+    if cost.shape:
+        return cost
+    descs = [a.meta.get(DESC) for a in node.all_input_nodes]
+    out = node.meta.get(DESC)
+    if (str(node.target).startswith("aten.to.") or (node.op == "call_method" and node.target == "to")) and \
+            descs and isinstance(descs[0], TensorDesc) and isinstance(out, TensorDesc) and descs[0].dtype == out.dtype:
+        # a move to the device the stage runs on (a meta or CPU capture's artefact): no kernel
+        return replace(cost, ops=("aten.alias.default",))
+    if cost.kind.startswith("attention"):
+        q, k = (descs + [None, None])[:2]
+        if isinstance(q, TensorDesc) and isinstance(k, TensorDesc) and len(q.shape) >= 2 and len(k.shape) >= 2:
+            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            causal = bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)) or (
+                cost.kind == "attention-causal" and isinstance(mask, fx.Node))  # a mask made from shapes alone
+            return replace(cost, shape=(q.shape[-2], k.shape[-2], q.shape[-1], sympy.Integer(int(causal))))
+        return cost
+    if not any(op.startswith(_GEMM_OPS) for op in cost.ops):
+        return cost
+    first = descs[0] if descs else None
+    if isinstance(first, TensorDesc) and isinstance(out, TensorDesc) and first.shape and out.shape:
+        n = out.shape[-1]
+        return replace(cost, shape=(out.numel() / n, first.shape[-1], n))
+    return cost
 
 
 def _split_writes(gm: fx.GraphModule, order: Sequence[fx.Node], pos: dict[fx.Node, int]) -> list[str]:

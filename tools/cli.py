@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", parents=[common, part], help="partition a model and write its plan",
                        description="Trace MODEL, solve for balanced stages, print the per-stage table, "
                                    "and write the plan JSON atomically.")
-    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP + "; or hf:CONFIG (a Hugging Face causal LM built "
+                   "from a config.json, a folder holding one, or a hub model id, on the meta device: no weights)")
+    p.add_argument("--seq", type=int, default=None, metavar="S",
+                   help="hf: models: tokens per sample (default: 2048, or the model's maximum if smaller)")
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help="hf: models: samples per step, the global batch (default: 8 per GPU)")
     p.add_argument("--output", "-o", default="plan.json", help="plan file to write (default: %(default)s)")
     p.add_argument("--dot", metavar="FILE", help="also write the segmentation as Graphviz DOT (default: no)")
     p.add_argument("--svg", metavar="FILE", help="also draw the segmentation as SVG (default: no)")

@@ -118,6 +118,14 @@ def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: boo
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    hf = args.model.startswith("hf:")
+    if not hf and (getattr(args, "seq", None) is not None or getattr(args, "batch", None) is not None):
+        raise ToolError("--seq and --batch size the inputs of hf: models; a model factory returns its own "
+                        "example inputs: drop them")
+    if hf:  # what the cluster could run: let the planner rank the layouts unless the user fixed them
+        for key in ("schedule", "microbatches", "dp"):
+            if getattr(args, key, None) is None:
+                setattr(args, key, "auto")
     check_partition_args(args)
     check_outputs([("-o", args.output), ("--dot", args.dot), ("--svg", args.svg)], [_model_file(args.model) or ""])
     if args.depth is not None and args.depth < 1:
@@ -125,7 +133,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tools.summary import plan_summary
     from tools.table import print_plan
 
-    pipe = partition_from_args(args, args.model)
+    loaded = None
+    if hf:
+        from tools.hf_model import load_hf
+
+        with _phase(f"building {args.model} on the meta device", args.quiet):
+            loaded = _hf_inputs(args)
+            loaded = load_hf(args.model, *loaded)
+    pipe = partition_from_args(args, args.model, loaded=loaded)
     files = Outputs()
     files.add(args.output, pipe.plan.to_json())
     if args.dot or args.svg:
@@ -141,11 +156,54 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out = _out()
         print_plan(plan_summary(pipe.plan), out)
         out.print("wrote " + ", ".join(written))
-    if getattr(args, "explain", False):
+    if getattr(args, "explain", False) or (hf and not args.quiet):
         _explain_choice(pipe.plan)
     if args.dp == "auto" and not args.quiet:
         _explain_data_parallel(pipe.plan)
+    if hf and not args.quiet:
+        _hf_report(pipe.plan, args)
     return 0
+
+
+def _hf_inputs(args: argparse.Namespace) -> tuple[int, int]:
+    """(seq, global batch) for an hf: model: --seq (default 2048, capped at the model's
+    maximum when not given) and --batch (default 8 per GPU)."""
+    seq = args.seq
+    if seq is None:
+        seq = 2048
+        try:
+            from tools.hf_model import _config
+
+            limit = getattr(_config(args.model[len("hf:"):]), "max_position_embeddings", None)
+            if isinstance(limit, int) and 0 < limit < seq:
+                seq = limit
+        except ToolError:
+            pass  # load_hf reports it
+    batch = args.batch if args.batch is not None else 8 * args.gpus
+    return seq, batch
+
+
+def _hf_report(plan: Any, args: argparse.Namespace) -> None:
+    """What a cluster budget needs: the step with the optimizer's, tokens/s, MFU, memory per stage."""
+    from cost_models.devices import DeviceSpec
+    from tools.fmt import human_bytes, human_seconds
+    from tools.hf_model import model_flops
+
+    dev = DeviceSpec.from_dict(plan.device)
+    p = plan.prediction
+    width = 2  # hf: models are built in bf16: parameter bytes / 2 = parameters
+    opt = max(dev.optimizer_time(s.cost.param_bytes / width, plan.options.get("optimizer", "adam"),
+                                 plan.options.get("precision", "bf16-mixed")) for s in plan.stages)
+    step = p.step_time_s + opt
+    tokens = plan.symbols.get("B", 1) * plan.symbols.get("S", 1)
+    gpus = int(plan.options.get("n_gpus", args.gpus))
+    mfu = model_flops(plan) / (step * gpus * dev.peak_flops_lowp)
+    print(f"predicted step {human_seconds(step)} (pipeline {human_seconds(p.step_time_s)} + optimizer step "
+          f"{human_seconds(opt)}), {tokens / step:,.0f} tokens/s on {gpus} x {dev.name}, MFU {100 * mfu:.1f}%")
+    print("memory per stage: " + ", ".join(f"{s.index}: {human_bytes(s.cost.memory_bytes)}" for s in plan.stages)
+          + f" (of {human_bytes(dev.memory_bytes)})")
+
+
 
 
 def _explain_data_parallel(plan: Any) -> None:

@@ -65,7 +65,7 @@ def test_lookup_by_name_lists_valid_names() -> None:
     assert get_device("h100-sxm") is DEVICES["h100-sxm"] and get_link(LINKS["pcie4"]) is LINKS["pcie4"]
     with pytest.raises(CostModelError, match=r"unknown device 'h100'; valid names: .*h100-sxm.*local"):
         get_device("h100")
-    with pytest.raises(CostModelError, match=r"unknown link 'nvlink'; valid names: nvlink4, pcie4"):
+    with pytest.raises(CostModelError, match=r"unknown link 'nvlink'; valid names: nvlink3, nvlink4, nvlink5, pcie4"):
         get_link("nvlink")
 
 
