@@ -4,7 +4,8 @@ Run: ``.venv/bin/python benchmarks/ab_bench.py --before ../old-checkout [--after
 [--schedules 1f1b,zbv] [--steps 6]``. Each round runs, for each schedule, one fresh
 subprocess per checkout (``PYTHONPATH`` pointing at it, in alternating order) that
 partitions the Llama-shaped benchmark model (dim 256, 8 layers, vocab 4096, batch 16 x 64
-tokens, 8 micro-batches: runtime_bench's ``--model llama``), spawns 2 gloo ranks of one
+tokens, 8 micro-batches: runtime_bench's ``--model llama``) with its cuts pinned at layer
+boundaries (the same stages whatever either checkout's cost model), spawns 2 gloo ranks of one
 thread and times ``--steps`` training steps after 2 warm-up steps; the step time is the
 median over steps of the slower rank. Load from other jobs hits both checkouts alike, so
 read the before/after ratio per round, not the absolute times.
@@ -35,8 +36,11 @@ cfg = LlamaConfig(dim=256, n_layers=8, n_heads=4, hidden_dim=4 * 256 * 2 // 3, v
 model = Llama(cfg)
 x = torch.randint(0, 4096, (16, 64))
 y = torch.randint(0, 4096, (16, 64))
-kw = dict(virtual_stages=2) if schedule in ("zbv", "interleaved-1f1b") else {}
+# Cuts pinned at layer boundaries: both checkouts run the same stages whatever their cost models.
+kw = dict(virtual_stages=2, pinned_cuts=["layers.2", "layers.4", "layers.6"]) \
+    if schedule in ("zbv", "interleaved-1f1b") else dict(pinned_cuts=["layers.4"])
 pipe = partition(model, n_gpus=2, example_inputs=(x,), schedule=schedule, n_microbatches=8, **kw)
+print(json.dumps([s.nodes[0] for s in pipe.plan.stages]), file=sys.stderr)
 loss_fn = lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten())
 
 def rank_fn(rank, world):
