@@ -158,6 +158,19 @@ def _route_comms(s: Schedule, edges: Edges) -> Schedule:
     return replace(s, actions=tuple(out)) if changed else s
 
 
+def _messages(s: Schedule, edges: Edges, rank: int, a: Action) -> list[Op]:
+    """The cross-rank messages communication action ``a`` of ``rank`` sends (SEND) or
+    posts a receive for (RECV), each with the peer rank, ascending peer stage."""
+    d = a.kind[-1]
+    if a.kind.startswith("SEND"):
+        keys = [(d, a.stage, t, a.microbatch) for t in edges.targets(d, a.stage)]
+        peers = [s.rank_of(t) for t in edges.targets(d, a.stage)]
+    else:
+        keys = [(d, p, a.stage, a.microbatch) for p in edges.sources(d, a.stage)]
+        peers = [s.rank_of(p) for p in edges.sources(d, a.stage)]
+    return [(k, peer) for k, peer in zip(keys, peers) if peer != rank]
+
+
 def lower(schedule: Schedule, edges: Edges | None = None) -> Lowered:
     """The operations each rank issues for ``schedule``, in rounds (module docstring).
     Raises ScheduleError for a message sent and never received (or the reverse), or lists
@@ -179,15 +192,8 @@ def lower(schedule: Schedule, edges: Edges | None = None) -> Lowered:
                 needs[r].append(tuple((d, p, a.stage, a.microbatch) for p in edges.sources(d, a.stage)
                                       if rank_of(p) != r) if a.kind != "W" else ())
                 continue
-            d = a.kind[-1]
-            if a.kind.startswith("SEND"):
-                for t in edges.targets(d, a.stage):
-                    if rank_of(t) != r:
-                        made.setdefault((d, a.stage, t, a.microbatch), (r, c, a))
-            else:
-                for p in edges.sources(d, a.stage):
-                    if rank_of(p) != r:
-                        posted.setdefault((d, p, a.stage, a.microbatch), (r, c, a))
+            for key, _ in _messages(s, edges, r, a):
+                (made if a.kind.startswith("SEND") else posted).setdefault(key, (r, c, a))
     for key in made.keys() - posted.keys():
         raise ScheduleError(f"schedule {s.name!r}: rank {made[key][0]} sends {describe(key)} ({made[key][2]}), "
                             f"but no action of rank {rank_of(key[2])} receives it")
@@ -278,17 +284,13 @@ def lower_unfused(schedule: Schedule, edges: Edges | None = None) -> Lowered:
             if a.is_compute:
                 c += 1
                 continue
-            d = a.kind[-1]
+            ops = _messages(s, edges, r, a)
             if a.kind.startswith("SEND"):
-                snd = [((d, a.stage, t, a.microbatch), s.rank_of(t)) for t in edges.targets(d, a.stage)
-                       if s.rank_of(t) != r]
-                rows.append((c, a, snd, []))
+                rows.append((c, a, ops, []))
             else:
-                rcv = [((d, p, a.stage, a.microbatch), s.rank_of(p)) for p in edges.sources(d, a.stage)
-                       if s.rank_of(p) != r]
-                for key, peer in rcv:
+                for key, peer in ops:
                     posting[(peer, r)].append(key)
-                rows.append((c, a, [], rcv))
+                rows.append((c, a, [], ops))
         per_action.append(rows)
     order = {pair: {k: i for i, k in enumerate(keys)} for pair, keys in posting.items()}
     batches = []

@@ -83,12 +83,11 @@ class _Works:
 class DistTransport:
     """P2P over ``group`` (default: the world); peers are ranks within ``group``."""
 
-    def __init__(self, n_stages: int, n_microbatches: int, max_values: int,
-                 group: dist.ProcessGroup | None = None, *, tagless: bool = False) -> None:
+    def __init__(self, n_stages: int, group: dist.ProcessGroup | None = None, *, tagless: bool = False) -> None:
         self.group = group
         self.tagless = tagless
         self.prepost = dist.get_backend(group) != "nccl" and not tagless
-        self._shape = (n_stages, n_microbatches, max(max_values, 1))
+        self._n_stages = n_stages  # for the tags
         self._sends: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
         self._in_flight: set[Key] = set()  # keys sent since the last flush: their buffers are busy
         self._send_bufs: dict[Key, torch.Tensor] = {}  # CPU only: reused once flushed
@@ -101,8 +100,8 @@ class DistTransport:
         if self.tagless:
             return 0
         direction, src, dst, mb = key
-        n_stages, _, _ = self._shape
-        return (((mb * n_stages + src) * n_stages + dst) * 2) + (direction == "B")
+        n = self._n_stages
+        return (((mb * n + src) * n + dst) * 2) + (direction == "B")
 
     def _peer(self, peer: int) -> int:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)

@@ -90,15 +90,21 @@ class GradReady(Protocol):
     def ready(self, stage: int) -> None: ...  # it has run: the stage's gradients are final
 
 
+def _carries(wires: Sequence[Wire], grad: bool) -> bool:
+    """Whether a link of these values is a message: some value travels (forward), some
+    value gets a gradient (backward). Both ends and the lowering decide by this alone."""
+    return any(w.requires_grad if grad else w.travels for w in wires)
+
+
 class _RouteEdges:
     """``partitioner.comms.Edges`` from the plan's routes: who sends whom a message that
     carries something (activations that travel; gradients only for values that need one)."""
 
     def __init__(self, links: Links, wires: Mapping[str, Wire], n_stages: int) -> None:
-        self.out = {("F", s): [p for p, names in links.sends(s) if any(wires[n].travels for n in names)]
+        self.out = {("F", s): [p for p, names in links.sends(s) if _carries([wires[n] for n in names], False)]
                     for s in range(n_stages)}
-        self.out.update({("B", s): [p for p, names in links.receives(s) if any(wires[n].requires_grad for n in names)]
-                         for s in range(n_stages)})
+        self.out.update({("B", s): [p for p, names in links.receives(s)
+                                    if _carries([wires[n] for n in names], True)] for s in range(n_stages)})
         self.inc: dict[tuple[str, int], list[int]] = {}
         for (d, s), targets in self.out.items():
             for t in targets:
@@ -210,7 +216,7 @@ class Interpreter:
             out = []
             for peer, names in pairs:
                 ws = tuple(wire[n] for n in names if not grad or wire[n].requires_grad)
-                if ws:
+                if _carries(ws, grad):
                     out.append((peer, ws))
             return out
 
@@ -336,8 +342,6 @@ class Interpreter:
             return [t.clone() for t in self._local.pop(key)]  # clone: the receiver owns its copy
         pending = self._pending.pop(key, None)
         if pending is None:
-            if not self._shape[key[:3]]:  # a link of values that never travel (None): no message
-                return []
             raise PipelineRuntimeError(f"message {key} used before its receive was posted")
         self.comm_log.append(("wait", key))
         t0 = time.perf_counter_ns()

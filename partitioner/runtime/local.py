@@ -101,9 +101,7 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     flat = pipe.flatten_inputs(inputs, kwargs)
     batch = batch_size(flat)
     seq = seq_len(pipe.plan, flat)
-    if comm not in ("buffered", "nccl"):
-        raise PipelineRuntimeError(f"comm={comm!r}: expected 'buffered' or 'nccl'")
-    transport: LocalTransport | NcclTransport = LocalTransport() if comm == "buffered" else NcclTransport(sched.n_ranks)
+    transport = _transport(comm, sched.n_ranks)
     modules = compiled_modules(pipe, {s: pipe.stages[s] for s in range(len(pipe.stages))}, compile)
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     ranks = [
@@ -118,28 +116,7 @@ def train_step(pipe: Pipe, *inputs: Any, target: Any, loss_fn: Callable[[Any, An
     divisor = None if count is None else global_count(count, torch.device("cpu"), None)
     for it in ranks:
         it.start(batch // m, seq, mb_inputs, mb_targets, loss_divisor=divisor)
-    pcs = [0] * len(ranks)
-    # Round-robin over ranks, each running until it needs a message not yet sent: the
-    # order schedule.replay validates, so a valid schedule always finishes.
-    while True:
-        progress = False
-        for r, it in enumerate(ranks):
-            while pcs[r] < len(it.steps) and it.can_run(it.steps[pcs[r]]):
-                try:
-                    it.run(it.steps[pcs[r]])
-                except PipelineRuntimeError as e:
-                    log_failure(sched, e, r)  # the grid around the failing action
-                    raise
-                pcs[r] += 1
-                progress = True
-        if not progress:
-            break
-    stuck = [f"rank {r} at {it.steps[pcs[r]]}" for r, it in enumerate(ranks) if pcs[r] < len(it.steps)]
-    waits = transport.pending() if isinstance(transport, NcclTransport) else []
-    if stuck or waits:
-        raise PipelineRuntimeError(f"schedule {sched.name!r} deadlocks"
-                                   + (" under NCCL's rules" if comm == "nccl" else "") + ": "
-                                   + "; ".join(stuck + waits) + f"\n{sched.grid(comms=True)}")
+    _drive(ranks, sched, transport, comm)
     losses = [it.finish() for it in ranks]
     if trace is not None:
         from partitioner.runtime.trace import write_trace
@@ -163,14 +140,12 @@ def eval_step(pipe: Pipe, *inputs: Any, target: Any = None, loss_fn: Callable[[A
     """
     if target is not None and loss_fn is None:
         raise PipelineRuntimeError("eval_step(target=...) needs loss_fn=... to compute the loss")
-    if comm not in ("buffered", "nccl"):
-        raise PipelineRuntimeError(f"comm={comm!r}: expected 'buffered' or 'nccl'")
     check_normalize(normalize)
     sched = forward_schedule(resolve_schedule(pipe, schedule, n_microbatches))
     m = sched.n_microbatches
     flat = pipe.flatten_inputs(inputs, kwargs)
     batch = batch_size(flat)
-    transport: LocalTransport | NcclTransport = LocalTransport() if comm == "buffered" else NcclTransport(sched.n_ranks)
+    transport = _transport(comm, sched.n_ranks)
     table = routes(pipe.plan, cast("list[fx.GraphModule]", list(pipe.stages)))
     fn = loss_fn if loss_fn is not None else (lambda out, y: out)
     ranks = [Interpreter(r, {s: pipe.stages[s] for s in range(len(pipe.stages)) if sched.rank_of(s) == r}, pipe.plan,
@@ -191,9 +166,17 @@ def eval_step(pipe: Pipe, *inputs: Any, target: Any = None, loss_fn: Callable[[A
     return loss, concat_outputs(last.outputs)
 
 
+def _transport(comm: str, n_ranks: int) -> LocalTransport | NcclTransport:
+    """The in-process transport ``comm`` names: buffered (gloo's semantics) or NCCL's rules."""
+    if comm not in ("buffered", "nccl"):
+        raise PipelineRuntimeError(f"comm={comm!r}: expected 'buffered' or 'nccl'")
+    return LocalTransport() if comm == "buffered" else NcclTransport(n_ranks)
+
+
 def _drive(ranks: list[Interpreter], sched: Schedule, transport: LocalTransport | NcclTransport, comm: str) -> None:
     """Round-robin over the ranks' steps, each running until it needs a message not yet
-    sent (as ``train_step``); a rank left waiting is a deadlock, reported with the grid."""
+    sent: the order ``schedule.replay`` validates, so a valid schedule always finishes; a
+    rank left waiting is a deadlock, reported with the grid."""
     pcs = [0] * len(ranks)
     progress = True
     while progress:

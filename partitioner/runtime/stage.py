@@ -591,8 +591,7 @@ class Runner:
         problem = split_problem(self.batch, m)
         if problem:
             raise PipelineRuntimeError(problem + " (or pass batch_size=...)")
-        width = max((len(b.values) for b in plan.boundaries), default=1)
-        self.transport = DistTransport(plan.n_stages, m, width, stage.group, tagless=ordered)
+        self.transport = DistTransport(plan.n_stages, stage.group, tagless=ordered)
         #: the modules the interpreter calls: ``stage.modules``, or their compiled wrappers
         self.modules = compiled_modules(stage, stage.modules, compile)
         self.interpreter = Interpreter(stage.rank, self.modules, plan, schedule, self.transport, loss_fn,

@@ -85,10 +85,11 @@ def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Calla
     return losses, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
 
 
-def train_in_process(layout: str, schedule: Any, m: int) -> tuple[list[float], list[float], dict, dict]:
+def train_in_process(layout: str, schedule: Any, m: int, comm: str = "buffered") -> tuple[list[float], list[float],
+                                                                                     dict, dict]:
     """``STEPS`` SGD steps of the layout's pipe in one process (``pipe.train_step``, a schedule
-    name or ``Schedule``) and of the plain model: (losses, reference losses, parameters,
-    reference parameters), by FQN."""
+    name or ``Schedule``; ``comm`` its transport) and of the plain model: (losses, reference
+    losses, parameters, reference parameters), by FQN."""
     model, pipe = fresh(layout)
     x, y, loss_fn = data(layout.split("-")[0])
     want_losses, want = reference(model, x, y, loss_fn)
@@ -96,7 +97,8 @@ def train_in_process(layout: str, schedule: Any, m: int) -> tuple[list[float], l
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
-        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m).item())
+        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m,
+                                      comm=comm).item())
         opt.step()
     return losses, want_losses, dict(model.named_parameters(remove_duplicate=False)), want
 

@@ -189,7 +189,7 @@ def _exchange(rank: int, world: int) -> list[Any]:
 
     from partitioner.runtime.dist import DistTransport
 
-    tr = DistTransport(n_stages=2, n_microbatches=1, max_values=len(_MIXED))
+    tr = DistTransport(n_stages=2)
     key = ("F", 0, 1, 0)
     seen = []
     for step in range(2):

@@ -125,17 +125,7 @@ CASES = [("gpt-2", "gpipe", 4), ("gpt-2", "1f1b", 4), ("gpt-4", "1f1b", 4), ("gp
 
 
 def _train_nccl(layout: str, schedule: Any, m: int) -> tuple[list[float], list[float], dict, dict]:
-    model, pipe = fresh(layout)
-    x, y, loss_fn = data(layout.split("-")[0])
-    want_losses, want = reference(model, x, y, loss_fn)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pipe.train_step(x, target=y, loss_fn=loss_fn, schedule=schedule, n_microbatches=m,
-                                      comm="nccl").item())
-        opt.step()
-    return losses, want_losses, dict(model.named_parameters(remove_duplicate=False)), want
+    return train_in_process(layout, schedule, m, comm="nccl")
 
 
 @pytest.mark.parametrize("layout,schedule,m", CASES)
