@@ -60,10 +60,26 @@ def _dumps(value: Any) -> bytes:
     return buf.getvalue()
 
 
+def _compile_in_process() -> None:
+    """A forked rank compiles with inductor in its own process, never through a pool.
+
+    A parent that has compiled before owns inductor's compile-worker pool (a subprocess
+    and its reader thread); a forked child inherits the pool object but not the worker,
+    so its first compilation would wait forever for results that never come. One compile
+    thread makes inductor compile in the calling process. A parent that never loaded
+    inductor has no pool to inherit, and the child is left alone (loading it costs seconds).
+    """
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None:
+        config.compile_threads = 1  # type: ignore[attr-defined]
+
+
 def _child(fn: Callable[..., Any], rank: int, world: int, args: tuple[Any, ...], port: int, backend: str,
-           timeout_s: float, threads: int | None, results: Any) -> None:
+           timeout_s: float, threads: int | None, results: Any, forked: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    if forked:
+        _compile_in_process()
     code = 0
     try:
         init_from_env(backend, timeout_s, threads)
@@ -100,7 +116,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child,  # type: ignore[attr-defined]
-                         args=(fn, r, world_size, args, port, backend, timeout_s, threads, results),
+                         args=(fn, r, world_size, args, port, backend, timeout_s, threads, results,
+                               start_method == "fork"),
                          name=f"pipeline-rank-{r}") for r in range(world_size)]
     for p in procs:
         p.start()

@@ -295,3 +295,19 @@ def test_replicas_compiled_average_their_gradients_like_one_process() -> None:
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
         assert launches == ["hook"] and graphs == 1  # launched inside the compiled backward; one compilation
+
+
+def _compile_fresh(rank: int, world: int, scale: float) -> float:
+    fn = torch.compile(lambda t: (t.sin() * scale + t.cos()).sum())
+    return float(fn(torch.ones(7)))
+
+
+def test_a_forked_rank_compiles_after_its_parent_has_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cold cache makes both processes really compile: the parent starts inductor's
+    # worker pool, which a forked child inherits without its worker.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    expect = float((torch.ones(7).sin() * 2.0 + torch.ones(7).cos()).sum())
+    assert _compile_fresh(0, 1, 2.0) == pytest.approx(expect)
+    got = spawn(_compile_fresh, 1, 3.0, timeout_s=120.0)
+    assert got == [pytest.approx(float((torch.ones(7).sin() * 3.0 + torch.ones(7).cos()).sum()))]
