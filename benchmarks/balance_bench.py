@@ -38,13 +38,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._models import (  # noqa: E402
-    BENCHES, M, MICRO, N_STAGES, SEQ, Bench, bounds_to_pins, interleaved_times, markdown_table, plan_bounds,
-    replace_section, stage_entries,
+    BENCHES,
+    MICRO,
+    N_STAGES,
+    SEQ,
+    Bench,
+    M,
+    bounds_to_pins,
+    interleaved_times,
+    markdown_table,
+    plan_bounds,
+    replace_section,
+    stage_entries,
 )
 from partitioner import DeviceSpec, partition  # noqa: E402
+from partitioner.passes.split import compute_nodes  # noqa: E402
 from partitioner.schedule import build_schedule  # noqa: E402
 from partitioner.simulator import simulate  # noqa: E402
-from passes.split import compute_nodes  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 PREAMBLE = """# Benchmark results

@@ -27,7 +27,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._models import (  # noqa: E402
-    BENCHES, M, MICRO, N_STAGES, SEQ, bounds_to_pins, interleaved_times, markdown_table, replace_section,
+    BENCHES,
+    MICRO,
+    N_STAGES,
+    SEQ,
+    M,
+    bounds_to_pins,
+    interleaved_times,
+    markdown_table,
+    replace_section,
     stage_entries,
 )
 from benchmarks.balance_bench import PREAMBLE, RESULTS, uniform_bounds  # noqa: E402

@@ -71,7 +71,7 @@ def reprice(plan, dims: tuple[str, ...], sizes: dict[str, tuple[int, int]]) -> d
     it): ``sizes`` maps each trainable parameter name to (tensor id, gradient bytes)."""
     from dataclasses import replace
 
-    from cost_models.devices import LinkSpec
+    from partitioner.cost_models.devices import LinkSpec
     from partitioner.data_parallel import price_replicas, reduction_windows
     from partitioner.schedule import build_schedule
     from partitioner.simulator import predict_plan
@@ -142,8 +142,8 @@ def layer_starts(pipe, layers: int) -> dict[int, str]:
     the first node attributed to any submodule of layer k, and torch.export hoists each layer's
     rotary ``unsqueeze`` of cos/sin (attributed to ``model.layers.k.self_attn``) to the top of
     the graph, so every such pin lands before layer 0 (see the RESULTS section's notes)."""
-    from passes.meta import MODULE
-    from passes.split import compute_nodes
+    from partitioner.passes.meta import MODULE
+    from partitioner.passes.split import compute_nodes
 
     order = compute_nodes(pipe.graph)
     return {k: next(n.name for n in order if str(n.meta.get(MODULE, "")) == f"model.layers.{k}.input_layernorm")
@@ -153,8 +153,7 @@ def layer_starts(pipe, layers: int) -> dict[int, str]:
 def run(model_name: str, gpus: int, zero: int, out: Path) -> None:
     import torch
 
-    from partitioner import partition
-    from partitioner import PartitionError
+    from partitioner import PartitionError, partition
 
     model = build(model_name)
     sizes = {n: (id(t), t.numel() * t.element_size()) for n, t in model.named_parameters(remove_duplicate=False)

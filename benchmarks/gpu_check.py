@@ -60,7 +60,7 @@ SCHEDULE_NAMES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"]
 
 
 def device_profile(dev: torch.device) -> str:
-    """The built-in profile for this card (``cost_models.devices.DEVICES``), by name."""
+    """The built-in profile for this card (``partitioner.cost_models.devices.DEVICES``), by name."""
     if dev.type != "cuda":
         return "local"
     name = torch.cuda.get_device_name(dev).lower()

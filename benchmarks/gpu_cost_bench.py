@@ -5,7 +5,7 @@ layout, micro-batch and throughput. The benchmark builds the same model on the m
 (no weights), plans it with the run's own layout pinned (``partition(pinned_cuts=...)``: the
 published number of layers per stage, the schedule and micro-batch count) and compares the
 predicted iteration time with the measured one, under the old device model (the datasheet
-roofline: ``efficiency=None`` and bare links) and the new one (``cost_models.efficiency``).
+roofline: ``efficiency=None`` and bare links) and the new one (``partitioner.cost_models.efficiency``).
 
 The iteration predicted is the plan's simulated pipeline step plus the optimizer step of the
 slowest stage (``DeviceSpec.optimizer_time``: the runs step Adam once per iteration, after the
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cost_models.devices import LINKS, DeviceSpec, LinkSpec, get_device  # noqa: E402
+from partitioner.cost_models.devices import LINKS, DeviceSpec, LinkSpec, get_device  # noqa: E402
 
 VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 128, as Megatron-LM pads them
 

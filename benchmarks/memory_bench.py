@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from partitioner import partition, poly  # noqa: E402
 from partitioner.memory import Activations, measure_saved  # noqa: E402
+from partitioner.passes.split import compute_nodes  # noqa: E402
 from partitioner.pricing import Evaluator  # noqa: E402
-from passes.split import compute_nodes  # noqa: E402
 
 GiB = 2**30
 

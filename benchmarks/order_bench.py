@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import partitioner.api as api  # noqa: E402
 from partitioner import partition  # noqa: E402
 from partitioner.examples import gpt_example  # noqa: E402
-from passes.order import OrderForCuts  # noqa: E402
+from partitioner.passes.order import OrderForCuts  # noqa: E402
 from tests.fixtures.branchy import Inception, TwoTower, inception_inputs, two_tower_inputs  # noqa: E402
 from tests.fixtures.models import UNet  # noqa: E402
 

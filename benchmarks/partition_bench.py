@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from partitioner import DeviceSpec, partition
-from passes.meta import COST
 from partitioner.examples import gpt_example, quickstart
+from partitioner.passes.meta import COST
 from partitioner.solver import SolverInput, solve
 
 
@@ -115,9 +115,9 @@ def quickstart_figure() -> None:
 #: their parents and listed after them.
 _PHASES = (
     ("capture", "partitioner.api", "capture"),
-    ("shape-prop", "passes.shape_prop", "ShapeProp.run"),
-    ("annotate-costs", "passes.annotate", "AnnotateCosts.run"),
-    ("order-for-cuts", "passes.order", "OrderForCuts.run"),
+    ("shape-prop", "partitioner.passes.shape_prop", "ShapeProp.run"),
+    ("annotate-costs", "partitioner.passes.annotate", "AnnotateCosts.run"),
+    ("order-for-cuts", "partitioner.passes.order", "OrderForCuts.run"),
     ("pricing", "partitioner.api", "price"),
     ("memory (static + activations)", "partitioner.api", "Static"),
     ("memory (static + activations)", "partitioner.api", "Activations"),

@@ -30,8 +30,8 @@ import json
 import os
 import random
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -46,10 +46,9 @@ from partitioner.examples import gpt_example  # noqa: E402
 from partitioner.examples.llama import Llama, LlamaConfig  # noqa: E402
 from partitioner.runtime.interop import pytorch_schedule  # noqa: E402
 from partitioner.runtime.interpreter import TraceEvent  # noqa: E402
-from partitioner.runtime.trace import PREDICTED_PID, breakdown  # noqa: E402
-from partitioner.schedule import SCHEDULES, Action  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
-from partitioner.schedule import build_schedule, replay  # noqa: E402
+from partitioner.runtime.trace import PREDICTED_PID, breakdown  # noqa: E402
+from partitioner.schedule import SCHEDULES, Action, build_schedule, replay  # noqa: E402  # noqa: E402
 from partitioner.simulator import simulate  # noqa: E402
 
 __all__: list[str] = []

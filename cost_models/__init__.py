@@ -1,7 +1,7 @@
 """Pure cost arithmetic: op + tensor shapes → sympy expressions in B (and S); devices and links.
 
-The names below load on first use (PEP 562), so ``cost_models.errors`` and
-``cost_models.cost`` import without torch; ``devices`` and ``flops`` need it.
+The names below load on first use (PEP 562), so ``partitioner.cost_models.errors`` and
+``partitioner.cost_models.cost`` import without torch; ``devices`` and ``flops`` need it.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cost_models.cost import BATCH, SEQ, ZERO, NodeCost
-    from cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec, evaluate, get_device, get_link
-    from cost_models.errors import CostModelError, PartitionError, PartitionerError
-    from cost_models.flops import (
+    from partitioner.cost_models.cost import BATCH, SEQ, ZERO, NodeCost
+    from partitioner.cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec, evaluate, get_device, get_link
+    from partitioner.cost_models.errors import CostModelError, PartitionerError, PartitionError
+    from partitioner.cost_models.flops import (
         counted_by_flop_counter,
         fc_flops,
         op_flops,

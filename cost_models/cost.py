@@ -8,7 +8,7 @@ from typing import Any
 
 import sympy
 
-from cost_models.errors import CostModelError
+from partitioner.cost_models.errors import CostModelError
 
 __all__ = ["NodeCost", "BATCH", "SEQ", "ZERO", "evaluate"]
 

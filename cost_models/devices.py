@@ -3,7 +3,7 @@
 Without an ``efficiency`` a node takes ``max(FLOPs / peak, bytes moved / memory bandwidth)``
 (a roofline at the datasheet figures: the CPU profiles, ``measure_local`` and
 ``calibrate_device``, and plans written before efficiencies existed). The GPU profiles carry
-an ``Efficiency`` (``cost_models.efficiency``): matrix multiplies by shape (tile and wave
+an ``Efficiency`` (``partitioner.cost_models.efficiency``): matrix multiplies by shape (tile and wave
 quantisation under the best measured matmul rate), flash attention by sequence length and head
 dimension, memory-bound ops at the achievable bandwidth, and a per-kernel launch floor; every
 figure is cited beside the profile. A message takes ``latency + bytes / bandwidth``, with
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import sympy
 
-from cost_models.cost import NodeCost
-from cost_models.cost import evaluate as cost_evaluate
-from cost_models.efficiency import Efficiency, optimizer_bytes_per_param
-from cost_models.errors import CostModelError
+from partitioner.cost_models.cost import NodeCost
+from partitioner.cost_models.cost import evaluate as cost_evaluate
+from partitioner.cost_models.efficiency import Efficiency, optimizer_bytes_per_param
+from partitioner.cost_models.errors import CostModelError
 
 if TYPE_CHECKING:  # torch only where a device is measured: loading a plan's profiles needs none
     import torch

@@ -16,7 +16,7 @@ roofline at the datasheet peaks (``DeviceSpec.node_time``):
 - every kernel costs at least ``launch_s`` (the GPU-side launch and scheduling floor), so a
   node of many tiny ops costs what eager PyTorch pays for it.
 
-Every built-in figure is cited beside the profile that carries it (``cost_models.devices``).
+Every built-in figure is cited beside the profile that carries it (``partitioner.cost_models.devices``).
 Pure Python: no torch, so plans load without it.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cost_models.errors import CostModelError
+from partitioner.cost_models.errors import CostModelError
 
 __all__ = ["Efficiency", "TILES", "OPTIMIZER_BYTES", "optimizer_bytes_per_param", "gemm_efficiency",
            "attention_efficiency"]

@@ -17,7 +17,7 @@ in the op's arguments; everything else (ints, lists, bools) as it is. Two number
 Where a new op's rule goes: ``@register_op_rule("op_name")`` on a function ``(args, kwargs,
 out) -> sympy.Expr`` (shapes as ``Shape``), here or in user code before ``partition()``. An op
 with no rule is priced as elementwise, one FLOP per output element, and logged once at DEBUG
-(``cost_models.flops``) so ``PARTITIONER_LOG=debug`` lists the ops priced that way. Ops that
+(``partitioner.cost_models.flops``) so ``PARTITIONER_LOG=debug`` lists the ops priced that way. Ops that
 ``FlopCounterMode`` counts use torch's formula; registering a rule for one is refused.
 """
 
@@ -34,7 +34,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as fc
 
-from cost_models.errors import CostModelError
+from partitioner.cost_models.errors import CostModelError
 
 __all__ = [
     "OP_RULES",
@@ -236,7 +236,7 @@ def op_flops(op: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any) 
     if name not in _UNPRICED:
         _UNPRICED.add(name)
         log.debug("no cost rule for op %r: priced as elementwise, 1 FLOP per output element "
-                  "(add one with cost_models.flops.register_op_rule)", name)
+                  "(add one with partitioner.cost_models.flops.register_op_rule)", name)
     return _out_numel(out)
 
 

@@ -19,15 +19,15 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec
-    from cost_models.errors import PartitionError, PartitionerError
     from partitioner.api import partition
     from partitioner.calibrate import calibrate_device
+    from partitioner.cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec
+    from partitioner.cost_models.errors import PartitionerError, PartitionError
+    from partitioner.passes.errors import CaptureError
     from partitioner.pipe import Pipe
     from partitioner.plan import Plan, PlanError, load_plan
     from partitioner.runtime.errors import PipelineRuntimeError
     from partitioner.solver import InfeasibleError
-    from passes.errors import CaptureError
 
 #: public name → the module that defines it
 _WHERE = {
@@ -37,14 +37,14 @@ _WHERE = {
     "load_plan": "partitioner.plan",
     "PlanError": "partitioner.plan",
     "calibrate_device": "partitioner.calibrate",
-    "DeviceSpec": "cost_models.devices",
-    "LinkSpec": "cost_models.devices",
-    "DEVICES": "cost_models.devices",
-    "LINKS": "cost_models.devices",
-    "PartitionerError": "cost_models.errors",
-    "PartitionError": "cost_models.errors",
+    "DeviceSpec": "partitioner.cost_models.devices",
+    "LinkSpec": "partitioner.cost_models.devices",
+    "DEVICES": "partitioner.cost_models.devices",
+    "LINKS": "partitioner.cost_models.devices",
+    "PartitionerError": "partitioner.cost_models.errors",
+    "PartitionError": "partitioner.cost_models.errors",
     "InfeasibleError": "partitioner.solver",
-    "CaptureError": "passes.errors",
+    "CaptureError": "partitioner.passes.errors",
     "PipelineRuntimeError": "partitioner.runtime.errors",
 }
 
@@ -56,9 +56,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-#: Loggers of the library's packages: capture and passes ("passes.*"), planning and the
-#: runtime ("partitioner.*"). ``PARTITIONER_LOG=debug`` (or info, warning, ...) prints them.
-LOGGERS = ("partitioner", "passes", "cost_models")
+#: The library's logger: every module logs under it ("partitioner.passes.trace",
+#: "partitioner.solver", ...). ``PARTITIONER_LOG=debug`` (or info, warning, ...) prints them.
+LOGGERS = ("partitioner",)
 
 
 def _configure_logging(setting: str | None) -> int | None:

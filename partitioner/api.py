@@ -13,34 +13,48 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from cost_models.devices import DeviceSpec, LinkSpec, get_device, get_link
-from cost_models.errors import PartitionError
 from partitioner import plan_builder, poly
+from partitioner.cost_models.devices import DeviceSpec, LinkSpec, get_device, get_link
+from partitioner.cost_models.errors import PartitionError
+from partitioner.data_parallel import ZeroShard, boundary_links, divisors, placements, price_replicas, reduction_windows
+from partitioner.memory import (
+    OPTIMIZER_STATES,
+    PRECISIONS,
+    RECOMPUTE,
+    Activations,
+    Static,
+    bytes_per_param,
+    compute_dtype,
+    default_precision,
+)
+from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, resolve_objective, step_of, step_search
+from partitioner.passes.annotate import AnnotateCosts, fallback_note
+from partitioner.passes.base import InputSpec
+from partitioner.passes.manager import PassManager, Snapshot, graph_text, node_summary
+from partitioner.passes.markers import cut_constraints
+from partitioner.passes.meta import MODULE, STAGE
+from partitioner.passes.order import OrderForCuts, pin_order
+from partitioner.passes.recompute import with_recompute
+from partitioner.passes.shape_prop import ShapeProp, default_specs, module_of
+from partitioner.passes.split import compute_nodes, split_graph
+from partitioner.passes.trace import Captured, capture, check_example_names, with_seq_dims
 from partitioner.pipe import Pipe
 from partitioner.plan import STATIC_SHAPES_NOTE, Mesh, Plan, PlanError
 from partitioner.plan_builder import StageMemory
-from partitioner.memory import (
-    OPTIMIZER_STATES, PRECISIONS, RECOMPUTE, Activations, Static, bytes_per_param, compute_dtype, default_precision,
-)
 from partitioner.pricing import TIME_UNIT, Evaluator, price, to_units
-from partitioner.schedule import SCHEDULES, SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, check_counts
-from partitioner.schedule import default_microbatches, split_problem
-from partitioner.data_parallel import ZeroShard, boundary_links, divisors, placements
-from partitioner.data_parallel import price_replicas, reduction_windows
-from partitioner.simulator import predict_step, simulate
 from partitioner.refine import refine, score
-from partitioner.objective import OBJECTIVES, StepModel, fewer_stages, resolve_objective, step_of, step_search
+from partitioner.schedule import (
+    SCHEDULE_NAMES,
+    SCHEDULES,
+    Schedule,
+    ScheduleError,
+    build_schedule,
+    check_counts,
+    default_microbatches,
+    split_problem,
+)
+from partitioner.simulator import predict_step, simulate
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
-from passes.annotate import AnnotateCosts, fallback_note
-from passes.recompute import with_recompute
-from passes.base import InputSpec
-from passes.manager import PassManager, Snapshot, graph_text, node_summary
-from passes.order import OrderForCuts, pin_order
-from passes.meta import MODULE, STAGE
-from passes.shape_prop import ShapeProp, default_specs, module_of
-from passes.split import compute_nodes, split_graph
-from passes.markers import cut_constraints
-from passes.trace import Captured, capture, check_example_names, with_seq_dims
 
 __all__ = ["partition", "apply_plan", "OPTIMIZER_STATES"]
 
@@ -545,8 +559,8 @@ def _search(prob: _Problem) -> tuple[Solution, list[tuple[str, int, int, int]]]:
 def _computing(prob: _Problem) -> list[bool]:
     """Per position: does it count FLOPs? (A view, a flatten or a sym size does not: the solver
     gives every stage at least one computing node where it can.) Without example inputs: ()."""
-    from cost_models.cost import NodeCost
-    from passes.meta import COST
+    from partitioner.cost_models.cost import NodeCost
+    from partitioner.passes.meta import COST
 
     if prob.acts is None:
         return []
@@ -561,7 +575,7 @@ def _fmt_time(units: float) -> str:
 
 def _non_tensor_cuts(prob: _Problem) -> list[bool]:
     """Per cut: does a non-tensor value (a Python int such as a sym size) cross it?"""
-    from passes.meta import DESC
+    from partitioner.passes.meta import DESC
     from partitioner.pricing import wire_kind
 
     order = prob.priced.order

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from cost_models.devices import DeviceSpec, get_device
-from cost_models.errors import PartitionError
+from partitioner.cost_models.devices import DeviceSpec, get_device
+from partitioner.cost_models.errors import PartitionError
 
 __all__ = ["calibrate_device"]
 

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 
 from partitioner.plan import Mesh
 
-if TYPE_CHECKING:  # cost_models.devices imports torch; this module needs only the objects' methods
-    from cost_models.devices import LinkSpec
+if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module needs only the objects' methods
+    from partitioner.cost_models.devices import LinkSpec
 
 __all__ = ["ring_allreduce_s", "allgather_s", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
            "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]

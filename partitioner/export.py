@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from cost_models.errors import PartitionError
+from partitioner.cost_models.errors import PartitionError
 from partitioner.plan import write_atomic
 
 if TYPE_CHECKING:

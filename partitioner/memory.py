@@ -39,10 +39,10 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from cost_models.cost import ZERO, NodeCost
+from partitioner.cost_models.cost import ZERO, NodeCost
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE  # re-exported: torch-free tables
-from passes.base import TensorDesc
-from passes.meta import COST, DESC, MODULE
+from partitioner.passes.base import TensorDesc
+from partitioner.passes.meta import COST, DESC, MODULE
 
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
@@ -366,7 +366,7 @@ class Static:
     """Parameters and buffers per stage: each tensor once per rank that uses it."""
 
     def __init__(self, gm: fx.GraphModule, order: Sequence[fx.Node], per_param: int, per_frozen: int) -> None:
-        from passes.annotate import tensor_users
+        from partitioner.passes.annotate import tensor_users
 
         named: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
         params = set(named)
@@ -407,12 +407,12 @@ def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -
     """Run ``fn()`` on real tensors and return (bytes of the storages autograd keeps for
     backward, fn's result): every storage once, ``exclude`` (the parameters) left out.
 
-    Inputs of regions run under ``passes.recompute.checkpoint`` are counted too: the
+    Inputs of regions run under ``partitioner.passes.recompute.checkpoint`` are counted too: the
     checkpoint keeps them alive for the recomputation although no saved-tensor hook sees
     them. This is the instrument the tests and ``benchmarks/memory_bench.py`` compare the
     plan's ``saved_bytes`` with.
     """
-    from passes import recompute
+    from partitioner.passes import recompute
 
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     kept: dict[int, int] = {}

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
+from partitioner.passes.manager import Snapshot
+from partitioner.passes.trace import Captured
 from partitioner.plan import Plan
-from passes.manager import Snapshot
-from passes.trace import Captured
 
 __all__ = ["Pipe"]
 

@@ -18,13 +18,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from cost_models.errors import PartitionError
 from partitioner import poly
+from partitioner.cost_models.errors import PartitionError
 
 if TYPE_CHECKING:  # torch-free at import: ``partitioner show``/``diff`` read plans without torch
+    from partitioner.passes.base import InputSpec
     from partitioner.pipe import Pipe
     from partitioner.schedule import Schedule
-    from passes.base import InputSpec
 
 __all__ = [
     "PLAN_VERSION", "PlanError", "ValueSpec", "Boundary", "StageCost", "StagePlan",
@@ -240,7 +240,7 @@ class Plan:
 
     def input_specs(self) -> tuple[InputSpec, ...]:
         """The recorded model inputs as ``InputSpec``s (enough to re-trace without data)."""
-        from passes.base import InputSpec
+        from partitioner.passes.base import InputSpec
 
         return tuple(InputSpec(d["name"], d["kind"], tuple(d["shape"]), d["dtype"],
                                tuple((int(a), str(b)) for a, b in d["dims"]), d.get("value"))
@@ -457,8 +457,8 @@ def _check_values(plan: Plan) -> None:
     """What the plan's options and profiles must mean, checked on load (the single gate):
     a device or link that prices nothing, an unknown schedule, micro-batches that do not
     divide the batch, a recompute choice the options do not allow."""
-    from cost_models.devices import DeviceSpec, LinkSpec
-    from cost_models.errors import CostModelError
+    from partitioner.cost_models.devices import DeviceSpec, LinkSpec
+    from partitioner.cost_models.errors import CostModelError
     from partitioner.options import RECOMPUTE
 
     for key, cls in (("device", DeviceSpec), ("link", LinkSpec)):

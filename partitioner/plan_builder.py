@@ -9,17 +9,17 @@ import sympy
 import torch
 from torch import fx, nn
 
-from cost_models.cost import NodeCost
-from cost_models.devices import DeviceSpec, LinkSpec
 from partitioner import poly
+from partitioner.cost_models.cost import NodeCost
+from partitioner.cost_models.devices import DeviceSpec, LinkSpec
+from partitioner.passes.base import InputSpec, TensorDesc
+from partitioner.passes.meta import COST, DESC, MODULE
+from partitioner.passes.split import SplitResult
 from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueSpec
 from partitioner.pricing import Priced, module_instance, wire_kind
 from partitioner.schedule import Schedule
 from partitioner.simulator import boundary_bytes, predict_step, simulate
 from partitioner.solver import Solution
-from passes.base import InputSpec, TensorDesc
-from passes.meta import COST, DESC, MODULE
-from passes.split import SplitResult
 
 __all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan", "param_bytes_by_first_use"]
 

@@ -13,9 +13,9 @@ from typing import Mapping
 
 import sympy
 
-from cost_models.cost import BATCH, SEQ
-from cost_models.cost import evaluate as cost_evaluate
-from cost_models.errors import PartitionError
+from partitioner.cost_models.cost import BATCH, SEQ
+from partitioner.cost_models.cost import evaluate as cost_evaluate
+from partitioner.cost_models.errors import PartitionError
 
 __all__ = ["PolyError", "to_text", "from_text", "evaluate"]
 
@@ -80,5 +80,5 @@ def from_text(text: str) -> sympy.Expr:
 
 
 def evaluate(expr: sympy.Expr, batch: int, seq: int = 1) -> int:
-    """``expr`` at ``B=batch``, ``S=seq``, rounded up: ``cost_models.cost.evaluate``."""
+    """``expr`` at ``B=batch``, ``S=seq``, rounded up: ``partitioner.cost_models.cost.evaluate``."""
     return cost_evaluate(expr, batch, seq)

@@ -16,10 +16,10 @@ from typing import Any, Sequence
 import sympy
 from torch import fx
 
-from cost_models.cost import BATCH, SEQ, NodeCost, evaluate
-from passes.base import TensorDesc
-from passes.meta import COST, DESC, MODULE
-from passes.split import aliases, compute_nodes, writes_into
+from partitioner.cost_models.cost import BATCH, SEQ, NodeCost, evaluate
+from partitioner.passes.base import TensorDesc
+from partitioner.passes.meta import COST, DESC, MODULE
+from partitioner.passes.split import aliases, compute_nodes, writes_into
 
 __all__ = ["Priced", "price", "value_bytes", "wire_kind", "TIME_UNIT"]
 
@@ -50,7 +50,7 @@ class Evaluator:
             return expr
         hit = self.cache.get(expr)
         if hit is None:
-            hit = evaluate(expr, self.values[BATCH], self.values[SEQ])  # the one evaluator (cost_models.cost)
+            hit = evaluate(expr, self.values[BATCH], self.values[SEQ])  # the one evaluator (partitioner.cost_models.cost)
             self.cache[expr] = hit
         return hit
 
@@ -222,7 +222,7 @@ def _split_writes(gm: fx.GraphModule, order: Sequence[fx.Node], pos: dict[fx.Nod
     """Per cut: why it may not be cut because an in-place write after it (``h[:, :4].mul_(2)``)
     reaches a tensor of which two aliases (a base and its view) cross the cut. Each arrives
     as its own tensor, so the write would miss the other: a silent wrong result. (One alias
-    crossing is fine: the stage writes into a copy, ``passes.split``.)"""
+    crossing is fine: the stage writes into a copy, ``partitioner.passes.split``.)"""
     n = len(order)
     out = [""] * (n + 1)
     for w in order:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cost_models.errors import PartitionError
+from partitioner.cost_models.errors import PartitionError
 
 __all__ = ["SCHEDULES", "SCHEDULE_NAMES", "Action", "Schedule", "ScheduleError", "ScheduleSpec", "build_schedule",
            "check_counts", "default_microbatches", "replay", "split_problem"]

@@ -22,12 +22,9 @@ and B = v*b (Narayanan et al. 2021, eq. for interleaving); bubble fraction
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
-
-from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from partitioner import poly
 from partitioner.comms import Lowered, lower
@@ -201,10 +198,9 @@ def predict_step(schedule: Schedule, fwd_time: Sequence[float], bwd_time: Sequen
 
 def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
     """Re-simulate a loaded ``Plan`` from its own records: per-stage times, boundaries and link."""
-    from cost_models.devices import LinkSpec
-
     from dataclasses import replace
 
+    from partitioner.cost_models.devices import LinkSpec
     from partitioner.data_parallel import boundary_links
 
     link = LinkSpec.from_dict(plan.link)

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cost_models.errors import PartitionError
+from partitioner.cost_models.errors import PartitionError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 For a node we rebuild its inputs as fresh fake leaves (``requires_grad`` as shape
 propagation found it), run it under ``_Recorder`` (a ``TorchDispatchMode`` that prices
-every aten op with ``cost_models.flops``, decomposing exactly as ``FlopCounterMode``
+every aten op with ``partitioner.cost_models.flops``, decomposing exactly as ``FlopCounterMode``
 does), then call ``torch.autograd.grad`` on its outputs w.r.t. those leaves and the
 node's own parameters: the backward ops priced are the ones autograd really runs, so a
 first layer whose input needs no gradient is charged its weight gradients only, as
@@ -31,12 +31,19 @@ from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cost_models.cost import BATCH, SEQ, ZERO, NodeCost
-from cost_models.errors import PartitionError
-from cost_models.flops import Shape, fc_flops, op_flops
-from passes.base import Pass, TensorDesc
-from passes.meta import COST, DESC, VAL
-from passes.shape_prop import DATA_DEPENDENT, OnDevice, _Shown, quiet_fake_tensors, shown_for, state_by_module
+from partitioner.cost_models.cost import BATCH, SEQ, ZERO, NodeCost
+from partitioner.cost_models.errors import PartitionError
+from partitioner.cost_models.flops import Shape, fc_flops, op_flops
+from partitioner.passes.base import Pass, TensorDesc
+from partitioner.passes.meta import COST, DESC, VAL
+from partitioner.passes.shape_prop import (
+    DATA_DEPENDENT,
+    OnDevice,
+    _Shown,
+    quiet_fake_tensors,
+    shown_for,
+    state_by_module,
+)
 
 __all__ = ["FALLBACK", "REAL_RUN", "AnnotateCosts", "AnnotateError", "fallback_note", "is_attention", "param_users",
            "tensor_users"]
@@ -598,7 +605,7 @@ def _price_leaf_for_real(node: fx.Node, gm: fx.GraphModule) -> NodeCost:
     the leaf). Weights on the meta device cannot run: 0 FLOPs, with a warning."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from passes.shape_prop import _real_like
+    from partitioner.passes.shape_prop import _real_like
 
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     own = [p for p in mod.parameters()] if mod is not None else []

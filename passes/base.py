@@ -62,7 +62,7 @@ class Pass:
     """Base of every pass. Subclasses are frozen dataclasses; options are their fields.
 
     ``requires`` and ``provides`` name ``node.meta`` keys, ``graph_requires`` and
-    ``graph_provides`` name ``gm.meta`` keys (all declared in ``passes.meta``); the pass
+    ``graph_provides`` name ``gm.meta`` keys (all declared in ``partitioner.passes.meta``); the pass
     manager checks them between passes. ``run`` returns a new or the same GraphModule and
     never touches the user's original module.
     """

@@ -1,6 +1,6 @@
 """Errors raised by graph passes (capture, shape propagation, codegen)."""
 
-from cost_models.errors import PartitionError
+from partitioner.cost_models.errors import PartitionError
 
 __all__ = ["CaptureError", "GraphError"]
 

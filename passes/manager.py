@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 from torch import fx
 
-from passes.base import Pass
-from passes.errors import GraphError
-from passes.meta import GRAPH_KEYS, NODE_KEYS
+from partitioner.passes.base import Pass
+from partitioner.passes.errors import GraphError
+from partitioner.passes.meta import GRAPH_KEYS, NODE_KEYS
 
 __all__ = ["Snapshot", "PassManager", "graph_text", "node_summary"]
 

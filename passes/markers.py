@@ -1,7 +1,7 @@
 """The user's own split points: ``torch.distributed.pipelining.pipe_split()`` in ``forward``.
 
 Capture removes every ``pipe_split`` node (both routes record one: torch.export by itself,
-fx through ``passes.trace``) and marks the first compute node after it with
+fx through ``partitioner.passes.trace``) and marks the first compute node after it with
 ``node.meta[MARKER]`` (the marker's index, in call order); ``gm.meta[MARKERS]`` counts
 the calls. ``cut_constraints`` turns the marks into what the solver obeys:
 
@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 from torch import fx
 
-from cost_models.errors import PartitionError
-from passes.meta import MODULE
-from passes.split import compute_nodes
+from partitioner.cost_models.errors import PartitionError
+from partitioner.passes.meta import MODULE
+from partitioner.passes.split import compute_nodes
 
 __all__ = ["MARKER", "MARKERS", "CUT_AT_MARKERS", "CutConstraints", "cut_constraints", "is_marker", "take_markers"]
 

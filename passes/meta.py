@@ -67,10 +67,10 @@ DEVICE = "pp.device"
 RETYPE = "pp.retype"
 #: ``int``: how many ``pipe_split()`` calls capture removed (``passes/markers.py``).
 MARKERS = "pp.markers"
-#: ``passes.order.OrderReport``: the linear order chosen for a multi-branch graph.
+#: ``partitioner.passes.order.OrderReport``: the linear order chosen for a multi-branch graph.
 ORDER = "pp.order"
 
-#: ``tuple[str, ...]``: compute-node names in the order a re-applied plan fixes (``passes.order.pin_order``).
+#: ``tuple[str, ...]``: compute-node names in the order a re-applied plan fixes (``partitioner.passes.order.pin_order``).
 ORDER_PINNED = "pp.order_pinned"
 
 #: Every graph key, with what it holds (``PassManager`` refuses a pass naming another).

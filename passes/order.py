@@ -41,11 +41,11 @@ from typing import Any, Sequence
 import networkx as nx
 from torch import fx
 
-from cost_models.cost import evaluate
-from passes.base import Pass, TensorDesc
-from passes.errors import GraphError
-from passes.split import copy_persistence
-from passes.meta import DESC, EXAMPLE, MARKERS, ORDER, ORDER_PINNED
+from partitioner.cost_models.cost import evaluate
+from partitioner.passes.base import Pass, TensorDesc
+from partitioner.passes.errors import GraphError
+from partitioner.passes.meta import DESC, EXAMPLE, MARKERS, ORDER, ORDER_PINNED
+from partitioner.passes.split import copy_persistence
 
 __all__ = ["OrderForCuts", "OrderReport", "crossing_bytes", "pin_order", "value_sizes"]
 

@@ -2,7 +2,7 @@
 
 ``with_recompute(stage, regions, mode)`` returns a ``RecomputeStage``: the same graph, the
 same parameters under the same names (state_dict keys unchanged), whose ``forward`` runs
-the graph as a chain of segments (``passes.split.split_graph`` over the stage's own graph)
+the graph as a chain of segments (``partitioner.passes.split.split_graph`` over the stage's own graph)
 and calls each region segment through ``torch.utils.checkpoint.checkpoint(...,
 use_reentrant=False)``: during forward only the region's inputs are kept; backward runs
 the region again (with the same RNG state, so dropout masks repeat) to get what its
@@ -24,7 +24,7 @@ import torch
 import torch.utils.checkpoint
 from torch import fx
 
-from passes.split import compute_nodes, copy_persistence, split_graph
+from partitioner.passes.split import compute_nodes, copy_persistence, split_graph
 
 __all__ = ["RecomputeStage", "with_recompute", "REGION"]
 

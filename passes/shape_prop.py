@@ -33,15 +33,14 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     unset_fake_temporarily,
 )
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, GuardOnDataDependentSymNode, ShapeEnv
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-from cost_models.cost import BATCH, SEQ
-from cost_models.errors import PartitionError
-from passes.base import InputSpec, Pass, TensorDesc
-from passes.meta import DESC, MODULE, VAL
+from partitioner.cost_models.cost import BATCH, SEQ
+from partitioner.cost_models.errors import PartitionError
+from partitioner.passes.base import InputSpec, Pass, TensorDesc
+from partitioner.passes.meta import DESC, MODULE, VAL
 
 __all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of",
            "quiet_fake_tensors", "to_desc"]

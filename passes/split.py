@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.errors import GraphError
+from partitioner.passes.errors import GraphError
 
 __all__ = ["StageIO", "SplitResult", "compute_nodes", "live_values", "split_graph", "copy_persistence", "writes_into",
            "is_view_of", "aliases"]

@@ -32,9 +32,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from passes.errors import CaptureError
-from passes.markers import take_markers
-from passes.split import copy_persistence
+from partitioner.passes.errors import CaptureError
+from partitioner.passes.markers import take_markers
+from partitioner.passes.split import copy_persistence
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ pytree.register_pytree_node(
     _UserMapping,
     lambda m: (list(m.items.values()), (m.cls, list(m.items))),
     _rebuild_mapping,
-    serialized_type_name="passes.trace._UserMapping",
+    serialized_type_name="partitioner.passes.trace._UserMapping",
 )
 
 
@@ -464,7 +464,7 @@ def _leaf_op() -> Any:
         branches on data, so no fake run can give them): static."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        from passes.shape_prop import _real_like
+        from partitioner.passes.shape_prop import _real_like
 
         leaf = _LEAVES[key]
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -750,7 +750,7 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> str:
 def _export_advice(model: nn.Module, e: BaseException) -> str:
     """What to do when torch.export fails: for code that branches on tensor data, which
     module to make a leaf (or, in the model's own forward, that no leaf can help)."""
-    from passes.shape_prop import DATA_DEPENDENT
+    from partitioner.passes.shape_prop import DATA_DEPENDENT
 
     cause: BaseException | None = e
     while cause is not None and not isinstance(cause, DATA_DEPENDENT):

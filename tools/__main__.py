@@ -1,7 +1,7 @@
-"""``python -m tools`` is ``partitioner`` before the package is installed."""
+"""``python -m partitioner.tools`` is the ``partitioner`` command (when its script is not on PATH)."""
 
 import sys
 
-from tools.cli import main
+from partitioner.tools.cli import main
 
 sys.exit(main())

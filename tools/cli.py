@@ -12,7 +12,7 @@ import sys
 from typing import Iterator, NoReturn, Sequence
 
 # Torch-free modules: --help and the plan-only commands (show, diff A B) never import torch.
-from cost_models.devices import DEVICES, LINKS
+from partitioner.cost_models.devices import DEVICES, LINKS
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
 from partitioner.schedule import SCHEDULES
 
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    from tools import commands
+    from partitioner.tools import commands
 
     handler = {"plan": commands.cmd_plan, "show": commands.cmd_show, "diff": commands.cmd_diff,
                "run": commands.cmd_run, "export": commands.cmd_export}[args.command]
@@ -264,8 +264,8 @@ def flag_names(text: str) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    from cost_models.errors import PartitionerError
-    from tools.loading import ToolError
+    from partitioner.cost_models.errors import PartitionerError
+    from partitioner.tools.loading import ToolError
 
     text = " ".join(str(e).split()) or type(e).__name__
     # Our own and the partitioner's errors (PartitionerError: input errors are ValueErrors, a failed

@@ -1,7 +1,7 @@
 """One function per subcommand: parsed arguments in, exit status out. Heavy imports stay inside.
 
 Every command checks its output paths before any work starts and writes its files all
-together at the end (``tools.outputs``): a failing command leaves nothing new behind.
+together at the end (``partitioner.tools.outputs``): a failing command leaves nothing new behind.
 ``show`` and ``diff`` of plan files never import torch.
 """
 
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from tools.loading import ToolError, is_plan_file, load_model, read_plan
-from tools.outputs import Outputs, check_output_dir, check_outputs
+from partitioner.tools.loading import ToolError, is_plan_file, load_model, read_plan
+from partitioner.tools.outputs import Outputs, check_output_dir, check_outputs
 
 __all__ = ["cmd_plan", "cmd_show", "cmd_diff", "cmd_export", "cmd_run", "partition_from_args"]
 
@@ -32,10 +32,10 @@ def install_hint(extra: str) -> str:
 
 
 def _out() -> Any:
-    from rich.console import Console
-
     # Not a terminal (a pipe, a test): plain text, 160 columns unless COLUMNS says otherwise.
     import os
+
+    from rich.console import Console
 
     width = os.environ.get("COLUMNS", "")
     return Console(width=None if sys.stdout.isatty() else int(width) if width.isdigit() else 160)
@@ -71,7 +71,7 @@ def _model_file(spec: str) -> str | None:
 
 
 def _refuse_partition_flags(args: argparse.Namespace, why: str) -> None:
-    from tools.cli import given_partition_flags
+    from partitioner.tools.cli import given_partition_flags
 
     given = given_partition_flags(args)
     if given:
@@ -81,8 +81,8 @@ def _refuse_partition_flags(args: argparse.Namespace, why: str) -> None:
 
 def check_partition_args(args: argparse.Namespace) -> None:
     """Flag combinations partition() would silently override, refused before any work."""
-    from tools.cli import fill_partition_defaults
-    from tools.fmt import parse_bytes
+    from partitioner.tools.cli import fill_partition_defaults
+    from partitioner.tools.fmt import parse_bytes
 
     if args.schedule == "naive" and args.microbatches not in (None, 1):
         raise ToolError(f"--schedule naive runs the whole batch as one micro-batch; drop --microbatches "
@@ -94,7 +94,7 @@ def check_partition_args(args: argparse.Namespace) -> None:
 def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: bool = False,
                         loaded: tuple[Any, Any] | None = None) -> Any:
     """``partition()`` with the shared options; returns the Pipe. ``loaded``: the factory's result."""
-    from tools.cli import flag_names
+    from partitioner.tools.cli import flag_names
 
     if not hasattr(args, "memory_limit_bytes"):
         check_partition_args(args)  # a typo costs no start-up time: checked before torch loads
@@ -130,12 +130,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_outputs([("-o", args.output), ("--dot", args.dot), ("--svg", args.svg)], [_model_file(args.model) or ""])
     if args.depth is not None and args.depth < 1:
         raise ToolError(f"--depth must be >= 1, got {args.depth}")
-    from tools.summary import plan_summary
-    from tools.table import print_plan
+    from partitioner.tools.summary import plan_summary
+    from partitioner.tools.table import print_plan
 
     loaded = None
     if hf:
-        from tools.hf_model import load_hf
+        from partitioner.tools.hf_model import load_hf
 
         with _phase(f"building {args.model} on the meta device", args.quiet):
             loaded = _hf_inputs(args)
@@ -144,7 +144,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     files = Outputs()
     files.add(args.output, pipe.plan.to_json())
     if args.dot or args.svg:
-        from tools.pictures import segmentation, to_dot, to_svg
+        from partitioner.tools.pictures import segmentation, to_dot, to_svg
 
         seg = segmentation(pipe.graph, pipe.plan, depth=args.depth)
         if args.dot:
@@ -172,7 +172,7 @@ def _hf_inputs(args: argparse.Namespace) -> tuple[int, int]:
     if seq is None:
         seq = 2048
         try:
-            from tools.hf_model import _config
+            from partitioner.tools.hf_model import _config
 
             limit = getattr(_config(args.model[len("hf:"):]), "max_position_embeddings", None)
             if isinstance(limit, int) and 0 < limit < seq:
@@ -185,9 +185,9 @@ def _hf_inputs(args: argparse.Namespace) -> tuple[int, int]:
 
 def _hf_report(plan: Any, args: argparse.Namespace) -> None:
     """What a cluster budget needs: the step with the optimizer's, tokens/s, MFU, memory per stage."""
-    from cost_models.devices import DeviceSpec
-    from tools.fmt import human_bytes, human_seconds
-    from tools.hf_model import model_flops
+    from partitioner.cost_models.devices import DeviceSpec
+    from partitioner.tools.fmt import human_bytes, human_seconds
+    from partitioner.tools.hf_model import model_flops
 
     dev = DeviceSpec.from_dict(plan.device)
     p = plan.prediction
@@ -241,14 +241,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
         if find_spec("matplotlib") is None:
             raise ToolError(f"--timeline draws with matplotlib, which is not installed: {install_hint('viz')}")
-    from tools.summary import plan_summary
-    from tools.table import print_plan
+    from partitioner.tools.summary import plan_summary
+    from partitioner.tools.table import print_plan
 
     plan = read_plan(args.plan)
     summary = plan_summary(plan)
     files = Outputs()
     if args.timeline:
-        from tools import timeline
+        from partitioner.tools import timeline
 
         if args.trace:
             blocks = timeline.trace_events(args.trace)
@@ -280,7 +280,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if len(args.inputs) != 1:
             raise ToolError(f"diff --{'passes' if args.passes else 'stages'} takes one MODEL, got {len(args.inputs)}")
         check_partition_args(args)
-        from tools import diff
+        from partitioner.tools import diff
 
         pipe = partition_from_args(args, args.inputs[0], keep_snapshots=args.passes)
         if args.passes:
@@ -292,12 +292,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if len(args.inputs) != 2:
             raise ToolError(f"diff needs two plan files (or --passes/--stages MODEL), got {len(args.inputs)} argument(s)")
         _refuse_partition_flags(args, "when comparing two plan files (they were planned already)")
-        from tools import diff
+        from partitioner.tools import diff
 
         a, b = (read_plan(p) for p in args.inputs)
         d = diff.diff_plans(a, b)
         title = f"{args.inputs[0]} vs {args.inputs[1]}"
-    from tools import diff_render
+    from partitioner.tools import diff_render
 
     files = Outputs()
     if args.html:
@@ -331,10 +331,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         pipe = partition_from_args(args, args.source)
         if args.onnx:
             _onnx_ready(pipe.plan)
-    from partitioner.export import write_sources
-
     import shutil
     import tempfile
+
+    from partitioner.export import write_sources
 
     out = Path(args.out)
     created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the export fails
@@ -377,6 +377,6 @@ def _onnx_ready(plan: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     check_outputs([("--trace", args.trace)], [args.plan or "", _model_file(args.model) or ""])
-    from tools.run import run
+    from partitioner.tools.run import run
 
     return run(args)

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from typing import Any, Sequence
 
-from tools.summary import plan_summary
+from partitioner.tools.summary import plan_summary
 
 __all__ = ["diff_plans", "diff_passes", "diff_stages", "readable_graph"]
 

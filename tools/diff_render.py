@@ -1,4 +1,4 @@
-"""The dicts of ``tools.diff`` as coloured terminal text (rich) or one self-contained HTML page."""
+"""The dicts of ``partitioner.tools.diff`` as coloured terminal text (rich) or one self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tools.fmt import human_bytes, human_flops, human_seconds, signed
+from partitioner.tools.fmt import human_bytes, human_flops, human_seconds, signed
 
 __all__ = ["print_diff", "html_diff"]
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tools.loading import ToolError
+from partitioner.tools.loading import ToolError
 
 __all__ = ["HF_PREFIX", "is_hf_spec", "load_hf", "model_flops"]
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from tools.loading import ToolError
+from partitioner.tools.loading import ToolError
 
 __all__ = ["check_outputs", "check_output_dir", "Outputs"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tools.loading import ToolError
+from partitioner.tools.loading import ToolError
 
 __all__ = ["run", "default_loss"]
 
@@ -83,9 +83,14 @@ def run(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from tools.commands import _library_output, _refuse_partition_flags, check_partition_args, partition_from_args
-    from tools.loading import load_model, read_plan
-    from tools.outputs import check_outputs
+    from partitioner.tools.commands import (
+        _library_output,
+        _refuse_partition_flags,
+        check_partition_args,
+        partition_from_args,
+    )
+    from partitioner.tools.loading import load_model, read_plan
+    from partitioner.tools.outputs import check_outputs
 
     if args.steps < 1:
         raise ToolError(f"--steps must be >= 1, got {args.steps}")

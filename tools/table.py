@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tools.fmt import human_bytes, human_flops, human_seconds
+from partitioner.tools.fmt import human_bytes, human_flops, human_seconds
 
 __all__ = ["print_plan"]
 

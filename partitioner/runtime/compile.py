@@ -18,7 +18,7 @@ plan's ``B``/``S`` dimensions dynamic up front would avoid that one recompilatio
 would give every run the slower symbolic kernels, and an error where a model specialises
 a dimension.
 
-Recomputing stages (``passes.recompute.RecomputeStage``) compile as one graph each:
+Recomputing stages (``partitioner.passes.recompute.RecomputeStage``) compile as one graph each:
 dynamo traces ``torch.utils.checkpoint(use_reentrant=False)`` as a tagged region, whose
 activations AOTAutograd's partitioner recomputes in the compiled backward rather than
 saving them (the GPT fixture's recomputing stage keeps 27.0 KB of activations compiled,
@@ -42,8 +42,8 @@ from typing import Any, Mapping, Union
 import torch
 from torch import nn
 
+from partitioner.passes.recompute import RecomputeStage, _segments
 from partitioner.runtime.errors import PipelineRuntimeError
-from passes.recompute import RecomputeStage, _segments
 from partitioner.schedule import Schedule
 
 __all__ = ["CompileOption", "compile_kwargs", "check_schedule", "compiled_modules"]
@@ -107,7 +107,7 @@ def _compile(mod: nn.Module, stage: int, kwargs: dict[str, Any]) -> Any:
 
     Dynamo keeps compiled code per code object, at most ``recompile_limit`` (8) entries
     each, and every recomputing stage's forward is the same function
-    (``passes.recompute._checkpointed_forward``): a ninth such stage in one process would
+    (``partitioner.passes.recompute._checkpointed_forward``): a ninth such stage in one process would
     run eagerly (with a warning only). A copy of the code object per stage gives each its
     own cache (fx's generated forwards are one code object per stage already). Calling the
     bound copy skips ``nn.Module.__call__``, i.e. module hooks, which stages do not have."""

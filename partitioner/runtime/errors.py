@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from cost_models.errors import PartitionerError
+from partitioner.cost_models.errors import PartitionerError
 
 __all__ = ["PipelineRuntimeError"]
 

@@ -57,9 +57,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
+from partitioner.comms import Batch, Lowered, lower
 from partitioner.plan import STATIC_SHAPES_NOTE, Plan
 from partitioner.runtime.errors import PipelineRuntimeError
-from partitioner.comms import Batch, Lowered, lower
 from partitioner.runtime.profiling import named
 from partitioner.runtime.routing import Links, Route
 from partitioner.runtime.splitgrad import WeightWork, input_grads, weight_grads

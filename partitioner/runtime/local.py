@@ -16,7 +16,14 @@ from partitioner.runtime.compile import CompileOption, check_schedule, compile_k
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.interpreter import Interpreter
-from partitioner.runtime.loop import Normalize, check_normalize, concat_outputs, count_targets, forward_schedule, global_count
+from partitioner.runtime.loop import (
+    Normalize,
+    check_normalize,
+    concat_outputs,
+    count_targets,
+    forward_schedule,
+    global_count,
+)
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.routing import routes
 from partitioner.runtime.transport import LocalTransport, NcclTransport

@@ -28,7 +28,7 @@ Pricing casts only when the precision differs from the one the model's parameter
 (``memory.default_precision``: bf16 parameters train bf16-mixed): then shape propagation
 casts floating parameters, buffers and the model's floating inputs to the compute dtype
 and, when the parameters' dtype differs from it, swaps every constant of the parameters'
-dtype in the graph's calls for the compute dtype (``passes.shape_prop.OnDevice``'s
+dtype in the graph's calls for the compute dtype (``partitioner.passes.shape_prop.OnDevice``'s
 ``retype``: an fp32 capture bakes ``float32`` into casts). ``Recipe`` reads the same
 conditions off the plan and the model; ``retype_graph`` makes the same swap in a stage's
 graph, and ``cast_inputs`` the input cast in stage 0's, so the values crossing each cut
@@ -67,7 +67,7 @@ class Recipe(NamedTuple):
 
 def model_dtype(parameters: Iterable[torch.Tensor]) -> torch.dtype:
     """The dtype pricing takes as the model's: its first floating parameter's (as
-    ``passes.shape_prop`` reads it off the captured graph), else float32."""
+    ``partitioner.passes.shape_prop`` reads it off the captured graph), else float32."""
     return next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
 
 
@@ -97,7 +97,7 @@ _NOT_OPS = (torch.finfo, torch.iinfo)
 
 def retype_graph(gm: nn.Module, src: torch.dtype, dst: torch.dtype) -> bool:
     """Swap every ``src`` dtype argument in ``gm``'s graph for ``dst`` (``.to(torch.float32)``,
-    ``dtype=torch.float32``, ``x.float()``), as ``passes.shape_prop.OnDevice(retype=(src, dst))``
+    ``dtype=torch.float32``, ``x.float()``), as ``partitioner.passes.shape_prop.OnDevice(retype=(src, dst))``
     swaps them in every operator call when pricing: a graph pass, so running the stage costs
     nothing more. Returns whether anything changed (the module is recompiled then)."""
     graph = getattr(gm, "graph", None)

@@ -16,7 +16,7 @@ Both accumulate into ``.grad`` by hand (``torch.autograd.grad`` then ``+=``), so
 whole backward fires them): ``runtime.grad_sync`` learns that a stage's weights are final
 from the interpreter, right after the stage's last ``W``.
 
-Checkpointed stages (``passes.recompute.RecomputeStage``, non-reentrant
+Checkpointed stages (``partitioner.passes.recompute.RecomputeStage``, non-reentrant
 ``torch.utils.checkpoint``) work: ``W`` is a second backward pass through the same
 graph, so a checkpointed region is recomputed again for it (a recomputing stage pays
 its forward twice under a split backward; tests/runtime/test_zero_bubble.py checks the

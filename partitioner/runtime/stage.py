@@ -44,20 +44,28 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from partitioner.plan import STATIC_SHAPES_NOTE
+from partitioner.runtime import loop
 from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.grad_sync import GradSync, broadcast_from_first
 from partitioner.runtime.interpreter import Interpreter, TraceEvent
-from partitioner.runtime import loop
 from partitioner.runtime.local import resolve_schedule, seq_len
 from partitioner.runtime.materialize import materialize, non_persistent_buffers
 from partitioner.runtime.microbatch import batch_size, split
-from partitioner.runtime.precision import (LossScaler, MixedPrecisionOptimizer, cast_inputs, cast_tensors_,
-                                           model_dtype, recipe, retype_graph, zero_mixed)
+from partitioner.runtime.precision import (
+    LossScaler,
+    MixedPrecisionOptimizer,
+    cast_inputs,
+    cast_tensors_,
+    model_dtype,
+    recipe,
+    retype_graph,
+    zero_mixed,
+)
 from partitioner.runtime.routing import routes
-from partitioner.plan import STATIC_SHAPES_NOTE
 from partitioner.schedule import Schedule, split_problem
 
 if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the type points back without an import cycle

@@ -1,4 +1,4 @@
-"""One evaluator of cost expressions (issue 13 item 4): ``cost_models.cost.evaluate`` behind
+"""One evaluator of cost expressions (issue 13 item 4): ``partitioner.cost_models.cost.evaluate`` behind
 pricing's ``Evaluator``, ``poly.evaluate`` (the plan's ``cost_at``, runtime wire shapes) and
 ``devices.evaluate`` (``DeviceSpec.node_time``). Before the merge they disagreed where an
 expression is not an integer polynomial: the lambdified one returned floats (1.5 where the
@@ -6,11 +6,11 @@ others said 2) and rounded rationals through floating point."""
 
 from __future__ import annotations
 
-import sympy
 import pytest
+import sympy
 
-from cost_models.cost import BATCH, SEQ, evaluate
-from cost_models.errors import CostModelError
+from partitioner.cost_models.cost import BATCH, SEQ, evaluate
+from partitioner.cost_models.errors import CostModelError
 
 # expressions shape-prop and the cost formulas really produce: rationals (causal attention
 # halves S^2), ceilings (strided convolutions, chunking), and huge integers (70B FLOPs)
@@ -27,8 +27,8 @@ CASES = [
 
 @pytest.mark.parametrize("expr,b,s,want", CASES)
 def test_the_three_evaluators_agree(expr: sympy.Expr, b: int, s: int, want: int) -> None:
-    from cost_models.devices import evaluate as dev_evaluate
     from partitioner import poly
+    from partitioner.cost_models.devices import evaluate as dev_evaluate
     from partitioner.pricing import Evaluator
 
     assert evaluate(expr, b, s) == want

@@ -8,9 +8,9 @@ import pytest
 import sympy
 import torch
 
-from cost_models.cost import BATCH, SEQ, NodeCost
-from cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec, evaluate, get_device, get_link
-from cost_models.errors import CostModelError
+from partitioner.cost_models.cost import BATCH, SEQ, NodeCost
+from partitioner.cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec, evaluate, get_device, get_link
+from partitioner.cost_models.errors import CostModelError
 
 
 @pytest.mark.parametrize("name", sorted(DEVICES))
@@ -93,7 +93,7 @@ def test_transfer_time() -> None:
 def test_evaluate_is_exact_and_cached() -> None:
     exprs = (3 * BATCH * SEQ**2 + 7, BATCH + 1, sympy.Integer(5))
     assert evaluate(exprs, {"B": 4, "S": 2048}) == [3 * 4 * 2048**2 + 7, 5, 5]
-    from cost_models import cost
+    from partitioner.cost_models import cost
 
     evaluate(exprs, {"B": 3, "S": 16})
     before = cost._evaluate.cache_info().misses

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cost_models import devices
-from cost_models.cost import BATCH, SEQ, NodeCost
-from cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec
-from cost_models.efficiency import Efficiency, attention_efficiency, gemm_efficiency
-from cost_models.errors import CostModelError
+from partitioner.cost_models import devices
+from partitioner.cost_models.cost import BATCH, SEQ, NodeCost
+from partitioner.cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec
+from partitioner.cost_models.efficiency import Efficiency, attention_efficiency, gemm_efficiency
+from partitioner.cost_models.errors import CostModelError
 
 GPUS = ("a100-80gb", "h100-sxm", "h200", "b200")
 SIZES = [1, 7, 64, 100, 128, 129, 1000, 1024, 2304, 4096, 5000, 8192, 16384]

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cost_models.cost import BATCH, SEQ
-from cost_models.errors import CostModelError
-from cost_models.flops import (
+from partitioner.cost_models.cost import BATCH, SEQ
+from partitioner.cost_models.errors import CostModelError
+from partitioner.cost_models.flops import (
     Shape,
     counted_by_flop_counter,
     fc_flops,
@@ -201,7 +201,7 @@ def test_op_name_and_errors() -> None:
 
 
 def test_every_builtin_table_entry_is_a_registry_rule() -> None:
-    from cost_models import flops
+    from partitioner.cost_models import flops
 
     for table in (flops._PER_OUT, flops._PER_IN, flops._ZERO, flops._NORMS, flops._POOLS):
         missing = [n for n in table if n not in flops.OP_RULES]
@@ -212,14 +212,14 @@ def test_every_builtin_table_entry_is_a_registry_rule() -> None:
 def test_a_registered_rule_prices_its_op_and_unknown_ops_are_elementwise() -> None:
     import logging
 
-    from cost_models import flops
-    from cost_models.cost import BATCH
+    from partitioner.cost_models import flops
+    from partitioner.cost_models.cost import BATCH
     from tests.logs import captured
 
     x = flops.Shape((BATCH, 16))
     name = "pp_test_only_op"
     assert flops.op_flops(name, (x,), {}, x) == 16 * BATCH  # no rule: one FLOP per output element
-    with captured("cost_models.flops", logging.DEBUG) as records:
+    with captured("partitioner.cost_models.flops", logging.DEBUG) as records:
         flops.op_flops(name + "_2", (x,), {}, x)
         flops.op_flops(name + "_2", (x,), {}, x)
     assert sum(name + "_2" in r.getMessage() for r in records) == 1  # logged once per op
@@ -240,7 +240,7 @@ def test_a_registered_rule_prices_its_op_and_unknown_ops_are_elementwise() -> No
 
 
 def test_a_rule_for_an_op_torch_counts_is_refused() -> None:
-    from cost_models import flops
+    from partitioner.cost_models import flops
 
     with pytest.raises(CostModelError, match="flop_counter's own formula"):
         flops.register_op_rule("mm")(flops._zero)

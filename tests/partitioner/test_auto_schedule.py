@@ -83,7 +83,7 @@ def test_auto_plan_records_the_choice_and_reapplies() -> None:
 
 
 def test_cli_explain_prints_the_ranking(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from tools.cli import main
+    from partitioner.tools.cli import main
 
     out = tmp_path / "p.json"
     assert main(["plan", "partitioner.examples:quickstart", "--gpus", "2", "--device", "cpu", "--schedule", "auto",

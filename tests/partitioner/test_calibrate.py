@@ -71,7 +71,7 @@ def test_the_overhead_fit_solves_both_runs_and_refuses_what_has_no_meaning() -> 
 def test_op_overhead_prices_every_working_node_and_stays_out_of_plans_without_it() -> None:
     from dataclasses import replace
 
-    from cost_models.devices import DeviceSpec, get_device
+    from partitioner.cost_models.devices import DeviceSpec, get_device
 
     f = FIXTURES["mlp"]
     model, args = f.build(), f.inputs()

@@ -11,10 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cost_models.devices import LINKS
 from partitioner import PartitionError, load_plan, partition
-from partitioner.data_parallel import (BUCKET_BYTES, Window, allgather_s, pack, price_replicas, reduction_end,
-                                       reduction_windows, ring_allreduce_s)
+from partitioner.cost_models.devices import LINKS
+from partitioner.data_parallel import (
+    BUCKET_BYTES,
+    Window,
+    allgather_s,
+    pack,
+    price_replicas,
+    reduction_end,
+    reduction_windows,
+    ring_allreduce_s,
+)
 from partitioner.examples import gpt_example
 from partitioner.plan import PlanError
 from partitioner.schedule import build_schedule

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("partitioner", "passes", "cost_models", "tools")
+PACKAGES = {"partitioner": "partitioner", "passes": "partitioner.passes",
+            "cost_models": "partitioner.cost_models", "tools": "partitioner.tools"}  # folder → import name
 
 
 def _modules_with_examples() -> list[str]:
     names = []
-    for pkg in PACKAGES:
-        for info in pkgutil.walk_packages([str(ROOT / pkg)], pkg + "."):
-            path = ROOT / (info.name.replace(".", "/") + ("/__init__.py" if info.ispkg else ".py"))
+    for folder, pkg in PACKAGES.items():
+        for info in pkgutil.walk_packages([str(ROOT / folder)], pkg + "."):
+            rel = info.name[len(pkg) + 1:].replace(".", "/")
+            path = ROOT / folder / (rel + ("/__init__.py" if info.ispkg else ".py"))
             if path.exists() and re.search(r"^\s*>>> ", path.read_text(), re.M):
                 names.append(info.name)
     return names

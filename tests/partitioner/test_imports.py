@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("partitioner", "passes", "cost_models", "tools")
+#: the repository's folders and the import names an install gives them (pyproject's package-dir)
+PACKAGES = {"partitioner": "partitioner", "passes": "partitioner.passes",
+            "cost_models": "partitioner.cost_models", "tools": "partitioner.tools"}
 
 
-def _module_name(path: Path, root: Path) -> str:
+def _module_name(path: Path, root: Path, packages: dict[str, str]) -> str:
     parts = path.relative_to(root).with_suffix("").parts
+    parts = tuple(packages[parts[0]].split(".")) + parts[1:]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -44,9 +47,11 @@ def _module_level(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
     return out
 
 
-def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
-    """module → first-party modules whose code runs when it is imported (parents' __init__ included)."""
-    files = {_module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+def import_graph(root: Path = ROOT, packages: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """module → first-party modules whose code runs when it is imported (parents' __init__ included).
+    ``packages``: folder → import name (default: the library's)."""
+    packages = PACKAGES if packages is None else packages
+    files = {_module_name(p, root, packages): p for pkg in packages for p in (root / pkg).rglob("*.py")}
 
     def chain(name: str) -> set[str]:
         parts = name.split(".")
@@ -129,16 +134,16 @@ def test_the_cycle_finder_finds_cycles(tmp_path: Path) -> None:
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "d.py").write_text("import cyc.c\nfrom cyc.sub import e\n")
     (pkg / "sub" / "e.py").write_text("")
-    graph = import_graph(tmp_path, ("cyc",))
+    graph = import_graph(tmp_path, {"cyc": "cyc"})
     assert graph == {"cyc": {"cyc.a"}, "cyc.a": set(), "cyc.b": {"cyc.a", "cyc.sub", "cyc.sub.d"},
                      "cyc.c": {"cyc.b"}, "cyc.sub": set(), "cyc.sub.d": {"cyc.c", "cyc.sub.e"}, "cyc.sub.e": set()}
     assert find_cycle(graph) == ["cyc.b", "cyc.sub.d", "cyc.c", "cyc.b"]
     (pkg / "c.py").write_text("import json\n")
-    assert find_cycle(import_graph(tmp_path, ("cyc",))) is None
+    assert find_cycle(import_graph(tmp_path, {"cyc": "cyc"})) is None
 
 
 @pytest.mark.parametrize("module", ["partitioner.schedule", "partitioner.plan", "partitioner.options",
-                                    "partitioner", "cost_models.errors", "cost_models.devices", "tools.cli"])
+                                    "partitioner", "partitioner.cost_models.errors", "partitioner.cost_models.devices", "partitioner.tools.cli"])
 def test_torch_free_modules_import_no_torch(module: str) -> None:
     code = (f"import sys, {module}; bad = sorted(m for m in ('torch', 'numpy') if m in sys.modules); "
             "assert not bad, bad")
@@ -147,10 +152,10 @@ def test_torch_free_modules_import_no_torch(module: str) -> None:
 
 
 def test_lazy_public_names_resolve() -> None:
-    import cost_models
     import partitioner
+    import partitioner.cost_models
 
-    for module in (partitioner, cost_models):
+    for module in (partitioner, partitioner.cost_models):
         assert sorted(module.__all__) == sorted(module._WHERE)  # type: ignore[attr-defined]
         for name in module.__all__:
             assert getattr(module, name) is not None, name
@@ -170,9 +175,8 @@ def test_torch_dtype_names_match_torch() -> None:
 def test_loading_a_plan_imports_no_torch(tmp_path: Path) -> None:
     # load_plan is the gate for plan files (schema, consistency, device/link profiles, schedule):
     # every check it runs must stay torch-free, or `partitioner show` pays seconds for torch
-    from tests.fixtures.models import FIXTURES
-
     from partitioner import partition
+    from tests.fixtures.models import FIXTURES
 
     f = FIXTURES["mlp"]
     path = tmp_path / "plan.json"
@@ -183,3 +187,37 @@ def test_loading_a_plan_imports_no_torch(tmp_path: Path) -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2"
+
+
+def test_the_install_puts_everything_under_one_package_name(tmp_path: Path) -> None:
+    # a wheel of the repository: its folders passes/, cost_models/, tools/ land inside
+    # partitioner/, so nothing named "tools" or "passes" reaches the top of site-packages
+    import zipfile
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"cannot build a wheel here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"partitioner"}
+    for folder, name in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            assert name.replace(".", "/") + "/" + path.relative_to(ROOT / folder).as_posix() in names, path
+    assert "partitioner/plan.schema.json" in names
+
+
+def test_the_code_imports_the_subpackages_by_their_installed_names() -> None:
+    # in a checkout "import passes" would also work (the repository root is on sys.path) and
+    # load a second copy of every module: the library and its tests must not use it
+    bad = []
+    for path in [*ROOT.glob("*/**/*.py")]:
+        if ".venv" in path.parts or path.parts[len(ROOT.parts)].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                    if n.split(".")[0] in ("passes", "cost_models", "tools")]
+    assert not bad, "import these as partitioner.<name>: " + ", ".join(bad)

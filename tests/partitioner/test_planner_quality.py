@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cost_models.devices import DEVICES
 from partitioner import partition
+from partitioner.cost_models.devices import DEVICES
 from partitioner.plan import load_plan
 from tests.fixtures.models import FIXTURES
 from tests.hf.zoo import ZOO

@@ -46,11 +46,11 @@ def test_every_project_error_is_under_the_root() -> None:
     import importlib
     import pkgutil
 
-    import cost_models
-    import passes
+    import partitioner.cost_models
+    import partitioner.passes
 
     seen = []
-    for pkg in (partitioner, passes, cost_models):
+    for pkg in (partitioner, partitioner.passes, partitioner.cost_models):
         for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             if ".examples" in info.name or info.name.endswith("__main__"):
                 continue
@@ -67,7 +67,7 @@ def test_every_project_error_is_under_the_root() -> None:
 
 
 def test_annotate_failures_have_their_own_class() -> None:
-    from passes.annotate import AnnotateError
+    from partitioner.passes.annotate import AnnotateError
 
     assert issubclass(AnnotateError, partitioner.PartitionError)
 

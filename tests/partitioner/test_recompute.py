@@ -8,9 +8,9 @@ import torch
 
 from partitioner import load_plan, partition, poly
 from partitioner.memory import measure_saved
+from partitioner.passes.recompute import RecomputeStage
 from partitioner.runtime.launch import spawn
 from partitioner.solver import InfeasibleError
-from passes.recompute import RecomputeStage
 from tests.fixtures.models import FIXTURES
 from tests.runtime.helpers import assert_params, data, fresh, reference
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cost_models.errors import PartitionError
+from partitioner.cost_models.errors import PartitionError
 from partitioner.schedule import SCHEDULES, Action, Schedule, ScheduleError, build_schedule
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -214,7 +214,7 @@ def test_registry_is_the_one_list_of_schedules() -> None:
     import sys
 
     from partitioner.api import _check_counts
-    from tools.cli import build_parser
+    from partitioner.tools.cli import build_parser
 
     assert tuple(SCHEDULES) == ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "naive")
     parser = build_parser()

@@ -152,7 +152,7 @@ def test_plan_and_timeline_predict_the_same_step() -> None:
 
     from partitioner import load_plan, partition
     from partitioner.simulator import boundary_bytes, predict_plan
-    from tools.timeline import predicted_events
+    from partitioner.tools.timeline import predicted_events
 
     class IdsEverywhere(nn.Module):  # token ids are read by every layer: an int64 tensor crosses every cut
         def __init__(self) -> None:

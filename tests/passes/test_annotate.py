@@ -11,11 +11,11 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from cost_models.cost import BATCH, SEQ, NodeCost
-from cost_models.flops import register_cpu_flash_attention_flops
-from passes.annotate import AnnotateCosts, param_users
-from passes.meta import COST
-from passes.shape_prop import ShapeProp, default_specs
+from partitioner.cost_models.cost import BATCH, SEQ, NodeCost
+from partitioner.cost_models.flops import register_cpu_flash_attention_flops
+from partitioner.passes.annotate import AnnotateCosts, param_users
+from partitioner.passes.meta import COST
+from partitioner.passes.shape_prop import ShapeProp, default_specs
 from tests.fixtures.models import FIXTURES, big_llama_on_meta
 
 
@@ -189,7 +189,7 @@ def test_a_node_torch_cannot_price_symbolically_falls_back_quietly_and_the_plan_
     Python dispatcher alike): the node is priced at the example's sizes, scaled with B,
     the plan's notes name it, and stderr stays empty."""
     from partitioner import partition
-    from passes.annotate import FALLBACK
+    from partitioner.passes.annotate import FALLBACK
 
     torch.manual_seed(0)
     model, x = _Doubling(), torch.randn(4, 8)

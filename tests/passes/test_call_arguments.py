@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from partitioner import PartitionError, load_plan, partition
-from passes.trace import capture
+from partitioner.passes.trace import capture
 
 ROUTES = ("fx", "export")
 

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cost_models.errors import PartitionError
 from partitioner import load_plan, partition
-from passes.annotate import REAL_RUN
-from passes.meta import COST
+from partitioner.cost_models.errors import PartitionError
+from partitioner.passes.annotate import REAL_RUN
+from partitioner.passes.meta import COST
 
 D, E = 16, 4
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import fx, nn
 
-from passes import meta
-from passes.base import Pass
-from passes.errors import GraphError
-from passes.manager import PassManager
+from partitioner.passes import meta
+from partitioner.passes.base import Pass
+from partitioner.passes.errors import GraphError
+from partitioner.passes.manager import PassManager
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def test_undeclared_key_refused_before_anything_runs() -> None:
 def _pp_literals() -> dict[str, list[str]]:
     """Every ``"pp.xxx"`` string constant in library code, with where it appears."""
     found: dict[str, list[str]] = {}
-    for pkg in ("passes", "partitioner", "tools", "cost_models"):
+    for pkg in ("passes", "partitioner", "tools", "cost_models"):  # the folders
         for path in (ROOT / pkg).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) \
@@ -126,9 +126,9 @@ def test_every_pp_key_the_library_uses_is_declared() -> None:
 
 
 def test_library_passes_declare_only_known_keys() -> None:
-    from passes.annotate import AnnotateCosts
-    from passes.order import OrderForCuts
-    from passes.shape_prop import ShapeProp
+    from partitioner.passes.annotate import AnnotateCosts
+    from partitioner.passes.order import OrderForCuts
+    from partitioner.passes.shape_prop import ShapeProp
 
     for p in (ShapeProp, AnnotateCosts, OrderForCuts):
         for key in (*p.requires, *p.provides):
@@ -144,8 +144,8 @@ def test_build_plan_takes_records() -> None:
 
     params = list(inspect.signature(plan_builder.build_plan).parameters)
     assert params == ["source", "hardware", "solved"]
-    from partitioner.examples import gpt_example
     from partitioner import partition
+    from partitioner.examples import gpt_example
 
     model, (idx,) = gpt_example()
     pipe = partition(model, 2, (idx,))

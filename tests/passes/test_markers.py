@@ -21,8 +21,8 @@ pytest.importorskip("torch.distributed.pipelining", reason="pipe_split needs tor
 from torch.distributed.pipelining import pipe_split  # noqa: E402
 
 from partitioner import PartitionError, load_plan, partition  # noqa: E402
-from passes.markers import MARKER, MARKERS  # noqa: E402
-from passes.trace import capture  # noqa: E402
+from partitioner.passes.markers import MARKER, MARKERS  # noqa: E402
+from partitioner.passes.trace import capture  # noqa: E402
 
 ROUTES = ("fx", "export")
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import torch
 
 import partitioner.api as api
 from partitioner import load_plan, partition
-from passes.order import OrderForCuts, crossing_bytes, pin_order, value_sizes
-from passes.split import compute_nodes
+from partitioner.passes.order import OrderForCuts, crossing_bytes, pin_order, value_sizes
+from partitioner.passes.split import compute_nodes
 from tests.fixtures.branchy import Inception, TwoTower, inception_inputs, two_tower_inputs
 
 

@@ -10,10 +10,10 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from cost_models.cost import BATCH, SEQ
-from passes.base import InputSpec, TensorDesc
-from passes.meta import DESC, MODULE, VAL
-from passes.shape_prop import ShapeProp, ShapePropError, default_specs
+from partitioner.cost_models.cost import BATCH, SEQ
+from partitioner.passes.base import InputSpec, TensorDesc
+from partitioner.passes.meta import DESC, MODULE, VAL
+from partitioner.passes.shape_prop import ShapeProp, ShapePropError, default_specs
 from tests.fixtures.models import FIXTURES, big_llama_on_meta
 
 
@@ -117,7 +117,7 @@ def test_torch_export_graph_with_dotted_get_attr_params() -> None:
 def test_shown_descs_print_exactly_as_repr() -> None:
     """The structural keys print each size once per process (``_show_desc``); the text must be
     ``repr``'s, or two different shapes could share a key (and one fake value)."""
-    from passes.shape_prop import _show_desc
+    from partitioner.passes.shape_prop import _show_desc
 
     descs = [TensorDesc((BATCH, sympy.Integer(64)), torch.float32, True), TensorDesc((), torch.int64, False),
              TensorDesc((BATCH * SEQ,), torch.bfloat16, False), (TensorDesc((BATCH,), torch.float32, True),),
@@ -135,7 +135,7 @@ def test_parameter_fakes_match_the_parameters_and_keep_ties(where: str) -> None:
     grad flag as the real tensor, on the fakes' device, one storage each, one fake per tie."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from passes.shape_prop import fake_params
+    from partitioner.passes.shape_prop import fake_params
 
     with torch.device(where):
         model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 4))

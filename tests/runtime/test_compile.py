@@ -92,7 +92,7 @@ def test_compiled_stages_train_like_eager_in_process(schedule: str) -> None:
 def test_recomputing_stages_compile_their_checkpoint_and_train_like_eager() -> None:
     from torch._inductor.compile_fx import compile_fx
 
-    from passes.recompute import RecomputeStage
+    from partitioner.passes.recompute import RecomputeStage
 
     model, pipe = _mlp(recompute="full")
     assert all(isinstance(s, RecomputeStage) and s.regions() for s in pipe.stages)

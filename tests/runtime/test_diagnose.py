@@ -60,8 +60,8 @@ def test_partitioner_log_debug_prints_capture_and_pass_lines() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "passes.trace DEBUG: captured MLP with torch.fx" in done.stderr
-    assert "passes.manager DEBUG: pass shape-prop:" in done.stderr
+    assert "partitioner.passes.trace DEBUG: captured MLP with torch.fx" in done.stderr
+    assert "partitioner.passes.manager DEBUG: pass shape-prop:" in done.stderr
     quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                            env={k: v for k, v in env.items() if k != "PARTITIONER_LOG"})
     assert quiet.returncode == 0 and "DEBUG" not in quiet.stderr

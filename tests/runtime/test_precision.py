@@ -4,7 +4,7 @@ An fp32 Llama-like model (Hugging Face-style norms that cast to float32 and back
 output cast with ``.float()``, rotary tables as fp32 buffers, tied embedding and head) is
 planned with ``precision="bf16-mixed"`` / ``"fp16-mixed"``; its ranks train like ONE
 PROCESS UNDER THE SAME RECIPE: the whole model cast to the compute dtype and run under the
-pricing's own dtype swap (``passes.shape_prop.OnDevice(retype=...)``: every float32 in the
+pricing's own dtype swap (``partitioner.passes.shape_prop.OnDevice(retype=...)``: every float32 in the
 ops' arguments becomes the compute dtype), fp32 master weights stepped by AdamW from the
 low-precision gradients and copied back (fp16: ``torch.amp.GradScaler`` on the masters).
 
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from partitioner import PipelineRuntimeError, partition
+from partitioner.passes.shape_prop import OnDevice
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.precision import retype_graph
-from passes.shape_prop import OnDevice
 
 TIMEOUT_S = 90.0
 LR = 1e-2

@@ -15,7 +15,7 @@ import torch
 
 from partitioner.examples import train_dp
 from partitioner.runtime.launch import free_port
-from tests.runtime.helpers import RTOL, ATOL
+from tests.runtime.helpers import ATOL, RTOL
 
 TIMEOUT_S = 240
 

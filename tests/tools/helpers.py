@@ -16,9 +16,9 @@ MODELS = "tests/tools/tiny_models.py"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m tools.cli ARGS`` in the repo root, as a fresh process."""
+    """``python -m partitioner.tools.cli ARGS`` in the repo root, as a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "partitioner.tools.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from partitioner.tools.cli import build_parser, main
 from tests.tools.helpers import MODELS, check_golden, json_golden
-from tools.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,11 +1,11 @@
 """The CLI reads the library's names instead of keeping copies (issue 13 item 1): device and link
-profiles in --help come from cost_models.devices; the defaults it fills in are partition()'s."""
+profiles in --help come from partitioner.cost_models.devices; the defaults it fills in are partition()'s."""
 
 from __future__ import annotations
 
 import inspect
 
-from tools.cli import PARTITION_DEFAULTS, build_parser
+from partitioner.tools.cli import PARTITION_DEFAULTS, build_parser
 
 
 def _flag_help(flag: str) -> str:
@@ -14,7 +14,7 @@ def _flag_help(flag: str) -> str:
 
 
 def test_help_lists_every_device_and_link_profile() -> None:
-    from cost_models.devices import DEVICES, LINKS
+    from partitioner.cost_models.devices import DEVICES, LINKS
 
     assert all(name in _flag_help("--device") for name in DEVICES)
     assert all(name in _flag_help("--link") for name in LINKS)

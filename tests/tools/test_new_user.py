@@ -231,7 +231,7 @@ def test_timeline_of_a_huge_microbatch_count_is_refused_quickly(plans: Path, tmp
 # -- 11: plan-only commands stay light ------------------------------------------------------------------------
 
 def test_show_and_diff_do_not_import_torch(plans: Path) -> None:
-    code = ("import sys; from tools.cli import main; rc = main(['show', sys.argv[1]]); "
+    code = ("import sys; from partitioner.tools.cli import main; rc = main(['show', sys.argv[1]]); "
             "rc2 = main(['diff', sys.argv[1], sys.argv[2]]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; print(rc, rc2)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -264,7 +264,7 @@ def test_leaf_module_and_optimizer_flags(tmp_path: Path) -> None:
 
 def test_choices_match_the_library() -> None:
     from partitioner.memory import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
-    from tools.cli import build_parser
+    from partitioner.tools.cli import build_parser
 
     plan = next(a for a in build_parser()._actions if a.dest == "command").choices["plan"]  # type: ignore[attr-defined]
     choices = {a.dest: set(a.choices) for a in plan._actions if a.choices}
@@ -320,7 +320,7 @@ def test_html_diff_columns_cannot_overlap(plans: Path, tmp_path: Path) -> None:
 
 def test_80_columns_keep_cut_labels_whole(plans: Path) -> None:
     env_cols = {"COLUMNS": "80"}
-    done = subprocess.run([sys.executable, "-m", "tools.cli", "show", str(plans / "a.json")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "partitioner.tools.cli", "show", str(plans / "a.json")], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", **env_cols},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -408,7 +408,7 @@ def test_run_prints_each_loss_as_the_step_ends(tmp_path: Path) -> None:
 def test_optional_features_name_their_extra(plans: Path, tmp_path: Path) -> None:
     import tomllib
 
-    from tools.commands import EXTRAS
+    from partitioner.tools.commands import EXTRAS
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra, modules in EXTRAS.items():
@@ -418,7 +418,7 @@ def test_optional_features_name_their_extra(plans: Path, tmp_path: Path) -> None
     code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('matplotlib', 'onnx', 'onnxruntime', "
             "'onnxscript')]; import importlib.util as u; real = u.find_spec; "
             "u.find_spec = lambda name, *a: None if name.split('.')[0] in ('matplotlib', 'onnx', 'onnxruntime', "
-            "'onnxscript') else real(name, *a); from tools.cli import main; sys.exit(main(sys.argv[1:]))")
+            "'onnxscript') else real(name, *a); from partitioner.tools.cli import main; sys.exit(main(sys.argv[1:]))")
     show = subprocess.run([sys.executable, "-c", code, "show", str(plans / "a.json"), "--timeline",
                            str(tmp_path / "t.svg")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     one_error_line(show, "pip install 'pipeline-partitioner[viz]'")
