@@ -29,6 +29,15 @@ if TYPE_CHECKING:
     from partitioner.runtime.errors import PipelineRuntimeError
     from partitioner.solver import InfeasibleError
 
+# A source checkout keeps passes/, cost_models/ and tools/ beside this folder (the
+# repository's layout); an install puts them inside it (pyproject's package-dir). Searching
+# the checkout's root too makes partitioner.passes this checkout's passes/ (the editable
+# install's finder would map it to the tree that was installed, another worktree's perhaps).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "passes")) \
+        and os.path.isfile(os.path.join(_CHECKOUT, "passes", "__init__.py")):
+    __path__.append(_CHECKOUT)
+
 #: public name → the module that defines it
 _WHERE = {
     "partition": "partitioner.api",
