@@ -1,0 +1,430 @@
+"""Finds the regions of a captured graph that tensor parallelism shards, and prices them at a degree T.
+
+A region is Megatron-LM's pattern (Shoeybi et al. 2019, "Megatron-LM", section 3): one or
+more *column* linears whose weights are split by output feature, then ops that only carry
+that split along (element-wise math, views that keep the feature or head dimension whole
+per rank, attention), ending in *row* linears whose weights are split by input feature and
+whose partial outputs are summed by one all-reduce. Attention (q/k/v then o) and the MLP
+(up/gate then down) are the two regions of a transformer layer. In the forward pass each
+region costs one all-reduce of its row linears' output; in the backward pass one
+all-reduce of the gradient of its input (the "f" and "g" operators of the paper).
+
+The finder reads only the graph's dataflow and its ops, never module names: a linear whose
+weight is a parameter (``aten.linear``, ``addmm``/``mm``/``matmul`` with a parameter
+operand as GPT-2's ``Conv1D`` captures, ``nn.Linear`` and ``F.linear`` on the fx route)
+opens a region; walking its users forward, every op must be one that carries a feature
+split through unchanged (``CARRY``), or a row linear taking the split value as its input.
+A value that reaches anything else (a reduction such as a norm over the hidden size, the
+graph output, an unknown op) makes the region unshardable, and its linears stay
+replicated: this errs towards pricing too much, never a sharding that computes the wrong
+thing. A degree T is possible for a region when every column's output features, every
+row's input features and the head counts of its attention cores divide by T.
+
+``shard(gm, T)`` prices the graph for one rank of a T-way group: the region's FLOPs,
+output and saved bytes and parameters divided by T, and the all-reduce bytes each node
+adds (forward on row linears, backward on the first column linear of each input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Sequence
+
+import sympy
+from torch import fx, nn
+
+from partitioner.cost_models.cost import NodeCost
+from partitioner.passes.base import TensorDesc
+from partitioner.passes.meta import COST, DESC
+
+__all__ = ["Region", "find_regions", "Sharded", "shard", "CARRY"]
+
+#: ops (aten packet names, torch function names, Tensor methods) that carry a split of the
+#: feature (or head) dimension through unchanged: element-wise math, views that keep the
+#: sharded dimension whole per rank, attention over heads, dropout, casts
+CARRY = frozenset({
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
+    "contiguous", "clone", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "alias", "t",
+    "mul", "add", "sub", "div", "neg", "silu", "gelu", "relu", "tanh", "sigmoid", "exp", "pow", "square",
+    "dropout", "native_dropout", "scaled_dot_product_attention", "softmax", "_softmax", "matmul", "bmm",
+    "baddbmm", "masked_fill", "where", "cat", "split", "split_with_sizes", "chunk", "getitem", "mul_",
+    "add_", "_assert_tensor_metadata", "gelu_", "silu_", "relu_", "dropout_", "sdpa", "flash_attention",
+})
+_ATTENTION = frozenset({"scaled_dot_product_attention", "sdpa", "flash_attention"})
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """aten.view.default → "view"; torch.nn.functional.silu → "silu"; call_method "view" → "view";
+    a call_module → its class name in lower case ("linear" for ``nn.Linear``)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__.lower()
+    if node.op == "call_method":
+        return str(node.target)
+    t = node.target
+    packet = getattr(t, "overloadpacket", None)
+    if packet is not None:
+        return str(getattr(packet, "__name__", packet)).split(".")[-1]
+    return str(getattr(t, "__name__", t)).split(".")[-1]
+
+
+def _is_param(gm: fx.GraphModule, a: Any) -> str | None:
+    """The parameter's qualified name when ``a`` reads one (a get_attr of a parameter)."""
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        try:
+            t = gm.get_parameter(str(a.target))
+        except AttributeError:
+            return None
+        return str(a.target) if isinstance(t, nn.Parameter) else None
+    return None
+
+
+@dataclass(frozen=True)
+class _Linear:
+    node: fx.Node
+    x: fx.Node  # the input the weight multiplies
+    weight: str  # parameter's qualified name
+    bias: str | None
+    out_features: int
+    in_features: int
+
+
+def _linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
+    """``node`` as a linear layer with parameter weights, or None."""
+    if node.op not in ("call_function", "call_module"):
+        return None
+    name = _op_name(gm, node)
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Linear):
+        mod = gm.get_submodule(str(node.target))
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node):
+            return None
+        return _Linear(node, x, f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None,
+                       mod.out_features, mod.in_features)
+    args = list(node.args)
+    if name == "linear" and len(args) >= 2:
+        x, w = args[0], args[1]
+        b = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        wname = _is_param(gm, w)
+        if wname is None or not isinstance(x, fx.Node):
+            return None
+        shape = gm.get_parameter(wname).shape
+        return _Linear(node, x, wname, _is_param(gm, b), int(shape[0]), int(shape[1]))
+    if name in ("addmm", "mm", "matmul") and len(args) >= 2:
+        # GPT-2's Conv1D: addmm(bias, x, weight) with weight stored (in, out)
+        b, x, w = (args[0], args[1], args[2]) if name == "addmm" and len(args) >= 3 else (None, args[0], args[1])
+        wname = _is_param(gm, w)
+        if wname is None or not isinstance(x, fx.Node) or gm.get_parameter(wname).dim() != 2:
+            return None
+        shape = gm.get_parameter(wname).shape
+        return _Linear(node, x, wname, _is_param(gm, b), int(shape[1]), int(shape[0]))
+    return None
+
+
+@dataclass(frozen=True)
+class Region:
+    """One shardable pattern: column linears, the ops between, row linears."""
+
+    columns: tuple[fx.Node, ...]
+    inner: tuple[fx.Node, ...]
+    rows: tuple[fx.Node, ...]
+    #: features per linear (column: outputs, row: inputs) and head counts of attention cores:
+    #: T must divide each of them
+    sizes: tuple[int, ...]
+    #: parameters split by T: (qualified name, dim) — 0 for column weights and biases, 1 for row weights
+    params: tuple[tuple[str, int], ...]
+    #: row biases: added once after the reduction, replicated
+    replicated: tuple[str, ...] = ()
+
+    def degrees(self, limit: int) -> list[int]:
+        """The degrees up to ``limit`` this region can be sharded to."""
+        return [t for t in range(1, limit + 1) if all(s % t == 0 for s in self.sizes)]
+
+
+def _shape(node: Any) -> tuple[sympy.Expr, ...] | None:
+    d = node.meta.get(DESC) if isinstance(node, fx.Node) else None
+    return tuple(sympy.sympify(x) for x in d.shape) if isinstance(d, TensorDesc) else None
+
+
+def _prod(xs: Sequence[sympy.Expr]) -> sympy.Expr:
+    return sympy.Mul(*xs) if xs else sympy.Integer(1)
+
+
+def _dims(node: fx.Node, names: Sequence[str], default: Any = None) -> list[Any]:
+    """The node's arguments ``names`` (positional first, then keyword), ``default`` where absent."""
+    return [node.args[i] if i < len(node.args) else node.kwargs.get(n, default) for i, n in enumerate(names)]
+
+
+def _norm(d: Any, rank: int) -> int | None:
+    return d % rank if isinstance(d, int) and rank else None
+
+
+def _carry(gm: fx.GraphModule, u: fx.Node, v: fx.Node, dim: int, split: dict[fx.Node, int],
+           linears: dict[fx.Node, Any]) -> int | None:
+    """The split dimension of ``u``'s output when its input ``v`` is split along ``dim``, or
+    None when ``u`` cannot carry that split (it would mix or reduce the split features)."""
+    name = _op_name(gm, u)
+    src, out = _shape(v), _shape(u)
+    if name in ("getitem", "_assert_tensor_metadata"):
+        return dim if out is not None and src is not None and len(out) == len(src) else (None if name != "getitem" else dim)
+    if name in ("split", "split_with_sizes", "chunk"):  # tuple outputs: each getitem keeps the dimension
+        d = _dims(u, ("self", "split_size", "dim"), 0)[2]
+        # along the split itself: a fused projection (GPT-2's c_attn), priced as Megatron lays its
+        # weight out, each rank holding its share of q, k and v
+        return dim if src is not None and (_norm(d, len(src)) is not None) else None
+    if src is None or out is None:
+        return None
+    if name in ("view", "reshape", "_unsafe_view"):
+        # the split dim's features, with everything to its right, map to a run of output dims:
+        # the split lands on the outermost of them (heads when hidden is viewed as heads x head_dim)
+        whole = _prod(src[dim:])
+        acc = sympy.Integer(1)
+        for e in range(len(out) - 1, -1, -1):
+            acc = acc * out[e]
+            if out[e] != 1 and sympy.simplify(acc - whole) == 0:
+                return e
+        return None
+    if name in ("transpose",):
+        a, b = (_norm(x, len(src)) for x in _dims(u, ("self", "dim0", "dim1"))[1:])
+        return b if dim == a else a if dim == b else dim
+    if name == "t":
+        return 1 - dim if len(src) == 2 else dim
+    if name == "permute":
+        perm = [_norm(x, len(src)) for x in (u.args[1] if len(u.args) > 1 else u.kwargs.get("dims", ()))]
+        return perm.index(dim) if dim in perm else None
+    if name == "unsqueeze":
+        k = _norm(_dims(u, ("self", "dim"))[1], len(out))
+        return None if k is None else dim + 1 if k <= dim else dim
+    if name == "squeeze":
+        return dim - (len(src) - len(out)) if len(out) < len(src) and src[dim] != 1 else dim
+    if name in ("softmax", "_softmax", "cat", "slice"):
+        d = _dims(u, ("self", "dim"), 0)[1]
+        if name == "cat":
+            return dim if _norm(d, len(src)) != dim else None
+        return dim if _norm(d, len(src)) != dim else None
+    if name in ("matmul", "bmm", "baddbmm"):
+        # attention's q @ k^T and p @ v: the split must be a batch dimension (heads)
+        lead = len(out) - 2
+        off = len(out) - len(src)
+        return dim + off if dim + off < lead else None
+    if name in _ATTENTION:
+        return dim + len(out) - len(src) if dim + len(out) - len(src) < len(out) - 2 else None
+    if name == "expand":
+        return dim + len(out) - len(src)
+    # element-wise: right-aligned broadcasting (whether the other operands agree is checked
+    # once the region is whole, ``_consistent``)
+    k = dim - len(src)  # from the right
+    return len(out) + k if len(out) >= -k else None
+
+
+def _closure(gm: fx.GraphModule, start: fx.Node, linears: dict[fx.Node, _Linear]
+             ) -> tuple[dict[fx.Node, int], set[fx.Node], bool]:
+    """Ops a split of ``start``'s output features reaches (through ``CARRY``, with the split
+    dimension of each), the row linears that take it as input, and whether it reached
+    nothing else."""
+    out = _shape(start)
+    if out is None:
+        return {}, set(), False
+    split: dict[fx.Node, int] = {start: len(out) - 1}
+    rows: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u in rows or (u in split and u is not start):
+                continue
+            lin = linears.get(u)
+            if lin is not None and lin.x is v:
+                sv = _shape(v)
+                if sv is None or split[v] != len(sv) - 1:
+                    return split, rows, False  # only the contracted (last) dimension may arrive split
+                rows.add(u)
+                continue
+            if u.op not in ("call_function", "call_method", "call_module") or _op_name(gm, u) not in CARRY:
+                return split, rows, False
+            d = _carry(gm, u, v, split[v], split, linears)
+            if d is None:
+                return split, rows, False
+            split[u] = d
+            todo.append(u)
+    del split[start]
+    return split, rows, True
+
+
+def _consistent(gm: fx.GraphModule, inner: Iterable[fx.Node], dims: dict[fx.Node, int]) -> bool:
+    """Every operand of the region's ops is split the same way, or broadcasts over the split
+    (a rotary table, a mask); attention and matrix products take only split operands."""
+    for n in inner:
+        so = _shape(n)
+        if so is None:  # a tuple (split, chunk): its getitems carry the check
+            if _op_name(gm, n) in ("split", "split_with_sizes", "chunk"):
+                continue
+            return False
+        k = dims[n] - len(so)
+        for a in n.all_input_nodes:
+            if a in dims:
+                continue
+            if _op_name(gm, n) in _ATTENTION | {"matmul", "bmm"} and a in n.args[:2]:
+                return False
+            sa = _shape(a)
+            if sa is not None and len(sa) >= -k and sa[k] != 1 and _op_name(gm, n) not in ("getitem",):
+                if _op_name(gm, n) in ("view", "reshape", "expand", "_assert_tensor_metadata", "to", "_to_copy"):
+                    continue
+                return False
+    return True
+
+
+def find_regions(gm: fx.GraphModule) -> list[Region]:
+    """Every shardable region of ``gm``, in graph order (module docstring)."""
+    linears = {n: lin for n in gm.graph.nodes if (lin := _linear(gm, n)) is not None}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    closures = {n: _closure(gm, n, linears) for n in linears}
+    # linears whose splits meet (q, k and v at attention; gate and up at their product) form one region
+    parent = {n: n for n in linears}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    owner: dict[fx.Node, fx.Node] = {}
+    for n in sorted(linears, key=order.__getitem__):
+        inner, rows, ok = closures[n]
+        if not ok:  # stays replicated; a region that needs it fails _consistent
+            continue
+        for v in (*inner, *rows):
+            if v in owner:
+                parent[find(n)] = find(owner[v])
+            else:
+                owner[v] = n
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for n in linears:
+        groups.setdefault(find(n), []).append(n)
+    regions: list[Region] = []
+    used: set[fx.Node] = set()
+    for members in sorted(groups.values(), key=lambda g: min(order[m] for m in g)):
+        columns = sorted(members, key=order.__getitem__)
+        inner = set().union(*(set(closures[c][0]) for c in columns))
+        rows = set().union(*(closures[c][1] for c in columns))
+        if not rows or not all(closures[c][2] for c in columns) or rows & set(columns) or used & set(columns):
+            continue
+        dims: dict[fx.Node, int] = {}
+        for c in columns:
+            dims.update(closures[c][0])
+            if (sc := _shape(c)) is not None:
+                dims[c] = len(sc) - 1
+        if not _consistent(gm, inner, dims):
+            continue
+        sizes = [linears[c].out_features for c in columns] + [linears[r].in_features for r in rows]
+        for n, d in dims.items():  # every split dimension on the way (heads, kv heads after a view)
+            sn = _shape(n)
+            if sn is not None and sn[d].is_Integer:
+                sizes.append(int(sn[d]))
+        for n in inner:
+            if _op_name(gm, n) in _ATTENTION:
+                for a in n.args[:2]:
+                    d = a.meta.get(DESC) if isinstance(a, fx.Node) else None
+                    if isinstance(d, TensorDesc) and len(d.shape) >= 3 and d.shape[-3].is_Integer:
+                        sizes.append(int(d.shape[-3]))
+        params: list[tuple[str, int]] = []
+        replicated: list[str] = []
+        for c in columns:
+            lin = linears[c]
+            params.append((lin.weight, 0 if c.op == "call_module" or _op_name(gm, c) == "linear" else 1))
+            if lin.bias:
+                params.append((lin.bias, 0))
+        for r in sorted(rows, key=order.__getitem__):
+            lin = linears[r]
+            params.append((lin.weight, 1 if r.op == "call_module" or _op_name(gm, r) == "linear" else 0))
+            if lin.bias:
+                replicated.append(lin.bias)
+        used |= rows
+        regions.append(Region(tuple(columns), tuple(sorted(inner, key=order.__getitem__)),
+                              tuple(sorted(rows, key=order.__getitem__)), tuple(sorted(set(sizes))), tuple(params),
+                              tuple(replicated)))
+    return regions
+
+
+@dataclass
+class Sharded:
+    """What one rank of a ``degree``-way tensor-parallel group holds and does, per node."""
+
+    degree: int
+    regions: list[Region]
+    #: per node name: the cost on one rank (only nodes that change are listed)
+    costs: dict[str, NodeCost] = field(default_factory=dict)
+    #: per parameter: the divisor of its size on one rank
+    param_divisor: dict[str, int] = field(default_factory=dict)
+    #: per node name: bytes all-reduced over the group in the forward / backward pass
+    fwd_allreduce: dict[str, sympy.Expr] = field(default_factory=dict)
+    bwd_allreduce: dict[str, sympy.Expr] = field(default_factory=dict)
+    #: regions left replicated because the degree does not divide their sizes
+    skipped: list[Region] = field(default_factory=list)
+
+    @property
+    def inside(self) -> set[str]:
+        """Names of nodes strictly inside a sharded region (a pipeline cut there would send a split value)."""
+        return {n.name for r in self.regions for n in (*r.columns, *r.inner)}
+
+
+def _scaled(cost: NodeCost, t: int, *, outputs: bool, shape: tuple[sympy.Expr, ...] = ()) -> NodeCost:
+    inv = sympy.Rational(1, t)
+    out = dict(fwd_flops=cost.fwd_flops * inv, bwd_flops=cost.bwd_flops * inv, fwd_flops_fc=cost.fwd_flops_fc * inv,
+               bwd_flops_fc=cost.bwd_flops_fc * inv, param_bytes=cost.param_bytes * inv,
+               fwd_bytes_moved=cost.fwd_bytes_moved * inv, saved_internal=cost.saved_internal * inv,
+               saved_bytes=cost.saved_bytes * inv)
+    if outputs:
+        out.update(output_bytes=cost.output_bytes * inv, out_storage=tuple(s * inv for s in cost.out_storage))
+    if shape:
+        out.update(shape=shape)
+    return replace(cost, **out)
+
+
+def _bytes(node: fx.Node) -> sympy.Expr:
+    d = node.meta.get(DESC)
+    return d.nbytes() if isinstance(d, TensorDesc) else sympy.Integer(0)
+
+
+def _gemm_shape(node: fx.Node, lin: _Linear, t: int, column: bool) -> tuple[sympy.Expr, ...]:
+    x, out = lin.x.meta.get(DESC), node.meta.get(DESC)
+    if not (isinstance(x, TensorDesc) and isinstance(out, TensorDesc) and x.shape and out.shape):
+        return ()
+    n, k = out.shape[-1], x.shape[-1]
+    m = out.numel() / n
+    return (m, k, n / t) if column else (m, k / t, n)
+
+
+def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = None) -> Sharded:
+    """One rank's share of ``gm`` under ``degree``-way tensor parallelism (module docstring)."""
+    regions = find_regions(gm) if regions is None else list(regions)
+    out = Sharded(degree, [])
+    if degree <= 1:
+        return out
+    linears = {n: lin for r in regions for n in (*r.columns, *r.rows) if (lin := _linear(gm, n)) is not None}
+    for r in regions:
+        if degree not in r.degrees(degree):
+            out.skipped.append(r)
+            continue
+        out.regions.append(r)
+        for name, _dim in r.params:
+            out.param_divisor[name] = degree
+        entries: dict[fx.Node, fx.Node] = {}
+        for c in r.columns:
+            cost = c.meta.get(COST, NodeCost())
+            out.costs[c.name] = _scaled(cost, degree, outputs=True, shape=_gemm_shape(c, linears[c], degree, True))
+            entries.setdefault(linears[c].x, c)
+        for n in r.inner:
+            out.costs[n.name] = _scaled(n.meta.get(COST, NodeCost()), degree, outputs=True)
+        for w in r.rows:
+            cost = w.meta.get(COST, NodeCost())
+            out.costs[w.name] = _scaled(cost, degree, outputs=False, shape=_gemm_shape(w, linears[w], degree, False))
+            out.fwd_allreduce[w.name] = out.fwd_allreduce.get(w.name, sympy.Integer(0)) + _bytes(w)
+        for x, c in entries.items():  # the gradient of each input the region reads, summed over the group
+            out.bwd_allreduce[c.name] = out.bwd_allreduce.get(c.name, sympy.Integer(0)) + _bytes(x)
+    return out
+
+
+def degrees(regions: Iterable[Region], limit: int) -> list[int]:
+    """Degrees up to ``limit`` that shard every region (the others leave some replicated)."""
+    regions = list(regions)
+    return [t for t in range(1, limit + 1) if all(t in r.degrees(limit) for r in regions)]
