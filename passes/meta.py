@@ -73,6 +73,10 @@ ORDER = "pp.order"
 #: ``tuple[str, ...]``: compute-node names in the order a re-applied plan fixes (``partitioner.passes.order.pin_order``).
 ORDER_PINNED = "pp.order_pinned"
 
+#: ``partitioner.passes.tensor_parallel.Sharded``: the graph is one tensor-parallel rank's view
+#: (``partitioner.tensor_parallel.view``): its sharded regions, costs and parameter divisors.
+TP = "pp.tp"
+
 #: Every graph key, with what it holds (``PassManager`` refuses a pass naming another).
 GRAPH_KEYS: dict[str, str] = {
     FAKE_MODE: "FakeTensorMode shape-prop ran in",
@@ -86,6 +90,7 @@ GRAPH_KEYS: dict[str, str] = {
     MARKERS: "number of pipe_split() markers capture removed",
     ORDER: "OrderReport: bytes crossing each position before and after reordering",
     ORDER_PINNED: "compute-node order a re-applied plan fixes (OrderForCuts keeps it)",
+    TP: "Sharded: one tensor-parallel rank's regions, costs and parameter divisors",
     "pp.recompute_mode": "a stage module's recompute mode (passes/recompute.py)",
 }
 

@@ -1,0 +1,83 @@
+"""The planner's view of one tensor-parallel rank: a graph priced per rank, and node times with the all-reduces.
+
+``view(gm, degree)`` copies the annotated graph (nodes, their ``node.meta``, ``gm.meta``;
+the parameters are shared, not copied) with each sharded node's cost replaced by one
+rank's share (``passes.tensor_parallel.shard``) and the divisor of each sharded parameter
+recorded in ``gm.meta["pp.tp"]``, so pricing, the exact memory model and the solver plan
+one rank of the group exactly as they plan a whole GPU. ``node_time`` adds to a node's
+forward and backward seconds the ring all-reduces the region makes there, on the link
+inside the group (NVLink: tensor parallelism stays inside a node).
+
+Boundary tensors between stages stay whole on every rank of a group: each rank sends its
+copy to the rank of the same index in the next stage's group, over its own link, so a cut
+costs what it costs without tensor parallelism.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from torch import fx
+
+from partitioner.cost_models.cost import evaluate
+from partitioner.cost_models.devices import LinkSpec
+from partitioner.data_parallel import ring_allreduce_s
+from partitioner.passes.meta import COST, TP
+from partitioner.passes.tensor_parallel import Sharded, shard
+
+__all__ = ["view", "node_time", "param_divisor"]
+
+NodeTime = Callable[[Any, Mapping[str, int]], "tuple[float, float]"]
+
+
+def view(gm: fx.GraphModule, degree: int) -> tuple[fx.GraphModule, Sharded]:
+    """``gm`` as one rank of a ``degree``-way tensor-parallel group sees it (module docstring)."""
+    sharded = shard(gm, degree)
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, remap)
+    graph.output(out)
+    for old, new in zip(gm.graph.nodes, graph.nodes):
+        new.meta = dict(old.meta)
+        cost = sharded.costs.get(old.name)
+        if cost is not None:
+            new.meta[COST] = cost
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)
+    copy.meta[TP] = sharded
+    return copy, sharded
+
+
+def param_divisor(gm: fx.GraphModule) -> Mapping[str, int]:
+    """Per parameter name: how many ranks split it (empty without tensor parallelism)."""
+    sharded = gm.meta.get(TP)
+    return sharded.param_divisor if isinstance(sharded, Sharded) else {}
+
+
+def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
+    """``base`` plus, on the nodes of ``gm`` that make them, the ring all-reduces of one
+    tensor-parallel group (forward on row linears, backward on the first column linear of
+    each region input). ``gm`` must come from ``view``; other graphs get ``base`` back."""
+    sharded = gm.meta.get(TP)
+    if not isinstance(sharded, Sharded) or sharded.degree <= 1:
+        return base
+    by_cost: dict[int, tuple[Any, Any]] = {}
+    for node in gm.graph.nodes:
+        f, b = sharded.fwd_allreduce.get(node.name), sharded.bwd_allreduce.get(node.name)
+        if f is not None or b is not None:
+            cost = node.meta[COST]
+            by_cost[id(cost)] = (cost, (f, b))
+    t = sharded.degree
+
+    def timed(cost: Any, values: Mapping[str, int]) -> tuple[float, float]:
+        fwd, bwd = base(cost, values)
+        hit = by_cost.get(id(cost))
+        if hit is not None and hit[0] is cost:
+            f, b = hit[1]
+            if f is not None:
+                fwd += ring_allreduce_s(evaluate(f, values["B"], values.get("S", 1)), t, link)
+            if b is not None:
+                bwd += ring_allreduce_s(evaluate(b, values["B"], values.get("S", 1)), t, link)
+        return fwd, bwd
+
+    return timed

@@ -1,0 +1,42 @@
+"""One tensor-parallel rank as the planner sees it: costs per rank, the all-reduces in the node times."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from partitioner.cost_models.devices import DEVICES, LINKS
+from partitioner.data_parallel import ring_allreduce_s
+from partitioner.passes.meta import COST
+from partitioner.tensor_parallel import node_time, param_divisor, view
+from tests.passes.test_tensor_parallel import Block, _annotated
+
+
+def test_the_view_prices_one_rank_and_leaves_the_graph_alone() -> None:
+    gm = _annotated(Block(), torch.randn(2, 8, 32))
+    before = {n.name: n.meta.get(COST) for n in gm.graph.nodes}
+    tp, sharded = view(gm, 2)
+    assert {n.name: n.meta.get(COST) for n in gm.graph.nodes} == before  # the original is untouched
+    assert [n.name for n in tp.graph.nodes] == [n.name for n in gm.graph.nodes]
+    for n in tp.graph.nodes:
+        assert n.meta.get(COST) is (sharded.costs.get(n.name) or before[n.name])
+    assert param_divisor(tp)["q.weight"] == 2 and param_divisor(gm) == {}
+    assert tp.get_parameter("q.weight") is gm.get_parameter("q.weight")  # shared, not copied
+
+
+def test_node_times_gain_the_ring_all_reduces_on_the_group_link() -> None:
+    gm = _annotated(Block(), torch.randn(2, 8, 32))
+    tp, _ = view(gm, 4)
+    dev, link = DEVICES["h100-sxm"], LINKS["nvlink4"]
+    base = dev.node_time
+    timed = node_time(base, tp, link)
+    assert node_time(base, gm, link) is base  # nothing to add without a view
+    values = {"B": 2, "S": 8}
+    nodes = {n.name: n for n in tp.graph.nodes}
+    ring = ring_allreduce_s(2 * 8 * 32 * 4, 4, link)
+    assert ring > 0
+    for name, extra in (("o", (ring, 0.0)), ("down", (ring, 0.0)), ("q", (0.0, ring)), ("up", (0.0, ring)),
+                        ("k", (0.0, 0.0)), ("v", (0.0, 0.0))):
+        cost = nodes[name].meta[COST]
+        got, plain = timed(cost, values), base(cost, values)
+        assert got[0] == pytest.approx(plain[0] + extra[0]) and got[1] == pytest.approx(plain[1] + extra[1]), name
