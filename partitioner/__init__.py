@@ -14,8 +14,12 @@ describes the package.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,13 +34,28 @@ if TYPE_CHECKING:
     from partitioner.solver import InfeasibleError
 
 # A source checkout keeps passes/, cost_models/ and tools/ beside this folder (the
-# repository's layout); an install puts them inside it (pyproject's package-dir). Searching
-# the checkout's root too makes partitioner.passes this checkout's passes/ (the editable
-# install's finder would map it to the tree that was installed, another worktree's perhaps).
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "passes")) \
-        and os.path.isfile(os.path.join(_CHECKOUT, "passes", "__init__.py")):
-    __path__.append(_CHECKOUT)
+# repository's layout); an install puts them inside it (pyproject's package-dir). In a
+# checkout, a finder ahead of the others maps exactly these three names to this checkout's
+# folders (the editable install's own finder would map them to the tree that was installed,
+# another worktree's perhaps); their submodules follow through the package's __path__.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SUBPACKAGES = {f"partitioner.{name}": os.path.join(os.path.dirname(_HERE), name)
+                for name in ("passes", "cost_models", "tools")}
+
+
+class _CheckoutFolders(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        folder = _SUBPACKAGES.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+
+
+if not os.path.isdir(os.path.join(_HERE, "passes")) and all(
+        os.path.isfile(os.path.join(f, "__init__.py")) for f in _SUBPACKAGES.values()) \
+        and not any(isinstance(f, _CheckoutFolders) for f in sys.meta_path):
+    sys.meta_path.insert(0, _CheckoutFolders())
 
 #: public name → the module that defines it
 _WHERE = {
