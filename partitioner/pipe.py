@@ -76,22 +76,55 @@ class Pipe(nn.Module):
         cuts = ", ".join(self.plan.cuts) or "none"
         return f"Pipe({self.plan.model}, {len(self.stages)} stages, cuts: {cuts})"
 
-    # Runtime entry points live in partitioner.runtime; imported lazily to keep import light.
-    def train_step(self, *args: Any, **kwargs: Any) -> Any:
-        from partitioner.runtime.local import train_step
+    # -- the hand-off to the runtime -------------------------------------------------------
+    # partitioner.runtime never imports this module: it is built from a PipelineSpec, which
+    # these methods make. The imports are deferred: the runtime loads torch.distributed and
+    # more, and ``import partitioner`` stays light.
+    def pipeline_spec(self) -> Any:
+        """The record the runtime is built from (``partitioner.runtime.spec.PipelineSpec``):
+        the plan, these stages (shared with the model), where each boundary value goes, the
+        capture's input flattening and output structure, the model's tensor names and dtype,
+        and the model itself only when it holds meta tensors (``build_stage`` initialises
+        them through its modules). Built anew on each call."""
+        from partitioner.runtime.precision import model_dtype  # deferred: see above
+        from partitioner.runtime.spec import IOSpec, PipelineSpec
 
-        return train_step(self, *args, **kwargs)
+        cap = self._captured
+        io = IOSpec(cap.input_names, cap.out_spec, cap.flatten)
+        model: nn.Module | None = self.__dict__["model"]
+        graph: fx.GraphModule = self.__dict__["graph"]
+        return PipelineSpec.build(self.plan, list(self.stages), io=io, model=model,
+                                  param_dtype=model_dtype(graph.parameters()))
+
+    def _step_spec(self) -> Any:
+        """``pipeline_spec()`` kept for ``train_step``/``eval_step`` while the plan and the stage
+        modules stay the same objects, so stages compiled for one step (cached per record)
+        serve the next."""
+        kept = self.__dict__.get("_runtime_spec")
+        if kept is None or kept.plan is not self.plan or len(kept.stages) != len(self.stages) or any(
+                kept.stages[i] is not m for i, m in enumerate(self.stages)):
+            kept = self.__dict__["_runtime_spec"] = self.pipeline_spec()
+        return kept
+
+    def train_step(self, *args: Any, **kwargs: Any) -> Any:
+        """One training step of every stage in this process: ``partitioner.runtime.local.train_step``
+        on this pipe's record (the plan's schedule and micro-batch count unless given)."""
+        from partitioner.runtime.local import train_step  # deferred: see above
+
+        return train_step(self._step_spec(), *args, **kwargs)
 
     def eval_step(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, under ``torch.no_grad``: ``partitioner.runtime.local.eval_step``."""
-        from partitioner.runtime.local import eval_step
+        from partitioner.runtime.local import eval_step  # deferred: see above
 
-        return eval_step(self, *args, **kwargs)
+        return eval_step(self._step_spec(), *args, **kwargs)
 
     def build_stage(self, rank: int, device: torch.device | str | None = None, **kwargs: Any) -> Any:
-        from partitioner.runtime.stage import build_stage
+        """This rank's copy of its stages: ``partitioner.runtime.stage.build_stage`` on this
+        pipe's record (``pipeline_spec()``)."""
+        from partitioner.runtime.stage import build_stage  # deferred: see above
 
-        return build_stage(self, rank, device, **kwargs)
+        return build_stage(self.pipeline_spec(), rank, device, **kwargs)
 
     def export_onnx(self, directory: str, *args: Any, **kwargs: Any) -> list[str]:
         from partitioner.export import export_onnx

@@ -296,7 +296,9 @@ class Plan:
             example_inputs: needed only when the plan recorded no input shapes.
 
         Returns:
-            A ``Pipe`` with the plan's stages, cuts and ranks.
+            A ``Pipe`` with the plan's stages, cuts and ranks; ``pipe.pipeline_spec()`` is the
+            record the runtime is built from (or build one without a ``Pipe``:
+            ``partitioner.runtime.spec.PipelineSpec.build(plan, stage_modules)``).
 
         Raises:
             PlanError: the plan does not fit ``model``.

@@ -95,10 +95,10 @@ def checkpoint_format(path: str) -> str:
 def _canonical_names(stage: RankStage) -> dict[int, str]:
     """id(parameter) -> the name its optimizer state is stored under: the first of all its
     names in the model (the same under every plan), else the first of them by name."""
-    model = getattr(stage.pipe, "model", None)
+    names = stage.spec.names
     order: dict[str, int] = {}
-    if model is not None:
-        for k, (n, _) in enumerate(model.named_parameters(remove_duplicate=False)):
+    if names is not None:
+        for k, n in enumerate(names.parameters):
             order.setdefault(n, k)
     here: dict[int, list[str]] = {}
     for n, p in stage.named_parameters(remove_duplicate=False):

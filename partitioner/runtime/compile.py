@@ -51,7 +51,7 @@ __all__ = ["CompileOption", "compile_kwargs", "check_schedule", "compiled_module
 #: ``compile=``: False (eager), True (``torch.compile`` defaults) or ``torch.compile``'s kwargs
 CompileOption = Union[bool, Mapping[str, Any], None]
 
-# owner (a Pipe or RankStage) -> {(stage, options): compiled wrapper}. Weak on the owner, so
+# owner (a PipelineSpec or RankStage) -> {(stage, options): compiled wrapper}. Weak on the owner, so
 # the wrappers go with it; the wrappers reference the stage modules, never the owner.
 _CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], tuple[nn.Module, Any]]] = weakref.WeakKeyDictionary()
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from partitioner.runtime.errors import PipelineRuntimeError
-from partitioner.runtime.local import seq_len
+from partitioner.runtime.spec import seq_len
 from partitioner.runtime.values import Wire, boundary_wires, decode, encode, input_wires
 from partitioner.schedule import split_problem
 
@@ -75,7 +75,7 @@ def pipelining_stage(stage: Any, stage_index: int, n_microbatches: int | None = 
     """A PipelineStage for ``stage_index`` of a RankStage (``stage.as_pipelining_stage``)."""
     from torch.distributed.pipelining import PipelineStage
 
-    plan, pipe = stage.plan, stage.pipe
+    plan, spec = stage.plan, stage.spec
     if stage_index not in stage.modules:
         raise PipelineRuntimeError(f"stage {stage_index} does not run on rank {stage.rank} "
                                    f"(it holds {sorted(stage.modules)})", stage.rank)
@@ -88,19 +88,21 @@ def pipelining_stage(stage: Any, stage_index: int, n_microbatches: int | None = 
     first = input_wires(plan, mb, seq)
     wires = [first, *(boundary_wires(plan, i, mb, seq) for i in range(plan.n_stages - 1))]
     values: list[Any] = [torch.zeros(w.shape, dtype=w.dtype) if w.kind == "tensor" else None for w in first]
+    # the record's stages (the user's, not this rank's copies): one example forward
+    mods = spec.modules(range(stage_index + 1), "as_pipelining_stage (one example forward through the stages up to it)")
     with torch.no_grad():
-        for s in range(stage_index):
-            values = list(pipe.stages[s](*values))  # the user's stages: one example forward
-        out = list(pipe.stages[stage_index](*values))
+        for mod in mods[:-1]:
+            values = list(mod(*values))
+        out = list(mods[-1](*values))
     last = stage_index == plan.n_stages - 1
     dev = stage.device
     in_args = tuple(t.to(dev) for t in _to_wire(wires[stage_index], values, detach=True))
     if last:
-        res = pipe.unflatten_outputs(out)
+        res = spec.unflatten_outputs(out)
         out_args = tuple(t.to(dev) for t in (res if isinstance(res, tuple) else (res,)))
     else:
         out_args = tuple(t.to(dev) for t in _to_wire(wires[stage_index + 1], out, detach=True))
     wrapped = TensorOnlyStage(stage.modules[stage_index], wires[stage_index], None if last else wires[stage_index + 1],
-                              pipe.unflatten_outputs)
+                              spec.unflatten_outputs)
     return PipelineStage(wrapped, stage_index, plan.n_stages, dev, input_args=in_args, output_args=out_args,
                          group=stage.group)

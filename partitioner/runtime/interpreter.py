@@ -58,10 +58,11 @@ import torch
 from torch import nn
 
 from partitioner.comms import Batch, Lowered, lower
-from partitioner.plan import STATIC_SHAPES_NOTE, Plan
+from partitioner.plan import Plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.profiling import named
 from partitioner.runtime.routing import Links, Route
+from partitioner.runtime.spec import static_shapes
 from partitioner.runtime.splitgrad import WeightWork, input_grads, weight_grads
 from partitioner.runtime.transport import Key, Layout, Pending, Transport
 from partitioner.runtime.values import Wire, boundary_wires, check_value, decode, encode, input_wires
@@ -317,7 +318,7 @@ class Interpreter:
     def _static_hint(self) -> str:
         """For a plan whose shapes are fixed to its example (symbolic shape propagation failed
         when planning), run at another micro-batch size: most likely why an op failed."""
-        if not any(n.startswith(STATIC_SHAPES_NOTE) for n in self.plan.notes):
+        if not static_shapes(self.plan):
             return ""
         example = self.plan.symbols.get("B")
         if example is None or self._layout is None or self._layout[0] == example:

@@ -1,7 +1,7 @@
 """This rank's share of a pipeline: its stage modules on its device, and a runner::
 
-    stage = pipe.build_stage(rank, "cpu")
-    runner = stage.runner("1f1b", n_microbatches=8, loss_fn=loss_fn)
+    stage = pipe.build_stage(rank, "cpu")          # or build_stage(spec, rank, "cpu") from a PipelineSpec
+    runner = stage.runner(loss_fn=loss_fn)         # the plan's schedule and micro-batch count
     loss = runner.step(x, target=y)   # x on the first rank, y on the last; None elsewhere
     opt.step()                        # opt over stage.parameters()
 
@@ -41,35 +41,31 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, 
 
 import torch
 import torch.distributed as dist
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree as pytree
 
-from partitioner.plan import STATIC_SHAPES_NOTE
 from partitioner.runtime import loop
 from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
-from partitioner.runtime.diagnose import log_failure
 from partitioner.runtime.dist import DistTransport, backend_for
+from partitioner.runtime.driver import StepDriver
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.grad_sync import GradSync, broadcast_from_first
-from partitioner.runtime.interpreter import Interpreter, TraceEvent
-from partitioner.runtime.local import resolve_schedule, seq_len
-from partitioner.runtime.materialize import materialize, non_persistent_buffers
+from partitioner.runtime.interpreter import TraceEvent
+from partitioner.runtime.materialize import materialize
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.precision import (
     LossScaler,
     MixedPrecisionOptimizer,
     cast_inputs,
     cast_tensors_,
-    model_dtype,
     recipe,
     retype_graph,
     zero_mixed,
 )
-from partitioner.runtime.routing import routes
+from partitioner.runtime.spec import ModelNames, PipelineSpec, as_spec, resolve_schedule, seq_len, static_shapes
 from partitioner.schedule import Schedule, split_problem
 
-if TYPE_CHECKING:  # pipe.py imports the runtime lazily; the type points back without an import cycle
-    from partitioner.pipe import Pipe
+if TYPE_CHECKING:
     from partitioner.simulator import SimResult
 
 __all__ = ["build_stage", "RankStage", "Runner", "IncompatibleKeys"]
@@ -81,29 +77,30 @@ class IncompatibleKeys(NamedTuple):
 
 
 class RankStage:
-    """The stages ``rank`` runs (stage s lives on rank s % n_ranks)."""
+    """The stages ``rank`` runs (stage s lives on rank s % n_ranks), built from a ``PipelineSpec``
+    (``runtime.spec``) that holds at least them."""
 
     #: the runners' default for ``compile=`` (``build_stage(..., compile=...)``): False, True
     #: or ``torch.compile`` keyword arguments (``runtime.compile``)
     compile: CompileOption = False
 
-    def __init__(self, pipe: Pipe, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
+    def __init__(self, spec: PipelineSpec, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
                  init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0,
                  dp_group: dist.ProcessGroup | None = None, dp_rank: int = 0) -> None:
-        plan = pipe.plan
-        self.pipe, self.plan, self.rank, self.device, self.group = pipe, plan, rank, device, group
+        plan = spec.plan
+        #: the record this rank was built from (``runtime.spec.PipelineSpec``)
+        self.spec, self.plan, self.rank, self.device, self.group = spec, plan, rank, device, group
         #: this rank's place in the mesh: pipeline rank (``rank``) and replica
         self.pp_rank, self.dp_rank, self.dp_group = rank, dp_rank, dp_group
         self.n_ranks = plan.pp_ranks
         mine = [st.index for st in plan.stages if st.rank == rank]
         if not mine:
             raise PipelineRuntimeError(f"rank {rank} runs no stage of this plan (ranks 0..{self.n_ranks - 1})", rank)
-        model = getattr(pipe, "model", None)
         #: FQN -> every FQN of the same tensor in the model (tied weights), itself included
-        self.aliases: dict[str, tuple[str, ...]] = _alias_groups(model, plan.tied_parameters)
-        self._non_persistent = non_persistent_buffers(model) if model is not None else set()
-        originals = [pipe.stages[s] for s in mine]
-        made = materialize(originals, device, model, init_fn=init_fn, seed=seed,
+        self.aliases: dict[str, tuple[str, ...]] = _alias_groups(spec.names, plan.tied_parameters)
+        self._non_persistent = set(spec.names.non_persistent) if spec.names is not None else set()
+        originals = spec.modules(mine, f"rank {rank}")
+        made = materialize(originals, device, spec.model, init_fn=init_fn, seed=seed,
                            tied=tuple(g for g in set(self.aliases.values()) if len(g) > 1))
         # Deep copies made together, so a tensor shared by two stages of this rank stays one.
         self.modules: dict[int, nn.Module] = dict(zip(mine, copy.deepcopy(originals, made.memo)))
@@ -117,8 +114,7 @@ class RankStage:
         #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
         self.grad_sync = self._replicate()
         #: the plan's precision as this rank runs it (``runtime.precision.Recipe``)
-        graph = getattr(pipe, "graph", None)
-        self.recipe = recipe(plan, model_dtype((graph if graph is not None else pipe).parameters()))
+        self.recipe = recipe(plan, spec.param_dtype)
         #: (low-precision parameter, its fp32 master) for each trainable parameter (mixed precision)
         self._pairs = self._apply_precision()
         self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
@@ -398,11 +394,10 @@ class RankStage:
                 self.uninitialized.difference_update(names)
         self.sync_masters()
         known = set(own) | {a for n in own for a in self.aliases.get(n, (n,))}
-        model = getattr(self.pipe, "model", None)
-        if model is not None:
-            known |= set(dict(model.named_parameters(remove_duplicate=False)))
-            known |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-        unexpected = sorted(k for k in state_dict if k not in known) if model is not None else []
+        model_names = self.spec.names
+        if model_names is not None:
+            known |= {*model_names.parameters, *model_names.buffers}
+        unexpected = sorted(k for k in state_dict if k not in known) if model_names is not None else []
         if strict and (missing or unexpected):
             raise PipelineRuntimeError(
                 f"rank {self.rank}: load_state_dict(strict=True): "
@@ -506,14 +501,15 @@ class RankStage:
 
         save_checkpoint(self, path, optimizer)
 
-    def runner(self, schedule: str | Schedule = "1f1b", n_microbatches: int | None = None,
+    def runner(self, schedule: str | Schedule | None = None, n_microbatches: int | None = None,
                loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *, batch_size: int | None = None,
                p2p: str = "auto", compile: CompileOption = None, normalize: loop.Normalize = "mean") -> Runner:
         """A ``Runner`` whose ``step(x, target=y)`` trains one step on this rank's stages.
 
         Args:
             schedule: a schedule name (``partitioner.schedule.SCHEDULES``) or a ``Schedule``;
-                every rank must pass the same.
+                every rank must pass the same (default: the plan's, the one it was priced
+                for: ``plan.prediction.schedule``).
             n_microbatches: micro-batches per step (default: the plan's).
             loss_fn: ``loss_fn(output, target) -> scalar``, called on the last stage per
                 micro-batch (the step's loss is their mean).
@@ -550,7 +546,7 @@ class RankStage:
         if p2p not in ("auto", "ordered"):
             raise PipelineRuntimeError(f"p2p={p2p!r}: expected 'auto' or 'ordered'")
         loop.check_normalize(normalize)
-        return Runner(self, resolve_schedule(self.pipe, schedule, n_microbatches), loss_fn, batch_size,
+        return Runner(self, resolve_schedule(self.spec, schedule, n_microbatches), loss_fn, batch_size,
                       ordered=p2p == "ordered", compile=self.compile if compile is None else compile,
                       normalize=normalize)
 
@@ -602,16 +598,16 @@ class Runner:
         self.transport = DistTransport(plan.n_stages, stage.group, tagless=ordered)
         #: the modules the interpreter calls: ``stage.modules``, or their compiled wrappers
         self.modules = compiled_modules(stage, stage.modules, compile)
-        self.interpreter = Interpreter(stage.rank, self.modules, plan, schedule, self.transport, loss_fn,
-                                       stage.pipe.unflatten_outputs, stage.device,
-                                       routes=routes(plan, cast("list[fx.GraphModule]", list(stage.pipe.stages))),
-                                       grad_sync=stage.grad_sync)
+        #: the step driver (``runtime.driver``) over this rank's one interpreter
+        self.driver = StepDriver(stage.spec, self.modules, schedule, self.transport, loss_fn, stage.device,
+                                 grad_sync=stage.grad_sync)
+        self.interpreter = self.driver.interpreters[0]
         # fp16-mixed: the last stage's loss is scaled before backward (the step returns it unscaled)
         self.interpreter.loss_scale = stage.loss_scaler.scale if stage.loss_scaler is not None else None
         self._warned = False
         self.events: list[TraceEvent] = []
         self.normalize = normalize
-        self._eval: Interpreter | None = None  # the forward-only interpreter, made by the first eval_step
+        self._eval: StepDriver | None = None  # the forward-only driver, made by the first eval_step
 
     def _prepare(self, inputs: tuple[Any, ...], kwargs: dict[str, Any], target: Any, seq: int | None,
                  global_batch: int | None, what: str, need_target: bool = True) -> tuple[Any, Any, int, int, Any]:
@@ -629,7 +625,7 @@ class Runner:
         if seq is not None and "S" not in plan.symbols:
             raise PipelineRuntimeError(f"rank {stage.global_rank}: {what}(seq_len={seq}), but this plan's inputs have "
                                        "no sequence dimension (no S in plan.symbols): leave seq_len out")
-        if seq is not None and seq != planned and any(n.startswith(STATIC_SHAPES_NOTE) for n in plan.notes):
+        if seq is not None and seq != planned and static_shapes(plan):
             raise PipelineRuntimeError(
                 f"rank {stage.global_rank}: {what}(seq_len={seq}) on a plan whose shapes are static (fixed to its "
                 f"example's sequence length {planned}: symbolic shape propagation failed when planning, see plan.notes):"
@@ -638,7 +634,7 @@ class Runner:
         mb_inputs = mb_targets = None
         if 0 in it.modules:
             flat = pytree.tree_map(lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v,
-                                   stage.pipe.flatten_inputs(inputs, kwargs))
+                                   stage.spec.flatten_inputs(inputs, kwargs))
             got = batch_size(flat)
             if self.replicas > 1 and got == batch * self.replicas:  # the global batch: take this replica's share
                 flat, got = split(flat, self.replicas, got)[stage.dp_rank], batch
@@ -698,21 +694,16 @@ class Runner:
             warnings.warn(f"this plan trains {self.stage.recipe.name}: build the optimizer with stage.optimizer(cls, "
                           "...), which steps the fp32 master weights; an optimizer over stage.parameters() would step "
                           "the low-precision copies (and checkpoints save the masters)", stacklevel=2)
-        it = self.interpreter
         mb_inputs, mb_targets, mb_size, seq, divisor = self._prepare(inputs, kwargs, target, seq_len, batch_size,
                                                                      "step")
-        it.start(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor)
         saved = self.stage.take_tied_grads()
-        try:
-            for step in it.steps:
-                it.run(step)
+        try:  # the driver logs a failing action with the grid around it
+            loss = self.driver.step(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor)
         except PipelineRuntimeError as e:
-            log_failure(self.schedule, e, self.stage.rank)  # the grid around the failing action
             if self.replicas > 1:  # say which replica, and the rank torchrun knows
                 raise PipelineRuntimeError(f"replica {self.stage.dp_rank} of {self.replicas} (global rank "
                                            f"{self.stage.global_rank}): {e}", e.rank, e.action, e.secondary) from e
             raise
-        loss = it.finish()
         try:  # the buckets' all-reduces were launched during the final backwards: wait, average
             self.stage.sync_replicas()
         except Exception as e:  # a replica died or hung: the all-reduce breaks or times out
@@ -724,7 +715,7 @@ class Runner:
         # is the average of the replicas' sums, and the reduced .grad must not change under
         # an all-reduce still in flight, so this comes after.
         self.stage.reduce_tied_grads(saved)
-        self.events = list(it.events)
+        self.events = self.driver.events
         if trace is not None:
             self.write_trace(trace)
         return self._share_loss(loss) if loss_on_every_rank else loss
@@ -744,25 +735,17 @@ class Runner:
         mb_inputs, mb_targets, mb_size, seq, divisor = self._prepare(inputs, kwargs, target, seq_len, batch_size,
                                                                      "eval_step", need_target=False)
         if self._eval is None:
-            plan = stage.plan
-            self._eval = Interpreter(stage.rank, stage.modules, plan, loop.forward_schedule(self.schedule),
-                                     self.transport, self.interpreter.loss_fn, stage.pipe.unflatten_outputs,
-                                     stage.device, routes=self.interpreter.links.routes)
-        it = self._eval
+            self._eval = StepDriver(stage.spec, stage.modules, loop.forward_schedule(self.schedule), self.transport,
+                                    self.interpreter.loss_fn, stage.device)
+        driver = self._eval
         with torch.no_grad():
-            it.start(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor, keep_outputs=return_outputs)
-            try:
-                for step in it.steps:
-                    it.run(step)
-            except PipelineRuntimeError as e:
-                log_failure(it.schedule, e, stage.rank)
-                raise
-            loss = it.finish()
+            loss = driver.step(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor, keep_outputs=return_outputs)
         if loss_on_every_rank:
             loss = self._share_loss(loss)
         if not return_outputs:
             return loss
-        return loss, (loop.concat_outputs(it.outputs) if it.last in it.modules else None)
+        last = driver.last
+        return loss, (loop.concat_outputs(last.outputs) if last is not None else None)
 
     def profile_step(self, path: str, *inputs: Any, target: Any = None, trace: str | None = None,
                      **kwargs: Any) -> torch.Tensor | None:
@@ -817,7 +800,7 @@ class Runner:
             write_trace(path, [TraceEvent(*e) for evs in gathered for e in evs], self.schedule, predicted)
 
 
-def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None, *,
+def build_stage(spec: PipelineSpec, rank: int, device: torch.device | str | None = None, *,
                 init_process_group: bool | str = "auto", group: dist.ProcessGroup | None = None,
                 timeout_s: float = 300.0, init_fn: Callable[[nn.Module], Any] | None = None,
                 seed: int = 0, compile: CompileOption = False) -> RankStage:
@@ -832,7 +815,10 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
     ``spawn``) unless one exists; NCCL on CUDA devices, gloo on CPU.
 
     Args:
-        pipe: the partitioned model (``partition()`` or ``Plan.apply``), the same on every rank.
+        spec: the ``PipelineSpec`` (``runtime.spec``), the same plan on every rank, holding at
+            least this rank's stages: ``pipe.pipeline_spec()`` (``pipe.build_stage`` passes
+            it), or ``PipelineSpec.build(plan, stages)`` (``.for_rank(rank)`` to drop the
+            others'). A ``Pipe`` is accepted and asked for its record.
         rank: this process's rank in ``group``; it runs stages ``s`` with ``plan.stages[s].rank == rank``.
             With data parallelism (``plan.mesh.dp`` > 1): the global rank; the stage's
             ``pp_rank`` and ``dp_rank`` follow from ``plan.mesh``.
@@ -864,58 +850,52 @@ def build_stage(pipe: Pipe, rank: int, device: torch.device | str | None = None,
         dist.init_process_group(backend_for(dev), init_method="env://", timeout=timedelta(seconds=timeout_s))
     if not dist.is_initialized():
         raise PipelineRuntimeError("build_stage needs torch.distributed initialised (init_process_group=True)")
-    plan = pipe.plan
+    spec = as_spec(spec)
+    plan = spec.plan
     world = dist.get_world_size(group)
     compile_kwargs(compile)  # a wrong value fails here, not at the first runner
     if plan.mesh.dp > 1:
-        stage = _build_replica(pipe, rank, dev, group, world, init_fn=init_fn, seed=seed)
+        stage = _build_replica(spec, rank, dev, group, world, init_fn=init_fn, seed=seed)
     else:
         n_ranks = plan.pp_ranks
         if world != n_ranks:
             raise PipelineRuntimeError(f"the plan runs on {n_ranks} ranks, the process group has {world}: "
                                        f"launch {n_ranks} processes or re-partition with n_gpus={world}")
-        stage = RankStage(pipe, rank, dev, group, init_fn=init_fn, seed=seed)
+        stage = RankStage(spec, rank, dev, group, init_fn=init_fn, seed=seed)
     stage.compile = compile
     return stage
 
 
-def _build_replica(pipe: Pipe, rank: int, dev: torch.device, group: dist.ProcessGroup | None, world: int, *,
+def _build_replica(spec: PipelineSpec, rank: int, dev: torch.device, group: dist.ProcessGroup | None, world: int, *,
                    init_fn: Callable[[nn.Module], Any] | None, seed: int) -> RankStage:
     """Data parallelism: the world as the plan's ``(dp, pp)`` device mesh; this rank's
     pipeline rank and replica from it."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = pipe.plan.mesh
-    total = mesh.dp * pipe.plan.pp_ranks
+    mesh = spec.plan.mesh
+    total = mesh.dp * spec.plan.pp_ranks
     if group is not None:
         raise PipelineRuntimeError("a data-parallel plan builds its own device mesh over the default process group: "
                                    "call build_stage without group=")
     if world != total:
-        raise PipelineRuntimeError(f"the plan runs {mesh.dp} replicas x {pipe.plan.pp_ranks} pipeline ranks = {total} "
+        raise PipelineRuntimeError(f"the plan runs {mesh.dp} replicas x {spec.plan.pp_ranks} pipeline ranks = {total} "
                                    f"ranks, the process group has {world}: launch {total} processes or re-partition "
                                    f"with n_gpus={world}")
     if rank != dist.get_rank():
         raise PipelineRuntimeError(f"build_stage(rank={rank}) but this process is global rank {dist.get_rank()}: "
                                    "a data-parallel plan takes the global rank")
-    sizes = {"dp": mesh.dp, "pp": pipe.plan.pp_ranks}
+    sizes = {"dp": mesh.dp, "pp": spec.plan.pp_ranks}
     dm = init_device_mesh(dev.type, tuple(sizes[d] for d in mesh.dims), mesh_dim_names=tuple(mesh.dims))
     dp_rank, pp_rank = dm.get_local_rank("dp"), dm.get_local_rank("pp")
     assert (dp_rank, pp_rank) == mesh.coords(rank), "init_device_mesh laid the ranks out unlike plan.mesh"
-    return RankStage(pipe, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
+    return RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
                      dp_group=dm.get_group("dp"), dp_rank=dp_rank)
 
 
-def _alias_groups(model: nn.Module | None, tied: Any) -> dict[str, tuple[str, ...]]:
-    """FQN -> all names of the same tensor, from the model when there is one (complete),
+def _alias_groups(names: ModelNames | None, tied: Any) -> dict[str, tuple[str, ...]]:
+    """FQN -> all names of the same tensor, from the model's names when known (complete),
     else from the plan's ``tied_parameters``."""
-    groups: list[tuple[str, ...]] = []
-    if model is not None:
-        by_id: dict[int, list[str]] = {}
-        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            by_id.setdefault(id(t), []).append(n)
-        groups = [tuple(v) for v in by_id.values() if len(v) > 1]
-    else:
-        groups = [tuple(g) for g in tied]
+    groups = [tuple(g) for g in (names.tied if names is not None else tied)]
     return {n: g for g in groups for n in g}
 
 
