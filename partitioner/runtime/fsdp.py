@@ -17,26 +17,37 @@ blocks, weights shared between modules) belongs to the stage module's own unit
 (``fully_shard(stage)``, applied last). A block one of whose parameters the graph also
 reads by ``get_attr`` stays in the stage's unit too (its hooks would not fire there).
 
-One gather and one reduce-scatter per step, as ``torch.distributed.pipelining`` runs FSDP
-(``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``) and torchtitan
-configures it with pipelining: units are not resharded after forward
-(``reshard_after_forward=False``), so the first forward of the step all-gathers each unit
-and later micro-batches reuse the gathered weights; every backward of the step runs with
-gradient sync and resharding off (``set_requires_gradient_sync(False)``,
-``set_reshard_after_backward(False)``), accumulating full gradients; after the rank's last
-action (``Runner.step`` → ``RankStage.sync_replicas`` → ``FsdpSync.finish``) each unit's
-``post_backward`` reduce-scatters (averaging over the replicas) and reshards, then FSDP's
-root callback waits for the reductions. Split backward (``zb-h1``, ``zbv``) accumulates
-the weights' gradients into the gathered parameters by hand in ``W``; they are reduced
-with the rest at the end. Memory during the step is therefore the stage's gathered
-weights and full gradients on top of the shards (``partitioner.data_parallel.fsdp_static``
-prices it so).
+Two modes, chosen from the plan's schedule when the stage is built (``mode``), each priced
+as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):
+
+- ``"unit"`` (schedules with a whole backward ``B``: 1f1b, gpipe, interleaved-1f1b):
+  ZeRO-3 proper, FSDP's own defaults. A unit is gathered before its forward and freed
+  after it (``reshard_after_forward=True``), gathered again for its backward, and its
+  gradient is reduce-scattered (averaged over the replicas) into the sharded gradient by
+  FSDP's post-backward hook at each micro-batch's backward. Memory: the shards plus the
+  gathered units in flight; traffic per step: m x (2 all-gathers + 1 reduce-scatter).
+- ``"step"`` (schedules that split the backward, zb-h1 and zbv, whose ``W`` accumulates the
+  weights' gradients by hand after FSDP's post-backward hook has fired in ``I``): one
+  gather and one reduce-scatter per step, as ``torch.distributed.pipelining`` runs FSDP
+  (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``) and torchtitan
+  configures it with pipelining. Units stay gathered from the first forward
+  (``reshard_after_forward=False``); every backward of the step runs with gradient sync
+  and resharding off, accumulating full gradients; after the rank's last action
+  (``Runner.step`` → ``RankStage.sync_replicas`` → ``FsdpSync.finish``) each unit's
+  ``post_backward`` reduce-scatters and reshards, then FSDP's root callback waits for the
+  reductions. Memory: the shards plus the stage's gathered weights and full gradients.
+
+A runner whose schedule splits the backward on a stage built in ``"unit"`` mode (a zb-h1
+runner on a 1f1b plan) would leave ``W``'s gradients unreduced: ``finish`` finds them and
+refuses (re-partition with that schedule).
 
 Tied weights across pipeline ranks: each copy is sharded the same way (dim 0 over the same
-replica count), so summing the copies' full gradients over the tie's ranks of one replica
-before the reduce-scatter gives every copy the summed, replica-averaged gradient. This
-module does that in ``finish`` and takes the tie groups over from ``RankStage`` (whose own
-sum of ``.grad`` would run on shards after the step). A tensor shared by two stage
+replica count), so the copies' shards on one replica line up and summing them over the
+tie's ranks of that replica gives every copy the summed, replica-averaged gradient. In
+``"step"`` mode the full gradients are summed before the reduce-scatter; in ``"unit"``
+mode the step's new sharded gradients after it (a gradient kept from before the step is
+added back afterwards, not summed). This module does it in ``finish`` and takes the tie
+groups over from ``RankStage``. A tensor shared by two stage
 modules of one rank (``zbv`` puts the first and last stage on one rank) cannot be owned by
 two FSDP roots: refused. Only fp32 plans: a mixed-precision plan is refused (its fp32
 masters and casts are ``runtime.precision``'s, which this path does not combine with
@@ -50,7 +61,7 @@ over the local shards and every rank of the job (``local_grads``).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -64,7 +75,7 @@ from partitioner.runtime.errors import PipelineRuntimeError
 if TYPE_CHECKING:  # stage.py imports this module; the type points back without an import cycle
     from partitioner.runtime.stage import RankStage
 
-__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded"]
+__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode"]
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -139,6 +150,14 @@ def _check(stage: RankStage) -> None:
                     "that puts the tied stages on different ranks (1f1b, zb-h1, gpipe) or zero=1")
 
 
+def mode(stage: RankStage) -> str:
+    """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``."""
+    from partitioner.runtime.local import resolve_schedule
+
+    sched = resolve_schedule(stage.pipe, str(stage.plan.options.get("schedule") or "1f1b"), None)
+    return "step" if any(a.kind == "I" for acts in sched.actions for a in acts) else "unit"
+
+
 def shard_stage(stage: RankStage) -> FsdpSync:
     """Shard this rank's stage modules over its replicas (``stage.dp_group``) in place and
     return the ``FsdpSync`` that runs the step's gradient reduction. Call after replica 0's
@@ -149,13 +168,14 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     mesh = DeviceMesh.from_group(group, stage.device.type)
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]
+    how = mode(stage)
     for mod in stage.modules.values():
         for _, leaves in units(mod):
-            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=False)
-        fully_shard(mod, mesh=mesh, reshard_after_forward=False)
-    # The tie sums move here, onto the full gradients before the reduce-scatter (module docstring).
+            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit")
+        fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit")
+    # The tie sums move here, onto the gradients FSDP reduces (module docstring).
     stage._tied = []
-    return FsdpSync(_roots(stage), tied)
+    return FsdpSync(stage, tied, how)
 
 
 def _fsdp_params(root: nn.Module) -> dict[str, Any]:
@@ -169,10 +189,11 @@ class FsdpSync:
     """The step's gradient reduction under FSDP, in ``runtime.grad_sync.GradSync``'s place
     (the interpreter's ``GradReady`` calls, and ``finish``)."""
 
-    def __init__(self, roots: Sequence[nn.Module], tied: Sequence[tuple[dist.ProcessGroup, list[str]]]) -> None:
-        self.roots = list(roots)
+    def __init__(self, stage: RankStage, tied: Sequence[tuple[dist.ProcessGroup, list[str]]], how: str) -> None:
+        self.stage, self.roots, self.mode = stage, _roots(stage), how
         #: (the tie's group in this replica, this rank's names of the tied tensor)
         self.tied = list(tied)
+        self._kept: list[torch.Tensor | None] = []  # "unit": tied shards' gradients from before the step
 
     def _set(self, on: bool) -> None:
         for root in self.roots:
@@ -181,22 +202,33 @@ class FsdpSync:
             m.set_requires_gradient_sync(on)
             m.set_reshard_after_backward(on)
 
+    def _tied_params(self) -> list[tuple[dist.ProcessGroup, list[str], nn.Parameter]]:
+        named = dict(self.stage.named_parameters())
+        return [(pg, names, next(named[n] for n in names if n in named)) for pg, names in self.tied]
+
     def begin(self, order: Sequence[int]) -> None:
-        """A step starts: every backward accumulates full gradients, nothing reduced or resharded."""
+        """A step starts. ``"step"``: every backward accumulates full gradients, nothing is
+        reduced or resharded until ``finish``. ``"unit"``: FSDP's defaults; the tied shards'
+        gradients from before the step are set aside (they must not be summed again)."""
         del order
-        self._set(False)
+        if self.mode == "step":
+            self._set(False)
+            return
+        self._kept = []
+        for _, _, p in self._tied_params():
+            self._kept.append(p.grad)
+            p.grad = None
 
     def arm(self, stage: int) -> None:
         del stage
 
     def ready(self, stage: int) -> None:
-        """Reductions wait for ``finish``: a tie's all-reduce pairs ranks whose final backwards
-        come at different times, which a blocking collective mid-schedule could deadlock."""
+        """Reductions are FSDP's (``"unit"``) or wait for ``finish`` (``"step"``: a tie's
+        all-reduce pairs ranks whose final backwards come at different times, which a
+        blocking collective mid-schedule could deadlock)."""
         del stage
 
-    def _sum_tied(self) -> None:
-        if not self.tied:
-            return
+    def _sum_tied_full(self) -> None:
         params: dict[str, Any] = {}
         for root in self.roots:
             params.update(_fsdp_params(root))
@@ -204,8 +236,8 @@ class FsdpSync:
             for pg, names in self.tied:
                 fp = next((params[n] for n in names if n in params), None)
                 if fp is None or not hasattr(fp, "_unsharded_param"):
-                    raise PipelineRuntimeError(f"tied weight {names}: this rank has no gathered copy to sum "
-                                               "(its stages ran no forward this step)")
+                    raise PipelineRuntimeError(f"rank {self.stage.global_rank}: tied weight {names}: this rank has no "
+                                               "gathered copy to sum (its stages ran no forward this step)")
                 acc = fp.unsharded_accumulated_grad
                 g = acc if acc is not None else fp.unsharded_param.grad
                 if g is None:
@@ -213,11 +245,38 @@ class FsdpSync:
                     fp.unsharded_param.grad = g
                 dist.all_reduce(g, group=pg)
 
+    def _sum_tied_shards(self) -> None:
+        with torch.no_grad():
+            for (pg, _, p), old in zip(self._tied_params(), self._kept):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(cast(DTensor, p.grad).to_local(), group=pg)
+                if old is not None:
+                    p.grad += old
+        self._kept = []
+
+    def _check_reduced(self) -> None:
+        """``"unit"``: no gathered parameter may still hold a gradient (one a split backward's
+        ``W`` wrote after FSDP reduced and resharded): it would never reach the shards."""
+        left = [n for root in self.roots for n, fp in _fsdp_params(root).items()
+                if hasattr(fp, "_unsharded_param") and fp._unsharded_param.grad is not None]
+        if left:
+            raise PipelineRuntimeError(
+                f"rank {self.stage.global_rank}: gradients of {left[:3]}{' …' if len(left) > 3 else ''} were "
+                "computed after FSDP reduced them: this runner's schedule splits the backward (zb-h1, zbv) but the "
+                "plan's does not, and zero=3 shards per unit for the plan's schedule; re-partition with the "
+                "schedule you run (a split-backward plan shards for one reduction per step)")
+
     def finish(self) -> None:
-        """After the rank's last action: sum tied copies' full gradients over their pipeline
-        ranks, then reduce-scatter every unit's gradients over the replicas (averaged) and
-        reshard, as ``PipelineStage.perform_reduce_grad`` does."""
-        self._sum_tied()
+        """After the rank's last action. ``"step"``: sum tied copies' full gradients over
+        their pipeline ranks, then reduce-scatter every unit's gradients over the replicas
+        (averaged) and reshard, as ``PipelineStage.perform_reduce_grad`` does. ``"unit"``:
+        FSDP has reduced each micro-batch's gradients; sum the tied shards."""
+        if self.mode == "unit":
+            self._check_reduced()
+            self._sum_tied_shards()
+            return
+        self._sum_tied_full()
         self._set(True)
         for root in self.roots:
             state = fully_shard.state(root)  # type: ignore[attr-defined]

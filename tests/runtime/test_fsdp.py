@@ -95,8 +95,11 @@ def _train(rank: int, world: int, pipe: Any, schedule: str, kind: str, clip: boo
         opt.step()
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in stage.named_parameters(remove_duplicate=False)}
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_units = sorted(n for mod in stage.modules.values() for n, m in mod.named_modules() if isinstance(m, FSDPModule))
     return {"dp": stage.dp_rank, "pp": stage.pp_rank, "losses": losses, "norms": norms, "opt": type(opt).__name__,
-            "sharded": sharded, "params": params}
+            "sharded": sharded, "params": params, "mode": stage.grad_sync.mode, "units": fsdp_units}
 
 
 @pytest.mark.parametrize("schedule,kind,clip", [("1f1b", "sgd", False), ("1f1b", "adamw", True),
@@ -109,6 +112,11 @@ def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, cl
     results = spawn(_train, 4, pipe, schedule, kind, clip, timeout_s=TIMEOUT_S)
     assert [(r["dp"], r["pp"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert {r["opt"] for r in results} == {"SGD" if kind == "sgd" else "AdamW"}
+    # per unit (reshard after forward, reduce per micro-batch) for 1f1b; once per step for a split backward
+    assert {r["mode"] for r in results} == {"step" if schedule == "zb-h1" else "unit"}
+    # each block's called leaves are one unit (the stage module the other), e.g. transformer.h.0's c_attn..c_proj
+    assert "transformer.h.0.attn.c_attn" in results[0]["units"] and "" in results[0]["units"]
+    assert "transformer.h.3.mlp.c_fc" in results[1]["units"]
     for r in results:  # every parameter is a shard: half of dim 0 (the GPT's dims are even)
         names = dict(model.named_parameters(remove_duplicate=False))
         assert r["sharded"] and set(r["sharded"]) == set(r["params"])
