@@ -194,6 +194,7 @@ class FsdpSync:
         #: (the tie's group in this replica, this rank's names of the tied tensor)
         self.tied = list(tied)
         self._kept: list[torch.Tensor | None] = []  # "unit": tied shards' gradients from before the step
+        self._had: list[bool] = []  # "unit": per root, whether a gradient was there before the step
 
     def _set(self, on: bool) -> None:
         for root in self.roots:
@@ -215,6 +216,7 @@ class FsdpSync:
             self._set(False)
             return
         self._kept = []
+        self._had = [any(p.grad is not None for p in root.parameters()) for root in self.roots]
         for _, _, p in self._tied_params():
             self._kept.append(p.grad)
             p.grad = None
@@ -256,14 +258,21 @@ class FsdpSync:
         self._kept = []
 
     def _check_reduced(self) -> None:
-        """``"unit"``: no gathered parameter may still hold a gradient (one a split backward's
-        ``W`` wrote after FSDP reduced and resharded): it would never reach the shards."""
+        """``"unit"``: refuse a step whose weight gradients missed FSDP's reduction, as a
+        split backward's do: a gathered parameter still holding a gradient (written after
+        FSDP reduced and resharded), or a stage none of whose weights got one (its ``I``/``W``
+        ran on the sharded parameters, which the forward's graph never used)."""
         left = [n for root in self.roots for n, fp in _fsdp_params(root).items()
                 if hasattr(fp, "_unsharded_param") and fp._unsharded_param.grad is not None]
+        # A split backward's I hands autograd the sharded parameters (the forward resharded):
+        # then no weight of the stage gets a gradient at all.
+        left += [next(n for n, _ in root.named_parameters()) for root, had in zip(self.roots, self._had)
+                 if not had and any(p.requires_grad for p in root.parameters())
+                 and all(p.grad is None for p in root.parameters())]
         if left:
             raise PipelineRuntimeError(
                 f"rank {self.stage.global_rank}: gradients of {left[:3]}{' …' if len(left) > 3 else ''} were "
-                "computed after FSDP reduced them: this runner's schedule splits the backward (zb-h1, zbv) but the "
+                "computed after FSDP reduced them, or never: this runner's schedule splits the backward (zb-h1, zbv) but the "
                 "plan's does not, and zero=3 shards per unit for the plan's schedule; re-partition with the "
                 "schedule you run (a split-backward plan shards for one reduction per step)")
 

@@ -128,3 +128,30 @@ def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, cl
         for n, v in r["params"].items():
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
     assert set().union(*(r["params"] for r in results)) == set(want)
+
+
+def _build_and_step(rank: int, world: int, pipe: Any, schedule: str) -> None:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+
+
+def _partition(**kw: Any) -> Any:
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, _, _ = data("gpt", BATCH)
+    return partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), n_microbatches=2, zero=3, **kw)
+
+
+@pytest.mark.parametrize("case", ["tied-on-one-rank", "bf16-mixed", "split-runner-on-unit-plan"])
+def test_fsdp_refuses_what_it_cannot_train_exactly(case: str) -> None:
+    if case == "tied-on-one-rank":  # zbv's V puts the embedding's stage 0 and the head's stage 3 on rank 0
+        pipe, schedule, want = _partition(schedule="zbv"), "zbv", "shared by stages 0 and 3"
+    elif case == "bf16-mixed":
+        pipe, schedule, want = (_partition(schedule="1f1b", pinned_cuts=["transformer.h.2"], precision="bf16-mixed"),
+                                "1f1b", "runs fp32 plans only")
+    else:  # per-unit sharding for 1f1b; zb-h1's W would write gradients after FSDP reduced them
+        pipe, schedule, want = _pipe("1f1b")[1], "zb-h1", "computed after FSDP reduced them"
+    with pytest.raises(PipelineRuntimeError, match=want):
+        spawn(_build_and_step, 4, pipe, schedule, timeout_s=TIMEOUT_S)
