@@ -507,11 +507,13 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
     per_param = bytes_per_param(opts.precision, opts.optimizer)
     static = Static(gm, priced.order, per_param, width)
     trainable = {id(t): t.numel() for _, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
-    shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width)
+    from partitioner.data_parallel import splits_backward  # zero=3: FSDP's units, and whether gathered per step
+    from partitioner.memory import fsdp_unit_of
+    shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
+                      splits_backward(opts.custom or opts.schedule))
     static_mem = static.first_use
-    if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO-1's saving
-        static_mem = [s - (n * shard.optimizer_bytes - -(-n * shard.optimizer_bytes // opts.data_parallel))
-                      for s, n in zip(static_mem, shard.first_use())]
+    if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
+        static_mem = shard.additive(static_mem, opts.data_parallel)
     acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
         if costs_known else None
     sched = opts.custom or build_schedule(opts.schedule, opts.pp, m, opts.n_stages)

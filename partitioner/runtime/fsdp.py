@@ -60,7 +60,6 @@ over the local shards and every rank of the job (``local_grads``).
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
 
 import torch
@@ -70,6 +69,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
 
 if TYPE_CHECKING:  # stage.py imports this module; the type points back without an import cycle
@@ -77,43 +77,11 @@ if TYPE_CHECKING:  # stage.py imports this module; the type points back without 
 
 __all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode"]
 
-_INDEX = re.compile(r"^\d+$")
-
-
 def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
     """The stage's sharding units besides the stage module itself: (block path, the paths of
-    the leaves with parameters the graph calls under it), in graph order. See the module
-    docstring for which blocks qualify."""
-    graph = getattr(gm, "graph", None)
-    if graph is None:
-        return []
-    counts: dict[int, int] = {}
-    for _, p in gm.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    read = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
-    blocks: dict[str, list[str]] = {}
-    spoiled: set[str] = set()
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        path = str(node.target)
-        parts = path.split(".")
-        cut = next((i for i, part in enumerate(parts[:-1]) if _INDEX.match(part)), None)
-        if cut is None:
-            continue  # not under a repeated block: the stage's unit
-        block = ".".join(parts[:cut + 1])
-        leaf = gm.get_submodule(path)
-        params = list(leaf.parameters())
-        if not params:
-            continue
-        leaves = blocks.setdefault(block, [])
-        if path not in leaves:
-            leaves.append(path)
-        if any(counts[id(p)] > 1 for p in params):  # a weight shared with another module
-            spoiled.add(block)
-    for target in read:
-        spoiled.update(b for b in blocks if target.startswith(b + "."))
-    return [(b, leaves) for b, leaves in blocks.items() if b not in spoiled]
+    the leaves with parameters the graph calls under it); the planner's rule
+    (``partitioner.memory.fsdp_units``), so what runs is what was priced."""
+    return fsdp_units(gm)
 
 
 def _roots(stage: RankStage) -> list[nn.Module]:

@@ -155,3 +155,85 @@ def test_fsdp_refuses_what_it_cannot_train_exactly(case: str) -> None:
         pipe, schedule, want = _pipe("1f1b")[1], "zb-h1", "computed after FSDP reduced them"
     with pytest.raises(PipelineRuntimeError, match=want):
         spawn(_build_and_step, 4, pipe, schedule, timeout_s=TIMEOUT_S)
+
+
+# -- pricing ---------------------------------------------------------------------------------
+
+def _shard(zero: int, per_step: bool = False) -> Any:
+    from partitioner.data_parallel import ZeroShard
+
+    # three positions: an embedding (own unit, 1000 elements), two blocks of 400 each
+    return ZeroShard(uses=[(1,), (2, 3), (4,)], numel={1: 1000, 2: 300, 3: 100, 4: 400}, grad_width=4,
+                     optimizer_bytes=8, zero=zero, unit_of={2: "h.0", 3: "h.0", 4: "h.1"}, per_step=per_step)
+
+
+def test_zero3_memory_is_the_shards_plus_what_is_gathered() -> None:
+    n, full = 1800, 1800 * 16  # fp32 AdamW: weight 4 + gradient 4 + moments 8 bytes per element
+    unit = _shard(3)
+    for dp in (2, 4, 8):  # shards ÷ dp; per unit: own unit (1000) + the largest block twice + one full gradient
+        assert unit.fsdp_static(0, 3, dp) == -(-full // dp) + 4 * (1000 + 2 * 400) + 4 * 1000
+        assert unit.saving(0, 3, dp) == full - unit.fsdp_static(0, 3, dp)
+    assert unit.fsdp_static(0, 3, 2) > unit.fsdp_static(0, 3, 4) > unit.fsdp_static(0, 3, 8)
+    step = _shard(3, per_step=True)  # a split backward holds the whole stage gathered, weights and gradients
+    assert step.fsdp_static(0, 3, 4) == full // 4 + 2 * 4 * n
+    assert step.saving(0, 3, 2) == 0  # fp32 Adam at dp=2: 16/2 + 8 = 16 bytes per element, nothing saved
+    # ZeRO-1 shards only the optimizer state; no ZeRO saving without replicas
+    assert _shard(1).saving(0, 3, 4) == n * 8 - n * 8 // 4 and unit.saving(0, 3, 1) == 0
+    # the solver's additive view: per position its shards (+ 2 w n per step); gathered units come in the exact check
+    assert unit.additive([16_000, 6_400, 6_400], 4) == [4000, 1600, 1600]
+    assert step.additive([16_000, 6_400, 6_400], 4) == [4000 + 8000, 1600 + 3200, 1600 + 3200]
+
+
+def test_zero3_communication_per_unit_and_per_step() -> None:
+    from partitioner.cost_models.devices import LINKS
+    from partitioner.data_parallel import Window, allgather_s, price_fsdp, price_replicas, reduce_scatter_s
+    from partitioner.plan import Mesh
+
+    link = next(iter(LINKS.values()))
+    mesh = Mesh(4, 1, ("dp", "pp"), 0)
+    nbytes, m = 8 * 2**20, 4
+    ag, rs = allgather_s(nbytes, 4, link), reduce_scatter_s(nbytes, 4, link)
+    fast = Window(1.0, 1.1, (nbytes,), fwd=1e-6, bwd=2e-6, m=m)  # compute far shorter than the traffic
+    times, step = price_fsdp(mesh, link, link, [[fast]], pipeline_step=1.1)
+    assert times == [pytest.approx(m * (2 * ag + rs))]  # every micro-batch gathers twice and reduce-scatters
+    assert step == pytest.approx(1.1 + m * (2 * ag + rs - 3e-6) + rs)  # the excess over compute, then the tail
+    slow = Window(1.0, 1.1, (nbytes,), fwd=1.0, bwd=2.0, m=m)  # compute hides the traffic but the last reduction
+    assert price_fsdp(mesh, link, link, [[slow]], pipeline_step=1.1)[1] == pytest.approx(1.1 + rs)
+    split = Window(1.0, 1.1, (nbytes,), fwd=1.0, bwd=2.0, m=m, split=True)  # once per step
+    times, step = price_fsdp(mesh, link, link, [[split]], pipeline_step=1.1)
+    assert times == [pytest.approx(ag + rs)] and step == pytest.approx(1.1 + rs)
+    # ZeRO-1 all-reduces (2 (dp-1) steps) and gathers the weights back ((dp-1) steps): 3 (dp-1) steps in all;
+    # per unit ZeRO-3 moves m x 3 (dp-1) steps
+    zero1, _ = price_replicas(mesh, 1, link, link, [[fast]], [nbytes], 1.1)
+    assert zero1 == [pytest.approx(2 * ag + rs)] and times[0] < zero1[0] < price_fsdp(mesh, link, link, [[fast]], 1.1)[0][0]
+
+
+def test_partition_prices_zero3_from_the_graph() -> None:
+    from partitioner.plan import load_plan
+
+    x, _, _ = data("gpt", BATCH)
+    plans = {(3, 2, s): _pipe(s)[1].plan for s in ("1f1b", "zb-h1")}  # shared with the training tests
+    for zero in (1, 3):
+        torch.manual_seed(0)
+        plans[zero, 4, "1f1b"] = partition(FIXTURES["gpt"].build(), n_gpus=8, data_parallel=4, example_inputs=(x,),
+                                           n_microbatches=2, pinned_cuts=["transformer.h.2"], zero=zero).plan
+    static = {k: [st.cost.static_bytes for st in p.stages] for k, p in plans.items()}
+    for s in range(2):  # the shards shrink with the replicas; at dp=4 below ZeRO-1, which keeps whole weights
+        assert static[3, 2, "1f1b"][s] > static[3, 4, "1f1b"][s]
+        assert static[3, 4, "1f1b"][s] < static[1, 4, "1f1b"][s]
+        assert static[3, 2, "zb-h1"][s] > static[3, 2, "1f1b"][s]  # a split backward holds the stage gathered
+    comm = {k: p.mesh.allreduce_s for k, p in plans.items()}
+    for r in range(2):  # ZeRO-1: an all-reduce (2 ring steps) + the weights' gather (1 step) per step; ZeRO-3
+        # per unit: 2 micro-batches x (2 gathers + 1 reduce-scatter) = twice that; per step (zb-h1): 2 steps
+        assert comm[3, 4, "1f1b"][r] == pytest.approx(2 * comm[1, 4, "1f1b"][r], rel=1e-6)
+        assert comm[3, 2, "zb-h1"][r] == pytest.approx(comm[3, 2, "1f1b"][r] / 3, rel=1e-6)
+    p = plans[3, 4, "1f1b"]
+    assert p.mesh.zero == 3 and p.options["zero"] == 3 and 0 < p.mesh.exposed_s
+    assert load_plan(p.to_json()).mesh.zero == 3  # the schema takes zero=3
+
+
+def test_zero_must_be_0_1_or_3() -> None:
+    from partitioner import PartitionError
+
+    with pytest.raises(PartitionError, match="zero must be 0, 1 or 3"):
+        partition(FIXTURES["gpt"].build(), n_gpus=4, data_parallel=2, example_inputs=(data("gpt", BATCH)[0],), zero=2)
