@@ -360,8 +360,8 @@ def _check_mesh(n_gpus: Any, data_parallel: Any, zero: Any, gpus_per_node: Any, 
     else:
         dp = data_parallel
     if zero not in (0, 1, 3) or isinstance(zero, bool):
-        raise PartitionError(f"zero must be 0, 1 or 3 (1: optimizer state sharded over the replicas; 3: FSDP inside "
-                             f"the stages, parameters, gradients and optimizer state sharded), got {zero!r}")
+        raise PartitionError(f"zero must be 0 or 1 (ZeRO-1: optimizer state sharded over the replicas) or 3 (FSDP "
+                             f"inside the stages: weights, gradients and optimizer state sharded), got {zero!r}")
     if gpus_per_node is not None and (not isinstance(gpus_per_node, int) or isinstance(gpus_per_node, bool)
                                       or gpus_per_node < 1):
         raise PartitionError(f"gpus_per_node must be an int >= 1 or None, got {gpus_per_node!r}")

@@ -235,5 +235,5 @@ def test_partition_prices_zero3_from_the_graph() -> None:
 def test_zero_must_be_0_1_or_3() -> None:
     from partitioner import PartitionError
 
-    with pytest.raises(PartitionError, match="zero must be 0, 1 or 3"):
+    with pytest.raises(PartitionError, match=r"zero must be 0 or 1 \(ZeRO-1.*\) or 3 \(FSDP"):
         partition(FIXTURES["gpt"].build(), n_gpus=4, data_parallel=2, example_inputs=(data("gpt", BATCH)[0],), zero=2)
