@@ -69,6 +69,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from partitioner.data_parallel import splits_backward
 from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
 
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # stage.py imports this module; the type points back without 
     from partitioner.runtime.stage import RankStage
 
 __all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode"]
+
 
 def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
     """The stage's sharding units besides the stage module itself: (block path, the paths of
@@ -119,11 +121,13 @@ def _check(stage: RankStage) -> None:
 
 
 def mode(stage: RankStage) -> str:
-    """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``."""
+    """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``:
+    the planner's test (``partitioner.data_parallel.splits_backward``), so the mode run is
+    the mode priced."""
     from partitioner.runtime.local import resolve_schedule
 
     sched = resolve_schedule(stage.pipe, str(stage.plan.options.get("schedule") or "1f1b"), None)
-    return "step" if any(a.kind == "I" for acts in sched.actions for a in acts) else "unit"
+    return "step" if splits_backward(sched) else "unit"
 
 
 def shard_stage(stage: RankStage) -> FsdpSync:
