@@ -255,3 +255,45 @@ def test_zero_must_be_0_1_or_3() -> None:
 
     with pytest.raises(PartitionError, match=r"zero must be 0 or 1 \(ZeRO-1.*\) or 3 \(FSDP"):
         partition(FIXTURES["gpt"].build(), n_gpus=4, data_parallel=2, example_inputs=(data("gpt", BATCH)[0],), zero=2)
+
+
+def _odd_train(rank: int, world: int, pipe: Any, schedule: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(schedule, loss_fn=torch.nn.functional.mse_loss)
+    for _ in range(STEPS):
+        stage.zero_grad()
+        runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        stage.clip_grad_norm_(0.1)
+        opt.step()
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in stage.named_parameters()}
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_uneven_shards_train_like_one_process(schedule: str) -> None:
+    """Dims that do not divide by the replicas (7, 9, 5, a bias of 1): FSDP pads the last
+    shard; the norm over local shards and the reduce-scatter must not count the padding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 1))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(BATCH, 7, generator=g), torch.randn(BATCH, 1, generator=g)
+    pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), schedule=schedule, n_microbatches=2,
+                     pinned_cuts=["2"], zero=3)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        opt.step()
+    want = dict(ref.named_parameters())
+    got: dict[str, torch.Tensor] = {}
+    for r in spawn(_odd_train, 4, pipe, schedule, x, y, timeout_s=TIMEOUT_S):
+        got.update(r)
+    assert set(got) == set(want)
+    for n, v in got.items():
+        torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
