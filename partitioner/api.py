@@ -359,8 +359,9 @@ def _check_mesh(n_gpus: Any, data_parallel: Any, zero: Any, gpus_per_node: Any, 
                              f"data_parallel among {divisors(n_gpus)} (n_gpus = data_parallel x pipeline ranks)")
     else:
         dp = data_parallel
-    if zero not in (0, 1) or isinstance(zero, bool):
-        raise PartitionError(f"zero must be 0 or 1 (ZeRO-1: optimizer state sharded over the replicas), got {zero!r}")
+    if zero not in (0, 1, 3) or isinstance(zero, bool):
+        raise PartitionError(f"zero must be 0 or 1 (ZeRO-1: optimizer state sharded over the replicas) or 3 (FSDP "
+                             f"inside the stages: weights, gradients and optimizer state sharded), got {zero!r}")
     if gpus_per_node is not None and (not isinstance(gpus_per_node, int) or isinstance(gpus_per_node, bool)
                                       or gpus_per_node < 1):
         raise PartitionError(f"gpus_per_node must be an int >= 1 or None, got {gpus_per_node!r}")
@@ -506,11 +507,13 @@ def _problem(model: nn.Module, cap: Captured, specs: tuple[InputSpec, ...], opts
     per_param = bytes_per_param(opts.precision, opts.optimizer)
     static = Static(gm, priced.order, per_param, width)
     trainable = {id(t): t.numel() for _, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
-    shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width)
+    from partitioner.data_parallel import splits_backward  # zero=3: FSDP's units, and whether gathered per step
+    from partitioner.memory import fsdp_unit_of
+    shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
+                      splits_backward(opts.custom or opts.schedule))
     static_mem = static.first_use
-    if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO-1's saving
-        static_mem = [s - (n * shard.optimizer_bytes - -(-n * shard.optimizer_bytes // opts.data_parallel))
-                      for s, n in zip(static_mem, shard.first_use())]
+    if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
+        static_mem = shard.additive(static_mem, opts.data_parallel)
     acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
         if costs_known else None
     sched = opts.custom or build_schedule(opts.schedule, opts.pp, m, opts.n_stages)

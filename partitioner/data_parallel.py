@@ -23,6 +23,28 @@ reduction (+ ZeRO-1's all-gather) have. ZeRO-1 (``zero=1``, PyTorch's
 moments) per rank and, after the update (so after the reduction), gathers the parameters
 back: (dp-1) messages of ``weight_bytes / dp``.
 
+ZeRO-3 (``zero=3``, FSDP2's ``fully_shard`` inside the stages, ``partitioner.runtime.fsdp``)
+shards weights, gradients and optimizer state over the replicas and prices what the
+runtime runs, in one of two modes (``ZeroShard.per_step``):
+
+- per unit (schedules with a whole backward): before each micro-batch's forward and again
+  before its backward every unit is all-gathered, and after its backward reduce-scattered:
+  m x (2 all-gathers + 1 reduce-scatter) of the stage's weight bytes per step, each
+  (dp-1) messages of ``bytes / dp`` (``allgather_s``, ``reduce_scatter_s``). FSDP issues
+  them on their own stream, a unit ahead of the compute, so per micro-batch only what
+  exceeds the stage's forward + backward is exposed, plus the last unit's reduce-scatter
+  after the final backward (the last gradient bucket's bytes stand for it). Memory: the
+  shards, ``(2 w + o) P / dp``, plus the units gathered at once (the stage's own unit, the
+  largest block twice: running and prefetched) and one unit's full gradient.
+- per step (schedules that split the backward): one all-gather at the step's first forward
+  (exposed where it exceeds that forward) and one reduce-scatter after the rank's last
+  action (exposed). Memory: the shards plus the stage's whole gathered weights and full
+  gradients (``2 w P``), which the step holds from first forward to the reduction.
+
+Exposed seconds inside the pipeline delay the rank's later actions; the step is priced as
+the pipeline's plus the largest such delay, or later where a rank's tail (its last
+reduce-scatter) ends after it.
+
 Ranks map to the mesh as ``partitioner.plan.Mesh`` says (``dims`` ``("dp", "pp")``: rank =
 d * pp + p), and to nodes in blocks of ``gpus_per_node`` (torchrun's order); the planner
 prices candidate ``Mesh``es and records the one it keeps. A message between ranks on one
@@ -30,15 +52,16 @@ node uses ``link``, between nodes ``inter_link``. Pure Python (no torch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
 
 from partitioner.plan import Mesh
+from partitioner.schedule import SCHEDULES, Schedule
 
 if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module needs only the objects' methods
     from partitioner.cost_models.devices import LinkSpec
 
-__all__ = ["ring_allreduce_s", "allgather_s", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
+__all__ = ["ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
            "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
 
 #: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
@@ -81,6 +104,21 @@ def allgather_s(nbytes: float, dp: int, link: LinkSpec) -> float:
     return (dp - 1) * link.collective_step(nbytes / dp)
 
 
+def reduce_scatter_s(nbytes: float, dp: int, link: LinkSpec) -> float:
+    """Ring reduce-scatter of ``nbytes`` (each rank ends with ``nbytes / dp`` reduced): dp-1
+    steps, as the all-gather."""
+    return allgather_s(nbytes, dp, link)
+
+
+def splits_backward(schedule: str | Schedule | None) -> bool:
+    """Whether a schedule (a name or hand-written lists) splits the backward into I and W:
+    ``zero=3`` then reduces once per step (``partitioner.runtime.fsdp``)."""
+    if isinstance(schedule, Schedule):
+        return any(a.kind == "I" for acts in schedule.actions for a in acts)
+    spec = SCHEDULES.get(schedule) if isinstance(schedule, str) else None
+    return bool(spec and spec.split_backward)
+
+
 def placements(dp: int, pp: int, gpus_per_node: int | None) -> list[Mesh]:
     """The layouts worth pricing: on one node only the default (``("dp", "pp")``); across
     nodes both dimension orders (pipelines inside nodes, or each stage's replicas inside)."""
@@ -94,12 +132,16 @@ def placements(dp: int, pp: int, gpus_per_node: int | None) -> list[Mesh]:
 @dataclass(frozen=True)
 class ZeroShard:
     """Per position of the solver's order, the trainable parameter elements first used there,
-    so a stage's gradient bytes and optimizer bytes follow from its span."""
+    so a stage's gradient bytes and optimizer bytes follow from its span; and what ZeRO
+    (``zero``: 1 or 3) saves on them."""
 
     uses: Sequence[tuple[int, ...]]  # per position: ids of the tensors it uses (memory.Static.uses)
     numel: dict[int, int]  # id -> elements, trainable parameters only
     grad_width: int  # bytes per gradient element (the precision's parameter width)
     optimizer_bytes: int  # bytes per trainable element held by the optimizer (master + moments)
+    zero: int = 1  # the ZeRO stage the savings are for
+    unit_of: dict[int, str] = field(default_factory=dict)  # zero=3: id -> FSDP block unit (memory.fsdp_unit_of)
+    per_step: bool = False  # zero=3 with a split backward: gathered for the whole step (module docstring)
 
     def trainable(self, a: int, b: int) -> int:
         ids = {i for p in range(a, b) for i in self.uses[p]}
@@ -115,19 +157,64 @@ class ZeroShard:
         return out
 
     def saving(self, a: int, b: int, dp: int) -> int:
-        """Static bytes ZeRO-1 saves on a stage: (dp-1)/dp of its optimizer state."""
+        """Static bytes ZeRO saves on a stage (negative where ZeRO-3's gathered weights cost
+        more than its shards save). ZeRO-1: (dp-1)/dp of its optimizer state. ZeRO-3: its
+        trainable bytes ``(2 w + o) P`` less ``fsdp_static``."""
+        if dp <= 1:
+            return 0
+        if self.zero == 3:
+            return self.trainable(a, b) * (2 * self.grad_width + self.optimizer_bytes) - self.fsdp_static(a, b, dp)
         opt = self.trainable(a, b) * self.optimizer_bytes
-        return opt - -(-opt // dp) if dp > 1 else 0
+        return opt - -(-opt // dp)
+
+    def fsdp_static(self, a: int, b: int, dp: int) -> int:
+        """ZeRO-3's static bytes for the trainable parameters of positions [a, b): the shards
+        of weights, gradients and optimizer state, ceil((2 w + o) P / dp), plus what is
+        gathered at the peak (module docstring): per unit, the stage's own unit and the
+        largest block twice, and the larger one's full gradient; per step, ``2 w P``."""
+        ids = {i for p in range(a, b) for i in self.uses[p] if i in self.numel}
+        n = sum(self.numel[i] for i in ids)
+        w = self.grad_width
+        shards = -(-n * (2 * w + self.optimizer_bytes) // dp)
+        if self.per_step:
+            return shards + 2 * w * n
+        units: dict[str, int] = {}
+        for i in ids:
+            key = self.unit_of.get(i, "")
+            units[key] = units.get(key, 0) + self.numel[i]
+        own = units.pop("", 0)
+        block = max(units.values(), default=0)
+        return shards + w * (own + 2 * block) + w * max(own, block)
+
+    def additive(self, static: Sequence[int], dp: int) -> list[int]:
+        """The solver's additive view of the saving, per position (``static``: its static
+        bytes at first use): ZeRO-1 saves (dp-1)/dp of the optimizer state there; ZeRO-3
+        keeps its shards (+ the whole gathered weights and gradients per step). Per unit,
+        the gathered units are not additive: the planner's exact check adds them."""
+        out = []
+        for s, n in zip(static, self.first_use()):
+            if self.zero == 3:
+                full = n * (2 * self.grad_width + self.optimizer_bytes)
+                out.append(s - full + -(-full // dp) + (2 * self.grad_width * n if self.per_step else 0))
+            else:
+                out.append(s - (n * self.optimizer_bytes - -(-n * self.optimizer_bytes // dp)))
+        return out
 
 
 @dataclass(frozen=True)
 class Window:
     """One stage's final backward on its rank (simulated ``start``/``end``) and the bytes of
-    the gradient buckets it makes final, in launch order."""
+    the gradient buckets it makes final, in launch order; for ZeRO-3 also one micro-batch's
+    forward and backward seconds (``B``, or ``I`` + ``W``), the micro-batch count and
+    whether the backward is split."""
 
     start: float
     end: float
     buckets: tuple[int, ...]
+    fwd: float = 0.0
+    bwd: float = 0.0
+    m: int = 1
+    split: bool = False
 
 
 def reduction_windows(events: Iterable[Any], stage_rank: Sequence[int],
@@ -139,10 +226,20 @@ def reduction_windows(events: Iterable[Any], stage_rank: Sequence[int],
     stages of one rank use (one tensor there) is reduced with the stage whose final backward
     ends last; one used on several ranks is reduced on each (tied copies)."""
     final: dict[int, tuple[float, float]] = {}
+    spent: dict[tuple[int, str], float] = {}  # (stage, F or backward) -> seconds over the step
+    mbs: dict[int, set[int]] = {}
+    split: set[int] = set()
     for e in events:
         st, kind = e.action.stage, e.action.kind
         if kind in ("B", "I", "W") and (st not in final or e.end > final[st][1]):
             final[st] = (e.start, e.end)
+        if kind in ("F", "B", "I", "W"):
+            key = (st, "F" if kind == "F" else "B")
+            spent[key] = spent.get(key, 0.0) + e.end - e.start
+        if kind == "F":
+            mbs.setdefault(st, set()).add(e.action.microbatch)
+        if kind == "I":
+            split.add(st)
     out: list[list[Window]] = [[] for _ in range(n_ranks)]
     for r in range(n_ranks):
         mine = sorted((s for s in range(len(stage_rank)) if stage_rank[s] == r and s in final),
@@ -152,7 +249,9 @@ def reduction_windows(events: Iterable[Any], stage_rank: Sequence[int],
             sizes = [b for k, b in reversed(stage_params[s]) if owner[k] == s and b > 0]
             if sizes:
                 start, end = final[s]
-                out[r].append(Window(start, end, tuple(sum(sizes[i] for i in g) for g in pack(sizes, cap))))
+                m = max(len(mbs.get(s, ())), 1)
+                out[r].append(Window(start, end, tuple(sum(sizes[i] for i in g) for g in pack(sizes, cap)),
+                                     spent.get((s, "F"), 0.0) / m, spent.get((s, "B"), 0.0) / m, m, s in split))
     return out
 
 
@@ -177,7 +276,9 @@ def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec
     all-reduce of all its gradient bytes (``plan.mesh.allreduce_s``), and the step: the
     pipeline's, or later where a rank's reduction (``reduction_end`` over its ``windows``,
     each bucket priced as its own ring all-reduce) plus ZeRO-1's all-gather ends after it.
-    Returns (seconds per rank, step)."""
+    ``zero=3``: ``price_fsdp``. Returns (seconds per rank, step)."""
+    if zero == 3:
+        return price_fsdp(layout, link, inter_link, windows, pipeline_step)
     times, ends = [], []
     for p in range(layout.pp):
         lk = inter_link if layout.replicas_cross_nodes(p) else link
@@ -186,6 +287,34 @@ def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec
         times.append(ring_allreduce_s(grads, layout.dp, lk) + gather)
         ends.append(reduction_end(windows[p], layout.dp, lk) + gather)
     return times, max([pipeline_step, *ends])
+
+
+def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequence[Sequence[Window]],
+               pipeline_step: float) -> tuple[list[float], float]:
+    """ZeRO-3 (the module docstring's model): per pipeline rank, the seconds of its gathers
+    and reduce-scatters, and the step. A stage's weight bytes are its gradient buckets'
+    (the same tensors at the same width). Returns (seconds per rank, step)."""
+    times, inside, ends = [], [], []
+    for p in range(layout.pp):
+        lk = inter_link if layout.replicas_cross_nodes(p) else link
+        total = exposed = tail = last = 0.0
+        for w in windows[p]:
+            nbytes = sum(w.buckets)
+            gather, scatter = allgather_s(nbytes, layout.dp, lk), reduce_scatter_s(nbytes, layout.dp, lk)
+            if w.split:  # one gather at the first forward, one reduce-scatter after the rank's last action
+                total += gather + scatter
+                exposed += max(0.0, gather - w.fwd)
+                tail += scatter
+            else:  # per micro-batch: gather for forward and for backward, reduce-scatter after backward
+                per_mb = 2 * gather + scatter
+                total += w.m * per_mb
+                exposed += w.m * max(0.0, per_mb - (w.fwd + w.bwd))
+                tail = max(tail, reduce_scatter_s(w.buckets[-1], layout.dp, lk))
+            last = max(last, w.end)
+        times.append(total)
+        inside.append(exposed)
+        ends.append(last + exposed + tail if windows[p] else 0.0)
+    return times, max([pipeline_step + max(inside, default=0.0), *ends])
 
 
 def boundary_links(layout: Mesh, stage_rank: Sequence[int], link: LinkSpec, inter_link: LinkSpec) -> list[LinkSpec]:

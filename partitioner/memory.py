@@ -46,7 +46,7 @@ from partitioner.passes.meta import COST, DESC, MODULE
 
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
-    "find_blocks", "optimizer_copies",
+    "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of",
 ]
 
 Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
@@ -68,6 +68,52 @@ def bytes_per_param(precision: str, optimizer: str) -> int:
     copies = OPTIMIZER_STATES[optimizer]
     updates = optimizer != "none"
     return 2 * width + (4 if master and updates else 0) + copies * state
+
+
+def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """The FSDP units of a graph besides the module itself (``zero=3``,
+    ``partitioner.runtime.fsdp``): (block path, the paths of the leaves with parameters the
+    graph calls under it), in graph order. A block is the shortest path prefix ending in a
+    list index (``transformer.h.0``); the flat graph never calls it, so its called leaves
+    form the unit. A block with a weight shared with another module, or one the graph reads
+    by ``get_attr``, stays in the module's own unit (FSDP's hooks would not gather it).
+    The planner prices the units the runtime shards with this one rule."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return []
+    counts: dict[int, int] = {}
+    for _, p in gm.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    blocks: dict[str, list[str]] = {}
+    spoiled: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        path = str(node.target)
+        parts = path.split(".")
+        cut = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+        if cut is None:
+            continue  # not under a repeated block: the module's own unit
+        block = ".".join(parts[:cut + 1])
+        params = list(gm.get_submodule(path).parameters())
+        if not params:
+            continue
+        leaves = blocks.setdefault(block, [])
+        if path not in leaves:
+            leaves.append(path)
+        if any(counts[id(p)] > 1 for p in params):
+            spoiled.add(block)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            spoiled.update(b for b in blocks if str(node.target).startswith(b + "."))
+    return [(b, leaves) for b, leaves in blocks.items() if b not in spoiled]
+
+
+def fsdp_unit_of(gm: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) -> the FSDP unit (block path) holding it; parameters in none belong to
+    the stage module's own unit (``fsdp_units``)."""
+    return {id(p): block for block, leaves in fsdp_units(gm) for leaf in leaves
+            for p in gm.get_submodule(leaf).parameters()}
 
 
 def default_precision(param_dtype: torch.dtype) -> str:

@@ -152,6 +152,9 @@ class RankStage:
         broadcast_from_first([*self.parameters(), *self.buffers()], self.dp_group)
         if not any(p.requires_grad for p in self.parameters()):
             return None
+        if self.plan.mesh.zero == 3:  # FSDP2 inside the stages: shards instead of replicas (runtime.fsdp)
+            from partitioner.runtime.fsdp import shard_stage
+            return shard_stage(self)  # type: ignore[return-value]
         return GradSync(self.modules, self.dp_group)
 
     def _apply_precision(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -271,7 +274,7 @@ class RankStage:
             targets = [self._master_of.get(id(p), p) for p in trainable]
             inner = optimizer_class(targets, **kwargs) if targets else None
             return MixedPrecisionOptimizer(inner, self._pairs, self.loss_scaler, trainable)
-        if self.plan.mesh.zero and self.grad_sync is not None:
+        if self.plan.mesh.zero == 1 and self.grad_sync is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=self.dp_group,
@@ -456,7 +459,9 @@ class RankStage:
         optimizer state is sharded), so every replica holds the global gradient and the norm
         is taken over its own pipeline. Under fp16-mixed the gradients carry the loss scale:
         the norm returned is of the unscaled gradients (non-finite when they overflowed)."""
-        norm = loop.global_grad_norm(self._norm_grads(), float(norm_type), self.device, self.group)
+        from partitioner.runtime.fsdp import is_sharded, local_grads  # zero=3: shards, over every rank of the job
+        norm = loop.global_grad_norm(local_grads(self._norm_grads()), float(norm_type), self.device,
+                                     self.job_group if is_sharded(self) else self.group)
         if self.loss_scaler is not None:
             norm = norm / self.loss_scaler.scale.to(norm.device, torch.float32)
         return norm

@@ -1,0 +1,267 @@
+"""FSDP2 inside pipeline stages: ``plan.mesh.zero == 3`` with replicas (``plan.mesh.dp`` > 1).
+
+Instead of whole replicas averaging their gradients (``runtime.grad_sync.GradSync``), each
+pipeline rank's stage modules are sharded over the replicas of that pipeline rank with
+PyTorch's ``torch.distributed.fsdp.fully_shard`` (FSDP2): between steps every replica
+holds 1/dp of each parameter (a ``DTensor`` sharded on dim 0), its gradient and so the
+optimizer state over it.
+
+Units. A stage graph keeps the model's module names: each leaf the graph calls
+(``call_module``, e.g. ``transformer.h.0.attn.c_attn``) is a submodule at that path. The
+leaves with parameters under one repeated block (the shortest path prefix ending in a
+list index, e.g. ``transformer.h.0``) are sharded together as one unit
+(``fully_shard([leaves])``): FSDP gathers a unit when the first of its leaves runs. The
+block module itself is never called by the flat graph, so it cannot carry FSDP's hooks;
+its called leaves do. Everything else (parameters read by ``get_attr``, leaves outside
+blocks, weights shared between modules) belongs to the stage module's own unit
+(``fully_shard(stage)``, applied last). A block one of whose parameters the graph also
+reads by ``get_attr`` stays in the stage's unit too (its hooks would not fire there).
+
+Two modes, chosen from the plan's schedule when the stage is built (``mode``), each priced
+as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):
+
+- ``"unit"`` (schedules with a whole backward ``B``: 1f1b, gpipe, interleaved-1f1b):
+  ZeRO-3 proper, FSDP's own defaults. A unit is gathered before its forward and freed
+  after it (``reshard_after_forward=True``), gathered again for its backward, and its
+  gradient is reduce-scattered (averaged over the replicas) into the sharded gradient by
+  FSDP's post-backward hook at each micro-batch's backward. Memory: the shards plus the
+  gathered units in flight; traffic per step: m x (2 all-gathers + 1 reduce-scatter).
+- ``"step"`` (schedules that split the backward, zb-h1 and zbv, whose ``W`` accumulates the
+  weights' gradients by hand after FSDP's post-backward hook has fired in ``I``): one
+  gather and one reduce-scatter per step, as ``torch.distributed.pipelining`` runs FSDP
+  (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``) and torchtitan
+  configures it with pipelining. Units stay gathered from the first forward
+  (``reshard_after_forward=False``); every backward of the step runs with gradient sync
+  and resharding off, accumulating full gradients; after the rank's last action
+  (``Runner.step`` → ``RankStage.sync_replicas`` → ``FsdpSync.finish``) each unit's
+  ``post_backward`` reduce-scatters and reshards, then FSDP's root callback waits for the
+  reductions. Memory: the shards plus the stage's gathered weights and full gradients.
+
+A runner whose schedule splits the backward on a stage built in ``"unit"`` mode (a zb-h1
+runner on a 1f1b plan) would leave ``W``'s gradients unreduced: ``finish`` finds them and
+refuses (re-partition with that schedule).
+
+Tied weights across pipeline ranks: each copy is sharded the same way (dim 0 over the same
+replica count), so the copies' shards on one replica line up and summing them over the
+tie's ranks of that replica gives every copy the summed, replica-averaged gradient. In
+``"step"`` mode the full gradients are summed before the reduce-scatter; in ``"unit"``
+mode the step's new sharded gradients after it (a gradient kept from before the step is
+added back afterwards, not summed). This module does it in ``finish`` and takes the tie
+groups over from ``RankStage``. A tensor shared by two stage
+modules of one rank (``zbv`` puts the first and last stage on one rank) cannot be owned by
+two FSDP roots: refused. Only fp32 plans: a mixed-precision plan is refused (its fp32
+masters and casts are ``runtime.precision``'s, which this path does not combine with
+FSDP's ``MixedPrecisionPolicy``).
+
+After the step the module parameters are the sharded ``DTensor`` parameters again, which
+``stage.optimizer(...)`` built the optimizer over; ``RankStage.grad_norm`` takes the norm
+over the local shards and every rank of the job (``local_grads``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from partitioner.data_parallel import splits_backward
+from partitioner.memory import fsdp_units
+from partitioner.runtime.errors import PipelineRuntimeError
+
+if TYPE_CHECKING:  # stage.py imports this module; the type points back without an import cycle
+    from partitioner.runtime.stage import RankStage
+
+__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode"]
+
+
+def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
+    """The stage's sharding units besides the stage module itself: (block path, the paths of
+    the leaves with parameters the graph calls under it); the planner's rule
+    (``partitioner.memory.fsdp_units``), so what runs is what was priced."""
+    return fsdp_units(gm)
+
+
+def _roots(stage: RankStage) -> list[nn.Module]:
+    return [m for m in stage.modules.values() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(stage: RankStage) -> bool:
+    """Whether this rank's stages are FSDP-sharded (``zero=3``)."""
+    return isinstance(stage.grad_sync, FsdpSync)
+
+
+def local_grads(grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's local part: a sharded ``DTensor``'s shard, another tensor itself."""
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
+def _check(stage: RankStage) -> None:
+    plan = stage.plan
+    name = plan.options.get("precision")
+    floating = [n for n, p in stage.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    if name not in (None, "fp32") or floating:
+        raise PipelineRuntimeError(
+            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 plans only; this plan's precision is "
+            f"{name!r}" + (f" and parameters {floating[:3]} are not fp32" if floating else "")
+            + ": re-partition with precision='fp32', or with zero=1 (ZeRO-1 supports mixed precision)")
+    owner: dict[int, int] = {}
+    for s, mod in stage.modules.items():
+        for n, p in mod.named_parameters(remove_duplicate=False):
+            if owner.setdefault(id(p), s) != s:
+                raise PipelineRuntimeError(
+                    f"rank {stage.global_rank}: parameter {n!r} is shared by stages {owner[id(p)]} and {s}, both on "
+                    "this rank (a tied weight the schedule places twice on one rank, e.g. zbv's V): zero=3 shards "
+                    "each stage module with its own FSDP root and cannot give one tensor two owners; use a schedule "
+                    "that puts the tied stages on different ranks (1f1b, zb-h1, gpipe) or zero=1")
+
+
+def mode(stage: RankStage) -> str:
+    """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``:
+    the planner's test (``partitioner.data_parallel.splits_backward``), so the mode run is
+    the mode priced."""
+    from partitioner.runtime.local import resolve_schedule
+
+    sched = resolve_schedule(stage.pipe, str(stage.plan.options.get("schedule") or "1f1b"), None)
+    return "step" if splits_backward(sched) else "unit"
+
+
+def shard_stage(stage: RankStage) -> FsdpSync:
+    """Shard this rank's stage modules over its replicas (``stage.dp_group``) in place and
+    return the ``FsdpSync`` that runs the step's gradient reduction. Call after replica 0's
+    values were broadcast (each replica keeps its own slice of the equal full tensors)."""
+    _check(stage)
+    group = stage.dp_group
+    assert group is not None
+    mesh = DeviceMesh.from_group(group, stage.device.type)
+    names = {id(p): n for n, p in stage.named_parameters()}
+    tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]
+    how = mode(stage)
+    for mod in stage.modules.values():
+        for _, leaves in units(mod):
+            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit")
+        fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit")
+    # The tie sums move here, onto the gradients FSDP reduces (module docstring).
+    stage._tied = []
+    return FsdpSync(stage, tied, how)
+
+
+def _fsdp_params(root: nn.Module) -> dict[str, Any]:
+    """FQN (the stage's, i.e. the model's) -> FSDPParam, over every unit of ``root``."""
+    state = fully_shard.state(root)  # type: ignore[attr-defined]
+    return {fp._param_fqn: fp for st in state._state_ctx.all_states for g in st._fsdp_param_groups
+            for fp in g.fsdp_params}
+
+
+class FsdpSync:
+    """The step's gradient reduction under FSDP, in ``runtime.grad_sync.GradSync``'s place
+    (the interpreter's ``GradReady`` calls, and ``finish``)."""
+
+    def __init__(self, stage: RankStage, tied: Sequence[tuple[dist.ProcessGroup, list[str]]], how: str) -> None:
+        self.stage, self.roots, self.mode = stage, _roots(stage), how
+        #: (the tie's group in this replica, this rank's names of the tied tensor)
+        self.tied = list(tied)
+        self._kept: list[torch.Tensor | None] = []  # "unit": tied shards' gradients from before the step
+        self._had: list[bool] = []  # "unit": per root, whether a gradient was there before the step
+
+    def _set(self, on: bool) -> None:
+        for root in self.roots:
+            m: Any = root
+            m.set_is_last_backward(on)
+            m.set_requires_gradient_sync(on)
+            m.set_reshard_after_backward(on)
+
+    def _tied_params(self) -> list[tuple[dist.ProcessGroup, list[str], nn.Parameter]]:
+        named = dict(self.stage.named_parameters())
+        return [(pg, names, next(named[n] for n in names if n in named)) for pg, names in self.tied]
+
+    def begin(self, order: Sequence[int]) -> None:
+        """A step starts. ``"step"``: every backward accumulates full gradients, nothing is
+        reduced or resharded until ``finish``. ``"unit"``: FSDP's defaults; the tied shards'
+        gradients from before the step are set aside (they must not be summed again)."""
+        del order
+        if self.mode == "step":
+            self._set(False)
+            return
+        self._kept = []
+        self._had = [any(p.grad is not None for p in root.parameters()) for root in self.roots]
+        for _, _, p in self._tied_params():
+            self._kept.append(p.grad)
+            p.grad = None
+
+    def arm(self, stage: int) -> None:
+        del stage
+
+    def ready(self, stage: int) -> None:
+        """Reductions are FSDP's (``"unit"``) or wait for ``finish`` (``"step"``: a tie's
+        all-reduce pairs ranks whose final backwards come at different times, which a
+        blocking collective mid-schedule could deadlock)."""
+        del stage
+
+    def _sum_tied_full(self) -> None:
+        params: dict[str, Any] = {}
+        for root in self.roots:
+            params.update(_fsdp_params(root))
+        with torch.no_grad():
+            for pg, names in self.tied:
+                fp = next((params[n] for n in names if n in params), None)
+                if fp is None or not hasattr(fp, "_unsharded_param"):
+                    raise PipelineRuntimeError(f"rank {self.stage.global_rank}: tied weight {names}: this rank has no "
+                                               "gathered copy to sum (its stages ran no forward this step)")
+                acc = fp.unsharded_accumulated_grad
+                g = acc if acc is not None else fp.unsharded_param.grad
+                if g is None:
+                    g = torch.zeros_like(fp.unsharded_param)
+                    fp.unsharded_param.grad = g
+                dist.all_reduce(g, group=pg)
+
+    def _sum_tied_shards(self) -> None:
+        with torch.no_grad():
+            for (pg, _, p), old in zip(self._tied_params(), self._kept):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(cast(DTensor, p.grad).to_local(), group=pg)
+                if old is not None:
+                    p.grad += old
+        self._kept = []
+
+    def _check_reduced(self) -> None:
+        """``"unit"``: refuse a step whose weight gradients missed FSDP's reduction, as a
+        split backward's do: a gathered parameter still holding a gradient (written after
+        FSDP reduced and resharded), or a stage none of whose weights got one (its ``I``/``W``
+        ran on the sharded parameters, which the forward's graph never used)."""
+        left = [n for root in self.roots for n, fp in _fsdp_params(root).items()
+                if hasattr(fp, "_unsharded_param") and fp._unsharded_param.grad is not None]
+        # A split backward's I hands autograd the sharded parameters (the forward resharded):
+        # then no weight of the stage gets a gradient at all.
+        left += [next(n for n, _ in root.named_parameters()) for root, had in zip(self.roots, self._had)
+                 if not had and any(p.requires_grad for p in root.parameters())
+                 and all(p.grad is None for p in root.parameters())]
+        if left:
+            raise PipelineRuntimeError(
+                f"rank {self.stage.global_rank}: gradients of {left[:3]}{' …' if len(left) > 3 else ''} were "
+                "computed after FSDP reduced them, or never: this runner's schedule splits the backward (zb-h1, zbv) but the "
+                "plan's does not, and zero=3 shards per unit for the plan's schedule; re-partition with the "
+                "schedule you run (a split-backward plan shards for one reduction per step)")
+
+    def finish(self) -> None:
+        """After the rank's last action. ``"step"``: sum tied copies' full gradients over
+        their pipeline ranks, then reduce-scatter every unit's gradients over the replicas
+        (averaged) and reshard, as ``PipelineStage.perform_reduce_grad`` does. ``"unit"``:
+        FSDP has reduced each micro-batch's gradients; sum the tied shards."""
+        if self.mode == "unit":
+            self._check_reduced()
+            self._sum_tied_shards()
+            return
+        self._sum_tied_full()
+        self._set(True)
+        for root in self.roots:
+            state = fully_shard.state(root)  # type: ignore[attr-defined]
+            for st in state._state_ctx.all_states:
+                for group in st._fsdp_param_groups:
+                    group.post_backward()
+            state._root_post_backward_final_callback()

@@ -1,0 +1,299 @@
+"""FSDP2 inside pipeline stages (``zero=3``) on gloo: 4 ranks as 2 pipeline ranks x 2 shards
+train like one process on the whole batch (SGD and AdamW, 1F1B and the split backward of
+zb-h1, the GPT fixture's embedding tied across the two pipeline ranks), gradient clipping
+equals ``torch.nn.utils.clip_grad_norm_`` on the whole model, refusals; and the planner's
+pricing of ``zero=3`` (shards shrink with the replica count, the gathers and
+reduce-scatters cost time)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from partitioner import partition
+from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.launch import spawn
+from tests.fixtures.models import FIXTURES
+from tests.runtime.helpers import LR, data
+
+TIMEOUT_S = 120.0
+BATCH = 8
+STEPS = 3
+CLIP = 0.5  # below the fixture's gradient norm (about 3), so clipping changes every step
+# fp32: the shards' reduce-scatter sums two replica gradients in another order than one
+# backward over the whole batch (rounding only).
+RTOL, ATOL = 1e-5, 1e-6
+
+_PIPES: dict[tuple[str, int], tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]] = {}
+
+
+def _pipe(schedule: str = "1f1b", zero: int = 3) -> tuple[torch.nn.Module, Any]:
+    key = (schedule, zero)
+    if key not in _PIPES:
+        torch.manual_seed(0)
+        model = FIXTURES["gpt"].build()
+        x, _, _ = data("gpt", BATCH)
+        stages = {"pinned_cuts": ["transformer.h.1", "transformer.h.2", "transformer.h.3"], "virtual_stages": 2} \
+            if schedule == "interleaved-1f1b" else {"pinned_cuts": ["transformer.h.2"]}
+        pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), schedule=schedule, n_microbatches=2,
+                         zero=zero, **stages)
+        _PIPES[key] = (model, pipe, copy.deepcopy(model.state_dict()))
+    model, pipe, init = _PIPES[key]
+    model.load_state_dict(init)
+    return model, pipe
+
+
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, float]]] = {
+    "sgd": (torch.optim.SGD, {"lr": LR}),
+    # eps above rounding noise: attention's key bias has an exactly zero gradient, so with the
+    # default eps (1e-8) Adam's step on it is rounding noise divided by itself (sign at random)
+    "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-4})}
+
+
+def _optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
+    cls, kw = OPTIMIZERS[kind]
+    return cls(params, **kw)
+
+
+def _reference(model: torch.nn.Module, kind: str, clip: bool) -> tuple[list[float], list[float],
+                                                                      dict[str, torch.Tensor]]:
+    """The unpartitioned model trained in one process: losses, gradient norms, parameters."""
+    x, y, loss_fn = data("gpt", BATCH)
+    ref = copy.deepcopy(model)
+    opt = _optimizer(kind, ref.parameters())
+    losses, norms = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = loss_fn(ref(x), y)
+        loss.backward()
+        if clip:
+            norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP).item())
+        opt.step()
+        losses.append(loss.item())
+    return losses, norms, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
+
+
+def _train(rank: int, world: int, pipe: Any, schedule: str, kind: str, clip: bool) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    sharded = {n: (type(p).__name__, tuple(p.to_local().shape)) for n, p in stage.named_parameters()
+               if isinstance(p, DTensor)}
+    cls, kw = OPTIMIZERS[kind]
+    opt = stage.optimizer(cls, **kw)
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        loss = runner.step(x if stage.is_first else None, target=y if stage.is_last else None,
+                           loss_on_every_rank=True)
+        losses.append(loss.item())
+        if clip:
+            norms.append(stage.clip_grad_norm_(CLIP).item())
+        opt.step()
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in stage.named_parameters(remove_duplicate=False)}
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_units = sorted(n for mod in stage.modules.values() for n, m in mod.named_modules() if isinstance(m, FSDPModule))
+    return {"dp": stage.dp_rank, "pp": stage.pp_rank, "losses": losses, "norms": norms, "opt": type(opt).__name__,
+            "sharded": sharded, "params": params, "mode": stage.grad_sync.mode, "units": fsdp_units}
+
+
+@pytest.mark.parametrize("schedule,kind,clip", [("1f1b", "sgd", False), ("1f1b", "adamw", True),
+                                                ("zb-h1", "sgd", False), ("zb-h1", "adamw", True),
+                                                # two stages (two FSDP roots) per rank, the tie across the ranks
+                                                ("interleaved-1f1b", "sgd", True)])
+def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, clip: bool) -> None:
+    model, pipe = _pipe(schedule)
+    assert pipe.plan.mesh.zero == 3 and pipe.plan.tied_parameters
+    want_losses, want_norms, want = _reference(model, kind, clip)
+    assert not clip or min(want_norms) > CLIP, "clipping should change every step"
+    results = spawn(_train, 4, pipe, schedule, kind, clip, timeout_s=TIMEOUT_S)
+    assert [(r["dp"], r["pp"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {r["opt"] for r in results} == {"SGD" if kind == "sgd" else "AdamW"}
+    # per unit (reshard after forward, reduce per micro-batch) for 1f1b; once per step for a split backward
+    assert {r["mode"] for r in results} == {"step" if schedule == "zb-h1" else "unit"}
+    # each block's called leaves are one unit (the stage module the other), e.g. transformer.h.0's c_attn..c_proj
+    assert "transformer.h.0.attn.c_attn" in results[0]["units"] and "" in results[0]["units"]
+    assert "transformer.h.3.mlp.c_fc" in results[1]["units"]
+    assert len([u for u in results[0]["units"] if u == ""]) == pipe.plan.n_stages // 2  # a root per stage
+    for r in results:  # every parameter is a shard: half of dim 0 (the GPT's dims are even)
+        names = dict(model.named_parameters(remove_duplicate=False))
+        assert r["sharded"] and set(r["sharded"]) == set(r["params"])
+        for n, (_, shape) in r["sharded"].items():
+            assert shape[0] * 2 == names[n].shape[0], n
+        assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
+        assert r["norms"] == pytest.approx(want_norms, rel=1e-5)  # clip_grad_norm_ of the whole model
+    for r in results:  # every rank ends with the one-process parameters (tied copies included)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    assert set().union(*(r["params"] for r in results)) == set(want)
+
+
+def _build_and_step(rank: int, world: int, pipe: Any, schedule: str) -> None:
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+
+
+def _partition(**kw: Any) -> Any:
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, _, _ = data("gpt", BATCH)
+    return partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), n_microbatches=2, zero=3, **kw)
+
+
+@pytest.mark.parametrize("case", ["tied-on-one-rank", "bf16-mixed", "split-runner-on-unit-plan"])
+def test_fsdp_refuses_what_it_cannot_train_exactly(case: str) -> None:
+    if case == "tied-on-one-rank":  # zbv's V puts the embedding's stage 0 and the head's stage 3 on rank 0
+        pipe, schedule, want = _partition(schedule="zbv"), "zbv", "shared by stages 0 and 3"
+    elif case == "bf16-mixed":
+        pipe, schedule, want = (_partition(schedule="1f1b", pinned_cuts=["transformer.h.2"], precision="bf16-mixed"),
+                                "1f1b", "runs fp32 plans only")
+    else:  # per-unit sharding for 1f1b; zb-h1's W would write gradients after FSDP reduced them
+        pipe, schedule, want = _pipe("1f1b")[1], "zb-h1", "computed after FSDP reduced them"
+    with pytest.raises(PipelineRuntimeError, match=want):
+        spawn(_build_and_step, 4, pipe, schedule, timeout_s=TIMEOUT_S)
+
+
+def _save(rank: int, world: int, pipe: Any, path: str) -> None:
+    stage = pipe.build_stage(rank, "cpu")
+    stage.save_checkpoint(path)
+
+
+def test_a_sharded_stage_does_not_save_a_wrong_checkpoint(tmp_path: Any) -> None:
+    """Not supported yet: replica 0 writes checkpoints and holds only its shards, which
+    torch.distributed.checkpoint's plan validation refuses (loudly, nothing written)."""
+    with pytest.raises(PipelineRuntimeError, match="saving to .* failed"):
+        spawn(_save, 4, _pipe("1f1b")[1], str(tmp_path / "ckpt"), timeout_s=TIMEOUT_S)
+    assert not (tmp_path / "ckpt").exists()
+
+
+# -- pricing ---------------------------------------------------------------------------------
+
+def _shard(zero: int, per_step: bool = False) -> Any:
+    from partitioner.data_parallel import ZeroShard
+
+    # three positions: an embedding (own unit, 1000 elements), two blocks of 400 each
+    return ZeroShard(uses=[(1,), (2, 3), (4,)], numel={1: 1000, 2: 300, 3: 100, 4: 400}, grad_width=4,
+                     optimizer_bytes=8, zero=zero, unit_of={2: "h.0", 3: "h.0", 4: "h.1"}, per_step=per_step)
+
+
+def test_zero3_memory_is_the_shards_plus_what_is_gathered() -> None:
+    n, full = 1800, 1800 * 16  # fp32 AdamW: weight 4 + gradient 4 + moments 8 bytes per element
+    unit = _shard(3)
+    for dp in (2, 4, 8):  # shards ÷ dp; per unit: own unit (1000) + the largest block twice + one full gradient
+        assert unit.fsdp_static(0, 3, dp) == -(-full // dp) + 4 * (1000 + 2 * 400) + 4 * 1000
+        assert unit.saving(0, 3, dp) == full - unit.fsdp_static(0, 3, dp)
+    assert unit.fsdp_static(0, 3, 2) > unit.fsdp_static(0, 3, 4) > unit.fsdp_static(0, 3, 8)
+    step = _shard(3, per_step=True)  # a split backward holds the whole stage gathered, weights and gradients
+    assert step.fsdp_static(0, 3, 4) == full // 4 + 2 * 4 * n
+    assert step.saving(0, 3, 2) == 0  # fp32 Adam at dp=2: 16/2 + 8 = 16 bytes per element, nothing saved
+    # ZeRO-1 shards only the optimizer state; no ZeRO saving without replicas
+    assert _shard(1).saving(0, 3, 4) == n * 8 - n * 8 // 4 and unit.saving(0, 3, 1) == 0
+    # the solver's additive view: per position its shards (+ 2 w n per step); gathered units come in the exact check
+    assert unit.additive([16_000, 6_400, 6_400], 4) == [4000, 1600, 1600]
+    assert step.additive([16_000, 6_400, 6_400], 4) == [4000 + 8000, 1600 + 3200, 1600 + 3200]
+
+
+def test_zero3_communication_per_unit_and_per_step() -> None:
+    from partitioner.cost_models.devices import LINKS
+    from partitioner.data_parallel import Window, allgather_s, price_fsdp, price_replicas, reduce_scatter_s
+    from partitioner.plan import Mesh
+
+    link = next(iter(LINKS.values()))
+    mesh = Mesh(4, 1, ("dp", "pp"), 0)
+    nbytes, m = 8 * 2**20, 4
+    ag, rs = allgather_s(nbytes, 4, link), reduce_scatter_s(nbytes, 4, link)
+    fast = Window(1.0, 1.1, (nbytes,), fwd=1e-6, bwd=2e-6, m=m)  # compute far shorter than the traffic
+    times, step = price_fsdp(mesh, link, link, [[fast]], pipeline_step=1.1)
+    assert times == [pytest.approx(m * (2 * ag + rs))]  # every micro-batch gathers twice and reduce-scatters
+    assert step == pytest.approx(1.1 + m * (2 * ag + rs - 3e-6) + rs)  # the excess over compute, then the tail
+    slow = Window(1.0, 1.1, (nbytes,), fwd=1.0, bwd=2.0, m=m)  # compute hides the traffic but the last reduction
+    assert price_fsdp(mesh, link, link, [[slow]], pipeline_step=1.1)[1] == pytest.approx(1.1 + rs)
+    split = Window(1.0, 1.1, (nbytes,), fwd=1.0, bwd=2.0, m=m, split=True)  # once per step
+    times, step = price_fsdp(mesh, link, link, [[split]], pipeline_step=1.1)
+    assert times == [pytest.approx(ag + rs)] and step == pytest.approx(1.1 + rs)
+    # ZeRO-1 all-reduces (2 (dp-1) steps) and gathers the weights back ((dp-1) steps): 3 (dp-1) steps in all;
+    # per unit ZeRO-3 moves m x 3 (dp-1) steps
+    zero1, _ = price_replicas(mesh, 1, link, link, [[fast]], [nbytes], 1.1)
+    assert zero1 == [pytest.approx(2 * ag + rs)] and times[0] < zero1[0] < price_fsdp(mesh, link, link, [[fast]], 1.1)[0][0]
+
+
+def test_partition_prices_zero3_from_the_graph() -> None:
+    from partitioner.plan import load_plan
+
+    x, _, _ = data("gpt", BATCH)
+    plans = {(3, 2, s): _pipe(s)[1].plan for s in ("1f1b", "zb-h1")}  # shared with the training tests
+    for zero in (1, 3):
+        torch.manual_seed(0)
+        plans[zero, 4, "1f1b"] = partition(FIXTURES["gpt"].build(), n_gpus=8, data_parallel=4, example_inputs=(x,),
+                                           n_microbatches=2, pinned_cuts=["transformer.h.2"], zero=zero).plan
+    static = {k: [st.cost.static_bytes for st in p.stages] for k, p in plans.items()}
+    for s in range(2):  # the shards shrink with the replicas; at dp=4 below ZeRO-1, which keeps whole weights
+        assert static[3, 2, "1f1b"][s] > static[3, 4, "1f1b"][s]
+        assert static[3, 4, "1f1b"][s] < static[1, 4, "1f1b"][s]
+        assert static[3, 2, "zb-h1"][s] > static[3, 2, "1f1b"][s]  # a split backward holds the stage gathered
+    comm = {k: p.mesh.allreduce_s for k, p in plans.items()}
+    for r in range(2):  # ZeRO-1: an all-reduce (2 ring steps) + the weights' gather (1 step) per step; ZeRO-3
+        # per unit: 2 micro-batches x (2 gathers + 1 reduce-scatter) = twice that; per step (zb-h1): 2 steps
+        assert comm[3, 4, "1f1b"][r] == pytest.approx(2 * comm[1, 4, "1f1b"][r], rel=1e-6)
+        assert comm[3, 2, "zb-h1"][r] == pytest.approx(comm[3, 2, "1f1b"][r] / 3, rel=1e-6)
+    p = plans[3, 4, "1f1b"]
+    assert p.mesh.zero == 3 and p.options["zero"] == 3 and 0 < p.mesh.exposed_s
+    assert load_plan(p.to_json()).mesh.zero == 3  # the schema takes zero=3
+
+
+def test_zero_must_be_0_1_or_3() -> None:
+    from partitioner import PartitionError
+
+    with pytest.raises(PartitionError, match=r"zero must be 0 or 1 \(ZeRO-1.*\) or 3 \(FSDP"):
+        partition(FIXTURES["gpt"].build(), n_gpus=4, data_parallel=2, example_inputs=(data("gpt", BATCH)[0],), zero=2)
+
+
+def _odd_train(rank: int, world: int, pipe: Any, schedule: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(schedule, loss_fn=torch.nn.functional.mse_loss)
+    for _ in range(STEPS):
+        stage.zero_grad()
+        runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        stage.clip_grad_norm_(0.1)
+        opt.step()
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in stage.named_parameters()}
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_uneven_shards_train_like_one_process(schedule: str) -> None:
+    """Dims that do not divide by the replicas (7, 9, 5, a bias of 1): FSDP pads the last
+    shard; the norm over local shards and the reduce-scatter must not count the padding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 1))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(BATCH, 7, generator=g), torch.randn(BATCH, 1, generator=g)
+    pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), schedule=schedule, n_microbatches=2,
+                     pinned_cuts=["2"], zero=3)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        opt.step()
+    want = dict(ref.named_parameters())
+    got: dict[str, torch.Tensor] = {}
+    for r in spawn(_odd_train, 4, pipe, schedule, x, y, timeout_s=TIMEOUT_S):
+        got.update(r)
+    assert set(got) == set(want)
+    for n, v in got.items():
+        torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
