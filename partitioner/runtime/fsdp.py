@@ -72,6 +72,7 @@ from torch.distributed.tensor import DTensor
 from partitioner.data_parallel import splits_backward
 from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.spec import resolve_schedule
 
 if TYPE_CHECKING:  # stage.py imports this module; the type points back without an import cycle
     from partitioner.runtime.stage import RankStage
@@ -124,9 +125,7 @@ def mode(stage: RankStage) -> str:
     """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``:
     the planner's test (``partitioner.data_parallel.splits_backward``), so the mode run is
     the mode priced."""
-    from partitioner.runtime.local import resolve_schedule
-
-    sched = resolve_schedule(stage.pipe, str(stage.plan.options.get("schedule") or "1f1b"), None)
+    sched = resolve_schedule(stage.plan)  # the schedule the plan was priced for
     return "step" if splits_backward(sched) else "unit"
 
 
