@@ -399,32 +399,25 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
 
 # -- execution ---------------------------------------------------------------------------
 
-class _ToDTensor(nn.Module):
+def to_replicate(x: Any, like: Any) -> Any:
     """A plain tensor entering the stage (input, buffer, a tensor made inside the graph) as a
-    ``Replicate`` DTensor; anything else unchanged. Every TP rank holds the same value."""
+    ``Replicate`` DTensor on ``like``'s mesh (``like``: a DTensor parameter of the stage);
+    anything else unchanged. Every TP rank holds the same value."""
+    from torch.distributed.tensor import DTensor, Replicate
 
-    def __init__(self, mesh: DeviceMesh) -> None:
-        super().__init__()
-        self.mesh = mesh
-
-    def forward(self, x: Any) -> Any:
-        from torch.distributed.tensor import DTensor, Replicate
-
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
-            return DTensor.from_local(x, self.mesh, [Replicate()], run_check=False)
-        return x
+    if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+        return DTensor.from_local(x, like.device_mesh, [Replicate()], run_check=False)
+    return x
 
 
-class _ToLocal(nn.Module):
+def to_whole(x: Any) -> Any:
     """A DTensor leaving the stage as the whole plain tensor (Partial: all-reduce; Shard:
     all-gather; Replicate: nothing); the gradient coming back is taken as replicated."""
+    from torch.distributed.tensor import DTensor, Replicate
 
-    def forward(self, x: Any) -> Any:
-        from torch.distributed.tensor import DTensor, Replicate
-
-        if isinstance(x, DTensor):
-            return x.redistribute(x.device_mesh, [Replicate()]).to_local()
-        return x
+    if isinstance(x, DTensor):
+        return x.redistribute(x.device_mesh, [Replicate()]).to_local()
+    return x
 
 
 def attention_on_shards(q: Any, k: Any, v: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -481,11 +474,14 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
             owner, _, leaf = name.rpartition(".")
             mod = gm.get_submodule(owner) if owner else gm
             mod._buffers[leaf] = distribute_tensor(b, mesh, [Replicate()])
-    gm.add_module("_tp_replicate", _ToDTensor(mesh))
-    gm.add_module("_tp_to_local", _ToLocal())
     graph = gm.graph
     derived: set[fx.Node] = set()  # nodes computed from DTensors: already DTensors
     params = {n for n, _ in gm.named_parameters()}
+    if not params:
+        return gm  # nothing sharded: the stage runs on plain tensors, every TP rank alike
+    # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
+    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+        anchor = graph.get_attr(next(iter(params)))
     for n in list(graph.nodes):
         if n.op == "call_function" and n.target in _DROPPED:
             graph.erase_node(n)
@@ -496,21 +492,21 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
             def wrap_out(v: Any) -> Any:
                 if isinstance(v, fx.Node) and _maybe_tensor(v):
                     with graph.inserting_before(n):
-                        return graph.call_module("_tp_to_local", (v,))
+                        return graph.call_function(to_whole, (v,))
                 return v
             n.args = (fx.node.map_arg(n.args[0], wrap_out),)
             continue
-        if n.op == "get_attr" and str(n.target) in params:
+        if n is anchor or (n.op == "get_attr" and str(n.target) in params):
             derived.add(n)
             continue
         if not _maybe_tensor(n) or not n.users:
             continue  # sizes computed from a DTensor are the global tensor's, plain ints
-        if n.op in ("call_function", "call_method") and any(a in derived for a in n.all_input_nodes):
+        if n.op.startswith("call_") and any(a in derived for a in n.all_input_nodes):
             derived.add(n)  # an op on a DTensor returns a DTensor
             continue
         # an entering tensor: a placeholder, a buffer, a tensor made from nothing sharded, a leaf module's output
-        with graph.inserting_after(n):
-            conv = graph.call_module("_tp_replicate", (n,))
+        with graph.inserting_after(anchor if n.op == "placeholder" else n):
+            conv = graph.call_function(to_replicate, (n, anchor))
         n.replace_all_uses_with(conv, delete_user_cb=lambda u: u is not conv)
         derived.add(conv)
     graph.lint()
