@@ -319,6 +319,7 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
             excluded[n] = "kept whole by request (replicate=...)"
         elif n.op == "call_function" and (uses.get(w, 0) > 1 or (b is not None and uses.get(b, 0) > 1)):
             excluded[n] = "its weight is used by another node too"
+    whole = set(excluded)  # neither column- nor row-parallel
     while True:
         shard: dict[fx.Node, int] = {}  # node -> sharded dimension of its output
         sources: dict[fx.Node, set[fx.Node]] = {}  # node -> the column linears its shard comes from
@@ -327,7 +328,7 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
         failed: dict[fx.Node, str] = {}
         for n in nodes:
             ins = {a: shard[a] for a in n.all_input_nodes if a in shard}
-            if n in linears and n not in excluded:
+            if n in linears and n not in whole:
                 x = linears[n][2]
                 if x in shard:  # a sharded input: row-parallel when it is sharded on the features
                     if shard[x] != len(_shape(x) or (0,)) - 1 or len(ins) != 1:
@@ -337,7 +338,7 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
                         row[n] = sources[x]
                     continue
                 w_shape = tuple(gm.get_parameter(linears[n][0]).shape)
-                if len(w_shape) != 2:
+                if len(w_shape) != 2 or n in excluded:  # not column-parallel (it may still be a row)
                     continue
                 column.add(n)
                 shard[n], sources[n] = len(_shape(n) or (0, 0)) - 1, {n}
@@ -407,6 +408,18 @@ def to_replicate(x: Any, like: Any) -> Any:
 
     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
         return DTensor.from_local(x, like.device_mesh, [Replicate()], run_check=False)
+    return x
+
+
+def reduce_row(x: Any) -> Any:
+    """A row-parallel linear's output (``Partial``) made ``Replicate`` right there: one
+    all-reduce, Megatron's. Left alone, DTensor may instead reduce-scatter it where it meets
+    the residual stream and all-gather before the next linear (the same bytes, two
+    collectives and sharded norms in between)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, DTensor) and not all(isinstance(p, Replicate) for p in x.placements):
+        return x.redistribute(x.device_mesh, [Replicate()])
     return x
 
 
@@ -482,7 +495,12 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         anchor = graph.get_attr(next(iter(params)))
+    rows = set(plan.row.values())
     for n in list(graph.nodes):
+        if n.name in rows:
+            with graph.inserting_after(n):
+                red = graph.call_function(reduce_row, (n,))
+            n.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
         if n.op == "call_function" and n.target in _DROPPED:
             graph.erase_node(n)
             continue
