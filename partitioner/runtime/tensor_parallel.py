@@ -204,13 +204,14 @@ def _dim_arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
 
 
-def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int | None:
+def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
     """The sharded dimension of ``n``'s output given its sharded inputs (``ins``: input node
     -> its sharded dimension), or raise ``_NotShardable`` / ``_Indivisible``."""
     out = _shape(n)
     tgt, op = n.target, n.op
     method = tgt if op == "call_method" else None
-    first = n.args[0] if n.args else None
+    args: Any = n.args  # fx's Argument union: the checks below read it as the op's schema says
+    first = args[0] if args else None
 
     def aligned(src: fx.Node, d: int) -> int:  # broadcasting aligns dimensions from the right
         s = _shape(src)
@@ -243,13 +244,13 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int | None:
         if name in ("t", "t.default"):
             perm = [1, 0]
         elif "transpose" in name or "swapaxes" in name:
-            a, b = int(n.args[1]) % rank, int(n.args[2]) % rank  # type: ignore[call-overload]
+            a, b = int(args[1]) % rank, int(args[2]) % rank
             perm = list(range(rank))
             perm[a], perm[b] = b, a
         else:
-            raw = n.args[1:] if method else n.args[1]
+            raw = args[1:] if method else args[1]
             perm = [int(x) % rank for x in (raw[0] if method and len(raw) == 1 and isinstance(raw[0], (list, tuple))
-                                            else raw)]  # type: ignore[union-attr]
+                                            else raw)]
         return perm.index(d)
     if (op == "call_function" and tgt in _EXPANDS) or method == "expand":
         d = ins[first]  # type: ignore[index]
@@ -266,7 +267,7 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int | None:
             raise _NotShardable("a slice of the sharded dimension")
         return d
     if op == "call_function" and tgt in _CATS:
-        tensors = n.args[0]
+        tensors = args[0]
         dim = int(_dim_arg(n, 1, "dim", 0))
         if not isinstance(tensors, (list, tuple)) or any(t not in ins for t in tensors):
             raise _NotShardable("a concatenation of sharded and whole values")
@@ -282,7 +283,7 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int | None:
             raise _NotShardable("a softmax over the sharded dimension")
         return d
     if op == "call_function" and tgt in _SDPA:
-        q, k, v = n.args[:3]
+        q, k, v = args[:3]
         rest = [a for a in ins if a not in (q, k, v)]
         if rest or any(a not in ins for a in (q, k, v)):
             raise _NotShardable("attention with query, key and value not all sharded")
@@ -291,7 +292,7 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int | None:
             raise _NotShardable("attention sharded on a dimension other than the heads")
         return len(out or ()) - 3
     if op == "call_function" and tgt in _MATMULS:
-        a, b = n.args[:2]
+        a, b = args[:2]
         sa, sb = _shape(a), _shape(b)
         if a not in ins or b not in ins or sa is None or sb is None or out is None or min(len(sa), len(sb)) < 3:
             raise _NotShardable("a matmul of a sharded and a whole value")
@@ -354,7 +355,10 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
                 reason = "its output leaves the stage"
             else:
                 try:
-                    shard[n] = _propagate(n, ins, tp)
+                    dim = _propagate(n, ins, tp)
+                    if dim is None:
+                        raise _NotShardable("no sharded dimension")
+                    shard[n] = dim
                     sources[n] = srcs
                     continue
                 except _NotShardable as e:
