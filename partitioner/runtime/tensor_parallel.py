@@ -314,11 +314,13 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
     for n in nodes:
         if n.op == "get_attr":
             uses[str(n.target)] = uses.get(str(n.target), 0) + len(n.users)
+        elif n.op == "call_module":  # a module called twice: its weight has two roles
+            uses[f"{n.target}.weight"] = uses.get(f"{n.target}.weight", 0) + 1
     excluded: dict[fx.Node, str] = {}
     for n, (w, b, _) in linears.items():
         if w in replicate:
             excluded[n] = "kept whole by request (replicate=...)"
-        elif n.op == "call_function" and (uses.get(w, 0) > 1 or (b is not None and uses.get(b, 0) > 1)):
+        elif uses.get(w, 0) > 1 or (b is not None and uses.get(b, 0) > 1):
             excluded[n] = "its weight is used by another node too"
     whole = set(excluded)  # neither column- nor row-parallel
     while True:
