@@ -127,14 +127,14 @@ class _NoModuleTracking:
         return None
 
 
-def _train(rank: int, world: int, name: str, pipe: Any) -> dict[str, Any]:
+def _train(rank: int, world: int, name: str, pipe: Any, schedule: str = "1f1b") -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
 
     inputs, y = _data(name)
     stage = pipe.build_stage(rank, "cpu")
     opt = torch.optim.SGD(stage.parameters(), lr=LR)
-    runner = stage.runner("1f1b", loss_fn=LOSS[name])
+    runner = stage.runner(schedule, loss_fn=LOSS[name])
     kw = inputs if stage.is_first else {}
     target = y if stage.is_last else None
     # forward only (every micro-batch of this rank's stage): the collectives DTensor chose.
@@ -202,11 +202,12 @@ def test_llama_two_stages_by_two_tp_ranks_train_like_one_process() -> None:
 
 
 @pytest.mark.timeout(200)
-def test_plain_attention_mlp_two_stages_by_two_tp_ranks_train_like_one_process() -> None:
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])  # zb-h1: weight gradients of DTensor shards in W
+def test_plain_attention_mlp_two_stages_by_two_tp_ranks_train_like_one_process(schedule: str) -> None:
     _, pipe, init = _built("net")
     _built("net")[0].load_state_dict(init)
     assert pipe.plan.capture == "fx"
-    results = spawn(_train, 4, "net", with_tensor_parallel(pipe, 2), timeout_s=TIMEOUT_S)
+    results = spawn(_train, 4, "net", with_tensor_parallel(pipe, 2), schedule, timeout_s=TIMEOUT_S)
     _check_training("net", results)
     got = {**results[0]["placements"], **results[2]["placements"]}
     assert got["blocks.0.q.weight"] == ("Shard(dim=0)", (16, 32))
@@ -242,6 +243,16 @@ def test_tensor_parallel_alone_on_one_stage() -> None:
         assert r["losses"] == pytest.approx(want_losses, rel=RTOL)
         for n, v in r["params"].items():
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _build(rank: int, world: int, pipe: Any) -> None:
+    pipe.build_stage(rank, "cpu")
+
+
+def test_a_launch_of_the_wrong_size_is_refused() -> None:
+    _, pipe, _ = _built("net")
+    with pytest.raises(PipelineRuntimeError, match=r"2 pipeline ranks x tp=2 = 4 ranks, the process group has 2"):
+        spawn(_build, 2, with_tensor_parallel(pipe, 2), timeout_s=60.0)
 
 
 def test_a_pattern_tp_does_not_divide_is_refused_naming_the_node() -> None:
