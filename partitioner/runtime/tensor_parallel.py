@@ -29,10 +29,14 @@ it -- the stage's inputs, buffers, and tensors made inside it (``arange``, masks
 ``Replicate`` DTensor, and turns every output back into a plain, whole tensor
 (``redistribute(Replicate()).to_local()``). DTensor's sharding propagation does the rest:
 the graph keeps global shapes (``view(x, [B, S, -1, 8])``), which DTensor interprets on the
-global tensor, so head counts need no rewriting; a row-parallel linear's output is
-``Partial`` and becomes ``Replicate`` by one all-reduce where it meets the residual stream.
-In backward the inputs' gradients come out ``Partial`` and are all-reduced by
-``DTensor.from_local``'s backward, so each TP rank sends the whole gradient upstream.
+global tensor, so head counts need no rewriting. Two identities pin the collectives to
+Megatron's: each row-parallel linear's output (``Partial``) is made ``Replicate`` right there
+(``reduce_row``: one all-reduce in forward), and each column group's input all-reduces its
+gradient in backward (``reduce_grad``); left to itself DTensor sometimes reduce-scatters where a
+partial sum meets the residual stream and all-gathers later (the same bytes, more collectives,
+norms run on shards). Per transformer layer and micro-batch: 2 all-reduces forward, 2 backward
+(``tests/runtime/test_tensor_parallel.py`` counts them with ``CommDebugMode``). The stage's
+inputs' gradients leave ``Replicate``, so each TP rank sends the whole gradient upstream.
 
 Messages between stages: the pipeline group of a rank holds the ranks with the same TP
 index (``mesh.rank(d, p, t)`` for every p), so TP rank t of stage s sends to TP rank t of
@@ -429,6 +433,31 @@ def reduce_row(x: Any) -> Any:
     return x
 
 
+class _ReduceGradient(torch.autograd.Function):
+    """Identity forward; in backward the gradient made ``Replicate`` (from ``Partial``: one
+    all-reduce), Megatron's "f" before column-parallel linears."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return reduce_row(g)
+
+
+def reduce_grad(x: Any) -> Any:
+    """The input of column-parallel linears: its gradient (a sum of partial products over the
+    shards) is all-reduced right there, once per input however many linears read it. Left
+    alone, DTensor may reduce-scatter it and all-gather it later (the same bytes, more
+    collectives)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor) and x.requires_grad:
+        return _ReduceGradient.apply(x)
+    return x
+
+
 def to_whole(x: Any) -> Any:
     """A DTensor leaving the stage as the whole plain tensor (Partial: all-reduce; Shard:
     all-gather; Replicate: nothing); the gradient coming back is taken as replicated."""
@@ -501,8 +530,16 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         anchor = graph.get_attr(next(iter(params)))
-    rows = set(plan.row.values())
+    rows, columns = set(plan.row.values()), set(plan.column.values())
+    reduced: dict[fx.Node, fx.Node] = {}  # a column linear's input -> its gradient-reducing identity
     for n in list(graph.nodes):
+        if n.name in columns:
+            x = n.args[0]
+            assert isinstance(x, fx.Node)
+            if x not in reduced:
+                with graph.inserting_after(x):
+                    reduced[x] = graph.call_function(reduce_grad, (x,))
+            n.replace_input_with(x, reduced[x])
         if n.name in rows:
             with graph.inserting_after(n):
                 red = graph.call_function(reduce_row, (n,))

@@ -7,6 +7,7 @@ is refused naming the node."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -147,15 +148,20 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str = "1f1b") 
         runner.eval_step(**kw, target=target)
     forward = {str(k): v for k, v in comm.get_comm_counts().items()}
     losses, norms = [], []
-    for _ in range(STEPS):
+    step = {}
+    for i in range(STEPS):
         stage.zero_grad()
-        loss = runner.step(**kw, target=target)
+        comm = CommDebugMode()
+        comm.advanced_module_tracker = _NoModuleTracking()  # type: ignore[assignment]
+        with comm if i == 0 else contextlib.nullcontext():
+            loss = runner.step(**kw, target=target)
+        step = step or {str(k): v for k, v in comm.get_comm_counts().items()}
         norms.append(stage.clip_grad_norm_(MAX_NORM).item())
         opt.step()
         losses.append(None if loss is None else loss.item())
     placements = {n: (repr(p.placements[0]), tuple(p.to_local().shape)) for n, p in stage.named_parameters()
                   if isinstance(p, DTensor)}
-    return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "forward": forward,
+    return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "forward": forward, "step": step,
             "rows": sum(len(p.row) for p in stage.tp_plans.values()), "placements": placements,
             "params": full_state(stage.named_parameters())}
 
@@ -172,10 +178,15 @@ def _check_training(name: str, results: list[dict[str, Any]]) -> None:
         for n, v in r["params"].items():
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
     assert set().union(*(r["params"] for r in results)) == set(want)
+    def count(counts: dict[str, int]) -> tuple[int, int]:
+        return (sum(v for k, v in counts.items() if "all_reduce" in k or "allreduce" in k),
+                sum(v for k, v in counts.items() if "gather" in k or "scatter" in k or "all_to_all" in k))
+
     for r in results:  # one all-reduce per row-parallel linear per forward (M micro-batches), nothing gathered
-        reduces = sum(v for k, v in r["forward"].items() if "all_reduce" in k or "allreduce" in k)
-        gathers = sum(v for k, v in r["forward"].items() if "gather" in k or "scatter" in k or "all_to_all" in k)
-        assert r["rows"] >= 2 and (reduces, gathers) == (M * r["rows"], 0), r["forward"]
+        assert r["rows"] >= 2 and count(r["forward"]) == (M * r["rows"], 0), r["forward"]
+        # a training step: as many again in backward, one per column group's input gradient
+        # (each column group here feeds one row linear), the pipeline's P2P not counted
+        assert count(r["step"]) == (2 * M * r["rows"], 0), r["step"]
 
 
 @pytest.mark.timeout(200)
