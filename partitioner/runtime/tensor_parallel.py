@@ -355,6 +355,8 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
             srcs = set().union(*(sources[a] for a in ins))
             if n.op == "call_function" and n.target in _DROPPED:
                 continue
+            if n.op != "output" and not _maybe_tensor(n):
+                continue  # sizes of a DTensor are the global tensor's: nothing to shard
             if n.op == "call_function" and n.target is operator.getitem and not isinstance(n.args[1], int):
                 reason = "an index into a sharded value"
             elif n.op == "output":
