@@ -1,6 +1,6 @@
 """Tensor parallelism inside pipeline stages (``runtime.tensor_parallel``), on gloo: a tiny
 Llama (export route) and a plain attention + MLP model (fx route) as 2 pipeline stages x 2
-tensor-parallel ranks train under 1F1B like one process on the whole batch (losses, gradient
+tensor-parallel ranks train under 1F1B (and zb-h1) like one process on the whole batch (outputs, losses, gradient
 norms with clipping, parameters after the steps), DTensor issues one all-reduce per
 row-parallel linear in forward (``CommDebugMode``), and a pattern that tp does not divide
 is refused naming the node."""
@@ -145,7 +145,9 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str = "1f1b") 
     comm = CommDebugMode()
     comm.advanced_module_tracker = _NoModuleTracking()  # type: ignore[assignment]
     with comm:
-        runner.eval_step(**kw, target=target)
+        _, outputs = runner.eval_step(**kw, target=target, return_outputs=True)  # type: ignore[misc]
+    if outputs is not None:
+        outputs = outputs.logits if name == "llama" else outputs
     forward = {str(k): v for k, v in comm.get_comm_counts().items()}
     losses, norms = [], []
     step = {}
@@ -161,12 +163,20 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str = "1f1b") 
         losses.append(None if loss is None else loss.item())
     placements = {n: (repr(p.placements[0]), tuple(p.to_local().shape)) for n, p in stage.named_parameters()
                   if isinstance(p, DTensor)}
-    return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "forward": forward, "step": step,
+    return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "forward": forward, "step": step, "outputs": outputs,
             "rows": sum(len(p.row) for p in stage.tp_plans.values()), "placements": placements,
             "params": full_state(stage.named_parameters())}
 
 
 def _check_training(name: str, results: list[dict[str, Any]]) -> None:
+    model, _, init = _built(name)
+    inputs, _ = _data(name)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(init)
+    with torch.no_grad():
+        out = ref(**inputs)
+    for r in results[2:]:  # the last stage's outputs before training: the model's
+        torch.testing.assert_close(r["outputs"], out.logits if name == "llama" else out, rtol=RTOL, atol=ATOL)
     want_losses, want_norms, want = _reference(name)
     # tp innermost: ranks 0, 1 are pipeline rank 0's TP ranks, 2, 3 pipeline rank 1's
     assert [(r["pp"], r["tp"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
