@@ -375,7 +375,7 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
                     names = sorted(linears[s][0] for s in srcs)
                     raise PipelineRuntimeError(
                         f"tensor parallelism over {tp} ranks cannot shard {names}: {e}; choose a tp that divides it, "
-                        f"or keep these weights whole with replicate=(...)") from None
+                        f"or keep these weights whole with shard_plan(..., replicate=...) (build_stage does not take it yet)") from None
             for s in srcs:
                 failed.setdefault(s, reason)
         if not failed:
