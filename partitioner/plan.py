@@ -139,6 +139,11 @@ class Mesh:
     means one node. ``allreduce_s`` is each pipeline rank's gradient all-reduce over its
     replicas (ring, plus ZeRO-1's parameter all-gather); ``exposed_s`` is the part of the
     step spent waiting for it after that rank's last action.
+
+    ``tp``: tensor-parallel ranks per pipeline rank (``runtime.tensor_parallel``; 1 in plans
+    written before it). They are the innermost dimension: global rank
+    ``rank(d, p) * tp + t``, so the ``tp`` ranks of one pipeline rank are consecutive (one
+    node). The planner does not choose ``tp`` yet (``with_tensor_parallel`` sets it).
     """
 
     dp: int = 1
@@ -149,13 +154,16 @@ class Mesh:
     inter_link: dict[str, Any] | None = None
     allreduce_s: tuple[float, ...] = ()
     exposed_s: float = 0.0
+    tp: int = 1
 
-    def rank(self, dp_rank: int, pp_rank: int) -> int:
-        """The global rank of replica ``dp_rank``'s pipeline rank ``pp_rank``."""
-        return dp_rank * self.pp + pp_rank if self.dims[0] == "dp" else pp_rank * self.dp + dp_rank
+    def rank(self, dp_rank: int, pp_rank: int, tp_rank: int = 0) -> int:
+        """The global rank of replica ``dp_rank``'s pipeline rank ``pp_rank`` (TP rank ``tp_rank``)."""
+        base = dp_rank * self.pp + pp_rank if self.dims[0] == "dp" else pp_rank * self.dp + dp_rank
+        return base * self.tp + tp_rank
 
     def coords(self, rank: int) -> tuple[int, int]:
-        """(dp_rank, pp_rank) of a global rank."""
+        """(dp_rank, pp_rank) of a global rank (its TP rank is ``rank % tp``)."""
+        rank //= self.tp
         return divmod(rank, self.pp) if self.dims[0] == "dp" else divmod(rank, self.dp)[::-1]  # type: ignore[return-value]
 
     def node(self, rank: int) -> int:
@@ -163,7 +171,7 @@ class Mesh:
 
     @property
     def n_nodes(self) -> int:
-        return -(-self.dp * self.pp // self.gpus_per_node) if self.gpus_per_node else 1
+        return -(-self.dp * self.pp * self.tp // self.gpus_per_node) if self.gpus_per_node else 1
 
     def replicas_cross_nodes(self, pp_rank: int) -> bool:
         """Do the replicas of pipeline rank ``pp_rank`` span more than one node?"""

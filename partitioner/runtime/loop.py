@@ -100,6 +100,14 @@ def concat_outputs(outputs: Sequence[Any]) -> Any:
                                   for c in cols], spec)
 
 
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A DTensor gradient's norm (tensor parallelism) as a plain tensor: the whole tensor's,
+    its shards' partial norms combined over the TP ranks (``full_tensor``), a replica once."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def global_grad_norm(grads: Iterable[torch.Tensor], norm_type: float, device: torch.device,
                      group: dist.ProcessGroup | None) -> torch.Tensor:
     """The ``norm_type``-norm of ``grads`` over every rank of ``group``: each rank's
@@ -107,7 +115,7 @@ def global_grad_norm(grads: Iterable[torch.Tensor], norm_type: float, device: to
     summed (``p``-th powers) or maxed (inf) over the group. Written out rather than calling
     ``get_total_norm`` because the partial norms must cross ranks before the root is taken,
     and low-precision gradients are normed in fp32."""
-    norms = [torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32).to(device) for g in grads]
+    norms = [_whole(torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32)).to(device) for g in grads]
     local = (torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms
              else torch.zeros((), dtype=torch.float32, device=device))
     if norm_type == float("inf"):

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from partitioner.runtime import loop
+from partitioner.runtime import loop, tensor_parallel
 from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.driver import StepDriver
@@ -859,7 +859,10 @@ def build_stage(spec: PipelineSpec, rank: int, device: torch.device | str | None
     plan = spec.plan
     world = dist.get_world_size(group)
     compile_kwargs(compile)  # a wrong value fails here, not at the first runner
-    if plan.mesh.dp > 1:
+    if plan.mesh.tp > 1:  # tensor parallelism inside each pipeline rank (runtime.tensor_parallel)
+        stage = tensor_parallel.build_tensor_parallel(spec, rank, dev, group, init_fn=init_fn, seed=seed,
+                                                      compile=compile)
+    elif plan.mesh.dp > 1:
         stage = _build_replica(spec, rank, dev, group, world, init_fn=init_fn, seed=seed)
     else:
         n_ranks = plan.pp_ranks

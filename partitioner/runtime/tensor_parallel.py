@@ -1,0 +1,675 @@
+"""Tensor parallelism inside a pipeline stage, run by DTensor.
+
+A plan whose ``mesh.tp`` is T > 1 runs every pipeline rank as T processes (``tp``
+innermost: the T ranks of one pipeline rank are consecutive, i.e. inside one node). Each
+stage module (an ``fx.GraphModule`` from ``passes/split.py``) is analysed once
+(``shard_plan``): the Megatron patterns are recognised from the graph's dataflow, not from
+module names --
+
+- a linear whose output flows, through elementwise ops, views / reshapes / transposes /
+  permutes / expands, slices off the sharded dimension, concatenations and attention
+  (``scaled_dot_product_attention``, or matmul + softmax), only into the *input* of other
+  linears is **column-parallel**: weight (and bias) ``Shard(0)``;
+- the linears it reaches are **row-parallel**: weight ``Shard(1)``, bias ``Replicate``;
+- every other parameter (norms, embeddings, a linear whose output reaches the stage's
+  output or an op that needs the whole feature dimension) stays ``Replicate``: each TP rank
+  computes it whole, which is correct, and ``TensorParallelPlan.replicated`` says why (also
+  logged at INFO).
+
+The sharded dimension is followed node by node with the shapes shape-prop recorded
+(``node.meta["val"]``): a view that splits the features into heads carries the shard to
+the head dimension and needs the head count divisible by T (GQA: the key/value head count
+too). A recognised pattern that T does not divide is refused (``PipelineRuntimeError``
+naming the node and the sizes), not silently replicated: that would be a different
+parallelism than the one asked for.
+
+Execution (``parallelize``): the stage's parameters become ``DTensor``s over the 1-D TP
+mesh with those placements; a small rewrite of the graph makes every tensor that enters
+it -- the stage's inputs, buffers, and tensors made inside it (``arange``, masks) -- a
+``Replicate`` DTensor, and turns every output back into a plain, whole tensor
+(``redistribute(Replicate()).to_local()``). DTensor's sharding propagation does the rest:
+the graph keeps global shapes (``view(x, [B, S, -1, 8])``), which DTensor interprets on the
+global tensor, so head counts need no rewriting. Two identities pin the collectives to
+Megatron's: each row-parallel linear's output (``Partial``) is made ``Replicate`` right there
+(``reduce_row``: one all-reduce in forward), and each column group's input all-reduces its
+gradient in backward (``reduce_grad``); left to itself DTensor sometimes reduce-scatters where a
+partial sum meets the residual stream and all-gathers later (the same bytes, more collectives,
+norms run on shards). Per transformer layer and micro-batch: 2 all-reduces forward, 2 backward
+(``tests/runtime/test_tensor_parallel.py`` counts them with ``CommDebugMode``). The stage's
+inputs' gradients leave ``Replicate``, so each TP rank sends the whole gradient upstream.
+
+Messages between stages: the pipeline group of a rank holds the ranks with the same TP
+index (``mesh.rank(d, p, t)`` for every p), so TP rank t of stage s sends to TP rank t of
+stage s+1 -- pairs -- and each pair carries the whole boundary tensor (every TP rank holds
+it replicated). Sending 1/T from each and all-gathering at the receiver is not done.
+
+Gradients are DTensor shards on the parameters (an optimizer over ``stage.parameters()``
+steps the shards); ``stage.grad_norm`` takes each DTensor's norm over the whole tensor
+(``full_tensor`` of the per-tensor norm: shards all-reduced, replicas counted once).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import fx, nn
+
+from partitioner.runtime.errors import PipelineRuntimeError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from partitioner.pipe import Pipe
+    from partitioner.runtime.spec import PipelineSpec
+    from partitioner.runtime.stage import RankStage
+
+__all__ = ["TensorParallelPlan", "shard_plan", "parallelize", "with_tensor_parallel", "build_tensor_parallel",
+           "full_state"]
+
+log = logging.getLogger("partitioner.runtime")
+
+aten = torch.ops.aten
+
+# -- what the analysis recognises ------------------------------------------------------
+
+#: ops whose output keeps the input's layout, broadcasting aligned from the right
+_ELEMENTWISE: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.tanh, torch.sigmoid, torch.exp, torch.pow,
+    torch.where, torch.rsqrt, torch.sqrt, torch.abs, torch.clamp,
+    F.relu, F.gelu, F.silu, F.dropout, F.sigmoid, F.tanh, torch.relu,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.silu.default,
+    aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.exp.default,
+    aten.pow.Tensor_Scalar, aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
+    aten.contiguous.default, aten._to_copy.default, aten.where.self, aten.rsqrt.default, aten.mul.Scalar,
+    aten.add.Scalar, aten.div.Scalar, aten.alias.default, aten.type_as.default, aten.detach.default,
+}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "pow", "to", "type",
+                        "type_as", "contiguous", "clone", "float", "half", "bfloat16", "masked_fill", "detach"}
+_VIEWS: set[Any] = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
+                    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+                    aten.squeeze.dim, aten.flatten.using_ints, aten.unflatten.int}
+_VIEW_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_PERMUTES: set[Any] = {torch.transpose, torch.permute, torch.swapaxes, aten.transpose.int, aten.permute.default,
+                       aten.t.default}
+_PERMUTE_METHODS = {"transpose", "permute", "swapaxes", "t"}
+_EXPANDS: set[Any] = {aten.expand.default}
+_SLICES: set[Any] = {aten.slice.Tensor, aten.narrow.default, torch.narrow}
+_CATS: set[Any] = {torch.cat, torch.concat, aten.cat.default}
+_SOFTMAX: set[Any] = {F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
+_MATMULS: set[Any] = {torch.matmul, torch.bmm, operator.matmul, aten.matmul.default, aten.bmm.default}
+_SDPA: set[Any] = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_LINEARS: set[Any] = {F.linear, torch._C._nn.linear, aten.linear.default}
+#: checks that return nothing: dropped from a tensor-parallel stage (their arguments are DTensors)
+_DROPPED: set[Any] = {aten._assert_tensor_metadata.default}
+
+
+class _NotShardable(Exception):
+    """The shard cannot follow this node (the sources feeding it stay replicated)."""
+
+
+class _Indivisible(Exception):
+    """The pattern is recognised but T does not divide a dimension it shards."""
+
+
+@dataclass
+class TensorParallelPlan:
+    """How one stage is sharded over T ranks.
+
+    ``column``/``row``: parameter FQN of each column- / row-parallel linear's weight -> the
+    node using it; ``placements``: FQN -> ``"Shard(0)"``, ``"Shard(1)"`` or ``"Replicate"`` for
+    every parameter of the stage; ``replicated``: linear weight FQN -> why it is not sharded."""
+
+    tp: int
+    column: dict[str, str] = field(default_factory=dict)
+    row: dict[str, str] = field(default_factory=dict)
+    placements: dict[str, str] = field(default_factory=dict)
+    replicated: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_allreduce_forward(self) -> int:
+        """All-reduces DTensor should issue per forward: one per row-parallel linear."""
+        return len(self.row)
+
+
+def _linear(gm: fx.GraphModule, n: fx.Node) -> tuple[str, str | None, fx.Node] | None:
+    """(weight FQN, bias FQN or None, input node) when ``n`` is a linear over parameters of ``gm``."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(str(n.target))
+        if type(mod) is nn.Linear and n.args and isinstance(n.args[0], fx.Node):
+            return f"{n.target}.weight", (f"{n.target}.bias" if mod.bias is not None else None), n.args[0]
+        return None
+    if n.op == "call_function" and n.target in _LINEARS:
+        args = list(n.args) + [n.kwargs.get("bias")] * (3 - len(n.args))
+        x, w, b = args[0], args[1] if len(args) > 1 else n.kwargs.get("weight"), args[2]
+        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node) and w.op == "get_attr"):
+            return None
+        if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+            return None
+        return str(w.target), (str(b.target) if b is not None else None), x
+    return None
+
+
+def _shape(n: Any) -> tuple[int, ...] | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    if isinstance(v, torch.Tensor):
+        try:
+            return tuple(int(s) for s in v.shape)
+        except (TypeError, ValueError):  # a symbolic size without a hint
+            return None
+    return None
+
+
+def _target_name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def _view_dim(src: tuple[int, ...], dst: tuple[int, ...], d: int, tp: int, node: fx.Node) -> int:
+    """Where dimension ``d`` of ``src`` goes under a view to ``dst``, as DTensor's view rule
+    moves a shard: the dimension must lead its group of merged/split dimensions, and the
+    shard goes to the group's leading output dimension, which T must divide."""
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [i] if i < len(src) else [], [j] if j < len(dst) else []
+        pi = src[i] if i < len(src) else 1
+        pj = dst[j] if j < len(dst) else 1
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif j < len(dst):
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                raise _NotShardable(f"view {src} -> {dst} not understood")
+        if d in gi:
+            lead_in = next((k for k in gi if src[k] != 1), gi[0])
+            if d != lead_in:
+                raise _NotShardable(f"the sharded dimension {d} of {src} is merged under dimension {lead_in}")
+            lead_out = next((k for k in gj if dst[k] != 1), None)
+            if lead_out is None:
+                raise _NotShardable("the sharded dimension is viewed away")
+            if dst[lead_out] % tp:
+                raise _Indivisible(f"{node.name}: view {src} -> {dst} puts the shard on a dimension of "
+                                   f"{dst[lead_out]} (e.g. heads), which tp={tp} does not divide")
+            return lead_out
+    raise _NotShardable(f"view {src} -> {dst}: dimension {d} not found")
+
+
+def _dim_arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
+
+
+def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
+    """The sharded dimension of ``n``'s output given its sharded inputs (``ins``: input node
+    -> its sharded dimension), or raise ``_NotShardable`` / ``_Indivisible``."""
+    out = _shape(n)
+    tgt, op = n.target, n.op
+    method = tgt if op == "call_method" else None
+    args: Any = n.args  # fx's Argument union: the checks below read it as the op's schema says
+    first = args[0] if args else None
+
+    def aligned(src: fx.Node, d: int) -> int:  # broadcasting aligns dimensions from the right
+        s = _shape(src)
+        if s is None or out is None:
+            raise _NotShardable("no recorded shapes")
+        k = len(out) - len(s) + d
+        if out[k] != s[d]:
+            raise _NotShardable(f"the sharded dimension is broadcast ({s[d]} -> {out[k]})")
+        return k
+
+    if (op == "call_function" and tgt in _ELEMENTWISE) or method in _ELEMENTWISE_METHODS:
+        dims = {aligned(s, d) for s, d in ins.items()}
+        if len(dims) != 1:
+            raise _NotShardable(f"operands sharded on different dimensions {sorted(dims)}")
+        return dims.pop()
+    if len(ins) != 1 or first not in ins:
+        if (op == "call_function" and tgt in _SDPA) or (op == "call_function" and tgt in _MATMULS) or (
+                op == "call_function" and tgt in _CATS):
+            pass  # several sharded operands: handled below
+        else:
+            raise _NotShardable("a sharded value enters an argument other than the first")
+    src_shape = _shape(first) if isinstance(first, fx.Node) else None
+    if (op == "call_function" and tgt in _VIEWS) or method in _VIEW_METHODS:
+        if src_shape is None or out is None:
+            raise _NotShardable("no recorded shapes")
+        return _view_dim(src_shape, out, ins[first], tp, n)  # type: ignore[index]
+    if (op == "call_function" and tgt in _PERMUTES) or method in _PERMUTE_METHODS:
+        d, rank = ins[first], len(src_shape or ())  # type: ignore[index]
+        name = _target_name(n)
+        if name in ("t", "t.default"):
+            perm = [1, 0]
+        elif "transpose" in name or "swapaxes" in name:
+            a, b = int(args[1]) % rank, int(args[2]) % rank
+            perm = list(range(rank))
+            perm[a], perm[b] = b, a
+        else:
+            raw = args[1:] if method else args[1]
+            perm = [int(x) % rank for x in (raw[0] if method and len(raw) == 1 and isinstance(raw[0], (list, tuple))
+                                            else raw)]
+        return perm.index(d)
+    if (op == "call_function" and tgt in _EXPANDS) or method == "expand":
+        d = ins[first]  # type: ignore[index]
+        if src_shape is None or out is None:
+            raise _NotShardable("no recorded shapes")
+        k = len(out) - len(src_shape) + d
+        if out[k] != src_shape[d]:
+            raise _NotShardable("the sharded dimension is expanded")
+        return k
+    if op == "call_function" and tgt in _SLICES:
+        d = ins[first]  # type: ignore[index]
+        dim = int(_dim_arg(n, 1, "dim", 0)) % len(src_shape or (0,))
+        if dim == d and (out is None or src_shape is None or out[d] != src_shape[d]):
+            raise _NotShardable("a slice of the sharded dimension")
+        return d
+    if op == "call_function" and tgt in _CATS:
+        tensors = args[0]
+        dim = int(_dim_arg(n, 1, "dim", 0))
+        if not isinstance(tensors, (list, tuple)) or any(t not in ins for t in tensors):
+            raise _NotShardable("a concatenation of sharded and whole values")
+        dims = {ins[t] for t in tensors}  # type: ignore[index]
+        rank = len(out or ())
+        if len(dims) != 1 or dim % max(rank, 1) in dims:
+            raise _NotShardable("a concatenation along the sharded dimension")
+        return dims.pop()
+    if (op == "call_function" and tgt in _SOFTMAX) or method == "softmax":
+        d = ins[first]  # type: ignore[index]
+        dim = int(_dim_arg(n, 1, "dim", -1))
+        if dim % len(out or (0,)) == d:
+            raise _NotShardable("a softmax over the sharded dimension")
+        return d
+    if op == "call_function" and tgt in _SDPA:
+        q, k, v = args[:3]
+        rest = [a for a in ins if a not in (q, k, v)]
+        if rest or any(a not in ins for a in (q, k, v)):
+            raise _NotShardable("attention with query, key and value not all sharded")
+        dims = {len(_shape(a) or ()) - ins[a] for a in (q, k, v)}  # type: ignore[index]
+        if dims != {3}:  # (..., heads, seq, head_dim): the heads
+            raise _NotShardable("attention sharded on a dimension other than the heads")
+        return len(out or ()) - 3
+    if op == "call_function" and tgt in _MATMULS:
+        a, b = args[:2]
+        sa, sb = _shape(a), _shape(b)
+        if a not in ins or b not in ins or sa is None or sb is None or out is None or min(len(sa), len(sb)) < 3:
+            raise _NotShardable("a matmul of a sharded and a whole value")
+        da, db = len(sa) - ins[a], len(sb) - ins[b]  # type: ignore[index]
+        if da != db or da < 3:  # both on the same batch (heads) dimension
+            raise _NotShardable("a matmul over the sharded dimension")
+        return len(out) - da
+    raise _NotShardable(f"{_target_name(n)} is not a recognised op for a sharded value")
+
+
+def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) -> TensorParallelPlan:
+    """Recognise the column-/row-parallel linears of stage ``gm`` over ``tp`` ranks (see the
+    module docstring). ``replicate``: weight FQNs to keep whole (a hint overriding the
+    analysis). Raises ``PipelineRuntimeError`` naming the node where a recognised pattern's
+    sizes do not divide by ``tp``."""
+    nodes = list(gm.graph.nodes)
+    linears = {n: lin for n in nodes if (lin := _linear(gm, n)) is not None}
+    uses: dict[str, int] = {}
+    for n in nodes:
+        if n.op == "get_attr":
+            uses[str(n.target)] = uses.get(str(n.target), 0) + len(n.users)
+        elif n.op == "call_module":  # a module called twice: its weight has two roles
+            uses[f"{n.target}.weight"] = uses.get(f"{n.target}.weight", 0) + 1
+    excluded: dict[fx.Node, str] = {}
+    for n, (w, b, _) in linears.items():
+        if w in replicate:
+            excluded[n] = "kept whole by request (replicate=...)"
+        elif uses.get(w, 0) > 1 or (b is not None and uses.get(b, 0) > 1):
+            excluded[n] = "its weight is used by another node too"
+    whole = set(excluded)  # neither column- nor row-parallel
+    while True:
+        shard: dict[fx.Node, int] = {}  # node -> sharded dimension of its output
+        sources: dict[fx.Node, set[fx.Node]] = {}  # node -> the column linears its shard comes from
+        column: set[fx.Node] = set()
+        row: dict[fx.Node, set[fx.Node]] = {}
+        failed: dict[fx.Node, str] = {}
+        for n in nodes:
+            ins = {a: shard[a] for a in n.all_input_nodes if a in shard}
+            if n in linears and n not in whole:
+                x = linears[n][2]
+                if x in shard:  # a sharded input: row-parallel when it is sharded on the features
+                    if shard[x] != len(_shape(x) or (0,)) - 1 or len(ins) != 1:
+                        for s in sources[x]:
+                            failed.setdefault(s, f"reaches {n.name} sharded on a dimension other than its features")
+                    else:
+                        row[n] = sources[x]
+                    continue
+                w_shape = tuple(gm.get_parameter(linears[n][0]).shape)
+                if len(w_shape) != 2 or n in excluded:  # not column-parallel (it may still be a row)
+                    continue
+                column.add(n)
+                shard[n], sources[n] = len(_shape(n) or (0, 0)) - 1, {n}
+                continue
+            if not ins:
+                continue
+            srcs = set().union(*(sources[a] for a in ins))
+            if n.op == "call_function" and n.target in _DROPPED:
+                continue
+            if n.op != "output" and not _maybe_tensor(n):
+                continue  # sizes of a DTensor are the global tensor's: nothing to shard
+            if n.op == "call_function" and n.target is operator.getitem and not isinstance(n.args[1], int):
+                reason = "an index into a sharded value"
+            elif n.op == "output":
+                reason = "its output leaves the stage"
+            else:
+                try:
+                    dim = _propagate(n, ins, tp)
+                    if dim is None:
+                        raise _NotShardable("no sharded dimension")
+                    shard[n] = dim
+                    sources[n] = srcs
+                    continue
+                except _NotShardable as e:
+                    reason = f"{n.name} ({_target_name(n)}): {e}"
+                except _Indivisible as e:
+                    names = sorted(linears[s][0] for s in srcs)
+                    raise PipelineRuntimeError(
+                        f"tensor parallelism over {tp} ranks cannot shard {names}: {e}; choose a tp that divides it, "
+                        f"or keep these weights whole with shard_plan(..., replicate=...) (build_stage does not take it yet)") from None
+            for s in srcs:
+                failed.setdefault(s, reason)
+        if not failed:
+            break
+        excluded.update(failed)
+    for n in column:
+        w, b, _ = linears[n]
+        out_features = gm.get_parameter(w).shape[0]
+        if out_features % tp:
+            raise PipelineRuntimeError(f"tensor parallelism over {tp} ranks: the column-parallel linear {n.name} "
+                                       f"({w}) has {out_features} output features, which tp={tp} does not divide")
+    plan = TensorParallelPlan(tp)
+    for n in column:
+        plan.column[linears[n][0]] = n.name
+    for n in row:
+        plan.row[linears[n][0]] = n.name
+    for n, why in excluded.items():
+        if n not in column and n not in row:
+            plan.replicated[linears[n][0]] = why
+    for n in linears:
+        if n not in column and n not in row and n not in excluded:
+            plan.replicated[linears[n][0]] = "its output reaches no row-parallel linear"
+    for name, _ in gm.named_parameters():
+        plan.placements[name] = "Replicate"
+    for n in column:
+        w, b, _ = linears[n]
+        plan.placements[w] = "Shard(0)"
+        if b is not None:
+            plan.placements[b] = "Shard(0)"
+    for n in row:
+        plan.placements[linears[n][0]] = "Shard(1)"
+    return plan
+
+
+# -- execution ---------------------------------------------------------------------------
+
+def to_replicate(x: Any, like: Any) -> Any:
+    """A plain tensor entering the stage (input, buffer, a tensor made inside the graph) as a
+    ``Replicate`` DTensor on ``like``'s mesh (``like``: a DTensor parameter of the stage);
+    anything else unchanged. Every TP rank holds the same value."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+        return DTensor.from_local(x, like.device_mesh, [Replicate()], run_check=False)
+    return x
+
+
+def reduce_row(x: Any) -> Any:
+    """A row-parallel linear's output (``Partial``) made ``Replicate`` right there: one
+    all-reduce, Megatron's. Left alone, DTensor may instead reduce-scatter it where it meets
+    the residual stream and all-gather before the next linear (the same bytes, two
+    collectives and sharded norms in between)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, DTensor) and not all(isinstance(p, Replicate) for p in x.placements):
+        return x.redistribute(x.device_mesh, [Replicate()])
+    return x
+
+
+class _ReduceGradient(torch.autograd.Function):
+    """Identity forward; in backward the gradient made ``Replicate`` (from ``Partial``: one
+    all-reduce), Megatron's "f" before column-parallel linears."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return reduce_row(g)
+
+
+def reduce_grad(x: Any) -> Any:
+    """The input of column-parallel linears: its gradient (a sum of partial products over the
+    shards) is all-reduced right there, once per input however many linears read it. Left
+    alone, DTensor may reduce-scatter it and all-gather it later (the same bytes, more
+    collectives)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, DTensor) and x.requires_grad:
+        return _ReduceGradient.apply(x)
+    return x
+
+
+def to_whole(x: Any) -> Any:
+    """A DTensor leaving the stage as the whole plain tensor (Partial: all-reduce; Shard:
+    all-gather; Replicate: nothing); the gradient coming back is taken as replicated."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, DTensor):
+        return x.redistribute(x.device_mesh, [Replicate()]).to_local()
+    return x
+
+
+def attention_on_shards(q: Any, k: Any, v: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """``scaled_dot_product_attention`` of DTensors, run on each rank's local heads.
+
+    Attention is independent per head, so with query, key and value sharded alike on the
+    heads (or all replicated) each rank attends over its own heads and the output keeps
+    their placement; the mask is broadcast over the heads or sliced to the local ones. Written
+    out (as ``local_map`` would, but with the placements read at run time) because DTensor's
+    own rule on CPU propagates through the decomposition of the CPU attention kernel, which
+    takes minutes per call."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(q, DTensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, *args, **kwargs)
+    placements = q.placements
+    if any(not isinstance(t, DTensor) or t.placements != placements for t in (k, v)):
+        k, v = (t if isinstance(t, DTensor) else DTensor.from_local(t, q.device_mesh, [Replicate()], run_check=False)
+                for t in (k, v))
+        placements = (Replicate(),)
+        q, k, v = (t.redistribute(q.device_mesh, placements) for t in (q, k, v))
+    heads = q.dim() - 3
+    if isinstance(attn_mask, DTensor):
+        if attn_mask.dim() == q.dim() and attn_mask.shape[heads] != 1:
+            attn_mask = attn_mask.redistribute(q.device_mesh, placements)
+        else:
+            attn_mask = attn_mask.redistribute(q.device_mesh, [Replicate()])
+        attn_mask = attn_mask.to_local()
+    out = F.scaled_dot_product_attention(q.to_local(), k.to_local(), v.to_local(), attn_mask, *args, **kwargs)
+    return DTensor.from_local(out, q.device_mesh, placements, run_check=False)
+
+
+def _placement(text: str) -> Any:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return Replicate() if text == "Replicate" else Shard(int(text[6:-1]))
+
+
+def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) -> fx.GraphModule:
+    """In place: ``gm``'s parameters become DTensors over ``mesh`` as ``plan`` places them
+    (each rank keeping its shard; the values are the rank's full tensors, equal on every TP
+    rank), its buffers ``Replicate`` DTensors, and its graph converts plain tensors to
+    ``Replicate`` DTensors where they enter and DTensors to whole plain tensors at the
+    output. Parameter names are unchanged. Returns ``gm``."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in list(gm.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            d = distribute_tensor(p.detach(), mesh, [_placement(plan.placements.get(name, "Replicate"))])
+            setattr(mod, leaf, nn.Parameter(d, requires_grad=p.requires_grad))
+        for name, b in list(gm.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            mod._buffers[leaf] = distribute_tensor(b, mesh, [Replicate()])
+    graph = gm.graph
+    derived: set[fx.Node] = set()  # nodes computed from DTensors: already DTensors
+    params = {n for n, _ in gm.named_parameters()}
+    if not params:
+        return gm  # nothing sharded: the stage runs on plain tensors, every TP rank alike
+    # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
+    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+        anchor = graph.get_attr(next(iter(params)))
+    rows, columns = set(plan.row.values()), set(plan.column.values())
+    reduced: dict[fx.Node, fx.Node] = {}  # a column linear's input -> its gradient-reducing identity
+    for n in list(graph.nodes):
+        if n.name in columns:
+            x = n.args[0]
+            assert isinstance(x, fx.Node)
+            if x not in reduced:
+                with graph.inserting_after(x):
+                    reduced[x] = graph.call_function(reduce_grad, (x,))
+            n.replace_input_with(x, reduced[x])
+        if n.name in rows:
+            with graph.inserting_after(n):
+                red = graph.call_function(reduce_row, (n,))
+            n.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
+        if n.op == "call_function" and n.target in _DROPPED:
+            graph.erase_node(n)
+            continue
+        if n.op == "call_function" and n.target in _SDPA:
+            n.target = attention_on_shards
+        if n.op == "output":
+            def wrap_out(v: Any) -> Any:
+                if isinstance(v, fx.Node) and _maybe_tensor(v):
+                    with graph.inserting_before(n):
+                        return graph.call_function(to_whole, (v,))
+                return v
+            n.args = (fx.node.map_arg(n.args[0], wrap_out),)
+            continue
+        if n is anchor or (n.op == "get_attr" and str(n.target) in params):
+            derived.add(n)
+            continue
+        if not _maybe_tensor(n) or not n.users:
+            continue  # sizes computed from a DTensor are the global tensor's, plain ints
+        if n.op.startswith("call_") and any(a in derived for a in n.all_input_nodes):
+            derived.add(n)  # an op on a DTensor returns a DTensor
+            continue
+        # an entering tensor: a placeholder, a buffer, a tensor made from nothing sharded, a leaf module's output
+        with graph.inserting_after(anchor if n.op == "placeholder" else n):
+            conv = graph.call_function(to_replicate, (n, anchor))
+        n.replace_all_uses_with(conv, delete_user_cb=lambda u: u is not conv)
+        derived.add(conv)
+    graph.lint()
+    gm.recompile()
+    gm.meta["pp.tensor_parallel"] = plan
+    return gm
+
+
+def _maybe_tensor(n: fx.Node) -> bool:
+    """May ``n`` produce a tensor? From shape-prop's ``meta["val"]`` when recorded, else yes."""
+    if "val" not in n.meta:
+        return True
+    v = n.meta["val"]
+    return any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(v))
+
+
+def full_state(named: Any) -> dict[str, torch.Tensor]:
+    """FQN -> whole plain tensor (a DTensor's ``full_tensor()``: collective over its mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for n, t in named}
+
+
+# -- plan and build ----------------------------------------------------------------------
+
+def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
+    """A shallow copy of ``pipe`` (the same stage modules) whose plan's mesh has ``tp`` = ``tp``:
+    ``build_stage`` then runs each pipeline rank as ``tp`` tensor-parallel ranks. The planner
+    does not choose ``tp`` (nor price it) yet."""
+    import copy
+    import dataclasses
+
+    if not isinstance(tp, int) or tp < 1:
+        raise PipelineRuntimeError(f"with_tensor_parallel(tp={tp!r}): expected a positive integer")
+    new = copy.copy(pipe)
+    new.plan = dataclasses.replace(pipe.plan, mesh=dataclasses.replace(pipe.plan.mesh, tp=tp))
+    return new
+
+
+def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, group: dist.ProcessGroup | None, *,
+                          init_fn: Callable[[nn.Module], Any] | None, seed: int, compile: Any = False,
+                          replicate: tuple[str, ...] = ()) -> RankStage:
+    """``build_stage`` for a plan with ``mesh.tp`` > 1: the world as the ``("pp", "tp")``
+    device mesh (``tp`` innermost, ``plan.mesh.rank``), this rank's stages built over its
+    pipeline group (the pipeline ranks of its TP index) and then sharded over its TP group
+    (``shard_plan`` + ``parallelize``). The stage's ``tp_mesh`` / ``tp_rank`` / ``tp_plans``
+    say what was done."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from partitioner.runtime.stage import RankStage
+
+    plan = spec.plan
+    mesh = plan.mesh
+    total = mesh.dp * plan.pp_ranks * mesh.tp
+    world = dist.get_world_size()
+    problems = []
+    if group is not None:
+        problems.append("a tensor-parallel plan builds its own device mesh over the default process group: "
+                        "call build_stage without group=")
+    if mesh.dp > 1:
+        problems.append("tensor parallelism with data parallelism (mesh.dp > 1) is not supported yet")
+    if plan.options.get("precision", "fp32") not in ("fp32", None):
+        problems.append(f"tensor parallelism runs fp32 only for now (the plan's precision is "
+                        f"{plan.options.get('precision')!r})")
+    if compile:
+        problems.append("compile=True with tensor parallelism is not supported yet")
+    if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
+           for names in plan.tied_parameters):
+        problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "
+                        f"({[list(g) for g in plan.tied_parameters]})")
+    if world != total:
+        problems.append(f"the plan runs {plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
+                        f"group has {world}: launch {total} processes")
+    if rank != dist.get_rank():
+        problems.append(f"build_stage(rank={rank}) but this process is global rank {dist.get_rank()}: a "
+                        "tensor-parallel plan takes the global rank")
+    if problems:
+        raise PipelineRuntimeError("; ".join(problems))
+    dm = init_device_mesh(dev.type, (plan.pp_ranks, mesh.tp), mesh_dim_names=("pp", "tp"))
+    pp_rank, tp_rank = dm.get_local_rank("pp"), dm.get_local_rank("tp")
+    assert rank == mesh.rank(0, pp_rank, tp_rank), "init_device_mesh laid the ranks out unlike plan.mesh"
+    stage = RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed)
+    tp_mesh = dm["tp"]
+    stage.tp_mesh, stage.tp_rank = tp_mesh, tp_rank  # type: ignore[attr-defined]
+    plans = {}
+    for s, mod in stage.modules.items():
+        if not isinstance(mod, fx.GraphModule):
+            raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
+                                       "parallelism rewrites the stage graphs")
+        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate)
+        for name, why in plans[s].replicated.items():
+            log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
+        parallelize(mod, tp_mesh, plans[s])
+    stage.tp_plans = plans  # type: ignore[attr-defined]
+    return stage
+
+
+def describe(plans: Mapping[int, TensorParallelPlan]) -> str:
+    """One line per stage: which weights are column-, row-parallel, and replicated."""
+    return "\n".join(f"stage {s}: column {sorted(p.column)}; row {sorted(p.row)}; "
+                     f"replicated linears {sorted(p.replicated)}" for s, p in plans.items())
+
