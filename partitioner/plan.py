@@ -260,7 +260,10 @@ class Plan:
 
     # -- JSON ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _plain(asdict(self))
+        data = _plain(asdict(self))
+        if data["mesh"].get("tp") == 1:  # without tensor parallelism a plan reads as before the field existed
+            del data["mesh"]["tp"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
