@@ -460,8 +460,12 @@ class RankStage:
         is taken over its own pipeline. Under fp16-mixed the gradients carry the loss scale:
         the norm returned is of the unscaled gradients (non-finite when they overflowed)."""
         from partitioner.runtime.fsdp import is_sharded, local_grads  # zero=3: shards, over every rank of the job
-        norm = loop.global_grad_norm(local_grads(self._norm_grads()), float(norm_type), self.device,
-                                     self.job_group if is_sharded(self) else self.group)
+        # zero=3: each rank's FSDP shard, summed over every rank of the job; otherwise (tensor
+        # parallelism's DTensor shards included) each gradient whole, over the pipeline
+        sharded = is_sharded(self)
+        grads = self._norm_grads()
+        norm = loop.global_grad_norm(local_grads(grads) if sharded else grads, float(norm_type), self.device,
+                                     self.job_group if sharded else self.group)
         if self.loss_scaler is not None:
             norm = norm / self.loss_scaler.scale.to(norm.device, torch.float32)
         return norm
