@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 from partitioner.cost_models.cost import ZERO, NodeCost
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE  # re-exported: torch-free tables
 from partitioner.passes.base import TensorDesc
-from partitioner.passes.meta import COST, DESC, MODULE
+from partitioner.passes.meta import COST, DESC, MODULE, TP
 
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
@@ -418,6 +418,8 @@ class Static:
         params = set(named)
         named.update(gm.named_buffers(remove_duplicate=False))
         users = tensor_users(gm)
+        # one tensor-parallel rank's view (partitioner.tensor_parallel.view): sharded weights' share
+        divisor = getattr(gm.meta.get(TP), "param_divisor", {})
         self.size: dict[int, int] = {}
         self.uses: list[tuple[int, ...]] = []
         for node in order:
@@ -430,7 +432,7 @@ class Static:
                     nbytes = t.numel() * t.element_size()
                     if fqn in params:
                         nbytes = t.numel() * (per_param if t.requires_grad else per_frozen)
-                    self.size[id(t)] = nbytes
+                    self.size[id(t)] = nbytes // divisor.get(fqn, 1)
                 if id(t) not in ids:
                     ids.append(id(t))
             self.uses.append(tuple(ids))

@@ -227,11 +227,11 @@ class Plan:
 
     @property
     def pp_ranks(self) -> int:
-        """Ranks of one pipeline (one data-parallel replica): ``n_gpus / data_parallel``."""
+        """Ranks of one pipeline (one data-parallel replica): ``n_gpus / (data_parallel x tp)``."""
         if self.mesh.pp:
             return self.mesh.pp
         n = self.options.get("n_gpus")
-        return int(n) // self.mesh.dp if isinstance(n, int) else max(st.rank for st in self.stages) + 1
+        return int(n) // (self.mesh.dp * self.mesh.tp) if isinstance(n, int) else max(st.rank for st in self.stages) + 1
 
     def stored_schedule(self) -> Schedule | None:
         """The hand-written schedule the plan carries (``options.schedule_text``, written by
@@ -551,13 +551,14 @@ def _check_consistency(plan: Plan) -> None:
     dp = plan.options.get("data_parallel", 1)
     if mesh.dp != dp:
         raise PlanError(f"mesh.dp is {mesh.dp} but options.data_parallel is {dp}", "$.mesh.dp")
-    if isinstance(total, int) and total % mesh.dp:
-        raise PlanError(f"n_gpus={total} does not split into data_parallel={mesh.dp} replicas", "$.options.n_gpus")
-    n_gpus = total // mesh.dp if isinstance(total, int) else None  # ranks of one pipeline
+    if isinstance(total, int) and total % (mesh.dp * mesh.tp):
+        raise PlanError(f"n_gpus={total} does not split into data_parallel={mesh.dp} replicas"
+                        + (f" of tp={mesh.tp} tensor-parallel ranks" if mesh.tp > 1 else ""), "$.options.n_gpus")
+    n_gpus = total // (mesh.dp * mesh.tp) if isinstance(total, int) else None  # ranks of one pipeline
     if isinstance(n_gpus, int) and n % n_gpus:
         raise PlanError(f"{n} stages do not spread evenly over {n_gpus} pipeline ranks", "$.options.n_gpus")
     if mesh.pp and mesh.pp != n_gpus:
-        raise PlanError(f"mesh.pp is {mesh.pp} but n_gpus / data_parallel is {n_gpus}", "$.mesh.pp")
+        raise PlanError(f"mesh.pp is {mesh.pp} but n_gpus / (data_parallel x tp) is {n_gpus}", "$.mesh.pp")
     if sorted(mesh.dims) != ["dp", "pp"]:
         raise PlanError(f"mesh.dims must be ['dp', 'pp'] or ['pp', 'dp'], got {list(mesh.dims)}", "$.mesh.dims")
     if mesh.allreduce_s and len(mesh.allreduce_s) != n_gpus:
