@@ -99,7 +99,7 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
         if not isinstance(x, fx.Node):
             return None
         return _Linear(node, x, f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None,
-                       mod.out_features, mod.in_features)
+                       int(mod.out_features), int(mod.in_features))  # type: ignore[arg-type]
     args = list(node.args)
     if name == "linear" and len(args) >= 2:
         x, w = args[0], args[1]
@@ -189,7 +189,8 @@ def _carry(gm: fx.GraphModule, u: fx.Node, v: fx.Node, dim: int, split: dict[fx.
     if name == "t":
         return 1 - dim if len(src) == 2 else dim
     if name == "permute":
-        perm = [_norm(x, len(src)) for x in (u.args[1] if len(u.args) > 1 else u.kwargs.get("dims", ()))]
+        given = u.args[1] if len(u.args) > 1 else u.kwargs.get("dims", ())
+        perm = [_norm(x, len(src)) for x in (given if isinstance(given, (list, tuple)) else ())]
         return perm.index(dim) if dim in perm else None
     if name == "unsqueeze":
         k = _norm(_dims(u, ("self", "dim"))[1], len(out))
@@ -289,10 +290,10 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
 
     owner: dict[fx.Node, fx.Node] = {}
     for n in sorted(linears, key=order.__getitem__):
-        inner, rows, ok = closures[n]
+        reached, ends, ok = closures[n]
         if not ok:  # stays replicated; a region that needs it fails _consistent
             continue
-        for v in (*inner, *rows):
+        for v in (*reached, *ends):
             if v in owner:
                 parent[find(n)] = find(owner[v])
             else:
@@ -304,8 +305,8 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
     used: set[fx.Node] = set()
     for members in sorted(groups.values(), key=lambda g: min(order[m] for m in g)):
         columns = sorted(members, key=order.__getitem__)
-        inner = set().union(*(set(closures[c][0]) for c in columns))
-        rows = set().union(*(closures[c][1] for c in columns))
+        inner: set[fx.Node] = set().union(*(set(closures[c][0]) for c in columns))
+        rows: set[fx.Node] = set().union(*(closures[c][1] for c in columns))
         if not rows or not all(closures[c][2] for c in columns) or rows & set(columns) or used & set(columns):
             continue
         dims: dict[fx.Node, int] = {}
@@ -323,9 +324,9 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
         for n in inner:
             if _op_name(gm, n) in _ATTENTION:
                 for a in n.args[:2]:
-                    d = a.meta.get(DESC) if isinstance(a, fx.Node) else None
-                    if isinstance(d, TensorDesc) and len(d.shape) >= 3 and d.shape[-3].is_Integer:
-                        sizes.append(int(d.shape[-3]))
+                    qd = a.meta.get(DESC) if isinstance(a, fx.Node) else None
+                    if isinstance(qd, TensorDesc) and len(qd.shape) >= 3 and qd.shape[-3].is_Integer:
+                        sizes.append(int(qd.shape[-3]))
         params: list[tuple[str, int]] = []
         replicated: list[str] = []
         for c in columns:
