@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Sequence
 
+import sympy
 from torch import fx
 
 from partitioner import plan_builder
@@ -79,7 +80,8 @@ def emit(ctx: Context, solved: Solved) -> Pipe:
     return Pipe(ctx.cap, stages, plan, graph=gm, snapshots=prob.pm.snapshots, model=ctx.model)
 
 
-def symbolic(prob: Problem, bounds: Sequence[int], fits: Sequence[StageFit]) -> list[tuple[Any, Any]]:
+def symbolic(prob: Problem, bounds: Sequence[int],
+             fits: Sequence[StageFit]) -> list[tuple[sympy.Expr | int, sympy.Expr | int]]:
     """Kept and transient bytes of each stage as polynomials in B and S (for the plan)."""
     out = []
     for (a, b), x in zip(zip(bounds, bounds[1:]), fits):

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from partitioner import plan_builder, poly
+from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.devices import DeviceSpec, LinkSpec
 from partitioner.cost_models.errors import PartitionError
 from partitioner.data_parallel import ZeroShard
@@ -306,7 +307,7 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
         symbols["S"] = seq
     compute = getattr(torch, compute_dtype(opts.precision))
 
-    def node_time(cost: Any, values: Mapping[str, int]) -> tuple[float, float]:
+    def node_time(cost: NodeCost, values: Mapping[str, int]) -> tuple[float, float]:
         if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
             pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
             return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
