@@ -14,7 +14,9 @@ too: it is written as ``<case>.error`` (exception type and message) and compared
     PYTHONPATH=. .venv/bin/python benchmarks/plan_identity.py --compare BEFORE AFTER
 
 ``--compare`` prints each differing case with the first JSON path where the two differ,
-cases present on one side only, and exits 1 when anything differs.
+cases present on one side only, and exits 1 when anything differs. The full set (220 cases,
+10 of them refusals) takes about 10 CPU-minutes, most of it the zoo's captures; ``--only``
+with a few globs (``'mlp.*' 'zoo-vit.*'``) checks a change in seconds.
 """
 
 from __future__ import annotations
