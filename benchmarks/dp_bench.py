@@ -67,7 +67,7 @@ def build(name: str):
 
 
 def reprice(plan, dims: tuple[str, ...], sizes: dict[str, tuple[int, int]]) -> dict:
-    """The plan's step under mesh ``dims``, from its own stage times (as api._replicated prices
+    """The plan's step under mesh ``dims``, from its own stage times (as layout.replicated prices
     it): ``sizes`` maps each trainable parameter name to (tensor id, gradient bytes)."""
     from dataclasses import replace
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import partitioner.api as api  # noqa: E402
+import partitioner.problem as problem  # noqa: E402
 from partitioner import partition  # noqa: E402
 from partitioner.examples import gpt_example  # noqa: E402
 from partitioner.passes.order import OrderForCuts  # noqa: E402
@@ -45,14 +45,14 @@ def _cases() -> list[tuple[str, torch.nn.Module, tuple[torch.Tensor, ...]]]:
 
 
 def _run(model: torch.nn.Module, args: tuple[torch.Tensor, ...], reorder: bool) -> tuple[object, object]:
-    original = api.OrderForCuts
-    api.OrderForCuts = (lambda: OrderForCuts()) if reorder else (lambda: OrderForCuts(min_gain=1.0))  # type: ignore[misc]
+    original = problem.OrderForCuts
+    problem.OrderForCuts = (lambda: OrderForCuts()) if reorder else (lambda: OrderForCuts(min_gain=1.0))  # type: ignore[misc]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe = partition(model, 4, args, device="h100-sxm", link="pcie4")
     finally:
-        api.OrderForCuts = original  # type: ignore[misc]
+        problem.OrderForCuts = original  # type: ignore[misc]
     return pipe, pipe.graph.meta["pp.order"]
 
 

@@ -57,21 +57,21 @@ def solver_figure() -> None:
                                             link="pcie4", schedule="gpipe", n_microbatches=8))
     n_nodes = sum(len(s.nodes) for s in pipe.plan.stages)
     # Re-solve the same instance alone to time the solver itself.
-    import partitioner.api as api
+    import partitioner.search as search
 
     captured: dict[str, SolverInput] = {}
-    real_solve = api.solve
+    real_solve = search.solve
 
     def spy(inp: SolverInput, n: int):  # type: ignore[no-untyped-def]
         captured["inp"] = inp
         return real_solve(inp, n)
 
-    api.solve = spy
+    search.solve = spy
     try:
         partition(model, n_gpus=64, example_inputs=(x,), device="a100-80gb", link="pcie4",
                   schedule="gpipe", n_microbatches=8)
     finally:
-        api.solve = real_solve
+        search.solve = real_solve
     t_solve, sol = _timed(lambda: solve(captured["inp"], 64), repeat=3)
     print(f"solver: {n_nodes} nodes -> 64 stages: solve {t_solve:.3f} s (best of 3), "
           f"bottleneck/lower bound {sol.bottleneck / sol.lower_bound:.4f}, optimal={sol.optimal}; "
@@ -118,13 +118,13 @@ _PHASES = (
     ("shape-prop", "partitioner.passes.shape_prop", "ShapeProp.run"),
     ("annotate-costs", "partitioner.passes.annotate", "AnnotateCosts.run"),
     ("order-for-cuts", "partitioner.passes.order", "OrderForCuts.run"),
-    ("pricing", "partitioner.api", "price"),
-    ("memory (static + activations)", "partitioner.api", "Static"),
-    ("memory (static + activations)", "partitioner.api", "Activations"),
+    ("pricing", "partitioner.problem", "price"),
+    ("memory (static + activations)", "partitioner.problem", "Static"),
+    ("memory (static + activations)", "partitioner.problem", "Activations"),
     ("memory (static + activations)", "partitioner.memory", "Activations.arrays"),
-    ("search (solve + refine + exact memory)", "partitioner.api", "_search"),
-    ("emission (split + recompute + plan)", "partitioner.api", "_emit"),
-    ("  of which split", "partitioner.api", "split_graph"),
+    ("search (solve + refine + exact memory)", "partitioner.layout", "search"),
+    ("emission (split + recompute + plan)", "partitioner.api", "emit"),
+    ("  of which split", "partitioner.emit", "split_graph"),
     ("  of which build_plan", "partitioner.plan_builder", "build_plan"),
 )
 

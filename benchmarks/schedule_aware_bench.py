@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-import partitioner.api as api
+import partitioner.search as search
 from partitioner import partition
 from partitioner.objective import StepModel, step_of
 from partitioner.refine import score
@@ -111,20 +111,20 @@ def autopart_dp(inp: SolverInput, S: int, model: StepModel, budget: int = 64) ->
 
 def capture(model: torch.nn.Module, inputs: tuple[Any, ...], **kw: Any) -> dict[str, Any]:
     got: dict[str, Any] = {}
-    real = api.step_search
+    real = search.step_search
 
     def spy(inp, S, model_, first, **k):  # type: ignore[no-untyped-def]
         out = real(inp, S, model_, first, **k)
         got.update(inp=inp, S=S, model=model_, first=first, step=out[0][0])
         return out
 
-    api.step_search = spy
+    search.step_search = spy
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe = partition(model, example_inputs=inputs, objective="step", **kw)
     finally:
-        api.step_search = real
+        search.step_search = real
     got["plan"] = pipe.plan
     return got
 

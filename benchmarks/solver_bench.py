@@ -5,7 +5,7 @@ Prints the best-of-3 solve time and the bottleneck against the lower bound.
 
 ``--mlp``: the search of ``benchmarks/partition_bench.py``'s instance (the 2,500-layer MLP,
 10,000 nodes, 64 stages, A100 + PCIe 4, GPipe m=8) captured from ``partition()``: solve +
-refine as ``api._search`` runs them, now and at commit 2cec17e (before the issue 8 item 7
+refine as ``partitioner.search.search`` runs them, now and at commit 2cec17e (before the issue 8 item 7
 work, loaded from git), side by side in one run, best of 3 each, and whether the answers agree.
 """
 
@@ -63,7 +63,7 @@ def mlp_search() -> None:
 
     import torch
 
-    import partitioner.api as api
+    import partitioner.search as search
     from partitioner import partition
     from partitioner.refine import refine
 
@@ -71,20 +71,20 @@ def mlp_search() -> None:
     from partition_bench import DeepMLP
 
     got: dict[str, SolverInput] = {}
-    real = api._search_cuts
+    real = search.search_cuts
 
     def spy(prob, sin):  # type: ignore[no-untyped-def]
         got["sin"] = sin
         return real(prob, sin)
 
-    api._search_cuts = spy
+    search.search_cuts = spy
     try:
         partition(DeepMLP(2500), n_gpus=64, example_inputs=(torch.randn(8, 64),), device="a100-80gb", link="pcie4",
                   schedule="gpipe", n_microbatches=8)
     finally:
-        api._search_cuts = real
+        search.search_cuts = real
     sin = got["sin"]
-    base = sin.choices()[0]  # what _search solves first: memory free, no recompute option
+    base = sin.choices()[0]  # what search.search solves first: memory free, no recompute option
     free = replace(sin, options=[], compute=base.compute, act_mem=base.act_mem, capacity=[2**60] * len(sin.capacity))
     old_solver, old_refine = _old_modules()
     old_free = old_solver.SolverInput(**{k: v for k, v in free.__dict__.items()  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-import partitioner.api as api
+import partitioner.problem as problem
 from partitioner import load_plan, partition
 from partitioner.passes.order import OrderForCuts, crossing_bytes, pin_order, value_sizes
 from partitioner.passes.split import compute_nodes
@@ -19,15 +19,15 @@ from tests.fixtures.branchy import Inception, TwoTower, inception_inputs, two_to
 
 
 def _partition(model: torch.nn.Module, args: Any, *, reorder: bool = True, **kw: Any) -> Any:
-    original = api.OrderForCuts
+    original = problem.OrderForCuts
     if not reorder:
-        api.OrderForCuts = lambda: OrderForCuts(min_gain=1.0)  # type: ignore[misc,assignment]
+        problem.OrderForCuts = lambda: OrderForCuts(min_gain=1.0)  # type: ignore[misc,assignment]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return partition(model, 4, args, device="h100-sxm", link="pcie4", **kw)
     finally:
-        api.OrderForCuts = original  # type: ignore[misc]
+        problem.OrderForCuts = original  # type: ignore[misc]
 
 
 def test_interleaved_towers_are_ordered_one_after_the_other() -> None:

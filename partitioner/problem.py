@@ -1,0 +1,352 @@
+"""Problem assembly: a captured graph annotated and priced at one micro-batch size, as the search needs it.
+
+``Options`` is what the plan records of the user's choices; ``Request`` adds what one
+``partition()`` call asked for beyond it (the automatic counts, the hardware); ``Context``
+carries one compilation (the model, its capture, the request) and the annotated graph every
+candidate of the automatic choices shares. ``build_problem`` prices one candidate: node
+times, the link price of each cut, static and activation memory, the schedule, the solver's
+input. ``Problem.exact`` checks a split stage by stage with the exact memory (``StageFit``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import fx, nn
+
+from partitioner import plan_builder, poly
+from partitioner.cost_models.cost import NodeCost
+from partitioner.cost_models.devices import DeviceSpec, LinkSpec
+from partitioner.cost_models.errors import PartitionError
+from partitioner.data_parallel import ZeroShard, splits_backward
+from partitioner.memory import (
+    PRECISIONS,
+    RECOMPUTE,
+    Activations,
+    Static,
+    bytes_per_param,
+    compute_dtype,
+    default_precision,
+    fsdp_unit_of,
+)
+from partitioner.passes.annotate import AnnotateCosts, fallback_note
+from partitioner.passes.base import InputSpec
+from partitioner.passes.manager import PassManager
+from partitioner.passes.markers import cut_constraints
+from partitioner.passes.meta import MODULE
+from partitioner.passes.order import OrderForCuts
+from partitioner.passes.shape_prop import ShapeProp, module_of
+from partitioner.passes.split import compute_nodes
+from partitioner.passes.trace import Captured
+from partitioner.plan import STATIC_SHAPES_NOTE, Mesh
+from partitioner.pricing import Evaluator, Priced, price, to_units
+from partitioner.schedule import Schedule, build_schedule, default_microbatches, split_problem
+from partitioner.simulator import simulate
+from partitioner.solver import Option, SolverInput
+
+__all__ = ["Options", "Request", "Context", "Annotated", "StageFit", "Problem", "build_problem", "batch_size",
+           "cut_link_units"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The user's choices as the plan records them (``plan.options``)."""
+
+    n_gpus: int
+    n_stages: int
+    schedule: str
+    n_microbatches: int
+    cut_at: str | None
+    pinned_cuts: tuple[str, ...]
+    optimizer: str
+    capture: str
+    leaf_modules: tuple[str, ...]
+    memory_limit: int | None
+    precision: str = "fp32"
+    recompute: str = "auto"
+    custom: Schedule | None = None  # a Schedule object given to partition(); the plan records its name
+    data_parallel: int = 1  # replicas of the pipeline; n_gpus = data_parallel x pipeline ranks
+    zero: int = 0  # 1: optimizer state sharded over the replicas (ZeRO stage 1)
+    gpus_per_node: int | None = None  # None: every rank on one node
+    inter_link: LinkSpec | None = None  # between nodes (the plan records it in mesh.inter_link)
+    objective: str = "auto"  # "step": cuts minimise the schedule's simulated step; "auto": step where it differs
+
+    @property
+    def pp(self) -> int:
+        """Ranks of one pipeline."""
+        return self.n_gpus // self.data_parallel
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+               if k not in ("custom", "inter_link")}
+        if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
+            out["schedule_text"] = self.custom.to_text()
+        return out
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ``partition()`` call's checked choices: the plan's ``Options`` (with
+    ``n_microbatches`` still 0 and ``data_parallel`` the degree to start from), and what it
+    asked beyond them."""
+
+    opts: Options
+    n_microbatches: int | str | None  # as given: None (the schedule's default), a count, or "auto"
+    data_parallel: int | str  # as given: a degree, or "auto" (every divisor of n_gpus is tried)
+    dev: DeviceSpec
+    lnk: LinkSpec
+    keep_snapshots: bool = False
+
+
+class Annotated(NamedTuple):
+    """A graph after shape-prop and cost annotation, with the plan notes that produced."""
+
+    gm: fx.GraphModule
+    pm: PassManager
+    notes: list[str]
+
+
+@dataclass
+class Context:
+    """One compilation: the model, its capture and example input specs, the request, and the
+    annotated graph (made once, on first use, and shared by every candidate solved for it)."""
+
+    model: nn.Module
+    cap: Captured
+    specs: tuple[InputSpec, ...]
+    request: Request
+    annotated: Annotated | None = field(default=None, repr=False)
+
+    def annotation(self) -> Annotated:
+        """The annotated graph, annotating on the first call; the notes are a fresh list each time."""
+        if self.annotated is None:
+            made = annotate(self, self.request.opts)
+            self.annotated = made._replace(notes=list(made.notes))
+            return made
+        return self.annotated._replace(notes=list(self.annotated.notes))
+
+
+class StageFit(NamedTuple):
+    """One stage under the exact memory check: its recompute mode and bytes (one rank)."""
+
+    mode: str  # recompute mode
+    static: int  # weights, gradients and optimizer state
+    kept: int  # activations kept per micro-batch in flight
+    extra: int  # transient bytes (recomputed in backward)
+
+
+@dataclass
+class Problem:
+    """An annotated graph priced at one micro-batch size: everything the search needs."""
+
+    gm: fx.GraphModule
+    pm: PassManager
+    notes: list[str]
+    opts: Options
+    micro: int
+    symbols: dict[str, int]
+    priced: Priced
+    sched: Schedule
+    comm: list[int]  # per cut: the link price of what crosses it, both ways (time units)
+    sin: SolverInput
+    modes: tuple[str, ...]  # recompute mode of each solver option
+    acts: Activations | None
+    static: Static
+    ev: Evaluator
+    capacity: int
+    dev: DeviceSpec
+    lnk: LinkSpec
+    shard: ZeroShard  # trainable elements per position: gradient bytes, ZeRO-1's saving
+    layout: Mesh  # where the ranks sit (data parallelism, nodes); prices filled in by layout.replicated
+    pins: list[int]  # positions the user (or pipe_split markers) pinned a cut before
+
+    def static_at(self, a: int, b: int) -> int:
+        """Static bytes of positions [a, b) on one rank (ZeRO-1: 1/dp of the optimizer state)."""
+        saved = self.shard.saving(a, b, self.opts.data_parallel) if self.opts.zero else 0
+        return self.static.stage(a, b) - saved
+
+    def exact(self, cuts: Sequence[int], modes: Sequence[str] | None = None) -> list[StageFit]:
+        """Per stage (mode, static bytes, kept bytes per micro-batch, transient bytes), each
+        storage and tensor counted once per stage; ``modes`` forced or the first that fits."""
+        bounds = [0, *cuts, len(self.priced.order)]
+        out = []
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            static = self.static_at(a, b)
+            tries = [modes[i]] if modes is not None else list(self.modes)
+            best = None
+            for mode in tries:
+                kept, extra = self.acts.stage_saved(a, b, mode, self.ev) if self.acts else (0, 0)
+                entry = StageFit(mode, static, self.ev(kept), self.ev(extra))
+                if self.need(i, entry) <= self.capacity:
+                    best = entry
+                    break
+                if best is None or self.need(i, entry) < self.need(i, best):
+                    best = entry
+            assert best is not None
+            out.append(best)
+        return out
+
+    def need(self, i: int, fit: StageFit) -> int:
+        """Peak bytes of stage ``i``: static, its micro-batches in flight x kept, transient."""
+        return fit.static + self.sin.inflight[i] * fit.kept + fit.extra
+
+    def fits(self, fits: Sequence[StageFit]) -> bool:
+        """Does every stage fit the device?"""
+        return all(self.need(i, x) <= self.capacity for i, x in enumerate(fits))
+
+
+def cut_link_units(lnk: LinkSpec, *per_cut_bytes: Sequence[int]) -> list[int]:
+    """The link price of each cut (time units): the transfers of each of ``per_cut_bytes``
+    (e.g. the values forward and their gradients back), each priced on ``lnk``; 0 where
+    nothing crosses and at the two ends (nothing leaves the pipeline there)."""
+    out = [to_units([sum(lnk.transfer_time(b) for b in col)])[0] if any(col) else 0
+           for col in zip(*per_cut_bytes)]
+    out[0] = out[-1] = 0
+    return out
+
+
+def batch_size(specs: Sequence[InputSpec]) -> int | None:
+    """The example inputs' batch size (the size of their ``B`` dims), None without one."""
+    sizes = {s.shape[d] for s in specs for d, sym in s.dims if sym == "B"}
+    if len(sizes) > 1:
+        raise PartitionError(f"example inputs disagree on the batch size (dim 0): {sorted(sizes)}; "
+                             "pass batch-first inputs of one batch size")
+    return sizes.pop() if sizes else None
+
+
+def annotate(ctx: Context, opts: Options) -> Annotated:
+    """Shape-prop and cost annotation (or parameter bytes only, without example inputs)."""
+    model, cap, specs, dev = ctx.model, ctx.cap, ctx.specs, ctx.request.dev
+    keep_snapshots = ctx.request.keep_snapshots
+    notes: list[str] = []
+    if cap.route == "export" and cap.fallback_reason:
+        notes.append(f"captured with torch.export because torch.fx failed: {cap.fallback_reason}")
+    gm = cap.gm
+    if specs:
+        param_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        cast = None if opts.precision == default_precision(param_dtype) else compute_dtype(opts.precision)
+        pm = PassManager([ShapeProp(specs, dtype=cast), AnnotateCosts(target=dev.kind), OrderForCuts()],
+                         keep_snapshots=keep_snapshots)
+        gm = pm.run(gm)
+        if not gm.meta.get("pp.symbolic", True):
+            kept = sorted(str(v) for v in gm.meta.get("pp.symbols", {}).values())
+            notes.append(f"{STATIC_SHAPES_NOTE}: symbolic shape propagation failed"
+                         + (f" ({', '.join(kept)} stays symbolic)" if kept else ""))
+        fallback = fallback_note(gm)  # nodes whose cost torch's kernels could not give symbolically
+        if fallback:
+            notes.append(fallback)
+        return Annotated(gm, pm, notes)
+    msg = ("no example inputs: balancing parameter bytes only; FLOP and activation costs "
+           "need example_inputs=(...)")
+    warnings.warn(msg, stacklevel=4)
+    notes.append(msg)
+    pm = PassManager([], keep_snapshots=keep_snapshots)
+    gm = pm.run(gm)
+    for n in gm.graph.nodes:
+        n.meta.setdefault(MODULE, module_of(n))
+    plan_builder.param_bytes_by_first_use(gm, compute_nodes(gm))
+    return Annotated(gm, pm, notes)
+
+
+def resolve_pins(order: Sequence[fx.Node], pins: Sequence[str], allowed: Sequence[bool],
+                 blocked_by: Sequence[str]) -> list[int]:
+    """A pin names a node (cut before it) or a module path: cut before the module's body, the
+    longest run of its nodes in the order (torch.export hoists small pieces of later layers,
+    e.g. rotary ``unsqueeze``s, above the first layer; the first node would cut there)."""
+    out = []
+    for pin in pins:
+        hit = next((i for i, n in enumerate(order) if n.name == pin), None)
+        if hit is None:
+            inside = [str(n.meta.get(MODULE, "")) == pin or str(n.meta.get(MODULE, "")).startswith(pin + ".")
+                      for n in order]
+            best: tuple[int, int] = (0, 0)  # (run length, -run start): the longest, then the earliest
+            start: int | None = None
+            for i, yes in enumerate([*inside, False]):
+                if yes and start is None:
+                    start = i
+                elif not yes and start is not None:
+                    best, start = max(best, (i - start, -start)), None
+            hit = -best[1] if best[0] else None
+        if hit is None or hit == 0:
+            raise PartitionError(f"pinned cut {pin!r} names no node or module after the first node; "
+                                 "pin a node name or a module path such as 'layers.2'")
+        if not allowed[hit]:
+            raise PartitionError(f"pinned cut {pin!r} cannot be used: {blocked_by[hit]}; pin a neighbouring "
+                                 "node or module instead")
+        out.append(hit)
+    return sorted(set(out))
+
+
+def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
+                  dims: tuple[str, ...] = ("dp", "pp")) -> Problem:
+    """``opts`` priced on the context's annotated graph at ``n_microbatches`` (None: the
+    schedule's default for the batch); ``dims``: the mesh order (a re-applied plan's)."""
+    specs, dev, lnk = ctx.specs, ctx.request.dev, ctx.request.lnk
+    gm, pm, notes = ctx.annotation()
+    costs_known = bool(specs)
+    batch = batch_size(specs) if specs else None
+    if batch is not None:
+        problem = split_problem(batch, opts.data_parallel, "replicas (data_parallel)", "data_parallel")
+        if problem:
+            raise PartitionError(problem.replace("the batch", "the global batch", 1))
+        batch //= opts.data_parallel  # each replica's share: the pipeline's batch
+    m = n_microbatches if n_microbatches is not None else default_microbatches(opts.schedule, batch, opts.pp)
+    if opts.schedule == "naive":
+        m = 1
+    problem = split_problem(batch, m) if batch is not None else None
+    if problem:
+        raise PartitionError(problem + (f" (each of {opts.data_parallel} replicas' share)"
+                                        if opts.data_parallel > 1 else ""))
+    opts = replace(opts, n_microbatches=m)
+    micro = batch // m if batch else 1
+    symbols = {"B": batch * opts.data_parallel if batch else 1}  # the global batch, as the user gave it
+    seq = next((s.shape[d] for s in specs for d, sym in s.dims if sym == "S"), None)
+    if seq is not None:
+        symbols["S"] = seq
+    compute = getattr(torch, compute_dtype(opts.precision))
+
+    def node_time(cost: NodeCost, values: Mapping[str, int]) -> tuple[float, float]:
+        if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
+            pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
+            return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
+        return dev.node_time(cost, values, compute)
+
+    marks = cut_constraints(gm, opts.cut_at, opts.n_stages, opts.pinned_cuts)  # pipe_split() markers, cut_at check
+    notes.extend(marks.notes)
+    priced = marks.apply(price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,
+                               cut_at=marks.glob, costs_known=costs_known))
+    ev = Evaluator(micro, symbols.get("S", 1))
+    width, _, _ = PRECISIONS[opts.precision]
+    per_param = bytes_per_param(opts.precision, opts.optimizer)
+    static = Static(gm, priced.order, per_param, width)
+    trainable = {id(t): t.numel() for _, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
+    # zero=3: FSDP's units, and whether they are gathered once per step (a split backward)
+    shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
+                      splits_backward(opts.custom or opts.schedule))
+    static_mem = static.first_use
+    if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
+        static_mem = shard.additive(static_mem, opts.data_parallel)
+    acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
+        if costs_known else None
+    sched = opts.custom or build_schedule(opts.schedule, opts.pp, m, opts.n_stages)
+    unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
+    capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
+    comm = cut_link_units(lnk, priced.cut_bytes, priced.cut_grad_bytes)
+    n = len(priced.order)
+    fwd, bwd = to_units(priced.fwd_s), to_units(priced.bwd_s)
+    modes = RECOMPUTE[opts.recompute]
+    options = []
+    for mode in modes:
+        act, redo, reserve = acts.arrays(mode, ev) if acts else ([0] * n, [False] * n, 0)
+        options.append(Option([f + b + (f if r else 0) for f, b, r in zip(fwd, bwd, redo)], act, reserve))
+    sin = SolverInput(
+        compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
+        static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
+        capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
+    layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0)
+    pins = resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed, priced.blocked_by)
+    return Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
+                   capacity, dev, lnk, shard, layout, pins)
