@@ -39,7 +39,7 @@ from partitioner.passes.meta import COST, DESC, VAL
 from partitioner.passes.shape_prop import (
     DATA_DEPENDENT,
     OnDevice,
-    _Shown,
+    node_key,
     quiet_fake_tensors,
     shown_for,
     state_by_module,
@@ -110,7 +110,8 @@ class AnnotateCosts(Pass):
             if node.op in ("placeholder", "output"):
                 node.meta[COST] = NodeCost()
                 continue
-            key = _key(node, gm, shown)
+            key = node_key(node, gm, shown)
+            assert key is not None  # annotate's key (shapes=False) exists for every node
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
@@ -404,23 +405,6 @@ def _first_use_bytes(gm: fx.GraphModule) -> dict[str, tuple[sympy.Expr, sympy.Ex
             p, b = (p + nbytes, b) if f in params else (p, b + nbytes)
         out[name] = (sympy.Integer(p), sympy.Integer(b))
     return out
-
-
-def _key(node: fx.Node, gm: fx.GraphModule, shown: _Shown | None = None) -> str:
-    """What a node's cost depends on: what it runs and the shapes it runs on (each input
-    node's shape description printed once per pass, ``shape_prop._Shown``)."""
-    shown = shown or _Shown()
-    args = shown.args(node)
-    if args is None:
-        args = pytree.tree_map(lambda a: ("node", shown.node(a)) if isinstance(a, fx.Node) else a,
-                               (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
-    if node.op == "call_module":
-        target: Any = shown.module(gm, str(node.target))[1]
-    elif node.op == "get_attr":
-        target = node.meta.get(DESC)
-    else:
-        target = getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", node.target)
-    return repr((node.op, target, args))
 
 
 class _Sizes:
