@@ -35,7 +35,18 @@ from partitioner.cost_models.cost import BATCH, SEQ, ZERO, NodeCost
 from partitioner.cost_models.errors import PartitionError
 from partitioner.cost_models.flops import Shape, fc_flops, op_flops
 from partitioner.passes.base import Pass, TensorDesc
-from partitioner.passes.meta import COST, DESC, VAL
+from partitioner.passes.meta import (
+    COST,
+    DESC,
+    DEVICE,
+    EXAMPLE,
+    FAKE_MODE,
+    FAKE_PARAMS,
+    FAKES_BY_MODULE,
+    RETYPE,
+    SYMBOLS,
+    VAL,
+)
 from partitioner.passes.shape_prop import (
     DATA_DEPENDENT,
     OnDevice,
@@ -93,12 +104,12 @@ class AnnotateCosts(Pass):
     target: str = "gpu"
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
-        if "pp.fake_mode" not in gm.meta:
-            raise AnnotateError("annotate-costs needs shape-prop first: gm.meta has no 'pp.fake_mode'")
+        if FAKE_MODE not in gm.meta:
+            raise AnnotateError(f"annotate-costs needs shape-prop first: gm.meta has no {FAKE_MODE!r}")
         if self.target not in ("gpu", "cpu"):
             raise AnnotateError(f"AnnotateCosts.target must be 'gpu' or 'cpu', got {self.target!r}")
-        mode, mapping = gm.meta["pp.fake_mode"], gm.meta["pp.symbols"]
-        fakes: dict[str, torch.Tensor] = gm.meta["pp.fake_params"]
+        mode, mapping = gm.meta[FAKE_MODE], gm.meta[SYMBOLS]
+        fakes: dict[str, torch.Tensor] = gm.meta[FAKE_PARAMS]
         owned = _first_use_bytes(gm)
         cache: dict[str, NodeCost] = {}
         sizes = _Sizes(mapping, mode.shape_env)
@@ -115,7 +126,7 @@ class AnnotateCosts(Pass):
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
-                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu")), gm.meta.get("pp.retype")), \
+                with mode, OnDevice(gm.meta.get(DEVICE, torch.device("cpu")), gm.meta.get(RETYPE)), \
                         quiet_fake_tensors():
                     cost = _price_symbolic(node, gm, fakes, sizes, mode)
                     if is_attention(node):
@@ -184,7 +195,7 @@ def _price_symbolic(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Te
         if failed is not None:
             raise failed from None
         raise
-    return _scaled(static, node.meta[DESC], gm.meta.get("pp.example", {}), why)
+    return _scaled(static, node.meta[DESC], gm.meta.get(EXAMPLE, {}), why)
 
 
 def _reason(e: BaseException) -> str:
@@ -219,7 +230,7 @@ def fallback_note(gm: fx.GraphModule) -> str | None:
              and str(c.ops[0]).startswith(FALLBACK)]
     if not nodes:
         return None
-    example = gm.meta.get("pp.example", {})
+    example = gm.meta.get(EXAMPLE, {})
     at = ", ".join(f"{k}={v}" for k, v in sorted(example.items()))
     shown = "; ".join(f"{n.name} ({n.meta[COST].ops[0].removeprefix(FALLBACK).strip()})" for n in nodes[:5])
     more = f"; and {len(nodes) - 5} more" if len(nodes) > 5 else ""
@@ -665,9 +676,9 @@ def _runner(
     """The callable a node runs, and the fake parameters it owns."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        index = gm.meta.get("pp.fakes_by_module")
+        index = gm.meta.get(FAKES_BY_MODULE)
         if index is None:
-            index = gm.meta["pp.fakes_by_module"] = state_by_module(fakes)
+            index = gm.meta[FAKES_BY_MODULE] = state_by_module(fakes)
         state = dict(index.get(str(node.target), {}))
         unique = list({id(v): v for v in state.values()}.values())
 

@@ -40,7 +40,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from partitioner.cost_models.cost import BATCH, SEQ
 from partitioner.cost_models.errors import PartitionError
 from partitioner.passes.base import InputSpec, Pass, TensorDesc
-from partitioner.passes.meta import DESC, MODULE, VAL
+from partitioner.passes.meta import (
+    DESC,
+    DEVICE,
+    EXAMPLE,
+    FAKE_MODE,
+    FAKE_PARAMS,
+    FAKES_BY_MODULE,
+    MODULE,
+    RETYPE,
+    SYMBOLIC,
+    SYMBOLS,
+    VAL,
+)
 
 __all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "node_key",
            "quiet_fake_tensors", "to_desc"]
@@ -180,14 +192,14 @@ class ShapeProp(Pass):
         _SHOWN_BY_GRAPH[gm] = interp.shown
         gm.meta.update(
             {
-                "pp.fake_mode": mode,
-                "pp.symbols": mapping,
-                "pp.example": self._example(),
-                "pp.symbolic": symbolic == frozenset(self._example()),
-                "pp.fake_params": interp.fakes,
-                "pp.fakes_by_module": interp.by_module,
-                "pp.device": device,
-                "pp.retype": retype,
+                FAKE_MODE: mode,
+                SYMBOLS: mapping,
+                EXAMPLE: self._example(),
+                SYMBOLIC: symbolic == frozenset(self._example()),
+                FAKE_PARAMS: interp.fakes,
+                FAKES_BY_MODULE: interp.by_module,
+                DEVICE: device,
+                RETYPE: retype,
             }
         )
 
