@@ -26,7 +26,7 @@ import sympy
 import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +50,7 @@ from partitioner.passes.meta import (
 from partitioner.passes.shape_prop import (
     DATA_DEPENDENT,
     OnDevice,
+    _real_like,
     node_key,
     quiet_fake_tensors,
     shown_for,
@@ -598,10 +599,6 @@ def _price_leaf_for_real(node: fx.Node, gm: fx.GraphModule) -> NodeCost:
     inputs of the example's sizes, FLOPs as ``FlopCounterMode`` counts them, bytes saved for
     backward from ``saved_tensors_hooks``; numbers for the example's sizes (a warning names
     the leaf). Weights on the meta device cannot run: 0 FLOPs, with a warning."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from partitioner.passes.shape_prop import _real_like
-
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     own = [p for p in mod.parameters()] if mod is not None else []
     if mod is None or any(t.device.type == "meta" for t in [*own, *mod.buffers()]):
