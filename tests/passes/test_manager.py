@@ -1,6 +1,6 @@
-"""PassManager checks node and graph metadata keys (issue 13 item 2): every key a pass names
+"""PassManager checks node and graph metadata keys: every key a pass names
 is declared in passes/meta.py, graph keys are checked like node keys, and every ``pp.*``
-literal the library reads or writes is declared."""
+literal the library reads or writes is declared, and spelled only there."""
 
 from __future__ import annotations
 
