@@ -13,6 +13,7 @@ NCCL's achieved fractions of the line rate where the link profile has them.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -163,8 +164,6 @@ class DeviceSpec:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DeviceSpec:
         """A profile from a JSON file (``to_dict``'s form), e.g. one ``calibrate_device`` wrote."""
-        import json
-
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -174,8 +173,6 @@ class DeviceSpec:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write this profile as JSON (``load`` reads it back equal)."""
-        import json
-
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1, sort_keys=True)
             f.write("\n")
@@ -183,7 +180,7 @@ class DeviceSpec:
     @classmethod
     def measure_local(cls, seconds: float = 0.5) -> DeviceSpec:
         """This machine's CPU, measured: fp32 and bf16 matmul FLOP/s and copy bandwidth."""
-        import torch
+        import torch  # noqa: PLC0415 - torch-free module (plan loading and the CLI must not import torch)
 
         n = 512
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -403,7 +400,7 @@ def _rate(fn: Callable[[], Any], work: float, seconds: float) -> float:
 def _op_overhead(seconds: float) -> float:
     """Seconds per op per direction of a chain of element-wise ops on 8 floats that autograd
     records (forward + backward, halved): eager PyTorch's dispatch and bookkeeping alone."""
-    import torch
+    import torch  # noqa: PLC0415 - torch-free module (plan loading and the CLI must not import torch)
 
     n = 100
     x = torch.ones(8, requires_grad=True)

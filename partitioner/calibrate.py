@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from partitioner.api import partition
 from partitioner.cost_models.devices import DeviceSpec, get_device
 from partitioner.cost_models.errors import PartitionError
 
@@ -84,8 +85,6 @@ def fit_overhead(roof_full: float, roof_small: float, ops: float, t_full: float,
 
 def _predicted(model: nn.Module, example_inputs: Any, dev: DeviceSpec) -> float:
     """Forward + backward seconds of the whole model, as one stage, on ``dev``."""
-    from partitioner.api import partition
-
     pipe = partition(model, n_gpus=1, example_inputs=example_inputs, device=dev, link="loopback", schedule="naive")
     stage = pipe.plan.stages[0].cost
     return float(stage.fwd_time_s + stage.bwd_time_s)

@@ -14,12 +14,14 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
 import torch
 
 from partitioner.cost_models.errors import PartitionError
@@ -79,8 +81,8 @@ def export_onnx(pipe: Pipe, directory: str | os.PathLike[str], *args: Any, opset
                           + "; choose cuts where only tensors cross (cut_at=..., e.g. between blocks)")
     _check_chain(pipe.plan)
     try:
-        import onnx
-        import onnxruntime
+        import onnx  # noqa: PLC0415 - optional extra (onnx)
+        import onnxruntime  # noqa: PLC0415 - optional extra (onnx)
     except ModuleNotFoundError as e:
         raise ExportError(f"ONNX export needs the onnx, onnxruntime and onnxscript packages ({e}): "
                           "pip install 'pipeline-partitioner[onnx]'") from None
@@ -178,8 +180,6 @@ def _export_one(i: int, stage: Any, trace_in: list[Any], check_in: list[Any], pa
 
 
 def _strip_ansi(text: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
@@ -265,8 +265,6 @@ def _verify(ort: Any, i: int, path: Path, in_names: list[str], inputs: list[Any]
 
 
 def _close(a: Any, b: Any) -> bool:
-    import numpy as np
-
     try:
         return bool(np.allclose(a, b, rtol=1e-4, atol=1e-5))
     except TypeError:

@@ -41,6 +41,8 @@ from torch.utils import _pytree as pytree
 
 from partitioner.cost_models.cost import ZERO, NodeCost
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE  # re-exported: torch-free tables
+from partitioner.passes import recompute
+from partitioner.passes.annotate import tensor_users
 from partitioner.passes.base import TensorDesc
 from partitioner.passes.meta import COST, DESC, MODULE, TP
 
@@ -412,8 +414,6 @@ class Static:
     """Parameters and buffers per stage: each tensor once per rank that uses it."""
 
     def __init__(self, gm: fx.GraphModule, order: Sequence[fx.Node], per_param: int, per_frozen: int) -> None:
-        from partitioner.passes.annotate import tensor_users
-
         named: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
         params = set(named)
         named.update(gm.named_buffers(remove_duplicate=False))
@@ -460,8 +460,6 @@ def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -
     them. This is the instrument the tests and ``benchmarks/memory_bench.py`` compare the
     plan's ``saved_bytes`` with.
     """
-    from partitioner.passes import recompute
-
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     kept: dict[int, int] = {}
 

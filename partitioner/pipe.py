@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
+from partitioner.export import export_onnx
 from partitioner.passes.manager import Snapshot
 from partitioner.passes.trace import Captured
 from partitioner.plan import Plan
@@ -86,8 +87,8 @@ class Pipe(nn.Module):
         capture's input flattening and output structure, the model's tensor names and dtype,
         and the model itself only when it holds meta tensors (``build_stage`` initialises
         them through its modules). Built anew on each call."""
-        from partitioner.runtime.precision import model_dtype  # deferred: see above
-        from partitioner.runtime.spec import IOSpec, PipelineSpec
+        from partitioner.runtime.precision import model_dtype  # noqa: PLC0415 - deferred: see above
+        from partitioner.runtime.spec import IOSpec, PipelineSpec  # noqa: PLC0415 - deferred: see above
 
         cap = self._captured
         io = IOSpec(cap.input_names, cap.out_spec, cap.flatten)
@@ -109,24 +110,22 @@ class Pipe(nn.Module):
     def train_step(self, *args: Any, **kwargs: Any) -> Any:
         """One training step of every stage in this process: ``partitioner.runtime.local.train_step``
         on this pipe's record (the plan's schedule and micro-batch count unless given)."""
-        from partitioner.runtime.local import train_step  # deferred: see above
+        from partitioner.runtime.local import train_step  # noqa: PLC0415 - deferred: see above
 
         return train_step(self._step_spec(), *args, **kwargs)
 
     def eval_step(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, under ``torch.no_grad``: ``partitioner.runtime.local.eval_step``."""
-        from partitioner.runtime.local import eval_step  # deferred: see above
+        from partitioner.runtime.local import eval_step  # noqa: PLC0415 - deferred: see above
 
         return eval_step(self._step_spec(), *args, **kwargs)
 
     def build_stage(self, rank: int, device: torch.device | str | None = None, **kwargs: Any) -> Any:
         """This rank's copy of its stages: ``partitioner.runtime.stage.build_stage`` on this
         pipe's record (``pipeline_spec()``)."""
-        from partitioner.runtime.stage import build_stage  # deferred: see above
+        from partitioner.runtime.stage import build_stage  # noqa: PLC0415 - deferred: see above
 
         return build_stage(self.pipeline_spec(), rank, device, **kwargs)
 
     def export_onnx(self, directory: str, *args: Any, **kwargs: Any) -> list[str]:
-        from partitioner.export import export_onnx
-
         return export_onnx(self, directory, *args, **kwargs)

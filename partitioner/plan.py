@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from partitioner import poly
-from partitioner.cost_models.errors import PartitionError
+from partitioner.cost_models.devices import DeviceSpec, LinkSpec
+from partitioner.cost_models.errors import CostModelError, PartitionError
+from partitioner.options import RECOMPUTE
+from partitioner.schedule import SCHEDULES, Schedule, ScheduleError, rank_of
 
 if TYPE_CHECKING:  # torch-free at import: ``partitioner show``/``diff`` read plans without torch
     from partitioner.passes.base import InputSpec
@@ -239,7 +242,6 @@ class Plan:
         text = self.options.get("schedule_text")
         if text is None:
             return None
-        from partitioner.schedule import ScheduleError
 
         try:
             return _parse_schedule(str(text))
@@ -248,7 +250,7 @@ class Plan:
 
     def input_specs(self) -> tuple[InputSpec, ...]:
         """The recorded model inputs as ``InputSpec``s (enough to re-trace without data)."""
-        from partitioner.passes.base import InputSpec
+        from partitioner.passes.base import InputSpec  # noqa: PLC0415 - torch-free module (plan loading and the CLI must not import torch)
 
         return tuple(InputSpec(d["name"], d["kind"], tuple(d["shape"]), d["dtype"],
                                tuple((int(a), str(b)) for a, b in d["dims"]), d.get("value"))
@@ -314,7 +316,7 @@ class Plan:
         Raises:
             PlanError: the plan does not fit ``model``.
         """
-        from partitioner.api import apply_plan  # api imports this module: the import runs one way
+        from partitioner.api import apply_plan  # noqa: PLC0415 - a cycle: api imports this module
 
         return apply_plan(self, model, example_inputs)
 
@@ -370,7 +372,7 @@ def _schema() -> dict[str, Any]:
 
 
 def _validate_schema(data: Any) -> None:
-    import jsonschema
+    import jsonschema  # noqa: PLC0415 - CLI start-up (jsonschema loads when a plan is validated)
 
     if isinstance(data, dict) and data.get("version") not in (None, PLAN_VERSION) and isinstance(data.get("version"), int):
         raise PlanError(f"plan version {data['version']} is not supported (this build reads {PLAN_VERSION})", "$.version")
@@ -438,16 +440,12 @@ _NESTED: dict[tuple[str, str], Any] = {
 def _parse_schedule(text: str) -> Schedule:
     """``Schedule.from_text``, once per text: loading checks a stored schedule twice and the
     runners use it again (a Schedule is immutable, so sharing it is safe)."""
-    from partitioner.schedule import Schedule
-
     return Schedule.from_text(text)
 
 
 def _check_schedule_text(plan: Plan, name: str) -> None:
     """A hand-written schedule (``partition(schedule=Schedule(...))``) stored in the plan: it
     must parse, pass the validator, and fit the plan (name, ranks, stages, micro-batches)."""
-    from partitioner.schedule import SCHEDULES, ScheduleError
-
     where = "$.options.schedule_text"
     if name in SCHEDULES:
         raise PlanError(f"options.schedule_text is only for hand-written schedules, but {name!r} is a built-in "
@@ -470,21 +468,16 @@ def _check_values(plan: Plan) -> None:
     """What the plan's options and profiles must mean, checked on load (the single gate):
     a device or link that prices nothing, an unknown schedule, micro-batches that do not
     divide the batch, a recompute choice the options do not allow."""
-    from partitioner.cost_models.devices import DeviceSpec, LinkSpec
-    from partitioner.cost_models.errors import CostModelError
-    from partitioner.options import RECOMPUTE
-
     for key, cls in (("device", DeviceSpec), ("link", LinkSpec)):
         try:
             cls.from_dict(getattr(plan, key))
         except CostModelError as e:
             raise PlanError(str(e), f"$.{key}") from None
-    from partitioner.schedule import SCHEDULES as known  # pure Python: loading stays torch-free
     schedule = plan.options.get("schedule")
     if plan.options.get("schedule_text") is not None:
         _check_schedule_text(plan, str(schedule))
-    elif schedule not in known:
-        raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(known))} (a hand-written "
+    elif schedule not in SCHEDULES:
+        raise PlanError(f"unknown schedule {schedule!r}; known: {', '.join(sorted(SCHEDULES))} (a hand-written "
                         "schedule is stored as options.schedule_text)", "$.options.schedule")
     if plan.prediction.schedule != schedule:
         raise PlanError(f"prediction is for schedule {plan.prediction.schedule!r} but the options say "
@@ -564,7 +557,6 @@ def _check_consistency(plan: Plan) -> None:
     if mesh.allreduce_s and len(mesh.allreduce_s) != n_gpus:
         raise PlanError(f"mesh.allreduce_s has {len(mesh.allreduce_s)} entries for {n_gpus} pipeline ranks",
                         "$.mesh.allreduce_s")
-    from partitioner.schedule import SCHEDULES, rank_of  # pure Python, no cycle
 
     entry = SCHEDULES.get(plan.prediction.schedule)
     placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"

@@ -12,6 +12,7 @@ from torch import fx, nn
 from partitioner import poly
 from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.devices import DeviceSpec, LinkSpec
+from partitioner.memory import _sum as grouped
 from partitioner.passes.base import InputSpec, TensorDesc
 from partitioner.passes.meta import COST, DESC, MODULE
 from partitioner.passes.split import SplitResult
@@ -203,8 +204,6 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
 
 def _sum(terms: Any) -> Any:
     """One sympy Add (adding one by one is quadratic in the number of nodes)."""
-    from partitioner.memory import _sum as grouped
-
     return grouped(list(terms))
 
 

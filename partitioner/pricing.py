@@ -18,6 +18,7 @@ from torch import fx
 
 from partitioner.cost_models.cost import BATCH, SEQ, NodeCost, evaluate
 from partitioner.passes.base import TensorDesc
+from partitioner.passes.liveness import Liveness
 from partitioner.passes.meta import COST, DESC, MODULE
 from partitioner.passes.split import aliases, compute_nodes, writes_into
 
@@ -118,7 +119,6 @@ def price(
     """
     order = compute_nodes(gm)
     n = len(order)
-    pos = {node: i for i, node in enumerate(order)}
     ev = Evaluator(batch, seq)
     fwd, bwd = [], []
     values = {"B": batch, "S": seq}
@@ -133,46 +133,29 @@ def price(
         f, b = hit[1]
         fwd.append(f)
         bwd.append(b)
-    # difference arrays: a value adds its bytes to cuts produced+1 .. last_use
-    dbytes = [0] * (n + 2)
-    dgrad = [0] * (n + 2)
-    dbad = [0] * (n + 2)
-    bad_name: list[str] = [""] * (n + 1)
-    producers = [nd for nd in gm.graph.nodes if nd.op == "placeholder"] + order
-    for v in producers:
-        produced = pos.get(v, -1)
-        last = max((pos.get(u, n) for u in v.users), default=produced)
-        if last <= produced:
-            continue
-        lo, hi = produced + 1, min(last, n)
+    # per value crossing some cut: its wire bytes, or why it cannot cross (partitioner.passes.liveness)
+    live = Liveness(gm, order)
+    fbytes, gbytes = [], []
+    bad: dict[fx.Node, str] = {}
+    for v in live.values:
         desc = v.meta.get(DESC) if costs_known else None
         kind = wire_kind(desc) if costs_known else ("tensor" if v.op in ("placeholder", "call_module") else None)
         if kind is None:
-            dbad[lo] += 1
-            dbad[hi + 1] -= 1
-            for k in range(lo, hi + 1):
-                if not bad_name[k]:
-                    bad_name[k] = f"{v.name} ({type(desc).__name__ if costs_known else 'unknown type'})"
-            continue
-        fb, gb = value_bytes(desc, ev) if costs_known else (0, 0)
-        dbytes[lo] += fb
-        dbytes[hi + 1] -= fb
-        dgrad[lo] += gb
-        dgrad[hi + 1] -= gb
-    split_write = _split_writes(gm, order, pos)
-    cut_bytes, cut_grad, allowed, why = [], [], [], []
-    acc_b = acc_g = acc_bad = 0
+            bad[v] = f"{v.name} ({type(desc).__name__ if costs_known else 'unknown type'})"
+        fb, gb = value_bytes(desc, ev) if costs_known and kind is not None else (0, 0)
+        fbytes.append(fb)
+        gbytes.append(gb)
+    cut_bytes, cut_grad = live.totals(fbytes), live.totals(gbytes)
+    first_bad = live.first(bad.__contains__) if bad else [None] * (n + 1)
+    split_write = _split_writes(gm, live)
+    allowed, why = [], []
     instances = [module_instance(str(nd.meta.get(MODULE, "")), cut_at) for nd in order]
     for k in range(n + 1):
-        acc_b += dbytes[k]
-        acc_g += dgrad[k]
-        acc_bad += dbad[k]
-        cut_bytes.append(acc_b)
-        cut_grad.append(acc_g)
         reason = ""
         if 0 < k < n:
-            if acc_bad:
-                reason = f"non-tensor value crosses: {bad_name[k]}"
+            blocker = first_bad[k]
+            if blocker is not None:
+                reason = f"non-tensor value crosses: {bad[blocker]}"
             elif split_write[k]:
                 reason = split_write[k]
             elif cut_at is not None and (instances[k - 1] == instances[k] or
@@ -218,25 +201,24 @@ def with_shape(node: fx.Node, cost: NodeCost) -> NodeCost:
     return cost
 
 
-def _split_writes(gm: fx.GraphModule, order: Sequence[fx.Node], pos: dict[fx.Node, int]) -> list[str]:
+def _split_writes(gm: fx.GraphModule, live: Liveness) -> list[str]:
     """Per cut: why it may not be cut because an in-place write after it (``h[:, :4].mul_(2)``)
     reaches a tensor of which two aliases (a base and its view) cross the cut. Each arrives
     as its own tensor, so the write would miss the other: a silent wrong result. (One alias
     crossing is fine: the stage writes into a copy, ``partitioner.passes.split``.)"""
-    n = len(order)
+    n = live.n
     out = [""] * (n + 1)
-    for w in order:
+    for w in live.order:
         targets = [a for a in (*w.args, *w.kwargs.values()) if isinstance(a, fx.Node) and writes_into(gm, w, a)]
         for target in targets:
             count = [0] * (n + 2)
             for m in aliases(target):
-                produced = pos.get(m, -1)
-                last = max((pos.get(u, n) for u in m.users), default=produced)
-                if last > produced:
-                    count[produced + 1] += 1
-                    count[min(last, n) + 1] -= 1
+                s = live.span(m)
+                if s.last > s.produced:
+                    count[s.produced + 1] += 1
+                    count[s.last + 1] -= 1
             acc = 0
-            for k in range(min(pos[w], n) + 1):
+            for k in range(live.pos[w] + 1):
                 acc += count[k]
                 if acc >= 2 and not out[k]:
                     out[k] = f"{w.name} writes in place into {target.name}, and two of its aliases would cross"

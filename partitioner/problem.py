@@ -36,7 +36,7 @@ from partitioner.passes.annotate import AnnotateCosts, fallback_note
 from partitioner.passes.base import InputSpec
 from partitioner.passes.manager import PassManager
 from partitioner.passes.markers import cut_constraints
-from partitioner.passes.meta import MODULE
+from partitioner.passes.meta import MODULE, SYMBOLIC, SYMBOLS
 from partitioner.passes.order import OrderForCuts
 from partitioner.passes.shape_prop import ShapeProp, module_of
 from partitioner.passes.split import compute_nodes
@@ -231,8 +231,8 @@ def annotate(ctx: Context, opts: Options) -> Annotated:
         pm = PassManager([ShapeProp(specs, dtype=cast), AnnotateCosts(target=dev.kind), OrderForCuts()],
                          keep_snapshots=keep_snapshots)
         gm = pm.run(gm)
-        if not gm.meta.get("pp.symbolic", True):
-            kept = sorted(str(v) for v in gm.meta.get("pp.symbols", {}).values())
+        if not gm.meta.get(SYMBOLIC, True):
+            kept = sorted(str(v) for v in gm.meta.get(SYMBOLS, {}).values())
             notes.append(f"{STATIC_SHAPES_NOTE}: symbolic shape propagation failed"
                          + (f" ({', '.join(kept)} stays symbolic)" if kept else ""))
         fallback = fallback_note(gm)  # nodes whose cost torch's kernels could not give symbolically

@@ -16,6 +16,7 @@ from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.errors import PartitionError
 from partitioner.memory import bytes_per_param
 from partitioner.objective import StepModel, fewer_stages, resolve_objective, step_of, step_search
+from partitioner.passes.liveness import Liveness
 from partitioner.passes.meta import COST, DESC
 from partitioner.pricing import TIME_UNIT, Priced, to_units, wire_kind
 from partitioner.problem import Problem, StageFit, cut_link_units
@@ -75,19 +76,8 @@ def non_tensor_cuts(prob: Problem) -> list[bool]:
     """Per cut: does a non-tensor value (a Python int such as a sym size) cross it?"""
     order = prob.priced.order
     n = len(order)
-    pos = {node: i for i, node in enumerate(order)}
-    diff = [0] * (n + 2)
-    for v in [nd for nd in prob.gm.graph.nodes if nd.op == "placeholder"] + list(order):
-        produced = pos.get(v, -1)
-        last = max((pos.get(u, n) for u in v.users), default=produced)
-        if last > produced and wire_kind(v.meta.get(DESC)) not in ("tensor", None):
-            diff[produced + 1] += 1
-            diff[min(last, n) + 1] -= 1
-    out, acc = [], 0
-    for k in range(n + 1):
-        acc += diff[k]
-        out.append(0 < k < n and acc > 0)
-    return out
+    crossing = Liveness(prob.gm, order).count(lambda v: wire_kind(v.meta.get(DESC)) not in ("tensor", None))
+    return [0 < k < n and c > 0 for k, c in enumerate(crossing)]
 
 
 def fmt_time(units: float) -> str:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from partitioner import poly
 from partitioner.comms import Lowered, lower
+from partitioner.cost_models.devices import LinkSpec
+from partitioner.data_parallel import boundary_links
 from partitioner.schedule import Action, Schedule, ScheduleError, replay
 
 __all__ = ["Event", "SimResult", "boundary_bytes", "predict_plan", "predict_step", "simulate", "timeline"]
@@ -198,11 +200,6 @@ def predict_step(schedule: Schedule, fwd_time: Sequence[float], bwd_time: Sequen
 
 def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
     """Re-simulate a loaded ``Plan`` from its own records: per-stage times, boundaries and link."""
-    from dataclasses import replace
-
-    from partitioner.cost_models.devices import LinkSpec
-    from partitioner.data_parallel import boundary_links
-
     link = LinkSpec.from_dict(plan.link)
     mesh = plan.mesh
     inter = LinkSpec.from_dict(mesh.inter_link) if mesh.inter_link is not None else link

@@ -26,7 +26,7 @@ import sympy
 import torch
 from torch import fx
 from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,11 +35,23 @@ from partitioner.cost_models.cost import BATCH, SEQ, ZERO, NodeCost
 from partitioner.cost_models.errors import PartitionError
 from partitioner.cost_models.flops import Shape, fc_flops, op_flops
 from partitioner.passes.base import Pass, TensorDesc
-from partitioner.passes.meta import COST, DESC, VAL
+from partitioner.passes.meta import (
+    COST,
+    DESC,
+    DEVICE,
+    EXAMPLE,
+    FAKE_MODE,
+    FAKE_PARAMS,
+    FAKES_BY_MODULE,
+    RETYPE,
+    SYMBOLS,
+    VAL,
+)
 from partitioner.passes.shape_prop import (
     DATA_DEPENDENT,
     OnDevice,
-    _Shown,
+    _real_like,
+    node_key,
     quiet_fake_tensors,
     shown_for,
     state_by_module,
@@ -93,12 +105,12 @@ class AnnotateCosts(Pass):
     target: str = "gpu"
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
-        if "pp.fake_mode" not in gm.meta:
-            raise AnnotateError("annotate-costs needs shape-prop first: gm.meta has no 'pp.fake_mode'")
+        if FAKE_MODE not in gm.meta:
+            raise AnnotateError(f"annotate-costs needs shape-prop first: gm.meta has no {FAKE_MODE!r}")
         if self.target not in ("gpu", "cpu"):
             raise AnnotateError(f"AnnotateCosts.target must be 'gpu' or 'cpu', got {self.target!r}")
-        mode, mapping = gm.meta["pp.fake_mode"], gm.meta["pp.symbols"]
-        fakes: dict[str, torch.Tensor] = gm.meta["pp.fake_params"]
+        mode, mapping = gm.meta[FAKE_MODE], gm.meta[SYMBOLS]
+        fakes: dict[str, torch.Tensor] = gm.meta[FAKE_PARAMS]
         owned = _first_use_bytes(gm)
         cache: dict[str, NodeCost] = {}
         sizes = _Sizes(mapping, mode.shape_env)
@@ -110,11 +122,12 @@ class AnnotateCosts(Pass):
             if node.op in ("placeholder", "output"):
                 node.meta[COST] = NodeCost()
                 continue
-            key = _key(node, gm, shown)
+            key = node_key(node, gm, shown)
+            assert key is not None  # annotate's key (shapes=False) exists for every node
             causal = is_attention(node) and not _data_mask(node, depends)
             key += "|causal" if causal else ""
             if key not in cache:
-                with mode, OnDevice(gm.meta.get("pp.device", torch.device("cpu")), gm.meta.get("pp.retype")), \
+                with mode, OnDevice(gm.meta.get(DEVICE, torch.device("cpu")), gm.meta.get(RETYPE)), \
                         quiet_fake_tensors():
                     cost = _price_symbolic(node, gm, fakes, sizes, mode)
                     if is_attention(node):
@@ -183,7 +196,7 @@ def _price_symbolic(node: fx.Node, gm: fx.GraphModule, fakes: dict[str, torch.Te
         if failed is not None:
             raise failed from None
         raise
-    return _scaled(static, node.meta[DESC], gm.meta.get("pp.example", {}), why)
+    return _scaled(static, node.meta[DESC], gm.meta.get(EXAMPLE, {}), why)
 
 
 def _reason(e: BaseException) -> str:
@@ -218,7 +231,7 @@ def fallback_note(gm: fx.GraphModule) -> str | None:
              and str(c.ops[0]).startswith(FALLBACK)]
     if not nodes:
         return None
-    example = gm.meta.get("pp.example", {})
+    example = gm.meta.get(EXAMPLE, {})
     at = ", ".join(f"{k}={v}" for k, v in sorted(example.items()))
     shown = "; ".join(f"{n.name} ({n.meta[COST].ops[0].removeprefix(FALLBACK).strip()})" for n in nodes[:5])
     more = f"; and {len(nodes) - 5} more" if len(nodes) > 5 else ""
@@ -406,23 +419,6 @@ def _first_use_bytes(gm: fx.GraphModule) -> dict[str, tuple[sympy.Expr, sympy.Ex
     return out
 
 
-def _key(node: fx.Node, gm: fx.GraphModule, shown: _Shown | None = None) -> str:
-    """What a node's cost depends on: what it runs and the shapes it runs on (each input
-    node's shape description printed once per pass, ``shape_prop._Shown``)."""
-    shown = shown or _Shown()
-    args = shown.args(node)
-    if args is None:
-        args = pytree.tree_map(lambda a: ("node", shown.node(a)) if isinstance(a, fx.Node) else a,
-                               (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
-    if node.op == "call_module":
-        target: Any = shown.module(gm, str(node.target))[1]
-    elif node.op == "get_attr":
-        target = node.meta.get(DESC)
-    else:
-        target = getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", node.target)
-    return repr((node.op, target, args))
-
-
 class _Sizes:
     """SymInt → sympy in B/S, shapes → ``Shape``; nbytes of fake tensors."""
 
@@ -603,10 +599,6 @@ def _price_leaf_for_real(node: fx.Node, gm: fx.GraphModule) -> NodeCost:
     inputs of the example's sizes, FLOPs as ``FlopCounterMode`` counts them, bytes saved for
     backward from ``saved_tensors_hooks``; numbers for the example's sizes (a warning names
     the leaf). Weights on the meta device cannot run: 0 FLOPs, with a warning."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from partitioner.passes.shape_prop import _real_like
-
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     own = [p for p in mod.parameters()] if mod is not None else []
     if mod is None or any(t.device.type == "meta" for t in [*own, *mod.buffers()]):
@@ -681,9 +673,9 @@ def _runner(
     """The callable a node runs, and the fake parameters it owns."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        index = gm.meta.get("pp.fakes_by_module")
+        index = gm.meta.get(FAKES_BY_MODULE)
         if index is None:
-            index = gm.meta["pp.fakes_by_module"] = state_by_module(fakes)
+            index = gm.meta[FAKES_BY_MODULE] = state_by_module(fakes)
         state = dict(index.get(str(node.target), {}))
         unique = list({id(v): v for v in state.values()}.values())
 

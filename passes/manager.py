@@ -16,7 +16,7 @@ from torch import fx
 
 from partitioner.passes.base import Pass
 from partitioner.passes.errors import GraphError
-from partitioner.passes.meta import GRAPH_KEYS, NODE_KEYS
+from partitioner.passes.meta import COST, DESC, GRAPH_KEYS, MODULE, NODE_KEYS, STAGE
 
 __all__ = ["Snapshot", "PassManager", "graph_text", "node_summary"]
 
@@ -40,7 +40,7 @@ def node_summary(gm: fx.GraphModule) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for n in gm.graph.nodes:
         entry = {"op": n.op, "target": str(n.target)}
-        for key in ("pp.module", "pp.stage", "pp.desc", "pp.cost"):
+        for key in (MODULE, STAGE, DESC, COST):
             if key in n.meta:
                 entry[key] = _short(n.meta[key])
         out[n.name] = entry

@@ -26,15 +26,11 @@ from typing import Any, Sequence
 from torch import fx
 
 from partitioner.cost_models.errors import PartitionError
-from partitioner.passes.meta import MODULE
+from partitioner.passes.meta import MARKER, MARKERS, MODULE
 from partitioner.passes.split import compute_nodes
 
 __all__ = ["MARKER", "MARKERS", "CUT_AT_MARKERS", "CutConstraints", "cut_constraints", "is_marker", "take_markers"]
 
-#: node.meta key on the first compute node after a ``pipe_split()``: the marker's index.
-MARKER = "pp.marker"
-#: gm.meta key: how many ``pipe_split()`` calls the capture removed.
-MARKERS = "pp.markers"
 #: The ``cut_at`` value that means "at the pipe_split() markers".
 CUT_AT_MARKERS = "markers"
 

@@ -19,9 +19,9 @@ is added here first (docs/ARCHITECTURE.md, "Where to add").
 from __future__ import annotations
 
 __all__ = [
-    "VAL", "COST", "MODULE", "STAGE", "DESC", "NODE_KEYS",
+    "VAL", "COST", "MODULE", "STAGE", "DESC", "MARKER", "RECOMPUTE", "NODE_KEYS",
     "FAKE_MODE", "SYMBOLS", "EXAMPLE", "SYMBOLIC", "FAKE_PARAMS", "FAKES_BY_MODULE", "DEVICE", "RETYPE",
-    "MARKERS", "ORDER", "ORDER_PINNED", "GRAPH_KEYS", "is_declared",
+    "MARKERS", "ORDER", "ORDER_PINNED", "RECOMPUTE_MODE", "GRAPH_KEYS", "is_declared",
 ]
 
 # -- node.meta ------------------------------------------------------------------------------
@@ -36,6 +36,10 @@ STAGE = "pp.stage"
 #: ``TensorDesc`` for a tensor output; for other outputs the same nesting as the value with
 #: ints/SymInts as sympy expressions in B/S, and other Python values as they are.
 DESC = "pp.desc"
+#: ``int``: on the first compute node after a ``pipe_split()``, the marker's index (``passes/markers.py``).
+MARKER = "pp.marker"
+#: ``int``: the checkpointed region the node belongs to, in a stage module (``passes/recompute.py``).
+RECOMPUTE = "pp.recompute"
 
 #: Every node key, with what it holds (``PassManager`` refuses a pass naming another).
 NODE_KEYS: dict[str, str] = {
@@ -44,8 +48,8 @@ NODE_KEYS: dict[str, str] = {
     MODULE: "dotted path of the innermost module the node belongs to",
     STAGE: "pipeline stage index",
     DESC: "TensorDesc (or the nesting of the value) with sizes symbolic in B and S",
-    "pp.marker": "index of the pipe_split() marker just before this node (passes/markers.py)",
-    "pp.recompute": "recompute region id (passes/recompute.py)",
+    MARKER: "index of the pipe_split() marker just before this node (passes/markers.py)",
+    RECOMPUTE: "recompute region id (passes/recompute.py)",
 }
 
 # -- gm.meta --------------------------------------------------------------------------------
@@ -72,10 +76,15 @@ ORDER = "pp.order"
 
 #: ``tuple[str, ...]``: compute-node names in the order a re-applied plan fixes (``partitioner.passes.order.pin_order``).
 ORDER_PINNED = "pp.order_pinned"
+#: ``str``: a stage module's recompute mode, "full" or "selective" (``passes/recompute.py``).
+RECOMPUTE_MODE = "pp.recompute_mode"
 
 #: ``partitioner.passes.tensor_parallel.Sharded``: the graph is one tensor-parallel rank's view
 #: (``partitioner.tensor_parallel.view``): its sharded regions, costs and parameter divisors.
 TP = "pp.tp"
+
+#: ``partitioner.runtime.tensor_parallel.TensorParallelPlan``: how a stage module was sharded at run time.
+TENSOR_PARALLEL = "pp.tensor_parallel"
 
 #: Every graph key, with what it holds (``PassManager`` refuses a pass naming another).
 GRAPH_KEYS: dict[str, str] = {
@@ -91,7 +100,8 @@ GRAPH_KEYS: dict[str, str] = {
     ORDER: "OrderReport: bytes crossing each position before and after reordering",
     ORDER_PINNED: "compute-node order a re-applied plan fixes (OrderForCuts keeps it)",
     TP: "Sharded: one tensor-parallel rank's regions, costs and parameter divisors",
-    "pp.recompute_mode": "a stage module's recompute mode (passes/recompute.py)",
+    TENSOR_PARALLEL: "TensorParallelPlan: how a stage module was sharded at run time",
+    RECOMPUTE_MODE: "a stage module's recompute mode (passes/recompute.py)",
 }
 
 

@@ -44,6 +44,7 @@ from torch import fx
 from partitioner.cost_models.cost import evaluate
 from partitioner.passes.base import Pass, TensorDesc
 from partitioner.passes.errors import GraphError
+from partitioner.passes.liveness import Liveness
 from partitioner.passes.meta import DESC, EXAMPLE, MARKERS, ORDER, ORDER_PINNED
 from partitioner.passes.split import copy_persistence
 
@@ -98,21 +99,7 @@ def value_sizes(gm: fx.GraphModule, at: dict[str, int]) -> dict[fx.Node, int]:
 def crossing_bytes(gm: fx.GraphModule, order: Sequence[fx.Node], size: dict[fx.Node, int]) -> list[int]:
     """Bytes live across each position 1..n-1 of ``order`` (a cut before ``order[k]``), the
     way ``pricing.price`` counts them: produced before ``k``, used at or after it."""
-    n = len(order)
-    pos = {node: i for i, node in enumerate(order)}
-    diff = [0] * (n + 2)
-    for v in [x for x in gm.graph.nodes if x.op == "placeholder"] + list(order):
-        produced = pos.get(v, -1)
-        last = max((pos.get(u, n) for u in v.users), default=produced)
-        if last <= produced:
-            continue
-        diff[produced + 1] += size.get(v, 0)
-        diff[min(last, n) + 1] -= size.get(v, 0)
-    out, acc = [], 0
-    for k in range(n + 1):
-        acc += diff[k]
-        out.append(acc)
-    return out[1:n]
+    return Liveness(gm, order).totals(lambda v: size.get(v, 0))[1:len(order)]
 
 
 def _dag(order: Sequence[fx.Node]) -> nx.DiGraph:

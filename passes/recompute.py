@@ -24,12 +24,13 @@ import torch
 import torch.utils.checkpoint
 from torch import fx
 
+from partitioner.passes.meta import RECOMPUTE, RECOMPUTE_MODE
 from partitioner.passes.split import compute_nodes, copy_persistence, split_graph
 
 __all__ = ["RecomputeStage", "with_recompute", "REGION"]
 
-#: ``node.meta`` key: index of the checkpointed region the node belongs to.
-REGION = "pp.recompute"
+#: ``node.meta`` key: index of the checkpointed region the node belongs to (``passes/meta.py``).
+REGION = RECOMPUTE
 
 
 def with_recompute(stage: fx.GraphModule, regions: Sequence[Sequence[str]], mode: str) -> fx.GraphModule:
@@ -43,7 +44,7 @@ def with_recompute(stage: fx.GraphModule, regions: Sequence[Sequence[str]], mode
             node.meta[REGION] = where[node.name]
     graph = stage.graph
     out = RecomputeStage(stage, graph, class_name=type(stage).__name__)
-    out.meta["pp.recompute_mode"] = mode
+    out.meta[RECOMPUTE_MODE] = mode
     copy_persistence(stage, out)
     return out
 
@@ -60,7 +61,7 @@ class RecomputeStage(fx.GraphModule):
 
     @property
     def recompute_mode(self) -> str:
-        return str(self.meta.get("pp.recompute_mode", "full"))
+        return str(self.meta.get(RECOMPUTE_MODE, "full"))
 
     def regions(self) -> list[list[str]]:
         """The checkpointed regions, as node names, in order."""

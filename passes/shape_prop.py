@@ -40,9 +40,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from partitioner.cost_models.cost import BATCH, SEQ
 from partitioner.cost_models.errors import PartitionError
 from partitioner.passes.base import InputSpec, Pass, TensorDesc
-from partitioner.passes.meta import DESC, MODULE, VAL
+from partitioner.passes.meta import (
+    DESC,
+    DEVICE,
+    EXAMPLE,
+    FAKE_MODE,
+    FAKE_PARAMS,
+    FAKES_BY_MODULE,
+    MODULE,
+    RETYPE,
+    SYMBOLIC,
+    SYMBOLS,
+    VAL,
+)
 
-__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of",
+__all__ = ["OnDevice", "ShapeProp", "ShapePropError", "default_specs", "fake_params", "module_of", "node_key",
            "quiet_fake_tensors", "to_desc"]
 
 log = logging.getLogger(__name__)
@@ -180,14 +192,14 @@ class ShapeProp(Pass):
         _SHOWN_BY_GRAPH[gm] = interp.shown
         gm.meta.update(
             {
-                "pp.fake_mode": mode,
-                "pp.symbols": mapping,
-                "pp.example": self._example(),
-                "pp.symbolic": symbolic == frozenset(self._example()),
-                "pp.fake_params": interp.fakes,
-                "pp.fakes_by_module": interp.by_module,
-                "pp.device": device,
-                "pp.retype": retype,
+                FAKE_MODE: mode,
+                SYMBOLS: mapping,
+                EXAMPLE: self._example(),
+                SYMBOLIC: symbolic == frozenset(self._example()),
+                FAKE_PARAMS: interp.fakes,
+                FAKES_BY_MODULE: interp.by_module,
+                DEVICE: device,
+                RETYPE: retype,
             }
         )
 
@@ -259,14 +271,14 @@ class _FakeInterpreter(fx.Interpreter):
         env = self.mode.shape_env
         desc: Any = None
         try:
-            key = _structural_key(n, self.module, self.shown) \
+            key = node_key(n, self.module, self.shown, shapes=True) \
                 if n.op in ("call_module", "call_function", "call_method") else None
             hit = self.templates.get(key) if key is not None else None
             if hit is not None:
                 # Structurally identical to a node already run (same op, same input shapes): the
                 # same output. Its fake value is shared, not re-made: values are only read after
                 # shape-prop (annotate re-creates fresh leaves from them), and in-place ops, the
-                # only writers, are never shared (``_structural_key``). Nothing runs, so no
+                # only writers, are never shared (``node_key``). Nothing runs, so no
                 # guard can pin a size; its description is the template's while the ShapeEnv
                 # has made no replacement since.
                 out, desc, replacements = hit
@@ -359,7 +371,7 @@ def _shareable(out: Any) -> bool:
 
 
 class _Shown:
-    """Memo of what ``_structural_key`` (and annotate's cost key) print per input node and per
+    """Memo of what ``node_key`` (shape-prop's and annotate's cache keys) print per input node and per
     module: a node's shape description is printed once, not once per consumer (sympy printing
     was most of the key's cost on deep graphs), and a leaf module's type, options and state
     shapes once per module."""
@@ -459,26 +471,40 @@ _LISTS = (list, fx.immutable_collections.immutable_list)
 _DICTS = (dict, fx.immutable_collections.immutable_dict)
 
 
-def _structural_key(node: fx.Node, root: nn.Module, shown: _Shown | None = None) -> str | None:
-    """What a node's output shapes depend on: what it runs and on what (its inputs' shapes,
-    dtypes and grad flags, other arguments as they are, a module's type and state shapes)."""
-    if node.op == "call_method" and str(node.target).endswith("_"):
-        return None  # in-place: its result is its input
-    name = getattr(node.target, "__name__", "")
-    if node.op == "call_function" and (name.endswith("_") or not callable(node.target)):
-        return None
+def node_key(node: fx.Node, root: nn.Module, shown: _Shown | None = None, *, shapes: bool = False) -> str | None:
+    """One node's cache key: what it runs and on what (its inputs' printed shape descriptions,
+    dtypes and grad flags, other arguments as they are; a module's type, options, mode and
+    state shapes; an attribute's description). Nodes with equal keys compute alike.
+
+    ``shapes=False`` (annotate's cost key): every node has a key, and a function is named by
+    its module and qualified name. ``shapes=True`` (shape-prop's key for sharing an output):
+    None where the output may not be shared (an in-place op, whose result is its input; a
+    module with submodules, which may do anything; a target that is not callable), and a
+    function is also named by its identity.
+    """
+    if shapes:
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            return None  # in-place: its result is its input
+        name = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and (name.endswith("_") or not callable(node.target)):
+            return None
     shown = shown or _Shown()
     args = shown.args(node)
     if args is None:
         args = pytree.tree_map(lambda a: ("node", shown.node(a)) if isinstance(a, fx.Node) else a,
                                (node.args, node.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+    target: Any
     if node.op == "call_module":
         nested, target = shown.module(root, str(node.target))
-        if nested:
+        if nested and shapes:
             return None  # a module with submodules may do anything: run it
-    else:
+    elif node.op == "get_attr" and not shapes:
+        target = node.meta.get(DESC)
+    elif shapes:
         target = (getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", str(node.target)),
                   id(node.target))
+    else:
+        target = getattr(node.target, "__module__", ""), getattr(node.target, "__qualname__", node.target)
     return repr((node.op, target, args))
 
 

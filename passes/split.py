@@ -10,7 +10,6 @@ keys are a subset of the model's, so an existing checkpoint loads into stages di
 
 from __future__ import annotations
 
-import bisect
 import functools
 import operator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from partitioner.passes.errors import GraphError
+from partitioner.passes.liveness import Liveness
 
 __all__ = ["StageIO", "SplitResult", "compute_nodes", "live_values", "split_graph", "copy_persistence", "writes_into",
            "is_view_of", "aliases"]
@@ -63,21 +63,9 @@ def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def live_values(gm: fx.GraphModule, cuts: list[int]) -> list[tuple[str, ...]]:
-    """For each cut position (index into compute_nodes), the names of values crossing it."""
-    order = compute_nodes(gm)
-    pos = {n: i for i, n in enumerate(order)}
-    n_total = len(order)
-    crossing: list[list[str]] = [[] for _ in cuts]
-    values = [n for n in gm.graph.nodes if n.op == "placeholder"] + order
-    by_cut = sorted(range(len(cuts)), key=lambda j: cuts[j])
-    at = [cuts[j] for j in by_cut]
-    for v in values:  # in graph order, so each cut lists its values in graph order
-        produced = pos.get(v, -1)
-        last = max((pos.get(u, n_total) for u in v.users), default=produced)
-        # the cuts k with produced < k <= last, found by bisection (not every cut per value)
-        for j in by_cut[bisect.bisect_right(at, produced):bisect.bisect_right(at, last)]:
-            crossing[j].append(v.name)
-    return [tuple(c) for c in crossing]
+    """For each cut position (index into compute_nodes), the names of values crossing it
+    (``partitioner.passes.liveness``: graph inputs first, then in graph order)."""
+    return [tuple(v.name for v in vals) for vals in Liveness(gm, compute_nodes(gm)).crossing(cuts)]
 
 
 def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -> SplitResult:

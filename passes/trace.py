@@ -29,11 +29,17 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.fx.config as fx_config
 from torch import fx, nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.export import Dim, export
+from torch.fx._pytree import tree_flatten_spec
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils import _pytree as pytree
 
 from partitioner.passes.errors import CaptureError
 from partitioner.passes.markers import take_markers
+from partitioner.passes.shape_prop import DATA_DEPENDENT, _real_like
 from partitioner.passes.split import copy_persistence
 
 log = logging.getLogger(__name__)
@@ -422,8 +428,6 @@ def _trace_fx(
 def _no_stack_traces() -> Any:
     """torch.fx's switch for recording each traced node's Python stack trace, off for the
     duration (a plain module attribute in torch.fx.config; restored afterwards)."""
-    import torch.fx.config as fx_config
-
     before = fx_config.do_not_emit_stack_traces
     fx_config.do_not_emit_stack_traces = True
     try:
@@ -462,10 +466,6 @@ def _leaf_op() -> Any:
     def _(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Output shapes from one real run on random inputs of the example's sizes (the leaf
         branches on data, so no fake run can give them): static."""
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        from partitioner.passes.shape_prop import _real_like
-
         leaf = _LEAVES[key]
         device = tensors[0].device if tensors else torch.device("cpu")
         with unset_fake_temporarily():
@@ -541,8 +541,6 @@ def _opaque_leaves(model: nn.Module, leaf_modules: Sequence[str | type]) -> Any:
 def _refuse_data_dependent_arguments(leaf: _Leaf, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A leaf cannot take a value computed from tensor data before it (a ``.item()`` in a
     caller): the real run that gives its output shapes would have to guess it."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
     try:
         named = dict(inspect.signature(leaf.forward).bind(*args, **kwargs).arguments)
     except TypeError:
@@ -598,8 +596,6 @@ def _trace_export(
     dynamic: dict[str, dict[int, str]],
     leaf_modules: Sequence[str | type] = (),
 ) -> Captured:
-    from torch.export import Dim, export
-
     def dims_for(name: str, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and name in dynamic:
             return {d: Dim.AUTO for d in dynamic[name]}
@@ -686,8 +682,6 @@ def _trace_export(
         pos = tuple(given[n] for n in pos_names)
         rest = {k: given[k] for k in kwargs}
         try:
-            from torch.fx._pytree import tree_flatten_spec
-
             return list(tree_flatten_spec((pos, rest), in_spec))
         except Exception as e:  # pytree says only "mismatch"; name what was expected
             raise CaptureError(
@@ -750,8 +744,6 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> str:
 def _export_advice(model: nn.Module, e: BaseException) -> str:
     """What to do when torch.export fails: for code that branches on tensor data, which
     module to make a leaf (or, in the model's own forward, that no leaf can help)."""
-    from partitioner.passes.shape_prop import DATA_DEPENDENT
-
     cause: BaseException | None = e
     while cause is not None and not isinstance(cause, DATA_DEPENDENT):
         cause = cause.__cause__ or cause.__context__

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import re
 import sys
+import warnings
 from typing import Iterator, NoReturn, Sequence
 
 # Torch-free modules: --help and the plan-only commands (show, diff A B) never import torch.
 from partitioner.cost_models.devices import DEVICES, LINKS
+from partitioner.cost_models.errors import PartitionerError
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE
 from partitioner.schedule import SCHEDULES
+from partitioner.tools.loading import ToolError
 
 __all__ = ["main", "build_parser"]
 
@@ -199,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    from partitioner.tools import commands
+    from partitioner.tools import commands  # noqa: PLC0415 - import cycle (commands imports this module's flag tables) and CLI start-up
 
     handler = {"plan": commands.cmd_plan, "show": commands.cmd_show, "diff": commands.cmd_diff,
                "run": commands.cmd_run, "export": commands.cmd_export}[args.command]
@@ -225,8 +230,6 @@ def _library_noise(debug: bool) -> Iterator[None]:
     if debug:
         yield
         return
-    import logging
-    import warnings
 
     logging.disable(logging.CRITICAL)  # torch's handlers hold the real stderr: disable, not redirect
     try:
@@ -253,8 +256,6 @@ _FLAG_NAMES = [
 
 def flag_names(text: str) -> str:
     """``n_gpus`` → ``--gpus`` etc. in a library message; JSON paths ($.options.n_gpus) stay."""
-    import re
-
     for pattern, flag in _FLAG_NAMES:
         def sub(m: re.Match[str], flag: str = flag) -> str:
             value = m.group(1) if m.groups() else None
@@ -264,9 +265,6 @@ def flag_names(text: str) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    from partitioner.cost_models.errors import PartitionerError
-    from partitioner.tools.loading import ToolError
-
     text = " ".join(str(e).split()) or type(e).__name__
     # Our own and the partitioner's errors (PartitionerError: input errors are ValueErrors, a failed
     # step a RuntimeError) are written for users; anything else is named, so a bug report says what broke.

@@ -11,12 +11,23 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import shutil
 import sys
+import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Iterator
 
+from partitioner.cost_models.devices import DeviceSpec
+from partitioner.tools import diff, timeline
+from partitioner.tools.cli import fill_partition_defaults, flag_names, given_partition_flags
+from partitioner.tools.fmt import human_bytes, human_seconds, parse_bytes
+from partitioner.tools.hf_model import _config, load_hf, model_flops
 from partitioner.tools.loading import ToolError, is_plan_file, load_model, read_plan
 from partitioner.tools.outputs import Outputs, check_output_dir, check_outputs
+from partitioner.tools.pictures import segmentation, to_dot, to_svg
+from partitioner.tools.summary import plan_summary
 
 __all__ = ["cmd_plan", "cmd_show", "cmd_diff", "cmd_export", "cmd_run", "partition_from_args"]
 
@@ -33,9 +44,8 @@ def install_hint(extra: str) -> str:
 
 def _out() -> Any:
     # Not a terminal (a pipe, a test): plain text, 160 columns unless COLUMNS says otherwise.
-    import os
 
-    from rich.console import Console
+    from rich.console import Console  # noqa: PLC0415 - CLI start-up (rich loads when a command prints a table)
 
     width = os.environ.get("COLUMNS", "")
     return Console(width=None if sys.stdout.isatty() else int(width) if width.isdigit() else 160)
@@ -44,7 +54,7 @@ def _out() -> Any:
 @contextlib.contextmanager
 def _phase(text: str, quiet: bool = False) -> Iterator[None]:
     """A spinner on stderr while a slow phase runs; silent when stderr is not a terminal."""
-    from rich.console import Console
+    from rich.console import Console  # noqa: PLC0415 - CLI start-up (rich loads when a command prints a table)
 
     err = Console(stderr=True)
     if quiet or not err.is_terminal:
@@ -71,8 +81,6 @@ def _model_file(spec: str) -> str | None:
 
 
 def _refuse_partition_flags(args: argparse.Namespace, why: str) -> None:
-    from partitioner.tools.cli import given_partition_flags
-
     given = given_partition_flags(args)
     if given:
         raise ToolError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used {why}; drop "
@@ -81,9 +89,6 @@ def _refuse_partition_flags(args: argparse.Namespace, why: str) -> None:
 
 def check_partition_args(args: argparse.Namespace) -> None:
     """Flag combinations partition() would silently override, refused before any work."""
-    from partitioner.tools.cli import fill_partition_defaults
-    from partitioner.tools.fmt import parse_bytes
-
     if args.schedule == "naive" and args.microbatches not in (None, 1):
         raise ToolError(f"--schedule naive runs the whole batch as one micro-batch; drop --microbatches "
                         f"{args.microbatches} or choose --schedule gpipe or 1f1b")
@@ -94,14 +99,12 @@ def check_partition_args(args: argparse.Namespace) -> None:
 def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: bool = False,
                         loaded: tuple[Any, Any] | None = None) -> Any:
     """``partition()`` with the shared options; returns the Pipe. ``loaded``: the factory's result."""
-    from partitioner.tools.cli import flag_names
-
     if not hasattr(args, "memory_limit_bytes"):
         check_partition_args(args)  # a typo costs no start-up time: checked before torch loads
     quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     with _phase(f"loading {spec}", quiet):
         model, inputs = loaded if loaded is not None else load_model(spec)
-    from partitioner import PartitionError, partition
+    from partitioner import PartitionError, partition  # noqa: PLC0415 - CLI start-up (torch loads only for commands that partition)
 
     extra = {k: getattr(args, k) for k in ("precision", "recompute", "objective", "gpus_per_node", "inter_link")
              if getattr(args, k, None) is not None}
@@ -130,13 +133,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_outputs([("-o", args.output), ("--dot", args.dot), ("--svg", args.svg)], [_model_file(args.model) or ""])
     if args.depth is not None and args.depth < 1:
         raise ToolError(f"--depth must be >= 1, got {args.depth}")
-    from partitioner.tools.summary import plan_summary
-    from partitioner.tools.table import print_plan
+    from partitioner.tools.table import print_plan  # noqa: PLC0415 - CLI start-up (rich loads when a command prints a table)
 
     loaded = None
     if hf:
-        from partitioner.tools.hf_model import load_hf
-
         with _phase(f"building {args.model} on the meta device", args.quiet):
             loaded = _hf_inputs(args)
             loaded = load_hf(args.model, *loaded)
@@ -144,8 +144,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     files = Outputs()
     files.add(args.output, pipe.plan.to_json())
     if args.dot or args.svg:
-        from partitioner.tools.pictures import segmentation, to_dot, to_svg
-
         seg = segmentation(pipe.graph, pipe.plan, depth=args.depth)
         if args.dot:
             files.add(args.dot, to_dot(seg))
@@ -172,8 +170,6 @@ def _hf_inputs(args: argparse.Namespace) -> tuple[int, int]:
     if seq is None:
         seq = 2048
         try:
-            from partitioner.tools.hf_model import _config
-
             limit = getattr(_config(args.model[len("hf:"):]), "max_position_embeddings", None)
             if isinstance(limit, int) and 0 < limit < seq:
                 seq = limit
@@ -185,10 +181,6 @@ def _hf_inputs(args: argparse.Namespace) -> tuple[int, int]:
 
 def _hf_report(plan: Any, args: argparse.Namespace) -> None:
     """What a cluster budget needs: the step with the optimizer's, tokens/s, MFU, memory per stage."""
-    from partitioner.cost_models.devices import DeviceSpec
-    from partitioner.tools.fmt import human_bytes, human_seconds
-    from partitioner.tools.hf_model import model_flops
-
     dev = DeviceSpec.from_dict(plan.device)
     p = plan.prediction
     width = 2  # hf: models are built in bf16: parameter bytes / 2 = parameters
@@ -237,19 +229,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise ToolError(f"--timeline {args.timeline}: write .svg, .png or .pdf")
     check_outputs([("--timeline", args.timeline)], [args.plan, args.trace or ""])
     if args.timeline:
-        from importlib.util import find_spec
-
         if find_spec("matplotlib") is None:
             raise ToolError(f"--timeline draws with matplotlib, which is not installed: {install_hint('viz')}")
-    from partitioner.tools.summary import plan_summary
-    from partitioner.tools.table import print_plan
+    from partitioner.tools.table import print_plan  # noqa: PLC0415 - CLI start-up (rich loads when a command prints a table)
 
     plan = read_plan(args.plan)
     summary = plan_summary(plan)
     files = Outputs()
     if args.timeline:
-        from partitioner.tools import timeline
-
         if args.trace:
             blocks = timeline.trace_events(args.trace)
             title = f"{plan.model}: measured ({Path(args.trace).name})"
@@ -280,7 +267,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if len(args.inputs) != 1:
             raise ToolError(f"diff --{'passes' if args.passes else 'stages'} takes one MODEL, got {len(args.inputs)}")
         check_partition_args(args)
-        from partitioner.tools import diff
 
         pipe = partition_from_args(args, args.inputs[0], keep_snapshots=args.passes)
         if args.passes:
@@ -292,12 +278,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if len(args.inputs) != 2:
             raise ToolError(f"diff needs two plan files (or --passes/--stages MODEL), got {len(args.inputs)} argument(s)")
         _refuse_partition_flags(args, "when comparing two plan files (they were planned already)")
-        from partitioner.tools import diff
 
         a, b = (read_plan(p) for p in args.inputs)
         d = diff.diff_plans(a, b)
         title = f"{args.inputs[0]} vs {args.inputs[1]}"
-    from partitioner.tools import diff_render
+
+    from partitioner.tools import diff_render  # noqa: PLC0415 - CLI start-up (rich)
 
     files = Outputs()
     if args.html:
@@ -331,10 +317,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         pipe = partition_from_args(args, args.source)
         if args.onnx:
             _onnx_ready(pipe.plan)
-    import shutil
-    import tempfile
 
-    from partitioner.export import write_sources
+    from partitioner.export import write_sources  # noqa: PLC0415 - CLI start-up (torch loads only for commands that export)
 
     out = Path(args.out)
     created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the export fails
@@ -362,9 +346,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _onnx_ready(plan: Any) -> None:
-    from importlib.util import find_spec
-
-    from partitioner.export import onnx_blockers
+    from partitioner.export import onnx_blockers  # noqa: PLC0415 - CLI start-up (torch loads only for commands that export)
 
     missing = [m for m in EXTRAS["onnx"] if find_spec(m) is None]
     if missing:
@@ -377,6 +359,6 @@ def _onnx_ready(plan: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     check_outputs([("--trace", args.trace)], [args.plan or "", _model_file(args.model) or ""])
-    from partitioner.tools.run import run
+    from partitioner.tools.run import run  # noqa: PLC0415 - CLI start-up (torch loads only for the run command)
 
     return run(args)

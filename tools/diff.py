@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from typing import Any, Sequence
 
+from partitioner.passes.meta import COST, DESC
 from partitioner.tools.summary import plan_summary
 
 __all__ = ["diff_plans", "diff_passes", "diff_stages", "readable_graph"]
@@ -100,11 +101,11 @@ _COST_FIELDS = re.compile(r"(fwd_flops|bwd_flops|saved_bytes)=([^,)]*)")
 
 
 def _brief(key: str, value: str) -> str:
-    if key == "pp.cost":  # the full NodeCost is 300+ characters; these three carry the story
+    if key == COST:  # the full NodeCost is 300+ characters; these three carry the story
         found = dict(_COST_FIELDS.findall(value))
         if found:
             return "(" + ", ".join(f"{k}={v}" for k, v in found.items()) + ")"
-    if key == "pp.desc":
+    if key == DESC:
         m = re.match(r"TensorDesc\(shape=(\([^)]*\)), dtype=torch\.(\w+)", value)
         if m:
             return f"{m[1]}:{m[2]}".replace(" ", "")

@@ -25,7 +25,7 @@ def is_hf_spec(spec: str) -> bool:
 
 
 def _config(where: str) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - optional extra (transformers, the hf extra)
 
     path = Path(where)
     try:
@@ -52,8 +52,8 @@ def load_hf(spec: str, seq: int, batch: int) -> tuple[Any, dict[str, Any]]:
     """``(model on the meta device, {"input_ids", "labels"} of batch x seq meta tensors)``."""
     if seq < 1 or batch < 1:
         raise ToolError(f"--seq and --batch must be >= 1, got --seq {seq} --batch {batch}")
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 - CLI start-up (torch loads only when a model is built)
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - optional extra (transformers, the hf extra)
 
     where = spec[len(HF_PREFIX):]
     if not where:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from partitioner.plan import PlanError, load_plan
+
 __all__ = ["ToolError", "load_factory", "load_model", "read_plan", "is_plan_file"]
 
 _SPEC_FORM = "write MODEL as path/to/file.py:factory or package.module:factory"
@@ -69,7 +71,7 @@ def load_model(spec: str) -> tuple[Any, Any]:
         result = factory()
     except Exception as e:
         raise ToolError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
-    import torch
+    import torch  # noqa: PLC0415 - CLI start-up (torch loads only when a model is loaded)
 
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise ToolError(f"factory {spec!r} must return (model, example_inputs), got {type(result).__name__}")
@@ -91,7 +93,6 @@ def read_plan(path: str) -> Any:
         raise ToolError(f"plan file {path!r} does not exist")
     # The submodule, not the package: once partitioner/__init__ and partitioner.plan stop
     # importing torch eagerly, show and diff of plan files need no torch at all.
-    from partitioner.plan import PlanError, load_plan
 
     try:
         return load_plan(Path(path))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
+from partitioner.passes.meta import MODULE, STAGE
 from partitioner.tools.fmt import human_bytes, human_seconds
 
 __all__ = ["Segmentation", "segmentation", "to_dot", "to_svg", "STAGE_COLOURS"]
@@ -24,7 +25,7 @@ __all__ = ["Segmentation", "segmentation", "to_dot", "to_svg", "STAGE_COLOURS"]
 #: Light fills that stay distinct side by side and keep black text readable.
 STAGE_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
                  "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#d9d9d9")
-_MODULE, _STAGE = "pp.module", "pp.stage"  # partitioner.passes.meta keys; tools read node.meta, never write it
+_MODULE, _STAGE = MODULE, STAGE  # tools read node.meta, never write it
 
 
 @dataclass

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import tempfile
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from partitioner.tools.loading import ToolError
+from partitioner.tools.commands import (
+    _library_output,
+    _refuse_partition_flags,
+    check_partition_args,
+    partition_from_args,
+)
+from partitioner.tools.loading import ToolError, load_model, read_plan
+from partitioner.tools.outputs import check_outputs
 
 __all__ = ["run", "default_loss"]
 
@@ -80,17 +89,6 @@ def _train(rank: int, world: int, pipe: Any, inputs: Any, target: Any, loss_fn: 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("partitioner.runtime") is None:
         raise ToolError("runtime not available: partitioner.runtime is not installed in this build")
-    import os
-    import tempfile
-
-    from partitioner.tools.commands import (
-        _library_output,
-        _refuse_partition_flags,
-        check_partition_args,
-        partition_from_args,
-    )
-    from partitioner.tools.loading import load_model, read_plan
-    from partitioner.tools.outputs import check_outputs
 
     if args.steps < 1:
         raise ToolError(f"--steps must be >= 1, got {args.steps}")
@@ -104,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         plan = read_plan(args.plan)
     else:
         check_partition_args(args)
-    from partitioner.runtime import spawn
+    from partitioner.runtime import spawn  # noqa: PLC0415 - the runtime may be absent from this build (run checks it first)
 
     model, inputs = load_model(args.model)
     if isinstance(inputs, torch.Tensor):
@@ -118,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     ranks = int(pipe.plan.options["n_gpus"])
     schedule = pipe.plan.prediction.schedule
     if args.compile:  # refused here, in one line, rather than in every rank
-        from partitioner.runtime.compile import check_schedule
-        from partitioner.runtime.errors import PipelineRuntimeError
-        from partitioner.runtime.local import resolve_schedule
+        from partitioner.runtime.compile import check_schedule  # noqa: PLC0415 - the runtime may be absent from this build (run checks it first)
+        from partitioner.runtime.errors import PipelineRuntimeError  # noqa: PLC0415 - the runtime may be absent from this build (run checks it first)
+        from partitioner.runtime.local import resolve_schedule  # noqa: PLC0415 - the runtime may be absent from this build (run checks it first)
 
         try:
             check_schedule(resolve_schedule(pipe, schedule, pipe.plan.prediction.n_microbatches))

@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from partitioner.tools.fmt import human_bytes, human_flops, human_seconds
 
@@ -45,8 +46,6 @@ def _table(summary: dict[str, Any], title: str, with_cuts: bool) -> Table:
 
 def _natural_width(table: Table) -> int:
     """Columns at their widest cell, plus borders and padding: what the table needs unsqueezed."""
-    from rich.text import Text
-
     widths = [max([len(Text.from_markup(str(c.header)).plain)]
                   + [len(Text.from_markup(str(cell)).plain) for cell in c._cells]) for c in table.columns]
     return sum(widths) + 3 * len(widths) + 1

@@ -13,9 +13,13 @@ stage times) or from a measured Chrome trace (``trace_events``: ``traceEvents`` 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from partitioner.schedule import Action, ScheduleError, build_schedule
+from partitioner.simulator import predict_plan
 
 __all__ = ["Block", "predicted_events", "trace_events", "draw"]
 
@@ -42,9 +46,6 @@ class Block(NamedTuple):
 
 def predicted_events(plan: Any) -> tuple[list[Block], float]:
     """Re-simulate ``plan``'s schedule from its per-stage times; (blocks, step time in s)."""
-    from partitioner.schedule import build_schedule
-    from partitioner.simulator import predict_plan
-
     p = plan.prediction
     sched = build_schedule(p.schedule, plan.pp_ranks, p.n_microbatches, plan.n_stages)
     result = predict_plan(plan, sched)  # the plan's own prediction, re-run for its events
@@ -55,8 +56,6 @@ def predicted_events(plan: Any) -> tuple[list[Block], float]:
 
 def trace_events(path: str | Path) -> list[Block]:
     """Compute blocks from a Chrome trace JSON; events whose name is not an action are skipped."""
-    from partitioner.schedule import Action, ScheduleError
-
     data = json.loads(Path(path).read_text())
     events = data["traceEvents"] if isinstance(data, dict) else data
     blocks = []
@@ -83,13 +82,11 @@ def draw(blocks: list[Block], out: str | Path, title: str = "", show_stage: bool
 
 def render(blocks: list[Block], name: str | Path, title: str = "", show_stage: bool = False) -> bytes:
     """The picture's bytes, in the format ``name``'s suffix names (svg, png, pdf)."""
-    import io
-
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - optional extra (matplotlib, the viz extra)
 
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.hashsalt"] = "partitioner"  # fixed ids: the same plan draws the same bytes
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional extra (matplotlib, the viz extra)
 
     n_ranks = max(b.rank for b in blocks) + 1
     span = max(b.end for b in blocks)

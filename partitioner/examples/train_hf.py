@@ -34,7 +34,7 @@ PAD = 0
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - optional extra (transformers, the hf extra)
 
     torch.manual_seed(args.seed)
     options: dict[str, Any] = dict(  # a dict: attn_implementation is a PretrainedConfig keyword stubs do not list

@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.precision import MixedPrecisionOptimizer, ShardOptimizer
 
 if TYPE_CHECKING:
     from partitioner.runtime.stage import RankStage
@@ -113,8 +114,6 @@ def _canonical_names(stage: RankStage) -> dict[int, str]:
 
 def _unwrap(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
     """The optimizer whose state is saved: a ``MixedPrecisionOptimizer``'s is the one it wraps."""
-    from partitioner.runtime.precision import MixedPrecisionOptimizer
-
     return optimizer.optimizer if isinstance(optimizer, MixedPrecisionOptimizer) else optimizer
 
 
@@ -242,15 +241,15 @@ def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
 
 
 def _dcp_reader(path: str) -> tuple[Any, dict[str, Any]]:
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     reader = FileSystemReader(path)
     return reader, dict(reader.read_metadata().state_dict_metadata)
 
 
 def _load_dcp(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> list[str]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     reader, meta = _dcp_reader(path)
     dest: dict[str, Any] = {}
@@ -290,7 +289,7 @@ def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: di
     model: the small entries (class, hyperparameters) are read first. A ZeroRedundancyOptimizer takes
     the same consolidated state dict and keeps its own shard: only that shard's tensors
     are read."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     if "optim.class" not in meta:
         raise PipelineRuntimeError(f"{path} holds no optimizer state (it was saved without optimizer=...)")
@@ -398,7 +397,7 @@ def _as_zero(optimizer: torch.optim.Optimizer | None) -> Any:
     """``optimizer`` if it is a ``ZeroRedundancyOptimizer``, else None."""
     if optimizer is None or not dist.is_available():
         return None
-    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     return optimizer if isinstance(optimizer, ZeroRedundancyOptimizer) else None
 
@@ -424,8 +423,6 @@ def _check_zero(stage: RankStage, zero: Any, doing: str) -> None:
 def _class_name(optimizer: torch.optim.Optimizer) -> str:
     """The class recorded with the state: a ZeroRedundancyOptimizer's is the class it wraps,
     so a plain optimizer of that class loads it, and the other way round."""
-    from partitioner.runtime.precision import ShardOptimizer
-
     zero = _as_zero(optimizer)
     local = zero.optim if zero is not None else optimizer
     return type(local.optimizer if isinstance(local, ShardOptimizer) else local).__qualname__
@@ -433,8 +430,8 @@ def _class_name(optimizer: torch.optim.Optimizer) -> str:
 
 def _read_small(path: str, keys: list[str]) -> dict[str, str]:
     """The string entries ``keys`` of a DCP checkpoint (class name, hyperparameters)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     out: dict[str, Any] = dict.fromkeys(keys, "")
     with warnings.catch_warnings():
@@ -444,8 +441,8 @@ def _read_small(path: str, keys: list[str]) -> dict[str, str]:
 
 
 def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+    from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     path = os.fspath(path).rstrip("/")
     state: dict[str, Any] = {}

@@ -48,6 +48,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from partitioner.data_parallel import BUCKET_BYTES, pack
 from partitioner.runtime.profiling import named
@@ -232,8 +233,6 @@ def broadcast_from_first(tensors: Sequence[torch.Tensor], group: dist.ProcessGro
                          chunk_bytes: int = 250 * 2**20) -> None:
     """Copy replica 0's values of ``tensors`` to every member of ``group`` (as DDP does at
     construction), coalesced per device and dtype in chunks of about ``chunk_bytes``."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     src = dist.get_global_rank(group, 0)
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in tensors:

@@ -21,7 +21,7 @@ from torch import nn
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.spec import seq_len
 from partitioner.runtime.values import Wire, boundary_wires, decode, encode, input_wires
-from partitioner.schedule import split_problem
+from partitioner.schedule import SCHEDULES, split_problem
 
 __all__ = ["TensorOnlyStage", "pipelining_stage", "pytorch_schedule"]
 
@@ -29,9 +29,7 @@ __all__ = ["TensorOnlyStage", "pipelining_stage", "pytorch_schedule"]
 def pytorch_schedule(name: str) -> Any:
     """The ``torch.distributed.pipelining`` schedule class that runs our schedule ``name``
     (the registry's ``ScheduleSpec.pytorch``); an error for names PyTorch has no class for."""
-    import torch.distributed.pipelining as pp
-
-    from partitioner.schedule import SCHEDULES
+    import torch.distributed.pipelining as pp  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     spec = SCHEDULES.get(name)
     if spec is None or spec.pytorch is None:
@@ -73,7 +71,7 @@ class TensorOnlyStage(nn.Module):
 
 def pipelining_stage(stage: Any, stage_index: int, n_microbatches: int | None = None, batch: int | None = None) -> Any:
     """A PipelineStage for ``stage_index`` of a RankStage (``stage.as_pipelining_stage``)."""
-    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import PipelineStage  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     plan, spec = stage.plan, stage.spec
     if stage_index not in stage.modules:

@@ -28,6 +28,7 @@ from partitioner.runtime.loop import (
 )
 from partitioner.runtime.microbatch import batch_size, split
 from partitioner.runtime.spec import PipelineSpec, as_spec, resolve_schedule, seq_len
+from partitioner.runtime.trace import write_trace
 from partitioner.runtime.transport import LocalTransport, NcclTransport
 from partitioner.schedule import Schedule
 
@@ -92,7 +93,6 @@ def train_step(spec: PipelineSpec, *inputs: Any, target: Any, loss_fn: Callable[
     divisor = None if count is None else global_count(count, torch.device("cpu"), None)
     loss = driver.step(batch // m, seq_len(spec.plan, flat), split(flat, m, batch), mb_targets, loss_divisor=divisor)
     if trace is not None:
-        from partitioner.runtime.trace import write_trace
 
         write_trace(trace, driver.events, sched)
     assert loss is not None  # the last stage runs in this process

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
 from partitioner.runtime.errors import PipelineRuntimeError
@@ -103,7 +104,6 @@ def concat_outputs(outputs: Sequence[Any]) -> Any:
 def _whole(norm: torch.Tensor) -> torch.Tensor:
     """A DTensor gradient's norm (tensor parallelism) as a plain tensor: the whole tensor's,
     its shards' partial norms combined over the TP ranks (``full_tensor``), a replica once."""
-    from torch.distributed.tensor import DTensor
 
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 

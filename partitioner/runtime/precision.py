@@ -396,7 +396,7 @@ def _zero_class() -> type:
     """``ZeroRedundancyOptimizer`` whose ``load_state_dict`` then drops its own copy of the
     state: ``Optimizer.load_state_dict`` casts it to the low-precision parameters' dtype, a
     copy nothing reads (the local optimizer holds the fp32 state)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
     class MixedZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:

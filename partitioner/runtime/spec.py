@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.plan import STATIC_SHAPES_NOTE, Plan
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.materialize import non_persistent_buffers
 from partitioner.runtime.routing import Route, routes
 from partitioner.schedule import Schedule, build_schedule
 
@@ -145,8 +146,6 @@ class ModelNames:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelNames:
-        from partitioner.runtime.materialize import non_persistent_buffers
-
         params = list(model.named_parameters(remove_duplicate=False))
         bufs = list(model.named_buffers(remove_duplicate=False))
         by_id: dict[int, list[str]] = {}

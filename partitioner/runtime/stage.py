@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, cast
@@ -42,14 +43,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils import _pytree as pytree
 
 from partitioner.runtime import loop, tensor_parallel
+from partitioner.runtime.checkpoint import load_checkpoint, save_checkpoint
 from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.dist import DistTransport, backend_for
 from partitioner.runtime.driver import StepDriver
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.fsdp import is_sharded, local_grads, shard_stage
 from partitioner.runtime.grad_sync import GradSync, broadcast_from_first
+from partitioner.runtime.interop import pipelining_stage
 from partitioner.runtime.interpreter import TraceEvent
 from partitioner.runtime.materialize import materialize
 from partitioner.runtime.microbatch import batch_size, split
@@ -63,7 +69,9 @@ from partitioner.runtime.precision import (
     zero_mixed,
 )
 from partitioner.runtime.spec import ModelNames, PipelineSpec, as_spec, resolve_schedule, seq_len, static_shapes
+from partitioner.runtime.trace import write_trace
 from partitioner.schedule import Schedule, split_problem
+from partitioner.simulator import predict_plan
 
 if TYPE_CHECKING:
     from partitioner.simulator import SimResult
@@ -153,7 +161,6 @@ class RankStage:
         if not any(p.requires_grad for p in self.parameters()):
             return None
         if self.plan.mesh.zero == 3:  # FSDP2 inside the stages: shards instead of replicas (runtime.fsdp)
-            from partitioner.runtime.fsdp import shard_stage
             return shard_stage(self)  # type: ignore[return-value]
         return GradSync(self.modules, self.dp_group)
 
@@ -275,7 +282,6 @@ class RankStage:
             inner = optimizer_class(targets, **kwargs) if targets else None
             return MixedPrecisionOptimizer(inner, self._pairs, self.loss_scaler, trainable)
         if self.plan.mesh.zero == 1 and self.grad_sync is not None:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
 
             return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, process_group=self.dp_group,
                                            **kwargs)
@@ -459,7 +465,6 @@ class RankStage:
         optimizer state is sharded), so every replica holds the global gradient and the norm
         is taken over its own pipeline. Under fp16-mixed the gradients carry the loss scale:
         the norm returned is of the unscaled gradients (non-finite when they overflowed)."""
-        from partitioner.runtime.fsdp import is_sharded, local_grads  # zero=3: shards, over every rank of the job
         # zero=3: each rank's FSDP shard, summed over every rank of the job; otherwise (tensor
         # parallelism's DTensor shards included) each gradient whole, over the pipeline
         sharded = is_sharded(self)
@@ -498,7 +503,6 @@ class RankStage:
         ``model.safetensors.index.json`` + shards: only the shards holding this rank's keys
         are opened) or a ``torch.distributed.checkpoint`` directory (``save_checkpoint``'s).
         Returns the files read. Not collective: each rank reads its own keys."""
-        from partitioner.runtime.checkpoint import load_checkpoint
 
         return load_checkpoint(self, path, optimizer)
 
@@ -506,7 +510,6 @@ class RankStage:
         """Collective (every rank calls it): write the model's state (and ``optimizer``'s,
         keyed by parameter FQN) with ``torch.distributed.checkpoint`` to directory
         ``path``, atomically, so any plan (another rank count) can load it."""
-        from partitioner.runtime.checkpoint import save_checkpoint
 
         save_checkpoint(self, path, optimizer)
 
@@ -561,7 +564,6 @@ class RankStage:
 
     def as_pipelining_stage(self, stage_index: int, n_microbatches: int | None = None, batch: int | None = None) -> Any:
         """This rank's stage ``stage_index`` as a ``torch.distributed.pipelining.PipelineStage``."""
-        from partitioner.runtime.interop import pipelining_stage
 
         return pipelining_stage(self, stage_index, n_microbatches, batch)
 
@@ -772,9 +774,7 @@ class Runner:
           ``trace=`` writes it but with the plan's prediction.
 
         A step with ``trace=`` as well writes that file too, after these."""
-        import os
 
-        from partitioner.simulator import predict_plan
 
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.stage.device.type == "cuda":
@@ -800,7 +800,6 @@ class Runner:
         """Collective: gathers the last step's events to rank 0, which writes ``path``
         (``runtime.trace.write_trace``: beside them ``predicted``, default the simulator
         on the stage times measured in this step)."""
-        from partitioner.runtime.trace import write_trace
 
         gathered: list[Any] = [None] * dist.get_world_size(self.stage.group) if self.stage.rank == 0 else []
         dst = 0 if self.stage.group is None else dist.get_global_rank(self.stage.group, 0)
@@ -882,7 +881,6 @@ def _build_replica(spec: PipelineSpec, rank: int, dev: torch.device, group: dist
                    init_fn: Callable[[nn.Module], Any] | None, seed: int) -> RankStage:
     """Data parallelism: the world as the plan's ``(dp, pp)`` device mesh; this rank's
     pipeline rank and replica from it."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     mesh = spec.plan.mesh
     total = mesh.dp * spec.plan.pp_ranks

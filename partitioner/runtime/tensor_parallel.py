@@ -50,6 +50,8 @@ steps the shards); ``stage.grad_norm`` takes each DTensor's norm over the whole 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -59,7 +61,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from partitioner.passes.meta import TENSOR_PARALLEL
 from partitioner.runtime.errors import PipelineRuntimeError
 
 if TYPE_CHECKING:
@@ -67,7 +72,7 @@ if TYPE_CHECKING:
 
     from partitioner.pipe import Pipe
     from partitioner.runtime.spec import PipelineSpec
-    from partitioner.runtime.stage import RankStage
+    from partitioner.runtime.stage import RankStage  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
 
 __all__ = ["TensorParallelPlan", "shard_plan", "parallelize", "with_tensor_parallel", "build_tensor_parallel",
            "full_state"]
@@ -417,7 +422,6 @@ def to_replicate(x: Any, like: Any) -> Any:
     """A plain tensor entering the stage (input, buffer, a tensor made inside the graph) as a
     ``Replicate`` DTensor on ``like``'s mesh (``like``: a DTensor parameter of the stage);
     anything else unchanged. Every TP rank holds the same value."""
-    from torch.distributed.tensor import DTensor, Replicate
 
     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
         return DTensor.from_local(x, like.device_mesh, [Replicate()], run_check=False)
@@ -429,7 +433,6 @@ def reduce_row(x: Any) -> Any:
     all-reduce, Megatron's. Left alone, DTensor may instead reduce-scatter it where it meets
     the residual stream and all-gather before the next linear (the same bytes, two
     collectives and sharded norms in between)."""
-    from torch.distributed.tensor import DTensor, Replicate
 
     if isinstance(x, DTensor) and not all(isinstance(p, Replicate) for p in x.placements):
         return x.redistribute(x.device_mesh, [Replicate()])
@@ -454,7 +457,6 @@ def reduce_grad(x: Any) -> Any:
     shards) is all-reduced right there, once per input however many linears read it. Left
     alone, DTensor may reduce-scatter it and all-gather it later (the same bytes, more
     collectives)."""
-    from torch.distributed.tensor import DTensor
 
     if isinstance(x, DTensor) and x.requires_grad:
         return _ReduceGradient.apply(x)
@@ -464,7 +466,6 @@ def reduce_grad(x: Any) -> Any:
 def to_whole(x: Any) -> Any:
     """A DTensor leaving the stage as the whole plain tensor (Partial: all-reduce; Shard:
     all-gather; Replicate: nothing); the gradient coming back is taken as replicated."""
-    from torch.distributed.tensor import DTensor, Replicate
 
     if isinstance(x, DTensor):
         return x.redistribute(x.device_mesh, [Replicate()]).to_local()
@@ -480,7 +481,6 @@ def attention_on_shards(q: Any, k: Any, v: Any, attn_mask: Any = None, *args: An
     out (as ``local_map`` would, but with the placements read at run time) because DTensor's
     own rule on CPU propagates through the decomposition of the CPU attention kernel, which
     takes minutes per call."""
-    from torch.distributed.tensor import DTensor, Replicate
 
     if not isinstance(q, DTensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask, *args, **kwargs)
@@ -502,7 +502,6 @@ def attention_on_shards(q: Any, k: Any, v: Any, attn_mask: Any = None, *args: An
 
 
 def _placement(text: str) -> Any:
-    from torch.distributed.tensor import Replicate, Shard
 
     return Replicate() if text == "Replicate" else Shard(int(text[6:-1]))
 
@@ -513,7 +512,6 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     rank), its buffers ``Replicate`` DTensors, and its graph converts plain tensors to
     ``Replicate`` DTensors where they enter and DTensors to whole plain tensors at the
     output. Parameter names are unchanged. Returns ``gm``."""
-    from torch.distributed.tensor import Replicate, distribute_tensor
 
     with torch.no_grad():
         for name, p in list(gm.named_parameters()):
@@ -575,7 +573,7 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
         derived.add(conv)
     graph.lint()
     gm.recompile()
-    gm.meta["pp.tensor_parallel"] = plan
+    gm.meta[TENSOR_PARALLEL] = plan
     return gm
 
 
@@ -589,7 +587,6 @@ def _maybe_tensor(n: fx.Node) -> bool:
 
 def full_state(named: Any) -> dict[str, torch.Tensor]:
     """FQN -> whole plain tensor (a DTensor's ``full_tensor()``: collective over its mesh)."""
-    from torch.distributed.tensor import DTensor
 
     return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for n, t in named}
 
@@ -600,8 +597,6 @@ def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
     """A shallow copy of ``pipe`` (the same stage modules) whose plan's mesh has ``tp`` = ``tp``:
     ``build_stage`` then runs each pipeline rank as ``tp`` tensor-parallel ranks. The planner
     does not choose ``tp`` (nor price it) yet."""
-    import copy
-    import dataclasses
 
     if not isinstance(tp, int) or tp < 1:
         raise PipelineRuntimeError(f"with_tensor_parallel(tp={tp!r}): expected a positive integer")
@@ -618,9 +613,8 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     pipeline group (the pipeline ranks of its TP index) and then sharded over its TP group
     (``shard_plan`` + ``parallelize``). The stage's ``tp_mesh`` / ``tp_rank`` / ``tp_plans``
     say what was done."""
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from partitioner.runtime.stage import RankStage
+    from partitioner.runtime.stage import RankStage  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
 
     plan = spec.plan
     mesh = plan.mesh

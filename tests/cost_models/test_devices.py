@@ -8,6 +8,7 @@ import pytest
 import sympy
 import torch
 
+from partitioner.cost_models import devices
 from partitioner.cost_models.cost import BATCH, SEQ, NodeCost
 from partitioner.cost_models.devices import DEVICES, LINKS, DeviceSpec, LinkSpec, evaluate, get_device, get_link
 from partitioner.cost_models.errors import CostModelError
@@ -106,5 +107,19 @@ def test_measure_local_is_plausible() -> None:
     spec = DeviceSpec.measure_local(seconds=0.05)
     assert spec.name == "local"
     assert 1e8 < spec.peak_flops < 1e15 and 1e8 < spec.mem_bandwidth < 1e13
-    assert spec.peak_flops_lowp >= spec.peak_flops and spec.memory_bytes > 0
+    assert 1e8 < spec.peak_flops_lowp < 1e15 and spec.memory_bytes > 0
     assert DeviceSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("fp32,bf16,want", [(4e9, 1e9, 4e9), (4e9, 9e9, 9e9)])
+def test_measure_local_stores_the_faster_of_its_two_matmul_rates(monkeypatch: pytest.MonkeyPatch, fp32: float,
+                                                                bf16: float, want: float) -> None:
+    """The low-precision peak is the bf16 matmul rate, or the fp32 one where bf16 is slower (a
+    CPU without bf16 units runs a bf16 model at no less than fp32 speed): the figures it measured,
+    in the order it measures them (fp32, bf16, copy bandwidth), go where they belong."""
+    rates = iter([fp32, bf16, 3e10])
+    monkeypatch.setattr(devices, "_rate", lambda fn, work, seconds: next(rates))
+    monkeypatch.setattr(devices, "_op_overhead", lambda seconds: 2e-6)
+    spec = DeviceSpec.measure_local(seconds=0.01)
+    assert (spec.peak_flops, spec.peak_flops_lowp, spec.mem_bandwidth) == (fp32, want, 3e10)
+    assert spec.op_overhead_s == 2e-6

@@ -1,6 +1,6 @@
-"""PassManager checks node and graph metadata keys (issue 13 item 2): every key a pass names
+"""PassManager checks node and graph metadata keys: every key a pass names
 is declared in passes/meta.py, graph keys are checked like node keys, and every ``pp.*``
-literal the library reads or writes is declared."""
+literal the library reads or writes is declared, and spelled only there."""
 
 from __future__ import annotations
 
@@ -110,11 +110,17 @@ def _pp_literals() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for pkg in ("passes", "partitioner", "tools", "cost_models"):  # the folders
         for path in (ROOT / pkg).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                        and re.fullmatch(r"pp\.[a-z_]+", node.value):
-                    found.setdefault(node.value, []).append(str(path.relative_to(ROOT)))
+            for key in _literals_in(path.read_text()):
+                found.setdefault(key, []).append(str(path.relative_to(ROOT)))
     return found
+
+
+def _literals_in(source: str) -> list[str]:
+    """The string constants of ``source`` that are exactly a key (``"pp.xxx"``), in order."""
+    hits = [(node.lineno, node.col_offset, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and re.fullmatch(r"pp\.[a-z_]+", node.value)]
+    return [value for _, _, value in sorted(hits)]
 
 
 def test_every_pp_key_the_library_uses_is_declared() -> None:
@@ -123,6 +129,24 @@ def test_every_pp_key_the_library_uses_is_declared() -> None:
     undeclared = {k: v for k, v in literals.items() if k not in meta.NODE_KEYS and k not in meta.GRAPH_KEYS}
     assert not undeclared, f"declare these in passes/meta.py: {undeclared}"
     assert not set(meta.NODE_KEYS) & set(meta.GRAPH_KEYS)
+
+
+#: Files that may spell a key as a literal, with why.
+_LITERALS_ALLOWED = {"passes/meta.py": "where the keys are declared"}
+
+
+def test_pp_keys_are_spelled_only_in_meta() -> None:
+    """Outside passes/meta.py the library names a key by its constant (``meta.COST``), so a
+    renamed or mistyped key is an import error, not a silently missing entry."""
+    elsewhere = {k: sorted(set(p) - set(_LITERALS_ALLOWED)) for k, p in _pp_literals().items()}
+    elsewhere = {k: p for k, p in elsewhere.items() if p}
+    assert not elsewhere, f"use the constants of partitioner.passes.meta instead of these literals: {elsewhere}"
+
+
+def test_the_literal_scan_finds_a_literal() -> None:
+    """The scan above can fail: it sees a key literal in code, and not one in a docstring."""
+    code = 'def f(n):\n    """Reads ``n.meta["pp.cost"]``."""\n    return n.meta["pp.cost"], "pp.stage"\n'
+    assert _literals_in(code) == ["pp.cost", "pp.stage"]
 
 
 def test_library_passes_declare_only_known_keys() -> None:
