@@ -78,6 +78,24 @@ def _check_counts(pp: int, virtual_stages: Any, schedule: Any, n_microbatches: A
                                  f"{' or zbv (2)' if virtual_stages == 2 else ''}, got {schedule!r}")
         raise PartitionError(f"schedule {schedule!r} needs virtual_stages={allowed[0]}, got {virtual_stages}")
 
+def _check_tensor_parallel(tensor_parallel: Any, n_gpus: int, dp: int, gpus_per_node: Any, custom: Any) -> None:
+    """``tensor_parallel``: "auto", or a degree that divides the GPUs left per replica and
+    (given ``gpus_per_node``) a node, so each group stays on its NVLink."""
+    if tensor_parallel == "auto":
+        if custom is not None:
+            raise PartitionError("tensor_parallel='auto' needs a schedule name: a Schedule object fixes the pipeline's "
+                                 "rank count; pass tensor_parallel=<degree>")
+        return
+    if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
+        raise PartitionError(f"tensor_parallel must be an int >= 1 or 'auto', got {tensor_parallel!r}")
+    if n_gpus % (dp * tensor_parallel):
+        raise PartitionError(f"n_gpus={n_gpus} does not split into data_parallel={dp} x tensor_parallel="
+                             f"{tensor_parallel}; choose tensor_parallel among {divisors(n_gpus // dp)}")
+    if isinstance(gpus_per_node, int) and gpus_per_node % tensor_parallel:
+        raise PartitionError(f"tensor_parallel={tensor_parallel} does not divide gpus_per_node={gpus_per_node}: a "
+                             "tensor-parallel group stays inside one node")
+
+
 class _Checked(NamedTuple):
     """``partition()``'s arguments after the checks, with their defaults resolved."""
 
@@ -205,6 +223,7 @@ def partition(
     zero: int = 0,
     gpus_per_node: int | None = None,
     inter_link: str | LinkSpec | None = None,
+    tensor_parallel: int | str = 1,
 ) -> Pipe:
     """Split ``model`` into ``n_gpus`` (× ``virtual_stages``) balanced pipeline stages.
 
@@ -274,12 +293,19 @@ def partition(
             batch and the replicas average gradients once per step (priced as a bucketed ring
             all-reduce overlapped with the last backwards); "auto": the divisor of ``n_gpus``
             with the fastest predicted step that fits (the plan's notes rank them).
-        zero: 0, or 1 to shard the optimizer state over the replicas (ZeRO-1).
+        zero: 0, 1 to shard the optimizer state over the replicas (ZeRO-1), or 3 to shard
+            weights, gradients and optimizer state inside the stages with FSDP2.
         gpus_per_node: GPUs per node (ranks are placed in torchrun's order); the planner
             picks the mesh order (pipelines inside nodes, or each stage's replicas inside)
             with the faster predicted step. None: every rank on one node.
         inter_link: the link between nodes (a built-in name or a ``LinkSpec``; needs
             ``gpus_per_node``); None: "ib-ndr-400" when there is more than one node.
+        tensor_parallel: tensor-parallel ranks per pipeline rank (Megatron-style: attention
+            and MLP regions found in the graph are split over the group, one all-reduce per
+            region each way on ``link``), or "auto" to try 1 and every degree that divides a
+            node's GPUs and shards a region, keeping the fastest predicted step. ``n_gpus`` =
+            ``data_parallel`` × pipeline ranks × ``tensor_parallel``; the plan's
+            ``mesh.tp`` records it and ``build_stage`` runs it (``runtime.tensor_parallel``).
 
     Returns:
         A ``Pipe``: the stage modules, callable like ``model`` (same outputs), and
@@ -298,6 +324,8 @@ def partition(
     """
     checked = _check_arguments(model, n_gpus, schedule, n_microbatches, virtual_stages, optimizer, precision,
                                recompute, objective, data_parallel, zero, gpus_per_node, inter_link)
+    _check_tensor_parallel(tensor_parallel, n_gpus, checked.data_parallel if data_parallel != "auto" else 1,
+                           gpus_per_node, checked.custom)
     dev, lnk = get_device(device), get_link(link)
     inputs = _split_inputs(example_inputs, example_kwargs)
     dynamic = None
@@ -320,7 +348,7 @@ def partition(
     if inputs is not None:
         flat = cap.flatten(*inputs)
         specs = with_seq_dims(default_specs(flat, list(cap.input_names)), seq_dims, strict=False)
-    request = Request(opts, checked.n_microbatches, data_parallel, dev, lnk, keep_snapshots)
+    request = Request(opts, checked.n_microbatches, data_parallel, dev, lnk, keep_snapshots, tensor_parallel)
     ctx = Context(model, cap, specs, request)
     return emit(ctx, choose(ctx))
 
@@ -384,7 +412,7 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
         fields["inter_link"] = LinkSpec.from_dict(plan.mesh.inter_link)
     o = Options(**fields)
     request = Request(o, o.n_microbatches, o.data_parallel, get_device(DeviceSpec.from_dict(plan.device)),
-                      get_link(LinkSpec.from_dict(plan.link)))
+                      get_link(LinkSpec.from_dict(plan.link)), tensor_parallel=o.tensor_parallel)
     return reapply(Context(model, cap, specs, request), plan)
 
 

@@ -119,14 +119,15 @@ def splits_backward(schedule: str | Schedule | None) -> bool:
     return bool(spec and spec.split_backward)
 
 
-def placements(dp: int, pp: int, gpus_per_node: int | None) -> list[Mesh]:
+def placements(dp: int, pp: int, gpus_per_node: int | None, tp: int = 1) -> list[Mesh]:
     """The layouts worth pricing: on one node only the default (``("dp", "pp")``); across
-    nodes both dimension orders (pipelines inside nodes, or each stage's replicas inside)."""
+    nodes both dimension orders (pipelines inside nodes, or each stage's replicas inside).
+    ``tp`` tensor-parallel ranks are innermost (consecutive, inside a node)."""
     g = gpus_per_node or 0
-    first = Mesh(dp, pp, ("dp", "pp"), g)
+    first = Mesh(dp, pp, ("dp", "pp"), g, tp=tp)
     if not g or first.n_nodes == 1 or dp == 1 or pp == 1:
         return [first]
-    return [first, Mesh(dp, pp, ("pp", "dp"), g)]
+    return [first, Mesh(dp, pp, ("pp", "dp"), g, tp=tp)]
 
 
 @dataclass(frozen=True)

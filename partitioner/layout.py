@@ -10,10 +10,12 @@ predicted-fastest that fits. The rankings go into the plan's notes (``AUTO_NOTE`
 from __future__ import annotations
 
 from dataclasses import replace
+from math import gcd
 from typing import NamedTuple
 
 from partitioner.cost_models.errors import PartitionError
 from partitioner.data_parallel import boundary_links, divisors, placements, price_replicas, reduction_windows
+from partitioner.passes import tensor_parallel
 from partitioner.plan import Mesh
 from partitioner.pricing import TIME_UNIT
 from partitioner.problem import Context, Options, Problem, StageFit, batch_size, build_problem
@@ -22,12 +24,14 @@ from partitioner.search import search
 from partitioner.simulator import SimResult, predict_step
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
 
-__all__ = ["AUTO_NOTE", "DP_NOTE", "Solved", "choose", "replicated"]
+__all__ = ["AUTO_NOTE", "DP_NOTE", "TP_NOTE", "Solved", "choose", "replicated"]
 
 #: Plan notes that record the automatic choice start with this (``partitioner plan --explain``).
 AUTO_NOTE = "auto:"
 #: Plan notes that record the data-parallel degree and placement chosen start with this.
 DP_NOTE = "dp:"
+#: Plan notes that record the tensor-parallel degree chosen (``tensor_parallel="auto"``) start with this.
+TP_NOTE = "tp:"
 
 
 class Solved(NamedTuple):
@@ -48,14 +52,70 @@ class Replicated(NamedTuple):
     sim: SimResult  # the pipeline's simulation
 
 
+def tensor_parallel_degrees(ctx: Context) -> list[int]:
+    """The tensor-parallel degrees to solve: the one asked for, or with ``"auto"`` 1 and every
+    degree that divides the GPUs (of a node, where ``gpus_per_node`` is given: tensor
+    parallelism stays inside a node), leaves whole replicas, and shards at least one region
+    of the graph (``passes.tensor_parallel``)."""
+    asked = ctx.request.tensor_parallel
+    if asked != "auto":
+        return [int(asked)]
+    opts = ctx.request.opts
+    fixed_dp = ctx.request.data_parallel if ctx.request.data_parallel != "auto" else 1
+    group = gcd(opts.n_gpus, opts.gpus_per_node) if opts.gpus_per_node else opts.n_gpus
+    out = [1]
+    for t in divisors(group):
+        if t > 1 and opts.n_gpus % (t * int(fixed_dp)) == 0 and tensor_parallel.shard(
+                ctx.annotation().gm, t).regions:
+            out.append(t)
+    return out
+
+
 def choose(ctx: Context) -> Solved:
     """Solve: cuts and recompute chosen by the search; the layout on nodes (and with
-    ``data_parallel="auto"`` the replica count) chosen by the predicted step."""
-    opts = ctx.request.opts
+    ``data_parallel="auto"`` the replica count, with ``tensor_parallel="auto"`` the
+    tensor-parallel degree) chosen by the predicted step."""
+    degrees = tensor_parallel_degrees(ctx)
+    base = ctx.request.opts
+    v = base.n_stages // base.pp
+    if len(degrees) == 1:
+        t = degrees[0]
+        return _choose_replicas(ctx, replace(base, tensor_parallel=t, n_stages=base.n_gpus // (base.data_parallel * t) * v))
+    rows: list[tuple[float, int, Solved]] = []
+    refused: list[str] = []
+    for t in degrees:
+        opts = replace(base, tensor_parallel=t, n_stages=base.n_gpus // (base.data_parallel * t) * v)
+        try:
+            solved = _choose_replicas(ctx, opts)
+        except PartitionError as e:
+            refused.append(f"T={t}: {' '.join(str(e).split())[:160]}")
+            continue
+        rows.append((replicated(solved.prob, solved.solution, solved.layout).step, t, solved))
+    if not rows:
+        raise InfeasibleError(f"no tensor-parallel degree fits {base.n_gpus} GPUs: " + "; ".join(refused[:6]))
+    rows.sort(key=lambda r: r[:2])
+    step, _, best = rows[0]
+    why = (f"the fastest predicted step of {len(rows)} degrees that fit; #2 is {rows[1][0] / step - 1:.1%} slower"
+           if len(rows) > 1 else "the only degree that fits")
+    best.prob.notes = list(best.prob.notes) + [
+        f"{TP_NOTE} picked T={rows[0][1]}: {why}"] + [
+        f"{TP_NOTE} #{i + 1} T={t} D={s.layout.dp} P={s.layout.pp} m={s.prob.opts.n_microbatches} "
+        f"{s.prob.opts.schedule}: predicted step {st * 1e3:.4g} ms" for i, (st, t, s) in enumerate(rows)] + [
+        f"{TP_NOTE} -- {r}" for r in refused]
+    return best
+
+
+def _choose_replicas(ctx: Context, opts: Options) -> Solved:
+    """``choose`` at one tensor-parallel degree (``opts.tensor_parallel``)."""
+    tp = opts.tensor_parallel
     if ctx.request.data_parallel != "auto":
+        if opts.n_gpus % (opts.data_parallel * tp):
+            raise PartitionError(f"n_gpus={opts.n_gpus} does not split into data_parallel={opts.data_parallel} "
+                                 f"x tensor_parallel={tp}")
         prob, sol, fits, _ = solve_pipeline(ctx, opts)
         ranked = sorted(((replicated(prob, sol, lay).step, i, lay) for i, lay in
-                         enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node))), key=lambda r: r[:2])
+                         enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
+                        key=lambda r: r[:2])
         if len(ranked) > 1:
             prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {lay.describe()}: predicted step {t * 1e3:.4g} ms"
                                              for t, _, lay in ranked]
@@ -64,19 +124,19 @@ def choose(ctx: Context) -> Solved:
     batch = batch_size(ctx.specs) if ctx.specs else None
     rows: list[tuple[float, int, int, int, Solved, Replicated]] = []
     refused: list[str] = []
-    for d in divisors(opts.n_gpus):
-        label = f"D={d} P={opts.n_gpus // d}"
+    for d in divisors(opts.n_gpus // tp):
+        label = f"D={d} P={opts.n_gpus // (d * tp)}" + (f" T={tp}" if tp > 1 else "")
         if batch is not None and batch % d:
             refused.append(f"{label}: the batch of {batch} does not split into {d} replicas")
             continue
-        o = replace(opts, data_parallel=d, n_stages=(opts.n_gpus // d) * v)
+        o = replace(opts, data_parallel=d, n_stages=(opts.n_gpus // (d * tp)) * v)
         try:
             prob, sol, fits, _ = solve_pipeline(ctx, o)
         except PartitionError as e:  # infeasible, too few cuts, a schedule that does not fit the counts
             refused.append(f"{label}: {' '.join(str(e).split())[:160]}")
             continue
         peak = max(prob.need(i, x) for i, x in enumerate(fits))
-        for lay in placements(d, o.pp, o.gpus_per_node):
+        for lay in placements(d, o.pp, o.gpus_per_node, tp):
             rep = replicated(prob, sol, lay)
             rows.append((rep.step, peak, -d, len(rows), Solved(prob, sol, fits, lay), rep))
     if not rows:

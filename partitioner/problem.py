@@ -17,7 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import fx, nn
 
-from partitioner import plan_builder, poly
+from partitioner import plan_builder, poly, tensor_parallel
 from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.devices import DeviceSpec, LinkSpec
 from partitioner.cost_models.errors import PartitionError
@@ -73,15 +73,17 @@ class Options:
     gpus_per_node: int | None = None  # None: every rank on one node
     inter_link: LinkSpec | None = None  # between nodes (the plan records it in mesh.inter_link)
     objective: str = "auto"  # "step": cuts minimise the schedule's simulated step; "auto": step where it differs
+    #: tensor-parallel ranks per pipeline rank: n_gpus = data_parallel x pipeline ranks x tensor_parallel
+    tensor_parallel: int = 1
 
     @property
     def pp(self) -> int:
         """Ranks of one pipeline."""
-        return self.n_gpus // self.data_parallel
+        return self.n_gpus // (self.data_parallel * self.tensor_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("custom", "inter_link")}
+               if k not in ("custom", "inter_link") and not (k == "tensor_parallel" and v == 1)}
         if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
             out["schedule_text"] = self.custom.to_text()
         return out
@@ -99,6 +101,7 @@ class Request:
     dev: DeviceSpec
     lnk: LinkSpec
     keep_snapshots: bool = False
+    tensor_parallel: int | str = 1  # as given: a degree, or "auto" (each degree that fits a node is tried)
 
 
 class Annotated(NamedTuple):
@@ -119,6 +122,8 @@ class Context:
     specs: tuple[InputSpec, ...]
     request: Request
     annotated: Annotated | None = field(default=None, repr=False)
+    #: per tensor-parallel degree: the annotated graph as one rank of the group prices it
+    views: dict[int, fx.GraphModule] = field(default_factory=dict, repr=False)
 
     def annotation(self) -> Annotated:
         """The annotated graph, annotating on the first call; the notes are a fresh list each time."""
@@ -127,6 +132,13 @@ class Context:
             self.annotated = made._replace(notes=list(made.notes))
             return made
         return self.annotated._replace(notes=list(self.annotated.notes))
+
+    def rank_view(self, degree: int) -> fx.GraphModule:
+        """The annotated graph as one rank of a ``degree``-way tensor-parallel group prices it
+        (``partitioner.tensor_parallel.view``), made once per degree."""
+        if degree not in self.views:
+            self.views[degree] = tensor_parallel.view(self.annotation().gm, degree)[0]
+        return self.views[degree]
 
 
 class StageFit(NamedTuple):
@@ -286,6 +298,8 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     schedule's default for the batch); ``dims``: the mesh order (a re-applied plan's)."""
     specs, dev, lnk = ctx.specs, ctx.request.dev, ctx.request.lnk
     gm, pm, notes = ctx.annotation()
+    if opts.tensor_parallel > 1:  # one rank of the group: its share of each sharded region
+        gm = ctx.rank_view(opts.tensor_parallel)
     costs_known = bool(specs)
     batch = batch_size(specs) if specs else None
     if batch is not None:
@@ -314,6 +328,8 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
             return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
         return dev.node_time(cost, values, compute)
 
+    # tensor parallelism: the group's all-reduces on the in-node link (nothing without a view)
+    node_time = tensor_parallel.node_time(node_time, gm, lnk)
     marks = cut_constraints(gm, opts.cut_at, opts.n_stages, opts.pinned_cuts)  # pipe_split() markers, cut_at check
     notes.extend(marks.notes)
     priced = marks.apply(price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,
@@ -322,7 +338,9 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     width, _, _ = PRECISIONS[opts.precision]
     per_param = bytes_per_param(opts.precision, opts.optimizer)
     static = Static(gm, priced.order, per_param, width)
-    trainable = {id(t): t.numel() for _, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
+    divisor = tensor_parallel.param_divisor(gm)  # one tensor-parallel rank's share of sharded weights
+    trainable = {id(t): t.numel() // divisor.get(name, 1)
+                 for name, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
     # zero=3: FSDP's units, and whether they are gathered once per step (a split backward)
     shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
                       splits_backward(opts.custom or opts.schedule))
@@ -346,7 +364,7 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
         compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
         static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
         capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
-    layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0)
+    layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0, tp=opts.tensor_parallel)
     pins = resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed, priced.blocked_by)
     return Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
                    capacity, dev, lnk, shard, layout, pins)

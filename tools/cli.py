@@ -60,8 +60,13 @@ def _partition_options() -> _Parser:
     g.add_argument("--dp", type=_microbatches, default=None, metavar="D",
                    help="data-parallel replicas of the pipeline, a divisor of --gpus, or 'auto': the degree with "
                         "the fastest predicted step that fits (prints the candidates) (default: 1)")
-    g.add_argument("--zero", type=int, default=None, choices=(0, 1),
-                   help="1: shard optimizer state over the replicas (ZeRO-1) (default: 0)")
+    g.add_argument("--zero", type=int, default=None, choices=(0, 1, 3),
+                   help="1: shard optimizer state over the replicas (ZeRO-1); 3: shard weights, gradients and "
+                        "optimizer state inside the stages (FSDP2) (default: 0)")
+    g.add_argument("--tp", type=_microbatches, default=None, metavar="T",
+                   help="tensor-parallel ranks per pipeline rank (attention and MLP split over the group inside a "
+                        "node), or 'auto': the degree with the fastest predicted step (prints the candidates) "
+                        "(default: 1)")
     g.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
                    help="GPUs per node (torchrun's order): ranks on other nodes talk over --inter-link "
                         "(default: all on one node)")
@@ -251,6 +256,7 @@ _FLAG_NAMES = [
     (r"route='export'", "capture_route='export' (Python API only)"),
     (r"data_parallel(?:=(\d+|'auto'))?", "--dp"), (r"gpus_per_node", "--gpus-per-node"),
     (r"inter_link", "--inter-link"), (r"zero(?:=(\d))?", "--zero"),
+    (r"tensor_parallel(?:=(\d+|'auto'))?", "--tp"),
 ]
 
 

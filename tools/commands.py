@@ -108,6 +108,8 @@ def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: boo
 
     extra = {k: getattr(args, k) for k in ("precision", "recompute", "objective", "gpus_per_node", "inter_link")
              if getattr(args, k, None) is not None}
+    if getattr(args, "tp", None) is not None:
+        extra["tensor_parallel"] = args.tp
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet), _library_output(args):
         try:
             return partition(
@@ -158,6 +160,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _explain_choice(pipe.plan)
     if args.dp == "auto" and not args.quiet:
         _explain_data_parallel(pipe.plan)
+    if getattr(args, "tp", None) == "auto" and not args.quiet:
+        _explain_notes(pipe.plan, "tp:", "tensor parallelism")
     if hf and not args.quiet:
         _hf_report(pipe.plan, args)
     return 0
@@ -200,11 +204,17 @@ def _hf_report(plan: Any, args: argparse.Namespace) -> None:
 
 def _explain_data_parallel(plan: Any) -> None:
     """``--dp auto``: every (replicas x pipeline ranks) candidate, from the plan's notes
-    (``partitioner.api.DP_NOTE``), fastest first, and those that did not fit."""
-    lines = [n[len("dp:"):].strip() for n in plan.notes if n.startswith("dp:")]
+    (``partitioner.layout.DP_NOTE``), fastest first, and those that did not fit."""
+    _explain_notes(plan, "dp:", "data parallelism")
+
+
+def _explain_notes(plan: Any, prefix: str, what: str) -> None:
+    """A layout ranking from the plan's notes that start with ``prefix``: the pick, every
+    candidate fastest first, and those that did not fit."""
+    lines = [n[len(prefix):].strip() for n in plan.notes if n.startswith(prefix)]
     if not lines:
         return
-    print(f"data parallelism: {lines[0]}")
+    print(f"{what}: {lines[0]}")
     for line in lines[1:]:
         print(("  not possible: " + line[3:]) if line.startswith("-- ") else "  " + line)
 

@@ -79,14 +79,16 @@ def print_plan(summary: dict[str, Any], console: Console) -> None:
         f"cross-stage traffic {human_bytes(s['total_cut_bytes'])}"
     )
     mesh = summary.get("mesh") or {}
-    if mesh.get("dp", 1) > 1 or mesh.get("gpus_per_node"):
+    if mesh.get("dp", 1) > 1 or mesh.get("gpus_per_node") or mesh.get("tp", 1) > 1:
         nodes = (f", {-(-summary['n_gpus'] // mesh['gpus_per_node'])} nodes x {mesh['gpus_per_node']} GPUs"
                  if mesh.get("gpus_per_node") else "")
+        tp = f" x {mesh['tp']} tensor-parallel ranks" if mesh.get("tp", 1) > 1 else ""
+        zero = {1: ", ZeRO-1", 3: ", FSDP (zero=3)"}.get(mesh.get("zero", 0), "")
         console.print(
-            f"data parallel: {mesh['dp']} replicas x {mesh['pp']} pipeline ranks{nodes}, mesh "
-            f"({', '.join(mesh['dims'])}){', ZeRO-1' if mesh.get('zero') else ''}; gradient all-reduce adds "
+            f"data parallel: {mesh['dp']} replicas x {mesh['pp']} pipeline ranks{tp}{nodes}, mesh "
+            f"({', '.join(mesh['dims'])}){zero}; gradient all-reduce adds "
             f"{human_seconds(mesh['allreduce_exposed_s'])} to the step")
     for note in summary["notes"]:
-        if note.startswith(("dp: #", "dp: --")):  # the ranking: plan --dp auto prints it under the table
+        if note.startswith(("dp: #", "dp: --", "tp: #", "tp: --")):  # rankings: plan --dp/--tp auto prints them
             continue
         console.print(f"[yellow]note:[/yellow] {escape(note)}")

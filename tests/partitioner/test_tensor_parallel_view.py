@@ -40,3 +40,33 @@ def test_node_times_gain_the_ring_all_reduces_on_the_group_link() -> None:
         cost = nodes[name].meta[COST]
         got, plain = timed(cost, values), base(cost, values)
         assert got[0] == pytest.approx(plain[0] + extra[0]) and got[1] == pytest.approx(plain[1] + extra[1]), name
+
+
+def test_partition_prices_one_rank_of_each_tensor_parallel_group() -> None:
+    from partitioner import partition
+    from partitioner.cost_models.errors import PartitionError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(Block(h=64, heads=8, inner=256) for _ in range(4)))
+    x = torch.randn(8, 128, 64)
+    kw = dict(example_inputs=(x,), device="h100-sxm", link="nvlink4", n_microbatches=4)
+    one = partition(model, n_gpus=2, **kw).plan
+    two = partition(model, n_gpus=4, tensor_parallel=2, **kw).plan
+    assert (two.mesh.pp, two.mesh.tp, two.options["n_gpus"], two.options["tensor_parallel"]) == (2, 2, 4, 2)
+    assert "tensor_parallel" not in one.options and "tp" not in one.to_dict()["mesh"]  # plans without TP unchanged
+    # each rank holds about half of every sharded weight: the biases of the row linears and the
+    # norms stay whole, so a little more than half
+    w1 = sum(st.cost.param_bytes for st in one.stages)
+    w2 = sum(st.cost.param_bytes for st in two.stages)
+    assert 0.5 * w1 < w2 < 0.52 * w1
+    # half the FLOPs of every region per rank; the all-reduces add time, so not half the step
+    f1 = sum(c["fwd_flops"] for c in one.cost_at(batch=2, seq=128))
+    f2 = sum(c["fwd_flops"] for c in two.cost_at(batch=2, seq=128))
+    assert 0.5 * f1 < f2 < 0.6 * f1
+    auto = partition(model, n_gpus=4, tensor_parallel="auto", gpus_per_node=4, **kw).plan
+    ranking = [n for n in auto.notes if n.startswith("tp: #")]
+    assert [n.split()[2] for n in ranking] and {n.split()[2] for n in ranking} == {"T=1", "T=2", "T=4"}
+    with pytest.raises(PartitionError, match="tensor_parallel=3"):
+        partition(model, n_gpus=4, tensor_parallel=3, **kw)
+    with pytest.raises(PartitionError, match="does not divide gpus_per_node=2"):
+        partition(model, n_gpus=4, tensor_parallel=4, gpus_per_node=2, **kw)

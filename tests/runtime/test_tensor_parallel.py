@@ -326,3 +326,17 @@ def test_plan_mesh_tp_round_trips_and_old_plans_load_as_tp_1() -> None:
     # tp innermost: pipeline rank p, TP rank t is global rank p * tp + t
     assert [tp.plan.mesh.rank(0, p, t) for p in range(2) for t in range(2)] == [0, 1, 2, 3]
     assert tp.plan.mesh.coords(3) == (0, 1)
+
+
+@pytest.mark.timeout(200)
+def test_a_plan_the_planner_made_with_tensor_parallelism_trains_like_one_process() -> None:
+    # partition(tensor_parallel=2) prices one rank of each group and records mesh.tp: the
+    # runtime runs that plan as it is (no with_tensor_parallel)
+    model, _, init = _built("net")
+    inputs, _ = _data("net")
+    pipe = partition(model, 4, inputs, device="cpu", link="loopback", pinned_cuts=["blocks.1"], n_microbatches=M,
+                     tensor_parallel=2)
+    assert (pipe.plan.mesh.pp, pipe.plan.mesh.tp, pipe.plan.options["tensor_parallel"]) == (2, 2, 2)
+    assert load_plan(pipe.plan.to_json()).mesh.tp == 2
+    results = spawn(_train, 4, "net", pipe, timeout_s=TIMEOUT_S)
+    _check_training("net", results)

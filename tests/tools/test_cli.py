@@ -97,3 +97,17 @@ def test_run_refuses_token_normalization_for_a_model_without_tokens() -> None:
     out = cli("run", f"{MODELS}:mlp", "--gpus", "2", "--steps", "1", "--normalize", "tokens")
     assert out.returncode == 2 and out.stderr.startswith("error: --normalize tokens needs")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_plan_tp_auto_ranks_the_tensor_parallel_degrees(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    done = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--tp", "auto", "--gpus-per-node", "4",
+               "--device", "h100-sxm", "--link", "nvlink4", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "tensor parallelism: picked T=" in done.stdout
+    ranked = [line for line in done.stdout.splitlines() if line.strip().startswith("#")]
+    assert {line.split()[1] for line in ranked} == {"T=1", "T=2", "T=4"}
+    picked = done.stdout.split("tensor parallelism: picked T=")[1].split(":")[0]
+    assert json.loads(out.read_text())["mesh"].get("tp", 1) == int(picked)
+    bad = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--tp", "3", "-o", str(tmp_path / "b.json"))
+    assert bad.returncode == 2 and "--tp" in bad.stderr and "tensor_parallel" not in bad.stderr
