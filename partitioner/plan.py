@@ -146,7 +146,7 @@ class Mesh:
     ``tp``: tensor-parallel ranks per pipeline rank (``runtime.tensor_parallel``; 1 in plans
     written before it). They are the innermost dimension: global rank
     ``rank(d, p) * tp + t``, so the ``tp`` ranks of one pipeline rank are consecutive (one
-    node). The planner does not choose ``tp`` yet (``with_tensor_parallel`` sets it).
+    node). ``partition(tensor_parallel=...)`` chooses it (``with_tensor_parallel`` sets it on a plan).
     """
 
     dp: int = 1

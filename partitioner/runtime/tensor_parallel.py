@@ -596,7 +596,7 @@ def full_state(named: Any) -> dict[str, torch.Tensor]:
 def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
     """A shallow copy of ``pipe`` (the same stage modules) whose plan's mesh has ``tp`` = ``tp``:
     ``build_stage`` then runs each pipeline rank as ``tp`` tensor-parallel ranks. The planner
-    does not choose ``tp`` (nor price it) yet."""
+    prices a plan with ``partition(tensor_parallel=T)``; this sets ``tp`` on a plan made without it."""
 
     if not isinstance(tp, int) or tp < 1:
         raise PipelineRuntimeError(f"with_tensor_parallel(tp={tp!r}): expected a positive integer")
