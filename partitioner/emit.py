@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import sympy
 from torch import fx
@@ -17,7 +17,7 @@ from torch import fx
 from partitioner import plan_builder
 from partitioner.layout import Solved, replicated
 from partitioner.passes.manager import Snapshot, graph_text, node_summary
-from partitioner.passes.meta import STAGE
+from partitioner.passes.meta import STAGE, SYMBOLIC
 from partitioner.passes.recompute import with_recompute
 from partitioner.passes.split import split_graph
 from partitioner.pipe import Pipe
@@ -67,7 +67,8 @@ def emit(ctx: Context, solved: Solved) -> Pipe:
               for fit, (kept_expr, extra_expr) in zip(fits, symbolic(prob, bounds, fits))]
     plan = plan_builder.build_plan(
         plan_builder.PlanSource(type(ctx.model).__name__, fingerprint(ctx.cap.gm), ctx.cap.route, ctx.specs,
-                                prob.symbols, opts.to_dict(), prob.notes),
+                                prob.symbols, opts.to_dict(), prob.notes,
+                                static_shapes=bool(specs_static(gm)), rankings=prob.rankings),
         plan_builder.Hardware(prob.dev, prob.lnk),
         plan_builder.SolvedSplit(gm, priced, bounds, split, prob.sched, prob.micro, solution, prob.comm, memory,
                                  TIME_UNIT),
@@ -89,6 +90,11 @@ def symbolic(prob: Problem, bounds: Sequence[int],
     return out
 
 
+def specs_static(gm: Any) -> bool:
+    """Did symbolic shape propagation fail (shapes hold for the example sizes only)?"""
+    return SYMBOLIC in gm.meta and not gm.meta[SYMBOLIC]
+
+
 def reapply(ctx: Context, plan: Plan) -> Pipe:
     """Re-apply ``plan``: its cuts and recompute, priced the same way, no search."""
     opts = ctx.request.opts
@@ -101,5 +107,5 @@ def reapply(ctx: Context, plan: Plan) -> Pipe:
     sol = rescore(prob, first, fits, optimal=plan.solver.optimal)
     sol = replace(sol, lower_bound=to_units([plan.solver.lower_bound_s])[0])
     pipe = emit(ctx, Solved(prob, sol, fits, prob.layout))
-    pipe.plan = replace(pipe.plan, notes=plan.notes, solver=plan.solver)
+    pipe.plan = replace(pipe.plan, notes=plan.notes, solver=plan.solver, rankings=plan.rankings)
     return pipe

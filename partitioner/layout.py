@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from math import gcd
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from partitioner.cost_models.errors import PartitionError
 from partitioner.data_parallel import boundary_links, divisors, placements, price_replicas, reduction_windows
@@ -50,6 +50,17 @@ class Replicated(NamedTuple):
     step: float  # seconds: the pipeline's simulated step with the exposed all-reduce
     mesh: Mesh  # the plan's mesh, with its prices
     sim: SimResult  # the pipeline's simulation
+
+
+def ranked(rows: Sequence[tuple[str, float, str]], refused: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A ranking as ``Plan.rankings`` holds it: (label, step, text) fastest first, the first
+    picked, then the candidates refused ("label: why")."""
+    out: list[dict[str, Any]] = [{"label": label, "step_s": step, "picked": i == 0, "refused": None, "text": text}
+                                 for i, (label, step, text) in enumerate(rows)]
+    for r in refused:
+        label, _, why = r.partition(": ")
+        out.append({"label": label, "step_s": None, "picked": False, "refused": why, "text": r})
+    return out
 
 
 def tensor_parallel_degrees(ctx: Context) -> list[int]:
@@ -97,6 +108,10 @@ def choose(ctx: Context) -> Solved:
     step, _, best = rows[0]
     why = (f"the fastest predicted step of {len(rows)} degrees that fit; #2 is {rows[1][0] / step - 1:.1%} slower"
            if len(rows) > 1 else "the only degree that fits")
+    labels = [(f"T={t} D={sv.layout.dp} P={sv.layout.pp} m={sv.prob.opts.n_microbatches} {sv.prob.opts.schedule}", st)
+              for st, t, sv in rows]
+    best.prob.rankings["tp"] = ranked([(lb, st, f"{lb}: predicted step {st * 1e3:.4g} ms") for lb, st in labels],
+                                      refused)
     best.prob.notes = list(best.prob.notes) + [
         f"{TP_NOTE} picked T={rows[0][1]}: {why}"] + [
         f"{TP_NOTE} #{i + 1} T={t} D={s.layout.dp} P={s.layout.pp} m={s.prob.opts.n_microbatches} "
@@ -113,13 +128,15 @@ def _choose_replicas(ctx: Context, opts: Options) -> Solved:
             raise PartitionError(f"n_gpus={opts.n_gpus} does not split into data_parallel={opts.data_parallel} "
                                  f"x tensor_parallel={tp}")
         prob, sol, fits, _ = solve_pipeline(ctx, opts)
-        ranked = sorted(((replicated(prob, sol, lay).step, i, lay) for i, lay in
+        placed = sorted(((replicated(prob, sol, lay).step, i, lay) for i, lay in
                          enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
                         key=lambda r: r[:2])
-        if len(ranked) > 1:
+        if len(placed) > 1:
+            prob.rankings["placement"] = ranked([(f"mesh ({', '.join(lay.dims)})", t, f"placement {lay.describe()}: "
+                                                  f"predicted step {t * 1e3:.4g} ms") for t, _, lay in placed])
             prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {lay.describe()}: predicted step {t * 1e3:.4g} ms"
-                                             for t, _, lay in ranked]
-        return Solved(prob, sol, fits, ranked[0][2])
+                                             for t, _, lay in placed]
+        return Solved(prob, sol, fits, placed[0][2])
     v = opts.n_stages // opts.pp
     batch = batch_size(ctx.specs) if ctx.specs else None
     rows: list[tuple[float, int, int, int, Solved, Replicated]] = []
@@ -152,6 +169,7 @@ def _choose_replicas(ctx: Context, opts: Options) -> Solved:
                 f"bubble {rep.sim.bubble_fraction:.1%}), peak memory {_fmt_bytes(r[1])}")
     why = (f"the fastest predicted step of {len(rows)} that fit; #2 is {rows[1][0] / step - 1:.1%} slower"
            if len(rows) > 1 else "the only candidate that fits")
+    best.prob.rankings["dp"] = ranked([(line(r).split(": predicted step")[0], r[0], line(r)) for r in rows], refused)
     best.prob.notes = list(best.prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}: {why}"] + [
         f"{DP_NOTE} #{i + 1} {line(r)}" for i, r in enumerate(rows)] + [f"{DP_NOTE} -- {r}" for r in refused]
     return best
@@ -187,7 +205,7 @@ def auto(ctx: Context, opts: Options) -> Solved:
     else:
         assert not isinstance(n_microbatches, str)  # partition() accepts no other string
         ms = [n_microbatches]
-    ranked: list[tuple[float, str, Solved]] = []
+    ranked_: list[tuple[float, str, Solved]] = []
     refused: list[str] = []
     for name in names:
         spec = SCHEDULES[name]
@@ -204,14 +222,16 @@ def auto(ctx: Context, opts: Options) -> Solved:
                 refused.append(f"{label}: {'does not fit' if isinstance(e, InfeasibleError) else 'not allowed'} "
                                f"({' '.join(str(e).split())[:160]})")
                 continue
-            ranked.append((predicted_step(prob, sol), label, Solved(prob, sol, fits, prob.layout)))
-    if not ranked:
+            ranked_.append((predicted_step(prob, sol), label, Solved(prob, sol, fits, prob.layout)))
+    if not ranked_:
         raise InfeasibleError("no candidate schedule / micro-batch count fits: " + "; ".join(refused[:6]))
-    ranked.sort(key=lambda r: (r[0], r[1]))
-    best_t, best_label, best = ranked[0]
+    ranked_.sort(key=lambda r: (r[0], r[1]))
+    best_t, best_label, best = ranked_[0]
+    best.prob.rankings["auto"] = ranked([(label, t, f"{label}: predicted step {t * 1e3:.4g} ms")
+                                         for t, label, _ in ranked_], refused)
     best.prob.notes = list(best.prob.notes) + [
-        f"{AUTO_NOTE} picked {best_label} of {len(ranked)} fitting candidates (predicted step {best_t * 1e3:.4g} ms)"
-    ] + [f"{AUTO_NOTE} #{i + 1} {label}: predicted step {t * 1e3:.4g} ms" for i, (t, label, _) in enumerate(ranked)] \
+        f"{AUTO_NOTE} picked {best_label} of {len(ranked_)} fitting candidates (predicted step {best_t * 1e3:.4g} ms)"
+    ] + [f"{AUTO_NOTE} #{i + 1} {label}: predicted step {t * 1e3:.4g} ms" for i, (t, label, _) in enumerate(ranked_)] \
       + [f"{AUTO_NOTE} -- {r}" for r in refused]
     return best
 

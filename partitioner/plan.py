@@ -223,6 +223,13 @@ class Plan:
     version: int = PLAN_VERSION
     notes: tuple[str, ...] = field(default=())  # warnings raised while planning
     mesh: Mesh = field(default_factory=Mesh)  # data-parallel replicas x pipeline ranks, and their nodes
+    #: True when symbolic shape propagation failed: shapes and costs hold for the example sizes only
+    static_shapes: bool = False
+    #: the automatic choices' candidates, by what was chosen ("auto": schedule and micro-batches,
+    #: "dp": data-parallel degree, "placement": the mesh order on nodes, "tp": tensor-parallel
+    #: degree): each {"label", "step_s", "picked", "refused", "text"} ("text": the line a person
+    #: reads, as the notes give it), fastest first, then the refused
+    rankings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_stages(self) -> int:
@@ -263,8 +270,12 @@ class Plan:
     # -- JSON ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = _plain(asdict(self))
-        if data["mesh"].get("tp") == 1:  # without tensor parallelism a plan reads as before the field existed
+        # fields at their defaults are left out: such a plan reads as before the fields existed
+        if data["mesh"].get("tp") == 1:
             del data["mesh"]["tp"]
+        for name in ("static_shapes", "rankings"):
+            if not data[name]:
+                del data[name]
         return data
 
     def to_json(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import sympy
@@ -46,6 +46,8 @@ class PlanSource:
     symbols: Mapping[str, int]  # {"B": batch, "S": seq} of the example inputs
     options: Mapping[str, Any]  # api.Options.to_dict()
     notes: Sequence[str] = ()
+    static_shapes: bool = False  # symbolic shape propagation failed: costs hold for the example sizes only
+    rankings: Mapping[str, Any] = field(default_factory=dict)  # the automatic choices' candidates
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,8 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
         inputs=tuple(_input_dict(s) for s in specs), symbols=dict(symbols), options=dict(options),
         device=device.to_dict(), link=link.to_dict(), stages=tuple(stage_plans),
         boundaries=tuple(boundaries), tied_parameters=tuple(tied), prediction=prediction,
-        solver=report, notes=tuple(notes),
+        solver=report, notes=tuple(notes), static_shapes=source.static_shapes,
+        rankings={k: list(v) for k, v in source.rankings.items()},
     )
 
 

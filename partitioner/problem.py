@@ -174,6 +174,8 @@ class Problem:
     shard: ZeroShard  # trainable elements per position: gradient bytes, ZeRO-1's saving
     layout: Mesh  # where the ranks sit (data parallelism, nodes); prices filled in by layout.replicated
     pins: list[int]  # positions the user (or pipe_split markers) pinned a cut before
+    #: the automatic choices' candidates (``Plan.rankings``), filled by ``layout``
+    rankings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def static_at(self, a: int, b: int) -> int:
         """Static bytes of positions [a, b) on one rank (ZeRO-1: 1/dp of the optimizer state)."""

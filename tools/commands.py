@@ -161,7 +161,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.dp == "auto" and not args.quiet:
         _explain_data_parallel(pipe.plan)
     if getattr(args, "tp", None) == "auto" and not args.quiet:
-        _explain_notes(pipe.plan, "tp:", "tensor parallelism")
+        _explain_notes(pipe.plan, "tp", "tensor parallelism")
     if hf and not args.quiet:
         _hf_report(pipe.plan, args)
     return 0
@@ -203,33 +203,36 @@ def _hf_report(plan: Any, args: argparse.Namespace) -> None:
 
 
 def _explain_data_parallel(plan: Any) -> None:
-    """``--dp auto``: every (replicas x pipeline ranks) candidate, from the plan's notes
-    (``partitioner.layout.DP_NOTE``), fastest first, and those that did not fit."""
-    _explain_notes(plan, "dp:", "data parallelism")
+    """``--dp auto``: every (replicas x pipeline ranks) candidate (``plan.rankings["dp"]``),
+    fastest first, and those that did not fit."""
+    _explain_notes(plan, "dp", "data parallelism")
 
 
-def _explain_notes(plan: Any, prefix: str, what: str) -> None:
-    """A layout ranking from the plan's notes that start with ``prefix``: the pick, every
-    candidate fastest first, and those that did not fit."""
-    lines = [n[len(prefix):].strip() for n in plan.notes if n.startswith(prefix)]
-    if not lines:
-        return
-    print(f"{what}: {lines[0]}")
-    for line in lines[1:]:
-        print(("  not possible: " + line[3:]) if line.startswith("-- ") else "  " + line)
+def _explain_notes(plan: Any, kind: str, what: str) -> bool:
+    """A layout ranking, ``plan.rankings[kind]``: the pick, every candidate fastest first,
+    and those that did not fit. False when the plan has none."""
+    rows = plan.rankings.get(kind, [])
+    fitting = [r for r in rows if r["refused"] is None]
+    if not fitting:
+        return False
+    why = (f"the fastest predicted step of {len(fitting)} that fit; #2 is "
+           f"{fitting[1]['step_s'] / fitting[0]['step_s'] - 1:.1%} slower" if len(fitting) > 1
+           else "the only candidate that fits")
+    print(f"{what}: picked {fitting[0]['text']}: {why}")
+    for i, r in enumerate(fitting):
+        print(f"  #{i + 1} {r['text']}")
+    for r in rows:
+        if r["refused"] is not None:
+            print(f"  not possible: {r['text']}")
+    return True
 
 
 def _explain_choice(plan: Any) -> None:
-    """The automatic choice's ranking, from the plan's notes (``partitioner.api.AUTO_NOTE``)."""
-    lines = [n[len("auto:"):].strip() for n in plan.notes if n.startswith("auto:")]
-    p = plan.prediction
-    if not lines:
+    """The automatic choice's ranking (``plan.rankings["auto"]``)."""
+    if not _explain_notes(plan, "auto", "automatic choice"):
+        p = plan.prediction
         print(f"schedule {p.schedule} with {p.n_microbatches} micro-batches was given, nothing was ranked; "
               "use --schedule auto and/or --microbatches auto")
-        return
-    print(f"automatic choice: {lines[0]}")
-    for line in lines[1:]:
-        print(("  " + line[3:]) if line.startswith("-- ") else "  " + line)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -44,9 +44,9 @@ Flatten = Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]
 
 def static_shapes(plan: Plan) -> bool:
     """Whether the plan's shapes hold for its example sizes only (symbolic shape propagation
-    failed when planning). Read from the note ``partition()`` writes; the one place the
-    runtime asks, so a plan field can replace the note later."""
-    return any(n.startswith(STATIC_SHAPES_NOTE) for n in plan.notes)
+    failed when planning): ``plan.static_shapes``, or for a plan written before that field,
+    the note ``partition()`` wrote then."""
+    return plan.static_shapes or any(n.startswith(STATIC_SHAPES_NOTE) for n in plan.notes)
 
 
 def seq_len(plan: Plan, flat_inputs: Sequence[Any] | None = None) -> int:

@@ -8,6 +8,7 @@ import torch
 from partitioner.cost_models.devices import DEVICES, LINKS
 from partitioner.data_parallel import ring_allreduce_s
 from partitioner.passes.meta import COST
+from partitioner.plan import load_plan
 from partitioner.tensor_parallel import node_time, param_divisor, view
 from tests.passes.test_tensor_parallel import Block, _annotated
 
@@ -64,8 +65,14 @@ def test_partition_prices_one_rank_of_each_tensor_parallel_group() -> None:
     f2 = sum(c["fwd_flops"] for c in two.cost_at(batch=2, seq=128))
     assert 0.5 * f1 < f2 < 0.6 * f1
     auto = partition(model, n_gpus=4, tensor_parallel="auto", gpus_per_node=4, **kw).plan
-    ranking = [n for n in auto.notes if n.startswith("tp: #")]
-    assert [n.split()[2] for n in ranking] and {n.split()[2] for n in ranking} == {"T=1", "T=2", "T=4"}
+    ranking = auto.rankings["tp"]  # the candidates as data: fastest first, the first picked
+    assert {r["label"].split()[0] for r in ranking} == {"T=1", "T=2", "T=4"}
+    assert ranking[0]["picked"] and not any(r["picked"] for r in ranking[1:])
+    steps = [r["step_s"] for r in ranking]
+    assert steps == sorted(steps) and auto.prediction.step_time_s == pytest.approx(steps[0], rel=1e-9)
+    assert auto.mesh.tp == int(ranking[0]["label"].split()[0][2:])
+    assert load_plan(auto.to_json()).rankings == auto.rankings
+    assert "rankings" not in one.to_dict()  # no automatic choice: left out
     with pytest.raises(PartitionError, match="tensor_parallel=3"):
         partition(model, n_gpus=4, tensor_parallel=3, **kw)
     with pytest.raises(PartitionError, match="does not divide gpus_per_node=2"):

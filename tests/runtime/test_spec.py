@@ -16,6 +16,7 @@ import functools
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +201,30 @@ def test_the_record_refuses_missing_stages_and_the_default_io_maps_calls_by_name
     assert io.unflatten_outputs([y]) is y
 
 
-def test_static_shapes_is_read_from_the_plans_note() -> None:
+def test_static_shapes_is_read_from_the_plans_field_and_an_old_plans_note() -> None:
     _, pipe, _, _ = _zb()
-    assert not static_shapes(pipe.plan)
+    assert not static_shapes(pipe.plan) and not pipe.plan.static_shapes
+    assert static_shapes(dataclasses.replace(pipe.plan, static_shapes=True))
+    # a plan written before the field says it in a note
     pinned = dataclasses.replace(pipe.plan, notes=(*pipe.plan.notes, STATIC_SHAPES_NOTE + " (B fixed to 8)"))
     assert static_shapes(pinned)
+
+
+class _PinsBatch(nn.Module):
+    """``view(8, -1)`` pins B to 8: symbolic shape propagation fails, shapes are static."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).view(8, -1) * 2)
+
+
+def test_partition_records_static_shapes_in_the_plan() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = partition(_PinsBatch(), n_gpus=2, example_inputs=(torch.randn(8, 4),)).plan
+    assert plan.static_shapes and static_shapes(plan)
+    assert load_plan(plan.to_json()).static_shapes
+    assert '"static_shapes"' not in _zb()[1].plan.to_json()  # left out at its default
