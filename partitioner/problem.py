@@ -324,14 +324,14 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
         symbols["S"] = seq
     compute = getattr(torch, compute_dtype(opts.precision))
 
-    def node_time(cost: NodeCost, values: Mapping[str, int]) -> tuple[float, float]:
+    def base_time(cost: NodeCost, values: Mapping[str, int]) -> tuple[float, float]:
         if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
             pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
             return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
         return dev.node_time(cost, values, compute)
 
     # tensor parallelism: the group's all-reduces on the in-node link (nothing without a view)
-    node_time = tensor_parallel.node_time(node_time, gm, lnk)
+    node_time = tensor_parallel.node_time(base_time, gm, lnk)
     marks = cut_constraints(gm, opts.cut_at, opts.n_stages, opts.pinned_cuts)  # pipe_split() markers, cut_at check
     notes.extend(marks.notes)
     priced = marks.apply(price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,

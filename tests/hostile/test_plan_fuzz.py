@@ -310,7 +310,11 @@ def test_options_schema_knows_every_optimizer() -> None:
 
     opts = _schema()["properties"]["options"]
     assert opts["properties"]["optimizer"]["enum"] == list(OPTIMIZER_STATES)
-    assert sorted(opts["required"]) == sorted(k for k in Options.__dataclass_fields__ if k not in ("custom", "inter_link"))  # not in options (inter_link: plan.mesh)
+    # every option is required but custom and inter_link (not in options: inter_link is in
+    # plan.mesh) and tensor_parallel (written only when > 1, so older plans load)
+    assert sorted(opts["required"]) == sorted(k for k in Options.__dataclass_fields__
+                                              if k not in ("custom", "inter_link", "tensor_parallel"))
+    assert set(Options.__dataclass_fields__) - {"custom", "inter_link"} == set(opts["properties"]) - {"schedule_text"}
 
 
 # -- loading never runs code -------------------------------------------------------------
