@@ -601,7 +601,14 @@ def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
     if not isinstance(tp, int) or tp < 1:
         raise PipelineRuntimeError(f"with_tensor_parallel(tp={tp!r}): expected a positive integer")
     new = copy.copy(pipe)
-    new.plan = dataclasses.replace(pipe.plan, mesh=dataclasses.replace(pipe.plan.mesh, tp=tp))
+    plan = pipe.plan
+    options = dict(plan.options)  # the GPUs grow with the groups: n_gpus = data_parallel x pipeline ranks x tp
+    if isinstance(options.get("n_gpus"), int):
+        options["n_gpus"] = options["n_gpus"] // plan.mesh.tp * tp
+    options.pop("tensor_parallel", None)
+    if tp > 1:
+        options["tensor_parallel"] = tp
+    new.plan = dataclasses.replace(plan, options=options, mesh=dataclasses.replace(plan.mesh, tp=tp))
     return new
 
 
