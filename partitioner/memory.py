@@ -44,7 +44,8 @@ from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE  # re-ex
 from partitioner.passes import recompute
 from partitioner.passes.annotate import tensor_users
 from partitioner.passes.base import TensorDesc
-from partitioner.passes.meta import COST, DESC, MODULE, TP
+from partitioner.passes.meta import COST, DESC, MODULE
+from partitioner.passes.tensor_parallel import param_divisor
 
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
@@ -419,7 +420,7 @@ class Static:
         named.update(gm.named_buffers(remove_duplicate=False))
         users = tensor_users(gm)
         # one tensor-parallel rank's view (partitioner.tensor_parallel.view): sharded weights' share
-        divisor = getattr(gm.meta.get(TP), "param_divisor", {})
+        divisor = param_divisor(gm)
         self.size: dict[int, int] = {}
         self.uses: list[tuple[int, ...]] = []
         for node in order:

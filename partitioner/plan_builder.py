@@ -14,8 +14,9 @@ from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.devices import DeviceSpec, LinkSpec
 from partitioner.memory import _sum as grouped
 from partitioner.passes.base import InputSpec, TensorDesc
-from partitioner.passes.meta import COST, DESC, MODULE, TP
+from partitioner.passes.meta import COST, DESC, MODULE
 from partitioner.passes.split import SplitResult
+from partitioner.passes.tensor_parallel import param_divisor
 from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueSpec
 from partitioner.pricing import Priced, module_instance, wire_kind
 from partitioner.schedule import Schedule
@@ -159,7 +160,7 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
             entry["names"].add(name)
             entry["stages"].add(s)
         # one tensor-parallel rank's share of its sharded weights (partitioner.tensor_parallel.view)
-        divisor = getattr(gm.meta.get(TP), "param_divisor", {})
+        divisor = param_divisor(gm)
         pbytes = sum(t.numel() * t.element_size() // divisor.get(n, 1) for n, t in {id(t): (n, t) for n, t in params}.values())
         bbytes = sum(t.numel() * t.element_size() for t in {id(t): t for _, t in buffers}.values())
         modules: list[str] = []

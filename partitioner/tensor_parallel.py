@@ -23,7 +23,7 @@ from partitioner.cost_models.cost import evaluate
 from partitioner.cost_models.devices import LinkSpec
 from partitioner.data_parallel import ring_allreduce_s
 from partitioner.passes.meta import COST, TP
-from partitioner.passes.tensor_parallel import Sharded, shard
+from partitioner.passes.tensor_parallel import Sharded, param_divisor, shard
 
 __all__ = ["view", "node_time", "param_divisor"]
 
@@ -46,12 +46,6 @@ def view(gm: fx.GraphModule, degree: int) -> tuple[fx.GraphModule, Sharded]:
     copy.meta = dict(gm.meta)
     copy.meta[TP] = sharded
     return copy, sharded
-
-
-def param_divisor(gm: fx.GraphModule) -> Mapping[str, int]:
-    """Per parameter name: how many ranks split it (empty without tensor parallelism)."""
-    sharded = gm.meta.get(TP)
-    return sharded.param_divisor if isinstance(sharded, Sharded) else {}
 
 
 def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:

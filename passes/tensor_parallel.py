@@ -35,9 +35,9 @@ from torch import fx, nn
 
 from partitioner.cost_models.cost import NodeCost
 from partitioner.passes.base import TensorDesc
-from partitioner.passes.meta import COST, DESC
+from partitioner.passes.meta import COST, DESC, TP
 
-__all__ = ["Region", "find_regions", "Sharded", "shard", "CARRY"]
+__all__ = ["Region", "find_regions", "Sharded", "shard", "param_divisor", "CARRY"]
 
 #: ops (aten packet names, torch function names, Tensor methods) that carry a split of the
 #: feature (or head) dimension through unchanged: element-wise math, views that keep the
@@ -321,12 +321,6 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
             sn = _shape(n)
             if sn is not None and sn[d].is_Integer:
                 sizes.append(int(sn[d]))
-        for n in inner:
-            if _op_name(gm, n) in _ATTENTION:
-                for a in n.args[:2]:
-                    qd = a.meta.get(DESC) if isinstance(a, fx.Node) else None
-                    if isinstance(qd, TensorDesc) and len(qd.shape) >= 3 and qd.shape[-3].is_Integer:
-                        sizes.append(int(qd.shape[-3]))
         params: list[tuple[str, int]] = []
         replicated: list[str] = []
         for c in columns:
@@ -361,11 +355,6 @@ class Sharded:
     bwd_allreduce: dict[str, sympy.Expr] = field(default_factory=dict)
     #: regions left replicated because the degree does not divide their sizes
     skipped: list[Region] = field(default_factory=list)
-
-    @property
-    def inside(self) -> set[str]:
-        """Names of nodes strictly inside a sharded region (a pipeline cut there would send a split value)."""
-        return {n.name for r in self.regions for n in (*r.columns, *r.inner)}
 
 
 def _scaled(cost: NodeCost, t: int, *, outputs: bool, shape: tuple[sympy.Expr, ...] = ()) -> NodeCost:
@@ -425,7 +414,8 @@ def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = No
     return out
 
 
-def degrees(regions: Iterable[Region], limit: int) -> list[int]:
-    """Degrees up to ``limit`` that shard every region (the others leave some replicated)."""
-    regions = list(regions)
-    return [t for t in range(1, limit + 1) if all(t in r.degrees(limit) for r in regions)]
+def param_divisor(gm: fx.GraphModule) -> dict[str, int]:
+    """Per parameter name: how many ranks split it in ``gm`` when ``gm`` is one
+    tensor-parallel rank's view (``gm.meta["pp.tp"]``); empty otherwise."""
+    sharded = gm.meta.get(TP)
+    return sharded.param_divisor if isinstance(sharded, Sharded) else {}
