@@ -159,7 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if getattr(args, "explain", False) or (hf and not args.quiet):
         _explain_choice(pipe.plan)
     if args.dp == "auto" and not args.quiet:
-        _explain_data_parallel(pipe.plan)
+        _explain_notes(pipe.plan, "dp", "data parallelism")
     if getattr(args, "tp", None) == "auto" and not args.quiet:
         _explain_notes(pipe.plan, "tp", "tensor parallelism")
     if hf and not args.quiet:
@@ -200,12 +200,6 @@ def _hf_report(plan: Any, args: argparse.Namespace) -> None:
           + f" (of {human_bytes(dev.memory_bytes)})")
 
 
-
-
-def _explain_data_parallel(plan: Any) -> None:
-    """``--dp auto``: every (replicas x pipeline ranks) candidate (``plan.rankings["dp"]``),
-    fastest first, and those that did not fit."""
-    _explain_notes(plan, "dp", "data parallelism")
 
 
 def _explain_notes(plan: Any, kind: str, what: str) -> bool:
