@@ -53,28 +53,40 @@ VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 128, as Megatron-L
 
 
 class Block(nn.Module):
-    """A Megatron-LM GPT layer (pre-LayerNorm, fused QKV, GELU MLP of 4h, biases)."""
+    """A Megatron-LM GPT layer (pre-LayerNorm, fused QKV, GELU MLP of 4h, biases).
 
-    def __init__(self, h: int, heads: int) -> None:
+    ``per_head_qkv``: the fused QKV output laid out as Megatron-LM lays it out, per head its q,
+    k and v side by side (``[heads, 3 x head dim]``, split on the last dimension), so that a
+    column split of the weight by whole heads gives each tensor-parallel rank its heads and the
+    planner's region finder shards attention. False (the Zero Bubble rows, planned before it
+    existed): ``[3, heads, head dim]``, which prices the same on the efficiency model (views
+    launch no kernel) but leaves attention replicated under tensor parallelism.
+    """
+
+    def __init__(self, h: int, heads: int, per_head_qkv: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.per_head_qkv = heads, per_head_qkv
         self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.fc1, self.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        d = h // self.heads
+        if self.per_head_qkv:
+            q, k, v = self.qkv(self.ln1(x)).view(b, s, self.heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+        else:
+            q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class GPT(nn.Module):
-    def __init__(self, layers: int, h: int, heads: int, seq: int, vocab: int = VOCAB) -> None:
+    def __init__(self, layers: int, h: int, heads: int, seq: int, vocab: int = VOCAB, per_head_qkv: bool = False) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, h), nn.Embedding(seq, h)
-        self.blocks = nn.ModuleList(Block(h, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(h, heads, per_head_qkv) for _ in range(layers))
         self.ln = nn.LayerNorm(h)
         self.head = nn.Linear(h, vocab, bias=False)
 
