@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,28 +53,40 @@ VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 128, as Megatron-L
 
 
 class Block(nn.Module):
-    """A Megatron-LM GPT layer (pre-LayerNorm, fused QKV, GELU MLP of 4h, biases)."""
+    """A Megatron-LM GPT layer (pre-LayerNorm, fused QKV, GELU MLP of 4h, biases).
 
-    def __init__(self, h: int, heads: int) -> None:
+    ``per_head_qkv``: the fused QKV output laid out as Megatron-LM lays it out, per head its q,
+    k and v side by side (``[heads, 3 x head dim]``, split on the last dimension), so that a
+    column split of the weight by whole heads gives each tensor-parallel rank its heads and the
+    planner's region finder shards attention. False (the Zero Bubble rows, planned before it
+    existed): ``[3, heads, head dim]``, which prices the same on the efficiency model (views
+    launch no kernel) but leaves attention replicated under tensor parallelism.
+    """
+
+    def __init__(self, h: int, heads: int, per_head_qkv: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.per_head_qkv = heads, per_head_qkv
         self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.fc1, self.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        d = h // self.heads
+        if self.per_head_qkv:
+            q, k, v = self.qkv(self.ln1(x)).view(b, s, self.heads, 3 * d).transpose(1, 2).split(d, dim=-1)
+        else:
+            q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class GPT(nn.Module):
-    def __init__(self, layers: int, h: int, heads: int, seq: int, vocab: int = VOCAB) -> None:
+    def __init__(self, layers: int, h: int, heads: int, seq: int, vocab: int = VOCAB, per_head_qkv: bool = False) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, h), nn.Embedding(seq, h)
-        self.blocks = nn.ModuleList(Block(h, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(h, heads, per_head_qkv) for _ in range(layers))
         self.ln = nn.LayerNorm(h)
         self.head = nn.Linear(h, vocab, bias=False)
 
@@ -146,26 +159,45 @@ def old_link(link: LinkSpec) -> LinkSpec:
     return LinkSpec(link.name, link.bandwidth, link.latency)
 
 
-def plan(run: Run, dev: DeviceSpec, link: LinkSpec, inter: LinkSpec, cache: dict[Any, Any]) -> tuple[float, float]:
-    """(predicted pipeline step, optimizer step of the slowest stage) in seconds."""
-    from partitioner.api import partition
-
-    with torch.device("meta"):
-        model = GPT(run.layers, run.hidden, run.heads, run.seq)
-    counts = layout(run.layers, run.gpus)
-    pins, at = [], 0
+def pins(counts: Sequence[int]) -> list[str]:
+    """Pinned cuts for a layout of blocks per stage: a cut before ``blocks.<i>``; a cut after
+    the last block is made before the final norm (``ln``), so the last stage may hold no block
+    (only the norm, the head and the loss)."""
+    out, at = [], 0
     for c in counts[:-1]:
         at += c
-        pins.append(f"blocks.{at}")
-    batch = run.micro * run.m
-    ids = torch.zeros((batch, run.seq), dtype=torch.long, device="meta")
-    pipe = partition(model, n_gpus=run.gpus, example_inputs=(ids, ids), schedule=run.schedule,
-                     n_microbatches=run.m, device=dev, link=link, pinned_cuts=pins, precision="bf16-mixed",
-                     recompute="none", memory_limit=10**15, objective="bottleneck",
-                     gpus_per_node=8 if run.gpus > 8 else None, inter_link=inter if run.gpus > 8 else None)
+        out.append(f"blocks.{at}" if at < sum(counts) else "ln")
+    return out
+
+
+def plan_layout(model: nn.Module, counts: Sequence[int], *, pp: int, batch: int, seq: int, m: int, schedule: str,
+                dev: DeviceSpec, link: LinkSpec, inter: LinkSpec | None = None, gpus_per_node: int | None = None,
+                tp: int = 1, dp: int = 1, recompute: str = "none", precision: str = "bf16-mixed",
+                virtual: int | None = None) -> tuple[float, float]:
+    """(predicted pipeline step, optimizer step of the slowest rank) in seconds for ``model``
+    planned with its layout pinned: ``counts`` blocks per stage (``pp`` x ``virtual`` stages),
+    ``tp`` x ``dp`` x ``pp`` GPUs, ``batch`` sequences per iteration in ``m`` micro-batches per
+    pipeline. The optimizer step prices the slowest stage's parameters over its ``tp`` ranks."""
+    from partitioner.api import partition
+
+    ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
+    pipe = partition(model, n_gpus=pp * tp * dp, example_inputs=(ids, ids), schedule=schedule, n_microbatches=m,
+                     virtual_stages=virtual, device=dev, link=link, pinned_cuts=pins(counts), precision=precision,
+                     recompute=recompute, memory_limit=10**15, objective="bottleneck", data_parallel=dp,
+                     tensor_parallel=tp, gpus_per_node=gpus_per_node, inter_link=inter)
     step = pipe.plan.prediction.step_time_s
-    params = max(_stage_params(pipe, i) for i in range(len(pipe.plan.stages)))
-    return step, dev.optimizer_time(params, "adam", "bf16-mixed")
+    params = max(_stage_params(pipe, i) for i in range(len(pipe.plan.stages))) / tp
+    return step, dev.optimizer_time(params, "adam", precision)
+
+
+def plan(run: Run, dev: DeviceSpec, link: LinkSpec, inter: LinkSpec, cache: dict[Any, Any]) -> tuple[float, float]:
+    """(predicted pipeline step, optimizer step of the slowest stage) in seconds."""
+    with torch.device("meta"):
+        model = GPT(run.layers, run.hidden, run.heads, run.seq)
+    many = run.gpus > 8
+    return plan_layout(model, layout(run.layers, run.gpus), pp=run.gpus, batch=run.micro * run.m, seq=run.seq,
+                       m=run.m, schedule=run.schedule, dev=dev, link=link, inter=inter if many else None,
+                       gpus_per_node=8 if many else None)
 
 
 def _stage_params(pipe: Any, i: int) -> int:
