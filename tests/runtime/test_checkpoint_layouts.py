@@ -1,0 +1,253 @@
+"""Checkpoints across parallel layouts with sharded stages (gloo, CPU, ranks forked by ``spawn``):
+a run whose stages are tensor-parallel (DTensor over ``tp``) or FSDP2-sharded (``zero=3``, DTensor
+over the replicas) saves model and AdamW state with ``torch.distributed.checkpoint``, and a run
+on another layout resumes it -- PP2 x TP2 -> PP4 -> PP2 x TP2 and -> one process; PP2 x FSDP2 ->
+PP2 x DP2 (ZeRO-1) -> PP2 x FSDP2 and -> one process -- ending with the parameters of one
+process trained for all the steps on the whole batch. The written checkpoints hold the whole
+tensors (read back here without any layout), safetensors files load into sharded stages, and
+what cannot be placed on a shard is refused on every rank before anything is read or written.
+
+Tolerances: float32; sharded and pipelined runs sum the gradient in another order than one
+backward over the whole batch (rounding only), which AdamW carries on: ``RTOL``/``ATOL`` as
+in the FSDP and ZeRO-1 tests (the GPT's attention key bias is compared as they compare it).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from partitioner import partition
+from partitioner.runtime.launch import spawn
+from partitioner.runtime.tensor_parallel import with_tensor_parallel
+from tests.runtime.helpers import data
+from tests.runtime.test_checkpoint import (
+    ADAMW,
+    DP_BATCH,
+    adamw_reference,
+    dp_pipe,
+    real_gpt,
+)
+from tests.runtime.test_checkpoint import (
+    _like_one_process as gpt_close,
+)
+from tests.runtime.test_tensor_parallel import Net
+from tests.runtime.test_tensor_parallel import _data as net_data
+
+TIMEOUT_S = 120.0
+K, J = 2, 2  # steps before the save, steps after each resume
+RTOL, ATOL = 1e-5, 1e-6
+# eps above rounding noise: attention's key bias has an exactly zero gradient (see test_fsdp)
+NET_ADAMW: dict[str, float] = dict(lr=1e-2, weight_decay=0.1, eps=1e-4)
+M = 2  # micro-batches
+
+
+def _full(t: Any) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _moments(stage: Any, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state by this rank's parameter names, whole (a DTensor's ``full_tensor``:
+    collective over its mesh, the same order on every rank of it)."""
+    inner = getattr(opt, "optim", opt)  # not used with ZeRO-1 here: a plain optimizer's state
+    out = {}
+    for n, p in stage.named_parameters(remove_duplicate=False):
+        st = inner.state.get(p, {})
+        out[n] = {k: _full(v) for k, v in sorted(st.items())}
+    return out
+
+
+def _phase(rank: int, world: int, pipe: Any, model: str, load: str | None, save: str | None, steps: int,
+           weights: str | None = None) -> dict[str, Any]:
+    """Build this rank's stage, optionally read ``weights`` (safetensors) or resume ``load``
+    (model + optimizer), train ``steps`` AdamW steps, optionally save: what it held."""
+    from torch.distributed.tensor import DTensor
+
+    stage = pipe.build_stage(rank, "cpu")
+    if model == "gpt":
+        x, y, loss_fn = data("gpt", DP_BATCH)
+        opt = stage.optimizer(torch.optim.AdamW, **ADAMW)
+    else:
+        inputs, y = net_data("net")
+        loss_fn = F.mse_loss
+        opt = stage.optimizer(torch.optim.AdamW, **NET_ADAMW)
+    out: dict[str, Any] = {"optimizer": type(opt).__name__,
+                           "sharded": sorted({str(p.placements) for p in stage.parameters() if isinstance(p, DTensor)})}
+    if weights:
+        stage.load_checkpoint(weights)
+        out["weights"] = {n: _full(p) for n, p in stage.named_parameters(remove_duplicate=False)}
+    if load:
+        stage.load_checkpoint(load, optimizer=opt)
+        out["loaded"] = _moments(stage, opt)
+    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    for _ in range(steps):
+        stage.zero_grad()
+        if model == "gpt":
+            runner.step(x if stage.is_first else None, target=y if stage.is_last else None)
+        else:
+            runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None)
+        opt.step()
+    out["params"] = {n: _full(p) for n, p in stage.named_parameters(remove_duplicate=False)}
+    if save:
+        stage.save_checkpoint(save, optimizer=opt)
+    return out
+
+
+def _params(results: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {n: t for r in results for n, t in r["params"].items()}
+
+
+def _read_whole(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every ``model.*`` and ``optim.state.*`` tensor of a DCP checkpoint, whole, read in this
+    process without any layout: what the sharded ranks wrote, put together by DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(path).read_metadata().state_dict_metadata
+    dest = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
+            if isinstance(m, TensorStorageMetadata) and (k.startswith("model.") or k.startswith("optim.state."))}
+    dcp.load(dest, storage_reader=FileSystemReader(path), no_dist=True)
+    return ({k[len("model."):]: v for k, v in dest.items() if k.startswith("model.")},
+            {k[len("optim.state."):]: v for k, v in dest.items() if k.startswith("optim.state.")})
+
+
+# -- tensor parallelism: a 4-block attention + MLP net ---------------------------------------------
+
+@functools.cache
+def _net(n_gpus: int) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Net(n_blocks=4)
+    inputs, _ = net_data("net")
+    cuts = {1: [], 2: ["blocks.2"], 4: ["blocks.1", "blocks.2", "blocks.3"]}[n_gpus]
+    pipe = partition(model, n_gpus, inputs, device="cpu", link="loopback", pinned_cuts=cuts, n_microbatches=M)
+    assert pipe.plan.n_stages == n_gpus
+    return model, pipe, copy.deepcopy(model.state_dict())
+
+
+def _net_pipe(n_gpus: int, tp: int = 1) -> Any:
+    model, pipe, init = _net(n_gpus)
+    model.load_state_dict(init)  # the ranks fork from the initial weights
+    return with_tensor_parallel(pipe, tp) if tp > 1 else pipe
+
+
+def _net_reference(steps: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    model, _, init = _net(1)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(init)
+    opt = torch.optim.AdamW(ref.parameters(), **NET_ADAMW)  # type: ignore[arg-type]
+    inputs, y = net_data("net")
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(ref(**inputs), y).backward()
+        opt.step()
+    named = dict(ref.named_parameters())
+    return {n: p.detach() for n, p in named.items()}, {n: dict(opt.state[p]) for n, p in named.items()}
+
+
+def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got, "nothing to compare"
+    for n, t in got.items():
+        torch.testing.assert_close(t, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _check_state(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[str, torch.Tensor]],
+                 steps: int) -> None:
+    for n, st in got.items():
+        assert float(st["step"]) == steps, n
+        _close({f"{n}.{k}": st[k] for k in ("exp_avg", "exp_avg_sq")},
+               {f"{n}.{k}": want[n][k] for k in ("exp_avg", "exp_avg_sq")})
+
+
+@pytest.mark.timeout(300)
+def test_tp_checkpoint_resumes_on_four_pipeline_ranks_on_one_process_and_back(tmp_path: Any) -> None:
+    tp_ckpt, pp4_ckpt = str(tmp_path / "tp"), str(tmp_path / "pp4")
+    _net_pipe(1), _net_pipe(4)
+    saved = spawn(_phase, 4, _net_pipe(2, tp=2), "net", None, tp_ckpt, K, timeout_s=TIMEOUT_S)
+    assert all("Shard(dim=0)" in str(r["sharded"]) and "Shard(dim=1)" in str(r["sharded"]) for r in saved)
+    assert sorted(os.listdir(tmp_path)) == ["tp"]  # no .partial / .old left
+    want_k, state_k = _net_reference(K)
+    _close(_params(saved), want_k)
+    # the checkpoint holds whole tensors: every parameter and both moments, each once
+    model, moments = _read_whole(tp_ckpt)
+    assert set(model) == set(want_k)
+    _close(model, want_k)
+    _check_state({n: {f: moments[f"{n}.{f}"] for f in ("step", "exp_avg", "exp_avg_sq")} for n in want_k},
+                 state_k, K)
+    # PP2 x TP2 -> PP4 (another cut on every rank, no sharding): the state read is the saved one
+    pp4 = spawn(_phase, 4, _net_pipe(4), "net", tp_ckpt, pp4_ckpt, J, timeout_s=TIMEOUT_S)
+    for r in pp4:
+        _check_state(r["loaded"], state_k, K)
+    want_kj, state_kj = _net_reference(K + J)
+    _close(_params(pp4), want_kj)
+    # PP2 x TP2 -> one process (a one-stage plan, one rank)
+    (one,) = spawn(_phase, 1, _net_pipe(1), "net", tp_ckpt, None, J, timeout_s=TIMEOUT_S)
+    _close(one["params"], want_kj)
+    # PP4 (unsharded) -> PP2 x TP2: each TP rank reads its shards of the parameters and moments
+    back = spawn(_phase, 4, _net_pipe(2, tp=2), "net", pp4_ckpt, None, J, timeout_s=TIMEOUT_S)
+    for r in back:
+        _check_state(r["loaded"], state_kj, K + J)
+    _close(_params(back), _net_reference(K + 2 * J)[0])
+
+
+# -- FSDP2 inside the stages: the GPT fixture, 2 pipeline ranks x 2 replicas -------------------------
+
+@functools.cache
+def _gpt_one() -> Any:
+    x, _, _ = data("gpt", DP_BATCH)
+    return partition(real_gpt(), n_gpus=1, example_inputs=(x,), n_microbatches=M)
+
+
+def _gpt_state(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[str, torch.Tensor]],
+               steps: int) -> None:
+    assert got
+    for n, st in got.items():
+        assert float(st["step"]) == steps, n
+        gpt_close({f"{n}.{k}": st[k] for k in ("exp_avg", "exp_avg_sq")}, {f"{n}.{k}": want[n][k]
+                                                                          for k in ("exp_avg", "exp_avg_sq")})
+
+
+@pytest.fixture(scope="module")
+def fsdp_checkpoint(tmp_path_factory: Any) -> str:
+    """A checkpoint written by PP2 x FSDP2 after K AdamW steps."""
+    path = str(tmp_path_factory.mktemp("fsdp") / "step")
+    saved = spawn(_phase, 4, dp_pipe(3), "gpt", None, path, K, timeout_s=TIMEOUT_S)
+    assert {r["optimizer"] for r in saved} == {"AdamW"} and all("Shard(dim=0)" in str(r["sharded"]) for r in saved)
+    return path
+
+
+@pytest.mark.timeout(200)
+def test_an_fsdp_checkpoint_holds_the_whole_model_and_resumes_on_one_process(fsdp_checkpoint: str) -> None:
+    want_k, state_k = adamw_reference(K)
+    model, moments = _read_whole(fsdp_checkpoint)
+    assert set(model) == set(want_k)  # tied weights under both names
+    gpt_close(model, want_k)
+    _gpt_state({n: {f: moments[f"{n}.{f}"] for f in ("exp_avg", "exp_avg_sq", "step")}
+                for n in want_k if f"{n}.exp_avg" in moments}, state_k, K)
+    # each parameter's state once (the tied embedding under its first name)
+    assert sum(1 for k in moments if k.endswith(".exp_avg")) == len(list(real_gpt().parameters()))
+    (one,) = spawn(_phase, 1, _gpt_one(), "gpt", fsdp_checkpoint, None, J, timeout_s=TIMEOUT_S)
+    _gpt_state(one["loaded"], state_k, K)
+    gpt_close(one["params"], adamw_reference(K + J)[0])
+
+
+@pytest.mark.timeout(200)
+def test_fsdp_to_zero1_to_fsdp_continues_like_an_uninterrupted_run(fsdp_checkpoint: str, tmp_path: Any) -> None:
+    zero1 = str(tmp_path / "zero1")
+    _, state_k = adamw_reference(K)
+    # PP2 x FSDP2 -> PP2 x DP2 with ZeRO-1 (each replica keeps its shard of the optimizer state)
+    mid = spawn(_phase, 4, dp_pipe(1), "gpt", fsdp_checkpoint, zero1, J, timeout_s=TIMEOUT_S)
+    assert {r["optimizer"] for r in mid} == {"ZeroRedundancyOptimizer"}
+    gpt_close(_params(mid), adamw_reference(K + J)[0])
+    # and back: the unsharded save -> PP2 x FSDP2, each replica reading its shards
+    back = spawn(_phase, 4, dp_pipe(3), "gpt", zero1, None, J, timeout_s=TIMEOUT_S)
+    _gpt_state({n: s for r in back for n, s in r["loaded"].items()}, adamw_reference(K + J)[1], K + J)
+    gpt_close(_params(back), adamw_reference(K + 2 * J)[0])
