@@ -384,19 +384,26 @@ def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: di
             m = meta[k]
             if not isinstance(m, TensorStorageMetadata):
                 dest[k] = ""
-            elif _is_dtensor(p) and tuple(m.size) == tuple(p.shape):
+            elif not _is_dtensor(p) or len(m.size) == 0:
+                # an unsharded parameter's state, or a scalar (``step``): load_state_dict moves it
+                dest[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            elif tuple(m.size) == tuple(p.shape):
                 # state shaped like its sharded parameter (AdamW's moments) is sharded like it:
                 # DCP fills this rank's shard from whatever layout wrote it
                 dest[k] = torch.empty_like(p.detach(), dtype=m.properties.dtype)
-            elif _is_dtensor(p) and len(m.size) > 0 and m.size.numel() > 1:
+            elif all(pl.is_replicate() for pl in p.placements):
+                # every rank holds the whole of a replicated parameter: its state of any shape too
+                from torch.distributed.tensor import empty as dtensor_empty  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+
+                dest[k] = dtensor_empty(tuple(m.size), dtype=m.properties.dtype, device_mesh=p.device_mesh,
+                                        placements=p.placements)
+            else:
                 raise PipelineRuntimeError(
                     f"rank {stage.global_rank}: {path} holds optimizer state {k!r} of shape {tuple(m.size)}, not its "
                     f"parameter's {tuple(p.shape)}, and {n!r} is sharded here (a DTensor with placements "
                     f"{tuple(p.placements)}): state of another shape than its parameter has no known sharding (e.g. "
                     "Adafactor's factored moments); load it on a layout without sharded stages (zero 0 or 1, tp 1), "
                     "or load without optimizer=... and start the optimizer state afresh")
-            else:  # a scalar (``step``), or the state of an unsharded parameter: load_state_dict moves it
-                dest[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
 
     def rebuild(loaded: dict[str, Any]) -> dict[str, Any]:
         state = {i: {f: loaded[f"optim.state.{n}.{f}"] for f in fs}

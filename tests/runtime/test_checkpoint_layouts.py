@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from partitioner import partition
+from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import with_tensor_parallel
 from tests.runtime.helpers import data
@@ -33,6 +34,7 @@ from tests.runtime.test_checkpoint import (
     adamw_reference,
     dp_pipe,
     real_gpt,
+    write_safetensors,
 )
 from tests.runtime.test_checkpoint import (
     _like_one_process as gpt_close,
@@ -251,3 +253,79 @@ def test_fsdp_to_zero1_to_fsdp_continues_like_an_uninterrupted_run(fsdp_checkpoi
     back = spawn(_phase, 4, dp_pipe(3), "gpt", zero1, None, J, timeout_s=TIMEOUT_S)
     _gpt_state({n: s for r in back for n, s in r["loaded"].items()}, adamw_reference(K + J)[1], K + J)
     gpt_close(_params(back), adamw_reference(K + 2 * J)[0])
+
+
+# -- safetensors into sharded stages, and refusals ---------------------------------------------------
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose every parameter differs from the initial one (what a load must bring)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_safetensors_load_into_tensor_parallel_and_fsdp_stages(tmp_path: Any) -> None:
+    for name, pipe, model in (("net", _net_pipe(2, tp=2), _net(1)[0]), ("gpt", dp_pipe(3), real_gpt())):
+        file = str(tmp_path / f"{name}.safetensors")
+        want = _perturbed(model)
+        write_safetensors(want, file)  # a tied tensor once, as Hugging Face stores it
+        results = spawn(_phase, 4, pipe, name, None, None, 0, file, timeout_s=TIMEOUT_S)
+        assert all(r["sharded"] for r in results)
+        named = dict(want.named_parameters(remove_duplicate=False))
+        got = {n: t for r in results for n, t in r["weights"].items()}
+        assert set(got) == set(named)
+        for n, t in got.items():  # each rank's shard is the file's slice: the whole is the file's, exactly
+            torch.testing.assert_close(t, named[n].detach(), rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _adafactor_save(rank: int, world: int, pipe: Any, path: str) -> None:
+    inputs, y = net_data("net")
+    stage = pipe.build_stage(rank, "cpu")
+    opt = torch.optim.Adafactor(stage.parameters(), lr=1e-2)
+    stage.runner("1f1b", loss_fn=F.mse_loss).step(**inputs, target=y)
+    opt.step()
+    stage.save_checkpoint(path, optimizer=opt)
+
+
+def _refusals(rank: int, world: int, pipe: Any, factored: str, path: str) -> dict[str, Any]:
+    from torch import nn
+    from torch.distributed.tensor import DTensor, Partial
+
+    stage = pipe.build_stage(rank, "cpu")
+    before = {n: p.to_local().clone() for n, p in stage.named_parameters()}
+    # Adafactor's factored second moments (a row and a column vector per matrix) have no
+    # sharding of their own: refused on a tensor-parallel stage, before anything is read
+    with pytest.raises(PipelineRuntimeError) as info:
+        stage.load_checkpoint(factored, optimizer=torch.optim.Adafactor(stage.parameters(), lr=1e-2))
+    load = str(info.value)
+    unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in stage.named_parameters())
+    # a Partial DTensor (a pending sum) on rank 0 only: every rank refuses, nothing is written
+    if rank == 0:
+        mod = stage.modules[0]
+        p = mod.get_parameter("blocks.0.q.weight")
+        partial = DTensor.from_local(p.to_local(), p.device_mesh, [Partial()], run_check=False)
+        mod.get_submodule("blocks.0.q").weight = nn.Parameter(partial)
+    with pytest.raises(PipelineRuntimeError) as info:
+        stage.save_checkpoint(path)
+    return {"load": load, "unchanged": unchanged, "save": str(info.value)}
+
+
+@pytest.mark.timeout(200)
+def test_what_cannot_be_placed_on_shards_is_refused_on_every_rank(tmp_path: Any) -> None:
+    factored, path = str(tmp_path / "adafactor"), str(tmp_path / "partial")
+    spawn(_adafactor_save, 1, _net_pipe(1), factored, timeout_s=TIMEOUT_S)
+    results = spawn(_refusals, 4, _net_pipe(2, tp=2), factored, path, timeout_s=TIMEOUT_S)
+    for rank, r in enumerate(results):
+        assert r["unchanged"]
+        assert f"rank {rank}: {factored} holds optimizer state 'optim.state." in r["load"], r["load"]
+        assert "row_var" in r["load"] or "col_var" in r["load"], r["load"]
+        assert "has no known sharding" in r["load"] and "without optimizer=..." in r["load"]
+    assert "'model.blocks.0.q.weight' is a DTensor with placements (Partial(sum),)" in results[0]["save"]
+    assert "nothing was written" in results[0]["save"]
+    for r in results[1:]:
+        assert "another rank refused to save its part of the checkpoint" in r["save"], r["save"]
+    assert not os.path.exists(path) and not os.path.exists(path + ".partial")
