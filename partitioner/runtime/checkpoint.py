@@ -41,6 +41,36 @@ scale is not saved (a resumed fp16 run starts from the initial scale). Under ZeR
 replica holds the masters of its shard only: replica 0 gathers them all while it writes
 (``RankStage.full_masters``), and on loading a replica reads the fp32 values into the
 masters it holds and into the low-precision weights of the others.
+
+Sharded stages: FSDP2 over the replicas (``zero=3``, ``runtime.fsdp``), tensor parallelism
+(``mesh.tp`` > 1, ``runtime.tensor_parallel``), or both (a parameter a ``DTensor`` on a 2-D
+mesh). Their parameters, and the optimizer state shaped like them (AdamW's moments), are
+``DTensor``s, and a checkpoint is written and read by placement, never by layout: on saving,
+every rank of the job writes in one DCP save over the default group (no replica holds the
+whole state, so replica 0 cannot write for the others): DCP stores each DTensor's local
+shard under the whole tensor's key and offsets, and what several ranks hold (a
+``Replicate`` placement, a plain tensor, a tied copy) once. The keys are those of an
+unsharded save, so the checkpoint is the same whole model for every reader: a sharded plan
+reads an unsharded save and the other way round, under any cuts. On loading, a DTensor
+parameter is given to DCP as it is (DCP reads the part of the saved chunks its local shard
+covers: resharding is DCP's); optimizer state of a DTensor parameter is allocated like the
+parameter (``empty_like``) when it has its shape, as a ``Replicate`` DTensor of its own
+shape when the parameter is replicated, as a plain tensor when it is a scalar (``step``);
+other state (Adafactor's factored moments on a sharded matrix) has no sharding to read it
+into and is refused before anything is read. A ``Partial`` placement (a pending sum, not
+a shard) is refused on saving and loading; a refusal to save on one rank is raised on every
+rank (one all-reduce) before anything is written. ZeRO-1 is not combined with DTensor stages.
+A ``.safetensors`` / Hugging Face tensor is read whole into one temporary and this rank
+keeps its slice (``distribute_tensor(..., src_data_rank=None)``: DTensor's own slicing, no
+communication). Loading stays per rank, with no collective.
+
+Why not ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` /
+``get_optimizer_state_dict``): a rank holds several stage modules whose parameters carry the
+model's FQNs, a tied weight under two names, mixed-precision masters in place of the
+parameters, and ZeRO-1 shards; those functions take one module and would prefix the
+modules' names. For FSDP2 and DTensor, their sharded state dict (``full_state_dict=False``)
+is the DTensors as they are, which is what the FQN keying here hands DCP, so nothing is
+gathered by hand.
 """
 
 from __future__ import annotations
