@@ -6,6 +6,8 @@ PP2 x DP2 (ZeRO-1) -> PP2 x FSDP2 and -> one process -- ending with the paramete
 process trained for all the steps on the whole batch. The written checkpoints hold the whole
 tensors (read back here without any layout), safetensors files load into sharded stages, and
 what cannot be placed on a shard is refused on every rank before anything is read or written.
+FSDP x TP stages (a parameter a DTensor on a (dp, tp) mesh) do not build yet: their
+placements are checked below the stage, on a 2-D mesh of 4 ranks.
 
 Tolerances: float32; sharded and pipelined runs sum the gradient in another order than one
 backward over the whole batch (rounding only), which AdamW carries on: ``RTOL``/``ATOL`` as
@@ -329,3 +331,65 @@ def test_what_cannot_be_placed_on_shards_is_refused_on_every_rank(tmp_path: Any)
     for r in results[1:]:
         assert "another rank refused to save its part of the checkpoint" in r["save"], r["save"]
     assert not os.path.exists(path) and not os.path.exists(path + ".partial")
+
+
+# -- 2-D meshes: a parameter sharded over replicas and TP ranks at once ------------------------------
+
+def _placements() -> dict[str, list[Any]]:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    # (dp, tp): a column-parallel weight under FSDP (FSDP's shard of TP's shard: strided), a
+    # row-parallel one, a replicated one sharded by FSDP only, and TP alone
+    return {"fsdp-on-column": [_StridedShard(0, split_factor=2), Shard(0)], "fsdp-on-row": [Shard(0), Shard(1)],
+            "fsdp-only": [Shard(0), Replicate()], "tp-only": [Replicate(), Shard(0)]}
+
+
+def _two_d(rank: int, world: int, file: str, whole: str, out: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from partitioner.runtime.checkpoint import _read_into_shard, safetensors_header
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    header, start = safetensors_header(file)
+    got: dict[str, Any] = {}
+    for name, placements in _placements().items():
+        def fresh(placements: list[Any] = placements) -> Any:
+            return distribute_tensor(torch.zeros(10, 6), mesh, placements, src_data_rank=None)
+
+        dst = fresh()
+        with open(file, "rb", buffering=0) as f:  # what load_checkpoint does with a safetensors tensor
+            _read_into_shard(f, start, header["w"], dst, "w", file)
+        from_file = dst.full_tensor()
+        dst = fresh()  # an unsharded DCP save read into the 2-D shard, as load_checkpoint hands it to DCP
+        dcp.load({"model.w": dst}, checkpoint_id=whole, no_dist=True)
+        from_dcp = dst.full_tensor()
+        dcp.save({f"model.{name}": dst}, checkpoint_id=f"{out}.{name}")  # every rank its shard
+        got[name] = (from_file, from_dcp, tuple(dst.to_local().shape))
+    return got
+
+
+@pytest.mark.timeout(120)
+def test_two_dimensional_shards_read_their_slice_and_write_the_whole_tensor(tmp_path: Any) -> None:
+    """The placements FSDP x TP composes (a DTensor on a (dp, tp) mesh), below the stage: the
+    slicing ``load_checkpoint`` does for safetensors files, and DCP's reading of an unsharded
+    save into such a shard and its writing of one (10 rows: uneven shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    file, whole, out = str(tmp_path / "w.safetensors"), str(tmp_path / "whole"), str(tmp_path / "2d")
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    save_file({"w": full}, file)
+    dcp.save({"model.w": full}, checkpoint_id=whole, no_dist=True)
+    results = spawn(_two_d, 4, file, whole, out, timeout_s=TIMEOUT_S)
+    # rank (dp, tp) = (rank // 2, rank % 2); TP's 5 rows split by FSDP as 3 + 2
+    assert [r["fsdp-on-column"][2] for r in results] == [(3, 6), (3, 6), (2, 6), (2, 6)]
+    assert {r["fsdp-on-row"][2] for r in results} == {(5, 3)}
+    for name in _placements():
+        for r in results:
+            torch.testing.assert_close(r[name][0], full, rtol=0, atol=0)
+            torch.testing.assert_close(r[name][1], full, rtol=0, atol=0)
+        model, _ = _read_whole(f"{out}.{name}")
+        torch.testing.assert_close(model[name], full, rtol=0, atol=0)
