@@ -171,30 +171,45 @@ def _check_state(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[s
                {f"{n}.{k}": want[n][k] for k in ("exp_avg", "exp_avg_sq")})
 
 
-@pytest.mark.timeout(300)
-def test_tp_checkpoint_resumes_on_four_pipeline_ranks_on_one_process_and_back(tmp_path: Any) -> None:
-    tp_ckpt, pp4_ckpt = str(tmp_path / "tp"), str(tmp_path / "pp4")
-    _net_pipe(1), _net_pipe(4)
-    saved = spawn(_phase, 4, _net_pipe(2, tp=2), "net", None, tp_ckpt, K, timeout_s=TIMEOUT_S)
+@pytest.fixture(scope="module")
+def tp_checkpoint(tmp_path_factory: Any) -> str:
+    """A checkpoint written by PP2 x TP2 after K AdamW steps (column and row shards)."""
+    root = tmp_path_factory.mktemp("tp")
+    path = str(root / "step")
+    _net_pipe(1), _net_pipe(4)  # partitioned before the ranks fork
+    saved = spawn(_phase, 4, _net_pipe(2, tp=2), "net", None, path, K, timeout_s=TIMEOUT_S)
     assert all("Shard(dim=0)" in str(r["sharded"]) and "Shard(dim=1)" in str(r["sharded"]) for r in saved)
-    assert sorted(os.listdir(tmp_path)) == ["tp"]  # no .partial / .old left
+    assert sorted(os.listdir(root)) == ["step"]  # no .partial / .old left
+    _close(_params(saved), _net_reference(K)[0])
+    return path
+
+
+@pytest.mark.timeout(200)
+def test_a_tp_checkpoint_holds_the_whole_model_and_resumes_on_one_process(tp_checkpoint: str) -> None:
     want_k, state_k = _net_reference(K)
-    _close(_params(saved), want_k)
     # the checkpoint holds whole tensors: every parameter and both moments, each once
-    model, moments = _read_whole(tp_ckpt)
+    model, moments = _read_whole(tp_checkpoint)
     assert set(model) == set(want_k)
     _close(model, want_k)
     _check_state({n: {f: moments[f"{n}.{f}"] for f in ("step", "exp_avg", "exp_avg_sq")} for n in want_k},
                  state_k, K)
-    # PP2 x TP2 -> PP4 (another cut on every rank, no sharding): the state read is the saved one
-    pp4 = spawn(_phase, 4, _net_pipe(4), "net", tp_ckpt, pp4_ckpt, J, timeout_s=TIMEOUT_S)
+    # PP2 x TP2 -> one process (a one-stage plan, one rank)
+    (one,) = spawn(_phase, 1, _net_pipe(1), "net", tp_checkpoint, None, J, timeout_s=TIMEOUT_S)
+    _check_state(one["loaded"], state_k, K)
+    _close(one["params"], _net_reference(K + J)[0])
+
+
+@pytest.mark.timeout(200)
+def test_tp_to_four_pipeline_ranks_and_back_continues_like_an_uninterrupted_run(tp_checkpoint: str,
+                                                                                tmp_path: Any) -> None:
+    pp4_ckpt = str(tmp_path / "pp4")
+    _, state_k = _net_reference(K)
+    # PP2 x TP2 -> PP4 (other cuts, no sharding): the state read is the saved one
+    pp4 = spawn(_phase, 4, _net_pipe(4), "net", tp_checkpoint, pp4_ckpt, J, timeout_s=TIMEOUT_S)
     for r in pp4:
         _check_state(r["loaded"], state_k, K)
     want_kj, state_kj = _net_reference(K + J)
     _close(_params(pp4), want_kj)
-    # PP2 x TP2 -> one process (a one-stage plan, one rank)
-    (one,) = spawn(_phase, 1, _net_pipe(1), "net", tp_ckpt, None, J, timeout_s=TIMEOUT_S)
-    _close(one["params"], want_kj)
     # PP4 (unsharded) -> PP2 x TP2: each TP rank reads its shards of the parameters and moments
     back = spawn(_phase, 4, _net_pipe(2, tp=2), "net", pp4_ckpt, None, J, timeout_s=TIMEOUT_S)
     for r in back:
