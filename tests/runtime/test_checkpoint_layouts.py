@@ -272,6 +272,51 @@ def test_fsdp_to_zero1_to_fsdp_continues_like_an_uninterrupted_run(fsdp_checkpoi
     gpt_close(_params(back), adamw_reference(K + 2 * J)[0])
 
 
+def _uneven(rank: int, world: int, pipe: Any, x: torch.Tensor, y: torch.Tensor, path: str) -> dict[str, Any]:
+    """One AdamW step, save, overwrite every shard and moment, load back: what was held each time."""
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.AdamW, **NET_ADAMW)
+    stage.runner(loss_fn=F.mse_loss).step(x if stage.is_first else None, target=y if stage.is_last else None)
+    opt.step()
+    before = ({n: _full(p) for n, p in stage.named_parameters()}, _moments(stage, opt))
+    shards = {n: tuple(p.to_local().shape) for n, p in stage.named_parameters()}
+    stage.save_checkpoint(path, optimizer=opt)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.to_local().fill_(7.0)
+        for st in opt.state.values():
+            st["exp_avg"].to_local().fill_(7.0)
+    stage.load_checkpoint(path, optimizer=opt)
+    after = ({n: _full(p) for n, p in stage.named_parameters()}, _moments(stage, opt))
+    return {"before": before, "after": after, "shards": shards}
+
+
+@pytest.mark.timeout(120)
+def test_uneven_fsdp_shards_save_and_load_back_exactly(tmp_path: Any) -> None:
+    """Dims the replicas do not divide (7, 9, 5, a bias of 1: one replica's shard is empty);
+    FSDP pads its storage, the checkpoint holds the tensors without the padding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 1))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(DP_BATCH, 7, generator=g), torch.randn(DP_BATCH, 1, generator=g)
+    pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), n_microbatches=M, pinned_cuts=["2"],
+                     zero=3)
+    path = str(tmp_path / "uneven")
+    results = spawn(_uneven, 4, pipe, x, y, path, timeout_s=TIMEOUT_S)
+    assert (0,) in {r["shards"].get("4.bias") for r in results}  # an empty shard
+    whole, moments = _read_whole(path)
+    assert set(whole) == {n for n, _ in model.named_parameters()}
+    for r in results:
+        (params, state), (params_after, state_after) = r["before"], r["after"]
+        for n, t in params.items():
+            torch.testing.assert_close(whole[n], t, rtol=0, atol=0)
+            torch.testing.assert_close(params_after[n], t, rtol=0, atol=0)
+            torch.testing.assert_close(moments[f"{n}.exp_avg"], state[n]["exp_avg"], rtol=0, atol=0)
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(state_after[n][k], state[n][k], rtol=0, atol=0)
+
+
 # -- safetensors into sharded stages, and refusals ---------------------------------------------------
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
