@@ -41,6 +41,36 @@ scale is not saved (a resumed fp16 run starts from the initial scale). Under ZeR
 replica holds the masters of its shard only: replica 0 gathers them all while it writes
 (``RankStage.full_masters``), and on loading a replica reads the fp32 values into the
 masters it holds and into the low-precision weights of the others.
+
+Sharded stages: FSDP2 over the replicas (``zero=3``, ``runtime.fsdp``), tensor parallelism
+(``mesh.tp`` > 1, ``runtime.tensor_parallel``), or both (a parameter a ``DTensor`` on a 2-D
+mesh). Their parameters, and the optimizer state shaped like them (AdamW's moments), are
+``DTensor``s, and a checkpoint is written and read by placement, never by layout: on saving,
+every rank of the job writes in one DCP save over the default group (no replica holds the
+whole state, so replica 0 cannot write for the others): DCP stores each DTensor's local
+shard under the whole tensor's key and offsets, and what several ranks hold (a
+``Replicate`` placement, a plain tensor, a tied copy) once. The keys are those of an
+unsharded save, so the checkpoint is the same whole model for every reader: a sharded plan
+reads an unsharded save and the other way round, under any cuts. On loading, a DTensor
+parameter is given to DCP as it is (DCP reads the part of the saved chunks its local shard
+covers: resharding is DCP's); optimizer state of a DTensor parameter is allocated like the
+parameter (``empty_like``) when it has its shape, as a ``Replicate`` DTensor of its own
+shape when the parameter is replicated, as a plain tensor when it is a scalar (``step``);
+other state (Adafactor's factored moments on a sharded matrix) has no sharding to read it
+into and is refused before anything is read. A ``Partial`` placement (a pending sum, not
+a shard) is refused on saving and loading; a refusal to save on one rank is raised on every
+rank (one all-reduce) before anything is written. ZeRO-1 is not combined with DTensor stages.
+A ``.safetensors`` / Hugging Face tensor is read whole into one temporary and this rank
+keeps its slice (``distribute_tensor(..., src_data_rank=None)``: DTensor's own slicing, no
+communication). Loading stays per rank, with no collective.
+
+Why not ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` /
+``get_optimizer_state_dict``): a rank holds several stage modules whose parameters carry the
+model's FQNs, a tied weight under two names, mixed-precision masters in place of the
+parameters, and ZeRO-1 shards; those functions take one module and would prefix the
+modules' names. For FSDP2 and DTensor, their sharded state dict (``full_state_dict=False``)
+is the DTensors as they are, which is what the FQN keying here hands DCP, so nothing is
+gathered by hand.
 """
 
 from __future__ import annotations
@@ -235,9 +265,45 @@ def _load_safetensors(stage: RankStage, path: str, fmt: str) -> list[str]:
             start = headers[file][1]
             with open(file, "rb", buffering=0) as f:
                 for key, t, names in sorted(todo[file], key=lambda it: headers[file][0][it[0]]["data_offsets"][0]):
-                    _read_into(f, start, headers[file][0][key], t, key, file)
+                    if _is_dtensor(t):
+                        _read_into_shard(f, start, headers[file][0][key], t, key, file)
+                    else:
+                        _read_into(f, start, headers[file][0][key], t, key, file)
                     stage.uninitialized.difference_update(names)
     return sorted(todo)
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+
+    return isinstance(t, DTensor)
+
+
+def _read_into_shard(f: Any, start: int, entry: dict[str, Any], dst: Any, key: str, file: str) -> None:
+    """A sharded (``DTensor``) parameter or buffer: the whole tensor is read into one CPU
+    temporary, and this rank keeps the part its placements give it. The slicing is DTensor's
+    own (``distribute_tensor`` with ``src_data_rank=None``: every rank slices the full tensor
+    it holds, no communication), so any placements DTensor knows (``Shard``, ``Replicate``,
+    FSDP's strided shards on a 2-D mesh) are cut as DTensor cuts them."""
+    from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+
+    _refuse_partial(dst, key)
+    full = torch.empty(tuple(dst.shape), dtype=dst.dtype)
+    _read_into(f, start, entry, full, key, file)
+    local = distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local()
+    dst.to_local().copy_(local)
+
+
+def _refuse_partial(t: Any, key: str) -> None:
+    """A ``Partial`` placement holds an addend of the value, not a part of it: written as a
+    shard (or read into as one) the checkpoint would be silently wrong."""
+    if any(p.is_partial() for p in t.placements):
+        raise PipelineRuntimeError(
+            f"{key!r} is a DTensor with placements {tuple(t.placements)}: a Partial placement holds a pending sum, "
+            "not a shard of the value; redistribute it to Shard/Replicate (e.g. after the step's reduction) before "
+            "saving or loading a checkpoint")
 
 
 def _dcp_reader(path: str) -> tuple[Any, dict[str, Any]]:
@@ -263,8 +329,10 @@ def _load_dcp(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | No
         m = meta[key]
         if not isinstance(m, TensorStorageMetadata):
             raise PipelineRuntimeError(f"rank {stage.rank}: key {key!r} in {path} is not a tensor")
-        if tuple(m.size) != tuple(t.shape):
+        if tuple(m.size) != tuple(t.shape):  # a DTensor's shape is the whole tensor's
             raise _shape_error(stage, key, tuple(m.size), tuple(t.shape), path)
+        if _is_dtensor(t):  # DCP reads into its local shard the part of the saved chunks it covers
+            _refuse_partial(t, key)
         dest[key] = t
         loaded_names += names
     if missing:
@@ -344,10 +412,28 @@ def _optimizer_dest(stage: RankStage, optimizer: torch.optim.Optimizer, meta: di
         fields.append([k[len(prefix):] for k in mine])
         for k in mine:
             m = meta[k]
-            if isinstance(m, TensorStorageMetadata):
-                dest[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)  # load_state_dict moves it
-            else:
+            if not isinstance(m, TensorStorageMetadata):
                 dest[k] = ""
+            elif not _is_dtensor(p) or len(m.size) == 0:
+                # an unsharded parameter's state, or a scalar (``step``): load_state_dict moves it
+                dest[k] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            elif tuple(m.size) == tuple(p.shape):
+                # state shaped like its sharded parameter (AdamW's moments) is sharded like it:
+                # DCP fills this rank's shard from whatever layout wrote it
+                dest[k] = torch.empty_like(p.detach(), dtype=m.properties.dtype)
+            elif all(pl.is_replicate() for pl in p.placements):
+                # every rank holds the whole of a replicated parameter: its state of any shape too
+                from torch.distributed.tensor import empty as dtensor_empty  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
+
+                dest[k] = dtensor_empty(tuple(m.size), dtype=m.properties.dtype, device_mesh=p.device_mesh,
+                                        placements=p.placements)
+            else:
+                raise PipelineRuntimeError(
+                    f"rank {stage.global_rank}: {path} holds optimizer state {k!r} of shape {tuple(m.size)}, not its "
+                    f"parameter's {tuple(p.shape)}, and {n!r} is sharded here (a DTensor with placements "
+                    f"{tuple(p.placements)}): state of another shape than its parameter has no known sharding (e.g. "
+                    "Adafactor's factored moments); load it on a layout without sharded stages (zero 0 or 1, tp 1), "
+                    "or load without optimizer=... and start the optimizer state afresh")
 
     def rebuild(loaded: dict[str, Any]) -> dict[str, Any]:
         state = {i: {f: loaded[f"optim.state.{n}.{f}"] for f in fs}
@@ -372,6 +458,14 @@ def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimize
     zero = _as_zero(optimizer)
     if zero is not None:
         _check_zero(stage, zero, "save its state")
+    if _sharded(stage):
+        # Sharded stages (FSDP2 over the replicas, tensor parallelism, both): every rank of the
+        # job holds a part no other rank holds, so every rank writes, in one DCP save over the
+        # whole job; DCP writes each DTensor's local shard under the whole tensor's key and
+        # offsets and writes what several ranks hold (replicated DTensors, plain tensors) once.
+        _agree(stage, _unsaveable(stage, optimizer, zero))
+        _save(stage, path, optimizer, group=None)
+        return
     if stage.dp_group is None:
         _save(stage, path, optimizer)
         return
@@ -391,6 +485,46 @@ def save_checkpoint(stage: RankStage, path: str, optimizer: torch.optim.Optimize
         if zero is not None:
             zero._all_state_dicts = []  # the gathered copy of the whole state: free it
     dist.barrier()  # the other replicas wait until the checkpoint is complete
+
+
+def _sharded(stage: RankStage) -> bool:
+    """Whether the plan shards the stages' tensors as DTensors: tensor parallelism
+    (``mesh.tp`` > 1) or FSDP2 over replicas (``zero=3``), alone or together. Read from the
+    plan, so every rank of the job takes the same (collective) path."""
+    mesh = stage.plan.mesh
+    return mesh.tp > 1 or (mesh.zero == 3 and mesh.dp > 1)
+
+
+def _unsaveable(stage: RankStage, optimizer: torch.optim.Optimizer | None, zero: Any) -> str | None:
+    """Why this rank cannot write its part of a sharded checkpoint, or None."""
+    if zero is not None:
+        return (f"rank {stage.global_rank}: a ZeroRedundancyOptimizer over sharded (DTensor) stages: its "
+                "consolidation gathers plain tensors on replica 0; use the plain optimizer stage.optimizer(...) "
+                "builds for this plan (its state is sharded like the parameters)")
+    tensors = [(f"model.{names[0]}", t) for names, t in stage.unique_tensors()]
+    if optimizer is not None:
+        canon = _canonical_names(stage)
+        tensors += [(f"optim.state.{canon.get(id(p), '?')}.{k}", v) for p, st in optimizer.state.items()
+                    for k, v in st.items()]
+    for key, t in tensors:
+        if _is_dtensor(t):
+            try:
+                _refuse_partial(t, key)
+            except PipelineRuntimeError as e:
+                return f"rank {stage.global_rank}: {e}"
+    return None
+
+
+def _agree(stage: RankStage, problem: str | None) -> None:
+    """Collective over the job: raise on every rank when any rank found ``problem`` (a rank
+    refusing alone would leave the others waiting in the save's collectives)."""
+    flag = torch.tensor([float(problem is not None)], device=stage.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if problem is not None:
+        raise PipelineRuntimeError(problem + "; nothing was written")
+    if flag.item():
+        raise PipelineRuntimeError(f"rank {stage.global_rank}: another rank refused to save its part of the "
+                                   "checkpoint (its error says why); nothing was written")
 
 
 def _as_zero(optimizer: torch.optim.Optimizer | None) -> Any:
@@ -440,7 +574,12 @@ def _read_small(path: str, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) -> None:
+_STAGE_GROUP: Any = object()  # ``_save``'s default: the stage's pipeline group
+
+
+def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None, group: Any = _STAGE_GROUP) -> None:
+    """Write into ``PATH.partial``, then replace ``PATH`` (one DCP save over ``group``: the
+    stage's pipeline group by default; None is the default group, every rank of the job)."""
     import torch.distributed.checkpoint as dcp  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
     from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415 - torch.distributed.* loads where it is used (a torch build may lack distributed)
 
@@ -452,7 +591,8 @@ def _save(stage: RankStage, path: str, optimizer: torch.optim.Optimizer | None) 
     if optimizer is not None:
         state.update(_optimizer_state(stage, optimizer))
     distributed = dist.is_available() and dist.is_initialized()
-    group = stage.group
+    if group is _STAGE_GROUP:
+        group = stage.group
     rank0 = (not distributed) or dist.get_rank(group) == 0
     partial, old = path + ".partial", path + ".old"
     if rank0 and os.path.exists(partial):

@@ -162,17 +162,7 @@ def test_fsdp_refuses_what_it_cannot_train_exactly(case: str) -> None:
         spawn(_build_and_step, 4, pipe, schedule, timeout_s=TIMEOUT_S)
 
 
-def _save(rank: int, world: int, pipe: Any, path: str) -> None:
-    stage = pipe.build_stage(rank, "cpu")
-    stage.save_checkpoint(path)
-
-
-def test_a_sharded_stage_does_not_save_a_wrong_checkpoint(tmp_path: Any) -> None:
-    """Not supported yet: replica 0 writes checkpoints and holds only its shards, which
-    torch.distributed.checkpoint's plan validation refuses (loudly, nothing written)."""
-    with pytest.raises(PipelineRuntimeError, match="saving to .* failed"):
-        spawn(_save, 4, _pipe("1f1b")[1], str(tmp_path / "ckpt"), timeout_s=TIMEOUT_S)
-    assert not (tmp_path / "ckpt").exists()
+# Checkpoints of zero=3 stages (each replica writes its shards): tests/runtime/test_checkpoint_layouts.py
 
 
 # -- pricing ---------------------------------------------------------------------------------
