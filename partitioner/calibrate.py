@@ -284,9 +284,10 @@ def measure_curves(device: str | torch.device = "cuda", *, dtypes: Sequence[str]
     start = time.perf_counter()
     gemm_shapes, attn_shapes, copy_elems, opt_params = _sizes(cuda)
     gemm, skipped = _rounds(budget * _SHARES["gemm"], [(d, *shape) for d in names for shape in gemm_shapes],
-                            lambda item, each: _gemm(dev, *item, each))
+                            lambda item, each: _gemm(dev, item[0], item[1], item[2], item[3], each))
     attention, skipped_attn = _rounds(budget * _SHARES["attention"], attn_shapes,
-                                      lambda item, each: _attention(dev, names[0], *item, each / 2))
+                                      lambda item, each: _attention(dev, names[0], item[0], item[1], item[2], item[3],
+                                                                    each / 2))
     copy_elems = _fitting(dev, copy_elems, 3 * 4)
     copies, _ = _rounds(budget * _SHARES["copy"], ["copy", "add"], lambda what, each: _copy(dev, what, copy_elems, each))
     launch_s = _launch(dev, budget * _SHARES["launch"])
@@ -426,7 +427,8 @@ def _optimizer(dev: torch.device, params: int, seconds: float) -> float:
     weights = [torch.zeros(each, device=dev, requires_grad=True) for _ in range(16)]
     for w in weights:
         w.grad = torch.full_like(w, 1e-3)
-    opt = torch.optim.AdamW(weights, lr=1e-3, **({"fused": True} if dev.type == "cuda" else {"foreach": True}))
+    cuda = dev.type == "cuda"
+    opt = torch.optim.AdamW(weights, lr=1e-3, fused=True if cuda else None, foreach=None if cuda else True)
     return _timed(opt.step, seconds)
 
 

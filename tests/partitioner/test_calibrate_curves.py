@@ -234,3 +234,22 @@ def test_calibrate_refuses_bad_arguments() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(PartitionError, match="no CUDA device"):
             calibrate_curves("cuda")
+
+
+def test_gpu_check_calibration_step_writes_the_profile_beside_its_report(tmp_path: Path) -> None:
+    """The GPU check's calibration step on the CPU (what its --smoke mode runs): the profile is
+    written beside --out and loads back; every timed kernel is priced by both profiles."""
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.calibration(argparse.Namespace(out=str(tmp_path / "report" / "gpu_check.json"), calibrate_budget=0.5),
+                          torch.device("cpu"))
+    assert Path(out["profile"]) == tmp_path / "report" / "calibrated_profile.json"
+    assert get_device(out["profile"]).to_dict() == out["calibrated"]
+    assert out["kernels"] and all(r["measured_s"] > 0 and r["shipped_s"] > 0 and r["calibrated_s"] > 0
+                                  for r in out["kernels"])
