@@ -18,6 +18,7 @@ level for this model, without touching the balance the solver sees.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import math
@@ -280,6 +281,12 @@ def measure_curves(device: str | torch.device = "cuda", *, dtypes: Sequence[str]
     budget = DEFAULT_BUDGET_S[dev.type] if budget_s is None else float(budget_s)
     if not budget > 0 or not math.isfinite(budget):
         raise PartitionError(f"calibrate_curves budget_s must be a positive number of seconds, got {budget_s!r}")
+    # the accelerator synchronisation around each timing (Timer) is the current device's
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        return _measure(dev, names, budget)
+
+
+def _measure(dev: torch.device, names: tuple[str, ...], budget: float) -> Measurements:
     cuda = dev.type == "cuda"
     start = time.perf_counter()
     gemm_shapes, attn_shapes, copy_elems, opt_params = _sizes(cuda)
@@ -291,7 +298,7 @@ def measure_curves(device: str | torch.device = "cuda", *, dtypes: Sequence[str]
     copy_elems = _fitting(dev, copy_elems, 3 * 4)
     copies, _ = _rounds(budget * _SHARES["copy"], ["copy", "add"], lambda what, each: _copy(dev, what, copy_elems, each))
     launch_s = _launch(dev, budget * _SHARES["launch"])
-    optimizer_s = _optimizer(dev, opt_params, budget * _SHARES["optimizer"])
+    opt_params, optimizer_s = _optimizer(dev, opt_params, budget * _SHARES["optimizer"])
     if cuda:
         props = torch.cuda.get_device_properties(dev)
         name, sms, memory = torch.cuda.get_device_name(dev), int(props.multi_processor_count), int(props.total_memory)
@@ -419,9 +426,10 @@ def _launch(dev: torch.device, seconds: float) -> float:
     return _timed(run, seconds) / _LAUNCHES
 
 
-def _optimizer(dev: torch.device, params: int, seconds: float) -> float:
-    """Seconds of one ``torch.optim.AdamW`` step over ``params`` float32 parameters in 16 tensors
-    (fused on a GPU, foreach on the CPU: the implementations a training run picks)."""
+def _optimizer(dev: torch.device, params: int, seconds: float) -> tuple[int, float]:
+    """(parameters, seconds) of one ``torch.optim.AdamW`` step over about ``params`` float32
+    parameters in 16 tensors (fewer where they do not fit; fused on a GPU, foreach on the CPU:
+    the implementations a training run picks)."""
     params = _fitting(dev, params, 4 * 4)  # weights, gradients, two moments
     each = params // 16
     weights = [torch.zeros(each, device=dev, requires_grad=True) for _ in range(16)]
@@ -429,7 +437,7 @@ def _optimizer(dev: torch.device, params: int, seconds: float) -> float:
         w.grad = torch.full_like(w, 1e-3)
     cuda = dev.type == "cuda"
     opt = torch.optim.AdamW(weights, lr=1e-3, fused=True if cuda else None, foreach=None if cuda else True)
-    return _timed(opt.step, seconds)
+    return 16 * each, _timed(opt.step, seconds)
 
 
 def _cpu_name() -> str:
