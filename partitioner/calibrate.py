@@ -236,8 +236,9 @@ def calibrate_curves(device: str | torch.device = "cuda", *, dtypes: Sequence[st
     measured rates as peaks). Save the result with ``DeviceSpec.save(path)``; then
     ``partition(..., device=path)`` and ``partitioner plan --device path`` price on it.
     """
+    ref = get_device(base) if base is not None else None  # a bad name is refused before minutes of timing
     measured = measure_curves(device, dtypes=dtypes, budget_s=budget_s)
-    return fit_curves(measured, base=base if base is not None else default_base(measured), name=name)
+    return fit_curves(measured, base=ref if ref is not None else default_base(measured), name=name)
 
 
 def default_base(measured: Measurements) -> DeviceSpec | None:
@@ -271,7 +272,8 @@ def measure_curves(device: str | torch.device = "cuda", *, dtypes: Sequence[str]
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise PartitionError(f"calibrate_curves(device={str(device)!r}): no CUDA device is available here; "
-                                 "measure device='cpu' or run it on the GPU machine")
+                                 "measure the CPU (device='cpu'; partitioner calibrate --device cpu) or run it on the "
+                                 "GPU machine")
         dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
     names = tuple(dtypes) if dtypes is not None else (_DTYPES if dev.type == "cuda" else ("float32",))
     bad = [d for d in names if d not in _DTYPES]
@@ -283,10 +285,10 @@ def measure_curves(device: str | torch.device = "cuda", *, dtypes: Sequence[str]
         raise PartitionError(f"calibrate_curves budget_s must be a positive number of seconds, got {budget_s!r}")
     # the accelerator synchronisation around each timing (Timer) is the current device's
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        return _measure(dev, names, budget)
+        return _measure_device(dev, names, budget)
 
 
-def _measure(dev: torch.device, names: tuple[str, ...], budget: float) -> Measurements:
+def _measure_device(dev: torch.device, names: tuple[str, ...], budget: float) -> Measurements:
     cuda = dev.type == "cuda"
     start = time.perf_counter()
     gemm_shapes, attn_shapes, copy_elems, opt_params = _sizes(cuda)
