@@ -20,6 +20,13 @@ interleaved-1f1b, zb-h1 and zbv, eager and (where the schedule allows) compiled.
   device, so about the sum of stage times, not the pipelined step) and the plan's predicted
   pipelined step, with the loss (finite, equal eager vs compiled within bf16 tolerance).
 
+Calibration (``partitioner.calibrate.calibrate_curves``, about ``--calibrate-budget`` seconds):
+the card's efficiency curves (matmuls per dtype, flash attention, bandwidth, launch floor,
+AdamW) measured and fitted, the profile written beside ``--out`` (``calibrated_profile.json``;
+``partitioner plan --device FILE`` loads it), and the fit's predicted / measured per kernel.
+Then the 1f1b Llama is planned on the shipped profile and on the calibrated one, and each
+stage's measured forward / backward is printed against both predictions.
+
 Part 2, two or more GPUs (skipped on one): one process per GPU over NCCL, ``build_stage`` +
 ``runner`` for 1f1b and zbv, blocks ``x + W(norm(x))`` of width 8192 on 4096 tokens, so every
 activation and gradient message is 4096 x 8192 bf16 = 64 MiB (far above NCCL's buffers: sends
@@ -49,6 +56,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from partitioner import partition, poly  # noqa: E402
+from partitioner.calibrate import compare, default_base, fit_curves, measure_curves  # noqa: E402
+from partitioner.cost_models.devices import get_device  # noqa: E402
 from partitioner.examples.llama import Llama, LlamaConfig  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
 from partitioner.runtime.local import train_step  # noqa: E402
@@ -214,6 +223,55 @@ def _summary(name: str, row: dict[str, Any]) -> str:
     return text
 
 
+def calibration(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    """Measure and fit this device's efficiency curves, write the profile beside ``--out``, and
+    print each timed kernel against the shipped profile's and the calibrated profile's price."""
+    measured = measure_curves(dev, budget_s=args.calibrate_budget)
+    spec = fit_curves(measured, base=default_base(measured))
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "calibrated_profile.json")
+    spec.save(path)
+    if get_device(path) != spec:  # what partition(device=path) prices on
+        raise AssertionError(f"{path} does not load back as the profile written")
+    shipped = get_device(device_profile(dev))
+    rows = [{"kernel": what, "measured_s": m, "shipped_s": s_, "calibrated_s": c}
+            for (what, m, s_), (_, _, c) in zip(compare(shipped, measured), compare(spec, measured))]
+    e = spec.efficiency
+    assert e is not None
+    print(f"calibration: {measured.device}, {measured.wall_s:.0f} s measuring, wrote {path}\n"
+          f"  fitted: gemm_max {e.gemm_max:.3f} k_half {e.gemm_k_half:.0f}, attention {e.attn_fwd:.3f} / "
+          f"{e.attn_bwd:.3f} seq_half {e.attn_seq_half:.0f}, bandwidth {spec.mem_bandwidth * e.mem / 1e9:.0f} GB/s, "
+          f"launch {e.launch_s * 1e6:.2f} us", flush=True)
+    for r in rows:
+        print(f"    {r['kernel']:40s} measured {r['measured_s'] * 1e6:10.1f} us  shipped {shipped.name} "
+              f"{r['shipped_s'] / r['measured_s']:5.2f}x  calibrated {r['calibrated_s'] / r['measured_s']:5.2f}x")
+    return {"profile": path, "calibrated": spec.to_dict(), "shipped": shipped.name, "kernels": rows}
+
+
+def profiles_per_stage(args: argparse.Namespace, dev: torch.device, calibrated: str) -> dict[str, Any]:
+    """The 1f1b Llama planned on the shipped profile and on the calibrated one: each stage's
+    measured forward / backward against both plans' predictions."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                      hidden_dim=args.dim * 8 // 3 // 64 * 64 or 64, max_seq_len=args.seq)
+    model = Llama(cfg).to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
+    out: dict[str, Any] = {}
+    for label, profile in (("shipped", device_profile(dev)), ("calibrated", calibrated)):
+        pipe = partition(model, n_gpus=args.ranks, example_inputs=(x,), schedule="1f1b", n_microbatches=args.m,
+                         device=profile, cut_at="layers.*")
+        out[label] = {"profile": pipe.plan.device.get("name"), "cuts": [st.nodes[-1] for st in pipe.plan.stages],
+                      "per_stage": per_stage(pipe, x, dev)}
+    for a, b in zip(out["shipped"]["per_stage"], out["calibrated"]["per_stage"]):
+        print(f"  stage {a['stage']}: fwd {a['fwd_meas_s'] * 1e3:.3f} ms, predicted {out['shipped']['profile']} "
+              f"{a['fwd_pred_s'] * 1e3:.3f} / calibrated {b['fwd_pred_s'] * 1e3:.3f} (measured on its plan "
+              f"{b['fwd_meas_s'] * 1e3:.3f}); bwd {a['bwd_meas_s'] * 1e3:.3f} ms, predicted {a['bwd_pred_s'] * 1e3:.3f} "
+              f"/ {b['bwd_pred_s'] * 1e3:.3f} ({b['bwd_meas_s'] * 1e3:.3f})", flush=True)
+    out["same_cuts"] = out["shipped"]["cuts"] == out["calibrated"]["cuts"]
+    return out
+
+
 class Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -287,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--all-stage-rows", action="store_true", help="per-stage timing for every schedule")
     ap.add_argument("--compile", default="1f1b,interleaved-1f1b", help="schedules also run compiled")
+    ap.add_argument("--calibrate-budget", type=float, default=None,
+                    help="seconds the calibration measures (default: 180 on a GPU, 1 with --smoke); 0 skips it")
     args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available() and not args.smoke
     if not on_gpu and not args.smoke:
@@ -307,7 +367,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         result["part2"] = "skipped: one GPU"
         print("NCCL path: skipped (one GPU)", flush=True)
+    if args.calibrate_budget is None:
+        args.calibrate_budget = 1.0 if args.smoke else 180.0
+    if args.calibrate_budget > 0:  # after the forked ranks (it initialises CUDA here), before part 1
+        result["calibration"] = calibration(args, dev)
     result["part1"] = part1(args, dev)
+    if args.calibrate_budget > 0:
+        print("per stage, measured against the shipped and the calibrated profile (1f1b):", flush=True)
+        result["calibration"]["per_stage"] = profiles_per_stage(args, dev, result["calibration"]["profile"])
     result["wall_s"] = time.perf_counter() - t0
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=str)

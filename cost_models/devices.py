@@ -155,6 +155,8 @@ class DeviceSpec:
             del out["op_overhead_s"]
         if self.efficiency is None:
             del out["efficiency"]
+        else:  # its own form: a measured profile's record as an object, left out when empty
+            out["efficiency"] = self.efficiency.to_dict()
         return out
 
     @classmethod
@@ -169,7 +171,10 @@ class DeviceSpec:
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise CostModelError(f"cannot read device profile {str(path)!r}: {e}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except CostModelError as e:
+            raise CostModelError(f"device profile {str(path)!r}: {e}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write this profile as JSON (``load`` reads it back equal)."""
@@ -352,13 +357,17 @@ LINKS: dict[str, LinkSpec] = {
 
 
 def get_device(spec: str | DeviceSpec) -> DeviceSpec:
-    """A built-in profile by name, ``"local"`` (measured now), or a spec passed through."""
+    """A built-in profile by name, ``"local"`` (measured now), a profile file (a path ending in
+    ``.json``, as ``DeviceSpec.save`` and ``partitioner calibrate`` write it), or a spec passed through."""
     if isinstance(spec, DeviceSpec):
         return spec
     if spec == "local":
         return _local()
+    if spec.endswith(".json"):
+        return DeviceSpec.load(spec)
     if spec not in DEVICES:
-        raise CostModelError(f"unknown device {spec!r}; valid names: {', '.join([*DEVICES, 'local'])}")
+        raise CostModelError(f"unknown device {spec!r}; valid names: {', '.join([*DEVICES, 'local'])}, "
+                             f"or a profile file path/to/profile.json")
     return DEVICES[spec]
 
 

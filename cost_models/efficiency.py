@@ -23,14 +23,14 @@ Pure Python: no torch, so plans load without it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from partitioner.cost_models.errors import CostModelError
 
 __all__ = ["Efficiency", "TILES", "OPTIMIZER_BYTES", "optimizer_bytes_per_param", "gemm_efficiency",
-           "attention_efficiency"]
+           "attention_efficiency", "fit_ramp"]
 
 #: thread-block tiles a GEMM library chooses among (rows, columns, relative speed of the tile):
 #: CUTLASS/cuBLAS tensor-core kernels use 256x128 and 128x128 tiles for large problems and
@@ -76,9 +76,19 @@ class Efficiency:
     #: weight-gradient operands and the memory allocator, against the best isolated shape.
     #: Fitted to end-to-end runs (1.0: the microbenchmark rates as they are)
     fit: float = 1.0
+    #: where a measured profile's figures come from (``partitioner.calibrate.calibrate_curves``:
+    #: device, date, torch version, what was timed, the fit's quality), as (key, value) pairs
+    #: sorted by key; a JSON object in the profile. Empty for the cited profiles (and then left
+    #: out of the JSON, so plans priced on them are unchanged). Never used to price anything.
+    measured: tuple[tuple[str, str | bool | int | float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.measured:
+            out["measured"] = dict(self.measured)
+        else:
+            del out["measured"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Efficiency:
@@ -91,6 +101,10 @@ class Efficiency:
         out: dict[str, Any] = {}
         for name in names:
             if name == "fit" and name not in data:
+                continue
+            if name == "measured":
+                if name in data:
+                    out[name] = _measured(data[name])
                 continue
             if name not in data:
                 raise CostModelError(f"DeviceSpec.efficiency is missing field {name!r}")
@@ -114,6 +128,17 @@ class Efficiency:
         """Fraction of the dense peak the flash kernel reaches (``attention_efficiency``)."""
         top = (self.attn_bwd if backward else self.attn_fwd) * self.fit
         return attention_efficiency(seq, head_dim, top, self.attn_seq_half)
+
+
+def _measured(data: Any) -> tuple[tuple[str, str | bool | int | float], ...]:
+    if not isinstance(data, Mapping):
+        raise CostModelError(f"DeviceSpec.efficiency.measured must be a JSON object, got {type(data).__name__}")
+    for key, v in data.items():
+        if not isinstance(key, str) or not (isinstance(v, (str, bool, int)) or (isinstance(v, float)
+                                                                              and math.isfinite(v))):
+            raise CostModelError(f"DeviceSpec.efficiency.measured.{key} must be a string or a finite number, "
+                                 f"got {v!r}")
+    return tuple(sorted(data.items()))
 
 
 def _ceil(a: float, b: float) -> int:
@@ -147,3 +172,55 @@ def attention_efficiency(seq: float, head_dim: float, top: float, seq_half: floa
     seq, head_dim = max(1.0, float(seq)), max(1.0, float(head_dim))
     head = min(1.0, (head_dim / (head_dim + 32.0)) / (128.0 / 160.0))
     return top * seq / (seq + seq_half) * head
+
+
+def fit_ramp(groups: Sequence[Sequence[tuple[float, float, float]]], half: float | None = None
+             ) -> tuple[list[float], float]:
+    """Per group a ``top``, and one ``half``, for ``rate ~ top x g x x / (x + half)`` over
+    measured ``(x, g, rate)`` points: ``([top of each group], half)``.
+
+    The shape of ``gemm_efficiency`` (``x`` = K, ``g`` = the tile quantisation; a group per
+    dtype, which share ``gemm_k_half``) and of ``attention_efficiency`` (``x`` = sequence
+    length, ``g`` = the head-dimension factor; forward and backward share ``attn_seq_half``).
+    Minimises the squared error of ``log(rate)``, so a short kernel weighs as much as a long
+    one. For a given ``half`` each group's best ``top`` is closed-form (the geometric mean of
+    ``rate / (g x ramp)``), so only ``half`` is searched: a log-spaced scan over
+    ``[min x / 1000, max x x 1000]``, then a golden-section refinement around the best point
+    (a one-parameter search needs no optimisation library, and this module imports neither
+    torch nor scipy, so that plans load without them). Given ``half``, only the tops are
+    fitted. Raises ``CostModelError`` on an empty group or a non-positive value, and when
+    ``half`` is to be fitted but no group has rates at two distinct sizes.
+    """
+    pts = [[(float(x), float(g), float(r)) for x, g, r in group] for group in groups]
+    if not pts or any(not group for group in pts) or any(
+            not (v > 0 and math.isfinite(v)) for group in pts for p in group for v in p):
+        raise CostModelError(f"fit_ramp needs non-empty groups of positive, finite (x, g, rate) points, got {groups!r}")
+
+    def fitted(h: float) -> tuple[list[float], float]:
+        tops, loss = [], 0.0
+        for group in pts:
+            logs = [math.log(r / (g * x / (x + h))) for x, g, r in group]
+            mean = math.fsum(logs) / len(logs)
+            tops.append(math.exp(mean))
+            loss += math.fsum((v - mean) ** 2 for v in logs)
+        return tops, loss
+
+    if half is None:
+        if not any(len({x for x, _, _ in group}) > 1 for group in pts):
+            raise CostModelError("fit_ramp needs rates at two or more sizes in one group to fit the ramp, got "
+                                 f"sizes {[sorted({x for x, _, _ in group}) for group in pts]}")
+        xs = [x for group in pts for x, _, _ in group]
+        lo, hi = math.log(min(xs) / 1e3), math.log(max(xs) * 1e3)
+        n = 240
+        grid = [lo + (hi - lo) * i / n for i in range(n + 1)]
+        best = min(range(n + 1), key=lambda i: fitted(math.exp(grid[i]))[1])
+        a, b = grid[max(0, best - 1)], grid[min(n, best + 1)]
+        ratio = (math.sqrt(5) - 1) / 2
+        for _ in range(80):
+            c, d = b - ratio * (b - a), a + ratio * (b - a)
+            if fitted(math.exp(c))[1] <= fitted(math.exp(d))[1]:
+                b = d
+            else:
+                a = c
+        half = math.exp((a + b) / 2)
+    return fitted(half)[0], half

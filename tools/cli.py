@@ -1,4 +1,5 @@
-"""``partitioner``: plan, show, diff, run and export pipeline partitions from the shell.
+"""``partitioner``: plan, show, diff, run and export pipeline partitions from the shell (and
+calibrate a device profile).
 
 Every failure a user can cause prints one line, ``error: ...``, on stderr and exits 2;
 ``--debug`` shows the traceback instead. ``diff`` exits like diff(1): 0 same, 1 different.
@@ -76,7 +77,8 @@ def _partition_options() -> _Parser:
                    help="stages per rank; V > 1 needs --schedule interleaved-1f1b (or zbv: V = 2) "
                         "(default: the schedule's: 2 for zbv, else 1)")
     g.add_argument("--device", default=None,
-                   help=f"device profile: {', '.join(DEVICES)} or local (measured) (default: h100-sxm)")
+                   help=f"device profile: {', '.join(DEVICES)}, local (measured), or a profile file FILE.json "
+                        "('partitioner calibrate' writes one) (default: h100-sxm)")
     g.add_argument("--link", default=None,
                    help=f"link profile: {', '.join(LINKS)} (default: nvlink4)")
     g.add_argument("--schedule", default=None, choices=_SCHEDULES, metavar="NAME",
@@ -195,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "summed and divided by the step's token count (models mapping token ids to logits); "
                         "default: %(default)s")
 
+    c = sub.add_parser("calibrate", parents=[common], help="measure this machine's efficiency curves into a profile",
+                       description="Time matmuls, flash attention, memory bandwidth, the kernel launch floor and an "
+                                   "AdamW step on --device, fit the cost model's efficiency curves to them, and write "
+                                   "the device profile; then 'partitioner plan --device FILE' prices on it.")
+    c.add_argument("--out", required=True, metavar="FILE", help="profile JSON to write")
+    c.add_argument("--device", default="cuda", metavar="cuda|cpu",
+                   help="the device to measure: cuda, cuda:N or cpu (default: %(default)s)")
+    c.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time spent measuring, about (default: 180 on a GPU, 5 on the CPU)")
+    c.add_argument("--base", default=None, metavar="NAME",
+                   help=f"datasheet profile the measured rates are fractions of: {', '.join(DEVICES)} "
+                        "(default: the built-in profile named in the GPU's name; cpu on the CPU)")
+
     e = sub.add_parser("export", parents=[common, part], help="write each stage's Python source (and ONNX)",
                        description="Write DIR/stage{i}.py for each stage. SOURCE is MODEL (partitioned now) or a "
                                    "plan file, re-applied to --model without solving again.")
@@ -212,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from partitioner.tools import commands  # noqa: PLC0415 - import cycle (commands imports this module's flag tables) and CLI start-up
 
     handler = {"plan": commands.cmd_plan, "show": commands.cmd_show, "diff": commands.cmd_diff,
-               "run": commands.cmd_run, "export": commands.cmd_export}[args.command]
+               "run": commands.cmd_run, "export": commands.cmd_export,
+               "calibrate": commands.cmd_calibrate}[args.command]
     try:
         with _library_noise(debug):
             return handler(args)

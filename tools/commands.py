@@ -29,7 +29,7 @@ from partitioner.tools.outputs import Outputs, check_output_dir, check_outputs
 from partitioner.tools.pictures import segmentation, to_dot, to_svg
 from partitioner.tools.summary import plan_summary
 
-__all__ = ["cmd_plan", "cmd_show", "cmd_diff", "cmd_export", "cmd_run", "partition_from_args"]
+__all__ = ["cmd_plan", "cmd_show", "cmd_diff", "cmd_export", "cmd_run", "cmd_calibrate", "partition_from_args"]
 
 #: The timeline draws every block; past this many micro-batches it is unreadable and slow.
 MAX_TIMELINE_MICROBATCHES = 256
@@ -301,6 +301,40 @@ def cmd_diff(args: argparse.Namespace) -> int:
         diff_render.print_diff(d, _out())
     files.commit()
     return 1 if d["different"] else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure the device's efficiency curves (``partitioner.calibrate.calibrate_curves``) and
+    write the profile with ``DeviceSpec.save``, whole or not at all (a temporary file renamed)."""
+    check_outputs([("--out", args.out)])
+    if args.budget is not None and not (0 < args.budget < float("inf")):
+        raise ToolError(f"--budget must be a positive number of seconds, got {args.budget}")
+    from partitioner.calibrate import calibrate_curves  # noqa: PLC0415 - CLI start-up (torch loads only for commands that measure)
+
+    with _phase(f"measuring {args.device}", getattr(args, "quiet", False)):
+        spec = calibrate_curves(args.device, budget_s=args.budget, base=args.base)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(args.out)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(args.out)))
+    os.close(fd)
+    try:
+        spec.save(tmp)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    e = spec.efficiency
+    assert e is not None  # calibrate_curves always fits one
+    rec = dict(e.measured)
+    print(f"{spec.name}: {rec['device']} ({rec['backend']}), torch {rec['torch']}, {rec['wall_s']:.0f} s measuring")
+    print(f"  matmul    {e.gemm_max * spec.peak(rec['dtypes'].split(',')[0]) / 1e12:.3g} TFLOP/s best "
+          f"({rec['dtypes'].split(',')[0]}), half rate at K = {e.gemm_k_half:.0f}")
+    print(f"  attention {e.attn_fwd:.3f} / {e.attn_bwd:.3f} of the peak (forward / backward), half rate at "
+          f"{e.attn_seq_half:.0f} tokens")
+    print(f"  memory    {spec.mem_bandwidth * e.mem / 1e9:.4g} GB/s; launch floor {e.launch_s * 1e6:.2f} us; "
+          f"AdamW step predicted / measured {rec['optimizer_predicted_over_measured']}")
+    print(f"  fit: predicted / measured per kernel, median {rec['fit_median_ratio']}x, worst {rec['fit_worst_ratio']}x")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
