@@ -136,7 +136,9 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     _check(stage)
     group = stage.dp_group
     assert group is not None
-    mesh = DeviceMesh.from_group(group, stage.device.type)
+    # with tensor parallelism the replicas' mesh is cut from the job's (dp, pp, tp) mesh: FSDP
+    # then shards the TP DTensors over dp, parameters becoming DTensors on the (dp, tp) mesh
+    mesh = stage.dp_mesh if stage.dp_mesh is not None else DeviceMesh.from_group(group, stage.device.type)
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]
     how = mode(stage)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils import _pytree as pytree
 
@@ -100,6 +100,9 @@ class RankStage:
         self.spec, self.plan, self.rank, self.device, self.group = spec, plan, rank, device, group
         #: this rank's place in the mesh: pipeline rank (``rank``) and replica
         self.pp_rank, self.dp_rank, self.dp_group = rank, dp_rank, dp_group
+        #: the replicas' 1-D device mesh when it was cut from the job's mesh (tensor parallelism:
+        #: FSDP needs its mesh and the TP mesh from one parent); None: made from ``dp_group``
+        self.dp_mesh: DeviceMesh | None = None
         self.n_ranks = plan.pp_ranks
         mine = [st.index for st in plan.stages if st.rank == rank]
         if not mine:
@@ -146,7 +149,7 @@ class RankStage:
 
     @property
     def global_rank(self) -> int:
-        return self.plan.mesh.rank(self.dp_rank, self.pp_rank) if self.dp_group is not None else (
+        return self.plan.mesh.rank(self.dp_rank, self.pp_rank, getattr(self, "tp_rank", 0)) if self.dp_group is not None else (
             self.rank if self.group is None else dist.get_global_rank(self.group, self.rank))
 
     def _replicate(self) -> GradSync | None:
@@ -158,11 +161,19 @@ class RankStage:
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return None
         broadcast_from_first([*self.parameters(), *self.buffers()], self.dp_group)
+        if self.plan.mesh.tp > 1:  # the parameters become DTensors first: runtime.tensor_parallel calls reducer()
+            return None
+        return self.reducer()
+
+    def reducer(self) -> GradSync | None:
+        """The gradient reducer over this rank's replicas for its parameters as they are now:
+        ``runtime.fsdp.shard_stage`` (``zero=3``, sharding them in place over ``dp_mesh``, or
+        the ``dp`` group's own mesh) or a ``GradSync``; None when nothing trains."""
         if not any(p.requires_grad for p in self.parameters()):
             return None
         if self.plan.mesh.zero == 3:  # FSDP2 inside the stages: shards instead of replicas (runtime.fsdp)
             return shard_stage(self)  # type: ignore[return-value]
-        return GradSync(self.modules, self.dp_group)
+        return GradSync(self.modules, cast(dist.ProcessGroup, self.dp_group))
 
     def _apply_precision(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Masters from the values before the cast, then cast and retype as pricing did."""
@@ -466,8 +477,9 @@ class RankStage:
         is taken over its own pipeline. Under fp16-mixed the gradients carry the loss scale:
         the norm returned is of the unscaled gradients (non-finite when they overflowed)."""
         # zero=3: each rank's FSDP shard, summed over every rank of the job; otherwise (tensor
-        # parallelism's DTensor shards included) each gradient whole, over the pipeline
-        sharded = is_sharded(self)
+        # parallelism's DTensor shards included, and FSDP's over (dp, tp), whose local shards
+        # repeat over the TP ranks a weight is replicated on) each gradient whole, over the pipeline
+        sharded = is_sharded(self) and self.plan.mesh.tp == 1
         grads = self._norm_grads()
         norm = loop.global_grad_norm(local_grads(grads) if sharded else grads, float(norm_type), self.device,
                                      self.job_group if sharded else self.group)
@@ -680,7 +692,9 @@ class Runner:
         t = (loss.detach().float().reshape(()).clone() if loss is not None
              else torch.zeros((), dtype=torch.float32, device=self.stage.device))
         dist.all_reduce(t, group=self.stage.job_group)
-        return t / self.replicas
+        # with replicas the job group is the world, whose TP ranks each hold the loss too
+        copies = self.replicas * (self.stage.plan.mesh.tp if self.stage.job_group is None else 1)
+        return t / copies
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, seq_len: int | None = None,
              batch_size: int | None = None, loss_on_every_rank: bool = False, profile: str | None = None,
