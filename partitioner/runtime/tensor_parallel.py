@@ -636,6 +636,10 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
                         f"{plan.options.get('precision')!r})")
     if compile:
         problems.append("compile=True with tensor parallelism is not supported yet")
+    if mesh.dp > 1 and mesh.zero == 1:
+        problems.append("zero=1 with tensor parallelism is not supported (ZeroRedundancyOptimizer broadcasts the "
+                        "parameters it steps, which DTensor has no rule for): re-partition with zero=3 (FSDP over the "
+                        "replicas) or zero=0")
     if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
            for names in plan.tied_parameters):
         problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "

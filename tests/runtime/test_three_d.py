@@ -27,13 +27,14 @@ LR, STEPS, M, MAX_NORM = 0.1, 3, 2, 0.5
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _pipe(pp: int, zero: int, tp: int = 2) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
+def _pipe(pp: int, zero: int, tp: int = 2, schedule: str = "1f1b") -> tuple[torch.nn.Module, Any,
+                                                                         dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = Net()
     init = copy.deepcopy(model.state_dict())
     inputs, _ = _data("net")
     pipe = partition(model, 2 * pp, inputs, device="cpu", link="loopback", data_parallel=2, zero=zero,
-                     pinned_cuts=["blocks.1"] if pp > 1 else [], n_microbatches=M)
+                     pinned_cuts=["blocks.1"] if pp > 1 else [], n_microbatches=M, schedule=schedule)
     assert (pipe.plan.mesh.dp, pipe.plan.pp_ranks, pipe.plan.mesh.zero) == (2, pp, zero)
     return model, with_tensor_parallel(pipe, tp), init
 
@@ -74,6 +75,7 @@ def _train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
                   tuple(p.to_local().shape)) for n, p in stage.named_parameters() if isinstance(p, DTensor)}
     return {"dp": stage.dp_rank, "pp": stage.pp_rank, "tp": stage.tp_rank, "global": stage.global_rank,
             "losses": losses, "norms": norms, "meshes": meshes, "sync": type(stage.grad_sync).__name__,
+            "mode": getattr(stage.grad_sync, "mode", None),
             "params": full_state(stage.named_parameters())}
 
 
@@ -111,9 +113,25 @@ def test_pp1_dp2_tp2_trains_like_one_process(zero: int) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_pp2_fsdp2_tp2_eight_ranks() -> None:
-    """8 ranks: 2 replicas (FSDP) x 2 pipeline ranks x 2 TP ranks, 1F1B."""
-    model, pipe, init = _pipe(2, 3)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])  # FSDP per unit; once per step (split backward)
+def test_pp2_fsdp2_tp2_eight_ranks(schedule: str) -> None:
+    """8 ranks: 2 replicas (FSDP) x 2 pipeline ranks x 2 TP ranks."""
+    model, pipe, init = _pipe(2, 3, schedule=schedule)
     results = spawn(_train, 8, pipe, timeout_s=TIMEOUT_S * 2)
     _check(model, init, results, 2)
     assert {r["sync"] for r in results} == {"FsdpSync"}
+    assert {r["mode"] for r in results} == {"step" if schedule == "zb-h1" else "unit"}
+
+
+def _build(rank: int, world: int, pipe: Any) -> None:
+    pipe.build_stage(rank, "cpu")
+
+
+def test_zero1_with_tensor_parallelism_is_refused() -> None:
+    """ZeroRedundancyOptimizer broadcasts DTensor parameters, which DTensor refuses mid-step:
+    refused at build, naming what works instead."""
+    from partitioner.runtime.errors import PipelineRuntimeError
+
+    _, pipe, _ = _pipe(1, 1)
+    with pytest.raises(PipelineRuntimeError, match=r"zero=1 with tensor parallelism .* zero=3 .* or zero=0"):
+        spawn(_build, 4, pipe, timeout_s=60.0)
