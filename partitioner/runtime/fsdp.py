@@ -66,18 +66,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from partitioner.data_parallel import splits_backward
 from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.precision import recipe
 from partitioner.runtime.spec import resolve_schedule
 
 if TYPE_CHECKING:  # stage.py imports this module; the type points back without an import cycle
     from partitioner.runtime.stage import RankStage
 
-__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode"]
+__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode", "policy"]
 
 
 def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
@@ -101,15 +102,27 @@ def local_grads(grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
 
 
-def _check(stage: RankStage) -> None:
-    plan = stage.plan
-    name = plan.options.get("precision")
+def policy(stage: RankStage) -> MixedPrecisionPolicy:
+    """FSDP's ``MixedPrecisionPolicy`` for the plan's precision: fp32, nothing cast;
+    ``"bf16-mixed"``: the fp32 shards are the masters, gathered as bf16 (the compute dtype)
+    and the gradients reduce-scattered in fp32 into fp32 shards. Other precisions are refused:
+    ``"fp16-mixed"`` (its loss scaling steps masters of ``runtime.precision`` that FSDP's
+    shards replace) and pure ``"bf16"`` (bf16 weights stepped as they are)."""
+    name = stage.plan.options.get("precision")
+    r = recipe(stage.plan, stage.spec.param_dtype)
     floating = [n for n, p in stage.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
-    if name not in (None, "fp32") or floating:
+    if floating or (r.cast and r.name != "bf16-mixed"):
         raise PipelineRuntimeError(
-            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 plans only; this plan's precision is "
-            f"{name!r}" + (f" and parameters {floating[:3]} are not fp32" if floating else "")
-            + ": re-partition with precision='fp32', or with zero=1 (ZeRO-1 supports mixed precision)")
+            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 models in fp32 or bf16-mixed only; "
+            f"this plan's precision is {name!r}" + (f" and parameters {floating[:3]} are not fp32" if floating else "")
+            + ": re-partition with precision='bf16-mixed' or 'fp32', or with zero=1 (ZeRO-1 supports every "
+            "precision, fp16-mixed's loss scaling included)")
+    if not r.cast:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=r.compute, reduce_dtype=torch.float32)
+
+
+def _check(stage: RankStage) -> None:
     owner: dict[int, int] = {}
     for s, mod in stage.modules.items():
         for n, p in mod.named_parameters(remove_duplicate=False):
@@ -134,6 +147,7 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     return the ``FsdpSync`` that runs the step's gradient reduction. Call after replica 0's
     values were broadcast (each replica keeps its own slice of the equal full tensors)."""
     _check(stage)
+    mp = policy(stage)
     group = stage.dp_group
     assert group is not None
     # with tensor parallelism the replicas' mesh is cut from the job's (dp, pp, tp) mesh: FSDP
@@ -144,8 +158,9 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     how = mode(stage)
     for mod in stage.modules.values():
         for _, leaves in units(mod):
-            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit")
-        fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit")
+            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit",
+                        mp_policy=mp)
+        fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit", mp_policy=mp)
     # The tie sums move here, onto the gradients FSDP reduces (module docstring).
     stage._tied = []
     return FsdpSync(stage, tied, how)

@@ -122,10 +122,11 @@ class RankStage:
         #: initialiser): the runner refuses to run until a checkpoint or state dict fills them
         self.uninitialized: set[str] = made.uninitialized
         self._tied = self._tie_groups()
-        #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
-        self.grad_sync = self._replicate()
         #: the plan's precision as this rank runs it (``runtime.precision.Recipe``)
         self.recipe = recipe(plan, spec.param_dtype)
+        self._graphs_cast = False
+        #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
+        self.grad_sync = self._replicate()
         #: (low-precision parameter, its fp32 master) for each trainable parameter (mixed precision)
         self._pairs = self._apply_precision()
         self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
@@ -172,25 +173,39 @@ class RankStage:
         if not any(p.requires_grad for p in self.parameters()):
             return None
         if self.plan.mesh.zero == 3:  # FSDP2 inside the stages: shards instead of replicas (runtime.fsdp)
+            self._cast_graphs()  # before fully_shard: a graph recompiled under FSDP's class would recurse
             return shard_stage(self)  # type: ignore[return-value]
         return GradSync(self.modules, cast(dist.ProcessGroup, self.dp_group))
 
     def _apply_precision(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Masters from the values before the cast, then cast and retype as pricing did."""
         r = self.recipe
+        # zero=3: FSDP's sharded fp32 parameters are the masters and its MixedPrecisionPolicy
+        # casts them as it gathers them (runtime.fsdp); only the buffers and graphs change here
+        fsdp = is_sharded(self)
         pairs = [(p, p.detach().to(torch.float32, copy=True)) for p in self.parameters()
-                 if r.master and p.requires_grad and p.is_floating_point()]
-        if r.cast:
-            cast_tensors_([*self.parameters(), *self.buffers()], r.compute)
-            for mod in self.modules.values():
-                if r.retype is not None:
-                    retype_graph(mod, *r.retype)
-            if 0 in self.modules:  # the model's floating inputs, cast on entry as pricing made them
-                floating = [i for i, d in enumerate(self.plan.inputs) if d.get("kind") == "tensor"
-                            and getattr(torch, str(d.get("dtype") or "-"), torch.int64).is_floating_point]
-                cast_inputs(self.modules[0], r.compute, floating)
+                 if r.master and not fsdp and p.requires_grad and p.is_floating_point()]
+        if r.cast and not fsdp:
+            cast_tensors_(self.parameters(), r.compute)
+        self._cast_graphs()
         pairs = [(p, m) for p, m in pairs if p.dtype != torch.float32]  # a parameter left in fp32 is its own master
         return pairs
+
+    def _cast_graphs(self) -> None:
+        """Once: buffers cast to the compute dtype, graphs retyped and stage 0's floating
+        inputs cast on entry, as pricing did."""
+        r = self.recipe
+        if not r.cast or self._graphs_cast:
+            return
+        self._graphs_cast = True
+        cast_tensors_(self.buffers(), r.compute)
+        for mod in self.modules.values():
+            if r.retype is not None:
+                retype_graph(mod, *r.retype)
+        if 0 in self.modules:  # the model's floating inputs, cast on entry as pricing made them
+            floating = [i for i, d in enumerate(self.plan.inputs) if d.get("kind") == "tensor"
+                        and getattr(torch, str(d.get("dtype") or "-"), torch.int64).is_floating_point]
+            cast_inputs(self.modules[0], r.compute, floating)
 
     @property
     def masters(self) -> dict[str, torch.Tensor]:
@@ -274,6 +289,9 @@ class RankStage:
         wraps a ``ZeroRedundancyOptimizer`` whose shards step the masters, and this rank keeps
         only its shard's masters from then on, as the plan prices them."""
         params = self.parameters()
+        if self.recipe.master and is_sharded(self):  # FSDP: the fp32 shards are the masters (runtime.fsdp)
+            self._master_optimizers += 1
+            return optimizer_class(params, **kwargs)
         if self.recipe.master:
             self._master_optimizers += 1
             trainable = [p for p in params if p.requires_grad]
