@@ -49,9 +49,18 @@ mode the step's new sharded gradients after it (a gradient kept from before the 
 added back afterwards, not summed). This module does it in ``finish`` and takes the tie
 groups over from ``RankStage``. A tensor shared by two stage
 modules of one rank (``zbv`` puts the first and last stage on one rank) cannot be owned by
-two FSDP roots: refused. Only fp32 plans: a mixed-precision plan is refused (its fp32
-masters and casts are ``runtime.precision``'s, which this path does not combine with
-FSDP's ``MixedPrecisionPolicy``).
+two FSDP roots: refused.
+
+Precision (``policy``): fp32, or ``"bf16-mixed"`` as FSDP's ``MixedPrecisionPolicy``: the
+sharded fp32 parameters are the masters, each unit is gathered in bf16 and its gradient
+reduce-scattered in fp32 into the fp32 sharded gradient; ``stage.optimizer`` is the plain
+optimizer over the shards, and ``runtime.precision`` only casts the buffers and retypes the
+graphs (before ``fully_shard``). ``"fp16-mixed"`` (loss scaling over ``runtime.precision``'s
+masters) and pure ``"bf16"`` are refused.
+
+With tensor parallelism (``mesh.tp`` > 1) the stage's parameters are already DTensors on the TP
+mesh; ``stage.dp_mesh`` is then the replicas' dimension of the same parent mesh and FSDP shards
+each DTensor again over it (2-D parameters on the (dp, tp) mesh, torchtitan's composition).
 
 After the step the module parameters are the sharded ``DTensor`` parameters again, which
 ``stage.optimizer(...)`` built the optimizer over; ``RankStage.grad_norm`` takes the norm

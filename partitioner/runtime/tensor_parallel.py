@@ -615,11 +615,13 @@ def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
 def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, group: dist.ProcessGroup | None, *,
                           init_fn: Callable[[nn.Module], Any] | None, seed: int, compile: Any = False,
                           replicate: tuple[str, ...] = ()) -> RankStage:
-    """``build_stage`` for a plan with ``mesh.tp`` > 1: the world as the ``("pp", "tp")``
+    """``build_stage`` for a plan with ``mesh.tp`` > 1: the world as the ``(*mesh.dims, "tp")``
     device mesh (``tp`` innermost, ``plan.mesh.rank``), this rank's stages built over its
-    pipeline group (the pipeline ranks of its TP index) and then sharded over its TP group
-    (``shard_plan`` + ``parallelize``). The stage's ``tp_mesh`` / ``tp_rank`` / ``tp_plans``
-    say what was done."""
+    pipeline group (the pipeline ranks of its TP index and replica) and then sharded over its TP
+    group (``shard_plan`` + ``parallelize``). With replicas (``mesh.dp`` > 1) the stage's reducer
+    is made after that (``RankStage.reducer``): FSDP over the ``dp`` dimension (``zero=3``) or
+    ``GradSync`` over the DTensors' local shards (``zero=0``). The stage's ``tp_mesh`` /
+    ``tp_rank`` / ``tp_plans`` say what was done."""
 
     from partitioner.runtime.stage import RankStage  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
 
