@@ -51,12 +51,15 @@ groups over from ``RankStage``. A tensor shared by two stage
 modules of one rank (``zbv`` puts the first and last stage on one rank) cannot be owned by
 two FSDP roots: refused.
 
-Precision (``policy``): fp32, or ``"bf16-mixed"`` as FSDP's ``MixedPrecisionPolicy``: the
-sharded fp32 parameters are the masters, each unit is gathered in bf16 and its gradient
+Precision (``policy``): fp32, or ``"bf16-mixed"`` / ``"fp16-mixed"`` as FSDP's
+``MixedPrecisionPolicy``: the sharded fp32 parameters are the masters, each unit is
+gathered in bf16 and its gradient
 reduce-scattered in fp32 into the fp32 sharded gradient; ``stage.optimizer`` is the plain
 optimizer over the shards, and ``runtime.precision`` only casts the buffers and retypes the
-graphs (before ``fully_shard``). ``"fp16-mixed"`` (loss scaling over ``runtime.precision``'s
-masters) and pure ``"bf16"`` are refused.
+graphs (before ``fully_shard``). ``"fp16-mixed"`` the same in fp16, with
+``runtime.precision``'s loss scaling (one verdict for the job) on the shards' gradients, which
+``stage.optimizer`` (``MixedPrecisionOptimizer(own_masters=True)``) unscales in place. Pure
+``"bf16"`` is refused.
 
 With tensor parallelism (``mesh.tp`` > 1) the stage's parameters are already DTensors on the TP
 mesh; ``stage.dp_mesh`` is then the replicas' dimension of the same parent mesh and FSDP shards
@@ -113,19 +116,20 @@ def local_grads(grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 def policy(stage: RankStage) -> MixedPrecisionPolicy:
     """FSDP's ``MixedPrecisionPolicy`` for the plan's precision: fp32, nothing cast;
-    ``"bf16-mixed"``: the fp32 shards are the masters, gathered as bf16 (the compute dtype)
-    and the gradients reduce-scattered in fp32 into fp32 shards. Other precisions are refused:
-    ``"fp16-mixed"`` (its loss scaling steps masters of ``runtime.precision`` that FSDP's
-    shards replace) and pure ``"bf16"`` (bf16 weights stepped as they are)."""
+    ``"bf16-mixed"`` / ``"fp16-mixed"``: the fp32 shards are the masters, gathered in the
+    compute dtype and the gradients reduce-scattered in fp32 into fp32 shards (fp16: with the
+    loss scale in them, which ``stage.optimizer`` takes out). Pure ``"bf16"`` (bf16 weights
+    stepped as they are) is refused."""
     name = stage.plan.options.get("precision")
     r = recipe(stage.plan, stage.spec.param_dtype)
     floating = [n for n, p in stage.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
-    if floating or (r.cast and r.name != "bf16-mixed"):
+    if floating or (r.cast and r.name not in ("bf16-mixed", "fp16-mixed")):
         raise PipelineRuntimeError(
-            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 models in fp32 or bf16-mixed only; "
+            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 models in fp32, bf16-mixed or "
+            "fp16-mixed only; "
             f"this plan's precision is {name!r}" + (f" and parameters {floating[:3]} are not fp32" if floating else "")
             + ": re-partition with precision='bf16-mixed' or 'fp32', or with zero=1 (ZeRO-1 supports every "
-            "precision, fp16-mixed's loss scaling included)")
+            "precision)")
     if not r.cast:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=r.compute, reduce_dtype=torch.float32)

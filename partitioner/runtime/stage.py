@@ -291,7 +291,11 @@ class RankStage:
         params = self.parameters()
         if self.recipe.master and is_sharded(self):  # FSDP: the fp32 shards are the masters (runtime.fsdp)
             self._master_optimizers += 1
-            return optimizer_class(params, **kwargs)
+            if self.loss_scaler is None:
+                return optimizer_class(params, **kwargs)
+            trainable = [p for p in params if p.requires_grad]
+            return MixedPrecisionOptimizer(optimizer_class(trainable, **kwargs) if trainable else None, [],
+                                           self.loss_scaler, trainable, own_masters=True)
         if self.recipe.master:
             self._master_optimizers += 1
             trainable = [p for p in params if p.requires_grad]
