@@ -231,7 +231,7 @@ class GradSync:
             b.final = set(range(len(b.params)))
         self._launch_in_order("finish")
         self._active = False
-        check: list[tuple[nn.Parameter, torch.Tensor]] = []
+        check: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, its slice, its gradient)
         for b in self._buckets:
             t0 = time.perf_counter_ns()
             assert b.work is not None
