@@ -67,7 +67,9 @@ each DTensor again over it (2-D parameters on the (dp, tp) mesh, torchtitan's co
 
 After the step the module parameters are the sharded ``DTensor`` parameters again, which
 ``stage.optimizer(...)`` built the optimizer over; ``RankStage.grad_norm`` takes the norm
-over the local shards and every rank of the job (``local_grads``).
+over the local shards and every rank of the job (``local_grads``), or with tensor parallelism
+each 2-D DTensor's whole norm (``full_tensor``: a TP-replicated shard counted once) summed over
+the pipeline.
 """
 
 from __future__ import annotations
