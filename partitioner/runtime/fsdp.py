@@ -49,13 +49,27 @@ mode the step's new sharded gradients after it (a gradient kept from before the 
 added back afterwards, not summed). This module does it in ``finish`` and takes the tie
 groups over from ``RankStage``. A tensor shared by two stage
 modules of one rank (``zbv`` puts the first and last stage on one rank) cannot be owned by
-two FSDP roots: refused. Only fp32 plans: a mixed-precision plan is refused (its fp32
-masters and casts are ``runtime.precision``'s, which this path does not combine with
-FSDP's ``MixedPrecisionPolicy``).
+two FSDP roots: refused.
+
+Precision (``policy``): fp32, or ``"bf16-mixed"`` / ``"fp16-mixed"`` as FSDP's
+``MixedPrecisionPolicy``: the sharded fp32 parameters are the masters, each unit is
+gathered in bf16 and its gradient
+reduce-scattered in fp32 into the fp32 sharded gradient; ``stage.optimizer`` is the plain
+optimizer over the shards, and ``runtime.precision`` only casts the buffers and retypes the
+graphs (before ``fully_shard``). ``"fp16-mixed"`` the same in fp16, with
+``runtime.precision``'s loss scaling (one verdict for the job) on the shards' gradients, which
+``stage.optimizer`` (``MixedPrecisionOptimizer(own_masters=True)``) unscales in place. Pure
+``"bf16"`` is refused.
+
+With tensor parallelism (``mesh.tp`` > 1) the stage's parameters are already DTensors on the TP
+mesh; ``stage.dp_mesh`` is then the replicas' dimension of the same parent mesh and FSDP shards
+each DTensor again over it (2-D parameters on the (dp, tp) mesh, torchtitan's composition).
 
 After the step the module parameters are the sharded ``DTensor`` parameters again, which
 ``stage.optimizer(...)`` built the optimizer over; ``RankStage.grad_norm`` takes the norm
-over the local shards and every rank of the job (``local_grads``).
+over the local shards and every rank of the job (``local_grads``), or with tensor parallelism
+each 2-D DTensor's whole norm (``full_tensor``: a TP-replicated shard counted once) summed over
+the pipeline.
 """
 
 from __future__ import annotations
@@ -66,18 +80,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from partitioner.data_parallel import splits_backward
 from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.precision import recipe
 from partitioner.runtime.spec import resolve_schedule
 
 if TYPE_CHECKING:  # stage.py imports this module; the type points back without an import cycle
     from partitioner.runtime.stage import RankStage
 
-__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode"]
+__all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mode", "policy"]
 
 
 def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
@@ -101,15 +116,28 @@ def local_grads(grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
 
 
-def _check(stage: RankStage) -> None:
-    plan = stage.plan
-    name = plan.options.get("precision")
+def policy(stage: RankStage) -> MixedPrecisionPolicy:
+    """FSDP's ``MixedPrecisionPolicy`` for the plan's precision: fp32, nothing cast;
+    ``"bf16-mixed"`` / ``"fp16-mixed"``: the fp32 shards are the masters, gathered in the
+    compute dtype and the gradients reduce-scattered in fp32 into fp32 shards (fp16: with the
+    loss scale in them, which ``stage.optimizer`` takes out). Pure ``"bf16"`` (bf16 weights
+    stepped as they are) is refused."""
+    name = stage.plan.options.get("precision")
+    r = recipe(stage.plan, stage.spec.param_dtype)
     floating = [n for n, p in stage.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
-    if name not in (None, "fp32") or floating:
+    if floating or (r.cast and r.name not in ("bf16-mixed", "fp16-mixed")):
         raise PipelineRuntimeError(
-            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 plans only; this plan's precision is "
-            f"{name!r}" + (f" and parameters {floating[:3]} are not fp32" if floating else "")
-            + ": re-partition with precision='fp32', or with zero=1 (ZeRO-1 supports mixed precision)")
+            f"rank {stage.global_rank}: zero=3 (FSDP inside the stages) runs fp32 models in fp32, bf16-mixed or "
+            "fp16-mixed only; "
+            f"this plan's precision is {name!r}" + (f" and parameters {floating[:3]} are not fp32" if floating else "")
+            + ": re-partition with precision='bf16-mixed' or 'fp32', or with zero=1 (ZeRO-1 supports every "
+            "precision)")
+    if not r.cast:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=r.compute, reduce_dtype=torch.float32)
+
+
+def _check(stage: RankStage) -> None:
     owner: dict[int, int] = {}
     for s, mod in stage.modules.items():
         for n, p in mod.named_parameters(remove_duplicate=False):
@@ -134,16 +162,20 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     return the ``FsdpSync`` that runs the step's gradient reduction. Call after replica 0's
     values were broadcast (each replica keeps its own slice of the equal full tensors)."""
     _check(stage)
+    mp = policy(stage)
     group = stage.dp_group
     assert group is not None
-    mesh = DeviceMesh.from_group(group, stage.device.type)
+    # with tensor parallelism the replicas' mesh is cut from the job's (dp, pp, tp) mesh: FSDP
+    # then shards the TP DTensors over dp, parameters becoming DTensors on the (dp, tp) mesh
+    mesh = stage.dp_mesh if stage.dp_mesh is not None else DeviceMesh.from_group(group, stage.device.type)
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]
     how = mode(stage)
     for mod in stage.modules.values():
         for _, leaves in units(mod):
-            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit")
-        fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit")
+            fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit",
+                        mp_policy=mp)
+        fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit", mp_policy=mp)
     # The tie sums move here, onto the gradients FSDP reduces (module docstring).
     stage._tied = []
     return FsdpSync(stage, tied, how)

@@ -34,6 +34,9 @@ backward on this rank: the last ``B``, ``I`` or ``W`` of that stage):
   zeros (no replica gave it one) it keeps ``grad=None``, as in one process; if only some
   replicas used it, it gets the average counting the others as zero.
 
+Tensor parallelism's ``DTensor`` parameters are reduced as their local shards (the replicas of
+one TP rank hold the same shard): buckets are laid out by the local shapes, and the averaged
+slice becomes a ``DTensor`` gradient with the parameter's mesh and placements.
 ``launches`` and ``waits`` record (bucket, ``time.perf_counter_ns()``, how) for the last
 step, ``how`` being ``"hook"`` (inside a backward), ``"ready"`` (after the final backward
 action) or ``"finish"`` (after the last action), so a trace can show the overlap.
@@ -49,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from partitioner.data_parallel import BUCKET_BYTES, pack
 from partitioner.runtime.profiling import named
@@ -72,7 +76,28 @@ class Bucket:
 
     def view(self, i: int) -> torch.Tensor:
         off, n = self.slices[i]
-        return self.flat[off:off + n].view(self.params[i].shape)
+        return self.flat[off:off + n].view(_local(self.params[i]).shape)
+
+    def grad(self, i: int) -> torch.Tensor:
+        """The averaged gradient of parameter ``i``: its slice of ``flat``, as a ``DTensor``
+        placed like the parameter when the parameter is one."""
+        p, v = self.params[i], self.view(i)
+        return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False) if isinstance(p, DTensor) else v
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (its metadata: no communication), another tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A gradient's local part, placed like its parameter first (a ``Partial`` DTensor gradient
+    is reduced over the TP ranks here, so the replicas average the same thing)."""
+    if isinstance(g, DTensor):
+        if isinstance(p, DTensor) and g.placements != p.placements:
+            g = g.redistribute(p.device_mesh, p.placements)
+        return g.to_local()
+    return g
 
 
 class GradSync:
@@ -123,12 +148,13 @@ class GradSync:
                     if owner[id(p)] == s:
                         groups.setdefault((p.device, p.dtype), []).append(p)
                 for (device, dtype), ps in groups.items():
-                    for idx in pack([p.numel() * p.element_size() for p in ps], self.bucket_bytes):
+                    sizes = [_local(p).numel() for p in ps]
+                    for idx in pack([n * p.element_size() for n, p in zip(sizes, ps)], self.bucket_bytes):
                         members = [ps[i] for i in idx]
                         slices, off = [], 0
-                        for p in members:
-                            slices.append((off, p.numel()))
-                            off += p.numel()
+                        for i in idx:
+                            slices.append((off, sizes[i]))
+                            off += sizes[i]
                         flat = torch.empty(off, dtype=dtype, device=device)
                         buckets.append(Bucket(len(buckets), s, members, slices, flat))
             where = {id(p): (b, i) for b in buckets for i, p in enumerate(b.params)}
@@ -189,6 +215,7 @@ class GradSync:
                     view.zero_()
                     b.had_none[i] = True
                 else:
+                    g = _local_grad(p, g)
                     torch.div(g.to_dense() if g.is_sparse else g, self.world, out=view)
         b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
         b.launched = True
@@ -204,7 +231,7 @@ class GradSync:
             b.final = set(range(len(b.params)))
         self._launch_in_order("finish")
         self._active = False
-        check: list[tuple[nn.Parameter, torch.Tensor]] = []
+        check: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, its slice, its gradient)
         for b in self._buckets:
             t0 = time.perf_counter_ns()
             assert b.work is not None
@@ -214,13 +241,13 @@ class GradSync:
             b.work = None
             for i, p in enumerate(b.params):
                 if b.had_none[i]:
-                    check.append((p, b.view(i)))
+                    check.append((p, b.view(i), b.grad(i)))
                 else:
-                    p.grad = b.view(i)
+                    p.grad = b.grad(i)
         if check:  # one host sync for all of them: which averages are all zeros
-            nonzero = torch.stack([torch.count_nonzero(v) for _, v in check]).tolist()
-            for (p, v), n in zip(check, nonzero):
-                p.grad = v if n else None
+            nonzero = torch.stack([torch.count_nonzero(v) for _, v, _ in check]).tolist()
+            for (p, _, g), n in zip(check, nonzero):
+                p.grad = g if n else None
 
     def remove(self) -> None:
         """Unregister the hooks."""

@@ -16,6 +16,10 @@
   during ``step()`` (a transient of 4 bytes per trainable parameter). A rank then holds
   2 + 2 + 4 + state bytes per parameter, the plan's static bytes.
 - ``"fp16-mixed"`` adds dynamic loss scaling (``LossScaler``).
+- With FSDP (``plan.mesh.zero`` = 3) the sharded fp32 parameters are the masters and FSDP's
+  ``MixedPrecisionPolicy`` casts them as it gathers them (``runtime.fsdp.policy``): no copies
+  here; for fp16-mixed ``stage.optimizer`` is a ``MixedPrecisionOptimizer(own_masters=True)``
+  that unscales the shards' fp32 gradients in place, agrees on overflow and steps them.
 - With ZeRO-1 (``plan.mesh.zero`` = 1 and replicas) the plan shards the masters with the
   optimizer state (2 + 2 + (4 + state) / dp bytes per parameter): ``stage.optimizer`` is a
   ``ZeroRedundancyOptimizer`` over the low-precision parameters whose local optimizer
@@ -240,13 +244,16 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  scaler: LossScaler | None = None, params: Sequence[torch.Tensor] | None = None, *,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, own_masters: bool = False) -> None:
         # Not Optimizer.__init__: the parameter groups and state are the wrapped optimizer's own
         # objects (an LR scheduler's changes must reach it). No rank may miss the collective
         # verdict, so a rank with nothing to train (``optimizer`` None) still takes part in step().
         self.optimizer, self.pairs, self.scaler = optimizer, list(pairs), scaler
         self.params = list(params) if params is not None else [p for p, _ in self.pairs]
         self.sharded = sharded  # ZeRO-1: the local ShardOptimizer copies back, then the shards are broadcast
+        # FSDP (zero=3): ``params`` are fp32 shards, their own masters, with fp32 gradients:
+        # unscaled in place (their local shards) and stepped directly, no copies
+        self.own_masters = own_masters
         self.defaults = optimizer.defaults if optimizer is not None else {}
         _hook_tables(self)
 
@@ -281,6 +288,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             m.grad = None if p.grad is None else p.grad.to(torch.float32, copy=True)
         try:
             grads = [m.grad for _, m in self.pairs if m.grad is not None]
+            if self.own_masters:
+                grads += [_local(p.grad) for p in self.params if p.grad is not None]
             finite = self.scaler.unscale_and_agree(grads) if self.scaler is not None else True
             if finite and self.optimizer is not None:
                 self.optimizer.step()
@@ -318,6 +327,13 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise PipelineRuntimeError("MixedPrecisionOptimizer: build it over all of the stage's parameters at once "
                                    "(stage.optimizer(cls, ...)); groups cannot be added to its masters later")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: unscaling it in place unscales the DTensor), else ``t``."""
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415 - torch.distributed.* loads where it is used
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _ByMaster(MutableMapping):  # type: ignore[type-arg]

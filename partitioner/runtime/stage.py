@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils import _pytree as pytree
 
@@ -100,6 +100,9 @@ class RankStage:
         self.spec, self.plan, self.rank, self.device, self.group = spec, plan, rank, device, group
         #: this rank's place in the mesh: pipeline rank (``rank``) and replica
         self.pp_rank, self.dp_rank, self.dp_group = rank, dp_rank, dp_group
+        #: the replicas' 1-D device mesh when it was cut from the job's mesh (tensor parallelism:
+        #: FSDP needs its mesh and the TP mesh from one parent); None: made from ``dp_group``
+        self.dp_mesh: DeviceMesh | None = None
         self.n_ranks = plan.pp_ranks
         mine = [st.index for st in plan.stages if st.rank == rank]
         if not mine:
@@ -119,10 +122,11 @@ class RankStage:
         #: initialiser): the runner refuses to run until a checkpoint or state dict fills them
         self.uninitialized: set[str] = made.uninitialized
         self._tied = self._tie_groups()
-        #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
-        self.grad_sync = self._replicate()
         #: the plan's precision as this rank runs it (``runtime.precision.Recipe``)
         self.recipe = recipe(plan, spec.param_dtype)
+        self._graphs_cast = False
+        #: the gradient reducer over this rank's replicas (``runtime.grad_sync``), or None
+        self.grad_sync = self._replicate()
         #: (low-precision parameter, its fp32 master) for each trainable parameter (mixed precision)
         self._pairs = self._apply_precision()
         self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
@@ -146,7 +150,7 @@ class RankStage:
 
     @property
     def global_rank(self) -> int:
-        return self.plan.mesh.rank(self.dp_rank, self.pp_rank) if self.dp_group is not None else (
+        return self.plan.mesh.rank(self.dp_rank, self.pp_rank, getattr(self, "tp_rank", 0)) if self.dp_group is not None else (
             self.rank if self.group is None else dist.get_global_rank(self.group, self.rank))
 
     def _replicate(self) -> GradSync | None:
@@ -158,28 +162,50 @@ class RankStage:
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return None
         broadcast_from_first([*self.parameters(), *self.buffers()], self.dp_group)
+        if self.plan.mesh.tp > 1:  # the parameters become DTensors first: runtime.tensor_parallel calls reducer()
+            return None
+        return self.reducer()
+
+    def reducer(self) -> GradSync | None:
+        """The gradient reducer over this rank's replicas for its parameters as they are now:
+        ``runtime.fsdp.shard_stage`` (``zero=3``, sharding them in place over ``dp_mesh``, or
+        the ``dp`` group's own mesh) or a ``GradSync``; None when nothing trains."""
         if not any(p.requires_grad for p in self.parameters()):
             return None
         if self.plan.mesh.zero == 3:  # FSDP2 inside the stages: shards instead of replicas (runtime.fsdp)
+            self._cast_graphs()  # before fully_shard: a graph recompiled under FSDP's class would recurse
             return shard_stage(self)  # type: ignore[return-value]
-        return GradSync(self.modules, self.dp_group)
+        return GradSync(self.modules, cast(dist.ProcessGroup, self.dp_group))
 
     def _apply_precision(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Masters from the values before the cast, then cast and retype as pricing did."""
         r = self.recipe
+        # zero=3: FSDP's sharded fp32 parameters are the masters and its MixedPrecisionPolicy
+        # casts them as it gathers them (runtime.fsdp); only the buffers and graphs change here
+        fsdp = is_sharded(self)
         pairs = [(p, p.detach().to(torch.float32, copy=True)) for p in self.parameters()
-                 if r.master and p.requires_grad and p.is_floating_point()]
-        if r.cast:
-            cast_tensors_([*self.parameters(), *self.buffers()], r.compute)
-            for mod in self.modules.values():
-                if r.retype is not None:
-                    retype_graph(mod, *r.retype)
-            if 0 in self.modules:  # the model's floating inputs, cast on entry as pricing made them
-                floating = [i for i, d in enumerate(self.plan.inputs) if d.get("kind") == "tensor"
-                            and getattr(torch, str(d.get("dtype") or "-"), torch.int64).is_floating_point]
-                cast_inputs(self.modules[0], r.compute, floating)
+                 if r.master and not fsdp and p.requires_grad and p.is_floating_point()]
+        if r.cast and not fsdp:
+            cast_tensors_(self.parameters(), r.compute)
+        self._cast_graphs()
         pairs = [(p, m) for p, m in pairs if p.dtype != torch.float32]  # a parameter left in fp32 is its own master
         return pairs
+
+    def _cast_graphs(self) -> None:
+        """Once: buffers cast to the compute dtype, graphs retyped and stage 0's floating
+        inputs cast on entry, as pricing did."""
+        r = self.recipe
+        if not r.cast or self._graphs_cast:
+            return
+        self._graphs_cast = True
+        cast_tensors_(self.buffers(), r.compute)
+        for mod in self.modules.values():
+            if r.retype is not None:
+                retype_graph(mod, *r.retype)
+        if 0 in self.modules:  # the model's floating inputs, cast on entry as pricing made them
+            floating = [i for i, d in enumerate(self.plan.inputs) if d.get("kind") == "tensor"
+                        and getattr(torch, str(d.get("dtype") or "-"), torch.int64).is_floating_point]
+            cast_inputs(self.modules[0], r.compute, floating)
 
     @property
     def masters(self) -> dict[str, torch.Tensor]:
@@ -263,6 +289,13 @@ class RankStage:
         wraps a ``ZeroRedundancyOptimizer`` whose shards step the masters, and this rank keeps
         only its shard's masters from then on, as the plan prices them."""
         params = self.parameters()
+        if self.recipe.master and is_sharded(self):  # FSDP: the fp32 shards are the masters (runtime.fsdp)
+            self._master_optimizers += 1
+            if self.loss_scaler is None:
+                return optimizer_class(params, **kwargs)
+            trainable = [p for p in params if p.requires_grad]
+            return MixedPrecisionOptimizer(optimizer_class(trainable, **kwargs) if trainable else None, [],
+                                           self.loss_scaler, trainable, own_masters=True)
         if self.recipe.master:
             self._master_optimizers += 1
             trainable = [p for p in params if p.requires_grad]
@@ -466,8 +499,9 @@ class RankStage:
         is taken over its own pipeline. Under fp16-mixed the gradients carry the loss scale:
         the norm returned is of the unscaled gradients (non-finite when they overflowed)."""
         # zero=3: each rank's FSDP shard, summed over every rank of the job; otherwise (tensor
-        # parallelism's DTensor shards included) each gradient whole, over the pipeline
-        sharded = is_sharded(self)
+        # parallelism's DTensor shards included, and FSDP's over (dp, tp), whose local shards
+        # repeat over the TP ranks a weight is replicated on) each gradient whole, over the pipeline
+        sharded = is_sharded(self) and self.plan.mesh.tp == 1
         grads = self._norm_grads()
         norm = loop.global_grad_norm(local_grads(grads) if sharded else grads, float(norm_type), self.device,
                                      self.job_group if sharded else self.group)
@@ -680,7 +714,9 @@ class Runner:
         t = (loss.detach().float().reshape(()).clone() if loss is not None
              else torch.zeros((), dtype=torch.float32, device=self.stage.device))
         dist.all_reduce(t, group=self.stage.job_group)
-        return t / self.replicas
+        # with replicas the job group is the world, whose TP ranks each hold the loss too
+        copies = self.replicas * (self.stage.plan.mesh.tp if self.stage.job_group is None else 1)
+        return t / copies
 
     def step(self, *inputs: Any, target: Any = None, trace: str | None = None, seq_len: int | None = None,
              batch_size: int | None = None, loss_on_every_rank: bool = False, profile: str | None = None,

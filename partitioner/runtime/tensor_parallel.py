@@ -615,11 +615,13 @@ def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
 def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, group: dist.ProcessGroup | None, *,
                           init_fn: Callable[[nn.Module], Any] | None, seed: int, compile: Any = False,
                           replicate: tuple[str, ...] = ()) -> RankStage:
-    """``build_stage`` for a plan with ``mesh.tp`` > 1: the world as the ``("pp", "tp")``
+    """``build_stage`` for a plan with ``mesh.tp`` > 1: the world as the ``(*mesh.dims, "tp")``
     device mesh (``tp`` innermost, ``plan.mesh.rank``), this rank's stages built over its
-    pipeline group (the pipeline ranks of its TP index) and then sharded over its TP group
-    (``shard_plan`` + ``parallelize``). The stage's ``tp_mesh`` / ``tp_rank`` / ``tp_plans``
-    say what was done."""
+    pipeline group (the pipeline ranks of its TP index and replica) and then sharded over its TP
+    group (``shard_plan`` + ``parallelize``). With replicas (``mesh.dp`` > 1) the stage's reducer
+    is made after that (``RankStage.reducer``): FSDP over the ``dp`` dimension (``zero=3``) or
+    ``GradSync`` over the DTensors' local shards (``zero=0``). The stage's ``tp_mesh`` /
+    ``tp_rank`` / ``tp_plans`` say what was done."""
 
     from partitioner.runtime.stage import RankStage  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
 
@@ -631,29 +633,39 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if group is not None:
         problems.append("a tensor-parallel plan builds its own device mesh over the default process group: "
                         "call build_stage without group=")
-    if mesh.dp > 1:
-        problems.append("tensor parallelism with data parallelism (mesh.dp > 1) is not supported yet")
     if plan.options.get("precision", "fp32") not in ("fp32", None):
         problems.append(f"tensor parallelism runs fp32 only for now (the plan's precision is "
                         f"{plan.options.get('precision')!r})")
     if compile:
         problems.append("compile=True with tensor parallelism is not supported yet")
+    if mesh.dp > 1 and mesh.zero == 1:
+        problems.append("zero=1 with tensor parallelism is not supported (ZeroRedundancyOptimizer broadcasts the "
+                        "parameters it steps, which DTensor has no rule for): re-partition with zero=3 (FSDP over the "
+                        "replicas) or zero=0")
     if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
            for names in plan.tied_parameters):
         problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "
                         f"({[list(g) for g in plan.tied_parameters]})")
     if world != total:
-        problems.append(f"the plan runs {plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
+        problems.append((f"the plan runs {mesh.dp} replicas x " if mesh.dp > 1 else "the plan runs ")
+                        + f"{plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
                         f"group has {world}: launch {total} processes")
     if rank != dist.get_rank():
         problems.append(f"build_stage(rank={rank}) but this process is global rank {dist.get_rank()}: a "
                         "tensor-parallel plan takes the global rank")
     if problems:
         raise PipelineRuntimeError("; ".join(problems))
-    dm = init_device_mesh(dev.type, (plan.pp_ranks, mesh.tp), mesh_dim_names=("pp", "tp"))
-    pp_rank, tp_rank = dm.get_local_rank("pp"), dm.get_local_rank("tp")
-    assert rank == mesh.rank(0, pp_rank, tp_rank), "init_device_mesh laid the ranks out unlike plan.mesh"
-    stage = RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed)
+    # one mesh for the job, laid out as plan.mesh.rank says: its dims outermost first, tp innermost;
+    # FSDP needs the replicas' mesh and the TP mesh cut from the same parent
+    names = (*mesh.dims, "tp")
+    sizes = {"dp": mesh.dp, "pp": plan.pp_ranks, "tp": mesh.tp}
+    dm = init_device_mesh(dev.type, tuple(sizes[d] for d in names), mesh_dim_names=names)
+    dp_rank, pp_rank, tp_rank = (dm.get_local_rank(d) for d in ("dp", "pp", "tp"))
+    assert rank == mesh.rank(dp_rank, pp_rank, tp_rank), "init_device_mesh laid the ranks out unlike plan.mesh"
+    replicas = mesh.dp > 1
+    # with replicas RankStage broadcasts replica 0's values over dp and leaves the reducer for below
+    stage = RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
+                      dp_group=dm.get_group("dp") if replicas else None, dp_rank=dp_rank)
     tp_mesh = dm["tp"]
     stage.tp_mesh, stage.tp_rank = tp_mesh, tp_rank  # type: ignore[attr-defined]
     plans = {}
@@ -666,6 +678,9 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
     stage.tp_plans = plans  # type: ignore[attr-defined]
+    if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
+        stage.dp_mesh = dm["dp"]
+        stage.grad_sync = stage.reducer()
     return stage
 
 

@@ -149,13 +149,13 @@ def _partition(**kw: Any) -> Any:
     return partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), n_microbatches=2, zero=3, **kw)
 
 
-@pytest.mark.parametrize("case", ["tied-on-one-rank", "bf16-mixed", "split-runner-on-unit-plan"])
+@pytest.mark.parametrize("case", ["tied-on-one-rank", "bf16", "split-runner-on-unit-plan"])
 def test_fsdp_refuses_what_it_cannot_train_exactly(case: str) -> None:
     if case == "tied-on-one-rank":  # zbv's V puts the embedding's stage 0 and the head's stage 3 on rank 0
         pipe, schedule, want = _partition(schedule="zbv"), "zbv", "shared by stages 0 and 3"
-    elif case == "bf16-mixed":
-        pipe, schedule, want = (_partition(schedule="1f1b", pinned_cuts=["transformer.h.2"], precision="bf16-mixed"),
-                                "1f1b", "runs fp32 plans only")
+    elif case == "bf16":  # pure bf16 steps bf16 weights: FSDP's fp32 shards would be other masters
+        pipe, schedule, want = (_partition(schedule="1f1b", pinned_cuts=["transformer.h.2"], precision=case),
+                                "1f1b", "fp32, bf16-mixed or fp16-mixed only; this plan's precision is 'bf16'")
     else:  # per-unit sharding for 1f1b; zb-h1's W would write gradients after FSDP reduced them
         pipe, schedule, want = _pipe("1f1b")[1], "zb-h1", "computed after FSDP reduced them"
     with pytest.raises(PipelineRuntimeError, match=want):
@@ -287,3 +287,179 @@ def test_uneven_shards_train_like_one_process(schedule: str) -> None:
     assert set(got) == set(want)
     for n, v in got.items():
         torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+
+def _mixed_reference(model: torch.nn.Module, dtype: torch.dtype, microbatches: int, growth_interval: int = 0,
+                     init_scale: float = 2.0**16) -> dict[str, Any]:
+    """One process under the recipe ``tests/runtime/test_precision.reference`` runs (the model
+    cast to ``dtype`` under pricing's dtype swap, gradients accumulated over the micro-batches
+    in ``dtype``, fp32 masters stepped by AdamW; with ``growth_interval``, fp16's
+    ``torch.amp.GradScaler`` on the masters), with the masters' gradients clipped."""
+    from partitioner.passes.shape_prop import OnDevice
+    from tests.runtime import test_precision as tp
+
+    ref = copy.deepcopy(model)
+    x, y = tp._data()
+    named = dict(ref.named_parameters())
+    masters = {n: p.detach().to(torch.float32, copy=True) for n, p in named.items()}
+    ref.to(dtype)
+    opt = torch.optim.AdamW(list(masters.values()), lr=tp.LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval) \
+        if growth_interval else None
+    losses, norms, scales = [], [], []
+    for _ in range(tp.STEPS):
+        for p in named.values():
+            p.grad = None
+        loss = torch.zeros(())
+        for xs, ys in zip(x.chunk(microbatches), y.chunk(microbatches)):
+            with OnDevice(torch.device("cpu"), (torch.float32, dtype)):
+                out = ref(xs)
+            part = tp.loss_fn(out, ys) / microbatches
+            (scaler.scale(part) if scaler is not None else part).backward()
+            loss = loss + part.detach()
+        for n, p in named.items():
+            masters[n].grad = p.grad.float()
+        if scaler is not None:
+            scaler.unscale_(opt)
+        norms.append(torch.nn.utils.clip_grad_norm_(list(masters.values()), MIXED_CLIP).item())
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        else:
+            opt.step()
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(masters[n])
+        losses.append(loss.item())
+    by_name = dict(masters)
+    for n, p in ref.named_parameters(remove_duplicate=False):  # tied names
+        by_name.setdefault(n, next(masters[m] for m, q in named.items() if q is p))
+    moments = {n: opt.state[masters[n]]["exp_avg"] for n in named if masters[n] in opt.state}
+    return {"losses": losses, "norms": norms, "masters": by_name, "scales": scales, "exp_avg": moments}
+
+
+MIXED_CLIP = 1.0  # below the tiny Llama's gradient norm (about 2.7 .. 4): every step is clipped
+
+
+def _mixed_train(rank: int, world: int, pipe: Any, growth_interval: int = 0) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    from tests.runtime import test_precision as tp
+
+    x, y = tp._data()
+    stage = pipe.build_stage(rank, "cpu")
+    if growth_interval:
+        stage.loss_scaler.growth_interval = growth_interval
+    opt = stage.optimizer(torch.optim.AdamW, lr=tp.LR)
+    scales, skipped = [], []
+    runner = stage.runner("1f1b", loss_fn=tp.loss_fn)
+    losses, norms = [], []
+    for _ in range(tp.STEPS):
+        opt.zero_grad()
+        loss = runner.step(x if stage.is_first else None, target=y if stage.is_last else None,
+                           loss_on_every_rank=True)
+        losses.append(loss.item())
+        norms.append(stage.clip_grad_norm_(MIXED_CLIP).item())
+        opt.step()
+        scales.append(getattr(opt, "scale", None))
+        skipped.append(getattr(opt, "skipped", 0))
+    state = opt.state
+    moments = {n: state[p]["exp_avg"].full_tensor() for n, p in stage.named_parameters() if p in state}
+    from partitioner.runtime.fsdp import _fsdp_params
+
+    # the dtype FSDP gathers each parameter in for compute (None: its own)
+    gathered = {str(fp.param_dtype) for mod in stage.modules.values() for fp in _fsdp_params(mod).values()}
+    return {"losses": losses, "norms": norms, "opt": type(opt).__name__, "forward_dtypes": gathered,
+            "scales": scales, "skipped": skipped, "exp_avg": moments,
+            "held": {str(p.dtype) for p in stage.parameters()} | {str(p.grad.dtype) for p in stage.parameters()
+                                                                  if p.grad is not None},
+            "sharded": all(isinstance(p, DTensor) for p in stage.parameters()),
+            "masters": {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                        for n, p in stage.named_parameters(remove_duplicate=False)}}
+
+
+def test_fsdp_bf16_mixed_trains_like_one_process_under_the_same_recipe() -> None:
+    """PP2 x FSDP2, precision="bf16-mixed": FSDP's MixedPrecisionPolicy gathers the fp32
+    shards (the masters) as bf16 and reduce-scatters the gradients in fp32. Against one
+    process under the same recipe (tests/runtime/test_precision.py's, with clipping), with its
+    tolerances: losses at rtol 1e-2 (norms 2e-2), the masters' mean absolute difference at most
+    LR / 20 (LR / 4 per tensor); and against an fp32 run only loosely (losses at 5e-2)."""
+    from tests.runtime import test_precision as tp
+
+    torch.manual_seed(0)
+    model = tp.TinyLlama()
+    x, _ = tp._data()
+    pipe = partition(model, n_gpus=4, data_parallel=2, zero=3, example_inputs=(x,), precision="bf16-mixed",
+                     schedule="1f1b", n_microbatches=2, pinned_cuts=["blocks.2"], optimizer="adamw")
+    assert pipe.plan.tied_parameters  # the embedding and head: a copy on each pipeline rank
+    results = spawn(_mixed_train, 4, pipe, timeout_s=TIMEOUT_S)
+    want = _mixed_reference(model, torch.bfloat16, microbatches=4)
+    fp32 = _mixed_reference(model, torch.float32, microbatches=4)
+    assert min(want["norms"]) > MIXED_CLIP
+    for r in results:
+        assert r["opt"] == "AdamW" and r["sharded"]  # an optimizer over the fp32 shards: no separate masters
+        assert r["held"] == {"torch.float32"}  # shards and their gradients in fp32
+        assert r["forward_dtypes"] == {"torch.bfloat16"}  # gathered for compute in bf16
+        assert r["losses"] == pytest.approx(want["losses"], rel=1e-2)
+        assert r["losses"] == pytest.approx(fp32["losses"], rel=5e-2)
+        # AdamW moves elements whose gradient is at bf16's rounding level either way (see
+        # test_precision), and FSDP sums the micro-batches' gradients in fp32 where the
+        # reference sums them in bf16: by the third step the norms differ by about 1.2 %
+        assert r["norms"] == pytest.approx(want["norms"], rel=2e-2)
+        total, count = 0.0, 0
+        for n, m in r["masters"].items():
+            diff = (m - want["masters"][n]).abs()
+            assert diff.mean().item() <= tp.LR / 4 and diff.max().item() <= 2 * tp.LR * tp.STEPS, n
+            total, count = total + diff.sum().item(), count + diff.numel()
+            if m.numel() > 64:
+                assert not torch.equal(m, m.to(torch.bfloat16).float()), f"{n}: the master holds bf16 values only"
+        assert total / count <= tp.LR / 20, total / count  # measured about LR / 30
+        # nearer the same recipe than fp32 training (measured LR / 21 from fp32): it ran in bf16
+        off32 = sum((m - fp32["masters"][n]).abs().sum().item() for n, m in r["masters"].items()) / count
+        assert total / count < 0.8 * off32, (total / count, off32)
+    assert set().union(*(r["masters"] for r in results)) == set(want["masters"])
+    moved = max((want["masters"][n] - p.detach()).abs().max().item() for n, p in model.named_parameters())
+    assert moved > 2 * tp.LR  # the masters moved: the comparison has teeth
+
+
+def test_fsdp_fp16_mixed_scales_the_loss_like_grad_scaler_and_clips() -> None:
+    """PP2 x FSDP2, precision="fp16-mixed": gathered in fp16, the fp32 shards' gradients
+    carry the loss scale, which the optimizer takes out (one verdict for the job). The first
+    step's fp16 gradients overflow at the initial scale (the embedding's): skipped on every
+    rank, as GradScaler skips it in one process, the clipping norm inf on both sides; the scale
+    halves, then doubles after each clean step (growth_interval=1), the clean steps' norms
+    equal. Masters compared as in the bf16 test."""
+    from tests.runtime import test_precision as tp
+
+    torch.manual_seed(0)
+    model = tp.TinyLlama()
+    x, _ = tp._data()
+    pipe = partition(model, n_gpus=4, data_parallel=2, zero=3, example_inputs=(x,), precision="fp16-mixed",
+                     schedule="1f1b", n_microbatches=2, pinned_cuts=["blocks.2"], optimizer="adamw")
+    results = spawn(_mixed_train, 4, pipe, 1, timeout_s=TIMEOUT_S)
+    # Each replica's fp16 gradients are its own batch's mean, dp times the one-process share of
+    # the global mean (the replicas average after the backward, as DDP does): the same values
+    # in fp16, so the same overflows, come from the reference at dp times the scale.
+    want = _mixed_reference(model, torch.float16, microbatches=4, growth_interval=1, init_scale=2.0**17)
+    assert want["scales"] == [2.0**16, 2.0**17, 2.0**18]  # step 0 skipped, then two clean steps
+    for r in results:
+        assert r["opt"] == "MixedPrecisionOptimizer" and r["forward_dtypes"] == {"torch.float16"}
+        assert r["held"] == {"torch.float32"}
+        assert [2 * s for s in r["scales"]] == want["scales"] and r["skipped"] == [1, 1, 1]
+        assert r["losses"] == pytest.approx(want["losses"], rel=1e-2)
+        assert r["norms"][1:] == pytest.approx(want["norms"][1:], rel=1e-2)
+        assert r["norms"][0] == want["norms"][0] == float("inf")
+        # AdamW's step hardly depends on the gradients' scale, its first moment does: unscaled
+        for n, v in r["exp_avg"].items():
+            ref = want["exp_avg"][n if n in want["exp_avg"] else "emb.weight"]  # the tie's one tensor
+            assert (v - ref).abs().mean() <= 0.1 * ref.abs().mean(), n
+        total, count = 0.0, 0
+        for n, m in r["masters"].items():
+            diff = (m - want["masters"][n]).abs()
+            assert diff.mean().item() <= tp.LR / 4 and diff.max().item() <= 2 * tp.LR * tp.STEPS, n
+            total, count = total + diff.sum().item(), count + diff.numel()
+        assert total / count <= tp.LR / 20, total / count
+    assert set().union(*(r["masters"] for r in results)) == set(want["masters"])
