@@ -206,3 +206,27 @@ def test_gloo_ranks_that_load_only_their_own_stage_files_train_like_one_process(
     assert results[-1][1] == pytest.approx(want_losses, rel=1e-5)
     assert_params(got, want)
     assert set(got) == {n for n, _ in model.named_parameters()}
+
+
+def test_plan_identity_leaves_out_routes_and_version_only(tmp_path: Path) -> None:
+    from tests.partitioner.test_plan_identity import _plan_identity
+
+    pi = _plan_identity()
+    new = json.loads(fresh("unet-skip")[1].plan.to_json())
+    old = copy.deepcopy({k: v for k, v in new.items() if k != "routes"} | {"version": 3})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def write(folder: str, data: dict[str, Any]) -> None:
+        (tmp_path / folder / "unet.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+    write("a", old)
+    write("b", new)
+    assert pi.compare(str(tmp_path / "a"), str(tmp_path / "b")) == []  # a baseline from before routes still holds
+    new["stages"][0]["rank"] = 1
+    write("b", new)
+    assert pi.compare(str(tmp_path / "a"), str(tmp_path / "b")) == ["unet: differs at $.stages[0].rank"]
+    # a file not in Plan.to_json's exact form is compared as it is: a difference in bytes still shows
+    (tmp_path / "b" / "unet.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    (diff,) = pi.compare(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert diff.startswith("unet: differs at")
