@@ -652,7 +652,7 @@ def _check_routes(plan: Plan) -> None:
             if r.name not in plan.stages[0].inputs:
                 raise PlanError(f"model input {r.name!r} is not one of stage 0's inputs", f"{p}.producer")
             made = -1
-        elif isinstance(r.producer, int) and r.producer < n:
+        elif isinstance(r.producer, int) and 0 <= r.producer < n:
             made = r.producer
             if r.name not in plan.stages[made].outputs or r.name in plan.stages[made].inputs:
                 raise PlanError(f"stage {made} does not make {r.name!r} (it is not a new value among its outputs)",
