@@ -108,10 +108,13 @@ def check_stage(plan: Plan, stage: int, graph: fx.Graph) -> None:
     uses = consumed(graph, st.inputs, last)
     for name in st.inputs:
         r = records.get(name)
-        routed = r is not None and stage in r.consumers
+        if r is None:  # load_plan refuses such a plan; a Plan built in code may still lack one
+            raise PipelineRuntimeError(f"stage {stage} takes {name!r}, but the plan's routes do not list it: "
+                                       "the plan is inconsistent (re-save it from partition() or Plan.apply)")
+        routed = stage in r.consumers
         if routed != (name in uses):
-            made = "the model's inputs" if r is None or r.producer == "input" else f"stage {r.producer}"
-            to = list(r.consumers) if r is not None else []
+            made = "the model's inputs" if r.producer == "input" else f"stage {r.producer}"
+            to = list(r.consumers)
             raise PipelineRuntimeError(
                 f"the plan routes {name!r} (made by {made}) to stages {to}, but stage {stage}'s graph "
                 f"{'does not use' if routed else 'uses'} it: {hint}")
