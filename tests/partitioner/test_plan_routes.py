@@ -230,3 +230,14 @@ def test_plan_identity_leaves_out_routes_and_version_only(tmp_path: Path) -> Non
     (tmp_path / "b" / "unet.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     (diff,) = pi.compare(str(tmp_path / "a"), str(tmp_path / "b"))
     assert diff.startswith("unet: differs at")
+
+
+def test_show_names_the_values_that_skip_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from partitioner.tools.cli import main
+
+    fresh("unet-skip")[1].plan.save(tmp_path / "plan.json")
+    assert main(["show", str(tmp_path / "plan.json")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("route ")]
+    assert lines == ["route enc1_5: stage 0 -> stage 3, straight past the stages between"]
+    assert main(["show", str(OLD_PLAN)]) == 0  # a version-3 plan: no routes to print
+    assert "route " not in capsys.readouterr().out
