@@ -30,11 +30,16 @@ if TYPE_CHECKING:  # torch-free at import: ``partitioner show``/``diff`` read pl
     from partitioner.schedule import Schedule
 
 __all__ = [
-    "PLAN_VERSION", "PlanError", "ValueSpec", "Boundary", "StageCost", "StagePlan",
+    "PLAN_VERSION", "READ_VERSIONS", "PlanError", "ValueSpec", "Boundary", "ValueRoute", "StageCost", "StagePlan",
     "Prediction", "SolverReport", "Mesh", "Plan", "load_plan", "write_atomic",
 ]
 
-PLAN_VERSION = 3  # 3: data parallelism (options data_parallel, zero, gpus_per_node; mesh)
+#: 4: routes (each stage value's producer and consumers); 3: data parallelism (options
+#: data_parallel, zero, gpus_per_node; mesh)
+PLAN_VERSION = 4
+#: the versions ``load_plan`` reads: a version-3 plan has no ``routes`` (the runtime reads them
+#: from the stage graphs, as it did when such plans were written)
+READ_VERSIONS = (3, 4)
 
 #: The names ``torch`` gives its dtypes (``getattr(torch, name)`` is a ``torch.dtype``), spelled
 #: out so that loading a plan needs no torch; tests/partitioner/test_imports.py keeps it equal.
@@ -77,6 +82,28 @@ class Boundary:
     label: str  # "transformer.h.1 | transformer.h.2": module paths either side of the cut
     values: tuple[ValueSpec, ...]
     bytes: int  # at the plan's micro-batch size, one direction
+
+
+@dataclass(frozen=True)
+class ValueRoute:
+    """Where one value the stages pass each other is made and used.
+
+    Every name in some stage's ``inputs`` or ``outputs`` has one: the model's flat inputs
+    (``producer`` "input"), each value crossing a cut, and the model's flat outputs
+    (``output``). ``consumers`` are the stages whose own nodes use the value (ascending, the
+    producer excluded; the last stage when the value is a model output); a stage between
+    the producer and a consumer that does not use it only passes it along in its graph.
+    ``kind``, ``shape`` and ``dtype`` are the boundary's ``ValueSpec`` ones (a model input's or
+    output's that crosses no cut: as shape propagation found them).
+    """
+
+    name: str  # the graph node name: the stage modules' placeholder / output name
+    producer: int | str  # the stage that computes it, or "input" for a model input
+    consumers: tuple[int, ...]
+    output: bool  # one of the model's flat outputs (the last stage returns it)
+    kind: str
+    shape: tuple[int | str, ...]
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -230,6 +257,10 @@ class Plan:
     #: degree): each {"label", "step_s", "picked", "refused", "text"} ("text": the line a person
     #: reads, as the notes give it), fastest first, then the refused
     rankings: dict[str, Any] = field(default_factory=dict)
+    #: where each stage value is made and used (``ValueRoute``, written by the emitter from the
+    #: split that made the stages); empty in a version-3 plan: the runtime then reads the
+    #: routes from the stage graphs
+    routes: tuple[ValueRoute, ...] = ()
 
     @property
     def n_stages(self) -> int:
@@ -273,7 +304,7 @@ class Plan:
         # fields at their defaults are left out: such a plan reads as before the fields existed
         if data["mesh"].get("tp") == 1:
             del data["mesh"]["tp"]
-        for name in ("static_shapes", "rankings"):
+        for name in ("static_shapes", "rankings", "routes"):
             if not data[name]:
                 del data[name]
         return data
@@ -385,8 +416,12 @@ def _schema() -> dict[str, Any]:
 def _validate_schema(data: Any) -> None:
     import jsonschema  # noqa: PLC0415 - CLI start-up (jsonschema loads when a plan is validated)
 
-    if isinstance(data, dict) and data.get("version") not in (None, PLAN_VERSION) and isinstance(data.get("version"), int):
-        raise PlanError(f"plan version {data['version']} is not supported (this build reads {PLAN_VERSION})", "$.version")
+    if isinstance(data, dict) and data.get("version") not in (None, *READ_VERSIONS) and isinstance(data.get("version"), int):
+        raise PlanError(f"plan version {data['version']} is not supported (this build reads "
+                        f"{', '.join(map(str, READ_VERSIONS))})", "$.version")
+    if isinstance(data, dict) and data.get("version") == 3 and "routes" in data:
+        raise PlanError("a version-3 plan has no routes (they came with version 4): set version to 4 or drop "
+                        "routes", "$.routes")
     bad = _non_finite(data, "$")
     if bad is not None:  # json.loads reads NaN/Infinity; to_json would write invalid JSON back
         raise PlanError("numbers must be finite (NaN and Infinity are not JSON)", bad)
@@ -444,6 +479,7 @@ _NESTED: dict[tuple[str, str], Any] = {
     ("Plan", "mesh"): Mesh,
     ("StagePlan", "cost"): StageCost,
     ("Boundary", "values"): ValueSpec,
+    ("Plan", "routes"): ValueRoute,
 }
 
 
@@ -586,6 +622,62 @@ def _check_consistency(plan: Plan) -> None:
         for j, (dim, _) in enumerate(spec["dims"]):
             if isinstance(dim, int) and dim >= len(spec["shape"]):
                 raise PlanError(f"dim {dim} does not exist in shape {spec['shape']}", f"{p}.dims[{j}]")
+    if plan.routes:
+        _check_routes(plan)
+
+
+def _check_routes(plan: Plan) -> None:
+    """``routes`` agree with the stages' inputs and outputs and the boundaries: one record per
+    value the stages name; a value made in stage p is one of p's outputs and first crosses
+    cut p, a model input is stage 0's; each consumer receives it; shapes as the boundaries say."""
+    n = plan.n_stages
+    named: dict[str, None] = {}
+    for st in plan.stages:
+        named.update(dict.fromkeys((*st.inputs, *st.outputs)))
+    first: dict[str, ValueSpec] = {}
+    crossed: dict[str, int] = {}
+    for b in plan.boundaries:
+        for v in b.values:
+            first.setdefault(v.name, v)
+            crossed.setdefault(v.name, b.index)
+    seen: set[str] = set()
+    for i, r in enumerate(plan.routes):
+        p = f"$.routes[{i}]"
+        if r.name in seen:
+            raise PlanError(f"value {r.name!r} is routed twice", f"{p}.name")
+        seen.add(r.name)
+        if r.name not in named:
+            raise PlanError(f"value {r.name!r} is in no stage's inputs or outputs", f"{p}.name")
+        if r.producer == "input":
+            if r.name not in plan.stages[0].inputs:
+                raise PlanError(f"model input {r.name!r} is not one of stage 0's inputs", f"{p}.producer")
+            made = -1
+        elif isinstance(r.producer, int) and 0 <= r.producer < n:
+            made = r.producer
+            if r.name not in plan.stages[made].outputs or r.name in plan.stages[made].inputs:
+                raise PlanError(f"stage {made} does not make {r.name!r} (it is not a new value among its outputs)",
+                                f"{p}.producer")
+            if made < n - 1 and crossed.get(r.name) != made:
+                raise PlanError(f"{r.name!r} is made in stage {made} but first crosses cut {crossed.get(r.name)}",
+                                f"{p}.producer")
+        else:
+            raise PlanError(f"producer {r.producer!r} is not a stage of this plan (0..{n - 1}) or 'input'",
+                            f"{p}.producer")
+        if list(r.consumers) != sorted(set(r.consumers)):
+            raise PlanError(f"consumers {list(r.consumers)} must be ascending, each once", f"{p}.consumers")
+        for c in r.consumers:
+            if not made < c < n or r.name not in plan.stages[c].inputs:
+                raise PlanError(f"stage {c} cannot consume {r.name!r}: it is not among its inputs", f"{p}.consumers")
+        if r.output != (r.name in plan.stages[-1].outputs):
+            raise PlanError(f"output is {r.output} but {r.name!r} is {'not ' if r.output else ''}among the last "
+                            "stage's outputs", f"{p}.output")
+        spec = first.get(r.name)
+        if spec is not None and (r.kind, tuple(r.shape), r.dtype) != (spec.kind, tuple(spec.shape), spec.dtype):
+            raise PlanError(f"{r.name!r} is {r.kind} {list(r.shape)} {r.dtype} here but {spec.kind} "
+                            f"{list(spec.shape)} {spec.dtype} in boundary {crossed[r.name]}", f"{p}")
+    missing = [name for name in named if name not in seen]
+    if missing:
+        raise PlanError(f"stage values {missing[:5]} have no route", "$.routes")
 
 
 def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:

@@ -17,13 +17,14 @@ from partitioner.passes.base import InputSpec, TensorDesc
 from partitioner.passes.meta import COST, DESC, MODULE
 from partitioner.passes.split import SplitResult
 from partitioner.passes.tensor_parallel import param_divisor
-from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueSpec
+from partitioner.plan import Boundary, Plan, Prediction, SolverReport, StageCost, StagePlan, ValueRoute, ValueSpec
 from partitioner.pricing import Priced, module_instance, wire_kind
 from partitioner.schedule import Schedule
 from partitioner.simulator import boundary_bytes, predict_step, simulate
 from partitioner.solver import Solution
 
-__all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan", "param_bytes_by_first_use"]
+__all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan", "param_bytes_by_first_use",
+           "value_routes"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,31 @@ def _value_spec(node: fx.Node, at: Mapping[str, int]) -> ValueSpec:
     return ValueSpec(node.name, kind if kind != "unknown" else "none", (), "", "8" if kind != "none" else "0")
 
 
+def value_routes(gm: fx.GraphModule, split: SplitResult, at: Mapping[str, int]) -> tuple[ValueRoute, ...]:
+    """Where each value the stages name (``split.io``'s inputs and outputs) is made and used,
+    read from the graph the stages were split from: its producer's stage ("input" for a graph
+    input), and the stages holding its users (the graph's output: the last stage). Listed in
+    the order the stages name them: stage 0's inputs, then each stage's outputs."""
+    stage_of = {name: s for s, io in enumerate(split.io) for name in io.nodes}
+    last = len(split.io) - 1
+    by_name = {n.name: n for n in gm.graph.nodes}
+    names = dict.fromkeys(split.io[0].inputs)
+    for io in split.io:
+        names.update(dict.fromkeys(io.outputs))
+    out = []
+    for name in names:
+        node = by_name[name]
+        # a model output that no stage computes (an attribute) is the last stage's
+        producer: int | str = "input" if node.op == "placeholder" else stage_of.get(name, last)
+        users = {last if u.op == "output" else stage_of[u.name] for u in node.users
+                 if u.op == "output" or u.name in stage_of}
+        users.discard(producer if isinstance(producer, int) else -1)
+        spec = _value_spec(node, at)
+        out.append(ValueRoute(name, producer, tuple(sorted(users)), name in split.io[last].outputs,
+                              spec.kind, spec.shape, spec.dtype))
+    return tuple(out)
+
+
 def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> Plan:
     """The ``Plan`` for a solved split: per-stage costs and memory, boundaries, the simulated
     step (``simulator.predict_step``, the same call ``partitioner timeline`` makes on the plan)."""
@@ -204,7 +230,7 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
         device=device.to_dict(), link=link.to_dict(), stages=tuple(stage_plans),
         boundaries=tuple(boundaries), tied_parameters=tuple(tied), prediction=prediction,
         solver=report, notes=tuple(notes), static_shapes=source.static_shapes,
-        rankings={k: list(v) for k, v in source.rankings.items()},
+        rankings={k: list(v) for k, v in source.rankings.items()}, routes=value_routes(gm, split, at),
     )
 
 

@@ -261,6 +261,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
         print_plan(summary, _out())
+        for r in plan.routes:  # values that skip stages (version-4 plans): sent straight to their consumers
+            producer = 0 if r.producer == "input" else int(r.producer)
+            if any(c > producer + 1 for c in r.consumers):
+                to = ", ".join(map(str, r.consumers))
+                print(f"route {r.name}: {'model input' if r.producer == 'input' else f'stage {producer}'} -> "
+                      f"stage{'s' if len(r.consumers) > 1 else ''} {to}, straight past the stages between")
     if args.timeline:
         files.commit()
         if not args.json:

@@ -3,8 +3,9 @@
 The compiler hands the runtime a ``PipelineSpec`` and nothing else (as PyTorch's
 ``Pipe.build_stage`` takes a ``PipeInfo``): the ``Plan``, the stage modules a process
 needs (every stage for ``train_step`` in one process; a rank's own for ``build_stage``, the
-others may be dropped with ``for_rank``), where each boundary value goes (``routes``, read
-once from every stage's graph), how the user's call becomes the plan's flat inputs and the
+others may be dropped with ``for_rank``), where each boundary value goes (``routes``: the
+plan's own records, checked against each stage graph given; for a version-3 plan, read once
+from every stage's graph), how the user's call becomes the plan's flat inputs and the
 flat outputs the model's result (``IOSpec``: plain data plus the capture's function), the
 model's tensor names as plain data (``ModelNames``), and the model itself only where its
 weights are on the meta device, which ``build_stage`` initialises through its modules' own
@@ -34,7 +35,7 @@ from torch.utils import _pytree as pytree
 from partitioner.plan import STATIC_SHAPES_NOTE, Plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.materialize import non_persistent_buffers
-from partitioner.runtime.routing import Route, routes
+from partitioner.runtime.routing import Route, check_stage, from_plan, routes
 from partitioner.schedule import Schedule, build_schedule
 
 __all__ = ["IOSpec", "ModelNames", "PipelineSpec", "as_spec", "resolve_schedule", "seq_len", "static_shapes"]
@@ -168,8 +169,9 @@ class PipelineSpec:
         plan: the ``Plan``.
         stages: stage index -> module (an ``fx.GraphModule``, or a recomputing stage). Every
             stage for one process; a rank needs only its own (``for_rank``).
-        routes: where each boundary value is made and used (``routing.routes``), from every
-            stage's graph: kept when stages are dropped.
+        routes: where each boundary value is made and used: the plan's ``routes``
+            (``routing.from_plan``), or for a plan without them (version 3) read from every
+            stage's graph (``routing.routes``); kept when stages are dropped.
         io: the call's flat inputs and the model's output structure (``IOSpec``).
         param_dtype: the model's dtype as pricing read it (its first floating parameter's):
             ``build_stage`` runs the plan's precision relative to it.
@@ -195,7 +197,10 @@ class PipelineSpec:
               param_dtype: torch.dtype | None = None) -> PipelineSpec:
         """The record for ``plan`` over ``stages`` (a list in stage order, or {index: module}).
 
-        Without ``routes_table`` every stage is needed once, to read which inputs each graph
+        The routes come from ``routes_table`` when given, else from the plan (``Plan.routes``),
+        checked against each stage graph given (``routing.check_stage``: a plan from another
+        model or stale stage files is refused), so a rank may pass its own stages only. A plan
+        without routes (version 3) needs every stage once, to read which inputs each graph
         uses; drop the others afterwards with ``for_rank``. ``io`` defaults to
         ``IOSpec.from_plan``. ``model`` gives ``names`` and ``param_dtype`` and is kept only
         when it holds meta tensors. Raises ``PipelineRuntimeError`` when the stages do not
@@ -204,6 +209,12 @@ class PipelineSpec:
         bad = sorted(set(mods) - set(range(plan.n_stages)))
         if bad:
             raise PipelineRuntimeError(f"stage indices {bad} are not stages of this plan (0..{plan.n_stages - 1})")
+        if routes_table is None and plan.routes:
+            routes_table = from_plan(plan)
+            for s, mod in sorted(mods.items()):
+                graph = getattr(mod, "graph", None)
+                if isinstance(graph, fx.Graph):  # a module without a graph has nothing to check
+                    check_stage(plan, s, graph)
         if routes_table is None:
             missing = sorted(set(range(plan.n_stages)) - set(mods))
             if missing:

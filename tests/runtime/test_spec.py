@@ -184,7 +184,8 @@ def test_the_record_refuses_missing_stages_and_the_default_io_maps_calls_by_name
     _, pipe, x, y = _zb()
     stages = list(pipe.stages)
     with pytest.raises(PipelineRuntimeError, match=r"none for \[1\]: pass every stage once"):
-        PipelineSpec.build(pipe.plan, stages[:1])
+        PipelineSpec.build(dataclasses.replace(pipe.plan, routes=()), stages[:1])  # a plan without routes
+    assert sorted(PipelineSpec.build(pipe.plan, stages[:1]).stages) == [0]  # the plan's routes: one stage will do
     spec = PipelineSpec.build(pipe.plan, stages)
     assert spec.model is None and spec.names is None  # no model given: nothing of it is kept
     assert sorted(pipe.pipeline_spec().stages) == [0, 1] and pipe.pipeline_spec().model is None  # a real model
