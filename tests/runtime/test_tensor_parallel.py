@@ -165,6 +165,8 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str = "1f1b") 
                   if isinstance(p, DTensor)}
     return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "forward": forward, "step": step, "outputs": outputs,
             "rows": sum(len(p.row) for p in stage.tp_plans.values()), "placements": placements,
+            "embeddings": sum(len(p.embeddings) for p in stage.tp_plans.values()),
+            "heads": sum(len(p.heads) for p in stage.tp_plans.values()),
             "params": full_state(stage.named_parameters())}
 
 
@@ -192,11 +194,17 @@ def _check_training(name: str, results: list[dict[str, Any]]) -> None:
         return (sum(v for k, v in counts.items() if "all_reduce" in k or "allreduce" in k),
                 sum(v for k, v in counts.items() if "gather" in k or "scatter" in k or "all_to_all" in k))
 
-    for r in results:  # one all-reduce per row-parallel linear per forward (M micro-batches), nothing gathered
-        assert r["rows"] >= 2 and count(r["forward"]) == (M * r["rows"], 0), r["forward"]
-        # a training step: as many again in backward, one per column group's input gradient
-        # (each column group here feeds one row linear), the pipeline's P2P not counted
-        assert count(r["step"]) == (2 * M * r["rows"], 0), r["step"]
+    for r in results:
+        # per micro-batch forward: one all-reduce per row-parallel linear and per token lookup in a
+        # table split by vocabulary, three for a cross-entropy on logits split by vocabulary (max,
+        # sum of exponentials, target logit); the eval's outputs are gathered whole once
+        loss = 3 * r["heads"]
+        assert r["rows"] >= 2 and count(r["forward"]) == (M * (r["rows"] + r["embeddings"] + loss),
+                                                          1 if r["heads"] else 0), r["forward"]
+        # a training step: as many again in backward per column group's input gradient (each
+        # column group here feeds one row linear) and per output layer's input gradient; the
+        # lookups need none; nothing gathered; the pipeline's P2P not counted
+        assert count(r["step"]) == (M * (2 * r["rows"] + r["embeddings"] + r["heads"] + loss), 0), r["step"]
 
 
 @pytest.mark.timeout(200)
@@ -218,8 +226,11 @@ def test_llama_two_stages_by_two_tp_ranks_train_like_one_process() -> None:
         assert got[p + "mlp.up_proj.weight"] == ("Shard(dim=0)", (32, 32))
         assert got[p + "mlp.down_proj.weight"] == ("Shard(dim=1)", (32, 32))
         assert got[p + "input_layernorm.weight"] == ("Replicate()", (32,))
-    assert got["lm_head.weight"] == ("Replicate()", (64, 32))  # its output is the stage's: kept whole
-    assert got["model.embed_tokens.weight"] == ("Replicate()", (64, 32))
+    # split by vocabulary: the table by rows, the output layer by output features (the logits
+    # stay split for the loss)
+    assert got["lm_head.weight"] == ("Shard(dim=0)", (32, 32))
+    assert got["model.embed_tokens.weight"] == ("Shard(dim=0)", (32, 32))
+    assert (results[0]["embeddings"], results[0]["heads"], results[2]["embeddings"], results[2]["heads"]) == (1, 0, 0, 1)
 
 
 @pytest.mark.timeout(200)
