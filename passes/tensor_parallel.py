@@ -539,8 +539,19 @@ def find_vocab(gm: fx.GraphModule, *, model_outputs: bool = True) -> Vocab:
             whole[p] = f"it is also used by {', '.join(others)}"
         elif len({rows[p]} | {int(gm.get_parameter(p).shape[0])}) > 1:
             whole[p] = "its uses disagree on the vocabulary"
+    same: dict[int, list[str]] = {}  # a weight tied under several names splits under all or none
+    for name in uses:
+        try:
+            same.setdefault(id(gm.get_parameter(name)), []).append(name)
+        except AttributeError:
+            continue
+    for names in same.values():
+        split = [p for p in names if p in rows and p not in whole]
+        if split and len(split) < len(names):
+            for p in split:
+                whole[p] = f"it is tied to {', '.join(q for q in names if q not in split)}, which stays whole"
     for p in whole:
-        del rows[p]
+        rows.pop(p, None)
     embeddings = [n for n in embeddings if owner[n] in rows]
     heads = [n for n in heads if owner[n] in rows]
     inner: set[fx.Node] = set()
