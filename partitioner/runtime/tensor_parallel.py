@@ -785,7 +785,9 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
            for names in plan.tied_parameters):
         problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "
-                        f"({[list(g) for g in plan.tied_parameters]})")
+                        f"({[list(g) for g in plan.tied_parameters]}): keep them in one stage (one pipeline rank, "
+                        "or cuts that leave the embedding and the output layer together) or untie them "
+                        "(e.g. tie_word_embeddings=False)")
     if world != total:
         problems.append(f"the plan runs {plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
                         f"group has {world}: launch {total} processes")
