@@ -7,6 +7,7 @@ tied weight across pipeline ranks, refused naming what to do."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -22,6 +23,7 @@ from partitioner.passes.tensor_parallel import find_vocab
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import full_state, shard_plan, with_tensor_parallel
+from tests.runtime.test_tensor_parallel import _NoModuleTracking
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -105,6 +107,7 @@ def _reference(name: str) -> tuple[list[float], dict[str, torch.Tensor], torch.T
 
 def _train(rank: int, world: int, name: str, pipe: Any) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
 
     _, inputs, y, loss_fn, _, _ = CASES[name]
     stage = pipe.build_stage(rank, "cpu")
@@ -114,18 +117,23 @@ def _train(rank: int, world: int, name: str, pipe: Any) -> dict[str, Any]:
     target = y if stage.is_last else None
     _, outputs = runner.eval_step(**kw, target=target, return_outputs=True)  # type: ignore[misc]
     logits = outputs.logits if outputs is not None else None
-    losses = []
-    for _ in range(STEPS):
+    losses, gathers = [], 0
+    for i in range(STEPS):
         stage.zero_grad()
-        loss = runner.step(**kw, target=target)
+        comm = CommDebugMode()
+        comm.advanced_module_tracker = _NoModuleTracking()  # type: ignore[assignment]
+        with comm if i == 0 else contextlib.nullcontext():
+            loss = runner.step(**kw, target=target)
+        if i == 0:
+            gathers = sum(v for k, v in comm.get_comm_counts().items() if "gather" in str(k))
         opt.step()
         losses.append(None if loss is None else loss.item())
     placements = {n: (repr(p.placements[0]), tuple(p.to_local().shape)) for n, p in
                   stage.named_parameters(remove_duplicate=False) if isinstance(p, DTensor)}
-    tied = [m for s in stage.modules.values() for m in [s] if hasattr(m, "lm_head")]
+    tied = [m for m in stage.modules.values() if hasattr(m, "lm_head") and hasattr(m, "transformer")]
     same = bool(tied) and tied[0].lm_head.weight is tied[0].transformer.wte.weight
     return {"losses": losses, "logits": logits, "placements": placements, "same": same,
-            "params": full_state(stage.named_parameters()), "last": stage.is_last}
+            "params": full_state(stage.named_parameters()), "last": stage.is_last, "gathers": gathers}
 
 
 def _check(name: str, results: list[dict[str, Any]]) -> None:
@@ -150,6 +158,7 @@ def test_a_llama_with_its_loss_in_the_graph_trains_like_one_process_on_split_log
     assert last.split_outputs and shard_plan(pipe.stages[0], 2).embeddings.keys() == {"model.embed_tokens.weight"}
     results = spawn(_train, 4, "llama-labels", with_tensor_parallel(pipe, 2), timeout_s=TIMEOUT_S)
     _check("llama-labels", results)
+    assert [r["gathers"] for r in results] == [0, 0, 0, 0]  # a training step never gathers the logits
     assert results[0]["placements"]["model.embed_tokens.weight"] == ("Shard(dim=0)", (32, 32))
     assert results[2]["placements"]["lm_head.weight"] == ("Shard(dim=0)", (32, 32))
 
@@ -164,6 +173,8 @@ def test_a_tied_embedding_and_output_layer_split_alike_in_one_stage(name: str) -
     assert "transformer.wpe.weight" not in plan.embeddings  # positions made inside the model: whole
     results = spawn(_train, 2, name, with_tensor_parallel(pipe, 2), timeout_s=TIMEOUT_S)
     _check(name, results)
+    # the cross-entropy runs on the shards; a loss it does not suit gets the logits gathered
+    assert [r["gathers"] > 0 for r in results] == [name == "gpt2-mse"] * 2
     for r in results:  # one weight, one DTensor: the lookup and the output layer share its shard
         assert r["same"]
         assert r["placements"]["transformer.wte.weight"] == ("Shard(dim=0)", (32, 32))
