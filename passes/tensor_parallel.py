@@ -10,9 +10,9 @@ region costs one all-reduce of its row linears' output; in the backward pass one
 all-reduce of the gradient of its input (the "f" and "g" operators of the paper).
 
 The finder reads only the graph's dataflow and its ops, never module names: a linear whose
-weight is a parameter (``aten.linear``, ``addmm``/``mm``/``matmul`` with a parameter
-operand as GPT-2's ``Conv1D`` captures, ``nn.Linear`` and ``F.linear`` on the fx route)
-opens a region; walking its users forward, every op must be one that carries a feature
+weight is a parameter (``aten.linear``, ``nn.Linear`` and ``F.linear`` on the fx route; not
+GPT-2's ``Conv1D``, an ``addmm``, which the runtime does not shard) opens a region;
+walking its users forward, every op must be one that carries a feature
 split through unchanged (``CARRY``), or a row linear taking the split value as its input.
 A value that reaches anything else (a reduction such as a norm over the hidden size, the
 graph output, an unknown op) makes the region unshardable, and its linears stay
@@ -120,14 +120,9 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
             return None
         shape = gm.get_parameter(wname).shape
         return _Linear(node, x, wname, _is_param(gm, b), int(shape[0]), int(shape[1]))
-    if name in ("addmm", "mm", "matmul") and len(args) >= 2:
-        # GPT-2's Conv1D: addmm(bias, x, weight) with weight stored (in, out)
-        b, x, w = (args[0], args[1], args[2]) if name == "addmm" and len(args) >= 3 else (None, args[0], args[1])
-        wname = _is_param(gm, w)
-        if wname is None or not isinstance(x, fx.Node) or gm.get_parameter(wname).dim() != 2:
-            return None
-        shape = gm.get_parameter(wname).shape
-        return _Linear(node, x, wname, _is_param(gm, b), int(shape[1]), int(shape[0]))
+    # GPT-2's Conv1D (addmm(bias, x, weight), weight stored (in, out)) is not a linear here: the
+    # runtime (runtime.tensor_parallel.shard_plan) does not shard it, and its fused q/k/v would
+    # need Megatron's interleaved weight layout, so the planner prices it whole too
     return None
 
 

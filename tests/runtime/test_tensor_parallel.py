@@ -351,3 +351,41 @@ def test_a_plan_the_planner_made_with_tensor_parallelism_trains_like_one_process
     assert load_plan(pipe.plan.to_json()).mesh.tp == 2
     results = spawn(_train, 4, "net", pipe, timeout_s=TIMEOUT_S)
     _check_training("net", results)
+
+
+def _planner_split(gm: Any, tp: int) -> dict[str, set[str]]:
+    """What the planner prices as split at ``tp`` on the captured graph, by weight."""
+    from partitioner.passes.tensor_parallel import shard
+
+    sharded = shard(gm, tp)
+    weight = {n.name: str(a.target) for n in gm.graph.nodes for a in n.all_input_nodes[1:2] if a.op == "get_attr"}
+    weight.update({n.name: f"{n.target}.weight" for n in gm.graph.nodes if n.op == "call_module"})
+    vocab = sharded.vocab
+    return {"column": {weight[c.name] for r in sharded.regions for c in r.columns},
+            "row": {weight[w.name] for r in sharded.regions for w in r.rows},
+            "embedding": {vocab.owner[n] for n in vocab.embeddings}, "head": {vocab.owner[n] for n in vocab.heads}}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "net"])
+def test_the_planner_prices_the_split_the_runtime_makes(name: str) -> None:
+    # the planner's finder on the whole captured graph and the runtime's on each stage graph
+    # name the same weights: column- and row-parallel linears, vocabulary-split tables and
+    # output layers (GPT-2's Conv1D layers: whole in both)
+    if name == "gpt2":
+        from tests.hf.models import _ids, gpt2
+
+        torch.manual_seed(0)
+        model, inputs, cut = gpt2(2), {"input_ids": _ids(2, 8)}, "transformer.h.1"
+        pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=[cut])
+    else:
+        pipe = _built(name)[1]
+    want = _planner_split(pipe.graph, 2)
+    got: dict[str, set[str]] = {k: set() for k in want}
+    for s, stage in enumerate(pipe.stages):
+        plan = shard_plan(stage, 2, last=s == len(pipe.stages) - 1)
+        for k, d in (("column", plan.column), ("row", plan.row), ("embedding", plan.embeddings), ("head", plan.heads)):
+            got[k] |= set(d)
+    assert got == want
+    assert want["column"] or name == "gpt2"  # not vacuous: llama and net shard every layer
+    assert bool(want["head"]) == (name != "net")  # net's head narrows (32 -> 8): not an output layer over classes
