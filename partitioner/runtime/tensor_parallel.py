@@ -11,7 +11,14 @@ module names --
   (``scaled_dot_product_attention``, or matmul + softmax), only into the *input* of other
   linears is **column-parallel**: weight (and bias) ``Shard(0)``;
 - the linears it reaches are **row-parallel**: weight ``Shard(1)``, bias ``Replicate``;
-- every other parameter (norms, embeddings, a linear whose output reaches the stage's
+- the vocabulary (``passes.tensor_parallel.find_vocab``, the planner's own finder): a token
+  embedding's table ``Shard(0)`` (``embedding_on_shards``: a masked lookup of the rank's rows,
+  one all-reduce), and on the last stage an output layer ``Shard(0)`` whose logits stay
+  split on the classes into an in-graph cross-entropy and out of the stage; the rank's
+  runner then steps under ``loss_parallel`` (the cross-entropy on the shards, forward and
+  backward), wraps ``loss_fn`` (``_LossOnShards``: a loss that cannot take split logits
+  gets them gathered) and gathers ``eval_step``'s outputs;
+- every other parameter (norms, other embeddings, a linear whose output reaches the stage's
   output or an op that needs the whole feature dimension) stays ``Replicate``: each TP rank
   computes it whole, which is correct, and ``TensorParallelPlan.replicated`` says why (also
   logged at INFO).
