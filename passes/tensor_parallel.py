@@ -401,18 +401,20 @@ class Vocab:
 def _size(node: Any, dim: int) -> Any:
     """Size ``dim`` of ``node``'s value: from its TensorDesc (the planner's graphs) or its
     ``meta["val"]`` (stage graphs); None when neither says."""
-    shape = _shape(node)
-    if shape is None and isinstance(node, fx.Node):
-        v = node.meta.get("val")
-        shape = tuple(v.shape) if hasattr(v, "shape") else None
+    shape = _any_shape(node)
     return shape[dim] if shape and -len(shape) <= dim < len(shape) else None
 
 
-def _rank(node: Any) -> int | None:
-    shape = _shape(node)
+def _any_shape(node: Any) -> tuple[Any, ...] | None:
+    shape: tuple[Any, ...] | None = _shape(node)
     if shape is None and isinstance(node, fx.Node):
         v = node.meta.get("val")
-        shape = tuple(v.shape) if hasattr(v, "shape") else None
+        shape = tuple(getattr(v, "shape")) if hasattr(v, "shape") else None
+    return shape
+
+
+def _rank(node: Any) -> int | None:
+    shape = _any_shape(node)
     return None if shape is None else len(shape)
 
 
@@ -465,7 +467,7 @@ def _logits_path(gm: fx.GraphModule, head: fx.Node, vocab: int, outputs: bool
                     return None  # classes not on dim 1 of (tokens, classes), class weights, label smoothing
                 if name == "crossentropyloss":
                     mod = gm.get_submodule(str(u.target))
-                    if getattr(mod, "weight", None) is not None or getattr(mod, "label_smoothing", 0.0):
+                    if getattr(mod, "weight", None) is not None or float(getattr(mod, "label_smoothing", 0.0)):
                         return None
                 seen.add(u)
                 losses.append(u)

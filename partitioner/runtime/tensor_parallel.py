@@ -575,9 +575,9 @@ def _vocab_lookups(gm: fx.GraphModule, plan: TensorParallelPlan) -> None:
     by_name = {n.name: n for n in graph.nodes}
     for weight, name in plan.embeddings.items():
         n = by_name[name]
+        pad: Any
         if n.op == "call_module":
-            mod = gm.get_submodule(str(n.target))
-            ids, pad = n.args[0], mod.padding_idx
+            ids, pad = n.args[0], getattr(gm.get_submodule(str(n.target)), "padding_idx", None)
             with graph.inserting_before(n):
                 w = graph.get_attr(weight)
         elif n.target is F.embedding:  # F.embedding counts a negative padding_idx from the end
