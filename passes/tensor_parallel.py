@@ -373,8 +373,9 @@ class Vocab:
     outputs: tuple[fx.Node, ...] = ()
     #: parameter -> its vocabulary (rows of the table / output features of the head)
     rows: Mapping[str, int] = field(default_factory=dict, compare=False)
-    #: embedding or head node -> its weight; every other node -> the heads whose logits it carries
+    #: embedding or head node -> its weight
     owner: Mapping[fx.Node, str] = field(default_factory=dict, compare=False)
+    #: carry, loss or returned value -> the heads whose logits it carries
     follows: Mapping[fx.Node, frozenset[fx.Node]] = field(default_factory=dict, compare=False)
     #: parameter -> why it stays whole although a node using it looks like a vocabulary part
     whole: Mapping[str, str] = field(default_factory=dict, compare=False)
