@@ -10,9 +10,9 @@ region costs one all-reduce of its row linears' output; in the backward pass one
 all-reduce of the gradient of its input (the "f" and "g" operators of the paper).
 
 The finder reads only the graph's dataflow and its ops, never module names: a linear whose
-weight is a parameter (``aten.linear``, ``addmm``/``mm``/``matmul`` with a parameter
-operand as GPT-2's ``Conv1D`` captures, ``nn.Linear`` and ``F.linear`` on the fx route)
-opens a region; walking its users forward, every op must be one that carries a feature
+weight is a parameter (``aten.linear``, ``nn.Linear`` and ``F.linear`` on the fx route; not
+GPT-2's ``Conv1D``, an ``addmm``, which the runtime does not shard) opens a region;
+walking its users forward, every op must be one that carries a feature
 split through unchanged (``CARRY``), or a row linear taking the split value as its input.
 A value that reaches anything else (a reduction such as a norm over the hidden size, the
 graph output, an unknown op) makes the region unshardable, and its linears stay
@@ -23,12 +23,23 @@ row's input features and the head counts of its attention cores divide by T.
 ``shard(gm, T)`` prices the graph for one rank of a T-way group: the region's FLOPs,
 output and saved bytes and parameters divided by T, and the all-reduce bytes each node
 adds (forward on row linears, backward on the first column linear of each input).
+
+The vocabulary (``find_vocab``, Megatron-LM's vocabulary-parallel embedding and output
+layer, PyTorch's ``RowwiseParallel`` embedding and ``loss_parallel``): a token embedding
+(``aten.embedding`` / ``nn.Embedding`` looking up a graph input) splits its table by rows,
+each rank looking up the ids in its range and one all-reduce summing the masked rows; an
+output layer (a linear widening to more outputs than inputs, whose values reach only the
+graph's output and an in-graph cross-entropy, through casts and views that keep the classes
+last) splits its weight by output feature, the logits stay split on the class dimension and
+the cross-entropy runs on the shards (three all-reduces of one value per token: the max, the
+sum of exponentials, the target's logit). The same function decides for the planner (on the
+captured graph) and the runtime (on each stage graph), so what is priced is what runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import sympy
 from torch import fx, nn
@@ -37,7 +48,7 @@ from partitioner.cost_models.cost import NodeCost
 from partitioner.passes.base import TensorDesc
 from partitioner.passes.meta import COST, DESC, TP
 
-__all__ = ["Region", "find_regions", "Sharded", "shard", "param_divisor", "CARRY"]
+__all__ = ["Region", "find_regions", "Vocab", "find_vocab", "Sharded", "shard", "param_divisor", "CARRY"]
 
 #: ops (aten packet names, torch function names, Tensor methods) that carry a split of the
 #: feature (or head) dimension through unchanged: element-wise math, views that keep the
@@ -109,14 +120,9 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> _Linear | None:
             return None
         shape = gm.get_parameter(wname).shape
         return _Linear(node, x, wname, _is_param(gm, b), int(shape[0]), int(shape[1]))
-    if name in ("addmm", "mm", "matmul") and len(args) >= 2:
-        # GPT-2's Conv1D: addmm(bias, x, weight) with weight stored (in, out)
-        b, x, w = (args[0], args[1], args[2]) if name == "addmm" and len(args) >= 3 else (None, args[0], args[1])
-        wname = _is_param(gm, w)
-        if wname is None or not isinstance(x, fx.Node) or gm.get_parameter(wname).dim() != 2:
-            return None
-        shape = gm.get_parameter(wname).shape
-        return _Linear(node, x, wname, _is_param(gm, b), int(shape[1]), int(shape[0]))
+    # GPT-2's Conv1D (addmm(bias, x, weight), weight stored (in, out)) is not a linear here: the
+    # runtime (runtime.tensor_parallel.shard_plan) does not shard it, and its fused q/k/v would
+    # need Megatron's interleaved weight layout, so the planner prices it whole too
     return None
 
 
@@ -340,6 +346,230 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
     return regions
 
 
+#: ops a vocabulary-split logits value passes through on its way to the loss or the graph's
+#: output, keeping the classes on its last dimension (casts, copies, views that keep that size)
+VOCAB_CARRY = frozenset({"view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy", "float", "contiguous",
+                         "clone", "type_as", "alias", "_assert_tensor_metadata"})
+#: cross-entropy as captured: one op (export keeps ``aten.cross_entropy_loss``; fx keeps the
+#: function or the module), with the positions of its arguments
+_CROSS_ENTROPY = {"cross_entropy_loss": ("self", "target", "weight", "reduction", "ignore_index", "label_smoothing"),
+                  "cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce",
+                                    "reduction", "label_smoothing"),
+                  "crossentropyloss": ("input", "target")}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The vocabulary-parallel parts of a graph (module docstring): every weight here splits
+    along dim 0 (rows of the table, output features of the head); T must divide ``rows``."""
+
+    embeddings: tuple[fx.Node, ...] = ()
+    heads: tuple[fx.Node, ...] = ()
+    #: the cross-entropy ops that take split logits (they run on the shards)
+    losses: tuple[fx.Node, ...] = ()
+    #: the casts and views between a head and its loss or the output: split on the last dimension
+    inner: tuple[fx.Node, ...] = ()
+    #: values the graph returns split on the last dimension (gathered when a caller wants them whole)
+    outputs: tuple[fx.Node, ...] = ()
+    #: parameter -> its vocabulary (rows of the table / output features of the head)
+    rows: Mapping[str, int] = field(default_factory=dict, compare=False)
+    #: embedding or head node -> its weight
+    owner: Mapping[fx.Node, str] = field(default_factory=dict, compare=False)
+    #: carry, loss or returned value -> the heads whose logits it carries
+    follows: Mapping[fx.Node, frozenset[fx.Node]] = field(default_factory=dict, compare=False)
+    #: parameter -> why it stays whole although a node using it looks like a vocabulary part
+    whole: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(self.rows)
+
+    def at(self, degree: int) -> Vocab:
+        """Only the parts whose vocabulary ``degree`` divides; the others join ``whole``, with why."""
+        keep = {p for p, v in self.rows.items() if v % degree == 0}
+        heads = tuple(n for n in self.heads if self.owner[n] in keep)
+
+        def carried(nodes: tuple[fx.Node, ...]) -> tuple[fx.Node, ...]:
+            return tuple(n for n in nodes if self.follows.get(n, frozenset()) & set(heads))
+
+        why = {p: f"its vocabulary of {v} does not divide by tensor_parallel={degree}"
+               for p, v in self.rows.items() if p not in keep}
+        return Vocab(tuple(n for n in self.embeddings if self.owner[n] in keep), heads, carried(self.losses),
+                     carried(self.inner), carried(self.outputs), {p: v for p, v in self.rows.items() if p in keep},
+                     self.owner, self.follows, {**self.whole, **why})
+
+
+def _size(node: Any, dim: int) -> Any:
+    """Size ``dim`` of ``node``'s value: from its TensorDesc (the planner's graphs) or its
+    ``meta["val"]`` (stage graphs); None when neither says."""
+    shape = _any_shape(node)
+    return shape[dim] if shape and -len(shape) <= dim < len(shape) else None
+
+
+def _any_shape(node: Any) -> tuple[Any, ...] | None:
+    shape: tuple[Any, ...] | None = _shape(node)
+    if shape is None and isinstance(node, fx.Node):
+        v = node.meta.get("val")
+        shape = tuple(getattr(v, "shape")) if hasattr(v, "shape") else None
+    return shape
+
+
+def _rank(node: Any) -> int | None:
+    shape = _any_shape(node)
+    return None if shape is None else len(shape)
+
+
+def _embedding(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node] | None:
+    """(table, ids) when ``node`` looks a token up in a parameter table with nothing that
+    needs the whole table (no max_norm, scale_grad_by_freq or sparse gradients)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        ids = node.args[0] if node.args else None
+        ok = (isinstance(mod, nn.Embedding) and mod.max_norm is None and not mod.scale_grad_by_freq
+              and not mod.sparse)
+        return (f"{node.target}.weight", ids) if ok and isinstance(ids, fx.Node) else None
+    if node.op != "call_function" or _op_name(gm, node) != "embedding":
+        return None
+    args = list(node.args)
+    if len(args) >= 2 and _is_param(gm, args[0]) and isinstance(args[1], fx.Node):  # aten: (weight, ids, ...)
+        extra = _dims(node, ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"), False)[3:]
+        return (str(args[0].target), args[1]) if not any(extra) else None  # type: ignore[union-attr]
+    if len(args) >= 2 and _is_param(gm, args[1]) and isinstance(args[0], fx.Node):  # F.embedding(ids, weight, ...)
+        extra = _dims(node, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                             "sparse"), None)
+        return (str(args[1].target), args[0]) if not (extra[3] is not None or extra[5] or extra[6]) else None  # type: ignore[union-attr]
+    return None
+
+
+def _logits_path(gm: fx.GraphModule, head: fx.Node, vocab: int, outputs: bool
+                 ) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
+    """(carries, losses, values returned) that the head's logits reach, split on the classes;
+    None when they reach anything else. ``outputs``: whether the graph's output is the
+    model's (a stage graph's output going to the next stage must be whole)."""
+    inner: list[fx.Node] = []
+    losses: list[fx.Node] = []
+    returned: list[fx.Node] = []
+    todo, seen = [head], {head}
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u in seen:
+                continue
+            name = _op_name(gm, u)
+            if u.op == "output":
+                if not outputs:
+                    return None
+                returned.append(v)
+                continue
+            if name in _CROSS_ENTROPY:
+                given = _dims(u, _CROSS_ENTROPY[name], None)
+                smoothing = given[-1] if name != "crossentropyloss" else None
+                if (u.args[0] is not v or _rank(v) != 2 or given[2] is not None or smoothing not in (None, 0, 0.0)):
+                    return None  # classes not on dim 1 of (tokens, classes), class weights, label smoothing
+                if name == "crossentropyloss":
+                    mod = gm.get_submodule(str(u.target))
+                    if getattr(mod, "weight", None) is not None or float(getattr(mod, "label_smoothing", 0.0)):
+                        return None
+                seen.add(u)
+                losses.append(u)
+                continue
+            if u.op not in ("call_function", "call_method") or name not in VOCAB_CARRY:
+                return None
+            last = _size(u, -1)
+            if name != "_assert_tensor_metadata" and (last is None or sympy.simplify(sympy.sympify(last) - vocab) != 0):
+                return None  # a view that moves the classes off the last dimension
+            seen.add(u)
+            inner.append(u)
+            todo.append(u)
+    return (inner, losses, returned) if losses or returned else None
+
+
+def _from_input(gm: fx.GraphModule, ids: fx.Node) -> bool:
+    """Whether ``ids`` is an input of the graph, perhaps viewed (GPT-2 flattens its ids):
+    token ids, not positions made inside the model."""
+    while ids.op != "placeholder":
+        if ids.op not in ("call_function", "call_method") or _op_name(gm, ids) not in VOCAB_CARRY:
+            return False
+        first = ids.args[0] if ids.args else None
+        if not isinstance(first, fx.Node):
+            return False
+        ids = first
+    return True
+
+
+def find_vocab(gm: fx.GraphModule, *, model_outputs: bool = True) -> Vocab:
+    """The token embeddings and the output layers of ``gm`` that split by vocabulary (module
+    docstring), at any degree; ``Vocab.at(T)`` keeps those T divides. ``model_outputs``: the
+    graph's output is the model's (False for a stage graph that is not the last: its
+    outputs go to the next stage whole, so no head there keeps its logits split)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    uses: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            uses.setdefault(str(n.target), []).extend(n.users)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), (nn.Linear, nn.Embedding)):
+            uses.setdefault(f"{n.target}.weight", []).append(n)
+    rows: dict[str, int] = {}
+    owner: dict[fx.Node, str] = {}
+    follows: dict[fx.Node, set[fx.Node]] = {}
+    found: dict[fx.Node, tuple[list[fx.Node], list[fx.Node], list[fx.Node]]] = {}
+    embeddings, heads = [], []
+    for n in gm.graph.nodes:
+        emb = _embedding(gm, n)
+        if emb is not None and _from_input(gm, emb[1]):  # token ids: an input of the graph
+            w = gm.get_parameter(emb[0])
+            owner[n], rows[emb[0]] = emb[0], int(w.shape[0])
+            embeddings.append(n)
+            continue
+        lin = _linear(gm, n)
+        if lin is None or (n.op == "call_function" and _op_name(gm, n) != "linear") or lin.out_features <= lin.in_features:
+            continue  # GPT-2's Conv1D (addmm) is an inner layer, never the output layer
+        path = _logits_path(gm, n, lin.out_features, model_outputs)
+        if path is None:
+            continue
+        found[n] = path
+        owner[n], rows[lin.weight] = lin.weight, lin.out_features
+        heads.append(n)
+    whole: dict[str, str] = {}
+    for p in list(rows):  # a table shared with anything but a lookup or an output layer stays whole
+        others = [u.name for u in uses.get(p, []) if u not in owner]
+        if others:
+            whole[p] = f"it is also used by {', '.join(others)}"
+        elif len({rows[p]} | {int(gm.get_parameter(p).shape[0])}) > 1:
+            whole[p] = "its uses disagree on the vocabulary"
+    same: dict[int, list[str]] = {}  # a weight tied under several names splits under all or none
+    for name in uses:
+        try:
+            same.setdefault(id(gm.get_parameter(name)), []).append(name)
+        except AttributeError:
+            continue
+    for names in same.values():
+        split = [p for p in names if p in rows and p not in whole]
+        if split and len(split) < len(names):
+            for p in split:
+                whole[p] = f"it is tied to {', '.join(q for q in names if q not in split)}, which stays whole"
+    for p in whole:
+        rows.pop(p, None)
+    embeddings = [n for n in embeddings if owner[n] in rows]
+    heads = [n for n in heads if owner[n] in rows]
+    inner: set[fx.Node] = set()
+    losses: set[fx.Node] = set()
+    returned: set[fx.Node] = set()
+    for h in heads:
+        i, lo, r = found[h]
+        for v in (*i, *lo, *r):
+            follows.setdefault(v, set()).add(h)
+        inner |= set(i)
+        losses |= set(lo)
+        returned |= set(r)
+
+    def ordered(xs: Iterable[fx.Node]) -> tuple[fx.Node, ...]:
+        return tuple(sorted(xs, key=order.__getitem__))
+
+    return Vocab(ordered(embeddings), ordered(heads), ordered(losses), ordered(inner), ordered(returned), rows,
+                 owner, {k: frozenset(v) for k, v in follows.items()}, whole)
+
+
 @dataclass
 class Sharded:
     """What one rank of a ``degree``-way tensor-parallel group holds and does, per node."""
@@ -355,6 +585,8 @@ class Sharded:
     bwd_allreduce: dict[str, sympy.Expr] = field(default_factory=dict)
     #: regions left replicated because the degree does not divide their sizes
     skipped: list[Region] = field(default_factory=list)
+    #: the embedding, output layer and loss split by vocabulary at this degree
+    vocab: Vocab = field(default_factory=Vocab)
 
 
 def _scaled(cost: NodeCost, t: int, *, outputs: bool, shape: tuple[sympy.Expr, ...] = ()) -> NodeCost:
@@ -384,12 +616,14 @@ def _gemm_shape(node: fx.Node, lin: _Linear, t: int, column: bool) -> tuple[symp
     return (m, k, n / t) if column else (m, k / t, n)
 
 
-def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = None) -> Sharded:
+def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = None,
+          vocab: Vocab | None = None) -> Sharded:
     """One rank's share of ``gm`` under ``degree``-way tensor parallelism (module docstring)."""
     regions = find_regions(gm) if regions is None else list(regions)
     out = Sharded(degree, [])
     if degree <= 1:
         return out
+    _shard_vocab(gm, out, (find_vocab(gm) if vocab is None else vocab).at(degree))
     linears = {n: lin for r in regions for n in (*r.columns, *r.rows) if (lin := _linear(gm, n)) is not None}
     for r in regions:
         if degree not in r.degrees(degree):
@@ -412,6 +646,36 @@ def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = No
         for x, c in entries.items():  # the gradient of each input the region reads, summed over the group
             out.bwd_allreduce[c.name] = out.bwd_allreduce.get(c.name, sympy.Integer(0)) + _bytes(x)
     return out
+
+
+def _shard_vocab(gm: fx.GraphModule, out: Sharded, vocab: Vocab) -> None:
+    """The vocabulary's share of one rank: the table's and the head's weights, the head's
+    FLOPs and logits, the loss's work on the logits divided by T; all-reduced: each lookup's
+    output (forward), each head's input gradient (backward) and, per token, three fp32
+    values of each cross-entropy (the max, the sum of exponentials, the target's logit),
+    priced here as one all-reduce of their bytes."""
+    t = out.degree
+    inv = sympy.Rational(1, t)
+    out.vocab = vocab
+    for p in vocab.params:
+        out.param_divisor[p] = t
+    for n in vocab.embeddings:  # the lookup writes whole rows: only the table and its gradient split
+        cost = n.meta.get(COST, NodeCost())
+        out.costs[n.name] = replace(cost, param_bytes=cost.param_bytes * inv, bwd_flops=cost.bwd_flops * inv,
+                                    bwd_flops_fc=cost.bwd_flops_fc * inv)
+        out.fwd_allreduce[n.name] = out.fwd_allreduce.get(n.name, sympy.Integer(0)) + _bytes(n)
+    for h in vocab.heads:
+        lin = _linear(gm, h)
+        assert lin is not None
+        out.costs[h.name] = _scaled(h.meta.get(COST, NodeCost()), t, outputs=True, shape=_gemm_shape(h, lin, t, True))
+        out.bwd_allreduce[h.name] = out.bwd_allreduce.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+    for n in vocab.inner:
+        out.costs[n.name] = _scaled(n.meta.get(COST, NodeCost()), t, outputs=True)
+    for n in vocab.losses:
+        out.costs[n.name] = _scaled(n.meta.get(COST, NodeCost()), t, outputs=False)
+        tokens = _size(n.args[0], 0)
+        if tokens is not None:
+            out.fwd_allreduce[n.name] = out.fwd_allreduce.get(n.name, sympy.Integer(0)) + 3 * 4 * sympy.sympify(tokens)
 
 
 def param_divisor(gm: fx.GraphModule) -> dict[str, int]:

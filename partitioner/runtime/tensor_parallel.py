@@ -11,7 +11,14 @@ module names --
   (``scaled_dot_product_attention``, or matmul + softmax), only into the *input* of other
   linears is **column-parallel**: weight (and bias) ``Shard(0)``;
 - the linears it reaches are **row-parallel**: weight ``Shard(1)``, bias ``Replicate``;
-- every other parameter (norms, embeddings, a linear whose output reaches the stage's
+- the vocabulary (``passes.tensor_parallel.find_vocab``, the planner's own finder): a token
+  embedding's table ``Shard(0)`` (``embedding_on_shards``: a masked lookup of the rank's rows,
+  one all-reduce), and on the last stage an output layer ``Shard(0)`` whose logits stay
+  split on the classes into an in-graph cross-entropy and out of the stage; the rank's
+  runner then steps under ``loss_parallel`` (the cross-entropy on the shards, forward and
+  backward), wraps ``loss_fn`` (``_LossOnShards``: a loss that cannot take split logits
+  gets them gathered) and gathers ``eval_step``'s outputs;
+- every other parameter (norms, other embeddings, a linear whose output reaches the stage's
   output or an op that needs the whole feature dimension) stays ``Replicate``: each TP rank
   computes it whole, which is correct, and ``TensorParallelPlan.replicated`` says why (also
   logged at INFO).
@@ -62,9 +69,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from partitioner.passes.meta import TENSOR_PARALLEL
+from partitioner.passes.tensor_parallel import find_vocab
 from partitioner.runtime.errors import PipelineRuntimeError
 
 if TYPE_CHECKING:
@@ -136,6 +145,13 @@ class TensorParallelPlan:
     row: dict[str, str] = field(default_factory=dict)
     placements: dict[str, str] = field(default_factory=dict)
     replicated: dict[str, str] = field(default_factory=dict)
+    #: vocabulary-parallel parts (``passes.tensor_parallel.find_vocab``): the token
+    #: embeddings' and output layers' weight FQN -> node, the cross-entropy nodes that run on
+    #: split logits, and the output values that leave the stage split on the classes
+    embeddings: dict[str, str] = field(default_factory=dict)
+    heads: dict[str, str] = field(default_factory=dict)
+    losses: tuple[str, ...] = ()
+    split_outputs: tuple[str, ...] = ()
 
     @property
     def n_allreduce_forward(self) -> int:
@@ -313,12 +329,18 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
     raise _NotShardable(f"{_target_name(n)} is not a recognised op for a sharded value")
 
 
-def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) -> TensorParallelPlan:
-    """Recognise the column-/row-parallel linears of stage ``gm`` over ``tp`` ranks (see the
-    module docstring). ``replicate``: weight FQNs to keep whole (a hint overriding the
-    analysis). Raises ``PipelineRuntimeError`` naming the node where a recognised pattern's
-    sizes do not divide by ``tp``."""
+def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), last: bool = True
+               ) -> TensorParallelPlan:
+    """Recognise the column-/row-parallel linears of stage ``gm`` over ``tp`` ranks and its
+    vocabulary-parallel embedding and output layer (see the module docstring). ``replicate``:
+    weight FQNs to keep whole (a hint overriding the analysis). ``last``: ``gm`` is the last
+    stage (its outputs are the model's; only there may logits leave split). Raises
+    ``PipelineRuntimeError`` naming the node where a recognised pattern's sizes do not divide
+    by ``tp``."""
     nodes = list(gm.graph.nodes)
+    found = find_vocab(gm, model_outputs=last)
+    vocab = found.at(tp)
+    asked = {p for p in vocab.params if p in replicate}
     linears = {n: lin for n in nodes if (lin := _linear(gm, n)) is not None}
     uses: dict[str, int] = {}
     for n in nodes:
@@ -332,7 +354,8 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
             excluded[n] = "kept whole by request (replicate=...)"
         elif uses.get(w, 0) > 1 or (b is not None and uses.get(b, 0) > 1):
             excluded[n] = "its weight is used by another node too"
-    whole = set(excluded)  # neither column- nor row-parallel
+    heads = {n for n in vocab.heads if vocab.owner[n] not in asked}
+    whole = set(excluded) | heads  # neither column- nor row-parallel (the heads: split by vocabulary below)
     while True:
         shard: dict[fx.Node, int] = {}  # node -> sharded dimension of its output
         sources: dict[fx.Node, set[fx.Node]] = {}  # node -> the column linears its shard comes from
@@ -413,6 +436,23 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = ()) 
             plan.placements[b] = "Shard(0)"
     for n in row:
         plan.placements[linears[n][0]] = "Shard(1)"
+    for p in asked:
+        plan.replicated[p] = "kept whole by request (replicate=...)"
+    for p, why in found.whole.items():
+        plan.replicated[p] = f"not split by vocabulary: {why}"
+    for p, why in vocab.whole.items():
+        plan.replicated.setdefault(p, f"not split by vocabulary: {why}")
+    for n in vocab.embeddings:
+        if vocab.owner[n] not in asked:
+            plan.embeddings[vocab.owner[n]] = n.name
+    for n in heads:
+        plan.heads[vocab.owner[n]] = n.name
+        plan.replicated.pop(vocab.owner[n], None)
+    for w in (*plan.embeddings, *plan.heads):
+        plan.placements[w] = "Shard(0)"
+    kept = set(heads)
+    plan.losses = tuple(n.name for n in vocab.losses if vocab.follows[n] & kept)
+    plan.split_outputs = tuple(n.name for n in vocab.outputs if vocab.follows[n] & kept)
     return plan
 
 
@@ -506,6 +546,52 @@ def _placement(text: str) -> Any:
     return Replicate() if text == "Replicate" else Shard(int(text[6:-1]))
 
 
+def embedding_on_shards(weight: Any, ids: Any, padding_idx: int = -1) -> Any:
+    """A token lookup in a table split by rows (``Shard(0)``, T equal parts): each rank looks up
+    the ids in its range, zeros the others' rows, and one all-reduce sums the parts (Megatron's
+    vocabulary-parallel embedding; the result is ``Replicate``). The table's gradient stays
+    on its own rank's rows: no collective in backward. Written out rather than left to
+    DTensor's embedding rule because that rule's backward has no row-split weight gradient:
+    it makes a whole-table gradient on every rank and reduce-scatters it."""
+
+    if not isinstance(weight, DTensor) or tuple(weight.placements) != (Shard(0),):
+        return aten.embedding.default(weight, ids, padding_idx)
+    mesh = weight.device_mesh
+    local = weight.to_local()
+    ids = ids.to_local() if isinstance(ids, DTensor) else ids
+    n = local.shape[0]
+    lo = mesh.get_local_rank() * n
+    outside = (ids < lo) | (ids >= lo + n)
+    pad = padding_idx - lo if padding_idx is not None and lo <= padding_idx < lo + n else -1
+    out = aten.embedding.default(local, (ids - lo).masked_fill(outside, 0), pad)
+    out = out.masked_fill(outside.unsqueeze(-1), 0)
+    return DTensor.from_local(out, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+
+
+def _vocab_lookups(gm: fx.GraphModule, plan: TensorParallelPlan) -> None:
+    """The plan's token embeddings as ``embedding_on_shards`` calls (``aten.embedding``,
+    ``F.embedding`` and ``nn.Embedding`` alike)."""
+    graph = gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    for weight, name in plan.embeddings.items():
+        n = by_name[name]
+        pad: Any
+        if n.op == "call_module":
+            ids, pad = n.args[0], getattr(gm.get_submodule(str(n.target)), "padding_idx", None)
+            with graph.inserting_before(n):
+                w = graph.get_attr(weight)
+        elif n.target is F.embedding:  # F.embedding counts a negative padding_idx from the end
+            ids, w, pad = n.args[0], n.args[1], _dim_arg(n, 2, "padding_idx", None)
+            pad = pad + gm.get_parameter(weight).shape[0] if isinstance(pad, int) and pad < 0 else pad
+        else:
+            w, ids, pad = n.args[0], n.args[1], _dim_arg(n, 2, "padding_idx", -1)
+        with graph.inserting_before(n):
+            new = graph.call_function(embedding_on_shards, (w, ids, -1 if pad is None else pad))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+
+
 def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) -> fx.GraphModule:
     """In place: ``gm``'s parameters become DTensors over ``mesh`` as ``plan`` places them
     (each rank keeping its shard; the values are the rank's full tensors, equal on every TP
@@ -514,24 +600,29 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     output. Parameter names are unchanged. Returns ``gm``."""
 
     with torch.no_grad():
-        for name, p in list(gm.named_parameters()):
+        made: dict[int, nn.Parameter] = {}  # a weight tied under several names stays one (DTensor) parameter
+        for name, p in list(gm.named_parameters(remove_duplicate=False)):
             owner, _, leaf = name.rpartition(".")
             mod = gm.get_submodule(owner) if owner else gm
-            d = distribute_tensor(p.detach(), mesh, [_placement(plan.placements.get(name, "Replicate"))])
-            setattr(mod, leaf, nn.Parameter(d, requires_grad=p.requires_grad))
+            if id(p) not in made:
+                d = distribute_tensor(p.detach(), mesh, [_placement(plan.placements.get(name, "Replicate"))])
+                made[id(p)] = nn.Parameter(d, requires_grad=p.requires_grad)
+            setattr(mod, leaf, made[id(p)])
         for name, b in list(gm.named_buffers()):
             owner, _, leaf = name.rpartition(".")
             mod = gm.get_submodule(owner) if owner else gm
             mod._buffers[leaf] = distribute_tensor(b, mesh, [Replicate()])
     graph = gm.graph
     derived: set[fx.Node] = set()  # nodes computed from DTensors: already DTensors
-    params = {n for n, _ in gm.named_parameters()}
+    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    _vocab_lookups(gm, plan)
     if not params:
         return gm  # nothing sharded: the stage runs on plain tensors, every TP rank alike
     # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         anchor = graph.get_attr(next(iter(params)))
-    rows, columns = set(plan.row.values()), set(plan.column.values())
+    rows, columns = set(plan.row.values()), set(plan.column.values()) | set(plan.heads.values())
+    split_out = set(plan.split_outputs)
     reduced: dict[fx.Node, fx.Node] = {}  # a column linear's input -> its gradient-reducing identity
     for n in list(graph.nodes):
         if n.name in columns:
@@ -552,7 +643,7 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
             n.target = attention_on_shards
         if n.op == "output":
             def wrap_out(v: Any) -> Any:
-                if isinstance(v, fx.Node) and _maybe_tensor(v):
+                if isinstance(v, fx.Node) and _maybe_tensor(v) and v.name not in split_out:
                     with graph.inserting_before(n):
                         return graph.call_function(to_whole, (v,))
                 return v
@@ -583,6 +674,66 @@ def _maybe_tensor(n: fx.Node) -> bool:
         return True
     v = n.meta["val"]
     return any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(v))
+
+
+class _LossOnShards:
+    """The user's ``loss_fn`` on the last stage's outputs, some of which are logits split on
+    the classes (DTensor ``Shard(-1)``): called as it is, so ``F.cross_entropy`` on them runs
+    under ``loss_parallel`` (set around the whole step, whose backward needs it too). A loss
+    that cannot take the split logits (it mixes them with plain tensors, or uses an op
+    ``loss_parallel`` does not cover) gets them gathered whole instead, with one warning:
+    correct, only without the saving. A DTensor loss comes back as a plain tensor."""
+
+    def __init__(self, fn: Callable[[Any, Any], torch.Tensor]) -> None:
+        self.fn, self.warned = fn, False
+
+    def __call__(self, out: Any, target: Any) -> torch.Tensor:
+        leaves = torch.utils._pytree.tree_leaves(out)
+        if not any(isinstance(x, DTensor) for x in leaves):
+            return self.fn(out, target)
+        try:
+            loss = self.fn(out, target)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError) as e:
+            if not self.warned:
+                log.warning("tensor parallelism: loss_fn cannot take logits split by vocabulary (%s: %s); they are "
+                            "gathered whole for it (compute F.cross_entropy on them to keep them split)",
+                            type(e).__name__, " ".join(str(e).split())[:200])
+                self.warned = True
+            loss = self.fn(torch.utils._pytree.tree_map(to_whole, out), target)
+        return to_whole(loss)
+
+
+def _vocab_runner(stage: Any, runner: Callable[..., Any]) -> Callable[..., Any]:
+    """``stage.runner`` for a rank whose last stage keeps logits split by vocabulary: the
+    ``loss_fn`` wrapped in ``_LossOnShards``; ``step`` and ``eval_step`` under
+    ``loss_parallel`` (forward and backward of the cross-entropy on the shards); the outputs
+    ``eval_step(return_outputs=True)`` gives back gathered whole."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        if len(args) >= 3 and args[2] is not None:
+            args = (*args[:2], _LossOnShards(args[2]), *args[3:])
+        elif kwargs.get("loss_fn") is not None:
+            kwargs["loss_fn"] = _LossOnShards(kwargs["loss_fn"])
+        r = runner(*args, **kwargs)
+        step, evaluate = r.step, r.eval_step
+
+        def parallel_step(*a: Any, **k: Any) -> Any:
+            with loss_parallel():
+                return to_whole(step(*a, **k))
+
+        def parallel_eval(*a: Any, **k: Any) -> Any:
+            with loss_parallel():
+                got = evaluate(*a, **k)
+                if not k.get("return_outputs"):
+                    return to_whole(got)
+                loss, outputs = got
+                return to_whole(loss), torch.utils._pytree.tree_map(to_whole, outputs)
+
+        # instance attributes: the Runner class (runtime/stage.py) is shared with every other plan
+        r.step, r.eval_step = parallel_step, parallel_eval
+        return r
+
+    return make
 
 
 def full_state(named: Any) -> dict[str, torch.Tensor]:
@@ -645,7 +796,9 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
            for names in plan.tied_parameters):
         problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "
-                        f"({[list(g) for g in plan.tied_parameters]})")
+                        f"({[list(g) for g in plan.tied_parameters]}): keep them in one stage (one pipeline rank, "
+                        "or cuts that leave the embedding and the output layer together) or untie them "
+                        "(e.g. tie_word_embeddings=False)")
     if world != total:
         problems.append((f"the plan runs {mesh.dp} replicas x " if mesh.dp > 1 else "the plan runs ")
                         + f"{plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
@@ -673,7 +826,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         if not isinstance(mod, fx.GraphModule):
             raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
                                        "parallelism rewrites the stage graphs")
-        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate)
+        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1)
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
@@ -681,6 +834,8 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
         stage.dp_mesh = dm["dp"]
         stage.grad_sync = stage.reducer()
+    if any(p.split_outputs or p.losses for p in plans.values()):  # logits split by vocabulary reach the loss
+        stage.runner = _vocab_runner(stage, stage.runner)  # type: ignore[method-assign]
     return stage
 
 

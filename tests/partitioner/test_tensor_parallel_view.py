@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from partitioner.cost_models.cost import evaluate
 from partitioner.cost_models.devices import DEVICES, LINKS
 from partitioner.data_parallel import ring_allreduce_s
-from partitioner.passes.meta import COST
+from partitioner.passes.meta import COST, DESC, MODULE
 from partitioner.plan import load_plan
 from partitioner.tensor_parallel import node_time, param_divisor, view
 from tests.passes.test_tensor_parallel import Block, _annotated
@@ -77,3 +80,56 @@ def test_partition_prices_one_rank_of_each_tensor_parallel_group() -> None:
         partition(model, n_gpus=4, tensor_parallel=3, **kw)
     with pytest.raises(PartitionError, match="does not divide gpus_per_node=2"):
         partition(model, n_gpus=4, tensor_parallel=4, gpus_per_node=2, **kw)
+
+
+@functools.cache
+def _lm() -> tuple[torch.fx.GraphModule, dict[str, int]]:
+    """A one-layer Llama with a vocabulary 32x its hidden size and its loss in the graph
+    (labels given, as ``partitioner plan hf:...`` traces), built on the meta device."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from partitioner import partition
+
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=512, vocab_size=8192, max_position_embeddings=4096, use_cache=False,
+                      attn_implementation="sdpa", bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    ids = torch.zeros((2, 64), dtype=torch.long, device="meta")
+    pipe = partition(model, n_gpus=1, example_inputs={"input_ids": ids, "labels": ids.clone()}, device="h100-sxm",
+                     link="nvlink4")
+    return pipe.graph, {"B": 2, "S": 4096}
+
+
+def test_the_output_layer_and_its_loss_cost_a_t_th_per_rank() -> None:
+    gm, values = _lm()
+    dev, link = DEVICES["h100-sxm"], LINKS["nvlink4"]
+    for t in (4, 8):
+        tp, sharded = view(gm, t)
+        timed = node_time(dev.node_time, tp, link)
+        (head,), (loss,), (emb,) = sharded.vocab.heads, sharded.vocab.losses, sharded.vocab.embeddings
+        assert head.meta.get(MODULE) == "lm_head" and emb.meta.get(MODULE) == "model.embed_tokens"
+        assert param_divisor(tp)["lm_head.weight"] == t and param_divisor(tp)["model.embed_tokens.weight"] == t
+        nodes = {n.name: n for n in tp.graph.nodes}
+        for n in (head, loss):
+            whole, mine = n.meta[COST], nodes[n.name].meta[COST]
+            assert mine.fwd_flops == whole.fwd_flops / t and mine.output_bytes == whole.output_bytes / (1 if n is loss else t)
+        # the head's matmuls and the fp32 loss: about a T-th each per rank, all-reduces included
+        head_whole, head_mine = sum(dev.node_time(head.meta[COST], values)), sum(timed(nodes[head.name].meta[COST], values))
+        assert head_mine < head_whole / (0.7 * t) * 1.5, (t, head_whole, head_mine)
+        loss_whole, loss_mine = sum(dev.node_time(loss.meta[COST], values)), sum(timed(nodes[loss.name].meta[COST], values))
+        assert loss_mine < loss_whole / (0.7 * t), (t, loss_whole, loss_mine)
+        # the lookup gains one all-reduce of its output (B x S x hidden); the loss three fp32 values per token
+        tokens, hidden = values["B"] * values["S"], 256
+        emb_whole, emb_mine = dev.node_time(emb.meta[COST], values), timed(nodes[emb.name].meta[COST], values)
+        ring = ring_allreduce_s(tokens * hidden * emb.meta[DESC].dtype.itemsize, t, link)
+        assert emb_mine[0] == pytest.approx(emb_whole[0] + ring, rel=1e-6)
+        assert evaluate(sharded.fwd_allreduce[loss.name], values["B"], values["S"]) == 3 * 4 * tokens
+
+
+def test_a_vocabulary_the_degree_does_not_divide_stays_whole() -> None:
+    gm, _ = _lm()
+    _, sharded = view(gm, 3)  # 8192 % 3
+    assert not sharded.vocab.heads and "lm_head.weight" not in sharded.param_divisor
+    assert "does not divide" in sharded.vocab.whole["lm_head.weight"]

@@ -165,6 +165,8 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str = "1f1b") 
                   if isinstance(p, DTensor)}
     return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "forward": forward, "step": step, "outputs": outputs,
             "rows": sum(len(p.row) for p in stage.tp_plans.values()), "placements": placements,
+            "embeddings": sum(len(p.embeddings) for p in stage.tp_plans.values()),
+            "heads": sum(len(p.heads) for p in stage.tp_plans.values()),
             "params": full_state(stage.named_parameters())}
 
 
@@ -192,11 +194,17 @@ def _check_training(name: str, results: list[dict[str, Any]]) -> None:
         return (sum(v for k, v in counts.items() if "all_reduce" in k or "allreduce" in k),
                 sum(v for k, v in counts.items() if "gather" in k or "scatter" in k or "all_to_all" in k))
 
-    for r in results:  # one all-reduce per row-parallel linear per forward (M micro-batches), nothing gathered
-        assert r["rows"] >= 2 and count(r["forward"]) == (M * r["rows"], 0), r["forward"]
-        # a training step: as many again in backward, one per column group's input gradient
-        # (each column group here feeds one row linear), the pipeline's P2P not counted
-        assert count(r["step"]) == (2 * M * r["rows"], 0), r["step"]
+    for r in results:
+        # per micro-batch forward: one all-reduce per row-parallel linear and per token lookup in a
+        # table split by vocabulary, three for a cross-entropy on logits split by vocabulary (max,
+        # sum of exponentials, target logit); the eval's outputs are gathered whole once
+        loss = 3 * r["heads"]
+        assert r["rows"] >= 2 and count(r["forward"]) == (M * (r["rows"] + r["embeddings"] + loss),
+                                                          1 if r["heads"] else 0), r["forward"]
+        # a training step: as many again in backward per column group's input gradient (each
+        # column group here feeds one row linear) and per output layer's input gradient; the
+        # lookups need none; nothing gathered; the pipeline's P2P not counted
+        assert count(r["step"]) == (M * (2 * r["rows"] + r["embeddings"] + r["heads"] + loss), 0), r["step"]
 
 
 @pytest.mark.timeout(200)
@@ -218,8 +226,11 @@ def test_llama_two_stages_by_two_tp_ranks_train_like_one_process() -> None:
         assert got[p + "mlp.up_proj.weight"] == ("Shard(dim=0)", (32, 32))
         assert got[p + "mlp.down_proj.weight"] == ("Shard(dim=1)", (32, 32))
         assert got[p + "input_layernorm.weight"] == ("Replicate()", (32,))
-    assert got["lm_head.weight"] == ("Replicate()", (64, 32))  # its output is the stage's: kept whole
-    assert got["model.embed_tokens.weight"] == ("Replicate()", (64, 32))
+    # split by vocabulary: the table by rows, the output layer by output features (the logits
+    # stay split for the loss)
+    assert got["lm_head.weight"] == ("Shard(dim=0)", (32, 32))
+    assert got["model.embed_tokens.weight"] == ("Shard(dim=0)", (32, 32))
+    assert (results[0]["embeddings"], results[0]["heads"], results[2]["embeddings"], results[2]["heads"]) == (1, 0, 0, 1)
 
 
 @pytest.mark.timeout(200)
@@ -340,3 +351,41 @@ def test_a_plan_the_planner_made_with_tensor_parallelism_trains_like_one_process
     assert load_plan(pipe.plan.to_json()).mesh.tp == 2
     results = spawn(_train, 4, "net", pipe, timeout_s=TIMEOUT_S)
     _check_training("net", results)
+
+
+def _planner_split(gm: Any, tp: int) -> dict[str, set[str]]:
+    """What the planner prices as split at ``tp`` on the captured graph, by weight."""
+    from partitioner.passes.tensor_parallel import shard
+
+    sharded = shard(gm, tp)
+    weight = {n.name: str(a.target) for n in gm.graph.nodes for a in n.all_input_nodes[1:2] if a.op == "get_attr"}
+    weight.update({n.name: f"{n.target}.weight" for n in gm.graph.nodes if n.op == "call_module"})
+    vocab = sharded.vocab
+    return {"column": {weight[c.name] for r in sharded.regions for c in r.columns},
+            "row": {weight[w.name] for r in sharded.regions for w in r.rows},
+            "embedding": {vocab.owner[n] for n in vocab.embeddings}, "head": {vocab.owner[n] for n in vocab.heads}}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "net"])
+def test_the_planner_prices_the_split_the_runtime_makes(name: str) -> None:
+    # the planner's finder on the whole captured graph and the runtime's on each stage graph
+    # name the same weights: column- and row-parallel linears, vocabulary-split tables and
+    # output layers (GPT-2's Conv1D layers: whole in both)
+    if name == "gpt2":
+        from tests.hf.models import _ids, gpt2
+
+        torch.manual_seed(0)
+        model, inputs, cut = gpt2(2), {"input_ids": _ids(2, 8)}, "transformer.h.1"
+        pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=[cut])
+    else:
+        pipe = _built(name)[1]
+    want = _planner_split(pipe.graph, 2)
+    got: dict[str, set[str]] = {k: set() for k in want}
+    for s, stage in enumerate(pipe.stages):
+        plan = shard_plan(stage, 2, last=s == len(pipe.stages) - 1)
+        for k, d in (("column", plan.column), ("row", plan.row), ("embedding", plan.embeddings), ("head", plan.heads)):
+            got[k] |= set(d)
+    assert got == want
+    assert want["column"] or name == "gpt2"  # not vacuous: llama and net shard every layer
+    assert bool(want["head"]) == (name != "net")  # net's head narrows (32 -> 8): not an output layer over classes
