@@ -48,7 +48,8 @@ def _partitioned(pp: int, dp: int, zero: int) -> Any:
     model, init = _model()
     inputs, _ = net_data("net")
     pipe = partition(model, pp * dp, inputs, device="cpu", link="loopback", data_parallel=dp, zero=zero,
-                     pinned_cuts=["blocks.2"] if pp > 1 else [], n_microbatches=M)
+                     pinned_cuts={1: [], 2: ["blocks.2"], 4: ["blocks.1", "blocks.2", "blocks.3"]}[pp],
+                     n_microbatches=M)
     assert (pipe.plan.pp_ranks, pipe.plan.mesh.dp) == (pp, dp)
     return pipe
 
@@ -125,3 +126,18 @@ def test_a_pp2_dp2_checkpoint_resumes_on_three_d(tmp_path: Any) -> None:
     for r in back:
         _state(r["loaded"], _net_reference(K)[1], K)
     _close(_params(back), _net_reference(K + J)[0])
+
+
+@pytest.mark.timeout(400)
+def test_pp2_fsdp2_tp2_eight_ranks_to_pp4_dp2(tmp_path: Any) -> None:
+    """The full 3-D layout, 8 ranks: PP2 x FSDP2 x TP2 saves, PP4 x DP2 (8 ranks, other cuts)
+    resumes. Its own test so a loaded machine can deselect it."""
+    path = str(tmp_path / "eight")
+    _pipe(4, 2), _pipe(2, 2, zero=3)
+    saved = spawn(_phase, 8, _pipe(2, 2, zero=3, tp=2), "net", None, path, K, timeout_s=TIMEOUT_S * 2)
+    _strided(saved)
+    _close(_params(saved), _net_reference(K)[0])
+    flat = spawn(_phase, 8, _pipe(4, 2), "net", path, None, J, timeout_s=TIMEOUT_S * 2)
+    for r in flat:
+        _state(r["loaded"], _net_reference(K)[1], K)
+    _close(_params(flat), _net_reference(K + J)[0])

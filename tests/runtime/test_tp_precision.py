@@ -1,0 +1,158 @@
+"""Tensor parallelism under mixed precision, on gloo ranks: an fp32 attention + MLP net planned
+with ``precision="bf16-mixed"`` trains like ONE PROCESS UNDER THE SAME RECIPE
+(``test_precision.reference``: the model cast to bf16, fp32 masters stepped by AdamW from the
+bf16 gradients and copied back).
+
+- PP2 x TP2 (4 ranks, no replicas): the bf16 parameters are DTensors, each with an fp32 master
+  DTensor of the same placements (``RankStage.tensor_parallel_precision``), which
+  ``stage.optimizer`` steps.
+- PP1 x FSDP2 x TP2 (``zero=3``, 4 ranks): FSDP's fp32 2-D shards are the masters and its
+  ``MixedPrecisionPolicy`` computes in bf16.
+- fp16-mixed on PP2 x TP2: the loss scale and its overflow verdict are the job's (one
+  all-reduce over every rank, TP ranks included), like ``torch.amp.GradScaler`` in one process.
+
+Tolerances: ``test_precision._compare``'s (the masters' mean absolute difference from the
+reference's at most ``LR / 20`` per rank, ``LR / 4`` per tensor, none beyond ``2 * LR * STEPS``;
+losses at ``rtol=1e-2``): a row-parallel linear sums two bf16 half dot products where one
+process sums one, rounding only.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from partitioner import partition
+from partitioner.runtime.launch import spawn
+from partitioner.runtime.tensor_parallel import full_state, with_tensor_parallel
+from tests.runtime.test_precision import LR, STEPS, _compare, reference
+from tests.runtime.test_tensor_parallel import Net
+from tests.runtime.test_tensor_parallel import _data as net_data
+
+TIMEOUT_S = 120.0
+M = 2  # micro-batches
+
+
+@functools.cache
+def _planned(precision: str, pp: int, dp: int = 1, zero: int = 0) -> tuple[torch.nn.Module, Any,
+                                                                             dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Net(n_blocks=2)
+    inputs, _ = net_data("net")
+    pipe = partition(model, pp * dp, inputs, device="cpu", link="loopback", data_parallel=dp, zero=zero,
+                     precision=precision, pinned_cuts=["blocks.1"] if pp > 1 else [], n_microbatches=M,
+                     schedule="1f1b", optimizer="adamw")
+    return model, pipe, copy.deepcopy(model.state_dict())
+
+
+def _pipe(precision: str, pp: int, dp: int = 1, zero: int = 0) -> tuple[torch.nn.Module, Any]:
+    model, pipe, init = _planned(precision, pp, dp, zero)
+    model.load_state_dict(init)
+    return model, with_tensor_parallel(pipe, 2)
+
+
+def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    inputs, y = net_data("net")
+    stage = pipe.build_stage(rank, "cpu")
+    if growth_interval is not None:
+        stage.loss_scaler.growth_interval = growth_interval
+    opt = stage.optimizer(torch.optim.AdamW, lr=LR)
+    runner = stage.runner("1f1b", loss_fn=F.mse_loss)
+    losses, scales, skipped = [], [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None)
+        opt.step()
+        losses.append(None if loss is None else loss.item())
+        scales.append(getattr(opt, "scale", None))
+        skipped.append(getattr(opt, "skipped", 0))
+    params = dict(stage.named_parameters())
+    masters = stage.masters
+    fsdp = {}
+    for mod in stage.modules.values():  # FSDP's policy (zero=3): what its units gather and compute in
+        for sub in mod.modules():
+            state = getattr(sub, "_get_fsdp_state", None)
+            if state is not None:
+                fsdp[str(state()._mp_policy.param_dtype)] = str(state()._mp_policy.reduce_dtype)
+    return {"rank": rank, "dp": stage.dp_rank, "last": stage.is_last, "losses": losses, "scales": scales,
+            "skipped": skipped, "opt": type(opt).__name__, "fsdp": fsdp,
+            "dtypes": {str(p.dtype) for p in params.values()},
+            "local_dtypes": {str(p.to_local().dtype) for p in params.values() if isinstance(p, DTensor)},
+            "placements": {n: (tuple(map(repr, p.placements)), tuple(map(repr, masters[n].placements)))
+                           for n, p in params.items() if n in masters and isinstance(p, DTensor)},
+            "masters": full_state(masters.items()), "params": full_state(params.items())}
+
+
+def _without_key_bias(results: list[dict[str, Any]], want: dict[str, Any]) -> None:
+    """Attention's key bias has an exactly zero gradient (softmax ignores what it adds to every
+    score of a row): what it gets is rounding noise, in another order here than in one process,
+    and AdamW moves it by about ``LR`` a step in that noise's sign either way. Left out of the
+    comparison (``test_checkpoint_layouts`` raises AdamW's eps for it instead); every other
+    parameter is compared."""
+    for d in (*results, want):
+        for key in ("masters", "params"):
+            if key in d:
+                d[key] = {n: t for n, t in d[key].items() if not n.endswith(".k.bias")}
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, y = net_data("net")
+    return inputs["x"], y
+
+
+@pytest.mark.timeout(200)
+def test_pp2_tp2_bf16_mixed_trains_like_one_process_under_the_same_recipe() -> None:
+    model, pipe = _pipe("bf16-mixed", 2)
+    results = spawn(_train, 4, pipe, timeout_s=TIMEOUT_S)
+    assert {r["opt"] for r in results} == {"MixedPrecisionOptimizer"}
+    for r in results:  # the bf16 copy of a DTensor shard is a DTensor with its master's placements
+        assert r["local_dtypes"] == {"torch.bfloat16"}
+        assert r["placements"] and all(p == m for p, m in r["placements"].values()), r["placements"]
+    assert any(("Shard(dim=1)",) in pm for r in results for pm in r["placements"].values())  # row-parallel
+    want = reference(model, torch.bfloat16, data=_data(), loss_fn=F.mse_loss, microbatches=M)
+    _without_key_bias(results, want)
+    _compare(results, want, torch.bfloat16)
+    init = dict(model.named_parameters())
+    moved = max((m - init[n].detach()).abs().max().item() for n, m in want["masters"].items())
+    assert moved > 2 * LR  # the masters moved: the comparison has teeth
+
+
+@pytest.mark.timeout(200)
+def test_pp1_fsdp2_tp2_bf16_mixed_trains_like_one_process() -> None:
+    """zero=3: FSDP's fp32 2-D shards are the masters; its policy gathers them in bf16."""
+    model, pipe = _pipe("bf16-mixed", 1, dp=2, zero=3)
+    results = spawn(_train, 4, pipe, timeout_s=TIMEOUT_S)
+    want = reference(model, torch.bfloat16, data=_data(), loss_fn=F.mse_loss, microbatches=2 * M)
+    last = [r["losses"] for r in results if r["last"]]
+    mean = [sum(v) / len(v) for v in zip(*last)]
+    assert mean == pytest.approx(want["losses"], rel=1e-2)
+    for r in results:
+        assert r["fsdp"] and set(r["fsdp"]) == {"torch.bfloat16"}, r["fsdp"]
+        assert r["dtypes"] == {"torch.float32"} and not r["masters"]
+        # the fp32 shards are the masters: compared as test_precision compares masters
+        r.update(last=False, masters=r["params"], dtypes={"torch.bfloat16"},
+                 params={n: p.to(torch.bfloat16) for n, p in r["params"].items()})
+    _without_key_bias(results, want)
+    _compare(results, want, torch.bfloat16)
+
+
+@pytest.mark.timeout(200)
+def test_pp2_tp2_fp16_mixed_scales_the_loss_like_grad_scaler() -> None:
+    """One loss scale for the job: every rank (both TP ranks of each pipeline rank) grows it
+    after each clean step (growth_interval=1), as GradScaler does in one process."""
+    model, pipe = _pipe("fp16-mixed", 2)
+    results = spawn(_train, 4, pipe, 1, timeout_s=TIMEOUT_S)
+    want = reference(model, torch.float16, scaled=True, growth_interval=1, data=_data(), loss_fn=F.mse_loss,
+                     microbatches=M)
+    _without_key_bias(results, want)
+    _compare(results, want, torch.float16)
+    assert len({tuple(r["skipped"]) for r in results}) == 1  # every rank skipped the same steps
+    for r in results:
+        assert r["scales"] == want["scales"], (r["rank"], r["scales"], want["scales"])
