@@ -633,9 +633,6 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if group is not None:
         problems.append("a tensor-parallel plan builds its own device mesh over the default process group: "
                         "call build_stage without group=")
-    if plan.options.get("precision") == "fp16-mixed" and mesh.dp > 1 and mesh.zero == 3:
-        problems.append("fp16-mixed with tensor parallelism and zero=3 is not supported (untested: loss scaling "
-                        "on FSDP's 2-D shards): re-partition with precision='bf16-mixed', or zero=0")
     if compile:
         problems.append("compile=True with tensor parallelism is not supported yet")
     if mesh.dp > 1 and mesh.zero == 1:

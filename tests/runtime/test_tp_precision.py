@@ -56,7 +56,8 @@ def _pipe(precision: str, pp: int, dp: int = 1, zero: int = 0) -> tuple[torch.nn
     return model, with_tensor_parallel(pipe, 2)
 
 
-def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None) -> dict[str, Any]:
+def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None,
+           poison: int | None = None) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     inputs, y = net_data("net")
@@ -65,11 +66,17 @@ def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None)
         stage.loss_scaler.growth_interval = growth_interval
     opt = stage.optimizer(torch.optim.AdamW, lr=LR)
     runner = stage.runner("1f1b", loss_fn=F.mse_loss)
-    losses, scales, skipped = [], [], []
-    for _ in range(STEPS):
+    losses, scales, skipped, changed = [], [], [], None
+    for step in range(STEPS):
         opt.zero_grad()
         loss = runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None)
+        if step == poison:  # one TP rank of the job overflows: its shard of one gradient
+            if rank == world - 1:
+                dict(stage.named_parameters())["blocks.1.up.weight"].grad.to_local()[0, 0] = float("inf")
+            before = {n: p.to_local().clone() for n, p in stage.named_parameters()}
         opt.step()
+        if step == poison:
+            changed = [n for n, p in stage.named_parameters() if not torch.equal(p.to_local(), before[n])]
         losses.append(None if loss is None else loss.item())
         scales.append(getattr(opt, "scale", None))
         skipped.append(getattr(opt, "skipped", 0))
@@ -82,7 +89,7 @@ def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None)
             if state is not None:
                 fsdp[str(state()._mp_policy.param_dtype)] = str(state()._mp_policy.reduce_dtype)
     return {"rank": rank, "dp": stage.dp_rank, "last": stage.is_last, "losses": losses, "scales": scales,
-            "skipped": skipped, "opt": type(opt).__name__, "fsdp": fsdp,
+            "skipped": skipped, "changed": changed, "opt": type(opt).__name__, "fsdp": fsdp, "sync": type(stage.grad_sync).__name__,
             "dtypes": {str(p.dtype) for p in params.values()},
             "local_dtypes": {str(p.to_local().dtype) for p in params.values() if isinstance(p, DTensor)},
             "placements": {n: (tuple(map(repr, p.placements)), tuple(map(repr, masters[n].placements)))
@@ -125,22 +132,35 @@ def test_pp2_tp2_bf16_mixed_trains_like_one_process_under_the_same_recipe() -> N
 
 
 @pytest.mark.timeout(200)
-def test_pp1_fsdp2_tp2_bf16_mixed_trains_like_one_process() -> None:
-    """zero=3: FSDP's fp32 2-D shards are the masters; its policy gathers them in bf16."""
-    model, pipe = _pipe("bf16-mixed", 1, dp=2, zero=3)
-    results = spawn(_train, 4, pipe, timeout_s=TIMEOUT_S)
-    want = reference(model, torch.bfloat16, data=_data(), loss_fn=F.mse_loss, microbatches=2 * M)
+@pytest.mark.parametrize(("zero", "precision"), [(3, "bf16-mixed"), (0, "bf16-mixed"), (3, "fp16-mixed")])
+def test_pp1_dp2_tp2_mixed_trains_like_one_process(zero: int, precision: str) -> None:
+    """Two replicas of a TP2 stage. zero=3: FSDP's fp32 2-D shards are the masters, its policy
+    gathers them in the compute dtype (fp16: their gradients unscaled in place, one verdict).
+    zero=0: each replica's bf16 DTensors and fp32 master DTensors, gradients averaged over the
+    replicas by ``GradSync`` (in bf16, as without TP)."""
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    model, pipe = _pipe(precision, 1, dp=2, zero=zero)
+    results = spawn(_train, 4, pipe, 1 if dtype == torch.float16 else None, timeout_s=TIMEOUT_S)
+    want = reference(model, dtype, scaled=dtype == torch.float16, growth_interval=1, data=_data(),
+                     loss_fn=F.mse_loss, microbatches=2 * M)
     last = [r["losses"] for r in results if r["last"]]
+    assert len(last) == 4  # every TP rank of both replicas runs the last stage
     mean = [sum(v) / len(v) for v in zip(*last)]
     assert mean == pytest.approx(want["losses"], rel=1e-2)
     for r in results:
-        assert r["fsdp"] and set(r["fsdp"]) == {"torch.bfloat16"}, r["fsdp"]
-        assert r["dtypes"] == {"torch.float32"} and not r["masters"]
-        # the fp32 shards are the masters: compared as test_precision compares masters
-        r.update(last=False, masters=r["params"], dtypes={"torch.bfloat16"},
-                 params={n: p.to(torch.bfloat16) for n, p in r["params"].items()})
+        r["last"] = False  # losses compared as the replicas' mean above
+        if dtype == torch.float16:
+            assert r["scales"] == want["scales"], (r["rank"], r["scales"], want["scales"])
+        if zero == 3:
+            assert r["fsdp"] and set(r["fsdp"]) == {str(dtype)}, r["fsdp"]
+            assert r["dtypes"] == {"torch.float32"} and not r["masters"]
+            # the fp32 shards are the masters: compared as test_precision compares masters
+            r.update(masters=r["params"], dtypes={str(dtype)},
+                     params={n: p.to(dtype) for n, p in r["params"].items()})
+        else:
+            assert r["sync"] == "GradSync" and r["local_dtypes"] == {str(dtype)}
     _without_key_bias(results, want)
-    _compare(results, want, torch.bfloat16)
+    _compare(results, want, dtype)
 
 
 @pytest.mark.timeout(200)
@@ -156,3 +176,17 @@ def test_pp2_tp2_fp16_mixed_scales_the_loss_like_grad_scaler() -> None:
     assert len({tuple(r["skipped"]) for r in results}) == 1  # every rank skipped the same steps
     for r in results:
         assert r["scales"] == want["scales"], (r["rank"], r["scales"], want["scales"])
+
+
+@pytest.mark.timeout(200)
+def test_an_fp16_overflow_on_one_tp_rank_skips_the_step_on_every_rank() -> None:
+    """An inf in one TP rank's shard of one gradient (the last rank's): every rank of the job,
+    the other TP rank of that pipeline rank and the other pipeline rank's included, skips the
+    step and halves the scale, as GradScaler does in one process."""
+    model, pipe = _pipe("fp16-mixed", 2)
+    results = spawn(_train, 4, pipe, None, 1, timeout_s=TIMEOUT_S)
+    clean = reference(model, torch.float16, scaled=True, data=_data(), loss_fn=F.mse_loss, microbatches=M)
+    for r in results:
+        assert r["changed"] == [], f"rank {r['rank']} stepped through the overflow: {r['changed']}"
+        assert r["skipped"] == [0, 1, 1]
+        assert r["scales"][1] == r["scales"][0] / 2 == clean["scales"][1] / 2
