@@ -190,3 +190,12 @@ def test_an_fp16_overflow_on_one_tp_rank_skips_the_step_on_every_rank() -> None:
         assert r["changed"] == [], f"rank {r['rank']} stepped through the overflow: {r['changed']}"
         assert r["skipped"] == [0, 1, 1]
         assert r["scales"][1] == r["scales"][0] / 2 == clean["scales"][1] / 2
+
+
+def test_partition_refuses_zero1_with_tensor_parallelism_and_replicas() -> None:
+    """What build_stage refuses (ZeRO-1 over DTensor parameters) is refused up front, naming the fix."""
+    from partitioner import PartitionError
+
+    inputs, _ = net_data("net")
+    with pytest.raises(PartitionError, match=r"zero=1 with tensor_parallel=2 and data_parallel=2 .* zero=3 .* zero=0"):
+        partition(Net(), 4, inputs, device="cpu", data_parallel=2, zero=1, tensor_parallel=2)
