@@ -68,6 +68,9 @@ from partitioner.runtime.precision import (
     retype_graph,
     zero_mixed,
 )
+from partitioner.runtime.precision import (
+    _local as local_shard,
+)
 from partitioner.runtime.spec import ModelNames, PipelineSpec, as_spec, resolve_schedule, seq_len, static_shapes
 from partitioner.runtime.trace import write_trace
 from partitioner.schedule import Schedule, split_problem
@@ -246,8 +249,10 @@ class RankStage:
         would be stale. Called by ``save_checkpoint``."""
         if not self.recipe.master:
             return
+        # each rank its own shards (a DTensor's torch.equal is a collective of its own): the
+        # flag's all-reduce below gives every rank the verdict
         bad = [n for n, p in self.named_parameters() if id(p) in self._master_of and n not in self.uninitialized
-               and not torch.equal(p, self._master_of[id(p)].to(p.dtype))]
+               and not torch.equal(local_shard(p), local_shard(self._master_of[id(p)]).to(p.dtype))]
         flag = torch.tensor([float(bool(bad))], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.job_group)
         if flag.item():

@@ -57,7 +57,7 @@ def _pipe(precision: str, pp: int, dp: int = 1, zero: int = 0) -> tuple[torch.nn
 
 
 def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None,
-           poison: int | None = None) -> dict[str, Any]:
+           poison: int | None = None, ckpt: str | None = None) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     inputs, y = net_data("net")
@@ -80,6 +80,8 @@ def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None,
         losses.append(None if loss is None else loss.item())
         scales.append(getattr(opt, "scale", None))
         skipped.append(getattr(opt, "skipped", 0))
+    if ckpt is not None:
+        stage.save_checkpoint(ckpt, opt)
     params = dict(stage.named_parameters())
     masters = stage.masters
     fsdp = {}
@@ -95,6 +97,16 @@ def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None,
             "placements": {n: (tuple(map(repr, p.placements)), tuple(map(repr, masters[n].placements)))
                            for n, p in params.items() if n in masters and isinstance(p, DTensor)},
             "masters": full_state(masters.items()), "params": full_state(params.items())}
+
+
+def _load(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
+    """A fresh stage and optimizer, loaded from ``path``: masters, parameters, AdamW's moments."""
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.AdamW, lr=LR)
+    stage.load_checkpoint(path, opt)
+    by_master = {id(m): n for n, m in stage.masters.items()}
+    return {"masters": full_state(stage.masters.items()), "params": full_state(stage.named_parameters()),
+            "exp_avg": full_state((by_master[id(k)], v["exp_avg"]) for k, v in opt.state.items())}
 
 
 def _without_key_bias(results: list[dict[str, Any]], want: dict[str, Any]) -> None:
@@ -115,9 +127,19 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.timeout(200)
-def test_pp2_tp2_bf16_mixed_trains_like_one_process_under_the_same_recipe() -> None:
+def test_pp2_tp2_bf16_mixed_trains_like_one_process_under_the_same_recipe(tmp_path: Any) -> None:
+    """And its checkpoint holds the fp32 masters: a fresh PP2 x TP2 stage loads them exactly,
+    its bf16 DTensors their casts."""
     model, pipe = _pipe("bf16-mixed", 2)
-    results = spawn(_train, 4, pipe, timeout_s=TIMEOUT_S)
+    path = str(tmp_path / "ckpt")
+    results = spawn(_train, 4, pipe, None, None, path, timeout_s=TIMEOUT_S)
+    loaded = spawn(_load, 4, pipe, path, timeout_s=TIMEOUT_S)
+    for r, got in zip(results, loaded):
+        assert got["masters"] and set(got["masters"]) == set(r["masters"])
+        for n, m in got["masters"].items():
+            assert m.dtype == torch.float32 and torch.equal(m, r["masters"][n]), n
+            assert torch.equal(got["params"][n], m.to(torch.bfloat16)), n
+        assert set(got["exp_avg"]) == set(r["masters"])
     assert {r["opt"] for r in results} == {"MixedPrecisionOptimizer"}
     for r in results:  # the bf16 copy of a DTensor shard is a DTensor with its master's placements
         assert r["local_dtypes"] == {"torch.bfloat16"}
