@@ -6,9 +6,9 @@ rest ``(Shard(0), Replicate())``) trains K AdamW steps and saves model and optim
 way, a PP2 x DP2 save resumes on PP1 x FSDP2 x TP2. Each run ends with the parameters (and
 AdamW's moments where read) of one process trained for all the steps on the whole batch.
 
-PP1 rather than PP2 x FSDP2 x TP2 (8 ranks): the pipeline split adds nothing to what a 3-D
-checkpoint holds (the keys are FQNs, the cuts are the PP2 x DP2 side's), and 8 gloo ranks
-take minutes on a loaded 2-core machine.
+The full layout, PP2 x FSDP2 x TP2 on 8 ranks <-> PP4 x DP2 on 8 ranks (and -> one process),
+is its own test (``test_pp2_fsdp2_tp2_eight_ranks_to_pp4_dp2_and_back``, about a minute here)
+so a loaded machine can deselect it; the 4-rank tests show the same on fewer processes.
 
 Tolerances: float32; sharded, replicated and pipelined runs sum the gradient in another order
 than one backward over the whole batch (rounding only): as in ``test_checkpoint_layouts``.
@@ -129,15 +129,24 @@ def test_a_pp2_dp2_checkpoint_resumes_on_three_d(tmp_path: Any) -> None:
 
 
 @pytest.mark.timeout(400)
-def test_pp2_fsdp2_tp2_eight_ranks_to_pp4_dp2(tmp_path: Any) -> None:
-    """The full 3-D layout, 8 ranks: PP2 x FSDP2 x TP2 saves, PP4 x DP2 (8 ranks, other cuts)
-    resumes. Its own test so a loaded machine can deselect it."""
-    path = str(tmp_path / "eight")
-    _pipe(4, 2), _pipe(2, 2, zero=3)
-    saved = spawn(_phase, 8, _pipe(2, 2, zero=3, tp=2), "net", None, path, K, timeout_s=TIMEOUT_S * 2)
+def test_pp2_fsdp2_tp2_eight_ranks_to_pp4_dp2_and_back(tmp_path: Any) -> None:
+    """The full 3-D layout, 8 ranks: PP2 x FSDP2 x TP2 saves; PP4 x DP2 (8 ranks, other cuts)
+    and one process resume it; PP4 x DP2's save resumes on PP2 x FSDP2 x TP2. Its own test so
+    a loaded machine can deselect it."""
+    three_d, flat_path = str(tmp_path / "three_d"), str(tmp_path / "flat")
+    _pipe(4, 2), _pipe(2, 2, zero=3), _pipe(1, 1)
+    saved = spawn(_phase, 8, _pipe(2, 2, zero=3, tp=2), "net", None, three_d, K, timeout_s=TIMEOUT_S * 2)
     _strided(saved)
     _close(_params(saved), _net_reference(K)[0])
-    flat = spawn(_phase, 8, _pipe(4, 2), "net", path, None, J, timeout_s=TIMEOUT_S * 2)
+    want_kj, state_kj = _net_reference(K + J)
+    flat = spawn(_phase, 8, _pipe(4, 2), "net", three_d, flat_path, J, timeout_s=TIMEOUT_S * 2)
     for r in flat:
         _state(r["loaded"], _net_reference(K)[1], K)
-    _close(_params(flat), _net_reference(K + J)[0])
+    _close(_params(flat), want_kj)
+    (one,) = spawn(_phase, 1, _pipe(1, 1), "net", three_d, None, J, timeout_s=TIMEOUT_S)
+    _close(one["params"], want_kj)
+    back = spawn(_phase, 8, _pipe(2, 2, zero=3, tp=2), "net", flat_path, None, J, timeout_s=TIMEOUT_S * 2)
+    _strided(back)
+    for r in back:
+        _state(r["loaded"], state_kj, K + J)
+    _close(_params(back), _net_reference(K + 2 * J)[0])
