@@ -91,7 +91,8 @@ def _train(rank: int, world: int, pipe: Any, growth_interval: int | None = None,
             if state is not None:
                 fsdp[str(state()._mp_policy.param_dtype)] = str(state()._mp_policy.reduce_dtype)
     return {"rank": rank, "dp": stage.dp_rank, "last": stage.is_last, "losses": losses, "scales": scales,
-            "skipped": skipped, "changed": changed, "opt": type(opt).__name__, "fsdp": fsdp, "sync": type(stage.grad_sync).__name__,
+            "skipped": skipped, "changed": changed, "opt": type(opt).__name__, "fsdp": fsdp,
+            "sync": type(stage.grad_sync).__name__,
             "dtypes": {str(p.dtype) for p in params.values()},
             "local_dtypes": {str(p.to_local().dtype) for p in params.values() if isinstance(p, DTensor)},
             "placements": {n: (tuple(map(repr, p.placements)), tuple(map(repr, masters[n].placements)))
