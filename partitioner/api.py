@@ -326,6 +326,12 @@ def partition(
                                recompute, objective, data_parallel, zero, gpus_per_node, inter_link)
     _check_tensor_parallel(tensor_parallel, n_gpus, checked.data_parallel if data_parallel != "auto" else 1,
                            gpus_per_node, checked.custom)
+    if zero == 1 and isinstance(tensor_parallel, int) and tensor_parallel > 1 and checked.data_parallel > 1:
+        # the runtime refuses it at build (runtime.tensor_parallel): ZeroRedundancyOptimizer broadcasts DTensors
+        raise PartitionError(f"zero=1 with tensor_parallel={tensor_parallel} and data_parallel="
+                             f"{checked.data_parallel} is not supported (ZeRO-1's optimizer broadcasts the parameters "
+                             "it steps, which tensor parallelism makes DTensors): use zero=3 (FSDP over the replicas) "
+                             "or zero=0, or tensor_parallel=1")
     dev, lnk = get_device(device), get_link(link)
     inputs = _split_inputs(example_inputs, example_kwargs)
     dynamic = None

@@ -147,11 +147,27 @@ def cast_inputs(gm: nn.Module, dtype: torch.dtype, which: Sequence[int]) -> None
 
 def cast_tensors_(tensors: Iterable[torch.Tensor], dtype: torch.dtype) -> None:
     """Cast floating ``tensors`` to ``dtype`` in place of their data: each keeps its identity
-    (a parameter stays the object optimizers, hooks and tied groups hold)."""
+    (a parameter stays the object optimizers, hooks and tied groups hold).
+
+    A ``DTensor`` (tensor parallelism) is cast with ``torch.utils.swap_tensors``: assigning
+    ``.data`` of another dtype to a DTensor changes the wrapper's dtype but not its local
+    shard's. The swap keeps the object but gives it a fresh ``__dict__``: hooks registered on
+    it before the cast no longer fire (register them after)."""
     with torch.no_grad():
         for t in tensors:
             if t.is_floating_point() and t.dtype != dtype:
-                t.data = t.data.to(dtype)
+                if _is_dtensor(t):
+                    low = t.detach().to(dtype)  # the same placements, each shard cast
+                    torch.utils.swap_tensors(t, nn.Parameter(low, requires_grad=t.requires_grad)
+                                             if isinstance(t, nn.Parameter) else low)
+                else:
+                    t.data = t.data.to(dtype)
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415 - torch.distributed.* loads where it is used
+
+    return isinstance(t, DTensor)
 
 
 # -- loss scaling ---------------------------------------------------------------------------
@@ -287,7 +303,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         for p, m in self.pairs:
             m.grad = None if p.grad is None else p.grad.to(torch.float32, copy=True)
         try:
-            grads = [m.grad for _, m in self.pairs if m.grad is not None]
+            grads = [_local(m.grad) for _, m in self.pairs if m.grad is not None]  # a DTensor's shard: unscaled in place
             if self.own_masters:
                 grads += [_local(p.grad) for p in self.params if p.grad is not None]
             finite = self.scaler.unscale_and_agree(grads) if self.scaler is not None else True

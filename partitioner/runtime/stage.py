@@ -68,6 +68,9 @@ from partitioner.runtime.precision import (
     retype_graph,
     zero_mixed,
 )
+from partitioner.runtime.precision import (
+    _local as local_shard,
+)
 from partitioner.runtime.spec import ModelNames, PipelineSpec, as_spec, resolve_schedule, seq_len, static_shapes
 from partitioner.runtime.trace import write_trace
 from partitioner.schedule import Schedule, split_problem
@@ -131,7 +134,8 @@ class RankStage:
         self._pairs = self._apply_precision()
         self._master_of: dict[int, torch.Tensor] = {id(p): m for p, m in self._pairs}
         #: every rank of the job: the pipeline's group, or with replicas the whole mesh (default group)
-        self.job_group = self.group if dp_group is None else None
+        # (with tensor parallelism the world: the other TP ranks are outside the pipeline's group)
+        self.job_group = self.group if dp_group is None and plan.mesh.tp == 1 else None
         #: fp16-mixed: the dynamic loss scale, one for every rank of the job (``runtime.precision``)
         self.loss_scaler = LossScaler(device, self.job_group) if self.recipe.loss_scaling else None
         self._master_optimizers = 0  # built by optimizer(): the runner warns when a mixed run has none
@@ -180,6 +184,8 @@ class RankStage:
     def _apply_precision(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """Masters from the values before the cast, then cast and retype as pricing did."""
         r = self.recipe
+        if self.plan.mesh.tp > 1:  # once the parameters are DTensors: tensor_parallel_precision
+            return []
         # zero=3: FSDP's sharded fp32 parameters are the masters and its MixedPrecisionPolicy
         # casts them as it gathers them (runtime.fsdp); only the buffers and graphs change here
         fsdp = is_sharded(self)
@@ -190,6 +196,28 @@ class RankStage:
         self._cast_graphs()
         pairs = [(p, m) for p, m in pairs if p.dtype != torch.float32]  # a parameter left in fp32 is its own master
         return pairs
+
+    def tensor_parallel_precision(self) -> None:
+        """The plan's precision for a tensor-parallel stage, once ``runtime.tensor_parallel``
+        has made its parameters DTensors (and the replicas' reducer). Under ``zero=3`` FSDP's
+        ``MixedPrecisionPolicy`` casts the fp32 2-D shards, its masters, as it gathers them
+        (``runtime.fsdp.policy``): nothing to do here. Otherwise as ``_apply_precision``: each
+        trainable DTensor's fp32 master is a DTensor with the same placements (its shard cast),
+        the parameters are cast in place (``cast_tensors_``), and ``stage.optimizer`` steps
+        the masters; the replicas' ``GradSync`` is remade over the cast parameters (the cast
+        drops the hooks it had registered)."""
+        r = self.recipe
+        if is_sharded(self):
+            return
+        self._cast_graphs()
+        pairs = [(p, p.detach().to(torch.float32, copy=True)) for p in self.parameters()
+                 if r.master and p.requires_grad and p.is_floating_point()]
+        if r.cast:
+            cast_tensors_(self.parameters(), r.compute)
+            if isinstance(self.grad_sync, GradSync):
+                self.grad_sync = self.reducer()
+        self._pairs = [(p, m) for p, m in pairs if p.dtype != torch.float32]
+        self._master_of = {id(p): m for p, m in self._pairs}
 
     def _cast_graphs(self) -> None:
         """Once: buffers cast to the compute dtype, graphs retyped and stage 0's floating
@@ -221,8 +249,10 @@ class RankStage:
         would be stale. Called by ``save_checkpoint``."""
         if not self.recipe.master:
             return
+        # each rank its own shards (a DTensor's torch.equal is a collective of its own): the
+        # flag's all-reduce below gives every rank the verdict
         bad = [n for n, p in self.named_parameters() if id(p) in self._master_of and n not in self.uninitialized
-               and not torch.equal(p, self._master_of[id(p)].to(p.dtype))]
+               and not torch.equal(local_shard(p), local_shard(self._master_of[id(p)]).to(p.dtype))]
         flag = torch.tensor([float(bool(bad))], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.job_group)
         if flag.item():
@@ -901,6 +931,7 @@ def build_stage(spec: PipelineSpec, rank: int, device: torch.device | str | None
     if plan.mesh.tp > 1:  # tensor parallelism inside each pipeline rank (runtime.tensor_parallel)
         stage = tensor_parallel.build_tensor_parallel(spec, rank, dev, group, init_fn=init_fn, seed=seed,
                                                       compile=compile)
+        stage.tensor_parallel_precision()
     elif plan.mesh.dp > 1:
         stage = _build_replica(spec, rank, dev, group, world, init_fn=init_fn, seed=seed)
     else:

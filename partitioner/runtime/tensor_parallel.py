@@ -784,9 +784,6 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if group is not None:
         problems.append("a tensor-parallel plan builds its own device mesh over the default process group: "
                         "call build_stage without group=")
-    if plan.options.get("precision", "fp32") not in ("fp32", None):
-        problems.append(f"tensor parallelism runs fp32 only for now (the plan's precision is "
-                        f"{plan.options.get('precision')!r})")
     if compile:
         problems.append("compile=True with tensor parallelism is not supported yet")
     if mesh.dp > 1 and mesh.zero == 1:
