@@ -9,6 +9,7 @@ predicted-fastest that fits. The rankings go into the plan's notes (``AUTO_NOTE`
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import replace
 from math import gcd
 from typing import Any, NamedTuple, Sequence
@@ -330,6 +331,8 @@ class Candidate(NamedTuple):
     schedule: str
     v: int  # stages per rank
     m: int | None
+    refined: bool = True  # the balanced simulation is in the bound (or there is none to add)
+    mm: int = 1  # the micro-batch count m stands for (the schedule's default where m is None)
 
     def label(self, pp: int) -> str:
         return (f"T={self.t} D={self.d} P={pp} zero={self.zero} m={self.m if self.m is not None else 'default'} "
@@ -375,7 +378,8 @@ def joint(ctx: Context) -> Solved:
       faster, never one that is needed to fit. The
       combinations are solved in order of their bound and a combination whose bound is no
       lower than the fastest step found is not solved (listed as pruned in the ranking,
-      with its bound).
+      with its bound). The balanced simulation is run only for a combination that reaches
+      the front of the queue on the first two terms (it is then queued again with it).
 
     ``rankings["layout"]`` holds every solved candidate (label: T, D, P, ZeRO level, m,
     schedule) fastest first, then those refused or pruned."""
@@ -439,21 +443,32 @@ def joint(ctx: Context) -> Solved:
                                 continue
                             if share is not None and share % mm == 0:
                                 f, b = per_microbatch(t, share // mm)
-                                n_st = pp * v
-                                sched = build_schedule(name, pp, mm, n_st)
                                 chain = f + (b / 2 if SCHEDULES[name].split_backward else b)
-                                balanced = simulate(sched, [f / n_st] * n_st, [b / n_st] * n_st).step_time
-                                bound = max(mm * (f + b) / pp, chain, BALANCED_SHARE * balanced)
-                        cands.append(Candidate(bound, t, d, z, name, v, m))
-    cands.sort(key=lambda c: (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0))
+                                bound = max(mm * (f + b) / pp, chain)
+                                cands.append(Candidate(bound, t, d, z, name, v, m, False, mm))
+                                continue
+                        cands.append(Candidate(bound, t, d, z, name, v, m, True))
+    # cheapest bound first; the balanced simulation (the costly term) only for a candidate
+    # that reaches the front of the queue, which is then queued again with it
+    queue = [(c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, i, c) for i, c in enumerate(cands)]
+    heapq.heapify(queue)
     rows: list[tuple[float, int, str, Solved]] = []
     best = float("inf")
     pruned: list[str] = []
-    for c in cands:
+    while queue:
+        c = heapq.heappop(queue)[-1]
         pp = n_gpus // (c.d * c.t)
         if c.bound >= best:
             pruned.append(f"{c.label(pp)}: pruned (its bound {c.bound * 1e3:.4g} ms is no faster than the best "
                           f"found, {best * 1e3:.4g} ms)")
+            continue
+        if not c.refined:
+            f, b = per_microbatch(c.t, (batch or 1) // c.d // c.mm)
+            n_st = pp * c.v
+            balanced = simulate(build_schedule(c.schedule, pp, c.mm, n_st), [f / n_st] * n_st, [b / n_st] * n_st)
+            c = c._replace(bound=max(c.bound, BALANCED_SHARE * balanced.step_time), refined=True)
+            heapq.heappush(queue, (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, len(cands), c))
+            cands.append(c)
             continue
         o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v)
         try:
