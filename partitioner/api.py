@@ -347,7 +347,7 @@ def partition(
     dp = checked.data_parallel
     opts = Options(n_gpus, n_gpus // dp * checked.virtual_stages, checked.schedule, 0, cut_at, tuple(pinned_cuts),
                    optimizer, cap.route, tuple(str(m) for m in leaf_modules), memory_limit, checked.precision,
-                   recompute, checked.custom, dp, 0 if zero == "auto" else zero, gpus_per_node, checked.inter_link,
+                   recompute, checked.custom, dp, 0 if zero == "auto" else int(zero), gpus_per_node, checked.inter_link,
                    objective)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:

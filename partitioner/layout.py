@@ -426,7 +426,7 @@ def joint(ctx: Context) -> Solved:
                     continue
                 ms: list[int | None]
                 if ctx.request.n_microbatches == "auto":
-                    ms = divisors(share or 1)
+                    ms = [k for k in divisors(share or 1)]
                 else:
                     ms = [ctx.request.n_microbatches]  # type: ignore[list-item]  # partition() checked it
                 for name, v in schedule_candidates(base, v_given):
