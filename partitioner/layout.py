@@ -5,6 +5,8 @@
 every divisor of ``n_gpus`` for ``data_parallel="auto"``), prices each candidate's step with
 the replicas' gradient all-reduce on the links the mesh uses (``replicated``), and keeps the
 predicted-fastest that fits. The rankings go into the plan's notes (``AUTO_NOTE``, ``DP_NOTE``).
+With ``zero="auto"`` ``joint`` chooses every open choice together instead, ZeRO level included,
+pruned by a memory floor and a step bound (``rankings["layout"]``).
 """
 
 from __future__ import annotations
@@ -316,8 +318,8 @@ def schedule_candidates(opts: Options, v_given: int) -> list[tuple[str, int]]:
 #: The share of the balanced simulation (``joint``) that counts in a combination's bound. A
 #: heuristic, not a floor: with a split backward and few micro-batches uneven cuts can finish
 #: sooner than even ones (one micro-batch, two stages, zb-h1: f + b / 2 + b_0 against
-#: f + 3 b / 4, up to a fifth sooner when stage 0 is nearly empty); with the micro-batches a
-#: schedule is run at in practice the solved steps sit above the balanced ones.
+#: f + 3 b / 4, up to a fifth sooner when stage 0 is nearly empty). On the GPT fixture's joint
+#: search (tests/partitioner/test_zero_auto.py) no solved step is under its bound.
 BALANCED_SHARE = 0.9
 
 
