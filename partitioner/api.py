@@ -134,9 +134,10 @@ def _check_arguments(model: Any, n_gpus: Any, schedule: Any, n_microbatches: Any
                              f"data_parallel among {divisors(n_gpus)} (n_gpus = data_parallel x pipeline ranks)")
     else:
         dp = data_parallel
-    if zero not in (0, 1, 3) or isinstance(zero, bool):
+    if zero not in (0, 1, 3, "auto") or isinstance(zero, bool):
         raise PartitionError(f"zero must be 0 or 1 (ZeRO-1: optimizer state sharded over the replicas) or 3 (FSDP "
-                             f"inside the stages: weights, gradients and optimizer state sharded), got {zero!r}")
+                             f"inside the stages: weights, gradients and optimizer state sharded), or 'auto' (the "
+                             f"fastest of the three that fits), got {zero!r}")
     if gpus_per_node is not None and (not isinstance(gpus_per_node, int) or isinstance(gpus_per_node, bool)
                                       or gpus_per_node < 1):
         raise PartitionError(f"gpus_per_node must be an int >= 1 or None, got {gpus_per_node!r}")
@@ -220,7 +221,7 @@ def partition(
     keep_snapshots: bool = False,
     objective: str = "auto",
     data_parallel: int | str = 1,
-    zero: int = 0,
+    zero: int | str = 0,
     gpus_per_node: int | None = None,
     inter_link: str | LinkSpec | None = None,
     tensor_parallel: int | str = 1,
@@ -294,7 +295,10 @@ def partition(
             all-reduce overlapped with the last backwards); "auto": the divisor of ``n_gpus``
             with the fastest predicted step that fits (the plan's notes rank them).
         zero: 0, 1 to shard the optimizer state over the replicas (ZeRO-1), or 3 to shard
-            weights, gradients and optimizer state inside the stages with FSDP2.
+            weights, gradients and optimizer state inside the stages with FSDP2; "auto": each
+            of the three is solved with every other choice left open (with one replica only
+            0, which shards nothing) and the fastest predicted step that fits is kept (the
+            rankings' labels name each candidate's level).
         gpus_per_node: GPUs per node (ranks are placed in torchrun's order); the planner
             picks the mesh order (pipelines inside nodes, or each stage's replicas inside)
             with the faster predicted step. None: every rank on one node.
@@ -349,12 +353,13 @@ def partition(
     dp = checked.data_parallel
     opts = Options(n_gpus, n_gpus // dp * checked.virtual_stages, checked.schedule, 0, cut_at, tuple(pinned_cuts),
                    optimizer, cap.route, tuple(str(m) for m in leaf_modules), memory_limit, checked.precision,
-                   recompute, checked.custom, dp, zero, gpus_per_node, checked.inter_link, objective)
+                   recompute, checked.custom, dp, 0 if zero == "auto" else int(zero), gpus_per_node, checked.inter_link,
+                   objective)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)
         specs = with_seq_dims(default_specs(flat, list(cap.input_names)), seq_dims, strict=False)
-    request = Request(opts, checked.n_microbatches, data_parallel, dev, lnk, keep_snapshots, tensor_parallel)
+    request = Request(opts, checked.n_microbatches, data_parallel, dev, lnk, keep_snapshots, tensor_parallel, zero)
     ctx = Context(model, cap, specs, request)
     return emit(ctx, choose(ctx))
 

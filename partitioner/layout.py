@@ -5,26 +5,33 @@
 every divisor of ``n_gpus`` for ``data_parallel="auto"``), prices each candidate's step with
 the replicas' gradient all-reduce on the links the mesh uses (``replicated``), and keeps the
 predicted-fastest that fits. The rankings go into the plan's notes (``AUTO_NOTE``, ``DP_NOTE``).
+With ``zero="auto"`` ``joint`` chooses every open choice together instead, ZeRO level included,
+pruned by a memory floor and a step bound (``rankings["layout"]``).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import replace
 from math import gcd
 from typing import Any, NamedTuple, Sequence
 
+from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.errors import PartitionError
 from partitioner.data_parallel import boundary_links, divisors, placements, price_replicas, reduction_windows
+from partitioner.memory import PRECISIONS, bytes_per_param
 from partitioner.passes import tensor_parallel
+from partitioner.passes.meta import COST
+from partitioner.passes.split import compute_nodes
 from partitioner.plan import Mesh
-from partitioner.pricing import TIME_UNIT
-from partitioner.problem import Context, Options, Problem, StageFit, batch_size, build_problem
-from partitioner.schedule import SCHEDULES, ScheduleError, check_counts
+from partitioner.pricing import TIME_UNIT, with_shape
+from partitioner.problem import Context, Options, Problem, StageFit, batch_size, build_problem, node_timer
+from partitioner.schedule import SCHEDULES, ScheduleError, build_schedule, check_counts, default_microbatches
 from partitioner.search import search
-from partitioner.simulator import SimResult, predict_step
+from partitioner.simulator import SimResult, predict_step, simulate
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
 
-__all__ = ["AUTO_NOTE", "DP_NOTE", "TP_NOTE", "Solved", "choose", "replicated"]
+__all__ = ["AUTO_NOTE", "DP_NOTE", "LAYOUT_NOTE", "TP_NOTE", "Solved", "choose", "joint", "replicated", "zero_levels"]
 
 #: Plan notes that record the automatic choice start with this (``partitioner plan --explain``).
 AUTO_NOTE = "auto:"
@@ -32,6 +39,8 @@ AUTO_NOTE = "auto:"
 DP_NOTE = "dp:"
 #: Plan notes that record the tensor-parallel degree chosen (``tensor_parallel="auto"``) start with this.
 TP_NOTE = "tp:"
+#: The plan note that records the joint choice (``zero="auto"``: ``joint``) starts with this.
+LAYOUT_NOTE = "layout:"
 
 
 class Solved(NamedTuple):
@@ -86,22 +95,25 @@ def choose(ctx: Context) -> Solved:
     """Solve: cuts and recompute chosen by the search; the layout on nodes (and with
     ``data_parallel="auto"`` the replica count, with ``tensor_parallel="auto"`` the
     tensor-parallel degree) chosen by the predicted step."""
+    if ctx.request.zero == "auto":
+        return joint(ctx)
     degrees = tensor_parallel_degrees(ctx)
     base = ctx.request.opts
     v = base.n_stages // base.pp
     if len(degrees) == 1:
         t = degrees[0]
-        return _choose_replicas(ctx, replace(base, tensor_parallel=t, n_stages=base.n_gpus // (base.data_parallel * t) * v))
+        return _choose_replicas(ctx, replace(base, tensor_parallel=t,
+                                             n_stages=base.n_gpus // (base.data_parallel * t) * v))[0]
     rows: list[tuple[float, int, Solved]] = []
     refused: list[str] = []
     for t in degrees:
         opts = replace(base, tensor_parallel=t, n_stages=base.n_gpus // (base.data_parallel * t) * v)
         try:
-            solved = _choose_replicas(ctx, opts)
+            solved, step = _choose_replicas(ctx, opts)  # its step as ranked there, not simulated again
         except PartitionError as e:
             refused.append(f"T={t}: {' '.join(str(e).split())[:160]}")
             continue
-        rows.append((replicated(solved.prob, solved.solution, solved.layout).step, t, solved))
+        rows.append((step, t, solved))
     if not rows:
         raise InfeasibleError(f"no tensor-parallel degree fits {base.n_gpus} GPUs: " + "; ".join(refused[:6]))
     rows.sort(key=lambda r: r[:2])
@@ -120,8 +132,9 @@ def choose(ctx: Context) -> Solved:
     return best
 
 
-def _choose_replicas(ctx: Context, opts: Options) -> Solved:
-    """``choose`` at one tensor-parallel degree (``opts.tensor_parallel``)."""
+def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
+    """``choose`` at one tensor-parallel degree (``opts.tensor_parallel``): the pick and its
+    predicted step."""
     tp = opts.tensor_parallel
     if ctx.request.data_parallel != "auto":
         if opts.n_gpus % (opts.data_parallel * tp):
@@ -136,7 +149,7 @@ def _choose_replicas(ctx: Context, opts: Options) -> Solved:
                                                   f"predicted step {t * 1e3:.4g} ms") for t, _, lay in placed])
             prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {lay.describe()}: predicted step {t * 1e3:.4g} ms"
                                              for t, _, lay in placed]
-        return Solved(prob, sol, fits, placed[0][2])
+        return Solved(prob, sol, fits, placed[0][2]), placed[0][0]
     v = opts.n_stages // opts.pp
     batch = batch_size(ctx.specs) if ctx.specs else None
     rows: list[tuple[float, int, int, int, Solved, Replicated]] = []
@@ -172,7 +185,7 @@ def _choose_replicas(ctx: Context, opts: Options) -> Solved:
     best.prob.rankings["dp"] = ranked([(line(r).split(": predicted step")[0], r[0], line(r)) for r in rows], refused)
     best.prob.notes = list(best.prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}: {why}"] + [
         f"{DP_NOTE} #{i + 1} {line(r)}" for i, r in enumerate(rows)] + [f"{DP_NOTE} -- {r}" for r in refused]
-    return best
+    return best, step
 
 
 def solve_pipeline(ctx: Context, opts: Options) -> Solved:
@@ -274,3 +287,213 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
     times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, windows, weights, sim.step_time)
     return Replicated(step, replace(layout, zero=prob.opts.zero, inter_link=inter_dict, allreduce_s=tuple(times),
                                     exposed_s=step - sim.step_time), sim)
+
+
+def zero_levels(ctx: Context, dp: int) -> list[int]:
+    """The ZeRO levels to solve at ``dp`` replicas: the one asked for, or with ``zero="auto"``
+    0, 1 and 3 (with one replica only 0: ZeRO shards over the replicas, there is nothing to
+    shard)."""
+    if ctx.request.zero != "auto":
+        return [ctx.request.opts.zero]
+    return [0, 1, 3] if dp > 1 else [0]
+
+
+def schedule_candidates(opts: Options, v_given: int) -> list[tuple[str, int]]:
+    """(schedule, stages per rank) to solve, as ``auto`` chooses them: the one given, or every
+    registry schedule that runs micro-batches, at its default stages per rank unless
+    ``virtual_stages`` > 1 was given."""
+    if opts.custom is not None:
+        return [(opts.schedule, v_given)]
+    names = [opts.schedule] if opts.schedule != "auto" else [
+        n for n, sp in SCHEDULES.items() if not sp.whole_batch
+        and (sp.stages_per_rank is None or (v_given if v_given > 1 else sp.default_stages_per_rank) in sp.stages_per_rank)]
+    out = []
+    for name in names:
+        spec = SCHEDULES[name]
+        v = v_given if v_given > 1 or spec.stages_per_rank is None else spec.default_stages_per_rank
+        out.append((name, v if spec.stages_per_rank is None or v in spec.stages_per_rank else spec.stages_per_rank[0]))
+    return out
+
+
+#: The share of the balanced simulation (``joint``) that counts in a combination's bound. A
+#: heuristic, not a floor: with a split backward and few micro-batches uneven cuts can finish
+#: sooner than even ones (one micro-batch, two stages, zb-h1: f + b / 2 + b_0 against
+#: f + 3 b / 4, up to a fifth sooner when stage 0 is nearly empty). On the GPT fixture's joint
+#: search (tests/partitioner/test_zero_auto.py) no solved step is under its bound.
+BALANCED_SHARE = 0.9
+
+
+class Candidate(NamedTuple):
+    """One layout of the joint search, with its bound (``joint``)."""
+
+    bound: float  # seconds: the floor the search prunes by (``joint``)
+    t: int
+    d: int
+    zero: int
+    schedule: str
+    v: int  # stages per rank
+    m: int | None
+    refined: bool = True  # the balanced simulation is in the bound (or there is none to add)
+    mm: int = 1  # the micro-batch count m stands for (the schedule's default where m is None)
+
+    def label(self, pp: int) -> str:
+        return (f"T={self.t} D={self.d} P={pp} zero={self.zero} m={self.m if self.m is not None else 'default'} "
+                f"{self.schedule}")
+
+
+def static_floor(ctx: Context, t: int, d: int, pp: int, zero: int) -> int:
+    """A floor under the static bytes (weights, gradients, optimizer state) the fullest rank
+    holds: one ``pp``-th of a tensor-parallel rank's trainable parameters, with ZeRO's
+    sharding over ``d`` replicas. Activations, gathered units, frozen and tied copies only add."""
+    opts = ctx.request.opts
+    gm = ctx.rank_view(t) if t > 1 else ctx.annotation().gm
+    divisor = tensor_parallel.param_divisor(gm)
+    numel = {id(p): p.numel() // divisor.get(name, 1)
+             for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
+    width = PRECISIONS[opts.precision][0]
+    per = bytes_per_param(opts.precision, opts.optimizer)
+    opt = per - 2 * width
+    n = sum(numel.values())
+    per_rank = {0: n * per, 1: n * 2 * width + -(-n * opt // d), 3: -(-n * per // d)}[zero]
+    return per_rank // pp
+
+
+def joint(ctx: Context) -> Solved:
+    """``zero="auto"``: the tensor-parallel degree, replicas, ZeRO level, schedule and
+    micro-batch count chosen together (each open where the request left it open; the cuts
+    and recompute by the search), the predicted-fastest that fits memory kept.
+
+    Every combination is listed first and two rules keep the search short:
+
+    - memory: a combination whose ``static_floor`` exceeds the device is refused unsolved
+      (a true floor: it never refuses one that fits);
+    - bound: from the compute of one micro-batch on one tensor-parallel rank (priced at the
+      combination's micro-batch size, the group's all-reduces included; no recompute, no
+      transfers, no replica communication), the larger of: each rank's share of the
+      step's compute, ``m (f + b) / P``; one micro-batch's forward then backward chain
+      through every stage, ``f + b`` (``f + b / 2`` for a split backward: its input
+      gradients); and ``BALANCED_SHARE`` of the schedule simulated with every stage given
+      an equal share. The first two are true floors under any cuts; the balanced
+      simulation is not one for every schedule (uneven cuts can shorten a split backward's
+      critical path with few micro-batches), so only that share of it counts, which makes
+      this rule a heuristic: it can prune a candidate that would have been a little
+      faster, never one that is needed to fit. The
+      combinations are solved in order of their bound and a combination whose bound is no
+      lower than the fastest step found is not solved (listed as pruned in the ranking,
+      with its bound). The balanced simulation is run only for a combination that reaches
+      the front of the queue on the first two terms (it is then queued again with it).
+
+    ``rankings["layout"]`` holds every solved candidate (label: T, D, P, ZeRO level, m,
+    schedule) fastest first, then those refused or pruned."""
+    base = ctx.request.opts
+    n_gpus = base.n_gpus
+    batch = batch_size(ctx.specs) if ctx.specs else None
+    v_given = base.n_stages // base.pp
+    capacity = base.memory_limit if base.memory_limit is not None else ctx.request.dev.memory_bytes
+    seq = next((s.shape[d] for s in ctx.specs for d, sym in s.dims if sym == "S"), 1)
+    work: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def per_microbatch(t: int, micro: int) -> tuple[float, float]:  # one rank's forward, backward seconds
+        if (t, micro) not in work:
+            gm = ctx.rank_view(t) if t > 1 else ctx.annotation().gm
+            timer, seen = node_timer(ctx, gm, base.precision), {}
+            f = b = 0.0
+            for node in compute_nodes(gm):
+                cost = node.meta.get(COST, NodeCost())
+                if id(cost) not in seen:
+                    seen[id(cost)] = timer(with_shape(node, cost), {"B": micro, "S": seq})
+                f, b = f + seen[id(cost)][0], b + seen[id(cost)][1]
+            work[t, micro] = (f, b)
+        return work[t, micro]
+
+    cands: list[Candidate] = []
+    refused: list[str] = []
+    fixed_dp = ctx.request.data_parallel != "auto"
+    for t in tensor_parallel_degrees(ctx):
+        for d in ([base.data_parallel] if fixed_dp else divisors(n_gpus // t)):
+            if n_gpus % (d * t):
+                refused.append(f"T={t} D={d}: {n_gpus} GPUs do not split into {d} replicas x {t}")
+                continue
+            pp = n_gpus // (d * t)
+            if batch is not None and batch % d:
+                refused.append(f"T={t} D={d} P={pp}: the batch of {batch} does not split into {d} replicas")
+                continue
+            share = batch // d if batch is not None else None
+            for z in zero_levels(ctx, d):
+                floor = static_floor(ctx, t, d, pp, z)
+                if floor > capacity:
+                    refused.append(f"T={t} D={d} P={pp} zero={z}: does not fit (weights, gradients and optimizer "
+                                   f"state alone need at least {_fmt_bytes(floor)} on a rank, the device holds "
+                                   f"{_fmt_bytes(capacity)})")
+                    continue
+                ms: list[int | None]
+                if ctx.request.n_microbatches == "auto":
+                    ms = [k for k in divisors(share or 1)]
+                else:
+                    ms = [ctx.request.n_microbatches]  # type: ignore[list-item]  # partition() checked it
+                for name, v in schedule_candidates(base, v_given):
+                    for m in ms:
+                        lab = Candidate(0.0, t, d, z, name, v, m).label(pp)
+                        bound = 0.0
+                        if base.custom is None:
+                            mm = m if m is not None else default_microbatches(name, share, pp)
+                            mm = 1 if name == "naive" else mm
+                            try:
+                                check_counts(name, pp, mm, pp * v)
+                            except ScheduleError as e:
+                                refused.append(f"{lab}: not allowed ({' '.join(str(e).split())[:160]})")
+                                continue
+                            if share is not None and share % mm == 0:
+                                f, b = per_microbatch(t, share // mm)
+                                chain = f + (b / 2 if SCHEDULES[name].split_backward else b)
+                                bound = max(mm * (f + b) / pp, chain)
+                                cands.append(Candidate(bound, t, d, z, name, v, m, False, mm))
+                                continue
+                        cands.append(Candidate(bound, t, d, z, name, v, m, True))
+    # cheapest bound first; the balanced simulation (the costly term) only for a candidate
+    # that reaches the front of the queue, which is then queued again with it
+    queue = [(c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, i, c) for i, c in enumerate(cands)]
+    heapq.heapify(queue)
+    rows: list[tuple[float, int, str, Solved]] = []
+    best = float("inf")
+    pruned: list[str] = []
+    while queue:
+        c = heapq.heappop(queue)[-1]
+        pp = n_gpus // (c.d * c.t)
+        if c.bound >= best:
+            pruned.append(f"{c.label(pp)}: pruned (its bound {c.bound * 1e3:.4g} ms is no faster than the best "
+                          f"found, {best * 1e3:.4g} ms)")
+            continue
+        if not c.refined:
+            f, b = per_microbatch(c.t, (batch or 1) // c.d // c.mm)
+            n_st = pp * c.v
+            balanced = simulate(build_schedule(c.schedule, pp, c.mm, n_st), [f / n_st] * n_st, [b / n_st] * n_st)
+            c = c._replace(bound=max(c.bound, BALANCED_SHARE * balanced.step_time), refined=True)
+            heapq.heappush(queue, (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, len(cands), c))
+            cands.append(c)
+            continue
+        o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v)
+        try:
+            prob = build_problem(ctx, o, c.m)
+            sol, fits = search(prob)
+        except PartitionError as e:  # infeasible, too few cuts, the batch does not split
+            refused.append(f"{c.label(pp)}: {' '.join(str(e).split())[:160]}")
+            continue
+        peak = max(prob.need(i, x) for i, x in enumerate(fits))
+        for lay in placements(c.d, pp, base.gpus_per_node, c.t):
+            step = replicated(prob, sol, lay).step
+            best = min(best, step)
+            label = c.label(pp) + (f" ({lay.describe()})" if lay.n_nodes > 1 else "")
+            rows.append((step, len(rows), label + f": predicted step {step * 1e3:.4g} ms, peak memory "
+                         f"{_fmt_bytes(peak)}, bound {c.bound * 1e3:.4g} ms", Solved(prob, sol, fits, lay)))
+    if not rows:
+        raise InfeasibleError(f"no layout fits {n_gpus} GPUs: " + "; ".join(refused[:6]))
+    rows.sort(key=lambda r: r[:2])
+    picked = rows[0][3]
+    picked.prob.rankings["layout"] = ranked([(text.split(": predicted step")[0], st, text)
+                                             for st, _, text, _ in rows], refused + pruned)
+    why = (f"the fastest predicted step of {len(rows)} solved; #2 is {rows[1][0] / rows[0][0] - 1:.1%} slower"
+           if len(rows) > 1 else "the only candidate that fits")
+    picked.prob.notes = list(picked.prob.notes) + [
+        f"{LAYOUT_NOTE} picked {rows[0][2]}: {why}; {len(pruned)} pruned by their bound, {len(refused)} refused"]
+    return picked

@@ -48,7 +48,7 @@ from partitioner.simulator import simulate
 from partitioner.solver import Option, SolverInput
 
 __all__ = ["Options", "Request", "Context", "Annotated", "StageFit", "Problem", "build_problem", "batch_size",
-           "cut_link_units"]
+           "cut_link_units", "node_timer"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class Request:
     lnk: LinkSpec
     keep_snapshots: bool = False
     tensor_parallel: int | str = 1  # as given: a degree, or "auto" (each degree that fits a node is tried)
+    zero: int | str = 0  # as given: a ZeRO level, or "auto" (0, 1 and 3 are tried where there are replicas)
 
 
 class Annotated(NamedTuple):
@@ -294,6 +295,23 @@ def resolve_pins(order: Sequence[fx.Node], pins: Sequence[str], allowed: Sequenc
     return sorted(set(out))
 
 
+def node_timer(ctx: Context, gm: fx.GraphModule, precision: str) -> tensor_parallel.NodeTime:
+    """(cost, {"B", "S"}) -> one rank's forward and backward seconds of a node of ``gm``: the
+    device's time at ``precision``'s compute dtype (without example inputs, the parameter
+    bytes read: once forward, twice backward), plus the tensor-parallel group's all-reduces
+    on the in-node link where ``gm`` is a rank view (``Context.rank_view``)."""
+    dev, costs_known = ctx.request.dev, bool(ctx.specs)
+    compute = getattr(torch, compute_dtype(precision))
+
+    def base_time(cost: NodeCost, values: Mapping[str, int]) -> tuple[float, float]:
+        if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
+            pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
+            return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
+        return dev.node_time(cost, values, compute)
+
+    return tensor_parallel.node_time(base_time, gm, ctx.request.lnk)
+
+
 def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
                   dims: tuple[str, ...] = ("dp", "pp")) -> Problem:
     """``opts`` priced on the context's annotated graph at ``n_microbatches`` (None: the
@@ -322,16 +340,7 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     seq = next((s.shape[d] for s in specs for d, sym in s.dims if sym == "S"), None)
     if seq is not None:
         symbols["S"] = seq
-    compute = getattr(torch, compute_dtype(opts.precision))
-
-    def base_time(cost: NodeCost, values: Mapping[str, int]) -> tuple[float, float]:
-        if not costs_known:  # parameter bytes stand in for time: read once forward, twice backward
-            pb = float(poly.evaluate(cost.param_bytes, values["B"], values["S"]))
-            return pb / dev.mem_bandwidth, 2 * pb / dev.mem_bandwidth
-        return dev.node_time(cost, values, compute)
-
-    # tensor parallelism: the group's all-reduces on the in-node link (nothing without a view)
-    node_time = tensor_parallel.node_time(base_time, gm, lnk)
+    node_time = node_timer(ctx, gm, opts.precision)
     marks = cut_constraints(gm, opts.cut_at, opts.n_stages, opts.pinned_cuts)  # pipe_split() markers, cut_at check
     notes.extend(marks.notes)
     priced = marks.apply(price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,

@@ -53,6 +53,12 @@ def _microbatches(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
+def _zero(text: str) -> int | str:
+    if text in ("0", "1", "3", "auto"):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected 0, 1, 3 or 'auto', got {text!r}")
+
+
 def _partition_options() -> _Parser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("partitioning")
@@ -61,9 +67,11 @@ def _partition_options() -> _Parser:
     g.add_argument("--dp", type=_microbatches, default=None, metavar="D",
                    help="data-parallel replicas of the pipeline, a divisor of --gpus, or 'auto': the degree with "
                         "the fastest predicted step that fits (prints the candidates) (default: 1)")
-    g.add_argument("--zero", type=int, default=None, choices=(0, 1, 3),
+    g.add_argument("--zero", type=_zero, default=None, metavar="{0,1,3,auto}",
                    help="1: shard optimizer state over the replicas (ZeRO-1); 3: shard weights, gradients and "
-                        "optimizer state inside the stages (FSDP2) (default: 0)")
+                        "optimizer state inside the stages (FSDP2); auto: choose it with the replicas, tensor "
+                        "parallelism, schedule and micro-batches left open, the fastest predicted layout that fits "
+                        "(prints the candidates) (default: 0)")
     g.add_argument("--tp", type=_microbatches, default=None, metavar="T",
                    help="tensor-parallel ranks per pipeline rank (attention and MLP split over the group inside a "
                         "node), or 'auto': the degree with the fastest predicted step (prints the candidates) "
@@ -271,7 +279,7 @@ _FLAG_NAMES = [
     (r"optimizer=", "--optimizer"), (r"concrete_args", "concrete_args (Python API only)"),
     (r"route='export'", "capture_route='export' (Python API only)"),
     (r"data_parallel(?:=(\d+|'auto'))?", "--dp"), (r"gpus_per_node", "--gpus-per-node"),
-    (r"inter_link", "--inter-link"), (r"zero(?:=(\d))?", "--zero"),
+    (r"inter_link", "--inter-link"), (r"zero(?:=(\d|'auto'))?", "--zero"),
     (r"tensor_parallel(?:=(\d+|'auto'))?", "--tp"),
 ]
 

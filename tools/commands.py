@@ -162,6 +162,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _explain_notes(pipe.plan, "dp", "data parallelism")
     if getattr(args, "tp", None) == "auto" and not args.quiet:
         _explain_notes(pipe.plan, "tp", "tensor parallelism")
+    if args.zero == "auto" and not args.quiet:
+        _explain_notes(pipe.plan, "layout", "layout (T, D, P, ZeRO, schedule, micro-batches)")
     if hf and not args.quiet:
         _hf_report(pipe.plan, args)
     return 0
