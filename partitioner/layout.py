@@ -140,6 +140,8 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
         if opts.n_gpus % (opts.data_parallel * tp):
             raise PartitionError(f"n_gpus={opts.n_gpus} does not split into data_parallel={opts.data_parallel} "
                                  f"x tensor_parallel={tp}")
+        if opts.zero == 1 and tp > 1 and opts.data_parallel > 1:
+            raise PartitionError(f"zero=1 with data_parallel={opts.data_parallel} is {ZERO1_TP}")
         prob, sol, fits, _ = solve_pipeline(ctx, opts)
         placed = sorted(((replicated(prob, sol, lay).step, i, lay) for i, lay in
                          enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
@@ -156,6 +158,9 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
     refused: list[str] = []
     for d in divisors(opts.n_gpus // tp):
         label = f"D={d} P={opts.n_gpus // (d * tp)}" + (f" T={tp}" if tp > 1 else "")
+        if opts.zero == 1 and tp > 1 and d > 1:
+            refused.append(f"{label}: zero=1 {ZERO1_TP}")
+            continue
         if batch is not None and batch % d:
             refused.append(f"{label}: the batch of {batch} does not split into {d} replicas")
             continue
@@ -289,6 +294,11 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
                                     exposed_s=step - sim.step_time), sim)
 
 
+#: Why automatic choices skip ZeRO-1 with tensor parallelism and replicas: the runtime refuses
+#: it (ZeroRedundancyOptimizer broadcasts parameters, which DTensor has no rule for).
+ZERO1_TP = "not run with tensor parallelism and replicas (ZeroRedundancyOptimizer cannot shard DTensors; zero=0 or 3 can)"
+
+
 def zero_levels(ctx: Context, dp: int) -> list[int]:
     """The ZeRO levels to solve at ``dp`` replicas: the one asked for, or with ``zero="auto"``
     0, 1 and 3 (with one replica only 0: ZeRO shards over the replicas, there is nothing to
@@ -420,6 +430,9 @@ def joint(ctx: Context) -> Solved:
                 continue
             share = batch // d if batch is not None else None
             for z in zero_levels(ctx, d):
+                if z == 1 and t > 1 and d > 1:
+                    refused.append(f"T={t} D={d} P={pp} zero=1: {ZERO1_TP}")
+                    continue
                 floor = static_floor(ctx, t, d, pp, z)
                 if floor > capacity:
                     refused.append(f"T={t} D={d} P={pp} zero={z}: does not fit (weights, gradients and optimizer "

@@ -115,3 +115,24 @@ def test_cli_zero_auto_prints_the_ranking_with_each_level(tmp_path: Path) -> Non
     assert json.loads(out.read_text())["mesh"]["zero"] == int(picked)
     bad = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--zero", "2", "-o", str(tmp_path / "b.json"))
     assert bad.returncode == 2 and "--zero" in bad.stderr and "auto" in bad.stderr
+
+
+def test_automatic_choices_skip_zero1_with_tensor_parallelism_and_replicas() -> None:
+    """The runtime refuses ZeRO-1 with TP and replicas, so no automatic choice may return it:
+    with zero=1 and tensor_parallel="auto" at two replicas the TP degrees are refused (T=1
+    wins), and zero="auto" never solves zero=1 at T > 1 with D > 1 (it lists it refused)."""
+    from partitioner.layout import ZERO1_TP
+    from tests.runtime.test_tensor_parallel import Net, _data
+
+    inputs, _ = _data("net")
+    pipe = partition(Net(), 4, inputs, device="cpu", link="loopback", data_parallel=2, zero=1,
+                     tensor_parallel="auto")
+    assert pipe.plan.mesh.tp == 1
+    assert any(r["refused"] and ZERO1_TP in r["text"] for r in pipe.plan.rankings["tp"])
+    pipe = partition(Net(), 4, inputs, device="cpu", link="loopback", data_parallel="auto", zero="auto",
+                     tensor_parallel="auto")
+    rows = pipe.plan.rankings["layout"]
+    solved = [r["label"] for r in rows if not r["refused"]]
+    assert solved and not [lb for lb in solved if re.search(r"T=[2-9].*D=[2-9].*zero=1", lb)]
+    assert any(r["refused"] and ZERO1_TP in r["text"] for r in rows)
+    assert not (pipe.plan.mesh.tp > 1 and pipe.plan.mesh.dp > 1 and pipe.plan.mesh.zero == 1)
