@@ -91,6 +91,11 @@ class Published:
     virtual: int | None = None
     #: the vocabulary the benchmark model is built with, when not ``vocab`` (diagnostic rows only)
     model_vocab: int | None = None
+    #: the attention the run used (``gpu_cost_bench.Block``): "flash", or "explicit" for the
+    #: runs before FlashAttention (S x S scores, Megatron's fused scale-mask-softmax)
+    attention: str = "flash"
+    #: Megatron-LM's --attention-dropout / --hidden-dropout of the run (0: none)
+    dropout: float = 0.0
 
     @property
     def gpus(self) -> int:
@@ -167,11 +172,15 @@ def n21_runs(large: bool = True) -> list[Published]:
     return rows
 
 
-def predict(run: Published) -> float:
-    """Predicted iteration seconds: pipeline step + the slowest rank's Adam step."""
+def predict(run: Published, as_run: bool = True) -> float:
+    """Predicted iteration seconds: pipeline step + the slowest rank's Adam step. ``as_run``
+    False builds every run with flash attention and no dropout (the model before each run's
+    attention was represented, for the before/after comparison)."""
     a100 = get_device("a100-80gb")
+    attention, dropout = (run.attention, run.dropout) if as_run else ("flash", 0.0)
     with torch.device("meta"):
-        model = GPT(run.layers, run.hidden, run.heads, run.seq, vocab=run.model_vocab or run.vocab, per_head_qkv=True)
+        model = GPT(run.layers, run.hidden, run.heads, run.seq, vocab=run.model_vocab or run.vocab, per_head_qkv=True,
+                    attention=attention, dropout=dropout)
     nodes = run.gpus > 8
     step, opt = plan_layout(model, run.counts, pp=run.pp, batch=run.micro * run.m * run.dp, seq=run.seq, m=run.m,
                             schedule=run.schedule, dev=a100, link=LINKS["nvlink3"],
