@@ -38,14 +38,21 @@ Sources (cited per row):
       row, the interleaved schedule's blocks per virtual stage, fp16). Only the first and last
       rows of Table 1 (1.7B: 137 TFLOP/s; 1008B: 163 TFLOP/s) could be read from a source here
       (a description of the table's image quoting those two rows); the other eight rows are not
-      used rather than recalled.
+      used rather than recalled. Attention as it ran: the scripts' container (``SRUN.sh``:
+      nvcr.io pytorch 20.12) predates FlashAttention, so Megatron computed attention explicitly,
+      and ``CONFIG.sh`` leaves dropout at Megatron's defaults (attention and hidden 0.1): the
+      TP = 1 row is built with ``GPT(attention="explicit", dropout=0.1)`` (``--flash``: as
+      before, flash and no dropout). The TP rows keep flash (``N21_ATTENTION``).
 
 Not checkable here (said in RESULTS.md): Korthikanti et al. 2022 ("Reducing Activation
 Recomputation", sequence parallelism and selective recompute: the planner has no sequence
-parallelism); the vocabulary-parallel rows of [VP].
+parallelism); the vocabulary-parallel rows of [VP]; [N21] Table 1's other rows and Figures
+12-13, and Megatron-LM's README throughput table (GPT 2B-462B on H100), all images
+(``images/cases_april2021.png``, ``images/model_table.png``) with no readable copy found;
+torchtitan's H100 rows (Float8, or TP with sequence parallelism); BPipe (no table found).
 
-Run: ``python benchmarks/published_bench.py [--quick]`` (meta device, CPU only; --quick: the
-[VP] rows at sequence 2048 only, no 1T row). Prints one row per run, the layout ratios and
+Run: ``python benchmarks/published_bench.py [--quick] [--flash]`` (meta device, CPU only;
+--quick: the [VP] rows at sequence 2048 only, no 1T row). Prints one row per run, the layout ratios and
 the error summary.
 """
 
