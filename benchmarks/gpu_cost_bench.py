@@ -52,6 +52,51 @@ from partitioner.cost_models.devices import LINKS, DeviceSpec, LinkSpec, get_dev
 VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 128, as Megatron-LM pads them
 
 
+@torch.library.custom_op("bench::scaled_upper_triang_masked_softmax", mutates_args=())
+def scaled_upper_triang_masked_softmax(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * x) over the last dimension with the causal (upper-triangular) mask: one
+    kernel, as Megatron-LM's fused ``scaled_upper_triang_masked_softmax`` CUDA kernel runs it.
+
+    A custom op rather than ``masked_fill`` + ``softmax`` (what PyTorch offers: its one fused
+    masked softmax, ``aten._masked_softmax``, has no meta kernel, so it cannot be traced on
+    the meta device) so that the cost model sees one kernel that reads the scores and writes
+    the probabilities, not two passes over the S x S scores.
+    """
+    s_q, s_k = x.shape[-2], x.shape[-1]
+    mask = torch.ones(s_q, s_k, dtype=torch.bool, device=x.device).triu(1 + s_k - s_q)
+    return torch.softmax((x * scale).masked_fill(mask, float("-inf")), dim=-1)
+
+
+@scaled_upper_triang_masked_softmax.register_fake
+def _(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("bench::scaled_upper_triang_masked_softmax_backward", mutates_args=())
+def scaled_upper_triang_masked_softmax_backward(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """The fused kernel's backward: ``scale * y * (dy - sum(dy * y))`` (the masked entries of
+    ``y`` are 0, so their gradient is too): one kernel reading ``dy`` and ``y``."""
+    return scale * y * (dy - (dy * y).sum(dim=-1, keepdim=True))
+
+
+@scaled_upper_triang_masked_softmax_backward.register_fake
+def _(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(y)
+
+
+def _fused_softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(output)
+    ctx.scale = inputs[1]
+
+
+def _fused_softmax_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+    (y,) = ctx.saved_tensors
+    return scaled_upper_triang_masked_softmax_backward(dy, y, ctx.scale), None
+
+
+scaled_upper_triang_masked_softmax.register_autograd(_fused_softmax_backward, setup_context=_fused_softmax_setup)
+
+
 class Block(nn.Module):
     """A Megatron-LM GPT layer (pre-LayerNorm, fused QKV, GELU MLP of 4h, biases).
 
@@ -61,16 +106,40 @@ class Block(nn.Module):
     planner's region finder shards attention. False (the Zero Bubble rows, planned before it
     existed): ``[3, heads, head dim]``, which prices the same on the efficiency model (views
     launch no kernel) but leaves attention replicated under tensor parallelism.
+
+    ``attention``: ``"flash"`` (the default: one ``scaled_dot_product_attention`` node, priced
+    as a flash kernel that keeps no S x S scores) or ``"explicit"``, the attention Megatron-LM
+    ran before FlashAttention (``ParallelAttention`` of 2021), kernel for kernel: the block
+    works on ``[s, b, h]`` as Megatron's did, so q, k and v reach the batched matmuls as
+    strided views (``[s, b * heads, d]`` transposed, no copy); ``q k^T`` (one ``bmm``), the
+    fused scale + causal-mask + softmax kernel (``scaled_upper_triang_masked_softmax``),
+    dropout on the probabilities, the ``bmm`` with ``v``, and one copy of the context back to
+    ``[s, b, h]``; the S x S scores are written, read and kept for the backward as they were.
+    Megatron folds the scale into the first matmul (``baddbmm``'s ``alpha``); here the fused
+    softmax applies it: the same kernels and bytes. Tensor parallelism: the planner's region
+    finder does not follow heads merged into the batch dimension, so explicit attention stays
+    replicated under TP (use it for TP = 1 runs).
+
+    ``dropout``: the probability of Megatron-LM's ``--attention-dropout`` (explicit attention
+    only) and ``--hidden-dropout`` (after the attention projection and after the MLP, before
+    each residual add); 0 (the default) builds no dropout. Dropout is ``torch.native_dropout``,
+    the one kernel ``F.dropout`` runs on a GPU: on the meta device ``F.dropout`` decomposes
+    into ``bernoulli_``, ``div_`` and ``mul``, which the cost model would price as three passes.
     """
 
-    def __init__(self, h: int, heads: int, per_head_qkv: bool = False) -> None:
+    def __init__(self, h: int, heads: int, per_head_qkv: bool = False, attention: str = "flash",
+                 dropout: float = 0.0) -> None:
         super().__init__()
-        self.heads, self.per_head_qkv = heads, per_head_qkv
+        if attention not in ("flash", "explicit"):
+            raise ValueError(f"attention must be 'flash' or 'explicit', got {attention!r}")
+        self.heads, self.per_head_qkv, self.attention, self.p = heads, per_head_qkv, attention, dropout
         self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.fc1, self.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention == "explicit":
+            return self._explicit(x)
         b, s, h = x.shape
         d = h // self.heads
         if self.per_head_qkv:
@@ -78,23 +147,51 @@ class Block(nn.Module):
         else:
             q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        o = self.proj(a.transpose(1, 2).reshape(b, s, h))
+        x = x + _dropout(o, self.p, self.training)
+        return x + _dropout(self.fc2(F.gelu(self.fc1(self.ln2(x)))), self.p, self.training)
+
+    def _explicit(self, x: torch.Tensor) -> torch.Tensor:
+        """Megatron-LM 2021's attention on ``x`` of ``[s, b, h]`` (class docstring)."""
+        s, b, h = x.shape
+        n, d = self.heads, h // self.heads
+        q, k, v = self.qkv(self.ln1(x)).view(s, b * n, 3 * d).split(d, dim=-1)  # [s, b*n, d] views
+        scores = torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0))  # [b*n, s, s]
+        probs = scaled_upper_triang_masked_softmax(scores.view(b, n, s, s), 1.0 / math.sqrt(d))
+        probs = _dropout(probs, self.p, self.training)
+        ctx = torch.bmm(probs.view(b * n, s, s), v.transpose(0, 1))  # [b*n, s, d]
+        ctx = ctx.view(b, n, s, d).permute(2, 0, 1, 3).contiguous().view(s, b, h)
+        x = x + _dropout(self.proj(ctx), self.p, self.training)
+        return x + _dropout(self.fc2(F.gelu(self.fc1(self.ln2(x)))), self.p, self.training)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``x`` through dropout of probability ``p`` (``Block``: ``torch.native_dropout``, the GPU's one kernel)."""
+    if not p:
+        return x
+    return torch.native_dropout(x, p, training)[0]
 
 
 class GPT(nn.Module):
-    def __init__(self, layers: int, h: int, heads: int, seq: int, vocab: int = VOCAB, per_head_qkv: bool = False) -> None:
+    def __init__(self, layers: int, h: int, heads: int, seq: int, vocab: int = VOCAB, per_head_qkv: bool = False,
+                 attention: str = "flash", dropout: float = 0.0) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, h), nn.Embedding(seq, h)
-        self.blocks = nn.ModuleList(Block(h, heads, per_head_qkv) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(h, heads, per_head_qkv, attention, dropout) for _ in range(layers))
+        self.p, self.explicit = dropout, attention == "explicit"
         self.ln = nn.LayerNorm(h)
         self.head = nn.Linear(h, vocab, bias=False)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        x = _dropout(self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device)), self.p, self.training)
+        if self.explicit:  # Megatron-LM 2021's transformer runs on [s, b, h], transposed in and out
+            x = x.transpose(0, 1).contiguous()
         for blk in self.blocks:
             x = blk(x)
-        logits = self.head(self.ln(x))
+        x = self.ln(x)
+        if self.explicit:
+            x = x.transpose(0, 1).contiguous()
+        logits = self.head(x)
         # the loss in fp32 over the whole vocabulary, as Megatron-LM computes it
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
 

@@ -38,14 +38,21 @@ Sources (cited per row):
       row, the interleaved schedule's blocks per virtual stage, fp16). Only the first and last
       rows of Table 1 (1.7B: 137 TFLOP/s; 1008B: 163 TFLOP/s) could be read from a source here
       (a description of the table's image quoting those two rows); the other eight rows are not
-      used rather than recalled.
+      used rather than recalled. Attention as it ran: the scripts' container (``SRUN.sh``:
+      nvcr.io pytorch 20.12) predates FlashAttention, so Megatron computed attention explicitly,
+      and ``CONFIG.sh`` leaves dropout at Megatron's defaults (attention and hidden 0.1): the
+      TP = 1 row is built with ``GPT(attention="explicit", dropout=0.1)`` (``--flash``: as
+      before, flash and no dropout). The TP rows keep flash (``N21_ATTENTION``).
 
 Not checkable here (said in RESULTS.md): Korthikanti et al. 2022 ("Reducing Activation
 Recomputation", sequence parallelism and selective recompute: the planner has no sequence
-parallelism); the vocabulary-parallel rows of [VP].
+parallelism); the vocabulary-parallel rows of [VP]; [N21] Table 1's other rows and Figures
+12-13, and Megatron-LM's README throughput table (GPT 2B-462B on H100), all images
+(``images/cases_april2021.png``, ``images/model_table.png``) with no readable copy found;
+torchtitan's H100 rows (Float8, or TP with sequence parallelism); BPipe (no table found).
 
-Run: ``python benchmarks/published_bench.py [--quick]`` (meta device, CPU only; --quick: the
-[VP] rows at sequence 2048 only, no 1T row). Prints one row per run, the layout ratios and
+Run: ``python benchmarks/published_bench.py [--quick] [--flash]`` (meta device, CPU only;
+--quick: the [VP] rows at sequence 2048 only, no 1T row). Prints one row per run, the layout ratios and
 the error summary.
 """
 
@@ -91,6 +98,11 @@ class Published:
     virtual: int | None = None
     #: the vocabulary the benchmark model is built with, when not ``vocab`` (diagnostic rows only)
     model_vocab: int | None = None
+    #: the attention the run used (``gpu_cost_bench.Block``): "flash", or "explicit" for the
+    #: runs before FlashAttention (S x S scores, Megatron's fused scale-mask-softmax)
+    attention: str = "flash"
+    #: Megatron-LM's --attention-dropout / --hidden-dropout of the run (0: none)
+    dropout: float = 0.0
 
     @property
     def gpus(self) -> int:
@@ -149,12 +161,24 @@ def n21_iteration_s(batch: int, seq: int, layers: int, hidden: int, vocab: int, 
     return flop / (gpus * tflops * 1e12)
 
 
+#: [N21]'s runs predate FlashAttention (2022): SRUN.sh runs them in the nvcr.io pytorch:20.12
+#: container, whose Megatron-LM computed attention explicitly (S x S scores, fused scale-mask-
+#: softmax, dropout); CONFIG.sh sets no --attention-dropout / --hidden-dropout, so Megatron's
+#: defaults (0.1 each, ``_add_regularization_args``) ran. Planned with ``attention="explicit"``.
+N21_ATTENTION, N21_DROPOUT = "explicit", 0.1
+
+
 def n21_runs(large: bool = True) -> list[Published]:
     v = 51200
     rows = [  # run_table_1.sh: 1.7B TP=1 PP=1 MBS=16 GBS=512, 32 GPUs (4 nodes); Table 1: 137 TFLOP/s
         Published("N21", "1.7B", 24, 2304, 24, 2048, v, 1, 1, 32, 16, 1, (24,), "1f1b", "full",
-                  n21_iteration_s(512, 2048, 24, 2304, v, 32, 137), "DP only"),
+                  n21_iteration_s(512, 2048, 24, 2304, v, 32, 137), "DP only",
+                  attention=N21_ATTENTION, dropout=N21_DROPOUT),
     ]
+    # The TP rows keep flash attention (not what ran): the planner's region finder does not
+    # shard explicit attention (heads merged into the bmm's batch dimension), and replicating
+    # it over the TP group would misprice them far more than the missing S x S traffic
+    # (RESULTS.md: ~1 ms of ~25 ms per block and micro-batch at 1T).
     if large:  # 1T: TP=8 PP=64 MBS=1 GBS=3072, 3072 GPUs -> DP=6, 512 micro-batches per pipeline; 163 TFLOP/s
         measured = n21_iteration_s(3072, 2048, 128, 25600, v, 3072, 163)
         rows.append(Published("N21", "1008B", 128, 25600, 160, 2048, v, 64, 8, 6, 1, 512, (2,) * 64, "1f1b", "full",
@@ -167,11 +191,15 @@ def n21_runs(large: bool = True) -> list[Published]:
     return rows
 
 
-def predict(run: Published) -> float:
-    """Predicted iteration seconds: pipeline step + the slowest rank's Adam step."""
+def predict(run: Published, as_run: bool = True) -> float:
+    """Predicted iteration seconds: pipeline step + the slowest rank's Adam step. ``as_run``
+    False builds every run with flash attention and no dropout (the model before each run's
+    attention was represented, for the before/after comparison)."""
     a100 = get_device("a100-80gb")
+    attention, dropout = (run.attention, run.dropout) if as_run else ("flash", 0.0)
     with torch.device("meta"):
-        model = GPT(run.layers, run.hidden, run.heads, run.seq, vocab=run.model_vocab or run.vocab, per_head_qkv=True)
+        model = GPT(run.layers, run.hidden, run.heads, run.seq, vocab=run.model_vocab or run.vocab, per_head_qkv=True,
+                    attention=attention, dropout=dropout)
     nodes = run.gpus > 8
     step, opt = plan_layout(model, run.counts, pp=run.pp, batch=run.micro * run.m * run.dp, seq=run.seq, m=run.m,
                             schedule=run.schedule, dev=a100, link=LINKS["nvlink3"],
@@ -185,20 +213,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="[VP] at sequence 2048 and [N21] 1.7B only")
     ap.add_argument("--source", choices=("VP", "N21"), help="one source's rows only")
+    ap.add_argument("--flash", action="store_true",
+                    help="every run with flash attention and no dropout (before each run's attention was represented)")
     args = ap.parse_args()
     runs = [r for r in vp_runs() if not args.quick or r.seq == 2048] + n21_runs(large=not args.quick)
     runs = [r for r in runs if args.source in (None, r.source)]
-    print("| source | run | seq | vocab | TP x PP x DP | mbs | m | blocks per stage | recompute | measured s | "
-          "predicted s | pred/meas |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| source | run | seq | vocab | TP x PP x DP | mbs | m | blocks per stage | recompute | attention | "
+          "measured s | predicted s | pred/meas |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     res: dict[tuple[str, str, int, int], tuple[float, float]] = {}
     t0 = time.perf_counter()
     for r in runs:
-        pred = predict(r)
+        pred = predict(r, as_run=not args.flash)
+        att = "flash" if args.flash else r.attention + (f", dropout {r.dropout}" if r.dropout else "")
         res[r.source, r.name, r.seq, r.vocab] = (r.measured_s, pred)
         counts = "-".join(map(str, r.counts)) if len(set(r.counts)) > 1 else f"{r.counts[0]} x {len(r.counts)}"
         print(f"| {r.source} | {r.name} | {r.seq} | {r.vocab // 1000}k | {r.tp} x {r.pp} x {r.dp} | {r.micro} | {r.m} | "
-              f"{counts} | {r.recompute} | {r.measured_s:.3f} | {pred:.3f} | {pred / r.measured_s:.2f} |", flush=True)
+              f"{counts} | {r.recompute} | {att} | {r.measured_s:.3f} | {pred:.3f} | {pred / r.measured_s:.2f} |", flush=True)
     print()
     print("| seq | vocab | measured redis/baseline | predicted | error |")
     print("|---|---|---|---|---|")

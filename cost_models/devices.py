@@ -251,8 +251,11 @@ class LinkSpec:
 #         torch.matmul over a sweep of shapes, mean of 100 iterations. A100 SXM 271.2 of 312
 #         TFLOPS (86.9 %), H100 SXM 794.5 of 989 (80.3 %), GH200 (H200-class, 141 GB HBM3e)
 #         828.6 of 989 (83.8 %), B200 SXM ~1745 of 2250 (77.6 %).
-# [FA2]   T. Dao, "FlashAttention-2" (arXiv 2307.08691): "50-73 % of the theoretical maximum
-#         FLOPs/s on A100" (forward at the top of that range, backward at the bottom).
+# [FA2]   T. Dao, "FlashAttention-2" (arXiv 2307.08691): forward "up to 230 TFLOPs/s, 73% of the
+#         theoretical maximum TFLOPs/s on A100" (Section 4); backward, Figure 5 (A100 80GB SXM4,
+#         head dim 128, 16k tokens, FLOPs = 2.5 x the forward's, halved with a causal mask), as
+#         read in the paper summaries of the code index (the figure is an image): 196 TFLOPs/s
+#         without and 186 with a causal mask, i.e. up to 63 % of 312.
 # [FA3]   J. Shah et al., "FlashAttention-3" (arXiv 2407.08608): FP16 forward up to 740 TFLOPS,
 #         75 % of H100's peak; FlashAttention-2 reaches 35 % on H100.
 # [BW]    "Memory bandwidth analysis" table (fridayswithfaraday.com/posts/memory-bandwidth-
@@ -275,12 +278,13 @@ _SEQ_HALF = 128.0  # model: attention at 1k tokens runs at 89 % of its long-sequ
 _FIT = 0.8
 
 A100_EFF = Efficiency(sms=108, gemm_max=0.869, gemm_k_half=_K_HALF,  # [SM], [MAMF] 271.2 / 312
-                      attn_fwd=0.73, attn_bwd=0.50, attn_seq_half=_SEQ_HALF,  # [FA2] 73 % / 50 %
+                      attn_fwd=0.73, attn_bwd=0.63, attn_seq_half=_SEQ_HALF,  # [FA2] 73 % / 63 % (196 / 312)
                       mem=0.88, launch_s=_LAUNCH_S, fit=_FIT)  # [BW] 1800 / 2039 GB/s
 H100_EFF = Efficiency(sms=132, gemm_max=0.803, gemm_k_half=_K_HALF,  # [SM], [MAMF] 794.5 / 989
                       # [FA3] 75 % forward (cuDNN / FA3-class kernels, what Megatron-LM and
                       # Transformer Engine run on Hopper); model: backward at FA2's A100 ratio
-                      # of backward to forward (50 / 73) of that
+                      # of backward to forward as first read (50 / 73) of that; [FA2]'s Figure 5
+                      # gives 63 / 73 on A100, not carried over without an H100 backward figure
                       attn_fwd=0.75, attn_bwd=0.51, attn_seq_half=_SEQ_HALF,
                       mem=0.87, launch_s=_LAUNCH_S, fit=_FIT)  # [BW] 2900 / 3350 GB/s
 H200_EFF = Efficiency(sms=132, gemm_max=0.838, gemm_k_half=_K_HALF,  # [SM], [MAMF] GH200 828.6 / 989
