@@ -176,3 +176,48 @@ def test_transport_scatters_odd_messages_exactly(tagless: bool) -> None:
         want = [b if b < 2 else (-(-b // 2) if r["tp"] == 0 else b - -(-b // 2)) for b in sizes]
         assert [w for _, w in r["sends"]] == want * 2, r["sends"]
         assert sizes == [7, 4, 1, 120, 5, 64 * 4 + 128]
+
+
+# -- pricing ------------------------------------------------------------------------------
+
+def test_a_cut_is_priced_as_one_chunk_per_pair_plus_an_all_gather_in_the_group() -> None:
+    from partitioner.cost_models.devices import get_link
+    from partitioner.data_parallel import allgather_s
+    from partitioner.tensor_parallel import boundary_time
+
+    ib, nvlink = get_link("ib-ndr-400"), get_link("nvlink4")
+    mib = 2**20
+    assert boundary_time(ib, 1, nvlink)(mib) == ib.transfer_time(mib)  # no TP: as before
+    want = ib.transfer_time(mib / 4) + allgather_s(mib, 4, nvlink)
+    assert boundary_time(ib, 4, nvlink)(mib) == pytest.approx(want)
+    # a large message: a quarter on the slow link, the all-gather on the fast one
+    assert boundary_time(ib, 4, nvlink)(64 * mib) < 0.5 * ib.transfer_time(64 * mib)
+    assert boundary_time(ib, 4, nvlink)(3) == ib.transfer_time(3)  # fewer bytes than ranks: sent whole
+    assert boundary_time(ib, 4, nvlink)(0) == 0.0
+
+
+def test_a_tensor_parallel_plan_prices_its_cuts_per_group_and_replays_the_same() -> None:
+    from partitioner import partition
+    from partitioner.cost_models.devices import get_link
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import boundary_bytes, predict_plan, predict_step
+    from partitioner.tensor_parallel import boundary_time
+    from tests.runtime.test_tensor_parallel import Net
+
+    torch.manual_seed(0)
+    kw = dict(example_inputs=(torch.randn(8, 64, 32),), device="h100-sxm", link="loopback", n_microbatches=4,
+              pinned_cuts=["blocks.1"])
+    plan = partition(Net(), n_gpus=4, tensor_parallel=2, **kw).plan
+    assert plan.mesh.tp == 2 and len(plan.boundaries) == 1
+    sched = build_schedule(plan.options["schedule"], plan.pp_ranks, plan.prediction.n_microbatches, plan.n_stages)
+    assert predict_plan(plan, sched).step_time == pytest.approx(plan.prediction.step_time_s, rel=1e-9)
+    # the plan's step is simulated with the cut priced per group (1/2 on the pair's link plus an
+    # all-gather), not with the whole message per pair: on this latency-bound link and a 16 KiB
+    # message that is dearer (two latencies), so the two predictions differ
+    link = get_link("loopback")
+    fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
+    times = ([st.cost.fwd_time_s for st in plan.stages], [st.cost.bwd_time_s for st in plan.stages])
+    per_group = predict_step(sched, *times, boundary_time(link, 2), fwd, grad).step_time
+    per_pair = predict_step(sched, *times, link.transfer_time, fwd, grad).step_time
+    assert plan.prediction.step_time_s == pytest.approx(per_group, rel=1e-9)
+    assert per_group > per_pair * (1 + 1e-6)
