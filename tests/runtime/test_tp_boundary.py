@@ -38,13 +38,14 @@ def _record_sends() -> list[tuple[int, int]]:
     return seen
 
 
-def _train(rank: int, world: int, name: str, pipe: Any, schedule: str, scatter: str) -> dict[str, Any]:
+def _train(rank: int, world: int, name: str, pipe: Any, schedule: str, scatter: str,
+           p2p: str = "auto") -> dict[str, Any]:
     os.environ["PARTITIONER_TP_SCATTER"] = scatter
     sends = _record_sends()
     inputs, y = _data(name)
     stage = pipe.build_stage(rank, "cpu")
     opt = torch.optim.SGD(stage.parameters(), lr=LR)
-    runner = stage.runner(schedule, loss_fn=LOSS[name])
+    runner = stage.runner(schedule, loss_fn=LOSS[name], p2p=p2p)
     kw = inputs if stage.is_first else {}
     target = y if stage.is_last else None
     losses, norms = [], []
@@ -58,6 +59,7 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str, scatter: 
     tr = runner.transport
     payloads = [b for _, _, b in runner.interpreter.sent]  # each message's payload, as the interpreter gave it
     return {"pp": stage.pp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "scatter": tr.scatter,
+            "tagless": tr.tagless, "log": list(runner.interpreter.comm_log),
             "sends": list(sends), "payloads": payloads, "bytes_sent": tr.bytes_sent, "wire_bytes": tr.wire_bytes,
             "step_wire": sum(w for _, w in sends),
             "params": full_state(stage.named_parameters())}
