@@ -22,6 +22,7 @@ from partitioner.pricing import Priced, module_instance, wire_kind
 from partitioner.schedule import Schedule
 from partitioner.simulator import boundary_bytes, predict_step, simulate
 from partitioner.solver import Solution
+from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan", "param_bytes_by_first_use",
            "value_routes"]
@@ -218,7 +219,8 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
     tied = sorted(tuple(sorted(e["names"])) for e in owners.values() if len(e["stages"]) > 1)
     # the plan's own records, the way ``partitioner timeline`` re-simulates a loaded plan
     sim = predict_step(schedule, [st.cost.fwd_time_s for st in stage_plans], [st.cost.bwd_time_s for st in stage_plans],
-                       link.transfer_time, *boundary_bytes(boundaries, micro, at["S"]))
+                       boundary_time(link, int(source.options.get("tensor_parallel") or 1)),
+                       *boundary_bytes(boundaries, micro, at["S"]))
     prediction = Prediction(schedule.name, schedule.n_microbatches, micro, sim.step_time,
                             min(1.0, max(0.0, sim.bubble_fraction)), solution.bottleneck * time_unit,
                             tuple(unit_sim.peak_inflight))

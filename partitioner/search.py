@@ -88,8 +88,8 @@ def fmt_time(units: float) -> str:
 def step_model(prob: Problem, sched: Schedule | None = None) -> StepModel:
     """The pipeline's step as the objective simulates it: forward times, and each cut's
     link price forward (values) and backward (gradients)."""
-    send = cut_link_units(prob.lnk, prob.priced.cut_bytes)
-    bsend = cut_link_units(prob.lnk, prob.priced.cut_grad_bytes)
+    send = cut_link_units(prob.lnk, prob.priced.cut_bytes, tp=prob.opts.tensor_parallel)
+    bsend = cut_link_units(prob.lnk, prob.priced.cut_grad_bytes, tp=prob.opts.tensor_parallel)
     return StepModel(to_units(prob.priced.fwd_s), send, bsend, sched or prob.sched)
 
 

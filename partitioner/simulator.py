@@ -31,6 +31,7 @@ from partitioner.comms import Lowered, lower
 from partitioner.cost_models.devices import LinkSpec
 from partitioner.data_parallel import boundary_links
 from partitioner.schedule import Action, Schedule, ScheduleError, replay
+from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["Event", "SimResult", "boundary_bytes", "predict_plan", "predict_step", "simulate", "timeline"]
 
@@ -206,7 +207,7 @@ def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
     links = boundary_links(replace(mesh, pp=plan.pp_ranks), [st.rank for st in plan.stages], link, inter)  # the link each cut crosses
     fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
     return predict_step(schedule, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
-                        [lk.transfer_time for lk in links], fwd, grad)
+                        [boundary_time(lk, mesh.tp, link) for lk in links], fwd, grad)
 
 
 def timeline(result: SimResult, n_ranks: int, unit: float = 1.0) -> str:

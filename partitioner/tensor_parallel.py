@@ -8,24 +8,30 @@ one rank of the group exactly as they plan a whole GPU. ``node_time`` adds to a 
 forward and backward seconds the ring all-reduces the region makes there, on the link
 inside the group (NVLink: tensor parallelism stays inside a node).
 
-Boundary tensors between stages stay whole on every rank of a group: each rank sends its
-copy to the rank of the same index in the next stage's group, over its own link, so a cut
-costs what it costs without tensor parallelism.
+Boundary tensors between stages are replicated on every rank of a group, and the runtime
+sends each once per group (``runtime.dist``, Megatron's scatter/gather): each of the T ranks
+sends 1/T of the message to the rank of the same index in the next stage's group, over its
+own link (the T pairs in parallel), and the receiving group all-gathers the chunks on the
+link inside the group. ``boundary_time`` prices a cut so: ``link.transfer_time(bytes / T)``
+plus a ring all-gather of the whole message on the group's link (a message too small to
+split goes whole, as the runtime sends it). Without tensor parallelism it is
+``link.transfer_time`` itself, so such plans price as before.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 from torch import fx
 
 from partitioner.cost_models.cost import evaluate
 from partitioner.cost_models.devices import LinkSpec
-from partitioner.data_parallel import ring_allreduce_s
+from partitioner.data_parallel import allgather_s, ring_allreduce_s
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.tensor_parallel import Sharded, param_divisor, shard
 
-__all__ = ["view", "node_time", "param_divisor"]
+__all__ = ["view", "node_time", "param_divisor", "boundary_time"]
 
 NodeTime = Callable[[Any, Mapping[str, int]], "tuple[float, float]"]
 
@@ -75,3 +81,23 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
         return fwd, bwd
 
     return timed
+
+
+def boundary_time(link: LinkSpec, degree: int, group_link: LinkSpec | None = None) -> Callable[[float], float]:
+    """Seconds to move one boundary message of ``nbytes`` from a stage's ``degree``-way
+    tensor-parallel group to the next one's: each rank sends its ``ceil(nbytes / degree)``
+    chunk on ``link`` (the pairs in parallel), then the receivers all-gather the whole message
+    on ``group_link`` (default ``link``; the link inside a node). A message of fewer bytes than
+    makes a chunk for every rank goes whole, as ``runtime.dist`` sends it. ``degree`` 1:
+    ``link.transfer_time``, unchanged."""
+    if degree <= 1:
+        return link.transfer_time
+    inside = group_link if group_link is not None else link
+
+    def seconds(nbytes: float) -> float:
+        chunk = math.ceil(nbytes / degree)
+        if nbytes < degree or chunk * (degree - 1) >= nbytes:  # the runtime's rule: sent whole
+            return link.transfer_time(nbytes)
+        return link.transfer_time(chunk) + allgather_s(chunk * degree, degree, inside)
+
+    return seconds

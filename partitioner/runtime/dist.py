@@ -21,11 +21,22 @@ receives are all posted at its start, so a step holds them all anyway; a new ste
 only begins once the last one's backward is done, see ``transport``). On CUDA they
 are allocated per message: the caching allocator makes that cheap, and keeping them
 would hold a step's activations' worth of memory through the optimizer step.
+
+Under tensor parallelism (``set_tp_group``: the stage's T > 1 TP ranks hold every boundary
+value replicated) a message goes once per TP group, not T times (Megatron's scatter/gather):
+the wire buffer's B bytes are cut into T chunks of ceil(B / T) (the last one shorter), TP
+rank t sends chunk t to its peer (TP rank t of the other stage), which receives it into its
+slice of a buffer padded to T chunks and, when the message is waited on, all-gathers the
+chunks over the TP group (``dist.all_gather_single``, in place) before unpacking. Forward
+activations and backward gradients alike. A message too small for every rank to get a
+non-empty chunk (B < T, or the last chunk empty) goes whole, as without TP.
+``PARTITIONER_TP_SCATTER=0`` (read when the transport is made) sends everything whole.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -34,9 +45,27 @@ import torch.distributed as dist
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.transport import Key, Layout, Pending
 
-__all__ = ["DistTransport", "backend_for", "pack_layout"]
+__all__ = ["DistTransport", "backend_for", "pack_layout", "set_tp_group"]
 
 _ALIGN = 64  # bytes: any dtype's view of a segment is aligned
+
+# pipeline group -> (that group, the TP group of the ranks that own it); the group is kept
+# so that its id is not reused while the entry lives
+_TP_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def set_tp_group(group: dist.ProcessGroup, tp_group: dist.ProcessGroup) -> None:
+    """Declare that this rank's pipeline ``group`` carries values replicated over ``tp_group``
+    (its stage's tensor-parallel ranks): a ``DistTransport`` made over ``group`` then sends each
+    message as 1/T chunks and all-gathers them at the receiver. Called by the TP stage
+    builder (``runtime.tensor_parallel``), which owns both groups."""
+    _TP_GROUPS[id(group)] = (group, tp_group)
+
+
+def scatter_enabled() -> bool:
+    """Whether a transport made now scatters messages over its TP group (default on;
+    ``PARTITIONER_TP_SCATTER=0`` turns it off, for debugging)."""
+    return os.environ.get("PARTITIONER_TP_SCATTER", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def backend_for(device: torch.device | str | None) -> str:
@@ -54,6 +83,14 @@ def pack_layout(layout: Layout) -> tuple[list[tuple[int, int]], int]:
     return segs, off
 
 
+def _message_bytes(layout: Layout) -> int:
+    """Bytes of a message's wire buffer: the lone tensor's, or the packed buffer's."""
+    if len(layout) == 1:
+        (shape, dtype), = layout
+        return math.prod(shape) * torch.empty((), dtype=dtype, device="meta").element_size()
+    return pack_layout(layout)[1]
+
+
 def _views(buf: torch.Tensor, layout: Layout, segs: list[tuple[int, int]]) -> list[torch.Tensor]:
     """New tensor objects over ``buf``'s bytes, one per tensor of ``layout``."""
     return [buf[off:off + n].view(dtype).view(shape) for (off, n), (shape, dtype) in zip(segs, layout)]
@@ -61,30 +98,60 @@ def _views(buf: torch.Tensor, layout: Layout, segs: list[tuple[int, int]]) -> li
 
 class _Works:
     def __init__(self, key: Key, peer: int, works: list[dist.Work], tensors: list[torch.Tensor],
-                 busy: set[Key] | None = None) -> None:
+                 busy: set[Key] | None = None, gather: tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup] | None = None
+                 ) -> None:
         self.key, self.peer, self.works, self.tensors, self.busy = key, peer, works, tensors, busy
+        self.gather = gather  # (whole padded buffer, this rank's chunk of it, TP group): all-gather on wait
 
     def wait(self) -> list[torch.Tensor]:
+        direction, src, dst, mb = self.key
+        what = f"{'activations' if direction == 'F' else 'gradients'} of stage {src} for stage {dst} micro-batch {mb}"
         try:
             for w in self.works:
                 w.wait()
-            if self.busy is not None:
-                self.busy.discard(self.key)  # its buffer may take the next step's message
         except Exception as e:  # the peer died or timed out: say which message we waited for
-            direction, src, dst, mb = self.key
-            raise PipelineRuntimeError(
-                f"receiving {'activations' if direction == 'F' else 'gradients'} of stage {src} for stage {dst} "
-                f"micro-batch {mb} from rank {self.peer} failed (peer failed or timed out): {e}",
-                secondary=True,
-            ) from e
+            raise PipelineRuntimeError(f"receiving {what} from rank {self.peer} failed (peer failed or timed out): {e}",
+                                       secondary=True) from e
+        if self.gather is not None:
+            # NCCL safety: the TP ranks of a stage run identical action lists, and the interpreter
+            # waits on a message at a fixed point of its list (the first compute that uses it;
+            # ``arrived`` is always True here, so no timing decides the order). So every TP rank
+            # issues this all-gather at the same point of its list, in the same order relative
+            # to the other all-gathers and to DTensor's TP collectives inside the computes: the
+            # TP communicator sees one sequence of collectives on all its ranks. It starts only
+            # after this rank's chunk arrived; the chunks of the other TP ranks come from the
+            # other TP ranks of the sending stage, which issued their sends at the same point of
+            # their (identical) lists as our peer did, so the pipelines of the T TP indices are
+            # copies of the one whose P2P order ``partitioner.comms`` makes deadlock-free, and
+            # this all-gather joins copies that each reach it.
+            whole, mine, tp_group = self.gather
+            try:
+                dist.all_gather_single(whole, mine, group=tp_group)
+            except Exception as e:
+                raise PipelineRuntimeError(f"all-gathering the chunks of {what} over the tensor-parallel group "
+                                           f"failed (a TP rank failed or timed out): {e}", secondary=True) from e
+            self.gather = None
+        if self.busy is not None:
+            self.busy.discard(self.key)  # its buffer may take the next step's message
         return self.tensors
 
 
 class DistTransport:
     """P2P over ``group`` (default: the world); peers are ranks within ``group``."""
 
-    def __init__(self, n_stages: int, group: dist.ProcessGroup | None = None, *, tagless: bool = False) -> None:
+    def __init__(self, n_stages: int, group: dist.ProcessGroup | None = None, *, tagless: bool = False,
+                 tp_group: dist.ProcessGroup | None = None, scatter: bool | None = None) -> None:
         self.group = group
+        if tp_group is None and group is not None and id(group) in _TP_GROUPS:
+            tp_group = _TP_GROUPS[id(group)][1]
+        #: the TP group whose ranks hold this rank's messages replicated (None: no TP)
+        self.tp_group = tp_group
+        self.tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        #: send 1/T of each message and all-gather at the receiver (``scatter_enabled``)
+        self.scatter = (scatter_enabled() if scatter is None else scatter) and self.tp_size > 1
+        #: bytes this rank's P2P sends put on the wire (a chunk under ``scatter``; padding included)
+        self.wire_bytes = 0
         self.tagless = tagless
         self.prepost = dist.get_backend(group) != "nccl" and not tagless
         self._n_stages = n_stages  # for the tags
@@ -102,6 +169,19 @@ class DistTransport:
         direction, src, dst, mb = key
         n = self._n_stages
         return (((mb * n + src) * n + dst) * 2) + (direction == "B")
+
+    def _chunk(self, nbytes: int) -> tuple[int, int, int] | None:
+        """(chunk size, this rank's offset, this rank's length) in bytes when a message of
+        ``nbytes`` goes as T chunks, else None (send it whole). Sender and receiver decide
+        the same from the size alone."""
+        t = self.tp_size
+        if not self.scatter or nbytes < t:
+            return None
+        chunk = -(-nbytes // t)
+        if chunk * (t - 1) >= nbytes:  # the last TP rank would have nothing to send
+            return None
+        start = chunk * self.tp_rank
+        return chunk, start, min(chunk, nbytes - start)
 
     def _peer(self, peer: int) -> int:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
@@ -128,6 +208,11 @@ class DistTransport:
         # keeps its buffer: gloo may still write into it.
         reuse = key not in self._receiving
         self._receiving.add(key)
+        part = self._chunk(_message_bytes(layout))
+        if part is not None:  # T chunks: one byte buffer padded to T x chunk, the values views of its start
+            segs, total = pack_layout(layout) if len(layout) > 1 else ([(0, _message_bytes(layout))], 0)
+            buf = self._buffer(self._recv_bufs, key, part[0] * self.tp_size, torch.uint8, dev, reuse)
+            return buf, _views(buf, layout, segs)
         if len(layout) == 1:
             (shape, dtype), = layout
             buf = self._buffer(self._recv_bufs, key, math.prod(shape), dtype, dev, reuse)
@@ -146,16 +231,29 @@ class DistTransport:
                 continue
             self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
             wire = self._wire(key, tensors, dev)
+            part = self._chunk(wire.numel() * wire.element_size())
+            if part is not None:  # this TP rank's chunk of the bytes: the other ranks send the rest
+                _, start, n = part
+                wire = wire.detach().reshape(-1).view(torch.uint8)[start:start + n]
+            self.wire_bytes += wire.numel() * wire.element_size()
             self._in_flight.add(key)
             wires.append(wire)  # referenced until the send completes (flush)
             ops.append(dist.P2POp(dist.isend, wire, self._peer(peer), self.group, self._tag(key)))
         n_sends = len(ops)
         out: list[tuple[Key, int, list[torch.Tensor]]] = []
+        gathers: dict[int, tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup]] = {}
         for key, peer, layout in recvs:
             if not layout:
                 out.append((key, peer, []))
                 continue
             buf, tensors = self._inbox(key, layout, dev)
+            part = self._chunk(_message_bytes(layout))
+            if part is not None and self.tp_group is not None:
+                # a chunked message (``_inbox`` padded its buffer to T chunks): receive this
+                # rank's chunk into its slice; ``_Works.wait`` all-gathers the others
+                chunk, start, n = part
+                gathers[len(out)] = (buf, buf[start:start + chunk], self.tp_group)
+                buf = buf[start:start + n]
             ops.append(dist.P2POp(dist.irecv, buf, self._peer(peer), self.group, self._tag(key)))
             out.append((key, peer, tensors))
         if not ops:
@@ -171,11 +269,12 @@ class DistTransport:
         self._sends.append((works[:n_sends] if per_op else list(works), wires))
         pending: list[Pending] = []
         i = n_sends
-        for key, peer, tensors in out:
+        for j, (key, peer, tensors) in enumerate(out):
             if not tensors:
                 pending.append(_Works(key, peer, [], []))
                 continue
-            pending.append(_Works(key, peer, [works[i]] if per_op else list(works), tensors, self._receiving))
+            pending.append(_Works(key, peer, [works[i]] if per_op else list(works), tensors, self._receiving,
+                                  gathers.get(j)))
             i += 1
         return pending
 

@@ -230,3 +230,26 @@ def test_data_parallel_replicas_in_nccl_message_order_train_like_one_process(sch
         assert_params(params, want)
     for d in (0, 1):
         replay_log([log for _, (dp, pp, log) in sorted(results, key=lambda r: r[1][1]) if dp == d])
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_tensor_parallel_boundary_chunks_in_nccl_message_order_train_like_one_process(schedule: str) -> None:
+    """2 pipeline stages x 2 TP ranks, each boundary message sent as one chunk per TP rank and
+    all-gathered over the TP group when waited on (``runtime.dist``), gloo in NCCL's issue
+    order (tag 0): trains like one process; the TP ranks of a stage issue and wait in the same
+    order (so their all-gathers meet in the same order), and each TP index's pipeline replays
+    under NCCL's rules. The double itself models P2P only, not the TP collective."""
+    from partitioner.runtime.tensor_parallel import with_tensor_parallel
+    from tests.runtime.test_tensor_parallel import _built
+    from tests.runtime.test_tp_boundary import _check, _train
+
+    _, pipe, init = _built("net")
+    _built("net")[0].load_state_dict(init)
+    results = spawn(_train, 4, "net", with_tensor_parallel(pipe, 2), schedule, "1", "ordered", timeout_s=TIMEOUT_S)
+    _check("net", results, scatter=True)
+    assert all(r["tagless"] for r in results)
+    assert results[0]["log"] == results[1]["log"] and results[2]["log"] == results[3]["log"]
+    assert any(kind == "wait" for kind, *_ in results[0]["log"])
+    for t in (0, 1):
+        replay_log([results[t]["log"], results[2 + t]["log"]])

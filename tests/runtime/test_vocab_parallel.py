@@ -125,7 +125,9 @@ def _train(rank: int, world: int, name: str, pipe: Any) -> dict[str, Any]:
         with comm if i == 0 else contextlib.nullcontext():
             loss = runner.step(**kw, target=target)
         if i == 0:
-            gathers = sum(v for k, v in comm.get_comm_counts().items() if "gather" in str(k))
+            # not the transport's all-gather of boundary messages (``c10d._allgather_base_``, runtime.dist)
+            gathers = sum(v for k, v in comm.get_comm_counts().items()
+                          if "gather" in str(k) and "_allgather_base" not in str(k))
         opt.step()
         losses.append(None if loss is None else loss.item())
     placements = {n: (repr(p.placements[0]), tuple(p.to_local().shape)) for n, p in
