@@ -30,6 +30,7 @@ from partitioner.schedule import SCHEDULES, ScheduleError, build_schedule, check
 from partitioner.search import search
 from partitioner.simulator import SimResult, predict_step, simulate
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
+from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["AUTO_NOTE", "DP_NOTE", "LAYOUT_NOTE", "TP_NOTE", "Solved", "choose", "joint", "replicated", "zero_levels"]
 
@@ -276,7 +277,7 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
     inter = prob.opts.inter_link or prob.lnk
     stage_rank = [prob.sched.rank_of(s) for s in range(prob.opts.n_stages)]
     links = boundary_links(layout, stage_rank, prob.lnk, inter)
-    sim = predict_step(prob.sched, fwd, bwd, [lk.transfer_time for lk in links],
+    sim = predict_step(prob.sched, fwd, bwd, [boundary_time(lk, layout.tp, prob.lnk) for lk in links],
                        [prob.priced.cut_bytes[k] for k in bounds[1:-1]], [prob.priced.cut_grad_bytes[k] for k in bounds[1:-1]])
     inter_dict = prob.opts.inter_link.to_dict() if prob.opts.inter_link is not None else None
     if layout.dp == 1:
