@@ -22,7 +22,7 @@ only begins once the last one's backward is done, see ``transport``). On CUDA th
 are allocated per message: the caching allocator makes that cheap, and keeping them
 would hold a step's activations' worth of memory through the optimizer step.
 
-Under tensor parallelism (``set_tp_group``: the stage's T > 1 TP ranks hold every boundary
+Under tensor parallelism (``tp_group``: the stage's T > 1 TP ranks hold every boundary
 value replicated) a message goes once per TP group, not T times (Megatron's scatter/gather):
 the wire buffer's B bytes are cut into T chunks of ceil(B / T) (the last one shorter), TP
 rank t sends chunk t to its peer (TP rank t of the other stage), which receives it into its
@@ -45,22 +45,9 @@ import torch.distributed as dist
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.transport import Key, Layout, Pending
 
-__all__ = ["DistTransport", "backend_for", "pack_layout", "set_tp_group"]
+__all__ = ["DistTransport", "backend_for", "pack_layout"]
 
 _ALIGN = 64  # bytes: any dtype's view of a segment is aligned
-
-# pipeline group -> (that group, the TP group of the ranks that own it); the group is kept
-# so that its id is not reused while the entry lives
-_TP_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
-
-
-def set_tp_group(group: dist.ProcessGroup, tp_group: dist.ProcessGroup) -> None:
-    """Declare that this rank's pipeline ``group`` carries values replicated over ``tp_group``
-    (its stage's tensor-parallel ranks): a ``DistTransport`` made over ``group`` then sends each
-    message as 1/T chunks and all-gathers them at the receiver. Called by the TP stage
-    builder (``runtime.tensor_parallel``), which owns both groups."""
-    _TP_GROUPS[id(group)] = (group, tp_group)
-
 
 def scatter_enabled() -> bool:
     """Whether a transport made now scatters messages over its TP group (default on;
@@ -142,8 +129,6 @@ class DistTransport:
     def __init__(self, n_stages: int, group: dist.ProcessGroup | None = None, *, tagless: bool = False,
                  tp_group: dist.ProcessGroup | None = None, scatter: bool | None = None) -> None:
         self.group = group
-        if tp_group is None and group is not None and id(group) in _TP_GROUPS:
-            tp_group = _TP_GROUPS[id(group)][1]
         #: the TP group whose ranks hold this rank's messages replicated (None: no TP)
         self.tp_group = tp_group
         self.tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1

@@ -670,7 +670,9 @@ class Runner:
         problem = split_problem(self.batch, m)
         if problem:
             raise PipelineRuntimeError(problem + " (or pass batch_size=...)")
-        self.transport = DistTransport(plan.n_stages, stage.group, tagless=ordered)
+        tp_mesh = getattr(stage, "tp_mesh", None)  # set by runtime.tensor_parallel when plan.mesh.tp > 1
+        self.transport = DistTransport(plan.n_stages, stage.group, tagless=ordered,
+                                       tp_group=tp_mesh.get_group() if tp_mesh is not None else None)
         #: the modules the interpreter calls: ``stage.modules``, or their compiled wrappers
         self.modules = compiled_modules(stage, stage.modules, compile)
         #: the step driver (``runtime.driver``) over this rank's one interpreter

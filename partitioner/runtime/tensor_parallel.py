@@ -49,7 +49,7 @@ Messages between stages: the pipeline group of a rank holds the ranks with the s
 index (``mesh.rank(d, p, t)`` for every p), so TP rank t of stage s sends to TP rank t of
 stage s+1 -- pairs. Every TP rank holds the boundary tensor replicated, so each pair carries
 1/T of it and the receiving TP ranks all-gather the chunks (``runtime.dist``; the builder
-hands the TP group to the transport with ``set_tp_group``; ``PARTITIONER_TP_SCATTER=0``
+gives the runner's transport ``tp_mesh``'s group; ``PARTITIONER_TP_SCATTER=0``
 sends whole tensors instead).
 
 Gradients are DTensor shards on the parameters (an optimizer over ``stage.parameters()``
@@ -76,7 +76,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from partitioner.passes.meta import TENSOR_PARALLEL
 from partitioner.passes.tensor_parallel import find_vocab
-from partitioner.runtime.dist import set_tp_group
 from partitioner.runtime.errors import PipelineRuntimeError
 
 if TYPE_CHECKING:
@@ -821,9 +820,8 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
                       dp_group=dm.get_group("dp") if replicas else None, dp_rank=dp_rank)
     tp_mesh = dm["tp"]
     stage.tp_mesh, stage.tp_rank = tp_mesh, tp_rank  # type: ignore[attr-defined]
-    # the stage's boundary values are replicated over the TP group: its transport sends each
-    # message once per TP group (1/T per rank) and all-gathers at the receiver
-    set_tp_group(dm.get_group("pp"), dm.get_group("tp"))
+    # the stage's boundary values are replicated over the TP group: its runner's transport sends
+    # each message once per TP group (1/T per rank) and all-gathers at the receiver
     plans = {}
     for s, mod in stage.modules.items():
         if not isinstance(mod, fx.GraphModule):
