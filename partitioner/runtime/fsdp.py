@@ -150,9 +150,12 @@ def _check(stage: RankStage) -> None:
 
 
 def mode(stage: RankStage) -> str:
-    """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``:
-    the planner's test (``partitioner.data_parallel.splits_backward``), so the mode run is
-    the mode priced."""
+    """The mode the planner priced: the plan's ``mesh.fsdp`` where it is set (``"step"`` for
+    any schedule, ``"unit"`` for a whole backward only: the loader refuses it with a split
+    one); else, as plans written before the field, ``"step"`` when the plan's schedule splits
+    the backward (``I``/``W``), else ``"unit"`` (``partitioner.data_parallel.splits_backward``)."""
+    if stage.plan.mesh.fsdp:
+        return stage.plan.mesh.fsdp
     sched = resolve_schedule(stage.plan)  # the schedule the plan was priced for
     return "step" if splits_backward(sched) else "unit"
 
