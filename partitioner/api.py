@@ -225,6 +225,7 @@ def partition(
     gpus_per_node: int | None = None,
     inter_link: str | LinkSpec | None = None,
     tensor_parallel: int | str = 1,
+    fsdp_reshard: str | None = None,
 ) -> Pipe:
     """Split ``model`` into ``n_gpus`` (× ``virtual_stages``) balanced pipeline stages.
 
@@ -310,6 +311,13 @@ def partition(
             node's GPUs and shards a region, keeping the fastest predicted step. ``n_gpus`` =
             ``data_parallel`` × pipeline ranks × ``tensor_parallel``; the plan's
             ``mesh.tp`` records it and ``build_stage`` runs it (``runtime.tensor_parallel``).
+        fsdp_reshard: with ``zero=3``, how FSDP gathers inside the stages: None, the
+            schedule's mode ("step" for zb-h1 / zbv, else "unit"); "unit": gathered for each
+            micro-batch's forward and backward, reduce-scattered after each (least memory);
+            "step": gathered once and reduce-scattered once per step (torchtitan's pipelining
+            setting; holds the stage's full weights and gradients); "auto": both solved, "step"
+            kept where it fits and is strictly faster (``rankings["fsdp"]``). A split backward
+            runs "step" only. The plan's ``mesh.fsdp`` records a mode that is not the schedule's.
 
     Returns:
         A ``Pipe``: the stage modules, callable like ``model`` (same outputs), and
@@ -336,6 +344,13 @@ def partition(
                              f"{checked.data_parallel} is not supported (ZeRO-1's optimizer broadcasts the parameters "
                              "it steps, which tensor parallelism makes DTensors): use zero=3 (FSDP over the replicas) "
                              "or zero=0, or tensor_parallel=1")
+    if fsdp_reshard not in (None, "auto", "unit", "step"):
+        raise PartitionError(f"fsdp_reshard must be None (the schedule's mode), 'unit', 'step' or 'auto', "
+                             f"got {fsdp_reshard!r}")
+    if fsdp_reshard == "unit" and checked.custom is None and isinstance(schedule, str) \
+            and SCHEDULES.get(schedule) is not None and SCHEDULES[schedule].split_backward:
+        raise PartitionError(f"fsdp_reshard='unit' cannot run schedule {schedule!r}: its split backward (W) computes "
+                             "weight gradients after FSDP's per-unit reduction; use 'step' or None")
     dev, lnk = get_device(device), get_link(link)
     inputs = _split_inputs(example_inputs, example_kwargs)
     dynamic = None
@@ -354,7 +369,7 @@ def partition(
     opts = Options(n_gpus, n_gpus // dp * checked.virtual_stages, checked.schedule, 0, cut_at, tuple(pinned_cuts),
                    optimizer, cap.route, tuple(str(m) for m in leaf_modules), memory_limit, checked.precision,
                    recompute, checked.custom, dp, 0 if zero == "auto" else int(zero), gpus_per_node, checked.inter_link,
-                   objective)
+                   objective, fsdp_reshard=fsdp_reshard)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)
@@ -421,6 +436,8 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
     fields["custom"] = plan.stored_schedule()  # load_plan checked it validates and matches the plan
     if plan.mesh.inter_link is not None:
         fields["inter_link"] = LinkSpec.from_dict(plan.mesh.inter_link)
+    if plan.mesh.fsdp:  # priced in the mode the plan runs
+        fields["fsdp_reshard"] = plan.mesh.fsdp
     o = Options(**fields)
     request = Request(o, o.n_microbatches, o.data_parallel, get_device(DeviceSpec.from_dict(plan.device)),
                       get_link(LinkSpec.from_dict(plan.link)), tensor_parallel=o.tensor_parallel)

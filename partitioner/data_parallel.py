@@ -36,7 +36,8 @@ runtime runs, in one of two modes (``ZeroShard.per_step``):
   after the final backward (the last gradient bucket's bytes stand for it). Memory: the
   shards, ``(2 w + o) P / dp``, plus the units gathered at once (the stage's own unit, the
   largest block twice: running and prefetched) and one unit's full gradient.
-- per step (schedules that split the backward): one all-gather at the step's first forward
+- per step (schedules that split the backward, or any schedule with ``partition(fsdp_reshard=
+  "step")``, ``plan.mesh.fsdp``): one all-gather at the step's first forward
   (exposed where it exceeds that forward) and one reduce-scatter after the rank's last
   action (exposed). Memory: the shards plus the stage's whole gathered weights and full
   gradients (``2 w P``), which the step holds from first forward to the reduction.
@@ -142,7 +143,7 @@ class ZeroShard:
     optimizer_bytes: int  # bytes per trainable element held by the optimizer (master + moments)
     zero: int = 1  # the ZeRO stage the savings are for
     unit_of: dict[int, str] = field(default_factory=dict)  # zero=3: id -> FSDP block unit (memory.fsdp_unit_of)
-    per_step: bool = False  # zero=3 with a split backward: gathered for the whole step (module docstring)
+    per_step: bool = False  # zero=3 with a split backward or mesh.fsdp "step": gathered for the whole step
 
     def trainable(self, a: int, b: int) -> int:
         ids = {i for p in range(a, b) for i in self.uses[p]}
@@ -207,7 +208,7 @@ class Window:
     """One stage's final backward on its rank (simulated ``start``/``end``) and the bytes of
     the gradient buckets it makes final, in launch order; for ZeRO-3 also one micro-batch's
     forward and backward seconds (``B``, or ``I`` + ``W``), the micro-batch count and
-    whether the backward is split."""
+    whether the stage is gathered once per step (a split backward, or ``mesh.fsdp`` "step")."""
 
     start: float
     end: float

@@ -18,7 +18,14 @@ from typing import Any, NamedTuple, Sequence
 
 from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.errors import PartitionError
-from partitioner.data_parallel import boundary_links, divisors, placements, price_replicas, reduction_windows
+from partitioner.data_parallel import (
+    boundary_links,
+    divisors,
+    placements,
+    price_replicas,
+    reduction_windows,
+    splits_backward,
+)
 from partitioner.memory import PRECISIONS, bytes_per_param
 from partitioner.passes import tensor_parallel
 from partitioner.passes.meta import COST
@@ -32,7 +39,8 @@ from partitioner.simulator import SimResult, predict_step, simulate
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
 from partitioner.tensor_parallel import boundary_time
 
-__all__ = ["AUTO_NOTE", "DP_NOTE", "LAYOUT_NOTE", "TP_NOTE", "Solved", "choose", "joint", "replicated", "zero_levels"]
+__all__ = ["AUTO_NOTE", "DP_NOTE", "FSDP_NOTE", "LAYOUT_NOTE", "TP_NOTE", "Solved", "choose", "joint", "replicated", "solve_fsdp",
+           "zero_levels"]
 
 #: Plan notes that record the automatic choice start with this (``partitioner plan --explain``).
 AUTO_NOTE = "auto:"
@@ -42,6 +50,8 @@ DP_NOTE = "dp:"
 TP_NOTE = "tp:"
 #: The plan note that records the joint choice (``zero="auto"``: ``joint``) starts with this.
 LAYOUT_NOTE = "layout:"
+#: Plan notes that record the FSDP mode chosen (``fsdp_reshard="auto"``: ``solve_fsdp``) start with this.
+FSDP_NOTE = "fsdp:"
 
 
 class Solved(NamedTuple):
@@ -201,9 +211,39 @@ def solve_pipeline(ctx: Context, opts: Options) -> Solved:
     if opts.schedule == "auto" or n_microbatches == "auto":
         return auto(ctx, opts)
     assert not isinstance(n_microbatches, str)
-    prob = build_problem(ctx, opts, n_microbatches)
-    solution, fits = search(prob)
+    prob, solution, fits = solve_fsdp(ctx, opts, n_microbatches)
     return Solved(prob, solution, fits, prob.layout)
+
+
+def solve_fsdp(ctx: Context, opts: Options, m: int | None) -> tuple[Problem, Solution, list[StageFit]]:
+    """``build_problem`` + ``search``; with ``fsdp_reshard="auto"`` where it is a choice
+    (``zero=3``, replicas, a whole-backward schedule) both FSDP modes are solved, each priced
+    as it runs (``ZeroShard.per_step``: memory; ``price_fsdp``: traffic), and the per-step mode
+    is kept only where it fits and is strictly faster (``rankings["fsdp"]``, ``FSDP_NOTE``)."""
+    sched = opts.custom or opts.schedule
+    if opts.fsdp_reshard != "auto" or opts.zero != 3 or opts.data_parallel <= 1 or splits_backward(sched):
+        prob = build_problem(ctx, replace(opts, fsdp_reshard=None) if opts.fsdp_reshard == "auto" else opts, m)
+        return (prob, *search(prob))
+    rows: list[tuple[float, int, str, tuple[Problem, Solution, list[StageFit]]]] = []
+    refused: list[str] = []
+    for i, how in enumerate(("unit", "step")):
+        try:
+            prob = build_problem(ctx, replace(opts, fsdp_reshard=how), m)
+            sol, fits = search(prob)
+        except InfeasibleError as e:
+            refused.append(f"{how}: does not fit ({' '.join(str(e).split())[:160]})")
+            continue
+        rows.append((predicted_step(prob, sol), i, how, (prob, sol, fits)))
+    if not rows:
+        raise InfeasibleError("neither FSDP mode fits: " + "; ".join(refused))
+    rows.sort(key=lambda r: r[:2])  # a tie keeps "unit" (less memory)
+    best = rows[0][3][0]
+    best.rankings["fsdp"] = ranked([(how, t, f"{how}: predicted step {t * 1e3:.4g} ms") for t, _, how, _ in rows],
+                                   refused)
+    best.notes = list(best.notes) + [f"{FSDP_NOTE} picked {rows[0][2]} ({len(rows)} fit)"] + [
+        f"{FSDP_NOTE} #{i + 1} {how}: predicted step {t * 1e3:.4g} ms" for i, (t, _, how, _) in enumerate(rows)] + [
+        f"{FSDP_NOTE} -- {r}" for r in refused]
+    return rows[0][3]
 
 
 def auto(ctx: Context, opts: Options) -> Solved:
@@ -235,8 +275,7 @@ def auto(ctx: Context, opts: Options) -> Solved:
             o = replace(opts, schedule=name, n_stages=opts.pp * v)
             try:
                 check_counts(name, o.pp, m if isinstance(m, int) else 1, o.n_stages)
-                prob = build_problem(ctx, o, m)
-                sol, fits = search(prob)
+                prob, sol, fits = solve_fsdp(ctx, o, m)
             except (ScheduleError, InfeasibleError) as e:
                 refused.append(f"{label}: {'does not fit' if isinstance(e, InfeasibleError) else 'not allowed'} "
                                f"({' '.join(str(e).split())[:160]})")
@@ -290,9 +329,13 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
         held[stage_rank[s]].update(ids)
     weights = [sum(prob.shard.numel[i] for i in ids) * prob.shard.grad_width for ids in held]  # ZeRO-1's gather
     windows = reduction_windows(sim.events, stage_rank, params, layout.pp)  # overlapped with each final backward
+    fsdp = ""  # mesh.fsdp: set only where it differs from the schedule's default (old plans stay as they were)
+    if prob.opts.zero == 3 and prob.shard.per_step and not splits_backward(prob.sched):
+        windows = [[replace(w, split=True) for w in ws] for ws in windows]  # priced once per step, as it runs
+        fsdp = "step"
     times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, windows, weights, sim.step_time)
     return Replicated(step, replace(layout, zero=prob.opts.zero, inter_link=inter_dict, allreduce_s=tuple(times),
-                                    exposed_s=step - sim.step_time), sim)
+                                    exposed_s=step - sim.step_time, fsdp=fsdp), sim)
 
 
 #: Why automatic choices skip ZeRO-1 with tensor parallelism and replicas: the runtime refuses
@@ -488,8 +531,7 @@ def joint(ctx: Context) -> Solved:
             continue
         o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v)
         try:
-            prob = build_problem(ctx, o, c.m)
-            sol, fits = search(prob)
+            prob, sol, fits = solve_fsdp(ctx, o, c.m)
         except PartitionError as e:  # infeasible, too few cuts, the batch does not split
             refused.append(f"{c.label(pp)}: {' '.join(str(e).split())[:160]}")
             continue

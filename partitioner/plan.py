@@ -174,6 +174,11 @@ class Mesh:
     written before it). They are the innermost dimension: global rank
     ``rank(d, p) * tp + t``, so the ``tp`` ranks of one pipeline rank are consecutive (one
     node). ``partition(tensor_parallel=...)`` chooses it (``with_tensor_parallel`` sets it on a plan).
+
+    ``fsdp`` (``zero=3``): how FSDP gathers inside the stages (``runtime.fsdp.mode``): ``"unit"``
+    (gathered and reduce-scattered per micro-batch) or ``"step"`` (gathered once, reduced once
+    per step). ``""``, and left out of the JSON: the schedule's default (``"step"`` for a split
+    backward, else ``"unit"``). ``partition(fsdp_reshard=...)`` chooses it.
     """
 
     dp: int = 1
@@ -185,6 +190,7 @@ class Mesh:
     allreduce_s: tuple[float, ...] = ()
     exposed_s: float = 0.0
     tp: int = 1
+    fsdp: str = ""
 
     def rank(self, dp_rank: int, pp_rank: int, tp_rank: int = 0) -> int:
         """The global rank of replica ``dp_rank``'s pipeline rank ``pp_rank`` (TP rank ``tp_rank``)."""
@@ -304,6 +310,8 @@ class Plan:
         # fields at their defaults are left out: such a plan reads as before the fields existed
         if data["mesh"].get("tp") == 1:
             del data["mesh"]["tp"]
+        if not data["mesh"].get("fsdp"):
+            del data["mesh"]["fsdp"]
         for name in ("static_shapes", "rankings", "routes"):
             if not data[name]:
                 del data[name]
@@ -511,6 +519,20 @@ def _check_schedule_text(plan: Plan, name: str) -> None:
             raise PlanError(f"the stored schedule has {k} {got[k]!r} but the plan has {v!r}", where)
 
 
+def _check_fsdp_mode(plan: Plan) -> None:
+    """``mesh.fsdp`` says how ``zero=3`` gathers; a split backward (``I``/``W``) runs ``"step"`` only."""
+    if plan.mesh.zero != 3:
+        raise PlanError(f"mesh.fsdp is {plan.mesh.fsdp!r} but mesh.zero is {plan.mesh.zero}: the FSDP mode is only for "
+                        "zero=3; remove it", "$.mesh.fsdp")
+    stored = plan.stored_schedule()
+    entry = SCHEDULES.get(plan.prediction.schedule)
+    split = any(a.kind == "I" for acts in stored.actions for a in acts) if stored is not None \
+        else bool(entry and entry.split_backward)
+    if plan.mesh.fsdp == "unit" and split:
+        raise PlanError(f"mesh.fsdp is 'unit' but schedule {plan.prediction.schedule!r} splits the backward, whose W "
+                        "runs after FSDP's per-unit reduction: use 'step' or remove the field", "$.mesh.fsdp")
+
+
 def _check_values(plan: Plan) -> None:
     """What the plan's options and profiles must mean, checked on load (the single gate):
     a device or link that prices nothing, an unknown schedule, micro-batches that do not
@@ -604,6 +626,8 @@ def _check_consistency(plan: Plan) -> None:
     if mesh.allreduce_s and len(mesh.allreduce_s) != n_gpus:
         raise PlanError(f"mesh.allreduce_s has {len(mesh.allreduce_s)} entries for {n_gpus} pipeline ranks",
                         "$.mesh.allreduce_s")
+    if mesh.fsdp:
+        _check_fsdp_mode(plan)
 
     entry = SCHEDULES.get(plan.prediction.schedule)
     placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"

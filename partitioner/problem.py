@@ -75,6 +75,11 @@ class Options:
     objective: str = "auto"  # "step": cuts minimise the schedule's simulated step; "auto": step where it differs
     #: tensor-parallel ranks per pipeline rank: n_gpus = data_parallel x pipeline ranks x tensor_parallel
     tensor_parallel: int = 1
+    #: zero=3: None, the schedule's FSDP mode ("step" for a split backward, else "unit"); "unit"
+    #: or "step" forced ("step" runs any schedule; a split backward is "step" whatever is asked);
+    #: "auto": both solved, the faster that fits kept (``layout``). The plan records the mode run
+    #: in ``mesh.fsdp``, not here.
+    fsdp_reshard: str | None = None
 
     @property
     def pp(self) -> int:
@@ -83,7 +88,7 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("custom", "inter_link") and not (k == "tensor_parallel" and v == 1)}
+               if k not in ("custom", "inter_link", "fsdp_reshard") and not (k == "tensor_parallel" and v == 1)}
         if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
             out["schedule_text"] = self.custom.to_text()
         return out
@@ -354,9 +359,9 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     divisor = tensor_parallel.param_divisor(gm)  # one tensor-parallel rank's share of sharded weights
     trainable = {id(t): t.numel() // divisor.get(name, 1)
                  for name, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
-    # zero=3: FSDP's units, and whether they are gathered once per step (a split backward)
+    # zero=3: FSDP's units, and whether they are gathered once per step (a split backward, or asked)
     shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
-                      splits_backward(opts.custom or opts.schedule))
+                      splits_backward(opts.custom or opts.schedule) or opts.fsdp_reshard == "step")
     static_mem = static.first_use
     if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
         static_mem = shard.additive(static_mem, opts.data_parallel)

@@ -17,8 +17,8 @@ blocks, weights shared between modules) belongs to the stage module's own unit
 (``fully_shard(stage)``, applied last). A block one of whose parameters the graph also
 reads by ``get_attr`` stays in the stage's unit too (its hooks would not fire there).
 
-Two modes, chosen from the plan's schedule when the stage is built (``mode``), each priced
-as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):
+Two modes, chosen when the stage is built (``mode``: the plan's ``mesh.fsdp``, else the
+plan's schedule), each priced as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):
 
 - ``"unit"`` (schedules with a whole backward ``B``: 1f1b, gpipe, interleaved-1f1b):
   ZeRO-3 proper, FSDP's own defaults. A unit is gathered before its forward and freed
@@ -27,7 +27,8 @@ as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):
   FSDP's post-backward hook at each micro-batch's backward. Memory: the shards plus the
   gathered units in flight; traffic per step: m x (2 all-gathers + 1 reduce-scatter).
 - ``"step"`` (schedules that split the backward, zb-h1 and zbv, whose ``W`` accumulates the
-  weights' gradients by hand after FSDP's post-backward hook has fired in ``I``): one
+  weights' gradients by hand after FSDP's post-backward hook has fired in ``I``; any other
+  schedule whose plan says ``mesh.fsdp == "step"``, its ``B`` accumulating the same way): one
   gather and one reduce-scatter per step, as ``torch.distributed.pipelining`` runs FSDP
   (``PipelineStage.backward_maybe_with_nosync`` / ``perform_reduce_grad``) and torchtitan
   configures it with pipelining. Units stay gathered from the first forward
@@ -150,9 +151,12 @@ def _check(stage: RankStage) -> None:
 
 
 def mode(stage: RankStage) -> str:
-    """``"step"`` when the plan's schedule splits the backward (``I``/``W``), else ``"unit"``:
-    the planner's test (``partitioner.data_parallel.splits_backward``), so the mode run is
-    the mode priced."""
+    """The mode the planner priced: the plan's ``mesh.fsdp`` where it is set (``"step"`` for
+    any schedule, ``"unit"`` for a whole backward only: the loader refuses it with a split
+    one); else, as plans written before the field, ``"step"`` when the plan's schedule splits
+    the backward (``I``/``W``), else ``"unit"`` (``partitioner.data_parallel.splits_backward``)."""
+    if stage.plan.mesh.fsdp:
+        return stage.plan.mesh.fsdp
     sched = resolve_schedule(stage.plan)  # the schedule the plan was priced for
     return "step" if splits_backward(sched) else "unit"
 
