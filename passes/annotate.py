@@ -15,7 +15,6 @@ the 32 identical decoder layers of a Llama are priced once.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -445,9 +444,11 @@ class _Sizes:
         return sympy.Mul(*(self.expr(s) for s in t.shape)) * _itemsize(t.dtype)
 
 
-@functools.cache
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype, device="meta").element_size()
+    # the dtype's own size, not an allocated tensor's: inside a retyping context (OnDevice with
+    # a precision) a float32 tensor is made as bf16/fp16, and a cached answer would then price
+    # every later fp32 tensor in the process at 2 bytes
+    return dtype.itemsize
 
 
 def _nbytes(d: TensorDesc) -> sympy.Expr:

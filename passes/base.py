@@ -54,7 +54,7 @@ class TensorDesc(NamedTuple):
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype, device="meta").element_size()
+    return dtype.itemsize  # never an allocated tensor's size: a retyping context would change it
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,17 @@ def test_a_node_torch_cannot_price_symbolically_falls_back_quietly_and_the_plan_
     assert all(BATCH in sympy.sympify(e).free_symbols for e in cost.out_storage)
     note = next(n for n in pipe.plan.notes if n.startswith("cost fallback:"))
     assert node.name in note and "B=4" in note
+
+
+def test_an_fp32_size_asked_while_pricing_another_precision_stays_four_bytes() -> None:
+    """Pricing in bf16/fp16 runs under a retyping mode that makes every float32 tensor in the
+    target dtype; a dtype's size read from an allocated tensor there (and cached) priced every
+    later fp32 tensor of the process at 2 bytes. Sizes come from the dtype itself."""
+    from partitioner.passes import annotate, base
+    from partitioner.passes.shape_prop import OnDevice
+
+    with OnDevice(torch.device("meta"), (torch.float32, torch.float16)):
+        assert annotate._itemsize(torch.float32) == 4
+        assert base.TensorDesc((BATCH, 5), torch.float32, False).nbytes() == 20 * BATCH
+    gm = _annotated(nn.Sequential(nn.Linear(3, 5)), [torch.randn(2, 3)])
+    assert next(n for n in gm.graph.nodes if n.op == "call_module").meta[COST].output_bytes == 5 * 4 * BATCH
