@@ -53,8 +53,9 @@ node uses ``link``, between nodes ``inter_link``. Pure Python (no torch).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 from partitioner.plan import Mesh
 from partitioner.schedule import SCHEDULES, Schedule
@@ -62,7 +63,7 @@ from partitioner.schedule import SCHEDULES, Schedule
 if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module needs only the objects' methods
     from partitioner.cost_models.devices import LinkSpec
 
-__all__ = ["ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
+__all__ = ["boundary_time", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
            "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
 
 #: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
@@ -324,3 +325,23 @@ def boundary_links(layout: Mesh, stage_rank: Sequence[int], link: LinkSpec, inte
     the two ranks sit on different nodes."""
     return [inter_link if layout.boundary_crosses_nodes(a, b) else link
             for a, b in zip(stage_rank, stage_rank[1:])]
+
+
+def boundary_time(link: LinkSpec, degree: int, group_link: LinkSpec | None = None) -> Callable[[float], float]:
+    """Seconds to move one boundary message of ``nbytes`` from a stage's ``degree``-way
+    tensor-parallel group to the next one's: each rank sends its ``ceil(nbytes / degree)``
+    chunk on ``link`` (the pairs in parallel), then the receivers all-gather the whole message
+    on ``group_link`` (default ``link``; the link inside a node). A message of fewer bytes than
+    makes a chunk for every rank goes whole, as ``runtime.dist`` sends it. ``degree`` 1:
+    ``link.transfer_time``, unchanged."""
+    if degree <= 1:
+        return link.transfer_time
+    inside = group_link if group_link is not None else link
+
+    def seconds(nbytes: float) -> float:
+        chunk = math.ceil(nbytes / degree)
+        if nbytes < degree or chunk * (degree - 1) >= nbytes:  # the runtime's rule: sent whole
+            return link.transfer_time(nbytes)
+        return link.transfer_time(chunk) + allgather_s(chunk * degree, degree, inside)
+
+    return seconds

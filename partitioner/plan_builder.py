@@ -12,6 +12,7 @@ from torch import fx, nn
 from partitioner import poly
 from partitioner.cost_models.cost import NodeCost
 from partitioner.cost_models.devices import DeviceSpec, LinkSpec
+from partitioner.data_parallel import boundary_time
 from partitioner.memory import _sum as grouped
 from partitioner.passes.base import InputSpec, TensorDesc
 from partitioner.passes.meta import COST, DESC, MODULE
@@ -22,7 +23,6 @@ from partitioner.pricing import Priced, module_instance, wire_kind
 from partitioner.schedule import Schedule
 from partitioner.simulator import boundary_bytes, predict_step, simulate
 from partitioner.solver import Solution
-from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan", "param_bytes_by_first_use",
            "value_routes"]

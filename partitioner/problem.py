@@ -222,7 +222,7 @@ def cut_link_units(lnk: LinkSpec, *per_cut_bytes: Sequence[int], tp: int = 1) ->
     """The link price of each cut (time units): the transfers of each of ``per_cut_bytes``
     (e.g. the values forward and their gradients back), each priced on ``lnk``; 0 where
     nothing crosses and at the two ends (nothing leaves the pipeline there). ``tp`` > 1:
-    each message goes once per tensor-parallel group (``tensor_parallel.boundary_time``)."""
+    each message goes once per tensor-parallel group (``data_parallel.boundary_time``)."""
     transfer = tensor_parallel.boundary_time(lnk, tp)
     out = [to_units([sum(transfer(b) for b in col)])[0] if any(col) else 0
            for col in zip(*per_cut_bytes)]

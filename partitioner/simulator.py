@@ -29,9 +29,8 @@ from typing import Any, NamedTuple
 from partitioner import poly
 from partitioner.comms import Lowered, lower
 from partitioner.cost_models.devices import LinkSpec
-from partitioner.data_parallel import boundary_links
+from partitioner.data_parallel import boundary_links, boundary_time
 from partitioner.schedule import Action, Schedule, ScheduleError, replay
-from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["Event", "SimResult", "boundary_bytes", "predict_plan", "predict_step", "simulate", "timeline"]
 

@@ -20,14 +20,13 @@ split goes whole, as the runtime sends it). Without tensor parallelism it is
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 from torch import fx
 
 from partitioner.cost_models.cost import evaluate
 from partitioner.cost_models.devices import LinkSpec
-from partitioner.data_parallel import allgather_s, ring_allreduce_s
+from partitioner.data_parallel import boundary_time, ring_allreduce_s
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.tensor_parallel import Sharded, param_divisor, shard
 
@@ -83,21 +82,3 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     return timed
 
 
-def boundary_time(link: LinkSpec, degree: int, group_link: LinkSpec | None = None) -> Callable[[float], float]:
-    """Seconds to move one boundary message of ``nbytes`` from a stage's ``degree``-way
-    tensor-parallel group to the next one's: each rank sends its ``ceil(nbytes / degree)``
-    chunk on ``link`` (the pairs in parallel), then the receivers all-gather the whole message
-    on ``group_link`` (default ``link``; the link inside a node). A message of fewer bytes than
-    makes a chunk for every rank goes whole, as ``runtime.dist`` sends it. ``degree`` 1:
-    ``link.transfer_time``, unchanged."""
-    if degree <= 1:
-        return link.transfer_time
-    inside = group_link if group_link is not None else link
-
-    def seconds(nbytes: float) -> float:
-        chunk = math.ceil(nbytes / degree)
-        if nbytes < degree or chunk * (degree - 1) >= nbytes:  # the runtime's rule: sent whole
-            return link.transfer_time(nbytes)
-        return link.transfer_time(chunk) + allgather_s(chunk * degree, degree, inside)
-
-    return seconds
