@@ -254,10 +254,6 @@ def auto(ctx: Context, opts: Options) -> Solved:
     n_microbatches = ctx.request.n_microbatches
     whole = batch_size(ctx.specs) if ctx.specs else None
     batch = whole // opts.data_parallel if whole is not None else None
-    v_given = opts.n_stages // opts.pp
-    names = [opts.schedule] if opts.schedule != "auto" else [
-        n for n, sp in SCHEDULES.items() if not sp.whole_batch
-        and (sp.stages_per_rank is None or (v_given if v_given > 1 else sp.default_stages_per_rank) in sp.stages_per_rank)]
     ms: list[int | None]
     if n_microbatches == "auto":
         ms = [d for d in range(1, (batch or 1) + 1) if (batch or 1) % d == 0]
@@ -266,10 +262,7 @@ def auto(ctx: Context, opts: Options) -> Solved:
         ms = [n_microbatches]
     ranked_: list[tuple[float, str, Solved]] = []
     refused: list[str] = []
-    for name in names:
-        spec = SCHEDULES[name]
-        v = v_given if v_given > 1 or spec.stages_per_rank is None else spec.default_stages_per_rank
-        v = v if spec.stages_per_rank is None or v in spec.stages_per_rank else spec.stages_per_rank[0]
+    for name, v in schedule_candidates(opts, opts.n_stages // opts.pp):
         for m in ms:
             label = f"{name} m={m if m is not None else 'default'}"
             o = replace(opts, schedule=name, n_stages=opts.pp * v)
