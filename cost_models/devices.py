@@ -39,7 +39,8 @@ _NO_KERNEL = tuple(f"aten.{name}." for name in (
     "view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "select", "slice",
     "alias", "detach", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "reshape", "empty",
     "empty_like", "empty_strided", "lift_fresh", "numpy_T", "_reshape_alias", "unsafe_split", "diagonal",
-    "sym_size", "sym_stride", "sym_numel", "size", "stride", "dim", "is_contiguous")) + ("prim.",)
+    "sym_size", "sym_stride", "sym_numel", "size", "stride", "dim", "is_contiguous", "new_empty",
+    "new_empty_strided")) + ("prim.",)
 #: aten ops that are matrix multiplies (priced by ``Efficiency.gemm``)
 _GEMM = tuple(f"aten.{name}." for name in (
     "mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "addbmm", "_scaled_mm"))
