@@ -25,8 +25,13 @@ Not modelled here (said in RESULTS.md): Megatron's vocabulary padding beyond 503
 (the runs' Megatron default keeps it; it adds memory-bound kernels), and the inter-node
 fabric's exact figures (the paper says RoCE, not its speed: ``ethernet-200g`` is assumed).
 
-Run: ``python benchmarks/gpu_cost_bench.py [--quick]`` (meta device, CPU only; --quick plans
-the smallest model only). Prints one row per run and the schedule ratios.
+Run: ``python benchmarks/gpu_cost_bench.py [--quick] [--first] [--no-old] [--fit F ...]`` (meta
+device, CPU only; --quick plans the smallest model only; --no-old skips the roofline column).
+Prints one row per run and the schedule ratios. ``--fit 0.7 0.74 0.78`` prices the efficiency
+model at each value of its fitted number (one column each) and names the value of least mean
+|error|: how ``fit`` was re-fitted (each row's prediction is ``A / fit + C`` to within 0.03 %,
+so a few values give the whole curve). Each model and batch is captured and annotated once and
+shared by all its plans (``--check-sharing`` plans one row both ways and compares).
 """
 
 from __future__ import annotations

@@ -252,3 +252,22 @@ def test_memory_bound_ops_move_their_inputs_and_outputs_once_and_metadata_moves_
     assert cost["lin"].fwd_bytes_moved == act + out + (16 * 8 + 8) * 4  # input, output, weight, bias once
     assert cost["reshape"].fwd_bytes_moved == 0
     assert not any("prim." in op for c in cost.values() for op in c.ops)
+
+
+def test_the_recorder_charges_no_bytes_to_metadata_checks_and_views_only_to_kernels() -> None:
+    """Each op the recorder skips or prices at no bytes, called as the dispatcher calls it (export's
+    captures record ``_assert_tensor_metadata``; ``reshape`` of a fresh result is ``_unsafe_view``):
+    after all of them, one relu's read and write are the only bytes moved."""
+    from partitioner.passes.annotate import _Recorder, _Sizes
+
+    rec = _Recorder(_Sizes({}, None))
+    x = torch.randn(4, 8)
+    with rec:
+        torch.ops.prim.device.default(x)
+        torch.ops.aten._assert_tensor_metadata.default(x, dtype=x.dtype)
+        torch.ops.aten.sym_numel.default(x)
+        torch.ops.aten._unsafe_view.default(x, [32])
+        torch.ops.aten.new_empty.default(x, [4, 8])
+        torch.ops.aten.relu.default(x)
+    assert rec.moved == 2 * 32 * 4
+    assert "aten.relu.default" in rec.ops and not any(op.startswith(("prim.", "aten._assert")) for op in rec.ops)
