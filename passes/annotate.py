@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 
 # Metadata queries FlopCounterMode lets through without counting (flop_counter.py), a tensor's
 # device (``prim.device``: the decompositions of gelu, layer norm, linear and the fused softmax ask
-# it of each operand), and the checks torch.export records (``_assert_tensor_metadata``): none
-# launches a kernel or touches a tensor's memory, so none is priced or listed among a node's ops.
+# it of each operand), and the checks torch.export records on metadata and on sizes
+# (``_assert_tensor_metadata``, ``_assert_scalar``, the size constraints): none launches a kernel
+# or touches a tensor's memory, so none is priced or listed among a node's ops.
 _META_OPS = {
     getattr(torch.ops.aten, n).default
     for n in [
@@ -86,8 +87,7 @@ _META_OPS = {
         "sym_constrain_range",
         "sym_constrain_range_for_size",
     ]
-} | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default, torch.ops.prim.device.default,
-     torch.ops.aten._assert_async.default, torch.ops.aten._assert_async.msg}
+} | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default, torch.ops.prim.device.default}
 
 # Ops that run but move no bytes of their tensors: ``_unsafe_view`` is a view (a reshape of a
 # contiguous result) that autograd does not mark as one (``OpOverload.is_view`` is False), and
