@@ -127,6 +127,8 @@ _ELEMENTWISE: set[Any] = {
 }
 _ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "pow", "to", "type",
                         "type_as", "contiguous", "clone", "float", "half", "bfloat16", "masked_fill", "detach"}
+#: element-wise modules (called as leaves on the fx route: nanoGPT's ``nn.GELU``, a dropout)
+_ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)
 _VIEWS: set[Any] = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
                     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
                     aten.squeeze.dim, aten.flatten.using_ints, aten.unflatten.int}
@@ -254,7 +256,7 @@ def _dim_arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
 
 
-def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
+def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule | None = None) -> int:
     """The sharded dimension of ``n``'s output given its sharded inputs (``ins``: input node
     -> its sharded dimension), or raise ``_NotShardable`` / ``_Indivisible``."""
     out = _shape(n)
@@ -272,7 +274,8 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
             raise _NotShardable(f"the sharded dimension is broadcast ({s[d]} -> {out[k]})")
         return k
 
-    if (op == "call_function" and tgt in _ELEMENTWISE) or method in _ELEMENTWISE_METHODS:
+    if (op == "call_function" and tgt in _ELEMENTWISE) or method in _ELEMENTWISE_METHODS or (
+            op == "call_module" and gm is not None and isinstance(gm.get_submodule(str(tgt)), _ELEMENTWISE_MODULES)):
         dims = {aligned(s, d) for s, d in ins.items()}
         if len(dims) != 1:
             raise _NotShardable(f"operands sharded on different dimensions {sorted(dims)}")
@@ -418,7 +421,7 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), 
                 reason = "its output leaves the stage"
             else:
                 try:
-                    dim = _propagate(n, ins, tp)
+                    dim = _propagate(n, ins, tp, gm)
                     if dim is None:
                         raise _NotShardable("no sharded dimension")
                     shard[n] = dim

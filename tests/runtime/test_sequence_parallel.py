@@ -153,7 +153,7 @@ def _check(name: str, results: list[dict[str, Any]]) -> None:
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
         # every row linear runs sequence-parallel: its output reduce-scattered once per micro-batch
         # (not all-reduced), and each region's input gathered from the sequence shards
-        assert r["rows"] >= 2 and r["sequence"] == r["rows"]
+        assert r["rows"] >= 1 and r["sequence"] == r["rows"]
         assert r["forward"].get("reduce_scatter", 0) == M * r["rows"], r["forward"]
         assert r["forward"].get("all_gather", 0) >= M * r["rows"] - M, r["forward"]
     assert set().union(*(r["params"] for r in results)) == set(want)
@@ -196,7 +196,7 @@ def test_a_sequence_tp_does_not_divide_is_refused() -> None:
 
 def _odd_step(rank: int, world: int, pipe: Any) -> None:
     stage = pipe.build_stage(rank, "cpu")
-    stage.runner("1f1b", loss_fn=_gpt_loss).step(idx=_ids(1, seq=7), target=_ids(2, seq=7))
+    stage.runner("1f1b", loss_fn=_gpt_loss).step(idx=_ids(1, seq=7), target=_ids(2, seq=7), seq_len=7)
 
 
 class _Mlp(nn.Module):
