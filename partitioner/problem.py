@@ -93,7 +93,7 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
                if k not in ("custom", "inter_link", "fsdp_reshard") and not (k == "tensor_parallel" and v == 1)
-               and not (k == "sequence_parallel" and not v)}
+               and not (k == "sequence_parallel" and (not v or self.tensor_parallel == 1))}
         if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
             out["schedule_text"] = self.custom.to_text()
         return out

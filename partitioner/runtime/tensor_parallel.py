@@ -66,10 +66,13 @@ are placed at the region boundaries of the graph, where ``shard_plan`` found the
 sequence dimension of each row output is the one shape-prop sized by ``S``
 (``passes.tensor_parallel.sequence_dim``, the planner's rule); a row output without one is
 refused naming the node, and a sequence that does not divide by T is refused at run time
-(``scatter_sequence``). Values entering a stage come whole (the transport below all-gathers
-them) and the stage's outputs leave whole, so boundary messages are as without sequence
-parallelism: the first norm and residual of a stage run on the whole sequence, up to its first
-row linear.
+(``scatter_sequence``). Boundary messages are as without sequence parallelism: a stage's
+outputs leave whole (all-gathered from the sequence shards, ``to_whole``) and the transport
+below sends 1/T of each per TP pair and all-gathers it at the receiver; there a stage input
+that is the residual stream (added to a row output, ``_residual_inputs``) is cut to this
+rank's sequence shard where it enters (``to_sequence_shard``, no communication), so the
+stage's first norm runs on S/T tokens too, and the other inputs (rotary tables, masks) enter
+whole.
 
 Gradients are DTensor shards on the parameters (an optimizer over ``stage.parameters()``
 steps the shards); ``stage.grad_norm`` takes each DTensor's norm over the whole tensor
@@ -178,6 +181,9 @@ class TensorParallelPlan:
     #: sequence parallelism: each row linear's node -> the dimension its output is
     #: reduce-scattered on (empty: off)
     sequence: dict[str, int] = field(default_factory=dict)
+    #: sequence parallelism: the stage inputs that are the residual stream (added to a row
+    #: output), taken as their sequence shard where they enter -> that dimension
+    sequence_inputs: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_allreduce_forward(self) -> int:
@@ -489,13 +495,57 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), 
                     "split on the sequence; name the inputs' sequence dimension when partitioning "
                     "(partition(seq_dims=...)) or run without sequence parallelism")
             plan.sequence[n.name] = d  # sized by S: whether T divides it is checked on each call
+        plan.sequence_inputs = _residual_inputs(gm, row, plan.sequence)
     kept = set(heads)
     plan.losses = tuple(n.name for n in vocab.losses if vocab.follows[n] & kept)
     plan.split_outputs = tuple(n.name for n in vocab.outputs if vocab.follows[n] & kept)
     return plan
 
 
+def _residual_inputs(gm: fx.GraphModule, rows: Any, dims: Mapping[str, int]) -> dict[str, int]:
+    """The stage's inputs that are the residual stream: an input that reaches, through
+    element-wise ops (casts, additions), an addition whose other operand comes from a row
+    linear's output (through element-wise ops too: a dropout, a bias, earlier residual adds),
+    on the same sequence dimension. They enter as their sequence shard, so the stage's first
+    norm and residual add run on S/T tokens, as in the stage that produced them (and as the
+    planner prices them); other inputs (rotary tables, masks) enter whole."""
+    adds = {operator.add, torch.add, aten.add.Tensor}
+    reach: dict[fx.Node, int] = {n: dims[n.name] for n in rows if n.name in dims}  # row-derived -> sequence dim
+    origin: dict[fx.Node, set[fx.Node]] = {n: {n} for n in gm.graph.nodes
+                                           if n.op == "placeholder" and sequence_dim(n) is not None}
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or n in reach:
+            continue
+        elementwise = (n.op == "call_function" and n.target in _ELEMENTWISE) or (
+            n.op == "call_method" and n.target in _ELEMENTWISE_METHODS) or (
+            n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), _ELEMENTWISE_MODULES))
+        if not elementwise:
+            continue
+        from_row = [reach[a] for a in n.all_input_nodes if a in reach]
+        inputs = set().union(*(origin.get(a, set()) for a in n.all_input_nodes))
+        if from_row and (n.target in adds or (n.op == "call_method" and n.target == "add")):
+            for p in inputs:
+                if sequence_dim(p) == from_row[0]:
+                    out[p.name] = from_row[0]
+        if from_row and sequence_dim(n) == from_row[0]:
+            reach[n] = from_row[0]
+        elif inputs and sequence_dim(n) is not None:
+            origin[n] = inputs
+    return out
+
+
 # -- execution ---------------------------------------------------------------------------
+
+def to_sequence_shard(x: Any, like: Any, dim: int) -> Any:
+    """A stage input of the residual stream as this TP rank's sequence shard (``Shard(dim)``
+    of the whole tensor every TP rank holds: a local slice, no communication; its gradient is
+    all-gathered whole in backward, as the previous stage sends it back replicated)."""
+
+    d = to_replicate(x, like)
+    if isinstance(d, DTensor) and d.shape[dim] % d.device_mesh.size() == 0:
+        return d.redistribute(d.device_mesh, [Shard(dim)])
+    return d  # scatter_sequence refuses the length, naming the row linear
 
 def to_replicate(x: Any, like: Any) -> Any:
     """A plain tensor entering the stage (input, buffer, a tensor made inside the graph) as a
@@ -732,7 +782,9 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
             continue
         # an entering tensor: a placeholder, a buffer, a tensor made from nothing sharded, a leaf module's output
         with graph.inserting_after(anchor if n.op == "placeholder" else n):
-            conv = graph.call_function(to_replicate, (n, anchor))
+            conv = graph.call_function(to_sequence_shard, (n, anchor, plan.sequence_inputs[n.name])) \
+                if n.op == "placeholder" and n.name in plan.sequence_inputs else \
+                graph.call_function(to_replicate, (n, anchor))
         n.replace_all_uses_with(conv, delete_user_cb=lambda u: u is not conv)
         derived.add(conv)
     graph.lint()

@@ -139,7 +139,8 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str) -> dict[s
         losses.append(None if loss is None else loss.item())
     return {"losses": losses, "outputs": getattr(outputs, "logits", outputs), "last": stage.is_last,
             "forward": forward, "rows": sum(len(p.row) for p in stage.tp_plans.values()),
-            "sequence": sum(len(p.sequence) for p in stage.tp_plans.values()),
+            "sequence": sum(len(p.sequence) for p in stage.tp_plans.values()), "first": stage.is_first,
+            "entering": sorted(n for p in stage.tp_plans.values() for n in p.sequence_inputs),
             "params": full_state(stage.named_parameters())}
 
 
@@ -154,6 +155,9 @@ def _check(name: str, results: list[dict[str, Any]]) -> None:
         # every row linear runs sequence-parallel: its output reduce-scattered once per micro-batch
         # (not all-reduced), and each region's input gathered from the sequence shards
         assert r["rows"] >= 1 and r["sequence"] == r["rows"]
+        # a later stage takes the residual stream as its sequence shard (one input: the hidden
+        # states; Llama's rotary tables enter whole)
+        assert len(r["entering"]) == (0 if r["first"] else 1), r["entering"]
         assert r["forward"].get("reduce_scatter", 0) == M * r["rows"], r["forward"]
         assert r["forward"].get("all_gather", 0) >= M * r["rows"] - M, r["forward"]
     assert set().union(*(r["params"] for r in results)) == set(want)
