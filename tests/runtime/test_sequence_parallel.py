@@ -273,3 +273,38 @@ def test_the_planner_prices_sequence_parallelism_by_its_formula(degree: int) -> 
         assert cost.param_bytes == whole.param_bytes  # the norm weights stay whole
         plain_cost = next(n for n in plain.graph.nodes if n.name == name).meta[COST]
         assert plain_cost.fwd_flops == whole.fwd_flops  # without sequence parallelism: whole on every rank
+
+
+def _train_fsdp(rank: int, world: int, pipe: Any) -> dict[str, Any]:
+    _, inputs, y, loss_fn, _, _ = CASES["gpt-pp1"]
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    losses = []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        losses.append(runner.step(**inputs, target=y, loss_on_every_rank=True).item())
+        opt.step()
+    return {"losses": losses, "sync": type(stage.grad_sync).__name__, "dp": stage.dp_rank,
+            "sequence": sum(len(p.sequence) for p in stage.tp_plans.values()),
+            "params": full_state(stage.named_parameters())}
+
+
+@pytest.mark.timeout(240)
+def test_sequence_parallel_with_fsdp_replicas_trains_like_one_process() -> None:
+    # PP1 x DP2 x TP2, zero=3: FSDP shards the TP DTensors over the replicas, each replica's TP
+    # group splits its half of the batch on the sequence between the regions
+    model, _, init = _built("gpt-pp1")
+    _, inputs, _, _, _, _ = CASES["gpt-pp1"]
+    pipe = partition(copy.deepcopy(model), 4, inputs, device="cpu", link="loopback", n_microbatches=1,
+                     data_parallel=2, zero=3, tensor_parallel=2, sequence_parallel=True)
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.tp, pipe.plan.mesh.zero) == (2, 2, 3)
+    results = spawn(_train_fsdp, 4, pipe, timeout_s=TIMEOUT_S)
+    want_losses, want, _ = _reference("gpt-pp1")
+    assert sorted(r["dp"] for r in results) == [0, 0, 1, 1] and {r["sync"] for r in results} == {"FsdpSync"}
+    for r in results:
+        assert r["sequence"] >= 1
+        assert r["losses"] == pytest.approx(want_losses, rel=RTOL)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    assert set().union(*(r["params"] for r in results)) == set(want)
