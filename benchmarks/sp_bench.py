@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
 from partitioner import partition  # noqa: E402
 from partitioner.cost_models.cost import evaluate  # noqa: E402
 from partitioner.cost_models.devices import get_device, get_link  # noqa: E402
-from partitioner.passes.meta import COST  # noqa: E402
+from partitioner.passes.meta import COST, TP  # noqa: E402
 from partitioner.tools.hf_model import load_hf  # noqa: E402
 
 SEQ = 8192
@@ -111,7 +111,8 @@ def main() -> None:
                 print(f"  {r['label']}: {r['step_s'] * 1e3 if r['step_s'] else float('nan'):.0f} ms"
                       + (" (picked)" if r["picked"] else "") + (f" refused: {r['refused']}" if r["refused"] else ""),
                       flush=True)
-        gm = (results.get(True) or results.get(False)).graph if results else None
+        # the annotated graph, whole (a plan that picked T > 1 holds one rank's view: not that)
+        gm = next((p.graph for p in results.values() if TP not in p.graph.meta), None)
         if gm is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
