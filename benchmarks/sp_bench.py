@@ -116,7 +116,7 @@ def main() -> None:
         if gm is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                gm = partition(model, 1, inputs, device="h100-sxm", link="nvlink4").graph
+                gm = partition(model, 1, inputs, device="h100-sxm", link="nvlink4", memory_limit=2**50).graph
         print(f"{name}: one layer, one rank, micro-batch of 1 x {SEQ} tokens (forward + backward)")
         print("T | SP | split regions | between regions | TP collectives | activations saved")
         for r in layer_prices(gm, 1, 1):
