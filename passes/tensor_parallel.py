@@ -764,7 +764,11 @@ def _shard_vocab(gm: fx.GraphModule, out: Sharded, vocab: Vocab) -> None:
         lin = _linear(gm, h)
         assert lin is not None
         out.costs[h.name] = _scaled(h.meta.get(COST, NodeCost()), t, outputs=True, shape=_gemm_shape(h, lin, t, True))
-        out.bwd_allreduce[h.name] = out.bwd_allreduce.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+        if out.sequence_parallel:  # its input gathered from the sequence shards, as a region's
+            out.fwd_gather_scatter[h.name] = out.fwd_gather_scatter.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+            out.bwd_gather_scatter[h.name] = out.bwd_gather_scatter.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+        else:
+            out.bwd_allreduce[h.name] = out.bwd_allreduce.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
     for n in vocab.inner:
         out.costs[n.name] = _scaled(n.meta.get(COST, NodeCost()), t, outputs=True)
     for n in vocab.losses:
