@@ -308,3 +308,32 @@ def test_sequence_parallel_with_fsdp_replicas_trains_like_one_process() -> None:
         for n, v in r["params"].items():
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
     assert set().union(*(r["params"] for r in results)) == set(want)
+
+
+@pytest.mark.parametrize("degree", [2, 4])
+def test_a_plan_with_sequence_parallelism_prices_less_compute_and_activations(degree: int) -> None:
+    # the plan's stage (one pipeline rank) with and without: its forward FLOPs drop by (1 - 1/T)
+    # of the whole graph's FLOPs between the regions, its saved activations drop, its time drops
+    from partitioner.cost_models.cost import evaluate
+    from partitioner.poly import from_text
+    from partitioner.tensor_parallel import view
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=4, n_embd=32, tie_weights=False))
+
+    def stage(sp: bool) -> Any:
+        pipe = partition(model, degree, (_ids(1),), device="h100-sxm", link="nvlink4", tensor_parallel=degree,
+                         sequence_parallel=sp, recompute="none", n_microbatches=1)
+        assert pipe.plan.mesh.tp == degree and len(pipe.plan.stages) == 1
+        return pipe, pipe.plan.stages[0].cost
+
+    _, plain = stage(False)
+    _, sp = stage(True)
+    whole = partition(model, 1, (_ids(1),), device="h100-sxm", link="nvlink4").graph  # annotated, unsharded
+    between = view(whole, degree, sequence_parallel=True)[1].seq_sharded
+    by_name = {n.name: n for n in whole.graph.nodes}
+    want = sum(evaluate(by_name[n].meta[COST].fwd_flops, 4, 8) for n in between) * (1 - 1 / degree)
+    got = evaluate(from_text(plain.fwd_flops), 4, 8) - evaluate(from_text(sp.fwd_flops), 4, 8)
+    assert want > 0 and got == pytest.approx(want, rel=1e-6, abs=len(between))
+    assert evaluate(from_text(sp.saved_bytes), 4, 8) < evaluate(from_text(plain.saved_bytes), 4, 8)
+    assert sp.fwd_time_s + sp.bwd_time_s < plain.fwd_time_s + plain.bwd_time_s
