@@ -226,6 +226,7 @@ def partition(
     inter_link: str | LinkSpec | None = None,
     tensor_parallel: int | str = 1,
     fsdp_reshard: str | None = None,
+    sequence_parallel: bool = False,
 ) -> Pipe:
     """Split ``model`` into ``n_gpus`` (× ``virtual_stages``) balanced pipeline stages.
 
@@ -318,6 +319,11 @@ def partition(
             setting; holds the stage's full weights and gradients); "auto": both solved, "step"
             kept where it fits and is strictly faster (``rankings["fsdp"]``). A split backward
             runs "step" only. The plan's ``mesh.fsdp`` records a mode that is not the schedule's.
+        sequence_parallel: with ``tensor_parallel`` > 1 (or "auto"), Megatron's sequence
+            parallelism: the activations between the attention/MLP regions (norms, residual
+            adds, dropout) are split on the sequence over the TP group, each region's input
+            all-gathered and its output reduce-scattered instead of all-reduced. The
+            sequence length must divide by the degree. ``options.sequence_parallel`` records it.
 
     Returns:
         A ``Pipe``: the stage modules, callable like ``model`` (same outputs), and
@@ -344,6 +350,9 @@ def partition(
                              f"{checked.data_parallel} is not supported (ZeRO-1's optimizer broadcasts the parameters "
                              "it steps, which tensor parallelism makes DTensors): use zero=3 (FSDP over the replicas) "
                              "or zero=0, or tensor_parallel=1")
+    if not isinstance(sequence_parallel, bool) or (sequence_parallel and tensor_parallel == 1):
+        raise PartitionError(f"sequence_parallel={sequence_parallel!r}: expected True or False, and True only with "
+                             "tensor_parallel > 1 or 'auto' (it splits the activations over the TP group)")
     if fsdp_reshard not in (None, "auto", "unit", "step"):
         raise PartitionError(f"fsdp_reshard must be None (the schedule's mode), 'unit', 'step' or 'auto', "
                              f"got {fsdp_reshard!r}")
@@ -369,7 +378,7 @@ def partition(
     opts = Options(n_gpus, n_gpus // dp * checked.virtual_stages, checked.schedule, 0, cut_at, tuple(pinned_cuts),
                    optimizer, cap.route, tuple(str(m) for m in leaf_modules), memory_limit, checked.precision,
                    recompute, checked.custom, dp, 0 if zero == "auto" else int(zero), gpus_per_node, checked.inter_link,
-                   objective, fsdp_reshard=fsdp_reshard)
+                   objective, fsdp_reshard=fsdp_reshard, sequence_parallel=sequence_parallel)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)

@@ -80,6 +80,10 @@ class Options:
     #: "auto": both solved, the faster that fits kept (``layout``). The plan records the mode run
     #: in ``mesh.fsdp``, not here.
     fsdp_reshard: str | None = None
+    #: with tensor_parallel > 1: activations between the TP regions sharded on the sequence
+    #: (``passes.tensor_parallel`` prices it, ``runtime.tensor_parallel`` runs it); the plan's
+    #: options record it only when on
+    sequence_parallel: bool = False
 
     @property
     def pp(self) -> int:
@@ -88,7 +92,8 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("custom", "inter_link", "fsdp_reshard") and not (k == "tensor_parallel" and v == 1)}
+               if k not in ("custom", "inter_link", "fsdp_reshard") and not (k == "tensor_parallel" and v == 1)
+               and not (k == "sequence_parallel" and (not v or self.tensor_parallel == 1))}
         if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
             out["schedule_text"] = self.custom.to_text()
         return out
@@ -128,8 +133,8 @@ class Context:
     specs: tuple[InputSpec, ...]
     request: Request
     annotated: Annotated | None = field(default=None, repr=False)
-    #: per tensor-parallel degree: the annotated graph as one rank of the group prices it
-    views: dict[int, fx.GraphModule] = field(default_factory=dict, repr=False)
+    #: per (tensor-parallel degree, sequence parallel): the annotated graph as one rank of the group prices it
+    views: dict[tuple[int, bool], fx.GraphModule] = field(default_factory=dict, repr=False)
 
     def annotation(self) -> Annotated:
         """The annotated graph, annotating on the first call; the notes are a fresh list each time."""
@@ -142,9 +147,15 @@ class Context:
     def rank_view(self, degree: int) -> fx.GraphModule:
         """The annotated graph as one rank of a ``degree``-way tensor-parallel group prices it
         (``partitioner.tensor_parallel.view``), made once per degree."""
-        if degree not in self.views:
-            self.views[degree] = tensor_parallel.view(self.annotation().gm, degree)[0]
-        return self.views[degree]
+        key = (degree, self.request.opts.sequence_parallel)
+        seq = next((s.shape[d] for s in self.specs for d, sym in s.dims if sym == "S"), None)
+        if key[1] and isinstance(seq, int) and seq % degree:
+            raise PartitionError(f"sequence_parallel=True with tensor_parallel={degree}: the sequence length {seq} "
+                                 f"does not divide by {degree} (each TP rank holds S/T tokens between the regions); "
+                                 "pad the sequence, choose a degree that divides it, or sequence_parallel=False")
+        if key not in self.views:
+            self.views[key] = tensor_parallel.view(self.annotation().gm, degree, sequence_parallel=key[1])[0]
+        return self.views[key]
 
 
 class StageFit(NamedTuple):

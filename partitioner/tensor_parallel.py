@@ -8,6 +8,12 @@ one rank of the group exactly as they plan a whole GPU. ``node_time`` adds to a 
 forward and backward seconds the ring all-reduces the region makes there, on the link
 inside the group (NVLink: tensor parallelism stays inside a node).
 
+With sequence parallelism (``view(gm, T, sequence_parallel=True)``) each region's all-reduce
+becomes a ring all-gather of its input before the column linears and a ring reduce-scatter
+of its row linears' output (backward: a reduce-scatter and an all-gather), each (T-1) steps
+of bytes/T, on the same link: the pair costs what the all-reduce did. The ops between the
+regions are priced on S/T tokens with 1/T of their activations (``passes.tensor_parallel``).
+
 Boundary tensors between stages are replicated on every rank of a group, and the runtime
 sends each once per group (``runtime.dist``, Megatron's scatter/gather): each of the T ranks
 sends 1/T of the message to the rank of the same index in the next stage's group, over its
@@ -26,7 +32,7 @@ from torch import fx
 
 from partitioner.cost_models.cost import evaluate
 from partitioner.cost_models.devices import LinkSpec
-from partitioner.data_parallel import boundary_time, ring_allreduce_s
+from partitioner.data_parallel import allgather_s, boundary_time, reduce_scatter_s, ring_allreduce_s
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.tensor_parallel import Sharded, param_divisor, shard
 
@@ -35,9 +41,9 @@ __all__ = ["view", "node_time", "param_divisor", "boundary_time"]
 NodeTime = Callable[[Any, Mapping[str, int]], "tuple[float, float]"]
 
 
-def view(gm: fx.GraphModule, degree: int) -> tuple[fx.GraphModule, Sharded]:
+def view(gm: fx.GraphModule, degree: int, *, sequence_parallel: bool = False) -> tuple[fx.GraphModule, Sharded]:
     """``gm`` as one rank of a ``degree``-way tensor-parallel group sees it (module docstring)."""
-    sharded = shard(gm, degree)
+    sharded = shard(gm, degree, sequence_parallel=sequence_parallel)
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, remap)
@@ -56,27 +62,36 @@ def view(gm: fx.GraphModule, degree: int) -> tuple[fx.GraphModule, Sharded]:
 def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     """``base`` plus, on the nodes of ``gm`` that make them, the ring all-reduces of one
     tensor-parallel group (forward on row linears, backward on the first column linear of
-    each region input). ``gm`` must come from ``view``; other graphs get ``base`` back."""
+    each region input) or, with sequence parallelism, the all-gather / reduce-scatter pair
+    (both ways on both). ``gm`` must come from ``view``; other graphs get ``base`` back."""
     sharded = gm.meta.get(TP)
     if not isinstance(sharded, Sharded) or sharded.degree <= 1:
         return base
     by_cost: dict[int, tuple[Any, Any]] = {}
     for node in gm.graph.nodes:
-        f, b = sharded.fwd_allreduce.get(node.name), sharded.bwd_allreduce.get(node.name)
-        if f is not None or b is not None:
+        n = node.name
+        comms = (sharded.fwd_allreduce.get(n), sharded.bwd_allreduce.get(n), sharded.fwd_gather_scatter.get(n),
+                 sharded.bwd_gather_scatter.get(n))
+        if any(c is not None for c in comms):
             cost = node.meta[COST]
-            by_cost[id(cost)] = (cost, (f, b))
+            by_cost[id(cost)] = (cost, comms)
     t = sharded.degree
 
     def timed(cost: Any, values: Mapping[str, int]) -> tuple[float, float]:
         fwd, bwd = base(cost, values)
         hit = by_cost.get(id(cost))
         if hit is not None and hit[0] is cost:
-            f, b = hit[1]
+            f, b, fs, bs = (None if e is None else evaluate(e, values["B"], values.get("S", 1)) for e in hit[1])
             if f is not None:
-                fwd += ring_allreduce_s(evaluate(f, values["B"], values.get("S", 1)), t, link)
+                fwd += ring_allreduce_s(f, t, link)
             if b is not None:
-                bwd += ring_allreduce_s(evaluate(b, values["B"], values.get("S", 1)), t, link)
+                bwd += ring_allreduce_s(b, t, link)
+            # sequence parallelism: on a region's first column linear an all-gather forward and a
+            # reduce-scatter backward; on a row linear the reverse (the same ring steps either way)
+            if fs is not None:
+                fwd += allgather_s(fs, t, link)
+            if bs is not None:
+                bwd += reduce_scatter_s(bs, t, link)
         return fwd, bwd
 
     return timed

@@ -34,6 +34,17 @@ last) splits its weight by output feature, the logits stay split on the class di
 the cross-entropy runs on the shards (three all-reduces of one value per token: the max, the
 sum of exponentials, the target's logit). The same function decides for the planner (on the
 captured graph) and the runtime (on each stage graph), so what is priced is what runs.
+
+Sequence parallelism (``shard(..., sequence_parallel=True)``; Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", section 4.2.2): between the
+regions the activations are split on the sequence dimension over the group, so each row
+linear's all-reduce becomes a reduce-scatter onto the sequence shards and each region's
+input is all-gathered before its column linears (backward: the reverse pair). The wire
+bytes are the all-reduce's; what changes is that the ops between regions (norms, residual
+adds, dropout: every node a row output reaches before the next region, keeping the
+sequence dimension) run on S/T tokens and keep 1/T of their activations. A region's input
+keeps its whole size: the gathered copy is what its column linears save. The sequence
+dimension of a value is the one sized by the symbol ``S`` (``sequence_dim``).
 """
 
 from __future__ import annotations
@@ -44,11 +55,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import sympy
 from torch import fx, nn
 
-from partitioner.cost_models.cost import NodeCost
+from partitioner.cost_models.cost import SEQ, NodeCost
 from partitioner.passes.base import TensorDesc
+from partitioner.passes.errors import GraphError
 from partitioner.passes.meta import COST, DESC, TP
 
-__all__ = ["Region", "find_regions", "Vocab", "find_vocab", "Sharded", "shard", "param_divisor", "CARRY"]
+__all__ = ["Region", "find_regions", "Vocab", "find_vocab", "Sharded", "shard", "param_divisor", "CARRY",
+           "sequence_dim"]
 
 #: ops (aten packet names, torch function names, Tensor methods) that carry a split of the
 #: feature (or head) dimension through unchanged: element-wise math, views that keep the
@@ -587,6 +600,15 @@ class Sharded:
     skipped: list[Region] = field(default_factory=list)
     #: the embedding, output layer and loss split by vocabulary at this degree
     vocab: Vocab = field(default_factory=Vocab)
+    #: sequence parallelism: per node name, the bytes (of the whole tensor) all-gathered or
+    #: reduce-scattered over the group in the forward / backward pass (each costs half an
+    #: all-reduce); the nodes priced at S/T tokens between the regions; per row linear, the
+    #: dimension its output is reduce-scattered on
+    sequence_parallel: bool = False
+    fwd_gather_scatter: dict[str, sympy.Expr] = field(default_factory=dict)
+    bwd_gather_scatter: dict[str, sympy.Expr] = field(default_factory=dict)
+    seq_sharded: tuple[str, ...] = ()
+    seq_dims: dict[str, int] = field(default_factory=dict)
 
 
 def _scaled(cost: NodeCost, t: int, *, outputs: bool, shape: tuple[sympy.Expr, ...] = ()) -> NodeCost:
@@ -616,11 +638,23 @@ def _gemm_shape(node: fx.Node, lin: _Linear, t: int, column: bool) -> tuple[symp
     return (m, k, n / t) if column else (m, k / t, n)
 
 
+def sequence_dim(node: fx.Node) -> int | None:
+    """The sequence dimension of ``node``'s value: the one whose size is a multiple of the
+    symbol ``S`` (never the last, the features); None when no dimension is, or more than one."""
+    shape = _shape(node)
+    if not shape:
+        return None
+    dims = [d for d, s in enumerate(shape[:-1]) if SEQ in s.free_symbols]
+    return dims[0] if len(dims) == 1 else None
+
+
 def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = None,
-          vocab: Vocab | None = None) -> Sharded:
-    """One rank's share of ``gm`` under ``degree``-way tensor parallelism (module docstring)."""
+          vocab: Vocab | None = None, *, sequence_parallel: bool = False) -> Sharded:
+    """One rank's share of ``gm`` under ``degree``-way tensor parallelism (module docstring);
+    ``sequence_parallel``: the activations between the regions split on the sequence too
+    (raises ``GraphError`` naming a row linear whose output has no sequence dimension)."""
     regions = find_regions(gm) if regions is None else list(regions)
-    out = Sharded(degree, [])
+    out = Sharded(degree, [], sequence_parallel=sequence_parallel and degree > 1)
     if degree <= 1:
         return out
     _shard_vocab(gm, out, (find_vocab(gm) if vocab is None else vocab).at(degree))
@@ -642,10 +676,72 @@ def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = No
         for w in r.rows:
             cost = w.meta.get(COST, NodeCost())
             out.costs[w.name] = _scaled(cost, degree, outputs=False, shape=_gemm_shape(w, linears[w], degree, False))
-            out.fwd_allreduce[w.name] = out.fwd_allreduce.get(w.name, sympy.Integer(0)) + _bytes(w)
+            if out.sequence_parallel:  # reduce-scattered onto the sequence shards; its gradient all-gathered
+                d = sequence_dim(w)
+                if d is None:
+                    raise GraphError(f"sequence parallelism: the output of the row-parallel linear {w.name} (shape "
+                                     f"{_shape(w)}) has no dimension sized by the sequence S, so it cannot be split "
+                                     "on the sequence; name the inputs' sequence dimension (partition(seq_dims=...)) "
+                                     "or use sequence_parallel=False")
+                out.seq_dims[w.name] = d
+                out.fwd_gather_scatter[w.name] = out.fwd_gather_scatter.get(w.name, sympy.Integer(0)) + _bytes(w)
+                out.bwd_gather_scatter[w.name] = out.bwd_gather_scatter.get(w.name, sympy.Integer(0)) + _bytes(w)
+            else:
+                out.fwd_allreduce[w.name] = out.fwd_allreduce.get(w.name, sympy.Integer(0)) + _bytes(w)
         for x, c in entries.items():  # the gradient of each input the region reads, summed over the group
-            out.bwd_allreduce[c.name] = out.bwd_allreduce.get(c.name, sympy.Integer(0)) + _bytes(x)
+            if out.sequence_parallel:  # all-gathered from the sequence shards; its gradient reduce-scattered
+                out.fwd_gather_scatter[c.name] = out.fwd_gather_scatter.get(c.name, sympy.Integer(0)) + _bytes(x)
+                out.bwd_gather_scatter[c.name] = out.bwd_gather_scatter.get(c.name, sympy.Integer(0)) + _bytes(x)
+            else:
+                out.bwd_allreduce[c.name] = out.bwd_allreduce.get(c.name, sympy.Integer(0)) + _bytes(x)
+    if out.sequence_parallel:
+        _shard_sequence(gm, out)
     return out
+
+
+def _shard_sequence(gm: fx.GraphModule, out: Sharded) -> None:
+    """The nodes between the regions that sequence parallelism runs on S/T tokens: every node
+    outside the regions and the vocabulary parts that a row linear's output reaches, through
+    nodes that keep a sequence dimension, before a region's column linear gathers it. Their
+    FLOPs, bytes moved and activations are divided by T (their parameters, norm weights,
+    stay whole); a region's input keeps its whole output size, since the gathered copy is
+    what the column linears save for backward."""
+    t = out.degree
+    inv = sympy.Rational(1, t)
+    parts: set[fx.Node] = set()
+    entries: set[fx.Node] = set()
+    linears = {}
+    for r in out.regions:
+        parts |= {*r.columns, *r.inner, *r.rows}
+        for c in r.columns:
+            lin = _linear(gm, c)
+            if lin is not None:
+                entries.add(lin.x)
+                linears[c] = lin
+    v = out.vocab
+    parts |= {*v.embeddings, *v.heads, *v.inner, *v.losses}
+    for h in v.heads:  # the output layer gathers its input as the column linears do
+        lin = _linear(gm, h)
+        if lin is not None:
+            entries.add(lin.x)
+    sharded: set[fx.Node] = {n for r in out.regions for n in r.rows}
+    names: list[str] = []
+    for n in gm.graph.nodes:
+        if n in parts or n.op not in ("call_function", "call_method", "call_module") or sequence_dim(n) is None:
+            continue
+        if not any(a in sharded for a in n.all_input_nodes):
+            continue
+        sharded.add(n)
+        names.append(n.name)
+        cost = n.meta.get(COST, NodeCost())
+        scaled = dict(fwd_flops=cost.fwd_flops * inv, bwd_flops=cost.bwd_flops * inv,
+                      fwd_flops_fc=cost.fwd_flops_fc * inv, bwd_flops_fc=cost.bwd_flops_fc * inv,
+                      fwd_bytes_moved=cost.fwd_bytes_moved * inv, saved_internal=cost.saved_internal * inv,
+                      saved_bytes=cost.saved_bytes * inv)
+        if n not in entries:
+            scaled.update(output_bytes=cost.output_bytes * inv, out_storage=tuple(s * inv for s in cost.out_storage))
+        out.costs[n.name] = replace(cost, **scaled)
+    out.seq_sharded = tuple(names)
 
 
 def _shard_vocab(gm: fx.GraphModule, out: Sharded, vocab: Vocab) -> None:
@@ -668,7 +764,11 @@ def _shard_vocab(gm: fx.GraphModule, out: Sharded, vocab: Vocab) -> None:
         lin = _linear(gm, h)
         assert lin is not None
         out.costs[h.name] = _scaled(h.meta.get(COST, NodeCost()), t, outputs=True, shape=_gemm_shape(h, lin, t, True))
-        out.bwd_allreduce[h.name] = out.bwd_allreduce.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+        if out.sequence_parallel:  # its input gathered from the sequence shards, as a region's
+            out.fwd_gather_scatter[h.name] = out.fwd_gather_scatter.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+            out.bwd_gather_scatter[h.name] = out.bwd_gather_scatter.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
+        else:
+            out.bwd_allreduce[h.name] = out.bwd_allreduce.get(h.name, sympy.Integer(0)) + _bytes(lin.x)
     for n in vocab.inner:
         out.costs[n.name] = _scaled(n.meta.get(COST, NodeCost()), t, outputs=True)
     for n in vocab.losses:

@@ -76,6 +76,9 @@ def _partition_options() -> _Parser:
                    help="tensor-parallel ranks per pipeline rank (attention and MLP split over the group inside a "
                         "node), or 'auto': the degree with the fastest predicted step (prints the candidates) "
                         "(default: 1)")
+    g.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="with --tp: shard the activations between the attention/MLP regions (norms, residuals) on "
+                        "the sequence over the TP group (Megatron's sequence parallelism)")
     g.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
                    help="GPUs per node (torchrun's order): ranks on other nodes talk over --inter-link "
                         "(default: all on one node)")
@@ -280,7 +283,7 @@ _FLAG_NAMES = [
     (r"route='export'", "capture_route='export' (Python API only)"),
     (r"data_parallel(?:=(\d+|'auto'))?", "--dp"), (r"gpus_per_node", "--gpus-per-node"),
     (r"inter_link", "--inter-link"), (r"zero(?:=(\d|'auto'))?", "--zero"),
-    (r"tensor_parallel(?:=(\d+|'auto'))?", "--tp"),
+    (r"tensor_parallel(?:=(\d+|'auto'))?", "--tp"), (r"sequence_parallel(?:=\w+)?", "--sequence-parallel"),
 ]
 
 

@@ -110,6 +110,8 @@ def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: boo
              if getattr(args, k, None) is not None}
     if getattr(args, "tp", None) is not None:
         extra["tensor_parallel"] = args.tp
+    if getattr(args, "sequence_parallel", None):
+        extra["sequence_parallel"] = True
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet), _library_output(args):
         try:
             return partition(

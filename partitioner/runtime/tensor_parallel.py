@@ -52,6 +52,28 @@ stage s+1 -- pairs. Every TP rank holds the boundary tensor replicated, so each 
 gives the runner's transport ``tp_mesh``'s group; ``PARTITIONER_TP_SCATTER=0``
 sends whole tensors instead).
 
+Sequence parallelism (``plan.options["sequence_parallel"]``, ``with_tensor_parallel(...,
+sequence_parallel=True)``; Megatron-LM's, torchtitan's ``SequenceParallel``): each row linear's
+output is reduce-scattered onto the sequence dimension (``scatter_sequence``: ``Partial`` ->
+``Shard(s)``; backward an all-gather) instead of all-reduced, and each column group's input is
+all-gathered (``gather_sequence``: ``Shard(s)`` -> ``Replicate``; backward the reduce-scatter of
+its partial gradient). Between the two, the norms, residual adds and dropout run on DTensors
+``Shard(s)``: each TP rank computes and keeps S/T tokens, by DTensor's own rules. torch's
+``SequenceParallel`` / ``parallelize_module`` cannot be used as they are: they hook module
+boundaries (``nn.LayerNorm`` / ``RMSNorm`` inputs and outputs), and a stage here is one flat
+GraphModule (the export route inlines the norms into aten ops), so the same redistributions
+are placed at the region boundaries of the graph, where ``shard_plan`` found them. The
+sequence dimension of each row output is the one shape-prop sized by ``S``
+(``passes.tensor_parallel.sequence_dim``, the planner's rule); a row output without one is
+refused naming the node, and a sequence that does not divide by T is refused at run time
+(``scatter_sequence``). Boundary messages are as without sequence parallelism: a stage's
+outputs leave whole (all-gathered from the sequence shards, ``to_whole``) and the transport
+below sends 1/T of each per TP pair and all-gathers it at the receiver; there a stage input
+that is the residual stream (added to a row output, ``_residual_inputs``) is cut to this
+rank's sequence shard where it enters (``to_sequence_shard``, no communication), so the
+stage's first norm runs on S/T tokens too, and the other inputs (rotary tables, masks) enter
+whole.
+
 Gradients are DTensor shards on the parameters (an optimizer over ``stage.parameters()``
 steps the shards); ``stage.grad_norm`` takes each DTensor's norm over the whole tensor
 (``full_tensor`` of the per-tensor norm: shards all-reduced, replicas counted once).
@@ -75,7 +97,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import loss_parallel
 
 from partitioner.passes.meta import TENSOR_PARALLEL
-from partitioner.passes.tensor_parallel import find_vocab
+from partitioner.passes.tensor_parallel import find_vocab, sequence_dim
 from partitioner.runtime.errors import PipelineRuntimeError
 
 if TYPE_CHECKING:
@@ -108,6 +130,8 @@ _ELEMENTWISE: set[Any] = {
 }
 _ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "pow", "to", "type",
                         "type_as", "contiguous", "clone", "float", "half", "bfloat16", "masked_fill", "detach"}
+#: element-wise modules (called as leaves on the fx route: nanoGPT's ``nn.GELU``, a dropout)
+_ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)
 _VIEWS: set[Any] = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
                     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
                     aten.squeeze.dim, aten.flatten.using_ints, aten.unflatten.int}
@@ -154,6 +178,12 @@ class TensorParallelPlan:
     heads: dict[str, str] = field(default_factory=dict)
     losses: tuple[str, ...] = ()
     split_outputs: tuple[str, ...] = ()
+    #: sequence parallelism: each row linear's node -> the dimension its output is
+    #: reduce-scattered on (empty: off)
+    sequence: dict[str, int] = field(default_factory=dict)
+    #: sequence parallelism: the stage inputs that are the residual stream (added to a row
+    #: output), taken as their sequence shard where they enter -> that dimension
+    sequence_inputs: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_allreduce_forward(self) -> int:
@@ -232,7 +262,7 @@ def _dim_arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
 
 
-def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
+def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule | None = None) -> int:
     """The sharded dimension of ``n``'s output given its sharded inputs (``ins``: input node
     -> its sharded dimension), or raise ``_NotShardable`` / ``_Indivisible``."""
     out = _shape(n)
@@ -250,7 +280,8 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
             raise _NotShardable(f"the sharded dimension is broadcast ({s[d]} -> {out[k]})")
         return k
 
-    if (op == "call_function" and tgt in _ELEMENTWISE) or method in _ELEMENTWISE_METHODS:
+    if (op == "call_function" and tgt in _ELEMENTWISE) or method in _ELEMENTWISE_METHODS or (
+            op == "call_module" and gm is not None and isinstance(gm.get_submodule(str(tgt)), _ELEMENTWISE_MODULES)):
         dims = {aligned(s, d) for s, d in ins.items()}
         if len(dims) != 1:
             raise _NotShardable(f"operands sharded on different dimensions {sorted(dims)}")
@@ -331,14 +362,16 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int) -> int:
     raise _NotShardable(f"{_target_name(n)} is not a recognised op for a sharded value")
 
 
-def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), last: bool = True
-               ) -> TensorParallelPlan:
+def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), last: bool = True,
+               sequence_parallel: bool = False) -> TensorParallelPlan:
     """Recognise the column-/row-parallel linears of stage ``gm`` over ``tp`` ranks and its
     vocabulary-parallel embedding and output layer (see the module docstring). ``replicate``:
     weight FQNs to keep whole (a hint overriding the analysis). ``last``: ``gm`` is the last
-    stage (its outputs are the model's; only there may logits leave split). Raises
-    ``PipelineRuntimeError`` naming the node where a recognised pattern's sizes do not divide
-    by ``tp``."""
+    stage (its outputs are the model's; only there may logits leave split).
+    ``sequence_parallel``: record each row output's sequence dimension (``plan.sequence``).
+    Raises ``PipelineRuntimeError`` naming the node where a recognised pattern's sizes do not
+    divide by ``tp``, or (sequence parallelism) where a row output has no sequence dimension
+    (the sequence length is checked on each call, ``scatter_sequence``)."""
     nodes = list(gm.graph.nodes)
     found = find_vocab(gm, model_outputs=last)
     vocab = found.at(tp)
@@ -394,7 +427,7 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), 
                 reason = "its output leaves the stage"
             else:
                 try:
-                    dim = _propagate(n, ins, tp)
+                    dim = _propagate(n, ins, tp, gm)
                     if dim is None:
                         raise _NotShardable("no sharded dimension")
                     shard[n] = dim
@@ -452,13 +485,67 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), 
         plan.replicated.pop(vocab.owner[n], None)
     for w in (*plan.embeddings, *plan.heads):
         plan.placements[w] = "Shard(0)"
+    if sequence_parallel and tp > 1:
+        for n in sorted(row, key=nodes.index):
+            d = sequence_dim(n)
+            if d is None:
+                raise PipelineRuntimeError(
+                    f"sequence parallelism over {tp} ranks: the output of the row-parallel linear {n.name} "
+                    f"({linears[n][0]}, shape {_shape(n)}) has no dimension sized by the sequence S, so it cannot be "
+                    "split on the sequence; name the inputs' sequence dimension when partitioning "
+                    "(partition(seq_dims=...)) or run without sequence parallelism")
+            plan.sequence[n.name] = d  # sized by S: whether T divides it is checked on each call
+        plan.sequence_inputs = _residual_inputs(gm, row, plan.sequence)
     kept = set(heads)
     plan.losses = tuple(n.name for n in vocab.losses if vocab.follows[n] & kept)
     plan.split_outputs = tuple(n.name for n in vocab.outputs if vocab.follows[n] & kept)
     return plan
 
 
+def _residual_inputs(gm: fx.GraphModule, rows: Any, dims: Mapping[str, int]) -> dict[str, int]:
+    """The stage's inputs that are the residual stream: an input that reaches, through
+    element-wise ops (casts, additions), an addition whose other operand comes from a row
+    linear's output (through element-wise ops too: a dropout, a bias, earlier residual adds),
+    on the same sequence dimension. They enter as their sequence shard, so the stage's first
+    norm and residual add run on S/T tokens, as in the stage that produced them (and as the
+    planner prices them); other inputs (rotary tables, masks) enter whole."""
+    adds = {operator.add, torch.add, aten.add.Tensor}
+    reach: dict[fx.Node, int] = {n: dims[n.name] for n in rows if n.name in dims}  # row-derived -> sequence dim
+    origin: dict[fx.Node, set[fx.Node]] = {n: {n} for n in gm.graph.nodes
+                                           if n.op == "placeholder" and sequence_dim(n) is not None}
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or n in reach:
+            continue
+        elementwise = (n.op == "call_function" and n.target in _ELEMENTWISE) or (
+            n.op == "call_method" and n.target in _ELEMENTWISE_METHODS) or (
+            n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), _ELEMENTWISE_MODULES))
+        if not elementwise:
+            continue
+        from_row = [reach[a] for a in n.all_input_nodes if a in reach]
+        inputs = set().union(*(origin.get(a, set()) for a in n.all_input_nodes))
+        if from_row and (n.target in adds or (n.op == "call_method" and n.target == "add")):
+            for p in inputs:
+                if sequence_dim(p) == from_row[0]:
+                    out[p.name] = from_row[0]
+        if from_row and sequence_dim(n) == from_row[0]:
+            reach[n] = from_row[0]
+        elif inputs and sequence_dim(n) is not None:
+            origin[n] = inputs
+    return out
+
+
 # -- execution ---------------------------------------------------------------------------
+
+def to_sequence_shard(x: Any, like: Any, dim: int) -> Any:
+    """A stage input of the residual stream as this TP rank's sequence shard (``Shard(dim)``
+    of the whole tensor every TP rank holds: a local slice, no communication; its gradient is
+    all-gathered whole in backward, as the previous stage sends it back replicated)."""
+
+    d = to_replicate(x, like)
+    if isinstance(d, DTensor) and d.shape[dim] % d.device_mesh.size() == 0:
+        return d.redistribute(d.device_mesh, [Shard(dim)])
+    return d  # scatter_sequence refuses the length, naming the row linear
 
 def to_replicate(x: Any, like: Any) -> Any:
     """A plain tensor entering the stage (input, buffer, a tensor made inside the graph) as a
@@ -479,6 +566,34 @@ def reduce_row(x: Any) -> Any:
     if isinstance(x, DTensor) and not all(isinstance(p, Replicate) for p in x.placements):
         return x.redistribute(x.device_mesh, [Replicate()])
     return x
+
+
+def scatter_sequence(x: Any, dim: int, node: str) -> Any:
+    """A row-parallel linear's output (``Partial``) reduce-scattered onto the sequence
+    dimension ``dim`` (``Shard(dim)``; backward: the gradient all-gathered), sequence
+    parallelism's replacement of ``reduce_row``. Refuses a sequence T does not divide: DTensor
+    would shard it unevenly, which the transport and the pricing do not expect."""
+
+    if not isinstance(x, DTensor):
+        return x
+    t = x.device_mesh.size()
+    if x.shape[dim] % t:
+        raise PipelineRuntimeError(f"sequence parallelism over {t} ranks: the output of {node} has a sequence of "
+                                   f"{x.shape[dim]} tokens (dimension {dim}), which does not divide by {t}; pad the "
+                                   f"sequence to a multiple of {t} or run without sequence parallelism")
+    return x.redistribute(x.device_mesh, [Shard(dim)])
+
+
+def gather_sequence(x: Any) -> Any:
+    """The input of column-parallel linears under sequence parallelism: a value split on the
+    sequence (``Shard``) all-gathered whole (``Replicate``), whose gradient, a partial sum
+    over the shards, DTensor reduce-scatters back onto the sequence in backward (the reverse
+    redistribution). A value that is already whole (before a stage's first row linear) takes
+    ``reduce_grad``'s all-reduced gradient instead."""
+
+    if isinstance(x, DTensor) and any(isinstance(p, Shard) for p in x.placements):
+        return x.redistribute(x.device_mesh, [Replicate()])
+    return reduce_grad(x)
 
 
 class _ReduceGradient(torch.autograd.Function):
@@ -527,12 +642,15 @@ def attention_on_shards(q: Any, k: Any, v: Any, attn_mask: Any = None, *args: An
     if not isinstance(q, DTensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask, *args, **kwargs)
     placements = q.placements
-    if any(not isinstance(t, DTensor) or t.placements != placements for t in (k, v)):
+    heads = q.dim() - 3
+    # per-head attention only when the shards are heads; any other split (the sequence, under
+    # sequence parallelism, where a replicated projection feeds it) is gathered whole first
+    on_heads = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim % q.dim() == heads) for p in placements)
+    if not on_heads or any(not isinstance(t, DTensor) or t.placements != placements for t in (k, v)):
         k, v = (t if isinstance(t, DTensor) else DTensor.from_local(t, q.device_mesh, [Replicate()], run_check=False)
                 for t in (k, v))
         placements = (Replicate(),)
         q, k, v = (t.redistribute(q.device_mesh, placements) for t in (q, k, v))
-    heads = q.dim() - 3
     if isinstance(attn_mask, DTensor):
         if attn_mask.dim() == q.dim() and attn_mask.shape[heads] != 1:
             attn_mask = attn_mask.redistribute(q.device_mesh, placements)
@@ -626,17 +744,20 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     rows, columns = set(plan.row.values()), set(plan.column.values()) | set(plan.heads.values())
     split_out = set(plan.split_outputs)
     reduced: dict[fx.Node, fx.Node] = {}  # a column linear's input -> its gradient-reducing identity
+    # sequence parallelism: the column inputs all-gathered, the row outputs reduce-scattered
+    enter = gather_sequence if plan.sequence else reduce_grad
     for n in list(graph.nodes):
         if n.name in columns:
             x = n.args[0]
             assert isinstance(x, fx.Node)
             if x not in reduced:
                 with graph.inserting_after(x):
-                    reduced[x] = graph.call_function(reduce_grad, (x,))
+                    reduced[x] = graph.call_function(enter, (x,))
             n.replace_input_with(x, reduced[x])
         if n.name in rows:
             with graph.inserting_after(n):
-                red = graph.call_function(reduce_row, (n,))
+                red = graph.call_function(reduce_row, (n,)) if n.name not in plan.sequence else \
+                    graph.call_function(scatter_sequence, (n, plan.sequence[n.name], n.name))
             n.replace_all_uses_with(red, delete_user_cb=lambda u, red=red: u is not red)
         if n.op == "call_function" and n.target in _DROPPED:
             graph.erase_node(n)
@@ -661,7 +782,9 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
             continue
         # an entering tensor: a placeholder, a buffer, a tensor made from nothing sharded, a leaf module's output
         with graph.inserting_after(anchor if n.op == "placeholder" else n):
-            conv = graph.call_function(to_replicate, (n, anchor))
+            conv = graph.call_function(to_sequence_shard, (n, anchor, plan.sequence_inputs[n.name])) \
+                if n.op == "placeholder" and n.name in plan.sequence_inputs else \
+                graph.call_function(to_replicate, (n, anchor))
         n.replace_all_uses_with(conv, delete_user_cb=lambda u: u is not conv)
         derived.add(conv)
     graph.lint()
@@ -746,21 +869,29 @@ def full_state(named: Any) -> dict[str, torch.Tensor]:
 
 # -- plan and build ----------------------------------------------------------------------
 
-def with_tensor_parallel(pipe: Pipe, tp: int) -> Pipe:
+def with_tensor_parallel(pipe: Pipe, tp: int, *, sequence_parallel: bool = False) -> Pipe:
     """A shallow copy of ``pipe`` (the same stage modules) whose plan's mesh has ``tp`` = ``tp``:
-    ``build_stage`` then runs each pipeline rank as ``tp`` tensor-parallel ranks. The planner
-    prices a plan with ``partition(tensor_parallel=T)``; this sets ``tp`` on a plan made without it."""
+    ``build_stage`` then runs each pipeline rank as ``tp`` tensor-parallel ranks (with
+    ``sequence_parallel``, the activations between the regions split on the sequence,
+    ``options.sequence_parallel``). The planner prices a plan with
+    ``partition(tensor_parallel=T, sequence_parallel=...)``; this sets them on a plan made without."""
 
     if not isinstance(tp, int) or tp < 1:
         raise PipelineRuntimeError(f"with_tensor_parallel(tp={tp!r}): expected a positive integer")
+    if sequence_parallel and tp < 2:
+        raise PipelineRuntimeError("with_tensor_parallel(sequence_parallel=True) needs tp > 1: the sequence is split "
+                                   "over the tensor-parallel group")
     new = copy.copy(pipe)
     plan = pipe.plan
     options = dict(plan.options)  # the GPUs grow with the groups: n_gpus = data_parallel x pipeline ranks x tp
     if isinstance(options.get("n_gpus"), int):
         options["n_gpus"] = options["n_gpus"] // plan.mesh.tp * tp
     options.pop("tensor_parallel", None)
+    options.pop("sequence_parallel", None)
     if tp > 1:
         options["tensor_parallel"] = tp
+    if sequence_parallel:
+        options["sequence_parallel"] = True
     new.plan = dataclasses.replace(plan, options=options, mesh=dataclasses.replace(plan.mesh, tp=tp))
     return new
 
@@ -827,7 +958,8 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         if not isinstance(mod, fx.GraphModule):
             raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
                                        "parallelism rewrites the stage graphs")
-        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1)
+        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1,
+                              sequence_parallel=bool(plan.options.get("sequence_parallel")))
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
