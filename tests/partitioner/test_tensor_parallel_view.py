@@ -118,10 +118,13 @@ def test_the_output_layer_and_its_loss_cost_a_t_th_per_rank() -> None:
         # the head's matmuls and the fp32 loss: about a T-th each per rank, all-reduces included
         head_whole, head_mine = sum(dev.node_time(head.meta[COST], values)), sum(timed(nodes[head.name].meta[COST], values))
         assert head_mine < head_whole / (0.7 * t) * 1.5, (t, head_whole, head_mine)
-        loss_whole, loss_mine = sum(dev.node_time(loss.meta[COST], values)), sum(timed(nodes[loss.name].meta[COST], values))
-        assert loss_mine < loss_whole / (0.7 * t), (t, loss_whole, loss_mine)
-        # the lookup gains one all-reduce of its output (B x S x hidden); the loss three fp32 values per token
+        # the loss: its compute a T-th, plus one all-reduce of three fp32 values per token (a
+        # latency-bound message, so it is taken out before the share is compared)
         tokens, hidden = values["B"] * values["S"], 256
+        loss_whole, loss_mine = sum(dev.node_time(loss.meta[COST], values)), sum(timed(nodes[loss.name].meta[COST], values))
+        loss_ring = ring_allreduce_s(3 * 4 * tokens, t, link)
+        assert loss_mine - loss_ring < loss_whole / (0.7 * t), (t, loss_whole, loss_mine, loss_ring)
+        # the lookup gains one all-reduce of its output (B x S x hidden)
         emb_whole, emb_mine = dev.node_time(emb.meta[COST], values), timed(nodes[emb.name].meta[COST], values)
         ring = ring_allreduce_s(tokens * hidden * emb.meta[DESC].dtype.itemsize, t, link)
         assert emb_mine[0] == pytest.approx(emb_whole[0] + ring, rel=1e-6)
