@@ -75,6 +75,7 @@ the pipeline.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
 
 import torch
@@ -87,6 +88,7 @@ from torch.distributed.tensor import DTensor
 from partitioner.data_parallel import splits_backward
 from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.outline import outline_blocks
 from partitioner.runtime.precision import recipe
 from partitioner.runtime.spec import resolve_schedule
 
@@ -175,10 +177,14 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]
     how = mode(stage)
+    # An outlined block runs the graph's own operations on the graph's own dtypes: its inputs are
+    # not cast on entry (the stage module's unit casts the stage's inputs, as before outlining).
+    inner = replace(mp, cast_forward_inputs=False)
     for mod in stage.modules.values():
-        for _, leaves in units(mod):
+        outlined = set(outline_blocks(mod))  # export captures: each block's span becomes one call
+        for block, leaves in units(mod):
             fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit",
-                        mp_policy=mp)
+                        mp_policy=inner if block in outlined else mp)
         fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit", mp_policy=mp)
     # The tie sums move here, onto the gradients FSDP reduces (module docstring).
     stage._tied = []
