@@ -182,7 +182,11 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     inner = replace(mp, cast_forward_inputs=False)
     for mod in stage.modules.values():
         outlined = set(outline_blocks(mod))  # export captures: each block's span becomes one call
+        graph = getattr(mod, "graph", None)
+        called = {str(n.target) for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
         for block, leaves in units(mod):
+            if not set(leaves) <= called:  # a block left flat (outline_blocks logs why): the stage's unit,
+                continue  # as a module never called would never be gathered
             fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit",
                         mp_policy=inner if block in outlined else mp)
         fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit", mp_policy=mp)

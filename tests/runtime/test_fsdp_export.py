@@ -184,3 +184,43 @@ def test_planner_prices_the_export_stage_per_layer() -> None:
     unit, step = _built("1f1b")[1].plan, _built("zb-h1")[1].plan
     for a, b in zip(unit.stages, step.stages):
         assert a.cost.static_bytes < b.cost.static_bytes
+
+
+def _mixed(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    inputs, y = _data()
+    stage = pipe.build_stage(rank, "cpu")
+    units = sorted(n for mod in stage.modules.values() for n, m in mod.named_modules() if isinstance(m, FSDPModule))
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner("1f1b", n_microbatches=M, loss_fn=_loss, batch_size=BATCH)
+    losses = []
+    for _ in range(2):
+        stage.zero_grad()
+        losses.append(runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
+                                  loss_on_every_rank=True).item())
+        opt.step()
+    return losses, {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                    for n, p in stage.named_parameters()}, units
+
+
+def test_bf16_mixed_outlined_layers_compute_what_the_one_unit_stage_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision="bf16-mixed": FSDP gathers each layer in bf16; an outlined layer takes its
+    inputs as the graph made them (not cast on entry), so training equals the stage sharded
+    as one unit (outlining switched off), bitwise."""
+    import partitioner.runtime.fsdp as fsdp
+
+    torch.manual_seed(0)
+    model = llama(4)
+    inputs, _ = _data()
+    pipe = partition(model, 4, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, schedule="1f1b",
+                     n_microbatches=M, pinned_cuts=["model.layers.2"], precision="bf16-mixed")
+    outlined = spawn(_mixed, 4, pipe, timeout_s=TIMEOUT_S)
+    monkeypatch.setattr(fsdp, "outline_blocks", lambda gm: [])  # the ranks fork: they see the switch
+    whole = spawn(_mixed, 4, pipe, timeout_s=TIMEOUT_S)
+    for (losses, params, units), (want_losses, want, want_units) in zip(outlined, whole):
+        assert len(units) == 3 and want_units == [""]  # the stage's unit and two layers, vs one unit
+        assert losses == want_losses
+        for n, v in params.items():
+            assert torch.equal(v, want[n]), n
