@@ -224,3 +224,53 @@ def test_bf16_mixed_outlined_layers_compute_what_the_one_unit_stage_does(monkeyp
         assert losses == want_losses
         for n, v in params.items():
             assert torch.equal(v, want[n]), n
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective", "partial"])
+def test_outlined_layers_keep_the_stage_recomputation(recompute: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A recomputed region covering a layer checkpoints the layer's call; regions inside a layer
+    (selective: the attention core) are checkpointed inside it; a region overlapping a layer's
+    span in part leaves the layer flat (in the stage's unit), said in the log. Outputs and
+    gradients are the flat stage's."""
+    from partitioner.passes.meta import MODULE
+    from partitioner.passes.recompute import REGION, RecomputeStage, with_recompute
+    from partitioner.passes.split import compute_nodes
+    from partitioner.runtime.outline import outline_blocks
+
+    _, pipe, _ = _built("1f1b")
+    inputs, _ = _data()
+    # the regions recompute= gives (passes/recompute.py): each layer's nodes, or each attention core
+    nodes = compute_nodes(pipe.stages[0])
+    if recompute in ("full", "partial"):  # "partial": without the layer's own nodes (its residual adds)
+        inner = recompute == "partial"
+        regions = [[n.name for n in nodes if str(n.meta.get(MODULE, "")).startswith(b + ".")
+                    or (not inner and n.meta.get(MODULE) == b)] for b in LAYERS[:2]]
+    else:
+        regions = [[n.name] for n in nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(regions) == 2 and all(regions)
+    flat = with_recompute(copy.deepcopy(pipe.stages[0]), regions, "full" if recompute == "partial" else recompute)
+    stage = copy.deepcopy(flat)
+    if recompute == "partial":
+        with caplog.at_level("WARNING", logger="partitioner.runtime"):
+            assert outline_blocks(stage) == []
+        assert "block model.layers.0 is not outlined: a recomputed region overlaps it only in part" in caplog.text
+        return
+    assert outline_blocks(stage) == LAYERS[:2]
+    calls = [n for n in stage.graph.nodes if n.op == "call_module"]
+    layers = [stage.get_submodule(b) for b in LAYERS[:2]]
+    if recompute == "full":
+        assert all(REGION in n.meta for n in calls) and not any(isinstance(m, RecomputeStage) for m in layers)
+    else:
+        assert not any(REGION in n.meta for n in calls)
+        assert all(isinstance(m, RecomputeStage) and len(m.regions()) == 1 for m in layers)
+    grads = []
+    for mod in (flat, stage):
+        out = [t for t in mod(inputs["input_ids"]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        sum(t.square().sum() for t in out).backward()
+        grads.append(({n: p.grad.clone() for n, p in mod.named_parameters()}, out))
+    (want, want_out), (got, got_out) = grads
+    assert set(got) == set(want)
+    for a, b in zip(want_out, got_out):
+        assert torch.equal(a, b)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
