@@ -6,16 +6,22 @@ PyTorch's ``torch.distributed.fsdp.fully_shard`` (FSDP2): between steps every re
 holds 1/dp of each parameter (a ``DTensor`` sharded on dim 0), its gradient and so the
 optimizer state over it.
 
-Units. A stage graph keeps the model's module names: each leaf the graph calls
-(``call_module``, e.g. ``transformer.h.0.attn.c_attn``) is a submodule at that path. The
-leaves with parameters under one repeated block (the shortest path prefix ending in a
-list index, e.g. ``transformer.h.0``) are sharded together as one unit
-(``fully_shard([leaves])``): FSDP gathers a unit when the first of its leaves runs. The
-block module itself is never called by the flat graph, so it cannot carry FSDP's hooks;
-its called leaves do. Everything else (parameters read by ``get_attr``, leaves outside
-blocks, weights shared between modules) belongs to the stage module's own unit
-(``fully_shard(stage)``, applied last). A block one of whose parameters the graph also
-reads by ``get_attr`` stays in the stage's unit too (its hooks would not fire there).
+Units. A stage graph keeps the model's module names. On the ``torch.fx`` route each leaf the
+graph calls (``call_module``, e.g. ``transformer.h.0.attn.c_attn``) is a submodule at that path,
+and the leaves with parameters under one repeated block (the shortest path prefix ending in a
+list index, e.g. ``transformer.h.0``) are sharded together as one unit (``fully_shard([leaves])``):
+FSDP gathers a unit when the first of its leaves runs. The block module itself is never called
+by the flat graph, so it cannot carry FSDP's hooks; its called leaves do. On the
+``torch.export`` route (every Hugging Face model) the graph calls nothing and reads every weight
+by ``get_attr``: ``runtime.outline.outline_blocks`` first moves each block's span of the graph
+(``partitioner.memory.fsdp_spans``) into one call of a small ``GraphModule`` installed at the
+block's own path, owning the same parameters under the same names, and that module is the unit
+(its inputs are not cast on entry under mixed precision: the graph's own dtypes rule, as in the
+flat graph). Everything else (parameters read by ``get_attr`` outside blocks, leaves outside
+blocks, weights shared between modules, a block whose span overlaps another's or that a
+recomputed region cuts in part) belongs to the stage module's own unit (``fully_shard(stage)``,
+applied last). A block of leaves one of whose parameters the graph also reads by ``get_attr``
+outside its span stays in the stage's unit too (its hooks would not fire there).
 
 Two modes, chosen when the stage is built (``mode``: the plan's ``mesh.fsdp``, else the
 plan's schedule), each priced as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):

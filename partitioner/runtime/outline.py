@@ -120,12 +120,11 @@ def _outline(gm: fx.GraphModule, block: str, nodes: list[fx.Node]) -> bool:
     g = gm.graph
     with g.inserting_after(nodes[-1]):
         call = g.call_module(block, tuple(ins))
-    with g.inserting_after(call):
-        items = []
-        for i, n in enumerate(outs):
-            with g.inserting_after(items[-1] if items else call):
-                items.append(g.call_function(operator.getitem, (call, i)))
-            items[-1].meta = {k: v for k, v in n.meta.items() if k != REGION}
+    items: list[fx.Node] = []
+    for i, n in enumerate(outs):  # the call's results, in order, where the span's values were
+        with g.inserting_after(items[-1] if items else call):
+            items.append(g.call_function(operator.getitem, (call, i)))
+        items[-1].meta = {k: v for k, v in n.meta.items() if k != REGION}
     for item, n in zip(items, outs):
         n.replace_all_uses_with(item, delete_user_cb=lambda u: u not in inside)
     if label is not None:
