@@ -1,6 +1,7 @@
 """FSDP units on stages captured with ``torch.export`` (a tiny Hugging Face Llama, 4 decoder
 layers): 4 gloo ranks as 2 pipeline ranks x 2 shards train 3 steps like one process on the
-whole batch, under 1F1B (per-unit mode) and zb-h1 (per-step mode, the split backward's ``W``);
+whole batch, under 1F1B (per-unit mode, and its DCP checkpoint is the unsharded model's) and zb-h1
+(per-step mode, the split backward's ``W``);
 each decoder layer is its own FSDP unit (the block outlined into one call,
 ``partitioner.runtime.outline``) with the model's parameter names; per unit no more than the
 stage's own unit and two layers are gathered at once, while the per-step mode holds the whole
@@ -86,7 +87,7 @@ def _watch_gathers(stage: Any, peak: list[int]) -> None:
     FSDPParamGroup.wait_for_unshard = watched  # type: ignore[method-assign]
 
 
-def _train(rank: int, world: int, schedule: str) -> dict[str, Any]:
+def _train(rank: int, world: int, schedule: str, path: str | None = None) -> dict[str, Any]:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -108,6 +109,8 @@ def _train(rank: int, world: int, schedule: str) -> dict[str, Any]:
         opt.step()
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in stage.named_parameters()}
+    if path is not None:  # one DCP save of the job, each shard under its whole tensor's (the model's) key
+        stage.save_checkpoint(path)
     return {"pp": stage.pp_rank, "units": units, "sizes": sizes, "peak": peak[0], "losses": losses,
             "params": params, "mode": stage.grad_sync.mode,
             "state_dict": sorted(k for mod in stage.modules.values() for k in mod.state_dict())}
@@ -115,11 +118,22 @@ def _train(rank: int, world: int, schedule: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("schedule,mode", [("1f1b", "unit"), ("zb-h1", "step")])
-def test_export_stages_shard_per_decoder_layer_and_train_like_one_process(schedule: str, mode: str) -> None:
+def test_export_stages_shard_per_decoder_layer_and_train_like_one_process(schedule: str, mode: str,
+                                                                          tmp_path: Any) -> None:
     model, pipe, init = _built(schedule)
     model.load_state_dict(init)
     want_losses, want = _reference(model)
-    results = spawn(_train, 4, schedule, timeout_s=TIMEOUT_S)
+    path = str(tmp_path / "dcp") if mode == "unit" else None
+    results = spawn(_train, 4, schedule, path, timeout_s=TIMEOUT_S)
+    if path is not None:  # the checkpoint is the unsharded model's, by the model's names
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(path, str(tmp_path / "whole.pt"))
+        # keys are ``model.<FQN>`` (runtime.checkpoint), the model's FQN after the prefix
+        saved = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "whole.pt", weights_only=True).items()}
+        assert set(want) <= set(saved) <= set(init)
+        for n, v in want.items():
+            torch.testing.assert_close(saved[n], v, rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
     for r in results:
         assert r["mode"] == mode
         mine = LAYERS[:2] if r["pp"] == 0 else LAYERS[2:]
