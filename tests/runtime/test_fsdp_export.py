@@ -288,3 +288,46 @@ def test_outlined_layers_keep_the_stage_recomputation(recompute: str, caplog: py
         assert torch.equal(a, b)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _tp_train(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    inputs, y = _data()
+    stage = pipe.build_stage(rank, "cpu")
+    units = sorted(n for mod in stage.modules.values() for n, m in mod.named_modules() if isinstance(m, FSDPModule))
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner("1f1b", n_microbatches=M, loss_fn=_loss, batch_size=BATCH)
+    losses = []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        losses.append(runner.step(**inputs, target=y, loss_on_every_rank=True).item())
+        opt.step()
+    return losses, {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                    for n, p in stage.named_parameters()}, units
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_over_tensor_parallel_layers_trains_like_one_process() -> None:
+    """FSDP2 x TP2 (one pipeline stage, 4 ranks): the layers are still units (tensor
+    parallelism's mesh anchor no longer ties them to the stage, ``outline``), each a 2-D
+    DTensor, and the run equals one process."""
+    from partitioner.runtime.tensor_parallel import with_tensor_parallel
+
+    torch.manual_seed(0)
+    model = llama(4)
+    init = copy.deepcopy(model.state_dict())
+    inputs, _ = _data()
+    pipe = partition(model, 2, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, schedule="1f1b",
+                     n_microbatches=M)
+    assert (pipe.plan.mesh.dp, pipe.plan.pp_ranks) == (2, 1)
+    results = spawn(_tp_train, 4, with_tensor_parallel(pipe, 2), timeout_s=TIMEOUT_S)
+    model.load_state_dict(init)
+    want_losses, want = _reference(model)
+    for losses, params, units in results:
+        assert units == ["", *LAYERS]
+        assert losses == pytest.approx(want_losses, rel=1e-5)
+        assert set(params) == set(want)
+        for n, v in params.items():
+            torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
