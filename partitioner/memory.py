@@ -49,7 +49,7 @@ from partitioner.passes.tensor_parallel import param_divisor
 
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
-    "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of", "fsdp_spans",
+    "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of", "fsdp_spans", "block_of",
 ]
 
 Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
@@ -73,7 +73,7 @@ def bytes_per_param(precision: str, optimizer: str) -> int:
     return 2 * width + (4 if master and updates else 0) + copies * state
 
 
-def _block_of(path: str) -> str | None:
+def block_of(path: str) -> str | None:
     """The repeated block a module or attribute path lies in: the shortest prefix ending in a
     list index (``transformer.h.0`` for ``transformer.h.0.attn.c_attn``), None outside blocks."""
     parts = path.split(".")
@@ -104,7 +104,7 @@ def fsdp_spans(gm: torch.nn.Module) -> dict[str, list[fx.Node]]:
     for n in nodes:
         if n.op not in ("get_attr", "call_module"):
             continue
-        block = _block_of(str(n.target))
+        block = block_of(str(n.target))
         if block is None:
             continue
         reads.setdefault(block, []).append(n)
@@ -132,7 +132,7 @@ def fsdp_spans(gm: torch.nn.Module) -> dict[str, list[fx.Node]]:
             continue
         first, last = spans[block]
         inside = [n for n in nodes[first:last + 1] if n.op not in ("placeholder", "output", "get_attr")]
-        if any(n.op == "call_module" and _block_of(str(n.target)) != block for n in inside):
+        if any(n.op == "call_module" and block_of(str(n.target)) != block for n in inside):
             continue  # a module outside the block cannot be handed to the block's call
         own = [r for r in reads[block] if r.op == "get_attr"]
         out[block] = sorted({*inside, *own}, key=pos.__getitem__)
@@ -170,15 +170,15 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
     blocks: dict[str, list[str]] = {}
     spoiled: set[str] = set()
     for node in graph.nodes:
-        if node.op == "get_attr" and _block_of(str(node.target)) in spans:
-            blocks.setdefault(str(_block_of(str(node.target))), [])
+        if node.op == "get_attr" and block_of(str(node.target)) in spans:
+            blocks.setdefault(str(block_of(str(node.target))), [])
         if node.op != "call_module":
             continue
         path = str(node.target)
         if isinstance(gm.get_submodule(path), fx.GraphModule) and path.split(".")[-1].isdigit():
             blocks[path] = [path]  # a block outlined into one call (partitioner.runtime.outline)
             continue
-        block = _block_of(path)
+        block = block_of(path)
         if block is None or block in spans:
             continue  # not under a repeated block: the module's own unit; or outlined with its span
         params = list(gm.get_submodule(path).parameters())
@@ -190,7 +190,7 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
         if any(counts[id(p)] > 1 for p in params):
             spoiled.add(block)
     for node in graph.nodes:  # leaves' blocks also read by get_attr, without a span: the module's unit
-        block = _block_of(str(node.target)) if node.op == "get_attr" else None
+        block = block_of(str(node.target)) if node.op == "get_attr" else None
         if block in blocks and block not in spans:
             spoiled.add(str(block))
     for block in spans:

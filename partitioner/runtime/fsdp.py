@@ -106,7 +106,8 @@ __all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mod
 
 def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
     """The stage's sharding units besides the stage module itself: (block path, the paths of
-    the leaves with parameters the graph calls under it); the planner's rule
+    the modules sharded as the unit: the leaves with parameters the graph calls under the
+    block, or the block itself once ``runtime.outline`` made it one call); the planner's rule
     (``partitioner.memory.fsdp_units``), so what runs is what was priced."""
     return fsdp_units(gm)
 

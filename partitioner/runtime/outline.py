@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 from torch.distributed.tensor import DTensor, Replicate
 
-from partitioner.memory import _block_of, fsdp_spans
+from partitioner.memory import block_of, fsdp_spans
 from partitioner.passes.recompute import REGION, RecomputeStage, with_recompute
 from partitioner.passes.split import copy_persistence
 from partitioner.runtime.tensor_parallel import to_replicate
@@ -78,7 +78,7 @@ def _detach_mesh_anchors(gm: fx.GraphModule) -> bool:
     attribute of the stage (no parameter, buffer or state dict entry). Returns whether any was."""
     moved = False
     for n in list(gm.graph.nodes):
-        if n.op != "get_attr" or _block_of(str(n.target)) is None or not n.users:
+        if n.op != "get_attr" or block_of(str(n.target)) is None or not n.users:
             continue
         if not all(u.op == "call_function" and u.target is to_replicate and len(u.args) == 2 and u.args[1] is n
                    and u.args[0] is not n for u in n.users):
