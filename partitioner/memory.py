@@ -49,7 +49,7 @@ from partitioner.passes.tensor_parallel import param_divisor
 
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
-    "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of",
+    "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of", "fsdp_spans", "block_of",
 ]
 
 Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
@@ -73,13 +73,92 @@ def bytes_per_param(precision: str, optimizer: str) -> int:
     return 2 * width + (4 if master and updates else 0) + copies * state
 
 
+def block_of(path: str) -> str | None:
+    """The repeated block a module or attribute path lies in: the shortest prefix ending in a
+    list index (``transformer.h.0`` for ``transformer.h.0.attn.c_attn``), None outside blocks."""
+    parts = path.split(".")
+    cut = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+    return None if cut is None else ".".join(parts[:cut + 1])
+
+
+def fsdp_spans(gm: torch.nn.Module) -> dict[str, list[fx.Node]]:
+    """The blocks a graph reads by ``get_attr`` (the ``torch.export`` route) that can be their
+    own FSDP unit, each with the nodes ``partitioner.runtime.outline`` moves into one call of
+    the block: every node from the first to the last that uses one of the block's attributes
+    (its span in graph order), the block's own ``get_attr`` nodes, but not other attributes
+    read inside the span (they become inputs of the call). A block needs a parameter read by
+    ``get_attr``; it keeps no unit of its own (it stays in the module's unit) when one of its
+    parameters is registered twice (a weight shared with another module), when its span
+    overlaps another block's or calls a module outside the block, or when the graph returns
+    one of its attributes. In graph order."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return {}
+    counts: dict[int, int] = {}
+    for _, p in gm.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    reads: dict[str, list[fx.Node]] = {}
+    owned: dict[str, bool] = {}  # block -> whether a parameter of it is read by get_attr
+    for n in nodes:
+        if n.op not in ("get_attr", "call_module"):
+            continue
+        block = block_of(str(n.target))
+        if block is None:
+            continue
+        reads.setdefault(block, []).append(n)
+        if n.op == "get_attr" and isinstance(_attr(gm, str(n.target)), torch.nn.Parameter):
+            owned[block] = True
+    spans: dict[str, tuple[int, int]] = {}
+    spoiled: set[str] = set()
+    for block, rs in reads.items():
+        if not owned.get(block):
+            continue
+        uses = [u for r in rs for u in r.users] + [r for r in rs if r.op == "call_module"]
+        if not uses:
+            continue
+        spans[block] = (min(pos[u] for u in uses), max(pos[u] for u in uses))
+        params = gm.get_submodule(block).parameters()
+        if any(u.op == "output" for u in uses) or any(counts.get(id(p), 0) > 1 for p in params):
+            spoiled.add(block)
+    order = sorted(spans, key=lambda b: spans[b])
+    for a, b in zip(order, order[1:]):  # spans overlapping another block's: neither is a unit
+        if spans[b][0] <= spans[a][1]:
+            spoiled.update((a, b))
+    out: dict[str, list[fx.Node]] = {}
+    for block in order:
+        if block in spoiled:
+            continue
+        first, last = spans[block]
+        inside = [n for n in nodes[first:last + 1] if n.op not in ("placeholder", "output", "get_attr")]
+        if any(n.op == "call_module" and block_of(str(n.target)) != block for n in inside):
+            continue  # a module outside the block cannot be handed to the block's call
+        own = [r for r in reads[block] if r.op == "get_attr"]
+        out[block] = sorted({*inside, *own}, key=pos.__getitem__)
+    return out
+
+
+def _attr(gm: torch.nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+
+
 def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
     """The FSDP units of a graph besides the module itself (``zero=3``,
-    ``partitioner.runtime.fsdp``): (block path, the paths of the leaves with parameters the
-    graph calls under it), in graph order. A block is the shortest path prefix ending in a
-    list index (``transformer.h.0``); the flat graph never calls it, so its called leaves
-    form the unit. A block with a weight shared with another module, or one the graph reads
-    by ``get_attr``, stays in the module's own unit (FSDP's hooks would not gather it).
+    ``partitioner.runtime.fsdp``): (block path, the paths of the modules sharded as the
+    unit), in graph order. A block is the shortest path prefix ending in a list index
+    (``transformer.h.0``). Two kinds:
+
+    - a block the graph calls leaves of (``torch.fx`` route): the flat graph never calls the
+      block, so its called leaves with parameters form the unit. Such a block with a weight
+      shared with another module, or one the graph also reads by ``get_attr``, stays in the
+      module's own unit (FSDP's hooks would not gather it).
+    - a block the graph reads by ``get_attr`` (``torch.export`` route) with a span
+      (``fsdp_spans``): the runtime outlines the span into one call of the block
+      (``partitioner.runtime.outline``), which is the unit: ``(block, [block])``. On an
+      outlined graph the same unit is that call.
+
     The planner prices the units the runtime shards with this one rule."""
     graph = getattr(gm, "graph", None)
     if graph is None:
@@ -87,17 +166,21 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
     counts: dict[int, int] = {}
     for _, p in gm.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
+    spans = fsdp_spans(gm)
     blocks: dict[str, list[str]] = {}
     spoiled: set[str] = set()
     for node in graph.nodes:
+        if node.op == "get_attr" and block_of(str(node.target)) in spans:
+            blocks.setdefault(str(block_of(str(node.target))), [])
         if node.op != "call_module":
             continue
         path = str(node.target)
-        parts = path.split(".")
-        cut = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
-        if cut is None:
-            continue  # not under a repeated block: the module's own unit
-        block = ".".join(parts[:cut + 1])
+        if isinstance(gm.get_submodule(path), fx.GraphModule) and path.split(".")[-1].isdigit():
+            blocks[path] = [path]  # a block outlined into one call (partitioner.runtime.outline)
+            continue
+        block = block_of(path)
+        if block is None or block in spans:
+            continue  # not under a repeated block: the module's own unit; or outlined with its span
         params = list(gm.get_submodule(path).parameters())
         if not params:
             continue
@@ -106,9 +189,12 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
             leaves.append(path)
         if any(counts[id(p)] > 1 for p in params):
             spoiled.add(block)
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            spoiled.update(b for b in blocks if str(node.target).startswith(b + "."))
+    for node in graph.nodes:  # leaves' blocks also read by get_attr, without a span: the module's unit
+        block = block_of(str(node.target)) if node.op == "get_attr" else None
+        if block in blocks and block not in spans:
+            spoiled.add(str(block))
+    for block in spans:
+        blocks[block] = [block]
     return [(b, leaves) for b, leaves in blocks.items() if b not in spoiled]
 
 

@@ -6,16 +6,22 @@ PyTorch's ``torch.distributed.fsdp.fully_shard`` (FSDP2): between steps every re
 holds 1/dp of each parameter (a ``DTensor`` sharded on dim 0), its gradient and so the
 optimizer state over it.
 
-Units. A stage graph keeps the model's module names: each leaf the graph calls
-(``call_module``, e.g. ``transformer.h.0.attn.c_attn``) is a submodule at that path. The
-leaves with parameters under one repeated block (the shortest path prefix ending in a
-list index, e.g. ``transformer.h.0``) are sharded together as one unit
-(``fully_shard([leaves])``): FSDP gathers a unit when the first of its leaves runs. The
-block module itself is never called by the flat graph, so it cannot carry FSDP's hooks;
-its called leaves do. Everything else (parameters read by ``get_attr``, leaves outside
-blocks, weights shared between modules) belongs to the stage module's own unit
-(``fully_shard(stage)``, applied last). A block one of whose parameters the graph also
-reads by ``get_attr`` stays in the stage's unit too (its hooks would not fire there).
+Units. A stage graph keeps the model's module names. On the ``torch.fx`` route each leaf the
+graph calls (``call_module``, e.g. ``transformer.h.0.attn.c_attn``) is a submodule at that path,
+and the leaves with parameters under one repeated block (the shortest path prefix ending in a
+list index, e.g. ``transformer.h.0``) are sharded together as one unit (``fully_shard([leaves])``):
+FSDP gathers a unit when the first of its leaves runs. The block module itself is never called
+by the flat graph, so it cannot carry FSDP's hooks; its called leaves do. On the
+``torch.export`` route (every Hugging Face model) the graph calls nothing and reads every weight
+by ``get_attr``: ``runtime.outline.outline_blocks`` first moves each block's span of the graph
+(``partitioner.memory.fsdp_spans``) into one call of a small ``GraphModule`` installed at the
+block's own path, owning the same parameters under the same names, and that module is the unit
+(its inputs are not cast on entry under mixed precision: the graph's own dtypes rule, as in the
+flat graph). Everything else (parameters read by ``get_attr`` outside blocks, leaves outside
+blocks, weights shared between modules, a block whose span overlaps another's or that a
+recomputed region cuts in part) belongs to the stage module's own unit (``fully_shard(stage)``,
+applied last). A block of leaves one of whose parameters the graph also reads by ``get_attr``
+outside its span stays in the stage's unit too (its hooks would not fire there).
 
 Two modes, chosen when the stage is built (``mode``: the plan's ``mesh.fsdp``, else the
 plan's schedule), each priced as it runs (``partitioner.data_parallel.fsdp_static`` / ``fsdp_comm_s``):
@@ -75,6 +81,7 @@ the pipeline.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, cast
 
 import torch
@@ -87,6 +94,7 @@ from torch.distributed.tensor import DTensor
 from partitioner.data_parallel import splits_backward
 from partitioner.memory import fsdp_units
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.outline import outline_blocks
 from partitioner.runtime.precision import recipe
 from partitioner.runtime.spec import resolve_schedule
 
@@ -98,7 +106,8 @@ __all__ = ["FsdpSync", "shard_stage", "units", "local_grads", "is_sharded", "mod
 
 def units(gm: nn.Module) -> list[tuple[str, list[str]]]:
     """The stage's sharding units besides the stage module itself: (block path, the paths of
-    the leaves with parameters the graph calls under it); the planner's rule
+    the modules sharded as the unit: the leaves with parameters the graph calls under the
+    block, or the block itself once ``runtime.outline`` made it one call); the planner's rule
     (``partitioner.memory.fsdp_units``), so what runs is what was priced."""
     return fsdp_units(gm)
 
@@ -175,10 +184,18 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]
     how = mode(stage)
+    # An outlined block runs the graph's own operations on the graph's own dtypes: its inputs are
+    # not cast on entry (the stage module's unit casts the stage's inputs, as before outlining).
+    inner = replace(mp, cast_forward_inputs=False)
     for mod in stage.modules.values():
-        for _, leaves in units(mod):
+        outlined = set(outline_blocks(mod))  # export captures: each block's span becomes one call
+        graph = getattr(mod, "graph", None)
+        called = {str(n.target) for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
+        for block, leaves in units(mod):
+            if not set(leaves) <= called:  # a block left flat (outline_blocks logs why): the stage's unit,
+                continue  # as a module never called would never be gathered
             fully_shard([mod.get_submodule(p) for p in leaves], mesh=mesh, reshard_after_forward=how == "unit",
-                        mp_policy=mp)
+                        mp_policy=inner if block in outlined else mp)
         fully_shard(mod, mesh=mesh, reshard_after_forward=how == "unit", mp_policy=mp)
     # The tie sums move here, onto the gradients FSDP reduces (module docstring).
     stage._tied = []
