@@ -372,6 +372,11 @@ def schedule_candidates(opts: Options, v_given: int) -> list[tuple[str, int]]:
 BALANCED_SHARE = 0.9
 
 
+#: False: ``joint`` solves every candidate (no bound prunes one): the exhaustive search the
+#: bounds shorten, which the tests compare the pruned one with
+PRUNE = True
+
+
 class Candidate(NamedTuple):
     """One layout of the joint search, with its bound (``joint``)."""
 
@@ -512,11 +517,11 @@ def joint(ctx: Context) -> Solved:
     while queue:
         c = heapq.heappop(queue)[-1]
         pp = n_gpus // (c.d * c.t)
-        if c.bound >= best:
+        if c.bound >= best and PRUNE:
             pruned.append(f"{c.label(pp)}: pruned (its bound {c.bound * 1e3:.4g} ms is no faster than the best "
                           f"found, {best * 1e3:.4g} ms)")
             continue
-        if not c.refined:
+        if not c.refined and PRUNE:
             f, b = per_microbatch(c.t, (batch or 1) // c.d // c.mm)
             n_st = pp * c.v
             balanced = simulate(build_schedule(c.schedule, pp, c.mm, n_st), [f / n_st] * n_st, [b / n_st] * n_st)
