@@ -147,7 +147,8 @@ def _row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], seconds: f
         search_s=_timing[0], search_cpu_s=_timing[1],
         solved=sum(1 for r in prob.rankings.get("layout", []) if r["refused"] is None),
         pruned=sum(1 for r in prob.rankings.get("layout", []) if (r["refused"] or "").startswith("pruned")),
-        floor=sum(1 for r in prob.rankings.get("layout", []) if "alone need at least" in (r["refused"] or "")))
+        floor=sum(1 for r in prob.rankings.get("layout", []) if "alone need at least" in (r["refused"] or "")),
+        free_splits=sum(1 for k in ctx.priced_memo if k[0] == "free split"))  # distinct memory-free splits solved
 
 
 def _plan(name: str, n_gpus: int, model: Any, inputs: Any, **kw: Any) -> tuple[dict[str, Any] | None, str]:
@@ -209,7 +210,7 @@ def main() -> None:
                 extra = (f"{row['plan_s']:.0f} s" + (" (with capture)" if first else "")
                          + f"; layout search {row['search_s']:.0f} s, {row['search_cpu_s']:.0f} CPU-s"
                          + (f", {row['solved']} solved, {row['pruned']} pruned, {row['floor']} refused by the "
-                            "memory floor" if who == "planner" else ""))
+                            f"memory floor, {row['free_splits']} distinct memory-free splits" if who == "planner" else ""))
                 over = " (over the device: does not fit on our memory model)" if row.get("over") else ""
                 print(f"{name} | {n_gpus} | {batch} | {who} | {_fmt(row)}{over} | {cited or '-'} | {extra}", flush=True)
                 out.append(dict(model=name, gpus=n_gpus, batch=batch, who=who, cited=cited, build_s=built, **row))
