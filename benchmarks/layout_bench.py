@@ -86,6 +86,7 @@ COMMON = dict(device="h100-sxm", link="nvlink4", gpus_per_node=8, inter_link="ib
 
 _shared: dict[Any, dict[str, Any]] = {}
 _key: list[Any] = [None]
+_timing: list[float] = []  # the last layout search: wall seconds, CPU seconds (``_install``)
 
 
 def _install() -> None:
@@ -109,7 +110,16 @@ def _install() -> None:
         _shared[_key[0]]["annotated"] = ctx.annotated
         return ctx, solved
 
-    api.capture, api.Context, api.emit = capture, context, emit  # type: ignore[assignment]
+    real_choose = api.choose
+
+    def choose(ctx: Context) -> Any:  # the layout search alone: its wall and CPU seconds
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            return real_choose(ctx)
+        finally:
+            _timing[:] = [time.perf_counter() - t, time.process_time() - c]
+
+    api.capture, api.Context, api.emit, api.choose = capture, context, emit, choose  # type: ignore[assignment]
 
 
 def _row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -134,9 +144,11 @@ def _row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], seconds: f
         step_s=step, tps_gpu=tokens / step / n_gpus,
         mfu=tokens * flops_per_token / step / (n_gpus * dev.peak_flops_lowp),
         peak_gib=max(prob.need(i, x) for i, x in enumerate(fits)) / 2**30, plan_s=seconds,
+        search_s=_timing[0], search_cpu_s=_timing[1],
         solved=sum(1 for r in prob.rankings.get("layout", []) if r["refused"] is None),
         pruned=sum(1 for r in prob.rankings.get("layout", []) if (r["refused"] or "").startswith("pruned")),
-        floor=sum(1 for r in prob.rankings.get("layout", []) if "alone need at least" in (r["refused"] or "")))
+        floor=sum(1 for r in prob.rankings.get("layout", []) if "alone need at least" in (r["refused"] or "")),
+        free_splits=sum(1 for k in ctx.priced_memo if k[0] == "free split"))  # distinct memory-free splits solved
 
 
 def _plan(name: str, n_gpus: int, model: Any, inputs: Any, **kw: Any) -> tuple[dict[str, Any] | None, str]:
@@ -196,8 +208,9 @@ def main() -> None:
                     out.append(dict(model=name, gpus=n_gpus, batch=batch, who=who, refused=err))
                     continue
                 extra = (f"{row['plan_s']:.0f} s" + (" (with capture)" if first else "")
+                         + f"; layout search {row['search_s']:.0f} s, {row['search_cpu_s']:.0f} CPU-s"
                          + (f", {row['solved']} solved, {row['pruned']} pruned, {row['floor']} refused by the "
-                            "memory floor" if who == "planner" else ""))
+                            f"memory floor, {row['free_splits']} distinct memory-free splits" if who == "planner" else ""))
                 over = " (over the device: does not fit on our memory model)" if row.get("over") else ""
                 print(f"{name} | {n_gpus} | {batch} | {who} | {_fmt(row)}{over} | {cited or '-'} | {extra}", flush=True)
                 out.append(dict(model=name, gpus=n_gpus, batch=batch, who=who, cited=cited, build_s=built, **row))

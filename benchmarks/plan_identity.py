@@ -12,6 +12,7 @@ too: it is written as ``<case>.error`` (exception type and message) and compared
 
     PYTHONPATH=. .venv/bin/python benchmarks/plan_identity.py OUT_DIR [--only GLOB ...]
     PYTHONPATH=. .venv/bin/python benchmarks/plan_identity.py --compare BEFORE AFTER
+    PYTHONPATH=. .venv/bin/python benchmarks/plan_identity.py OUT_DIR --joint --only 'joint-*'
 
 ``--compare`` prints each differing case with the first JSON path where the two differ,
 cases present on one side only, and exits 1 when anything differs. Fields a plan gained
@@ -19,7 +20,9 @@ after a baseline was written (``ADDED``: ``routes``, with plan version 4) are le
 the comparison together with ``version``, so a baseline from before them stays valid; the
 rest of each file must still match byte for byte. The full set (220 cases,
 10 of them refusals) takes about 10 CPU-minutes, most of it the zoo's captures; ``--only``
-with a few globs (``'mlp.*' 'zoo-vit.*'``) checks a change in seconds.
+with a few globs (``'mlp.*' 'zoo-vit.*'``) checks a change in seconds. ``--joint`` adds the joint
+layout search's cases (``JOINT_VARIANTS`` on every fixture, ``joint-*``): write both folders
+with it (a baseline from before them lacks them).
 """
 
 from __future__ import annotations
@@ -106,6 +109,29 @@ def _fixture_cases() -> Iterator[tuple[str, Callable[[], Any]]]:
         yield f"{name}.apply-dp", reapplied_dp
 
 
+#: the joint layout search (``zero="auto"``, ``layout.joint``) on the fixtures: ``--joint`` adds these
+#: cases (``joint-<fixture>.<variant>``), which baselines written before them do not have
+JOINT_VARIANTS: dict[str, dict[str, Any]] = {
+    "all-auto": dict(n_gpus=4, data_parallel="auto", zero="auto", schedule="auto", n_microbatches="auto",
+                     optimizer="adamw"),
+    "tp-auto": dict(n_gpus=4, data_parallel="auto", zero="auto", tensor_parallel="auto", optimizer="adamw",
+                    precision="bf16-mixed"),
+    "nodes-tight": dict(n_gpus=8, data_parallel="auto", zero="auto", schedule="auto", gpus_per_node=4,
+                        inter_link="ib-ndr-400", optimizer="adamw", memory_limit=400_000),
+}
+
+
+def _joint_cases() -> Iterator[tuple[str, Callable[[], Any]]]:
+    for name, fx in sorted(FIXTURES.items()):
+        for variant, kw in JOINT_VARIANTS.items():
+            def run(fx: Any = fx, kw: dict[str, Any] = kw) -> Any:
+                torch.manual_seed(0)
+                return partition(fx.build(), example_inputs=fx.inputs(), example_kwargs=fx.kwargs() or None,
+                                 **kw).plan
+
+            yield f"joint-{name}.{variant}", run
+
+
 def _zoo_cases() -> Iterator[tuple[str, Callable[[], Any]]]:
     try:
         import transformers  # noqa: F401
@@ -180,19 +206,22 @@ def _bench_cases() -> Iterator[tuple[str, Callable[[], Any]]]:
         yield f"bench-{bench_name}.pinned", pinned
 
 
-def cases() -> Iterator[tuple[str, Callable[[], Any]]]:
-    """Every case: (name, a thunk returning its Plan)."""
+def cases(joint: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """Every case: (name, a thunk returning its Plan); ``joint``: the joint search's too."""
     yield from _fixture_cases()
     yield from _zoo_cases()
     yield from _bench_cases()
+    if joint:
+        yield from _joint_cases()
 
 
-def write_plans(out: str, only: list[str] | None = None, *, verbose: bool = True) -> list[str]:
+def write_plans(out: str, only: list[str] | None = None, *, verbose: bool = True, joint: bool = False) -> list[str]:
     """Write each case's plan JSON (``<case>.json``) or refusal (``<case>.error``) into ``out``;
-    ``only``: glob patterns of case names. Returns the names written."""
+    ``only``: glob patterns of case names; ``joint``: with the joint search's cases. Returns
+    the names written."""
     os.makedirs(out, exist_ok=True)
     written = []
-    for name, run in cases():
+    for name, run in cases(joint):
         if only and not any(fnmatch.fnmatchcase(name, p) for p in only):
             continue
         t0 = time.perf_counter()
@@ -289,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="glob patterns of case names (e.g. 'mlp.*')")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two folders")
     ap.add_argument("--list", action="store_true", help="print the case names")
+    ap.add_argument("--joint", action="store_true",
+                    help="add the joint layout search's cases (joint-*; not in baselines written before them)")
     args = ap.parse_args(argv)
     if args.list:
-        print("\n".join(name for name, _ in cases()))
+        print("\n".join(name for name, _ in cases(args.joint)))
         return 0
     if args.compare:
         diffs = compare(*args.compare)
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         ap.error("give an output folder or --compare BEFORE AFTER")
     t0 = time.perf_counter()
-    names = write_plans(args.out, args.only)
+    names = write_plans(args.out, args.only, joint=args.joint)
     print(f"{len(names)} cases written to {args.out} in {time.perf_counter() - t0:.1f} s")
     return 0
 

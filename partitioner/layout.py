@@ -28,13 +28,13 @@ from partitioner.data_parallel import (
 )
 from partitioner.memory import PRECISIONS, bytes_per_param
 from partitioner.passes import tensor_parallel
-from partitioner.passes.meta import COST
+from partitioner.passes.meta import COST, TP
 from partitioner.passes.split import compute_nodes
 from partitioner.plan import Mesh
 from partitioner.pricing import TIME_UNIT, with_shape
 from partitioner.problem import Context, Options, Problem, StageFit, batch_size, build_problem, node_timer
 from partitioner.schedule import SCHEDULES, ScheduleError, build_schedule, check_counts, default_microbatches
-from partitioner.search import search
+from partitioner.search import finish_notes, search
 from partitioner.simulator import SimResult, predict_step, simulate
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
 from partitioner.tensor_parallel import boundary_time
@@ -96,8 +96,8 @@ def tensor_parallel_degrees(ctx: Context) -> list[int]:
     group = gcd(opts.n_gpus, opts.gpus_per_node) if opts.gpus_per_node else opts.n_gpus
     out = [1]
     for t in divisors(group):
-        if t > 1 and opts.n_gpus % (t * int(fixed_dp)) == 0 and tensor_parallel.shard(
-                ctx.annotation().gm, t).regions:
+        # the rank view keeps its shard (gm.meta[TP]): one find_regions per degree, not two
+        if t > 1 and opts.n_gpus % (t * int(fixed_dp)) == 0 and ctx.rank_view(t).meta[TP].regions:
             out.append(t)
     return out
 
@@ -215,21 +215,23 @@ def solve_pipeline(ctx: Context, opts: Options) -> Solved:
     return Solved(prob, solution, fits, prob.layout)
 
 
-def solve_fsdp(ctx: Context, opts: Options, m: int | None) -> tuple[Problem, Solution, list[StageFit]]:
+def solve_fsdp(ctx: Context, opts: Options, m: int | None, *,
+               defer_notes: bool = False) -> tuple[Problem, Solution, list[StageFit]]:
     """``build_problem`` + ``search``; with ``fsdp_reshard="auto"`` where it is a choice
     (``zero=3``, replicas, a whole-backward schedule) both FSDP modes are solved, each priced
     as it runs (``ZeroShard.per_step``: memory; ``price_fsdp``: traffic), and the per-step mode
-    is kept only where it fits and is strictly faster (``rankings["fsdp"]``, ``FSDP_NOTE``)."""
+    is kept only where it fits and is strictly faster (``rankings["fsdp"]``, ``FSDP_NOTE``).
+    ``defer_notes``: as ``search``'s (``search.finish_notes`` completes the one kept)."""
     sched = opts.custom or opts.schedule
     if opts.fsdp_reshard != "auto" or opts.zero != 3 or opts.data_parallel <= 1 or splits_backward(sched):
         prob = build_problem(ctx, replace(opts, fsdp_reshard=None) if opts.fsdp_reshard == "auto" else opts, m)
-        return (prob, *search(prob))
+        return (prob, *search(prob, defer_notes=defer_notes))
     rows: list[tuple[float, int, str, tuple[Problem, Solution, list[StageFit]]]] = []
     refused: list[str] = []
     for i, how in enumerate(("unit", "step")):
         try:
             prob = build_problem(ctx, replace(opts, fsdp_reshard=how), m)
-            sol, fits = search(prob)
+            sol, fits = search(prob, defer_notes=defer_notes)
         except InfeasibleError as e:
             refused.append(f"{how}: does not fit ({' '.join(str(e).split())[:160]})")
             continue
@@ -368,6 +370,11 @@ def schedule_candidates(opts: Options, v_given: int) -> list[tuple[str, int]]:
 #: f + 3 b / 4, up to a fifth sooner when stage 0 is nearly empty). On the GPT fixture's joint
 #: search (tests/partitioner/test_zero_auto.py) no solved step is under its bound.
 BALANCED_SHARE = 0.9
+
+
+#: False: ``joint`` solves every candidate (no bound prunes one): the exhaustive search the
+#: bounds shorten, which the tests compare the pruned one with
+PRUNE = True
 
 
 class Candidate(NamedTuple):
@@ -510,11 +517,11 @@ def joint(ctx: Context) -> Solved:
     while queue:
         c = heapq.heappop(queue)[-1]
         pp = n_gpus // (c.d * c.t)
-        if c.bound >= best:
+        if c.bound >= best and PRUNE:
             pruned.append(f"{c.label(pp)}: pruned (its bound {c.bound * 1e3:.4g} ms is no faster than the best "
                           f"found, {best * 1e3:.4g} ms)")
             continue
-        if not c.refined:
+        if not c.refined and PRUNE:
             f, b = per_microbatch(c.t, (batch or 1) // c.d // c.mm)
             n_st = pp * c.v
             balanced = simulate(build_schedule(c.schedule, pp, c.mm, n_st), [f / n_st] * n_st, [b / n_st] * n_st)
@@ -524,7 +531,7 @@ def joint(ctx: Context) -> Solved:
             continue
         o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v)
         try:
-            prob, sol, fits = solve_fsdp(ctx, o, c.m)
+            prob, sol, fits = solve_fsdp(ctx, o, c.m, defer_notes=True)
         except PartitionError as e:  # infeasible, too few cuts, the batch does not split
             refused.append(f"{c.label(pp)}: {' '.join(str(e).split())[:160]}")
             continue
@@ -539,6 +546,7 @@ def joint(ctx: Context) -> Solved:
         raise InfeasibleError(f"no layout fits {n_gpus} GPUs: " + "; ".join(refused[:6]))
     rows.sort(key=lambda r: r[:2])
     picked = rows[0][3]
+    finish_notes(picked.prob)  # the losers' notes are never read: only the pick's is computed
     picked.prob.rankings["layout"] = ranked([(text.split(": predicted step")[0], st, text)
                                              for st, _, text, _ in rows], refused + pruned)
     why = (f"the fastest predicted step of {len(rows)} solved; #2 is {rows[1][0] / rows[0][0] - 1:.1%} slower"

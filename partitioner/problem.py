@@ -135,6 +135,18 @@ class Context:
     annotated: Annotated | None = field(default=None, repr=False)
     #: per (tensor-parallel degree, sequence parallel): the annotated graph as one rank of the group prices it
     views: dict[tuple[int, bool], fx.GraphModule] = field(default_factory=dict, repr=False)
+    #: what ``build_problem`` priced, shared by the candidates that price it the same way
+    #: (``memo``: key -> value; every key names all the value depends on)
+    priced_memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Any, make: Any) -> Any:
+        """``make()``, made once per ``key`` for this compilation. The automatic choices
+        (``layout``) build a problem per candidate; the candidates at one tensor-parallel
+        degree and micro-batch size share the graph's node times, cut bytes and memory
+        models, which are the same objects (immutable, or caches of pure functions)."""
+        if key not in self.priced_memo:
+            self.priced_memo[key] = make()
+        return self.priced_memo[key]
 
     def annotation(self) -> Annotated:
         """The annotated graph, annotating on the first call; the notes are a fresh list each time."""
@@ -193,6 +205,18 @@ class Problem:
     pins: list[int]  # positions the user (or pipe_split markers) pinned a cut before
     #: the automatic choices' candidates (``Plan.rankings``), filled by ``layout``
     rankings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: a note ``search(defer_notes=True)`` left for ``search.finish_notes``: (index in
+    #: ``notes``, the solver input, the solution)
+    pending: tuple[int, SolverInput, Any] | None = field(default=None, repr=False)
+    #: the compilation's ``Context.priced_memo``, shared by its problems (``cached``)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def cached(self, key: Any, make: Any) -> Any:
+        """``make()``, once per ``key`` in the compilation (``Context.memo``); ``key`` must name
+        everything the value depends on (contents, not identities)."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     def static_at(self, a: int, b: int) -> int:
         """Static bytes of positions [a, b) on one rank (ZeRO-1: 1/dp of the optimizer state)."""
@@ -358,15 +382,19 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     seq = next((s.shape[d] for s in specs for d, sym in s.dims if sym == "S"), None)
     if seq is not None:
         symbols["S"] = seq
-    node_time = node_timer(ctx, gm, opts.precision)
     marks = cut_constraints(gm, opts.cut_at, opts.n_stages, opts.pinned_cuts)  # pipe_split() markers, cut_at check
     notes.extend(marks.notes)
-    priced = marks.apply(price(gm, batch=micro, seq=symbols.get("S", 1), node_time=node_time,
-                               cut_at=marks.glob, costs_known=costs_known))
-    ev = Evaluator(micro, symbols.get("S", 1))
+    # the same for every candidate at this degree and micro-batch size (ctx.memo): node
+    # times, cut bytes, the memory models (Activations caches each stage it resolves)
+    tp, seq1 = opts.tensor_parallel, symbols.get("S", 1)
+    priced = marks.apply(ctx.memo(("price", tp, micro, seq1, marks.glob, opts.precision), lambda: price(
+        gm, batch=micro, seq=seq1, node_time=node_timer(ctx, gm, opts.precision), cut_at=marks.glob,
+        costs_known=costs_known)))
+    ev = ctx.memo(("ev", micro, seq1), lambda: Evaluator(micro, seq1))
     width, _, _ = PRECISIONS[opts.precision]
     per_param = bytes_per_param(opts.precision, opts.optimizer)
-    static = Static(gm, priced.order, per_param, width)
+    order_key = tuple(n.name for n in priced.order)
+    static = ctx.memo(("static", tp, order_key, per_param, width), lambda: Static(gm, priced.order, per_param, width))
     divisor = tensor_parallel.param_divisor(gm)  # one tensor-parallel rank's share of sharded weights
     trainable = {id(t): t.numel() // divisor.get(name, 1)
                  for name, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
@@ -376,18 +404,21 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     static_mem = static.first_use
     if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
         static_mem = shard.additive(static_mem, opts.data_parallel)
-    acts = Activations(gm, priced.order, target=dev.kind, blocks=(marks.glob,) if marks.glob else None) \
-        if costs_known else None
+    blocks = (marks.glob,) if marks.glob else None
+    acts = ctx.memo(("acts", tp, order_key, dev.kind, blocks), lambda: Activations(
+        gm, priced.order, target=dev.kind, blocks=blocks)) if costs_known else None
     sched = opts.custom or build_schedule(opts.schedule, opts.pp, m, opts.n_stages)
     unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
     capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
-    comm = cut_link_units(lnk, priced.cut_bytes, priced.cut_grad_bytes, tp=opts.tensor_parallel)
+    comm = ctx.memo(("comm", tp, micro, seq1, marks.glob, opts.precision, lnk),
+                    lambda: cut_link_units(lnk, priced.cut_bytes, priced.cut_grad_bytes, tp=tp))
     n = len(priced.order)
     fwd, bwd = to_units(priced.fwd_s), to_units(priced.bwd_s)
     modes = RECOMPUTE[opts.recompute]
     options = []
     for mode in modes:
-        act, redo, reserve = acts.arrays(mode, ev) if acts else ([0] * n, [False] * n, 0)
+        act, redo, reserve = ctx.memo(("arrays", tp, order_key, dev.kind, blocks, micro, seq1, mode),
+                                      lambda: acts.arrays(mode, ev)) if acts else ([0] * n, [False] * n, 0)
         options.append(Option([f + b + (f if r else 0) for f, b, r in zip(fwd, bwd, redo)], act, reserve))
     sin = SolverInput(
         compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
@@ -396,4 +427,4 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0, tp=opts.tensor_parallel)
     pins = resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed, priced.blocked_by)
     return Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
-                   capacity, dev, lnk, shard, layout, pins)
+                   capacity, dev, lnk, shard, layout, pins, memo=ctx.priced_memo)

@@ -20,12 +20,12 @@ from partitioner.passes.liveness import Liveness
 from partitioner.passes.meta import COST, DESC
 from partitioner.pricing import TIME_UNIT, Priced, to_units, wire_kind
 from partitioner.problem import Problem, StageFit, cut_link_units
-from partitioner.refine import refine
+from partitioner.refine import refine, score
 from partitioner.schedule import Schedule, build_schedule
 from partitioner.simulator import simulate
 from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
 
-__all__ = ["search", "rescore"]
+__all__ = ["finish_notes", "search", "rescore"]
 
 #: A split: the solver's answer and each stage's exact memory.
 Fitted = tuple[Solution, list[StageFit]]
@@ -34,21 +34,47 @@ _RETRIES = 6
 _UNBOUNDED = 2**60  # a capacity no stage reaches (the solver clamps it to the model's total)
 
 
-def search(prob: Problem) -> Fitted:
+def search(prob: Problem, *, defer_notes: bool = False) -> Fitted:
     """Cuts and per-stage recompute minimising the bottleneck under memory.
 
     The solver works on additive costs; each solution is then checked stage by stage with
     the exact memory (storages and tied weights once per stage). Where a stage is over, its
     capacity is lowered by the excess and the search runs again (at most ``_RETRIES`` times).
+
+    ``defer_notes``: the "fewer stages would be faster" note (``note_fewer_stages``, a solve
+    per smaller rank count) is not computed here but recorded in ``prob.pending``;
+    ``finish_notes`` adds it where it would have gone. A search that solves many candidates
+    and keeps one (``layout.joint``) pays for the note of the one it keeps only.
     """
     check_enough_cuts(prob.priced, prob.opts.n_stages)
-    sin = replace(prob.sin, pinned=prob.pins, avoid=non_tensor_cuts(prob), has_compute=computing(prob))
+    names = tuple(n.name for n in prob.priced.order)
+    # per graph (and micro-batch size), not per candidate: shared by the problems of one compilation
+    avoid = prob.cached(("avoid", prob.opts.tensor_parallel, names), lambda: non_tensor_cuts(prob))
+    has_compute = prob.cached(("computing", prob.opts.tensor_parallel, names, prob.micro, prob.symbols.get("S")),
+                              lambda: computing(prob))
+    sin = replace(prob.sin, pinned=prob.pins, avoid=avoid, has_compute=has_compute)
     sol, fits = search_cuts(prob, sin)
     used, budget, why = resolve_objective(prob.opts.objective, prob.sched)
     if used == "step":
         sol, fits = step_objective(prob, sin, sol, fits, budget, why)
-    note_fewer_stages(prob, sin, sol)
+    if defer_notes:
+        prob.pending = (len(prob.notes), sin, sol)
+    else:
+        note_fewer_stages(prob, sin, sol)
     return sol, fits
+
+
+def finish_notes(prob: Problem) -> None:
+    """Add the note ``search(prob, defer_notes=True)`` left out, at the place in
+    ``prob.notes`` it would have taken (the notes added since stay after it)."""
+    if prob.pending is None:
+        return
+    at, sin, sol = prob.pending
+    prob.pending = None
+    tail = prob.notes[at:]
+    del prob.notes[at:]
+    note_fewer_stages(prob, sin, sol)
+    prob.notes.extend(tail)
 
 
 def check_enough_cuts(priced: Priced, n_stages: int) -> None:
@@ -88,9 +114,12 @@ def fmt_time(units: float) -> str:
 def step_model(prob: Problem, sched: Schedule | None = None) -> StepModel:
     """The pipeline's step as the objective simulates it: forward times, and each cut's
     link price forward (values) and backward (gradients)."""
-    send = cut_link_units(prob.lnk, prob.priced.cut_bytes, tp=prob.opts.tensor_parallel)
-    bsend = cut_link_units(prob.lnk, prob.priced.cut_grad_bytes, tp=prob.opts.tensor_parallel)
-    return StepModel(to_units(prob.priced.fwd_s), send, bsend, sched or prob.sched)
+    tp, pr = prob.opts.tensor_parallel, prob.priced
+    send = prob.cached(("send", prob.lnk, tp, pr.cut_bytes), lambda: cut_link_units(prob.lnk, pr.cut_bytes, tp=tp))
+    bsend = prob.cached(("send", prob.lnk, tp, pr.cut_grad_bytes),
+                        lambda: cut_link_units(prob.lnk, pr.cut_grad_bytes, tp=tp))
+    fwd = prob.cached(("fwd units", pr.fwd_s), lambda: to_units(pr.fwd_s))
+    return StepModel(fwd, send, bsend, sched or prob.sched)
 
 
 def step_objective(prob: Problem, sin: SolverInput, sol: Solution, fits: list[StageFit],
@@ -143,7 +172,7 @@ def search_cuts(prob: Problem, sin: SolverInput) -> Fitted:
         base = sin.choices()[0]
         free = replace(sin, options=[], compute=base.compute, act_mem=base.act_mem,
                        capacity=[_UNBOUNDED] * len(sin.capacity))
-        sol = refine(free, prob.opts.n_stages, solve(free, prob.opts.n_stages))
+        sol = free_split(prob, free)
         fits = prob.exact(sol.cuts, ["none"] * prob.opts.n_stages)
         if prob.fits(fits):
             return rescore(prob, sol, fits, optimal=sol.optimal), fits
@@ -162,6 +191,25 @@ def search_cuts(prob: Problem, sin: SolverInput) -> Fitted:
             return rescore(prob, sol, fits, optimal=sol.optimal), fits
         caps = [c - max(o, 0) for c, o in zip(caps, over)]
     raise explain(prob, InfeasibleError("the exact memory check kept finding stages over capacity"), last)
+
+
+def free_split(prob: Problem, free: SolverInput) -> Solution:
+    """``refine(free, S, solve(free, S))`` for a problem whose memory does not bind (every
+    capacity unbounded). Its cuts then depend only on the times, cut costs and bytes, the
+    allowed, pinned and avoided cuts, the computing positions and ``S``, never on the
+    memory or the schedule (the solver skips a memory test that cannot fail); candidates
+    that share those (ZeRO levels, schedules with the same stages, micro-batch counts with
+    the same micro-batch size) share one solve, and each gets the Solution its own input
+    gives those cuts (``refine.score``, as ``refine`` itself returns it)."""
+    S = prob.opts.n_stages
+    key = ("free split", S, *(tuple(x) for x in (free.compute, free.cut_cost, free.cut_bytes, free.allowed,
+                                                  free.pinned, free.avoid, free.has_compute)))
+    if key not in prob.memo:
+        sol = refine(free, S, solve(free, S))
+        prob.memo[key] = (sol.cuts, sol.lower_bound, sol.optimal)
+        return sol
+    cuts, lower_bound, optimal = prob.memo[key]
+    return score(free, cuts, lower_bound=lower_bound, optimal=optimal)
 
 
 def rescore(prob: Problem, sol: Solution, fits: Sequence[StageFit], *, optimal: bool) -> Solution:
