@@ -7,6 +7,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# The CLI prints plain text 160 columns wide unless COLUMNS says otherwise, and the golden
+# files are that text. pytest-xdist's workers set COLUMNS=80 (and a terminal may set its
+# own): the suite fixes the width so in-process CLI calls print the same text everywhere.
+os.environ["COLUMNS"] = "160"
 
 
 @pytest.fixture(autouse=True)

@@ -157,7 +157,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not args.quiet:
         out = _out()
         print_plan(plan_summary(pipe.plan), out)
-        out.print("wrote " + ", ".join(written))
+        # paths as they are: never wrapped mid-list, never read as rich markup ("[x]" in a name)
+        out.print("wrote " + ", ".join(written), soft_wrap=True, markup=False, highlight=False)
     if getattr(args, "explain", False) or (hf and not args.quiet):
         _explain_choice(pipe.plan)
     if args.dp == "auto" and not args.quiet:
