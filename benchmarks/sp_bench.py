@@ -27,6 +27,10 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from layout_bench import CONFIGS as LAYOUT_CONFIGS  # noqa: E402
+from layout_bench import SEQ  # noqa: E402
 
 from partitioner import partition  # noqa: E402
 from partitioner.cost_models.cost import evaluate  # noqa: E402
@@ -34,14 +38,8 @@ from partitioner.cost_models.devices import get_device, get_link  # noqa: E402
 from partitioner.passes.meta import COST, TP  # noqa: E402
 from partitioner.tools.hf_model import load_hf  # noqa: E402
 
-SEQ = 8192
-_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=8192,
-              rope_theta=500000.0, rms_norm_eps=1e-5, dtype="bfloat16", tie_word_embeddings=False,
-              num_key_value_heads=8, vocab_size=128256)
-CONFIGS: dict[str, dict[str, Any]] = {
-    "8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
-    "70b": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
-}
+# the Llama 3 shapes layout_bench plans (8B and 70B here)
+CONFIGS = {k: v for k, v in LAYOUT_CONFIGS.items() if k in ("8b", "70b")}
 COMMON = dict(device="h100-sxm", link="nvlink4", gpus_per_node=8, schedule="auto", n_microbatches="auto",
               data_parallel="auto", tensor_parallel="auto")
 
