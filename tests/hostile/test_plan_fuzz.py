@@ -311,10 +311,11 @@ def test_options_schema_knows_every_optimizer() -> None:
     opts = _schema()["properties"]["options"]
     assert opts["properties"]["optimizer"]["enum"] == list(OPTIMIZER_STATES)
     # every option is required but custom and inter_link (not in options: inter_link is in
-    # plan.mesh), tensor_parallel (written only when > 1, so older plans load) and fsdp_reshard
-    # (what it chose is plan.mesh.fsdp)
+    # plan.mesh), tensor_parallel and sequence_parallel (written only when > 1 / on, so older
+    # plans load) and fsdp_reshard (what it chose is plan.mesh.fsdp)
     assert sorted(opts["required"]) == sorted(k for k in Options.__dataclass_fields__
-                                              if k not in ("custom", "inter_link", "tensor_parallel", "fsdp_reshard"))
+                                              if k not in ("custom", "inter_link", "tensor_parallel",
+                                                           "sequence_parallel", "fsdp_reshard"))
     assert set(Options.__dataclass_fields__) - {"custom", "inter_link", "fsdp_reshard"} == \
         set(opts["properties"]) - {"schedule_text"}
 
