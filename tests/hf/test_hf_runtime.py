@@ -19,6 +19,7 @@ pytest.importorskip("transformers", reason="the Hugging Face tests need `pip ins
 from partitioner import Pipe, partition  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
 from tests.hf.models import CASES, SEQ, VOCAB  # noqa: E402
+from tests.runtime.helpers import sgd_reference  # noqa: E402
 
 BATCH, STEPS, LR, M = 8, 3, 0.1, 4
 TIMEOUT_S = 120.0
@@ -67,17 +68,9 @@ def test_gpt2_on_two_ranks_trains_like_the_unpartitioned_model(recompute: str) -
     assert [st.rank for st in pipe.plan.stages] == [0, 1]
     assert pipe.plan.tied_parameters  # embedding on rank 0, head on rank 1
 
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
     inputs, y = _data()
-    want_losses = []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(ref(**inputs), y)
-        loss.backward()
-        opt.step()
-        want_losses.append(loss.item())
-    want = dict(ref.named_parameters(remove_duplicate=False))
+    ref = sgd_reference(model, inputs, y, _loss, steps=STEPS, lr=LR)
+    want_losses, want = ref.losses, ref.params
 
     results = spawn(_train, 2, recompute, timeout_s=TIMEOUT_S)
     assert results[1][0] == pytest.approx(want_losses, rel=1e-5)

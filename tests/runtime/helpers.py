@@ -8,6 +8,7 @@ place and every test starts from the same model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -70,19 +71,45 @@ def fresh(layout: str) -> tuple[nn.Module, Any]:
     return model, pipe
 
 
+@dataclasses.dataclass
+class Reference:
+    """What the unpartitioned model did: the loss per step, the gradient norm per step
+    (before clipping; empty without ``max_norm``) and the final parameters by FQN."""
+
+    losses: list[float]
+    norms: list[float]
+    params: dict[str, torch.Tensor]
+
+
+def sgd_reference(model: nn.Module, inputs: torch.Tensor | dict[str, Any], y: Any, loss_fn: Callable[..., torch.Tensor],
+                  *, steps: int = STEPS, lr: float = LR, max_norm: float | None = None,
+                  init: dict[str, torch.Tensor] | None = None, remove_duplicate: bool = False) -> Reference:
+    """Train a copy of the unpartitioned model on the whole batch with plain SGD: the
+    one-process run every distributed test compares against. ``inputs`` is the positional
+    input or a dict of keyword inputs; ``init`` a state dict loaded into the copy first;
+    ``max_norm`` clips the gradients (``clip_grad_norm_``) before each step;
+    ``remove_duplicate`` names a tied tensor once, as ``named_parameters()`` does."""
+    ref = copy.deepcopy(model)
+    if init is not None:
+        ref.load_state_dict(init)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    losses, norms = [], []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(ref(**inputs) if isinstance(inputs, dict) else ref(inputs), y)
+        loss.backward()
+        if max_norm is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item())
+        opt.step()
+        losses.append(loss.item())
+    return Reference(losses, norms, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=remove_duplicate)})
+
+
 def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
               steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train a copy of the unpartitioned model: losses and final parameters by FQN."""
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(ref(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
+    ref = sgd_reference(model, x, y, loss_fn, steps=steps)
+    return ref.losses, ref.params
 
 
 def train_in_process(layout: str, schedule: Any, m: int, comm: str = "buffered") -> tuple[list[float], list[float],

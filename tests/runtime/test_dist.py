@@ -18,7 +18,7 @@ import torch
 from partitioner import poly
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
-from tests.runtime.helpers import LR, STEPS, assert_params, data, fresh, reference
+from tests.runtime.helpers import LR, STEPS, assert_params, data, fresh, reference, sgd_reference
 
 TIMEOUT_S = 120.0
 
@@ -325,14 +325,7 @@ def test_hf_llama_cut_inside_a_layer_sends_mixed_dtypes_in_one_message_and_train
     model, pipe, inputs, init = _hf_llama_mid_layer()
     kinds = {(v.kind, v.dtype) for v in pipe.plan.boundaries[0].values}
     assert {("int", ""), ("tensor", "bool"), ("tensor", "float32")} <= kinds, kinds
-    ref = copy.deepcopy(model)
-    ref.load_state_dict(init)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    for _ in range(STEPS):
-        opt.zero_grad()
-        _hf_loss(ref(**inputs), _hf_target()).backward()
-        opt.step()
-    want = {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
+    want = sgd_reference(model, inputs, _hf_target(), _hf_loss, steps=STEPS, lr=LR, init=init).params
     results = spawn(_train_hf_llama, 2, timeout_s=TIMEOUT_S)
     for params, _ in results:
         assert_params(params, want)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from partitioner import partition
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import full_state, with_tensor_parallel
+from tests.runtime.helpers import Reference, sgd_reference
 from tests.runtime.test_tensor_parallel import Net, _data
 
 TIMEOUT_S = 150.0
@@ -39,21 +40,10 @@ def _pipe(pp: int, zero: int, tp: int = 2, schedule: str = "1f1b") -> tuple[torc
     return model, with_tensor_parallel(pipe, tp), init
 
 
-def _reference(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> tuple[list[float], list[float],
-                                                                                dict[str, torch.Tensor]]:
-    ref = copy.deepcopy(model)
-    ref.load_state_dict(init)
+def _reference(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> Reference:
     inputs, y = _data("net")
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(ref(**inputs), y)
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM).item())
-        opt.step()
-        losses.append(loss.item())
-    return losses, norms, {n: p.detach() for n, p in ref.named_parameters()}
+    return sgd_reference(model, inputs, y, F.mse_loss, steps=STEPS, lr=LR, max_norm=MAX_NORM, init=init,
+                         remove_duplicate=True)
 
 
 def _train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
@@ -80,7 +70,8 @@ def _train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
 
 
 def _check(model: torch.nn.Module, init: dict[str, torch.Tensor], results: list[dict[str, Any]], pp: int) -> None:
-    want_losses, want_norms, want = _reference(model, init)
+    ref = _reference(model, init)
+    want_losses, want_norms, want = ref.losses, ref.norms, ref.params
     assert min(want_norms) > MAX_NORM, "clipping should change every step"
     # plan.mesh.rank: rank = (d * pp + p) * tp + t, tp innermost
     assert [(r["dp"], r["pp"], r["tp"]) for r in results] == [
