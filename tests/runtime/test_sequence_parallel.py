@@ -267,7 +267,13 @@ def test_the_planner_prices_sequence_parallelism_by_its_formula(degree: int) -> 
         first = r.columns[0]  # the input's all-gather forward, its gradient's reduce-scatter backward
         x = first.args[0]
         b = nbytes(x)
-        assert got[first.name] == pytest.approx((allgather_s(b, degree, link), allgather_s(b, degree, link)))
+        if x.name in with_sp.seq_sharded:
+            assert got[first.name] == pytest.approx((allgather_s(b, degree, link), allgather_s(b, degree, link)))
+        else:  # a whole input (no row output before it): nothing gathered, its gradient all-reduced
+            assert got[first.name] == pytest.approx((0.0, ring_allreduce_s(b, degree, link)))
+            assert got[first.name] == pytest.approx(base[first.name])
+    # only the first region (layer 0's attention, after the embedding) reads a whole value
+    assert [r.columns[0].args[0].name in with_sp.seq_sharded for r in with_sp.regions] == [False, True, True, True]
     # per layer on the wire: the pair costs what the all-reduces did
     assert sum(f + b for f, b in got.values()) == pytest.approx(sum(f + b for f, b in base.values()))
     # the ops between the regions: norms, residual adds at 1/T of the whole graph's FLOPs and activations
@@ -463,3 +469,30 @@ def test_the_transport_sends_own_shards_whole_and_scatters_the_shared_values(tag
         shared = pack_layout([((7,), torch.int8), ((5,), torch.bool), ((3, 5), torch.int64)])[1]
         chunk = -(-shared // 2) if r["tp"] == 0 else shared - -(-shared // 2)
         assert [b for _, b in r["sends"]] == [own + chunk, 2 * 3 * 5 * 4] * 2, r["sends"]
+
+
+def test_a_sequence_parallel_cut_is_priced_as_one_shard_per_pair_without_a_gather() -> None:
+    from partitioner.cost_models.devices import get_link
+    from partitioner.data_parallel import boundary_time
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import boundary_bytes, predict_plan, predict_step
+
+    ib, nvlink = get_link("ib-ndr-400"), get_link("nvlink4")
+    mib = 2**20
+    sp = boundary_time(ib, 4, nvlink, sequence_parallel=True)
+    assert sp(mib) == ib.transfer_time(mib / 4) and sp(3) == ib.transfer_time(1) and sp(0) == 0.0
+    # without sequence parallelism the chunks are all-gathered in the receiving group on top
+    assert boundary_time(ib, 4, nvlink)(mib) == pytest.approx(sp(mib) + allgather_s(mib, 4, nvlink))
+    assert boundary_time(ib, 1, nvlink, sequence_parallel=True)(mib) == ib.transfer_time(mib)  # no TP: as before
+    # the plan's step is simulated with its cut priced so, and replays the same from the saved plan
+    _, pipe, _ = _built("gpt-pp2")
+    plan = load_plan(pipe.plan.to_json())
+    link = get_link("loopback")
+    sched = build_schedule(plan.options["schedule"], plan.pp_ranks, plan.prediction.n_microbatches, plan.n_stages)
+    fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
+    times = ([st.cost.fwd_time_s for st in plan.stages], [st.cost.bwd_time_s for st in plan.stages])
+    shards = predict_step(sched, *times, boundary_time(link, 2, sequence_parallel=True), fwd, grad).step_time
+    gathered = predict_step(sched, *times, boundary_time(link, 2), fwd, grad).step_time
+    assert plan.prediction.step_time_s == pytest.approx(shards, rel=1e-9)
+    assert predict_plan(plan, sched).step_time == pytest.approx(shards, rel=1e-9)
+    assert shards < gathered * (1 - 1e-6)
