@@ -206,6 +206,15 @@ def test_a_sequence_tp_does_not_divide_is_refused() -> None:
         spawn(_odd_step, 2, pipe, timeout_s=60.0)
 
 
+@pytest.mark.timeout(120)
+def test_a_boundary_sequence_tp_does_not_divide_is_refused_naming_the_value() -> None:
+    # two stages: the cut's residual stream would travel as 7 / 2 tokens per TP rank
+    _, pipe, _ = _built("gpt-pp2")
+    with pytest.raises(PipelineRuntimeError, match=r"boundary value 'add_2' has a sequence of 7 tokens .* does not "
+                                                   r"divide by 2"):
+        spawn(_odd_step, 4, pipe, timeout_s=60.0)
+
+
 def _odd_step(rank: int, world: int, pipe: Any) -> None:
     stage = pipe.build_stage(rank, "cpu")
     stage.runner("1f1b", loss_fn=_gpt_loss).step(idx=_ids(1, seq=7), target=_ids(2, seq=7), seq_len=7)
