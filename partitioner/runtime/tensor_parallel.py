@@ -163,6 +163,8 @@ _SDPA: set[Any] = {F.scaled_dot_product_attention, aten.scaled_dot_product_atten
 _LINEARS: set[Any] = {F.linear, torch._C._nn.linear, aten.linear.default}
 #: checks that return nothing: dropped from a tensor-parallel stage (their arguments are DTensors)
 _DROPPED: set[Any] = {aten._assert_tensor_metadata.default}
+#: the stage attribute the rewritten graph reads the TP mesh from (``parallelize``)
+MESH_ANCHOR = "_pp_tp_mesh_anchor"
 
 
 class _NotShardable(Exception):
@@ -780,9 +782,15 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     _vocab_lookups(gm, plan)
     if not params:
         return gm  # nothing sharded: the stage runs on plain tensors, every TP rank alike
-    # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
+    # The conversions take the mesh from an empty ``Replicate`` DTensor on it (a graph argument must
+    # be a node or plain data), a plain attribute of the stage: no parameter, buffer or state-dict
+    # entry. Not a parameter's: read at the stage's start, a block's parameter would tie the block
+    # to the whole stage when FSDP outlines its blocks (``runtime.outline``), and once sharded over
+    # the replicas it would carry their 2-D mesh, not the TP mesh.
+    object.__setattr__(gm, MESH_ANCHOR, DTensor.from_local(torch.empty(0, device=next(gm.parameters()).device), mesh,
+                                                           [Replicate()], run_check=False))
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
-        anchor = graph.get_attr(next(iter(params)))
+        anchor = graph.get_attr(MESH_ANCHOR)
     rows, columns = set(plan.row.values()), set(plan.column.values()) | set(plan.heads.values())
     split_out = set(plan.split_outputs)
     reduced: dict[fx.Node, fx.Node] = {}  # a column linear's input -> its gradient-reducing identity
