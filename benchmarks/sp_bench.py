@@ -9,7 +9,7 @@ ranking gives the best layout and predicted step per degree T, once without and 
 (``partitioner.tensor_parallel.view`` + ``node_time`` on the H100 profile): compute of the
 regions, of what lies between them, the collectives, and the activations one layer keeps.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/sp_bench.py [--only 8b 70b] [--batch 8] [--layers-only]
+    PYTHONPATH=. .venv/bin/python benchmarks/sp_bench.py [--only 8b 70b] [--batch 8] [--layers-only] [--sp-only]
 
 Every figure is the cost model's, not a measurement.
 """
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["8b"], choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--layers-only", action="store_true", help="only the per-layer prices (no planner runs)")
+    ap.add_argument("--sp-only", action="store_true", help="plan only with sequence parallelism (half the time)")
     args = ap.parse_args()
     for name in args.only:
         folder = tempfile.mkdtemp()
@@ -98,7 +99,7 @@ def main() -> None:
             json.dump(CONFIGS[name], f)
         model, inputs = load_hf(f"hf:{folder}", SEQ, args.batch)
         results: dict[bool, Any] = {}
-        for sp in ((False, True) if not args.layers_only else ()):
+        for sp in (() if args.layers_only else (True,) if args.sp_only else (False, True)):
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -327,15 +327,22 @@ def boundary_links(layout: Mesh, stage_rank: Sequence[int], link: LinkSpec, inte
             for a, b in zip(stage_rank, stage_rank[1:])]
 
 
-def boundary_time(link: LinkSpec, degree: int, group_link: LinkSpec | None = None) -> Callable[[float], float]:
+def boundary_time(link: LinkSpec, degree: int, group_link: LinkSpec | None = None, *,
+                  sequence_parallel: bool = False) -> Callable[[float], float]:
     """Seconds to move one boundary message of ``nbytes`` from a stage's ``degree``-way
     tensor-parallel group to the next one's: each rank sends its ``ceil(nbytes / degree)``
     chunk on ``link`` (the pairs in parallel), then the receivers all-gather the whole message
     on ``group_link`` (default ``link``; the link inside a node). A message of fewer bytes than
     makes a chunk for every rank goes whole, as ``runtime.dist`` sends it. ``degree`` 1:
-    ``link.transfer_time``, unchanged."""
+    ``link.transfer_time``, unchanged. ``sequence_parallel``: the activations crossing a cut
+    are split on the sequence already (``runtime.tensor_parallel``): each rank sends its own
+    ``ceil(nbytes / degree)`` and nothing is gathered. A message's values without a sequence
+    dimension (integer ids, masks, scalars), which the runtime still chunks and gathers, are
+    priced the same way: their all-gather is left out."""
     if degree <= 1:
         return link.transfer_time
+    if sequence_parallel:
+        return lambda nbytes: link.transfer_time(math.ceil(nbytes / degree))
     inside = group_link if group_link is not None else link
 
     def seconds(nbytes: float) -> float:

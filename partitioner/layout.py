@@ -311,7 +311,8 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
     inter = prob.opts.inter_link or prob.lnk
     stage_rank = [prob.sched.rank_of(s) for s in range(prob.opts.n_stages)]
     links = boundary_links(layout, stage_rank, prob.lnk, inter)
-    sim = predict_step(prob.sched, fwd, bwd, [boundary_time(lk, layout.tp, prob.lnk) for lk in links],
+    sp = prob.opts.sequence_parallel
+    sim = predict_step(prob.sched, fwd, bwd, [boundary_time(lk, layout.tp, prob.lnk, sequence_parallel=sp) for lk in links],
                        [prob.priced.cut_bytes[k] for k in bounds[1:-1]], [prob.priced.cut_grad_bytes[k] for k in bounds[1:-1]])
     inter_dict = prob.opts.inter_link.to_dict() if prob.opts.inter_link is not None else None
     if layout.dp == 1:

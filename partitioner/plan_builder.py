@@ -219,7 +219,8 @@ def build_plan(source: PlanSource, hardware: Hardware, solved: SolvedSplit) -> P
     tied = sorted(tuple(sorted(e["names"])) for e in owners.values() if len(e["stages"]) > 1)
     # the plan's own records, the way ``partitioner timeline`` re-simulates a loaded plan
     sim = predict_step(schedule, [st.cost.fwd_time_s for st in stage_plans], [st.cost.bwd_time_s for st in stage_plans],
-                       boundary_time(link, int(source.options.get("tensor_parallel") or 1)),
+                       boundary_time(link, int(source.options.get("tensor_parallel") or 1),
+                                     sequence_parallel=bool(source.options.get("sequence_parallel"))),
                        *boundary_bytes(boundaries, micro, at["S"]))
     prediction = Prediction(schedule.name, schedule.n_microbatches, micro, sim.step_time,
                             min(1.0, max(0.0, sim.bubble_fraction)), solution.bottleneck * time_unit,

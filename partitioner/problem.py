@@ -253,12 +253,14 @@ class Problem:
         return all(self.need(i, x) <= self.capacity for i, x in enumerate(fits))
 
 
-def cut_link_units(lnk: LinkSpec, *per_cut_bytes: Sequence[int], tp: int = 1) -> list[int]:
+def cut_link_units(lnk: LinkSpec, *per_cut_bytes: Sequence[int], tp: int = 1,
+                   sequence_parallel: bool = False) -> list[int]:
     """The link price of each cut (time units): the transfers of each of ``per_cut_bytes``
     (e.g. the values forward and their gradients back), each priced on ``lnk``; 0 where
     nothing crosses and at the two ends (nothing leaves the pipeline there). ``tp`` > 1:
-    each message goes once per tensor-parallel group (``data_parallel.boundary_time``)."""
-    transfer = tensor_parallel.boundary_time(lnk, tp)
+    each message goes once per tensor-parallel group (``data_parallel.boundary_time``; with
+    ``sequence_parallel`` as the ranks' sequence shards)."""
+    transfer = tensor_parallel.boundary_time(lnk, tp, sequence_parallel=sequence_parallel)
     out = [to_units([sum(transfer(b) for b in col)])[0] if any(col) else 0
            for col in zip(*per_cut_bytes)]
     out[0] = out[-1] = 0
@@ -411,7 +413,8 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
     capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
     comm = ctx.memo(("comm", tp, micro, seq1, marks.glob, opts.precision, lnk),
-                    lambda: cut_link_units(lnk, priced.cut_bytes, priced.cut_grad_bytes, tp=tp))
+                    lambda: cut_link_units(lnk, priced.cut_bytes, priced.cut_grad_bytes, tp=tp,
+                                           sequence_parallel=opts.sequence_parallel))
     n = len(priced.order)
     fwd, bwd = to_units(priced.fwd_s), to_units(priced.bwd_s)
     modes = RECOMPUTE[opts.recompute]

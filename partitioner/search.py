@@ -114,10 +114,11 @@ def fmt_time(units: float) -> str:
 def step_model(prob: Problem, sched: Schedule | None = None) -> StepModel:
     """The pipeline's step as the objective simulates it: forward times, and each cut's
     link price forward (values) and backward (gradients)."""
-    tp, pr = prob.opts.tensor_parallel, prob.priced
-    send = prob.cached(("send", prob.lnk, tp, pr.cut_bytes), lambda: cut_link_units(prob.lnk, pr.cut_bytes, tp=tp))
-    bsend = prob.cached(("send", prob.lnk, tp, pr.cut_grad_bytes),
-                        lambda: cut_link_units(prob.lnk, pr.cut_grad_bytes, tp=tp))
+    tp, pr, sp = prob.opts.tensor_parallel, prob.priced, prob.opts.sequence_parallel
+    send = prob.cached(("send", prob.lnk, tp, sp, pr.cut_bytes),
+                       lambda: cut_link_units(prob.lnk, pr.cut_bytes, tp=tp, sequence_parallel=sp))
+    bsend = prob.cached(("send", prob.lnk, tp, sp, pr.cut_grad_bytes),
+                        lambda: cut_link_units(prob.lnk, pr.cut_grad_bytes, tp=tp, sequence_parallel=sp))
     fwd = prob.cached(("fwd units", pr.fwd_s), lambda: to_units(pr.fwd_s))
     return StepModel(fwd, send, bsend, sched or prob.sched)
 

@@ -206,7 +206,8 @@ def predict_plan(plan: Any, schedule: Schedule) -> SimResult:
     links = boundary_links(replace(mesh, pp=plan.pp_ranks), [st.rank for st in plan.stages], link, inter)  # the link each cut crosses
     fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
     return predict_step(schedule, [s.cost.fwd_time_s for s in plan.stages], [s.cost.bwd_time_s for s in plan.stages],
-                        [boundary_time(lk, mesh.tp, link) for lk in links], fwd, grad)
+                        [boundary_time(lk, mesh.tp, link, sequence_parallel=bool(plan.options.get("sequence_parallel")))
+                         for lk in links], fwd, grad)
 
 
 def timeline(result: SimResult, n_ranks: int, unit: float = 1.0) -> str:

@@ -21,7 +21,11 @@ own link (the T pairs in parallel), and the receiving group all-gathers the chun
 link inside the group. ``boundary_time`` prices a cut so: ``link.transfer_time(bytes / T)``
 plus a ring all-gather of the whole message on the group's link (a message too small to
 split goes whole, as the runtime sends it). Without tensor parallelism it is
-``link.transfer_time`` itself, so such plans price as before.
+``link.transfer_time`` itself, so such plans price as before. With sequence parallelism the
+values crossing a cut are split on the sequence already: each rank sends its own 1/T and
+nothing is gathered (``boundary_time(..., sequence_parallel=True)``), and a region whose input
+no row output has split yet (the first after the embedding) is priced as the gradient
+all-reduce the runtime runs there, not as a gather/scatter pair.
 """
 
 from __future__ import annotations

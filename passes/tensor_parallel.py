@@ -696,7 +696,40 @@ def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = No
                 out.bwd_allreduce[c.name] = out.bwd_allreduce.get(c.name, sympy.Integer(0)) + _bytes(x)
     if out.sequence_parallel:
         _shard_sequence(gm, out)
+        _whole_entries(gm, out)
     return out
+
+
+def _whole_entries(gm: fx.GraphModule, out: Sharded) -> None:
+    """Sequence parallelism: a region (or output layer) whose input no row output has split
+    yet -- the first region after the embedding -- reads a whole value, so the runtime
+    gathers nothing there and all-reduces its input's gradient in backward, as without
+    sequence parallelism (``runtime.tensor_parallel.gather_sequence``): priced so, in place of
+    the all-gather / reduce-scatter pair."""
+    split = set(out.seq_sharded) | {w.name for r in out.regions for w in r.rows}
+    pairs: list[tuple[fx.Node, fx.Node]] = []  # (an input read, the node its collectives are priced on), as shard
+    for r in out.regions:
+        firsts: dict[fx.Node, fx.Node] = {}
+        for c in r.columns:
+            lin = _linear(gm, c)
+            if lin is not None:
+                firsts.setdefault(lin.x, c)
+        pairs.extend(firsts.items())
+    for h in out.vocab.heads:
+        lin = _linear(gm, h)
+        if lin is not None:
+            pairs.append((lin.x, h))
+    for x, c in pairs:
+        if x.name in split or c.name not in out.fwd_gather_scatter:
+            continue
+        b = _bytes(x)
+        for table in (out.fwd_gather_scatter, out.bwd_gather_scatter):
+            left = table[c.name] - b
+            if left == 0:
+                del table[c.name]
+            else:
+                table[c.name] = left
+        out.bwd_allreduce[c.name] = out.bwd_allreduce.get(c.name, sympy.Integer(0)) + b
 
 
 def _shard_sequence(gm: fx.GraphModule, out: Sharded) -> None:

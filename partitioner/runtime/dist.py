@@ -31,13 +31,21 @@ chunks over the TP group (``dist.all_gather_single``, in place) before unpacking
 activations and backward gradients alike. A message too small for every rank to get a
 non-empty chunk (B < T, or the last chunk empty) goes whole, as without TP.
 ``PARTITIONER_TP_SCATTER=0`` (read when the transport is made) sends everything whole.
+
+Sequence parallelism (``own``, set by ``runtime.tensor_parallel.shard_boundaries``): some values
+of a message are this TP rank's own sequence shard (S/T tokens, different on every TP rank), the
+others copies every TP rank holds. A message with own values goes as one buffer per TP pair:
+the own values packed first, whole (each rank's shard is 1/T of the value already: no gather),
+then this rank's chunk of the shared values packed as above, all-gathered over the TP group when
+waited on (only when there are shared values to gather). Both ends lay the message out from the
+same flags and sizes.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,12 +91,16 @@ def _views(buf: torch.Tensor, layout: Layout, segs: list[tuple[int, int]]) -> li
     return [buf[off:off + n].view(dtype).view(shape) for (off, n), (shape, dtype) in zip(segs, layout)]
 
 
+#: what a receive all-gathers when waited on: (the whole padded buffer, this rank's chunk slot
+#: in it, the TP group, the bytes received for that slot elsewhere (copied in first) or None)
+_Gather = tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup, torch.Tensor | None]
+
+
 class _Works:
     def __init__(self, key: Key, peer: int, works: list[dist.Work], tensors: list[torch.Tensor],
-                 busy: set[Key] | None = None, gather: tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup] | None = None
-                 ) -> None:
+                 busy: set[Key] | None = None, gather: _Gather | None = None) -> None:
         self.key, self.peer, self.works, self.tensors, self.busy = key, peer, works, tensors, busy
-        self.gather = gather  # (whole padded buffer, this rank's chunk of it, TP group): all-gather on wait
+        self.gather = gather  # all-gathered on wait
 
     def wait(self) -> list[torch.Tensor]:
         direction, src, dst, mb = self.key
@@ -111,7 +123,9 @@ class _Works:
             # their (identical) lists as our peer did, so the pipelines of the T TP indices are
             # copies of the one whose P2P order ``partitioner.comms`` makes deadlock-free, and
             # this all-gather joins copies that each reach it.
-            whole, mine, tp_group = self.gather
+            whole, mine, tp_group, got = self.gather
+            if got is not None:  # the chunk came behind this rank's own shards: into its slot
+                mine[:got.numel()].copy_(got)
             try:
                 dist.all_gather_single(whole, mine, group=tp_group)
             except Exception as e:
@@ -137,6 +151,9 @@ class DistTransport:
         self.scatter = (scatter_enabled() if scatter is None else scatter) and self.tp_size > 1
         #: bytes this rank's P2P sends put on the wire (a chunk under ``scatter``; padding included)
         self.wire_bytes = 0
+        #: sequence parallelism: per message key, for each tensor it carries, whether it is this
+        #: TP rank's own shard (sent as it is) rather than a copy every TP rank holds; None: none are
+        self.own: Callable[[Key], Sequence[bool]] | None = None
         self.tagless = tagless
         self.prepost = dist.get_backend(group) != "nccl" and not tagless
         self._n_stages = n_stages  # for the tags
@@ -144,6 +161,8 @@ class DistTransport:
         self._in_flight: set[Key] = set()  # keys sent since the last flush: their buffers are busy
         self._send_bufs: dict[Key, torch.Tensor] = {}  # CPU only: reused once flushed
         self._recv_bufs: dict[Key, torch.Tensor] = {}  # CPU only: reused by the next step
+        # CPU only: the shared values of a message with own shards, packed (send) or gathered (receive)
+        self._whole_bufs: dict[Key, torch.Tensor] = {}
         self._receiving: set[Key] = set()  # posted, not yet waited on: never reuse their buffers
         self.bytes_sent = 0
 
@@ -187,6 +206,83 @@ class DistTransport:
             v.copy_(t)
         return buf
 
+    def _flags(self, key: Key, n: int) -> Sequence[bool] | None:
+        """``own``'s flags for message ``key`` of ``n`` tensors, None when none is own."""
+        if self.own is None:
+            return None
+        flags = self.own(key)
+        if len(flags) != n:
+            raise PipelineRuntimeError(f"message {key}: {n} tensors, but the sequence-parallel layout names "
+                                       f"{len(flags)}: the runner and the plan disagree")
+        return flags if any(flags) else None
+
+    def _mixed(self, layout: Layout, flags: Sequence[bool]) -> tuple[list[tuple[int, int]], int, Layout,
+                                                                     tuple[int, int, int] | None, int]:
+        """How a message with own values is laid out on this rank: the own values' (offset,
+        length) in the buffer and their size (aligned), the shared values' layout, this rank's
+        chunk of their bytes (``_chunk``; None: they go whole) and the bytes of them sent."""
+        own = [x for x, f in zip(layout, flags) if f]
+        shared = [x for x, f in zip(layout, flags) if not f]
+        segs, head = pack_layout(own)
+        nbytes = _message_bytes(shared) if shared else 0
+        part = self._chunk(nbytes) if shared else None
+        return segs, head, shared, part, (part[2] if part is not None else nbytes)
+
+    def _send_mixed(self, key: Key, tensors: Sequence[torch.Tensor], flags: Sequence[bool],
+                    dev: torch.device) -> torch.Tensor:
+        """One buffer: the own values, then this rank's chunk of the shared values (``_mixed``)."""
+        if len(tensors) == 1:  # a lone shard goes as it is, as a lone value without TP
+            return tensors[0].to(dev).contiguous()
+        dev = next((t.device for t in tensors if t.device.type != "cpu"), dev)
+        layout = [(tuple(t.shape), t.dtype) for t in tensors]
+        segs, head, shared_layout, part, n = self._mixed(layout, flags)
+        shared = [t for t, f in zip(tensors, flags) if not f]
+        free = key not in self._in_flight
+        buf = self._buffer(self._send_bufs, key, head + n, torch.uint8, dev, free)
+        own = [t for t, f in zip(tensors, flags) if f]
+        for v, t in zip(_views(buf, [(tuple(t.shape), t.dtype) for t in own], segs), own):
+            v.copy_(t)
+        if shared:
+            if len(shared) == 1:
+                rest = shared[0].to(dev).detach().contiguous().reshape(-1).view(torch.uint8)
+            else:  # packed as a message of them alone would be, so the chunks match ``_recv_mixed``'s
+                ssegs, total = pack_layout(shared_layout)
+                rest = self._buffer(self._whole_bufs, key, total, torch.uint8, dev, free)
+                for v, t in zip(_views(rest, shared_layout, ssegs), shared):
+                    v.copy_(t)
+            start = part[1] if part is not None else 0
+            buf[head:head + n].copy_(rest[start:start + n])
+        return buf
+
+    def _recv_mixed(self, key: Key, layout: Layout, flags: Sequence[bool], dev: torch.device
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], _Gather | None]:
+        """The receive buffer of a message with own values, its tensors in message order, and
+        the all-gather of the shared values' chunks (None when they came whole)."""
+        reuse = key not in self._receiving
+        self._receiving.add(key)
+        if len(layout) == 1:  # a lone shard: received as it is
+            (shape, dtype), = layout
+            one = self._buffer(self._recv_bufs, key, math.prod(shape), dtype, dev, reuse)
+            return one, [one.view(shape)], None
+        segs, head, shared, part, n = self._mixed(layout, flags)
+        buf = self._buffer(self._recv_bufs, key, head + n, torch.uint8, dev, reuse)
+        own = iter(_views(buf, [x for x, f in zip(layout, flags) if f], segs))
+        gather: _Gather | None = None
+        if not shared:
+            rest: list[torch.Tensor] = []
+        else:
+            ssegs = pack_layout(shared)[0] if len(shared) > 1 else [(0, _message_bytes(shared))]
+            if part is None:
+                whole = buf[head:head + n]
+            else:
+                assert self.tp_group is not None
+                chunk, start, _ = part
+                whole = self._buffer(self._whole_bufs, key, chunk * self.tp_size, torch.uint8, dev, reuse)
+                gather = (whole, whole[start:start + chunk], self.tp_group, buf[head:head + n])
+            rest = _views(whole, shared, ssegs)
+        others = iter(rest)
+        return buf, [next(own) if f else next(others) for f in flags], gather
+
     def _inbox(self, key: Key, layout: Layout, dev: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The buffer a message of ``layout`` lands in, and the tensors the receiver gets."""
         # A receive of this key still outstanding (a step that failed before waiting on it)
@@ -215,8 +311,9 @@ class DistTransport:
             if not tensors:
                 continue
             self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-            wire = self._wire(key, tensors, dev)
-            part = self._chunk(wire.numel() * wire.element_size())
+            flags = self._flags(key, len(tensors))
+            wire = self._wire(key, tensors, dev) if flags is None else self._send_mixed(key, tensors, flags, dev)
+            part = self._chunk(wire.numel() * wire.element_size()) if flags is None else None
             if part is not None:  # this TP rank's chunk of the bytes: the other ranks send the rest
                 _, start, n = part
                 wire = wire.detach().reshape(-1).view(torch.uint8)[start:start + n]
@@ -226,10 +323,18 @@ class DistTransport:
             ops.append(dist.P2POp(dist.isend, wire, self._peer(peer), self.group, self._tag(key)))
         n_sends = len(ops)
         out: list[tuple[Key, int, list[torch.Tensor]]] = []
-        gathers: dict[int, tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup]] = {}
+        gathers: dict[int, _Gather] = {}
         for key, peer, layout in recvs:
             if not layout:
                 out.append((key, peer, []))
+                continue
+            flags = self._flags(key, len(layout))
+            if flags is not None:  # own shards, then the shared values (whole, or a chunk to gather)
+                buf, tensors, gather = self._recv_mixed(key, layout, flags, dev)
+                if gather is not None:
+                    gathers[len(out)] = gather
+                ops.append(dist.P2POp(dist.irecv, buf, self._peer(peer), self.group, self._tag(key)))
+                out.append((key, peer, tensors))
                 continue
             buf, tensors = self._inbox(key, layout, dev)
             part = self._chunk(_message_bytes(layout))
@@ -237,7 +342,7 @@ class DistTransport:
                 # a chunked message (``_inbox`` padded its buffer to T chunks): receive this
                 # rank's chunk into its slice; ``_Works.wait`` all-gathers the others
                 chunk, start, n = part
-                gathers[len(out)] = (buf, buf[start:start + chunk], self.tp_group)
+                gathers[len(out)] = (buf, buf[start:start + chunk], self.tp_group, None)
                 buf = buf[start:start + n]
             ops.append(dist.P2POp(dist.irecv, buf, self._peer(peer), self.group, self._tag(key)))
             out.append((key, peer, tensors))

@@ -141,6 +141,9 @@ class Interpreter:
 
     #: fp16-mixed (``runtime.precision``): the last stage's backward starts from ``loss * loss_scale``
     loss_scale: torch.Tensor | None = None
+    #: sequence parallelism (``runtime.tensor_parallel.shard_boundaries``): each boundary value's
+    #: wire as it travels on this rank (its sequence shard); None: the plan's wires
+    wire_map: Callable[[Wire], Wire] | None = None
 
     def __init__(self, rank: int, modules: Mapping[int, nn.Module], plan: Plan, schedule: Schedule,
                  transport: Transport, loss_fn: LossFn, unflatten: Callable[[Sequence[Any]], Any],
@@ -162,6 +165,7 @@ class Interpreter:
         # Which messages carry something (dtypes and kinds do not change with the layout).
         seq = int(plan.symbols.get("S", 1))
         wires = {w.name: w for b in range(plan.n_stages - 1) for w in boundary_wires(plan, b, 1, seq)}
+        self._kinds = wires  # what each value is (kind, dtype, gradient), whatever the layout
         #: the lowering this rank executes (``partitioner.comms``): computes and batches
         self.lowered = _lowered(schedule, _RouteEdges(self.links, wires, plan.n_stages))
         self.schedule = schedule = self.lowered.schedule
@@ -194,6 +198,13 @@ class Interpreter:
         messages each batch carries (a SEND/RECV with nothing to carry is not run)."""
         return [x for st in self.steps for x in (st.actions if isinstance(st, Batch) else (st,))]
 
+    def message_values(self, key: Key) -> tuple[str, ...]:
+        """The values whose tensors message ``key`` carries, in the order they travel (as
+        ``_wire_layout`` lays the message out on both ends)."""
+        d, src, dst, _ = key
+        names = dict(self.links.sends(src) if d == "F" else self.links.receives(src)).get(dst, ())
+        return tuple(n for n in names if (self._kinds[n].requires_grad if d == "B" else self._kinds[n].travels))
+
     # -- one step ------------------------------------------------------------------
     def _reset(self) -> None:
         self._pending: dict[Key, Pending] = {}
@@ -211,6 +222,8 @@ class Interpreter:
         for b in range(self.last):
             for w in boundary_wires(self.plan, b, microbatch_size, seq):
                 wire.setdefault(w.name, w)
+        if self.wire_map is not None:
+            wire = {n: self.wire_map(w) for n, w in wire.items()}
         self._wire = wire
 
         def links(pairs: list[tuple[int, tuple[str, ...]]], grad: bool) -> list[Link]:

@@ -36,14 +36,11 @@ from __future__ import annotations
 import logging
 import operator
 
-import torch
 from torch import fx, nn
-from torch.distributed.tensor import DTensor, Replicate
 
-from partitioner.memory import block_of, fsdp_spans
+from partitioner.memory import fsdp_spans
 from partitioner.passes.recompute import REGION, RecomputeStage, with_recompute
 from partitioner.passes.split import copy_persistence
-from partitioner.runtime.tensor_parallel import to_replicate
 
 __all__ = ["outline_blocks"]
 
@@ -56,47 +53,11 @@ def outline_blocks(gm: nn.Module) -> list[str]:
     its leaves, as the ``torch.fx`` route's do, or that is already outlined)."""
     if not isinstance(gm, fx.GraphModule):
         return []
-    moved = _detach_mesh_anchors(gm)
     done = [block for block, nodes in fsdp_spans(gm).items() if _outline(gm, block, nodes)]
-    if done or moved:
+    if done:
         gm.graph.lint()
         gm.recompile()
     return done
-
-
-#: the stage attribute holding the tensor-parallel mesh's anchor (``_detach_mesh_anchors``)
-MESH_ANCHOR = "_pp_tp_mesh_anchor"
-
-
-def _detach_mesh_anchors(gm: fx.GraphModule) -> bool:
-    """``runtime.tensor_parallel`` turns plain tensors into ``Replicate`` DTensors with
-    ``to_replicate(x, like)``, reading only ``like.device_mesh`` from one parameter of the
-    stage, read by ``get_attr`` at the stage's start. When that parameter is a block's, the
-    read ties the block to the whole stage (its span would cover the stage) and, once the
-    block were a unit, it would hand FSDP's sharded 2-D parameter instead of the TP mesh's.
-    Such reads are pointed at an empty ``Replicate`` DTensor on the same mesh, a plain
-    attribute of the stage (no parameter, buffer or state dict entry). Returns whether any was."""
-    moved = False
-    for n in list(gm.graph.nodes):
-        if n.op != "get_attr" or block_of(str(n.target)) is None or not n.users:
-            continue
-        if not all(u.op == "call_function" and u.target is to_replicate and len(u.args) == 2 and u.args[1] is n
-                   and u.args[0] is not n for u in n.users):
-            continue
-        owner, _, leaf = str(n.target).rpartition(".")
-        like = getattr(gm.get_submodule(owner), leaf)
-        if not isinstance(like, DTensor):
-            continue
-        if not hasattr(gm, MESH_ANCHOR):
-            empty = torch.empty(0, dtype=like.dtype, device=like.to_local().device)
-            object.__setattr__(gm, MESH_ANCHOR, DTensor.from_local(empty, like.device_mesh, [Replicate()],
-                                                                   run_check=False))
-        with gm.graph.inserting_before(n):
-            anchor = gm.graph.get_attr(MESH_ANCHOR)
-        n.replace_all_uses_with(anchor)
-        gm.graph.erase_node(n)
-        moved = True
-    return moved
 
 
 def _regions(gm: fx.GraphModule, nodes: list[fx.Node]) -> tuple[bool, object, bool]:

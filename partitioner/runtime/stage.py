@@ -679,6 +679,8 @@ class Runner:
         self.driver = StepDriver(stage.spec, self.modules, schedule, self.transport, loss_fn, stage.device,
                                  grad_sync=stage.grad_sync)
         self.interpreter = self.driver.interpreters[0]
+        # sequence parallelism: boundary values travel as each TP rank's sequence shard
+        tensor_parallel.shard_boundaries(stage, self.transport, self.driver.interpreters)
         # fp16-mixed: the last stage's loss is scaled before backward (the step returns it unscaled)
         self.interpreter.loss_scale = stage.loss_scaler.scale if stage.loss_scaler is not None else None
         self._warned = False
@@ -816,6 +818,7 @@ class Runner:
         if self._eval is None:
             self._eval = StepDriver(stage.spec, stage.modules, loop.forward_schedule(self.schedule), self.transport,
                                     self.interpreter.loss_fn, stage.device)
+            tensor_parallel.shard_boundaries(stage, self.transport, self._eval.interpreters)
         driver = self._eval
         with torch.no_grad():
             loss = driver.step(mb_size, seq, mb_inputs, mb_targets, loss_divisor=divisor, keep_outputs=return_outputs)

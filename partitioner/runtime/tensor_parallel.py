@@ -66,13 +66,23 @@ are placed at the region boundaries of the graph, where ``shard_plan`` found the
 sequence dimension of each row output is the one shape-prop sized by ``S``
 (``passes.tensor_parallel.sequence_dim``, the planner's rule); a row output without one is
 refused naming the node, and a sequence that does not divide by T is refused at run time
-(``scatter_sequence``). Boundary messages are as without sequence parallelism: a stage's
-outputs leave whole (all-gathered from the sequence shards, ``to_whole``) and the transport
-below sends 1/T of each per TP pair and all-gathers it at the receiver; there a stage input
-that is the residual stream (added to a row output, ``_residual_inputs``) is cut to this
-rank's sequence shard where it enters (``to_sequence_shard``, no communication), so the
-stage's first norm runs on S/T tokens too, and the other inputs (rotary tables, masks) enter
-whole.
+(``scatter_sequence``).
+
+Boundary messages under sequence parallelism travel as sequence shards (``boundary_sequence``:
+every floating-point boundary tensor with a dimension sized by ``S``, read from the plan, so
+both ends decide alike): a stage's such output leaves as this TP rank's local shard
+(``to_sequence_local``: ``Shard(s)`` already for the residual stream, no communication; a
+replicated value is sliced), TP rank t sends its shard to TP rank t of the next stage, and the
+receiver wraps it as a ``Shard(s)`` DTensor (``from_sequence_shard``). The residual stream
+(added to a row output, ``_residual_inputs``) stays a shard there, so the stage's first norm
+runs on S/T tokens and nothing is gathered at the cut, either way; another such input
+(rotary tables) is all-gathered inside the stage where it enters. Gradients go back the same
+way: the receiver's input gradient is its shard of the whole. The runner lays the messages out
+so (``shard_boundaries``: the interpreter's wires at S/T, the transport told which tensors are
+a rank's own); the other values (integer ids, masks, scalars) go as without sequence
+parallelism, 1/T per pair and all-gathered at the receiver (``runtime.dist``). A model input
+of the residual stream entering the first stage whole is cut to this rank's shard where it
+enters (``to_sequence_shard``, no communication).
 
 Gradients are DTensor shards on the parameters (an optimizer over ``stage.parameters()``
 steps the shards); ``stage.grad_norm`` takes each DTensor's norm over the whole tensor
@@ -83,6 +93,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -96,9 +107,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from partitioner import poly
+from partitioner.cost_models.cost import SEQ
 from partitioner.passes.meta import TENSOR_PARALLEL
 from partitioner.passes.tensor_parallel import find_vocab, sequence_dim
+from partitioner.plan import Plan
 from partitioner.runtime.errors import PipelineRuntimeError
+from partitioner.runtime.values import Wire
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -148,6 +163,8 @@ _SDPA: set[Any] = {F.scaled_dot_product_attention, aten.scaled_dot_product_atten
 _LINEARS: set[Any] = {F.linear, torch._C._nn.linear, aten.linear.default}
 #: checks that return nothing: dropped from a tensor-parallel stage (their arguments are DTensors)
 _DROPPED: set[Any] = {aten._assert_tensor_metadata.default}
+#: the stage attribute the rewritten graph reads the TP mesh from (``parallelize``)
+MESH_ANCHOR = "_pp_tp_mesh_anchor"
 
 
 class _NotShardable(Exception):
@@ -184,6 +201,11 @@ class TensorParallelPlan:
     #: sequence parallelism: the stage inputs that are the residual stream (added to a row
     #: output), taken as their sequence shard where they enter -> that dimension
     sequence_inputs: dict[str, int] = field(default_factory=dict)
+    #: sequence parallelism: the stage inputs (by the plan's value name) that arrive as this
+    #: rank's sequence shard -> its dimension, and the positions of the stage outputs that
+    #: leave as it (``boundary_sequence``; set by ``build_tensor_parallel``)
+    boundary_inputs: dict[str, int] = field(default_factory=dict)
+    boundary_outputs: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_allreduce_forward(self) -> int:
@@ -629,6 +651,28 @@ def to_whole(x: Any) -> Any:
     return x
 
 
+def to_sequence_local(x: Any, dim: int) -> Any:
+    """A boundary value leaving the stage as this TP rank's sequence shard, a plain tensor
+    (``Shard(dim)``: nothing to do; ``Replicate``: a local slice; ``Partial``: a
+    reduce-scatter); its gradient comes back as the same shard of the whole gradient."""
+
+    if isinstance(x, DTensor):
+        return x.redistribute(x.device_mesh, [Shard(dim)]).to_local()
+    return x
+
+
+def from_sequence_shard(x: Any, like: Any, dim: int, keep: bool) -> Any:
+    """A boundary value arriving as this TP rank's sequence shard (a plain tensor of S/T
+    tokens), as the ``Shard(dim)`` DTensor on ``like``'s mesh it is; ``keep`` False (an input
+    the stage needs whole: a rotary table) all-gathered to ``Replicate`` here. In backward
+    the gradient leaves as this rank's shard of it."""
+
+    if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+        return x
+    d = DTensor.from_local(x, like.device_mesh, [Shard(dim)], run_check=False)
+    return d if keep else d.redistribute(like.device_mesh, [Replicate()])
+
+
 def attention_on_shards(q: Any, k: Any, v: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
     """``scaled_dot_product_attention`` of DTensors, run on each rank's local heads.
 
@@ -738,9 +782,15 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     _vocab_lookups(gm, plan)
     if not params:
         return gm  # nothing sharded: the stage runs on plain tensors, every TP rank alike
-    # the conversions take the mesh from a parameter (a graph argument must be a node or plain data)
+    # The conversions take the mesh from an empty ``Replicate`` DTensor on it (a graph argument must
+    # be a node or plain data), a plain attribute of the stage: no parameter, buffer or state-dict
+    # entry. Not a parameter's: read at the stage's start, a block's parameter would tie the block
+    # to the whole stage when FSDP outlines its blocks (``runtime.outline``), and once sharded over
+    # the replicas it would carry their 2-D mesh, not the TP mesh.
+    object.__setattr__(gm, MESH_ANCHOR, DTensor.from_local(torch.empty(0, device=next(gm.parameters()).device), mesh,
+                                                           [Replicate()], run_check=False))
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
-        anchor = graph.get_attr(next(iter(params)))
+        anchor = graph.get_attr(MESH_ANCHOR)
     rows, columns = set(plan.row.values()), set(plan.column.values()) | set(plan.heads.values())
     split_out = set(plan.split_outputs)
     reduced: dict[fx.Node, fx.Node] = {}  # a column linear's input -> its gradient-reducing identity
@@ -765,12 +815,18 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
         if n.op == "call_function" and n.target in _SDPA:
             n.target = attention_on_shards
         if n.op == "output":
-            def wrap_out(v: Any) -> Any:
+            def wrap_out(v: Any, at: int | None = None) -> Any:
                 if isinstance(v, fx.Node) and _maybe_tensor(v) and v.name not in split_out:
                     with graph.inserting_before(n):
+                        if at in plan.boundary_outputs:  # sent on as this rank's sequence shard
+                            return graph.call_function(to_sequence_local, (v, plan.boundary_outputs[at]))
                         return graph.call_function(to_whole, (v,))
                 return v
-            n.args = (fx.node.map_arg(n.args[0], wrap_out),)
+            sent = n.args[0]
+            if plan.boundary_outputs and isinstance(sent, (tuple, list)):
+                n.args = (type(sent)(wrap_out(v, i) for i, v in enumerate(sent)),)
+            else:
+                n.args = (fx.node.map_arg(sent, lambda v: wrap_out(v, 0 if isinstance(sent, fx.Node) else None)),)
             continue
         if n is anchor or (n.op == "get_attr" and str(n.target) in params):
             derived.add(n)
@@ -782,9 +838,14 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
             continue
         # an entering tensor: a placeholder, a buffer, a tensor made from nothing sharded, a leaf module's output
         with graph.inserting_after(anchor if n.op == "placeholder" else n):
-            conv = graph.call_function(to_sequence_shard, (n, anchor, plan.sequence_inputs[n.name])) \
-                if n.op == "placeholder" and n.name in plan.sequence_inputs else \
-                graph.call_function(to_replicate, (n, anchor))
+            if n.op == "placeholder" and str(n.target) in plan.boundary_inputs:  # arrives as its shard
+                dim = plan.boundary_inputs[str(n.target)]
+                keep = plan.sequence_inputs.get(n.name) == dim  # the residual stream stays a shard
+                conv = graph.call_function(from_sequence_shard, (n, anchor, dim, keep))
+            elif n.op == "placeholder" and n.name in plan.sequence_inputs:
+                conv = graph.call_function(to_sequence_shard, (n, anchor, plan.sequence_inputs[n.name]))
+            else:
+                conv = graph.call_function(to_replicate, (n, anchor))
         n.replace_all_uses_with(conv, delete_user_cb=lambda u: u is not conv)
         derived.add(conv)
     graph.lint()
@@ -954,22 +1015,82 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     # the stage's boundary values are replicated over the TP group: its runner's transport sends
     # each message once per TP group (1/T per rank) and all-gathers at the receiver
     plans = {}
+    sequence = boundary_sequence(plan)  # sequence parallelism: what crosses the cuts as shards
     for s, mod in stage.modules.items():
         if not isinstance(mod, fx.GraphModule):
             raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
                                        "parallelism rewrites the stage graphs")
         plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1,
                               sequence_parallel=bool(plan.options.get("sequence_parallel")))
+        st = plan.stages[s]
+        plans[s].boundary_inputs = {n: sequence[n] for n in st.inputs if n in sequence} if s > 0 else {}
+        plans[s].boundary_outputs = {i: sequence[n] for i, n in enumerate(st.outputs) if n in sequence} \
+            if s < plan.n_stages - 1 else {}
+        if (plans[s].boundary_inputs or plans[s].boundary_outputs) and not any(True for _ in mod.parameters()):
+            raise PipelineRuntimeError(
+                f"sequence parallelism: stage {s} has no parameters, so it runs unsharded on every TP rank and "
+                f"cannot take or send its boundary values {sorted(set(st.inputs + st.outputs) & set(sequence))} as "
+                "sequence shards; move a cut so that every stage holds parameters, or run without sequence "
+                "parallelism")
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
     stage.tp_plans = plans  # type: ignore[attr-defined]
+    stage.tp_sequence = sequence  # type: ignore[attr-defined]  # read by the runner (shard_boundaries)
     if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
         stage.dp_mesh = dm["dp"]
         stage.grad_sync = stage.reducer()
     if any(p.split_outputs or p.losses for p in plans.values()):  # logits split by vocabulary reach the loss
         stage.runner = _vocab_runner(stage, stage.runner)  # type: ignore[method-assign]
     return stage
+
+
+def boundary_sequence(plan: Plan) -> dict[str, int]:
+    """Under sequence parallelism (``options.sequence_parallel``, ``mesh.tp`` > 1), each
+    boundary value that travels as its TP ranks' sequence shards -> the dimension: every
+    floating-point tensor with one dimension, not its last, sized by the sequence ``S`` (the
+    planner's ``sequence_dim`` rule, read from the plan's value records so that the sending
+    and the receiving rank decide alike from the plan alone). Empty otherwise."""
+    if plan.mesh.tp <= 1 or not plan.options.get("sequence_parallel"):
+        return {}
+    out: dict[str, int] = {}
+    for b in plan.boundaries:
+        for v in b.values:
+            dtype = getattr(torch, v.dtype, None) if v.kind == "tensor" else None
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or v.name in out:
+                continue
+            dims = [d for d, n in enumerate(v.shape[:-1])
+                    if isinstance(n, str) and SEQ in poly.from_text(n).free_symbols]
+            if len(dims) == 1:
+                out[v.name] = dims[0]
+    return out
+
+
+def _shard_wire(sequence: Mapping[str, int], tp: int, w: Wire) -> Wire:
+    """``w`` as it travels on one TP rank: its sequence shard when ``sequence`` names it."""
+    d = sequence.get(w.name)
+    if d is None:
+        return w
+    if w.shape[d] % tp:
+        raise PipelineRuntimeError(f"sequence parallelism over {tp} ranks: the boundary value {w.name!r} has a "
+                                   f"sequence of {w.shape[d]} tokens (dimension {d}), which does not divide by {tp}; "
+                                   f"pad the sequence to a multiple of {tp} or run without sequence parallelism")
+    return dataclasses.replace(w, shape=(*w.shape[:d], w.shape[d] // tp, *w.shape[d + 1:]))
+
+
+def shard_boundaries(stage: Any, transport: Any, interpreters: Any) -> None:
+    """Lay a runner's messages out as sequence shards (``boundary_sequence``, the module
+    docstring): each interpreter's boundary wires at S/T tokens on the sequence dimension, and
+    the transport told which tensors of a message are the rank's own shard. Nothing for a
+    stage without sequence parallelism."""
+    sequence = getattr(stage, "tp_sequence", None)
+    if not sequence:
+        return
+    tp = stage.plan.mesh.tp
+    for it in interpreters:
+        it.wire_map = functools.partial(_shard_wire, sequence, tp)
+    first = interpreters[0]
+    transport.own = lambda key: tuple(n in sequence for n in first.message_values(key))
 
 
 def describe(plans: Mapping[int, TensorParallelPlan]) -> str:

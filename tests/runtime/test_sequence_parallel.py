@@ -4,9 +4,14 @@ the graph (export route, vocabulary-parallel embedding, output layer and cross-e
 steps as 1 or 2 pipeline stages x 2 tensor-parallel ranks, under 1F1B and zb-h1, like one process
 on the whole batch (losses, the last stage's outputs, every parameter after the steps); the row
 outputs are reduce-scattered and the region inputs all-gathered (``CommDebugMode``), not
-all-reduced. The planner prices it (``passes.tensor_parallel.shard``): the collectives as an
-all-gather / reduce-scatter pair per region, the ops between regions at 1/T, by amounts computed
-here from the annotated costs. A sequence T does not divide is refused."""
+all-reduced. Stage boundaries travel as sequence shards: each TP rank sends 1/T of the
+activation (and of its gradient) to its peer, nothing is all-gathered at the cut, and the
+ranks' messages replay under NCCL's rules; the transport alone delivers messages mixing a rank's
+own shards with shared values exactly. The planner prices it (``passes.tensor_parallel.shard``):
+the collectives as an all-gather / reduce-scatter pair per region (a region whose input is not
+yet split, the first stage's first, as the all-reduce of its gradient it runs), the ops between
+regions at 1/T, the cuts at 1/T per pair, by amounts computed here from the annotated costs. A
+sequence T does not divide is refused."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partitioner import PartitionError, partition
+from partitioner.comms import replay_log
 from partitioner.cost_models.devices import get_link
 from partitioner.data_parallel import allgather_s, ring_allreduce_s
 from partitioner.examples.gpt import GPT, GPTConfig
@@ -117,13 +123,13 @@ def _counts(comm: Any) -> dict[str, int]:
     return out
 
 
-def _train(rank: int, world: int, name: str, pipe: Any, schedule: str) -> dict[str, Any]:
+def _train(rank: int, world: int, name: str, pipe: Any, schedule: str, p2p: str = "auto") -> dict[str, Any]:
     from torch.distributed.tensor.debug import CommDebugMode
 
     _, inputs, y, loss_fn, _, _ = CASES[name]
     stage = pipe.build_stage(rank, "cpu")
     opt = torch.optim.SGD(stage.parameters(), lr=LR)
-    runner = stage.runner(schedule, loss_fn=loss_fn)
+    runner = stage.runner(schedule, loss_fn=loss_fn, p2p=p2p)
     kw = inputs if stage.is_first else {}
     target = y if stage.is_last else None
     comm = CommDebugMode()
@@ -141,6 +147,8 @@ def _train(rank: int, world: int, name: str, pipe: Any, schedule: str) -> dict[s
             "forward": forward, "rows": sum(len(p.row) for p in stage.tp_plans.values()),
             "sequence": sum(len(p.sequence) for p in stage.tp_plans.values()), "first": stage.is_first,
             "entering": sorted(n for p in stage.tp_plans.values() for n in p.sequence_inputs),
+            "heads": sum(len(p.heads) for p in stage.tp_plans.values()), "log": list(runner.interpreter.comm_log),
+            "wire_bytes": runner.transport.wire_bytes, "bytes_sent": runner.transport.bytes_sent,
             "params": full_state(stage.named_parameters())}
 
 
@@ -196,6 +204,15 @@ def test_a_sequence_tp_does_not_divide_is_refused() -> None:
     _, pipe, _ = _built("gpt-pp1")
     with pytest.raises(PipelineRuntimeError, match=r"output of .* has a sequence of 7 tokens .* does not divide by 2"):
         spawn(_odd_step, 2, pipe, timeout_s=60.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_boundary_sequence_tp_does_not_divide_is_refused_naming_the_value() -> None:
+    # two stages: the cut's residual stream would travel as 7 / 2 tokens per TP rank
+    _, pipe, _ = _built("gpt-pp2")
+    with pytest.raises(PipelineRuntimeError, match=r"boundary value 'add_2' has a sequence of 7 tokens .* does not "
+                                                   r"divide by 2"):
+        spawn(_odd_step, 4, pipe, timeout_s=60.0)
 
 
 def _odd_step(rank: int, world: int, pipe: Any) -> None:
@@ -259,7 +276,13 @@ def test_the_planner_prices_sequence_parallelism_by_its_formula(degree: int) -> 
         first = r.columns[0]  # the input's all-gather forward, its gradient's reduce-scatter backward
         x = first.args[0]
         b = nbytes(x)
-        assert got[first.name] == pytest.approx((allgather_s(b, degree, link), allgather_s(b, degree, link)))
+        if x.name in with_sp.seq_sharded:
+            assert got[first.name] == pytest.approx((allgather_s(b, degree, link), allgather_s(b, degree, link)))
+        else:  # a whole input (no row output before it): nothing gathered, its gradient all-reduced
+            assert got[first.name] == pytest.approx((0.0, ring_allreduce_s(b, degree, link)))
+            assert got[first.name] == pytest.approx(base[first.name])
+    # only the first region (layer 0's attention, after the embedding) reads a whole value
+    assert [r.columns[0].args[0].name in with_sp.seq_sharded for r in with_sp.regions] == [False, True, True, True]
     # per layer on the wire: the pair costs what the all-reduces did
     assert sum(f + b for f, b in got.values()) == pytest.approx(sum(f + b for f, b in base.values()))
     # the ops between the regions: norms, residual adds at 1/T of the whole graph's FLOPs and activations
@@ -340,3 +363,145 @@ def test_a_plan_with_sequence_parallelism_prices_less_compute_and_activations(de
     assert want > 0 and got == pytest.approx(want, rel=1e-6, abs=len(between))
     assert evaluate(from_text(sp.saved_bytes), 4, 8) < evaluate(from_text(plain.saved_bytes), 4, 8)
     assert sp.fwd_time_s + sp.bwd_time_s < plain.fwd_time_s + plain.bwd_time_s
+
+
+# -- stage boundaries as sequence shards -----------------------------------------------------
+
+def _train_counted(rank: int, world: int, name: str, pipe: Any, schedule: str) -> dict[str, Any]:
+    """``_train`` in NCCL's message order (tag 0), with every P2P send's (peer, bytes) and every
+    all-gather the transport runs at a cut (``dist.all_gather_single``) counted."""
+    import torch.distributed as dist
+
+    from tests.runtime.test_tp_boundary import _record_sends
+
+    sends = _record_sends()
+    gathers = []
+    real = dist.all_gather_single
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        gathers.append(args[0].numel())
+        return real(*args, **kwargs)
+
+    dist.all_gather_single = counted  # type: ignore[assignment]  # forked child: this rank only
+    out = _train(rank, world, name, pipe, schedule, p2p="ordered")
+    return {**out, "sends": list(sends), "gathers": list(gathers)}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_boundaries_travel_as_sequence_shards_without_a_gather(schedule: str) -> None:
+    _, pipe, _ = _built("gpt-pp2")
+    results = spawn(_train_counted, 4, "gpt-pp2", pipe, schedule, timeout_s=TIMEOUT_S)
+    _check("gpt-pp2", results)
+    # the cut carries one (2, 8, 32) float32 residual stream per micro-batch (and its gradient
+    # back): each TP rank sends its half, 8 / 2 tokens, to the same TP index of the other stage
+    (cut,) = pipe.plan.boundaries
+    whole = 2 * 8 * 32 * 4
+    assert [v.name for v in cut.values] == ["add_2"] and cut.bytes == whole
+    for r in results:
+        forwards = (1 + STEPS) * M if r["first"] else 0  # eval_step's forwards, then the steps'
+        grads = 0 if r["first"] else STEPS * M
+        assert [b for _, b in r["sends"]] == [whole // 2] * (forwards + grads), r["sends"]
+        assert r["wire_bytes"] == r["bytes_sent"] == (forwards + grads) * whole // 2
+        # nothing all-gathered at the cut: not by the transport, not by the graphs (the sender
+        # used to gather its output whole, the receiver the transport's chunks)
+        assert r["gathers"] == [] and r["forward"].get("boundary", 0) == 0, (r["gathers"], r["forward"])
+        if r["first"]:
+            # the first stage's one region (the MLP: the runtime keeps this GPT's fused q/k/v
+            # attention whole) reads a value no row output has split yet, and the residual stream
+            # it sends leaves as the rank's shard: no all-gather at all in its forward (gathering
+            # the output whole for the cut cost one per micro-batch)
+            assert r["rows"] == 1 and r["forward"].get("all_gather", 0) == 0, r["forward"]
+            assert r["forward"].get("reduce_scatter", 0) == M, r["forward"]
+    assert {p for p, _ in results[0]["sends"]} == {2} and {p for p, _ in results[1]["sends"]} == {3}
+    assert {p for p, _ in results[2]["sends"]} == {0} and {p for p, _ in results[3]["sends"]} == {1}
+    # NCCL: the TP ranks of a stage issue the same operations in the same order, and each TP
+    # index's pipeline replays under NCCL's rules (in-order per pair, tags ignored)
+    assert results[0]["log"] == results[1]["log"] and results[2]["log"] == results[3]["log"]
+    for t in (0, 1):
+        replay_log([results[t]["log"], results[2 + t]["log"]])
+
+
+def _mixed(rank: int, world: int, tagless: bool) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from partitioner.runtime.dist import DistTransport
+    from tests.runtime.test_tp_boundary import _record_sends
+
+    sends = _record_sends()
+    dm = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    pp, tp = dm.get_local_rank("pp"), dm.get_local_rank("tp")
+    tr = DistTransport(2, dm.get_group("pp"), tagless=tagless, tp_group=dm.get_group("tp"), scatter=True)
+    flags = [True, False, False, True, False]
+    tr.own = lambda key: flags if key[3] % 2 == 0 else [True]  # even keys: the mix; odd: one shard
+    got = []
+    for mb in range(2):
+        for direction, src in (("F", 0), ("B", 1)):
+            for key, vals in (((direction, src, 1 - src, 2 * mb), _mix(mb, direction, tp)),
+                              ((direction, src, 1 - src, 2 * mb + 1), _mix(mb, direction, tp)[:1])):
+                if pp == src:
+                    tr.post(pp, [(key, 1 - src, vals)], [], "cpu")
+                else:
+                    layout = [(tuple(v.shape), v.dtype) for v in vals]
+                    (pending,) = tr.post(pp, [], [(key, src, layout)], "cpu")
+                    got.append((direction, mb, key[3] % 2, [t.clone() for t in pending.wait()]))
+            tr.flush()
+    return {"pp": pp, "tp": tp, "got": got, "sends": list(sends)}
+
+
+def _mix(mb: int, direction: str, tp: int) -> list[torch.Tensor]:
+    """Own values (float shards, different on each TP rank) between shared ones (odd sizes,
+    integer and bool: the same on every TP rank)."""
+    g = torch.Generator().manual_seed(mb * 2 + (direction == "B"))
+    mine = torch.Generator().manual_seed(100 + 10 * tp + mb * 2 + (direction == "B"))
+    return [torch.randn(2, 3, 5, generator=mine), torch.randint(-100, 100, (7,), dtype=torch.int8, generator=g),
+            torch.rand(5, generator=g) > 0.5, torch.randn(1, 3, 4, generator=mine),
+            torch.randint(0, 2**40, (3, 5), dtype=torch.int64, generator=g)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tagless", [False, True])
+def test_the_transport_sends_own_shards_whole_and_scatters_the_shared_values(tagless: bool) -> None:
+    from partitioner.runtime.dist import pack_layout
+
+    results = spawn(_mixed, 4, tagless, timeout_s=60.0)
+    for r in results:
+        assert len(r["got"]) == 4  # one direction per stage, two micro-batches, two messages
+        for direction, mb, odd, tensors in r["got"]:
+            want = _mix(mb, direction, r["tp"])[:1 if odd else 5]  # the own values of the same TP index
+            assert len(tensors) == len(want)
+            for t, w in zip(tensors, want):
+                assert t.dtype == w.dtype and t.shape == w.shape and torch.equal(t, w), (direction, mb, odd)
+        # on the wire: the own values packed (aligned) then this rank's chunk of the shared ones;
+        # a lone shard as it is
+        own = pack_layout([((2, 3, 5), torch.float32), ((1, 3, 4), torch.float32)])[1]
+        shared = pack_layout([((7,), torch.int8), ((5,), torch.bool), ((3, 5), torch.int64)])[1]
+        chunk = -(-shared // 2) if r["tp"] == 0 else shared - -(-shared // 2)
+        assert [b for _, b in r["sends"]] == [own + chunk, 2 * 3 * 5 * 4] * 2, r["sends"]
+
+
+def test_a_sequence_parallel_cut_is_priced_as_one_shard_per_pair_without_a_gather() -> None:
+    from partitioner.cost_models.devices import get_link
+    from partitioner.data_parallel import boundary_time
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import boundary_bytes, predict_plan, predict_step
+
+    ib, nvlink = get_link("ib-ndr-400"), get_link("nvlink4")
+    mib = 2**20
+    sp = boundary_time(ib, 4, nvlink, sequence_parallel=True)
+    assert sp(mib) == ib.transfer_time(mib / 4) and sp(3) == ib.transfer_time(1) and sp(0) == 0.0
+    # without sequence parallelism the chunks are all-gathered in the receiving group on top
+    assert boundary_time(ib, 4, nvlink)(mib) == pytest.approx(sp(mib) + allgather_s(mib, 4, nvlink))
+    assert boundary_time(ib, 1, nvlink, sequence_parallel=True)(mib) == ib.transfer_time(mib)  # no TP: as before
+    # the plan's step is simulated with its cut priced so, and replays the same from the saved plan
+    _, pipe, _ = _built("gpt-pp2")
+    plan = load_plan(pipe.plan.to_json())
+    link = get_link("loopback")
+    sched = build_schedule(plan.options["schedule"], plan.pp_ranks, plan.prediction.n_microbatches, plan.n_stages)
+    fwd, grad = boundary_bytes(plan.boundaries, plan.prediction.microbatch_size, plan.symbols.get("S", 1))
+    times = ([st.cost.fwd_time_s for st in plan.stages], [st.cost.bwd_time_s for st in plan.stages])
+    shards = predict_step(sched, *times, boundary_time(link, 2, sequence_parallel=True), fwd, grad).step_time
+    gathered = predict_step(sched, *times, boundary_time(link, 2), fwd, grad).step_time
+    assert plan.prediction.step_time_s == pytest.approx(shards, rel=1e-9)
+    assert predict_plan(plan, sched).step_time == pytest.approx(shards, rel=1e-9)
+    assert shards < gathered * (1 - 1e-6)
