@@ -36,6 +36,7 @@ from partitioner.plan import load_plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import full_state, shard_plan, with_tensor_parallel
+from tests.runtime.helpers import sgd_reference
 from tests.runtime.test_tensor_parallel import _NoModuleTracking
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,15 +102,8 @@ def _reference(name: str) -> tuple[list[float], dict[str, torch.Tensor], torch.T
     ref.load_state_dict(init)
     with torch.no_grad():
         out = ref(**inputs)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(ref(**inputs), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {n: p.detach() for n, p in ref.named_parameters()}, getattr(out, "logits", out)
+    run = sgd_reference(model, inputs, y, loss_fn, steps=STEPS, lr=LR, init=init, remove_duplicate=True)
+    return run.losses, run.params, getattr(out, "logits", out)
 
 
 def _counts(comm: Any) -> dict[str, int]:
