@@ -56,8 +56,8 @@ Published H100 runs read but not priced (``SKIPPED``, printed with the reason).
 
     PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py [--quick] [--source MPT TT]
 
-Meta device and this CPU only; ``--quick`` prices one row per MPT model size and the 8-GPU
-torchtitan row. Every predicted figure is the cost model's, not a measurement.
+Meta device and this CPU only; ``--quick`` prices, per model, the one-node rows at its shortest
+and longest sequence (the 8-GPU torchtitan row once). Every predicted figure is the cost model's, not a measurement.
 """
 
 from __future__ import annotations
@@ -253,9 +253,9 @@ SKIPPED = [
 
 
 # -- pricing --------------------------------------------------------------------------------
-def build(run: Run, seq: int | None = None) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+def build(run: Run) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     """The run's model on the meta device and its example inputs (the global batch)."""
-    seq = seq or run.seq
+    seq = run.seq
     if run.family == "mpt":
         with torch.device("meta"):
             model = GPT(run.layers, run.hidden, run.heads, seq, vocab=run.vocab, per_head_qkv=True)
@@ -464,19 +464,20 @@ def fa2_device() -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the first 8-GPU row of each model")
+    ap.add_argument("--quick", action="store_true", help="per model, its shortest and longest sequence on one node")
     ap.add_argument("--source", nargs="*", choices=sorted(SOURCES), default=sorted(SOURCES))
     ap.add_argument("--no-rail", action="store_true", help="skip the multi-node sensitivity (8 NICs per ring)")
     ap.add_argument("--no-fa2", action="store_true", help="skip the one-node sensitivity (FlashAttention-2 rates)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     todo = [r for r in runs() if r.source in args.source]
-    if args.quick:  # the first 8-GPU row of each model
-        firsts: dict[str, Run] = {}
+    if args.quick:  # per model, its shortest and longest sequence on one node
+        ends: dict[str, list[Run]] = {}
         for r in todo:
             if r.gpus == 8:
-                firsts.setdefault(r.name, r)
-        todo = list(firsts.values())
+                ends.setdefault(r.name, []).append(r)
+        todo = [r for rs in ends.values() for r in dict.fromkeys((min(rs, key=lambda x: x.seq),
+                                                                   max(rs, key=lambda x: x.seq)))]
     bad = [f"{r.name} S={r.seq} {r.gpus} GPUs: {e}" for r in todo for e in problems(r)]
     if bad:
         raise SystemExit("malformed rows:\n" + "\n".join(bad))
