@@ -3,9 +3,10 @@ layers): 4 gloo ranks as 2 pipeline ranks x 2 shards train 3 steps like one proc
 whole batch, under 1F1B (per-unit mode, and its DCP checkpoint is the unsharded model's) and zb-h1
 (per-step mode, the split backward's ``W``);
 each decoder layer is its own FSDP unit (the block outlined into one call,
-``partitioner.runtime.outline``) with the model's parameter names; per unit no more than the
-stage's own unit and two layers are gathered at once, while the per-step mode holds the whole
-stage; and the planner's units are the runtime's."""
+``partitioner.runtime.outline``) with the model's parameter names, and so are the token
+embedding and the output head; per unit no more than the stage's own unit (the final norm) and
+two neighbouring units are gathered at once, while the per-step mode holds the whole stage; and
+the planner's units are the runtime's."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ BATCH, M, STEPS, LR = 8, 2, 3, 0.1
 # backward over the whole batch (rounding only)
 RTOL, ATOL = 1e-5, 1e-6
 LAYERS = [f"model.layers.{i}" for i in range(4)]
+EMBED, HEAD = "model.embed_tokens", "lm_head"  # units of their own (untied: Llama's default)
 
 
 def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -137,14 +139,20 @@ def test_export_stages_shard_per_decoder_layer_and_train_like_one_process(schedu
     for r in results:
         assert r["mode"] == mode
         mine = LAYERS[:2] if r["pp"] == 0 else LAYERS[2:]
-        assert r["units"] == ["", *mine]  # one unit per decoder layer besides the stage's own, not one unit
+        role = EMBED if r["pp"] == 0 else HEAD  # the embedding on the first stage, the head on the last
+        # one unit per decoder layer besides the stage's own, not one unit; the embedding and the head their own
+        assert r["units"] == sorted(["", role, *mine])
         # the model's names: state dict keys (what DCP writes) and parameters are the unsharded model's
         assert set(r["params"]) <= set(want) and set(r["state_dict"]) <= set(init)
         whole = sum(r["sizes"].values())
         layer = max(sum(v for n, v in r["sizes"].items() if n.startswith(b + ".")) for b in mine)
-        own = whole - sum(v for n, v in r["sizes"].items() if n.startswith(tuple(b + "." for b in mine)))
-        if mode == "unit":  # the stage's own unit and at most two layers (running, prefetched) at once
+        own = whole - sum(v for n, v in r["sizes"].items() if n.startswith(tuple(b + "." for b in [*mine, role])))
+        table = r["sizes"][role + ".weight"]  # VOCAB x HIDDEN: what the stage's own unit held before
+        assert own < table  # the final norm (last stage) or nothing (first stage) stays in the stage's unit
+        if mode == "unit":  # the stage's own unit and at most two layers (running, prefetched) at once: the
+            # embedding / head table is no longer gathered through the whole stage
             assert 0 < r["peak"] <= own + 2 * layer and r["peak"] < whole, (r["peak"], own, layer, whole)
+            assert r["peak"] <= own + table + 2 * layer - table, (r["peak"], own, table, layer)
         else:  # gathered once per step: the whole stage from the first forward to the step's reduction
             assert r["peak"] == whole
         assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
@@ -164,12 +172,12 @@ def test_planner_units_are_the_runtime_units_on_an_export_capture() -> None:
     gm = pipe.graph
     names = {id(p): n for n, p in gm.named_parameters()}
     planned = {names[i]: unit for i, unit in fsdp_unit_of(gm).items()}
-    assert set(planned.values()) == set(LAYERS)  # every decoder layer, priced as its own unit
+    assert set(planned.values()) == {*LAYERS, EMBED, HEAD}  # every decoder layer, the embedding, the head
     ran: dict[str, str] = {}
     for st in pipe.stages:
         before = fsdp_units(st)
         stage = copy.deepcopy(st)  # what a rank builds, then shards (runtime.fsdp.shard_stage)
-        assert outline_blocks(stage) == [b for b, _ in before]
+        assert outline_blocks(stage) == [p for _, paths in before for p in paths]
         assert fsdp_units(stage) == before  # the rule reads the outlined graph the same way
         assert [n for n, _ in stage.named_parameters()] == [n for n, _ in st.named_parameters()]
         ran.update({n: block for block, leaves in fsdp_units(stage) for leaf in leaves
@@ -183,13 +191,13 @@ def test_outlined_stage_computes_what_the_flat_stage_does() -> None:
     _, pipe, _ = _built("1f1b")
     inputs, _ = _data()
     stage = copy.deepcopy(pipe.stages[0])
-    assert outline_blocks(stage) == LAYERS[:2]
+    assert outline_blocks(stage) == [EMBED, *LAYERS[:2]]
     assert outline_blocks(stage) == []  # already outlined: nothing left to do
     want, got = pipe.stages[0](inputs["input_ids"]), stage(inputs["input_ids"])
     for a, b in zip(want, got):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)  # the same operations in the same order: bitwise equal
-    assert not any(n.op == "get_attr" and str(n.target).startswith("model.layers.") for n in stage.graph.nodes)
+    assert not any(n.op == "get_attr" and str(n.target).startswith(("model.layers.", EMBED)) for n in stage.graph.nodes)
 
 
 def test_planner_prices_the_export_stage_per_layer() -> None:
@@ -234,7 +242,7 @@ def test_bf16_mixed_outlined_layers_compute_what_the_one_unit_stage_does(monkeyp
     monkeypatch.setattr(fsdp, "outline_blocks", lambda gm: [])  # the ranks fork: they see the switch
     whole = spawn(_mixed, 4, pipe, timeout_s=TIMEOUT_S)
     for (losses, params, units), (want_losses, want, want_units) in zip(outlined, whole):
-        assert len(units) == 3 and want_units == [""]  # the stage's unit and two layers, vs one unit
+        assert len(units) == 4 and want_units == [""]  # the stage's unit, two layers and embedding/head, vs one
         assert losses == want_losses
         for n, v in params.items():
             assert torch.equal(v, want[n]), n
@@ -266,11 +274,11 @@ def test_outlined_layers_keep_the_stage_recomputation(recompute: str, caplog: py
     stage = copy.deepcopy(flat)
     if recompute == "partial":
         with caplog.at_level("WARNING", logger="partitioner.runtime"):
-            assert outline_blocks(stage) == []
+            assert outline_blocks(stage) == [EMBED]  # outside the layers' regions
         assert "block model.layers.0 is not outlined: a recomputed region overlaps it only in part" in caplog.text
         return
-    assert outline_blocks(stage) == LAYERS[:2]
-    calls = [n for n in stage.graph.nodes if n.op == "call_module"]
+    assert outline_blocks(stage) == [EMBED, *LAYERS[:2]]
+    calls = [n for n in stage.graph.nodes if n.op == "call_module" and n.target != EMBED]
     layers = [stage.get_submodule(b) for b in LAYERS[:2]]
     if recompute == "full":
         assert all(REGION in n.meta for n in calls) and not any(isinstance(m, RecomputeStage) for m in layers)
