@@ -318,8 +318,8 @@ def _tp_train(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str,
 
 @pytest.mark.timeout(240)
 def test_fsdp_over_tensor_parallel_layers_trains_like_one_process() -> None:
-    """FSDP2 x TP2 (one pipeline stage, 4 ranks): the layers are still units (tensor
-    parallelism's mesh anchor no longer ties them to the stage, ``outline``), each a 2-D
+    """FSDP2 x TP2 (one pipeline stage, 4 ranks): the layers and the head are still units
+    (tensor parallelism's mesh anchor no longer ties them to the stage, ``outline``), each a 2-D
     DTensor, and the run equals one process."""
     from partitioner.runtime.tensor_parallel import with_tensor_parallel
 
@@ -334,7 +334,9 @@ def test_fsdp_over_tensor_parallel_layers_trains_like_one_process() -> None:
     model.load_state_dict(init)
     want_losses, want = _reference(model)
     for losses, params, units in results:
-        assert units == ["", *LAYERS]
+        # the head too; the vocabulary-parallel embedding (runtime.tensor_parallel's embedding_on_shards, no
+        # aten.embedding) stays in the stage's unit
+        assert units == ["", HEAD, *LAYERS]
         assert losses == pytest.approx(want_losses, rel=1e-5)
         assert set(params) == set(want)
         for n, v in params.items():
