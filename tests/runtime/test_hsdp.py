@@ -69,7 +69,7 @@ def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int) -> None:
     for r in results:
         assert r["placed"] and len(r["placed"]) == r["n_params"]  # every parameter: a DTensor on the 2-D mesh
         for n, (placements, mesh, local) in r["placed"].items():
-            assert placements == ["Replicate()", "Shard(dim=0)"] and mesh == (dp // shard, shard), n
+            assert placements == ["R", "S(0)"] and mesh == (dp // shard, shard), n
             assert local[0] == -(-names[n].shape[0] // shard), n  # 1/S of dim 0, replicated dp/S times
         assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
         assert r["norms"] == pytest.approx(want_norms, rel=1e-5)  # each shard once, not once per replica
