@@ -405,7 +405,8 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     # zero=3: FSDP's units, and whether they are gathered once per step (a split backward, or asked)
     shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
                       splits_backward(opts.custom or opts.schedule) or opts.fsdp_reshard == "step",
-                      fsdp_unit_at(gm, priced.order) if opts.zero == 3 else (), opts.fsdp_shard or 0)
+                      ctx.memo(("fsdp_unit_at", tp, order_key), lambda: fsdp_unit_at(gm, priced.order))
+                      if opts.zero == 3 else (), opts.fsdp_shard or 0)
     static_mem = static.first_use
     if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
         static_mem = shard.additive(static_mem, opts.data_parallel)
