@@ -319,13 +319,13 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
     for block in spans:
         blocks[block] = [block]
     units = [(b, leaves) for b, leaves in blocks.items() if b not in spoiled]
-    return _in_order(gm, units + _role_units(_roles(gm)))
+    return _in_order(graph, units + _role_units(_roles(gm)))
 
 
-def _in_order(gm: torch.nn.Module, units: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+def _in_order(graph: fx.Graph, units: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
     """Units sorted by the first graph node reading one of their modules."""
     first: dict[str, int] = {}
-    for i, n in enumerate(gm.graph.nodes):
+    for i, n in enumerate(graph.nodes):
         if n.op in ("get_attr", "call_module"):
             target = str(n.target)
             while target:
