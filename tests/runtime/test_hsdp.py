@@ -3,7 +3,8 @@
 HSDP 2 replicate x 2 shard (both dimensions real), and 2 pipeline ranks x HSDP 2 replicate x 1
 shard (the GPT fixture's embedding tied across the pipeline ranks) train like one process
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
-counted once however many replicas hold it). The pricing by formula (shards over S, gathers and
+counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
+model's. The pricing by formula (shards over S, gathers and
 reduce-scatters over S inside a node, the 1/S shard all-reduced across nodes), the plan's
 ``mesh.shard`` (old plans unchanged), and the refusals."""
 
@@ -34,7 +35,7 @@ def _partition(n_gpus: int, dp: int, shard: int | None, **kw: Any) -> tuple[torc
     return model, pipe
 
 
-def _train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
+def _train(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     x, y, loss_fn = data("gpt", BATCH)
@@ -53,18 +54,21 @@ def _train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
         opt.step()
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in stage.named_parameters(remove_duplicate=False)}
+    stage.save_checkpoint(path)  # one DCP save of the job: each shard once, though dp/S replicas hold it
     return {"dp": stage.dp_rank, "pp": stage.pp_rank, "placed": placed, "losses": losses, "norms": norms,
             "params": params, "n_params": len(list(stage.parameters()))}
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("n_gpus,dp,shard", [(4, 4, 2), (4, 2, 1)], ids=["pp1-hsdp2x2", "pp2-hsdp2x1"])
-def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int) -> None:
+def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, tmp_path: Any) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     model, pipe = _partition(n_gpus, dp, shard, **({"pinned_cuts": ["transformer.h.2"]} if dp < n_gpus else {}))
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.pp_ranks) == (dp, shard, n_gpus // dp)
     want_losses, want_norms, want = _reference(model, "adamw", True)
     assert min(want_norms) > CLIP, "clipping should change every step"
-    results = spawn(_train, 4, pipe, timeout_s=TIMEOUT_S)
+    results = spawn(_train, 4, pipe, str(tmp_path / "dcp"), timeout_s=TIMEOUT_S)
     names = dict(model.named_parameters(remove_duplicate=False))
     for r in results:
         assert r["placed"] and len(r["placed"]) == r["n_params"]  # every parameter: a DTensor on the 2-D mesh
@@ -76,6 +80,11 @@ def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int) -> None:
         for n, v in r["params"].items():
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     assert set().union(*(r["params"] for r in results)) == set(want)
+    dcp_to_torch_save(str(tmp_path / "dcp"), str(tmp_path / "whole.pt"))  # the unsharded model's checkpoint
+    saved = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "whole.pt", weights_only=True).items()}
+    assert {n for n, _ in model.named_parameters()} <= set(saved) <= set(want) | set(dict(model.named_buffers()))
+    for n in set(saved) & set(want):
+        torch.testing.assert_close(saved[n], want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
 # -- pricing -----------------------------------------------------------------------------------
