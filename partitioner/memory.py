@@ -271,7 +271,7 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
     """The FSDP units of a graph besides the module itself (``zero=3``,
     ``partitioner.runtime.fsdp``): (block path, the paths of the modules sharded as the
     unit), in graph order. A block is the shortest path prefix ending in a list index
-    (``transformer.h.0``). Two kinds:
+    (``transformer.h.0``). Blocks of two kinds, and the embeddings and the head:
 
     - a block the graph calls leaves of (``torch.fx`` route): the flat graph never calls the
       block, so its called leaves with parameters form the unit. Such a block with a weight
@@ -281,8 +281,14 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
       (``fsdp_spans``): the runtime outlines the span into one call of the block
       (``partitioner.runtime.outline``), which is the unit: ``(block, [block])``. On an
       outlined graph the same unit is that call.
+    - the token embeddings as one unit (keyed by the first one's path) and the output head as
+      another (``_roles``: ``nn.Embedding`` / ``nn.Linear`` leaves on the fx route, the
+      modules holding the weights of ``aten.embedding`` / the last ``aten.linear`` on the
+      export route, outlined like blocks), as torchtitan shards ``tok_embeddings`` and
+      ``output``; not when the two share a weight in this graph (tied on one rank).
 
-    The planner prices the units the runtime shards with this one rule."""
+    The planner prices the units the runtime shards with this one rule (per stage, for a weight
+    tied between the embedding and the head: ``fsdp_unit_at``)."""
     graph = getattr(gm, "graph", None)
     if graph is None:
         return []
