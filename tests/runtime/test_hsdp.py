@@ -1,7 +1,8 @@
 """Hybrid sharding (HSDP, ``partition(zero=3, fsdp_shard=S)``): FSDP2 on a 2-D
 ``(replicate, shard)`` mesh inside the pipeline ranks. On gloo, 4 ranks: one pipeline rank x
 HSDP 2 replicate x 2 shard (both dimensions real), and 2 pipeline ranks x HSDP 2 replicate x 1
-shard (the GPT fixture's embedding tied across the pipeline ranks) train like one process
+shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit, zb-h1 per step) train
+like one process
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
 counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
 model's. The pricing by formula (shards over S, gathers and
@@ -35,7 +36,7 @@ def _partition(n_gpus: int, dp: int, shard: int | None, **kw: Any) -> tuple[torc
     return model, pipe
 
 
-def _train(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
+def _train(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     x, y, loss_fn = data("gpt", BATCH)
@@ -44,7 +45,7 @@ def _train(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
               for n, p in stage.named_parameters() if isinstance(p, DTensor)}
     cls, kw = OPTIMIZERS["adamw"]
     opt = stage.optimizer(cls, **kw)
-    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    runner = stage.runner(schedule, loss_fn=loss_fn)
     losses, norms = [], []
     for _ in range(STEPS):
         stage.zero_grad()
@@ -56,21 +57,24 @@ def _train(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
               for n, p in stage.named_parameters(remove_duplicate=False)}
     stage.save_checkpoint(path)  # one DCP save of the job: each shard once, though dp/S replicas hold it
     return {"dp": stage.dp_rank, "pp": stage.pp_rank, "placed": placed, "losses": losses, "norms": norms,
-            "params": params, "n_params": len(list(stage.parameters()))}
+            "params": params, "n_params": len(list(stage.parameters())), "mode": stage.grad_sync.mode}
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("n_gpus,dp,shard", [(4, 4, 2), (4, 2, 1)], ids=["pp1-hsdp2x2", "pp2-hsdp2x1"])
-def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, tmp_path: Any) -> None:
+@pytest.mark.parametrize("n_gpus,dp,shard,schedule", [(4, 4, 2, "1f1b"), (4, 2, 1, "1f1b"), (4, 2, 1, "zb-h1")],
+                         ids=["pp1-hsdp2x2", "pp2-hsdp2x1", "pp2-hsdp2x1-zb-h1"])
+def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule: str, tmp_path: Any) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    model, pipe = _partition(n_gpus, dp, shard, **({"pinned_cuts": ["transformer.h.2"]} if dp < n_gpus else {}))
+    model, pipe = _partition(n_gpus, dp, shard, schedule=schedule,
+                             **({"pinned_cuts": ["transformer.h.2"]} if dp < n_gpus else {}))
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.pp_ranks) == (dp, shard, n_gpus // dp)
     want_losses, want_norms, want = _reference(model, "adamw", True)
     assert min(want_norms) > CLIP, "clipping should change every step"
-    results = spawn(_train, 4, pipe, str(tmp_path / "dcp"), timeout_s=TIMEOUT_S)
+    results = spawn(_train, 4, pipe, str(tmp_path / "dcp"), schedule, timeout_s=TIMEOUT_S)
     names = dict(model.named_parameters(remove_duplicate=False))
     for r in results:
+        assert r["mode"] == ("step" if schedule == "zb-h1" else "unit")  # per step: reduced in FsdpSync.finish
         assert r["placed"] and len(r["placed"]) == r["n_params"]  # every parameter: a DTensor on the 2-D mesh
         for n, (placements, mesh, local) in r["placed"].items():
             assert placements == ["R", "S(0)"] and mesh == (dp // shard, shard), n
