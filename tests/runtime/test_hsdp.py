@@ -1,8 +1,8 @@
 """Hybrid sharding (HSDP, ``partition(zero=3, fsdp_shard=S)``): FSDP2 on a 2-D
 ``(replicate, shard)`` mesh inside the pipeline ranks. On gloo, 4 ranks: one pipeline rank x
-HSDP 2 replicate x 2 shard (both dimensions real), and 2 pipeline ranks x HSDP 2 replicate x 1
+HSDP 2 replicate x 2 shard (both dimensions real), 2 pipeline ranks x HSDP 2 replicate x 1
 shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit, zb-h1 per step) train
-like one process
+like one process, and on 8 ranks 2 pipeline ranks x HSDP 2 x 2
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
 counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
 model's. The pricing by formula (shards over S, gathers and
@@ -61,8 +61,9 @@ def _train(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[s
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("n_gpus,dp,shard,schedule", [(4, 4, 2, "1f1b"), (4, 2, 1, "1f1b"), (4, 2, 1, "zb-h1")],
-                         ids=["pp1-hsdp2x2", "pp2-hsdp2x1", "pp2-hsdp2x1-zb-h1"])
+@pytest.mark.parametrize("n_gpus,dp,shard,schedule", [(4, 4, 2, "1f1b"), (4, 2, 1, "1f1b"), (4, 2, 1, "zb-h1"),
+                                                      (8, 4, 2, "1f1b")],
+                         ids=["pp1-hsdp2x2", "pp2-hsdp2x1", "pp2-hsdp2x1-zb-h1", "pp2-hsdp2x2-8-ranks"])
 def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule: str, tmp_path: Any) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -71,7 +72,7 @@ def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.pp_ranks) == (dp, shard, n_gpus // dp)
     want_losses, want_norms, want = _reference(model, "adamw", True)
     assert min(want_norms) > CLIP, "clipping should change every step"
-    results = spawn(_train, 4, pipe, str(tmp_path / "dcp"), schedule, timeout_s=TIMEOUT_S)
+    results = spawn(_train, n_gpus, pipe, str(tmp_path / "dcp"), schedule, timeout_s=TIMEOUT_S)
     names = dict(model.named_parameters(remove_duplicate=False))
     for r in results:
         assert r["mode"] == ("step" if schedule == "zb-h1" else "unit")  # per step: reduced in FsdpSync.finish
@@ -171,10 +172,10 @@ def test_cli_plan_takes_fsdp_shard(tmp_path: Any) -> None:
     from tests.tools.helpers import cli
 
     out = tmp_path / "plan.json"
-    done = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--dp", "4", "--zero", "3",
+    done = cli("plan", "tests.tools.tiny_models:mlp", "--gpus", "4", "--dp", "4", "--zero", "3",
                "--fsdp-shard", "2", "--microbatches", "2", "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["mesh"]["shard"] == 2
-    bad = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--dp", "4", "--zero", "3",
+    bad = cli("plan", "tests.tools.tiny_models:mlp", "--gpus", "4", "--dp", "4", "--zero", "3",
               "--fsdp-shard", "3", "-o", str(tmp_path / "b.json"))
     assert bad.returncode != 0 and "--fsdp-shard 3 does not divide --dp 4" in bad.stderr, bad.stderr
