@@ -226,6 +226,27 @@ def test_zero3_memory_is_the_shards_plus_what_is_gathered() -> None:
     assert step.additive([16_000, 6_400, 6_400], 4) == [4000 + 8000, 1600 + 3200, 1600 + 3200]
 
 
+def test_zero3_memory_prices_the_embedding_and_head_units_per_stage() -> None:
+    """A weight tied between the embedding (position 0) and the head (position 2): a stage
+    holding one of them shards it as that unit, a stage holding both keeps it in its own unit.
+    Per unit the peak is the own unit plus the two neighbouring units gathered together."""
+    from partitioner.data_parallel import ZeroShard
+
+    # positions: the embedding reads the tied table 1 (1000 elements), a block reads 2 (400), the head reads 1 again
+    shard = ZeroShard(uses=[(1,), (2,), (1,)], numel={1: 1000, 2: 400}, grad_width=4, optimizer_bytes=8, zero=3,
+                      unit_of={2: "h.0"}, unit_at=[{1: "wte"}, {}, {1: "lm_head"}])
+    assert shard.units(0, 2) == {1: "wte", 2: "h.0"} and shard.units(1, 3) == {2: "h.0", 1: "lm_head"}
+    assert shard.units(0, 3) == {1: "", 2: "h.0"}  # both sides of the tie on one rank: the stage's own unit
+    shards = -(-1400 * 16 // 2)
+    # the embedding and the block gathered together (running and prefetched); the larger one's full gradient
+    assert shard.fsdp_static(0, 2, 2) == shards + 4 * (1000 + 400) + 4 * 1000
+    assert shard.fsdp_static(0, 3, 2) == shards + 4 * (1000 + 400) + 4 * 1000  # own 1000 + the block
+    alone = ZeroShard(uses=[(1,), (2,), (3,)], numel={1: 1000, 2: 400, 3: 400}, grad_width=4, optimizer_bytes=8,
+                      zero=3, unit_of={1: "wte", 2: "h.0", 3: "h.1"})
+    # units in first-read order 1000, 400, 400: neighbours at most 1400 (not the largest twice, 2000)
+    assert alone.fsdp_static(0, 3, 2) == -(-1800 * 16 // 2) + 4 * 1400 + 4 * 1000
+
+
 def test_zero3_communication_per_unit_and_per_step() -> None:
     from partitioner.cost_models.devices import LINKS
     from partitioner.data_parallel import Window, allgather_s, price_fsdp, price_replicas, reduce_scatter_s
