@@ -228,6 +228,11 @@ def _roles(gm: torch.nn.Module, strict: bool = True) -> list[_Role]:
             kind = "embed" if n.target is _EMBEDDING else "head"
         if kind:
             found.append(_Role(kind, path, n))
+    # one tensor-parallel rank's view (partitioner.tensor_parallel.view): an embedding split by
+    # vocabulary runs as runtime.tensor_parallel's embedding_on_shards, no aten.embedding: the stage's unit
+    divisor = param_divisor(gm) if isinstance(gm, fx.GraphModule) else {}
+    found = [r for r in found if r.kind != "embed" or not any(
+        divisor.get(f"{r.path}.{k}", 1) > 1 for k, _ in gm.get_submodule(r.path).named_parameters())]
     roles = {id(r.node) for r in found}
     counts: dict[int, int] = {}
     for _, p in gm.named_parameters(remove_duplicate=False):

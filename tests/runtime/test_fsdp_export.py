@@ -319,6 +319,19 @@ def test_outlined_layers_keep_the_stage_recomputation(recompute: str, caplog: py
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_planner_units_under_tensor_parallelism_are_the_runtime_ones() -> None:
+    """One TP rank's view of the graph (what the planner prices at T=2): the vocabulary-parallel
+    embedding is no unit (the runtime reads it through ``embedding_on_shards``), the head and
+    the layers are, as ``test_fsdp_over_tensor_parallel_layers_trains_like_one_process`` runs them."""
+    from partitioner.memory import fsdp_unit_of
+    from partitioner.passes.tensor_parallel import param_divisor
+    from partitioner.tensor_parallel import view
+
+    tp_view, _ = view(_built("1f1b")[1].graph, 2)
+    assert param_divisor(tp_view)[EMBED + ".weight"] == 2  # split by vocabulary
+    assert set(fsdp_unit_of(tp_view).values()) == {*LAYERS, HEAD}
+
+
 def _tp_train(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
