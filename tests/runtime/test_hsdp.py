@@ -5,7 +5,7 @@ shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit
 like one process, and on 8 ranks 2 pipeline ranks x HSDP 2 x 2
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
 counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
-model's. The pricing by formula (shards over S, gathers and
+model's and loads back into the shards. The pricing by formula (shards over S, gathers and
 reduce-scatters over S inside a node, the 1/S shard all-reduced across nodes), the plan's
 ``mesh.shard`` (old plans unchanged), and the refusals."""
 
@@ -56,8 +56,14 @@ def _train(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[s
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in stage.named_parameters(remove_duplicate=False)}
     stage.save_checkpoint(path)  # one DCP save of the job: each shard once, though dp/S replicas hold it
+    with torch.no_grad():  # and back into the (Replicate, Shard) parameters: each rank reads its slice
+        for p in stage.parameters():
+            p.zero_()
+    stage.load_checkpoint(path)
+    reloaded = all(torch.equal(p.full_tensor(), params[n]) for n, p in stage.named_parameters())
     return {"dp": stage.dp_rank, "pp": stage.pp_rank, "placed": placed, "losses": losses, "norms": norms,
-            "params": params, "n_params": len(list(stage.parameters())), "mode": stage.grad_sync.mode}
+            "params": params, "n_params": len(list(stage.parameters())), "mode": stage.grad_sync.mode,
+            "reloaded": reloaded}
 
 
 @pytest.mark.timeout(240)
@@ -76,6 +82,7 @@ def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule
     names = dict(model.named_parameters(remove_duplicate=False))
     for r in results:
         assert r["mode"] == ("step" if schedule == "zb-h1" else "unit")  # per step: reduced in FsdpSync.finish
+        assert r["reloaded"]  # the checkpoint loads back into the hybrid shards exactly
         assert r["placed"] and len(r["placed"]) == r["n_params"]  # every parameter: a DTensor on the 2-D mesh
         for n, (placements, mesh, local) in r["placed"].items():
             assert placements == ["R", "S(0)"] and mesh == (dp // shard, shard), n
