@@ -108,6 +108,37 @@ class _Checked(NamedTuple):
     precision: str
 
 
+def _check_fsdp_shard(fsdp_shard: Any, zero: Any, data_parallel: Any, gpus_per_node: Any,
+                      tensor_parallel: Any) -> int | None:
+    """``fsdp_shard`` (HSDP): None, or a shard group size that divides an explicit
+    ``data_parallel`` under ``zero=3`` and fits a node; the whole ``data_parallel`` is plain
+    FSDP (None)."""
+    if fsdp_shard is None:
+        return None
+    if not isinstance(fsdp_shard, int) or isinstance(fsdp_shard, bool) or fsdp_shard < 1:
+        raise PartitionError(f"fsdp_shard must be an int >= 1 (replicas per FSDP shard group) or None, got "
+                             f"{fsdp_shard!r}")
+    if zero != 3:
+        raise PartitionError(f"fsdp_shard={fsdp_shard} is hybrid sharding of zero=3 (FSDP); zero is {zero!r}: pass "
+                             "zero=3, or leave fsdp_shard out")
+    if not isinstance(data_parallel, int) or isinstance(data_parallel, bool):
+        raise PartitionError(f"fsdp_shard={fsdp_shard} needs data_parallel as a count (the replicas it divides), "
+                             f"got {data_parallel!r}")
+    if data_parallel % fsdp_shard:
+        raise PartitionError(f"fsdp_shard={fsdp_shard} does not divide data_parallel={data_parallel}: the replicas "
+                             f"split into data_parallel / fsdp_shard groups of fsdp_shard; choose among "
+                             f"{divisors(data_parallel)}")
+    if tensor_parallel != 1:
+        raise PartitionError(f"fsdp_shard={fsdp_shard} (hybrid sharding) is not run with tensor_parallel="
+                             f"{tensor_parallel!r} yet: use tensor_parallel=1, or leave fsdp_shard out (FSDP over "
+                             "every replica)")
+    if isinstance(gpus_per_node, int) and fsdp_shard > gpus_per_node:
+        raise PartitionError(f"fsdp_shard={fsdp_shard} exceeds gpus_per_node={gpus_per_node}: a shard group gathers "
+                             "and reduce-scatters every unit and must sit inside one node; choose fsdp_shard <= "
+                             f"{gpus_per_node}")
+    return None if fsdp_shard == data_parallel else fsdp_shard
+
+
 def _check_arguments(model: Any, n_gpus: Any, schedule: Any, n_microbatches: Any, virtual_stages: Any,
                      optimizer: Any, precision: Any, recompute: Any, objective: Any, data_parallel: Any,
                      zero: Any, gpus_per_node: Any, inter_link: Any) -> _Checked:
@@ -227,6 +258,7 @@ def partition(
     tensor_parallel: int | str = 1,
     fsdp_reshard: str | None = None,
     sequence_parallel: bool = False,
+    fsdp_shard: int | None = None,
 ) -> Pipe:
     """Split ``model`` into ``n_gpus`` (× ``virtual_stages``) balanced pipeline stages.
 
@@ -324,6 +356,13 @@ def partition(
             adds, dropout) are split on the sequence over the TP group, each region's input
             all-gathered and its output reduce-scattered instead of all-reduced. The
             sequence length must divide by the degree. ``options.sequence_parallel`` records it.
+        fsdp_shard: with ``zero=3``, hybrid sharding (HSDP, torchtitan's
+            ``data_parallel_shard_degree``): each parameter is sharded over groups of this many
+            replicas, which sit inside one node, and the ``data_parallel / fsdp_shard`` groups
+            replicate the shards (FSDP2 on a 2-D ``(replicate, shard)`` mesh), all-reducing the
+            gradient shards over the link between nodes. Must divide ``data_parallel`` (an int)
+            and fit a node (``gpus_per_node``); equal to ``data_parallel`` (or None) shards over
+            every replica. The plan's ``mesh.shard`` records it.
 
     Returns:
         A ``Pipe``: the stage modules, callable like ``model`` (same outputs), and
@@ -360,6 +399,7 @@ def partition(
             and SCHEDULES.get(schedule) is not None and SCHEDULES[schedule].split_backward:
         raise PartitionError(f"fsdp_reshard='unit' cannot run schedule {schedule!r}: its split backward (W) computes "
                              "weight gradients after FSDP's per-unit reduction; use 'step' or None")
+    fsdp_shard = _check_fsdp_shard(fsdp_shard, zero, data_parallel, gpus_per_node, tensor_parallel)
     dev, lnk = get_device(device), get_link(link)
     inputs = _split_inputs(example_inputs, example_kwargs)
     dynamic = None
@@ -378,7 +418,7 @@ def partition(
     opts = Options(n_gpus, n_gpus // dp * checked.virtual_stages, checked.schedule, 0, cut_at, tuple(pinned_cuts),
                    optimizer, cap.route, tuple(str(m) for m in leaf_modules), memory_limit, checked.precision,
                    recompute, checked.custom, dp, 0 if zero == "auto" else int(zero), gpus_per_node, checked.inter_link,
-                   objective, fsdp_reshard=fsdp_reshard, sequence_parallel=sequence_parallel)
+                   objective, fsdp_reshard=fsdp_reshard, sequence_parallel=sequence_parallel, fsdp_shard=fsdp_shard)
     specs: tuple[InputSpec, ...] = ()
     if inputs is not None:
         flat = cap.flatten(*inputs)
@@ -447,6 +487,8 @@ def apply_plan(plan: Plan, model: nn.Module, example_inputs: Any = None, **kw: A
         fields["inter_link"] = LinkSpec.from_dict(plan.mesh.inter_link)
     if plan.mesh.fsdp:  # priced in the mode the plan runs
         fields["fsdp_reshard"] = plan.mesh.fsdp
+    if plan.mesh.shard:  # hybrid sharding (HSDP)
+        fields["fsdp_shard"] = plan.mesh.shard
     o = Options(**fields)
     request = Request(o, o.n_microbatches, o.data_parallel, get_device(DeviceSpec.from_dict(plan.device)),
                       get_link(LinkSpec.from_dict(plan.link)), tensor_parallel=o.tensor_parallel)

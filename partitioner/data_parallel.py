@@ -34,13 +34,20 @@ runtime runs, in one of two modes (``ZeroShard.per_step``):
   them on their own stream, a unit ahead of the compute, so per micro-batch only what
   exceeds the stage's forward + backward is exposed, plus the last unit's reduce-scatter
   after the final backward (the last gradient bucket's bytes stand for it). Memory: the
-  shards, ``(2 w + o) P / dp``, plus the units gathered at once (the stage's own unit, the
-  largest block twice: running and prefetched) and one unit's full gradient.
+  shards, ``(2 w + o) P / dp``, plus the units gathered at once (the stage's own unit and
+  two neighbouring units, running and prefetched: repeated blocks, the token embedding, the
+  output head; ``ZeroShard.units``) and one unit's full gradient.
 - per step (schedules that split the backward, or any schedule with ``partition(fsdp_reshard=
   "step")``, ``plan.mesh.fsdp``): one all-gather at the step's first forward
   (exposed where it exceeds that forward) and one reduce-scatter after the rank's last
   action (exposed). Memory: the shards plus the stage's whole gathered weights and full
   gradients (``2 w P``), which the step holds from first forward to the reduction.
+
+Hybrid sharding (HSDP, ``partition(fsdp_shard=S)``, ``plan.mesh.shard``), in either mode: the
+shards are 1/S (the S replicas of a shard group, inside a node), the gathers and
+reduce-scatters go over S on the link inside the node, and each reduce-scatter is followed by
+a ring all-reduce of the 1/S gradient shard over the dp/S groups that replicate it, on the
+link between nodes.
 
 Exposed seconds inside the pipeline delay the rank's later actions; the step is priced as
 the pipeline's plus the largest such delay, or later where a rank's tail (its last
@@ -145,6 +152,10 @@ class ZeroShard:
     zero: int = 1  # the ZeRO stage the savings are for
     unit_of: dict[int, str] = field(default_factory=dict)  # zero=3: id -> FSDP block unit (memory.fsdp_unit_of)
     per_step: bool = False  # zero=3 with a split backward or mesh.fsdp "step": gathered for the whole step
+    #: zero=3: per position, id -> the embedding or head unit it is read as there (memory.fsdp_unit_at)
+    unit_at: Sequence[dict[int, str]] = ()
+    #: zero=3 hybrid (HSDP, ``mesh.shard``): the replicas a shard is spread over; 0: all of them
+    shard: int = 0
 
     def trainable(self, a: int, b: int) -> int:
         ids = {i for p in range(a, b) for i in self.uses[p]}
@@ -170,24 +181,42 @@ class ZeroShard:
         opt = self.trainable(a, b) * self.optimizer_bytes
         return opt - -(-opt // dp)
 
+    def units(self, a: int, b: int) -> dict[int, str]:
+        """The FSDP unit of each trainable tensor a stage of positions [a, b) holds (the rule
+        ``memory.fsdp_units`` applies to the stage graph): its block's, or the embedding's or
+        head's unit where the stage reads it once and as that (``unit_at``: a weight tied
+        between the embedding and the head is its own unit on a rank holding one of them, in
+        the stage's own unit, ``""``, on a rank holding both); else ``""``."""
+        reads: dict[int, int] = {}
+        role: dict[int, str] = {}
+        for p in range(a, b):
+            at = self.unit_at[p] if self.unit_at else {}
+            for i in self.uses[p]:
+                if i in self.numel:
+                    reads[i] = reads.get(i, 0) + 1
+                    if i in at:
+                        role[i] = at[i]
+        return {i: (role[i] if n == 1 else "") if i in role else self.unit_of.get(i, "") for i, n in reads.items()}
+
     def fsdp_static(self, a: int, b: int, dp: int) -> int:
         """ZeRO-3's static bytes for the trainable parameters of positions [a, b): the shards
-        of weights, gradients and optimizer state, ceil((2 w + o) P / dp), plus what is
-        gathered at the peak (module docstring): per unit, the stage's own unit and the
-        largest block twice, and the larger one's full gradient; per step, ``2 w P``."""
-        ids = {i for p in range(a, b) for i in self.uses[p] if i in self.numel}
-        n = sum(self.numel[i] for i in ids)
+        of weights, gradients and optimizer state, ceil((2 w + o) P / S) (S: ``shard``, else
+        dp), plus what is gathered at the peak (module docstring): per unit, the stage's own
+        unit and the two units gathered together (running and prefetched: neighbours in the
+        order the stage first reads them, or the largest alone), and the larger of the own
+        unit's and the largest unit's full gradient; per step, ``2 w P``."""
+        units: dict[str, int] = {}
+        for i, key in self.units(a, b).items():
+            units[key] = units.get(key, 0) + self.numel[i]
+        n = sum(units.values())
         w = self.grad_width
-        shards = -(-n * (2 * w + self.optimizer_bytes) // dp)
+        shards = -(-n * (2 * w + self.optimizer_bytes) // (self.shard or dp))
         if self.per_step:
             return shards + 2 * w * n
-        units: dict[str, int] = {}
-        for i in ids:
-            key = self.unit_of.get(i, "")
-            units[key] = units.get(key, 0) + self.numel[i]
         own = units.pop("", 0)
-        block = max(units.values(), default=0)
-        return shards + w * (own + 2 * block) + w * max(own, block)
+        sizes = list(units.values())  # in first-read order (dict order follows the positions)
+        pair = max([x + y for x, y in zip(sizes, sizes[1:])] + sizes, default=0)
+        return shards + w * (own + pair) + w * max([own, *sizes])
 
     def additive(self, static: Sequence[int], dp: int) -> list[int]:
         """The solver's additive view of the saving, per position (``static``: its static
@@ -198,7 +227,7 @@ class ZeroShard:
         for s, n in zip(static, self.first_use()):
             if self.zero == 3:
                 full = n * (2 * self.grad_width + self.optimizer_bytes)
-                out.append(s - full + -(-full // dp) + (2 * self.grad_width * n if self.per_step else 0))
+                out.append(s - full + -(-full // (self.shard or dp)) + (2 * self.grad_width * n if self.per_step else 0))
             else:
                 out.append(s - (n * self.optimizer_bytes - -(-n * self.optimizer_bytes // dp)))
         return out
@@ -296,14 +325,25 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
                pipeline_step: float) -> tuple[list[float], float]:
     """ZeRO-3 (the module docstring's model): per pipeline rank, the seconds of its gathers
     and reduce-scatters, and the step. A stage's weight bytes are its gradient buckets'
-    (the same tensors at the same width). Returns (seconds per rank, step)."""
+    (the same tensors at the same width). Hybrid sharding (``layout.shard`` = S < dp): the
+    gathers and reduce-scatters run over the S replicas of a shard group (on ``link`` when the
+    group sits inside a node), and each reduce-scatter is followed by a ring all-reduce of
+    its 1/S gradient shard over the dp/S groups (``inter_link`` when they span nodes), as
+    FSDP2 reduces over a ``(replicate, shard)`` mesh. Returns (seconds per rank, step)."""
     times, inside, ends = [], [], []
+    s_deg = layout.shard_degree
+    r_deg = layout.dp // s_deg
     for p in range(layout.pp):
-        lk = inter_link if layout.replicas_cross_nodes(p) else link
+        lk = inter_link if layout.shards_cross_nodes(p) else link
+        rk = inter_link if layout.replication_crosses_nodes(p) else link
+
+        def reduce(nbytes: float) -> float:  # reduce-scatter in the shard group, all-reduce of its shard across
+            return reduce_scatter_s(nbytes, s_deg, lk) + ring_allreduce_s(nbytes / s_deg, r_deg, rk)
+
         total = exposed = tail = last = 0.0
         for w in windows[p]:
             nbytes = sum(w.buckets)
-            gather, scatter = allgather_s(nbytes, layout.dp, lk), reduce_scatter_s(nbytes, layout.dp, lk)
+            gather, scatter = allgather_s(nbytes, s_deg, lk), reduce(nbytes)
             if w.split:  # one gather at the first forward, one reduce-scatter after the rank's last action
                 total += gather + scatter
                 exposed += max(0.0, gather - w.fwd)
@@ -312,7 +352,7 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
                 per_mb = 2 * gather + scatter
                 total += w.m * per_mb
                 exposed += w.m * max(0.0, per_mb - (w.fwd + w.bwd))
-                tail = max(tail, reduce_scatter_s(w.buckets[-1], layout.dp, lk))
+                tail = max(tail, reduce(w.buckets[-1]))
             last = max(last, w.end)
         times.append(total)
         inside.append(exposed)

@@ -300,7 +300,7 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
     ``layout`` (default: the problem's): each cut priced on the link it crosses, each pipeline
     rank's bucketed all-reduce overlapped with its stages' final backwards
     (``partitioner.data_parallel``)."""
-    layout = layout or prob.layout
+    layout = replace(layout or prob.layout, shard=prob.shard.shard)  # zero=3 hybrid sharding (HSDP)
     bounds = [0, *sol.cuts, len(prob.priced.order)]
     fwd, bwd = [], []
     for s, (a, b) in enumerate(zip(bounds, bounds[1:])):

@@ -50,6 +50,7 @@ from partitioner.passes.tensor_parallel import param_divisor
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
     "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of", "fsdp_spans", "block_of",
+    "fsdp_role_spans", "fsdp_unit_at",
 ]
 
 Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
@@ -144,11 +145,138 @@ def _attr(gm: torch.nn.Module, target: str) -> Any:
     return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
+_EMBEDDING = torch.ops.aten.embedding.default
+_LINEAR = torch.ops.aten.linear.default
+
+
+def _outlined_op(mod: torch.nn.Module) -> Any:
+    """The one operation of a module ``runtime.outline`` made of an embedding's or the head's
+    span (a ``GraphModule`` running a single ``call_function``), else None."""
+    if not isinstance(mod, fx.GraphModule):
+        return None
+    ops = [n for n in mod.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    return ops[0].target if len(ops) == 1 and ops[0].op == "call_function" else None
+
+
+@dataclass(frozen=True)
+class _Role:
+    """An embedding or output-head read that can be an FSDP unit of its own."""
+
+    kind: str  # "embed" or "head"
+    path: str  # the module holding the weights (the unit's module once outlined)
+    node: fx.Node  # the call_module, or the aten.embedding / aten.linear reading them by get_attr
+
+
+def _roles(gm: torch.nn.Module, strict: bool = True) -> list[_Role]:
+    """The embeddings and the output head of a graph that are FSDP units of their own, in graph
+    order (``fsdp_units``). An embedding: a module outside the repeated blocks the graph calls
+    and that is an ``nn.Embedding`` (``torch.fx`` route), or whose weight a get_attr hands
+    ``aten.embedding`` (``torch.export`` route). The head: the last linear of the graph (an
+    ``nn.Linear`` call, or ``aten.linear`` on get_attr weights of one module), after every
+    block, outside them. Either is refused when its module is read anywhere else in the graph,
+    called twice, or lies inside a block's span; on the export route also when the module holds
+    a tensor the operation does not read (outlining keeps only what the span reads). ``strict``
+    (what runs): also when one of its parameters is registered twice (a weight tied within the
+    graph: it stays in the stage's unit). Not strict (the planner's per-position view,
+    ``fsdp_unit_at``): reads by another embedding or head are allowed, for the stages that hold
+    only one of them."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return []
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    spans = fsdp_spans(gm)
+    inside = {n for ns in spans.values() for n in ns}
+    last_block = -1
+    readers: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        if n.op not in ("get_attr", "call_module"):
+            continue
+        target = str(n.target)
+        if block_of(target) is not None:
+            last_block = max([last_block, pos[n], *(pos[u] for u in n.users)])
+            continue
+        owner = target if n.op == "call_module" else target.rpartition(".")[0]
+        while owner:  # every module above the attribute reads it
+            readers.setdefault(owner, []).append(n)
+            owner = owner.rpartition(".")[0]
+    found: list[_Role] = []
+    for n in nodes:
+        if n in inside:
+            continue
+        kind, path = "", ""
+        if n.op == "call_module":
+            path = str(n.target)
+            if block_of(path) is not None:
+                continue
+            mod = gm.get_submodule(path)
+            op = _outlined_op(mod)
+            kind = "embed" if isinstance(mod, torch.nn.Embedding) or op is _EMBEDDING else \
+                "head" if isinstance(mod, torch.nn.Linear) or op is _LINEAR else ""
+        elif n.op == "call_function" and n.target in (_EMBEDDING, _LINEAR):
+            w = n.args[0] if n.target is _EMBEDDING else n.args[1]
+            attrs = [a for a in n.all_input_nodes if a.op == "get_attr"]
+            if not isinstance(w, fx.Node) or w.op != "get_attr" or block_of(str(w.target)) is not None:
+                continue
+            path = str(w.target).rpartition(".")[0]
+            if not path or any(str(a.target).rpartition(".")[0] != path for a in attrs):
+                continue
+            held = {f"{path}.{k}" for k, _ in gm.get_submodule(path).named_parameters()}
+            held |= {f"{path}.{k}" for k, _ in gm.get_submodule(path).named_buffers()}
+            if held - {str(a.target) for a in attrs}:
+                continue
+            kind = "embed" if n.target is _EMBEDDING else "head"
+        if kind:
+            found.append(_Role(kind, path, n))
+    # one tensor-parallel rank's view (partitioner.tensor_parallel.view): an embedding split by
+    # vocabulary runs as runtime.tensor_parallel's embedding_on_shards, no aten.embedding: the stage's unit
+    divisor = param_divisor(gm) if isinstance(gm, fx.GraphModule) else {}
+    found = [r for r in found if r.kind != "embed" or not any(
+        divisor.get(f"{r.path}.{k}", 1) > 1 for k, _ in gm.get_submodule(r.path).named_parameters())]
+    roles = {id(r.node) for r in found}
+    counts: dict[int, int] = {}
+    for _, p in gm.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+
+    def alone(r: _Role) -> bool:
+        params = list(gm.get_submodule(r.path).parameters())
+        if not params or (strict and any(counts.get(id(p), 0) > 1 for p in params)):
+            return False
+        for x in readers.get(r.path, []):
+            if x.op == "call_module" and x is not r.node:
+                return False
+            if x.op == "get_attr" and not all(u is r.node or (not strict and id(u) in roles) for u in x.users):
+                return False
+        return True
+
+    heads = [r for r in found if r.kind == "head"]
+    head = heads[-1] if heads and pos[heads[-1].node] > last_block and alone(heads[-1]) else None
+    return [r for r in found if (r.kind == "embed" and alone(r)) or r is head]
+
+
+def _role_units(roles: Sequence[_Role]) -> list[tuple[str, list[str]]]:
+    """(unit key, module paths): the embeddings as one unit (keyed by the first), the head as one."""
+    embeds = list(dict.fromkeys(r.path for r in roles if r.kind == "embed"))
+    out = [(embeds[0], embeds)] if embeds else []
+    return out + [(r.path, [r.path]) for r in roles if r.kind == "head"]
+
+
+def fsdp_role_spans(gm: torch.nn.Module) -> dict[str, list[fx.Node]]:
+    """The embeddings and the head a ``torch.export`` graph reads by ``get_attr`` that are
+    FSDP units (``fsdp_units``), each with the nodes ``runtime.outline`` moves into one call of
+    the module holding the weights: its get_attr nodes and the operation. In graph order."""
+    out: dict[str, list[fx.Node]] = {}
+    for r in _roles(gm):
+        if r.node.op == "call_function":
+            out[r.path] = [*(a for a in r.node.all_input_nodes if a.op == "get_attr"), r.node]
+    return out
+
+
 def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
     """The FSDP units of a graph besides the module itself (``zero=3``,
     ``partitioner.runtime.fsdp``): (block path, the paths of the modules sharded as the
     unit), in graph order. A block is the shortest path prefix ending in a list index
-    (``transformer.h.0``). Two kinds:
+    (``transformer.h.0``). Blocks of two kinds, and the embeddings and the head:
 
     - a block the graph calls leaves of (``torch.fx`` route): the flat graph never calls the
       block, so its called leaves with parameters form the unit. Such a block with a weight
@@ -158,8 +286,14 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
       (``fsdp_spans``): the runtime outlines the span into one call of the block
       (``partitioner.runtime.outline``), which is the unit: ``(block, [block])``. On an
       outlined graph the same unit is that call.
+    - the token embeddings as one unit (keyed by the first one's path) and the output head as
+      another (``_roles``: ``nn.Embedding`` / ``nn.Linear`` leaves on the fx route, the
+      modules holding the weights of ``aten.embedding`` / the last ``aten.linear`` on the
+      export route, outlined like blocks), as torchtitan shards ``tok_embeddings`` and
+      ``output``; not when the two share a weight in this graph (tied on one rank).
 
-    The planner prices the units the runtime shards with this one rule."""
+    The planner prices the units the runtime shards with this one rule (per stage, for a weight
+    tied between the embedding and the head: ``fsdp_unit_at``)."""
     graph = getattr(gm, "graph", None)
     if graph is None:
         return []
@@ -195,14 +329,43 @@ def fsdp_units(gm: torch.nn.Module) -> list[tuple[str, list[str]]]:
             spoiled.add(str(block))
     for block in spans:
         blocks[block] = [block]
-    return [(b, leaves) for b, leaves in blocks.items() if b not in spoiled]
+    units = [(b, leaves) for b, leaves in blocks.items() if b not in spoiled]
+    return _in_order(graph, units + _role_units(_roles(gm)))
+
+
+def _in_order(graph: fx.Graph, units: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """Units sorted by the first graph node reading one of their modules."""
+    first: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op in ("get_attr", "call_module"):
+            target = str(n.target)
+            while target:
+                first.setdefault(target, i)
+                target = target.rpartition(".")[0]
+    return sorted(units, key=lambda u: min(first.get(p, 1 << 60) for p in u[1]))
 
 
 def fsdp_unit_of(gm: torch.nn.Module) -> dict[int, str]:
-    """id(parameter) -> the FSDP unit (block path) holding it; parameters in none belong to
-    the stage module's own unit (``fsdp_units``)."""
+    """id(parameter) -> the FSDP unit (its key: a block path, the first embedding's or the
+    head's module path) holding it in ``gm`` as a whole; parameters in none belong to the stage
+    module's own unit (``fsdp_units``)."""
     return {id(p): block for block, leaves in fsdp_units(gm) for leaf in leaves
             for p in gm.get_submodule(leaf).parameters()}
+
+
+def fsdp_unit_at(gm: torch.nn.Module, order: Sequence[fx.Node]) -> list[dict[int, str]]:
+    """Per position of ``order``: id(parameter) -> the embedding or head unit it is read as
+    there, ignoring the graph's other readers of the same weight (not strict ``_roles``). A
+    weight tied between the embedding and the head is read at two positions: a stage holding
+    both keeps it in its own unit, a stage holding one shards it as that unit
+    (``data_parallel.ZeroShard`` decides per stage, as ``fsdp_units`` does on the stage graph)."""
+    roles = _roles(gm, strict=False)
+    at: dict[str, dict[int, str]] = {}
+    for key, paths in _role_units(roles):
+        for r in roles:
+            if r.path in paths:
+                at.setdefault(r.node.name, {}).update({id(p): key for p in gm.get_submodule(r.path).parameters()})
+    return [at.get(n.name, {}) for n in order]
 
 
 def default_precision(param_dtype: torch.dtype) -> str:

@@ -179,6 +179,13 @@ class Mesh:
     (gathered and reduce-scattered per micro-batch) or ``"step"`` (gathered once, reduced once
     per step). ``""``, and left out of the JSON: the schedule's default (``"step"`` for a split
     backward, else ``"unit"``). ``partition(fsdp_reshard=...)`` chooses it.
+
+    ``shard`` (``zero=3``): hybrid sharding (HSDP, FSDP2's ``fully_shard`` on a 2-D
+    ``(replicate, shard)`` mesh): each parameter is sharded over ``shard`` replicas and the
+    ``dp / shard`` groups of them replicate it, all-reducing their gradient shards. The
+    replicas' index is ``d = r * shard + s`` (shard innermost, so a shard group is consecutive
+    replicas). ``0``, and left out of the JSON: sharded over all ``dp`` replicas.
+    ``partition(fsdp_shard=...)`` sets it.
     """
 
     dp: int = 1
@@ -191,6 +198,24 @@ class Mesh:
     exposed_s: float = 0.0
     tp: int = 1
     fsdp: str = ""
+    shard: int = 0
+
+    @property
+    def shard_degree(self) -> int:
+        """Replicas one FSDP shard group spans (``shard``, else all ``dp``)."""
+        return self.shard or self.dp
+
+    def shards_cross_nodes(self, pp_rank: int) -> bool:
+        """Does a shard group of pipeline rank ``pp_rank`` span more than one node?"""
+        s = self.shard_degree
+        return any(len({self.node(self.rank(r * s + i, pp_rank)) for i in range(s)}) > 1
+                   for r in range(self.dp // s))
+
+    def replication_crosses_nodes(self, pp_rank: int) -> bool:
+        """HSDP: do the replicas holding the same shard (``dp / shard`` of them) span nodes?"""
+        s = self.shard_degree
+        return any(len({self.node(self.rank(r * s + i, pp_rank)) for r in range(self.dp // s)}) > 1
+                   for i in range(s))
 
     def rank(self, dp_rank: int, pp_rank: int, tp_rank: int = 0) -> int:
         """The global rank of replica ``dp_rank``'s pipeline rank ``pp_rank`` (TP rank ``tp_rank``)."""
@@ -312,6 +337,8 @@ class Plan:
             del data["mesh"]["tp"]
         if not data["mesh"].get("fsdp"):
             del data["mesh"]["fsdp"]
+        if not data["mesh"].get("shard"):
+            del data["mesh"]["shard"]
         for name in ("static_shapes", "rankings", "routes"):
             if not data[name]:
                 del data[name]
@@ -628,6 +655,9 @@ def _check_consistency(plan: Plan) -> None:
                         "$.mesh.allreduce_s")
     if mesh.fsdp:
         _check_fsdp_mode(plan)
+    if mesh.shard and (mesh.zero != 3 or mesh.dp % mesh.shard or mesh.shard >= mesh.dp):
+        raise PlanError(f"mesh.shard is {mesh.shard} with zero={mesh.zero} and dp={mesh.dp}: hybrid sharding needs "
+                        "zero=3 and a shard group that divides dp and is smaller than it; remove it", "$.mesh.shard")
 
     entry = SCHEDULES.get(plan.prediction.schedule)
     placement = entry.placement if entry is not None and n == 2 * (n_gpus or 0) else "loop"

@@ -30,6 +30,7 @@ from partitioner.memory import (
     bytes_per_param,
     compute_dtype,
     default_precision,
+    fsdp_unit_at,
     fsdp_unit_of,
 )
 from partitioner.passes.annotate import AnnotateCosts, fallback_note
@@ -84,6 +85,9 @@ class Options:
     #: (``passes.tensor_parallel`` prices it, ``runtime.tensor_parallel`` runs it); the plan's
     #: options record it only when on
     sequence_parallel: bool = False
+    #: zero=3 hybrid sharding (HSDP): replicas per shard group (the rest replicate the shards);
+    #: None: sharded over all the replicas. The plan records it in ``mesh.shard``, not here.
+    fsdp_shard: int | None = None
 
     @property
     def pp(self) -> int:
@@ -92,7 +96,7 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("custom", "inter_link", "fsdp_reshard") and not (k == "tensor_parallel" and v == 1)
+               if k not in ("custom", "inter_link", "fsdp_reshard", "fsdp_shard") and not (k == "tensor_parallel" and v == 1)
                and not (k == "sequence_parallel" and (not v or self.tensor_parallel == 1))}
         if self.custom is not None:  # a hand-written schedule travels as its action lists (data, not code)
             out["schedule_text"] = self.custom.to_text()
@@ -402,7 +406,9 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
                  for name, t in gm.named_parameters(remove_duplicate=False) if t.requires_grad}
     # zero=3: FSDP's units, and whether they are gathered once per step (a split backward, or asked)
     shard = ZeroShard(static.uses, trainable, width, per_param - 2 * width, opts.zero, fsdp_unit_of(gm),
-                      splits_backward(opts.custom or opts.schedule) or opts.fsdp_reshard == "step")
+                      splits_backward(opts.custom or opts.schedule) or opts.fsdp_reshard == "step",
+                      ctx.memo(("fsdp_unit_at", tp, order_key), lambda: fsdp_unit_at(gm, priced.order))
+                      if opts.zero == 3 else (), opts.fsdp_shard or 0)
     static_mem = static.first_use
     if opts.zero and opts.data_parallel > 1:  # the solver's additive view of ZeRO's saving
         static_mem = shard.additive(static_mem, opts.data_parallel)
@@ -427,7 +433,8 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
         compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
         static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
         capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
-    layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0, tp=opts.tensor_parallel)
+    layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0, tp=opts.tensor_parallel,
+                  shard=opts.fsdp_shard or 0)
     pins = resolve_pins(priced.order, (*opts.pinned_cuts, *marks.pins), priced.allowed, priced.blocked_by)
     return Problem(gm, pm, notes, opts, micro, symbols, priced, sched, comm, sin, modes, acts, static, ev,
                    capacity, dev, lnk, shard, layout, pins, memo=ctx.priced_memo)

@@ -72,6 +72,9 @@ def _partition_options() -> _Parser:
                         "optimizer state inside the stages (FSDP2); auto: choose it with the replicas, tensor "
                         "parallelism, schedule and micro-batches left open, the fastest predicted layout that fits "
                         "(prints the candidates) (default: 0)")
+    g.add_argument("--fsdp-shard", type=int, default=None, metavar="S",
+                   help="with --zero 3: hybrid sharding (HSDP): shard over groups of S replicas inside a node, "
+                        "replicate over the --dp / S groups (default: shard over every replica)")
     g.add_argument("--tp", type=_microbatches, default=None, metavar="T",
                    help="tensor-parallel ranks per pipeline rank (attention and MLP split over the group inside a "
                         "node), or 'auto': the degree with the fastest predicted step (prints the candidates) "
@@ -283,7 +286,7 @@ _FLAG_NAMES = [
     (r"route='export'", "capture_route='export' (Python API only)"),
     (r"data_parallel(?:=(\d+|'auto'))?", "--dp"), (r"gpus_per_node", "--gpus-per-node"),
     (r"inter_link", "--inter-link"), (r"zero(?:=(\d|'auto'))?", "--zero"),
-    (r"tensor_parallel(?:=(\d+|'auto'))?", "--tp"), (r"sequence_parallel(?:=\w+)?", "--sequence-parallel"),
+    (r"fsdp_shard(?:=(\d+))?", "--fsdp-shard"), (r"tensor_parallel(?:=(\d+|'auto'))?", "--tp"), (r"sequence_parallel(?:=\w+)?", "--sequence-parallel"),
 ]
 
 

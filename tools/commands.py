@@ -112,6 +112,8 @@ def partition_from_args(args: argparse.Namespace, spec: str, keep_snapshots: boo
         extra["tensor_parallel"] = args.tp
     if getattr(args, "sequence_parallel", None):
         extra["sequence_parallel"] = True
+    if getattr(args, "fsdp_shard", None) is not None:
+        extra["fsdp_shard"] = args.fsdp_shard
     with _phase("partitioning: trace → shape-prop → costs → solve → split", quiet), _library_output(args):
         try:
             return partition(

@@ -17,10 +17,18 @@ by ``get_attr``: ``runtime.outline.outline_blocks`` first moves each block's spa
 (``partitioner.memory.fsdp_spans``) into one call of a small ``GraphModule`` installed at the
 block's own path, owning the same parameters under the same names, and that module is the unit
 (its inputs are not cast on entry under mixed precision: the graph's own dtypes rule, as in the
-flat graph). Everything else (parameters read by ``get_attr`` outside blocks, leaves outside
-blocks, weights shared between modules, a block whose span overlaps another's or that a
-recomputed region cuts in part) belongs to the stage module's own unit (``fully_shard(stage)``,
-applied last). A block of leaves one of whose parameters the graph also reads by ``get_attr``
+flat graph). The token embeddings and the output head are units of their own too, as torchtitan
+shards ``tok_embeddings`` and ``output`` (on Llama 3 8B each is 128k x 4096, which the stage's
+own unit would keep gathered through the whole stage): the embeddings the graph calls
+(``nn.Embedding`` leaves) or reads by ``aten.embedding`` form one unit, and the last linear
+after every block (the head producing the logits) another, each outlined on the export route
+into a call of the module holding its weights (``memory.fsdp_units`` has the rule). A weight
+the embedding and the head share on one rank (tied, both stages there, or one stage) keeps
+them in the stage's unit; tied across pipeline ranks, each rank's copy is its own unit and the
+tie sums below still line up (the copies are sharded alike). Everything else (parameters read
+by ``get_attr`` outside blocks, leaves outside blocks, weights shared between modules, a block
+whose span overlaps another's or that a recomputed region cuts in part) belongs to the stage
+module's own unit (``fully_shard(stage)``, applied last). A block of leaves one of whose parameters the graph also reads by ``get_attr``
 outside its span stays in the stage's unit too (its hooks would not fire there).
 
 Two modes, chosen when the stage is built (``mode``: the plan's ``mesh.fsdp``, else the
@@ -67,6 +75,14 @@ graphs (before ``fully_shard``). ``"fp16-mixed"`` the same in fp16, with
 ``runtime.precision``'s loss scaling (one verdict for the job) on the shards' gradients, which
 ``stage.optimizer`` (``MixedPrecisionOptimizer(own_masters=True)``) unscales in place. Pure
 ``"bf16"`` is refused.
+
+Hybrid sharding (HSDP, ``plan.mesh.shard`` = S): ``stage.dp_mesh`` is the 2-D
+``(dp_replicate, dp_shard)`` mesh ``build_stage`` cut from the job's (``dp / S`` x S, shard
+innermost, inside a node) and ``fully_shard`` gets it as FSDP2 takes HSDP: parameters
+``(Replicate(), Shard(0))``, gathered and reduce-scattered over the S shards, each
+reduce-scattered gradient then all-reduced over the replicate dimension (averaged over all dp
+replicas). Tied copies line up as above (same mesh, same placements). Not with tensor
+parallelism yet (refused).
 
 With tensor parallelism (``mesh.tp`` > 1) the stage's parameters are already DTensors on the TP
 mesh; ``stage.dp_mesh`` is then the replicas' dimension of the same parent mesh and FSDP shards
@@ -178,8 +194,15 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     mp = policy(stage)
     group = stage.dp_group
     assert group is not None
+    if stage.plan.mesh.shard and (stage.plan.mesh.tp > 1 or stage.dp_mesh is None or stage.dp_mesh.ndim != 2):
+        raise PipelineRuntimeError(
+            f"rank {stage.global_rank}: the plan shards zero=3 hybrid (mesh.shard={stage.plan.mesh.shard}), which "
+            "needs the 2-D (replicate, shard) mesh build_stage makes without tensor parallelism"
+            + (f" (this plan has tp={stage.plan.mesh.tp})" if stage.plan.mesh.tp > 1 else "")
+            + ": re-partition without fsdp_shard, or with tensor_parallel=1, and build the rank with build_stage")
     # with tensor parallelism the replicas' mesh is cut from the job's (dp, pp, tp) mesh: FSDP
-    # then shards the TP DTensors over dp, parameters becoming DTensors on the (dp, tp) mesh
+    # then shards the TP DTensors over dp, parameters becoming DTensors on the (dp, tp) mesh;
+    # with hybrid sharding it is the 2-D (dp_replicate, dp_shard) mesh (HSDP)
     mesh = stage.dp_mesh if stage.dp_mesh is not None else DeviceMesh.from_group(group, stage.device.type)
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]

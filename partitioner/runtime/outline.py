@@ -14,7 +14,10 @@ the block. Its parameters are the same ``Parameter`` objects under the same full
 names, so state dicts, DCP checkpoints, tied-weight names and optimizers see the model's
 names; ``fully_shard`` on the installed module then gives FSDP2's own hooks, and with them
 both of ``runtime.fsdp``'s modes, mixed precision, and the split backward's hand-made weight
-gradients (autograd sees the same operations on the same gathered tensors).
+gradients (autograd sees the same operations on the same gathered tensors). The token
+embeddings and the output head that are units of their own (``memory.fsdp_role_spans``: an
+``aten.embedding`` / the last ``aten.linear`` and their get_attr weights) are outlined the same
+way, each into a call of the module holding its weights (``model.embed_tokens``, ``lm_head``).
 
 Why a graph transform rather than driving ``FSDPModule.unshard()`` / ``reshard()`` from the
 interpreter at a block's first and last ``get_attr``: FSDP's hooks also register the
@@ -38,7 +41,7 @@ import operator
 
 from torch import fx, nn
 
-from partitioner.memory import fsdp_spans
+from partitioner.memory import block_of, fsdp_role_spans, fsdp_spans
 from partitioner.passes.recompute import REGION, RecomputeStage, with_recompute
 from partitioner.passes.split import copy_persistence
 
@@ -49,11 +52,17 @@ log = logging.getLogger("partitioner.runtime")
 
 def outline_blocks(gm: nn.Module) -> list[str]:
     """Outline every block of ``gm``'s graph that has a span (``memory.fsdp_spans``) into a
-    call of that block, in place; returns the blocks outlined (none for a graph that calls
-    its leaves, as the ``torch.fx`` route's do, or that is already outlined)."""
+    call of that block, and each embedding and the output head that is a unit of its own
+    (``memory.fsdp_role_spans``: the operation and its get_attr weights) into a call of the
+    module holding the weights, in place; returns the module paths outlined, in graph order
+    (none for a graph that calls its leaves, as the ``torch.fx`` route's do, or that is
+    already outlined)."""
     if not isinstance(gm, fx.GraphModule):
         return []
-    done = [block for block, nodes in fsdp_spans(gm).items() if _outline(gm, block, nodes)]
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # the blocks' spans and the embeddings' and head's, found on the graph before any is moved
+    spans = sorted({**fsdp_spans(gm), **fsdp_role_spans(gm)}.items(), key=lambda kv: pos[kv[1][0]])
+    done = [block for block, nodes in spans if _outline(gm, block, nodes)]
     if done:
         gm.graph.lint()
         gm.recompile()

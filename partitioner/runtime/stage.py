@@ -97,15 +97,17 @@ class RankStage:
 
     def __init__(self, spec: PipelineSpec, rank: int, device: torch.device, group: dist.ProcessGroup | None, *,
                  init_fn: Callable[[nn.Module], Any] | None = None, seed: int = 0,
-                 dp_group: dist.ProcessGroup | None = None, dp_rank: int = 0) -> None:
+                 dp_group: dist.ProcessGroup | None = None, dp_rank: int = 0,
+                 dp_mesh: DeviceMesh | None = None) -> None:
         plan = spec.plan
         #: the record this rank was built from (``runtime.spec.PipelineSpec``)
         self.spec, self.plan, self.rank, self.device, self.group = spec, plan, rank, device, group
         #: this rank's place in the mesh: pipeline rank (``rank``) and replica
         self.pp_rank, self.dp_rank, self.dp_group = rank, dp_rank, dp_group
-        #: the replicas' 1-D device mesh when it was cut from the job's mesh (tensor parallelism:
-        #: FSDP needs its mesh and the TP mesh from one parent); None: made from ``dp_group``
-        self.dp_mesh: DeviceMesh | None = None
+        #: the replicas' device mesh when it was cut from the job's mesh (tensor parallelism:
+        #: FSDP needs its mesh and the TP mesh from one parent; hybrid sharding, ``mesh.shard``:
+        #: the 2-D ``(dp_replicate, dp_shard)`` mesh); None: made from ``dp_group``
+        self.dp_mesh: DeviceMesh | None = dp_mesh
         self.n_ranks = plan.pp_ranks
         mine = [st.index for st in plan.stages if st.rank == rank]
         if not mine:
@@ -531,7 +533,8 @@ class RankStage:
         # zero=3: each rank's FSDP shard, summed over every rank of the job; otherwise (tensor
         # parallelism's DTensor shards included, and FSDP's over (dp, tp), whose local shards
         # repeat over the TP ranks a weight is replicated on) each gradient whole, over the pipeline
-        sharded = is_sharded(self) and self.plan.mesh.tp == 1
+        # (hybrid sharding's shards repeat over the replicate dimension: each DTensor's whole norm too)
+        sharded = is_sharded(self) and self.plan.mesh.tp == 1 and not self.plan.mesh.shard
         grads = self._norm_grads()
         norm = loop.global_grad_norm(local_grads(grads) if sharded else grads, float(norm_type), self.device,
                                      self.job_group if sharded else self.group)
@@ -967,6 +970,16 @@ def _build_replica(spec: PipelineSpec, rank: int, dev: torch.device, group: dist
         raise PipelineRuntimeError(f"build_stage(rank={rank}) but this process is global rank {dist.get_rank()}: "
                                    "a data-parallel plan takes the global rank")
     sizes = {"dp": mesh.dp, "pp": spec.plan.pp_ranks}
+    if mesh.shard:  # hybrid sharding: the replicas as (replicate, shard), shard innermost (plan.Mesh.shard)
+        names = tuple(n for d in mesh.dims for n in (("dp_replicate", "dp_shard") if d == "dp" else (d,)))
+        sizes.update(dp_replicate=mesh.dp // mesh.shard, dp_shard=mesh.shard)
+        dm = init_device_mesh(dev.type, tuple(sizes[d] for d in names), mesh_dim_names=names)
+        hsdp = dm["dp_replicate", "dp_shard"]  # FSDP2's HSDP mesh: Replicate x Shard(0) parameters
+        dp = hsdp._flatten("dp")  # every replica of this pipeline rank (broadcast, loss counts), as torchtitan does
+        dp_rank, pp_rank = dp.get_local_rank(), dm.get_local_rank("pp")
+        assert (dp_rank, pp_rank) == mesh.coords(rank), "init_device_mesh laid the ranks out unlike plan.mesh"
+        return RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
+                         dp_group=dp.get_group(), dp_rank=dp_rank, dp_mesh=hsdp)
     dm = init_device_mesh(dev.type, tuple(sizes[d] for d in mesh.dims), mesh_dim_names=tuple(mesh.dims))
     dp_rank, pp_rank = dm.get_local_rank("dp"), dm.get_local_rank("pp")
     assert (dp_rank, pp_rank) == mesh.coords(rank), "init_device_mesh laid the ranks out unlike plan.mesh"

@@ -312,11 +312,11 @@ def test_options_schema_knows_every_optimizer() -> None:
     assert opts["properties"]["optimizer"]["enum"] == list(OPTIMIZER_STATES)
     # every option is required but custom and inter_link (not in options: inter_link is in
     # plan.mesh), tensor_parallel and sequence_parallel (written only when > 1 / on, so older
-    # plans load) and fsdp_reshard (what it chose is plan.mesh.fsdp)
+    # plans load), fsdp_reshard (what it chose is plan.mesh.fsdp) and fsdp_shard (plan.mesh.shard)
     assert sorted(opts["required"]) == sorted(k for k in Options.__dataclass_fields__
                                               if k not in ("custom", "inter_link", "tensor_parallel",
-                                                           "sequence_parallel", "fsdp_reshard"))
-    assert set(Options.__dataclass_fields__) - {"custom", "inter_link", "fsdp_reshard"} == \
+                                                           "sequence_parallel", "fsdp_reshard", "fsdp_shard"))
+    assert set(Options.__dataclass_fields__) - {"custom", "inter_link", "fsdp_reshard", "fsdp_shard"} == \
         set(opts["properties"]) - {"schedule_text"}
 
 

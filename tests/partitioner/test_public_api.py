@@ -23,7 +23,7 @@ def test_partition_signature() -> None:
         "recompute", "memory_limit",
         "capture_route", "leaf_modules", "concrete_args", "seq_dims", "keep_snapshots",
         "objective", "data_parallel", "zero", "gpus_per_node", "inter_link", "tensor_parallel",
-        "fsdp_reshard", "sequence_parallel",
+        "fsdp_reshard", "sequence_parallel", "fsdp_shard",
     ]
     assert sig.parameters["schedule"].default == "1f1b"
     assert all(p.kind is p.KEYWORD_ONLY for name, p in sig.parameters.items()

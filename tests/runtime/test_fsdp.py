@@ -121,6 +121,9 @@ def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, cl
     # each block's called leaves are one unit (the stage module the other), e.g. transformer.h.0's c_attn..c_proj
     assert "transformer.h.0.attn.c_attn" in results[0]["units"] and "" in results[0]["units"]
     assert "transformer.h.3.mlp.c_fc" in results[1]["units"]
+    # the token and position embeddings one unit on the first pipeline rank, the head on the last: the tied weight's
+    # copies are each their own unit there (sharded alike, so the tie sums still line up)
+    assert {"transformer.wte", "transformer.wpe"} <= set(results[0]["units"]) and "lm_head" in results[1]["units"]
     assert len([u for u in results[0]["units"] if u == ""]) == pipe.plan.n_stages // 2  # a root per stage
     for r in results:  # every parameter is a shard: half of dim 0 (the GPT's dims are even)
         names = dict(model.named_parameters(remove_duplicate=False))
@@ -133,6 +136,37 @@ def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, cl
         for n, v in r["params"].items():
             torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
     assert set().union(*(r["params"] for r in results)) == set(want)
+
+
+def test_planner_units_are_the_runtime_units_with_the_tie_across_ranks() -> None:
+    """The planner's units per stage (``ZeroShard.units``, as ``problem`` builds it) are the ones
+    the runtime shards each stage module with (``memory.fsdp_units``): the embeddings and the
+    head their own units on the ranks holding one side of the tie; a stage holding both (the
+    whole model) keeps the tied weight in its own unit, as a stage graph holding both does."""
+    from partitioner.data_parallel import ZeroShard
+    from partitioner.memory import Static, fsdp_unit_at, fsdp_unit_of, fsdp_units
+    from partitioner.passes.split import compute_nodes
+
+    _, pipe = _pipe("1f1b")
+    gm = pipe.graph
+    order = compute_nodes(gm)
+    static = Static(gm, order, 16, 4)
+    numel = {id(p): p.numel() for p in gm.parameters()}
+    shard = ZeroShard(static.uses, numel, 4, 8, 3, fsdp_unit_of(gm), False, fsdp_unit_at(gm, order))
+    at = {n.name: i for i, n in enumerate(order)}
+    names = list(gm.named_parameters(remove_duplicate=False))
+    wte = dict(names)["transformer.wte.weight"]
+    assert shard.units(0, len(order))[id(wte)] == ""  # embedding and head on one rank: the stage's unit
+    for plan_stage, mod in zip(pipe.plan.stages, pipe.stages):
+        pos = sorted(at[n] for n in plan_stage.nodes if n in at)
+        planned = shard.units(pos[0], pos[-1] + 1)
+        held = {n for n, _ in mod.named_parameters()}
+        want = {n: planned[id(p)] for n, p in names if n in held}
+        ran = {n: "" for n in held}
+        ran.update({n: key for key, leaves in fsdp_units(mod) for leaf in leaves
+                    for n, _ in mod.get_submodule(leaf).named_parameters(prefix=leaf)})
+        assert ran == want
+        assert {"transformer.wte.weight": "transformer.wte", "lm_head.weight": "lm_head"}.items() & ran.items()
 
 
 def _build_and_step(rank: int, world: int, pipe: Any, schedule: str) -> None:
@@ -190,6 +224,27 @@ def test_zero3_memory_is_the_shards_plus_what_is_gathered() -> None:
     # the solver's additive view: per position its shards (+ 2 w n per step); gathered units come in the exact check
     assert unit.additive([16_000, 6_400, 6_400], 4) == [4000, 1600, 1600]
     assert step.additive([16_000, 6_400, 6_400], 4) == [4000 + 8000, 1600 + 3200, 1600 + 3200]
+
+
+def test_zero3_memory_prices_the_embedding_and_head_units_per_stage() -> None:
+    """A weight tied between the embedding (position 0) and the head (position 2): a stage
+    holding one of them shards it as that unit, a stage holding both keeps it in its own unit.
+    Per unit the peak is the own unit plus the two neighbouring units gathered together."""
+    from partitioner.data_parallel import ZeroShard
+
+    # positions: the embedding reads the tied table 1 (1000 elements), a block reads 2 (400), the head reads 1 again
+    shard = ZeroShard(uses=[(1,), (2,), (1,)], numel={1: 1000, 2: 400}, grad_width=4, optimizer_bytes=8, zero=3,
+                      unit_of={2: "h.0"}, unit_at=[{1: "wte"}, {}, {1: "lm_head"}])
+    assert shard.units(0, 2) == {1: "wte", 2: "h.0"} and shard.units(1, 3) == {2: "h.0", 1: "lm_head"}
+    assert shard.units(0, 3) == {1: "", 2: "h.0"}  # both sides of the tie on one rank: the stage's own unit
+    shards = -(-1400 * 16 // 2)
+    # the embedding and the block gathered together (running and prefetched); the larger one's full gradient
+    assert shard.fsdp_static(0, 2, 2) == shards + 4 * (1000 + 400) + 4 * 1000
+    assert shard.fsdp_static(0, 3, 2) == shards + 4 * (1000 + 400) + 4 * 1000  # own 1000 + the block
+    alone = ZeroShard(uses=[(1,), (2,), (3,)], numel={1: 1000, 2: 400, 3: 400}, grad_width=4, optimizer_bytes=8,
+                      zero=3, unit_of={1: "wte", 2: "h.0", 3: "h.1"})
+    # units in first-read order 1000, 400, 400: neighbours at most 1400 (not the largest twice, 2000)
+    assert alone.fsdp_static(0, 3, 2) == -(-1800 * 16 // 2) + 4 * 1400 + 4 * 1000
 
 
 def test_zero3_communication_per_unit_and_per_step() -> None:

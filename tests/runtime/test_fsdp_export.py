@@ -3,9 +3,10 @@ layers): 4 gloo ranks as 2 pipeline ranks x 2 shards train 3 steps like one proc
 whole batch, under 1F1B (per-unit mode, and its DCP checkpoint is the unsharded model's) and zb-h1
 (per-step mode, the split backward's ``W``);
 each decoder layer is its own FSDP unit (the block outlined into one call,
-``partitioner.runtime.outline``) with the model's parameter names; per unit no more than the
-stage's own unit and two layers are gathered at once, while the per-step mode holds the whole
-stage; and the planner's units are the runtime's."""
+``partitioner.runtime.outline``) with the model's parameter names, and so are the token
+embedding and the output head; per unit no more than the stage's own unit (the final norm) and
+two neighbouring units are gathered at once, while the per-step mode holds the whole stage; and
+the planner's units are the runtime's."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ BATCH, M, STEPS, LR = 8, 2, 3, 0.1
 # backward over the whole batch (rounding only)
 RTOL, ATOL = 1e-5, 1e-6
 LAYERS = [f"model.layers.{i}" for i in range(4)]
+EMBED, HEAD = "model.embed_tokens", "lm_head"  # units of their own (untied: Llama's default)
 
 
 def _data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -137,14 +139,23 @@ def test_export_stages_shard_per_decoder_layer_and_train_like_one_process(schedu
     for r in results:
         assert r["mode"] == mode
         mine = LAYERS[:2] if r["pp"] == 0 else LAYERS[2:]
-        assert r["units"] == ["", *mine]  # one unit per decoder layer besides the stage's own, not one unit
+        role = EMBED if r["pp"] == 0 else HEAD  # the embedding on the first stage, the head on the last
+        # one unit per decoder layer besides the stage's own, not one unit; the embedding and the head their own
+        assert r["units"] == sorted(["", role, *mine])
         # the model's names: state dict keys (what DCP writes) and parameters are the unsharded model's
         assert set(r["params"]) <= set(want) and set(r["state_dict"]) <= set(init)
         whole = sum(r["sizes"].values())
         layer = max(sum(v for n, v in r["sizes"].items() if n.startswith(b + ".")) for b in mine)
-        own = whole - sum(v for n, v in r["sizes"].items() if n.startswith(tuple(b + "." for b in mine)))
-        if mode == "unit":  # the stage's own unit and at most two layers (running, prefetched) at once
+        own = whole - sum(v for n, v in r["sizes"].items() if n.startswith(tuple(b + "." for b in [*mine, role])))
+        table = r["sizes"][role + ".weight"]  # VOCAB x HIDDEN: what the stage's own unit held before
+        assert own < table  # the final norm (last stage) or nothing (first stage) stays in the stage's unit
+        if mode == "unit":  # the stage's own unit and at most two layers (running, prefetched) at once: the
+            # embedding / head table is no longer gathered through the whole stage
             assert 0 < r["peak"] <= own + 2 * layer and r["peak"] < whole, (r["peak"], own, layer, whole)
+            # measured (units counted once their gather was waited for: the unit before is freed by then): the
+            # own unit and one layer; with the table in the stage's unit it is own + table + layer
+            # (test_embedding_and_head_units_take_their_table_off_the_peak)
+            assert r["peak"] == own + layer, (r["peak"], own, layer)
         else:  # gathered once per step: the whole stage from the first forward to the step's reduction
             assert r["peak"] == whole
         assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
@@ -156,6 +167,24 @@ def test_export_stages_shard_per_decoder_layer_and_train_like_one_process(schedu
         torch.testing.assert_close(v, want[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.timeout(240)
+def test_embedding_and_head_units_take_their_table_off_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same 1F1B run with the embedding and the head left in the stage's unit (the rule's
+    embedding/head part switched off): the peak gathered is larger by exactly the table
+    (VOCAB x HIDDEN elements), the embedding's on the first stage and the head's on the last."""
+    import partitioner.memory as memory
+
+    monkeypatch.setattr(memory, "_roles", lambda gm, strict=True: [])  # the ranks fork: they see the switch
+    for r in spawn(_train, 4, "1f1b", timeout_s=TIMEOUT_S):
+        mine = LAYERS[:2] if r["pp"] == 0 else LAYERS[2:]
+        role = EMBED if r["pp"] == 0 else HEAD
+        assert r["units"] == ["", *mine]
+        layer = max(sum(v for n, v in r["sizes"].items() if n.startswith(b + ".")) for b in mine)
+        own = sum(r["sizes"].values()) - sum(v for n, v in r["sizes"].items() if n.startswith(tuple(b + "." for b in mine)))
+        table = r["sizes"][role + ".weight"]
+        assert r["peak"] == own + layer and own - table < table, (r["peak"], own, table, layer)
+
+
 def test_planner_units_are_the_runtime_units_on_an_export_capture() -> None:
     from partitioner.memory import fsdp_unit_of, fsdp_units
     from partitioner.runtime.outline import outline_blocks
@@ -164,12 +193,12 @@ def test_planner_units_are_the_runtime_units_on_an_export_capture() -> None:
     gm = pipe.graph
     names = {id(p): n for n, p in gm.named_parameters()}
     planned = {names[i]: unit for i, unit in fsdp_unit_of(gm).items()}
-    assert set(planned.values()) == set(LAYERS)  # every decoder layer, priced as its own unit
+    assert set(planned.values()) == {*LAYERS, EMBED, HEAD}  # every decoder layer, the embedding, the head
     ran: dict[str, str] = {}
     for st in pipe.stages:
         before = fsdp_units(st)
         stage = copy.deepcopy(st)  # what a rank builds, then shards (runtime.fsdp.shard_stage)
-        assert outline_blocks(stage) == [b for b, _ in before]
+        assert outline_blocks(stage) == [p for _, paths in before for p in paths]
         assert fsdp_units(stage) == before  # the rule reads the outlined graph the same way
         assert [n for n, _ in stage.named_parameters()] == [n for n, _ in st.named_parameters()]
         ran.update({n: block for block, leaves in fsdp_units(stage) for leaf in leaves
@@ -183,13 +212,13 @@ def test_outlined_stage_computes_what_the_flat_stage_does() -> None:
     _, pipe, _ = _built("1f1b")
     inputs, _ = _data()
     stage = copy.deepcopy(pipe.stages[0])
-    assert outline_blocks(stage) == LAYERS[:2]
+    assert outline_blocks(stage) == [EMBED, *LAYERS[:2]]
     assert outline_blocks(stage) == []  # already outlined: nothing left to do
     want, got = pipe.stages[0](inputs["input_ids"]), stage(inputs["input_ids"])
     for a, b in zip(want, got):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)  # the same operations in the same order: bitwise equal
-    assert not any(n.op == "get_attr" and str(n.target).startswith("model.layers.") for n in stage.graph.nodes)
+    assert not any(n.op == "get_attr" and str(n.target).startswith(("model.layers.", EMBED)) for n in stage.graph.nodes)
 
 
 def test_planner_prices_the_export_stage_per_layer() -> None:
@@ -234,7 +263,7 @@ def test_bf16_mixed_outlined_layers_compute_what_the_one_unit_stage_does(monkeyp
     monkeypatch.setattr(fsdp, "outline_blocks", lambda gm: [])  # the ranks fork: they see the switch
     whole = spawn(_mixed, 4, pipe, timeout_s=TIMEOUT_S)
     for (losses, params, units), (want_losses, want, want_units) in zip(outlined, whole):
-        assert len(units) == 3 and want_units == [""]  # the stage's unit and two layers, vs one unit
+        assert len(units) == 4 and want_units == [""]  # the stage's unit, two layers and embedding/head, vs one
         assert losses == want_losses
         for n, v in params.items():
             assert torch.equal(v, want[n]), n
@@ -266,11 +295,11 @@ def test_outlined_layers_keep_the_stage_recomputation(recompute: str, caplog: py
     stage = copy.deepcopy(flat)
     if recompute == "partial":
         with caplog.at_level("WARNING", logger="partitioner.runtime"):
-            assert outline_blocks(stage) == []
+            assert outline_blocks(stage) == [EMBED]  # outside the layers' regions
         assert "block model.layers.0 is not outlined: a recomputed region overlaps it only in part" in caplog.text
         return
-    assert outline_blocks(stage) == LAYERS[:2]
-    calls = [n for n in stage.graph.nodes if n.op == "call_module"]
+    assert outline_blocks(stage) == [EMBED, *LAYERS[:2]]
+    calls = [n for n in stage.graph.nodes if n.op == "call_module" and n.target != EMBED]
     layers = [stage.get_submodule(b) for b in LAYERS[:2]]
     if recompute == "full":
         assert all(REGION in n.meta for n in calls) and not any(isinstance(m, RecomputeStage) for m in layers)
@@ -288,6 +317,19 @@ def test_outlined_layers_keep_the_stage_recomputation(recompute: str, caplog: py
         assert torch.equal(a, b)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_planner_units_under_tensor_parallelism_are_the_runtime_ones() -> None:
+    """One TP rank's view of the graph (what the planner prices at T=2): the vocabulary-parallel
+    embedding is no unit (the runtime reads it through ``embedding_on_shards``), the head and
+    the layers are, as ``test_fsdp_over_tensor_parallel_layers_trains_like_one_process`` runs them."""
+    from partitioner.memory import fsdp_unit_of
+    from partitioner.passes.tensor_parallel import param_divisor
+    from partitioner.tensor_parallel import view
+
+    tp_view, _ = view(_built("1f1b")[1].graph, 2)
+    assert param_divisor(tp_view)[EMBED + ".weight"] == 2  # split by vocabulary
+    assert set(fsdp_unit_of(tp_view).values()) == {*LAYERS, HEAD}
 
 
 def _tp_train(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
@@ -310,8 +352,8 @@ def _tp_train(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str,
 
 @pytest.mark.timeout(240)
 def test_fsdp_over_tensor_parallel_layers_trains_like_one_process() -> None:
-    """FSDP2 x TP2 (one pipeline stage, 4 ranks): the layers are still units (tensor
-    parallelism's mesh anchor no longer ties them to the stage, ``outline``), each a 2-D
+    """FSDP2 x TP2 (one pipeline stage, 4 ranks): the layers and the head are still units
+    (tensor parallelism's mesh anchor no longer ties them to the stage, ``outline``), each a 2-D
     DTensor, and the run equals one process."""
     from partitioner.runtime.tensor_parallel import with_tensor_parallel
 
@@ -326,7 +368,9 @@ def test_fsdp_over_tensor_parallel_layers_trains_like_one_process() -> None:
     model.load_state_dict(init)
     want_losses, want = _reference(model)
     for losses, params, units in results:
-        assert units == ["", *LAYERS]
+        # the head too; the vocabulary-parallel embedding (runtime.tensor_parallel's embedding_on_shards, no
+        # aten.embedding) stays in the stage's unit
+        assert units == ["", HEAD, *LAYERS]
         assert losses == pytest.approx(want_losses, rel=1e-5)
         assert set(params) == set(want)
         for n, v in params.items():

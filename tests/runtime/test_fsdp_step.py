@@ -61,7 +61,10 @@ def _train(rank: int, world: int, pipe: Any, kind: str) -> dict[str, Any]:
         opt.step()
     params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in stage.named_parameters(remove_duplicate=False)}
-    n_units = sum(len(units(mod)) + 1 for mod in stage.modules.values())  # the blocks + the stage's own unit
+    n_units = 0  # the blocks, embeddings and head + the stage's own unit where it holds parameters (a root
+    for mod in stage.modules.values():  # without any gathers nothing)
+        inside = {id(p) for _, leaves in units(mod) for leaf in leaves for p in mod.get_submodule(leaf).parameters()}
+        n_units += len(units(mod)) + any(id(p) not in inside for p in mod.parameters())
     return {"mode": stage.grad_sync.mode, "losses": losses, "params": params, "per_step": per_step,
             "units": n_units}
 

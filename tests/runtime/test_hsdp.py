@@ -1,0 +1,188 @@
+"""Hybrid sharding (HSDP, ``partition(zero=3, fsdp_shard=S)``): FSDP2 on a 2-D
+``(replicate, shard)`` mesh inside the pipeline ranks. On gloo, 4 ranks: one pipeline rank x
+HSDP 2 replicate x 2 shard (both dimensions real), 2 pipeline ranks x HSDP 2 replicate x 1
+shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit, zb-h1 per step) train
+like one process, and on 8 ranks 2 pipeline ranks x HSDP 2 x 2
+(AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
+counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
+model's and loads back into the shards. The pricing by formula (shards over S, gathers and
+reduce-scatters over S inside a node, the 1/S shard all-reduced across nodes), the plan's
+``mesh.shard`` (old plans unchanged), and the refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from partitioner import PartitionError, partition
+from partitioner.runtime.launch import spawn
+from tests.fixtures.models import FIXTURES
+from tests.runtime.helpers import data
+from tests.runtime.test_fsdp import BATCH, CLIP, OPTIMIZERS, RTOL, STEPS, _reference
+
+TIMEOUT_S = 120.0
+
+
+def _partition(n_gpus: int, dp: int, shard: int | None, **kw: Any) -> tuple[torch.nn.Module, Any]:
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, _, _ = data("gpt", BATCH)
+    pipe = partition(model, n_gpus=n_gpus, data_parallel=dp, example_inputs=(x,), n_microbatches=2, zero=3,
+                     fsdp_shard=shard, optimizer="adamw", **kw)
+    return model, pipe
+
+
+def _train(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    x, y, loss_fn = data("gpt", BATCH)
+    stage = pipe.build_stage(rank, "cpu")
+    placed = {n: ([str(pl) for pl in p.placements], tuple(p.device_mesh.shape), tuple(p.to_local().shape))
+              for n, p in stage.named_parameters() if isinstance(p, DTensor)}
+    cls, kw = OPTIMIZERS["adamw"]
+    opt = stage.optimizer(cls, **kw)
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        losses.append(runner.step(x if stage.is_first else None, target=y if stage.is_last else None,
+                                  loss_on_every_rank=True).item())
+        norms.append(stage.clip_grad_norm_(CLIP).item())
+        opt.step()
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in stage.named_parameters(remove_duplicate=False)}
+    stage.save_checkpoint(path)  # one DCP save of the job: each shard once, though dp/S replicas hold it
+    with torch.no_grad():  # and back into the (Replicate, Shard) parameters: each rank reads its slice
+        for p in stage.parameters():
+            p.zero_()
+    stage.load_checkpoint(path)
+    reloaded = all(torch.equal(p.full_tensor(), params[n]) for n, p in stage.named_parameters())
+    return {"dp": stage.dp_rank, "pp": stage.pp_rank, "placed": placed, "losses": losses, "norms": norms,
+            "params": params, "n_params": len(list(stage.parameters())), "mode": stage.grad_sync.mode,
+            "reloaded": reloaded}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("n_gpus,dp,shard,schedule", [(4, 4, 2, "1f1b"), (4, 2, 1, "1f1b"), (4, 2, 1, "zb-h1"),
+                                                      (8, 4, 2, "1f1b")],
+                         ids=["pp1-hsdp2x2", "pp2-hsdp2x1", "pp2-hsdp2x1-zb-h1", "pp2-hsdp2x2-8-ranks"])
+def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule: str, tmp_path: Any) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model, pipe = _partition(n_gpus, dp, shard, schedule=schedule,
+                             **({"pinned_cuts": ["transformer.h.2"]} if dp < n_gpus else {}))
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.pp_ranks) == (dp, shard, n_gpus // dp)
+    want_losses, want_norms, want = _reference(model, "adamw", True)
+    assert min(want_norms) > CLIP, "clipping should change every step"
+    results = spawn(_train, n_gpus, pipe, str(tmp_path / "dcp"), schedule, timeout_s=TIMEOUT_S)
+    names = dict(model.named_parameters(remove_duplicate=False))
+    for r in results:
+        assert r["mode"] == ("step" if schedule == "zb-h1" else "unit")  # per step: reduced in FsdpSync.finish
+        assert r["reloaded"]  # the checkpoint loads back into the hybrid shards exactly
+        assert r["placed"] and len(r["placed"]) == r["n_params"]  # every parameter: a DTensor on the 2-D mesh
+        for n, (placements, mesh, local) in r["placed"].items():
+            assert placements == ["R", "S(0)"] and mesh == (dp // shard, shard), n
+            assert local[0] == -(-names[n].shape[0] // shard), n  # 1/S of dim 0, replicated dp/S times
+        assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
+        assert r["norms"] == pytest.approx(want_norms, rel=1e-5)  # each shard once, not once per replica
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert set().union(*(r["params"] for r in results)) == set(want)
+    dcp_to_torch_save(str(tmp_path / "dcp"), str(tmp_path / "whole.pt"))  # the unsharded model's checkpoint
+    saved = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "whole.pt", weights_only=True).items()}
+    assert {n for n, _ in model.named_parameters()} <= set(saved) <= set(want) | set(dict(model.named_buffers()))
+    for n in set(saved) & set(want):
+        torch.testing.assert_close(saved[n], want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# -- pricing -----------------------------------------------------------------------------------
+
+def test_hsdp_prices_shards_over_s_and_the_replicas_all_reduce_across_nodes() -> None:
+    from partitioner.cost_models.devices import LINKS
+    from partitioner.data_parallel import (
+        Window,
+        ZeroShard,
+        allgather_s,
+        price_fsdp,
+        reduce_scatter_s,
+        ring_allreduce_s,
+    )
+    from partitioner.plan import Mesh
+
+    link, inter = LINKS["nvlink4"], LINKS["ib-ndr-400"]
+    hsdp = Mesh(4, 1, ("dp", "pp"), 2, zero=3, shard=2)  # 2 nodes x 2 GPUs: a shard group per node
+    assert not hsdp.shards_cross_nodes(0) and hsdp.replication_crosses_nodes(0)
+    nbytes, m = 8 * 2**20, 4
+    fast = Window(1.0, 1.1, (nbytes,), fwd=1e-6, bwd=2e-6, m=m)  # compute far shorter than the traffic
+    ag, rs = allgather_s(nbytes, 2, link), reduce_scatter_s(nbytes, 2, link)
+    ar = ring_allreduce_s(nbytes / 2, 2, inter)  # the 1/S gradient shard over the dp/S = 2 replicas, between nodes
+    times, step = price_fsdp(hsdp, link, inter, [[fast]], pipeline_step=1.1)
+    assert times == [pytest.approx(m * (2 * ag + rs + ar))]
+    assert step == pytest.approx(1.1 + m * (2 * ag + rs + ar - 3e-6) + rs + ar)  # the excess, then the tail
+    split = dataclasses.replace(fast, split=True)  # once per step: one gather, one reduction
+    assert price_fsdp(hsdp, link, inter, [[split]], 1.1)[0] == [pytest.approx(ag + rs + ar)]
+    flat = dataclasses.replace(hsdp, shard=0)  # plain FSDP over the 4 replicas: every gather crosses the nodes
+    assert flat.shards_cross_nodes(0)
+    want = m * (2 * allgather_s(nbytes, 4, inter) + reduce_scatter_s(nbytes, 4, inter))
+    assert price_fsdp(flat, link, inter, [[fast]], 1.1)[0] == [pytest.approx(want)]
+    assert times[0] < want
+    # memory: the shards are 1/S, not 1/dp (fp32 AdamW: 16 bytes per element); what is gathered is the same
+    uses, numel = [(1,), (2,), (3,)], {1: 1000, 2: 400, 3: 400}
+    plain = ZeroShard(uses, numel, 4, 8, 3, {2: "h.0", 3: "h.1"})
+    hybrid = dataclasses.replace(plain, shard=2)
+    gathered = 4 * (1000 + 800) + 4 * 1000
+    assert plain.fsdp_static(0, 3, 4) == 1800 * 16 // 4 + gathered
+    assert hybrid.fsdp_static(0, 3, 4) == 1800 * 16 // 2 + gathered == plain.fsdp_static(0, 3, 2)
+    assert hybrid.additive([16_000, 6_400, 6_400], 4) == [8000, 3200, 3200]
+
+
+def test_partition_records_hsdp_in_the_mesh_and_prices_it() -> None:
+    from partitioner.plan import load_plan
+
+    plans = {shard: _partition(8, 4, shard, pinned_cuts=["transformer.h.2"], gpus_per_node=4)[1].plan
+             for shard in (None, 2)}
+    plain, hybrid = plans[None], plans[2]
+    assert hybrid.mesh.shard == 2 and plain.mesh.shard == 0
+    assert "shard" not in json.loads(plain.to_json())["mesh"]  # absent at its default: old plans read the same
+    assert json.loads(hybrid.to_json())["mesh"]["shard"] == 2
+    assert load_plan(hybrid.to_json()).mesh.shard == 2
+    assert load_plan(plain.to_json()).to_json() == plain.to_json()
+    half = _partition(4, 2, None, pinned_cuts=["transformer.h.2"])[1].plan  # plain FSDP over 2: the same shards
+    for a, b, c in zip(hybrid.stages, plain.stages, half.stages):
+        assert a.cost.static_bytes == c.cost.static_bytes > b.cost.static_bytes  # 1/2 of the state, not 1/4
+    assert hybrid.mesh.allreduce_s != plain.mesh.allreduce_s
+    bad = json.loads(hybrid.to_json())
+    bad["mesh"]["shard"] = 3
+    with pytest.raises(Exception, match=r"mesh.shard is 3 .* divides dp"):
+        load_plan(json.dumps(bad))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"data_parallel": 4, "fsdp_shard": 3}, r"fsdp_shard=3 does not divide data_parallel=4"),
+    ({"data_parallel": 4, "fsdp_shard": 4, "gpus_per_node": 2}, r"fsdp_shard=4 exceeds gpus_per_node=2: .* one node"),
+    ({"data_parallel": 4, "fsdp_shard": 2, "zero": 1}, r"hybrid sharding of zero=3"),
+    ({"data_parallel": "auto", "fsdp_shard": 2}, r"needs data_parallel as a count"),
+    ({"data_parallel": 4, "fsdp_shard": 0}, r"fsdp_shard must be an int >= 1"),
+])
+def test_hsdp_refusals(kw: dict[str, Any], match: str) -> None:
+    x, _, _ = data("gpt", BATCH)
+    args = {"zero": 3, **kw}
+    with pytest.raises(PartitionError, match=match):
+        partition(FIXTURES["gpt"].build(), n_gpus=4, example_inputs=(x,), **args)
+
+
+def test_cli_plan_takes_fsdp_shard(tmp_path: Any) -> None:
+    from tests.tools.helpers import cli
+
+    out = tmp_path / "plan.json"
+    done = cli("plan", "tests.tools.tiny_models:mlp", "--gpus", "4", "--dp", "4", "--zero", "3",
+               "--fsdp-shard", "2", "--microbatches", "2", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["mesh"]["shard"] == 2
+    bad = cli("plan", "tests.tools.tiny_models:mlp", "--gpus", "4", "--dp", "4", "--zero", "3",
+              "--fsdp-shard", "3", "-o", str(tmp_path / "b.json"))
+    assert bad.returncode != 0 and "--fsdp-shard 3 does not divide --dp 4" in bad.stderr, bad.stderr
