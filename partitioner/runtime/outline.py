@@ -41,7 +41,7 @@ import operator
 
 from torch import fx, nn
 
-from partitioner.memory import block_of, fsdp_role_spans, fsdp_spans
+from partitioner.memory import fsdp_role_spans, fsdp_spans
 from partitioner.passes.recompute import REGION, RecomputeStage, with_recompute
 from partitioner.passes.split import copy_persistence
 

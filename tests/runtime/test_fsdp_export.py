@@ -23,6 +23,7 @@ pytest.importorskip("transformers", reason="the Hugging Face tests need `pip ins
 from partitioner import Pipe, partition  # noqa: E402
 from partitioner.runtime.launch import spawn  # noqa: E402
 from tests.hf.models import SEQ, VOCAB, llama  # noqa: E402
+from tests.runtime.helpers import sgd_reference  # noqa: E402
 
 TIMEOUT_S = 120.0
 BATCH, M, STEPS, LR = 8, 2, 3, 0.1
@@ -55,17 +56,9 @@ def _built(schedule: str) -> tuple[torch.nn.Module, Pipe, dict[str, torch.Tensor
 
 
 def _reference(model: torch.nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
     inputs, y = _data()
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(ref(**inputs), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {n: p.detach() for n, p in ref.named_parameters()}
+    run = sgd_reference(model, inputs, y, _loss, steps=STEPS, lr=LR, remove_duplicate=True)
+    return run.losses, run.params
 
 
 def _watch_gathers(stage: Any, peak: list[int]) -> None:
@@ -353,7 +346,8 @@ def _tp_train(rank: int, world: int, pipe: Pipe) -> tuple[list[float], dict[str,
 @pytest.mark.timeout(240)
 def test_fsdp_over_tensor_parallel_layers_trains_like_one_process() -> None:
     """FSDP2 x TP2 (one pipeline stage, 4 ranks): the layers and the head are still units
-    (tensor parallelism's mesh anchor no longer ties them to the stage, ``outline``), each a 2-D
+    (the TP rewrite reads its mesh from a stage attribute, not from a layer's weight, so nothing ties
+    them to the stage's unit), each a 2-D
     DTensor, and the run equals one process."""
     from partitioner.runtime.tensor_parallel import with_tensor_parallel
 
