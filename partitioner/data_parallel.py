@@ -56,12 +56,13 @@ reduce-scatter) ends after it.
 Ranks map to the mesh as ``partitioner.plan.Mesh`` says (``dims`` ``("dp", "pp")``: rank =
 d * pp + p), and to nodes in blocks of ``gpus_per_node`` (torchrun's order); the planner
 prices candidate ``Mesh``es and records the one it keeps. A message between ranks on one
-node uses ``link``, between nodes ``inter_link``. Pure Python (no torch).
+node uses ``link``, between nodes ``inter_link``; a ring collective across nodes crosses at
+``inter_link`` times the group's GPUs per node (one NIC each: ``ring_link``). Pure Python (no torch).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 from partitioner.plan import Mesh
@@ -70,7 +71,7 @@ from partitioner.schedule import SCHEDULES, Schedule
 if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module needs only the objects' methods
     from partitioner.cost_models.devices import LinkSpec
 
-__all__ = ["boundary_time", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
+__all__ = ["boundary_time", "ring_link", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
            "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
 
 #: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
@@ -301,6 +302,30 @@ def reduction_end(windows: Sequence[Window], dp: int, link: LinkSpec) -> float:
     return free
 
 
+def ring_link(layout: Mesh, groups: Iterable[Sequence[int]], link: LinkSpec, inter_link: LinkSpec) -> LinkSpec:
+    """The link a ring collective over each of ``groups`` (global ranks; groups that run at
+    once) moves at. Inside one node: ``link``. Across nodes NCCL spreads the ring's channels
+    over the NICs of the group's GPUs on each node, one NIC per GPU as ``inter_link`` states
+    (nccl-tests issue #119: 3 nodes of 8 A100s with 4 HDR NICs each reach 85-96 of the 100 GB/s
+    of the four NICs together; issue #309: ~370 GB/s across 2 HGX H100 hosts of 8 NDR NICs),
+    so a group with k GPUs on every node crosses at k x ``inter_link``'s rate, never faster
+    than the in-node link's collective rate (the ring's other hops). k is the fewest of any
+    group's GPUs on one node; groups sharing a node share its NICs, one each per GPU."""
+    k = 0
+    for members in groups:
+        per_node: dict[int, int] = {}
+        for r in members:
+            per_node[layout.node(r)] = per_node.get(layout.node(r), 0) + 1
+        if len(per_node) > 1:
+            k = min(per_node.values()) if not k else min(k, *per_node.values())
+    if not k:
+        return link
+    if k == 1:
+        return inter_link
+    rate = min(k * inter_link.bandwidth * inter_link.collective, link.bandwidth * link.collective)
+    return replace(inter_link, bandwidth=rate / inter_link.collective)
+
+
 def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec,
                    windows: Sequence[Sequence[Window]], weight_bytes: Sequence[int],
                    pipeline_step: float) -> tuple[list[float], float]:
@@ -313,7 +338,7 @@ def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec
         return price_fsdp(layout, link, inter_link, windows, pipeline_step)
     times, ends = [], []
     for p in range(layout.pp):
-        lk = inter_link if layout.replicas_cross_nodes(p) else link
+        lk = ring_link(layout, [[layout.rank(d, p) for d in range(layout.dp)]], link, inter_link)
         grads = sum(b for w in windows[p] for b in w.buckets)
         gather = allgather_s(weight_bytes[p], layout.dp, lk) if zero else 0.0
         times.append(ring_allreduce_s(grads, layout.dp, lk) + gather)
@@ -334,8 +359,10 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
     s_deg = layout.shard_degree
     r_deg = layout.dp // s_deg
     for p in range(layout.pp):
-        lk = inter_link if layout.shards_cross_nodes(p) else link
-        rk = inter_link if layout.replication_crosses_nodes(p) else link
+        lk = ring_link(layout, [[layout.rank(r * s_deg + i, p) for i in range(s_deg)] for r in range(r_deg)],
+                       link, inter_link)
+        rk = ring_link(layout, [[layout.rank(r * s_deg + i, p) for r in range(r_deg)] for i in range(s_deg)],
+                       link, inter_link)
 
         def reduce(nbytes: float) -> float:  # reduce-scatter in the shard group, all-reduce of its shard across
             return reduce_scatter_s(nbytes, s_deg, lk) + ring_allreduce_s(nbytes / s_deg, r_deg, rk)

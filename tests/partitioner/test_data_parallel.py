@@ -22,6 +22,7 @@ from partitioner.data_parallel import (
     reduction_end,
     reduction_windows,
     ring_allreduce_s,
+    ring_link,
 )
 from partitioner.examples import gpt_example
 from partitioner.plan import PlanError
@@ -112,6 +113,34 @@ def test_across_nodes_the_faster_placement_is_chosen_and_priced_on_the_inter_lin
         grad = _trainable(model, tuple(n for st in ib.stages if st.rank == p for n in st.parameters)) * 4
         assert ib.mesh.allreduce_s[p] == pytest.approx(ring_allreduce_s(grad, 2, want_link), rel=1e-12)
     assert slow.prediction.step_time_s >= ib.prediction.step_time_s
+
+
+def test_a_ring_across_nodes_crosses_at_the_nics_of_its_gpus_on_each_node() -> None:
+    """One NIC per GPU: a ring collective whose group has k GPUs on every node crosses between
+    nodes at k NICs' rate (NCCL's channels over the node's NICs), capped by the in-node link."""
+    from partitioner.plan import Mesh
+
+    nvl, ib = LINKS["nvlink4"], LINKS["ib-ndr-400"]
+    wide = Mesh(16, 1, ("dp", "pp"), 8)  # 2 nodes, 8 replicas on each
+    group = [[wide.rank(d, 0) for d in range(16)]]
+    eight = ring_link(wide, group, nvl, ib)
+    assert eight.bandwidth == pytest.approx(8 * ib.bandwidth) and eight.collective == ib.collective
+    assert ring_allreduce_s(2**30, 16, eight) < ring_allreduce_s(2**30, 16, ib) / 7
+    deep = Mesh(2, 8, ("dp", "pp"), 8)  # each node one whole pipeline: a stage's 2 replicas, one per node
+    assert ring_link(deep, [[deep.rank(d, 3) for d in range(2)]], nvl, ib) == ib
+    inside = Mesh(8, 1, ("dp", "pp"), 8)
+    assert ring_link(inside, [list(range(8))], nvl, ib) == nvl
+    # NVLink 3's ring (300 GB/s x 0.69) is slower than 8 NDR NICs (8 x 50 GB/s x 0.85): the cap
+    capped = ring_link(wide, group, LINKS["nvlink3"], ib)
+    assert capped.bandwidth * capped.collective == pytest.approx(300e9 * 0.69)
+    # groups that run at once share the node's NICs: TP 2 leaves each replica group 4 GPUs per node
+    tp = Mesh(8, 1, ("dp", "pp"), 8, tp=2)
+    groups = [[tp.rank(d, 0, t) for d in range(8)] for t in range(2)]
+    assert ring_link(tp, groups, nvl, ib).bandwidth == pytest.approx(4 * ib.bandwidth)
+    # priced so: a 16-replica all-reduce across the 2 nodes
+    win = [[Window(0.0, 1.0, (2**26,))]]
+    times, _ = price_replicas(wide, 0, nvl, ib, win, [2**26], 1.0)
+    assert times == [pytest.approx(ring_allreduce_s(2**26, 16, eight))]
 
 
 def test_bad_data_parallel_arguments_are_refused(gpt) -> None:  # type: ignore[no-untyped-def]

@@ -125,9 +125,10 @@ def test_hsdp_prices_shards_over_s_and_the_replicas_all_reduce_across_nodes() ->
     assert step == pytest.approx(1.1 + m * (2 * ag + rs + ar - 3e-6) + rs + ar)  # the excess, then the tail
     split = dataclasses.replace(fast, split=True)  # once per step: one gather, one reduction
     assert price_fsdp(hsdp, link, inter, [[split]], 1.1)[0] == [pytest.approx(ag + rs + ar)]
-    flat = dataclasses.replace(hsdp, shard=0)  # plain FSDP over the 4 replicas: every gather crosses the nodes
-    assert flat.shards_cross_nodes(0)
-    want = m * (2 * allgather_s(nbytes, 4, inter) + reduce_scatter_s(nbytes, 4, inter))
+    flat = dataclasses.replace(hsdp, shard=0)  # plain FSDP over the 4 replicas: every gather crosses the nodes,
+    assert flat.shards_cross_nodes(0)  # its ring over the 2 NICs of each node's 2 GPUs
+    two_nics = dataclasses.replace(inter, bandwidth=2 * inter.bandwidth)
+    want = m * (2 * allgather_s(nbytes, 4, two_nics) + reduce_scatter_s(nbytes, 4, two_nics))
     assert price_fsdp(flat, link, inter, [[fast]], 1.1)[0] == [pytest.approx(want)]
     assert times[0] < want
     # memory: the shards are 1/S, not 1/dp (fp32 AdamW: 16 bytes per element); what is gathered is the same

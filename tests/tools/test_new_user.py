@@ -235,11 +235,11 @@ def test_show_and_diff_do_not_import_torch(plans: Path) -> None:
             "rc2 = main(['diff', sys.argv[1], sys.argv[2]]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; print(rc, rc2)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
+    # what keeps them light is not importing torch (asserted inside); a wall-clock bound here
+    # would fail on a loaded machine, not on a heavy import
     done = subprocess.run([sys.executable, "-c", code, str(plans / "a.json"), str(plans / "b.json")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert time.monotonic() - start < 1.5
 
 
 # -- 12: errors name the flags; the flags users need exist -----------------------------------------------------
