@@ -96,6 +96,18 @@ _META_OPS = {
 _NO_BYTES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.new_empty.default,
              torch.ops.aten.new_empty_strided.default}
 
+# Ops that overwrite their first operand (``self``) without reading it: ``copy_`` reads its source
+# and writes ``self``, ``fill_`` / ``zero_`` only write it (and their functional forms write a new
+# tensor of ``self``'s size). Their bytes are the other operands read plus the output written once;
+# ``self`` is not charged as a read (an in-place op that does read ``self``, ``add_``, stays priced
+# as a read of it plus a write).
+_WRITE_ONLY = {
+    getattr(getattr(torch.ops.aten, name), overload)
+    for name, overloads in (("copy_", ("default",)), ("copy", ("default",)), ("fill_", ("Scalar", "Tensor")),
+                            ("fill", ("Scalar", "Tensor")), ("zero_", ("default",)), ("zero", ("default",)))
+    for overload in overloads
+}
+
 
 class AnnotateError(PartitionError):
     """Pricing the graph failed: a node's op could not be run on fake tensors, or the pass was
@@ -499,7 +511,8 @@ class _Recorder(TorchDispatchMode):
         self.flops_fc += fc_flops(func, s_args, s_kwargs, s_out)
         # views and allocations move no bytes
         if not func.is_view and func not in _NO_BYTES and not str(func).startswith("aten.empty"):
-            tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            read = (args[1:], kwargs) if func in _WRITE_ONLY else (args, kwargs)  # ``self`` only written
+            tensors = [t for t in pytree.tree_leaves((read, out)) if isinstance(t, torch.Tensor)]
             self.moved += sum((self.sizes.nbytes(t) for t in tensors), ZERO)
         self.ops.append(str(func))
         return out

@@ -271,3 +271,42 @@ def test_the_recorder_charges_no_bytes_to_metadata_checks_and_views_only_to_kern
         torch.ops.aten.relu.default(x)
     assert rec.moved == 2 * 32 * 4
     assert "aten.relu.default" in rec.ops and not any(op.startswith(("prim.", "aten._assert")) for op in rec.ops)
+
+
+def test_write_only_ops_are_charged_their_write_and_copy_its_source_read() -> None:
+    """``copy_``, ``fill_`` and ``zero_`` overwrite their destination without reading it: a copy moves
+    its source once and its destination once, a fill or a zero its destination once. An in-place
+    op that does read its destination (``add_``) still reads and writes it."""
+    from partitioner.passes.annotate import _Recorder, _Sizes
+
+    n = 32 * 4  # one [4, 8] float32 tensor
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    cases = [
+        (lambda: torch.ops.aten.copy_.default(x, y), 2 * n),
+        (lambda: torch.ops.aten.copy.default(x, y), 2 * n),
+        (lambda: torch.ops.aten.fill_.Scalar(x, 1.0), n),
+        (lambda: torch.ops.aten.fill_.Tensor(x, torch.tensor(1.0)), n + 4),  # + the 0-d value read
+        (lambda: torch.ops.aten.fill.Scalar(x, 1.0), n),
+        (lambda: torch.ops.aten.zero_.default(x), n),
+        (lambda: torch.ops.aten.add_.Tensor(x, y), 3 * n),  # reads both, writes x
+    ]
+    for call, want in cases:
+        rec = _Recorder(_Sizes({}, None))
+        with rec:
+            call()
+        assert rec.moved == want, (rec.ops, rec.moved, want)
+
+
+def test_a_traced_copy_is_charged_its_source_read_and_destination_write() -> None:
+    """A traced ``copy_`` node (into a fresh tensor) is charged the source read and the destination
+    write, not also a read of the destination it overwrites (3 passes before)."""
+
+    class Copy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x).copy_(x)
+
+    gm = _annotated(Copy(), [torch.randn(2, 4, 16)])
+    cost = {n.name: n.meta[COST] for n in gm.graph.nodes}
+    act = 4 * 16 * 4 * BATCH
+    copy = next(c for name, c in cost.items() if "copy" in name)
+    assert copy.fwd_bytes_moved == 2 * act, (copy.ops, copy.fwd_bytes_moved)
