@@ -103,7 +103,7 @@ def sac_delta(prob: Any) -> tuple[float, float, float]:
 
 
 def _own_optimizer(row: dict[str, Any], solved: Any, dev: DeviceSpec) -> None:
-    """``layout_bench._row`` prices the optimizer step on ``h100-sxm``: re-price it on ``dev``
+    """``layout_bench.price_row`` prices the optimizer step on ``h100-sxm``: re-price it on ``dev``
     (its memory bandwidth), the step and throughput with it."""
     prob, sol, _, _ = solved
     bounds = [0, *sol.cuts, len(prob.priced.order)]
@@ -128,12 +128,12 @@ def main() -> None:
                          "recomputes the attention core, 'full' the whole forward)")
     ap.add_argument("--as-run", action="store_true", help="also price it on the GPU the run used (AS_RUN)")
     args = ap.parse_args()
-    layout_bench._install()  # one capture and annotation for every row
+    layout_bench.install()  # one capture and annotation for every row
     folder = tempfile.mkdtemp()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(layout_bench.CONFIGS["8b"], f)
     batch = layout_bench.BATCH["8b", 8]
-    layout_bench._key[0] = ("8b", batch)
+    layout_bench.shared_key[0] = ("8b", batch)
     model, inputs = load_hf(f"hf:{folder}", layout_bench.SEQ, batch)
     print("| device | recompute | step s | tokens/s/GPU | predicted / measured 5,762 | MFU | planning s |")
     print("|---|---|---|---|---|---|---|")
@@ -146,7 +146,7 @@ def main() -> None:
             warnings.simplefilter("ignore")
             ctx, solved = api.partition(model, 8, inputs, **common, **dict(_PINNED, recompute=recompute),
                                         memory_limit=2**50)
-        row = layout_bench._row(ctx, solved, 8, layout_bench.CONFIGS["8b"], time.perf_counter() - t)
+        row = layout_bench.price_row(ctx, solved, 8, layout_bench.CONFIGS["8b"], time.perf_counter() - t)
         _own_optimizer(row, solved, dev)
         if recompute == "selective":  # torchtitan's own selective AC, estimated from the node prices
             attn, mm_half, cheap = sac_delta(solved[0])
