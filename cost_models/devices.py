@@ -337,6 +337,11 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("b200", 75e12, 2.25e15, 8e12, 180 * 10**9, efficiency=B200_EFF),
         # A generic server CPU socket (order of magnitude only: ~16 AVX-512 cores,
         # ~1 TFLOP/s fp32, no bf16 speed-up assumed, ~100 GB/s DDR). Prefer measure_local().
+        # Hardware figures, not fitted: no byte count went into them, so they stayed as they were
+        # when metadata queries stopped being charged as reads. No per-op overhead either (eager
+        # dispatch costs 15-19 us per node and direction on this repository's CPU: RESULTS.md,
+        # "Pricing small micro-batches"); calibrate_device(model, inputs, device="cpu") fits the
+        # rates and that overhead to one machine (benchmarks/cost_model_bench.py checks that path).
         DeviceSpec("cpu", 1e12, 1e12, 100e9, 64 * 2**30, "cpu"),
     ]
 }
