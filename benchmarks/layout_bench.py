@@ -85,29 +85,30 @@ COMMON = dict(device="h100-sxm", link="nvlink4", gpus_per_node=8, inter_link="ib
               precision="bf16-mixed")
 
 _shared: dict[Any, dict[str, Any]] = {}
-_key: list[Any] = [None]
-_timing: list[float] = []  # the last layout search: wall seconds, CPU seconds (``_install``)
+#: the (model, batch) whose capture and annotation the next partition() calls share (``install``)
+shared_key: list[Any] = [None]
+_timing: list[float] = []  # the last layout search: wall seconds, CPU seconds (``install``)
 
 
-def _install() -> None:
+def install() -> None:
     """Share one capture and annotation per (model, batch) between partition() calls, and
     return the context and the solved layout instead of emitting stage modules."""
     real_capture = api.capture
 
     def capture(model: Any, *a: Any, **k: Any) -> Any:
-        ent = _shared.setdefault(_key[0], {})
+        ent = _shared.setdefault(shared_key[0], {})
         if "cap" not in ent:
             ent["cap"] = real_capture(model, *a, **k)
         return ent["cap"]
 
     def context(model: Any, cap: Any, specs: Any, request: Any) -> Context:
-        ent = _shared[_key[0]]
+        ent = _shared[shared_key[0]]
         ctx = Context(model, cap, specs, request, annotated=ent.get("annotated"), views=ent.setdefault("views", {}))
         ent["ctx"] = ctx
         return ctx
 
     def emit(ctx: Context, solved: Any) -> Any:
-        _shared[_key[0]]["annotated"] = ctx.annotated
+        _shared[shared_key[0]]["annotated"] = ctx.annotated
         return ctx, solved
 
     real_choose = api.choose
@@ -122,7 +123,7 @@ def _install() -> None:
     api.capture, api.Context, api.emit, api.choose = capture, context, emit, choose  # type: ignore[assignment]
 
 
-def _row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
+def price_row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
     prob, sol, fits, lay = solved
     rep = replicated(prob, sol, lay)
     dev = get_device("h100-sxm")
@@ -159,7 +160,7 @@ def _plan(name: str, n_gpus: int, model: Any, inputs: Any, **kw: Any) -> tuple[d
             ctx, solved = api.partition(model, n_gpus, inputs, **COMMON, **kw)
     except api.PartitionError as e:
         return None, " ".join(str(e).split())[:300]
-    return _row(ctx, solved, n_gpus, CONFIGS[name], time.perf_counter() - t), ""
+    return price_row(ctx, solved, n_gpus, CONFIGS[name], time.perf_counter() - t), ""
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -174,7 +175,7 @@ def main() -> None:
     ap.add_argument("--no-planner", action="store_true", help="pinned layouts only")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
-    _install()
+    install()
     out: list[dict[str, Any]] = []
     print("model | GPUs | global batch | who | D x P x T | zero | schedule | m | recompute | step | tokens/s/GPU | "
           "MFU | peak memory | published tokens/s/GPU | planning")
@@ -186,7 +187,7 @@ def main() -> None:
             if args.gpus and n_gpus not in args.gpus:
                 continue
             batch = BATCH[name, n_gpus]
-            _key[0] = (name, batch)
+            shared_key[0] = (name, batch)
             t = time.perf_counter()
             model, inputs = load_hf(f"hf:{folder}", SEQ, batch)
             built = time.perf_counter() - t
@@ -197,7 +198,7 @@ def main() -> None:
             jobs += [(who, kw, f"{tps} ({note})") for m, g, who, kw, tps, note in PUBLISHED
                      if m == name and g == n_gpus]
             for who, kw, cited in jobs:
-                first = "cap" not in _shared.get(_key[0], {})
+                first = "cap" not in _shared.get(shared_key[0], {})
                 row, err = _plan(name, n_gpus, model, inputs, **kw)
                 if row is None and who != "planner":  # price it anyway, its memory marked as over the device
                     row, err2 = _plan(name, n_gpus, model, inputs, memory_limit=2**50, **kw)

@@ -61,7 +61,11 @@ __all__ = ["FALLBACK", "REAL_RUN", "AnnotateCosts", "AnnotateError", "fallback_n
 
 log = logging.getLogger(__name__)
 
-# Metadata queries FlopCounterMode lets through without counting (flop_counter.py).
+# Metadata queries FlopCounterMode lets through without counting (flop_counter.py), a tensor's
+# device (``prim.device``: the decompositions of gelu, layer norm, linear and the fused softmax ask
+# it of each operand), and the checks torch.export records on metadata and on sizes
+# (``_assert_tensor_metadata``, ``_assert_scalar``, the size constraints): none launches a kernel
+# or touches a tensor's memory, so none is priced or listed among a node's ops.
 _META_OPS = {
     getattr(torch.ops.aten, n).default
     for n in [
@@ -78,8 +82,31 @@ _META_OPS = {
         "numel",
         "sym_numel",
         "dim",
+        "_assert_tensor_metadata",
+        "_assert_scalar",
+        "sym_constrain_range",
+        "sym_constrain_range_for_size",
     ]
-} | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
+} | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default, torch.ops.prim.device.default}
+
+# Ops that run but move no bytes of their tensors: ``_unsafe_view`` is a view (a reshape of a
+# contiguous result) that autograd does not mark as one (``OpOverload.is_view`` is False), and
+# ``new_empty`` / ``new_empty_strided`` allocate as ``empty`` does. They stay in a node's ops
+# (``devices.kernels`` counts no launch for them).
+_NO_BYTES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.new_empty.default,
+             torch.ops.aten.new_empty_strided.default}
+
+# Ops that overwrite their first operand (``self``) without reading it: ``copy_`` reads its source
+# and writes ``self``, ``fill_`` / ``zero_`` only write it (and their functional forms write a new
+# tensor of ``self``'s size). Their bytes are the other operands read plus the output written once;
+# ``self`` is not charged as a read (an in-place op that does read ``self``, ``add_``, stays priced
+# as a read of it plus a write).
+_WRITE_ONLY = {
+    getattr(getattr(torch.ops.aten, name), overload)
+    for name, overloads in (("copy_", ("default",)), ("copy", ("default",)), ("fill_", ("Scalar", "Tensor")),
+                            ("fill", ("Scalar", "Tensor")), ("zero_", ("default",)), ("zero", ("default",)))
+    for overload in overloads
+}
 
 
 class AnnotateError(PartitionError):
@@ -474,17 +501,18 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _META_OPS or isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **kwargs)
-        if func is not torch.ops.prim.device.default:
-            with self:
-                r = func.decompose(*args, **kwargs)
-                if r is not NotImplemented:
-                    return r
+        with self:
+            r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
         out = func(*args, **kwargs)
         s_args, s_kwargs, s_out = self.sizes.shapes((args, kwargs, out))
         self.flops += op_flops(func, s_args, s_kwargs, s_out)
         self.flops_fc += fc_flops(func, s_args, s_kwargs, s_out)
-        if not func.is_view and not str(func).startswith("aten.empty"):  # views and allocations move no bytes
-            tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        # views and allocations move no bytes
+        if not func.is_view and func not in _NO_BYTES and not str(func).startswith("aten.empty"):
+            read = (args[1:], kwargs) if func in _WRITE_ONLY else (args, kwargs)  # ``self`` only written
+            tensors = [t for t in pytree.tree_leaves((read, out)) if isinstance(t, torch.Tensor)]
             self.moved += sum((self.sizes.nbytes(t) for t in tensors), ZERO)
         self.ops.append(str(func))
         return out

@@ -99,18 +99,29 @@ def test_export_route_keeps_every_name_of_a_tied_weight() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_flops_are_affine_in_the_batch(name: str) -> None:
     """Twice the batch, twice the FLOPs, up to terms that do not depend on the batch at
-    all (position ids, causal masks, T5's relative-position buckets: a few S or S^2 ops)."""
+    all (position ids, causal masks, T5's relative-position buckets: a few S or S^2 ops).
+
+    Per stage: exactly affine in B. A stage with per-sample work has a batch-free part of at
+    most 1 % of its own FLOPs; a stage may also hold only batch-free terms, and then they are at
+    most 1 % of the model's (on the ``cpu`` profile the 2-stage BERT's cheapest split puts the
+    mask and position-id arithmetic alone in stage 0: a cut before the embeddings sends nothing
+    that needs a gradient, which saves a backward message of 50 us on ``loopback``, more than
+    half of the whole model's 49 us per micro-batch). The model as a whole does per-sample work."""
     _, pipe = _partitioned(name, 2)
     plan = pipe.plan
     assert plan.symbols == {"B": BATCH, "S": SEQ}
     c1, c2, c3 = (plan.cost_at(batch=b) for b in (1, 2, 3))
-    for a, b, c in zip(c1, c2, c3):
-        for key in ("fwd_flops", "bwd_flops"):
+    for key in ("fwd_flops", "bwd_flops"):
+        whole = [sum(c[key] for c in cs) for cs in (c1, c2, c3)]
+        per_sample = whole[1] - whole[0]
+        assert per_sample > 0 and whole[2] - whole[1] == per_sample, (key, whole)
+        assert 0 <= whole[0] - per_sample <= 0.01 * whole[0], (key, whole)
+        for i, (a, b, c) in enumerate(zip(c1, c2, c3)):
             per_sample = b[key] - a[key]
-            assert per_sample > 0
-            assert c[key] - b[key] == per_sample  # exactly affine in B
+            assert per_sample >= 0 and c[key] - b[key] == per_sample, (i, key, a[key], b[key], c[key])  # exactly affine in B
             fixed = a[key] - per_sample  # the batch-free part
-            assert 0 <= fixed <= 0.01 * a[key], (key, a[key], b[key])
+            assert 0 <= fixed <= 0.01 * (a[key] if per_sample else whole[0]), (i, key, a[key], b[key])
+    for a, b in zip(c1, c2):
         assert b["param_bytes"] == a["param_bytes"]
 
 

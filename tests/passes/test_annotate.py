@@ -221,3 +221,92 @@ def test_an_fp32_size_asked_while_pricing_another_precision_stays_four_bytes() -
         assert base.TensorDesc((BATCH, 5), torch.float32, False).nbytes() == 20 * BATCH
     gm = _annotated(nn.Sequential(nn.Linear(3, 5)), [torch.randn(2, 3)])
     assert next(n for n in gm.graph.nodes if n.op == "call_module").meta[COST].output_bytes == 5 * 4 * BATCH
+
+
+class _MemoryBound(nn.Module):
+    """gelu, layer norm and a linear layer: the ops whose dispatch asks each operand's device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.gelu(x)
+        z = self.norm(y).float()  # already float32: .float() returns its input, no kernel
+        return self.lin(z).reshape(-1)  # a reshape of a contiguous result: a view
+
+
+def test_memory_bound_ops_move_their_inputs_and_outputs_once_and_metadata_moves_nothing() -> None:
+    """Bytes moved are the tensors a kernel reads and writes, each once: metadata queries
+    (a tensor's device, asked by the decompositions of gelu, layer norm and linear; its
+    sizes), export's checks and views move none. Charging ``prim.device`` as a read priced
+    gelu at 3 passes over its tensor and the linear layer at 4 reads of its weight."""
+    gm = _annotated(_MemoryBound(), [torch.randn(2, 4, 16)])
+    cost = {n.name: n.meta[COST] for n in gm.graph.nodes}
+    act = 4 * 16 * 4 * BATCH  # one [B, 4, 16] float32 tensor
+    assert cost["gelu"].fwd_bytes_moved == 2 * act  # read x, write gelu(x)
+    stats = 2 * 4 * 4 * BATCH  # layer norm also writes its mean and 1/std, one float per row
+    assert cost["norm"].fwd_bytes_moved == 2 * act + stats + 2 * 16 * 4  # + its weight and bias
+    assert cost["float_1"].fwd_bytes_moved == 0 and not any("prim." in op for op in cost["float_1"].ops)
+    out = 4 * 8 * 4 * BATCH
+    assert cost["lin"].fwd_bytes_moved == act + out + (16 * 8 + 8) * 4  # input, output, weight, bias once
+    assert cost["reshape"].fwd_bytes_moved == 0
+    assert not any("prim." in op for c in cost.values() for op in c.ops)
+
+
+def test_the_recorder_charges_no_bytes_to_metadata_checks_and_views_only_to_kernels() -> None:
+    """Each op the recorder skips or prices at no bytes, called as the dispatcher calls it (export's
+    captures record ``_assert_tensor_metadata``; ``reshape`` of a fresh result is ``_unsafe_view``):
+    after all of them, one relu's read and write are the only bytes moved."""
+    from partitioner.passes.annotate import _Recorder, _Sizes
+
+    rec = _Recorder(_Sizes({}, None))
+    x = torch.randn(4, 8)
+    with rec:
+        torch.ops.prim.device.default(x)
+        torch.ops.aten._assert_tensor_metadata.default(x, dtype=x.dtype)
+        torch.ops.aten.sym_numel.default(x)
+        torch.ops.aten._unsafe_view.default(x, [32])
+        torch.ops.aten.new_empty.default(x, [4, 8])
+        torch.ops.aten.relu.default(x)
+    assert rec.moved == 2 * 32 * 4
+    assert "aten.relu.default" in rec.ops and not any(op.startswith(("prim.", "aten._assert")) for op in rec.ops)
+
+
+def test_write_only_ops_are_charged_their_write_and_copy_its_source_read() -> None:
+    """``copy_``, ``fill_`` and ``zero_`` overwrite their destination without reading it: a copy moves
+    its source once and its destination once, a fill or a zero its destination once. An in-place
+    op that does read its destination (``add_``) still reads and writes it."""
+    from partitioner.passes.annotate import _Recorder, _Sizes
+
+    n = 32 * 4  # one [4, 8] float32 tensor
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    cases = [
+        (lambda: torch.ops.aten.copy_.default(x, y), 2 * n),
+        (lambda: torch.ops.aten.copy.default(x, y), 2 * n),
+        (lambda: torch.ops.aten.fill_.Scalar(x, 1.0), n),
+        (lambda: torch.ops.aten.fill_.Tensor(x, torch.tensor(1.0)), n + 4),  # + the 0-d value read
+        (lambda: torch.ops.aten.fill.Scalar(x, 1.0), n),
+        (lambda: torch.ops.aten.zero_.default(x), n),
+        (lambda: torch.ops.aten.add_.Tensor(x, y), 3 * n),  # reads both, writes x
+    ]
+    for call, want in cases:
+        rec = _Recorder(_Sizes({}, None))
+        with rec:
+            call()
+        assert rec.moved == want, (rec.ops, rec.moved, want)
+
+
+def test_a_traced_copy_is_charged_its_source_read_and_destination_write() -> None:
+    """A traced ``copy_`` node (into a fresh tensor) is charged the source read and the destination
+    write, not also a read of the destination it overwrites (3 passes before)."""
+
+    class Copy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x).copy_(x)
+
+    gm = _annotated(Copy(), [torch.randn(2, 4, 16)])
+    cost = {n.name: n.meta[COST] for n in gm.graph.nodes}
+    act = 4 * 16 * 4 * BATCH
+    copy = next(c for name, c in cost.items() if "copy" in name)
+    assert copy.fwd_bytes_moved == 2 * act, (copy.ops, copy.fwd_bytes_moved)
