@@ -4,8 +4,10 @@ The GPU cost model's one fitted number (``Efficiency.fit``) was fitted on A100 p
 (``gpu_cost_bench.py``); H100 takes it unchanged. This benchmark prices published H100 runs
 whose model shape, GPU count, layout, micro-batch, recompute and measured throughput are all
 given by their source, each with its layout pinned (``partition(data_parallel=..., zero=...,
-n_microbatches=..., recompute=...)``, device ``h100-sxm``, ``nvlink4`` inside an 8-GPU node,
-``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
+n_microbatches=..., recompute=...)``, device ``h100-sxm-fa2`` (attention as FlashAttention-2
+runs it: every run here used an FA2-class kernel, llm-foundry's Triton flash attention or
+PyTorch SDPA's flash backend; ``--device h100-sxm`` prices them as cuDNN would), ``nvlink4``
+inside an 8-GPU node, ``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
 ratio and the predicted iteration split by what the model charges for it:
 
 - ``gemm``: matrix multiplies (the efficiency model's GEMM curve), forward + backward;
@@ -328,7 +330,7 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
 def predict(run: Run, inter: Any = None, dev: Any = None) -> dict[str, float]:
     """The run planned with its layout pinned: predicted iteration seconds and its parts.
     ``inter``: the link between nodes (default ``ib-ndr-400``); ``dev``: the device (default
-    ``h100-sxm``)."""
+    ``DEVICE``)."""
     from partitioner.api import partition
 
     if run.tp != 1 or run.pp != 1:
@@ -336,7 +338,7 @@ def predict(run: Run, inter: Any = None, dev: Any = None) -> dict[str, float]:
                                   f"tensor parallelism (tp={run.tp}, pp={run.pp})")
     model, inputs = build(run)
     nodes = run.gpus > 8
-    dev = dev or get_device("h100-sxm")
+    dev = dev or get_device(DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = partition(model, n_gpus=run.gpus, example_inputs=inputs, schedule="1f1b", n_microbatches=run.m,
@@ -432,42 +434,16 @@ def summary(done: Sequence[tuple[Run, dict[str, float]]]) -> None:
                   + f": |error| mean {100 * mean:.1f} %, max {100 * worst:.1f} %")
 
 
-def rail_link() -> Any:
-    """Sensitivity only (not a profile): the inter-node link as NCCL's rings use a node of 8 GPUs
-    with one 400 Gb/s NIC each, 8 channels side by side, so a ring collective's bus bandwidth is
-    the node's 8 NICs together (capped near NVLink's): 8 x 50 GB/s at ``ib-ndr-400``'s fractions."""
-    from partitioner.cost_models.devices import LINKS, LinkSpec
-
-    ib = LINKS["ib-ndr-400"]
-    return LinkSpec("ib-ndr-400-x8", 8 * ib.bandwidth, ib.latency, p2p=ib.p2p, collective=ib.collective,
-                    half_bytes=ib.half_bytes)
-
-
-#: FlashAttention-2's forward on H100: "FlashAttention-2 reaches 35 %" of the H100's peak
-#: (Shah et al., "FlashAttention-3", arXiv 2407.08608, the figure ``devices.py`` cites as [FA3]);
-#: Azure's ND H100 v5 results (github.com/samuel-bohman/AI-benchmarking-guide,
-#: Azure_Results/ND_H100_v5_results.md) measure 327.9 TFLOP/s (33 %) for FlashAttention 2.0 at
-#: head dim 128, batch 2, sequence 8192. Backward: A100's FlashAttention-2 ratio (0.63 / 0.73, [FA2]).
-FA2_H100_FWD = 0.35
-FA2_H100_BWD = round(0.35 * 0.63 / 0.73, 2)
-
-
-def fa2_device() -> Any:
-    """Sensitivity only (not a profile): ``h100-sxm`` with FlashAttention-2's H100 rates
-    (``FA2_H100_FWD`` / ``FA2_H100_BWD``) instead of FlashAttention-3's."""
-    from dataclasses import replace
-
-    dev = get_device("h100-sxm")
-    assert dev.efficiency is not None
-    return replace(dev, efficiency=replace(dev.efficiency, attn_fwd=FA2_H100_FWD, attn_bwd=FA2_H100_BWD))
+#: The profile the runs are priced on: their attention kernels are FlashAttention-2-class
+#: (``h100-sxm-fa2``, cited in ``cost_models/devices.py``); ``h100-sxm`` is cuDNN's.
+DEVICE = "h100-sxm-fa2"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="per model, its shortest and longest sequence on one node")
     ap.add_argument("--source", nargs="*", choices=sorted(SOURCES), default=sorted(SOURCES))
-    ap.add_argument("--no-rail", action="store_true", help="skip the multi-node sensitivity (8 NICs per ring)")
-    ap.add_argument("--no-fa2", action="store_true", help="skip the one-node sensitivity (FlashAttention-2 rates)")
+    ap.add_argument("--device", default=DEVICE, help="the profile to price the runs on (default: %(default)s)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     todo = [r for r in runs() if r.source in args.source]
@@ -487,7 +463,7 @@ def main() -> None:
     done: list[tuple[Run, dict[str, float]]] = []
     t0 = time.perf_counter()
     for r in todo:
-        p = predict(r)
+        p = predict(r, dev=get_device(args.device))
         done.append((r, p))
         print(f"| {r.source} | {r.name} | {r.seq} | {r.gpus} | {r.dp} | {r.micro} x {r.m} | {r.recompute} | "
               f"{r.measured_s:.3f} | {p['predicted']:.3f} | {p['predicted'] / r.measured_s:.2f} | "
@@ -496,33 +472,21 @@ def main() -> None:
             print(f"  (parts do not sum to the plan's stage time: {p['check']:+.4f} s)", flush=True)
     print()
     summary(done)
-    multi = [(r, p) for r, p in done if r.gpus > 8]
-    if multi and not args.no_rail:
-        print("\nmore than one node, inter-node collectives at 8 NICs per ring (sensitivity, rail_link()):")
-        print("| run | seq | GPUs | mbs x m | measured s | comm exposed as priced | predicted | pred/meas | "
-              "comm exposed at 8 NICs | predicted | pred/meas |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for r, p in multi:
-            q = predict(r, inter=rail_link())
-            print(f"| {r.name} | {r.seq} | {r.gpus} | {r.micro} x {r.m} | {r.measured_s:.3f} | {p['comm']:.3f} | "
-                  f"{p['predicted']:.3f} | {p['predicted'] / r.measured_s:.2f} | {q['comm']:.3f} | "
-                  f"{q['predicted']:.3f} | {q['predicted'] / r.measured_s:.2f} |", flush=True)
     one = [(r, p) for r, p in done if r.gpus == 8]
-    if one and not args.no_fa2:
-        print(f"\none node, attention at FlashAttention-2's H100 rates (sensitivity, fa2_device(): forward "
-              f"{FA2_H100_FWD}, backward {FA2_H100_BWD} of peak, before fit):")
+    if one and args.device != "h100-sxm":
+        print("\none node, attention as cuDNN runs it (sensitivity, device h100-sxm):")
         print("| source | run | seq | mbs x m | recompute | measured s | pred/meas as priced | attn as priced | "
-              "attn at FA2 rates | pred/meas |")
+              "attn as cuDNN | pred/meas |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         ratios = []
         for r, p in one:
-            q = predict(r, dev=fa2_device())
+            q = predict(r, dev=get_device("h100-sxm"))
             ratios.append(q["predicted"] / r.measured_s)
             print(f"| {r.source} | {r.name} | {r.seq} | {r.micro} x {r.m} | {r.recompute} | {r.measured_s:.3f} | "
                   f"{p['predicted'] / r.measured_s:.2f} | {p['attn'] + p['recomp_attn']:.3f} | "
                   f"{q['attn'] + q['recomp_attn']:.3f} | {ratios[-1]:.2f} |", flush=True)
         e = [abs(x - 1) for x in ratios]
-        print(f"at FA2 rates: pred/meas mean {sum(ratios) / len(ratios):.2f} (min {min(ratios):.2f}, max "
+        print(f"as cuDNN: pred/meas mean {sum(ratios) / len(ratios):.2f} (min {min(ratios):.2f}, max "
               f"{max(ratios):.2f}); |error| mean {100 * sum(e) / len(e):.1f} %, max {100 * max(e):.1f} %")
     print()
     for src, what, why in SKIPPED:
