@@ -81,6 +81,20 @@ PUBLISHED = [
      "128", "as above, interleaved 1F1B"),
 ]
 RUNS = {"8b": (8, 64), "70b": (64, 256), "405b": (256, 512)}
+#: the planner's runs (``--sweep``): every model on 64 to 512 GPUs
+SWEEP = (64, 128, 256, 512)
+#: the planner's keywords: every choice open
+PLANNER = dict(data_parallel="auto", tensor_parallel="auto", zero="auto", schedule="auto", n_microbatches="auto",
+               recompute="auto")
+
+
+def batch_for(name: str, n_gpus: int) -> int:
+    """The global batch of (model, GPUs): ``BATCH``'s, else the sequences per GPU of the model's
+    published run nearest in GPU count (8B: 2, 70B: 2, 405B: 0.5) times the GPUs."""
+    if (name, n_gpus) in BATCH:
+        return BATCH[name, n_gpus]
+    g = min((g for m, g in BATCH if m == name), key=lambda g: (abs(g - n_gpus), g))
+    return max(1, BATCH[name, g] * n_gpus // g)
 COMMON = dict(device="h100-sxm", link="nvlink4", gpus_per_node=8, inter_link="ib-ndr-400", optimizer="adamw",
               precision="bf16-mixed")
 

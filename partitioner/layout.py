@@ -32,8 +32,17 @@ from partitioner.passes.meta import COST, TP
 from partitioner.passes.split import compute_nodes
 from partitioner.plan import Mesh
 from partitioner.pricing import TIME_UNIT, with_shape
-from partitioner.problem import Context, Options, Problem, StageFit, batch_size, build_problem, node_timer
-from partitioner.schedule import SCHEDULES, ScheduleError, build_schedule, check_counts, default_microbatches
+from partitioner.problem import (
+    Context,
+    Options,
+    Problem,
+    StageFit,
+    batch_size,
+    build_problem,
+    node_timer,
+    unit_schedule,
+)
+from partitioner.schedule import SCHEDULES, ScheduleError, check_counts, default_microbatches
 from partitioner.search import finish_notes, search
 from partitioner.simulator import SimResult, predict_step, simulate
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
@@ -524,7 +533,9 @@ def joint(ctx: Context) -> Solved:
         if not c.refined and PRUNE:
             f, b = per_microbatch(c.t, (batch or 1) // c.d // c.mm)
             n_st = pp * c.v
-            balanced = simulate(build_schedule(c.schedule, pp, c.mm, n_st), [f / n_st] * n_st, [b / n_st] * n_st)
+            sched = ctx.memo(("schedule", c.schedule, pp, c.mm, n_st),
+                             lambda: unit_schedule(c.schedule, pp, c.mm, n_st))[0]  # shared with build_problem
+            balanced = simulate(sched, [f / n_st] * n_st, [b / n_st] * n_st)
             c = c._replace(bound=max(c.bound, BALANCED_SHARE * balanced.step_time), refined=True)
             heapq.heappush(queue, (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, len(cands), c))
             cands.append(c)
