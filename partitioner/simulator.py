@@ -22,6 +22,7 @@ and B = v*b (Narayanan et al. 2021, eq. for interleaving); bubble fraction
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -84,10 +85,18 @@ Rounds = list[tuple[list[tuple[int, int]],
                     list[tuple[int, int, bool, int, int, int, Action, Action, int, int]],
                     list[tuple[int, Action, int, int, tuple[int, ...], int]]]]
 
-#: the last schedules' lowerings (the schedule kept alive beside it, so an id is never
-#: reused while cached); the step search simulates one schedule hundreds of times
-_LOWERED: dict[int, tuple[Schedule, Lowered, Rounds, int, int]] = {}
-_KEPT = 16
+#: the lowerings of live schedules, by id (an entry leaves when its schedule is collected, so
+#: an id is never reused while cached; the planner's candidates share schedule objects, the
+#: step search simulates one hundreds of times), oldest first beyond ``_KEPT_ACTIONS``
+_LOWERED: dict[int, tuple[weakref.ref[Schedule], Lowered, Rounds, int, int, int]] = {}
+_KEPT_ACTIONS = 2_000_000  # actions over every cached schedule (a 1,000-action lowering is about 1 MB)
+_held = [0]  # the actions cached now
+
+
+def _forget(key: int) -> None:
+    hit = _LOWERED.pop(key, None)
+    if hit is not None:
+        _held[0] -= hit[5]
 
 
 def _lowered(schedule: Schedule) -> tuple[Lowered, Rounds, int, int]:
@@ -97,7 +106,7 @@ def _lowered(schedule: Schedule) -> tuple[Lowered, Rounds, int, int]:
     times, so it is computed once per schedule object and each simulation is a walk over
     plain tuples and lists (the step search simulates one schedule hundreds of times)."""
     hit = _LOWERED.get(id(schedule))
-    if hit is not None and hit[0] is schedule:
+    if hit is not None and hit[0]() is schedule:
         return hit[1], hit[2], hit[3], hit[4]
     replay(schedule)
     low = lower(schedule)
@@ -126,9 +135,13 @@ def _lowered(schedule: Schedule) -> tuple[Lowered, Rounds, int, int]:
             a = low.computes[r][k]
             delta = 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
             rounds[t][2].append((r, a, a.stage, _KIND[a.kind], tuple(mid[key] for key in low.needs[r][k]), delta))
-    if len(_LOWERED) >= _KEPT:
-        del _LOWERED[next(iter(_LOWERED))]
-    _LOWERED[id(schedule)] = (schedule, low, rounds, len(bid), len(mid))
+    size = sum(map(len, schedule.actions))
+    while _LOWERED and _held[0] + size > _KEPT_ACTIONS:
+        _forget(next(iter(_LOWERED)))
+    _forget(id(schedule))
+    _LOWERED[id(schedule)] = (weakref.ref(schedule), low, rounds, len(bid), len(mid), size)
+    _held[0] += size
+    weakref.finalize(schedule, _forget, id(schedule))
     return low, rounds, len(bid), len(mid)
 
 
