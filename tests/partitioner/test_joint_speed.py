@@ -103,7 +103,7 @@ def test_the_fewer_stages_note_is_computed_for_the_kept_layout_only(gpt, runs) -
 
 #: a joint search where memory refuses layouts the static floor lets through (the refusals'
 #: explanations are in the ranking)
-TIGHT: dict[str, Any] = dict(n_gpus=8, data_parallel="auto", zero="auto", schedule="auto", gpus_per_node=4,
+TIGHT: dict[str, Any] = dict(n_gpus=4, data_parallel="auto", zero="auto", schedule="auto", gpus_per_node=2,
                              inter_link="ib-ndr-400", optimizer="adamw")
 
 
@@ -154,3 +154,25 @@ def test_feasible_is_whether_solve_finds_a_split() -> None:
         assert feasible(inp, S) == ok, (inp, S)
         seen[ok] += 1
     assert min(seen.values()) > 30, seen  # both answers well represented
+
+
+def test_candidates_share_built_schedules_and_keep_the_plan(gpt) -> None:  # type: ignore[no-untyped-def]
+    """Candidates with the same schedule, ranks, micro-batches and stages share one built
+    schedule (and so one lowering in the simulator); the plan is the one built with a fresh
+    schedule, lowered again, for every use."""
+    from partitioner import problem, simulator
+    from partitioner.problem import Context
+
+    model, idx = gpt
+    with pytest.MonkeyPatch.context() as mp:
+        shared_spy = Spy(mp, problem, "build_schedule")
+        shared = partition(model, example_inputs=(idx,), **KW).plan.to_dict()
+    with pytest.MonkeyPatch.context() as mp:
+        real = Context.memo
+        mp.setattr(Context, "memo", lambda self, key, make: make() if key[0] == "schedule" else real(self, key, make))
+        mp.setattr(simulator, "_KEPT_ACTIONS", 0)  # the simulator keeps only the last schedule's lowering
+        fresh_spy = Spy(mp, problem, "build_schedule")
+        fresh = partition(model, example_inputs=(idx,), **KW).plan.to_dict()
+    assert len(shared_spy.calls) == len(set(shared_spy.calls)) < len(fresh_spy.calls), (
+        len(shared_spy.calls), len(fresh_spy.calls))
+    assert shared == fresh
