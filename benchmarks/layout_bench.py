@@ -16,6 +16,10 @@ cost model does not price: the comparison is of layouts on this cost model, not 
 validation of it against those measurements (their figures are cited beside the rows).
 
     PYTHONPATH=. .venv/bin/python benchmarks/layout_bench.py [--only 8b 70b 405b] [--gpus 8 64 ...]
+    PYTHONPATH=. .venv/bin/python benchmarks/layout_bench.py --sweep [--only ...] [--json rows.json]
+
+``--sweep``: the planner on 64, 128, 256 and 512 GPUs per model (``SWEEP``; global batch
+``batch_for``), with the published layouts pinned where their GPU count comes up.
 
 Planning is the slow part (a 405B capture is minutes on a laptop): the script captures and
 annotates each (model, batch) once and shares that between the runs (patching
