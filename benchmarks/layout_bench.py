@@ -16,6 +16,10 @@ cost model does not price: the comparison is of layouts on this cost model, not 
 validation of it against those measurements (their figures are cited beside the rows).
 
     PYTHONPATH=. .venv/bin/python benchmarks/layout_bench.py [--only 8b 70b 405b] [--gpus 8 64 ...]
+    PYTHONPATH=. .venv/bin/python benchmarks/layout_bench.py --sweep [--only ...] [--json rows.json]
+
+``--sweep``: the planner on 64, 128, 256 and 512 GPUs per model (``SWEEP``; global batch
+``batch_for``), with the published layouts pinned where their GPU count comes up.
 
 Planning is the slow part (a 405B capture is minutes on a laptop): the script captures and
 annotates each (model, batch) once and shares that between the runs (patching
@@ -69,18 +73,33 @@ PUBLISHED = [
                                                             recompute="selective"),
      "5,605 (128 GPUs)", "bf16, no compile/Float8, 128 GPUs, local batch 2"),
     ("70b", 256, "torchtitan FSDP 32 x TP 8", dict(data_parallel=32, tensor_parallel=8, zero=3, schedule="1f1b",
-                                                  n_microbatches=1, recompute="full"),
+                                                  n_microbatches=1, recompute="full", sequence_parallel=True),
      "829 (876 async TP)", "Float8 + torch.compile; full AC; local batch 16"),
     ("405b", 512, "torchtitan FSDP 8 x TP 8 x PP 8, 1F1B", dict(data_parallel=8, tensor_parallel=8, zero=3,
                                                                 schedule="1f1b", n_microbatches=32,
-                                                                recompute="full"),
+                                                                recompute="full", sequence_parallel=True),
      "100", "Float8 + compile + async TP; full AC; local batch 32, micro-batch 1"),
     ("405b", 512, "torchtitan FSDP 8 x TP 8 x PP 8, interleaved", dict(data_parallel=8, tensor_parallel=8, zero=3,
                                                                        schedule="interleaved-1f1b",
-                                                                       n_microbatches=32, recompute="full"),
+                                                                       n_microbatches=32, recompute="full",
+                                                                       sequence_parallel=True),
      "128", "as above, interleaved 1F1B"),
 ]
 RUNS = {"8b": (8, 64), "70b": (64, 256), "405b": (256, 512)}
+#: the planner's runs (``--sweep``): every model on 64 to 512 GPUs
+SWEEP = (64, 128, 256, 512)
+#: the planner's keywords: every choice open
+PLANNER = dict(data_parallel="auto", tensor_parallel="auto", zero="auto", schedule="auto", n_microbatches="auto",
+               recompute="auto", sequence_parallel=True)
+
+
+def batch_for(name: str, n_gpus: int) -> int:
+    """The global batch of (model, GPUs): ``BATCH``'s, else the sequences per GPU of the model's
+    published run nearest in GPU count (8B: 2, 70B: 2, 405B: 0.5) times the GPUs."""
+    if (name, n_gpus) in BATCH:
+        return BATCH[name, n_gpus]
+    g = min((g for m, g in BATCH if m == name), key=lambda g: (abs(g - n_gpus), g))
+    return max(1, BATCH[name, g] * n_gpus // g)
 COMMON = dict(device="h100-sxm", link="nvlink4", gpus_per_node=8, inter_link="ib-ndr-400", optimizer="adamw",
               precision="bf16-mixed")
 
@@ -141,6 +160,7 @@ def price_row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], secon
     flops_per_token = 6 * n_params + 12 * layers * h * SEQ  # torchtitan's / PaLM's count
     return dict(
         layout=f"{opts.data_parallel} x {opts.pp} x {opts.tensor_parallel}", zero=opts.zero,
+        sp=opts.sequence_parallel and opts.tensor_parallel > 1,
         schedule=opts.schedule, m=opts.n_microbatches, recompute="/".join(sorted({f.mode for f in fits})),
         step_s=step, tps_gpu=tokens / step / n_gpus,
         mfu=tokens * flops_per_token / step / (n_gpus * dev.peak_flops_lowp),
@@ -165,6 +185,7 @@ def _plan(name: str, n_gpus: int, model: Any, inputs: Any, **kw: Any) -> tuple[d
 
 def _fmt(row: dict[str, Any]) -> str:
     return (f"{row['layout']} | {row['zero']} | {row['schedule']} | {row['m']} | {row['recompute']} | "
+            f"{'on' if row.get('sp') else 'off'} | "
             f"{row['step_s']:.2f} s | {row['tps_gpu']:,.0f} | {100 * row['mfu']:.1f}% | {row['peak_gib']:.1f} GiB")
 
 
@@ -174,27 +195,27 @@ def main() -> None:
     ap.add_argument("--gpus", nargs="*", type=int, default=None, help="GPU counts to run (default: each model's)")
     ap.add_argument("--no-planner", action="store_true", help="pinned layouts only")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--sweep", action="store_true", help=f"the planner on {', '.join(map(str, SWEEP))} GPUs per model")
     args = ap.parse_args()
     install()
     out: list[dict[str, Any]] = []
-    print("model | GPUs | global batch | who | D x P x T | zero | schedule | m | recompute | step | tokens/s/GPU | "
+    print("model | GPUs | global batch | who | D x P x T | zero | schedule | m | recompute | SP | step | tokens/s/GPU | "
           "MFU | peak memory | published tokens/s/GPU | planning")
     for name in args.only:
         folder = tempfile.mkdtemp()
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(CONFIGS[name], f)
-        for n_gpus in RUNS[name]:
+        for n_gpus in sorted(set(RUNS[name]) | set(SWEEP)) if args.sweep else RUNS[name]:
             if args.gpus and n_gpus not in args.gpus:
                 continue
-            batch = BATCH[name, n_gpus]
+            batch = batch_for(name, n_gpus)
             shared_key[0] = (name, batch)
             t = time.perf_counter()
             model, inputs = load_hf(f"hf:{folder}", SEQ, batch)
             built = time.perf_counter() - t
             jobs: list[tuple[str, dict[str, Any], str]] = []
             if not args.no_planner:
-                jobs.append(("planner", dict(data_parallel="auto", tensor_parallel="auto", zero="auto",
-                                             schedule="auto", n_microbatches="auto", recompute="auto"), ""))
+                jobs.append(("planner", PLANNER, ""))
             jobs += [(who, kw, f"{tps} ({note})") for m, g, who, kw, tps, note in PUBLISHED
                      if m == name and g == n_gpus]
             for who, kw, cited in jobs:

@@ -32,8 +32,17 @@ from partitioner.passes.meta import COST, TP
 from partitioner.passes.split import compute_nodes
 from partitioner.plan import Mesh
 from partitioner.pricing import TIME_UNIT, with_shape
-from partitioner.problem import Context, Options, Problem, StageFit, batch_size, build_problem, node_timer
-from partitioner.schedule import SCHEDULES, ScheduleError, build_schedule, check_counts, default_microbatches
+from partitioner.problem import (
+    Context,
+    Options,
+    Problem,
+    StageFit,
+    batch_size,
+    build_problem,
+    node_timer,
+    unit_schedule,
+)
+from partitioner.schedule import SCHEDULES, ScheduleError, check_counts, default_microbatches
 from partitioner.search import finish_notes, search
 from partitioner.simulator import SimResult, predict_step, simulate
 from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
@@ -215,23 +224,24 @@ def solve_pipeline(ctx: Context, opts: Options) -> Solved:
     return Solved(prob, solution, fits, prob.layout)
 
 
-def solve_fsdp(ctx: Context, opts: Options, m: int | None, *,
-               defer_notes: bool = False) -> tuple[Problem, Solution, list[StageFit]]:
+def solve_fsdp(ctx: Context, opts: Options, m: int | None, *, defer_notes: bool = False,
+               explain_limit: int | None = None) -> tuple[Problem, Solution, list[StageFit]]:
     """``build_problem`` + ``search``; with ``fsdp_reshard="auto"`` where it is a choice
     (``zero=3``, replicas, a whole-backward schedule) both FSDP modes are solved, each priced
     as it runs (``ZeroShard.per_step``: memory; ``price_fsdp``: traffic), and the per-step mode
     is kept only where it fits and is strictly faster (``rankings["fsdp"]``, ``FSDP_NOTE``).
-    ``defer_notes``: as ``search``'s (``search.finish_notes`` completes the one kept)."""
+    ``defer_notes``: as ``search``'s (``search.finish_notes`` completes the one kept);
+    ``explain_limit``: as ``search``'s."""
     sched = opts.custom or opts.schedule
     if opts.fsdp_reshard != "auto" or opts.zero != 3 or opts.data_parallel <= 1 or splits_backward(sched):
         prob = build_problem(ctx, replace(opts, fsdp_reshard=None) if opts.fsdp_reshard == "auto" else opts, m)
-        return (prob, *search(prob, defer_notes=defer_notes))
+        return (prob, *search(prob, defer_notes=defer_notes, explain_limit=explain_limit))
     rows: list[tuple[float, int, str, tuple[Problem, Solution, list[StageFit]]]] = []
     refused: list[str] = []
     for i, how in enumerate(("unit", "step")):
         try:
             prob = build_problem(ctx, replace(opts, fsdp_reshard=how), m)
-            sol, fits = search(prob, defer_notes=defer_notes)
+            sol, fits = search(prob, defer_notes=defer_notes, explain_limit=explain_limit)
         except InfeasibleError as e:
             refused.append(f"{how}: does not fit ({' '.join(str(e).split())[:160]})")
             continue
@@ -371,6 +381,11 @@ def schedule_candidates(opts: Options, v_given: int) -> list[tuple[str, int]]:
 #: f + 3 b / 4, up to a fifth sooner when stage 0 is nearly empty). On the GPT fixture's joint
 #: search (tests/partitioner/test_zero_auto.py) no solved step is under its bound.
 BALANCED_SHARE = 0.9
+
+
+#: The characters of a refusal's message (whitespace collapsed) that ``joint``'s ranking shows:
+#: the search does not try what would fit where that text would be cut off (``search.explain``)
+_SHOWN = 160
 
 
 #: False: ``joint`` solves every candidate (no bound prunes one): the exhaustive search the
@@ -525,16 +540,18 @@ def joint(ctx: Context) -> Solved:
         if not c.refined and PRUNE:
             f, b = per_microbatch(c.t, (batch or 1) // c.d // c.mm)
             n_st = pp * c.v
-            balanced = simulate(build_schedule(c.schedule, pp, c.mm, n_st), [f / n_st] * n_st, [b / n_st] * n_st)
+            sched = ctx.memo(("schedule", c.schedule, pp, c.mm, n_st),
+                             lambda: unit_schedule(c.schedule, pp, c.mm, n_st))[0]  # shared with build_problem
+            balanced = simulate(sched, [f / n_st] * n_st, [b / n_st] * n_st)
             c = c._replace(bound=max(c.bound, BALANCED_SHARE * balanced.step_time), refined=True)
             heapq.heappush(queue, (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, len(cands), c))
             cands.append(c)
             continue
         o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v)
         try:
-            prob, sol, fits = solve_fsdp(ctx, o, c.m, defer_notes=True)
+            prob, sol, fits = solve_fsdp(ctx, o, c.m, defer_notes=True, explain_limit=_SHOWN)
         except PartitionError as e:  # infeasible, too few cuts, the batch does not split
-            refused.append(f"{c.label(pp)}: {' '.join(str(e).split())[:160]}")
+            refused.append(f"{c.label(pp)}: {' '.join(str(e).split())[:_SHOWN]}")
             continue
         peak = max(prob.need(i, x) for i, x in enumerate(fits))
         for lay in placements(c.d, pp, base.gpus_per_node, c.t):

@@ -360,6 +360,13 @@ def node_timer(ctx: Context, gm: fx.GraphModule, precision: str) -> tensor_paral
     return tensor_parallel.node_time(base_time, gm, ctx.request.lnk)
 
 
+def unit_schedule(name: str, n_ranks: int, n_microbatches: int, n_stages: int) -> tuple[Schedule, tuple[int, ...]]:
+    """A built schedule and its micro-batches in flight per stage (simulated with unit times:
+    the peak depends on the action lists only)."""
+    sched = build_schedule(name, n_ranks, n_microbatches, n_stages)
+    return sched, simulate(sched, [1.0] * n_stages, [2.0] * n_stages).peak_inflight
+
+
 def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
                   dims: tuple[str, ...] = ("dp", "pp")) -> Problem:
     """``opts`` priced on the context's annotated graph at ``n_microbatches`` (None: the
@@ -415,8 +422,12 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     blocks = (marks.glob,) if marks.glob else None
     acts = ctx.memo(("acts", tp, order_key, dev.kind, blocks), lambda: Activations(
         gm, priced.order, target=dev.kind, blocks=blocks)) if costs_known else None
-    sched = opts.custom or build_schedule(opts.schedule, opts.pp, m, opts.n_stages)
-    unit = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages)
+    if opts.custom is not None:
+        sched = opts.custom
+        inflight = simulate(sched, [1.0] * opts.n_stages, [2.0] * opts.n_stages).peak_inflight
+    else:  # a built schedule is immutable data: one object per counts (the simulator caches its lowering by it)
+        sched, inflight = ctx.memo(("schedule", opts.schedule, opts.pp, m, opts.n_stages),
+                                   lambda: unit_schedule(opts.schedule, opts.pp, m, opts.n_stages))
     capacity = opts.memory_limit if opts.memory_limit is not None else dev.memory_bytes
     comm = ctx.memo(("comm", tp, micro, seq1, marks.glob, opts.precision, lnk),
                     lambda: cut_link_units(lnk, priced.cut_bytes, priced.cut_grad_bytes, tp=tp,
@@ -431,7 +442,7 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
         options.append(Option([f + b + (f if r else 0) for f, b, r in zip(fwd, bwd, redo)], act, reserve))
     sin = SolverInput(
         compute=options[0].compute, cut_cost=comm, cut_bytes=list(priced.cut_bytes), allowed=list(priced.allowed),
-        static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(unit.peak_inflight),
+        static_mem=static_mem, act_mem=options[0].act_mem, inflight=list(inflight),
         capacity=[capacity] * opts.n_stages, pinned=[], options=options if len(options) > 1 or options[0].reserve else [])
     layout = Mesh(opts.data_parallel, opts.pp, dims, opts.gpus_per_node or 0, tp=opts.tensor_parallel,
                   shard=opts.fsdp_shard or 0)

@@ -19,11 +19,10 @@ from partitioner.objective import StepModel, fewer_stages, resolve_objective, st
 from partitioner.passes.liveness import Liveness
 from partitioner.passes.meta import COST, DESC
 from partitioner.pricing import TIME_UNIT, Priced, to_units, wire_kind
-from partitioner.problem import Problem, StageFit, cut_link_units
+from partitioner.problem import Problem, StageFit, cut_link_units, unit_schedule
 from partitioner.refine import refine, score
-from partitioner.schedule import Schedule, build_schedule
-from partitioner.simulator import simulate
-from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, solve
+from partitioner.schedule import Schedule
+from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, _fmt_bytes, feasible, solve
 
 __all__ = ["finish_notes", "search", "rescore"]
 
@@ -34,7 +33,7 @@ _RETRIES = 6
 _UNBOUNDED = 2**60  # a capacity no stage reaches (the solver clamps it to the model's total)
 
 
-def search(prob: Problem, *, defer_notes: bool = False) -> Fitted:
+def search(prob: Problem, *, defer_notes: bool = False, explain_limit: int | None = None) -> Fitted:
     """Cuts and per-stage recompute minimising the bottleneck under memory.
 
     The solver works on additive costs; each solution is then checked stage by stage with
@@ -45,6 +44,7 @@ def search(prob: Problem, *, defer_notes: bool = False) -> Fitted:
     per smaller rank count) is not computed here but recorded in ``prob.pending``;
     ``finish_notes`` adds it where it would have gone. A search that solves many candidates
     and keeps one (``layout.joint``) pays for the note of the one it keeps only.
+    ``explain_limit``: as ``explain``'s ``limit``, for a caller that shows only the start of a refusal.
     """
     check_enough_cuts(prob.priced, prob.opts.n_stages)
     names = tuple(n.name for n in prob.priced.order)
@@ -53,7 +53,7 @@ def search(prob: Problem, *, defer_notes: bool = False) -> Fitted:
     has_compute = prob.cached(("computing", prob.opts.tensor_parallel, names, prob.micro, prob.symbols.get("S")),
                               lambda: computing(prob))
     sin = replace(prob.sin, pinned=prob.pins, avoid=avoid, has_compute=has_compute)
-    sol, fits = search_cuts(prob, sin)
+    sol, fits = search_cuts(prob, sin, explain_limit=explain_limit)
     used, budget, why = resolve_objective(prob.opts.objective, prob.sched)
     if used == "step":
         sol, fits = step_objective(prob, sin, sol, fits, budget, why)
@@ -164,7 +164,7 @@ def note_fewer_stages(prob: Problem, sin: SolverInput, sol: Solution) -> None:
                       f"{prob.sched.name} m={prob.sched.n_microbatches}: {table}; {ranks} GPUs {fmt_time(here)})")
 
 
-def search_cuts(prob: Problem, sin: SolverInput) -> Fitted:
+def search_cuts(prob: Problem, sin: SolverInput, *, explain_limit: int | None = None) -> Fitted:
     """Min-bottleneck cuts under exact memory (the loop described in ``search``)."""
     if len(prob.modes) > 1 and prob.modes[0] == "none":
         # Recompute only adds compute: if the best split without it, memory ignored, fits
@@ -183,7 +183,7 @@ def search_cuts(prob: Problem, sin: SolverInput) -> Fitted:
         try:
             first = solve(replace(sin, capacity=caps), prob.opts.n_stages)
         except InfeasibleError as e:
-            raise explain(prob, e, last) from None
+            raise explain(prob, e, last, explain_limit) from None
         sol = refine(replace(sin, capacity=caps), prob.opts.n_stages, first)
         fits = prob.exact(sol.cuts)
         over = [prob.need(i, x) - prob.capacity for i, x in enumerate(fits)]
@@ -191,7 +191,8 @@ def search_cuts(prob: Problem, sin: SolverInput) -> Fitted:
         if max(over) <= 0:
             return rescore(prob, sol, fits, optimal=sol.optimal), fits
         caps = [c - max(o, 0) for c, o in zip(caps, over)]
-    raise explain(prob, InfeasibleError("the exact memory check kept finding stages over capacity"), last)
+    raise explain(prob, InfeasibleError("the exact memory check kept finding stages over capacity"), last,
+                  explain_limit)
 
 
 def free_split(prob: Problem, free: SolverInput) -> Solution:
@@ -228,39 +229,16 @@ def rescore(prob: Problem, sol: Solution, fits: Sequence[StageFit], *, optimal: 
                     sol.total_cut_bytes, min(sol.lower_bound, max(times)), optimal and same, tuple(chosen))
 
 
-def explain(prob: Problem, err: InfeasibleError, last: Fitted | None) -> InfeasibleError:
+def explain(prob: Problem, err: InfeasibleError, last: Fitted | None, limit: int | None = None) -> InfeasibleError:
     """The solver's refusal, with what would fit: more GPUs, recompute, fewer micro-batches
-    in flight, a smaller micro-batch (each tried on the same costs)."""
+    in flight, a smaller micro-batch (each tried on the same costs).
+
+    ``limit``: the caller reads only the first ``limit`` characters of the message with its
+    whitespace collapsed (``layout.joint``'s ranking); when what comes before the hints is
+    that long already, the hints (a solve each) are not tried and the message says so."""
     hints = []
     S = prob.opts.n_stages
     base = replace(prob.sin, pinned=prob.pins)
-
-    def fits(sin: SolverInput, stages: int) -> bool:
-        try:
-            solve(sin, stages)
-            return True
-        except PartitionError:
-            return False
-
-    if prob.opts.recompute in ("none", "selective") and prob.acts is not None:
-        act, redo, reserve = prob.acts.arrays("full", prob.ev)
-        full = Option([c + (f if r else 0) for c, f, r in zip(prob.sin.compute, to_units(prob.priced.fwd_s), redo)],
-                      act, reserve)
-        if fits(replace(base, options=[full]), S):
-            hints.append("recompute='full' (or 'auto') fits")
-    if max(prob.sin.inflight) > 1 and fits(replace(base, inflight=[1] * S), S):
-        hints.append(f"with one micro-batch in flight per stage it fits (today up to {max(prob.sin.inflight)}: "
-                     "fewer micro-batches, or schedule='gpipe' with n_microbatches=1)")
-    if not prob.pins:
-        for more in sorted({S + 1, S + 2, 2 * S, 4 * S, 8 * S}):
-            if more > len(prob.priced.order):
-                break
-            sched = build_schedule(prob.opts.schedule if prob.opts.schedule in ("gpipe", "1f1b", "zb-h1") else "1f1b",
-                                   more, prob.opts.n_microbatches, more)
-            inflight = list(simulate(sched, [1.0] * more, [2.0] * more).peak_inflight)
-            if fits(replace(base, inflight=inflight, capacity=[prob.capacity] * more), more):
-                hints.append(f"{more} GPUs fit this configuration")
-                break
     text = str(err)
     closest = getattr(err, "closest", None)
     worst_fits = last[1] if last is not None else None
@@ -277,6 +255,32 @@ def explain(prob: Problem, err: InfeasibleError, last: Fitted | None) -> Infeasi
                 f"{_fmt_bytes(kept)} activations" + (f" + {_fmt_bytes(extra)} recomputed in backward" if extra else "")
                 + f", recompute {mode!r}) but the device holds {_fmt_bytes(prob.capacity)}")
     advice = "use more GPUs, a device with more memory, fewer micro-batches in flight, recompute or a smaller micro-batch"
+    if limit is not None and len(" ".join(f"{text}; {advice}".split())) >= limit:
+        return InfeasibleError(f"{text}; {advice} (what would fit was not tried)")
+
+    def fits(sin: SolverInput, stages: int) -> bool:
+        return feasible(sin, stages)  # whether solve() finds a split, without searching for the best one
+
+    if prob.opts.recompute in ("none", "selective") and prob.acts is not None:
+        act, redo, reserve = prob.acts.arrays("full", prob.ev)
+        full = Option([c + (f if r else 0) for c, f, r in zip(prob.sin.compute, to_units(prob.priced.fwd_s), redo)],
+                      act, reserve)
+        if fits(replace(base, options=[full]), S):
+            hints.append("recompute='full' (or 'auto') fits")
+    if max(prob.sin.inflight) > 1 and fits(replace(base, inflight=[1] * S), S):
+        hints.append(f"with one micro-batch in flight per stage it fits (today up to {max(prob.sin.inflight)}: "
+                     "fewer micro-batches, or schedule='gpipe' with n_microbatches=1)")
+    if not prob.pins:
+        for more in sorted({S + 1, S + 2, 2 * S, 4 * S, 8 * S}):
+            if more > len(prob.priced.order):
+                break
+            name = prob.opts.schedule if prob.opts.schedule in ("gpipe", "1f1b", "zb-h1") else "1f1b"
+            m = prob.opts.n_microbatches
+            inflight = list(prob.cached(("schedule", name, more, m, more),
+                                        lambda: unit_schedule(name, more, m, more))[1])  # shared with build_problem
+            if fits(replace(base, inflight=inflight, capacity=[prob.capacity] * more), more):
+                hints.append(f"{more} GPUs fit this configuration")
+                break
     tried = (f" (tried on these costs: {'; '.join(hints)})" if hints else
              " (tried on these costs, none fits: up to 8x the GPUs, recompute='full', one micro-batch in flight)")
     return InfeasibleError(f"{text}; {advice}{tried}")

@@ -22,8 +22,10 @@ and B = v*b (Narayanan et al. 2021, eq. for interleaving); bubble fraction
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from partitioner import poly
@@ -48,7 +50,16 @@ class SimResult:
     bubble_fraction: float  # 1 - busy compute / (n_ranks * step_time)
     busy: tuple[float, ...]  # compute time per rank
     peak_inflight: tuple[int, ...]  # per stage: max micro-batches forwarded, not yet backwarded
-    events: tuple[Event, ...]  # ordered by (start, rank)
+    #: the events as ``simulate`` recorded them (rank, action, start, end), in its order
+    raw_events: Sequence[tuple[int, Action, float, float]] = field(default=(), repr=False, compare=False)
+
+    @cached_property
+    def events(self) -> tuple[Event, ...]:
+        """Every action's event, ordered by (start, rank); made on first use (most
+        simulations are asked for their step only)."""
+        out = [Event(*e) for e in self.raw_events]
+        out.sort(key=lambda e: (e.start, e.rank))
+        return tuple(out)
 
 
 def _per_stage(what: str, times: Sequence[float], n: int, *, optional: bool = False) -> list[float]:
@@ -65,42 +76,73 @@ def _per_stage(what: str, times: Sequence[float], n: int, *, optional: bool = Fa
 
 
 Key = tuple[str, int, int, int]
-#: per round: its computes (rank, index), its batches (rank, index) and its messages
-#: (key, the sender's batch, the receiver's batch)
-Rounds = list[tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[Key, tuple[int, int], tuple[int, int]]]]]
+_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
+#: per round: its batches (rank, batch id), its messages (sender's batch id, receiver's batch id,
+#: forward?, src stage, dst stage, message id, the SEND and RECV actions, sender and receiver
+#: rank) and its computes (rank, action, stage, kind index, ids of the messages it uses, change
+#: of the stage's in-flight count); ids index flat per-simulation lists
+Rounds = list[tuple[list[tuple[int, int]],
+                    list[tuple[int, int, bool, int, int, int, Action, Action, int, int]],
+                    list[tuple[int, Action, int, int, tuple[int, ...], int]]]]
 
-#: the last schedules' lowerings (the schedule kept alive beside it, so an id is never
-#: reused while cached); the step search simulates one schedule hundreds of times
-_LOWERED: dict[int, tuple[Schedule, Lowered, Rounds]] = {}
-_KEPT = 8
+#: the lowerings of live schedules, by id (an entry leaves when its schedule is collected, so
+#: an id is never reused while cached; the planner's candidates share schedule objects, the
+#: step search simulates one hundreds of times), oldest first beyond ``_KEPT_ACTIONS``
+_LOWERED: dict[int, tuple[weakref.ref[Schedule], Lowered, Rounds, int, int, int]] = {}
+_KEPT_ACTIONS = 2_000_000  # actions over every cached schedule (a 1,000-action lowering is about 1 MB)
+_held = [0]  # the actions cached now
 
 
-def _lowered(schedule: Schedule) -> tuple[Lowered, Rounds]:
+def _forget(key: int) -> None:
+    hit = _LOWERED.pop(key, None)
+    if hit is not None:
+        _held[0] -= hit[5]
+
+
+def _lowered(schedule: Schedule) -> tuple[Lowered, Rounds, int, int]:
     """The schedule's lowering (``partitioner.comms.lower``, after ``schedule.replay`` has
-    validated the lists), arranged by round: it depends on the lists only, not on the
-    times, so it is computed once per schedule object."""
+    validated the lists), arranged by round with every key resolved to a flat index (batches,
+    messages), and the batch and message counts: it depends on the lists only, not on the
+    times, so it is computed once per schedule object and each simulation is a walk over
+    plain tuples and lists (the step search simulates one schedule hundreds of times)."""
     hit = _LOWERED.get(id(schedule))
-    if hit is not None and hit[0] is schedule:
-        return hit[1], hit[2]
+    if hit is not None and hit[0]() is schedule:
+        return hit[1], hit[2], hit[3], hit[4]
     replay(schedule)
     low = lower(schedule)
     rounds: Rounds = [([], [], []) for _ in range(low.n_rounds)]
+    bid: dict[tuple[int, int], int] = {}
+    for r in range(schedule.n_ranks):
+        for j, b in enumerate(low.batches[r]):
+            bid[r, j] = len(bid)
     receiver: dict[Key, tuple[int, int]] = {}
     for r in range(schedule.n_ranks):
-        for k, t in enumerate(low.rounds[r]):
-            rounds[t][0].append((r, k))
         for j, b in enumerate(low.batches[r]):
-            rounds[b.round][1].append((r, j))
+            rounds[b.round][0].append((r, bid[r, j]))
             for key, _ in b.recvs:
                 receiver[key] = (r, j)
+    mid: dict[Key, int] = {}
     for r in range(schedule.n_ranks):
         for j, b in enumerate(low.batches[r]):
             for key, _ in b.sends:
-                rounds[b.round][2].append((key, (r, j), receiver[key]))
-    if len(_LOWERED) >= _KEPT:
-        del _LOWERED[next(iter(_LOWERED))]
-    _LOWERED[id(schedule)] = (schedule, low, rounds)
-    return low, rounds
+                d, src, dst, mb = key
+                rr, rj = receiver[key]
+                mid[key] = len(mid)
+                rounds[b.round][1].append((bid[r, j], bid[rr, rj], d == "F", src, dst, mid[key],
+                                           Action(src, "SEND_" + d, mb), Action(dst, "RECV_" + d, mb), r, rr))
+    for r in range(schedule.n_ranks):
+        for k, t in enumerate(low.rounds[r]):
+            a = low.computes[r][k]
+            delta = 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+            rounds[t][2].append((r, a, a.stage, _KIND[a.kind], tuple(mid[key] for key in low.needs[r][k]), delta))
+    size = sum(map(len, schedule.actions))
+    while _LOWERED and _held[0] + size > _KEPT_ACTIONS:
+        _forget(next(iter(_LOWERED)))
+    _forget(id(schedule))
+    _LOWERED[id(schedule)] = (weakref.ref(schedule), low, rounds, len(bid), len(mid), size)
+    _held[0] += size
+    weakref.finalize(schedule, _forget, id(schedule))
+    return low, rounds, len(bid), len(mid)
 
 
 def simulate(
@@ -122,55 +164,58 @@ def simulate(
     igrad = [b / 2 for b in bwd] if len(igrad_time) == 0 else _per_stage("igrad_time", igrad_time, n)
     if any(i > b for i, b in zip(igrad, bwd)):
         raise ScheduleError(f"igrad_time must not exceed bwd_time per stage: {igrad} vs {bwd}")
-    low, rounds = _lowered(schedule)
+    _, rounds, n_batches, n_messages = _lowered(schedule)
+    durations = (fwd, bwd, igrad, [b - i for b, i in zip(bwd, igrad)])
 
     p = schedule.n_ranks
     clock = [0.0] * p  # when the rank's last compute ends
     stream = [0.0] * p  # when the rank's last batch of messages completes (its communicator)
     busy = [0.0] * p
-    ready: dict[Key, float] = {}  # message -> its receive's batch has completed
+    ready = [0.0] * n_messages  # message -> its receive's batch has completed
+    arrive = [0.0] * n_messages  # message -> it has landed
+    began, issued, ends = [0.0] * n_batches, [0.0] * n_batches, [0.0] * n_batches
     inflight, peak = [0] * n, [0] * n
-    events: list[Event] = []
+    raw: list[tuple[int, Action, float, float]] = []  # the events, in the order they happen here
 
-    for computes, batches, messages in rounds:
+    for batches, messages, computes in rounds:
         # This instant's batches (placed before the computes that start at it): each starts
         # once its rank's previous batch has completed (one in-order communicator per rank);
         # a message moves once the batches at both ends run, and a batch completes with its
         # last message (a wait covers the whole batch).
-        began = {(r, j): max(clock[r], stream[r]) for r, j in batches}
-        issued = {(r, j): clock[r] for r, j in batches}
-        ends = dict(began)
-        moved = []
-        for key, snd, rcv in messages:
-            d, src, dst, _ = key
-            end = max(began[snd], began[rcv]) + (fsend[src] if d == "F" else bsend[dst])
-            ends[snd], ends[rcv] = max(ends[snd], end), max(ends[rcv], end)
-            moved.append((key, snd, rcv, end))
         for r, j in batches:
-            stream[r] = ends[(r, j)]
-        for key, snd, rcv, end in moved:
-            ready[key] = ends[rcv]
-            d, src, dst, mb = key
-            events.append(Event(snd[0], Action(src, "SEND_" + d, mb), began[snd], end))
-            events.append(Event(rcv[0], Action(dst, "RECV_" + d, mb), issued[rcv], ends[rcv]))
-        for r, k in computes:
-            a = low.computes[r][k]
-            st, kind = a.stage, a.kind
+            c = clock[r]
+            began[j] = ends[j] = c if c >= stream[r] else stream[r]
+            issued[j] = c
+        for snd, rcv, fw, src, dst, m, _, _, _, _ in messages:
+            end = arrive[m] = (began[snd] if began[snd] >= began[rcv] else began[rcv]) + (fsend[src] if fw else bsend[dst])
+            if end > ends[snd]:
+                ends[snd] = end
+            if end > ends[rcv]:
+                ends[rcv] = end
+        for r, j in batches:
+            stream[r] = ends[j]
+        for snd, rcv, _, _, _, m, send, recv, rs, rr in messages:
+            ready[m] = ends[rcv]
+            raw.append((rs, send, began[snd], arrive[m]))
+            raw.append((rr, recv, issued[rcv], ends[rcv]))
+        for r, a, st, kind, needs, delta in computes:
             start = clock[r]
-            for key in low.needs[r][k]:
-                start = max(start, ready[key])
-            dur = {"F": fwd[st], "B": bwd[st], "I": igrad[st], "W": bwd[st] - igrad[st]}[kind]
+            for m in needs:
+                if ready[m] > start:
+                    start = ready[m]
+            dur = durations[kind][st]
             clock[r] = start + dur
             busy[r] += dur
             # A micro-batch's activations live until its last backward piece (W needs
             # the stage inputs), so I alone does not release it.
-            inflight[st] += 1 if kind == "F" else -1 if kind in ("B", "W") else 0
-            peak[st] = max(peak[st], inflight[st])
-            events.append(Event(r, a, start, clock[r]))
+            if delta:
+                inflight[st] += delta
+                if inflight[st] > peak[st]:
+                    peak[st] = inflight[st]
+            raw.append((r, a, start, clock[r]))
     step = max(max(clock), max(stream))
     bubble = 1 - sum(busy) / (p * step) if step > 0 else 0.0
-    events.sort(key=lambda e: (e.start, e.rank))
-    return SimResult(step, bubble, tuple(busy), tuple(peak), tuple(events))
+    return SimResult(step, bubble, tuple(busy), tuple(peak), raw)
 
 
 def boundary_bytes(boundaries: Sequence[Any], microbatch: int, seq: int = 1) -> tuple[list[int], list[int]]:

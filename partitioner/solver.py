@@ -63,7 +63,8 @@ from partitioner.cost_models.errors import PartitionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "min_cost_at", "solve"]
+__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "feasible", "min_cost_at",
+           "solve"]
 
 _I64 = npt.NDArray[np.int64]
 _Ix = npt.NDArray[np.intp]
@@ -611,6 +612,22 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
                     stage_mem=mems,
                     total_cut_bytes=int(sum(inp.cut_bytes[k] for k in cuts[1:-1])),
                     lower_bound=int(lb), optimal=True, stage_option=tuple(choice))
+
+
+def feasible(inp: SolverInput, n_stages: int) -> bool:
+    """Does ``solve(inp, n_stages)`` find a split (rather than raise a ``PartitionError``)?
+    The same checks and reachability test, without the search for the best split or, when
+    there is none, the search for the closest one that the error reports."""
+    S = n_stages
+    try:
+        n, pins = _check(inp, S)
+    except PartitionError:
+        return False
+    for need in ((True, False) if S > 1 else (False,)):  # as solve: every stage computing, else idle ones allowed
+        fw = _prepare(inp, S, pins, need_compute=need)
+        if _reach(fw, max(int(o.P[n]) for o in fw.opts) + 2 * int(max(inp.cut_cost)) + 1) is not None:
+            return True
+    return False
 
 
 def min_cost_at(inp: SolverInput, n_stages: int, T: int, costs: Sequence[int]) -> tuple[int, ...] | None:

@@ -99,3 +99,80 @@ def test_the_fewer_stages_note_is_computed_for_the_kept_layout_only(gpt, runs) -
     # the pick's notes are those of the same layout planned alone, in the same order, then the layout line
     assert [n for n in plan.notes if not n.startswith(layout.LAYOUT_NOTE)] == list(alone.notes)
     assert plan.to_dict()["stages"] == alone.to_dict()["stages"]
+
+
+#: a joint search where memory refuses layouts the static floor lets through (the refusals'
+#: explanations are in the ranking)
+TIGHT: dict[str, Any] = dict(n_gpus=4, data_parallel="auto", zero="auto", schedule="auto", gpus_per_node=2,
+                             inter_link="ib-ndr-400", optimizer="adamw")
+
+
+def test_a_refusal_reads_the_same_when_what_would_fit_is_not_tried(gpt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The joint ranking shows the first 160 characters of a refusal; the search skips the
+    hints (a solve each) that would come after them, and the plan stays byte for byte the
+    one with every hint tried."""
+    model, idx = gpt
+    free = partition(model, example_inputs=(idx,), n_gpus=2).plan
+    limit = int(0.6 * max(st.cost.memory_bytes for st in free.stages))
+    plans, hints = {}, {}
+    for skip in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not skip:
+                real = search.explain
+                mp.setattr(search, "explain", lambda prob, err, last, limit=None: real(prob, err, last, None))
+            spy = Spy(mp, search, "feasible")
+            plans[skip] = partition(model, example_inputs=(idx,), memory_limit=limit, **TIGHT).plan.to_dict()
+            hints[skip] = len(spy.calls)
+    refused = [r for r in plans[True]["rankings"]["layout"] if r["refused"] and "needs" in r["refused"]]
+    assert refused, "no layout was refused by the exact memory: the test shows nothing"
+    assert hints[True] < hints[False], hints
+    assert plans[True] == plans[False]
+
+
+def test_feasible_is_whether_solve_finds_a_split() -> None:
+    import random
+
+    from partitioner.solver import Option, PartitionError, SolverInput, feasible, solve
+
+    rng = random.Random(0)
+    seen = {True: 0, False: 0}
+    for _ in range(300):
+        n, S = rng.randint(1, 12), rng.randint(1, 5)
+        compute = [rng.choice([0, 0, 1, 3, 7]) for _ in range(n)]
+        act = [rng.randint(0, 9) for _ in range(n)]
+        inp = SolverInput(compute, [0] + [rng.randint(0, 3) for _ in range(n - 1)] + [0],
+                          [rng.randint(0, 9) for _ in range(n + 1)], [rng.random() < 0.8 for _ in range(n + 1)],
+                          [rng.randint(0, 9) for _ in range(n)], act, [rng.randint(1, 3) for _ in range(S)],
+                          [rng.randint(5, 60) for _ in range(S)],
+                          options=[Option(compute, act), Option([2 * c for c in compute], [a // 3 for a in act], 4)]
+                          if rng.random() < 0.5 else [])
+        try:
+            solve(inp, S)
+            ok = True
+        except PartitionError:
+            ok = False
+        assert feasible(inp, S) == ok, (inp, S)
+        seen[ok] += 1
+    assert min(seen.values()) > 30, seen  # both answers well represented
+
+
+def test_candidates_share_built_schedules_and_keep_the_plan(gpt) -> None:  # type: ignore[no-untyped-def]
+    """Candidates with the same schedule, ranks, micro-batches and stages share one built
+    schedule (and so one lowering in the simulator); the plan is the one built with a fresh
+    schedule, lowered again, for every use."""
+    from partitioner import problem, simulator
+    from partitioner.problem import Context
+
+    model, idx = gpt
+    with pytest.MonkeyPatch.context() as mp:
+        shared_spy = Spy(mp, problem, "build_schedule")
+        shared = partition(model, example_inputs=(idx,), **KW).plan.to_dict()
+    with pytest.MonkeyPatch.context() as mp:
+        real = Context.memo
+        mp.setattr(Context, "memo", lambda self, key, make: make() if key[0] == "schedule" else real(self, key, make))
+        mp.setattr(simulator, "_KEPT_ACTIONS", 0)  # the simulator keeps only the last schedule's lowering
+        fresh_spy = Spy(mp, problem, "build_schedule")
+        fresh = partition(model, example_inputs=(idx,), **KW).plan.to_dict()
+    assert len(shared_spy.calls) == len(set(shared_spy.calls)) < len(fresh_spy.calls), (
+        len(shared_spy.calls), len(fresh_spy.calls))
+    assert shared == fresh
