@@ -62,6 +62,7 @@ node uses ``link``, between nodes ``inter_link``; a ring collective across nodes
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
@@ -311,13 +312,8 @@ def ring_link(layout: Mesh, groups: Iterable[Sequence[int]], link: LinkSpec, int
     so a group with k GPUs on every node crosses at k x ``inter_link``'s rate, never faster
     than the in-node link's collective rate (the ring's other hops). k is the fewest of any
     group's GPUs on one node; groups sharing a node share its NICs, one each per GPU."""
-    k = 0
-    for members in groups:
-        per_node: dict[int, int] = {}
-        for r in members:
-            per_node[layout.node(r)] = per_node.get(layout.node(r), 0) + 1
-        if len(per_node) > 1:
-            k = min(per_node.values()) if not k else min(k, *per_node.values())
+    per_node = [Counter(layout.node(r) for r in members) for members in groups]
+    k = min((min(c.values()) for c in per_node if len(c) > 1), default=0)
     if not k:
         return link
     if k == 1:
@@ -338,7 +334,7 @@ def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec
         return price_fsdp(layout, link, inter_link, windows, pipeline_step)
     times, ends = [], []
     for p in range(layout.pp):
-        lk = ring_link(layout, [[layout.rank(d, p) for d in range(layout.dp)]], link, inter_link)
+        lk = ring_link(layout, [layout.replicas(p)], link, inter_link)
         grads = sum(b for w in windows[p] for b in w.buckets)
         gather = allgather_s(weight_bytes[p], layout.dp, lk) if zero else 0.0
         times.append(ring_allreduce_s(grads, layout.dp, lk) + gather)
@@ -359,10 +355,8 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
     s_deg = layout.shard_degree
     r_deg = layout.dp // s_deg
     for p in range(layout.pp):
-        lk = ring_link(layout, [[layout.rank(r * s_deg + i, p) for i in range(s_deg)] for r in range(r_deg)],
-                       link, inter_link)
-        rk = ring_link(layout, [[layout.rank(r * s_deg + i, p) for r in range(r_deg)] for i in range(s_deg)],
-                       link, inter_link)
+        lk = ring_link(layout, layout.shard_groups(p), link, inter_link)
+        rk = ring_link(layout, layout.replica_groups(p), link, inter_link)
 
         def reduce(nbytes: float) -> float:  # reduce-scatter in the shard group, all-reduce of its shard across
             return reduce_scatter_s(nbytes, s_deg, lk) + ring_allreduce_s(nbytes / s_deg, r_deg, rk)

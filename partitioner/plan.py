@@ -205,17 +205,32 @@ class Mesh:
         """Replicas one FSDP shard group spans (``shard``, else all ``dp``)."""
         return self.shard or self.dp
 
+    def replicas(self, pp_rank: int) -> list[int]:
+        """The global ranks of pipeline rank ``pp_rank``'s replicas (TP rank 0)."""
+        return [self.rank(d, pp_rank) for d in range(self.dp)]
+
+    def shard_groups(self, pp_rank: int) -> list[list[int]]:
+        """The global ranks of each FSDP shard group of pipeline rank ``pp_rank`` (TP rank 0):
+        ``shard_degree`` consecutive replicas each."""
+        s = self.shard_degree
+        return [[self.rank(r * s + i, pp_rank) for i in range(s)] for r in range(self.dp // s)]
+
+    def replica_groups(self, pp_rank: int) -> list[list[int]]:
+        """HSDP: the global ranks holding the same shard (``dp / shard`` replicas each)."""
+        s = self.shard_degree
+        return [[self.rank(r * s + i, pp_rank) for r in range(self.dp // s)] for i in range(s)]
+
+    def spans_nodes(self, groups: list[list[int]]) -> bool:
+        """Does any of ``groups`` (global ranks) hold ranks on more than one node?"""
+        return any(len({self.node(r) for r in g}) > 1 for g in groups)
+
     def shards_cross_nodes(self, pp_rank: int) -> bool:
         """Does a shard group of pipeline rank ``pp_rank`` span more than one node?"""
-        s = self.shard_degree
-        return any(len({self.node(self.rank(r * s + i, pp_rank)) for i in range(s)}) > 1
-                   for r in range(self.dp // s))
+        return self.spans_nodes(self.shard_groups(pp_rank))
 
     def replication_crosses_nodes(self, pp_rank: int) -> bool:
         """HSDP: do the replicas holding the same shard (``dp / shard`` of them) span nodes?"""
-        s = self.shard_degree
-        return any(len({self.node(self.rank(r * s + i, pp_rank)) for r in range(self.dp // s)}) > 1
-                   for i in range(s))
+        return self.spans_nodes(self.replica_groups(pp_rank))
 
     def rank(self, dp_rank: int, pp_rank: int, tp_rank: int = 0) -> int:
         """The global rank of replica ``dp_rank``'s pipeline rank ``pp_rank`` (TP rank ``tp_rank``)."""
@@ -236,7 +251,7 @@ class Mesh:
 
     def replicas_cross_nodes(self, pp_rank: int) -> bool:
         """Do the replicas of pipeline rank ``pp_rank`` span more than one node?"""
-        return len({self.node(self.rank(d, pp_rank)) for d in range(self.dp)}) > 1
+        return self.spans_nodes([self.replicas(pp_rank)])
 
     def boundary_crosses_nodes(self, p: int, q: int) -> bool:
         """Does a message from pipeline rank ``p`` to ``q`` leave the node, in any replica?"""
