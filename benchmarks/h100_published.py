@@ -327,9 +327,9 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
     return out
 
 
-def predict(run: Run, inter: Any = None, dev: Any = None) -> dict[str, float]:
+def predict(run: Run, dev: Any = None) -> dict[str, float]:
     """The run planned with its layout pinned: predicted iteration seconds and its parts.
-    ``inter``: the link between nodes (default ``ib-ndr-400``); ``dev``: the device (default
+    Nodes of 8 GPUs on ``nvlink4``, ``ib-ndr-400`` between them; ``dev``: the device (default
     ``DEVICE``)."""
     from partitioner.api import partition
 
@@ -342,7 +342,7 @@ def predict(run: Run, inter: Any = None, dev: Any = None) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = partition(model, n_gpus=run.gpus, example_inputs=inputs, schedule="1f1b", n_microbatches=run.m,
-                         device=dev, link="nvlink4", inter_link=(inter or "ib-ndr-400") if nodes else None,
+                         device=dev, link="nvlink4", inter_link="ib-ndr-400" if nodes else None,
                          gpus_per_node=8 if nodes else None, precision="bf16-mixed", optimizer="adamw",
                          recompute=run.recompute, memory_limit=10**15, objective="bottleneck",
                          data_parallel=run.dp, tensor_parallel=run.tp, zero=run.zero)
