@@ -83,16 +83,17 @@ class Reference:
 
 def sgd_reference(model: nn.Module, inputs: torch.Tensor | dict[str, Any], y: Any, loss_fn: Callable[..., torch.Tensor],
                   *, steps: int = STEPS, lr: float = LR, max_norm: float | None = None,
-                  init: dict[str, torch.Tensor] | None = None, remove_duplicate: bool = False) -> Reference:
-    """Train a copy of the unpartitioned model on the whole batch with plain SGD: the
-    one-process run every distributed test compares against. ``inputs`` is the positional
-    input or a dict of keyword inputs; ``init`` a state dict loaded into the copy first;
-    ``max_norm`` clips the gradients (``clip_grad_norm_``) before each step;
-    ``remove_duplicate`` names a tied tensor once, as ``named_parameters()`` does."""
+                  init: dict[str, torch.Tensor] | None = None, remove_duplicate: bool = False,
+                  optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> Reference:
+    """Train a copy of the unpartitioned model on the whole batch with plain SGD (or
+    ``optimizer(parameters)``): the one-process run every distributed test compares against.
+    ``inputs`` is the positional input or a dict of keyword inputs; ``init`` a state dict
+    loaded into the copy first; ``max_norm`` clips the gradients (``clip_grad_norm_``) before
+    each step; ``remove_duplicate`` names a tied tensor once, as ``named_parameters()`` does."""
     ref = copy.deepcopy(model)
     if init is not None:
         ref.load_state_dict(init)
-    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt = optimizer(ref.parameters()) if optimizer is not None else torch.optim.SGD(ref.parameters(), lr=lr)
     losses, norms = [], []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)

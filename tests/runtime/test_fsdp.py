@@ -17,7 +17,7 @@ from partitioner import partition
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from tests.fixtures.models import FIXTURES
-from tests.runtime.helpers import LR, data
+from tests.runtime.helpers import LR, Reference, data, sgd_reference
 
 TIMEOUT_S = 120.0
 BATCH = 8
@@ -58,22 +58,11 @@ def _optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
     return cls(params, **kw)
 
 
-def _reference(model: torch.nn.Module, kind: str, clip: bool) -> tuple[list[float], list[float],
-                                                                      dict[str, torch.Tensor]]:
+def _reference(model: torch.nn.Module, kind: str, clip: bool) -> Reference:
     """The unpartitioned model trained in one process: losses, gradient norms, parameters."""
     x, y, loss_fn = data("gpt", BATCH)
-    ref = copy.deepcopy(model)
-    opt = _optimizer(kind, ref.parameters())
-    losses, norms = [], []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        loss = loss_fn(ref(x), y)
-        loss.backward()
-        if clip:
-            norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP).item())
-        opt.step()
-        losses.append(loss.item())
-    return losses, norms, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
+    return sgd_reference(model, x, y, loss_fn, steps=STEPS, max_norm=CLIP if clip else None,
+                         remove_duplicate=False, optimizer=lambda params: _optimizer(kind, params))
 
 
 def _train(rank: int, world: int, pipe: Any, schedule: str, kind: str, clip: bool) -> dict[str, Any]:
@@ -111,7 +100,8 @@ def _train(rank: int, world: int, pipe: Any, schedule: str, kind: str, clip: boo
 def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, clip: bool) -> None:
     model, pipe = _pipe(schedule)
     assert pipe.plan.mesh.zero == 3 and pipe.plan.tied_parameters
-    want_losses, want_norms, want = _reference(model, kind, clip)
+    ref = _reference(model, kind, clip)
+    want_losses, want_norms, want = ref.losses, ref.norms, ref.params
     assert not clip or min(want_norms) > CLIP, "clipping should change every step"
     results = spawn(_train, 4, pipe, schedule, kind, clip, timeout_s=TIMEOUT_S)
     assert [(r["dp"], r["pp"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -328,14 +318,7 @@ def test_uneven_shards_train_like_one_process(schedule: str) -> None:
     x, y = torch.randn(BATCH, 7, generator=g), torch.randn(BATCH, 1, generator=g)
     pipe = partition(model, n_gpus=4, data_parallel=2, example_inputs=(x,), schedule=schedule, n_microbatches=2,
                      pinned_cuts=["2"], zero=3)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    for _ in range(STEPS):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(ref(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
-        opt.step()
-    want = dict(ref.named_parameters())
+    want = sgd_reference(model, x, y, torch.nn.functional.mse_loss, steps=STEPS, max_norm=0.1).params
     got: dict[str, torch.Tensor] = {}
     for r in spawn(_odd_train, 4, pipe, schedule, x, y, timeout_s=TIMEOUT_S):
         got.update(r)
