@@ -131,3 +131,49 @@ def test_the_policy_keeps_every_other_mm_counted_per_call() -> None:
     out.sum().backward()
     want = torch.autograd.grad(fn(x.detach().requires_grad_()).sum(), w)[0]
     torch.testing.assert_close(w.grad, want)
+
+
+def _gpt_sac():
+    from tests.fixtures.models import FIXTURES
+
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    pipe = partition(model, n_gpus=2, example_inputs=FIXTURES["gpt"].inputs(), pinned_cuts=["transformer.h.2"],
+                     recompute="selective-op")
+    return model, pipe
+
+
+def _train_sac(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    from tests.runtime.helpers import data
+
+    _, pipe = _gpt_sac()
+    x, y, loss_fn = data("gpt")
+    stage = pipe.build_stage(rank, "cpu")
+    assert all(isinstance(m, RecomputeStage) and m.recompute_mode == "selective-op" for m in stage.modules.values())
+    params = stage.parameters()
+    opt = torch.optim.SGD(params, lr=0.1)
+    runner = stage.runner("1f1b", n_microbatches=4, loss_fn=loss_fn, batch_size=len(x))
+    losses = []
+    for _ in range(3):
+        for p in params:
+            p.grad = None
+        loss = runner.step(x if rank == 0 else None, target=y)
+        losses.append(float("nan") if loss is None else loss.item())
+        opt.step()
+    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}
+
+
+def test_two_gloo_ranks_with_selective_op_train_like_one_process() -> None:
+    """The torch.fx route (nn.Linear leaves), 1F1B on two gloo ranks, 3 SGD steps: the same
+    losses and parameters as the unpartitioned model."""
+    from partitioner.runtime.launch import spawn
+    from tests.runtime.helpers import assert_params, data, reference
+
+    model, pipe = _gpt_sac()
+    assert pipe.plan.capture == "fx" and [st.recompute for st in pipe.plan.stages] == ["selective-op"] * 2
+    x, y, loss_fn = data("gpt")
+    want_losses, want = reference(model, x, y, loss_fn, steps=3)
+    results = spawn(_train_sac, 2, timeout_s=120.0)
+    assert results[-1][0] == pytest.approx(want_losses, rel=1e-5)
+    for _, params in results:
+        assert_params(params, want)
