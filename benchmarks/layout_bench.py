@@ -66,11 +66,11 @@ BATCH = {("8b", 8): 16, ("8b", 64): 128, ("70b", 64): 128, ("70b", 256): 512, ("
 #: published layouts, pinned: (model, GPUs, name, partition() keywords, published tokens/s/GPU, note)
 PUBLISHED = [
     ("8b", 8, "torchtitan FSDP 8", dict(data_parallel=8, tensor_parallel=1, zero=3, schedule="1f1b",
-                                         n_microbatches=1, recompute="selective"),
+                                         n_microbatches=1, recompute="selective-op"),  # its SAC, "op" policy
      "5,762", "bf16, no torch.compile, no Float8; selective AC; local batch 2"),
     ("8b", 64, "torchtitan FSDP (as its 128-GPU run)", dict(data_parallel=64, tensor_parallel=1, zero=3,
                                                             schedule="1f1b", n_microbatches=1,
-                                                            recompute="selective"),
+                                                            recompute="selective-op"),
      "5,605 (128 GPUs)", "bf16, no compile/Float8, 128 GPUs, local batch 2"),
     ("70b", 256, "torchtitan FSDP 32 x TP 8", dict(data_parallel=32, tensor_parallel=8, zero=3, schedule="1f1b",
                                                   n_microbatches=1, recompute="full", sequence_parallel=True),

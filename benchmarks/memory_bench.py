@@ -14,6 +14,13 @@
    bf16-mixed under recompute "none", "full" and "auto", beside the peers' rules on the
    same costs (the uniform split, Megatron-style full recompute everywhere).
 
+``--titan [8 64]``: torchtitan's Llama 3 8B run instead (seq 8192, local batch 2, H100 target):
+per layer, what each recompute mode keeps (a 2-layer model of the 8B shape: layers are alike),
+the storages one layer keeps without recompute, the head and loss; then layout_bench's pinned
+torchtitan rows (FSDP 8 on 8 GPUs, FSDP 64 on 64) priced per recompute mode, each split into
+static and activation bytes. "selective (before)" prices the attention-core-only regions
+without the K/V repeat, as this repository did before the repeat moved into the region.
+
 Prints markdown; benchmarks/RESULTS.md keeps the last run's output.
 """
 
@@ -158,11 +165,141 @@ def part3() -> None:
     print()
 
 
+TITAN_MODES = ("none", "selective", "selective-op", "full")
+
+
+def _titan_model(layers: int, batch: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    import json
+    import tempfile
+
+    import layout_bench
+
+    from partitioner.tools.hf_model import load_hf
+
+    folder = tempfile.mkdtemp()
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(layout_bench.CONFIGS["8b"], num_hidden_layers=layers), f)
+    return load_hf(f"hf:{folder}", layout_bench.SEQ, batch)
+
+
+def _old_selective(acts: Activations) -> None:
+    """The selective regions as they were: each attention core alone (its K/V repeat outside)."""
+    from partitioner.memory import Regions
+
+    acts.regions["selective (before)"] = Regions("selective", tuple(
+        (i, i + 1) for i, a in enumerate(acts.attention) if a))
+
+
+def titan_layer() -> None:
+    """Per layer of the 8B shape at 2 x 8192 tokens: bytes kept per recompute mode, and the
+    storages one layer keeps without recompute, by the node that keeps them."""
+    import warnings
+
+    import layout_bench
+
+    from partitioner import api
+    from partitioner.memory import _instance, _name
+    from partitioner.passes.meta import DESC, MODULE
+
+    layout_bench.install()
+    model, inputs = _titan_model(2, 2)
+    layout_bench.shared_key[0] = ("8b-2", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, solved = api.partition(model, 1, inputs, **layout_bench.COMMON, data_parallel=1, tensor_parallel=1,
+                                  zero=0, schedule="1f1b", n_microbatches=1, recompute="none",
+                                  memory_limit=2**50)
+    prob = solved[0]
+    acts, ev = prob.acts, prob.ev
+    _old_selective(acts)
+    spans = acts.regions["full"].spans
+    s, e = spans[-1]  # the last layer (the first also holds the rotary tables' first use)
+    n = len(acts.order)
+    print("## Llama 3 8B shape, one layer, 2 x 8192 tokens, bf16, H100 target\n")
+    print("| recompute | kept per layer | transient | kept outside the layers (embedding, head, loss) |")
+    print("|---|---|---|---|")
+    for mode in (*TITAN_MODES, "selective (before)"):
+        kept, extra = (ev(x) for x in acts.stage_saved(s, e, mode, ev))
+        whole = ev(acts.stage_saved(0, n, mode, ev)[0])
+        layers = sum(ev(acts.stage_saved(a, b, mode, ev)[0]) for a, b in spans)
+        print(f"| {mode} | {kept / GiB:.3f} GiB | {extra / GiB:.3f} GiB | {(whole - layers) / GiB:.3f} GiB |")
+    saves, _, internal, sizes, _ = acts._resolve(0, n)
+    print("\n| node keeping it (recompute none) | module | storage | shape | dtype | MiB |")
+    print("|---|---|---|---|---|---|")
+    seen: set = set()
+    names = {nd.name: nd for nd in acts.order}
+    for p in range(n):
+        node = acts.order[p]
+        inside = s <= p < e
+        for r in saves[p]:
+            if r in seen:
+                continue
+            seen.add(r)
+            src = names.get(r[0])
+            desc = src.meta.get(DESC) if src is not None else None
+            shape, dtype = (tuple(str(d) for d in desc.shape), str(desc.dtype)[6:]) if hasattr(desc, "shape") else ("", "")
+            if inside or _instance(str(node.meta.get(MODULE, "")), acts.blocks) is None:
+                print(f"| {node.name} ({_name(node.target)}) | {node.meta.get(MODULE, '')} | {r[0]} | "
+                      f"{' x '.join(shape)} | {dtype} | {ev(sizes[r]) / 2**20:,.1f} |")
+        x = ev(internal[p])
+        if x and (inside or _instance(str(node.meta.get(MODULE, "")), acts.blocks) is None):
+            print(f"| {node.name} ({_name(node.target)}) | {node.meta.get(MODULE, '')} | (its own) | | | "
+                  f"{x / 2**20:,.1f} |")
+    print()
+
+
+def titan_rows(gpus: list[int]) -> None:
+    """layout_bench's pinned torchtitan rows for 8B, priced per recompute mode."""
+    import warnings
+
+    import layout_bench
+
+    from partitioner import api
+
+    layout_bench.install()
+    print("## torchtitan's 8B rows (layout_bench, pinned), per GPU, H100 target\n")
+    print("| GPUs (local batch 2) | recompute | static | activations | transient | peak | step | tokens/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n_gpus in gpus:
+        kw = next(dict(k) for m, g, _, k, *_ in layout_bench.PUBLISHED if (m, g) == ("8b", n_gpus))
+        batch = layout_bench.batch_for("8b", n_gpus)
+        layout_bench.shared_key[0] = ("8b", batch)
+        model, inputs = _titan_model(32, batch)
+        for mode in ("selective", "selective-op", "none", "full", "selective (before)"):
+            run = mode if mode != "selective (before)" else "selective"
+            kw["recompute"] = run
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ctx, solved = api.partition(model, n_gpus, inputs, **layout_bench.COMMON, **kw, memory_limit=2**50)
+            prob, sol = solved[0], solved[1]
+            row = layout_bench.price_row(ctx, solved, n_gpus, layout_bench.CONFIGS["8b"], time.perf_counter() - t)
+            if mode == "selective (before)":
+                _old_selective(prob.acts)
+            fits = prob.exact(sol.cuts, [mode] * len(solved[2]))
+            i = max(range(len(fits)), key=lambda j: prob.need(j, fits[j]))
+            f = fits[i]
+            acts = prob.sin.inflight[i] * f.kept
+            step = f"{row['step_s']:.2f} s | {row['tps_gpu']:,.0f}" if mode != "selective (before)" else "| "
+            print(f"| {n_gpus} | {mode} | {f.static / GiB:.1f} GiB | {acts / GiB:.1f} GiB | {f.extra / GiB:.1f} GiB | "
+                  f"{prob.need(i, f) / GiB:.1f} GiB | {step} |", flush=True)
+        layout_bench._shared.clear()
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one sequence length in part 1")
     ap.add_argument("--skip-70b", action="store_true")
+    ap.add_argument("--titan", nargs="*", type=int, default=None,
+                    help="torchtitan's 8B: the per-layer table, then its pinned rows on these GPU counts (8, 64)")
     args = ap.parse_args()
+    if args.titan is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # layout_bench
+        titan_layer()
+        if args.titan:
+            titan_rows(args.titan)
+        return
     part1([32] if args.quick else [16, 64, 128])
     if not args.skip_70b:
         part2()

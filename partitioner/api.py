@@ -306,7 +306,8 @@ def partition(
         precision: "fp32", "bf16-mixed", "fp16-mixed" or "bf16": the bytes of weights,
             gradients and optimizer state per parameter and the compute dtype; None: from
             the parameters' dtype (bf16/fp16 parameters train mixed).
-        recompute: "none", "full" or "selective" activation checkpointing for every stage,
+        recompute: "none", "full", "selective" (attention cores) or "selective-op"
+            (torchtitan's op-level policy) activation checkpointing for every stage,
             or "auto": recompute only in the stages that would not fit otherwise.
         memory_limit: bytes one GPU may hold; None: the device's memory.
         capture_route: "auto" (torch.fx, falling back to torch.export), "fx" or "export".

@@ -19,7 +19,17 @@ Recomputation (``recompute=``) changes what a stage keeps:
   one block at a time, so one block's activations are held on top (the *transient*).
   Nodes outside blocks (embeddings, the head) keep what they keep without recompute.
 - ``"selective"``: only the attention cores (SDPA nodes) are checkpointed, as Megatron's
-  selective recomputation: they keep their inputs; their outputs and internals go.
+  selective recomputation: they keep their inputs; their outputs and internals go. A
+  grouped-query K/V repeat the capture made just before the core (``reshape(expand(kv))``,
+  ``repeat_kv``) is checkpointed with it, so the core keeps the unrepeated K/V, not copies
+  ``n_heads / n_kv_heads`` times larger.
+- ``"selective-op"``: torchtitan's op-level selective activation checkpointing
+  (``selective_ac_option = "op"``): every repeated block runs under ``torch.utils.checkpoint``
+  with a ``create_selective_checkpoint_contexts`` policy that keeps the outputs of the
+  attention kernels and of every other ``aten.mm`` (the 1st, 3rd, ... of the region) and
+  recomputes everything else. A block keeps its inputs, those outputs and the attention
+  kernel's log-sum-exp; the backward re-runs the rest of one block at a time (the transient).
+  Only the recomputed nodes pay their forward again.
 
 The solver needs costs that add up position by position; a stage's real memory does not
 (a storage saved on both sides of a cut is held by both ranks). ``Activations.arrays``
@@ -428,6 +438,8 @@ def _sum(terms: Sequence[Any]) -> sympy.Expr:
 
 
 _VIEWS = {"reshape", "view", "_unsafe_view"}
+#: the matrix multiply torchtitan's op-level policy counts (a bias-free linear runs one)
+_MM = "aten.mm."
 
 
 def _name(target: Any) -> str:
@@ -502,21 +514,72 @@ class Activations:
         self.costs: list[NodeCost] = [n.meta.get(COST, NodeCost()) for n in self.order]
         self.internal_expr = [sympy.sympify(c.saved_internal) for c in self.costs]
         self._nbytes: dict[Root, sympy.Expr] = {}
-        self.saves, self.inputs, self.internal, self.bytes = self._resolve(0, len(self.order))
+        self.saves, self.inputs, self.internal, self.bytes, self.outs = self._resolve(0, len(self.order))
         self.attention = tuple(n.meta.get(COST, NodeCost()).kind.startswith("attention") for n in self.order)
         paths = [str(n.meta.get(MODULE, "")) for n in self.order]
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(paths)
         block_runs = _runs([_instance(p, self.blocks) for p in paths]) if self.blocks else [(0, len(self.order))]
+        self.mms = tuple(sum(1 for op in c.ops if op.startswith(_MM)) for c in self.costs)
+        self._sac: dict[tuple[int, int], frozenset[int]] = {}
         self.regions = {
             "none": Regions("none", ()),
             "full": Regions("full", tuple(block_runs)),
-            "selective": Regions("selective", tuple((i, i + 1) for i, a in enumerate(self.attention) if a)),
+            "selective": Regions("selective", tuple((self._repeat_start(i), i + 1)
+                                                    for i, a in enumerate(self.attention) if a)),
+            "selective-op": Regions("selective-op", tuple(block_runs)),
         }
 
+    def _repeat_start(self, i: int) -> int:
+        """Where the selective region of the attention core at position ``i`` starts: at ``i``,
+        or earlier over the nodes right before it that only repeat K/V heads for it (``expand``
+        and the ``reshape`` of it, ``_is_repeat_kv``), so the checkpoint takes (and keeps) the
+        unrepeated K/V instead of the repeated copies."""
+        start = i
+        inside = {self.order[i]}
+        while start > 0:
+            node = self.order[start - 1]
+            name = _name(node.target) if node.op in ("call_function", "call_method") else ""
+            if not (_is_repeat_kv(node) or name == "expand") or not set(node.users) <= inside:
+                break
+            inside.add(node)  # an expand joins only once its reshape is inside: whole repeats move in
+            start -= 1
+        return start
+
+    def _lse(self, p: int) -> sympy.Expr:
+        """The log-sum-exp an attention kernel returns beside its output: fp32, one per query
+        row and head (``B x H x Sq``: the query's shape less its head dimension). What the
+        kernel's backward keeps of its own besides its inputs and output; on the CPU the
+        ``"none"`` price of the node may hold more (the float mask a boolean one becomes),
+        which a selective policy recomputes."""
+        q = self.leaves.get(self.args[p][0].name, []) if self.args[p] else []
+        return sympy.Mul(*q[0].shape[:-1]) * 4 if q else ZERO
+
+    def sac_saved(self, s: int, e: int) -> frozenset[int]:
+        """Positions in [s, e) whose outputs one ``"selective-op"`` checkpoint of [s, e) keeps:
+        the attention cores and the nodes running the odd-numbered ``aten.mm`` calls of the
+        region, counted from its start (``passes.recompute.sac_policy``, torchtitan's rule). A
+        node running several matrix multiplies is kept whole when one of them is odd (the
+        kernels keep that product only; the captured transformers run one per linear)."""
+        hit = self._sac.get((s, e))
+        if hit is None:
+            kept: set[int] = set()
+            count = 0
+            for p in range(s, e):
+                if self.attention[p]:
+                    kept.add(p)
+                for _ in range(self.mms[p]):
+                    count += 1
+                    if count % 2:
+                        kept.add(p)
+            hit = self._sac[(s, e)] = frozenset(kept)
+        return hit
+
     def _resolve(self, a: int, b: int) -> tuple[list[tuple[Root, ...]], list[tuple[Root, ...]], list[sympy.Expr],
-                                                dict[Root, sympy.Expr]]:
+                                                dict[Root, sympy.Expr], list[tuple[Root, ...]]]:
         """Storages of positions [a, b) run as one stage: every value made outside it (graph
-        inputs, earlier stages) arrives as its own storage, as the transport delivers it."""
+        inputs, earlier stages) arrives as its own storage, as the transport delivers it.
+        Per position: the storages its backward keeps, its inputs' storages, its internal
+        bytes; the sizes of every storage; per position the storages of its outputs."""
         hit = self._cache.get((a, b))
         if hit is not None:
             return hit  # type: ignore[no-any-return]
@@ -538,6 +601,7 @@ class Activations:
         saves: list[tuple[Root, ...]] = []
         inputs: list[tuple[Root, ...]] = []
         internal: list[sympy.Expr] = []
+        outs: list[tuple[Root, ...]] = []
         for p in range(a, b):
             node, cost, args = self.order[p], self.costs[p], self.args[p]
             gqa = cost.kind == "attention-causal"
@@ -562,6 +626,7 @@ class Activations:
                     sizes[r] = cost.out_storage[i] if i < len(cost.out_storage) else self._leaf_bytes(node.name, i, d)
                 mine.append(r)
             roots[node.name] = mine
+            outs.append(tuple(dict.fromkeys(r for r in mine if r is not None)))
             kept: list[Root] = []
             for j, i in cost.saved_refs:
                 r = (mine[i] if i < len(mine) else None) if j == -1 else resolve(j, i)
@@ -575,7 +640,7 @@ class Activations:
             saves.append(tuple(kept))
             inputs.append(tuple(ins))
             internal.append(self.internal_expr[p])
-        out = (saves, inputs, internal, sizes)
+        out = (saves, inputs, internal, sizes, outs)
         self._cache[(a, b)] = out
         return out
 
@@ -589,7 +654,7 @@ class Activations:
     def stage_saved(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr]:
         """(bytes kept per micro-batch, transient bytes of the recompute) of positions [a, b)
         run as one stage."""
-        saves, inputs, internal, sizes = self._resolve(a, b)
+        saves, inputs, internal, sizes, outs = self._resolve(a, b)
         pieces = self._pieces(a, b, mode)
         inside = {p for s, e in pieces for p in range(s, e)}
         kept: dict[Root, None] = {}
@@ -599,14 +664,21 @@ class Activations:
                 continue
             terms.append(internal[p - a])
             kept.update(dict.fromkeys(saves[p - a]))
+        held: set[int] = set()  # "selective-op": positions whose outputs the checkpoint keeps
         for s, e in pieces:
             kept.update(dict.fromkeys(self._piece_inputs(s, e, inputs[s - a:e - a])))
+            if mode == "selective-op":
+                for p in sorted(self.sac_saved(s, e)):
+                    held.add(p)
+                    kept.update(dict.fromkeys(outs[p - a]))
+                    if self.attention[p]:  # the attention kernel's log-sum-exp is one of its outputs
+                        terms.append(self._lse(p))
         terms += [sizes[r] for r in kept]
         total = _sum(terms)
         transient, best = ZERO, -1
         for s, e in pieces:
             own: dict[Root, None] = {}
-            extra = [internal[p - a] for p in range(s, e)]
+            extra = [internal[p - a] - (self._lse(p) if p in held and self.attention[p] else 0) for p in range(s, e)]
             for p in range(s, e):
                 own.update(dict.fromkeys(r for r in saves[p - a] if r not in kept))
             piece = _sum(extra + [sizes[r] for r in own])
@@ -639,13 +711,15 @@ class Activations:
         keeps: list[tuple[Root, ...]] = list(self.saves)
         internal = [ev(x) for x in self.internal]
         reserve = 0
+        sac = mode == "selective-op"
         for s, e in spans:
+            held = self.sac_saved(s, e) if sac else frozenset()
             for p in range(s, e):
-                redo[p] = True
-                keeps[p] = ()
-                internal[p] = 0
-            keeps[s] = tuple(self._piece_inputs(s, e, self.inputs[s:e]))
-            reserve = max(reserve, ev(self.stage_saved(s, e, "none", ev)[0]))
+                redo[p] = p not in held  # what the policy keeps is not run again
+                keeps[p] = self.outs[p] if p in held else ()
+                internal[p] = ev(self._lse(p)) if p in held and self.attention[p] else 0
+            keeps[s] = tuple(self._piece_inputs(s, e, self.inputs[s:e])) + keeps[s]
+            reserve = max(reserve, ev(self.stage_saved(s, e, mode, ev)[1] if sac else self.stage_saved(s, e, "none", ev)[0]))
         seen: set[Root] = set()
         act = []
         for p in range(n):
@@ -707,7 +781,7 @@ def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -
 
     Inputs of regions run under ``partitioner.passes.recompute.checkpoint`` are counted too: the
     checkpoint keeps them alive for the recomputation although no saved-tensor hook sees
-    them. This is the instrument the tests and ``benchmarks/memory_bench.py`` compare the
+    them; so are the outputs a selective policy keeps (``"selective-op"``). This is the instrument the tests and ``benchmarks/memory_bench.py`` compare the
     plan's ``saved_bytes`` with.
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
@@ -722,11 +796,14 @@ def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -
 
     plain = recompute.checkpoint
 
-    def spy(f: Any, *args: Any) -> Any:
+    def spy(f: Any, *args: Any, keep: Any = None) -> Any:
         for a in args:
             note(a)
+        if keep is not None:  # a selective policy: what it keeps in forward is held too
+            made = keep
+            keep = lambda: made(observe=lambda out: pytree.tree_map(note, out))  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            return plain(f, *args)  # what runs inside is recomputed, not kept
+            return plain(f, *args, keep=keep)  # what runs inside is recomputed, not kept
 
     recompute.checkpoint = spy  # type: ignore[assignment]
     try:

@@ -23,6 +23,7 @@ OPTIMIZER_STATES: dict[str, int] = {"none": 0, "sgd": 0, "momentum": 1, "adam": 
 RECOMPUTE: dict[str, tuple[str, ...]] = {
     "none": ("none",),
     "selective": ("selective",),
+    "selective-op": ("selective-op",),  # torchtitan's op-level selective checkpointing
     "full": ("full",),
     "auto": ("none", "selective", "full"),
 }

@@ -134,7 +134,7 @@ class StagePlan:
     inputs: tuple[str, ...]  # value names received (stage 0: the model's flat inputs)
     outputs: tuple[str, ...]  # value names sent on (last stage: the model's flat outputs)
     cost: StageCost
-    recompute: str = "none"  # "none", "selective" or "full": what the stage recomputes in backward
+    recompute: str = "none"  # "none", "selective", "selective-op" or "full": what the stage recomputes in backward
 
 
 @dataclass(frozen=True)

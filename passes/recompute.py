@@ -14,11 +14,17 @@ copy is a ``RecomputeStage`` again. The segments are built lazily and rebuilt wh
 the stage's tensors change identity (``.to()``, ``load_state_dict(assign=True)``).
 Pickling a stage (``torch.save`` of the module) keeps only fx's generated code, i.e.
 the plain, non-recomputing forward: save ``state_dict()`` instead.
+
+Mode ``"selective-op"`` (torchtitan's op-level selective checkpointing) checkpoints the same
+block regions as ``"full"``, with PyTorch's ``create_selective_checkpoint_contexts`` and
+``sac_policy``: the outputs of the attention kernels and of every other ``aten.mm`` are kept
+in forward, everything else in the region is recomputed in backward.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections import defaultdict
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -27,7 +33,7 @@ from torch import fx
 from partitioner.passes.meta import RECOMPUTE, RECOMPUTE_MODE
 from partitioner.passes.split import compute_nodes, copy_persistence, split_graph
 
-__all__ = ["RecomputeStage", "with_recompute", "REGION"]
+__all__ = ["RecomputeStage", "with_recompute", "REGION", "SAC_SAVE", "sac_policy", "checkpoint"]
 
 #: ``node.meta`` key: index of the checkpointed region the node belongs to (``passes/meta.py``).
 REGION = RECOMPUTE
@@ -99,14 +105,58 @@ def _segments(self: RecomputeStage) -> list[tuple[fx.GraphModule, bool]]:
 def _checkpointed_forward(self: RecomputeStage, *args: Any) -> Any:
     values: Any = args
     segments = _segments(self)
+    keep = sac_policy if self.recompute_mode == "selective-op" else None
     for i, (seg, region) in enumerate(segments):
         if region and torch.is_grad_enabled():
-            values = checkpoint(seg, *values)
+            values = checkpoint(seg, *values, keep=keep)
         else:
             values = seg(*values)
     return values
 
 
-def checkpoint(fn: Any, *args: Any) -> Any:
-    """The one call that recomputes (tests wrap it to see what a region keeps)."""
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+_aten = torch.ops.aten
+#: The ops whose outputs ``sac_policy`` keeps: torchtitan's ``_save_list`` for op-level selective
+#: checkpointing (``aten.mm`` and the SDPA kernels), with every SDPA backend this torch has
+#: (cuDNN's and the CPU flash kernel besides flash and memory-efficient), less the collectives
+#: and Float8's ``max`` that a stage region does not run.
+SAC_SAVE = frozenset({
+    _aten.mm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+})
+
+Policy = Callable[..., torch.utils.checkpoint.CheckpointPolicy]
+
+
+def sac_policy(observe: Callable[[Any], None] | None = None) -> Policy:
+    """A fresh policy for one checkpoint call (its mm counter starts at zero), torchtitan's rule:
+    keep (``MUST_SAVE``) the output of each op in ``SAC_SAVE`` except every second ``aten.mm``
+    (the 2nd, 4th, ... of the region, counted apart in forward and in the recomputation, so both
+    agree), recompute everything else (``PREFER_RECOMPUTE``). ``observe`` is called with every
+    output kept in forward (``partitioner.memory.measure_saved`` counts them)."""
+    counts: dict[bool, int] = defaultdict(int)
+    must, redo = torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE, torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> torch.utils.checkpoint.CheckpointPolicy:
+        save = func in SAC_SAVE
+        if func is _aten.mm.default:
+            counts[ctx.is_recompute] += 1
+            save = counts[ctx.is_recompute] % 2 == 1
+        if save and observe is not None and not ctx.is_recompute:
+            observe(ctx.op_output)
+        return must if save else redo
+
+    return policy
+
+
+def checkpoint(fn: Any, *args: Any, keep: Callable[[], Policy] | None = None) -> Any:
+    """The one call that recomputes (tests wrap it to see what a region keeps). ``keep``: makes
+    the selective policy of this call (``sac_policy``); None recomputes the whole region."""
+    if keep is None:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    make = keep  # a fresh policy (and counter) per forward, as the context_fn contract asks
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False,
+        context_fn=lambda: torch.utils.checkpoint.create_selective_checkpoint_contexts(make()))
