@@ -99,6 +99,29 @@ def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule
         torch.testing.assert_close(saved[n], want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.timeout(240)
+def test_a_plan_the_search_picks_as_hsdp_trains_like_one_process(tmp_path: Any) -> None:
+    """``zero="auto"`` on 2 simulated nodes x 2 GPUs with 100 Gb/s Ethernet between them picks
+    HSDP 2x2 (``partitioner.layout.joint``; the choice itself: tests/partitioner/test_hsdp_auto.py),
+    and that plan, as emitted, trains on 4 gloo ranks like one process."""
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, _, _ = data("gpt", BATCH)
+    pipe = partition(model, n_gpus=4, data_parallel=4, example_inputs=(x,), n_microbatches=2, zero="auto",
+                     optimizer="adamw", gpus_per_node=2, inter_link="ethernet-100g")
+    assert (pipe.plan.mesh.zero, pipe.plan.mesh.dp, pipe.plan.mesh.shard) == (3, 4, 2)
+    picked = pipe.plan.rankings["layout"][0]
+    assert picked["picked"] and "zero=3 HSDP 2x2" in picked["label"], picked
+    want_losses, want_norms, want = _reference(model, "adamw", True)
+    results = spawn(_train, 4, pipe, str(tmp_path / "dcp"), pipe.plan.prediction.schedule, timeout_s=TIMEOUT_S)
+    for r in results:
+        assert {tuple(pl) for pl, _, _ in r["placed"].values()} == {("R", "S(0)")}  # HSDP, as the plan says
+        assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
+        assert r["norms"] == pytest.approx(want_norms, rel=1e-5)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
 # -- pricing -----------------------------------------------------------------------------------
 
 def test_hsdp_prices_shards_over_s_and_the_replicas_all_reduce_across_nodes() -> None:
