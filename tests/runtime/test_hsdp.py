@@ -5,7 +5,7 @@ shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit
 like one process, and on 8 ranks 2 pipeline ranks x HSDP 2 x 2
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
 counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
-model's and loads back into the shards. The pricing by formula (shards over S, gathers and
+model's and loads back into the shards; a plan ``zero="auto"`` picks as HSDP 2x2 trains so too. The pricing by formula (shards over S, gathers and
 reduce-scatters over S inside a node, the 1/S shard all-reduced across nodes), the plan's
 ``mesh.shard`` (old plans unchanged), and the refusals."""
 
