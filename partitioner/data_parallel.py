@@ -143,22 +143,21 @@ def placements(dp: int, pp: int, gpus_per_node: int | None, tp: int = 1) -> list
 
 def hsdp_shards(dp: int, pp: int, gpus_per_node: int | None, tp: int = 1) -> list[int]:
     """The hybrid-sharding group sizes (``mesh.shard``) worth pricing for ``zero=3`` at ``dp``
-    replicas of a ``pp``-rank pipeline: none when every rank sits on one node (plain FSDP's
-    gathers already stay inside it) or with tensor parallelism (the runtime refuses HSDP x TP,
-    ``runtime.fsdp.shard_stage``, so the search must never pick it); else, per placement whose
-    replicas span nodes, k = the fewest replicas of a pipeline rank on one node (the shard
-    group that keeps every gather inside a node) and 2k (shards half as large where memory
-    is tight, gathers across two nodes), each a divisor of ``dp`` below it and at most
-    ``gpus_per_node`` (``partition(fsdp_shard=)``'s rule)."""
+    replicas of a ``pp``-rank pipeline of ``tp`` tensor-parallel ranks each: none when every
+    rank sits on one node (plain FSDP's gathers already stay inside it); else, per placement
+    whose replicas span nodes, k = the fewest replicas of a pipeline rank on one node (the
+    shard group that keeps every gather inside a node) and 2k (shards half as large where
+    memory is tight, gathers across two nodes), each a divisor of ``dp`` below it whose
+    ``s x tp`` GPUs fit a node (``partition(fsdp_shard=)``'s rule)."""
     g = gpus_per_node or 0
-    if tp > 1 or dp <= 1 or not g:
+    if dp <= 1 or not g:
         return []
     out: set[int] = set()
     for lay in placements(dp, pp, g, tp):
         if not lay.replicas_cross_nodes(0):
             continue
         k = min(Counter(lay.node(r) for r in lay.replicas(0)).values())
-        out.update(s for s in (k, 2 * k) if 1 < s < dp and dp % s == 0 and s <= g)
+        out.update(s for s in (k, 2 * k) if 1 < s < dp and dp % s == 0 and s * tp <= g)
     return sorted(out)
 
 

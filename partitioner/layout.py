@@ -498,7 +498,7 @@ def joint(ctx: Context) -> Solved:
                 refused.append(f"T={t} D={d} P={pp}: the batch of {batch} does not split into {d} replicas")
                 continue
             share = batch // d if batch is not None else None
-            # zero=3 also as HSDP where the replicas span nodes (never with T > 1: hsdp_shards)
+            # zero=3 also as HSDP where the replicas span nodes (data_parallel.hsdp_shards)
             for z, s in [(z, s) for z in zero_levels(ctx, d)
                          for s in [0, *(hsdp_shards(d, pp, base.gpus_per_node, t) if z == 3 else ())]]:
                 if z == 1 and t > 1 and d > 1:

@@ -2,8 +2,8 @@
 zero=3 as HSDP, ``data_parallel.hsdp_shards``): the shard group sizes worth pricing, HSDP
 picked where the link between nodes is slow and memory allows it, plain FSDP where that link
 is fast or HSDP's larger shards do not fit (each checked against the steps and memory of the
-same layouts partitioned explicitly), and never HSDP with tensor parallelism (the runtime
-refuses it). Training a plan picked so: tests/runtime/test_hsdp.py."""
+same layouts partitioned explicitly), and HSDP with tensor parallelism where a shard group's
+GPUs fit a node. Training a plan picked so: tests/runtime/test_hsdp.py."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_hsdp_shards_are_the_replicas_per_node_and_twice_that() -> None:
     assert hsdp_shards(4, 4, 4) == [2]  # one replica per node (a pipeline fills it): 1 is no sharding, 2 spans two
     assert hsdp_shards(4, 1, 8) == []  # one node: plain FSDP's gathers stay inside it already
     assert hsdp_shards(4, 2, None) == [] and hsdp_shards(1, 8, 4) == []
-    assert hsdp_shards(4, 1, 4, tp=2) == []  # the runtime refuses HSDP with tensor parallelism
+    assert hsdp_shards(8, 1, 8, tp=2) == [4]  # 4 replicas x 2 TP ranks per node
 
 
 @pytest.mark.parametrize("inter_link,hsdp_wins", [("ethernet-100g", True), ("nvlink4", False)],
@@ -84,19 +84,19 @@ def test_zero_auto_keeps_fsdp_where_hsdp_shards_do_not_fit(gpt: Any) -> None:
     assert refused and all(r["refused"] for r in refused), refused  # listed, with why
 
 
-def test_the_search_never_picks_hsdp_with_tensor_parallelism() -> None:
-    """HSDP x TP is refused (``partition`` and ``runtime.fsdp.shard_stage``): the joint search
-    over T lists HSDP at T=1 only."""
+def test_the_search_tries_hsdp_with_tensor_parallelism_where_a_shard_group_fits_a_node() -> None:
+    """HSDP x TP runs (tests/runtime/test_hsdp.py): the joint search over T lists HSDP at T=2
+    as at T=1, with shard groups whose S x T GPUs fit a node; an explicit one that does not is
+    refused naming both."""
     from tests.runtime.test_tensor_parallel import Net, _data
 
     inputs, _ = _data("net")
     plan = partition(Net(), 8, inputs, device="cpu", link="loopback", data_parallel=4, gpus_per_node=4,
                      inter_link="ethernet-100g", zero="auto", tensor_parallel="auto", n_microbatches=1).plan
     labels = [r["label"] for r in plan.rankings["layout"]]
-    assert any(re.match(r"T=1 .*HSDP", lb) for lb in labels), labels  # tried where it runs
-    assert any(lb.startswith("T=2") for lb in labels), labels  # and T=2 was searched
-    assert not [lb for lb in labels if re.match(r"T=[2-9].*HSDP", lb)], labels
-    assert not (plan.mesh.tp > 1 and plan.mesh.shard)
-    with pytest.raises(PartitionError, match=r"fsdp_shard=2 \(hybrid sharding\) is not run with tensor_parallel=2"):
-        partition(Net(), 8, inputs, device="cpu", link="loopback", data_parallel=4, zero=3, fsdp_shard=2,
-                  tensor_parallel=2)
+    assert any(re.match(r"T=1 D=4 P=2 zero=3 HSDP 2x2 ", lb) for lb in labels), labels
+    assert any(re.match(r"T=2 D=4 P=1 zero=3 HSDP 2x2 ", lb) for lb in labels), labels  # 2 x 2 GPUs: one node
+    assert hsdp_shards(4, 1, 4, tp=2) == [2] and hsdp_shards(4, 1, 4, tp=4) == []  # 2 x 4 GPUs exceed a node
+    with pytest.raises(PartitionError, match=r"fsdp_shard=2 x tensor_parallel=4 exceeds gpus_per_node=4"):
+        partition(Net(), 8, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, fsdp_shard=2,
+                  tensor_parallel=4, gpus_per_node=4)

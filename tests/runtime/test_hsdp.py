@@ -210,3 +210,29 @@ def test_cli_plan_takes_fsdp_shard(tmp_path: Any) -> None:
     bad = cli("plan", "tests.tools.tiny_models:mlp", "--gpus", "4", "--dp", "4", "--zero", "3",
               "--fsdp-shard", "3", "-o", str(tmp_path / "b.json"))
     assert bad.returncode != 0 and "--fsdp-shard 3 does not divide --dp 4" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(240)
+def test_hsdp_with_tensor_parallelism_trains_like_one_process() -> None:
+    """PP1 x HSDP 2x1 x TP2 on 4 gloo ranks: the job's mesh is (dp_replicate, dp_shard, tp)
+    (``runtime.stage.job_mesh``, as torchtitan composes HSDP with TP), FSDP2 shards the TP
+    DTensors over the 2-D (dp_replicate, dp_shard) mesh, and the run (SGD, clipping) equals one
+    process on the whole batch."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+    from tests.runtime.test_three_d import _check
+    from tests.runtime.test_three_d import _train as train_3d
+
+    torch.manual_seed(0)
+    model = Net()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, _ = _data("net")
+    pipe = partition(model, 4, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, fsdp_shard=1,
+                     tensor_parallel=2, n_microbatches=2)
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.mesh.tp, pipe.plan.pp_ranks) == (2, 1, 2, 1)
+    results = spawn(train_3d, 4, pipe, timeout_s=TIMEOUT_S)
+    _check(model, init, results, 1)
+    assert {r["sync"] for r in results} == {"FsdpSync"}
+    meshes = results[0]["meshes"]  # name -> (mesh dims, placements, local shape)
+    assert {m[0] for m in meshes.values()} == {("dp_replicate", "dp_shard", "tp")}, meshes
+    assert meshes["blocks.1.o.weight"][1][0] == "Replicate()"  # replicated over dp_replicate: HSDP
+    assert meshes["blocks.1.o.weight"][2] == (32, 16)  # the row linear's TP half, whole over one shard
