@@ -463,7 +463,8 @@ def joint(ctx: Context) -> Solved:
       the front of the queue on the first two terms (it is then queued again with it).
 
     ``rankings["layout"]`` holds every solved candidate (label: T, D, P, ZeRO level, m,
-    schedule) fastest first, then those refused or pruned."""
+    schedule) fastest first, then those refused or pruned. ZeRO-3 is also tried as hybrid
+    sharding where the replicas span nodes (``data_parallel.hsdp_shards``; ``zero_label``)."""
     base = ctx.request.opts
     n_gpus = base.n_gpus
     batch = batch_size(ctx.specs) if ctx.specs else None

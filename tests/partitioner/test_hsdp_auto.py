@@ -100,3 +100,22 @@ def test_the_search_tries_hsdp_with_tensor_parallelism_where_a_shard_group_fits_
     with pytest.raises(PartitionError, match=r"fsdp_shard=2 x tensor_parallel=4 exceeds gpus_per_node=4"):
         partition(Net(), 8, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, fsdp_shard=2,
                   tensor_parallel=4, gpus_per_node=4)
+
+
+def test_hsdp_with_tensor_parallelism_is_priced_on_each_tp_rank_share() -> None:
+    """HSDP 2x2 x TP2 on 2 nodes of 4: each TP rank's 1/2 of the weights sharded over 2
+    replicas (the static bytes of plain FSDP over 2 replicas at T=2), the shard groups inside a
+    node and the replication across the nodes, and gathers priced apart from plain FSDP's."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+
+    inputs, _ = _data("net")
+    kw = dict(device="cpu", link="loopback", zero=3, tensor_parallel=2, n_microbatches=1, optimizer="adamw")
+    hybrid, plain = (partition(Net(), 8, inputs, data_parallel=4, fsdp_shard=s, gpus_per_node=4,
+                               inter_link="ethernet-100g", **kw).plan for s in (2, None))
+    half = partition(Net(), 4, inputs, data_parallel=2, **kw).plan  # FSDP over 2 replicas: HSDP's shards
+    assert (hybrid.mesh.tp, hybrid.mesh.shard, plain.mesh.shard) == (2, 2, 0)
+    assert not hybrid.mesh.shards_cross_nodes(0) and hybrid.mesh.replication_crosses_nodes(0)
+    assert plain.mesh.shards_cross_nodes(0)
+    for a, b, c in zip(hybrid.stages, plain.stages, half.stages):
+        assert a.cost.static_bytes == c.cost.static_bytes > b.cost.static_bytes
+    assert hybrid.mesh.allreduce_s != plain.mesh.allreduce_s

@@ -5,7 +5,9 @@ shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit
 like one process, and on 8 ranks 2 pipeline ranks x HSDP 2 x 2
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
 counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
-model's and loads back into the shards; a plan ``zero="auto"`` picks as HSDP 2x2 trains so too. The pricing by formula (shards over S, gathers and
+model's and loads back into the shards; a plan ``zero="auto"`` picks as HSDP 2x2 trains so too, and
+so does PP1 x HSDP 2x1 x TP2 (a ``(dp_replicate, dp_shard, tp)`` mesh); every member of a shard,
+replicate or pipeline group issues its collectives in the same order. The pricing by formula (shards over S, gathers and
 reduce-scatters over S inside a node, the 1/S shard all-reduced across nodes), the plan's
 ``mesh.shard`` (old plans unchanged), and the refusals."""
 
@@ -236,3 +238,57 @@ def test_hsdp_with_tensor_parallelism_trains_like_one_process() -> None:
     assert {m[0] for m in meshes.values()} == {("dp_replicate", "dp_shard", "tp")}, meshes
     assert meshes["blocks.1.o.weight"][1][0] == "Replicate()"  # replicated over dp_replicate: HSDP
     assert meshes["blocks.1.o.weight"][2] == (32, 16)  # the row linear's TP half, whole over one shard
+
+
+def _train_recording(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[str, Any]:
+    """``_train`` with every ``all_gather_single`` / ``reduce_scatter_single`` / ``all_reduce``
+    this rank issues recorded in order (FSDP2 calls them through ``torch.distributed``): the
+    group's ranks and the tensors' sizes."""
+    import torch.distributed as dist
+
+    calls: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+
+    def recording(name: str) -> Any:
+        fn = getattr(dist, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            group = kwargs.get("group", next((a for a in args if isinstance(a, dist.ProcessGroup)), None))
+            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(world))
+            calls.append((name, ranks, tuple(a.numel() for a in args if isinstance(a, torch.Tensor))))
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("all_gather_single", "reduce_scatter_single", "all_reduce"):
+        setattr(dist, name, recording(name))  # this rank's process only (spawn forks one per rank)
+    out = _train(rank, world, pipe, path, schedule)
+    out["calls"] = calls
+    return out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_every_member_of_a_group_issues_its_fsdp_collectives_in_the_same_order(schedule: str, tmp_path: Any) -> None:
+    """2 pipeline ranks x HSDP 2x2 on 8 ranks (the GPT fixture's embedding tied across the
+    pipeline ranks), per unit (1F1B) and per step (zb-h1): the collectives each rank issues on
+    each of its groups (dp_shard: gathers and reduce-scatters; dp_replicate: all-reduces of the
+    gradient shards; the pipeline's, for the tie; the job's) are, in order, those of every other
+    member of that group (docs/ARCHITECTURE.md, "Data parallelism"), so NCCL, which matches a
+    communicator's collectives by issue order, pairs them as gloo did here."""
+    _, pipe = _partition(8, 4, 2, schedule=schedule, pinned_cuts=["transformer.h.2"])
+    results = spawn(_train_recording, 8, pipe, str(tmp_path / "dcp"), schedule, timeout_s=TIMEOUT_S)
+    per_group: dict[tuple[int, ...], dict[int, list[tuple[str, tuple[int, ...]]]]] = {}
+    for rank, r in enumerate(results):
+        for name, ranks, sizes in r["calls"]:
+            assert rank in ranks
+            per_group.setdefault(ranks, {}).setdefault(rank, []).append((name, sizes))
+    # rank = d * pp + p, replica d = r * 2 + s: pipeline rank p's shard groups and replicate groups
+    shard = [(p + 4 * r, p + 4 * r + 2) for p in range(2) for r in range(2)]
+    replicate = [(p + 2 * s, p + 2 * s + 4) for p in range(2) for s in range(2)]
+    for ranks, kinds in [(g, {"all_gather_single", "reduce_scatter_single"}) for g in shard] + [
+            (g, {"all_reduce"}) for g in replicate]:
+        assert ranks in per_group and kinds <= {name for name, _ in per_group[ranks][ranks[0]]}, (ranks, kinds)
+    for ranks, seqs in per_group.items():
+        assert set(seqs) == set(ranks), (ranks, sorted(seqs))  # every member took part
+        first = seqs[ranks[0]]
+        for rank, seq in seqs.items():
+            assert seq == first, f"group {ranks}: rank {rank} issues {seq[:8]}..., rank {ranks[0]} {first[:8]}..."
