@@ -240,6 +240,69 @@ def test_hsdp_with_tensor_parallelism_trains_like_one_process() -> None:
     assert meshes["blocks.1.o.weight"][2] == (32, 16)  # the row linear's TP half, whole over one shard
 
 
+def _train_3d_and_reload(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
+    """test_three_d's run (SGD, clipping) on the Net fixture, then the job's DCP checkpoint
+    saved, the parameters zeroed and loaded back: whether each came back exactly."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    from partitioner.runtime.tensor_parallel import full_state
+    from tests.runtime.test_tensor_parallel import _data
+    from tests.runtime.test_three_d import LR, MAX_NORM, STEPS
+
+    inputs, y = _data("net")
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(loss_fn=F.mse_loss)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        losses.append(runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
+                                  loss_on_every_rank=True).item())
+        norms.append(stage.clip_grad_norm_(MAX_NORM).item())
+        opt.step()
+    meshes = {n: (tuple(p.device_mesh.mesh_dim_names or ()), tuple(map(repr, p.placements)),
+                  tuple(p.to_local().shape)) for n, p in stage.named_parameters() if isinstance(p, DTensor)}
+    params = full_state(stage.named_parameters())
+    stage.save_checkpoint(path)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.zero_()
+    stage.load_checkpoint(path)
+    reloaded = all(torch.equal(v, params[n]) for n, v in full_state(stage.named_parameters()).items())
+    return {"dp": stage.dp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "meshes": meshes,
+            "params": params, "reloaded": reloaded}
+
+
+@pytest.mark.timeout(300)
+def test_hsdp2x2_tp2_eight_ranks(tmp_path: Any) -> None:
+    """8 ranks: HSDP 2 replicate x 2 shard x TP2 of a one-stage pipeline (both data-parallel
+    dimensions real) trains like one process, and its checkpoint loads back into the 3-D shards."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+    from tests.runtime.test_three_d import ATOL, _reference
+    from tests.runtime.test_three_d import RTOL as RTOL_3D
+
+    torch.manual_seed(0)
+    model = Net()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, _ = _data("net")
+    pipe = partition(model, 8, inputs, device="cpu", link="loopback", data_parallel=4, zero=3, fsdp_shard=2,
+                     tensor_parallel=2, n_microbatches=1)
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.mesh.tp) == (4, 2, 2)
+    results = spawn(_train_3d_and_reload, 8, pipe, str(tmp_path / "dcp"), timeout_s=TIMEOUT_S * 2)
+    ref = _reference(model, init)
+    assert [(r["dp"], r["tp"]) for r in results] == [(d, t) for d in range(4) for t in range(2)]
+    for r in results:
+        assert r["reloaded"]
+        assert r["meshes"]["blocks.1.o.weight"] == (("dp_replicate", "dp_shard", "tp"),
+                                                    ("Replicate()", "Shard(dim=0)", "Shard(dim=1)"), (16, 16))
+        assert r["losses"] == pytest.approx(ref.losses, rel=RTOL_3D)
+        assert r["norms"] == pytest.approx(ref.norms, rel=RTOL_3D)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, ref.params[n], rtol=RTOL_3D, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    assert set().union(*(r["params"] for r in results)) == set(ref.params)
+
+
 def _train_recording(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[str, Any]:
     """``_train`` with every ``all_gather_single`` / ``reduce_scatter_single`` / ``all_reduce``
     this rank issues recorded in order (FSDP2 calls them through ``torch.distributed``): the
