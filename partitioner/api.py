@@ -359,8 +359,10 @@ def partition(
             replicas, which sit inside one node, and the ``data_parallel / fsdp_shard`` groups
             replicate the shards (FSDP2 on a 2-D ``(replicate, shard)`` mesh), all-reducing the
             gradient shards over the link between nodes. Must divide ``data_parallel`` (an int)
-            and fit a node (``gpus_per_node``); equal to ``data_parallel`` (or None) shards over
-            every replica. The plan's ``mesh.shard`` records it.
+            and, times ``tensor_parallel``, fit a node (``gpus_per_node``); equal to
+            ``data_parallel`` (or None) shards over every replica. With tensor parallelism the
+            mesh is ``(dp_replicate, dp_shard, tp)``. The plan's ``mesh.shard`` records it;
+            ``zero="auto"`` also tries it where the replicas span nodes.
 
     Returns:
         A ``Pipe``: the stage modules, callable like ``model`` (same outputs), and
