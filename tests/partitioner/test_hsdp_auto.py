@@ -7,6 +7,7 @@ GPUs fit a node. Training a plan picked so: tests/runtime/test_hsdp.py."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -119,3 +120,18 @@ def test_hsdp_with_tensor_parallelism_is_priced_on_each_tp_rank_share() -> None:
     for a, b, c in zip(hybrid.stages, plain.stages, half.stages):
         assert a.cost.static_bytes == c.cost.static_bytes > b.cost.static_bytes
     assert hybrid.mesh.allreduce_s != plain.mesh.allreduce_s
+
+
+def test_cli_zero_auto_prints_hsdp_in_the_ranking(tmp_path: Any) -> None:
+    from tests.tools.helpers import cli
+
+    out = tmp_path / "plan.json"
+    done = cli("plan", "partitioner.examples:gpt_example", "--gpus", "4", "--dp", "4", "--zero", "auto",
+               "--gpus-per-node", "2", "--inter-link", "ethernet-100g", "--microbatches", "2", "--optimizer", "adamw",
+               "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    ranked = [re.sub(r"^\s+#\d+ ", "", line).split(": predicted")[0] for line in done.stdout.splitlines()
+              if re.match(r"\s+#\d+ T=", line)]
+    assert "T=1 D=4 P=1 zero=3 HSDP 2x2 m=2 1f1b (2 nodes x 2 GPUs, replicas across them)" in ranked, done.stdout
+    picked = "picked T=1 D=4 P=1 zero=3 HSDP 2x2 " in done.stdout
+    assert json.loads(out.read_text())["mesh"].get("shard", 0) == (2 if picked else 0), done.stdout
