@@ -111,8 +111,8 @@ class _Checked(NamedTuple):
 def _check_fsdp_shard(fsdp_shard: Any, zero: Any, data_parallel: Any, gpus_per_node: Any,
                       tensor_parallel: Any) -> int | None:
     """``fsdp_shard`` (HSDP): None, or a shard group size that divides an explicit
-    ``data_parallel`` under ``zero=3`` and fits a node; the whole ``data_parallel`` is plain
-    FSDP (None)."""
+    ``data_parallel`` under ``zero=3`` and fits a node with its tensor-parallel ranks; the
+    whole ``data_parallel`` is plain FSDP (None)."""
     if fsdp_shard is None:
         return None
     if not isinstance(fsdp_shard, int) or isinstance(fsdp_shard, bool) or fsdp_shard < 1:
@@ -128,14 +128,12 @@ def _check_fsdp_shard(fsdp_shard: Any, zero: Any, data_parallel: Any, gpus_per_n
         raise PartitionError(f"fsdp_shard={fsdp_shard} does not divide data_parallel={data_parallel}: the replicas "
                              f"split into data_parallel / fsdp_shard groups of fsdp_shard; choose among "
                              f"{divisors(data_parallel)}")
-    if tensor_parallel != 1:
-        raise PartitionError(f"fsdp_shard={fsdp_shard} (hybrid sharding) is not run with tensor_parallel="
-                             f"{tensor_parallel!r} yet: use tensor_parallel=1, or leave fsdp_shard out (FSDP over "
-                             "every replica)")
-    if isinstance(gpus_per_node, int) and fsdp_shard > gpus_per_node:
-        raise PartitionError(f"fsdp_shard={fsdp_shard} exceeds gpus_per_node={gpus_per_node}: a shard group gathers "
-                             "and reduce-scatters every unit and must sit inside one node; choose fsdp_shard <= "
-                             f"{gpus_per_node}")
+    t = tensor_parallel if isinstance(tensor_parallel, int) else 1  # "auto": checked per degree by the search
+    if isinstance(gpus_per_node, int) and fsdp_shard * t > gpus_per_node:
+        raise PartitionError(f"fsdp_shard={fsdp_shard}" + (f" x tensor_parallel={t}" if t > 1 else "")
+                             + f" exceeds gpus_per_node={gpus_per_node}: a shard group gathers and reduce-scatters "
+                             "every unit and must sit inside one node; choose fsdp_shard <= "
+                             f"{gpus_per_node // t}")
     return None if fsdp_shard == data_parallel else fsdp_shard
 
 
@@ -362,8 +360,10 @@ def partition(
             replicas, which sit inside one node, and the ``data_parallel / fsdp_shard`` groups
             replicate the shards (FSDP2 on a 2-D ``(replicate, shard)`` mesh), all-reducing the
             gradient shards over the link between nodes. Must divide ``data_parallel`` (an int)
-            and fit a node (``gpus_per_node``); equal to ``data_parallel`` (or None) shards over
-            every replica. The plan's ``mesh.shard`` records it.
+            and, times ``tensor_parallel``, fit a node (``gpus_per_node``); equal to
+            ``data_parallel`` (or None) shards over every replica. With tensor parallelism the
+            mesh is ``(dp_replicate, dp_shard, tp)``. The plan's ``mesh.shard`` records it;
+            ``zero="auto"`` also tries it where the replicas span nodes.
 
     Returns:
         A ``Pipe``: the stage modules, callable like ``model`` (same outputs), and

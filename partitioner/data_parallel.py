@@ -72,7 +72,7 @@ from partitioner.schedule import SCHEDULES, Schedule
 if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module needs only the objects' methods
     from partitioner.cost_models.devices import LinkSpec
 
-__all__ = ["boundary_time", "ring_link", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "divisors", "ZeroShard", "price_replicas", "boundary_links",
+__all__ = ["boundary_time", "ring_link", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "hsdp_shards", "divisors", "ZeroShard", "price_replicas", "boundary_links",
            "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
 
 #: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
@@ -139,6 +139,26 @@ def placements(dp: int, pp: int, gpus_per_node: int | None, tp: int = 1) -> list
     if not g or first.n_nodes == 1 or dp == 1 or pp == 1:
         return [first]
     return [first, Mesh(dp, pp, ("pp", "dp"), g, tp=tp)]
+
+
+def hsdp_shards(dp: int, pp: int, gpus_per_node: int | None, tp: int = 1) -> list[int]:
+    """The hybrid-sharding group sizes (``mesh.shard``) worth pricing for ``zero=3`` at ``dp``
+    replicas of a ``pp``-rank pipeline of ``tp`` tensor-parallel ranks each: none when every
+    rank sits on one node (plain FSDP's gathers already stay inside it); else, per placement
+    whose replicas span nodes, k = the fewest replicas of a pipeline rank on one node (the
+    shard group that keeps every gather inside a node) and 2k (shards half as large where
+    memory is tight, gathers across two nodes), each a divisor of ``dp`` below it whose
+    ``s x tp`` GPUs fit a node (``partition(fsdp_shard=)``'s rule)."""
+    g = gpus_per_node or 0
+    if dp <= 1 or not g:
+        return []
+    out: set[int] = set()
+    for lay in placements(dp, pp, g, tp):
+        if not lay.replicas_cross_nodes(0):
+            continue
+        k = min(Counter(lay.node(r) for r in lay.replicas(0)).values())
+        out.update(s for s in (k, 2 * k) if 1 < s < dp and dp % s == 0 and s * tp <= g)
+    return sorted(out)
 
 
 @dataclass(frozen=True)

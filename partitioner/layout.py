@@ -21,6 +21,7 @@ from partitioner.cost_models.errors import PartitionError
 from partitioner.data_parallel import (
     boundary_links,
     divisors,
+    hsdp_shards,
     placements,
     price_replicas,
     reduction_windows,
@@ -405,10 +406,18 @@ class Candidate(NamedTuple):
     m: int | None
     refined: bool = True  # the balanced simulation is in the bound (or there is none to add)
     mm: int = 1  # the micro-batch count m stands for (the schedule's default where m is None)
+    s: int = 0  # zero=3 hybrid sharding (HSDP): replicas per shard group (mesh.shard); 0: FSDP over all d
 
     def label(self, pp: int) -> str:
-        return (f"T={self.t} D={self.d} P={pp} zero={self.zero} m={self.m if self.m is not None else 'default'} "
-                f"{self.schedule}")
+        return (f"T={self.t} D={self.d} P={pp} {zero_label(self.zero, self.d, self.s)} "
+                f"m={self.m if self.m is not None else 'default'} {self.schedule}")
+
+
+def zero_label(zero: int, d: int, s: int = 0) -> str:
+    """A ZeRO level as rankings name it: ``zero=3 HSDP 2x4`` for hybrid sharding, replicate x
+    shard (``d / s`` groups replicating shards over ``s`` replicas, torchtitan's
+    ``dp_replicate`` x ``dp_shard``)."""
+    return f"zero={zero}" + (f" HSDP {d // s}x{s}" if s else "")
 
 
 def static_floor(ctx: Context, t: int, d: int, pp: int, zero: int) -> int:
@@ -454,7 +463,8 @@ def joint(ctx: Context) -> Solved:
       the front of the queue on the first two terms (it is then queued again with it).
 
     ``rankings["layout"]`` holds every solved candidate (label: T, D, P, ZeRO level, m,
-    schedule) fastest first, then those refused or pruned."""
+    schedule) fastest first, then those refused or pruned. ZeRO-3 is also tried as hybrid
+    sharding where the replicas span nodes (``data_parallel.hsdp_shards``; ``zero_label``)."""
     base = ctx.request.opts
     n_gpus = base.n_gpus
     batch = batch_size(ctx.specs) if ctx.specs else None
@@ -489,13 +499,15 @@ def joint(ctx: Context) -> Solved:
                 refused.append(f"T={t} D={d} P={pp}: the batch of {batch} does not split into {d} replicas")
                 continue
             share = batch // d if batch is not None else None
-            for z in zero_levels(ctx, d):
+            # zero=3 also as HSDP where the replicas span nodes (data_parallel.hsdp_shards)
+            for z, s in [(z, s) for z in zero_levels(ctx, d)
+                         for s in [0, *(hsdp_shards(d, pp, base.gpus_per_node, t) if z == 3 else ())]]:
                 if z == 1 and t > 1 and d > 1:
                     refused.append(f"T={t} D={d} P={pp} zero=1: {ZERO1_TP}")
                     continue
-                floor = static_floor(ctx, t, d, pp, z)
+                floor = static_floor(ctx, t, s or d, pp, z)  # HSDP's shards are 1/s
                 if floor > capacity:
-                    refused.append(f"T={t} D={d} P={pp} zero={z}: does not fit (weights, gradients and optimizer "
+                    refused.append(f"T={t} D={d} P={pp} {zero_label(z, d, s)}: does not fit (weights, gradients and optimizer "
                                    f"state alone need at least {_fmt_bytes(floor)} on a rank, the device holds "
                                    f"{_fmt_bytes(capacity)})")
                     continue
@@ -506,7 +518,7 @@ def joint(ctx: Context) -> Solved:
                     ms = [ctx.request.n_microbatches]  # type: ignore[list-item]  # partition() checked it
                 for name, v in schedule_candidates(base, v_given):
                     for m in ms:
-                        lab = Candidate(0.0, t, d, z, name, v, m).label(pp)
+                        lab = Candidate(0.0, t, d, z, name, v, m, s=s).label(pp)
                         bound = 0.0
                         if base.custom is None:
                             mm = m if m is not None else default_microbatches(name, share, pp)
@@ -520,9 +532,9 @@ def joint(ctx: Context) -> Solved:
                                 f, b = per_microbatch(t, share // mm)
                                 chain = f + (b / 2 if SCHEDULES[name].split_backward else b)
                                 bound = max(mm * (f + b) / pp, chain)
-                                cands.append(Candidate(bound, t, d, z, name, v, m, False, mm))
+                                cands.append(Candidate(bound, t, d, z, name, v, m, False, mm, s))
                                 continue
-                        cands.append(Candidate(bound, t, d, z, name, v, m, True))
+                        cands.append(Candidate(bound, t, d, z, name, v, m, True, s=s))
     # cheapest bound first; the balanced simulation (the costly term) only for a candidate
     # that reaches the front of the queue, which is then queued again with it
     queue = [(c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, i, c) for i, c in enumerate(cands)]
@@ -547,7 +559,8 @@ def joint(ctx: Context) -> Solved:
             heapq.heappush(queue, (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, len(cands), c))
             cands.append(c)
             continue
-        o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v)
+        o = replace(base, tensor_parallel=c.t, data_parallel=c.d, zero=c.zero, schedule=c.schedule, n_stages=pp * c.v,
+                    fsdp_shard=c.s or None)
         try:
             prob, sol, fits = solve_fsdp(ctx, o, c.m, defer_notes=True, explain_limit=_SHOWN)
         except PartitionError as e:  # infeasible, too few cuts, the batch does not split

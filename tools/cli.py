@@ -74,7 +74,8 @@ def _partition_options() -> _Parser:
                         "(prints the candidates) (default: 0)")
     g.add_argument("--fsdp-shard", type=int, default=None, metavar="S",
                    help="with --zero 3: hybrid sharding (HSDP): shard over groups of S replicas inside a node, "
-                        "replicate over the --dp / S groups (default: shard over every replica)")
+                        "replicate over the --dp / S groups (default: shard over every replica; --zero auto "
+                        "also tries HSDP where the replicas span nodes, listed as 'zero=3 HSDP RxS')")
     g.add_argument("--tp", type=_microbatches, default=None, metavar="T",
                    help="tensor-parallel ranks per pipeline rank (attention and MLP split over the group inside a "
                         "node), or 'auto': the degree with the fastest predicted step (prints the candidates) "

@@ -194,15 +194,15 @@ def shard_stage(stage: RankStage) -> FsdpSync:
     mp = policy(stage)
     group = stage.dp_group
     assert group is not None
-    if stage.plan.mesh.shard and (stage.plan.mesh.tp > 1 or stage.dp_mesh is None or stage.dp_mesh.ndim != 2):
+    if stage.plan.mesh.shard and (stage.dp_mesh is None or stage.dp_mesh.ndim != 2):
         raise PipelineRuntimeError(
             f"rank {stage.global_rank}: the plan shards zero=3 hybrid (mesh.shard={stage.plan.mesh.shard}), which "
-            "needs the 2-D (replicate, shard) mesh build_stage makes without tensor parallelism"
-            + (f" (this plan has tp={stage.plan.mesh.tp})" if stage.plan.mesh.tp > 1 else "")
-            + ": re-partition without fsdp_shard, or with tensor_parallel=1, and build the rank with build_stage")
+            "needs the 2-D (replicate, shard) mesh build_stage makes (runtime.stage.job_mesh): build the rank with "
+            "build_stage, or re-partition without fsdp_shard")
     # with tensor parallelism the replicas' mesh is cut from the job's (dp, pp, tp) mesh: FSDP
     # then shards the TP DTensors over dp, parameters becoming DTensors on the (dp, tp) mesh;
-    # with hybrid sharding it is the 2-D (dp_replicate, dp_shard) mesh (HSDP)
+    # with hybrid sharding it is the 2-D (dp_replicate, dp_shard) mesh (HSDP; with TP the
+    # parameters are DTensors on (dp_replicate, dp_shard, tp), as torchtitan composes them)
     mesh = stage.dp_mesh if stage.dp_mesh is not None else DeviceMesh.from_group(group, stage.device.type)
     names = {id(p): n for n, p in stage.named_parameters()}
     tied = [(pg, [names[id(p)] for p in params]) for pg, params in stage._tied]

@@ -77,9 +77,10 @@ from partitioner.schedule import Schedule, split_problem
 from partitioner.simulator import predict_plan
 
 if TYPE_CHECKING:
+    from partitioner.plan import Mesh
     from partitioner.simulator import SimResult
 
-__all__ = ["build_stage", "RankStage", "Runner", "IncompatibleKeys"]
+__all__ = ["build_stage", "RankStage", "Runner", "IncompatibleKeys", "job_mesh"]
 
 
 class IncompatibleKeys(NamedTuple):
@@ -971,11 +972,7 @@ def _build_replica(spec: PipelineSpec, rank: int, dev: torch.device, group: dist
                                    "a data-parallel plan takes the global rank")
     sizes = {"dp": mesh.dp, "pp": spec.plan.pp_ranks}
     if mesh.shard:  # hybrid sharding: the replicas as (replicate, shard), shard innermost (plan.Mesh.shard)
-        names = tuple(n for d in mesh.dims for n in (("dp_replicate", "dp_shard") if d == "dp" else (d,)))
-        sizes.update(dp_replicate=mesh.dp // mesh.shard, dp_shard=mesh.shard)
-        dm = init_device_mesh(dev.type, tuple(sizes[d] for d in names), mesh_dim_names=names)
-        hsdp = dm["dp_replicate", "dp_shard"]  # FSDP2's HSDP mesh: Replicate x Shard(0) parameters
-        dp = hsdp._flatten("dp")  # every replica of this pipeline rank (broadcast, loss counts), as torchtitan does
+        dm, hsdp, dp = job_mesh(dev, mesh, spec.plan.pp_ranks)
         dp_rank, pp_rank = dp.get_local_rank(), dm.get_local_rank("pp")
         assert (dp_rank, pp_rank) == mesh.coords(rank), "init_device_mesh laid the ranks out unlike plan.mesh"
         return RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
@@ -985,6 +982,25 @@ def _build_replica(spec: PipelineSpec, rank: int, dev: torch.device, group: dist
     assert (dp_rank, pp_rank) == mesh.coords(rank), "init_device_mesh laid the ranks out unlike plan.mesh"
     return RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
                      dp_group=dm.get_group("dp"), dp_rank=dp_rank)
+
+
+def job_mesh(dev: torch.device, mesh: Mesh, pp_ranks: int) -> tuple[DeviceMesh, DeviceMesh, DeviceMesh]:
+    """The job's device mesh as ``plan.mesh`` lays the ranks out (``Mesh.rank``): its ``dims``
+    outermost first, ``tp`` innermost where ``mesh.tp`` > 1, and under hybrid sharding
+    (``mesh.shard``) ``dp`` as ``(dp_replicate, dp_shard)``, shard innermost (torchtitan's
+    ``(dp_replicate, dp_shard, tp)``). Returns (the whole mesh; the mesh ``fully_shard`` takes:
+    ``dp``, or HSDP's 2-D ``(dp_replicate, dp_shard)`` (``Replicate`` x ``Shard`` parameters);
+    every replica of this rank as one 1-D ``dp`` mesh: broadcasts, loss counts). FSDP over TP
+    DTensors needs its mesh and the TP mesh cut from this one parent."""
+    names = tuple(n for d in (*mesh.dims, *(("tp",) if mesh.tp > 1 else ()))
+                  for n in (("dp_replicate", "dp_shard") if d == "dp" and mesh.shard else (d,)))
+    sizes = {"dp": mesh.dp, "pp": pp_ranks, "tp": mesh.tp, "dp_shard": mesh.shard,
+             "dp_replicate": mesh.dp // mesh.shard if mesh.shard else 1}
+    dm = init_device_mesh(dev.type, tuple(sizes[n] for n in names), mesh_dim_names=names)
+    if not mesh.shard:
+        return dm, dm["dp"], dm["dp"]
+    hsdp = dm["dp_replicate", "dp_shard"]
+    return dm, hsdp, hsdp._flatten("dp")  # as torchtitan flattens its data-parallel dimensions
 
 
 def _alias_groups(names: ModelNames | None, tied: Any) -> dict[str, tuple[str, ...]]:

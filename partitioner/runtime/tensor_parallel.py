@@ -103,7 +103,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -968,7 +967,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     ``GradSync`` over the DTensors' local shards (``zero=0``). The stage's ``tp_mesh`` /
     ``tp_rank`` / ``tp_plans`` say what was done."""
 
-    from partitioner.runtime.stage import RankStage  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
+    from partitioner.runtime.stage import RankStage, job_mesh  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
 
     plan = spec.plan
     mesh = plan.mesh
@@ -999,17 +998,15 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
                         "tensor-parallel plan takes the global rank")
     if problems:
         raise PipelineRuntimeError("; ".join(problems))
-    # one mesh for the job, laid out as plan.mesh.rank says: its dims outermost first, tp innermost;
-    # FSDP needs the replicas' mesh and the TP mesh cut from the same parent
-    names = (*mesh.dims, "tp")
-    sizes = {"dp": mesh.dp, "pp": plan.pp_ranks, "tp": mesh.tp}
-    dm = init_device_mesh(dev.type, tuple(sizes[d] for d in names), mesh_dim_names=names)
-    dp_rank, pp_rank, tp_rank = (dm.get_local_rank(d) for d in ("dp", "pp", "tp"))
+    # one mesh for the job, laid out as plan.mesh.rank says (runtime.stage.job_mesh; hybrid
+    # sharding's dp as (dp_replicate, dp_shard)): FSDP's mesh and the TP mesh from one parent
+    dm, fsdp_mesh, dp = job_mesh(dev, mesh, plan.pp_ranks)
+    dp_rank, pp_rank, tp_rank = dp.get_local_rank(), dm.get_local_rank("pp"), dm.get_local_rank("tp")
     assert rank == mesh.rank(dp_rank, pp_rank, tp_rank), "init_device_mesh laid the ranks out unlike plan.mesh"
     replicas = mesh.dp > 1
     # with replicas RankStage broadcasts replica 0's values over dp and leaves the reducer for below
     stage = RankStage(spec, pp_rank, dev, dm.get_group("pp"), init_fn=init_fn, seed=seed,
-                      dp_group=dm.get_group("dp") if replicas else None, dp_rank=dp_rank)
+                      dp_group=dp.get_group() if replicas else None, dp_rank=dp_rank)
     tp_mesh = dm["tp"]
     stage.tp_mesh, stage.tp_rank = tp_mesh, tp_rank  # type: ignore[attr-defined]
     # the stage's boundary values are replicated over the TP group: its runner's transport sends
@@ -1038,7 +1035,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     stage.tp_plans = plans  # type: ignore[attr-defined]
     stage.tp_sequence = sequence  # type: ignore[attr-defined]  # read by the runner (shard_boundaries)
     if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
-        stage.dp_mesh = dm["dp"]
+        stage.dp_mesh = fsdp_mesh
         stage.grad_sync = stage.reducer()
     if any(p.split_outputs or p.losses for p in plans.values()):  # logits split by vocabulary reach the loss
         stage.runner = _vocab_runner(stage, stage.runner)  # type: ignore[method-assign]

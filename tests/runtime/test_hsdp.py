@@ -5,7 +5,9 @@ shard (the GPT fixture's embedding tied across the pipeline ranks; 1F1B per unit
 like one process, and on 8 ranks 2 pipeline ranks x HSDP 2 x 2
 (AdamW, gradient clipping: the norm is ``clip_grad_norm_``'s on the whole model, each shard
 counted once however many replicas hold it), and the job's DCP checkpoint is the unsharded
-model's and loads back into the shards. The pricing by formula (shards over S, gathers and
+model's and loads back into the shards; a plan ``zero="auto"`` picks as HSDP 2x2 trains so too, and
+so does PP1 x HSDP 2x1 x TP2 (a ``(dp_replicate, dp_shard, tp)`` mesh); every member of a shard,
+replicate or pipeline group issues its collectives in the same order. The pricing by formula (shards over S, gathers and
 reduce-scatters over S inside a node, the 1/S shard all-reduced across nodes), the plan's
 ``mesh.shard`` (old plans unchanged), and the refusals."""
 
@@ -99,6 +101,29 @@ def test_hsdp_trains_like_one_process(n_gpus: int, dp: int, shard: int, schedule
         torch.testing.assert_close(saved[n], want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.timeout(240)
+def test_a_plan_the_search_picks_as_hsdp_trains_like_one_process(tmp_path: Any) -> None:
+    """``zero="auto"`` on 2 simulated nodes x 2 GPUs with 100 Gb/s Ethernet between them picks
+    HSDP 2x2 (``partitioner.layout.joint``; the choice itself: tests/partitioner/test_hsdp_auto.py),
+    and that plan, as emitted, trains on 4 gloo ranks like one process."""
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    x, _, _ = data("gpt", BATCH)
+    pipe = partition(model, n_gpus=4, data_parallel=4, example_inputs=(x,), n_microbatches=2, zero="auto",
+                     optimizer="adamw", gpus_per_node=2, inter_link="ethernet-100g")
+    assert (pipe.plan.mesh.zero, pipe.plan.mesh.dp, pipe.plan.mesh.shard) == (3, 4, 2)
+    picked = pipe.plan.rankings["layout"][0]
+    assert picked["picked"] and "zero=3 HSDP 2x2" in picked["label"], picked
+    want_losses, want_norms, want = _reference(model, "adamw", True)
+    results = spawn(_train, 4, pipe, str(tmp_path / "dcp"), pipe.plan.prediction.schedule, timeout_s=TIMEOUT_S)
+    for r in results:
+        assert {tuple(pl) for pl, _, _ in r["placed"].values()} == {("R", "S(0)")}  # HSDP, as the plan says
+        assert r["losses"] == pytest.approx(want_losses, rel=1e-5)
+        assert r["norms"] == pytest.approx(want_norms, rel=1e-5)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, want[n], rtol=RTOL, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
 # -- pricing -----------------------------------------------------------------------------------
 
 def test_hsdp_prices_shards_over_s_and_the_replicas_all_reduce_across_nodes() -> None:
@@ -187,3 +212,146 @@ def test_cli_plan_takes_fsdp_shard(tmp_path: Any) -> None:
     bad = cli("plan", "tests.tools.tiny_models:mlp", "--gpus", "4", "--dp", "4", "--zero", "3",
               "--fsdp-shard", "3", "-o", str(tmp_path / "b.json"))
     assert bad.returncode != 0 and "--fsdp-shard 3 does not divide --dp 4" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(240)
+def test_hsdp_with_tensor_parallelism_trains_like_one_process() -> None:
+    """PP1 x HSDP 2x1 x TP2 on 4 gloo ranks: the job's mesh is (dp_replicate, dp_shard, tp)
+    (``runtime.stage.job_mesh``, as torchtitan composes HSDP with TP), FSDP2 shards the TP
+    DTensors over the 2-D (dp_replicate, dp_shard) mesh, and the run (SGD, clipping) equals one
+    process on the whole batch."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+    from tests.runtime.test_three_d import _check
+    from tests.runtime.test_three_d import _train as train_3d
+
+    torch.manual_seed(0)
+    model = Net()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, _ = _data("net")
+    pipe = partition(model, 4, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, fsdp_shard=1,
+                     tensor_parallel=2, n_microbatches=2)
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.mesh.tp, pipe.plan.pp_ranks) == (2, 1, 2, 1)
+    results = spawn(train_3d, 4, pipe, timeout_s=TIMEOUT_S)
+    _check(model, init, results, 1)
+    assert {r["sync"] for r in results} == {"FsdpSync"}
+    meshes = results[0]["meshes"]  # name -> (mesh dims, placements, local shape)
+    assert {m[0] for m in meshes.values()} == {("dp_replicate", "dp_shard", "tp")}, meshes
+    assert meshes["blocks.1.o.weight"][1][0] == "Replicate()"  # replicated over dp_replicate: HSDP
+    assert meshes["blocks.1.o.weight"][2] == (32, 16)  # the row linear's TP half, whole over one shard
+
+
+def _train_3d_and_reload(rank: int, world: int, pipe: Any, path: str) -> dict[str, Any]:
+    """test_three_d's run (SGD, clipping) on the Net fixture, then the job's DCP checkpoint
+    saved, the parameters zeroed and loaded back: whether each came back exactly."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    from partitioner.runtime.tensor_parallel import full_state
+    from tests.runtime.test_tensor_parallel import _data
+    from tests.runtime.test_three_d import LR, MAX_NORM, STEPS
+
+    inputs, y = _data("net")
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(loss_fn=F.mse_loss)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        stage.zero_grad()
+        losses.append(runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
+                                  loss_on_every_rank=True).item())
+        norms.append(stage.clip_grad_norm_(MAX_NORM).item())
+        opt.step()
+    meshes = {n: (tuple(p.device_mesh.mesh_dim_names or ()), tuple(map(repr, p.placements)),
+                  tuple(p.to_local().shape)) for n, p in stage.named_parameters() if isinstance(p, DTensor)}
+    params = full_state(stage.named_parameters())
+    stage.save_checkpoint(path)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.zero_()
+    stage.load_checkpoint(path)
+    reloaded = all(torch.equal(v, params[n]) for n, v in full_state(stage.named_parameters()).items())
+    return {"dp": stage.dp_rank, "tp": stage.tp_rank, "losses": losses, "norms": norms, "meshes": meshes,
+            "params": params, "reloaded": reloaded}
+
+
+@pytest.mark.timeout(300)
+def test_hsdp2x2_tp2_eight_ranks(tmp_path: Any) -> None:
+    """8 ranks: HSDP 2 replicate x 2 shard x TP2 of a one-stage pipeline (both data-parallel
+    dimensions real) trains like one process, and its checkpoint loads back into the 3-D shards."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+    from tests.runtime.test_three_d import ATOL, _reference
+    from tests.runtime.test_three_d import RTOL as RTOL_3D
+
+    torch.manual_seed(0)
+    model = Net()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, _ = _data("net")
+    pipe = partition(model, 8, inputs, device="cpu", link="loopback", data_parallel=4, zero=3, fsdp_shard=2,
+                     tensor_parallel=2, n_microbatches=1)
+    assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.mesh.tp) == (4, 2, 2)
+    results = spawn(_train_3d_and_reload, 8, pipe, str(tmp_path / "dcp"), timeout_s=TIMEOUT_S * 2)
+    ref = _reference(model, init)
+    assert [(r["dp"], r["tp"]) for r in results] == [(d, t) for d in range(4) for t in range(2)]
+    for r in results:
+        assert r["reloaded"]
+        assert r["meshes"]["blocks.1.o.weight"] == (("dp_replicate", "dp_shard", "tp"),
+                                                    ("Replicate()", "Shard(dim=0)", "Shard(dim=1)"), (16, 16))
+        assert r["losses"] == pytest.approx(ref.losses, rel=RTOL_3D)
+        assert r["norms"] == pytest.approx(ref.norms, rel=RTOL_3D)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, ref.params[n], rtol=RTOL_3D, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    assert set().union(*(r["params"] for r in results)) == set(ref.params)
+
+
+def _train_recording(rank: int, world: int, pipe: Any, path: str, schedule: str) -> dict[str, Any]:
+    """``_train`` with every ``all_gather_single`` / ``reduce_scatter_single`` / ``all_reduce``
+    this rank issues recorded in order (FSDP2 calls them through ``torch.distributed``): the
+    group's ranks and the tensors' sizes."""
+    import torch.distributed as dist
+
+    calls: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+
+    def recording(name: str) -> Any:
+        fn = getattr(dist, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            group = kwargs.get("group", next((a for a in args if isinstance(a, dist.ProcessGroup)), None))
+            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(world))
+            calls.append((name, ranks, tuple(a.numel() for a in args if isinstance(a, torch.Tensor))))
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("all_gather_single", "reduce_scatter_single", "all_reduce"):
+        setattr(dist, name, recording(name))  # this rank's process only (spawn forks one per rank)
+    out = _train(rank, world, pipe, path, schedule)
+    out["calls"] = calls
+    return out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_every_member_of_a_group_issues_its_fsdp_collectives_in_the_same_order(schedule: str, tmp_path: Any) -> None:
+    """2 pipeline ranks x HSDP 2x2 on 8 ranks (the GPT fixture's embedding tied across the
+    pipeline ranks), per unit (1F1B) and per step (zb-h1): the collectives each rank issues on
+    each of its groups (dp_shard: gathers and reduce-scatters; dp_replicate: all-reduces of the
+    gradient shards; the pipeline's, for the tie; the job's) are, in order, those of every other
+    member of that group (docs/ARCHITECTURE.md, "Data parallelism"), so NCCL, which matches a
+    communicator's collectives by issue order, pairs them as gloo did here."""
+    _, pipe = _partition(8, 4, 2, schedule=schedule, pinned_cuts=["transformer.h.2"])
+    results = spawn(_train_recording, 8, pipe, str(tmp_path / "dcp"), schedule, timeout_s=TIMEOUT_S)
+    per_group: dict[tuple[int, ...], dict[int, list[tuple[str, tuple[int, ...]]]]] = {}
+    for rank, r in enumerate(results):
+        for name, ranks, sizes in r["calls"]:
+            assert rank in ranks
+            per_group.setdefault(ranks, {}).setdefault(rank, []).append((name, sizes))
+    # rank = d * pp + p, replica d = r * 2 + s: pipeline rank p's shard groups and replicate groups
+    shard = [(p + 4 * r, p + 4 * r + 2) for p in range(2) for r in range(2)]
+    replicate = [(p + 2 * s, p + 2 * s + 4) for p in range(2) for s in range(2)]
+    for ranks, kinds in [(g, {"all_gather_single", "reduce_scatter_single"}) for g in shard] + [
+            (g, {"all_reduce"}) for g in replicate]:
+        assert ranks in per_group and kinds <= {name for name, _ in per_group[ranks][ranks[0]]}, (ranks, kinds)
+    for ranks, seqs in per_group.items():
+        assert set(seqs) == set(ranks), (ranks, sorted(seqs))  # every member took part
+        first = seqs[ranks[0]]
+        for rank, seq in seqs.items():
+            assert seq == first, f"group {ranks}: rank {rank} issues {seq[:8]}..., rank {ranks[0]} {first[:8]}..."
