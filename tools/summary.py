@@ -91,5 +91,6 @@ def plan_summary(plan: Any) -> dict[str, Any]:
         "mesh": {"dp": plan.mesh.dp, "pp": plan.pp_ranks, "dims": list(plan.mesh.dims),
                  "gpus_per_node": plan.mesh.gpus_per_node, "zero": plan.mesh.zero,
                  "allreduce_exposed_s": plan.mesh.exposed_s,
-                 **({"tp": plan.mesh.tp} if plan.mesh.tp > 1 else {})},
+                 **({"tp": plan.mesh.tp} if plan.mesh.tp > 1 else {}),
+                 **({"shard": plan.mesh.shard} if plan.mesh.shard else {})},
     }

@@ -84,6 +84,8 @@ def print_plan(summary: dict[str, Any], console: Console) -> None:
                  if mesh.get("gpus_per_node") else "")
         tp = f" x {mesh['tp']} tensor-parallel ranks" if mesh.get("tp", 1) > 1 else ""
         zero = {1: ", ZeRO-1", 3: ", FSDP (zero=3)"}.get(mesh.get("zero", 0), "")
+        if mesh.get("shard"):  # hybrid: D / S groups replicate S-way shards
+            zero = f", HSDP (zero=3, {mesh['dp'] // mesh['shard']} x {mesh['shard']}-way shards)"
         console.print(
             f"data parallel: {mesh['dp']} replicas x {mesh['pp']} pipeline ranks{tp}{nodes}, mesh "
             f"({', '.join(mesh['dims'])}){zero}; gradient all-reduce adds "

@@ -136,3 +136,5 @@ def test_cli_zero_auto_prints_hsdp_in_the_ranking(tmp_path: Any) -> None:
     assert "T=1 D=4 P=1 zero=3 HSDP 2x2 m=2 1f1b (2 nodes x 2 GPUs, replicas across them)" in ranked, done.stdout
     picked = "picked T=1 D=4 P=1 zero=3 HSDP 2x2 " in done.stdout
     assert json.loads(out.read_text())["mesh"].get("shard", 0) == (2 if picked else 0), done.stdout
+    # the summary's data-parallel line names what was picked
+    assert ("HSDP (zero=3, 2 x 2-way shards)" if picked else "FSDP (zero=3)") in done.stdout, done.stdout
