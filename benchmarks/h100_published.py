@@ -304,7 +304,7 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
     redo = {n.name for n in pipe.stages[slow].graph.nodes if RECOMPUTE in n.meta}
     order = compute_nodes(pipe.graph)
     head = _head_start(order)
-    out = dict.fromkeys((*KINDS, "recomp", *(f"recomp_{k}" for k in KINDS)), 0.0)
+    out = dict.fromkeys((*KINDS, "recomp", *(f"recomp_{k}" for k in KINDS), "attn_fwd", "attn_bwd"), 0.0)
     for i, node in enumerate(order):
         if node.name not in names or COST not in node.meta:
             continue
@@ -319,6 +319,9 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
         else:
             kind = "mem"
         out[kind] += f + b
+        if kind == "attn":  # its two directions apart (each kernel's curve prices them apart)
+            out["attn_fwd"] += f + (f if node.name in redo else 0.0)
+            out["attn_bwd"] += b
         if node.name in redo:
             out["recomp"] += f
             out[f"recomp_{kind}"] += f
@@ -330,7 +333,7 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
 def predict(run: Run, dev: Any = None) -> dict[str, float]:
     """The run planned with its layout pinned: predicted iteration seconds and its parts.
     Nodes of 8 GPUs on ``nvlink4``, ``ib-ndr-400`` between them; ``dev``: the device (default
-    ``DEVICE``)."""
+    the run's source's, ``device_for``)."""
     from partitioner.api import partition
 
     if run.tp != 1 or run.pp != 1:
@@ -338,7 +341,7 @@ def predict(run: Run, dev: Any = None) -> dict[str, float]:
                                   f"tensor parallelism (tp={run.tp}, pp={run.pp})")
     model, inputs = build(run)
     nodes = run.gpus > 8
-    dev = dev or get_device(DEVICE)
+    dev = dev or get_device(device_for(run))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = partition(model, n_gpus=run.gpus, example_inputs=inputs, schedule="1f1b", n_microbatches=run.m,
@@ -350,7 +353,7 @@ def predict(run: Run, dev: Any = None) -> dict[str, float]:
     step = pipe.plan.prediction.step_time_s
     shard = parts["params"] / run.tp / (run.dp if run.zero else 1)  # ZeRO / FSDP step their shard only
     opt = dev.optimizer_time(shard, "adam", "bf16-mixed")
-    per_step = {k: run.m * v for k, v in parts.items() if k in KINDS or k.startswith("recomp")}
+    per_step = {k: run.m * v for k, v in parts.items() if k in KINDS or k.startswith(("recomp", "attn_"))}
     busy = run.m * parts["stage"]
     per_step["comm"] = step - busy  # exposed FSDP / all-reduce time (+ bubble and transfers for pp > 1)
     per_step["opt"] = opt
@@ -434,17 +437,28 @@ def summary(done: Sequence[tuple[Run, dict[str, float]]]) -> None:
                   + f": |error| mean {100 * mean:.1f} %, max {100 * worst:.1f} %")
 
 
-#: The profile the runs are priced on: their attention kernels are FlashAttention-2-class
-#: (``h100-sxm-fa2``, cited in ``cost_models/devices.py``); ``h100-sxm`` is cuDNN's.
-DEVICE = "h100-sxm-fa2"
+#: The profile each source's runs are priced on: the attention kernel they ran (cited in
+#: ``cost_models/devices.py``): [MPT]'s table of 2023 ran llm-foundry's ``attn_impl: triton``
+#: (``h100-sxm-triton``, [MPT-K] there), torchtitan's runs SDPA's flash backend, FlashAttention-2
+#: (``h100-sxm-fa2``, [SDPA]); ``h100-sxm`` is cuDNN's.
+DEVICES_BY_SOURCE = {"MPT": "h100-sxm-triton", "TT": "h100-sxm-fa2"}
+DEVICE = DEVICES_BY_SOURCE["MPT"]
+
+
+def device_for(run: Run) -> str:
+    """The profile ``run`` is priced on by default (``DEVICES_BY_SOURCE``)."""
+    return DEVICES_BY_SOURCE[run.source]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="per model, its shortest and longest sequence on one node")
     ap.add_argument("--source", nargs="*", choices=sorted(SOURCES), default=sorted(SOURCES))
-    ap.add_argument("--device", default=DEVICE, help="the profile to price the runs on (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="one profile to price every run on (default: each source's "
+                    f"kernel, {DEVICES_BY_SOURCE})")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--cudnn", action="store_true", help="also price the one-node rows with attention as cuDNN runs "
+                    "it (device h100-sxm), as a sensitivity")
     args = ap.parse_args()
     todo = [r for r in runs() if r.source in args.source]
     if args.quick:  # per model, its shortest and longest sequence on one node
@@ -463,7 +477,7 @@ def main() -> None:
     done: list[tuple[Run, dict[str, float]]] = []
     t0 = time.perf_counter()
     for r in todo:
-        p = predict(r, dev=get_device(args.device))
+        p = predict(r, dev=get_device(args.device or device_for(r)))
         done.append((r, p))
         print(f"| {r.source} | {r.name} | {r.seq} | {r.gpus} | {r.dp} | {r.micro} x {r.m} | {r.recompute} | "
               f"{r.measured_s:.3f} | {p['predicted']:.3f} | {p['predicted'] / r.measured_s:.2f} | "
@@ -473,7 +487,7 @@ def main() -> None:
     print()
     summary(done)
     one = [(r, p) for r, p in done if r.gpus == 8]
-    if one and args.device != "h100-sxm":
+    if one and args.cudnn:
         print("\none node, attention as cuDNN runs it (sensitivity, device h100-sxm):")
         print("| source | run | seq | mbs x m | recompute | measured s | pred/meas as priced | attn as priced | "
               "attn as cuDNN | pred/meas |")
