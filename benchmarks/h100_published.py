@@ -1,13 +1,15 @@
 """Predicted against measured on published H100 training runs (bf16), with where the time goes.
 
 The GPU cost model's one fitted number (``Efficiency.fit``) was fitted on A100 pipeline runs
-(``gpu_cost_bench.py``); H100 takes it unchanged. This benchmark prices published H100 runs
+(``gpu_cost_bench.py``); H100 takes it unchanged. The H100 Triton attention kernel's slowdown
+(``devices._TRITON_SHARE``) is fitted here, on ``TRITON_FIT_MODELS``' one-node rows only; the
+summary scores those and the held-out rows apart. This benchmark prices published H100 runs
 whose model shape, GPU count, layout, micro-batch, recompute and measured throughput are all
 given by their source, each with its layout pinned (``partition(data_parallel=..., zero=...,
-n_microbatches=..., recompute=...)``, device ``h100-sxm-fa2`` (attention as FlashAttention-2
-runs it: every run here used an FA2-class kernel, llm-foundry's Triton flash attention or
-PyTorch SDPA's flash backend; ``--device h100-sxm`` prices them as cuDNN would), ``nvlink4``
-inside an 8-GPU node, ``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
+n_microbatches=..., recompute=...)``, each on the profile of the attention kernel it ran
+(``DEVICES_BY_SOURCE``: [MPT] on ``h100-sxm-triton``, llm-foundry's 2023 Triton FlashAttention;
+[TT] on ``h100-sxm-fa2``, SDPA's flash backend; ``--device NAME`` prices every run on one profile,
+``--cudnn`` adds the one-node rows as cuDNN would run them), ``nvlink4`` inside an 8-GPU node, ``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
 ratio and the predicted iteration split by what the model charges for it:
 
 - ``gemm``: matrix multiplies (the efficiency model's GEMM curve), forward + backward;
@@ -41,8 +43,8 @@ Sources (cited per row):
       (``per_head_qkv=True``, flash attention) with the head's weight tied to the embedding.
       Not given by the source, assumed: the H100 variant (SXM: 80 GB HBM3), the network between
       nodes for the 16-64 GPU rows (``ib-ndr-400``), the optimizer (AdamW, as ``mpt-70b.yaml``;
-      only its step on the 1/D shard is priced), and the benchmark's software versions
-      (the Triton flash-attention kernel of 2023).
+      only its step on the 1/D shard is priced). Its attention kernel is cited: the table's
+      commit (b2a43a1, 2023-10-19) ran ``attn_impl: triton`` ([MPT-K] in cost_models/devices.py).
 [TT]  torchtitan, ``benchmarks/llama3_h100_202412_torchtitan.md`` (github.com/pytorch/torchtitan,
       commit 31a17bfdb70bab6f62a13d21816a5339b911d6e3): Llama 3.1 8B, FSDP over 8 GPUs (Table 1)
       and 128 GPUs (Table 3), local batch 2, sequence 8192 (torchtitan's default for these
@@ -56,7 +58,9 @@ Sources (cited per row):
 
 Published H100 runs read but not priced (``SKIPPED``, printed with the reason).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py [--quick] [--source MPT TT]
+    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py [--quick] [--source MPT TT] [--json F]
+    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py --device h100-sxm-fa2 --json fa2.json
+    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py --fit-triton fa2.json  # devices._TRITON_SHARE
 
 Meta device and this CPU only; ``--quick`` prices, per model, the one-node rows at its shortest
 and longest sequence (the 8-GPU torchtitan row once). Every predicted figure is the cost model's, not a measurement.
@@ -419,7 +423,9 @@ def summary(done: Sequence[tuple[Run, dict[str, float]]]) -> None:
             ("one node (8 GPUs)", lambda r: r.gpus == 8), ("more nodes", lambda r: r.gpus > 8),
             ("one node, S <= 2048", lambda r: r.gpus == 8 and r.seq <= 2048),
             ("one node, S 4096-8192", lambda r: r.gpus == 8 and 4096 <= r.seq <= 8192),
-            ("one node, S >= 16384", lambda r: r.gpus == 8 and r.seq >= 16384))
+            ("one node, S >= 16384", lambda r: r.gpus == 8 and r.seq >= 16384),
+            ("[MPT] rows _TRITON_SHARE was fitted on", in_triton_fit),
+            ("[MPT] rows held out from that fit", lambda r: r.source == "MPT" and not in_triton_fit(r)))
     for label, keep in sets:
         e = [x for (r, _), x in zip(done, errs) if keep(r)]
         if e:
@@ -435,6 +441,32 @@ def summary(done: Sequence[tuple[Run, dict[str, float]]]) -> None:
             f, mean, worst = fit_factors(one, groups)
             print("  " + ", ".join(f"{k} x {v:.2f}" for k, v in f.items())
                   + f": |error| mean {100 * mean:.1f} %, max {100 * worst:.1f} %")
+
+
+#: The rows ``devices._TRITON_SHARE`` is fitted on (``fit_triton_share``): the one-node [MPT]
+#: rows of three of the seven models; every other row is held out, and scored.
+TRITON_FIT_MODELS = ("mpt-760m", "mpt-3b", "mpt-13b")
+
+
+def in_triton_fit(run: Run) -> bool:
+    return run.source == "MPT" and run.gpus == 8 and run.name in TRITON_FIT_MODELS
+
+
+def fit_triton_share(rows: Sequence[dict[str, Any]], step: float = 0.05, top: float = 2.0
+                     ) -> tuple[float, list[tuple[float, float]]]:
+    """``devices._TRITON_SHARE``: the ``a`` of least mean |error| (in steps of ``step``) over
+    ``rows`` (``--json`` rows priced on ``h100-sxm-fa2``), where the Triton kernel's attention
+    takes ``1 + 0.4 a`` times FlashAttention-2's forward time and ``1 + a`` its backward
+    ([FA2-T]'s ratios, scaled). Each row's iteration grows by exactly that (its other prices do
+    not depend on the attention kernel; on one node FSDP's collectives stay hidden). Returns
+    ``(a, [(a, mean |error|) over the grid])``."""
+    grid = [round(i * step, 10) for i in range(int(round(top / step)) + 1)]
+    scores = []
+    for a in grid:
+        errs = [abs((r["predicted"] + 0.4 * a * r["attn_fwd"] + a * r["attn_bwd"]) / r["measured_s"] - 1)
+                for r in rows]
+        scores.append((a, sum(errs) / len(errs)))
+    return min(scores, key=lambda x: x[1])[0], scores
 
 
 #: The profile each source's runs are priced on: the attention kernel they ran (cited in
@@ -457,9 +489,20 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="one profile to price every run on (default: each source's "
                     f"kernel, {DEVICES_BY_SOURCE})")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--fit-triton", default=None, metavar="JSON",
+                    help="fit devices._TRITON_SHARE on TRITON_FIT_MODELS' one-node rows of a --json file priced "
+                         "with --device h100-sxm-fa2, print it, and exit")
     ap.add_argument("--cudnn", action="store_true", help="also price the one-node rows with attention as cuDNN runs "
                     "it (device h100-sxm), as a sensitivity")
     args = ap.parse_args()
+    if args.fit_triton:
+        with open(args.fit_triton) as f:
+            rows = json.load(f)
+        fit_rows = [p for p in rows if p["source"] == "MPT" and p["gpus"] == 8 and p["name"] in TRITON_FIT_MODELS]
+        a, scores = fit_triton_share(fit_rows)
+        print(f"{len(fit_rows)} rows ({', '.join(TRITON_FIT_MODELS)}, one node): _TRITON_SHARE = {a:.2f}")
+        print("  " + ", ".join(f"{x:.2f}: {100 * e:.1f} %" for x, e in scores[::4]))
+        return
     todo = [r for r in runs() if r.source in args.source]
     if args.quick:  # per model, its shortest and longest sequence on one node
         ends: dict[str, list[Run]] = {}

@@ -330,7 +330,7 @@ _FIT = 0.76
 #: |error|) on the one-node [MPT] rows of mpt-760m, mpt-3b and mpt-13b (19 rows), and scored on
 #: the other 33 [MPT] rows (benchmarks/h100_published.py, RESULTS.md "GPU step times on
 #: published H100 runs"). 1.0 would be the A100 ratios as they are.
-_TRITON_SHARE = 1.0
+_TRITON_SHARE = 0.45
 
 
 def _h100_curve(fwd: Sequence[float], fwd_causal: Sequence[float], bwd: Sequence[float],
