@@ -329,7 +329,8 @@ _FIT = 0.76
 #: backward 1 + a. No H100 figure of that kernel exists; fitted once (steps of 0.05, least mean
 #: |error|) on the one-node [MPT] rows of mpt-760m, mpt-3b and mpt-13b (19 rows), and scored on
 #: the other 33 [MPT] rows (benchmarks/h100_published.py, RESULTS.md "GPU step times on
-#: published H100 runs"). 1.0 would be the A100 ratios as they are.
+#: published H100 runs"). 1.0 would be the A100 ratios as they are. 0.45: 4.7 % mean |error| on
+#: the fit rows (0: 12.9 %, 1.0: 15.3 %), 7.3 % on the held-out ones (0: 12.6 %, 1.0: 10.4 %).
 _TRITON_SHARE = 0.45
 
 
@@ -347,7 +348,10 @@ def _h100_curve(fwd: Sequence[float], fwd_causal: Sequence[float], bwd: Sequence
 
 
 #: H100 attention by kernel, head dim 128 ([FA3-F]; "triton-fa1" [FA2-T]; "math" is PyTorch's
-#: unfused attention, the papers' "standard attention", to 8k tokens: it ran out of memory at 16k)
+#: unfused attention, the papers' "standard attention", to 8k tokens: it ran out of memory at 16k).
+#: Isolated-kernel rates, as the GEMM's [MAMF]: a profile multiplies them by its ``fit`` as it
+#: does every tensor-core rate. No H100 figure was found for the memory-efficient (xFormers /
+#: CUTLASS) kernel: it has no curve.
 H100_ATTENTION: dict[str, tuple[tuple[float, float, float, float, float], ...]] = {
     "fa2": _h100_curve((309, 350, 362, 368, 370, 370), (191, 260, 298, 319, 333, 335),
                        (214, 260, 291, 310, 318, 322)),

@@ -9,6 +9,7 @@ the curve as plain data in a profile file.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -101,6 +102,9 @@ def test_the_cited_figures() -> None:
     for t_row, f_row in zip(tri, fa2):
         assert t_row[1] == pytest.approx(f_row[1] / (1 + 0.4 * a)) and t_row[3] == pytest.approx(f_row[3] / (1 + 0.4 * a))
         assert t_row[2] == pytest.approx(f_row[2] / (1 + 1.0 * a)) and t_row[4] == pytest.approx(f_row[4] / (1 + 1.0 * a))
+    source = inspect.getsource(devices)
+    for tag in ("[FA3-F]", "[FA2-T]", "[MPT-K]"):
+        assert source.count(tag) >= 2, tag  # defined once, cited at least once beside a number
     # between two measured lengths: linear in log2(seq)
     mid = attention_curve_efficiency(2**11.5, 128, fa2)
     assert mid == pytest.approx((362 + 368) / 2 / H100_PEAK)
