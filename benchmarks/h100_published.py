@@ -1,13 +1,15 @@
 """Predicted against measured on published H100 training runs (bf16), with where the time goes.
 
 The GPU cost model's one fitted number (``Efficiency.fit``) was fitted on A100 pipeline runs
-(``gpu_cost_bench.py``); H100 takes it unchanged. This benchmark prices published H100 runs
+(``gpu_cost_bench.py``); H100 takes it unchanged. The H100 Triton attention kernel's slowdown
+(``devices._TRITON_SHARE``) is fitted here, on ``TRITON_FIT_MODELS``' one-node rows only; the
+summary scores those and the held-out rows apart. This benchmark prices published H100 runs
 whose model shape, GPU count, layout, micro-batch, recompute and measured throughput are all
 given by their source, each with its layout pinned (``partition(data_parallel=..., zero=...,
-n_microbatches=..., recompute=...)``, device ``h100-sxm-fa2`` (attention as FlashAttention-2
-runs it: every run here used an FA2-class kernel, llm-foundry's Triton flash attention or
-PyTorch SDPA's flash backend; ``--device h100-sxm`` prices them as cuDNN would), ``nvlink4``
-inside an 8-GPU node, ``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
+n_microbatches=..., recompute=...)``, each on the profile of the attention kernel it ran
+(``DEVICES_BY_SOURCE``: [MPT] on ``h100-sxm-triton``, llm-foundry's 2023 Triton FlashAttention;
+[TT] on ``h100-sxm-fa2``, SDPA's flash backend; ``--device NAME`` prices every run on one profile,
+``--cudnn`` adds the one-node rows as cuDNN would run them), ``nvlink4`` inside an 8-GPU node, ``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
 ratio and the predicted iteration split by what the model charges for it:
 
 - ``gemm``: matrix multiplies (the efficiency model's GEMM curve), forward + backward;
@@ -41,8 +43,8 @@ Sources (cited per row):
       (``per_head_qkv=True``, flash attention) with the head's weight tied to the embedding.
       Not given by the source, assumed: the H100 variant (SXM: 80 GB HBM3), the network between
       nodes for the 16-64 GPU rows (``ib-ndr-400``), the optimizer (AdamW, as ``mpt-70b.yaml``;
-      only its step on the 1/D shard is priced), and the benchmark's software versions
-      (the Triton flash-attention kernel of 2023).
+      only its step on the 1/D shard is priced). Its attention kernel is cited: the table's
+      commit (b2a43a1, 2023-10-19) ran ``attn_impl: triton`` ([MPT-K] in cost_models/devices.py).
 [TT]  torchtitan, ``benchmarks/llama3_h100_202412_torchtitan.md`` (github.com/pytorch/torchtitan,
       commit 31a17bfdb70bab6f62a13d21816a5339b911d6e3): Llama 3.1 8B, FSDP over 8 GPUs (Table 1)
       and 128 GPUs (Table 3), local batch 2, sequence 8192 (torchtitan's default for these
@@ -56,7 +58,9 @@ Sources (cited per row):
 
 Published H100 runs read but not priced (``SKIPPED``, printed with the reason).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py [--quick] [--source MPT TT]
+    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py [--quick] [--source MPT TT] [--json F]
+    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py --device h100-sxm-fa2 --json fa2.json
+    PYTHONPATH=. .venv/bin/python benchmarks/h100_published.py --fit-triton fa2.json  # devices._TRITON_SHARE
 
 Meta device and this CPU only; ``--quick`` prices, per model, the one-node rows at its shortest
 and longest sequence (the 8-GPU torchtitan row once). Every predicted figure is the cost model's, not a measurement.
@@ -304,7 +308,7 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
     redo = {n.name for n in pipe.stages[slow].graph.nodes if RECOMPUTE in n.meta}
     order = compute_nodes(pipe.graph)
     head = _head_start(order)
-    out = dict.fromkeys((*KINDS, "recomp", *(f"recomp_{k}" for k in KINDS)), 0.0)
+    out = dict.fromkeys((*KINDS, "recomp", *(f"recomp_{k}" for k in KINDS), "attn_fwd", "attn_bwd"), 0.0)
     for i, node in enumerate(order):
         if node.name not in names or COST not in node.meta:
             continue
@@ -319,6 +323,9 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
         else:
             kind = "mem"
         out[kind] += f + b
+        if kind == "attn":  # its two directions apart (each kernel's curve prices them apart)
+            out["attn_fwd"] += f + (f if node.name in redo else 0.0)
+            out["attn_bwd"] += b
         if node.name in redo:
             out["recomp"] += f
             out[f"recomp_{kind}"] += f
@@ -330,7 +337,7 @@ def breakdown(pipe: Any, dev: Any, micro: int, seq: int) -> dict[str, float]:
 def predict(run: Run, dev: Any = None) -> dict[str, float]:
     """The run planned with its layout pinned: predicted iteration seconds and its parts.
     Nodes of 8 GPUs on ``nvlink4``, ``ib-ndr-400`` between them; ``dev``: the device (default
-    ``DEVICE``)."""
+    the run's source's, ``device_for``)."""
     from partitioner.api import partition
 
     if run.tp != 1 or run.pp != 1:
@@ -338,7 +345,7 @@ def predict(run: Run, dev: Any = None) -> dict[str, float]:
                                   f"tensor parallelism (tp={run.tp}, pp={run.pp})")
     model, inputs = build(run)
     nodes = run.gpus > 8
-    dev = dev or get_device(DEVICE)
+    dev = dev or get_device(device_for(run))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = partition(model, n_gpus=run.gpus, example_inputs=inputs, schedule="1f1b", n_microbatches=run.m,
@@ -350,7 +357,7 @@ def predict(run: Run, dev: Any = None) -> dict[str, float]:
     step = pipe.plan.prediction.step_time_s
     shard = parts["params"] / run.tp / (run.dp if run.zero else 1)  # ZeRO / FSDP step their shard only
     opt = dev.optimizer_time(shard, "adam", "bf16-mixed")
-    per_step = {k: run.m * v for k, v in parts.items() if k in KINDS or k.startswith("recomp")}
+    per_step = {k: run.m * v for k, v in parts.items() if k in KINDS or k.startswith(("recomp", "attn_"))}
     busy = run.m * parts["stage"]
     per_step["comm"] = step - busy  # exposed FSDP / all-reduce time (+ bubble and transfers for pp > 1)
     per_step["opt"] = opt
@@ -416,7 +423,9 @@ def summary(done: Sequence[tuple[Run, dict[str, float]]]) -> None:
             ("one node (8 GPUs)", lambda r: r.gpus == 8), ("more nodes", lambda r: r.gpus > 8),
             ("one node, S <= 2048", lambda r: r.gpus == 8 and r.seq <= 2048),
             ("one node, S 4096-8192", lambda r: r.gpus == 8 and 4096 <= r.seq <= 8192),
-            ("one node, S >= 16384", lambda r: r.gpus == 8 and r.seq >= 16384))
+            ("one node, S >= 16384", lambda r: r.gpus == 8 and r.seq >= 16384),
+            ("[MPT] rows _TRITON_SHARE was fitted on", in_triton_fit),
+            ("[MPT] rows held out from that fit", lambda r: r.source == "MPT" and not in_triton_fit(r)))
     for label, keep in sets:
         e = [x for (r, _), x in zip(done, errs) if keep(r)]
         if e:
@@ -434,18 +443,66 @@ def summary(done: Sequence[tuple[Run, dict[str, float]]]) -> None:
                   + f": |error| mean {100 * mean:.1f} %, max {100 * worst:.1f} %")
 
 
-#: The profile the runs are priced on: their attention kernels are FlashAttention-2-class
-#: (``h100-sxm-fa2``, cited in ``cost_models/devices.py``); ``h100-sxm`` is cuDNN's.
-DEVICE = "h100-sxm-fa2"
+#: The rows ``devices._TRITON_SHARE`` is fitted on (``fit_triton_share``): the one-node [MPT]
+#: rows of three of the seven models; every other row is held out, and scored.
+TRITON_FIT_MODELS = ("mpt-760m", "mpt-3b", "mpt-13b")
+
+
+def in_triton_fit(run: Run) -> bool:
+    return run.source == "MPT" and run.gpus == 8 and run.name in TRITON_FIT_MODELS
+
+
+def fit_triton_share(rows: Sequence[dict[str, Any]], step: float = 0.05, top: float = 2.0
+                     ) -> tuple[float, list[tuple[float, float]]]:
+    """``devices._TRITON_SHARE``: the ``a`` of least mean |error| (in steps of ``step``) over
+    ``rows`` (``--json`` rows priced on ``h100-sxm-fa2``), where the Triton kernel's attention
+    takes ``1 + 0.4 a`` times FlashAttention-2's forward time and ``1 + a`` its backward
+    ([FA2-T]'s ratios, scaled). Each row's iteration grows by exactly that (its other prices do
+    not depend on the attention kernel; on one node FSDP's collectives stay hidden). Returns
+    ``(a, [(a, mean |error|) over the grid])``."""
+    grid = [round(i * step, 10) for i in range(int(round(top / step)) + 1)]
+    scores = []
+    for a in grid:
+        errs = [abs((r["predicted"] + 0.4 * a * r["attn_fwd"] + a * r["attn_bwd"]) / r["measured_s"] - 1)
+                for r in rows]
+        scores.append((a, sum(errs) / len(errs)))
+    return min(scores, key=lambda x: x[1])[0], scores
+
+
+#: The profile each source's runs are priced on: the attention kernel they ran (cited in
+#: ``cost_models/devices.py``): [MPT]'s table of 2023 ran llm-foundry's ``attn_impl: triton``
+#: (``h100-sxm-triton``, [MPT-K] there), torchtitan's runs SDPA's flash backend, FlashAttention-2
+#: (``h100-sxm-fa2``, [SDPA]); ``h100-sxm`` is cuDNN's.
+DEVICES_BY_SOURCE = {"MPT": "h100-sxm-triton", "TT": "h100-sxm-fa2"}
+DEVICE = DEVICES_BY_SOURCE["MPT"]
+
+
+def device_for(run: Run) -> str:
+    """The profile ``run`` is priced on by default (``DEVICES_BY_SOURCE``)."""
+    return DEVICES_BY_SOURCE[run.source]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="per model, its shortest and longest sequence on one node")
     ap.add_argument("--source", nargs="*", choices=sorted(SOURCES), default=sorted(SOURCES))
-    ap.add_argument("--device", default=DEVICE, help="the profile to price the runs on (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="one profile to price every run on (default: each source's "
+                    f"kernel, {DEVICES_BY_SOURCE})")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--fit-triton", default=None, metavar="JSON",
+                    help="fit devices._TRITON_SHARE on TRITON_FIT_MODELS' one-node rows of a --json file priced "
+                         "with --device h100-sxm-fa2, print it, and exit")
+    ap.add_argument("--cudnn", action="store_true", help="also price the one-node rows with attention as cuDNN runs "
+                    "it (device h100-sxm), as a sensitivity")
     args = ap.parse_args()
+    if args.fit_triton:
+        with open(args.fit_triton) as f:
+            rows = json.load(f)
+        fit_rows = [p for p in rows if p["source"] == "MPT" and p["gpus"] == 8 and p["name"] in TRITON_FIT_MODELS]
+        a, scores = fit_triton_share(fit_rows)
+        print(f"{len(fit_rows)} rows ({', '.join(TRITON_FIT_MODELS)}, one node): _TRITON_SHARE = {a:.2f}")
+        print("  " + ", ".join(f"{x:.2f}: {100 * e:.1f} %" for x, e in scores[::4]))
+        return
     todo = [r for r in runs() if r.source in args.source]
     if args.quick:  # per model, its shortest and longest sequence on one node
         ends: dict[str, list[Run]] = {}
@@ -463,7 +520,7 @@ def main() -> None:
     done: list[tuple[Run, dict[str, float]]] = []
     t0 = time.perf_counter()
     for r in todo:
-        p = predict(r, dev=get_device(args.device))
+        p = predict(r, dev=get_device(args.device or device_for(r)))
         done.append((r, p))
         print(f"| {r.source} | {r.name} | {r.seq} | {r.gpus} | {r.dp} | {r.micro} x {r.m} | {r.recompute} | "
               f"{r.measured_s:.3f} | {p['predicted']:.3f} | {p['predicted'] / r.measured_s:.2f} | "
@@ -473,7 +530,7 @@ def main() -> None:
     print()
     summary(done)
     one = [(r, p) for r, p in done if r.gpus == 8]
-    if one and args.device != "h100-sxm":
+    if one and args.cudnn:
         print("\none node, attention as cuDNN runs it (sensitivity, device h100-sxm):")
         print("| source | run | seq | mbs x m | recompute | measured s | pred/meas as priced | attn as priced | "
               "attn as cuDNN | pred/meas |")

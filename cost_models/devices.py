@@ -118,9 +118,12 @@ class DeviceSpec:
         shape = evaluate(cost.shape, values) if cost.shape else []
         if cost.kind.startswith("attention") and len(shape) == 4:
             sq, sk, d, causal = shape
-            done = _causal_share(sq, sk) if causal else 1.0  # the flash kernel skips masked-out blocks
-            cf = fwd * done / (peak * e.attention(sk, d))
-            cb = bwd * done / (peak * e.attention(sk, d, backward=True))
+            if e.attn_curve:  # the curve's causal rates are on half the square's FLOPs (its convention)
+                done = 0.5 if causal else 1.0
+            else:  # one rate for both: count the blocks the flash kernel computes (it skips masked-out ones)
+                done = _causal_share(sq, sk) if causal else 1.0
+            cf = fwd * done / (peak * e.attention(sk, d, causal=bool(causal)))
+            cb = bwd * done / (peak * e.attention(sk, d, backward=True, causal=bool(causal)))
         elif len(shape) == 3:
             m, k, n = shape
             cf = fwd / (peak * e.gemm(m, k, n))
@@ -262,6 +265,35 @@ class LinkSpec:
 #         (H100 80GB SXM5, head dim 128, no causal mask, 16k tokens; images, read from transcriptions
 #         in the page index): forward FlashAttention-2 370, cuDNN 595, FlashAttention-3 648 TFLOPs/s;
 #         backward FlashAttention-2 322, cuDNN 516, FlashAttention-3 561.
+# [FA3-F] FlashAttention-3 (arXiv 2407.08608), Figures 5 and 6: H100 80GB SXM5, BF16/FP16,
+#         sequence 512-16k at 16k tokens per batch, hidden 2048 (16 heads of 128), TFLOPs/s with
+#         a causal mask counted on half the FLOPs (FlashAttention-2's benchmark convention: its
+#         ``flops(..., causal)`` divides by 2). Images, read from the page index's transcriptions
+#         of them (subtext.edge.nugit.net/image/e27582d2..., 4ec66906..., f60142e2...). Head dim
+#         128, at 512 / 1k / 2k / 4k / 8k / 16k tokens:
+#           forward, no mask:   FlashAttention-2 309 350 362 368 370 370; cuDNN 497 574 617 609 600
+#                               595; standard attention 74 100 119 133 139 (OOM at 16k)
+#           forward, causal:    FlashAttention-2 191 260 298 319 333 335; cuDNN 315 410 484 518
+#                               529 539; standard attention 26 31 34 35 35
+#           backward, no mask:  FlashAttention-2 214 260 291 310 318 322; cuDNN 305 408 465 499
+#                               518 516; standard attention 104 131 159 174 181
+#         No causal backward is published for H100 (the paper's backward figures have no mask):
+#         model: the causal backward is the backward without mask times the same kernel's
+#         causal-over-full forward ratio at that length (both pay the same diagonal blocks).
+# [FA2-T] FlashAttention-2 (arXiv 2307.08691), Section 4.1 (A100 80GB SXM4, Figure 4):
+#         "FlashAttention-2 is around 1.3-1.5x faster than FlashAttention in Triton in the forward
+#         pass and around 2x faster in the backward pass". That Triton kernel (HazyResearch's
+#         flash_attn_triton.py) is the one llm-foundry's ``attn_impl: triton`` ran [MPT-K].
+#         Model: the A100 ratios (1.4, the middle of 1.3-1.5, and 2) carried to H100, where both
+#         kernels run without Hopper's wgmma; no H100 figure of that kernel was found.
+# [MPT-K] Which kernel llm-foundry's "H100 80GB BF16" benchmark rows ran: the table came in
+#         with commit b2a43a1 (2023-10-19, "Update_pretrain_benchmarks (#543)"), whose
+#         scripts/train/benchmarking/submit_benchmarks.py sets ``attn_impl`` from
+#         ``--attn_impl`` (default 'triton'), which sweep.sh does not pass; the mpt-*.yaml files
+#         say ``attn_impl: triton`` too. ``triton_flash_attn_fn`` (llmfoundry/models/layers/
+#         attention.py) then runs llmfoundry/models/layers/flash_attn_triton.py (HazyResearch's
+#         Triton FlashAttention, causal). From commit 5e85bd6 (2024-01-06) the benchmark
+#         default became 'flash' with flash-attn 2 (``.[gpu-flash2]``): later tables ran FA2.
 # [SDPA]  Which kernel torch.nn.functional.scaled_dot_product_attention runs on Hopper: its flash
 #         backend is FlashAttention-2. From 2.5.1 PyTorch put flash first there (cuDNN made
 #         opt-in: pytorch/pytorch #138522; #142132, a 2.6 nightly of 2024-12-04 on H100, head dim
@@ -292,6 +324,46 @@ _SEQ_HALF = 128.0  # model: attention at 1k tokens runs at 89 % of its long-sequ
 #: pipeline run on the other GPUs was found to fit theirs: they take A100's.
 _FIT = 0.76
 
+#: fitted, on held-out rows: the share of [FA2-T]'s A100 slowdown (forward 1.4x, backward 2x)
+#: that the Triton kernel keeps against FlashAttention-2 on H100, i.e. forward 1 + 0.4 a,
+#: backward 1 + a. No H100 figure of that kernel exists; fitted once (steps of 0.05, least mean
+#: |error|) on the one-node [MPT] rows of mpt-760m, mpt-3b and mpt-13b (19 rows), and scored on
+#: the other 33 [MPT] rows (benchmarks/h100_published.py, RESULTS.md "GPU step times on
+#: published H100 runs"). 1.0 would be the A100 ratios as they are. 0.45: 4.7 % mean |error| on
+#: the fit rows (0: 12.9 %, 1.0: 15.3 %), 7.3 % on the held-out ones (0: 12.6 %, 1.0: 10.4 %).
+_TRITON_SHARE = 0.45
+
+
+def _h100_curve(fwd: Sequence[float], fwd_causal: Sequence[float], bwd: Sequence[float],
+                seqs: Sequence[int] = (512, 1024, 2048, 4096, 8192, 16384), fwd_scale: float = 1.0,
+                bwd_scale: float = 1.0) -> tuple[tuple[float, float, float, float, float], ...]:
+    """An ``Efficiency.attn_curve`` from TFLOPs/s on H100 (dense BF16 peak 989): rows (seq,
+    forward, backward, causal forward, causal backward); the causal backward is the [FA3-F]
+    model (backward x causal / full forward); ``*_scale`` divide the rates ([FA2-T])."""
+    rows = []
+    for s_, f, fc, b in zip(seqs, fwd, fwd_causal, bwd):
+        rows.append((float(s_), f / fwd_scale / 989, b / bwd_scale / 989, fc / fwd_scale / 989,
+                     b * (fc / f) / bwd_scale / 989))
+    return tuple(rows)
+
+
+#: H100 attention by kernel, head dim 128 ([FA3-F]; "triton-fa1" [FA2-T]; "math" is PyTorch's
+#: unfused attention, the papers' "standard attention", to 8k tokens: it ran out of memory at 16k).
+#: Isolated-kernel rates, as the GEMM's [MAMF]: a profile multiplies them by its ``fit`` as it
+#: does every tensor-core rate. No H100 figure was found for the memory-efficient (xFormers /
+#: CUTLASS) kernel: it has no curve.
+H100_ATTENTION: dict[str, tuple[tuple[float, float, float, float, float], ...]] = {
+    "fa2": _h100_curve((309, 350, 362, 368, 370, 370), (191, 260, 298, 319, 333, 335),
+                       (214, 260, 291, 310, 318, 322)),
+    "cudnn": _h100_curve((497, 574, 617, 609, 600, 595), (315, 410, 484, 518, 529, 539),
+                         (305, 408, 465, 499, 518, 516)),
+    "triton-fa1": _h100_curve((309, 350, 362, 368, 370, 370), (191, 260, 298, 319, 333, 335),
+                              (214, 260, 291, 310, 318, 322), fwd_scale=1 + 0.4 * _TRITON_SHARE,
+                              bwd_scale=1 + 1.0 * _TRITON_SHARE),
+    "math": _h100_curve((74, 100, 119, 133, 139), (26, 31, 34, 35, 35), (104, 131, 159, 174, 181),
+                        seqs=(512, 1024, 2048, 4096, 8192)),
+}
+
 A100_EFF = Efficiency(sms=108, gemm_max=0.869, gemm_k_half=_K_HALF,  # [SM], [MAMF] 271.2 / 312
                       attn_fwd=0.73, attn_bwd=0.63, attn_seq_half=_SEQ_HALF,  # [FA2] 73 % / 63 % (196 / 312)
                       mem=0.88, launch_s=_LAUNCH_S, fit=_FIT)  # [BW] 1800 / 2039 GB/s
@@ -302,14 +374,22 @@ H100_EFF = Efficiency(sms=132, gemm_max=0.803, gemm_k_half=_K_HALF,  # [SM], [MA
                       # FlashAttention-3, 648 / 561: within 10 %). Before: 0.75 (FA3's head-dim-256
                       # headline) and 0.51 (a model: A100's old backward-to-forward ratio)
                       attn_fwd=0.602, attn_bwd=0.522, attn_seq_half=_SEQ_HALF,
+                      # by sequence length, mask and direction: cuDNN's measured curve [FA3-F]
+                      # (attn_fwd / attn_bwd above then only price attention of unknown shape)
+                      attn_kernel="cudnn", attn_curve=H100_ATTENTION["cudnn"],
                       mem=0.87, launch_s=_LAUNCH_S, fit=_FIT)  # [BW] 2900 / 3350 GB/s
 #: attention as FlashAttention-2 runs on H100: SDPA's flash backend, what PyTorch chose there by
 #: default before it preferred cuDNN and what torchtitan keeps SDPA to [SDPA]; [FA3] 370 / 989
-#: forward, 322 / 989 backward (its "35 %" of H100's peak)
-H100_FA2_EFF = replace(H100_EFF, attn_fwd=0.374, attn_bwd=0.326)
+#: forward, 322 / 989 backward (its "35 %" of H100's peak), by length and mask [FA3-F]
+H100_FA2_EFF = replace(H100_EFF, attn_fwd=0.374, attn_bwd=0.326, attn_kernel="fa2", attn_curve=H100_ATTENTION["fa2"])
+#: attention as llm-foundry's ``attn_impl: triton`` ran it in 2023 [MPT-K]: FlashAttention-2's
+#: H100 curve slowed by the FA2 paper's ratios to that Triton kernel [FA2-T]
+H100_TRITON_EFF = replace(H100_EFF, attn_fwd=0.374 / (1 + 0.4 * _TRITON_SHARE),
+                          attn_bwd=0.326 / (1 + 1.0 * _TRITON_SHARE), attn_kernel="triton-fa1",
+                          attn_curve=H100_ATTENTION["triton-fa1"])
 H200_EFF = Efficiency(sms=132, gemm_max=0.838, gemm_k_half=_K_HALF,  # [SM], [MAMF] GH200 828.6 / 989
                       attn_fwd=H100_EFF.attn_fwd, attn_bwd=H100_EFF.attn_bwd,  # as H100 (same die, [SDPA])
-                      attn_seq_half=_SEQ_HALF,
+                      attn_seq_half=_SEQ_HALF, attn_kernel="cudnn", attn_curve=H100_ATTENTION["cudnn"],
                       mem=0.87, launch_s=_LAUNCH_S, fit=_FIT)  # model: H100's measured fraction [BW]
 B200_EFF = Efficiency(sms=148, gemm_max=0.776, gemm_k_half=_K_HALF,  # [SM], [MAMF] 1745 / 2250
                       # model: no public B200 attention measurement found; H100's fractions (SDPA
@@ -327,6 +407,9 @@ DEVICES: dict[str, DeviceSpec] = {
         # it preferred cuDNN on Hopper, and torchtitan, which keeps SDPA to its flash backend.
         # (The profile, not the model, chooses the kernel: the graph shows SDPA either way.)
         DeviceSpec("h100-sxm-fa2", 67e12, 989e12, 3.35e12, 80 * 10**9, efficiency=H100_FA2_EFF),
+        # And with llm-foundry's 2023 Triton FlashAttention (H100_TRITON_EFF), what its published
+        # H100 benchmark rows ran [MPT-K].
+        DeviceSpec("h100-sxm-triton", 67e12, 989e12, 3.35e12, 80 * 10**9, efficiency=H100_TRITON_EFF),
         # NVIDIA H200 SXM datasheet: same compute as H100 SXM, HBM3e 4.8 TB/s, 141 GB.
         DeviceSpec("h200", 67e12, 989e12, 4.8e12, 141 * 10**9, efficiency=H200_EFF),
         # NVIDIA A100 80GB SXM datasheet: FP32 19.5 TFLOPS, BF16 312 TFLOPS dense,

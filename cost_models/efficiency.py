@@ -7,9 +7,13 @@ roofline at the datasheet peaks (``DeviceSpec.node_time``):
   measured matmul, "MAMF"), scaled by tile and wave quantisation (the output is covered by
   thread-block tiles, run in waves of one tile per SM: a last partial wave costs a full one)
   and by a ramp in the reduction length K (short K loops pay their prologue and epilogue);
-- **attention** (``attention_time``): the flash kernels' FLOPs (the causal half only, for a
-  causal mask) at ``attn_fwd`` / ``attn_bwd`` of the peak, ramped by sequence length and head
-  dimension (short sequences and narrow heads keep the tensor cores less busy);
+- **attention** (``Efficiency.attention``): the flash kernels' FLOPs (the causal half only, for a
+  causal mask) at a fraction of the peak that depends on the kernel, the direction, the mask,
+  the sequence length and the head dimension. A profile with an ``attn_curve`` reads it from
+  the kernel's measured rates by sequence length (forward / backward, with and without a causal
+  mask, at head dim 128: ``attention_curve_efficiency``); one without ramps ``attn_fwd`` /
+  ``attn_bwd`` by sequence length (``attention_efficiency``). Both scale by head dimension
+  (narrow heads keep the tensor cores less busy);
 - **everything else** (element-wise ops, norms, softmax, the loss, embeddings, the optimizer
   step): bytes moved at the *achievable* bandwidth (``mem`` x datasheet, a STREAM-like copy),
   FLOPs at the non-tensor peak;
@@ -30,7 +34,7 @@ from typing import Any
 from partitioner.cost_models.errors import CostModelError
 
 __all__ = ["Efficiency", "TILES", "OPTIMIZER_BYTES", "optimizer_bytes_per_param", "gemm_efficiency",
-           "attention_efficiency", "fit_ramp"]
+           "attention_efficiency", "attention_curve_efficiency", "check_attention_curve", "fit_ramp"]
 
 #: thread-block tiles a GEMM library chooses among (rows, columns, relative speed of the tile):
 #: CUTLASS/cuBLAS tensor-core kernels use 256x128 and 128x128 tiles for large problems and
@@ -81,6 +85,19 @@ class Efficiency:
     #: sorted by key; a JSON object in the profile. Empty for the cited profiles (and then left
     #: out of the JSON, so plans priced on them are unchanged). Never used to price anything.
     measured: tuple[tuple[str, str | bool | int | float], ...] = ()
+    #: the attention kernel the curve below describes ("fa2", "cudnn", ...; "" without a curve)
+    attn_kernel: str = ""
+    #: the kernel's measured rates by sequence length, as fractions of the dense peak at head
+    #: dim 128: rows ``(seq, forward, backward, causal forward, causal backward)``, ``seq``
+    #: increasing. The causal rates count a causal mask's FLOPs as half of the full square (the
+    #: FlashAttention papers' convention). Empty: ``attn_fwd`` / ``attn_bwd`` ramped by
+    #: ``attn_seq_half`` price attention, as before curves existed (and then the field is left
+    #: out of the JSON, so plans priced on such profiles are unchanged).
+    attn_curve: tuple[tuple[float, float, float, float, float], ...] = ()
+
+    def __post_init__(self) -> None:  # rows as tuples of floats, checked (a bad curve fails where it is made)
+        if self.attn_curve:
+            object.__setattr__(self, "attn_curve", check_attention_curve(self.attn_curve))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -88,6 +105,10 @@ class Efficiency:
             out["measured"] = dict(self.measured)
         else:
             del out["measured"]
+        if self.attn_curve:
+            out["attn_curve"] = [list(row) for row in self.attn_curve]
+        else:
+            del out["attn_curve"], out["attn_kernel"]
         return out
 
     @classmethod
@@ -105,6 +126,16 @@ class Efficiency:
             if name == "measured":
                 if name in data:
                     out[name] = _measured(data[name])
+                continue
+            if name == "attn_kernel":
+                v = data.get(name, "")
+                if not isinstance(v, str):
+                    raise CostModelError(f"DeviceSpec.efficiency.attn_kernel must be a string, got {v!r}")
+                out[name] = v
+                continue
+            if name == "attn_curve":
+                if name in data:
+                    out[name] = _curve(data[name])
                 continue
             if name not in data:
                 raise CostModelError(f"DeviceSpec.efficiency is missing field {name!r}")
@@ -124,8 +155,13 @@ class Efficiency:
         """Fraction of the dense peak an ``(m x k) @ (k x n)`` GEMM reaches (``gemm_efficiency``)."""
         return gemm_efficiency(m, k, n, self.sms, self.gemm_max * self.fit, self.gemm_k_half)
 
-    def attention(self, seq: float, head_dim: float, backward: bool = False) -> float:
-        """Fraction of the dense peak the flash kernel reaches (``attention_efficiency``)."""
+    def attention(self, seq: float, head_dim: float, backward: bool = False, causal: bool = False) -> float:
+        """Fraction of the dense peak the flash kernel reaches, x ``fit``: from ``attn_curve``
+        where the profile has one (``attention_curve_efficiency``; with ``causal``, the rate on
+        the causal half of the FLOPs), else ``attention_efficiency`` (which knows no mask: the
+        caller counts the blocks a causal kernel computes)."""
+        if self.attn_curve:
+            return self.fit * attention_curve_efficiency(seq, head_dim, self.attn_curve, backward, causal)
         top = (self.attn_bwd if backward else self.attn_fwd) * self.fit
         return attention_efficiency(seq, head_dim, top, self.attn_seq_half)
 
@@ -139,6 +175,49 @@ def _measured(data: Any) -> tuple[tuple[str, str | bool | int | float], ...]:
             raise CostModelError(f"DeviceSpec.efficiency.measured.{key} must be a string or a finite number, "
                                  f"got {v!r}")
     return tuple(sorted(data.items()))
+
+
+def _curve(data: Any) -> tuple[tuple[float, float, float, float, float], ...]:
+    if not isinstance(data, Sequence) or isinstance(data, str) or not all(
+            isinstance(row, Sequence) and not isinstance(row, str) and len(row) == 5 for row in data):
+        raise CostModelError("DeviceSpec.efficiency.attn_curve must be a list of [seq, forward, backward, causal "
+                             f"forward, causal backward] rows, got {data!r}")
+    rows = []
+    for row in data:
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in row):
+            raise CostModelError(f"DeviceSpec.efficiency.attn_curve rows hold numbers, got {list(row)!r}")
+        rows.append(tuple(float(v) for v in row))
+    return check_attention_curve(tuple(rows))  # type: ignore[arg-type]
+
+
+def check_attention_curve(curve: Sequence[Sequence[float]]) -> tuple[tuple[float, float, float, float, float], ...]:
+    """``curve`` as a tuple of rows, or ``CostModelError`` naming what makes it unusable.
+
+    Each row is ``(seq, forward, backward, causal forward, causal backward)``: ``seq`` positive,
+    finite and strictly increasing from row to row; every rate a fraction of the peak in
+    (0, 1]; and no rate may rise faster than ``seq**2`` between two rows, so the time of one
+    sequence (its FLOPs, ``~ seq**2``, over the rate) never falls as the sequence grows. A rate may
+    dip at long sequences (cuDNN's forward peaks at 2k tokens on H100), within that bound.
+    """
+    rows = tuple(tuple(float(v) for v in row) for row in curve)
+    if not rows or any(len(row) != 5 for row in rows):
+        raise CostModelError(f"an attention curve needs rows of (seq, forward, backward, causal forward, causal "
+                             f"backward), got {curve!r}")
+    for row in rows:
+        if not (math.isfinite(row[0]) and row[0] >= 1):
+            raise CostModelError(f"attention curve: sequence length {row[0]!r} must be a finite number >= 1")
+        if not all(math.isfinite(v) and 0 < v <= 1 for v in row[1:]):
+            raise CostModelError(f"attention curve at seq {row[0]:g}: rates {row[1:]} must be fractions of the peak "
+                                 "in (0, 1]")
+    for a, b in zip(rows, rows[1:]):
+        if not b[0] > a[0]:
+            raise CostModelError(f"attention curve: sequence lengths must increase, got {a[0]:g} then {b[0]:g}")
+        for i, what in enumerate(("forward", "backward", "causal forward", "causal backward"), start=1):
+            if b[i] / a[i] > (b[0] / a[0]) ** 2 * (1 + 1e-9):
+                raise CostModelError(f"attention curve: the {what} rate rises from {a[i]:g} at {a[0]:g} tokens to "
+                                     f"{b[i]:g} at {b[0]:g}, faster than seq**2: a longer sequence would take less "
+                                     "time than a shorter one")
+    return rows  # type: ignore[return-value]
 
 
 def _ceil(a: float, b: float) -> int:
@@ -170,8 +249,39 @@ def attention_efficiency(seq: float, head_dim: float, top: float, seq_half: floa
     FlashAttention-2 paper's benchmarks run head dim 64 slower than 128 at every length).
     """
     seq, head_dim = max(1.0, float(seq)), max(1.0, float(head_dim))
-    head = min(1.0, (head_dim / (head_dim + 32.0)) / (128.0 / 160.0))
-    return top * seq / (seq + seq_half) * head
+    return top * seq / (seq + seq_half) * _head_factor(head_dim)
+
+
+def _head_factor(head_dim: float) -> float:
+    """``(d / (d + 32)) / (128 / 160)``, capped at 1: 1 from head dim 128 on, ~0.83 at 64."""
+    return min(1.0, (head_dim / (head_dim + 32.0)) / (128.0 / 160.0))
+
+
+def attention_curve_efficiency(seq: float, head_dim: float, curve: Sequence[Sequence[float]], backward: bool = False,
+                               causal: bool = False) -> float:
+    """The rate ``curve`` gives a kernel at ``seq`` tokens, as a fraction of the peak, in (0, 1].
+
+    The column is chosen by direction and mask (``check_attention_curve``'s rows). Between two
+    rows the rate is interpolated linearly in ``log2(seq)`` (the papers measure at powers of
+    two); past the last row it stays at the last rate; below the first it falls in proportion
+    to ``seq`` (the time of one sequence then falls only linearly with its length: below the
+    shortest measured length the kernel's fixed cost per tile row dominates, a model). The
+    head-dimension factor of ``attention_efficiency`` scales the result (the curves are head
+    dim 128's).
+    """
+    seq, head_dim = max(1.0, float(seq)), max(1.0, float(head_dim))
+    col = 1 + int(backward) + 2 * int(causal)
+    pts = [(float(row[0]), float(row[col])) for row in curve]
+    if seq <= pts[0][0]:
+        rate = pts[0][1] * seq / pts[0][0]
+    elif seq >= pts[-1][0]:
+        rate = pts[-1][1]
+    else:
+        i = next(i for i in range(1, len(pts)) if seq <= pts[i][0])
+        (s0, r0), (s1, r1) = pts[i - 1], pts[i]
+        t = (math.log2(seq) - math.log2(s0)) / (math.log2(s1) - math.log2(s0))
+        rate = r0 + t * (r1 - r0)
+    return rate * _head_factor(head_dim)
 
 
 def fit_ramp(groups: Sequence[Sequence[tuple[float, float, float]]], half: float | None = None

@@ -63,7 +63,7 @@ def test_fit_recovers_a_known_efficiency_from_the_times_it_prices() -> None:
     assert h100.efficiency is not None
     truth = replace(h100, peak_flops=60e12, efficiency=replace(
         h100.efficiency, gemm_max=0.7, gemm_k_half=300.0, attn_fwd=0.6, attn_bwd=0.42, attn_seq_half=600.0,
-        mem=0.8, launch_s=5e-6))
+        mem=0.8, launch_s=5e-6, attn_kernel="", attn_curve=()))  # the ramp the fit recovers, not a kernel's curve
     measured = _synthetic(truth, ("bfloat16", "float32"))
     fitted = fit_curves(measured, base="h100-sxm")
     e, t = fitted.efficiency, truth.efficiency
