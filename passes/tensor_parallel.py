@@ -70,7 +70,7 @@ from partitioner.cost_models.cost import SEQ, NodeCost
 from partitioner.passes.base import TensorDesc
 from partitioner.passes.errors import GraphError
 from partitioner.passes.meta import COST, DESC, TP
-from partitioner.passes.tp_dataflow import IndivisibleError, LinearSplit, split_linears
+from partitioner.passes.tp_dataflow import IndivisibleError, LinearSplit, _maybe_tensor, split_linears
 
 __all__ = ["Region", "find_regions", "Vocab", "find_vocab", "Sharded", "shard", "param_divisor", "CARRY",
            "sequence_dim", "Agreed", "agreed_split"]
@@ -265,6 +265,8 @@ def _closure(gm: fx.GraphModule, start: fx.Node, linears: dict[fx.Node, _Linear]
         for u in v.users:
             if u in rows or (u in split and u is not start):
                 continue
+            if u.op != "output" and not _maybe_tensor(u):
+                continue  # a size query (h.shape[-1]): the runtime's DTensor answers the global size
             lin = linears.get(u)
             if lin is not None and lin.x is v:
                 sv = _shape(v)

@@ -113,7 +113,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from partitioner import poly
 from partitioner.cost_models.cost import SEQ
-from partitioner.passes.meta import TENSOR_PARALLEL
+from partitioner.passes.meta import DESC, TENSOR_PARALLEL
 from partitioner.passes.tensor_parallel import agreed_split, find_vocab, sequence_dim
 from partitioner.passes.tp_dataflow import (
     _DROPPED,
@@ -209,6 +209,12 @@ def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), 
         raise PipelineRuntimeError(str(e)) from None
     split = found_split.split
     linears, column, row, excluded = split.linears, split.column, split.row, split.excluded
+    bare = [n.name for n in linears if DESC not in n.meta]
+    if bare:  # the planner's finder reads shape-prop's TensorDesc: without it every linear would stay whole
+        raise PipelineRuntimeError(
+            f"tensor parallelism: the linears {bare[:5]} of this stage graph carry no shape metadata "
+            f"(node.meta[{DESC!r}]), which deciding the split needs: build the stages with partition(...) or "
+            "plan.apply(model), which propagate shapes, rather than from a graph traced again")
     plan = TensorParallelPlan(tp)
     for n in column:
         plan.column[linears[n][0]] = n.name

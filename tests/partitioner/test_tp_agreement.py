@@ -7,6 +7,8 @@ both; a degree the runtime refuses is refused by the planner, naming the node.""
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 from partitioner import partition
 from partitioner.cost_models.errors import PartitionError
+from partitioner.passes.meta import DESC
 from partitioner.passes.tensor_parallel import shard
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.tensor_parallel import model_inputs, shard_plan
@@ -86,11 +89,25 @@ def test_the_planner_prices_the_split_the_runtime_runs(name: str) -> None:
         assert want["column"] and want["row"]
 
 
+@functools.cache
+def _llama_auto() -> Any:
+    return _pipe("llama", 4, tensor_parallel="auto")
+
+
+def test_a_stage_graph_without_shape_metadata_is_refused() -> None:
+    # the split is decided on shape-prop's shapes: without them every linear would silently stay whole
+    stage = copy.deepcopy(_llama_auto().stages[0])
+    linear = next(n for n in stage.graph.nodes if n.target is torch.ops.aten.linear.default)
+    del linear.meta[DESC]
+    with pytest.raises(PipelineRuntimeError, match=rf"linears \['{linear.name}'\] .* carry no shape metadata"):
+        shard_plan(stage, 2)
+
+
 def test_a_degree_the_runtime_refuses_the_planner_leaves_out() -> None:
     # Llama with 2 key/value heads: tensor_parallel=4 would split a head. "auto" leaves that
     # degree out (rather than pricing attention whole, which is not what would run); asked for,
     # it is refused naming the node (below)
-    pipe = _pipe("llama", 4, tensor_parallel="auto")
+    pipe = _llama_auto()
     assert pipe.plan.mesh.tp in (1, 2)
     with pytest.raises(PipelineRuntimeError, match=r"view.*heads\), which tp=4 does not divide"):
         shard_plan(pipe.stages[0], 4)
