@@ -62,6 +62,9 @@ _PERMUTE_METHODS = {"transpose", "permute", "swapaxes", "t"}
 _EXPANDS: set[Any] = {aten.expand.default}
 _SLICES: set[Any] = {aten.slice.Tensor, aten.narrow.default, torch.narrow}
 _CATS: set[Any] = {torch.cat, torch.concat, aten.cat.default}
+#: ops that cut a tensor into a tuple of pieces along one dimension (a fused projection's q, k, v)
+_SPLITS: set[Any] = {torch.split, torch.chunk, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+_SPLIT_METHODS = {"split", "chunk", "split_with_sizes"}
 _SOFTMAX: set[Any] = {F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
 _MATMULS: set[Any] = {torch.matmul, torch.bmm, operator.matmul, aten.matmul.default, aten.bmm.default}
 _SDPA: set[Any] = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
@@ -219,6 +222,20 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule 
         if dim == d and (out is None or src_shape is None or out[d] != src_shape[d]):
             raise _NotShardable("a slice of the sharded dimension")
         return d
+    if (op == "call_function" and tgt in _SPLITS) or method in _SPLIT_METHODS:
+        # pieces along another dimension keep the shard (GPT-NeoX's query_key_value, viewed as
+        # (..., heads, 3 x head_dim) and chunked on the last: each rank holds whole heads with
+        # their q, k and v); along the sharded dimension itself, a fused [q; k; v] laid out by
+        # output feature, rank 0 would hold all of q: refused
+        d = ins[first]  # type: ignore[index]
+        dim = int(_dim_arg(n, 2, "dim", 0)) % len(src_shape or (0,))
+        if dim == d:
+            raise _NotShardable("a split of the sharded dimension (a fused projection stacked by output feature)")
+        return d
+    if op == "call_function" and tgt is operator.getitem and isinstance(args[1], int) and isinstance(first, fx.Node) \
+            and ((first.op == "call_function" and first.target in _SPLITS) or (
+                first.op == "call_method" and first.target in _SPLIT_METHODS)):
+        return ins[first]  # type: ignore[index]  # one piece of a split: sharded as the whole was
     if op == "call_function" and tgt in _CATS:
         tensors = args[0]
         dim = int(_dim_arg(n, 1, "dim", 0))
