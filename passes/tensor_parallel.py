@@ -40,9 +40,10 @@ runtime executes the dataflow analysis of ``passes.tp_dataflow`` (``split_linear
 DTensor propagates a shard), and both call ``agreed_split``, which keeps a region sharded only
 where both agree -- a region whose linears the analysis keeps whole is priced whole, and a
 linear the analysis would shard outside every region here is kept whole at run time -- each
-with the reason (``Sharded.whole``, ``TensorParallelPlan.replicated``). A fused projection (one
-linear whose output is split or chunked on its feature dimension into q, k and v, or gate and
-up) is whole in both. A degree the analysis refuses (a head count T does not divide) is
+with the reason (``Sharded.whole``, ``TensorParallelPlan.replicated``). A fused projection stacked
+by output feature (one linear whose output is split or chunked on its sharded dimension into q, k
+and v, or gate and up) is whole in both; one laid out per head (GPT-NeoX: viewed as heads x
+(3 x head_dim), then chunked on the last dimension) splits as it is. A degree the analysis refuses (a head count T does not divide) is
 refused by the planner too (``Sharded.refused``; ``partitioner.tensor_parallel.node_time``
 raises it when that degree is priced).
 

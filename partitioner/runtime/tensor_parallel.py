@@ -7,8 +7,9 @@ stage module (an ``fx.GraphModule`` from ``passes/split.py``) is analysed once
 module names, by the analysis in ``passes/tp_dataflow.py`` (``split_linears``), restricted to
 the regions the planner prices (``passes.tensor_parallel.agreed_split``, the one function both
 call: a linear the planner's finder would not price split stays whole here, with the reason in
-``TensorParallelPlan.replicated``; a fused q/k/v or gate/up projection, split on its features
-after the linear, stays whole in both) --
+``TensorParallelPlan.replicated``; a fused q/k/v or gate/up projection stacked by output
+feature, split on that dimension after the linear, stays whole in both; GPT-NeoX's, per head,
+splits) --
 
 - a linear whose output flows, through elementwise ops, views / reshapes / transposes /
   permutes / expands, slices off the sharded dimension, concatenations and attention

@@ -2,8 +2,9 @@
 architectures built from tiny configs: per weight, column- and row-parallel linears and
 vocabulary-split tables and output layers, the planner's (``passes.tensor_parallel.shard`` on
 the captured graph) against the runtime's (``runtime.tensor_parallel.shard_plan`` on each stage
-graph, as ``build_tensor_parallel`` calls it). Fused q/k/v and gate/up projections stay whole in
-both; a degree the runtime refuses is refused by the planner, naming the node."""
+graph, as ``build_tensor_parallel`` calls it). Fused q/k/v and gate/up projections stacked by
+output feature stay whole in both, GPT-NeoX's (per head) splits in both; a degree the runtime
+refuses is refused by the planner, naming the node."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ ARCHS = ["gpt2", "llama", "bert", "t5", "mistral", "qwen2", "phi", "phi3", "gpt_
 #: weights a fused projection (one linear split or chunked on its features into q, k, v or
 #: gate, up) holds: whole in both, never priced split (Falcon's is a FalconLinear, a matmul
 #: neither finder takes for a linear)
-FUSED = {"phi3": ("qkv_proj", "gate_up_proj"), "gpt_neox": ("query_key_value",), "bloom": ("query_key_value",),
-         "gpt_bigcode": ("c_attn",)}
+FUSED = {"phi3": ("qkv_proj", "gate_up_proj"), "bloom": ("query_key_value",), "gpt_bigcode": ("c_attn",)}
+#: fused projections laid out per head (viewed as heads x (3 x head_dim), then chunked): split in both
+PER_HEAD = {"gpt_neox": "query_key_value"}
 
 
 def _pipe(name: str, n_gpus: int = 2, **kw: Any) -> Any:
@@ -83,6 +85,8 @@ def test_the_planner_prices_the_split_the_runtime_runs(name: str) -> None:
     for part in FUSED.get(name, ()):  # whole in both, with the runtime's reason
         fused = [w for w in whole if f".{part}." in w]
         assert fused and not any(f".{part}." in w for w in want["divided"]), (part, fused)
+    if name in PER_HEAD:
+        assert {w for w in want["column"] if f".{PER_HEAD[name]}." in w}, want["column"]
     # not vacuous: every architecture splits its vocabulary; these shard attention or the MLP
     assert want["vocab"]
     if name not in ("gpt2", "phi3", "falcon"):  # GPT-2's Conv1D, Falcon's FalconLinear (a matmul)
