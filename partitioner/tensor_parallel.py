@@ -37,6 +37,7 @@ from torch import fx
 from partitioner.cost_models.cost import evaluate
 from partitioner.cost_models.devices import LinkSpec
 from partitioner.data_parallel import allgather_s, boundary_time, reduce_scatter_s, ring_allreduce_s
+from partitioner.passes.errors import GraphError
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.tensor_parallel import Sharded, param_divisor, shard
 
@@ -67,10 +68,14 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     """``base`` plus, on the nodes of ``gm`` that make them, the ring all-reduces of one
     tensor-parallel group (forward on row linears, backward on the first column linear of
     each region input) or, with sequence parallelism, the all-gather / reduce-scatter pair
-    (both ways on both). ``gm`` must come from ``view``; other graphs get ``base`` back."""
+    (both ways on both). ``gm`` must come from ``view``; other graphs get ``base`` back.
+    Raises ``GraphError`` for a view whose degree the runtime refuses (``Sharded.refused``:
+    a head count it does not divide), naming the node."""
     sharded = gm.meta.get(TP)
     if not isinstance(sharded, Sharded) or sharded.degree <= 1:
         return base
+    if sharded.refused is not None:  # the runtime would refuse this degree: so does the planner
+        raise GraphError(f"tensor_parallel={sharded.degree}: {sharded.refused}")
     by_cost: dict[int, tuple[Any, Any]] = {}
     for node in gm.graph.nodes:
         n = node.name

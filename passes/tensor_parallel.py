@@ -35,6 +35,18 @@ the cross-entropy runs on the shards (three all-reduces of one value per token: 
 sum of exponentials, the target's logit). The same function decides for the planner (on the
 captured graph) and the runtime (on each stage graph), so what is priced is what runs.
 
+What is priced is what runs (``agreed_split``): the regions found here price a split, the
+runtime executes the dataflow analysis of ``passes.tp_dataflow`` (``split_linears``, as
+DTensor propagates a shard), and both call ``agreed_split``, which keeps a region sharded only
+where both agree -- a region whose linears the analysis keeps whole is priced whole, and a
+linear the analysis would shard outside every region here is kept whole at run time -- each
+with the reason (``Sharded.whole``, ``TensorParallelPlan.replicated``). A fused projection stacked
+by output feature (one linear whose output is split or chunked on its sharded dimension into q, k
+and v, or gate and up) is whole in both; one laid out per head (GPT-NeoX: viewed as heads x
+(3 x head_dim), then chunked on the last dimension) splits as it is. A degree the analysis refuses (a head count T does not divide) is
+refused by the planner too (``Sharded.refused``; ``partitioner.tensor_parallel.node_time``
+raises it when that degree is priced).
+
 Sequence parallelism (``shard(..., sequence_parallel=True)``; Korthikanti et al. 2022,
 "Reducing Activation Recomputation in Large Transformer Models", section 4.2.2): between the
 regions the activations are split on the sequence dimension over the group, so each row
@@ -50,7 +62,7 @@ dimension of a value is the one sized by the symbol ``S`` (``sequence_dim``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import sympy
 from torch import fx, nn
@@ -59,9 +71,10 @@ from partitioner.cost_models.cost import SEQ, NodeCost
 from partitioner.passes.base import TensorDesc
 from partitioner.passes.errors import GraphError
 from partitioner.passes.meta import COST, DESC, TP
+from partitioner.passes.tp_dataflow import IndivisibleError, LinearSplit, _maybe_tensor, split_linears
 
 __all__ = ["Region", "find_regions", "Vocab", "find_vocab", "Sharded", "shard", "param_divisor", "CARRY",
-           "sequence_dim"]
+           "sequence_dim", "Agreed", "agreed_split"]
 
 #: ops (aten packet names, torch function names, Tensor methods) that carry a split of the
 #: feature (or head) dimension through unchanged: element-wise math, views that keep the
@@ -186,10 +199,11 @@ def _carry(gm: fx.GraphModule, u: fx.Node, v: fx.Node, dim: int, split: dict[fx.
     if name in ("getitem", "_assert_tensor_metadata"):
         return dim if out is not None and src is not None and len(out) == len(src) else (None if name != "getitem" else dim)
     if name in ("split", "split_with_sizes", "chunk"):  # tuple outputs: each getitem keeps the dimension
-        d = _dims(u, ("self", "split_size", "dim"), 0)[2]
-        # along the split itself: a fused projection (GPT-2's c_attn), priced as Megatron lays its
-        # weight out, each rank holding its share of q, k and v
-        return dim if src is not None and (_norm(d, len(src)) is not None) else None
+        d = _norm(_dims(u, ("self", "split_size", "dim"), 0)[2], len(src or ()))
+        # along the split dimension itself: a fused projection ([q; k; v] or [gate; up] stacked
+        # by output feature). A Shard(0) weight would give rank 0 all of q, not its share of
+        # each (Megatron interleaves the weight; DTensor has no such layout), so it stays whole
+        return dim if src is not None and d is not None and d != dim else None
     if src is None or out is None:
         return None
     if name in ("view", "reshape", "_unsafe_view"):
@@ -252,6 +266,8 @@ def _closure(gm: fx.GraphModule, start: fx.Node, linears: dict[fx.Node, _Linear]
         for u in v.users:
             if u in rows or (u in split and u is not start):
                 continue
+            if u.op != "output" and not _maybe_tensor(u):
+                continue  # a size query (h.shape[-1]): the runtime's DTensor answers the global size
             lin = linears.get(u)
             if lin is not None and lin.x is v:
                 sv = _shape(v)
@@ -357,6 +373,66 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
                               tuple(sorted(rows, key=order.__getitem__)), tuple(sorted(set(sizes))), tuple(params),
                               tuple(replicated)))
     return regions
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What both finders shard over ``tp`` ranks (``agreed_split``)."""
+
+    #: the regions (``find_regions``) that shard: every column and row linear of each is one the
+    #: dataflow analysis shards too
+    regions: tuple[Region, ...]
+    #: the dataflow analysis with every linear outside ``regions`` kept whole
+    split: LinearSplit
+    #: weight of a linear one finder would shard that stays whole -> why
+    whole: Mapping[str, str] = field(default_factory=dict)
+
+
+def agreed_split(gm: fx.GraphModule, tp: int, *, regions: Sequence[Region] | None = None,
+                 vocab: Vocab | None = None, heads: Iterable[fx.Node] | None = None,
+                 replicate: Iterable[str] = ()) -> Agreed:
+    """The split of ``gm`` over ``tp`` ranks that the planner prices and the runtime runs (module
+    docstring): the regions of ``find_regions`` whose linears the dataflow analysis
+    (``tp_dataflow.split_linears``) shards too, and that analysis rerun with every other linear
+    kept whole until the two name the same linears. ``vocab``: ``find_vocab(gm).at(tp)`` unless
+    given; ``heads``: its output layers (split by vocabulary, never column linears) unless given;
+    ``replicate``: weights kept whole by request. Raises ``IndivisibleError`` (a ``GraphError``)
+    naming the node where a recognised pattern's sizes do not divide by ``tp``."""
+    regions = find_regions(gm) if regions is None else list(regions)
+    if heads is None:
+        heads = (find_vocab(gm).at(tp) if vocab is None else vocab).heads
+    heads, replicate = tuple(heads), tuple(replicate)
+    forced: dict[fx.Node, str] = {}
+    while True:  # each round keeps more linears whole: it ends
+        split = split_linears(gm, tp, replicate=replicate, heads=heads, keep_whole=forced)
+        rows = set(split.row)
+        kept = [r for r in regions if tp in r.degrees(tp) and set(r.columns) <= split.column and set(r.rows) <= rows]
+        covered = {n for r in kept for n in (*r.columns, *r.rows)}
+        extra = [n for n in gm.graph.nodes if (n in split.column or n in rows) and n not in covered]
+        if not extra:
+            break
+        for n in extra:
+            mine = next((r for r in regions if n in r.columns or n in r.rows), None)
+            if mine is None:
+                forced[n] = ("kept whole: the planner's region finder does not price it split (no column ... row "
+                             "pattern it can follow through this graph's ops)")
+            elif tp not in mine.degrees(tp):
+                forced[n] = f"kept whole: its region's sizes {list(mine.sizes)} do not all divide by tp={tp}"
+            else:
+                left = sorted(m.name for m in (*mine.columns, *mine.rows) if m not in split.column and m not in rows)
+                forced[n] = f"kept whole: it shares a region with {', '.join(left)}, which stays whole"
+    whole: dict[str, str] = {}
+    for r in regions:
+        if r in kept:
+            continue
+        for n in (*r.columns, *r.rows):
+            lin = split.linears.get(n)
+            why = split.excluded.get(n, "its output reaches no row-parallel linear")
+            if lin is not None:
+                whole[lin[0]] = why
+    for n, why in forced.items():
+        whole[split.linears[n][0]] = why
+    return Agreed(tuple(kept), split, whole)
 
 
 #: ops a vocabulary-split logits value passes through on its way to the loss or the graph's
@@ -497,9 +573,11 @@ def _logits_path(gm: fx.GraphModule, head: fx.Node, vocab: int, outputs: bool
     return (inner, losses, returned) if losses or returned else None
 
 
-def _from_input(gm: fx.GraphModule, ids: fx.Node) -> bool:
+def _from_input(gm: fx.GraphModule, ids: fx.Node, inputs: Collection[str] | None = None) -> bool:
     """Whether ``ids`` is an input of the graph, perhaps viewed (GPT-2 flattens its ids):
-    token ids, not positions made inside the model."""
+    token ids, not positions made inside the model. ``inputs``: the placeholders that are the
+    model's inputs (a later stage's other placeholders are values made by an earlier stage,
+    such as OPT's positions); None: every placeholder."""
     while ids.op != "placeholder":
         if ids.op not in ("call_function", "call_method") or _op_name(gm, ids) not in VOCAB_CARRY:
             return False
@@ -507,14 +585,18 @@ def _from_input(gm: fx.GraphModule, ids: fx.Node) -> bool:
         if not isinstance(first, fx.Node):
             return False
         ids = first
-    return True
+    return inputs is None or ids.name in inputs
 
 
-def find_vocab(gm: fx.GraphModule, *, model_outputs: bool = True) -> Vocab:
+def find_vocab(gm: fx.GraphModule, *, model_outputs: bool = True, model_inputs: Collection[str] | None = None
+               ) -> Vocab:
     """The token embeddings and the output layers of ``gm`` that split by vocabulary (module
     docstring), at any degree; ``Vocab.at(T)`` keeps those T divides. ``model_outputs``: the
     graph's output is the model's (False for a stage graph that is not the last: its
-    outputs go to the next stage whole, so no head there keeps its logits split)."""
+    outputs go to the next stage whole, so no head there keeps its logits split).
+    ``model_inputs``: the names of the placeholders that are the model's inputs (a stage
+    graph's others come from earlier stages, so a lookup of them is not of token ids, as on the
+    captured graph); None: every placeholder."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     uses: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
@@ -529,7 +611,7 @@ def find_vocab(gm: fx.GraphModule, *, model_outputs: bool = True) -> Vocab:
     embeddings, heads = [], []
     for n in gm.graph.nodes:
         emb = _embedding(gm, n)
-        if emb is not None and _from_input(gm, emb[1]):  # token ids: an input of the graph
+        if emb is not None and _from_input(gm, emb[1], model_inputs):  # token ids: an input of the model
             w = gm.get_parameter(emb[0])
             owner[n], rows[emb[0]] = emb[0], int(w.shape[0])
             embeddings.append(n)
@@ -598,6 +680,12 @@ class Sharded:
     bwd_allreduce: dict[str, sympy.Expr] = field(default_factory=dict)
     #: regions left replicated because the degree does not divide their sizes
     skipped: list[Region] = field(default_factory=list)
+    #: weight of a linear left whole although a finder would shard it -> why (``agreed_split``:
+    #: the runtime keeps it whole too)
+    whole: dict[str, str] = field(default_factory=dict)
+    #: why the runtime refuses this degree (a head count it does not divide), else None: the
+    #: planner refuses it too (``partitioner.tensor_parallel.node_time``)
+    refused: str | None = None
     #: the embedding, output layer and loss split by vocabulary at this degree
     vocab: Vocab = field(default_factory=Vocab)
     #: sequence parallelism: per node name, the bytes (of the whole tensor) all-gathered or
@@ -659,9 +747,17 @@ def shard(gm: fx.GraphModule, degree: int, regions: Sequence[Region] | None = No
         return out
     _shard_vocab(gm, out, (find_vocab(gm) if vocab is None else vocab).at(degree))
     linears = {n: lin for r in regions for n in (*r.columns, *r.rows) if (lin := _linear(gm, n)) is not None}
+    try:  # price only what the runtime runs: the regions both finders shard
+        agreed = agreed_split(gm, degree, regions=regions, vocab=out.vocab)
+    except IndivisibleError as e:
+        out.refused, out.skipped = str(e), list(regions)
+        return out
+    out.whole = dict(agreed.whole)
     for r in regions:
         if degree not in r.degrees(degree):
             out.skipped.append(r)
+            continue
+        if r not in agreed.regions:
             continue
         out.regions.append(r)
         for name, _dim in r.params:

@@ -4,7 +4,12 @@ A plan whose ``mesh.tp`` is T > 1 runs every pipeline rank as T processes (``tp`
 innermost: the T ranks of one pipeline rank are consecutive, i.e. inside one node). Each
 stage module (an ``fx.GraphModule`` from ``passes/split.py``) is analysed once
 (``shard_plan``): the Megatron patterns are recognised from the graph's dataflow, not from
-module names --
+module names, by the analysis in ``passes/tp_dataflow.py`` (``split_linears``), restricted to
+the regions the planner prices (``passes.tensor_parallel.agreed_split``, the one function both
+call: a linear the planner's finder would not price split stays whole here, with the reason in
+``TensorParallelPlan.replicated``; a fused q/k/v or gate/up projection stacked by output
+feature, split on that dimension after the linear, stays whole in both; GPT-NeoX's, per head,
+splits) --
 
 - a linear whose output flows, through elementwise ops, views / reshapes / transposes /
   permutes / expands, slices off the sharded dimension, concatenations and attention
@@ -97,7 +102,7 @@ import functools
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
 
 import torch
 import torch.distributed as dist
@@ -108,8 +113,19 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from partitioner import poly
 from partitioner.cost_models.cost import SEQ
-from partitioner.passes.meta import TENSOR_PARALLEL
-from partitioner.passes.tensor_parallel import find_vocab, sequence_dim
+from partitioner.passes.meta import DESC, TENSOR_PARALLEL
+from partitioner.passes.tensor_parallel import agreed_split, find_vocab, sequence_dim
+from partitioner.passes.tp_dataflow import (
+    _DROPPED,
+    _ELEMENTWISE,
+    _ELEMENTWISE_METHODS,
+    _ELEMENTWISE_MODULES,
+    _SDPA,
+    IndivisibleError,
+    _dim_arg,
+    _maybe_tensor,
+    _shape,
+)
 from partitioner.plan import Plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.values import Wire
@@ -122,56 +138,14 @@ if TYPE_CHECKING:
     from partitioner.runtime.stage import RankStage  # noqa: PLC0415 - a cycle: stage.py calls this module's build hook
 
 __all__ = ["TensorParallelPlan", "shard_plan", "parallelize", "with_tensor_parallel", "build_tensor_parallel",
-           "full_state"]
+           "full_state", "model_inputs"]
 
 log = logging.getLogger("partitioner.runtime")
 
 aten = torch.ops.aten
 
-# -- what the analysis recognises ------------------------------------------------------
-
-#: ops whose output keeps the input's layout, broadcasting aligned from the right
-_ELEMENTWISE: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.tanh, torch.sigmoid, torch.exp, torch.pow,
-    torch.where, torch.rsqrt, torch.sqrt, torch.abs, torch.clamp,
-    F.relu, F.gelu, F.silu, F.dropout, F.sigmoid, F.tanh, torch.relu,
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.silu.default,
-    aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.exp.default,
-    aten.pow.Tensor_Scalar, aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
-    aten.contiguous.default, aten._to_copy.default, aten.where.self, aten.rsqrt.default, aten.mul.Scalar,
-    aten.add.Scalar, aten.div.Scalar, aten.alias.default, aten.type_as.default, aten.detach.default,
-}
-_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "pow", "to", "type",
-                        "type_as", "contiguous", "clone", "float", "half", "bfloat16", "masked_fill", "detach"}
-#: element-wise modules (called as leaves on the fx route: nanoGPT's ``nn.GELU``, a dropout)
-_ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)
-_VIEWS: set[Any] = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
-                    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-                    aten.squeeze.dim, aten.flatten.using_ints, aten.unflatten.int}
-_VIEW_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
-_PERMUTES: set[Any] = {torch.transpose, torch.permute, torch.swapaxes, aten.transpose.int, aten.permute.default,
-                       aten.t.default}
-_PERMUTE_METHODS = {"transpose", "permute", "swapaxes", "t"}
-_EXPANDS: set[Any] = {aten.expand.default}
-_SLICES: set[Any] = {aten.slice.Tensor, aten.narrow.default, torch.narrow}
-_CATS: set[Any] = {torch.cat, torch.concat, aten.cat.default}
-_SOFTMAX: set[Any] = {F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
-_MATMULS: set[Any] = {torch.matmul, torch.bmm, operator.matmul, aten.matmul.default, aten.bmm.default}
-_SDPA: set[Any] = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
-_LINEARS: set[Any] = {F.linear, torch._C._nn.linear, aten.linear.default}
-#: checks that return nothing: dropped from a tensor-parallel stage (their arguments are DTensors)
-_DROPPED: set[Any] = {aten._assert_tensor_metadata.default}
 #: the stage attribute the rewritten graph reads the TP mesh from (``parallelize``)
 MESH_ANCHOR = "_pp_tp_mesh_anchor"
-
-
-class _NotShardable(Exception):
-    """The shard cannot follow this node (the sources feeding it stay replicated)."""
-
-
-class _Indivisible(Exception):
-    """The pattern is recognised but T does not divide a dimension it shards."""
 
 
 @dataclass
@@ -212,266 +186,35 @@ class TensorParallelPlan:
         return len(self.row)
 
 
-def _linear(gm: fx.GraphModule, n: fx.Node) -> tuple[str, str | None, fx.Node] | None:
-    """(weight FQN, bias FQN or None, input node) when ``n`` is a linear over parameters of ``gm``."""
-    if n.op == "call_module":
-        mod = gm.get_submodule(str(n.target))
-        if type(mod) is nn.Linear and n.args and isinstance(n.args[0], fx.Node):
-            return f"{n.target}.weight", (f"{n.target}.bias" if mod.bias is not None else None), n.args[0]
-        return None
-    if n.op == "call_function" and n.target in _LINEARS:
-        args = list(n.args) + [n.kwargs.get("bias")] * (3 - len(n.args))
-        x, w, b = args[0], args[1] if len(args) > 1 else n.kwargs.get("weight"), args[2]
-        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node) and w.op == "get_attr"):
-            return None
-        if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
-            return None
-        return str(w.target), (str(b.target) if b is not None else None), x
-    return None
-
-
-def _shape(n: Any) -> tuple[int, ...] | None:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    if isinstance(v, torch.Tensor):
-        try:
-            return tuple(int(s) for s in v.shape)
-        except (TypeError, ValueError):  # a symbolic size without a hint
-            return None
-    return None
-
-
-def _target_name(n: fx.Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
-def _view_dim(src: tuple[int, ...], dst: tuple[int, ...], d: int, tp: int, node: fx.Node) -> int:
-    """Where dimension ``d`` of ``src`` goes under a view to ``dst``, as DTensor's view rule
-    moves a shard: the dimension must lead its group of merged/split dimensions, and the
-    shard goes to the group's leading output dimension, which T must divide."""
-    i = j = 0
-    while i < len(src) or j < len(dst):
-        gi, gj = [i] if i < len(src) else [], [j] if j < len(dst) else []
-        pi = src[i] if i < len(src) else 1
-        pj = dst[j] if j < len(dst) else 1
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj and i < len(src):
-                pi *= src[i]
-                gi.append(i)
-                i += 1
-            elif j < len(dst):
-                pj *= dst[j]
-                gj.append(j)
-                j += 1
-            else:
-                raise _NotShardable(f"view {src} -> {dst} not understood")
-        if d in gi:
-            lead_in = next((k for k in gi if src[k] != 1), gi[0])
-            if d != lead_in:
-                raise _NotShardable(f"the sharded dimension {d} of {src} is merged under dimension {lead_in}")
-            lead_out = next((k for k in gj if dst[k] != 1), None)
-            if lead_out is None:
-                raise _NotShardable("the sharded dimension is viewed away")
-            if dst[lead_out] % tp:
-                raise _Indivisible(f"{node.name}: view {src} -> {dst} puts the shard on a dimension of "
-                                   f"{dst[lead_out]} (e.g. heads), which tp={tp} does not divide")
-            return lead_out
-    raise _NotShardable(f"view {src} -> {dst}: dimension {d} not found")
-
-
-def _dim_arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
-    return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
-
-
-def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule | None = None) -> int:
-    """The sharded dimension of ``n``'s output given its sharded inputs (``ins``: input node
-    -> its sharded dimension), or raise ``_NotShardable`` / ``_Indivisible``."""
-    out = _shape(n)
-    tgt, op = n.target, n.op
-    method = tgt if op == "call_method" else None
-    args: Any = n.args  # fx's Argument union: the checks below read it as the op's schema says
-    first = args[0] if args else None
-
-    def aligned(src: fx.Node, d: int) -> int:  # broadcasting aligns dimensions from the right
-        s = _shape(src)
-        if s is None or out is None:
-            raise _NotShardable("no recorded shapes")
-        k = len(out) - len(s) + d
-        if out[k] != s[d]:
-            raise _NotShardable(f"the sharded dimension is broadcast ({s[d]} -> {out[k]})")
-        return k
-
-    if (op == "call_function" and tgt in _ELEMENTWISE) or method in _ELEMENTWISE_METHODS or (
-            op == "call_module" and gm is not None and isinstance(gm.get_submodule(str(tgt)), _ELEMENTWISE_MODULES)):
-        dims = {aligned(s, d) for s, d in ins.items()}
-        if len(dims) != 1:
-            raise _NotShardable(f"operands sharded on different dimensions {sorted(dims)}")
-        return dims.pop()
-    if len(ins) != 1 or first not in ins:
-        if (op == "call_function" and tgt in _SDPA) or (op == "call_function" and tgt in _MATMULS) or (
-                op == "call_function" and tgt in _CATS):
-            pass  # several sharded operands: handled below
-        else:
-            raise _NotShardable("a sharded value enters an argument other than the first")
-    src_shape = _shape(first) if isinstance(first, fx.Node) else None
-    if (op == "call_function" and tgt in _VIEWS) or method in _VIEW_METHODS:
-        if src_shape is None or out is None:
-            raise _NotShardable("no recorded shapes")
-        return _view_dim(src_shape, out, ins[first], tp, n)  # type: ignore[index]
-    if (op == "call_function" and tgt in _PERMUTES) or method in _PERMUTE_METHODS:
-        d, rank = ins[first], len(src_shape or ())  # type: ignore[index]
-        name = _target_name(n)
-        if name in ("t", "t.default"):
-            perm = [1, 0]
-        elif "transpose" in name or "swapaxes" in name:
-            a, b = int(args[1]) % rank, int(args[2]) % rank
-            perm = list(range(rank))
-            perm[a], perm[b] = b, a
-        else:
-            raw = args[1:] if method else args[1]
-            perm = [int(x) % rank for x in (raw[0] if method and len(raw) == 1 and isinstance(raw[0], (list, tuple))
-                                            else raw)]
-        return perm.index(d)
-    if (op == "call_function" and tgt in _EXPANDS) or method == "expand":
-        d = ins[first]  # type: ignore[index]
-        if src_shape is None or out is None:
-            raise _NotShardable("no recorded shapes")
-        k = len(out) - len(src_shape) + d
-        if out[k] != src_shape[d]:
-            raise _NotShardable("the sharded dimension is expanded")
-        return k
-    if op == "call_function" and tgt in _SLICES:
-        d = ins[first]  # type: ignore[index]
-        dim = int(_dim_arg(n, 1, "dim", 0)) % len(src_shape or (0,))
-        if dim == d and (out is None or src_shape is None or out[d] != src_shape[d]):
-            raise _NotShardable("a slice of the sharded dimension")
-        return d
-    if op == "call_function" and tgt in _CATS:
-        tensors = args[0]
-        dim = int(_dim_arg(n, 1, "dim", 0))
-        if not isinstance(tensors, (list, tuple)) or any(t not in ins for t in tensors):
-            raise _NotShardable("a concatenation of sharded and whole values")
-        dims = {ins[t] for t in tensors}  # type: ignore[index]
-        rank = len(out or ())
-        if len(dims) != 1 or dim % max(rank, 1) in dims:
-            raise _NotShardable("a concatenation along the sharded dimension")
-        return dims.pop()
-    if (op == "call_function" and tgt in _SOFTMAX) or method == "softmax":
-        d = ins[first]  # type: ignore[index]
-        dim = int(_dim_arg(n, 1, "dim", -1))
-        if dim % len(out or (0,)) == d:
-            raise _NotShardable("a softmax over the sharded dimension")
-        return d
-    if op == "call_function" and tgt in _SDPA:
-        q, k, v = args[:3]
-        rest = [a for a in ins if a not in (q, k, v)]
-        if rest or any(a not in ins for a in (q, k, v)):
-            raise _NotShardable("attention with query, key and value not all sharded")
-        dims = {len(_shape(a) or ()) - ins[a] for a in (q, k, v)}  # type: ignore[index]
-        if dims != {3}:  # (..., heads, seq, head_dim): the heads
-            raise _NotShardable("attention sharded on a dimension other than the heads")
-        return len(out or ()) - 3
-    if op == "call_function" and tgt in _MATMULS:
-        a, b = args[:2]
-        sa, sb = _shape(a), _shape(b)
-        if a not in ins or b not in ins or sa is None or sb is None or out is None or min(len(sa), len(sb)) < 3:
-            raise _NotShardable("a matmul of a sharded and a whole value")
-        da, db = len(sa) - ins[a], len(sb) - ins[b]  # type: ignore[index]
-        if da != db or da < 3:  # both on the same batch (heads) dimension
-            raise _NotShardable("a matmul over the sharded dimension")
-        return len(out) - da
-    raise _NotShardable(f"{_target_name(n)} is not a recognised op for a sharded value")
-
-
 def shard_plan(gm: fx.GraphModule, tp: int, *, replicate: tuple[str, ...] = (), last: bool = True,
-               sequence_parallel: bool = False) -> TensorParallelPlan:
+               sequence_parallel: bool = False, model_inputs: Collection[str] | None = None) -> TensorParallelPlan:
     """Recognise the column-/row-parallel linears of stage ``gm`` over ``tp`` ranks and its
     vocabulary-parallel embedding and output layer (see the module docstring). ``replicate``:
     weight FQNs to keep whole (a hint overriding the analysis). ``last``: ``gm`` is the last
-    stage (its outputs are the model's; only there may logits leave split).
+    stage (its outputs are the model's; only there may logits leave split). ``model_inputs``:
+    the placeholders that are model inputs (only a lookup of those is a token embedding, as the
+    planner sees it on the captured graph); None: every placeholder.
     ``sequence_parallel``: record each row output's sequence dimension (``plan.sequence``).
     Raises ``PipelineRuntimeError`` naming the node where a recognised pattern's sizes do not
     divide by ``tp``, or (sequence parallelism) where a row output has no sequence dimension
     (the sequence length is checked on each call, ``scatter_sequence``)."""
     nodes = list(gm.graph.nodes)
-    found = find_vocab(gm, model_outputs=last)
+    found = find_vocab(gm, model_outputs=last, model_inputs=model_inputs)
     vocab = found.at(tp)
     asked = {p for p in vocab.params if p in replicate}
-    linears = {n: lin for n in nodes if (lin := _linear(gm, n)) is not None}
-    uses: dict[str, int] = {}
-    for n in nodes:
-        if n.op == "get_attr":
-            uses[str(n.target)] = uses.get(str(n.target), 0) + len(n.users)
-        elif n.op == "call_module":  # a module called twice: its weight has two roles
-            uses[f"{n.target}.weight"] = uses.get(f"{n.target}.weight", 0) + 1
-    excluded: dict[fx.Node, str] = {}
-    for n, (w, b, _) in linears.items():
-        if w in replicate:
-            excluded[n] = "kept whole by request (replicate=...)"
-        elif uses.get(w, 0) > 1 or (b is not None and uses.get(b, 0) > 1):
-            excluded[n] = "its weight is used by another node too"
     heads = {n for n in vocab.heads if vocab.owner[n] not in asked}
-    whole = set(excluded) | heads  # neither column- nor row-parallel (the heads: split by vocabulary below)
-    while True:
-        shard: dict[fx.Node, int] = {}  # node -> sharded dimension of its output
-        sources: dict[fx.Node, set[fx.Node]] = {}  # node -> the column linears its shard comes from
-        column: set[fx.Node] = set()
-        row: dict[fx.Node, set[fx.Node]] = {}
-        failed: dict[fx.Node, str] = {}
-        for n in nodes:
-            ins = {a: shard[a] for a in n.all_input_nodes if a in shard}
-            if n in linears and n not in whole:
-                x = linears[n][2]
-                if x in shard:  # a sharded input: row-parallel when it is sharded on the features
-                    if shard[x] != len(_shape(x) or (0,)) - 1 or len(ins) != 1:
-                        for s in sources[x]:
-                            failed.setdefault(s, f"reaches {n.name} sharded on a dimension other than its features")
-                    else:
-                        row[n] = sources[x]
-                    continue
-                w_shape = tuple(gm.get_parameter(linears[n][0]).shape)
-                if len(w_shape) != 2 or n in excluded:  # not column-parallel (it may still be a row)
-                    continue
-                column.add(n)
-                shard[n], sources[n] = len(_shape(n) or (0, 0)) - 1, {n}
-                continue
-            if not ins:
-                continue
-            srcs = set().union(*(sources[a] for a in ins))
-            if n.op == "call_function" and n.target in _DROPPED:
-                continue
-            if n.op != "output" and not _maybe_tensor(n):
-                continue  # sizes of a DTensor are the global tensor's: nothing to shard
-            if n.op == "call_function" and n.target is operator.getitem and not isinstance(n.args[1], int):
-                reason = "an index into a sharded value"
-            elif n.op == "output":
-                reason = "its output leaves the stage"
-            else:
-                try:
-                    dim = _propagate(n, ins, tp, gm)
-                    if dim is None:
-                        raise _NotShardable("no sharded dimension")
-                    shard[n] = dim
-                    sources[n] = srcs
-                    continue
-                except _NotShardable as e:
-                    reason = f"{n.name} ({_target_name(n)}): {e}"
-                except _Indivisible as e:
-                    names = sorted(linears[s][0] for s in srcs)
-                    raise PipelineRuntimeError(
-                        f"tensor parallelism over {tp} ranks cannot shard {names}: {e}; choose a tp that divides it, "
-                        f"or keep these weights whole with shard_plan(..., replicate=...) (build_stage does not take it yet)") from None
-            for s in srcs:
-                failed.setdefault(s, reason)
-        if not failed:
-            break
-        excluded.update(failed)
-    for n in column:
-        w, b, _ = linears[n]
-        out_features = gm.get_parameter(w).shape[0]
-        if out_features % tp:
-            raise PipelineRuntimeError(f"tensor parallelism over {tp} ranks: the column-parallel linear {n.name} "
-                                       f"({w}) has {out_features} output features, which tp={tp} does not divide")
+    try:
+        found_split = agreed_split(gm, tp, vocab=vocab, heads=heads, replicate=replicate)
+    except IndivisibleError as e:
+        raise PipelineRuntimeError(str(e)) from None
+    split = found_split.split
+    linears, column, row, excluded = split.linears, split.column, split.row, split.excluded
+    bare = [n.name for n in linears if DESC not in n.meta]
+    if bare:  # the planner's finder reads shape-prop's TensorDesc: without it every linear would stay whole
+        raise PipelineRuntimeError(
+            f"tensor parallelism: the linears {bare[:5]} of this stage graph carry no shape metadata "
+            f"(node.meta[{DESC!r}]), which deciding the split needs: build the stages with partition(...) or "
+            "plan.apply(model), which propagate shapes, rather than from a graph traced again")
     plan = TensorParallelPlan(tp)
     for n in column:
         plan.column[linears[n][0]] = n.name
@@ -853,14 +596,6 @@ def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) 
     return gm
 
 
-def _maybe_tensor(n: fx.Node) -> bool:
-    """May ``n`` produce a tensor? From shape-prop's ``meta["val"]`` when recorded, else yes."""
-    if "val" not in n.meta:
-        return True
-    v = n.meta["val"]
-    return any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(v))
-
-
 class _LossOnShards:
     """The user's ``loss_fn`` on the last stage's outputs, some of which are logits split on
     the classes (DTensor ``Shard(-1)``): called as it is, so ``F.cross_entropy`` on them runs
@@ -956,6 +691,13 @@ def with_tensor_parallel(pipe: Pipe, tp: int, *, sequence_parallel: bool = False
     return new
 
 
+def model_inputs(plan: Plan) -> set[str]:
+    """The names of the model's flat inputs (the stage graphs' placeholders that are not values
+    made by an earlier stage): from the plan's routes, or for a version-3 plan (no routes)
+    stage 0's inputs, which take every model input."""
+    return {r.name for r in plan.routes if r.producer == "input"} if plan.routes else set(plan.stages[0].inputs)
+
+
 def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, group: dist.ProcessGroup | None, *,
                           init_fn: Callable[[nn.Module], Any] | None, seed: int, compile: Any = False,
                           replicate: tuple[str, ...] = ()) -> RankStage:
@@ -1013,12 +755,13 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     # each message once per TP group (1/T per rank) and all-gathers at the receiver
     plans = {}
     sequence = boundary_sequence(plan)  # sequence parallelism: what crosses the cuts as shards
+    inputs = model_inputs(plan)
     for s, mod in stage.modules.items():
         if not isinstance(mod, fx.GraphModule):
             raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
                                        "parallelism rewrites the stage graphs")
         plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1,
-                              sequence_parallel=bool(plan.options.get("sequence_parallel")))
+                              sequence_parallel=bool(plan.options.get("sequence_parallel")), model_inputs=inputs)
         st = plan.stages[s]
         plans[s].boundary_inputs = {n: sequence[n] for n in st.inputs if n in sequence} if s > 0 else {}
         plans[s].boundary_outputs = {i: sequence[n] for i, n in enumerate(st.outputs) if n in sequence} \

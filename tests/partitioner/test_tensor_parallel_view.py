@@ -91,7 +91,8 @@ def _lm() -> tuple[torch.fx.GraphModule, dict[str, int]]:
 
     from partitioner import partition
 
-    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+    # 8 key/value heads: T = 4 and 8 divide them (the runtime refuses a head split over ranks)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=256, num_attention_heads=8, num_key_value_heads=8,
                       intermediate_size=512, vocab_size=8192, max_position_embeddings=4096, use_cache=False,
                       attn_implementation="sdpa", bos_token_id=0, eos_token_id=0, pad_token_id=0)
     with torch.device("meta"):
