@@ -24,6 +24,7 @@ from partitioner.plan import load_plan
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import full_state, shard_plan, with_tensor_parallel
+from tests.runtime.helpers import sgd_reference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -100,19 +101,10 @@ def _built(name: str, n_gpus: int = 2) -> tuple[nn.Module, Any, dict[str, torch.
 
 def _reference(name: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     model, _, init = _built(name)
-    ref = copy.deepcopy(model)
-    ref.load_state_dict(init)
     inputs, y = _data(name)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = LOSS[name](ref(**inputs), y)
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM).item())
-        opt.step()
-        losses.append(loss.item())
-    return losses, norms, {n: p.detach() for n, p in ref.named_parameters()}
+    ref = sgd_reference(model, inputs, y, LOSS[name], steps=STEPS, lr=LR, max_norm=MAX_NORM, init=init,
+                        remove_duplicate=True)
+    return ref.losses, ref.norms, ref.params
 
 
 class _NoModuleTracking:
