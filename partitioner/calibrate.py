@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import logging
 import math
 import os
 import platform
@@ -43,6 +44,8 @@ from partitioner.cost_models.devices import DEVICES, DeviceSpec, get_device
 from partitioner.cost_models.devices import _causal_share as causal_share
 from partitioner.cost_models.efficiency import Efficiency, attention_efficiency, fit_ramp, gemm_efficiency
 from partitioner.cost_models.errors import PartitionError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["calibrate_device", "calibrate_curves", "measure_curves", "fit_curves", "compare", "Measurements",
            "GemmSample", "AttentionSample", "CopySample"]
@@ -495,6 +498,21 @@ def compare(spec: DeviceSpec, measured: Measurements) -> list[tuple[str, float, 
     return rows
 
 
+def _ramp(groups: list[list[tuple[float, float, float]]], half: float | None, what: str, size: str
+          ) -> tuple[list[float], float]:
+    """``fit_ramp`` of the groups; where no group has rates at two sizes (a short budget on a busy
+    machine, or every other size bound by memory or the launch floor), only the tops, on
+    ``half`` (the base profile's ramp); with no base either, a ``PartitionError`` naming the fix."""
+    if any(len({x for x, _, _ in g}) > 1 for g in groups):
+        return fit_ramp(groups)
+    if half is None:
+        raise PartitionError(f"calibrate: every {what} rate outside the memory / launch bound was measured at one "
+                             f"{size} only, so the ramp over {size} cannot be fitted; give it a larger budget "
+                             "(--budget) or a base profile (--base) whose ramp to keep")
+    logger.info("calibrate: %s measured at one %s only: keeping the base profile's ramp (half %.3g)", what, size, half)
+    return fit_ramp(groups, half=half)
+
+
 def fit_curves(measured: Measurements, base: str | DeviceSpec | None = None, name: str | None = None) -> DeviceSpec:
     """The ``DeviceSpec`` whose ``node_time`` reproduces ``measured``: no timing, only the fit.
 
@@ -540,7 +558,8 @@ def fit_curves(measured: Measurements, base: str | DeviceSpec | None = None, nam
     if not kept or dtypes[0] not in kept:
         raise PartitionError(f"fit_curves: every {dtypes[0] if dtypes else ''} matmul was bound by memory or the "
                              f"launch floor; measure larger matmuls")
-    tops, k_half = fit_ramp(list(kept.values()))
+    tops, k_half = _ramp(list(kept.values()), ref.efficiency.gemm_k_half if ref and ref.efficiency else None,
+                         "matmul", "K")
     gemm_top = dict(zip(kept, tops))
     primary = dtypes[0]
     # -- attention: forward and backward tops, one sequence ramp --------------------------------
@@ -555,7 +574,8 @@ def fit_curves(measured: Measurements, base: str | DeviceSpec | None = None, nam
             bwd_pts.append((a.seq, head, float(cost.bwd_flops) * share / a.bwd_s))
     attn_dtype = measured.attention[0].dtype if measured.attention else primary
     if fwd_pts and bwd_pts:
-        (attn_f, attn_b), seq_half = fit_ramp([fwd_pts, bwd_pts])
+        (attn_f, attn_b), seq_half = _ramp([fwd_pts, bwd_pts], ref.efficiency.attn_seq_half
+                                           if ref and ref.efficiency else None, "attention", "sequence length")
     elif ref is not None and ref.efficiency is not None:  # not measured: base's rates
         e = ref.efficiency
         attn_f, attn_b, seq_half = (e.attn_fwd * ref.peak(attn_dtype), e.attn_bwd * ref.peak(attn_dtype),

@@ -83,6 +83,25 @@ def test_fit_recovers_a_known_efficiency_from_the_times_it_prices() -> None:
     assert record["left_out_bound"] > 0  # short-K matmuls are memory-bound under this profile, left out
 
 
+def test_attention_at_one_sequence_length_keeps_the_base_ramp_or_is_refused() -> None:
+    """A short budget on a busy machine can leave attention timed at one length only: the fit
+    keeps the base profile's ramp over sequence length (its tops still measured), and with no
+    base refuses, naming the fix, instead of failing inside the ramp fit."""
+    h100 = DEVICES["h100-sxm"]
+    assert h100.efficiency is not None
+    truth = replace(h100, efficiency=replace(h100.efficiency, attn_kernel="", attn_curve=(), attn_fwd=0.5))
+    measured = _synthetic(truth, ("bfloat16",))
+    one = tuple(a for a in measured.attention if a.seq == 4096)
+    assert one and len({a.seq for a in one}) == 1
+    measured = replace(measured, attention=one)
+    fitted = fit_curves(measured, base="h100-sxm")
+    assert fitted.efficiency is not None
+    assert fitted.efficiency.attn_seq_half == h100.efficiency.attn_seq_half
+    assert fitted.efficiency.attn_fwd == pytest.approx(0.5, rel=0.05)  # the top: measured, on the kept ramp
+    with pytest.raises(PartitionError, match="one sequence length only.*--budget"):
+        fit_curves(measured, base=None)
+
+
 def test_fit_takes_a_measured_rate_above_the_datasheet_as_the_peak() -> None:
     """Fractions stay in (0, 1]: a device faster than its base's datasheet gets the measured peaks."""
     h100 = DEVICES["h100-sxm"]
