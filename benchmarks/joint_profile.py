@@ -120,8 +120,8 @@ def main() -> None:
         json.dump(cfg, f)
     lb.CONFIGS[args.model] = cfg  # the row's FLOPs count these layers
     instrument()
-    lb._install()
-    lb._key[0] = (args.model, batch, args.layers)
+    lb.install()
+    lb.shared_key[0] = (args.model, batch, args.layers)
     model, inputs = load_hf(f"hf:{folder}", lb.SEQ, batch)
     prof = cProfile.Profile() if args.cprofile else None
     t, c = time.perf_counter(), time.process_time()

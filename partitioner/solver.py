@@ -73,6 +73,7 @@ _LIMIT = 2**61  # totals must stay below this so sums of two never overflow int6
 _PAIR_BUDGET = 30_000_000
 _APPROX_WIDTH = 64
 _CHUNK_PAIRS = 4_000_000  # pairs per numpy batch in the tie-break: bounds its memory
+_VALUE_BUDGET = 2_000_000  # (start, end) pairs ``solve`` examines to list the stage times it bisects over
 _FIX = ("use more GPUs, a device with more memory, fewer micro-batches in flight, "
         "or activation checkpointing")
 
@@ -556,6 +557,45 @@ def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
     return max(-(-total // S), max(compute, default=0) + m)
 
 
+def _stage_times_between(pr: _Prep, lo: int, hi: int, budget: int) -> _I64 | None:
+    """Every time in ``[lo, hi)`` that some stage ``[a, b)`` takes under some option (``a`` 0 or
+    an allowed cut, ``b`` an allowed cut or ``n``, ``a < b``), sorted and unique; None when more
+    than ``budget`` (start, end) pairs would have to be examined.
+
+    The bottleneck of a partition is one of its stage times, and whether a threshold is
+    feasible changes only where it crosses a stage time, so the least feasible threshold
+    in ``[lo, hi]`` is ``hi`` or one of these values: ``solve`` bisects over them instead of
+    over every integer (about half the feasibility tests, the same answer). A superset is
+    harmless (memory, pins and idle stages are not checked here)."""
+    starts = np.concatenate([[0], pr.cuts]).astype(np.intp)
+    ends = np.concatenate([pr.cuts, [pr.n]]).astype(np.intp)
+    first = np.searchsorted(starts, ends, "left")  # starts before each end: [0, first)
+    spans = []
+    total = 0
+    for o in pr.opts:
+        cut_max = int((o.f - o.P).max())  # the largest cut cost: g = P - cut <= P <= g + cut_max
+        Ps, fb = o.P[starts], o.f[ends]
+        # f[b] - g[a] in [lo, hi)  =>  P[a] >= g[a] > f[b] - hi  and  P[a] <= f[b] - lo + cut_max
+        s = np.searchsorted(Ps, fb - hi, "right")
+        e = np.minimum(np.searchsorted(Ps, fb - lo + cut_max, "right"), first)
+        w = np.maximum(e - s, 0)
+        total += int(w.sum())
+        if total > budget:
+            return None
+        spans.append((o, s, w))
+    out = [np.zeros(0, np.int64)]
+    for o, s, w in spans:
+        nz = np.flatnonzero(w)
+        if not len(nz):
+            continue
+        wn = w[nz]
+        offs = np.cumsum(wn) - wn
+        ai = np.repeat(s[nz], wn) + np.arange(int(wn.sum())) - np.repeat(offs, wn)
+        v = o.f[np.repeat(ends[nz], wn)] - o.g[starts[ai]]
+        out.append(v[(v >= lo) & (v < hi)])
+    return np.unique(np.concatenate(out))
+
+
 def solve(inp: SolverInput, n_stages: int) -> Solution:
     """Cut ``inp`` into ``n_stages`` stages minimising the bottleneck, then cut bytes.
 
@@ -588,8 +628,17 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     # Gallop up from the lower bound before bisecting: tests near the optimum only touch
     # narrow bands (see _ends), while a midpoint near the first witness touches all n.
     step = max(1, lb >> 6)
+    values: _I64 | None = None  # the stage times in [lo, hi), once few enough to list
     while lo < hi:
-        mid = min(lo + step, (lo + hi) // 2)
+        if step >= hi and values is None:  # bisecting: list the values the optimum can take
+            values = _stage_times_between(fw, lo, hi, _VALUE_BUDGET)
+        if values is not None:
+            inside = values[np.searchsorted(values, lo, "left"):np.searchsorted(values, hi, "left")]
+            if not len(inside):  # no stage takes a time in [lo, hi): the optimum is hi
+                break
+            mid = int(inside[len(inside) // 2])
+        else:
+            mid = min(lo + step, (lo + hi) // 2)
         R = _reach(fw, mid)
         if R is None:
             lo, step = mid + 1, 2 * step
