@@ -45,7 +45,7 @@ from partitioner.problem import (
 from partitioner.schedule import SCHEDULES, ScheduleError, check_counts, default_microbatches
 from partitioner.search import finish_notes, search
 from partitioner.simulator import SimResult, predict_step, simulate
-from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
+from partitioner.solver import InfeasibleError, Solution, _fmt_bytes, remembered
 from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["AUTO_NOTE", "DP_NOTE", "FSDP_NOTE", "LAYOUT_NOTE", "TP_NOTE", "Solved", "choose", "joint", "replicated", "solve_fsdp",
@@ -116,7 +116,8 @@ def choose(ctx: Context) -> Solved:
     ``data_parallel="auto"`` the replica count, with ``tensor_parallel="auto"`` the
     tensor-parallel degree) chosen by the predicted step."""
     if ctx.request.zero == "auto":
-        return joint(ctx)
+        with remembered():  # candidates share the answers of equal solver inputs (solver.Memo)
+            return joint(ctx)
     degrees = tensor_parallel_degrees(ctx)
     base = ctx.request.opts
     v = base.n_stages // base.pp

@@ -44,7 +44,7 @@ import numpy as np
 from partitioner.refine import refine, score
 from partitioner.schedule import Schedule, ScheduleError, build_schedule
 from partitioner.simulator import simulate
-from partitioner.solver import InfeasibleError, Solution, SolverInput, min_cost_at, solve
+from partitioner.solver import InfeasibleError, Solution, SolverInput, memo, min_cost_at, solve
 
 __all__ = ["OBJECTIVES", "StepModel", "StepReport", "fewer_stages", "resolve_objective", "step_of", "step_search"]
 
@@ -137,6 +137,20 @@ def step_search(inp: SolverInput, n_stages: int, model: StepModel, first: Soluti
                 max_evals: int = 400) -> tuple[list[Solution], StepReport]:
     """Candidate splits, fastest simulated step first (``first``, the min-bottleneck split,
     among them), and a report. The caller checks exact memory in that order."""
+    mem = memo()
+    if mem is not None:  # inside solver.remembered(): the same search met before is answered from the memo
+        # the schedule by identity (a built schedule is immutable data), kept alive with the answer so
+        # that its id is not reused while the entry lives
+        key = ("step_search", mem.input_key(inp), n_stages, mem.field(model.fwd), mem.field(model.send),
+               mem.field(model.bsend), id(model.schedule), first, max_evals, _LADDER, _MOVES, _ALL_MOVES)
+        kept = mem.get(key, lambda: (model.schedule, _step_search(inp, n_stages, model, first, max_evals=max_evals)))
+        cands, report = kept[1]
+        return list(cands), report  # a list of its own: the caller may not change the remembered one
+    return _step_search(inp, n_stages, model, first, max_evals=max_evals)
+
+
+def _step_search(inp: SolverInput, n_stages: int, model: StepModel, first: Solution, *,
+                 max_evals: int = 400) -> tuple[list[Solution], StepReport]:
     S, n = n_stages, len(inp.compute)
     seen: dict[tuple[int, ...], tuple[float, Solution]] = {}
     evals = [0]

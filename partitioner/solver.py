@@ -50,9 +50,10 @@ All search arithmetic is int64; inputs whose totals could overflow are rejected.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,8 @@ from partitioner.cost_models.errors import PartitionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "feasible", "min_cost_at",
-           "solve"]
+__all__ = ["InfeasibleError", "Memo", "Option", "Solution", "SolverInput", "SolverInputError", "feasible", "memo",
+           "min_cost_at", "remembered", "solve"]
 
 _I64 = npt.NDArray[np.int64]
 _Ix = npt.NDArray[np.intp]
@@ -73,7 +74,7 @@ _LIMIT = 2**61  # totals must stay below this so sums of two never overflow int6
 _PAIR_BUDGET = 30_000_000
 _APPROX_WIDTH = 64
 _CHUNK_PAIRS = 4_000_000  # pairs per numpy batch in the tie-break: bounds its memory
-_VALUE_BUDGET = 2_000_000  # (start, end) pairs ``solve`` examines to list the stage times it bisects over
+_VALUE_BUDGET = 300_000  # (start, end) pairs ``solve`` examines to list the stage times it bisects over
 _FIX = ("use more GPUs, a device with more memory, fewer micro-batches in flight, "
         "or activation checkpointing")
 
@@ -159,6 +160,81 @@ class _Prep:
     lg: _Ix  # floor(log2(x)) for x in 0..n+1, integer-only
     top: _Ix  # n+1: a stage ending at b starts before top[b] (b, or 1 + its last computing position)
     min_cut: int  # the cheapest cut_cost among allowed interior cuts
+
+
+class Memo:
+    """Answers of the solver's pure functions, shared inside ``remembered()``: the joint
+    layout search solves the same input again for other candidates (an FSDP mode, a schedule
+    with the same in-flight counts, a retry at capacities met before) and the step search's
+    ladder meets thresholds again.
+
+    A key holds everything the answer depends on, never less: every field of the
+    ``SolverInput`` (each list by its exact int64 bytes, interned to a small number so that
+    a key stays small while two inputs share a key only when every entry is equal), the
+    stage count, the call's other arguments, and the module settings that change an answer
+    (``_PAIR_BUDGET``, ``_APPROX_WIDTH``). A refusal (``InfeasibleError``) is remembered too
+    and raised again as a new exception with the same message and ``closest``."""
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.entries: dict[Any, Any] = {}
+        self.fields: dict[bytes, int] = {}
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def field(self, xs: Any) -> int:
+        b = np.asarray(xs, np.int64).tobytes()  # the length is in the byte count; bools as 0 / 1
+        return self.fields.setdefault(b, len(self.fields))
+
+    def input_key(self, inp: SolverInput) -> tuple[Any, ...]:
+        f = self.field
+        return (f(inp.compute), f(inp.cut_cost), f(inp.cut_bytes), f(inp.allowed), f(inp.static_mem),
+                f(inp.act_mem), f(inp.inflight), f(inp.capacity), f(inp.pinned), f(inp.avoid), f(inp.has_compute),
+                tuple((f(o.compute), f(o.act_mem), int(o.reserve)) for o in inp.options),
+                _PAIR_BUDGET, _APPROX_WIDTH)
+
+    def get(self, key: Any, compute: Any) -> Any:
+        if key in self.entries:
+            self.hits += 1
+            kind, value = self.entries[key]
+        else:
+            self.misses += 1
+            try:
+                kind, value = "ok", compute()
+            except InfeasibleError as e:
+                kind, value = "refused", (str(e), getattr(e, "closest", None))
+            if len(self.entries) >= self.max_entries:  # bounded: start again rather than grow
+                self.entries.clear()
+                self.fields.clear()  # the key just made used the old numbering: not stored
+            else:
+                self.entries[key] = (kind, value)
+        if kind == "refused":
+            err = InfeasibleError(value[0])
+            if value[1] is not None:
+                err.closest = value[1]  # type: ignore[attr-defined]
+            raise err
+        return value
+
+
+_active: list[Memo] = []
+
+
+@contextlib.contextmanager
+def remembered() -> Iterator[Memo]:
+    """Inside: ``solve``, ``feasible``, ``min_cost_at``, ``refine.refine`` and
+    ``objective.step_search`` answer an input met before from a ``Memo`` (the same answer,
+    not recomputed). Outside (the default): every call computes."""
+    memo = Memo()
+    _active.append(memo)
+    try:
+        yield memo
+    finally:
+        _active.pop()
+
+
+def memo() -> Memo | None:
+    """The ``Memo`` of the innermost ``remembered()``, or None."""
+    return _active[-1] if _active else None
 
 
 def _fmt_bytes(x: int) -> str:
@@ -604,6 +680,13 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     >>> s.cuts, s.bottleneck, s.total_cut_bytes
     ((2,), 4, 1)
     """
+    m = memo()
+    if m is not None:
+        return m.get(("solve", m.input_key(inp), n_stages), lambda: _solve(inp, n_stages))  # type: ignore[no-any-return]
+    return _solve(inp, n_stages)
+
+
+def _solve(inp: SolverInput, n_stages: int) -> Solution:
     S = n_stages
     n, pins = _check(inp, S)
     need = S > 1  # every stage computes something, where the instance allows it
@@ -667,6 +750,13 @@ def feasible(inp: SolverInput, n_stages: int) -> bool:
     """Does ``solve(inp, n_stages)`` find a split (rather than raise a ``PartitionError``)?
     The same checks and reachability test, without the search for the best split or, when
     there is none, the search for the closest one that the error reports."""
+    m = memo()
+    if m is not None:
+        return m.get(("feasible", m.input_key(inp), n_stages), lambda: _feasible(inp, n_stages))  # type: ignore[no-any-return]
+    return _feasible(inp, n_stages)
+
+
+def _feasible(inp: SolverInput, n_stages: int) -> bool:
     S = n_stages
     try:
         n, pins = _check(inp, S)
@@ -684,6 +774,14 @@ def min_cost_at(inp: SolverInput, n_stages: int, T: int, costs: Sequence[int]) -
     <= ``T`` and fits memory (every stage computing where possible), or None if there is none.
     Exact: the tie-break DP of ``solve`` at a given threshold with other per-cut costs
     (``partitioner.objective`` uses the cuts' transfer times)."""
+    m = memo()
+    if m is not None:
+        return m.get(("min_cost_at", m.input_key(inp), n_stages, int(T), m.field(costs)),  # type: ignore[no-any-return]
+                     lambda: _min_cost_at(inp, n_stages, T, costs))
+    return _min_cost_at(inp, n_stages, T, costs)
+
+
+def _min_cost_at(inp: SolverInput, n_stages: int, T: int, costs: Sequence[int]) -> tuple[int, ...] | None:
     S = n_stages
     n, pins = _check(inp, S)
     c = np.asarray(costs, np.int64)
