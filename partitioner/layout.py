@@ -27,6 +27,7 @@ from partitioner.data_parallel import (
     splits_backward,
 )
 from partitioner.memory import PRECISIONS, bytes_per_param
+from partitioner.objective import pipeline_floor
 from partitioner.passes import tensor_parallel
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.split import compute_nodes
@@ -521,6 +522,8 @@ def joint(ctx: Context) -> Solved:
                                 f, b = per_microbatch(t, share // mm)
                                 chain = f + (b / 2 if SCHEDULES[name].split_backward else b)
                                 bound = max(mm * (f + b) / pp, chain)
+                                if v == 1 and not SCHEDULES[name].split_backward:  # a true floor, no simulation
+                                    bound = max(bound, pipeline_floor(f + b, mm, pp))
                                 cands.append(Candidate(bound, t, d, z, name, v, m, False, mm))
                                 continue
                         cands.append(Candidate(bound, t, d, z, name, v, m, True))
