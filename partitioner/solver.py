@@ -24,7 +24,11 @@ stage count):
    worst ``O(S n log n)``.
 2. Search on the integer ``T`` from the lower bound: gallop up (doubling steps) until
    feasible, then bisect; every feasible test snaps the upper end down to the
-   witness's actual bottleneck. ``O(log(T* - LB))`` tests, all near the optimum.
+   witness's actual bottleneck. ``O(log(T* - LB))`` tests, all near the optimum. Once
+   bisecting, the stage times that lie in the bracket are listed (when at most
+   ``_VALUE_BUDGET`` (start, end) pairs must be looked at) and the bisection runs over
+   them: the optimum is one of them, so the integer steps between them (about half the
+   tests on the planner's 10^11-unit times) are skipped; the answer is the same.
 3. Tie-break at the optimal ``T*``: positions that are both forward-reachable with
    ``i`` stages and backward-reachable (the mirrored instance) with ``S - i`` (``F_i``)
    are the only possible ``i``-th cuts. A min-bytes DP over pairs
