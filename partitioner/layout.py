@@ -444,7 +444,9 @@ def joint(ctx: Context) -> Solved:
       transfers, no replica communication), the larger of: each rank's share of the
       step's compute, ``m (f + b) / P``; one micro-batch's forward then backward chain
       through every stage, ``f + b`` (``f + b / 2`` for a split backward: its input
-      gradients); and ``BALANCED_SHARE`` of the schedule simulated with every stage given
+      gradients); with one stage per rank and a whole backward, ``objective.pipeline_floor``
+      (``(f + b) / (1 - ((m - 1) / m)^P)``, a floor under any cuts); and ``BALANCED_SHARE``
+      of the schedule simulated with every stage given
       an equal share. The first two are true floors under any cuts; the balanced
       simulation is not one for every schedule (uneven cuts can shorten a split backward's
       critical path with few micro-batches), so only that share of it counts, which makes
