@@ -447,7 +447,7 @@ def joint(ctx: Context) -> Solved:
       gradients); with one stage per rank and a whole backward, ``objective.pipeline_floor``
       (``(f + b) / (1 - ((m - 1) / m)^P)``, a floor under any cuts); and ``BALANCED_SHARE``
       of the schedule simulated with every stage given
-      an equal share. The first two are true floors under any cuts; the balanced
+      an equal share. The first three are true floors under any cuts; the balanced
       simulation is not one for every schedule (uneven cuts can shorten a split backward's
       critical path with few micro-batches), so only that share of it counts, which makes
       this rule a heuristic: it can prune a candidate that would have been a little
