@@ -3,7 +3,7 @@ split into phases (capture, annotation, TP analysis, per-candidate pricing, cut 
 simulator, recompute, ...).
 
     PYTHONPATH=. .venv/bin/python benchmarks/joint_profile.py --model 70b --gpus 64 [--layers 8]
-        [--batch 128] [--out prof.pstats]
+        [--batch 128] [--cprofile prof.pstats] [--limit SECONDS] [--published] [--json rows.json]
 
 ``--layers`` builds the shape with fewer decoder layers (everything else as ``layout_bench``'s
 config) to profile a smaller instance first. A phase is charged the cumulative time of the
@@ -18,6 +18,7 @@ import cProfile
 import json
 import os
 import pstats
+import signal
 import sys
 import tempfile
 import time
@@ -110,6 +111,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="global batch (default: layout_bench's)")
     ap.add_argument("--cprofile", default=None, metavar="FILE", help="also run under cProfile, pstats here")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--limit", type=float, default=None, metavar="SECONDS",
+                    help="stop the search after this much wall time and print the phases so far")
+    ap.add_argument("--published", action="store_true",
+                    help="also price layout_bench's published layouts at this model and GPU count (same capture)")
+    ap.add_argument("--json", default=None, help="append the rows (planner, published) to this JSON list")
     args = ap.parse_args()
     cfg = dict(lb.CONFIGS[args.model])
     if args.layers:
@@ -120,34 +126,73 @@ def main() -> None:
         json.dump(cfg, f)
     lb.CONFIGS[args.model] = cfg  # the row's FLOPs count these layers
     instrument()
-    lb._install()
-    lb._key[0] = (args.model, batch, args.layers)
+    lb.install()
+    lb.shared_key[0] = (args.model, batch, args.layers)
     model, inputs = load_hf(f"hf:{folder}", lb.SEQ, batch)
     prof = cProfile.Profile() if args.cprofile else None
     t, c = time.perf_counter(), time.process_time()
+    if args.limit:  # a search past the limit stops here, and its phases so far are printed
+        signal.signal(signal.SIGALRM, _stop)
+        signal.setitimer(signal.ITIMER_REAL, args.limit)
     if prof:
         prof.enable()
-    row, err = lb._plan(args.model, args.gpus, model, inputs, **lb.PLANNER)
+    try:
+        row, err = lb._plan(args.model, args.gpus, model, inputs, **lb.PLANNER)
+    except _Stopped:
+        row, err = None, f"stopped after {args.limit:.0f} s of wall time (--limit), unfinished"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     if prof:
         prof.disable()
         prof.dump_stats(args.cprofile)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     print(f"{args.model} ({cfg['num_hidden_layers']} layers) on {args.gpus} GPUs, batch {batch}: "
-          f"{wall:.1f} s wall, {cpu:.1f} CPU-s{' (under cProfile)' if prof else ''}")
+          f"{wall:.1f} s wall, {cpu:.1f} CPU-s{' (under cProfile)' if prof else ''}", flush=True)
     print(lb._fmt(row) if row else f"refused: {err}")
+    rows = []
     if row:
         print({k: row[k] for k in ("search_s", "search_cpu_s", "solved", "pruned", "floor", "free_splits")})
+        rows.append(dict(model=args.model, gpus=args.gpus, batch=batch, who="planner", **row))
+    else:
+        rows.append(dict(model=args.model, gpus=args.gpus, batch=batch, who="planner", refused=err,
+                         wall_s=wall, cpu_s=cpu))
     print("| phase | CPU-s | share | calls |\n|---|---|---|---|")
     for phase, _ in PHASES:
         s = _acc.get(phase, 0.0)
         print(f"| {phase} | {s:.1f} | {s / max(cpu, 1e-9):.1%} | {_calls.get(phase, 0)} |")
     rest = cpu - sum(_acc.values())
     print(f"| outside these (model build excluded; partition() checks, emit stub) | {rest:.1f} | "
-          f"{rest / max(cpu, 1e-9):.1%} | |")
+          f"{rest / max(cpu, 1e-9):.1%} | |", flush=True)
+    rows[0]["phases"] = dict(_acc)
+    if args.published:
+        _stack.clear()
+        for m, g, who, kw, tps, note in lb.PUBLISHED:
+            if m != args.model or g != args.gpus:
+                continue
+            prow, perr = lb._plan(args.model, args.gpus, model, inputs, **kw)
+            over = ""
+            if prow is None:  # price it anyway, its memory marked as over the device
+                prow, _ = lb._plan(args.model, args.gpus, model, inputs, memory_limit=2**50, **kw)
+                over = " (over the device: does not fit on our memory model)"
+            print(f"{who}: {lb._fmt(prow) if prow else perr}{over} | published {tps} ({note})", flush=True)
+            rows.append(dict(model=m, gpus=g, batch=batch, who=who, cited=f"{tps} ({note})", over=perr if over else "",
+                             **(prow or {})))
+    if args.json:
+        old = json.load(open(args.json)) if os.path.exists(args.json) else []
+        with open(args.json, "w") as f:
+            json.dump(old + rows, f, indent=1)
     if prof:
         stats = pstats.Stats(prof)
         stats.sort_stats("cumulative").print_stats(args.top)
         stats.sort_stats("tottime").print_stats(args.top)
+
+
+class _Stopped(BaseException):  # not an Exception: no handler in the planner swallows it
+    pass
+
+
+def _stop(*_: Any) -> None:
+    raise _Stopped
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from partitioner.data_parallel import (
     splits_backward,
 )
 from partitioner.memory import PRECISIONS, bytes_per_param
+from partitioner.objective import pipeline_floor
 from partitioner.passes import tensor_parallel
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.split import compute_nodes
@@ -46,7 +47,7 @@ from partitioner.problem import (
 from partitioner.schedule import SCHEDULES, ScheduleError, check_counts, default_microbatches
 from partitioner.search import finish_notes, search
 from partitioner.simulator import SimResult, predict_step, simulate
-from partitioner.solver import InfeasibleError, Solution, _fmt_bytes
+from partitioner.solver import InfeasibleError, Solution, _fmt_bytes, remembered
 from partitioner.tensor_parallel import boundary_time
 
 __all__ = ["AUTO_NOTE", "DP_NOTE", "FSDP_NOTE", "LAYOUT_NOTE", "TP_NOTE", "Solved", "choose", "joint", "replicated", "solve_fsdp",
@@ -117,7 +118,8 @@ def choose(ctx: Context) -> Solved:
     ``data_parallel="auto"`` the replica count, with ``tensor_parallel="auto"`` the
     tensor-parallel degree) chosen by the predicted step."""
     if ctx.request.zero == "auto":
-        return joint(ctx)
+        with remembered():  # candidates share the answers of equal solver inputs (solver.Memo)
+            return joint(ctx)
     degrees = tensor_parallel_degrees(ctx)
     base = ctx.request.opts
     v = base.n_stages // base.pp
@@ -451,8 +453,10 @@ def joint(ctx: Context) -> Solved:
       transfers, no replica communication), the larger of: each rank's share of the
       step's compute, ``m (f + b) / P``; one micro-batch's forward then backward chain
       through every stage, ``f + b`` (``f + b / 2`` for a split backward: its input
-      gradients); and ``BALANCED_SHARE`` of the schedule simulated with every stage given
-      an equal share. The first two are true floors under any cuts; the balanced
+      gradients); with one stage per rank and a whole backward, ``objective.pipeline_floor``
+      (``(f + b) / (1 - ((m - 1) / m)^P)``, a floor under any cuts); and ``BALANCED_SHARE``
+      of the schedule simulated with every stage given
+      an equal share. The first three are true floors under any cuts; the balanced
       simulation is not one for every schedule (uneven cuts can shorten a split backward's
       critical path with few micro-batches), so only that share of it counts, which makes
       this rule a heuristic: it can prune a candidate that would have been a little
@@ -532,6 +536,8 @@ def joint(ctx: Context) -> Solved:
                                 f, b = per_microbatch(t, share // mm)
                                 chain = f + (b / 2 if SCHEDULES[name].split_backward else b)
                                 bound = max(mm * (f + b) / pp, chain)
+                                if v == 1 and not SCHEDULES[name].split_backward:  # a true floor, no simulation
+                                    bound = max(bound, pipeline_floor(f + b, mm, pp))
                                 cands.append(Candidate(bound, t, d, z, name, v, m, False, mm, s))
                                 continue
                         cands.append(Candidate(bound, t, d, z, name, v, m, True, s=s))

@@ -44,9 +44,10 @@ import numpy as np
 from partitioner.refine import refine, score
 from partitioner.schedule import Schedule, ScheduleError, build_schedule
 from partitioner.simulator import simulate
-from partitioner.solver import InfeasibleError, Solution, SolverInput, min_cost_at, solve
+from partitioner.solver import InfeasibleError, Solution, SolverInput, memo, min_cost_at, solve
 
-__all__ = ["OBJECTIVES", "StepModel", "StepReport", "fewer_stages", "resolve_objective", "step_of", "step_search"]
+__all__ = ["OBJECTIVES", "StepModel", "StepReport", "fewer_stages", "pipeline_floor", "resolve_objective", "step_of",
+           "step_search"]
 
 #: ``partition(objective=...)``: "bottleneck" minimises the slowest stage (then bytes cut),
 #: "step" the schedule's simulated step time, "auto" (the default) the step where the slowest
@@ -94,6 +95,28 @@ def step_of(inp: SolverInput, model: StepModel, sol: Solution) -> float:
     return simulate(model.schedule, fwd, bwd, send, bsend).step_time
 
 
+def pipeline_floor(work: float, m: int, ranks: int) -> float:
+    """A floor under the step of any schedule that runs one stage per rank with a whole
+    backward (1F1B, GPipe, interleaved 1F1B with one stage per rank), whatever the cuts:
+    ``work`` is one micro-batch's forward plus backward through the whole model, ``m`` the
+    micro-batches, ``ranks`` the pipeline's ranks.
+
+    Why: rank ``r`` starts no earlier than one micro-batch's forward through the stages
+    before it, then runs its ``m`` forwards and backwards one at a time (``m w_r``), and its
+    last action, a backward, is followed by that micro-batch's backward through the stages
+    before it. So the step is at least ``max_r (W_<r + m w_r)`` with ``W_<r`` the work of the
+    stages before ``r`` (forward plus backward); over every split of ``work`` (divisible at
+    will, which only lowers it) the least such maximum makes every term equal:
+    ``w_r = w_0 q^r`` with ``q = (m - 1) / m``, so the floor is ``work / (1 - q^ranks)``
+    (``m work`` for one rank, ``work`` for one micro-batch). Transfers, recompute, uneven
+    nodes and replica communication only add. Scaled down by one part in 10^9 so that
+    rounding never lifts it above a step it bounds."""
+    if ranks <= 1 or m <= 1:
+        return (m if ranks <= 1 else 1) * work * (1 - 1e-9)
+    q = (m - 1) / m
+    return work / (1 - q ** ranks) * (1 - 1e-9)
+
+
 def _fits(inp: SolverInput, sol: Solution) -> bool:
     return all(m <= c for m, c in zip(sol.stage_mem, inp.capacity))
 
@@ -137,6 +160,20 @@ def step_search(inp: SolverInput, n_stages: int, model: StepModel, first: Soluti
                 max_evals: int = 400) -> tuple[list[Solution], StepReport]:
     """Candidate splits, fastest simulated step first (``first``, the min-bottleneck split,
     among them), and a report. The caller checks exact memory in that order."""
+    mem = memo()
+    if mem is not None:  # inside solver.remembered(): the same search met before is answered from the memo
+        # the schedule by identity (a built schedule is immutable data), kept alive with the answer so
+        # that its id is not reused while the entry lives
+        key = ("step_search", mem.input_key(inp), n_stages, mem.field(model.fwd), mem.field(model.send),
+               mem.field(model.bsend), id(model.schedule), first, max_evals, _LADDER, _MOVES, _ALL_MOVES)
+        kept = mem.get(key, lambda: (model.schedule, _step_search(inp, n_stages, model, first, max_evals=max_evals)))
+        cands, report = kept[1]
+        return list(cands), report  # a list of its own: the caller may not change the remembered one
+    return _step_search(inp, n_stages, model, first, max_evals=max_evals)
+
+
+def _step_search(inp: SolverInput, n_stages: int, model: StepModel, first: Solution, *,
+                 max_evals: int = 400) -> tuple[list[Solution], StepReport]:
     S, n = n_stages, len(inp.compute)
     seen: dict[tuple[int, ...], tuple[float, Solution]] = {}
     evals = [0]

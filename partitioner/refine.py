@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, solve
+from partitioner.solver import InfeasibleError, Option, Solution, SolverInput, memo, solve
 
 __all__ = ["refine", "score"]
 
@@ -69,6 +69,14 @@ def _computes(inp: SolverInput) -> np.ndarray:  # type: ignore[type-arg]
 
 def refine(inp: SolverInput, n_stages: int, first: Solution) -> Solution:
     """``first`` (from ``solve``) with its non-bottleneck stages re-balanced."""
+    m = memo()
+    if m is not None:  # inside solver.remembered(): an input met before is answered from the memo
+        key = ("refine", m.input_key(inp), n_stages, first, _MAX_SOLVES, _SLACK)
+        return m.get(key, lambda: _refine(inp, n_stages, first))  # type: ignore[no-any-return]
+    return _refine(inp, n_stages, first)
+
+
+def _refine(inp: SolverInput, n_stages: int, first: Solution) -> Solution:
     bounds = [0, *first.cuts, len(inp.compute)]
     budget = [_MAX_SOLVES]  # sub-solves left
     n = len(inp.compute)

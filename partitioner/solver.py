@@ -24,7 +24,11 @@ stage count):
    worst ``O(S n log n)``.
 2. Search on the integer ``T`` from the lower bound: gallop up (doubling steps) until
    feasible, then bisect; every feasible test snaps the upper end down to the
-   witness's actual bottleneck. ``O(log(T* - LB))`` tests, all near the optimum.
+   witness's actual bottleneck. ``O(log(T* - LB))`` tests, all near the optimum. Once
+   bisecting, the stage times that lie in the bracket are listed (when at most
+   ``_VALUE_BUDGET`` (start, end) pairs must be looked at) and the bisection runs over
+   them: the optimum is one of them, so the integer steps between them (about half the
+   tests on the planner's 10^11-unit times) are skipped; the answer is the same.
 3. Tie-break at the optimal ``T*``: positions that are both forward-reachable with
    ``i`` stages and backward-reachable (the mirrored instance) with ``S - i`` (``F_i``)
    are the only possible ``i``-th cuts. A min-bytes DP over pairs
@@ -50,9 +54,10 @@ All search arithmetic is int64; inputs whose totals could overflow are rejected.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +68,8 @@ from partitioner.cost_models.errors import PartitionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InfeasibleError", "Option", "Solution", "SolverInput", "SolverInputError", "feasible", "min_cost_at",
-           "solve"]
+__all__ = ["InfeasibleError", "Memo", "Option", "Solution", "SolverInput", "SolverInputError", "feasible", "memo",
+           "min_cost_at", "remembered", "solve"]
 
 _I64 = npt.NDArray[np.int64]
 _Ix = npt.NDArray[np.intp]
@@ -73,6 +78,7 @@ _LIMIT = 2**61  # totals must stay below this so sums of two never overflow int6
 _PAIR_BUDGET = 30_000_000
 _APPROX_WIDTH = 64
 _CHUNK_PAIRS = 4_000_000  # pairs per numpy batch in the tie-break: bounds its memory
+_VALUE_BUDGET = 300_000  # (start, end) pairs ``solve`` examines to list the stage times it bisects over
 _FIX = ("use more GPUs, a device with more memory, fewer micro-batches in flight, "
         "or activation checkpointing")
 
@@ -158,6 +164,81 @@ class _Prep:
     lg: _Ix  # floor(log2(x)) for x in 0..n+1, integer-only
     top: _Ix  # n+1: a stage ending at b starts before top[b] (b, or 1 + its last computing position)
     min_cut: int  # the cheapest cut_cost among allowed interior cuts
+
+
+class Memo:
+    """Answers of the solver's pure functions, shared inside ``remembered()``: the joint
+    layout search solves the same input again for other candidates (an FSDP mode, a schedule
+    with the same in-flight counts, a retry at capacities met before) and the step search's
+    ladder meets thresholds again.
+
+    A key holds everything the answer depends on, never less: every field of the
+    ``SolverInput`` (each list by its exact int64 bytes, interned to a small number so that
+    a key stays small while two inputs share a key only when every entry is equal), the
+    stage count, the call's other arguments, and the module settings that change an answer
+    (``_PAIR_BUDGET``, ``_APPROX_WIDTH``). A refusal (``InfeasibleError``) is remembered too
+    and raised again as a new exception with the same message and ``closest``."""
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self.entries: dict[Any, Any] = {}
+        self.fields: dict[bytes, int] = {}
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def field(self, xs: Any) -> int:
+        b = np.asarray(xs, np.int64).tobytes()  # the length is in the byte count; bools as 0 / 1
+        return self.fields.setdefault(b, len(self.fields))
+
+    def input_key(self, inp: SolverInput) -> tuple[Any, ...]:
+        f = self.field
+        return (f(inp.compute), f(inp.cut_cost), f(inp.cut_bytes), f(inp.allowed), f(inp.static_mem),
+                f(inp.act_mem), f(inp.inflight), f(inp.capacity), f(inp.pinned), f(inp.avoid), f(inp.has_compute),
+                tuple((f(o.compute), f(o.act_mem), int(o.reserve)) for o in inp.options),
+                _PAIR_BUDGET, _APPROX_WIDTH)
+
+    def get(self, key: Any, compute: Any) -> Any:
+        if key in self.entries:
+            self.hits += 1
+            kind, value = self.entries[key]
+        else:
+            self.misses += 1
+            try:
+                kind, value = "ok", compute()
+            except InfeasibleError as e:
+                kind, value = "refused", (str(e), getattr(e, "closest", None))
+            if len(self.entries) >= self.max_entries:  # bounded: start again rather than grow
+                self.entries.clear()
+                self.fields.clear()  # the key just made used the old numbering: not stored
+            else:
+                self.entries[key] = (kind, value)
+        if kind == "refused":
+            err = InfeasibleError(value[0])
+            if value[1] is not None:
+                err.closest = value[1]  # type: ignore[attr-defined]
+            raise err
+        return value
+
+
+_active: list[Memo] = []
+
+
+@contextlib.contextmanager
+def remembered() -> Iterator[Memo]:
+    """Inside: ``solve``, ``feasible``, ``min_cost_at``, ``refine.refine`` and
+    ``objective.step_search`` answer an input met before from a ``Memo`` (the same answer,
+    not recomputed). Outside (the default): every call computes."""
+    memo = Memo()
+    _active.append(memo)
+    try:
+        yield memo
+    finally:
+        _active.pop()
+
+
+def memo() -> Memo | None:
+    """The ``Memo`` of the innermost ``remembered()``, or None."""
+    return _active[-1] if _active else None
 
 
 def _fmt_bytes(x: int) -> str:
@@ -556,6 +637,45 @@ def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
     return max(-(-total // S), max(compute, default=0) + m)
 
 
+def _stage_times_between(pr: _Prep, lo: int, hi: int, budget: int) -> _I64 | None:
+    """Every time in ``[lo, hi)`` that some stage ``[a, b)`` takes under some option (``a`` 0 or
+    an allowed cut, ``b`` an allowed cut or ``n``, ``a < b``), sorted and unique; None when more
+    than ``budget`` (start, end) pairs would have to be examined.
+
+    The bottleneck of a partition is one of its stage times, and whether a threshold is
+    feasible changes only where it crosses a stage time, so the least feasible threshold
+    in ``[lo, hi]`` is ``hi`` or one of these values: ``solve`` bisects over them instead of
+    over every integer (about half the feasibility tests, the same answer). A superset is
+    harmless (memory, pins and idle stages are not checked here)."""
+    starts = np.concatenate([[0], pr.cuts]).astype(np.intp)
+    ends = np.concatenate([pr.cuts, [pr.n]]).astype(np.intp)
+    first = np.searchsorted(starts, ends, "left")  # starts before each end: [0, first)
+    spans = []
+    total = 0
+    for o in pr.opts:
+        cut_max = int((o.f - o.P).max())  # the largest cut cost: g = P - cut <= P <= g + cut_max
+        Ps, fb = o.P[starts], o.f[ends]
+        # f[b] - g[a] in [lo, hi)  =>  P[a] >= g[a] > f[b] - hi  and  P[a] <= f[b] - lo + cut_max
+        s = np.searchsorted(Ps, fb - hi, "right")
+        e = np.minimum(np.searchsorted(Ps, fb - lo + cut_max, "right"), first)
+        w = np.maximum(e - s, 0)
+        total += int(w.sum())
+        if total > budget:
+            return None
+        spans.append((o, s, w))
+    out = [np.zeros(0, np.int64)]
+    for o, s, w in spans:
+        nz = np.flatnonzero(w)
+        if not len(nz):
+            continue
+        wn = w[nz]
+        offs = np.cumsum(wn) - wn
+        ai = np.repeat(s[nz], wn) + np.arange(int(wn.sum())) - np.repeat(offs, wn)
+        v = o.f[np.repeat(ends[nz], wn)] - o.g[starts[ai]]
+        out.append(v[(v >= lo) & (v < hi)])
+    return np.unique(np.concatenate(out))
+
+
 def solve(inp: SolverInput, n_stages: int) -> Solution:
     """Cut ``inp`` into ``n_stages`` stages minimising the bottleneck, then cut bytes.
 
@@ -564,6 +684,13 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     >>> s.cuts, s.bottleneck, s.total_cut_bytes
     ((2,), 4, 1)
     """
+    m = memo()
+    if m is not None:
+        return m.get(("solve", m.input_key(inp), n_stages), lambda: _solve(inp, n_stages))  # type: ignore[no-any-return]
+    return _solve(inp, n_stages)
+
+
+def _solve(inp: SolverInput, n_stages: int) -> Solution:
     S = n_stages
     n, pins = _check(inp, S)
     need = S > 1  # every stage computes something, where the instance allows it
@@ -588,8 +715,17 @@ def solve(inp: SolverInput, n_stages: int) -> Solution:
     # Gallop up from the lower bound before bisecting: tests near the optimum only touch
     # narrow bands (see _ends), while a midpoint near the first witness touches all n.
     step = max(1, lb >> 6)
+    values: _I64 | None = None  # the stage times in [lo, hi), once few enough to list
     while lo < hi:
-        mid = min(lo + step, (lo + hi) // 2)
+        if step >= hi and values is None:  # bisecting: list the values the optimum can take
+            values = _stage_times_between(fw, lo, hi, _VALUE_BUDGET)
+        if values is not None:
+            inside = values[np.searchsorted(values, lo, "left"):np.searchsorted(values, hi, "left")]
+            if not len(inside):  # no stage takes a time in [lo, hi): the optimum is hi
+                break
+            mid = int(inside[len(inside) // 2])
+        else:
+            mid = min(lo + step, (lo + hi) // 2)
         R = _reach(fw, mid)
         if R is None:
             lo, step = mid + 1, 2 * step
@@ -618,6 +754,13 @@ def feasible(inp: SolverInput, n_stages: int) -> bool:
     """Does ``solve(inp, n_stages)`` find a split (rather than raise a ``PartitionError``)?
     The same checks and reachability test, without the search for the best split or, when
     there is none, the search for the closest one that the error reports."""
+    m = memo()
+    if m is not None:
+        return m.get(("feasible", m.input_key(inp), n_stages), lambda: _feasible(inp, n_stages))  # type: ignore[no-any-return]
+    return _feasible(inp, n_stages)
+
+
+def _feasible(inp: SolverInput, n_stages: int) -> bool:
     S = n_stages
     try:
         n, pins = _check(inp, S)
@@ -635,6 +778,14 @@ def min_cost_at(inp: SolverInput, n_stages: int, T: int, costs: Sequence[int]) -
     <= ``T`` and fits memory (every stage computing where possible), or None if there is none.
     Exact: the tie-break DP of ``solve`` at a given threshold with other per-cut costs
     (``partitioner.objective`` uses the cuts' transfer times)."""
+    m = memo()
+    if m is not None:
+        return m.get(("min_cost_at", m.input_key(inp), n_stages, int(T), m.field(costs)),  # type: ignore[no-any-return]
+                     lambda: _min_cost_at(inp, n_stages, T, costs))
+    return _min_cost_at(inp, n_stages, T, costs)
+
+
+def _min_cost_at(inp: SolverInput, n_stages: int, T: int, costs: Sequence[int]) -> tuple[int, ...] | None:
     S = n_stages
     n, pins = _check(inp, S)
     c = np.asarray(costs, np.int64)

@@ -176,3 +176,163 @@ def test_candidates_share_built_schedules_and_keep_the_plan(gpt) -> None:  # typ
     assert len(shared_spy.calls) == len(set(shared_spy.calls)) < len(fresh_spy.calls), (
         len(shared_spy.calls), len(fresh_spy.calls))
     assert shared == fresh
+
+
+def _random_input(rng: Any, n: int, S: int, options: bool) -> Any:
+    from partitioner.solver import Option, SolverInput
+
+    compute = [rng.choice([0, 1, 3, 7, 20, 45]) for _ in range(n)]
+    act = [rng.randint(0, 9) for _ in range(n)]
+    return SolverInput(compute, [0] + [rng.randint(0, 5) for _ in range(n - 1)] + [0],
+                       [rng.randint(0, 9) for _ in range(n + 1)], [rng.random() < 0.85 for _ in range(n + 1)],
+                       [rng.randint(0, 9) for _ in range(n)], act, [rng.randint(1, 3) for _ in range(S)],
+                       [rng.randint(40, 200) for _ in range(S)],
+                       options=[Option(compute, act), Option([2 * c for c in compute], [a // 3 for a in act], 4)]
+                       if options else [])
+
+
+def _blocks(n_blocks: int, S: int) -> Any:
+    """A stack of identical blocks (a decoder layer's pattern of node times, memory and cut
+    bytes, repeated), with an embedding-like first node and a head-like last one, and a
+    recompute option: the shape of a transformer's order."""
+    from partitioner.solver import Option, SolverInput
+
+    times, act, static, cut = [50, 900, 30, 400, 2500, 60, 1800, 1800, 40], [8, 30, 2, 16, 40, 4, 60, 60, 2], \
+        [0, 40, 0, 10, 0, 0, 80, 80, 0], [16, 16, 64, 32, 16, 64, 64, 16, 16]
+    # time units as the planner's (about 10^-12 s): a stage takes ~10^11 of them
+    compute = [c * 1_000_003 for c in [700] + times * n_blocks + [3000]]
+    acts = [10] + act * n_blocks + [50]
+    stat = [500] + static * n_blocks + [500]
+    cuts = [0] + cut * n_blocks + [16, 0]
+    n = len(compute)
+    return SolverInput(compute, [0] + [c * 250_001 for c in cuts[1:-1]] + [0], cuts, [True] * (n + 1), stat, acts,
+                       [min(S - i, 4) for i in range(S)], [sum(stat) // S + 4 * sum(acts) // S // 2] * S,
+                       options=[Option(compute, acts), Option([c + c // 3 for c in compute], [a // 4 for a in acts], 30)])
+
+
+def test_the_threshold_search_lists_stage_times_and_keeps_every_answer(monkeypatch) -> None:
+    """``solve`` bisects over the stage times that can be the optimum (once the bracket is
+    narrow) instead of over every integer: the same Solution on random instances and on a
+    stack of identical blocks, with fewer feasibility tests (counted, not timed)."""
+    import random
+
+    from partitioner import solver
+    from partitioner.solver import PartitionError
+
+    calls = [0]
+    real_reach = solver._reach
+
+    def reach(*a: Any) -> Any:
+        calls[0] += 1
+        return real_reach(*a)
+
+    monkeypatch.setattr(solver, "_reach", reach)
+
+    def run(inp: Any, S: int, budget: int) -> tuple[Any, int]:
+        monkeypatch.setattr(solver, "_VALUE_BUDGET", budget)  # -1: never list, bisect every integer (as before)
+        calls[0] = 0
+        try:
+            return solver.solve(inp, S), calls[0]
+        except PartitionError as e:
+            return str(e), calls[0]
+
+    budget = solver._VALUE_BUDGET
+    rng = random.Random(1)
+    for _ in range(150):
+        n, S = rng.randint(1, 40), rng.randint(1, 6)
+        inp = _random_input(rng, n, S, rng.random() < 0.5)
+        assert run(inp, S, budget)[0] == run(inp, S, -1)[0], (inp, S)
+    for n_blocks, S in ((40, 8), (80, 16)):
+        inp = _blocks(n_blocks, S)
+        (new, tests_new), (old, tests_old) = run(inp, S, budget), run(inp, S, -1)
+        assert isinstance(new, solver.Solution) and new == old
+        assert tests_new < 0.7 * tests_old, (n_blocks, S, tests_new, tests_old)
+
+
+def test_remembered_answers_are_keyed_by_every_input() -> None:
+    """Inside ``remembered()`` an input met before is answered from the memo; an input that
+    differs in any one entry of any field (or in the stage count) is solved again."""
+    import random
+    from dataclasses import replace
+
+    from partitioner import solver
+    from partitioner.solver import Option, PartitionError, remembered
+
+    def answer(f: Any) -> Any:
+        try:
+            return f()
+        except PartitionError as e:
+            return ("refused", str(e), getattr(e, "closest", None))
+
+    rng = random.Random(2)
+    base = _random_input(rng, 14, 3, True)
+    variants = [(base, 3), (replace(base, inflight=base.inflight[:2], capacity=base.capacity[:2]), 2)]
+    for name in ("compute", "cut_cost", "cut_bytes", "allowed", "static_mem", "act_mem", "inflight", "capacity", "avoid",
+                 "has_compute"):
+        xs = list(getattr(base, name)) or [0] * (len(base.compute) + (name == "avoid"))
+        k = 1 if name in ("cut_cost", "allowed", "avoid") else 0
+        xs[k] = (not xs[k]) if isinstance(xs[k], bool) or name in ("avoid", "has_compute") else xs[k] + 7
+        variants.append((replace(base, **{name: xs}), 3))
+    variants.append((replace(base, pinned=[next(k for k in range(1, 14) if base.allowed[k])]), 3))
+    o = base.options[1]
+    variants.append((replace(base, options=[base.options[0], Option(o.compute, o.act_mem, o.reserve + 50)]), 3))
+    fresh = [answer(lambda v=v: solver.solve(*v)) for v in variants]
+    with remembered() as memo:
+        for _ in range(2):  # the second pass is answered from the memo, the same answers
+            assert [answer(lambda v=v: solver.solve(*v)) for v in variants] == fresh
+    assert memo.misses == len(variants) and memo.hits == len(variants)
+    assert len({repr(f) for f in fresh}) > 1  # the variants do change answers
+
+
+def test_remembered_answers_keep_the_joint_plan(gpt) -> None:  # type: ignore[no-untyped-def]
+    """The joint search shares solver answers between candidates (``solver.remembered``): the
+    plan is the one every call computed afresh gives, and some calls were answered from the memo."""
+    import contextlib
+
+    from partitioner import solver
+
+    model, idx = gpt
+    memos: list[Any] = []
+    real = solver.remembered
+
+    @contextlib.contextmanager
+    def spy() -> Any:
+        with real() as m:
+            memos.append(m)
+            yield m
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout, "remembered", spy)
+        shared = partition(model, example_inputs=(idx,), **KW).plan.to_dict()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout, "remembered", contextlib.nullcontext)
+        fresh = partition(model, example_inputs=(idx,), **KW).plan.to_dict()
+    assert shared == fresh
+    assert len(memos) == 1 and memos[0].hits > 0, memos[0].__dict__ if memos else None
+
+
+def test_the_pipeline_floor_is_under_every_simulated_step() -> None:
+    """``objective.pipeline_floor`` (the joint search's bound term that needs no simulation)
+    is below the simulated step of 1F1B, GPipe and interleaved 1F1B with one stage per rank
+    under uneven random stage times, and it is not loose everywhere: with even stages it is
+    within 25% of 1F1B's step on these counts."""
+    import random
+
+    from partitioner.objective import pipeline_floor
+    from partitioner.schedule import build_schedule
+    from partitioner.simulator import simulate
+
+    rng = random.Random(3)
+    tight = 0.0
+    for _ in range(120):
+        name = rng.choice(["1f1b", "gpipe", "interleaved-1f1b"])
+        p, m = rng.choice([1, 2, 3, 4, 8]), rng.choice([1, 2, 3, 4, 8, 16])
+        if name == "interleaved-1f1b":
+            m = p * rng.choice([1, 2])  # its rule: micro-batches a multiple of the ranks
+        fwd = [rng.choice([0.01, 0.5, 1.0, 3.0]) * rng.random() for _ in range(p)]
+        bwd = [f * rng.uniform(1.0, 3.0) for f in fwd]
+        step = simulate(build_schedule(name, p, m, p), fwd, bwd).step_time
+        assert step >= pipeline_floor(sum(fwd) + sum(bwd), m, p), (name, p, m, fwd, bwd)
+        even = simulate(build_schedule("1f1b", p, m, p), [1.0] * p, [2.0] * p).step_time
+        tight = max(tight, pipeline_floor(3.0 * p, m, p) / even)
+    assert tight > 0.8, tight
