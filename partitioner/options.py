@@ -25,5 +25,5 @@ RECOMPUTE: dict[str, tuple[str, ...]] = {
     "selective": ("selective",),
     "selective-op": ("selective-op",),  # torchtitan's op-level selective checkpointing
     "full": ("full",),
-    "auto": ("none", "selective", "full"),
+    "auto": ("none", "selective", "selective-op", "full"),
 }

@@ -32,7 +32,7 @@ __all__ = ["StageMemory", "PlanSource", "Hardware", "SolvedSplit", "build_plan",
 class StageMemory:
     """What the planner decided a stage holds (``partitioner.memory``)."""
 
-    recompute: str  # "none", "selective", "full"
+    recompute: str  # "none", "selective", "selective-op", "full"
     static_bytes: int  # weights + grads + optimizer state + buffers, each tensor once
     saved: Any  # sympy: bytes kept per micro-batch in flight
     transient: Any  # sympy: held once while a region is recomputed
