@@ -31,6 +31,14 @@ Recomputation (``recompute=``) changes what a stage keeps:
   kernel's log-sum-exp; the backward re-runs the rest of one block at a time (the transient).
   Only the recomputed nodes pay their forward again.
 
+On top of what is kept, one micro-batch's forward or backward holds a *working set* for a
+while: storages alive between their producer and last user but not kept (the loss's fp32
+logits), the gradients alive at a node, the weight gradients it makes before they are
+accumulated, the gradient of what it keeps privately, and the recompute transient
+(``Activations.working``). A stage's peak is its static bytes, its in-flight micro-batches'
+kept bytes and the largest working set over the stage (one micro-batch's at a time).
+``measure_peak`` measures the peak of live storages on the CPU to check it.
+
 The solver needs costs that add up position by position; a stage's real memory does not
 (a storage saved on both sides of a cut is held by both ranks). ``Activations.arrays``
 gives the additive form (each root charged to the first position that keeps it); the
@@ -526,6 +534,12 @@ class Activations:
         self.last_user = [max((self.pos.get(u.name, end) for u in n.users), default=i)
                           for i, n in enumerate(self.order)]
         self.wgrad = [self._weight_grad_bytes(gm, n) for n in self.order]
+        self.n = end
+        # a graph returning a scalar that needs a gradient (the loss) is trained from it: its
+        # other outputs (the logits) get no gradient
+        outputs = [d for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes
+                   for d in self.leaves.get(a.name, [])]
+        self.loss_only = any(d.requires_grad and d.dtype.is_floating_point and d.numel() == 1 for d in outputs)
         paths = [str(n.meta.get(MODULE, "")) for n in self.order]
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(paths)
         block_runs = _runs([_instance(p, self.blocks) for p in paths]) if self.blocks else [(0, len(self.order))]
@@ -682,39 +696,17 @@ class Activations:
 
     def _stage(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
         """(kept, the largest recompute transient, the largest working set) of [a, b)."""
-        saves, inputs, internal, sizes, outs = self._resolve(a, b)
+        _, _, internal, sizes, _ = self._resolve(a, b)
         pieces = self._pieces(a, b, mode)
-        inside = {p for s, e in pieces for p in range(s, e)}
-        kept: dict[Root, None] = {}
-        terms: list[sympy.Expr] = []
-        for p in range(a, b):
-            if p in inside:
-                continue
-            terms.append(internal[p - a])
-            kept.update(dict.fromkeys(saves[p - a]))
-        held: set[int] = set()  # "selective-op": positions whose outputs the checkpoint keeps
-        for s, e in pieces:
-            kept.update(dict.fromkeys(self._piece_inputs(s, e, inputs[s - a:e - a])))
-            if mode == "selective-op":
-                for p in sorted(self.sac_saved(s, e)):
-                    held.add(p)
-                    kept.update(dict.fromkeys(outs[p - a]))
-                    if self.attention[p]:  # the attention kernel's log-sum-exp is one of its outputs
-                        terms.append(self._lse(p))
-        terms += [sizes[r] for r in kept]
-        total = _sum(terms)
+        kept, inside, held, redo = self._kept_set(a, b, mode)
+        terms = [internal[p - a] for p in range(a, b) if p not in inside]
+        terms += [self._lse(p) for p in sorted(held) if self.attention[p]]  # the kernel's log-sum-exp
+        total = _sum(terms + [sizes[r] for r in kept])
         transient, best = ZERO, -1
-        redo: list[sympy.Expr] = [ZERO] * (b - a)  # per position: its piece's transient
-        for s, e in pieces:
-            own: dict[Root, None] = {}
-            extra = [internal[p - a] - (self._lse(p) if p in held and self.attention[p] else 0) for p in range(s, e)]
-            for p in range(s, e):
-                own.update(dict.fromkeys(r for r in saves[p - a] if r not in kept))
-            piece = _sum(extra + [sizes[r] for r in own])
-            redo[s - a:e - a] = [piece] * (e - s)
-            value = ev(piece)
+        for s, _ in pieces:
+            value = ev(redo[s - a])
             if value > best:
-                transient, best = piece, value
+                transient, best = redo[s - a], value
         values, expr_at = self._working(a, b, kept, pieces, held, redo, ev)
         top = max(range(b - a), key=values.__getitem__) if b > a else -1
         return total, transient, expr_at(top) if top >= 0 else ZERO
@@ -722,31 +714,33 @@ class Activations:
     def working(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> list[int]:
         """Per position of [a, b) run as one stage: the bytes one micro-batch holds while that
         node runs besides what the stage keeps (see ``_working``)."""
-        kept, inside, held, redo = self._kept_set(a, b, mode, ev)
+        kept, _, held, redo = self._kept_set(a, b, mode)
         return self._working(a, b, kept, self._pieces(a, b, mode), held, redo, ev)[0]
 
-    def _kept_set(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[set[Root], set[int], set[int],
-                                                                                     list[sympy.Expr]]:
+    def _kept_set(self, a: int, b: int, mode: str) -> tuple[dict[Root, None], set[int], set[int], list[sympy.Expr]]:
+        """What [a, b) keeps under ``mode``: the storages (in the order first kept), the
+        positions inside checkpointed regions, those whose outputs a ``"selective-op"``
+        policy keeps, and per position its region's recompute transient (what the region's
+        nodes keep again while it is re-run in backward; 0 outside regions)."""
         saves, inputs, internal, sizes, outs = self._resolve(a, b)
         pieces = self._pieces(a, b, mode)
         inside = {p for s, e in pieces for p in range(s, e)}
-        kept: set[Root] = set()
+        kept: dict[Root, None] = {}
         for p in range(a, b):
             if p not in inside:
-                kept.update(saves[p - a])
+                kept.update(dict.fromkeys(saves[p - a]))
         held: set[int] = set()
+        for s, e in pieces:
+            kept.update(dict.fromkeys(self._piece_inputs(s, e, inputs[s - a:e - a])))
+            if mode == "selective-op":
+                for p in sorted(self.sac_saved(s, e)):
+                    held.add(p)
+                    kept.update(dict.fromkeys(outs[p - a]))
         redo: list[sympy.Expr] = [ZERO] * (b - a)
         for s, e in pieces:
-            kept.update(self._piece_inputs(s, e, inputs[s - a:e - a]))
-            if mode == "selective-op":
-                held.update(self.sac_saved(s, e))
-                for p in self.sac_saved(s, e):
-                    kept.update(outs[p - a])
-        for s, e in pieces:
-            own = {r for p in range(s, e) for r in saves[p - a] if r not in kept}
-            piece = _sum([internal[p - a] - (self._lse(p) if p in held and self.attention[p] else 0)
-                          for p in range(s, e)] + [sizes[r] for r in own])
-            redo[s - a:e - a] = [piece] * (e - s)
+            own = dict.fromkeys(r for p in range(s, e) for r in saves[p - a] if r not in kept)
+            redo[s - a:e - a] = [_sum([internal[p - a] - (self._lse(p) if p in held and self.attention[p] else 0)
+                                       for p in range(s, e)] + [sizes[r] for r in own])] * (e - s)
         return kept, inside, held, redo
 
     def _working(self, a: int, b: int, kept: Any, pieces: Sequence[tuple[int, int]], sac: set[int],
@@ -760,11 +754,12 @@ class Activations:
         returns, or a received one, until the forward ends), and what a recomputed node
         (``redone``) keeps privately, freed after the checkpointed forward.
 
-        Backward at ``p``: the storages the stage received or returns (not kept: the runtime
-        holds them until the backward ends), the gradients alive while ``p``'s backward runs, one per storage
-        that needs one: a storage's gradient is made by the backward of its last user (of a
-        returned storage, received from the next stage) and consumed by its producer's, so
-        it is alive over the same positions as the storage in forward; plus the gradients of
+        Backward at ``p``: the storages the stage received or returns (the runtime holds them
+        until the backward ends), the gradients alive while ``p``'s backward runs, one per
+        storage that needs one: a storage's gradient is made by the backward of its last user (of a
+        returned storage, received from the next stage; none for a model output beside a
+        scalar loss) and consumed by its producer's, so it is alive over the same positions
+        as the storage in forward; plus the gradients of
         the weights ``p`` reads, of what ``p`` keeps privately (its backward makes a gradient
         of that size: the loss's log-probabilities), and, inside a checkpointed region, the
         region's recompute transient (``redo``). Kept storages are counted whole for the
@@ -796,17 +791,24 @@ class Activations:
             for r in inputs[p]:
                 birth.setdefault(r, 0)  # received: there from the start
                 last[r] = max(last.get(r, p), p)
+        grad_last = dict(last)
+        for p in range(n):
             if self.last_user[a + p] >= b:  # returned by the stage: until its forward ends
+                users = [self.pos.get(u.name, self.n) for u in self.order[a + p].users]
+                graded = any(b <= q < self.n for q in users) or (not self.loss_only and self.n in users)
                 for r in outs[p]:
                     last[r] = n - 1
-        grad_last = dict(last)
-        held: set[Root] = set()  # received or returned: the runtime holds them until the backward ends
+                    if graded:  # its gradient comes from the next stage (or the caller)
+                        grad_last[r] = n - 1
+        pinned: set[Root] = set()  # received or returned: the runtime holds them until the backward ends
         for r in birth:
             if r[0] not in self.pos or not a <= self.pos[r[0]] < b:
                 last[r] = n - 1
-            if last[r] == n - 1 and r not in kept:
-                held.add(r)
-        held_bytes = sum(size[r] for r in held) if (size := {r: ev(sizes[r]) for r in birth}) else 0
+            if last[r] == n - 1:
+                pinned.add(r)
+        held = pinned - set(kept)  # those the kept bytes do not count already
+        size = {r: ev(sizes[r]) for r in birth}
+        held_bytes = sum(size[r] for r in held)
         fwd = [0] * (n + 1)
         bwd = [0] * (n + 1)
         for r, p in birth.items():
@@ -818,9 +820,10 @@ class Activations:
                 bwd[grad_last[r] + 1] -= size[r]
         freed = [0] * (n + 1)  # kept bytes the backward has freed by each position
         for r, k in keeper.items():
-            if r in kept and r not in held and k > 0:
-                freed[0] += size.get(r, 0) or ev(sizes[r])
-                freed[k] -= size.get(r, 0) or ev(sizes[r])
+            if r in kept and r not in pinned and k > 0:
+                nbytes = size[r] if r in size else ev(sizes[r])
+                freed[0] += nbytes
+                freed[k] -= nbytes
         own = [ev(internal[p]) for p in range(n)]
         for p in range(1, n):
             if a + p not in inside and own[p]:
@@ -841,7 +844,7 @@ class Activations:
             f += [internal[p]] if a + p in redone else []
             g = [sizes[r] for r, q in birth.items() if self._needs_grad(r) and q <= p <= grad_last[r]]
             g += [sizes[r] for r in held] + [internal[p], sympy.Integer(self.wgrad[a + p]), redo[p]]
-            g += [-sizes[r] for r, k in keeper.items() if r in kept and r not in held and k > p]
+            g += [-sizes[r] for r, k in keeper.items() if r in kept and r not in pinned and k > p]
             g += [-internal[q] for q in range(p + 1, n) if a + q not in inside]
             fe, ge = _sum(f), _sum(g)
             return fe if ev(fe) >= ev(ge) else ge
