@@ -792,19 +792,19 @@ class Activations:
                 birth.setdefault(r, 0)  # received: there from the start
                 last[r] = max(last.get(r, p), p)
         grad_last = dict(last)
+        pinned: set[Root] = set()  # received or returned: the runtime holds them until the backward ends
         for p in range(n):
             if self.last_user[a + p] >= b:  # returned by the stage: until its forward ends
                 users = [self.pos.get(u.name, self.n) for u in self.order[a + p].users]
                 graded = any(b <= q < self.n for q in users) or (not self.loss_only and self.n in users)
                 for r in outs[p]:
                     last[r] = n - 1
+                    pinned.add(r)
                     if graded:  # its gradient comes from the next stage (or the caller)
                         grad_last[r] = n - 1
-        pinned: set[Root] = set()  # received or returned: the runtime holds them until the backward ends
         for r in birth:
             if r[0] not in self.pos or not a <= self.pos[r[0]] < b:
                 last[r] = n - 1
-            if last[r] == n - 1:
                 pinned.add(r)
         held = pinned - set(kept)  # those the kept bytes do not count already
         size = {r: ev(sizes[r]) for r in birth}

@@ -73,17 +73,18 @@ def measure(model: torch.nn.Module, n_gpus: int, recompute: str) -> list[tuple[i
     return out
 
 
-@pytest.fixture(scope="module")
-def llama_two_stages() -> list[tuple[int, int, int]]:
-    return measure(_llama(), 2, "none")
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def llama_two_stages(request) -> list[tuple[int, int, int]]:
+    return measure(_llama().to(request.param), 2, "none")
 
 
 def test_the_loss_stage_prices_its_measured_peak(llama_two_stages) -> None:
-    """The last stage (the head and the loss over a 4096-token vocabulary): fp32 logits, the
-    kept log-probabilities, their gradient and the logits' gradient are alive at once in
-    backward; the kept bytes alone are a quarter of that peak."""
+    """The last stage (the head and the loss over a 4096-token vocabulary): the logits (in
+    bf16 also their fp32 copy), the kept log-probabilities, their gradient and the logits'
+    gradient are alive at once in backward; the kept bytes alone are under a third of that
+    peak."""
     peak, kept, work = llama_two_stages[-1]
-    assert kept < 0.3 * peak  # what autograd keeps is far from the peak: the working set is the rest
+    assert kept < 0.35 * peak  # what autograd keeps is far from the peak: the working set is the rest
     assert kept + work == pytest.approx(peak, rel=0.02), (kept, work, peak)
 
 
