@@ -39,7 +39,7 @@ def _inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def measure(model: torch.nn.Module, n_gpus: int, recompute: str) -> list[tuple[int, int, int]]:
+def measure(model: torch.nn.Module, n_gpus: int, recompute: str, pipes: list | None = None) -> list[tuple[int, int, int]]:
     """Per stage: (measured peak, priced kept, priced working set) in bytes. Each stage runs
     its forward and backward as the runtime does: received values held, the last stage's
     backward from its loss, the others' from a gradient of ones for every output that needs
@@ -47,6 +47,8 @@ def measure(model: torch.nn.Module, n_gpus: int, recompute: str) -> list[tuple[i
     kwargs = _inputs()
     pipe = partition(model, n_gpus=n_gpus, example_inputs=kwargs, device="cpu", n_microbatches=1,
                      recompute=recompute)
+    if pipes is not None:
+        pipes.append(pipe)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -76,6 +78,28 @@ def measure(model: torch.nn.Module, n_gpus: int, recompute: str) -> list[tuple[i
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def llama_two_stages(request) -> list[tuple[int, int, int]]:
     return measure(_llama().to(request.param), 2, "none")
+
+
+def test_the_planner_keeps_the_loss_stage_under_the_limit() -> None:
+    """The plan's stage memory is static + kept + working set, and a limit under the loss
+    stage's peak moves the cut or is refused naming that stage: never a plan over the limit
+    (the solver's reserve is the blocks' working set; the exact check catches the loss)."""
+    from partitioner.solver import InfeasibleError
+
+    model, pipes = _llama(), []
+    rows = measure(model, 2, "none", pipes)
+    plan = pipes[0].plan
+    for st, (_, kept, work) in zip(plan.stages, rows):
+        assert st.cost.memory_bytes == st.cost.static_bytes + kept + work
+    limit = plan.stages[-1].cost.memory_bytes - 1
+    try:
+        tight = partition(model, n_gpus=2, example_inputs=_inputs(), device="cpu", n_microbatches=1,
+                          recompute="none", memory_limit=limit).plan
+    except InfeasibleError as e:  # the last stage holds only the head and the loss: nothing to move
+        assert "stage 1 needs" in str(e)
+        return
+    assert tight.stages[-1].nodes != plan.stages[-1].nodes
+    assert all(st.cost.memory_bytes <= limit for st in tight.stages)
 
 
 def test_the_loss_stage_prices_its_measured_peak(llama_two_stages) -> None:
