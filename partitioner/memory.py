@@ -554,6 +554,9 @@ class Activations:
         }
 
     def _weight_grad_bytes(self, gm: fx.GraphModule, node: fx.Node) -> int:
+        """Bytes of the gradients of the trainable weights ``node`` reads, which its backward
+        makes whole before they are accumulated (or reduce-scattered): of the ``get_attr``
+        inputs as captured, or of the parameters of the module it calls, in their dtype."""
         if node.op == "call_module":
             params = {id(t): t for t in gm.get_submodule(str(node.target)).parameters() if t.requires_grad}
             return sum(t.numel() * t.element_size() for t in params.values())
