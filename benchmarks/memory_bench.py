@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -216,7 +217,7 @@ def titan_layer() -> None:
     s, e = spans[-1]  # the last layer (the first also holds the rotary tables' first use)
     n = len(acts.order)
     print("## Llama 3 8B shape, one layer, 2 x 8192 tokens, bf16, H100 target\n")
-    print("| recompute | kept per layer | transient | kept outside the layers (embedding, head, loss) |")
+    print("| recompute | kept per layer | working set (the transient included) | kept outside the layers (embedding, head, loss) |")
     print("|---|---|---|---|")
     for mode in (*TITAN_MODES, "selective (before)"):
         kept, extra = (ev(x) for x in acts.stage_saved(s, e, mode, ev))
@@ -248,8 +249,12 @@ def titan_layer() -> None:
     print()
 
 
-def titan_rows(gpus: list[int]) -> None:
-    """layout_bench's pinned torchtitan rows for 8B, priced per recompute mode."""
+def titan_rows(gpus: list[int], modes: Sequence[str] = ("selective", "selective-op", "none", "full",
+                                                        "selective (before)")) -> None:
+    """layout_bench's pinned torchtitan rows for 8B, priced per recompute mode: the fullest
+    rank's static, activations kept, the recompute transient, the working set (the largest
+    forward or backward one over the stage, the transient included, on top of what is kept)
+    and the node where it peaks."""
     import warnings
 
     import layout_bench
@@ -258,14 +263,15 @@ def titan_rows(gpus: list[int]) -> None:
 
     layout_bench.install()
     print("## torchtitan's 8B rows (layout_bench, pinned), per GPU, H100 target\n")
-    print("| GPUs (local batch 2) | recompute | static | activations | transient | peak | step | tokens/s/GPU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| GPUs (local batch 2) | recompute | static | activations | transient | working set (peaks at) | peak "
+          "| step | tokens/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n_gpus in gpus:
         kw = next(dict(k) for m, g, _, k, *_ in layout_bench.PUBLISHED if (m, g) == ("8b", n_gpus))
         batch = layout_bench.batch_for("8b", n_gpus)
         layout_bench.shared_key[0] = ("8b", batch)
         model, inputs = _titan_model(32, batch)
-        for mode in ("selective", "selective-op", "none", "full", "selective (before)"):
+        for mode in modes:
             run = mode if mode != "selective (before)" else "selective"
             kw["recompute"] = run
             t = time.perf_counter()
@@ -280,9 +286,14 @@ def titan_rows(gpus: list[int]) -> None:
             i = max(range(len(fits)), key=lambda j: prob.need(j, fits[j]))
             f = fits[i]
             acts = prob.sin.inflight[i] * f.kept
+            bounds = [0, *sol.cuts, len(prob.acts.order)]
+            a, b = bounds[i], bounds[i + 1]
+            transient = prob.ev(prob.acts._stage(a, b, f.mode, prob.ev)[1])
+            work = prob.acts.working(a, b, f.mode, prob.ev)
+            at = prob.acts.order[a + max(range(len(work)), key=work.__getitem__)]
             step = f"{row['step_s']:.2f} s | {row['tps_gpu']:,.0f}" if mode != "selective (before)" else "| "
-            print(f"| {n_gpus} | {mode} | {f.static / GiB:.1f} GiB | {acts / GiB:.1f} GiB | {f.extra / GiB:.1f} GiB | "
-                  f"{prob.need(i, f) / GiB:.1f} GiB | {step} |", flush=True)
+            print(f"| {n_gpus} | {mode} | {f.static / GiB:.1f} GiB | {acts / GiB:.1f} GiB | {transient / GiB:.1f} GiB | "
+                  f"{f.extra / GiB:.1f} GiB ({at.name}) | {prob.need(i, f) / GiB:.1f} GiB | {step} |", flush=True)
         layout_bench._shared.clear()
     print()
 
@@ -293,12 +304,15 @@ def main() -> None:
     ap.add_argument("--skip-70b", action="store_true")
     ap.add_argument("--titan", nargs="*", type=int, default=None,
                     help="torchtitan's 8B: the per-layer table, then its pinned rows on these GPU counts (8, 64)")
+    ap.add_argument("--modes", nargs="+", default=None, help="--titan rows: only these recompute modes")
+    ap.add_argument("--rows-only", action="store_true", help="--titan: skip the per-layer table")
     args = ap.parse_args()
     if args.titan is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # layout_bench
-        titan_layer()
+        if not args.rows_only:
+            titan_layer()
         if args.titan:
-            titan_rows(args.titan)
+            titan_rows(args.titan, *([args.modes] if args.modes else []))
         return
     part1([32] if args.quick else [16, 64, 128])
     if not args.skip_70b:

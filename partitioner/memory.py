@@ -31,6 +31,14 @@ Recomputation (``recompute=``) changes what a stage keeps:
   kernel's log-sum-exp; the backward re-runs the rest of one block at a time (the transient).
   Only the recomputed nodes pay their forward again.
 
+On top of what is kept, one micro-batch's forward or backward holds a *working set* for a
+while: storages alive between their producer and last user but not kept (the loss's fp32
+logits), the gradients alive at a node, the weight gradients it makes before they are
+accumulated, the gradient of what it keeps privately, and the recompute transient
+(``Activations.working``). A stage's peak is its static bytes, its in-flight micro-batches'
+kept bytes and the largest working set over the stage (one micro-batch's at a time).
+``measure_peak`` measures the peak of live storages on the CPU to check it.
+
 The solver needs costs that add up position by position; a stage's real memory does not
 (a storage saved on both sides of a cut is held by both ranks). ``Activations.arrays``
 gives the additive form (each root charged to the first position that keeps it); the
@@ -41,13 +49,16 @@ tighter capacity where the two differ (see ``partitioner.api``).
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import sympy
 import torch
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from partitioner.cost_models.cost import ZERO, NodeCost
 from partitioner.options import OPTIMIZER_STATES, PRECISIONS, RECOMPUTE  # re-exported: torch-free tables
@@ -60,7 +71,7 @@ from partitioner.passes.tensor_parallel import param_divisor
 __all__ = [
     "PRECISIONS", "RECOMPUTE", "Activations", "bytes_per_param", "compute_dtype", "default_precision",
     "find_blocks", "optimizer_copies", "fsdp_units", "fsdp_unit_of", "fsdp_spans", "block_of",
-    "fsdp_role_spans", "fsdp_unit_at",
+    "fsdp_role_spans", "fsdp_unit_at", "measure_peak",
 ]
 
 Root = tuple[str, int]  # (node that allocated the storage, tensor leaf index)
@@ -516,6 +527,19 @@ class Activations:
         self._nbytes: dict[Root, sympy.Expr] = {}
         self.saves, self.inputs, self.internal, self.bytes, self.outs = self._resolve(0, len(self.order))
         self.attention = tuple(n.meta.get(COST, NodeCost()).kind.startswith("attention") for n in self.order)
+        # per position: the last user's position (len(order) for the graph output), and the
+        # bytes of the weight gradients its backward makes (weights read by get_attr or held
+        # by the module it calls)
+        end = len(self.order)
+        self.last_user = [max((self.pos.get(u.name, end) for u in n.users), default=i)
+                          for i, n in enumerate(self.order)]
+        self.wgrad = [self._weight_grad_bytes(gm, n) for n in self.order]
+        self.n = end
+        # a graph returning a scalar that needs a gradient (the loss) is trained from it: its
+        # other outputs (the logits) get no gradient
+        outputs = [d for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes
+                   for d in self.leaves.get(a.name, [])]
+        self.loss_only = any(d.requires_grad and d.dtype.is_floating_point and d.numel() == 1 for d in outputs)
         paths = [str(n.meta.get(MODULE, "")) for n in self.order]
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(paths)
         block_runs = _runs([_instance(p, self.blocks) for p in paths]) if self.blocks else [(0, len(self.order))]
@@ -528,6 +552,20 @@ class Activations:
                                                     for i, a in enumerate(self.attention) if a)),
             "selective-op": Regions("selective-op", tuple(block_runs)),
         }
+
+    def _weight_grad_bytes(self, gm: fx.GraphModule, node: fx.Node) -> int:
+        """Bytes of the gradients of the trainable weights ``node`` reads, which its backward
+        makes whole before they are accumulated (or reduce-scattered): of the ``get_attr``
+        inputs as captured, or of the parameters of the module it calls, in their dtype."""
+        if node.op == "call_module":
+            params = {id(t): t for t in gm.get_submodule(str(node.target)).parameters() if t.requires_grad}
+            return sum(t.numel() * t.element_size() for t in params.values())
+        total = 0
+        for arg in dict.fromkeys(a for a in node.all_input_nodes if a.name in self.static_names):
+            for d in self.leaves.get(arg.name, []):
+                if d.requires_grad and d.dtype.is_floating_point:
+                    total += int(d.nbytes())
+        return total
 
     def _repeat_start(self, i: int) -> int:
         """Where the selective region of the attention core at position ``i`` starts: at ``i``,
@@ -652,40 +690,173 @@ class Activations:
 
     # -- exact, per stage ----------------------------------------------------------------
     def stage_saved(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr]:
-        """(bytes kept per micro-batch, transient bytes of the recompute) of positions [a, b)
-        run as one stage."""
+        """(bytes kept per micro-batch, bytes held once on top of them) of positions [a, b) run
+        as one stage. The second is the stage's largest working set (``working``): what one
+        micro-batch's forward or backward holds for a while besides what is kept, the
+        recompute's transient included."""
+        total, _, work = self._stage(a, b, mode, ev)
+        return total, work
+
+    def _stage(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+        """(kept, the largest recompute transient, the largest working set) of [a, b)."""
+        _, _, internal, sizes, _ = self._resolve(a, b)
+        pieces = self._pieces(a, b, mode)
+        kept, inside, held, redo = self._kept_set(a, b, mode)
+        terms = [internal[p - a] for p in range(a, b) if p not in inside]
+        terms += [self._lse(p) for p in sorted(held) if self.attention[p]]  # the kernel's log-sum-exp
+        total = _sum(terms + [sizes[r] for r in kept])
+        transient, best = ZERO, -1
+        for s, _ in pieces:
+            value = ev(redo[s - a])
+            if value > best:
+                transient, best = redo[s - a], value
+        values, expr_at = self._working(a, b, kept, pieces, held, redo, ev)
+        top = max(range(b - a), key=values.__getitem__) if b > a else -1
+        return total, transient, expr_at(top) if top >= 0 else ZERO
+
+    def working(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> list[int]:
+        """Per position of [a, b) run as one stage: the bytes one micro-batch holds while that
+        node runs besides what the stage keeps (see ``_working``)."""
+        kept, _, held, redo = self._kept_set(a, b, mode)
+        return self._working(a, b, kept, self._pieces(a, b, mode), held, redo, ev)[0]
+
+    def _kept_set(self, a: int, b: int, mode: str) -> tuple[dict[Root, None], set[int], set[int], list[sympy.Expr]]:
+        """What [a, b) keeps under ``mode``: the storages (in the order first kept), the
+        positions inside checkpointed regions, those whose outputs a ``"selective-op"``
+        policy keeps, and per position its region's recompute transient (what the region's
+        nodes keep again while it is re-run in backward; 0 outside regions)."""
         saves, inputs, internal, sizes, outs = self._resolve(a, b)
         pieces = self._pieces(a, b, mode)
         inside = {p for s, e in pieces for p in range(s, e)}
         kept: dict[Root, None] = {}
-        terms: list[sympy.Expr] = []
         for p in range(a, b):
-            if p in inside:
-                continue
-            terms.append(internal[p - a])
-            kept.update(dict.fromkeys(saves[p - a]))
-        held: set[int] = set()  # "selective-op": positions whose outputs the checkpoint keeps
+            if p not in inside:
+                kept.update(dict.fromkeys(saves[p - a]))
+        held: set[int] = set()
         for s, e in pieces:
             kept.update(dict.fromkeys(self._piece_inputs(s, e, inputs[s - a:e - a])))
             if mode == "selective-op":
                 for p in sorted(self.sac_saved(s, e)):
                     held.add(p)
                     kept.update(dict.fromkeys(outs[p - a]))
-                    if self.attention[p]:  # the attention kernel's log-sum-exp is one of its outputs
-                        terms.append(self._lse(p))
-        terms += [sizes[r] for r in kept]
-        total = _sum(terms)
-        transient, best = ZERO, -1
+        redo: list[sympy.Expr] = [ZERO] * (b - a)
         for s, e in pieces:
-            own: dict[Root, None] = {}
-            extra = [internal[p - a] - (self._lse(p) if p in held and self.attention[p] else 0) for p in range(s, e)]
-            for p in range(s, e):
-                own.update(dict.fromkeys(r for r in saves[p - a] if r not in kept))
-            piece = _sum(extra + [sizes[r] for r in own])
-            value = ev(piece)
-            if value > best:
-                transient, best = piece, value
-        return total, transient
+            own = dict.fromkeys(r for p in range(s, e) for r in saves[p - a] if r not in kept)
+            redo[s - a:e - a] = [_sum([internal[p - a] - (self._lse(p) if p in held and self.attention[p] else 0)
+                                       for p in range(s, e)] + [sizes[r] for r in own])] * (e - s)
+        return kept, inside, held, redo
+
+    def _working(self, a: int, b: int, kept: Any, pieces: Sequence[tuple[int, int]], sac: set[int],
+                 redo: Sequence[sympy.Expr], ev: Callable[[Any], int]) -> tuple[list[int], Callable[[int], sympy.Expr]]:
+        """The working set of [a, b) run as one stage, on top of the ``kept`` storages: per
+        position, the larger of its forward's and its backward's (evaluated), and the
+        expression at a position.
+
+        Forward at ``p``: every storage not kept that is alive while ``p`` runs: made at or
+        before ``p`` (a received one from the start) and used at or after it (one the stage
+        returns, or a received one, until the forward ends), and what a recomputed node
+        (``redone``) keeps privately, freed after the checkpointed forward.
+
+        Backward at ``p``: the storages the stage received or returns (the runtime holds them
+        until the backward ends), the gradients alive while ``p``'s backward runs, one per
+        storage that needs one: a storage's gradient is made by the backward of its last user (of a
+        returned storage, received from the next stage; none for a model output beside a
+        scalar loss) and consumed by its producer's, so it is alive over the same positions
+        as the storage in forward; plus the gradients of
+        the weights ``p`` reads, of what ``p`` keeps privately (its backward makes a gradient
+        of that size: the loss's log-probabilities), and, inside a checkpointed region, the
+        region's recompute transient (``redo``). Kept storages are counted whole for the
+        backward, less what the backward has freed by ``p``: a kept storage goes once the
+        first node keeping it (a checkpointed region: its first node) has run its backward,
+        a node's private bytes with its backward. So the working set can be negative: the
+        stage's peak is its kept bytes plus the largest. Operators' private scratch is not
+        priced (``measure_peak`` does not see it either)."""
+        saves, inputs, internal, sizes, outs = self._resolve(a, b)
+        n = b - a
+        inside = {p for s, e in pieces for p in range(s, e)}
+        redone = inside - sac
+        keeper: dict[Root, int] = {}  # the first position keeping a storage (relative to a)
+        for p in range(n):
+            if a + p not in inside:
+                for r in saves[p]:
+                    keeper.setdefault(r, p)
+        for s, e in pieces:
+            mine = list(self._piece_inputs(s, e, inputs[s - a:e - a]))
+            mine += [r for q in range(s, e) if q in sac for r in outs[q - a]]
+            for r in mine:
+                keeper[r] = min(keeper.get(r, s - a), s - a)
+        birth: dict[Root, int] = {}
+        last: dict[Root, int] = {}
+        for p in range(n):
+            for r in outs[p]:
+                birth.setdefault(r, p)
+                last[r] = max(last.get(r, p), p)
+            for r in inputs[p]:
+                birth.setdefault(r, 0)  # received: there from the start
+                last[r] = max(last.get(r, p), p)
+        grad_last = dict(last)
+        pinned: set[Root] = set()  # received or returned: the runtime holds them until the backward ends
+        for p in range(n):
+            if self.last_user[a + p] >= b:  # returned by the stage: until its forward ends
+                users = [self.pos.get(u.name, self.n) for u in self.order[a + p].users]
+                graded = any(b <= q < self.n for q in users) or (not self.loss_only and self.n in users)
+                for r in outs[p]:
+                    last[r] = n - 1
+                    pinned.add(r)
+                    if graded:  # its gradient comes from the next stage (or the caller)
+                        grad_last[r] = n - 1
+        for r in birth:
+            if r[0] not in self.pos or not a <= self.pos[r[0]] < b:
+                last[r] = n - 1
+                pinned.add(r)
+        held = pinned - set(kept)  # those the kept bytes do not count already
+        size = {r: ev(sizes[r]) for r in birth}
+        held_bytes = sum(size[r] for r in held)
+        fwd = [0] * (n + 1)
+        bwd = [0] * (n + 1)
+        for r, p in birth.items():
+            if r not in kept:
+                fwd[p] += size[r]
+                fwd[last[r] + 1] -= size[r]
+            if self._needs_grad(r):
+                bwd[p] += size[r]
+                bwd[grad_last[r] + 1] -= size[r]
+        freed = [0] * (n + 1)  # kept bytes the backward has freed by each position
+        for r, k in keeper.items():
+            if r in kept and r not in pinned and k > 0:
+                nbytes = size[r] if r in size else ev(sizes[r])
+                freed[0] += nbytes
+                freed[k] -= nbytes
+        own = [ev(internal[p]) for p in range(n)]
+        for p in range(1, n):
+            if a + p not in inside and own[p]:
+                freed[0] += own[p]
+                freed[p] -= own[p]
+        freed_at = list(itertools.accumulate(freed[:n]))
+        fwd_at = list(itertools.accumulate(fwd[:n]))
+        bwd_at = list(itertools.accumulate(bwd[:n]))
+        redo_at = [ev(x) for x in redo]
+        values = []
+        for p in range(n):
+            f = fwd_at[p] + (own[p] if a + p in redone else 0)
+            g = held_bytes + bwd_at[p] + own[p] + self.wgrad[a + p] + redo_at[p] - freed_at[p]
+            values.append(max(f, g))
+
+        def expr_at(p: int) -> sympy.Expr:
+            f = [sizes[r] for r, q in birth.items() if r not in kept and q <= p <= last[r]]
+            f += [internal[p]] if a + p in redone else []
+            g = [sizes[r] for r, q in birth.items() if self._needs_grad(r) and q <= p <= grad_last[r]]
+            g += [sizes[r] for r in held] + [internal[p], sympy.Integer(self.wgrad[a + p]), redo[p]]
+            g += [-sizes[r] for r, k in keeper.items() if r in kept and r not in pinned and k > p]
+            g += [-internal[q] for q in range(p + 1, n) if a + q not in inside]
+            fe, ge = _sum(f), _sum(g)
+            return fe if ev(fe) >= ev(ge) else ge
+
+        return values, expr_at
+
+    def _needs_grad(self, r: Root) -> bool:
+        leaves = self.leaves.get(r[0], [])
+        return r[1] < len(leaves) and leaves[r[1]].requires_grad and leaves[r[1]].dtype.is_floating_point
 
     def _pieces(self, a: int, b: int, mode: str) -> list[tuple[int, int]]:
         return [(max(s, a), min(e, b)) for s, e in self.regions[mode].spans if s < b and e > a]
@@ -703,8 +874,9 @@ class Activations:
     # -- additive, for the solver ----------------------------------------------------------
     def arrays(self, mode: str, ev: Callable[[Any], int]) -> tuple[list[int], list[bool], int]:
         """(activation bytes per position, recomputed per position, reserve) for ``mode``:
-        each storage charged to the first position that keeps it; reserve is the largest
-        transient of any region (held once per stage)."""
+        each storage charged to the first position that keeps it; reserve is held once per
+        stage: the largest transient of any region, or the largest working set of a position
+        in the repeated blocks when larger."""
         n = len(self.order)
         spans = self.regions[mode].spans
         redo = [False] * n
@@ -720,6 +892,12 @@ class Activations:
                 internal[p] = ev(self._lse(p)) if p in held and self.attention[p] else 0
             keeps[s] = tuple(self._piece_inputs(s, e, self.inputs[s:e])) + keeps[s]
             reserve = max(reserve, ev(self.stage_saved(s, e, mode, ev)[1] if sac else self.stage_saved(s, e, "none", ev)[0]))
+        # the working set: the solver holds one number per stage, so it takes the largest in the
+        # repeated blocks (every stage of a transformer runs some); a stage with a larger one
+        # (the loss after a large vocabulary head) is over by the difference in the exact
+        # check (``stage_saved``), which lowers that stage's capacity and solves again
+        work = self.working(0, n, mode, ev)
+        reserve = max([reserve, *(work[p] for s, e in self.regions["full"].spans for p in range(s, e))])
         seen: set[Root] = set()
         act = []
         for p in range(n):
@@ -812,3 +990,65 @@ def measure_saved(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -
     finally:
         recompute.checkpoint = plain
     return sum(kept.values()), out
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Every storage an operator returns while the mode is on, until it is freed: the live
+    bytes after each operator and their peak. Storages alive before the mode (parameters,
+    their gradients, the inputs) are not counted; ``holds`` adds those that should be."""
+
+    def __init__(self, holds: Sequence[torch.Tensor] = (), exclude: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        # a view of a parameter (the transposed weight of a linear) is its storage: static
+        self.skip = {t.untyped_storage()._cdata for p in exclude for t in (p, p.grad) if t is not None}
+        self.now = self.peak = 0
+        for t in holds:
+            self._add(t)
+        self.peak = self.now
+
+    def _add(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self.live and key not in self.skip and st.nbytes():
+            self.live[key] = (StorageWeakRef(st), st.nbytes())
+            self.now += st.nbytes()
+
+    def _sweep(self) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self._sweep()  # what the previous operators freed
+        out = func(*args, **(kwargs or {}))
+        pytree.tree_map(self._add, out)
+        self.peak = max(self.peak, self.now)  # the operator's inputs are still held here
+        return out
+
+
+def measure_peak(fn: Callable[[], Any], holds: Sequence[torch.Tensor] = (),
+                 exclude: Sequence[torch.Tensor] = ()) -> tuple[int, Any]:
+    """Run ``fn()`` (a forward and its backward) on real tensors and return (the peak bytes of
+    tensor storages alive at once, each storage once, fn's result): what every operator
+    returned (outputs, saved and unsaved temporaries, gradients) from its allocation until
+    it is freed, checked after each operator, plus ``holds`` (e.g. the received inputs) held
+    throughout. Storages made before the call are not counted, nor views of ``exclude`` (the
+    parameters) and of their ``.grad``: give parameters a zero ``.grad`` first, so the
+    backward accumulates into it and each weight gradient it makes is a temporary, as in a
+    training step after the first.
+
+    Why an instrument of its own: ``saved_tensors_hooks`` (``measure_saved``) see only what
+    autograd keeps, not the temporaries a forward or backward holds for a while (the loss's
+    fp32 logits and their gradients), and the CPU allocator keeps no peak statistics
+    (``torch.cuda.max_memory_allocated`` has no CPU counterpart); ``torch.profiler``'s memory
+    events also count operators' private scratch buffers, which differ between the CPU and
+    GPU kernels. A dispatch mode sees every storage an operator returns, forward and backward
+    (the autograd engine runs the CPU backward under the caller's modes), and a storage
+    weak reference tells when it is freed. Operators' internal scratch is not seen.
+    """
+    mode = _LiveStorages(holds, exclude)
+    with mode:
+        out = fn()
+    return mode.peak, out
