@@ -120,7 +120,7 @@ class StageCost:
     comm_time_s: float  # sends and receives at this stage's cuts, per micro-batch
     memory_bytes: int  # static + in-flight micro-batches x saved + recompute transient
     static_bytes: int = 0  # weights + grads + optimizer state (precision, optimizer) + buffers
-    recompute_bytes: str = "0"  # held once during backward while a region is recomputed
+    recompute_bytes: str = "0"  # the working set, held once: forward temporaries, gradients alive, recompute
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ class StageFit(NamedTuple):
     mode: str  # recompute mode
     static: int  # weights, gradients and optimizer state
     kept: int  # activations kept per micro-batch in flight
-    extra: int  # transient bytes (recomputed in backward)
+    extra: int  # working set: one micro-batch's temporaries, gradients and recompute on top of the kept bytes
 
 
 @dataclass

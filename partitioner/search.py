@@ -252,7 +252,7 @@ def explain(prob: Problem, err: InfeasibleError, last: Fitted | None, limit: int
         text = (f"stage {worst} needs {_fmt_bytes(prob.need(worst, exact[worst]))} (static {_fmt_bytes(static)} = "
                 f"weights, gradients and optimizer state at {bytes_per_param(prob.opts.precision, prob.opts.optimizer)} "
                 f"B/param ({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
-                f"{_fmt_bytes(kept)} activations" + (f" + {_fmt_bytes(extra)} recomputed in backward" if extra else "")
+                f"{_fmt_bytes(kept)} activations" + (f" + {_fmt_bytes(extra)} working set (temporaries, gradients, recompute)" if extra else "")
                 + f", recompute {mode!r}) but the device holds {_fmt_bytes(prob.capacity)}")
     advice = "use more GPUs, a device with more memory, fewer micro-batches in flight, recompute or a smaller micro-batch"
     if limit is not None and len(" ".join(f"{text}; {advice}".split())) >= limit:
