@@ -144,23 +144,13 @@ def _gpt_sac():
 
 
 def _train_sac(rank: int, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    from tests.runtime.helpers import data
+    from tests.runtime.helpers import data, train_stage_sgd
 
     _, pipe = _gpt_sac()
     x, y, loss_fn = data("gpt")
     stage = pipe.build_stage(rank, "cpu")
     assert all(isinstance(m, RecomputeStage) and m.recompute_mode == "selective-op" for m in stage.modules.values())
-    params = stage.parameters()
-    opt = torch.optim.SGD(params, lr=0.1)
-    runner = stage.runner("1f1b", n_microbatches=4, loss_fn=loss_fn, batch_size=len(x))
-    losses = []
-    for _ in range(3):
-        for p in params:
-            p.grad = None
-        loss = runner.step(x if rank == 0 else None, target=y)
-        losses.append(float("nan") if loss is None else loss.item())
-        opt.step()
-    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}
+    return train_stage_sgd(stage, rank, x, y, loss_fn)
 
 
 def test_two_gloo_ranks_with_selective_op_train_like_one_process() -> None:

@@ -12,7 +12,7 @@ from partitioner.passes.recompute import RecomputeStage
 from partitioner.runtime.launch import spawn
 from partitioner.solver import InfeasibleError
 from tests.fixtures.models import FIXTURES
-from tests.runtime.helpers import assert_params, data, fresh, reference
+from tests.runtime.helpers import assert_params, data, fresh, reference, train_stage_sgd
 
 hf = pytest.importorskip("transformers")
 
@@ -136,17 +136,7 @@ def _train(rank: int, world: int, layout: str) -> tuple[list[float], dict[str, t
     x, y, loss_fn = data("gpt")
     stage = pipe.build_stage(rank, "cpu")
     assert all(isinstance(m, RecomputeStage) for m in stage.modules.values())  # survives the copy
-    params = stage.parameters()
-    opt = torch.optim.SGD(params, lr=0.1)
-    runner = stage.runner("1f1b", n_microbatches=4, loss_fn=loss_fn, batch_size=len(x))
-    losses = []
-    for _ in range(3):
-        for p in params:
-            p.grad = None
-        loss = runner.step(x if rank == 0 else None, target=y)
-        losses.append(float("nan") if loss is None else loss.item())
-        opt.step()
-    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}
+    return train_stage_sgd(stage, rank, x, y, loss_fn)
 
 
 @pytest.mark.parametrize("layout", ["gpt-2-full", "gpt-2-selective"])

@@ -131,6 +131,24 @@ def train_in_process(layout: str, schedule: Any, m: int, comm: str = "buffered")
     return losses, want_losses, dict(model.named_parameters(remove_duplicate=False)), want
 
 
+def train_stage_sgd(stage: Any, rank: int, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
+                    *, schedule: str = "1f1b", m: int = 4, steps: int = 3, lr: float = 0.1
+                    ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """``steps`` SGD steps of one rank's built stage under ``schedule`` (rank 0 feeds ``x``):
+    (the loss per step, nan where this rank holds no loss; its parameters by FQN, ties named twice)."""
+    params = stage.parameters()
+    opt = torch.optim.SGD(params, lr=lr)
+    runner = stage.runner(schedule, n_microbatches=m, loss_fn=loss_fn, batch_size=len(x))
+    losses = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = None
+        loss = runner.step(x if rank == 0 else None, target=y)
+        losses.append(float("nan") if loss is None else loss.item())
+        opt.step()
+    return losses, {n: p.detach() for n, p in stage.named_parameters(remove_duplicate=False)}
+
+
 def assert_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got, "no parameters to compare"
     for name, value in got.items():
