@@ -498,7 +498,7 @@ def compare(spec: DeviceSpec, measured: Measurements) -> list[tuple[str, float, 
     return rows
 
 
-def _ramp(groups: list[list[tuple[float, float, float]]], half: float | None, what: str, size: str
+def _ramp(groups: Sequence[Sequence[tuple[float, float, float]]], half: float | None, what: str, size: str
           ) -> tuple[list[float], float]:
     """``fit_ramp`` of the groups; where no group has rates at two sizes (a short budget on a busy
     machine, or every other size bound by memory or the launch floor), only the tops, on

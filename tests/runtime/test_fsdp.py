@@ -17,7 +17,7 @@ from partitioner import partition
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from tests.fixtures.models import FIXTURES
-from tests.runtime.helpers import LR, Reference, data, sgd_reference
+from tests.runtime.helpers import LR, data, sgd_reference
 
 TIMEOUT_S = 120.0
 BATCH = 8
@@ -58,11 +58,14 @@ def _optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
     return cls(params, **kw)
 
 
-def _reference(model: torch.nn.Module, kind: str, clip: bool) -> Reference:
-    """The unpartitioned model trained in one process: losses, gradient norms, parameters."""
+def _reference(model: torch.nn.Module, kind: str, clip: bool) -> tuple[list[float], list[float],
+                                                                      dict[str, torch.Tensor]]:
+    """The unpartitioned model trained in one process: losses, gradient norms, parameters
+    (test_hsdp and test_fsdp_step compare against it too)."""
     x, y, loss_fn = data("gpt", BATCH)
-    return sgd_reference(model, x, y, loss_fn, steps=STEPS, max_norm=CLIP if clip else None,
-                         remove_duplicate=False, optimizer=lambda params: _optimizer(kind, params))
+    ref = sgd_reference(model, x, y, loss_fn, steps=STEPS, max_norm=CLIP if clip else None,
+                        remove_duplicate=False, optimizer=lambda params: _optimizer(kind, params))
+    return ref.losses, ref.norms, ref.params
 
 
 def _train(rank: int, world: int, pipe: Any, schedule: str, kind: str, clip: bool) -> dict[str, Any]:
@@ -100,8 +103,7 @@ def _train(rank: int, world: int, pipe: Any, schedule: str, kind: str, clip: boo
 def test_fsdp_in_two_stages_trains_like_one_process(schedule: str, kind: str, clip: bool) -> None:
     model, pipe = _pipe(schedule)
     assert pipe.plan.mesh.zero == 3 and pipe.plan.tied_parameters
-    ref = _reference(model, kind, clip)
-    want_losses, want_norms, want = ref.losses, ref.norms, ref.params
+    want_losses, want_norms, want = _reference(model, kind, clip)
     assert not clip or min(want_norms) > CLIP, "clipping should change every step"
     results = spawn(_train, 4, pipe, schedule, kind, clip, timeout_s=TIMEOUT_S)
     assert [(r["dp"], r["pp"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
