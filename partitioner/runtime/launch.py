@@ -33,6 +33,21 @@ from partitioner.runtime.errors import PipelineRuntimeError
 __all__ = ["spawn", "free_port", "init_from_env"]
 
 _GRACE_S = 2.0  # after a failure, how long other ranks may still report theirs
+#: the action a rank reports when it fails while joining the process group
+_JOIN = "join the process group"
+#: joining failures of the local machine's sockets, not of the job: another process took the free
+#: port between ``free_port`` and the store binding it, or a peer's connection dropped while the
+#: ranks formed gloo's mesh on a loaded machine. ``spawn`` starts such a job once more on a new port.
+_TRANSIENT_JOIN = ("connectFullMesh failed", "Address already in use", "Connection closed by peer",
+                   "Connection reset by peer")
+
+
+class _JoinFailed(Exception):
+    """Every rank that reported failed while joining, for a transient socket reason."""
+
+    def __init__(self, error: PipelineRuntimeError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def free_port() -> int:
@@ -81,12 +96,14 @@ def _child(fn: Callable[..., Any], rank: int, world: int, args: tuple[Any, ...],
     if forked:
         _compile_in_process()
     code = 0
+    joined = False
     try:
         init_from_env(backend, timeout_s, threads)
+        joined = True
         results.put(("ok", rank, _dumps(fn(rank, world, *args))))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
         code = 1
-        results.put(("error", rank, getattr(e, "action", None), f"{type(e).__name__}: {e}",
+        results.put(("error", rank, getattr(e, "action", None) if joined else _JOIN, f"{type(e).__name__}: {e}",
                      traceback.format_exc(), bool(getattr(e, "secondary", False)), time.time()))
     finally:
         results.close()
@@ -103,6 +120,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
 
     ``start_method`` defaults to "fork" where it is safe (Linux, CUDA not initialised):
     ``fn`` and ``args`` are then inherited, not pickled, so closures and Pipes work.
+    Ranks that all fail while joining the process group for a transient socket reason (the
+    free port taken meanwhile, a connection dropped while gloo forms its mesh) are started
+    once more on a new port; any other failure is raised at once.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         rank, world = init_from_env(backend, timeout_s, threads)
@@ -113,11 +133,22 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     if start_method is None:
         start_method = "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
     ctx = mp.get_context(start_method)
+    for attempt in range(2):
+        try:
+            return _run(ctx, fn, world_size, args, backend, timeout_s, threads, start_method == "fork")
+        except _JoinFailed as e:
+            if attempt:
+                raise e.error from None
+    raise AssertionError("unreachable")
+
+
+def _run(ctx: Any, fn: Callable[..., Any], world_size: int, args: tuple[Any, ...], backend: str, timeout_s: float,
+         threads: int | None, forked: bool) -> list[Any]:
+    """One start of the ranks on a fresh port; their results in rank order."""
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child,  # type: ignore[attr-defined]
-                         args=(fn, r, world_size, args, port, backend, timeout_s, threads, results,
-                               start_method == "fork"),
+                         args=(fn, r, world_size, args, port, backend, timeout_s, threads, results, forked),
                          name=f"pipeline-rank-{r}") for r in range(world_size)]
     for p in procs:
         p.start()
@@ -154,7 +185,10 @@ def _watch(procs: list[Any], results: Any, timeout_s: float) -> list[Any]:
         if dead and failed_at is None:
             failed_at = now  # died without a report (killed, segfault): wait briefly for one
         if failed_at is not None and (now - failed_at > _GRACE_S or all(p.exitcode is not None for p in procs)):
-            raise _failure(errors, dead, procs)
+            failure = _failure(errors, dead, procs)
+            if not out and errors and all(e[1] == _JOIN and any(t in e[2] for t in _TRANSIENT_JOIN) for e in errors):
+                raise _JoinFailed(failure)
+            raise failure
         if now > deadline:
             running = [r for r, p in enumerate(procs) if r not in out]
             raise PipelineRuntimeError(f"pipeline ranks {running} did not finish within {timeout_s:g} s; "
