@@ -560,8 +560,11 @@ def joint(ctx: Context) -> Solved:
             n_st = pp * c.v
             sched = ctx.memo(("schedule", c.schedule, pp, c.mm, n_st),
                              lambda: unit_schedule(c.schedule, pp, c.mm, n_st))[0]  # shared with build_problem
-            balanced = simulate(sched, [f / n_st] * n_st, [b / n_st] * n_st)
-            c = c._replace(bound=max(c.bound, BALANCED_SHARE * balanced.step_time), refined=True)
+            # candidates that differ only in ZeRO level or hybrid sharding have the same
+            # schedule and times: one simulation each (free transfers: it depends on nothing else)
+            balanced = ctx.memo(("balanced", c.schedule, pp, c.mm, n_st, f, b),
+                                lambda: simulate(sched, [f / n_st] * n_st, [b / n_st] * n_st).step_time)
+            c = c._replace(bound=max(c.bound, BALANCED_SHARE * balanced), refined=True)
             heapq.heappush(queue, (c.bound, c.t, -c.d, c.zero, c.schedule, c.m or 0, len(cands), c))
             cands.append(c)
             continue

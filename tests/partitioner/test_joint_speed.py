@@ -336,3 +336,13 @@ def test_the_pipeline_floor_is_under_every_simulated_step() -> None:
         even = simulate(build_schedule("1f1b", p, m, p), [1.0] * p, [2.0] * p).step_time
         tight = max(tight, pipeline_floor(3.0 * p, m, p) / even)
     assert tight > 0.8, tight
+
+
+def test_balanced_bound_simulates_each_schedule_and_times_once(gpt, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The bound's balanced simulation depends only on the schedule and the stage times:
+    candidates that differ in ZeRO level alone share it (one simulation per distinct input)."""
+    model, idx = gpt
+    spy = Spy(monkeypatch, layout, "simulate")
+    partition(model, example_inputs=(idx,), **KW)
+    keys = [(id(s), tuple(f), tuple(b)) for s, f, b, *_ in spy.calls]
+    assert len(keys) == len(set(keys)) > 0
