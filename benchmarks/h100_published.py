@@ -8,7 +8,7 @@ whose model shape, GPU count, layout, micro-batch, recompute and measured throug
 given by their source, each with its layout pinned (``partition(data_parallel=..., zero=...,
 n_microbatches=..., recompute=...)``, each on the profile of the attention kernel it ran
 (``DEVICES_BY_SOURCE``: [MPT] on ``h100-sxm-triton``, llm-foundry's 2023 Triton FlashAttention;
-[TT] on ``h100-sxm-fa2``, SDPA's flash backend; ``--device NAME`` prices every run on one profile,
+[TT] on ``h100-hbm2e-fa2``, SDPA's flash backend on the H100 part they ran (96 GB HBM2e, 500 W); ``--device NAME`` prices every run on one profile,
 ``--cudnn`` adds the one-node rows as cuDNN would run them), ``nvlink4`` inside an 8-GPU node, ``ib-ndr-400`` between nodes), and prints per run the measured and predicted iteration, their
 ratio and the predicted iteration split by what the model charges for it:
 
@@ -51,8 +51,8 @@ Sources (cited per row):
       runs, as ``layout_bench.py``), selective activation checkpointing, bf16 without
       torch.compile or Float8: 5,762 and 5,605 tokens/s/GPU. Hardware: Grand Teton hosts of
       8 H100 with 96 GB HBM2e (2.4 TB/s) at a 500 W limit, 400 Gb/s RDMA per GPU between hosts;
-      priced on ``h100-sxm`` (3.35 TB/s, 700 W): the source says its peak lies between SXM and
-      NVL. Shape: ``layout_bench.CONFIGS["8b"]`` (Meta's config), built with the project's
+      priced on ``h100-hbm2e-fa2`` (2.4 TB/s, 96 GB; peak 912 TFLOP/s, the middle of the SXM -
+      NVL bracket the source puts it in: ``cost_models/devices.py`` [TT-HW]). Shape: ``layout_bench.CONFIGS["8b"]`` (Meta's config), built with the project's
       ``load_hf``. torchtitan's "selective" is its per-op policy (matmul outputs kept, other
       ops recomputed), priced as this planner's ``"selective"`` (attention cores recomputed).
 
@@ -472,8 +472,9 @@ def fit_triton_share(rows: Sequence[dict[str, Any]], step: float = 0.05, top: fl
 #: The profile each source's runs are priced on: the attention kernel they ran (cited in
 #: ``cost_models/devices.py``): [MPT]'s table of 2023 ran llm-foundry's ``attn_impl: triton``
 #: (``h100-sxm-triton``, [MPT-K] there), torchtitan's runs SDPA's flash backend, FlashAttention-2
-#: (``h100-sxm-fa2``, [SDPA]); ``h100-sxm`` is cuDNN's.
-DEVICES_BY_SOURCE = {"MPT": "h100-sxm-triton", "TT": "h100-sxm-fa2"}
+#: on the 96 GB HBM2e, 500 W H100 they ran on (``h100-hbm2e-fa2``, [SDPA], [TT-HW]); ``h100-sxm``
+#: is cuDNN's, ``h100-sxm-fa2`` FlashAttention-2's on the 80 GB SXM part.
+DEVICES_BY_SOURCE = {"MPT": "h100-sxm-triton", "TT": "h100-hbm2e-fa2"}
 DEVICE = DEVICES_BY_SOURCE["MPT"]
 
 

@@ -410,6 +410,15 @@ DEVICES: dict[str, DeviceSpec] = {
         # And with llm-foundry's 2023 Triton FlashAttention (H100_TRITON_EFF), what its published
         # H100 benchmark rows ran [MPT-K].
         DeviceSpec("h100-sxm-triton", 67e12, 989e12, 3.35e12, 80 * 10**9, efficiency=H100_TRITON_EFF),
+        # The H100 torchtitan's published runs used [TT-HW]: SXM, 96 GB of HBM2e at 2.4 TB/s,
+        # run at a 500 W limit; its peak "is between SXM and NVL, and we don't know its exact
+        # value" [TT-HW]. Priced at the middle of that bracket (model): BF16 (989 + 835.5) / 2
+        # = 912 TFLOP/s dense and FP32 (67 + 60) / 2 = 63.5 TFLOP/s (H100 SXM5 above; H100 NVL
+        # datasheet: BF16 1,671 TFLOPS with sparsity, FP32 60 TFLOPS [NVL-DS]); the bracket's
+        # ends move a step by at most +-8 % of its compute. Attention as FlashAttention-2 runs it
+        # (torchtitan keeps SDPA's flash backend); the fractions of peak and of bandwidth as
+        # H100 SXM's (model: no measurement of this part was found).
+        DeviceSpec("h100-hbm2e-fa2", 63.5e12, 912e12, 2.4e12, 96 * 10**9, efficiency=H100_FA2_EFF),
         # NVIDIA H200 SXM datasheet: same compute as H100 SXM, HBM3e 4.8 TB/s, 141 GB.
         DeviceSpec("h200", 67e12, 989e12, 4.8e12, 141 * 10**9, efficiency=H200_EFF),
         # NVIDIA A100 80GB SXM datasheet: FP32 19.5 TFLOPS, BF16 312 TFLOPS dense,
@@ -428,6 +437,14 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("cpu", 1e12, 1e12, 100e9, 64 * 2**30, "cpu"),
     ]
 }
+
+# [TT-HW]  torchtitan, benchmarks/llama3_h100_202412_torchtitan.md (github.com/pytorch/torchtitan,
+#          commit 31a17bfdb70bab6f62a13d21816a5339b911d6e3), "Hardware" and footnote 2: "Each H100
+#          GPU is equipped with 96GB HBM2e with 2.4 TB/sec peak memory bandwidth", "the default
+#          500W power limit", "HBM2e-based SXM H100 with lower TDP, the actual peak TFLOPs number
+#          is between SXM and NVL, and we don't know its exact value".
+# [NVL-DS] NVIDIA H100 datasheet, H100 NVL column: FP32 60 TFLOPS, BF16 Tensor Core 1,671
+#          TFLOPS (with sparsity; 835.5 dense), 94 GB HBM3 at 3.9 TB/s, 350-400 W.
 
 # -- sources of the link figures -------------------------------------------------------------
 # [NVL]   NVIDIA datasheets: NVLink 3 (A100) 600 GB/s, NVLink 4 (H100/H200) 900 GB/s, NVLink 5

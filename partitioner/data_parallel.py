@@ -53,6 +53,14 @@ Exposed seconds inside the pipeline delay the rank's later actions; the step is 
 the pipeline's plus the largest such delay, or later where a rank's tail (its last
 reduce-scatter) ends after it.
 
+Hidden is not free: a collective runs as kernels on the GPU it overlaps (NCCL's channels
+occupy SMs and move bytes through HBM), so the compute beside it runs slower. ZeRO-3's
+gathers and reduce-scatters are priced so (``overlap_cost``): compute overlapped by a
+collective takes ``1 + OVERLAP_SLOWDOWN`` times as long, ``OVERLAP_SLOWDOWN`` being the mean
+slowdown measured for compute overlapped with collectives on A100, H100, MI250 and MI210
+(arXiv 2507.03114, 18.9 %; up to 40 %). The replicas' bucketed all-reduce (``price_replicas``
+without ZeRO-3) is not charged it yet.
+
 Ranks map to the mesh as ``partitioner.plan.Mesh`` says (``dims`` ``("dp", "pp")``: rank =
 d * pp + p), and to nodes in blocks of ``gpus_per_node`` (torchrun's order); the planner
 prices candidate ``Mesh``es and records the one it keeps. A message between ranks on one
@@ -72,11 +80,33 @@ from partitioner.schedule import SCHEDULES, Schedule
 if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module needs only the objects' methods
     from partitioner.cost_models.devices import LinkSpec
 
-__all__ = ["boundary_time", "ring_link", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "hsdp_shards", "divisors", "ZeroShard", "price_replicas", "boundary_links",
+__all__ = ["OVERLAP_SLOWDOWN", "overlap_cost", "boundary_time", "ring_link", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "hsdp_shards", "divisors", "ZeroShard", "price_replicas", "boundary_links",
            "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
 
 #: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
 BUCKET_BYTES = 25 * 2**20
+
+#: How much slower compute runs while a collective overlaps it, as a fraction of its time
+#: alone: the mean measured by S. Lee et al., "Characterizing Compute-Communication Overlap in
+#: GPU-Accelerated Distributed Deep Learning: Performance and Power Implications" (arXiv
+#: 2507.03114, abstract: "an average computational slowdown of 18.9 %, with a maximum of
+#: 40.0 %", GPT and Llama training on 4 A100, H100, MI250 and MI210). NCCL's kernels take SMs
+#: (an all-gather of 24 blocks beside a 132-block GEMM on an H100 pushes the GEMM into a second
+#: wave: forums.developer.nvidia.com/t/337991) and share HBM with the compute.
+OVERLAP_SLOWDOWN = 0.189
+
+
+def overlap_cost(comm: float, compute: float, slowdown: float = OVERLAP_SLOWDOWN) -> float:
+    """Seconds a collective of ``comm`` seconds adds to ``compute`` seconds of work it is
+    issued beside: the compute it overlaps takes ``1 + slowdown`` times as long (the
+    collective keeps its own speed), so ``x = min(comm / (1 + slowdown), compute)`` seconds
+    of compute are stretched, and the pair ends ``max(comm - compute, slowdown * x)`` after the
+    compute alone would. ``slowdown=0`` is perfect overlap (only the excess is exposed)."""
+    if comm <= 0 or compute <= 0:
+        return max(0.0, comm)
+    if slowdown < 0:
+        raise ValueError(f"slowdown is a fraction of the compute's time, at least 0, got {slowdown!r}")
+    return max(comm - compute, slowdown * min(comm / (1 + slowdown), compute))
 
 
 def pack(sizes: Sequence[int], cap: int = BUCKET_BYTES) -> list[list[int]]:
@@ -363,14 +393,17 @@ def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec
 
 
 def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequence[Sequence[Window]],
-               pipeline_step: float) -> tuple[list[float], float]:
+               pipeline_step: float, slowdown: float = OVERLAP_SLOWDOWN) -> tuple[list[float], float]:
     """ZeRO-3 (the module docstring's model): per pipeline rank, the seconds of its gathers
     and reduce-scatters, and the step. A stage's weight bytes are its gradient buckets'
     (the same tensors at the same width). Hybrid sharding (``layout.shard`` = S < dp): the
     gathers and reduce-scatters run over the S replicas of a shard group (on ``link`` when the
     group sits inside a node), and each reduce-scatter is followed by a ring all-reduce of
     its 1/S gradient shard over the dp/S groups (``inter_link`` when they span nodes), as
-    FSDP2 reduces over a ``(replicate, shard)`` mesh. Returns (seconds per rank, step)."""
+    FSDP2 reduces over a ``(replicate, shard)`` mesh. What a gather or reduce-scatter issued
+    beside compute adds is ``overlap_cost`` (the excess over the compute, or the slowdown of
+    the compute it overlaps, whichever is larger; ``slowdown=0``: the excess only). Returns
+    (seconds per rank, step)."""
     times, inside, ends = [], [], []
     s_deg = layout.shard_degree
     r_deg = layout.dp // s_deg
@@ -387,12 +420,12 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
             gather, scatter = allgather_s(nbytes, s_deg, lk), reduce(nbytes)
             if w.split:  # one gather at the first forward, one reduce-scatter after the rank's last action
                 total += gather + scatter
-                exposed += max(0.0, gather - w.fwd)
+                exposed += overlap_cost(gather, w.fwd, slowdown)
                 tail += scatter
             else:  # per micro-batch: gather for forward and for backward, reduce-scatter after backward
                 per_mb = 2 * gather + scatter
                 total += w.m * per_mb
-                exposed += w.m * max(0.0, per_mb - (w.fwd + w.bwd))
+                exposed += w.m * overlap_cost(per_mb, w.fwd + w.bwd, slowdown)
                 tail = max(tail, reduce(w.buckets[-1]))
             last = max(last, w.end)
         times.append(total)

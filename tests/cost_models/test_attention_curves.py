@@ -35,7 +35,8 @@ H100_PEAK = 989.0  # TFLOP/s, the figures below are TFLOP/s on H100 SXM5
 
 def test_the_h100_profiles_carry_a_curve_of_their_kernel() -> None:
     kernels = {n: DEVICES[n].efficiency.attn_kernel for n in CURVED}  # type: ignore[union-attr]
-    assert kernels == {"h100-sxm": "cudnn", "h100-sxm-fa2": "fa2", "h100-sxm-triton": "triton-fa1", "h200": "cudnn"}
+    assert kernels == {"h100-sxm": "cudnn", "h100-sxm-fa2": "fa2", "h100-sxm-triton": "triton-fa1", "h200": "cudnn",
+                       "h100-hbm2e-fa2": "fa2"}
     for name in CURVED:
         e = DEVICES[name].efficiency
         assert e is not None and e.attn_curve == H100_ATTENTION[e.attn_kernel]

@@ -241,7 +241,14 @@ def test_zero3_memory_prices_the_embedding_and_head_units_per_stage() -> None:
 
 def test_zero3_communication_per_unit_and_per_step() -> None:
     from partitioner.cost_models.devices import LINKS
-    from partitioner.data_parallel import Window, allgather_s, price_fsdp, price_replicas, reduce_scatter_s
+    from partitioner.data_parallel import (
+        OVERLAP_SLOWDOWN,
+        Window,
+        allgather_s,
+        price_fsdp,
+        price_replicas,
+        reduce_scatter_s,
+    )
     from partitioner.plan import Mesh
 
     link = next(iter(LINKS.values()))
@@ -253,10 +260,15 @@ def test_zero3_communication_per_unit_and_per_step() -> None:
     assert times == [pytest.approx(m * (2 * ag + rs))]  # every micro-batch gathers twice and reduce-scatters
     assert step == pytest.approx(1.1 + m * (2 * ag + rs - 3e-6) + rs)  # the excess over compute, then the tail
     slow = Window(1.0, 1.1, (nbytes,), fwd=1.0, bwd=2.0, m=m)  # compute hides the traffic but the last reduction
-    assert price_fsdp(mesh, link, link, [[slow]], pipeline_step=1.1)[1] == pytest.approx(1.1 + rs)
+    assert price_fsdp(mesh, link, link, [[slow]], pipeline_step=1.1, slowdown=0.0)[1] == pytest.approx(1.1 + rs)
+    # hidden, the traffic still slows the compute beside it (1 + OVERLAP_SLOWDOWN times for as long as it runs)
+    stretched = OVERLAP_SLOWDOWN / (1 + OVERLAP_SLOWDOWN)
+    assert price_fsdp(mesh, link, link, [[slow]], pipeline_step=1.1)[1] == pytest.approx(
+        1.1 + m * stretched * (2 * ag + rs) + rs)
     split = Window(1.0, 1.1, (nbytes,), fwd=1.0, bwd=2.0, m=m, split=True)  # once per step
-    times, step = price_fsdp(mesh, link, link, [[split]], pipeline_step=1.1)
+    times, step = price_fsdp(mesh, link, link, [[split]], pipeline_step=1.1, slowdown=0.0)
     assert times == [pytest.approx(ag + rs)] and step == pytest.approx(1.1 + rs)
+    assert price_fsdp(mesh, link, link, [[split]], pipeline_step=1.1)[1] == pytest.approx(1.1 + stretched * ag + rs)
     # ZeRO-1 all-reduces (2 (dp-1) steps) and gathers the weights back ((dp-1) steps): 3 (dp-1) steps in all;
     # per unit ZeRO-3 moves m x 3 (dp-1) steps
     zero1, _ = price_replicas(mesh, 1, link, link, [[fast]], [nbytes], 1.1)
