@@ -374,14 +374,14 @@ def ring_link(layout: Mesh, groups: Iterable[Sequence[int]], link: LinkSpec, int
 
 def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec,
                    windows: Sequence[Sequence[Window]], weight_bytes: Sequence[int],
-                   pipeline_step: float) -> tuple[list[float], float]:
+                   pipeline_step: float, reduce_scale: float = 1.0) -> tuple[list[float], float]:
     """Per pipeline rank: its replicas' all-reduce (+ ZeRO's all-gather) seconds, as one ring
     all-reduce of all its gradient bytes (``plan.mesh.allreduce_s``), and the step: the
     pipeline's, or later where a rank's reduction (``reduction_end`` over its ``windows``,
     each bucket priced as its own ring all-reduce) plus ZeRO-1's all-gather ends after it.
-    ``zero=3``: ``price_fsdp``. Returns (seconds per rank, step)."""
+    ``zero=3``: ``price_fsdp`` (``reduce_scale`` as there). Returns (seconds per rank, step)."""
     if zero == 3:
-        return price_fsdp(layout, link, inter_link, windows, pipeline_step)
+        return price_fsdp(layout, link, inter_link, windows, pipeline_step, reduce_scale=reduce_scale)
     times, ends = [], []
     for p in range(layout.pp):
         lk = ring_link(layout, [layout.replicas(p)], link, inter_link)
@@ -393,7 +393,8 @@ def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec
 
 
 def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequence[Sequence[Window]],
-               pipeline_step: float, slowdown: float = OVERLAP_SLOWDOWN) -> tuple[list[float], float]:
+               pipeline_step: float, slowdown: float = OVERLAP_SLOWDOWN,
+               reduce_scale: float = 1.0) -> tuple[list[float], float]:
     """ZeRO-3 (the module docstring's model): per pipeline rank, the seconds of its gathers
     and reduce-scatters, and the step. A stage's weight bytes are its gradient buckets'
     (the same tensors at the same width). Hybrid sharding (``layout.shard`` = S < dp): the
@@ -402,8 +403,10 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
     its 1/S gradient shard over the dp/S groups (``inter_link`` when they span nodes), as
     FSDP2 reduces over a ``(replicate, shard)`` mesh. What a gather or reduce-scatter issued
     beside compute adds is ``overlap_cost`` (the excess over the compute, or the slowdown of
-    the compute it overlaps, whichever is larger; ``slowdown=0``: the excess only). Returns
-    (seconds per rank, step)."""
+    the compute it overlaps, whichever is larger; ``slowdown=0``: the excess only).
+    ``reduce_scale``: the reduce dtype's width over the gathered weights' (the runtime's
+    mixed-precision policy gathers bf16 / fp16 weights and reduce-scatters fp32 gradients: 2;
+    fp32 plans: 1). Returns (seconds per rank, step)."""
     times, inside, ends = [], [], []
     s_deg = layout.shard_degree
     r_deg = layout.dp // s_deg
@@ -412,6 +415,7 @@ def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequ
         rk = ring_link(layout, layout.replica_groups(p), link, inter_link)
 
         def reduce(nbytes: float) -> float:  # reduce-scatter in the shard group, all-reduce of its shard across
+            nbytes *= reduce_scale  # the gradients at FSDP's reduce dtype
             return reduce_scatter_s(nbytes, s_deg, lk) + ring_allreduce_s(nbytes / s_deg, r_deg, rk)
 
         total = exposed = tail = last = 0.0

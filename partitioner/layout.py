@@ -342,7 +342,10 @@ def replicated(prob: Problem, sol: Solution, layout: Mesh | None = None) -> Repl
     if prob.opts.zero == 3 and prob.shard.per_step and not splits_backward(prob.sched):
         windows = [[replace(w, split=True) for w in ws] for ws in windows]  # priced once per step, as it runs
         fsdp = "step"
-    times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, windows, weights, sim.step_time)
+    # FSDP reduce-scatters in fp32 under a mixed precision (runtime.fsdp.policy)
+    scale = 4 / prob.shard.grad_width if prob.opts.zero == 3 and PRECISIONS[prob.opts.precision][1] else 1.0
+    times, step = price_replicas(layout, prob.opts.zero, prob.lnk, inter, windows, weights, sim.step_time,
+                                 reduce_scale=scale)
     return Replicated(step, replace(layout, zero=prob.opts.zero, inter_link=inter_dict, allreduce_s=tuple(times),
                                     exposed_s=step - sim.step_time, fsdp=fsdp), sim)
 

@@ -520,6 +520,11 @@ class Activations:
         self.leaves = {n.name: _desc_leaves(n.meta.get(DESC)) for n in gm.graph.nodes}
         self.static_names = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
         self._cache: dict[tuple[int, int], Any] = {}
+        # stage_saved per (a, b, mode, evaluator): the exact check asks again for the same
+        # stage under every layout that shares this graph and micro-batch size (the joint
+        # search re-checks one split at several ZeRO levels); the evaluator is the key
+        # object itself (held, so its identity is never reused)
+        self._saved: dict[tuple[int, int, str, Any], tuple[sympy.Expr, sympy.Expr]] = {}
         # per position, what every _resolve needs (walked once, not once per stage tried)
         self.args = [_arg_nodes(n) for n in self.order]
         self.costs: list[NodeCost] = [n.meta.get(COST, NodeCost()) for n in self.order]
@@ -694,8 +699,12 @@ class Activations:
         as one stage. The second is the stage's largest working set (``working``): what one
         micro-batch's forward or backward holds for a while besides what is kept, the
         recompute's transient included."""
-        total, _, work = self._stage(a, b, mode, ev)
-        return total, work
+        key = (a, b, mode, ev)
+        hit = self._saved.get(key)
+        if hit is None:
+            total, _, work = self._stage(a, b, mode, ev)
+            hit = self._saved[key] = (total, work)
+        return hit
 
     def _stage(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
         """(kept, the largest recompute transient, the largest working set) of [a, b)."""

@@ -273,6 +273,36 @@ def test_zero3_communication_per_unit_and_per_step() -> None:
     # per unit ZeRO-3 moves m x 3 (dp-1) steps
     zero1, _ = price_replicas(mesh, 1, link, link, [[fast]], [nbytes], 1.1)
     assert zero1 == [pytest.approx(2 * ag + rs)] and times[0] < zero1[0] < price_fsdp(mesh, link, link, [[fast]], 1.1)[0][0]
+    # gradients reduce-scattered at twice the gathered width (fp32 under bf16-mixed): the scatter moves twice the bytes
+    rs32 = reduce_scatter_s(2 * nbytes, 4, link)
+    times, step = price_fsdp(mesh, link, link, [[split]], pipeline_step=1.1, slowdown=0.0, reduce_scale=2.0)
+    assert rs32 > rs and times == [pytest.approx(ag + rs32)] and step == pytest.approx(1.1 + rs32)
+
+
+def test_bf16_mixed_fsdp_plan_prices_fp32_reduce_scatters() -> None:
+    """The runtime's FSDP policy reduce-scatters fp32 gradients under bf16-mixed (and gathers
+    bf16 weights): the plan prices the scatter at 4 bytes a parameter, the gather at 2."""
+    from partitioner import partition
+    from partitioner.data_parallel import price_fsdp
+    from partitioner.examples import gpt_example
+
+    model, (idx,) = gpt_example(batch=4, seq=8, n_layer=2)
+    calls: list[float] = []
+    real = price_fsdp
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(k.get("reduce_scale", 1.0))
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        import partitioner.data_parallel as dp
+
+        mp.setattr(dp, "price_fsdp", spy)
+        for precision, want in (("bf16-mixed", 2.0), ("fp32", 1.0)):
+            calls.clear()
+            partition(model, example_inputs=(idx,), n_gpus=2, data_parallel=2, zero=3, precision=precision,
+                      optimizer="adamw")
+            assert calls and set(calls) == {want}, (precision, calls)
 
 
 def test_partition_prices_zero3_from_the_graph() -> None:
