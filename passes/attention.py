@@ -126,9 +126,10 @@ class FusedAttention(nn.Module):
         #: (sizes, q_len, kv_len) -> whether the mask is the causal one there
         self.verdicts: dict[tuple[Any, ...], bool] = {}
 
-    def causal(self, sizes: tuple[Any, ...], q_len: int, kv_len: int) -> bool:
+    def causal(self, sizes: tuple[Any, ...], q_len: int, kv_len: int, cuda: bool = False) -> bool:
         """The cached per-size proof: the mask for these sizes, evaluated on the CPU, compared
-        with the causal mask exactly."""
+        with the causal mask exactly. A size that fails is logged once (a warning on CUDA,
+        where the plan priced the fused kernel)."""
         key = (sizes, q_len, kv_len)
         hit = self.verdicts.get(key)
         if hit is None:
@@ -136,14 +137,15 @@ class FusedAttention(nn.Module):
                 mask = self.check_fn(*sizes)  # type: ignore[misc]  # called only with a check
             hit = self.verdicts[key] = isinstance(mask, torch.Tensor) and is_causal_mask(mask, q_len, kv_len)
             if not hit:
-                log.info("attention %s: the mask for sizes %s is not the causal mask; this size runs the captured "
-                         "attention with its explicit mask", self.node_name, key)
+                log.log(logging.WARNING if cuda else logging.INFO,
+                        "attention %s: the mask for sizes %s is not the causal mask; this size runs the captured "
+                        "attention with its explicit mask (the plan priced the fused kernel)", self.node_name, key)
         return hit
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 *sizes: Any) -> torch.Tensor:
         q_len, kv_len = int(q.shape[-2]), int(k.shape[-2])
-        if self.check_fn is None or self.causal(tuple(int(s) for s in sizes), q_len, kv_len):
+        if self.check_fn is None or self.causal(tuple(_concrete(s) for s in sizes), q_len, kv_len, q.is_cuda):
             causal = self.check_fn is not None or bool(self.kwargs.get("is_causal", False))
             kw = {k_: v_ for k_, v_ in self.kwargs.items() if k_ not in ("is_causal", "attn_mask", "enable_gqa")}
             gqa = self.repeat and _gqa_in_kernel(q)
@@ -152,11 +154,16 @@ class FusedAttention(nn.Module):
             return self.target(q, k, v, None, is_causal=causal, enable_gqa=gqa, **kw)  # type: ignore[no-any-return]
         if mask is None:
             mask = self.mask_fn(*sizes)  # type: ignore[misc]  # set whenever no mask is passed
-        if q.is_cuda:
-            log.debug("attention %s runs with an explicit mask at sizes %s", self.node_name, sizes)
+            if mask.is_floating_point() and mask.dtype != q.dtype:  # the graph was retyped since (precision)
+                mask = mask.to(q.dtype)
         if self.repeat:
             k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
         return self.target(q, k, v, mask, **self.kwargs)  # type: ignore[no-any-return]
+
+
+def _concrete(size: Any) -> Any:
+    """A size as a plain int (or tuple of ints, for a whole shape): the verdicts' key."""
+    return tuple(int(d) for d in size) if isinstance(size, (tuple, list)) else int(size)
 
 
 def _gqa_in_kernel(q: torch.Tensor) -> bool:
@@ -358,6 +365,7 @@ def rewrite_attention(gm: nn.Module) -> dict[str, list[str]]:
     for mod in list(gm.modules()):
         if not isinstance(mod, fx.GraphModule):
             continue
+        _mark_calls(mod)
         changed = False
         for node in list(mod.graph.nodes):
             if node.op == "call_function" and node.target in SDPA_TARGETS:
@@ -369,10 +377,66 @@ def rewrite_attention(gm: nn.Module) -> dict[str, list[str]]:
                     report["explicit"].append(name)
         if changed:
             mod.graph.lint()
-            mod.recompile()
+            _recompile(mod)
     if isinstance(gm, fx.GraphModule):
         gm.meta[ATTENTION] = report
     return report
+
+
+def _mark_calls(gm: fx.GraphModule) -> None:
+    """For each graph module ``gm`` calls (a block FSDP outlined, ``runtime.outline``): record
+    on its inputs that carry an attention mask made in ``gm`` from sizes the function that
+    makes it (``SIZE_ONLY``, over ``gm``'s size nodes, which the block receives under the same
+    names), so the block proves it as the stage would."""
+    for call in gm.graph.find_nodes(op="call_module"):
+        sub = gm.get_submodule(str(call.target))
+        if not isinstance(sub, fx.GraphModule) or isinstance(sub, FusedAttention):
+            continue
+        phs = list(sub.graph.find_nodes(op="placeholder"))
+        for ph in _mask_inputs(sub):
+            i = phs.index(ph)
+            arg = call.args[i] if i < len(call.args) else None
+            if SIZE_ONLY in ph.meta or not isinstance(arg, fx.Node):
+                continue
+            made = _size_function(arg, on_cpu=True)
+            if made is not None:
+                ph.meta[SIZE_ONLY] = SizeOnly(tuple(a.name for a in made[0]), made[1])
+
+
+def _mask_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """The placeholders an attention mask of ``gm`` is computed from through pure calls."""
+    out: set[fx.Node] = set()
+    stack = [m for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS
+             for m in [_call_args(n).get("attn_mask")] if isinstance(m, fx.Node)]
+    seen: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            out.add(n)
+        elif _is_pure(n):
+            stack.extend(n.all_input_nodes)
+    return out
+
+
+def _recompile(gm: fx.GraphModule) -> None:
+    """``gm.recompile()`` on the class fx generated the code for. A module FSDP has sharded
+    (``fully_shard``) is an instance of a subclass FSDP made of that class; fx's recompile on
+    the subclass would wrap ``__call__`` around the class's own wrapper, which calls back into
+    the subclass's: infinite recursion. So the code goes to the class that owns ``forward``,
+    which the subclass inherits (as ``RankStage`` retypes graphs before sharding for this reason)."""
+    cls = type(gm)
+    owner = next((c for c in cls.__mro__ if issubclass(c, fx.GraphModule) and "forward" in vars(c)), cls)
+    if owner is cls:
+        gm.recompile()
+        return
+    gm.__class__ = owner
+    try:
+        gm.recompile()
+    finally:
+        gm.__class__ = cls
 
 
 def _rewrite_node(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -282,3 +282,21 @@ def test_a_two_stage_pipeline_with_fused_attention_trains_like_one_process() -> 
     assert losses == pytest.approx(ref.losses, rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), ref.params[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.timeout(240)
+def test_blocks_outlined_for_fsdp_prove_the_mask_they_receive() -> None:
+    # runtime.outline makes each decoder layer a call of its own graph: the mask becomes that
+    # graph's input, which the rewrite records as made from sizes from the stage's graph
+    from partitioner.runtime.outline import outline_blocks
+
+    pipe, captured, _ = _stages("llama")
+    outlined = [copy.deepcopy(st) for st in pipe.stages]
+    for st in outlined:
+        assert outline_blocks(st)
+        report = rewrite_attention(st)
+        assert len(report["fused"]) == 1 and not report["explicit"], report
+        assert not any(isinstance(m, FusedAttention) for m in st.children())  # inside the layer's call
+    for s in (16, 7):
+        inputs = _inputs("llama", 2, s)
+        _assert_same(_run(pipe, captured, inputs), _run(pipe, outlined, inputs))
