@@ -52,6 +52,7 @@ The original scale is kept as the node passed it (flash and memory-efficient ker
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -214,6 +215,21 @@ def _is_pure(n: fx.Node) -> bool:
     return n.target not in (torch.rand, torch.randn, torch.randint, torch.randperm, F.dropout)
 
 
+def _mutates(n: fx.Node) -> bool:
+    """Whether ``n`` may write into one of its inputs: an in-place method (``masked_fill_``),
+    an operator whose schema mutates an argument, item assignment."""
+    if n.op == "call_method":
+        return str(n.target).endswith("_") and not str(n.target).startswith("__")
+    if n.op != "call_function":
+        return False
+    if n.target is operator.setitem:
+        return True
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.is_mutable)
+    return "out" in n.kwargs or getattr(n.target, "__name__", "").endswith("_")
+
+
 def _producers(value: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
     """(size leaves, the nodes computing ``value`` from them, in graph order), or None when
     some producer reads a tensor's data, an attribute, a module or randomness. A stage input
@@ -226,10 +242,15 @@ def _producers(value: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
         if n in seen:
             continue
         seen.add(n)
-        if _is_size_leaf(n) or (n.op == "placeholder" and SIZE_ONLY in n.meta):
+        if n.op == "placeholder" and SIZE_ONLY in n.meta and not any(_mutates(u) for u in n.users):
+            leaves.append(n)
+            continue
+        if _is_size_leaf(n):
             leaves.append(n)
             continue
         if n.op in ("placeholder", "get_attr", "call_module", "output") or not _is_pure(n):
+            return None
+        if any(_mutates(u) for u in n.users):  # written in place later (the fx route): not what was made
             return None
         nodes.add(n)
         stack.extend(n.all_input_nodes)
@@ -333,8 +354,8 @@ def mark_size_only(gm: fx.GraphModule, stages: Sequence[fx.GraphModule]) -> int:
     """Record on each stage input that carries (part of) a size-only attention mask of the
     whole graph ``gm`` the function of sizes that makes it (``SIZE_ONLY``), so the stage that
     receives it can prove it causal (``rewrite_attention``). Returns how many inputs it marked."""
-    masks = [a["attn_mask"] for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS
-             for a in [_call_args(n)] if isinstance(a.get("attn_mask"), fx.Node)]
+    masks = dict.fromkeys(a["attn_mask"] for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS
+                          for a in [_call_args(n)] if isinstance(a.get("attn_mask"), fx.Node))  # every layer's: one
     wanted: dict[str, fx.Node] = {}
     for m in masks:
         found = _producers(m)

@@ -300,3 +300,30 @@ def test_blocks_outlined_for_fsdp_prove_the_mask_they_receive() -> None:
     for s in (16, 7):
         inputs = _inputs("llama", 2, s)
         _assert_same(_run(pipe, captured, inputs), _run(pipe, outlined, inputs))
+
+
+class _FxToy(torch.nn.Module):
+    """The fx route's view: the causal mask from ``x.size(1)``, optionally written in place
+    with an input's data afterwards (the node the attention reads is the one made from sizes)."""
+
+    def __init__(self, mutate: bool) -> None:
+        super().__init__()
+        self.mutate = mutate
+
+    def forward(self, q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(q.size(2))
+        mask = i[:, None] >= i[None, :]
+        if self.mutate:
+            mask.logical_and_(keep)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mutate", [False, True])
+def test_a_mask_written_in_place_with_data_is_not_fused(mutate: bool) -> None:
+    gm = fx.symbolic_trace(_FxToy(mutate))
+    ref = copy.deepcopy(gm)
+    report = rewrite_attention(gm)
+    assert bool(report["fused"]) is not mutate and bool(report["explicit"]) is mutate
+    q = torch.randn(2, 2, 5, 4)
+    keep = torch.tensor([True, False, True, True, True])
+    torch.testing.assert_close(gm(q, keep), ref(q, keep), rtol=RTOL, atol=ATOL)
