@@ -37,8 +37,9 @@ node computes, and the captured computation otherwise:
 Left as they are: a mask that reads data (a padding ``attention_mask``), ALiBi and relative
 biases (float masks with other values: the comparison fails), dropout in the call, q_len !=
 kv_len, a node whose mask producers cannot be proven size-only. ``gm.meta[ATTENTION]`` lists
-the nodes rewritten and those left with an explicit mask; a stage on a CUDA device logs the
-latter once (the plan priced them as the fused kernel).
+the nodes rewritten and those left with an explicit mask; a stage on a CUDA device warns once
+about those the plan priced as the fused kernel (their mask looked size-only to the planner,
+the proof did not hold), and about each size that falls back.
 
 Kernels: on the CPU ``enable_gqa`` runs in the flash kernel (forward and backward, no repeat).
 On CUDA only the flash kernel shares K/V heads (the memory-efficient kernel refuses
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from partitioner.passes.meta import ATTENTION, SIZE_ONLY, VAL
+from partitioner.passes.meta import ATTENTION, COST, SIZE_ONLY, VAL
 
 __all__ = ["SizeOnly", "FusedAttention", "rewrite_attention", "mark_size_only", "is_causal_mask", "SDPA_TARGETS"]
 
@@ -378,11 +379,13 @@ def rewrite_attention(gm: nn.Module) -> dict[str, list[str]]:
     """Rewrite, in place, every attention node of ``gm`` (and of the graph modules inside it)
     that runs a size-only mask, or repeats K/V for grouped-query attention, into a
     ``FusedAttention`` call (see the module docstring). Returns, and records in
-    ``gm.meta[ATTENTION]``, the nodes rewritten (``"fused"``) and those left with an explicit
-    mask (``"explicit"``). A module already rewritten is left as it is."""
+    ``gm.meta[ATTENTION]``, the nodes rewritten (``"fused"``), those left with an explicit
+    mask (``"explicit"``), and of these the ones the plan priced as the fused causal kernel
+    (``"priced_fused"``: annotate found their mask made from sizes, the proof did not hold).
+    A module already rewritten is left as it is."""
     if isinstance(gm, fx.GraphModule) and isinstance(gm.meta.get(ATTENTION), dict):
         return gm.meta[ATTENTION]  # type: ignore[no-any-return]
-    report: dict[str, list[str]] = {"fused": [], "explicit": []}
+    report: dict[str, list[str]] = {"fused": [], "explicit": [], "priced_fused": []}
     for mod in list(gm.modules()):
         if not isinstance(mod, fx.GraphModule):
             continue
@@ -396,6 +399,8 @@ def rewrite_attention(gm: nn.Module) -> dict[str, list[str]]:
                     report["fused"].append(name)
                 elif masked:
                     report["explicit"].append(name)
+                    if getattr(node.meta.get(COST), "kind", "") == "attention-causal":
+                        report["priced_fused"].append(name)
         if changed:
             mod.graph.lint()
             _recompile(mod)

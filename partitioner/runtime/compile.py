@@ -119,12 +119,12 @@ def _fuse_attention(stage: int, mod: nn.Module) -> None:
     if isinstance(getattr(mod, "meta", None), dict) and ATTENTION in mod.meta:  # type: ignore[operator]
         return
     report = rewrite_attention(mod)
-    explicit = report["explicit"]
+    mispriced = report["priced_fused"]
     dev = next((p.device for p in mod.parameters()), None)
-    if explicit and dev is not None and dev.type == "cuda":
-        log.warning("stage %d: attention %s runs with an explicit mask (it reads data, or is not provably the causal "
-                    "mask): the plan priced it as the fused kernel, which this stage cannot use there", stage,
-                    ", ".join(explicit[:4]) + (" …" if len(explicit) > 4 else ""))
+    if mispriced and dev is not None and dev.type == "cuda":
+        log.warning("stage %d: attention %s runs with an explicit mask that is not provably the causal one: the plan "
+                    "priced it as the fused causal kernel, which this stage cannot use", stage,
+                    ", ".join(mispriced[:4]) + (" …" if len(mispriced) > 4 else ""))
 
 
 def _compile(mod: nn.Module, stage: int, kwargs: dict[str, Any]) -> Any:

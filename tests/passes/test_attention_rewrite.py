@@ -174,7 +174,7 @@ def test_a_padding_mask_is_left_as_captured() -> None:
     pipe, captured, rewritten = _stages("llama", padded=True)
     for st in rewritten:
         report = st.meta[ATTENTION]
-        assert report["explicit"] and not report["fused"], report
+        assert report["explicit"] and not report["fused"] and not report["priced_fused"], report  # priced masked
         assert not _sites(st) and _masked_sdpa(st) and _repeats(st)
     inputs = _inputs("llama", 2, 16, padded=True)
     _assert_same(_run(pipe, captured, inputs), _run(pipe, rewritten, inputs))
@@ -187,7 +187,7 @@ def test_repository_fixtures_are_left_as_they_are() -> None:
         pipe = partition(FIXTURES[name].build(), example_inputs=FIXTURES[name].inputs(), n_gpus=1)
         before = [str(st.graph) for st in pipe.stages]
         reports = [rewrite_attention(st) for st in pipe.stages]
-        assert reports == [{"fused": [], "explicit": []}] * len(pipe.stages)
+        assert reports == [{"fused": [], "explicit": [], "priced_fused": []}] * len(pipe.stages)
         assert [str(st.graph) for st in pipe.stages] == before
 
 
@@ -327,3 +327,30 @@ def test_a_mask_written_in_place_with_data_is_not_fused(mutate: bool) -> None:
     q = torch.randn(2, 2, 5, 4)
     keep = torch.tensor([True, False, True, True, True])
     torch.testing.assert_close(gm(q, keep), ref(q, keep), rtol=RTOL, atol=ATOL)
+
+
+class _BufferMask(torch.nn.Module):
+    """A causal mask sliced from a registered buffer: no input's data reaches it, so the plan
+    prices it as the fused causal kernel, but a buffer is state the proof does not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 24)
+        self.register_buffer("tri", torch.ones(32, 32, dtype=torch.bool).tril())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.proj(x).view(b, s, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.tri[:s, :s]).sum(1)
+
+
+def test_a_mask_priced_fused_but_not_provable_is_reported() -> None:
+    torch.manual_seed(0)
+    model = _BufferMask()
+    x = torch.randn(2, 6, 8)
+    pipe = partition(model, example_inputs=(x,), n_gpus=1)
+    (stage,) = pipe.stages
+    ref = copy.deepcopy(stage)
+    report = rewrite_attention(stage)
+    assert not report["fused"] and report["explicit"] == report["priced_fused"] and report["explicit"], report
+    torch.testing.assert_close(stage(x)[0], ref(x)[0], rtol=RTOL, atol=ATOL)
