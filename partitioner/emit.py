@@ -16,6 +16,7 @@ from torch import fx
 
 from partitioner import plan_builder
 from partitioner.layout import Solved, replicated
+from partitioner.passes.attention import mark_size_only
 from partitioner.passes.manager import Snapshot, graph_text, node_summary
 from partitioner.passes.meta import STAGE, SYMBOLIC
 from partitioner.passes.recompute import with_recompute
@@ -56,6 +57,7 @@ def emit(ctx: Context, solved: Solved) -> Pipe:
             node.meta[STAGE] = s
     split = split_graph(gm, assignment, opts.n_stages)
     stages = list(split.stages)
+    mark_size_only(gm, stages)  # a mask made in one stage from sizes and read in another: provable there
     for s, fit in enumerate(fits):
         if fit.mode != "none" and prob.acts is not None:
             regions = [[priced.order[p].name for p in range(a, b)]

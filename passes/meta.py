@@ -19,9 +19,9 @@ is added here first (docs/ARCHITECTURE.md, "Where to add").
 from __future__ import annotations
 
 __all__ = [
-    "VAL", "COST", "MODULE", "STAGE", "DESC", "MARKER", "RECOMPUTE", "NODE_KEYS",
+    "VAL", "COST", "MODULE", "STAGE", "DESC", "MARKER", "RECOMPUTE", "SIZE_ONLY", "NODE_KEYS",
     "FAKE_MODE", "SYMBOLS", "EXAMPLE", "SYMBOLIC", "FAKE_PARAMS", "FAKES_BY_MODULE", "DEVICE", "RETYPE",
-    "MARKERS", "ORDER", "ORDER_PINNED", "RECOMPUTE_MODE", "GRAPH_KEYS", "is_declared",
+    "MARKERS", "ORDER", "ORDER_PINNED", "RECOMPUTE_MODE", "ATTENTION", "GRAPH_KEYS", "is_declared",
 ]
 
 # -- node.meta ------------------------------------------------------------------------------
@@ -40,6 +40,9 @@ DESC = "pp.desc"
 MARKER = "pp.marker"
 #: ``int``: the checkpointed region the node belongs to, in a stage module (``passes/recompute.py``).
 RECOMPUTE = "pp.recompute"
+#: ``passes.attention.SizeOnly``: on a stage input, that its value is a function of sizes alone
+#: (an attention mask the capture built from shapes), and that function (``passes/attention.py``).
+SIZE_ONLY = "pp.size_only"
 
 #: Every node key, with what it holds (``PassManager`` refuses a pass naming another).
 NODE_KEYS: dict[str, str] = {
@@ -50,6 +53,7 @@ NODE_KEYS: dict[str, str] = {
     DESC: "TensorDesc (or the nesting of the value) with sizes symbolic in B and S",
     MARKER: "index of the pipe_split() marker just before this node (passes/markers.py)",
     RECOMPUTE: "recompute region id (passes/recompute.py)",
+    SIZE_ONLY: "a stage input computed from sizes alone, and how (passes/attention.py)",
 }
 
 # -- gm.meta --------------------------------------------------------------------------------
@@ -86,6 +90,10 @@ TP = "pp.tp"
 #: ``partitioner.runtime.tensor_parallel.TensorParallelPlan``: how a stage module was sharded at run time.
 TENSOR_PARALLEL = "pp.tensor_parallel"
 
+#: ``dict[str, list[str]]``: the attention nodes of a stage module the runtime rewrote to the
+#: fused causal / grouped-query call, and those left with their explicit mask (``passes/attention.py``).
+ATTENTION = "pp.attention"
+
 #: Every graph key, with what it holds (``PassManager`` refuses a pass naming another).
 GRAPH_KEYS: dict[str, str] = {
     FAKE_MODE: "FakeTensorMode shape-prop ran in",
@@ -102,6 +110,7 @@ GRAPH_KEYS: dict[str, str] = {
     TP: "Sharded: one tensor-parallel rank's regions, costs and parameter divisors",
     TENSOR_PARALLEL: "TensorParallelPlan: how a stage module was sharded at run time",
     RECOMPUTE_MODE: "a stage module's recompute mode (passes/recompute.py)",
+    ATTENTION: "attention nodes rewritten to the fused call / left with an explicit mask (passes/attention.py)",
 }
 
 

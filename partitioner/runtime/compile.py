@@ -35,6 +35,7 @@ second pass over a backward compiled with donated buffers).
 
 from __future__ import annotations
 
+import logging
 import types
 import weakref
 from typing import Any, Mapping, Union
@@ -42,11 +43,15 @@ from typing import Any, Mapping, Union
 import torch
 from torch import nn
 
+from partitioner.passes.attention import rewrite_attention
+from partitioner.passes.meta import ATTENTION
 from partitioner.passes.recompute import RecomputeStage, _segments
 from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.schedule import Schedule
 
 __all__ = ["CompileOption", "compile_kwargs", "check_schedule", "compiled_modules"]
+
+log = logging.getLogger("partitioner.runtime")
 
 #: ``compile=``: False (eager), True (``torch.compile`` defaults) or ``torch.compile``'s kwargs
 CompileOption = Union[bool, Mapping[str, Any], None]
@@ -84,8 +89,14 @@ def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: Comp
     """``modules`` ({stage: module}) with each module wrapped by ``torch.compile``, or
     ``modules`` itself when ``compile`` is off. The wrappers are made once per ``owner``,
     stage and options (a new runner or step reuses them, and with them dynamo's compiled
-    code); a stage module replaced since gets a new wrapper."""
+    code); a stage module replaced since gets a new wrapper.
+
+    First, each module's attention is rewritten in place to run as the plan priced it
+    (``passes.attention.rewrite_attention``: the captured causal mask and K/V repeat become
+    the fused call where provably equal, per size; once per module)."""
     kwargs = compile_kwargs(compile)
+    for s, mod in modules.items():
+        _fuse_attention(s, mod)
     if kwargs is None:
         return dict(modules)
     key = repr(sorted(kwargs.items()))
@@ -100,6 +111,20 @@ def compiled_modules(owner: Any, modules: Mapping[int, nn.Module], compile: Comp
                 raise PipelineRuntimeError(f"compile={compile!r}: torch.compile refused it: {e}") from e
         out[s] = hit[1]
     return out
+
+
+def _fuse_attention(stage: int, mod: nn.Module) -> None:
+    """``rewrite_attention`` on a stage module, and, on a CUDA device, a warning (once per
+    module) naming the attention nodes that keep an explicit mask the plan priced as fused."""
+    if isinstance(getattr(mod, "meta", None), dict) and ATTENTION in mod.meta:  # type: ignore[operator]
+        return
+    report = rewrite_attention(mod)
+    mispriced = report["priced_fused"]
+    dev = next((p.device for p in mod.parameters()), None)
+    if mispriced and dev is not None and dev.type == "cuda":
+        log.warning("stage %d: attention %s runs with an explicit mask that is not provably the causal one: the plan "
+                    "priced it as the fused causal kernel, which this stage cannot use", stage,
+                    ", ".join(mispriced[:4]) + (" …" if len(mispriced) > 4 else ""))
 
 
 def _compile(mod: nn.Module, stage: int, kwargs: dict[str, Any]) -> Any:
