@@ -725,12 +725,6 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         problems.append("zero=1 with tensor parallelism is not supported (ZeroRedundancyOptimizer broadcasts the "
                         "parameters it steps, which DTensor has no rule for): re-partition with zero=3 (FSDP over the "
                         "replicas) or zero=0")
-    if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
-           for names in plan.tied_parameters):
-        problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "
-                        f"({[list(g) for g in plan.tied_parameters]}): keep them in one stage (one pipeline rank, "
-                        "or cuts that leave the embedding and the output layer together) or untie them "
-                        "(e.g. tie_word_embeddings=False)")
     if world != total:
         problems.append((f"the plan runs {mesh.dp} replicas x " if mesh.dp > 1 else "the plan runs ")
                         + f"{plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
@@ -754,6 +748,11 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     # the stage's boundary values are replicated over the TP group: its runner's transport sends
     # each message once per TP group (1/T per rank) and all-gathers at the receiver
     plans = {}
+    # the tie sums' parameters by name: sharding replaces them with DTensors (``_retie``)
+    first_name = {}
+    for n, p in stage.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(p), n)
+    stage._tied = [(pg, [first_name[id(p)] for p in params]) for pg, params in stage._tied]
     sequence = boundary_sequence(plan)  # sequence parallelism: what crosses the cuts as shards
     inputs = model_inputs(plan)
     for s, mod in stage.modules.items():
@@ -775,6 +774,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
+    _retie(stage, plans)
     stage.tp_plans = plans  # type: ignore[attr-defined]
     stage.tp_sequence = sequence  # type: ignore[attr-defined]  # read by the runner (shard_boundaries)
     if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
@@ -783,6 +783,41 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if any(p.split_outputs or p.losses for p in plans.values()):  # logits split by vocabulary reach the loss
         stage.runner = _vocab_runner(stage, stage.runner)  # type: ignore[method-assign]
     return stage
+
+
+def _retie(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> None:
+    """Weights tied across pipeline ranks (an embedding on the first, the output layer on the
+    last), after the stages were sharded: each tie's sum of gradients (``RankStage._tied``, one
+    group per replica and TP index: the same TP rank of each pipeline rank) then runs on the
+    local shards, which is the whole tie's sum only when every copy is sharded alike (both split
+    by vocabulary, rows ``t V / T`` to ``(t + 1) V / T`` on TP rank ``t``; or both whole). That
+    is checked here, collectively over each tie's group, and a mismatch refused naming both
+    placements (hand-written: DTensor has no notion of one tensor held on two pipeline ranks)."""
+    named = dict(stage.named_parameters(remove_duplicate=False))
+    ties = []
+    for pg, names in stage._tied:
+        params = list({id(named[n]): named[n] for n in names if n in named}.values())
+        mine = [(n, _tie_placement(p), tuple(_tie_local(p).shape)) for n in names if n in named for p in (named[n],)]
+        every: list[Any] = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(every, mine[0] if mine else None, group=pg)
+        if len({(w[1], w[2]) for w in every if w is not None}) > 1:
+            raise PipelineRuntimeError(
+                "tensor parallelism: a weight tied across pipeline ranks is sharded differently on them ("
+                + "; ".join(f"{w[0]}: {w[1]}, local shape {w[2]}" for w in every if w is not None)
+                + "), so its copies' gradients cannot be summed shard by shard: "
+                + "; ".join(f"stage {s} keeps {n} whole: {why}" for s, p in plans.items()
+                            for n, why in p.replicated.items() if n in names)
+                + " -- untie the weights (e.g. tie_word_embeddings=False) or cut so that both uses share a stage")
+        ties.append((pg, params))
+    stage._tied = ties
+
+
+def _tie_placement(p: Any) -> str:
+    return repr(tuple(p.placements)) if isinstance(p, DTensor) else "whole"
+
+
+def _tie_local(p: Any) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def boundary_sequence(plan: Plan) -> dict[str, int]:
