@@ -75,7 +75,8 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     if not isinstance(sharded, Sharded) or sharded.degree <= 1:
         return base
     if sharded.refused is not None:  # the runtime would refuse this degree: so does the planner
-        raise GraphError(f"tensor_parallel={sharded.degree}: {sharded.refused}")
+        raise GraphError(f"tensor_parallel={sharded.degree}: {sharded.refused} (partition(tensor_parallel='auto') "
+                         "tries only the degrees that divide every head count)")
     by_cost: dict[int, tuple[Any, Any]] = {}
     for node in gm.graph.nodes:
         n = node.name

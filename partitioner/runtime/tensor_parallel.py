@@ -749,28 +749,43 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     # each message once per TP group (1/T per rank) and all-gathers at the receiver
     plans = {}
     # the tie sums' parameters by name: sharding replaces them with DTensors (``_retie``)
-    first_name = {}
+    names_of: dict[int, list[str]] = {}  # every name this rank's stages know a tensor by
     for n, p in stage.named_parameters(remove_duplicate=False):
-        first_name.setdefault(id(p), n)
-    stage._tied = [(pg, [first_name[id(p)] for p in params]) for pg, params in stage._tied]
+        names_of.setdefault(id(p), []).append(n)
+    stage._tied = [(pg, [n for p in params for n in names_of[id(p)]]) for pg, params in stage._tied]
     sequence = boundary_sequence(plan)  # sequence parallelism: what crosses the cuts as shards
     inputs = model_inputs(plan)
-    for s, mod in stage.modules.items():
-        if not isinstance(mod, fx.GraphModule):
-            raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
-                                       "parallelism rewrites the stage graphs")
-        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1,
-                              sequence_parallel=bool(plan.options.get("sequence_parallel")), model_inputs=inputs)
+
+    def decide(s: int, mod: fx.GraphModule, keep: tuple[str, ...]) -> TensorParallelPlan:
+        found = shard_plan(mod, mesh.tp, replicate=keep, last=s == plan.n_stages - 1,
+                           sequence_parallel=bool(plan.options.get("sequence_parallel")), model_inputs=inputs)
         st = plan.stages[s]
-        plans[s].boundary_inputs = {n: sequence[n] for n in st.inputs if n in sequence} if s > 0 else {}
-        plans[s].boundary_outputs = {i: sequence[n] for i, n in enumerate(st.outputs) if n in sequence} \
+        found.boundary_inputs = {n: sequence[n] for n in st.inputs if n in sequence} if s > 0 else {}
+        found.boundary_outputs = {i: sequence[n] for i, n in enumerate(st.outputs) if n in sequence} \
             if s < plan.n_stages - 1 else {}
-        if (plans[s].boundary_inputs or plans[s].boundary_outputs) and not any(True for _ in mod.parameters()):
+        if (found.boundary_inputs or found.boundary_outputs) and not any(True for _ in mod.parameters()):
             raise PipelineRuntimeError(
                 f"sequence parallelism: stage {s} has no parameters, so it runs unsharded on every TP rank and "
                 f"cannot take or send its boundary values {sorted(set(st.inputs + st.outputs) & set(sequence))} as "
                 "sequence shards; move a cut so that every stage holds parameters, or run without sequence "
                 "parallelism")
+        return found
+
+    graphs: dict[int, fx.GraphModule] = {}
+    for s, mod in stage.modules.items():
+        if not isinstance(mod, fx.GraphModule):
+            raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
+                                       "parallelism rewrites the stage graphs")
+        graphs[s] = mod
+        plans[s] = decide(s, mod, replicate)
+    # a weight tied across pipeline ranks splits on all of them or on none (the planner's rule
+    # on the whole graph, ``find_vocab``): where one rank keeps its copy whole, all do
+    keep = _tie_consensus(stage, plans)
+    if keep:
+        for s, mod in graphs.items():
+            if keep & set(dict(mod.named_parameters(remove_duplicate=False))):
+                plans[s] = decide(s, mod, (*replicate, *sorted(keep)))
+    for s, mod in graphs.items():
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
@@ -783,6 +798,22 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if any(p.split_outputs or p.losses for p in plans.values()):  # logits split by vocabulary reach the loss
         stage.runner = _vocab_runner(stage, stage.runner)  # type: ignore[method-assign]
     return stage
+
+
+def _tie_consensus(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> set[str]:
+    """Collective over each tie's group (``RankStage._tied``, by name): the names of the tied
+    weights that some pipeline rank keeps whole while another would split its copy -- to be kept
+    whole everywhere, as the planner prices a tie (split under all its names or none)."""
+    keep: set[str] = set()
+    for pg, names in stage._tied:
+        split = any(p.placements.get(n, "Replicate") != "Replicate" for p in plans.values() for n in names)
+        every: list[Any] = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(every, split, group=pg)
+        if any(every) and not all(every):
+            log.info("tensor parallelism: %s tied across pipeline ranks is kept whole on one of them: whole on all",
+                     names)
+            keep |= set(names)
+    return keep
 
 
 def _retie(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> None:
