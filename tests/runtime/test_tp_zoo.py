@@ -37,6 +37,23 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # tied too, and its logits soft-capped (tanh) before the loss: the output layer stays whole,
     # so the tied embedding on the other pipeline rank stays whole too (as the planner prices it)
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "attn_implementation": "eager"}),
+    # no GQA in these two: GPT-J's rotary stacks (-x2, x1) on the heads' shards; BLOOM's fused
+    # q/k/v stays whole (its attention merges batch and heads for ALiBi), its MLP and vocabulary split
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4,
+                                               "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                               "attn_pdrop": 0.0, "attn_implementation": "eager"}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"n_layer": 2, "n_head": 4, "hidden_dropout": 0.0,
+                                                  "attention_dropout": 0.0, "attn_implementation": "eager"}),
+}
+#: per architecture: its layers' prefix, and weight -> (placement, local shape) on PP2 x TP2
+SPLIT: dict[str, tuple[str, dict[str, tuple[str, tuple[int, ...]]]]] = {
+    "gptj": ("transformer.h.", {"attn.q_proj.weight": ("Shard(dim=0)", (16, 32)),
+                                "attn.out_proj.weight": ("Shard(dim=1)", (32, 16)),
+                                "mlp.fc_in.weight": ("Shard(dim=0)", (64, 32)),
+                                "mlp.fc_out.weight": ("Shard(dim=1)", (32, 64))}),
+    "bloom": ("transformer.h.", {"self_attention.query_key_value.weight": ("Replicate()", (96, 32)),
+                                 "mlp.dense_h_to_4h.weight": ("Shard(dim=0)", (64, 32)),
+                                 "mlp.dense_4h_to_h.weight": ("Shard(dim=1)", (32, 64))}),
 }
 
 
@@ -65,7 +82,7 @@ def _built(name: str) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = _model(name)
     inputs, _ = _data()
-    pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=["model.layers.1"],
+    pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=[SPLIT.get(name, ("model.layers.",))[0] + "1"],
                      n_microbatches=M)
     return model, pipe, copy.deepcopy(model.state_dict())
 
@@ -104,6 +121,12 @@ def test_pp2_tp2_trains_like_one_process(name: str) -> None:
             torch.testing.assert_close(v, ref.params[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
     assert set().union(*(r["params"] for r in results)) == set(ref.params)
     got = {k: (v[1], v[2]) for r in (results[0], results[2]) for k, v in r["meshes"].items()}
+    if name in SPLIT:
+        prefix, want = SPLIT[name]
+        for layer in (0, 1):
+            for w, (where, shape) in want.items():
+                assert got[f"{prefix}{layer}.{w}"] == ((where,), shape), (w, got[f"{prefix}{layer}.{w}"])
+        return
     for layer in (0, 1):  # 4 query heads x 8 and 2 key/value heads x 8 by rows; o and down by columns
         p = f"model.layers.{layer}."
         assert got[p + "self_attn.q_proj.weight"] == (("Shard(dim=0)",), (16, 32)), got
