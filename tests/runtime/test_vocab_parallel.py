@@ -125,7 +125,8 @@ def _train(rank: int, world: int, name: str, pipe: Any) -> dict[str, Any]:
         losses.append(None if loss is None else loss.item())
     placements = {n: (repr(p.placements[0]), tuple(p.to_local().shape)) for n, p in
                   stage.named_parameters(remove_duplicate=False) if isinstance(p, DTensor)}
-    tied = [m for m in stage.modules.values() if hasattr(m, "lm_head") and hasattr(m, "transformer")]
+    tied = [m for m in stage.modules.values()
+            if hasattr(m, "lm_head") and hasattr(getattr(m, "transformer", None), "wte")]  # both uses in one stage
     same = bool(tied) and tied[0].lm_head.weight is tied[0].transformer.wte.weight
     return {"losses": losses, "logits": logits, "placements": placements, "same": same,
             "params": full_state(stage.named_parameters()), "last": stage.is_last, "gathers": gathers}
