@@ -83,7 +83,8 @@ CARRY = frozenset({
     "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "flatten",
     "unflatten",
     "contiguous", "clone", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "alias", "t",
-    "mul", "add", "sub", "div", "neg", "silu", "gelu", "relu", "tanh", "sigmoid", "exp", "pow", "square",
+    "mul", "add", "sub", "div", "neg", "silu", "gelu", "relu", "tanh", "sigmoid", "exp", "pow", "square", "rsqrt",
+    "mean",
     "dropout", "native_dropout", "scaled_dot_product_attention", "softmax", "_softmax", "matmul", "bmm",
     "baddbmm", "masked_fill", "where", "cat", "stack", "split", "split_with_sizes", "chunk", "getitem", "mul_",
     "add_", "_assert_tensor_metadata", "gelu_", "silu_", "relu_", "dropout_", "sdpa", "flash_attention",
@@ -229,6 +230,13 @@ def _carry(gm: fx.GraphModule, u: fx.Node, v: fx.Node, dim: int, split: dict[fx.
     if name == "unsqueeze":
         k = _norm(_dims(u, ("self", "dim"))[1], len(out))
         return None if k is None else dim + 1 if k <= dim else dim
+    if name == "mean":  # a reduction over other dimensions (Qwen3's per-head RMSNorm over head_dim)
+        given, keep = _dims(u, ("self", "dim", "keepdim"), None)[1:3]
+        dims = [given] if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else None
+        reduced = {_norm(x, len(src)) for x in dims} if dims else None
+        if not reduced or None in reduced or dim in reduced:
+            return None
+        return dim if keep else dim - sum(1 for x in reduced if x is not None and x < dim)
     if name == "stack":  # a new dimension (GPT-J's rotary: (-x2, x1) stacked last), the split moves past it
         k = _norm(_dims(u, ("tensors", "dim"), 0)[1], len(out))
         return None if k is None else dim + 1 if k <= dim else dim

@@ -63,6 +63,8 @@ _EXPANDS: set[Any] = {aten.expand.default}
 _SLICES: set[Any] = {aten.slice.Tensor, aten.narrow.default, torch.narrow}
 _CATS: set[Any] = {torch.cat, torch.concat, aten.cat.default}
 _STACKS: set[Any] = {torch.stack, aten.stack.default}
+#: reductions over other dimensions than the shard's (a per-head RMSNorm's mean over head_dim)
+_MEANS: set[Any] = {torch.mean, aten.mean.dim}
 #: one index of a dimension, which goes away (BLOOM's q, k, v: ``fused[..., 0, :]``)
 _SELECTS: set[Any] = {torch.select, aten.select.int}
 #: ops that cut a tensor into a tuple of pieces along one dimension (a fused projection's q, k, v)
@@ -255,6 +257,16 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule 
         if len(dims) != 1 or dim % max(rank, 1) in dims:
             raise _NotShardable("a concatenation along the sharded dimension")
         return dims.pop()
+    if (op == "call_function" and tgt in _MEANS) or method == "mean":
+        d, rank = ins[first], len(src_shape or ())  # type: ignore[index]
+        given = _dim_arg(n, 1, "dim")
+        dims = [given] if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else []
+        if not dims or rank == 0 or not all(isinstance(x, int) for x in dims):
+            raise _NotShardable("a reduction over every dimension")
+        reduced = {x % rank for x in dims}
+        if d in reduced:
+            raise _NotShardable("a reduction over the sharded dimension")
+        return d if _dim_arg(n, 2, "keepdim", False) else d - sum(1 for x in reduced if x < d)
     if op == "call_function" and tgt in _STACKS:  # a new dimension: every operand sharded alike
         tensors = args[0]
         if not isinstance(tensors, (list, tuple)) or any(t not in ins for t in tensors):

@@ -1,6 +1,6 @@
-"""Tensor parallelism on architectures the runtime was not written against: Mistral, Qwen2 and
-Gemma (grouped-query attention: 4 query heads, 2 key/value heads) as 2 pipeline stages x 2
-tensor-parallel ranks on gloo train under 1F1B like one process on the whole batch (losses,
+"""Tensor parallelism on architectures the runtime was not written against: Mistral, Qwen2, Qwen3,
+Gemma and Gemma 2 (grouped-query attention: 4 query heads, 2 key/value heads), GPT-J and BLOOM
+as 2 pipeline stages x 2 tensor-parallel ranks on gloo train under 1F1B like one process on the whole batch (losses,
 gradient norms with clipping, parameters after the steps), with attention, MLP and
 vocabulary split (each row-parallel linear and split table checked by placement)."""
 
@@ -33,6 +33,8 @@ VOCAB = 64
 ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q, k, v with biases: split with their weights
+    # an RMSNorm over each head's features (q_norm, k_norm) between the projections and attention
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),  # tied embedding and output layer
     # tied too, and its logits soft-capped (tanh) before the loss: the output layer stays whole,
     # so the tied embedding on the other pipeline rank stays whole too (as the planner prices it)
