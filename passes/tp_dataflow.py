@@ -260,10 +260,10 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule 
     if (op == "call_function" and tgt in _MEANS) or method == "mean":
         d, rank = ins[first], len(src_shape or ())  # type: ignore[index]
         given = _dim_arg(n, 1, "dim")
-        dims = [given] if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else []
-        if not dims or rank == 0 or not all(isinstance(x, int) for x in dims):
+        axes: list[Any] = [given] if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else []
+        if not axes or rank == 0 or not all(isinstance(x, int) for x in axes):
             raise _NotShardable("a reduction over every dimension")
-        reduced = {x % rank for x in dims}
+        reduced = {x % rank for x in axes}
         if d in reduced:
             raise _NotShardable("a reduction over the sharded dimension")
         return d if _dim_arg(n, 2, "keepdim", False) else d - sum(1 for x in reduced if x < d)

@@ -752,7 +752,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     names_of: dict[int, list[str]] = {}  # every name this rank's stages know a tensor by
     for n, p in stage.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(n)
-    stage._tied = [(pg, [n for p in params for n in names_of[id(p)]]) for pg, params in stage._tied]
+    tied = [(pg, [n for p in params for n in names_of[id(p)]]) for pg, params in stage._tied]
     sequence = boundary_sequence(plan)  # sequence parallelism: what crosses the cuts as shards
     inputs = model_inputs(plan)
 
@@ -780,7 +780,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         plans[s] = decide(s, mod, replicate)
     # a weight tied across pipeline ranks splits on all of them or on none (the planner's rule
     # on the whole graph, ``find_vocab``): where one rank keeps its copy whole, all do
-    keep = _tie_consensus(stage, plans)
+    keep = _tie_consensus(tied, plans)
     if keep:
         for s, mod in graphs.items():
             if keep & set(dict(mod.named_parameters(remove_duplicate=False))):
@@ -789,7 +789,7 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
-    _retie(stage, plans)
+    _retie(stage, plans, tied)
     stage.tp_plans = plans  # type: ignore[attr-defined]
     stage.tp_sequence = sequence  # type: ignore[attr-defined]  # read by the runner (shard_boundaries)
     if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
@@ -800,12 +800,12 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     return stage
 
 
-def _tie_consensus(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> set[str]:
-    """Collective over each tie's group (``RankStage._tied``, by name): the names of the tied
+def _tie_consensus(tied: list[tuple[Any, list[str]]], plans: Mapping[int, TensorParallelPlan]) -> set[str]:
+    """Collective over each tie's group (``tied``: ``RankStage._tied`` by name): the names of the tied
     weights that some pipeline rank keeps whole while another would split its copy -- to be kept
     whole everywhere, as the planner prices a tie (split under all its names or none)."""
     keep: set[str] = set()
-    for pg, names in stage._tied:
+    for pg, names in tied:
         split = any(p.placements.get(n, "Replicate") != "Replicate" for p in plans.values() for n in names)
         every: list[Any] = [None] * dist.get_world_size(pg)
         dist.all_gather_object(every, split, group=pg)
@@ -816,7 +816,7 @@ def _tie_consensus(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> set[s
     return keep
 
 
-def _retie(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> None:
+def _retie(stage: Any, plans: Mapping[int, TensorParallelPlan], tied: list[tuple[Any, list[str]]]) -> None:
     """Weights tied across pipeline ranks (an embedding on the first, the output layer on the
     last), after the stages were sharded: each tie's sum of gradients (``RankStage._tied``, one
     group per replica and TP index: the same TP rank of each pipeline rank) then runs on the
@@ -826,7 +826,7 @@ def _retie(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> None:
     placements (hand-written: DTensor has no notion of one tensor held on two pipeline ranks)."""
     named = dict(stage.named_parameters(remove_duplicate=False))
     ties = []
-    for pg, names in stage._tied:
+    for pg, names in tied:
         params = list({id(named[n]): named[n] for n in names if n in named}.values())
         mine = [(n, _tie_placement(p), tuple(_tie_local(p).shape)) for n in names if n in named for p in (named[n],)]
         every: list[Any] = [None] * dist.get_world_size(pg)
