@@ -170,9 +170,9 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
             try:
                 solved.append(solve_pipeline(ctx, o))
             except PartitionError:
-                if o.fsdp_shard is None:  # plain FSDP (or no sharding) is what was asked: its error stands
+                if o is opts:  # the layout asked for (plain FSDP, or an explicit fsdp_shard): its error stands
                     raise
-                continue  # an HSDP candidate that does not fit: plain FSDP was solved
+                continue  # an HSDP candidate the search added that does not fit: the asked-for one was solved
         placed = sorted(((replicated(sv.prob, sv.solution, lay).step, i, j, lay, sv) for j, sv in enumerate(solved)
                          for i, lay in enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
                         key=lambda r: r[:3])
