@@ -165,16 +165,29 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
                                  f"x tensor_parallel={tp}")
         if opts.zero == 1 and tp > 1 and opts.data_parallel > 1:
             raise PartitionError(f"zero=1 with data_parallel={opts.data_parallel} is {ZERO1_TP}")
-        prob, sol, fits, _ = solve_pipeline(ctx, opts)
-        placed = sorted(((replicated(prob, sol, lay).step, i, lay) for i, lay in
-                         enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
-                        key=lambda r: r[:2])
+        solved = []
+        for o in _hsdp_options(ctx, opts, opts.data_parallel):
+            try:
+                solved.append(solve_pipeline(ctx, o))
+            except PartitionError:
+                if o is opts:  # the layout asked for (plain FSDP, or an explicit fsdp_shard): its error stands
+                    raise
+                continue  # an HSDP candidate the search added that does not fit: the asked-for one was solved
+        placed = sorted(((replicated(sv.prob, sv.solution, lay).step, i, j, lay, sv) for j, sv in enumerate(solved)
+                         for i, lay in enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
+                        key=lambda r: r[:3])
+        prob = placed[0][4].prob
         if len(placed) > 1:
-            prob.rankings["placement"] = ranked([(f"mesh ({', '.join(lay.dims)})", t, f"placement {lay.describe()}: "
-                                                  f"predicted step {t * 1e3:.4g} ms") for t, _, lay in placed])
-            prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {lay.describe()}: predicted step {t * 1e3:.4g} ms"
-                                             for t, _, lay in placed]
-        return Solved(prob, sol, fits, placed[0][2]), placed[0][0]
+            def name(lay: Mesh, sv: Solved) -> str:  # the placement, and its HSDP groups where sharded so
+                return lay.describe() + (f" {zero_label(3, lay.dp, sv.prob.shard.shard)}" if sv.prob.shard.shard else "")
+
+            prob.rankings["placement"] = ranked([(f"mesh ({', '.join(lay.dims)})" + name(lay, sv)[len(lay.describe()):],
+                                                  t, f"placement {name(lay, sv)}: predicted step {t * 1e3:.4g} ms")
+                                                 for t, _, _, lay, sv in placed])
+            prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {name(lay, sv)}: predicted step {t * 1e3:.4g} ms"
+                                             for t, _, _, lay, sv in placed]
+        best = placed[0][4]
+        return Solved(best.prob, best.solution, best.fits, placed[0][3]), placed[0][0]
     v = opts.n_stages // opts.pp
     batch = batch_size(ctx.specs) if ctx.specs else None
     rows: list[tuple[float, int, int, int, Solved, Replicated]] = []
@@ -187,16 +200,17 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
         if batch is not None and batch % d:
             refused.append(f"{label}: the batch of {batch} does not split into {d} replicas")
             continue
-        o = replace(opts, data_parallel=d, n_stages=(opts.n_gpus // (d * tp)) * v)
-        try:
-            prob, sol, fits, _ = solve_pipeline(ctx, o)
-        except PartitionError as e:  # infeasible, too few cuts, a schedule that does not fit the counts
-            refused.append(f"{label}: {' '.join(str(e).split())[:160]}")
-            continue
-        peak = max(prob.need(i, x) for i, x in enumerate(fits))
-        for lay in placements(d, o.pp, o.gpus_per_node, tp):
-            rep = replicated(prob, sol, lay)
-            rows.append((rep.step, peak, -d, len(rows), Solved(prob, sol, fits, lay), rep))
+        for o in _hsdp_options(ctx, replace(opts, data_parallel=d, n_stages=(opts.n_gpus // (d * tp)) * v), d):
+            lab = label + (f" {zero_label(3, d, o.fsdp_shard)}" if o.fsdp_shard else "")
+            try:
+                prob, sol, fits, _ = solve_pipeline(ctx, o)
+            except PartitionError as e:  # infeasible, too few cuts, a schedule that does not fit the counts
+                refused.append(f"{lab}: {' '.join(str(e).split())[:160]}")
+                continue
+            peak = max(prob.need(i, x) for i, x in enumerate(fits))
+            for lay in placements(d, o.pp, o.gpus_per_node, tp):
+                rep = replicated(prob, sol, lay)
+                rows.append((rep.step, peak, -d, len(rows), Solved(prob, sol, fits, lay), rep))
     if not rows:
         raise InfeasibleError(f"no data-parallel degree fits {opts.n_gpus} GPUs: " + "; ".join(refused[:6]))
     rows.sort(key=lambda r: r[:4])
@@ -204,7 +218,8 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
 
     def line(r: tuple[float, int, int, int, Solved, Replicated]) -> str:
         t, _, _, _, (pr, _, _, ly), rep = r
-        return (f"D={ly.dp} P={ly.pp} m={pr.opts.n_microbatches} {pr.opts.schedule}"
+        return (f"D={ly.dp} P={ly.pp}" + (f" {zero_label(3, ly.dp, pr.shard.shard)}" if pr.shard.shard else "")
+                + f" m={pr.opts.n_microbatches} {pr.opts.schedule}"
                 + (f" ({ly.describe()})" if ly.n_nodes > 1 else "")
                 + f": predicted step {t * 1e3:.4g} ms (all-reduce exposed {rep.mesh.exposed_s * 1e3:.3g} ms, "
                 f"bubble {rep.sim.bubble_fraction:.1%}), peak memory {_fmt_bytes(r[1])}")
@@ -214,6 +229,20 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
     best.prob.notes = list(best.prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}: {why}"] + [
         f"{DP_NOTE} #{i + 1} {line(r)}" for i, r in enumerate(rows)] + [f"{DP_NOTE} -- {r}" for r in refused]
     return best, step
+
+
+def _hsdp_options(ctx: Context, opts: Options, d: int) -> list[Options]:
+    """The sharding layouts ``choose`` solves at ``d`` replicas: ``opts`` itself, and with
+    ``zero=3`` asked for explicitly (``zero="auto"`` goes through ``joint``, which lists them
+    the same way), no ``fsdp_shard`` given and the replicas or the tensor-parallel degree left
+    to the planner, also each hybrid-sharding group size (HSDP) that ``joint`` would try there:
+    ``data_parallel.hsdp_shards``, where the replicas span nodes."""
+    req = ctx.request
+    if (req.zero != 3 or opts.fsdp_shard is not None or d <= 1
+            or (req.data_parallel != "auto" and req.tensor_parallel != "auto")):
+        return [opts]
+    return [opts, *(replace(opts, fsdp_shard=s) for s in hsdp_shards(d, opts.pp, opts.gpus_per_node,
+                                                                      opts.tensor_parallel))]
 
 
 def solve_pipeline(ctx: Context, opts: Options) -> Solved:

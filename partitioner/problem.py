@@ -403,6 +403,7 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     priced = marks.apply(ctx.memo(("price", tp, micro, seq1, marks.glob, opts.precision), lambda: price(
         gm, batch=micro, seq=seq1, node_time=node_timer(ctx, gm, opts.precision), cut_at=marks.glob,
         costs_known=costs_known)))
+    priced = tensor_parallel.region_cuts(gm, priced)  # no cut between a sharded region's columns and rows
     ev = ctx.memo(("ev", micro, seq1), lambda: Evaluator(micro, seq1))
     width, _, _ = PRECISIONS[opts.precision]
     per_param = bytes_per_param(opts.precision, opts.optimizer)

@@ -30,6 +30,7 @@ all-reduce the runtime runs there, not as a gather/scatter pair.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 from torch import fx
@@ -41,7 +42,7 @@ from partitioner.passes.errors import GraphError
 from partitioner.passes.meta import COST, TP
 from partitioner.passes.tensor_parallel import Sharded, param_divisor, shard
 
-__all__ = ["view", "node_time", "param_divisor", "boundary_time"]
+__all__ = ["view", "node_time", "param_divisor", "boundary_time", "region_cuts"]
 
 NodeTime = Callable[[Any, Mapping[str, int]], "tuple[float, float]"]
 
@@ -75,7 +76,8 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     if not isinstance(sharded, Sharded) or sharded.degree <= 1:
         return base
     if sharded.refused is not None:  # the runtime would refuse this degree: so does the planner
-        raise GraphError(f"tensor_parallel={sharded.degree}: {sharded.refused}")
+        raise GraphError(f"tensor_parallel={sharded.degree}: {sharded.refused} (partition(tensor_parallel='auto') "
+                         "tries only the degrees that divide every head count)")
     by_cost: dict[int, tuple[Any, Any]] = {}
     for node in gm.graph.nodes:
         n = node.name
@@ -106,3 +108,27 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     return timed
 
 
+
+
+def region_cuts(gm: fx.GraphModule, priced: Any) -> Any:
+    """``priced`` (``pricing.Priced``) with every cut inside a sharded region of ``gm`` (a
+    ``view``) not allowed: a stage boundary between a region's column and row linears would
+    send head-split values across it, which the runtime does not do -- it keeps such a region
+    whole ("its output leaves the stage"), so pricing it split there would be wrong. The cut
+    positions span each region from its first to its last node in the solver's order.
+    Unchanged for a graph that is not a tensor-parallel view."""
+    sharded = gm.meta.get(TP)
+    if not isinstance(sharded, Sharded) or sharded.degree <= 1 or not sharded.regions:
+        return priced
+    pos = {n.name: i for i, n in enumerate(priced.order)}  # by name: the regions hold the captured graph's nodes
+    allowed, why = list(priced.allowed), list(priced.blocked_by)
+    for r in sharded.regions:
+        at = sorted(pos[n.name] for n in (*r.columns, *r.inner, *r.rows) if n.name in pos)
+        if not at:
+            continue
+        for k in range(at[0] + 1, at[-1] + 1):
+            if allowed[k]:
+                allowed[k] = False
+                why[k] = (f"inside the tensor-parallel region {r.columns[0].name} .. {r.rows[-1].name} (its head- or "
+                          f"feature-split values do not cross stages)")
+    return replace(priced, allowed=tuple(allowed), blocked_by=tuple(why))

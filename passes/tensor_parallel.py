@@ -80,11 +80,13 @@ __all__ = ["Region", "find_regions", "Vocab", "find_vocab", "Sharded", "shard", 
 #: feature (or head) dimension through unchanged: element-wise math, views that keep the
 #: sharded dimension whole per rank, attention over heads, dropout, casts
 CARRY = frozenset({
-    "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "flatten",
+    "unflatten",
     "contiguous", "clone", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "alias", "t",
-    "mul", "add", "sub", "div", "neg", "silu", "gelu", "relu", "tanh", "sigmoid", "exp", "pow", "square",
+    "mul", "add", "sub", "div", "neg", "silu", "gelu", "relu", "tanh", "sigmoid", "exp", "pow", "square", "rsqrt",
+    "mean",
     "dropout", "native_dropout", "scaled_dot_product_attention", "softmax", "_softmax", "matmul", "bmm",
-    "baddbmm", "masked_fill", "where", "cat", "split", "split_with_sizes", "chunk", "getitem", "mul_",
+    "baddbmm", "masked_fill", "where", "cat", "stack", "split", "split_with_sizes", "chunk", "getitem", "mul_",
     "add_", "_assert_tensor_metadata", "gelu_", "silu_", "relu_", "dropout_", "sdpa", "flash_attention",
 })
 _ATTENTION = frozenset({"scaled_dot_product_attention", "sdpa", "flash_attention"})
@@ -206,7 +208,7 @@ def _carry(gm: fx.GraphModule, u: fx.Node, v: fx.Node, dim: int, split: dict[fx.
         return dim if src is not None and d is not None and d != dim else None
     if src is None or out is None:
         return None
-    if name in ("view", "reshape", "_unsafe_view"):
+    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten"):
         # the split dim's features, with everything to its right, map to a run of output dims:
         # the split lands on the outermost of them (heads when hidden is viewed as heads x head_dim)
         whole = _prod(src[dim:])
@@ -228,6 +230,19 @@ def _carry(gm: fx.GraphModule, u: fx.Node, v: fx.Node, dim: int, split: dict[fx.
     if name == "unsqueeze":
         k = _norm(_dims(u, ("self", "dim"))[1], len(out))
         return None if k is None else dim + 1 if k <= dim else dim
+    if name == "mean":  # a reduction over other dimensions (Qwen3's per-head RMSNorm over head_dim)
+        given, keep = _dims(u, ("self", "dim", "keepdim"), None)[1:3]
+        dims = [given] if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else None
+        reduced = {_norm(x, len(src)) for x in dims} if dims else None
+        if not reduced or None in reduced or dim in reduced:
+            return None
+        return dim if keep else dim - sum(1 for x in reduced if x is not None and x < dim)
+    if name == "stack":  # a new dimension (GPT-J's rotary: (-x2, x1) stacked last), the split moves past it
+        k = _norm(_dims(u, ("tensors", "dim"), 0)[1], len(out))
+        return None if k is None else dim + 1 if k <= dim else dim
+    if name == "select":  # one index of another dimension (BLOOM's q, k, v of a per-head fused projection)
+        k = _norm(_dims(u, ("self", "dim", "index"))[1], len(src))
+        return None if k is None or k == dim else dim - 1 if k < dim else dim
     if name == "squeeze":
         return dim - (len(src) - len(out)) if len(out) < len(src) and src[dim] != 1 else dim
     if name in ("softmax", "_softmax", "cat", "slice"):

@@ -62,6 +62,11 @@ _PERMUTE_METHODS = {"transpose", "permute", "swapaxes", "t"}
 _EXPANDS: set[Any] = {aten.expand.default}
 _SLICES: set[Any] = {aten.slice.Tensor, aten.narrow.default, torch.narrow}
 _CATS: set[Any] = {torch.cat, torch.concat, aten.cat.default}
+_STACKS: set[Any] = {torch.stack, aten.stack.default}
+#: reductions over other dimensions than the shard's (a per-head RMSNorm's mean over head_dim)
+_MEANS: set[Any] = {torch.mean, aten.mean.dim}
+#: one index of a dimension, which goes away (BLOOM's q, k, v: ``fused[..., 0, :]``)
+_SELECTS: set[Any] = {torch.select, aten.select.int}
 #: ops that cut a tensor into a tuple of pieces along one dimension (a fused projection's q, k, v)
 _SPLITS: set[Any] = {torch.split, torch.chunk, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 _SPLIT_METHODS = {"split", "chunk", "split_with_sizes"}
@@ -185,7 +190,7 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule 
         return dims.pop()
     if len(ins) != 1 or first not in ins:
         if (op == "call_function" and tgt in _SDPA) or (op == "call_function" and tgt in _MATMULS) or (
-                op == "call_function" and tgt in _CATS):
+                op == "call_function" and tgt in _CATS) or (op == "call_function" and tgt in _STACKS):
             pass  # several sharded operands: handled below
         else:
             raise _NotShardable("a sharded value enters an argument other than the first")
@@ -222,6 +227,12 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule 
         if dim == d and (out is None or src_shape is None or out[d] != src_shape[d]):
             raise _NotShardable("a slice of the sharded dimension")
         return d
+    if (op == "call_function" and tgt in _SELECTS) or method == "select":
+        d, rank = ins[first], len(src_shape or ())  # type: ignore[index]
+        dim = _dim_arg(n, 1, "dim")
+        if not isinstance(dim, int) or rank == 0 or dim % rank == d:
+            raise _NotShardable("an index into the sharded dimension")
+        return d - 1 if dim % rank < d else d
     if (op == "call_function" and tgt in _SPLITS) or method in _SPLIT_METHODS:
         # pieces along another dimension keep the shard (GPT-NeoX's query_key_value, viewed as
         # (..., heads, 3 x head_dim) and chunked on the last: each rank holds whole heads with
@@ -246,6 +257,25 @@ def _propagate(n: fx.Node, ins: dict[fx.Node, int], tp: int, gm: fx.GraphModule 
         if len(dims) != 1 or dim % max(rank, 1) in dims:
             raise _NotShardable("a concatenation along the sharded dimension")
         return dims.pop()
+    if (op == "call_function" and tgt in _MEANS) or method == "mean":
+        d, rank = ins[first], len(src_shape or ())  # type: ignore[index]
+        given = _dim_arg(n, 1, "dim")
+        axes: list[Any] = [given] if isinstance(given, int) else list(given) if isinstance(given, (list, tuple)) else []
+        if not axes or rank == 0 or not all(isinstance(x, int) for x in axes):
+            raise _NotShardable("a reduction over every dimension")
+        reduced = {x % rank for x in axes}
+        if d in reduced:
+            raise _NotShardable("a reduction over the sharded dimension")
+        return d if _dim_arg(n, 2, "keepdim", False) else d - sum(1 for x in reduced if x < d)
+    if op == "call_function" and tgt in _STACKS:  # a new dimension: every operand sharded alike
+        tensors = args[0]
+        if not isinstance(tensors, (list, tuple)) or any(t not in ins for t in tensors):
+            raise _NotShardable("a stack of sharded and whole values")
+        dims = {ins[t] for t in tensors}  # type: ignore[index]
+        if len(dims) != 1:
+            raise _NotShardable(f"operands sharded on different dimensions {sorted(dims)}")
+        d, k = dims.pop(), int(_dim_arg(n, 1, "dim", 0)) % max(len(out or ()), 1)
+        return d + 1 if k <= d else d
     if (op == "call_function" and tgt in _SOFTMAX) or method == "softmax":
         d = ins[first]  # type: ignore[index]
         dim = int(_dim_arg(n, 1, "dim", -1))

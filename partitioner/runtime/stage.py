@@ -362,10 +362,11 @@ class RankStage:
             ranks = sorted({st.rank for st in self.plan.stages if set(st.parameters) & set(names)})
             if len(ranks) < 2:
                 continue  # one rank holds every use: a single tensor after _copy_to
-            if self.dp_group is not None:  # one group per replica, each created by every rank
-                mesh = self.plan.mesh
-                groups = [dist.new_group([mesh.rank(d, r) for r in ranks]) for d in range(mesh.dp)]
-                pg = groups[self.dp_rank]
+            mesh = self.plan.mesh
+            if self.dp_group is not None or mesh.tp > 1:  # one group per replica and TP index, made by every rank
+                groups = [dist.new_group([mesh.rank(d, r, t) for r in ranks]) for d in range(mesh.dp)
+                          for t in range(mesh.tp)]
+                pg = groups[self.dp_rank * mesh.tp + dist.get_rank() % mesh.tp]  # tp innermost (Mesh.rank)
             else:
                 global_ranks = ranks if self.group is None else [dist.get_global_rank(self.group, r) for r in ranks]
                 pg = dist.new_group(global_ranks)
@@ -643,7 +644,8 @@ class RankStage:
             before = saved[i] if saved is not None else [None] * len(params)
             for p, old in zip(params, before):
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
-                dist.all_reduce(g, group=pg)
+                # a tensor-parallel shard: its local values (the tie's copies are sharded alike)
+                dist.all_reduce(local_shard(g), group=pg)
                 p.grad = g if old is None else old + g
 
     def take_tied_grads(self) -> list[list[torch.Tensor | None]]:

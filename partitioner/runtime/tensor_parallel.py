@@ -725,12 +725,6 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         problems.append("zero=1 with tensor parallelism is not supported (ZeroRedundancyOptimizer broadcasts the "
                         "parameters it steps, which DTensor has no rule for): re-partition with zero=3 (FSDP over the "
                         "replicas) or zero=0")
-    if any(len({st.rank for st in plan.stages if set(st.parameters) & set(names)}) > 1
-           for names in plan.tied_parameters):
-        problems.append("weights tied across pipeline ranks are not supported with tensor parallelism yet "
-                        f"({[list(g) for g in plan.tied_parameters]}): keep them in one stage (one pipeline rank, "
-                        "or cuts that leave the embedding and the output layer together) or untie them "
-                        "(e.g. tie_word_embeddings=False)")
     if world != total:
         problems.append((f"the plan runs {mesh.dp} replicas x " if mesh.dp > 1 else "the plan runs ")
                         + f"{plan.pp_ranks} pipeline ranks x tp={mesh.tp} = {total} ranks, the process "
@@ -754,27 +748,48 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     # the stage's boundary values are replicated over the TP group: its runner's transport sends
     # each message once per TP group (1/T per rank) and all-gathers at the receiver
     plans = {}
+    # the tie sums' parameters by name: sharding replaces them with DTensors (``_retie``)
+    names_of: dict[int, list[str]] = {}  # every name this rank's stages know a tensor by
+    for n, p in stage.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
+    tied = [(pg, [n for p in params for n in names_of[id(p)]]) for pg, params in stage._tied]
     sequence = boundary_sequence(plan)  # sequence parallelism: what crosses the cuts as shards
     inputs = model_inputs(plan)
-    for s, mod in stage.modules.items():
-        if not isinstance(mod, fx.GraphModule):
-            raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
-                                       "parallelism rewrites the stage graphs")
-        plans[s] = shard_plan(mod, mesh.tp, replicate=replicate, last=s == plan.n_stages - 1,
-                              sequence_parallel=bool(plan.options.get("sequence_parallel")), model_inputs=inputs)
+
+    def decide(s: int, mod: fx.GraphModule, keep: tuple[str, ...]) -> TensorParallelPlan:
+        found = shard_plan(mod, mesh.tp, replicate=keep, last=s == plan.n_stages - 1,
+                           sequence_parallel=bool(plan.options.get("sequence_parallel")), model_inputs=inputs)
         st = plan.stages[s]
-        plans[s].boundary_inputs = {n: sequence[n] for n in st.inputs if n in sequence} if s > 0 else {}
-        plans[s].boundary_outputs = {i: sequence[n] for i, n in enumerate(st.outputs) if n in sequence} \
+        found.boundary_inputs = {n: sequence[n] for n in st.inputs if n in sequence} if s > 0 else {}
+        found.boundary_outputs = {i: sequence[n] for i, n in enumerate(st.outputs) if n in sequence} \
             if s < plan.n_stages - 1 else {}
-        if (plans[s].boundary_inputs or plans[s].boundary_outputs) and not any(True for _ in mod.parameters()):
+        if (found.boundary_inputs or found.boundary_outputs) and not any(True for _ in mod.parameters()):
             raise PipelineRuntimeError(
                 f"sequence parallelism: stage {s} has no parameters, so it runs unsharded on every TP rank and "
                 f"cannot take or send its boundary values {sorted(set(st.inputs + st.outputs) & set(sequence))} as "
                 "sequence shards; move a cut so that every stage holds parameters, or run without sequence "
                 "parallelism")
+        return found
+
+    graphs: dict[int, fx.GraphModule] = {}
+    for s, mod in stage.modules.items():
+        if not isinstance(mod, fx.GraphModule):
+            raise PipelineRuntimeError(f"stage {s} is a {type(mod).__name__}, not an fx.GraphModule: tensor "
+                                       "parallelism rewrites the stage graphs")
+        graphs[s] = mod
+        plans[s] = decide(s, mod, replicate)
+    # a weight tied across pipeline ranks splits on all of them or on none (the planner's rule
+    # on the whole graph, ``find_vocab``): where one rank keeps its copy whole, all do
+    keep = _tie_consensus(tied, plans)
+    if keep:
+        for s, mod in graphs.items():
+            if keep & set(dict(mod.named_parameters(remove_duplicate=False))):
+                plans[s] = decide(s, mod, (*replicate, *sorted(keep)))
+    for s, mod in graphs.items():
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
         parallelize(mod, tp_mesh, plans[s])
+    _retie(stage, plans, tied)
     stage.tp_plans = plans  # type: ignore[attr-defined]
     stage.tp_sequence = sequence  # type: ignore[attr-defined]  # read by the runner (shard_boundaries)
     if replicas:  # zero=3: FSDP shards the DTensors over dp (2-D parameters); else GradSync averages their shards
@@ -783,6 +798,57 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
     if any(p.split_outputs or p.losses for p in plans.values()):  # logits split by vocabulary reach the loss
         stage.runner = _vocab_runner(stage, stage.runner)  # type: ignore[method-assign]
     return stage
+
+
+def _tie_consensus(tied: list[tuple[Any, list[str]]], plans: Mapping[int, TensorParallelPlan]) -> set[str]:
+    """Collective over each tie's group (``tied``: ``RankStage._tied`` by name): the names of the tied
+    weights that some pipeline rank keeps whole while another would split its copy -- to be kept
+    whole everywhere, as the planner prices a tie (split under all its names or none)."""
+    keep: set[str] = set()
+    for pg, names in tied:
+        split = any(p.placements.get(n, "Replicate") != "Replicate" for p in plans.values() for n in names)
+        every: list[Any] = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(every, split, group=pg)
+        if any(every) and not all(every):
+            log.info("tensor parallelism: %s tied across pipeline ranks is kept whole on one of them: whole on all",
+                     names)
+            keep |= set(names)
+    return keep
+
+
+def _retie(stage: Any, plans: Mapping[int, TensorParallelPlan], tied: list[tuple[Any, list[str]]]) -> None:
+    """Weights tied across pipeline ranks (an embedding on the first, the output layer on the
+    last), after the stages were sharded: each tie's sum of gradients (``RankStage._tied``, one
+    group per replica and TP index: the same TP rank of each pipeline rank) then runs on the
+    local shards, which is the whole tie's sum only when every copy is sharded alike (both split
+    by vocabulary, rows ``t V / T`` to ``(t + 1) V / T`` on TP rank ``t``; or both whole). That
+    is checked here, collectively over each tie's group, and a mismatch refused naming both
+    placements (hand-written: DTensor has no notion of one tensor held on two pipeline ranks)."""
+    named = dict(stage.named_parameters(remove_duplicate=False))
+    ties = []
+    for pg, names in tied:
+        params = list({id(named[n]): named[n] for n in names if n in named}.values())
+        mine = [(n, _tie_placement(p), tuple(_tie_local(p).shape)) for n in names if n in named for p in (named[n],)]
+        every: list[Any] = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(every, mine[0] if mine else None, group=pg)
+        if len({(w[1], w[2]) for w in every if w is not None}) > 1:
+            raise PipelineRuntimeError(
+                "tensor parallelism: a weight tied across pipeline ranks is sharded differently on them ("
+                + "; ".join(f"{w[0]}: {w[1]}, local shape {w[2]}" for w in every if w is not None)
+                + "), so its copies' gradients cannot be summed shard by shard: "
+                + "; ".join(f"stage {s} keeps {n} whole: {why}" for s, p in plans.items()
+                            for n, why in p.replicated.items() if n in names)
+                + " -- untie the weights (e.g. tie_word_embeddings=False) or cut so that both uses share a stage")
+        ties.append((pg, params))
+    stage._tied = ties
+
+
+def _tie_placement(p: Any) -> str:
+    return repr(tuple(p.placements)) if isinstance(p, DTensor) else "whole"
+
+
+def _tie_local(p: Any) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def boundary_sequence(plan: Plan) -> dict[str, int]:

@@ -142,3 +142,50 @@ def test_cli_zero_auto_prints_hsdp_in_the_ranking(tmp_path: Any) -> None:
     assert json.loads(out.read_text())["mesh"].get("shard", 0) == (2 if picked else 0), done.stdout
     # the summary's data-parallel line names what was picked
     assert ("HSDP (zero=3, 2 x 2-way shards)" if picked else "FSDP (zero=3)") in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("inter_link,hsdp_wins", [("ethernet-100g", True), ("nvlink4", False)],
+                         ids=["slow-inter-link", "fast-inter-link"])
+def test_zero3_with_replicas_left_open_also_tries_hsdp(gpt: Any, inter_link: str, hsdp_wins: bool) -> None:
+    """``zero=3`` asked for, ``data_parallel="auto"``: the replica search solves HSDP where the
+    replicas span nodes (the group sizes ``zero="auto"`` tries), beside plain FSDP, and keeps the
+    faster: the step of the explicit plan it equals, its groups named in the ranking."""
+    model, idx = gpt
+    kw = {k: v for k, v in COMMON.items() if k != "data_parallel"}
+    kw.update(inter_link=inter_link, zero=3)
+    fixed = {s: partition(model, example_inputs=(idx,), data_parallel=4, fsdp_shard=s, **kw).plan for s in (None, 2)}
+    faster = min(fixed, key=lambda s: fixed[s].prediction.step_time_s)
+    assert (faster == 2) == hsdp_wins, {s: p.prediction.step_time_s for s, p in fixed.items()}
+    plan = partition(model, example_inputs=(idx,), data_parallel="auto", **kw).plan
+    rows = [r for r in plan.rankings["dp"] if r["refused"] is None]
+    hsdp = [r for r in rows if r["label"].startswith("D=4 P=2 zero=3 HSDP 2x2 ")]
+    plain = [r for r in rows if re.match(r"D=4 P=2 m=", r["label"])]
+    assert hsdp and plain, [r["label"] for r in rows]  # both solved at D=4 (each placement), whichever wins
+    for got, want in ((min(hsdp, key=lambda r: r["step_s"]), fixed[2]),
+                      (min(plain, key=lambda r: r["step_s"]), fixed[None])):
+        assert got["step_s"] == pytest.approx(want.prediction.step_time_s, rel=1e-9), got
+    # the pick is the fastest row, and no slower than the faster explicit plan at D=4
+    assert plan.prediction.step_time_s == pytest.approx(min(r["step_s"] for r in rows), rel=1e-9)
+    assert plan.prediction.step_time_s <= fixed[faster].prediction.step_time_s * (1 + 1e-9)
+    assert plan.mesh.zero == 3 and (plan.mesh.shard > 0) == ("HSDP" in rows[0]["label"])
+
+
+def test_zero3_with_tensor_parallelism_left_open_also_tries_hsdp() -> None:
+    """``zero=3`` and the replicas given, the tensor-parallel degree left open: each degree's
+    placement ranking holds HSDP where its shard groups fit a node (at T=1 and T=2 here; at
+    T=4 a 2 x 4 group would exceed a node of 4, so none), and the pick is the fastest listed.
+    An explicit ``fsdp_shard`` or no degree left open keeps the one layout asked for."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+
+    inputs, _ = _data("net")
+    kw = dict(device="cpu", link="loopback", data_parallel=4, gpus_per_node=4, inter_link="ethernet-100g", zero=3,
+              n_microbatches=1)
+    plan = partition(Net(), 8, inputs, tensor_parallel="auto", **kw).plan
+    picked = [r for r in plan.rankings["placement"] if r["refused"] is None] if "placement" in plan.rankings else []
+    assert any("HSDP 2x2" in r["label"] for r in picked), plan.rankings
+    hybrid = partition(Net(), 8, inputs, tensor_parallel=plan.mesh.tp, fsdp_shard=2, **kw).plan
+    plain = partition(Net(), 8, inputs, tensor_parallel=plan.mesh.tp, **kw).plan
+    assert plain.mesh.shard == 0  # both given: plain FSDP, as asked
+    want = min(hybrid, plain, key=lambda p: p.prediction.step_time_s)
+    assert (plan.mesh.shard or 0) == (want.mesh.shard or 0)
+    assert plan.prediction.step_time_s == pytest.approx(want.prediction.step_time_s, rel=1e-9)

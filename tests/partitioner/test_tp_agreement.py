@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from typing import Any
 
 import pytest
@@ -35,8 +36,15 @@ ARCHS = ["gpt2", "llama", "bert", "t5", "mistral", "qwen2", "phi", "phi3", "gpt_
          "falcon", "gpt_bigcode"]
 #: weights a fused projection (one linear split or chunked on its features into q, k, v or
 #: gate, up) holds: whole in both, never priced split (Falcon's is a FalconLinear, a matmul
-#: neither finder takes for a linear)
+#: neither finder takes for a linear). BLOOM's is laid out per head as GPT-NeoX's ([q, k, v] of
+#: each head: viewed as heads x 3 x head_dim, each of q, k, v one index of the 3), which both
+#: follow, but its attention then merges batch and heads into one dimension (B x H, for the
+#: ALiBi bias built whole from the mask): heads split on the inner of two merged dimensions are
+#: not one block per rank, so DTensor cannot keep the shard there, and the projection stays whole
 FUSED = {"phi3": ("qkv_proj", "gate_up_proj"), "bloom": ("query_key_value",), "gpt_bigcode": ("c_attn",)}
+#: why the runtime keeps a fused projection whole, where that is the layout's fault and not an op
+#: the analysis does not follow
+WHY = {"bloom": r"the sharded dimension 1 of \(\d+, \d+, \d+, \d+\) is merged under dimension 0"}
 #: fused projections laid out per head (viewed as heads x (3 x head_dim), then chunked): split in both
 PER_HEAD = {"gpt_neox": "query_key_value"}
 
@@ -85,6 +93,8 @@ def test_the_planner_prices_the_split_the_runtime_runs(name: str) -> None:
     for part in FUSED.get(name, ()):  # whole in both, with the runtime's reason
         fused = [w for w in whole if f".{part}." in w]
         assert fused and not any(f".{part}." in w for w in want["divided"]), (part, fused)
+        if name in WHY:
+            assert all(re.search(WHY[name], whole[w]) for w in fused), {w: whole[w] for w in fused}
     if name in PER_HEAD:
         assert {w for w in want["column"] if f".{PER_HEAD[name]}." in w}, want["column"]
     # not vacuous: every architecture splits its vocabulary; these shard attention or the MLP

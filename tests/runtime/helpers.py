@@ -153,3 +153,31 @@ def assert_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
     assert got, "no parameters to compare"
     for name, value in got.items():
         torch.testing.assert_close(value, want[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+def train_clipped(stage: Any, inputs: dict[str, Any], y: torch.Tensor, loss_fn: Callable[..., torch.Tensor], *,
+                  steps: int = STEPS, lr: float = LR, max_norm: float = 1.0) -> tuple[list[float], list[float]]:
+    """``steps`` SGD steps of one rank's built stage (``stage.optimizer``, so FSDP and tensor-parallel
+    shards step as they are) under its plan's schedule, clipping the whole model's gradient norm to
+    ``max_norm`` before each step; the first stage is fed ``inputs`` (keyword inputs), the last
+    ``y``: (the loss per step, on every rank; the norm before clipping per step)."""
+    opt = stage.optimizer(torch.optim.SGD, lr=lr)
+    runner = stage.runner(loss_fn=loss_fn)
+    losses, norms = [], []
+    for _ in range(steps):
+        stage.zero_grad()
+        loss = runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
+                           loss_on_every_rank=True)
+        losses.append(loss.item())
+        norms.append(stage.clip_grad_norm_(max_norm).item())
+        opt.step()
+    return losses, norms
+
+
+def dtensor_meshes(stage: Any) -> dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]]:
+    """Per DTensor parameter of a built stage: (its mesh's dimension names, its placements as
+    text, its local shard's shape)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (tuple(p.device_mesh.mesh_dim_names or ()), tuple(map(repr, p.placements)), tuple(p.to_local().shape))
+            for n, p in stage.named_parameters() if isinstance(p, DTensor)}

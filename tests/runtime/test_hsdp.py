@@ -214,22 +214,30 @@ def test_cli_plan_takes_fsdp_shard(tmp_path: Any) -> None:
     assert bad.returncode != 0 and "--fsdp-shard 3 does not divide --dp 4" in bad.stderr, bad.stderr
 
 
+def _net_hsdp_tp2(n_gpus: int, *, dp: int, shard: int, m: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Any]:
+    """test_tensor_parallel's Net fixture (seed 0), its initial state, and a one-stage plan of it
+    as HSDP (``dp`` replicas sharded in groups of ``shard``) x TP2 on ``n_gpus`` ranks."""
+    from tests.runtime.test_tensor_parallel import Net, _data
+
+    torch.manual_seed(0)
+    model = Net()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs, _ = _data("net")
+    pipe = partition(model, n_gpus, inputs, device="cpu", link="loopback", data_parallel=dp, zero=3,
+                     fsdp_shard=shard, tensor_parallel=2, n_microbatches=m)
+    return model, init, pipe
+
+
 @pytest.mark.timeout(240)
 def test_hsdp_with_tensor_parallelism_trains_like_one_process() -> None:
     """PP1 x HSDP 2x1 x TP2 on 4 gloo ranks: the job's mesh is (dp_replicate, dp_shard, tp)
     (``runtime.stage.job_mesh``, as torchtitan composes HSDP with TP), FSDP2 shards the TP
     DTensors over the 2-D (dp_replicate, dp_shard) mesh, and the run (SGD, clipping) equals one
     process on the whole batch."""
-    from tests.runtime.test_tensor_parallel import Net, _data
     from tests.runtime.test_three_d import _check
     from tests.runtime.test_three_d import _train as train_3d
 
-    torch.manual_seed(0)
-    model = Net()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs, _ = _data("net")
-    pipe = partition(model, 4, inputs, device="cpu", link="loopback", data_parallel=2, zero=3, fsdp_shard=1,
-                     tensor_parallel=2, n_microbatches=2)
+    model, init, pipe = _net_hsdp_tp2(4, dp=2, shard=1, m=2)
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.mesh.tp, pipe.plan.pp_ranks) == (2, 1, 2, 1)
     results = spawn(train_3d, 4, pipe, timeout_s=TIMEOUT_S)
     _check(model, init, results, 1)
@@ -244,25 +252,16 @@ def _train_3d_and_reload(rank: int, world: int, pipe: Any, path: str) -> dict[st
     """test_three_d's run (SGD, clipping) on the Net fixture, then the job's DCP checkpoint
     saved, the parameters zeroed and loaded back: whether each came back exactly."""
     import torch.nn.functional as F
-    from torch.distributed.tensor import DTensor
 
     from partitioner.runtime.tensor_parallel import full_state
+    from tests.runtime.helpers import dtensor_meshes, train_clipped
     from tests.runtime.test_tensor_parallel import _data
     from tests.runtime.test_three_d import LR, MAX_NORM, STEPS
 
     inputs, y = _data("net")
     stage = pipe.build_stage(rank, "cpu")
-    opt = stage.optimizer(torch.optim.SGD, lr=LR)
-    runner = stage.runner(loss_fn=F.mse_loss)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        stage.zero_grad()
-        losses.append(runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
-                                  loss_on_every_rank=True).item())
-        norms.append(stage.clip_grad_norm_(MAX_NORM).item())
-        opt.step()
-    meshes = {n: (tuple(p.device_mesh.mesh_dim_names or ()), tuple(map(repr, p.placements)),
-                  tuple(p.to_local().shape)) for n, p in stage.named_parameters() if isinstance(p, DTensor)}
+    losses, norms = train_clipped(stage, inputs, y, F.mse_loss, steps=STEPS, lr=LR, max_norm=MAX_NORM)
+    meshes = dtensor_meshes(stage)
     params = full_state(stage.named_parameters())
     stage.save_checkpoint(path)
     with torch.no_grad():
@@ -278,16 +277,10 @@ def _train_3d_and_reload(rank: int, world: int, pipe: Any, path: str) -> dict[st
 def test_hsdp2x2_tp2_eight_ranks(tmp_path: Any) -> None:
     """8 ranks: HSDP 2 replicate x 2 shard x TP2 of a one-stage pipeline (both data-parallel
     dimensions real) trains like one process, and its checkpoint loads back into the 3-D shards."""
-    from tests.runtime.test_tensor_parallel import Net, _data
     from tests.runtime.test_three_d import ATOL, _reference
     from tests.runtime.test_three_d import RTOL as RTOL_3D
 
-    torch.manual_seed(0)
-    model = Net()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs, _ = _data("net")
-    pipe = partition(model, 8, inputs, device="cpu", link="loopback", data_parallel=4, zero=3, fsdp_shard=2,
-                     tensor_parallel=2, n_microbatches=1)
+    model, init, pipe = _net_hsdp_tp2(8, dp=4, shard=2, m=1)
     assert (pipe.plan.mesh.dp, pipe.plan.mesh.shard, pipe.plan.mesh.tp) == (4, 2, 2)
     results = spawn(_train_3d_and_reload, 8, pipe, str(tmp_path / "dcp"), timeout_s=TIMEOUT_S * 2)
     ref = _reference(model, init)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from partitioner import partition
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import full_state, with_tensor_parallel
-from tests.runtime.helpers import Reference, sgd_reference
+from tests.runtime.helpers import Reference, dtensor_meshes, sgd_reference, train_clipped
 from tests.runtime.test_tensor_parallel import Net, _data
 
 TIMEOUT_S = 150.0
@@ -47,24 +47,11 @@ def _reference(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> Referen
 
 
 def _train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
-    from torch.distributed.tensor import DTensor
-
     inputs, y = _data("net")
     stage = pipe.build_stage(rank, "cpu")
-    opt = stage.optimizer(torch.optim.SGD, lr=LR)
-    runner = stage.runner(loss_fn=F.mse_loss)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        stage.zero_grad()
-        loss = runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
-                           loss_on_every_rank=True)
-        losses.append(loss.item())
-        norms.append(stage.clip_grad_norm_(MAX_NORM).item())
-        opt.step()
-    meshes = {n: (tuple(p.device_mesh.mesh_dim_names or ()), tuple(map(repr, p.placements)),
-                  tuple(p.to_local().shape)) for n, p in stage.named_parameters() if isinstance(p, DTensor)}
+    losses, norms = train_clipped(stage, inputs, y, F.mse_loss, steps=STEPS, lr=LR, max_norm=MAX_NORM)
     return {"dp": stage.dp_rank, "pp": stage.pp_rank, "tp": stage.tp_rank, "global": stage.global_rank,
-            "losses": losses, "norms": norms, "meshes": meshes, "sync": type(stage.grad_sync).__name__,
+            "losses": losses, "norms": norms, "meshes": dtensor_meshes(stage), "sync": type(stage.grad_sync).__name__,
             "mode": getattr(stage.grad_sync, "mode", None),
             "params": full_state(stage.named_parameters())}
 

@@ -3,7 +3,7 @@ batch: a tiny Llama whose loss is inside the captured graph (labels given: the c
 runs on logits split by vocabulary under ``loss_parallel``) as 2 pipeline stages x 2 TP ranks
 under 1F1B; a GPT-2 whose embedding and output layer share one weight, split the same way on
 each rank of one stage; a loss the split logits do not suit, which gets them gathered; and the
-tied weight across pipeline ranks, refused naming what to do."""
+weight tied across pipeline ranks, each copy split alike and summed shard by shard."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from torch import nn
 
 from partitioner import partition
 from partitioner.passes.tensor_parallel import find_vocab
-from partitioner.runtime.errors import PipelineRuntimeError
 from partitioner.runtime.launch import spawn
 from partitioner.runtime.tensor_parallel import full_state, shard_plan, with_tensor_parallel
 from tests.runtime.helpers import sgd_reference
@@ -126,7 +125,8 @@ def _train(rank: int, world: int, name: str, pipe: Any) -> dict[str, Any]:
         losses.append(None if loss is None else loss.item())
     placements = {n: (repr(p.placements[0]), tuple(p.to_local().shape)) for n, p in
                   stage.named_parameters(remove_duplicate=False) if isinstance(p, DTensor)}
-    tied = [m for m in stage.modules.values() if hasattr(m, "lm_head") and hasattr(m, "transformer")]
+    tied = [m for m in stage.modules.values()
+            if hasattr(m, "lm_head") and hasattr(getattr(m, "transformer", None), "wte")]  # both uses in one stage
     same = bool(tied) and tied[0].lm_head.weight is tied[0].transformer.wte.weight
     return {"losses": losses, "logits": logits, "placements": placements, "same": same,
             "params": full_state(stage.named_parameters()), "last": stage.is_last, "gathers": gathers}
@@ -176,13 +176,22 @@ def test_a_tied_embedding_and_output_layer_split_alike_in_one_stage(name: str) -
         assert r["placements"]["transformer.wte.weight"] == ("Shard(dim=0)", (32, 32))
 
 
-def test_a_weight_tied_across_pipeline_ranks_is_refused_naming_the_way_out() -> None:
+@pytest.mark.timeout(240)
+def test_a_weight_tied_across_pipeline_ranks_trains_like_one_process() -> None:
+    """GPT-2's embedding on pipeline rank 0 and its output layer on rank 1 share one weight:
+    both copies split by vocabulary alike (TP rank t holds rows t V / T .. (t + 1) V / T of each),
+    and the tie's gradient sum runs shard by shard between the same TP rank of each pipeline rank."""
     _, pipe, _ = _built("gpt2-two-stages")
-    # each stage alone would split its part, but the two halves of one weight live on two ranks
     assert find_vocab(pipe.stages[0], model_outputs=False).embeddings
-    with pytest.raises(PipelineRuntimeError, match=r"tied across pipeline ranks .*keep them in one stage.*untie"):
-        spawn(_build, 4, with_tensor_parallel(pipe, 2), timeout_s=60.0)
-
-
-def _build(rank: int, world: int, pipe: Any) -> None:
-    pipe.build_stage(rank, "cpu")
+    results = spawn(_train, 4, "gpt2-two-stages", with_tensor_parallel(pipe, 2), timeout_s=TIMEOUT_S)
+    want_losses, want, logits = _reference("gpt2-two-stages")
+    for r in results[2:]:
+        torch.testing.assert_close(r["logits"], logits, rtol=RTOL, atol=ATOL)
+        assert r["losses"] == pytest.approx(want_losses, rel=RTOL)
+    for r in results:
+        for n, v in r["params"].items():  # the output layer's copy is the embedding's weight
+            ref = want["transformer.wte.weight" if n == "lm_head.weight" else n]
+            torch.testing.assert_close(v, ref, rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    assert set().union(*(r["params"] for r in results)) == set(want) | {"lm_head.weight"}
+    assert results[0]["placements"]["transformer.wte.weight"] == ("Shard(dim=0)", (32, 32))
+    assert results[2]["placements"]["lm_head.weight"] == ("Shard(dim=0)", (32, 32))
