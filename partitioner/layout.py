@@ -176,17 +176,15 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
         placed = sorted(((replicated(sv.prob, sv.solution, lay).step, i, j, lay, sv) for j, sv in enumerate(solved)
                          for i, lay in enumerate(placements(opts.data_parallel, opts.pp, opts.gpus_per_node, tp))),
                         key=lambda r: r[:3])
-        prob = placed[0][4].prob
-        if len(placed) > 1:
-            def name(lay: Mesh, sv: Solved) -> str:  # the placement, and its HSDP groups where sharded so
-                return lay.describe() + (f" {zero_label(3, lay.dp, sv.prob.shard.shard)}" if sv.prob.shard.shard else "")
-
-            prob.rankings["placement"] = ranked([(f"mesh ({', '.join(lay.dims)})" + name(lay, sv)[len(lay.describe()):],
-                                                  t, f"placement {name(lay, sv)}: predicted step {t * 1e3:.4g} ms")
-                                                 for t, _, _, lay, sv in placed])
-            prob.notes = list(prob.notes) + [f"{DP_NOTE} placement {name(lay, sv)}: predicted step {t * 1e3:.4g} ms"
-                                             for t, _, _, lay, sv in placed]
         best = placed[0][4]
+        if len(placed) > 1:
+            prob = best.prob
+            listed = [(t, lay, _hsdp_suffix(lay.dp, sv.prob.shard.shard)) for t, _, _, lay, sv in placed]
+            prob.rankings["placement"] = ranked([(f"mesh ({', '.join(lay.dims)}){hs}", t,
+                                                  f"placement {lay.describe()}{hs}: predicted step {t * 1e3:.4g} ms")
+                                                 for t, lay, hs in listed])
+            prob.notes = list(prob.notes) + [
+                f"{DP_NOTE} placement {lay.describe()}{hs}: predicted step {t * 1e3:.4g} ms" for t, lay, hs in listed]
         return Solved(best.prob, best.solution, best.fits, placed[0][3]), placed[0][0]
     v = opts.n_stages // opts.pp
     batch = batch_size(ctx.specs) if ctx.specs else None
@@ -201,7 +199,7 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
             refused.append(f"{label}: the batch of {batch} does not split into {d} replicas")
             continue
         for o in _hsdp_options(ctx, replace(opts, data_parallel=d, n_stages=(opts.n_gpus // (d * tp)) * v), d):
-            lab = label + (f" {zero_label(3, d, o.fsdp_shard)}" if o.fsdp_shard else "")
+            lab = label + _hsdp_suffix(d, o.fsdp_shard)
             try:
                 prob, sol, fits, _ = solve_pipeline(ctx, o)
             except PartitionError as e:  # infeasible, too few cuts, a schedule that does not fit the counts
@@ -218,7 +216,7 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
 
     def line(r: tuple[float, int, int, int, Solved, Replicated]) -> str:
         t, _, _, _, (pr, _, _, ly), rep = r
-        return (f"D={ly.dp} P={ly.pp}" + (f" {zero_label(3, ly.dp, pr.shard.shard)}" if pr.shard.shard else "")
+        return (f"D={ly.dp} P={ly.pp}" + _hsdp_suffix(ly.dp, pr.shard.shard)
                 + f" m={pr.opts.n_microbatches} {pr.opts.schedule}"
                 + (f" ({ly.describe()})" if ly.n_nodes > 1 else "")
                 + f": predicted step {t * 1e3:.4g} ms (all-reduce exposed {rep.mesh.exposed_s * 1e3:.3g} ms, "
@@ -229,6 +227,12 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
     best.prob.notes = list(best.prob.notes) + [f"{DP_NOTE} picked {line(rows[0])}: {why}"] + [
         f"{DP_NOTE} #{i + 1} {line(r)}" for i, r in enumerate(rows)] + [f"{DP_NOTE} -- {r}" for r in refused]
     return best, step
+
+
+def _hsdp_suffix(d: int, shard: int | None) -> str:
+    """What a ranking adds to a layout's label where it is hybrid-sharded (`` zero=3 HSDP RxS``),
+    nothing for plain FSDP or no sharding."""
+    return f" {zero_label(3, d, shard)}" if shard else ""
 
 
 def _hsdp_options(ctx: Context, opts: Options, d: int) -> list[Options]:

@@ -108,8 +108,6 @@ def node_time(base: NodeTime, gm: fx.GraphModule, link: LinkSpec) -> NodeTime:
     return timed
 
 
-
-
 def region_cuts(gm: fx.GraphModule, priced: Any) -> Any:
     """``priced`` (``pricing.Priced``) with every cut inside a sharded region of ``gm`` (a
     ``view``) not allowed: a stage boundary between a region's column and row linears would

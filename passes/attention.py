@@ -477,8 +477,8 @@ def _rewrite_node(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     k0, v0 = _unrepeated(k), _unrepeated(v)
     qs, k0s = _shape(q), _shape(k0) if k0 is not None else None
-    repeat = (k0 is not None and v0 is not None and _shape(k0) == _shape(v0) and qs is not None
-              and k0s is not None and len(qs) == 4)
+    repeat = (k0 is not None and v0 is not None and k0s is not None and k0s == _shape(v0) and qs is not None
+              and len(qs) == 4)
     if mask is not None and not isinstance(mask, fx.Node):
         return False
     check_fn = mask_fn = None
