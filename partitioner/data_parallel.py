@@ -58,8 +58,11 @@ occupy SMs and move bytes through HBM), so the compute beside it runs slower. Ze
 gathers and reduce-scatters are priced so (``overlap_cost``): compute overlapped by a
 collective takes ``1 + OVERLAP_SLOWDOWN`` times as long, ``OVERLAP_SLOWDOWN`` being the mean
 slowdown measured for compute overlapped with collectives on A100, H100, MI250 and MI210
-(arXiv 2507.03114, 18.9 %; up to 40 %). The replicas' bucketed all-reduce (``price_replicas``
-without ZeRO-3) is not charged it yet.
+(arXiv 2507.03114, 18.9 %; up to 40 %). The replicas' bucketed all-reduce (DDP and ZeRO-1,
+``reduction_overlap``) pays the same charge: while a bucket is on the link the final backward
+beside it runs slower, which delays the later buckets and the rank's later backwards. ZeRO-1's
+all-gather after the update overlaps nothing and pays none; neither do the pipeline's
+point-to-point transfers (one NCCL channel each, not measured by that study).
 
 Ranks map to the mesh as ``partitioner.plan.Mesh`` says (``dims`` ``("dp", "pp")``: rank =
 d * pp + p), and to nodes in blocks of ``gpus_per_node`` (torchrun's order); the planner
@@ -81,7 +84,8 @@ if TYPE_CHECKING:  # partitioner.cost_models.devices imports torch; this module 
     from partitioner.cost_models.devices import LinkSpec
 
 __all__ = ["OVERLAP_SLOWDOWN", "overlap_cost", "boundary_time", "ring_link", "ring_allreduce_s", "allgather_s", "reduce_scatter_s", "splits_backward", "placements", "hsdp_shards", "divisors", "ZeroShard", "price_replicas", "boundary_links",
-           "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end"]
+           "BUCKET_BYTES", "pack", "Window", "reduction_windows", "reduction_end",
+           "reduction_overlap"]
 
 #: gradient bucket cap (bytes), DDP's default; the runtime's ``GradSync`` and the pricing share it
 BUCKET_BYTES = 25 * 2**20
@@ -339,18 +343,65 @@ def reduction_windows(events: Iterable[Any], stage_rank: Sequence[int],
     return out
 
 
-def reduction_end(windows: Sequence[Window], dp: int, link: LinkSpec) -> float:
-    """When one rank's bucketed reduction ends (the model in the module docstring): each
-    bucket is ready when its stage's final backward has made its last byte, and starts when
-    it is ready and the bucket before it is done. 0.0 without buckets."""
-    free = 0.0
+def _compute_until(t: float, work: float, busy: Sequence[tuple[float, float]], i: int,
+                   slowdown: float) -> tuple[float, int]:
+    """When ``work`` seconds of compute started at ``t`` are done, compute running
+    ``1 + slowdown`` times slower inside the ``busy`` intervals (sorted, disjoint); ``i`` is
+    the first interval that may still end after ``t`` (returned advanced, for the next call)."""
+    while i < len(busy) and busy[i][1] <= t:
+        i += 1
+    j = i
+    while j < len(busy):
+        a, b = busy[j]
+        if a > t:
+            if work <= a - t:
+                return t + work, i
+            work -= a - t
+            t = a
+        room = (b - t) / (1 + slowdown)
+        if work <= room:
+            return t + work * (1 + slowdown), i
+        work -= room
+        t = b
+        j += 1
+    return t + work, i
+
+
+def reduction_overlap(windows: Sequence[Window], dp: int, link: LinkSpec,
+                      slowdown: float = OVERLAP_SLOWDOWN) -> tuple[float, float]:
+    """One rank's bucketed reduction (the model in the module docstring) and what it costs
+    the compute it overlaps: returns (when the last bucket's all-reduce ends, how much later
+    the rank's final backwards end than the simulation says). A bucket is ready when its
+    stage's final backward has made its last byte and starts when it is ready and the bucket
+    before it is done; while a bucket is on the link the backward beside it runs
+    ``1 + slowdown`` times slower (``overlap_cost``'s charge, as ZeRO-3's collectives pay it),
+    which delays the later buckets' readiness and every later final backward on the rank.
+    ``slowdown=0`` is perfect overlap. (0.0, 0.0) without buckets."""
+    if slowdown < 0:
+        raise ValueError(f"slowdown is a fraction of the compute's time, at least 0, got {slowdown!r}")
+    free = delay = 0.0
+    busy: list[tuple[float, float]] = []
+    i = 0
     for w in windows:
-        total, done = sum(w.buckets), 0
+        total, done, work = sum(w.buckets), 0, w.end - w.start
+        t, made = w.start + delay, 0.0
         for b in w.buckets:
             done += b
-            ready = w.start + (w.end - w.start) * done / total
-            free = max(free, ready) + ring_allreduce_s(b, dp, link)
-    return free
+            target = work * done / total
+            t, i = _compute_until(t, target - made, busy, i, slowdown)
+            made = target
+            start = max(free, t)
+            free = start + ring_allreduce_s(b, dp, link)
+            busy.append((start, free))
+        if w.buckets:
+            delay = max(delay, t - w.end)
+    return free, delay
+
+
+def reduction_end(windows: Sequence[Window], dp: int, link: LinkSpec, slowdown: float = 0.0) -> float:
+    """When one rank's bucketed reduction ends (``reduction_overlap``'s first figure; by
+    default with perfect overlap). 0.0 without buckets."""
+    return reduction_overlap(windows, dp, link, slowdown)[0]
 
 
 def ring_link(layout: Mesh, groups: Iterable[Sequence[int]], link: LinkSpec, inter_link: LinkSpec) -> LinkSpec:
@@ -374,22 +425,28 @@ def ring_link(layout: Mesh, groups: Iterable[Sequence[int]], link: LinkSpec, int
 
 def price_replicas(layout: Mesh, zero: int, link: LinkSpec, inter_link: LinkSpec,
                    windows: Sequence[Sequence[Window]], weight_bytes: Sequence[int],
-                   pipeline_step: float, reduce_scale: float = 1.0) -> tuple[list[float], float]:
+                   pipeline_step: float, reduce_scale: float = 1.0,
+                   slowdown: float = OVERLAP_SLOWDOWN) -> tuple[list[float], float]:
     """Per pipeline rank: its replicas' all-reduce (+ ZeRO's all-gather) seconds, as one ring
     all-reduce of all its gradient bytes (``plan.mesh.allreduce_s``), and the step: the
-    pipeline's, or later where a rank's reduction (``reduction_end`` over its ``windows``,
-    each bucket priced as its own ring all-reduce) plus ZeRO-1's all-gather ends after it.
-    ``zero=3``: ``price_fsdp`` (``reduce_scale`` as there). Returns (seconds per rank, step)."""
+    pipeline's plus the most any rank's final backwards were slowed by the buckets beside
+    them, or later where a rank's reduction (``reduction_overlap`` over its ``windows``, each
+    bucket priced as its own ring all-reduce) plus ZeRO-1's all-gather ends after it.
+    ``zero=3``: ``price_fsdp`` (``reduce_scale`` as there). ``slowdown``: as in
+    ``overlap_cost``, the same charge for every collective hidden behind compute.
+    Returns (seconds per rank, step)."""
     if zero == 3:
-        return price_fsdp(layout, link, inter_link, windows, pipeline_step, reduce_scale=reduce_scale)
-    times, ends = [], []
+        return price_fsdp(layout, link, inter_link, windows, pipeline_step, slowdown, reduce_scale=reduce_scale)
+    times, ends, delays = [], [], [0.0]
     for p in range(layout.pp):
         lk = ring_link(layout, [layout.replicas(p)], link, inter_link)
         grads = sum(b for w in windows[p] for b in w.buckets)
         gather = allgather_s(weight_bytes[p], layout.dp, lk) if zero else 0.0
         times.append(ring_allreduce_s(grads, layout.dp, lk) + gather)
-        ends.append(reduction_end(windows[p], layout.dp, lk) + gather)
-    return times, max([pipeline_step, *ends])
+        end, delay = reduction_overlap(windows[p], layout.dp, lk, slowdown)
+        ends.append(end + gather)
+        delays.append(delay)
+    return times, max([pipeline_step + max(delays), *ends])
 
 
 def price_fsdp(layout: Mesh, link: LinkSpec, inter_link: LinkSpec, windows: Sequence[Sequence[Window]],

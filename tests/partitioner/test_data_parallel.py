@@ -211,6 +211,7 @@ def _old_step(windows: list[list[Window]], rank_end: list[float], pipeline_step:
 
 
 def test_the_reduction_overlaps_the_final_backward() -> None:
+    """With perfect overlap (``slowdown=0``): the hidden buckets cost nothing."""
     from partitioner.plan import Mesh
 
     link, dp = LINKS["nvlink4"], 8
@@ -222,7 +223,7 @@ def test_the_reduction_overlaps_the_final_backward() -> None:
     # The final backward (start 1.0) is longer than the whole reduction: only the last bucket sticks out.
     for length in (2 * whole, 10 * whole):
         win = [[Window(1.0, 1.0 + length, buckets)]]
-        times, step = price_replicas(mesh, 0, link, link, win, [grads], 1.0 + length)
+        times, step = price_replicas(mesh, 0, link, link, win, [grads], 1.0 + length, slowdown=0.0)
         assert times == [pytest.approx(whole)]
         assert step - (1.0 + length) == pytest.approx(last, rel=1e-9)
         assert step < _old_step(win, [1.0 + length], 1.0 + length, dp)
@@ -230,19 +231,54 @@ def test_the_reduction_overlaps_the_final_backward() -> None:
     # ends between max(S + all of it, E + last bucket) and the old after-the-step model.
     for length in (0.0, whole / 10, whole / 2):
         win = [[Window(1.0, 1.0 + length, buckets)]]
-        _, step = price_replicas(mesh, 0, link, link, win, [grads], 1.0 + length)
+        _, step = price_replicas(mesh, 0, link, link, win, [grads], 1.0 + length, slowdown=0.0)
         per_bucket = sum(ring_allreduce_s(b, dp, link) for b in buckets)
         assert step >= max(1.0 + length + last, 1.0 + per_bucket - 1e-12)
         assert step <= 1.0 + length + per_bucket + 1e-12  # never later than all of it after the step
         assert step - (1.0 + length) >= 0
     # never negative: a rank whose reduction ends before the pipeline does exposes nothing
-    _, step = price_replicas(mesh, 0, link, link, [[Window(0.0, 1.0, buckets)]], [grads], 100.0)
+    _, step = price_replicas(mesh, 0, link, link, [[Window(0.0, 1.0, buckets)]], [grads], 100.0, slowdown=0.0)
     assert step == 100.0
     # ZeRO-1's all-gather comes after the reduction
     times, step = price_replicas(mesh, 1, link, link, [[Window(1.0, 1.0 + 10 * whole, buckets)]], [grads],
-                                 1.0 + 10 * whole)
+                                 1.0 + 10 * whole, slowdown=0.0)
     gather = allgather_s(grads, dp, link)
     assert times == [pytest.approx(whole + gather)] and step == pytest.approx(1.0 + 10 * whole + last + gather)
+
+
+def test_buckets_beside_the_final_backward_slow_it_as_zero_3s_collectives_do() -> None:
+    """Every bucket but the last is on the link while the backward runs: each stretches
+    the compute beside it by ``slowdown / (1 + slowdown)`` of its own time
+    (``overlap_cost``'s charge), which pushes the last bucket and the step later."""
+    from partitioner.data_parallel import OVERLAP_SLOWDOWN, overlap_cost, reduction_overlap
+    from partitioner.plan import Mesh
+
+    link, dp, n = LINKS["nvlink4"], 8, 40
+    mesh = Mesh(dp, 1, ("dp", "pp"), 0)
+    buckets = (BUCKET_BYTES,) * n
+    c = ring_allreduce_s(BUCKET_BYTES, dp, link)
+    length = 10 * n * c  # each bucket done long before the next is ready
+    win = [Window(1.0, 1.0 + length, buckets)]
+    end, delay = reduction_overlap(win, dp, link)
+    assert delay == pytest.approx((n - 1) * overlap_cost(c, length / n), rel=1e-9)
+    assert delay == pytest.approx((n - 1) * c * OVERLAP_SLOWDOWN / (1 + OVERLAP_SLOWDOWN), rel=1e-9)
+    assert end == pytest.approx(1.0 + length + delay + c, rel=1e-12)
+    _, step = price_replicas(mesh, 0, link, link, [win], [n * BUCKET_BYTES], 1.0 + length)
+    assert step == pytest.approx(1.0 + length + delay + c, rel=1e-12)
+    # slowdown 0 is the perfect-overlap model; the charge grows with the slowdown and never
+    # exceeds running the hidden buckets' time again
+    assert reduction_overlap(win, dp, link, 0.0) == (pytest.approx(1.0 + length + c, rel=1e-12), 0.0)
+    steps = [price_replicas(mesh, 0, link, link, [win], [n * BUCKET_BYTES], 1.0 + length, slowdown=s)[1]
+             for s in (0.0, 0.1, 0.189, 0.4)]
+    assert steps == sorted(steps) and steps[-1] - steps[0] <= (n - 1) * c
+    # one bucket, ready as the backward ends: nothing overlapped, nothing charged
+    assert reduction_overlap([Window(1.0, 2.0, (BUCKET_BYTES,))], dp, link)[1] == 0.0
+    # a second window on the rank starts later by what the first was slowed
+    two = [Window(1.0, 1.0 + length, buckets), Window(2.0 + length, 2.0 + 2 * length, buckets)]
+    _, delay2 = reduction_overlap(two, dp, link)
+    assert delay2 == pytest.approx(2 * delay, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 0"):
+        reduction_overlap(win, dp, link, -0.1)
 
 
 def test_each_stages_window_is_its_final_backward_and_a_shared_tensor_goes_with_the_later() -> None:
