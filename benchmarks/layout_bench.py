@@ -164,7 +164,7 @@ def price_row(ctx: Context, solved: Any, n_gpus: int, cfg: dict[str, Any], secon
         schedule=opts.schedule, m=opts.n_microbatches, recompute="/".join(sorted({f.mode for f in fits})),
         step_s=step, tps_gpu=tokens / step / n_gpus,
         mfu=tokens * flops_per_token / step / (n_gpus * dev.peak_flops_lowp),
-        peak_gib=max(prob.need(i, x) for i, x in enumerate(fits)) / 2**30, plan_s=seconds,
+        peak_gib=prob.peak(fits) / 2**30, plan_s=seconds,
         search_s=_timing[0], search_cpu_s=_timing[1],
         solved=sum(1 for r in prob.rankings.get("layout", []) if r["refused"] is None),
         pruned=sum(1 for r in prob.rankings.get("layout", []) if (r["refused"] or "").startswith("pruned")),

@@ -24,6 +24,7 @@ from partitioner.passes.split import split_graph
 from partitioner.pipe import Pipe
 from partitioner.plan import Plan
 from partitioner.plan_builder import StageMemory
+from partitioner.solver import _fmt_bytes
 from partitioner.pricing import TIME_UNIT, to_units
 from partitioner.problem import Context, Problem, StageFit, build_problem
 from partitioner.refine import score
@@ -67,6 +68,12 @@ def emit(ctx: Context, solved: Solved) -> Pipe:
         prob.pm.snapshots.append(Snapshot("solve", graph_text(gm), node_summary(gm)))
     memory = [StageMemory(fit.mode, fit.static, kept_expr, extra_expr)
               for fit, (kept_expr, extra_expr) in zip(fits, symbolic(prob, bounds, fits))]
+    for ld in prob.rank_loads():  # a stage's memory_bytes is its own; the rank holds its stages together
+        note = (f"rank {prob.sched.rank_of(ld.stages[0])} holds stages {', '.join(map(str, ld.stages))}: "
+                f"{_fmt_bytes(prob.rank_need(ld, fits))} at its peak together (the device holds "
+                f"{_fmt_bytes(prob.capacity)})")
+        if note not in prob.notes:
+            prob.notes.append(note)
     plan = plan_builder.build_plan(
         plan_builder.PlanSource(type(ctx.model).__name__, fingerprint(ctx.cap.gm), ctx.cap.route, ctx.specs,
                                 prob.symbols, opts.to_dict(), prob.notes,

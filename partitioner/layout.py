@@ -205,7 +205,7 @@ def _choose_replicas(ctx: Context, opts: Options) -> tuple[Solved, float]:
             except PartitionError as e:  # infeasible, too few cuts, a schedule that does not fit the counts
                 refused.append(f"{lab}: {' '.join(str(e).split())[:160]}")
                 continue
-            peak = max(prob.need(i, x) for i, x in enumerate(fits))
+            peak = prob.peak(fits)
             for lay in placements(d, o.pp, o.gpus_per_node, tp):
                 rep = replicated(prob, sol, lay)
                 rows.append((rep.step, peak, -d, len(rows), Solved(prob, sol, fits, lay), rep))
@@ -611,7 +611,7 @@ def joint(ctx: Context) -> Solved:
         except PartitionError as e:  # infeasible, too few cuts, the batch does not split
             refused.append(f"{c.label(pp)}: {' '.join(str(e).split())[:_SHOWN]}")
             continue
-        peak = max(prob.need(i, x) for i, x in enumerate(fits))
+        peak = prob.peak(fits)
         for lay in placements(c.d, pp, base.gpus_per_node, c.t):
             step = replicated(prob, sol, lay).step
             best = min(best, step)

@@ -174,6 +174,36 @@ class Context:
         return self.views[key]
 
 
+class RankLoad(NamedTuple):
+    """The stages one rank holds and the in-flight micro-batch counts they reach together."""
+
+    stages: tuple[int, ...]
+    counts: tuple[tuple[int, ...], ...]  # per point of the rank's order worth keeping: a count per stage
+
+
+def rank_loads(sched: Schedule) -> list[RankLoad]:
+    """Per rank, its stages and the in-flight counts they reach together in its order: a
+    micro-batch is in flight on a stage from its forward to its last backward piece (``B``,
+    or ``W`` when the backward is split: the weight gradient needs the stage's inputs), as
+    the simulator counts ``peak_inflight``. Only the counts no other point of the rank
+    dominates are kept (the worst point depends on each stage's kept bytes)."""
+    out = []
+    for r, acts in enumerate(sched.actions):
+        stages = tuple(sorted({a.stage for a in acts if a.is_compute}))
+        pos = {s: i for i, s in enumerate(stages)}
+        cur = [0] * len(stages)
+        seen: list[tuple[int, ...]] = []
+        for a in acts:
+            if a.kind == "F":
+                cur[pos[a.stage]] += 1
+                seen.append(tuple(cur))
+            elif a.kind in ("B", "W"):
+                cur[pos[a.stage]] -= 1
+        top = [c for c in set(seen) if not any(o != c and all(x >= y for x, y in zip(o, c)) for o in seen)]
+        out.append(RankLoad(stages, tuple(sorted(top)) or (tuple(cur),)))
+    return out
+
+
 class StageFit(NamedTuple):
     """One stage under the exact memory check: its recompute mode and bytes (one rank)."""
 
@@ -214,6 +244,7 @@ class Problem:
     pending: tuple[int, SolverInput, Any] | None = field(default=None, repr=False)
     #: the compilation's ``Context.priced_memo``, shared by its problems (``cached``)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _loads: list[RankLoad] | None = field(default=None, repr=False)
 
     def cached(self, key: Any, make: Any) -> Any:
         """``make()``, once per ``key`` in the compilation (``Context.memo``); ``key`` must name
@@ -246,15 +277,70 @@ class Problem:
                     best = entry
             assert best is not None
             out.append(best)
+        if modes is None and len(self.modes) > 1:
+            out = self._fit_ranks(bounds, out)
+        return out
+
+    def _fit_ranks(self, bounds: Sequence[int], out: list[StageFit]) -> list[StageFit]:
+        """Where a rank's stages fit one by one but not together, raise every stage of that
+        rank to at least the next recompute mode (the modes in ``self.modes``' order, less
+        memory each) until the rank fits, or to the last mode."""
+        for load in self.rank_loads():
+            if self.rank_need(load, out) <= self.capacity:
+                continue
+            for k in range(1, len(self.modes)):
+                trial = list(out)
+                for s in load.stages:
+                    if self.modes.index(out[s].mode) < k:
+                        a, b = bounds[s], bounds[s + 1]
+                        kept, extra = self.acts.stage_saved(a, b, self.modes[k], self.ev) if self.acts else (0, 0)
+                        trial[s] = StageFit(self.modes[k], out[s].static, self.ev(kept), self.ev(extra))
+                if self.rank_need(load, trial) <= self.capacity or k == len(self.modes) - 1:
+                    out = trial
+                    break
         return out
 
     def need(self, i: int, fit: StageFit) -> int:
         """Peak bytes of stage ``i``: static, its micro-batches in flight x kept, transient."""
         return fit.static + self.sin.inflight[i] * fit.kept + fit.extra
 
+    def rank_loads(self) -> list[RankLoad]:
+        """Per rank holding several stages (interleaved, zbv), its stages and the in-flight
+        counts they reach together (``rank_loads``); ranks with one stage are left out
+        (``need`` is their peak)."""
+        if self._loads is None:
+            self._loads = [r for r in rank_loads(self.sched) if len(r.stages) > 1]
+        return self._loads
+
+    def rank_need(self, load: RankLoad, fits: Sequence[StageFit]) -> int:
+        """Peak bytes of a rank holding several stages: every stage's static bytes, the most
+        activations its stages keep at once (the schedule's in-flight counts weighted by each
+        stage's kept bytes, at the worst point of the rank's order) and the largest working
+        set (one stage computes at a time)."""
+        kept = max(sum(c * fits[s].kept for s, c in zip(load.stages, counts)) for counts in load.counts)
+        return sum(fits[s].static for s in load.stages) + kept + max(fits[s].extra for s in load.stages)
+
+    def over(self, fits: Sequence[StageFit]) -> list[int]:
+        """Per stage, bytes over the device (<= 0: fits). A stage sharing its rank with others
+        carries the rank's excess in proportion to its own need (rounded up), so that lowering
+        every stage's capacity by its share brings the rank within the device."""
+        out = [self.need(i, x) - self.capacity for i, x in enumerate(fits)]
+        for load in self.rank_loads():
+            excess = self.rank_need(load, fits) - self.capacity
+            needs = [max(self.need(s, fits[s]), 1) for s in load.stages]
+            for s, n in zip(load.stages, needs):
+                out[s] = max(out[s], -(-excess * n // sum(needs)))
+        return out
+
+    def peak(self, fits: Sequence[StageFit]) -> int:
+        """Peak bytes of the fullest GPU: a stage's own, or a rank's with several stages."""
+        return max([*(self.need(i, x) for i, x in enumerate(fits)),
+                    *(self.rank_need(load, fits) for load in self.rank_loads())])
+
     def fits(self, fits: Sequence[StageFit]) -> bool:
-        """Does every stage fit the device?"""
-        return all(self.need(i, x) <= self.capacity for i, x in enumerate(fits))
+        """Does every rank fit the device (each stage alone, and the stages a rank holds together)?"""
+        return all(self.need(i, x) <= self.capacity for i, x in enumerate(fits)) and \
+            all(self.rank_need(load, fits) <= self.capacity for load in self.rank_loads())
 
 
 def cut_link_units(lnk: LinkSpec, *per_cut_bytes: Sequence[int], tp: int = 1,

@@ -186,7 +186,7 @@ def search_cuts(prob: Problem, sin: SolverInput, *, explain_limit: int | None = 
             raise explain(prob, e, last, explain_limit) from None
         sol = refine(replace(sin, capacity=caps), prob.opts.n_stages, first)
         fits = prob.exact(sol.cuts)
-        over = [prob.need(i, x) - prob.capacity for i, x in enumerate(fits)]
+        over = prob.over(fits)
         last = (sol, fits)
         if max(over) <= 0:
             return rescore(prob, sol, fits, optimal=sol.optimal), fits
@@ -254,6 +254,16 @@ def explain(prob: Problem, err: InfeasibleError, last: Fitted | None, limit: int
                 f"B/param ({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
                 f"{_fmt_bytes(kept)} activations" + (f" + {_fmt_bytes(extra)} working set (temporaries, gradients, recompute)" if extra else "")
                 + f", recompute {mode!r}) but the device holds {_fmt_bytes(prob.capacity)}")
+        loads = [ld for ld in prob.rank_loads() if prob.rank_need(ld, exact) > prob.capacity]
+        if loads and prob.need(worst, exact[worst]) <= prob.capacity:  # each stage fits alone, a rank does not
+            ld = max(loads, key=lambda x: prob.rank_need(x, exact))
+            text = (f"rank {prob.sched.rank_of(ld.stages[0])} holds stages "
+                    f"{', '.join(map(str, ld.stages))}, which fit one by one but need "
+                    f"{_fmt_bytes(prob.rank_need(ld, exact))} together (static "
+                    f"{_fmt_bytes(sum(exact[st].static for st in ld.stages))}, the activations in flight on them "
+                    f"at once, the largest working set; recompute "
+                    f"{', '.join(repr(exact[st].mode) for st in ld.stages)}) but the device holds "
+                    f"{_fmt_bytes(prob.capacity)}")
     advice = "use more GPUs, a device with more memory, fewer micro-batches in flight, recompute or a smaller micro-batch"
     if limit is not None and len(" ".join(f"{text}; {advice}".split())) >= limit:
         return InfeasibleError(f"{text}; {advice} (what would fit was not tried)")
