@@ -68,7 +68,7 @@ def emit(ctx: Context, solved: Solved) -> Pipe:
         prob.pm.snapshots.append(Snapshot("solve", graph_text(gm), node_summary(gm)))
     memory = [StageMemory(fit.mode, fit.static, kept_expr, extra_expr)
               for fit, (kept_expr, extra_expr) in zip(fits, symbolic(prob, bounds, fits))]
-    for ld in prob.rank_loads():  # a stage's memory_bytes is its own; the rank holds its stages together
+    for ld in (x for x in prob.rank_loads() if len(x.stages) > 1):  # a stage's memory_bytes is its own
         note = (f"rank {prob.sched.rank_of(ld.stages[0])} holds stages {', '.join(map(str, ld.stages))}: "
                 f"{_fmt_bytes(prob.rank_need(ld, fits))} at its peak together (the device holds "
                 f"{_fmt_bytes(prob.capacity)})")

@@ -539,6 +539,11 @@ class Activations:
         self.last_user = [max((self.pos.get(u.name, end) for u in n.users), default=i)
                           for i, n in enumerate(self.order)]
         self.wgrad = [self._weight_grad_bytes(gm, n) for n in self.order]
+        # per position: the bytes of the gradient reaching its output when it reads a trainable
+        # weight; a split backward (zero-bubble I / W) records it in I and holds it until W
+        # computes that weight's gradient from it (runtime.splitgrad's parameter groups)
+        self.wgrad_out = [_sum([d.nbytes() for d in self.leaves.get(n.name, []) if d.dtype.is_floating_point])
+                          if w else sympy.Integer(0) for n, w in zip(self.order, self.wgrad)]
         self.n = end
         # a graph returning a scalar that needs a gradient (the loss) is trained from it: its
         # other outputs (the logits) get no gradient
@@ -692,6 +697,13 @@ class Activations:
         if hit is None:
             hit = self._nbytes[(name, i)] = d.nbytes()
         return hit
+
+    def pending_weight_grads(self, a: int, b: int) -> sympy.Expr:
+        """Bytes one micro-batch of positions [a, b) holds between its input-gradient pass
+        (``I``) and its weight-gradient pass (``W``) on top of what it keeps: the gradient at
+        the output of every node that reads a trainable weight (measured on the CPU: a zbv
+        rank holds its kept bytes plus these, tests/partitioner/test_rank_memory.py)."""
+        return _sum(self.wgrad_out[a:b])
 
     # -- exact, per stage ----------------------------------------------------------------
     def stage_saved(self, a: int, b: int, mode: str, ev: Callable[[Any], int]) -> tuple[sympy.Expr, sympy.Expr]:

@@ -178,28 +178,41 @@ class RankLoad(NamedTuple):
     """The stages one rank holds and the in-flight micro-batch counts they reach together."""
 
     stages: tuple[int, ...]
-    counts: tuple[tuple[int, ...], ...]  # per point of the rank's order worth keeping: a count per stage
+    #: per point of the rank's order worth keeping: micro-batches in flight per stage, then
+    #: micro-batches between I and W per stage
+    counts: tuple[tuple[int, ...], ...]
 
 
 def rank_loads(sched: Schedule) -> list[RankLoad]:
-    """Per rank, its stages and the in-flight counts they reach together in its order: a
-    micro-batch is in flight on a stage from its forward to its last backward piece (``B``,
-    or ``W`` when the backward is split: the weight gradient needs the stage's inputs), as
-    the simulator counts ``peak_inflight``. Only the counts no other point of the rank
-    dominates are kept (the worst point depends on each stage's kept bytes)."""
+    """Per rank, its stages and the counts they reach together in its order: a micro-batch is
+    in flight on a stage from its forward to its last backward piece (``B``, or ``W`` when the
+    backward is split: the weight gradient needs the stage's inputs), as the simulator counts
+    ``peak_inflight``, and pending from its ``I`` to its ``W`` (holding the gradients its
+    weights' gradients are made from). ``counts`` are per point (in flight per stage, then
+    pending per stage); only the points no other point dominates are kept (the worst one
+    depends on each stage's bytes)."""
     out = []
-    for r, acts in enumerate(sched.actions):
+    for acts in sched.actions:
         stages = tuple(sorted({a.stage for a in acts if a.is_compute}))
         pos = {s: i for i, s in enumerate(stages)}
-        cur = [0] * len(stages)
+        k = len(stages)
+        cur = [0] * (2 * k)
         seen: list[tuple[int, ...]] = []
         for a in acts:
             if a.kind == "F":
                 cur[pos[a.stage]] += 1
-                seen.append(tuple(cur))
+            elif a.kind == "I":
+                cur[k + pos[a.stage]] += 1
             elif a.kind in ("B", "W"):
                 cur[pos[a.stage]] -= 1
-        top = [c for c in set(seen) if not any(o != c and all(x >= y for x, y in zip(o, c)) for o in seen)]
+                if a.kind == "W":
+                    cur[k + pos[a.stage]] -= 1
+                continue
+            else:
+                continue
+            seen.append(tuple(cur))
+        uniq = set(seen)
+        top = [c for c in uniq if not any(o != c and all(x >= y for x, y in zip(o, c)) for o in uniq)]
         out.append(RankLoad(stages, tuple(sorted(top)) or (tuple(cur),)))
     return out
 
@@ -211,6 +224,9 @@ class StageFit(NamedTuple):
     static: int  # weights, gradients and optimizer state
     kept: int  # activations kept per micro-batch in flight
     extra: int  # working set: one micro-batch's temporaries, gradients and recompute on top of the kept bytes
+    #: under a split backward: what one micro-batch holds from its I to its W on top of ``kept``
+    #: (the gradients at its weights' nodes); 0 for a whole backward
+    pending: int = 0
 
 
 @dataclass
@@ -269,7 +285,7 @@ class Problem:
             best = None
             for mode in tries:
                 kept, extra = self.acts.stage_saved(a, b, mode, self.ev) if self.acts else (0, 0)
-                entry = StageFit(mode, static, self.ev(kept), self.ev(extra))
+                entry = StageFit(mode, static, self.ev(kept), self.ev(extra), self._pending(i, a, b))
                 if self.need(i, entry) <= self.capacity:
                     best = entry
                     break
@@ -280,6 +296,14 @@ class Problem:
         if modes is None and len(self.modes) > 1:
             out = self._fit_ranks(bounds, out)
         return out
+
+    def _pending(self, i: int, a: int, b: int) -> int:
+        """Stage ``i``'s bytes held from I to W per micro-batch (``StageFit.pending``): none for
+        a whole backward, nor for the first stage, whose inputs (the model's) need no gradient,
+        so its I does nothing and its W runs the whole backward (``runtime.splitgrad``)."""
+        if i == 0 or self.acts is None or not any(x.kind == "I" for acts in self.sched.actions for x in acts):
+            return 0
+        return self.ev(self.acts.pending_weight_grads(a, b))
 
     def _fit_ranks(self, bounds: Sequence[int], out: list[StageFit]) -> list[StageFit]:
         """Where a rank's stages fit one by one but not together, raise every stage of that
@@ -294,7 +318,8 @@ class Problem:
                     if self.modes.index(out[s].mode) < k:
                         a, b = bounds[s], bounds[s + 1]
                         kept, extra = self.acts.stage_saved(a, b, self.modes[k], self.ev) if self.acts else (0, 0)
-                        trial[s] = StageFit(self.modes[k], out[s].static, self.ev(kept), self.ev(extra))
+                        trial[s] = StageFit(self.modes[k], out[s].static, self.ev(kept), self.ev(extra),
+                                            out[s].pending)
                 if self.rank_need(load, trial) <= self.capacity or k == len(self.modes) - 1:
                     out = trial
                     break
@@ -305,11 +330,12 @@ class Problem:
         return fit.static + self.sin.inflight[i] * fit.kept + fit.extra
 
     def rank_loads(self) -> list[RankLoad]:
-        """Per rank holding several stages (interleaved, zbv), its stages and the in-flight
-        counts they reach together (``rank_loads``); ranks with one stage are left out
-        (``need`` is their peak)."""
+        """Per rank holding several stages (interleaved, zbv) or running a split backward, its
+        stages and the counts they reach together (``rank_loads``); the other ranks are left
+        out (``need`` is their peak)."""
         if self._loads is None:
-            self._loads = [r for r in rank_loads(self.sched) if len(r.stages) > 1]
+            self._loads = [r for r in rank_loads(self.sched)
+                           if len(r.stages) > 1 or any(any(c[len(r.stages):]) for c in r.counts)]
         return self._loads
 
     def rank_need(self, load: RankLoad, fits: Sequence[StageFit]) -> int:
@@ -317,7 +343,9 @@ class Problem:
         activations its stages keep at once (the schedule's in-flight counts weighted by each
         stage's kept bytes, at the worst point of the rank's order) and the largest working
         set (one stage computes at a time)."""
-        kept = max(sum(c * fits[s].kept for s, c in zip(load.stages, counts)) for counts in load.counts)
+        k = len(load.stages)
+        kept = max(sum(c * fits[s].kept + w * fits[s].pending for s, c, w in zip(load.stages, counts, counts[k:]))
+                   for counts in load.counts)
         return sum(fits[s].static for s in load.stages) + kept + max(fits[s].extra for s in load.stages)
 
     def over(self, fits: Sequence[StageFit]) -> list[int]:

@@ -248,7 +248,7 @@ def explain(prob: Problem, err: InfeasibleError, last: Fitted | None, limit: int
     if worst_fits is not None:
         exact = worst_fits
         worst = max(range(len(exact)), key=lambda i: prob.need(i, exact[i]) - prob.capacity)
-        mode, static, kept, extra = exact[worst]
+        mode, static, kept, extra, _ = exact[worst]
         text = (f"stage {worst} needs {_fmt_bytes(prob.need(worst, exact[worst]))} (static {_fmt_bytes(static)} = "
                 f"weights, gradients and optimizer state at {bytes_per_param(prob.opts.precision, prob.opts.optimizer)} "
                 f"B/param ({prob.opts.precision}, {prob.opts.optimizer}) + {prob.sin.inflight[worst]} micro-batches x "
