@@ -347,3 +347,69 @@ def test_pp2_fsdp2_gathers_and_scatters_in_the_same_order_on_every_replica(sched
         ops = {c.op for c in r["log"] if c.group == r["dp_group"]}
         assert {"all_gather", "reduce_scatter(sum)"} <= ops or {"all_gather", "reduce_scatter(avg)"} <= ops, ops
         assert counts[r["dp_group"]] > 4 * STEPS
+
+
+def _mixed_split_train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    from tests.runtime import test_precision as tp
+    from tests.runtime.test_fsdp import MIXED_CLIP
+
+    x, y = tp._data()
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.AdamW, lr=tp.LR)
+    runner = stage.runner("zb-h1", loss_fn=tp.loss_fn)
+    losses, norms, logs = [], [], []
+    for _ in range(tp.STEPS):
+        with CollectiveRecorder() as rec:
+            opt.zero_grad()
+            loss = runner.step(x if stage.is_first else None, target=y if stage.is_last else None,
+                               loss_on_every_rank=True)
+            norms.append(stage.clip_grad_norm_(MIXED_CLIP).item())
+            opt.step()
+        losses.append(loss.item())
+        logs.extend(rec.log)
+    (tie, _), = stage.grad_sync.tied
+    return {"losses": losses, "norms": norms, "log": logs, "mode": stage.grad_sync.mode, "tie": tie.group_name,
+            "masters": {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                        for n, p in stage.named_parameters(remove_duplicate=False)}}
+
+
+@pytest.mark.timeout(240)
+def test_pp2_fsdp2_bf16_mixed_split_backward_sums_tied_copies_in_one_dtype() -> None:
+    """bf16-mixed FSDP under zb-h1 (reduced once per step): the tied embedding's gradient on the
+    first pipeline rank went through FSDP's backward hooks (accumulated in fp32), the output
+    layer's on the last was written by hand in W (bf16). Their sum across the pipeline ranks
+    must use one dtype on both (fp32, FSDP's reduce dtype) and each copy's whole gradient; it
+    did not (fp32 beside bf16: NCCL reads the wrong bytes, gloo aborts the process). Trains like
+    one process under the same recipe, with the tolerances of test_fsdp's bf16-mixed test."""
+    from tests.runtime import test_precision as tp
+    from tests.runtime.test_fsdp import MIXED_CLIP, _mixed_reference
+
+    torch.manual_seed(0)
+    model = tp.TinyLlama()
+    x, _ = tp._data()
+    from partitioner import partition
+
+    pipe = partition(model, n_gpus=4, data_parallel=2, zero=3, example_inputs=(x,), precision="bf16-mixed",
+                     schedule="zb-h1", n_microbatches=2, pinned_cuts=["blocks.2"], optimizer="adamw")
+    assert pipe.plan.tied_parameters
+    results = spawn(_mixed_split_train, 4, pipe, timeout_s=TIMEOUT_S)
+    logs = [r["log"] for r in results]
+    check_collectives(logs)
+    replay_collectives(logs)
+    for r in results:
+        assert r["mode"] == "step"
+        sums = [c for c in r["log"] if c.group == r["tie"]]
+        assert [(c.op, c.numel, c.dtype) for c in sums] == [("all_reduce(sum)", 64 * 32, "float32")] * tp.STEPS
+    want = _mixed_reference(model, torch.bfloat16, microbatches=4)
+    assert min(want["norms"]) > MIXED_CLIP
+    for r in results:
+        assert r["losses"] == pytest.approx(want["losses"], rel=1e-2)
+        assert r["norms"] == pytest.approx(want["norms"], rel=2e-2)
+        total, count = 0.0, 0
+        for n, m in r["masters"].items():
+            diff = (m - want["masters"][n]).abs()
+            assert diff.mean().item() <= tp.LR / 4, n
+            total, count = total + diff.sum().item(), count + diff.numel()
+        assert total / count <= tp.LR / 20, total / count
