@@ -271,6 +271,59 @@ def test_a_rank_that_skips_its_tie_sum_is_caught_not_hung() -> None:
     assert check_collectives(logs)[results[1]["tie"][0]] == 1
 
 
+def _v_train(rank: int, world: int, pipe: Any) -> dict[str, Any]:
+    from partitioner.runtime.tensor_parallel import full_state
+    from tests.runtime.helpers import data
+
+    x, y, loss_fn = data("gpt", 4)
+    stage = pipe.build_stage(rank, "cpu")
+    opt = torch.optim.SGD(stage.parameters(), lr=LR)
+    runner = stage.runner("zbv", loss_fn=loss_fn)
+    losses, logs = [], []
+    for _ in range(STEPS):
+        with CollectiveRecorder() as rec:
+            stage.zero_grad()
+            losses.append(runner.step(x if stage.is_first else None, target=y if stage.is_last else None,
+                                      loss_on_every_rank=True).item())
+            opt.step()
+        logs.extend(rec.log)
+    named = dict(stage.named_parameters(remove_duplicate=False))
+    one = "lm_head.weight" in named and named["lm_head.weight"] is named["transformer.wte.weight"]
+    return {"losses": losses, "log": logs, "ties": len(stage._tied), "one": one, "stages": sorted(stage.modules),
+            "params": full_state(stage.named_parameters(remove_duplicate=False))}
+
+
+@pytest.mark.timeout(240)
+def test_a_tie_a_v_schedule_puts_on_one_rank_stays_one_parameter_under_tp() -> None:
+    """zbv puts the GPT's first stage (embedding) and last stage (output layer, the same weight)
+    on pipeline rank 0: one tensor there, no tie group, no sum. Tensor parallelism made each
+    stage's copy its own DTensor parameter, so each got half the gradient and the copies drifted
+    apart from one process; the stages now share one DTensor (split alike in both)."""
+    import copy
+
+    from partitioner import partition
+    from partitioner.runtime.tensor_parallel import with_tensor_parallel
+    from tests.fixtures.models import FIXTURES
+    from tests.runtime.helpers import data
+
+    torch.manual_seed(0)
+    model = FIXTURES["gpt"].build()
+    init = copy.deepcopy(model.state_dict())
+    x, y, loss_fn = data("gpt", 4)
+    pipe = partition(model, n_gpus=2, example_inputs=(x,), schedule="zbv", n_microbatches=2,
+                     pinned_cuts=["transformer.h.1", "transformer.h.2", "transformer.h.3"])
+    assert pipe.plan.tied_parameters and [s.rank for s in pipe.plan.stages] == [0, 1, 1, 0]
+    ref = sgd_reference(model, x, y, loss_fn, steps=STEPS, lr=LR, init=init)
+    results = spawn(_v_train, 4, with_tensor_parallel(pipe, 2), timeout_s=TIMEOUT_S)
+    assert [r["stages"] for r in results] == [[0, 3], [0, 3], [1, 2], [1, 2]]
+    for r in results:
+        assert r["losses"] == pytest.approx(ref.losses, rel=RTOL)
+        for n, v in r["params"].items():
+            torch.testing.assert_close(v, ref.params[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    assert [(r["ties"], r["one"]) for r in results] == [(0, True), (0, True), (0, False), (0, False)]
+    check_collectives([r["log"] for r in results])
+
+
 # --- the runtime: PP 2 x DP 2 (bucketed all-reduce) and PP 2 x FSDP 2 --------------------
 
 def _dp_train(rank: int, world: int, pipe: Any, schedule: str, bucket_bytes: int | None) -> dict[str, Any]:
