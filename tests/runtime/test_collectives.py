@@ -466,3 +466,50 @@ def test_pp2_fsdp2_bf16_mixed_split_backward_sums_tied_copies_in_one_dtype() -> 
             assert diff.mean().item() <= tp.LR / 4, n
             total, count = total + diff.sum().item(), count + diff.numel()
         assert total / count <= tp.LR / 20, total / count
+
+
+# --- the opt-in diagnostic: PARTITIONER_CHECK_COLLECTIVES=1 ---------------------------------
+
+def _diagnosed(rank: int, world: int, pipe: Any, tie_op_on: int | None) -> dict[str, Any]:
+    """One PP2 x TP2 step with the diagnostic on; on rank ``tie_op_on`` the tie's all-reduce takes
+    the maximum instead of the sum (a mismatch gloo runs without complaint)."""
+    import os
+
+    import partitioner.runtime.stage as stage_module
+    from partitioner.runtime.errors import PipelineRuntimeError
+    from tests.runtime.test_vocab_parallel import CASES
+
+    os.environ["PARTITIONER_CHECK_COLLECTIVES"] = "1"
+    _, inputs, y, loss_fn, _, _ = CASES["gpt2-two-stages"]
+    stage = pipe.build_stage(rank, "cpu")
+    if rank == tie_op_on:
+        (tie, _), = stage._tied
+
+        class _MaxTie:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(dist, name)
+
+            def all_reduce(self, t: torch.Tensor, **kw: Any) -> Any:
+                return dist.all_reduce(t, **kw, **({"op": dist.ReduceOp.MAX} if kw.get("group") is tie else {}))
+
+        stage_module.dist = _MaxTie()  # type: ignore[assignment]  # reduce_tied_grads's all-reduce
+    runner = stage.runner("1f1b", loss_fn=loss_fn)
+    try:
+        loss = runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
+                           loss_on_every_rank=True)
+        return {"loss": loss.item(), "error": None}
+    except PipelineRuntimeError as e:
+        return {"loss": None, "error": str(e)}
+
+
+@pytest.mark.timeout(240)
+def test_the_runtime_diagnostic_checks_every_step_across_the_job() -> None:
+    pipe, ref = _tp_pipe()
+    results = spawn(_diagnosed, 4, pipe, None, timeout_s=TIMEOUT_S)
+    assert [r["error"] for r in results] == [None] * 4
+    assert [r["loss"] for r in results] == pytest.approx([ref.losses[0]] * 4, rel=RTOL)
+    results = spawn(_diagnosed, 4, pipe, 2, timeout_s=TIMEOUT_S)
+    for r in results:  # every rank refuses the step, naming the group, its ranks and the position
+        assert r["error"] is not None and "PARTITIONER_CHECK_COLLECTIVES" in r["error"], r
+        assert "at its collective #1 (of 1)" in r["error"] and "global ranks [0, 2]" in r["error"]
+        assert "rank 2 issues all_reduce(max) of 1024 float32" in r["error"]
