@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ _FUNCTIONAL_NAMESPACES = ("_c10d_functional", "c10d_functional", "_c10d_function
 _P2P = {"send": "send", "recv_": "recv", "recv_any_source_": "recv"}
 #: the argument holding what this rank contributes, by preference (scatter: only the root has inputs)
 _CONTRIBUTION = ("input", "inputs", "input_tensor", "input_tensors", "tensors", "tensor", "self")
-_REDUCE_OPS = {int(v): k.lower() for k, v in dist.ReduceOp.RedOpType.__members__.items()}
+_REDUCE_OPS = {int(v.value): k.lower() for k, v in dist.ReduceOp.RedOpType.__members__.items()}
 _THIS = __file__
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../partitioner/
 
@@ -115,7 +115,7 @@ def _sequence(pg: dist.ProcessGroup) -> int | None:
     try:
         if dist.get_backend(pg) != "gloo":
             return None
-        return int(pg._get_sequence_number_for_group())
+        return int(cast(Any, pg)._get_sequence_number_for_group())
     except Exception:  # noqa: BLE001 - a group without a counter is not compared
         return None
 
@@ -181,9 +181,9 @@ class CollectiveRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _record(self, func: Any, namespace: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        op = _C10D.get(name) if namespace == "c10d" else _FUNCTIONAL.get(name)
+        found = _C10D.get(name) if namespace == "c10d" else _FUNCTIONAL.get(name)
         p2p = _P2P.get(name) if namespace == "c10d" else None
-        if op is None and p2p is None:
+        if found is None and p2p is None:
             return  # wait_tensor, wrappers, store-side helpers: not an operation of the group
         bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
         bound.update(kwargs)
@@ -197,6 +197,7 @@ class CollectiveRecorder(TorchDispatchMode):
             self.p2p.append((pg.group_name, ranks, p2p, int(peer) if isinstance(peer, int) else -1,
                              sum(t.numel() for t in ts), str(ts[0].dtype).removeprefix("torch.") if ts else ""))
             return
+        op = cast(str, found)
         key = "output_tensors" if name == "scatter_" else next((k for k in _CONTRIBUTION if k in bound), None)
         ts = _tensors(bound.get(key)) if key is not None else []
         if op in ("all_reduce", "reduce_scatter", "reduce"):
