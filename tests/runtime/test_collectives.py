@@ -10,8 +10,11 @@ without a cycle even if every collective blocked. Layouts: 2 pipeline ranks x 2 
 a GPT-2 whose embedding (first pipeline rank) and output layer (last) share one weight,
 split by vocabulary, so each TP index sums its shard of the tie over its own group (1F1B and
 zb-h1); 2 pipeline ranks x 2 replicas averaging in several buckets; 2 pipeline ranks x FSDP 2
-(per unit under 1F1B, once per step under zb-h1). Each also trains like one process. A rank
-that skips its tie sum is caught, naming the group, its ranks and the position.
+(per unit under 1F1B, once per step under zb-h1; bf16-mixed, where the tie's copies reach the
+sum in one dtype); 2 pipeline ranks x FSDP 2 x TP 2 (8 ranks, its own test). Each also trains
+like one process. A rank that skips its tie sum is caught, naming the group, its ranks and the
+position, and ``PARTITIONER_CHECK_COLLECTIVES=1`` refuses a step whose tie sum differs on one
+rank. A tie that zbv puts on one rank stays one parameter under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -513,3 +516,59 @@ def test_the_runtime_diagnostic_checks_every_step_across_the_job() -> None:
         assert r["error"] is not None and "PARTITIONER_CHECK_COLLECTIVES" in r["error"], r
         assert "at its collective #1 (of 1)" in r["error"] and "global ranks [0, 2]" in r["error"]
         assert "rank 2 issues all_reduce(max) of 1024 float32" in r["error"]
+
+
+# --- PP 2 x FSDP 2 x TP 2 with the tie: 8 ranks, its own test (deselect it on a loaded machine) ---
+
+def _three_d_train(rank: int, world: int, pipe: Any, schedule: str) -> dict[str, Any]:
+    from partitioner.runtime.tensor_parallel import full_state
+    from tests.runtime.test_vocab_parallel import CASES
+
+    _, inputs, y, loss_fn, _, _ = CASES["gpt2-two-stages"]
+    stage = pipe.build_stage(rank, "cpu")
+    opt = stage.optimizer(torch.optim.SGD, lr=LR)
+    runner = stage.runner(schedule, loss_fn=loss_fn)
+    losses, logs = [], []
+    for _ in range(STEPS):
+        with CollectiveRecorder() as rec:
+            stage.zero_grad()
+            loss = runner.step(**(inputs if stage.is_first else {}), target=y if stage.is_last else None,
+                               loss_on_every_rank=True)
+            stage.clip_grad_norm_(MAX_NORM)
+            opt.step()
+        losses.append(loss.item())
+        logs.extend(rec.log)
+    return {"losses": losses, "log": logs, "mode": stage.grad_sync.mode,
+            "params": full_state(stage.named_parameters(remove_duplicate=False))}
+
+
+@pytest.mark.timeout(400)
+def test_pp2_fsdp2_tp2_eight_ranks_sum_the_tie_per_step() -> None:
+    """FSDP over TP's DTensors, reduced once per step (zb-h1): the tie's sum over the pipeline
+    ranks runs on the gathered parameter's TP shard (it called ``dist.all_reduce`` on the DTensor,
+    which DTensor has no rule for, so the step failed); trains like one process, every group in step."""
+    import copy
+
+    from partitioner import partition
+    from partitioner.runtime.tensor_parallel import with_tensor_parallel
+    from tests.runtime.test_vocab_parallel import CASES, _gpt2
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _gpt2()
+    init = copy.deepcopy(model.state_dict())
+    _, inputs, y, loss_fn, _, _ = CASES["gpt2-two-stages"]
+    pipe = partition(model, 4, inputs, device="cpu", link="loopback", data_parallel=2, zero=3,
+                     pinned_cuts=["transformer.h.1"], n_microbatches=2, schedule="zb-h1")
+    ref = sgd_reference(model, inputs, y, loss_fn, steps=STEPS, lr=LR, max_norm=MAX_NORM, init=init,
+                        remove_duplicate=True)
+    results = spawn(_three_d_train, 8, with_tensor_parallel(pipe, 2), "zb-h1", timeout_s=TIMEOUT_S * 2)
+    for r in results:
+        assert r["mode"] == "step"
+        assert r["losses"] == pytest.approx(ref.losses, rel=RTOL)
+        for n, v in r["params"].items():
+            want = ref.params["transformer.wte.weight" if n == "lm_head.weight" else n]
+            torch.testing.assert_close(v, want, rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    logs = [r["log"] for r in results]
+    check_collectives(logs)
+    replay_collectives(logs)
