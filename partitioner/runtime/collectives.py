@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -215,7 +215,7 @@ def check_enabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def verify_across_ranks(rec: CollectiveRecorder, rank: int, on_error: Callable[[str], Exception] | None = None) -> None:
+def verify_across_ranks(rec: CollectiveRecorder, rank: int) -> None:
     """Collective over the default group (every rank calls it): gather every rank's record and
     check each process group's sequences (``comms.check_collectives``) and that the record is
     complete. Raises ``PipelineRuntimeError`` on every rank, naming the group, the ranks and the
@@ -228,5 +228,5 @@ def verify_across_ranks(rec: CollectiveRecorder, rank: int, on_error: Callable[[
     except CollectiveMismatchError as e:
         problems.insert(0, str(e))
     if problems:
-        text = f"rank {rank}: {ENV}: " + "; ".join(problems)
-        raise on_error(text) if on_error is not None else PipelineRuntimeError(text)
+        raise PipelineRuntimeError(f"rank {rank}: {ENV}: " + "; ".join(problems), rank,
+                                   "checking the step's collectives across the job")
