@@ -811,9 +811,12 @@ class Runner:
         try:  # the buckets' all-reduces were launched during the final backwards: wait, average
             self.stage.sync_replicas()
         except Exception as e:  # a replica died or hung: the all-reduce breaks or times out
+            ties = "; FSDP sums the tied weights' copies over the pipeline ranks here too" \
+                if getattr(self.stage.grad_sync, "tied", None) else ""
             raise PipelineRuntimeError(
                 f"replica {self.stage.dp_rank} of {self.replicas} (global rank {self.stage.global_rank}, pipeline rank "
-                f"{self.stage.rank}): averaging gradients over the replicas failed (a replica failed or timed out): {e}",
+                f"{self.stage.rank}): averaging gradients over the replicas failed (a replica failed or timed out"
+                f"{ties}): {e}",
                 self.stage.rank, "gradient all-reduce over replicas", secondary=True) from e
         # Then tied copies sum over this replica's pipeline ranks: a sum of replica averages
         # is the average of the replicas' sums, and the reduced .grad must not change under
