@@ -40,6 +40,14 @@ on each other. ``check`` drives it with a lowering, the in-process
 ``runtime.transport.NcclTransport`` with real tensors, and ``replay_log`` with the
 operations each rank of a multi-process run recorded.
 
+Collectives have a rule of their own: each process group is one NCCL communicator, and
+every member must issue the group's collectives in the same order, each with the same
+operation, element count and dtype (a mismatch hangs or reads the wrong bytes; gloo often
+lets it pass). ``check_collectives`` verifies that on the ``Collective`` records each rank
+of a run made (``runtime.collectives.CollectiveRecorder``), group by group, and
+``replay_collectives`` that the groups' sequences interleave without a cycle when every
+collective is taken to block its ranks until all members reach it.
+
 >>> from partitioner.schedule import build_schedule
 >>> low = lower(build_schedule("1f1b", 2, 2))
 >>> [str(x) for x in low.steps(0)]
@@ -54,12 +62,12 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from partitioner.schedule import Action, Schedule, ScheduleError
 
-__all__ = ["Batch", "DeadlockError", "Edges", "Key", "Lowered", "NcclModel", "NeighbourEdges", "check", "describe",
-           "lower", "replay_log"]
+__all__ = ["Batch", "Collective", "CollectiveMismatchError", "DeadlockError", "Edges", "Key", "Lowered", "NcclModel",
+           "NeighbourEdges", "check", "check_collectives", "describe", "lower", "replay_collectives", "replay_log"]
 
 Key = tuple[str, int, int, int]  # (direction "F"/"B", sending stage, receiving stage, micro-batch)
 Op = tuple[Key, int]  # a message and the peer rank at the other end
@@ -512,3 +520,138 @@ def replay_log(logs: Sequence[Sequence[tuple]]) -> None:
                  else f"rank {r} waits for its sends" for r in unfinished]
         raise DeadlockError("the recorded operations deadlock under NCCL's rules:\n  "
                             + "\n  ".join(lines + model.waits()))
+
+
+# --- collectives ------------------------------------------------------------------------
+
+
+class Collective(NamedTuple):
+    """One collective a rank issued, as NCCL sees it."""
+
+    group: str  # the process group's name: the same on every member (torch names groups in creation order)
+    ranks: tuple[int, ...]  # the group's members, global ranks in group-rank order
+    op: str  # "all_reduce(sum)", "all_gather", "reduce_scatter(avg)", "broadcast(src=0)", "barrier", ...
+    numel: int  # elements this rank contributes (all-gather: its input; reduce-scatter: its whole input)
+    dtype: str  # "float32", ...
+    where: str = ""  # the code that issued it, for messages only (never compared)
+
+    @property
+    def fingerprint(self) -> tuple[str, int, str]:
+        """What every member's collective at one position of the group's sequence must share."""
+        return self.op, self.numel, self.dtype
+
+    def __str__(self) -> str:
+        return f"{self.op} of {self.numel} {self.dtype}" + (f" [{self.where}]" if self.where else "")
+
+
+class CollectiveMismatchError(ScheduleError):
+    """The ranks of a process group issued different collective sequences on it."""
+
+
+def _rank_logs(logs: Mapping[int, Sequence[Collective]] | Sequence[Sequence[Collective]]) -> dict[int, list[Collective]]:
+    items = logs.items() if isinstance(logs, Mapping) else enumerate(logs)
+    return {int(r): list(log) for r, log in items}
+
+
+def _groups(logs: dict[int, list[Collective]]) -> dict[str, tuple[int, ...]]:
+    """Group name -> members, refusing a name that means different members on different ranks
+    or a group whose record names a rank that is not a member."""
+    members: dict[str, tuple[tuple[int, ...], int]] = {}
+    for r, log in logs.items():
+        for c in log:
+            if r not in c.ranks:
+                raise CollectiveMismatchError(f"rank {r} recorded {c} on process group {c.group!r} of ranks "
+                                              f"{list(c.ranks)}, of which it is not a member")
+            seen = members.setdefault(c.group, (c.ranks, r))
+            if seen[0] != c.ranks:
+                raise CollectiveMismatchError(
+                    f"process group {c.group!r} has ranks {list(seen[0])} on rank {seen[1]} but {list(c.ranks)} on "
+                    f"rank {r}: the ranks created their groups in different orders (new_group is collective: every "
+                    "rank must create every group, in the same order)")
+    return {g: m for g, (m, _) in members.items()}
+
+
+def check_collectives(logs: Mapping[int, Sequence[Collective]] | Sequence[Sequence[Collective]]) -> dict[str, int]:
+    """Check that every process group's members issued the identical collective sequence.
+
+    ``logs`` maps each global rank (or is a list indexed by it) to the ``Collective`` records
+    it made, in issue order. Every member of every group named in a record must have a log
+    here. Returns the number of collectives per group name. Raises
+    ``CollectiveMismatchError`` naming the group, its ranks and the first position at which
+    their sequences differ (an operation, element count or dtype that differs, or a rank
+    whose sequence ends there), with what each member issued there and just before."""
+    by_rank = _rank_logs(logs)
+    counts: dict[str, int] = {}
+    for group, ranks in sorted(_groups(by_rank).items(), key=lambda kv: kv[1]):
+        missing = [r for r in ranks if r not in by_rank]
+        if missing:
+            raise CollectiveMismatchError(f"process group {group!r} (ranks {list(ranks)}): no record of rank(s) "
+                                          f"{missing}, so its sequence cannot be checked")
+        seqs = {r: [c for c in by_rank[r] if c.group == group] for r in ranks}
+        n = max(len(s) for s in seqs.values())
+        for k in range(n):
+            at = {r: (s[k] if k < len(s) else None) for r, s in seqs.items()}
+            prints = {None if c is None else c.fingerprint for c in at.values()}
+            if len(prints) == 1:
+                continue
+            lines = []
+            for r in ranks:
+                c, s = at[r], seqs[r]
+                now = str(c) if c is not None else f"nothing: its {len(s)} collectives on this group end before"
+                before = f" (after {s[k - 1]})" if k > 0 and k <= len(s) else ""
+                lines.append(f"rank {r} issues {now}{before}")
+            raise CollectiveMismatchError(
+                f"collectives differ on process group {group!r} (global ranks {list(ranks)}) at its collective #{k + 1}"
+                f" (of {n}): NCCL would hang or read the wrong bytes there\n  " + "\n  ".join(lines))
+        counts[group] = n
+    return counts
+
+
+def replay_collectives(logs: Mapping[int, Sequence[Collective]] | Sequence[Sequence[Collective]]) -> None:
+    """Replay the ranks' collectives, every one blocking its rank until all members of its
+    group have reached it (conservative: an asynchronous collective on NCCL does not hold the
+    next one of another communicator back). Each rank runs its record in order. Raises
+    ``DeadlockError`` naming what each stuck rank waits in and where its group's other
+    members are. Check the groups' sequences first (``check_collectives``)."""
+    by_rank = _rank_logs(logs)
+    groups = _groups(by_rank)
+    pc = {r: 0 for r in by_rank}
+    # per rank, per collective: its position in its group's sequence on that rank
+    index: dict[int, list[int]] = {}
+    for r, log in by_rank.items():
+        count: dict[str, int] = defaultdict(int)
+        index[r] = []
+        for c in log:
+            index[r].append(count[c.group])
+            count[c.group] += 1
+    progress = True
+    while progress:
+        progress = False
+        for r, log in by_rank.items():
+            if pc[r] >= len(log):
+                continue
+            c, k = log[pc[r]], index[r][pc[r]]
+            members = groups[c.group]
+            if all(m in by_rank and pc[m] < len(by_rank[m]) and by_rank[m][pc[m]].group == c.group
+                   and index[m][pc[m]] == k for m in members):
+                for m in members:
+                    pc[m] += 1
+                progress = True
+    stuck = [r for r in by_rank if pc[r] < len(by_rank[r])]
+    if stuck:
+        lines = []
+        for r in stuck:
+            c = by_rank[r][pc[r]]
+            others = []
+            for m in groups[c.group]:
+                if m == r:
+                    continue
+                if m not in by_rank or pc[m] >= len(by_rank[m]):
+                    others.append(f"rank {m} has finished")
+                else:
+                    o = by_rank[m][pc[m]]
+                    others.append(f"rank {m} is in {o.op} on group {o.group!r} (ranks {list(o.ranks)})")
+            lines.append(f"rank {r} waits in {c} on group {c.group!r} (ranks {list(c.ranks)}, its collective "
+                         f"#{index[r][pc[r]] + 1} there) while " + ", ".join(others))
+        raise DeadlockError("the recorded collectives wait on each other when each blocks until its whole group "
+                            "reaches it:\n  " + "\n  ".join(lines))

@@ -232,6 +232,35 @@ def _fsdp_params(root: nn.Module) -> dict[str, Any]:
             for fp in g.fsdp_params}
 
 
+def _whole_unsharded_grad(fp: Any) -> torch.Tensor:
+    """The step's whole gradient of an FSDP parameter still gathered (``"step"`` mode, before
+    the reduce-scatter), as one tensor in the dtype FSDP reduces it in, where FSDP will read it.
+
+    A backward that ran under FSDP's hooks moves the gradient into ``unsharded_accumulated_grad``
+    in the policy's ``reduce_dtype`` (fp32 under bf16-mixed); one computed by hand (a split
+    backward's ``W``) stays in ``unsharded_param.grad`` in the compute dtype (bf16); a
+    parameter may have both (earlier micro-batches through the hooks, the last by hand), or
+    neither. The copies of a tie are summed over their pipeline ranks from this tensor, so
+    every rank must give the same dtype (NCCL takes each rank's count and dtype as given: a
+    bf16 copy beside an fp32 one reads the wrong bytes or hangs) and the whole gradient
+    (a part left out would be added after the sum, on one rank only): here both parts are
+    folded as FSDP's ``post_backward`` folds them, into the reduce dtype, and a missing
+    gradient is zeros of that dtype."""
+    fp.accumulate_unsharded_grad_if_needed()  # both parts: the by-hand part into the accumulated one
+    fp.to_accumulated_grad_if_needed()  # only the by-hand part, in the compute dtype: cast to the reduce dtype
+    if fp.unsharded_accumulated_grad is not None:
+        return fp.unsharded_accumulated_grad
+    if fp.unsharded_param.grad is None:
+        dtype = fp.reduce_dtype if fp.reduce_dtype is not None else fp.unsharded_param.dtype
+        zeros = torch.zeros_like(fp.unsharded_param, dtype=dtype)
+        if dtype == fp.unsharded_param.dtype:
+            fp.unsharded_param.grad = zeros
+        else:
+            fp.unsharded_accumulated_grad = zeros
+        return zeros
+    return fp.unsharded_param.grad
+
+
 class FsdpSync:
     """The step's gradient reduction under FSDP, in ``runtime.grad_sync.GradSync``'s place
     (the interpreter's ``GradReady`` calls, and ``finish``)."""
@@ -287,12 +316,8 @@ class FsdpSync:
                 if fp is None or not hasattr(fp, "_unsharded_param"):
                     raise PipelineRuntimeError(f"rank {self.stage.global_rank}: tied weight {names}: this rank has no "
                                                "gathered copy to sum (its stages ran no forward this step)")
-                acc = fp.unsharded_accumulated_grad
-                g = acc if acc is not None else fp.unsharded_param.grad
-                if g is None:
-                    g = torch.zeros_like(fp.unsharded_param)
-                    fp.unsharded_param.grad = g
-                dist.all_reduce(g, group=pg)
+                g = _whole_unsharded_grad(fp)
+                dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=pg)
 
     def _sum_tied_shards(self) -> None:
         with torch.no_grad():

@@ -47,7 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils import _pytree as pytree
 
-from partitioner.runtime import loop, tensor_parallel
+from partitioner.runtime import collectives, loop, tensor_parallel
 from partitioner.runtime.checkpoint import load_checkpoint, save_checkpoint
 from partitioner.runtime.compile import CompileOption, check_schedule, compile_kwargs, compiled_modules
 from partitioner.runtime.dist import DistTransport, backend_for
@@ -693,6 +693,7 @@ class Runner:
         self.events: list[TraceEvent] = []
         self.normalize = normalize
         self._eval: StepDriver | None = None  # the forward-only driver, made by the first eval_step
+        self._recording = False  # PARTITIONER_CHECK_COLLECTIVES: inside the step being recorded
 
     def _prepare(self, inputs: tuple[Any, ...], kwargs: dict[str, Any], target: Any, seq: int | None,
                  global_batch: int | None, what: str, need_target: bool = True) -> tuple[Any, Any, int, int, Any]:
@@ -772,7 +773,23 @@ class Runner:
         (collective): every rank returns the step's loss, averaged over the replicas
         (with data parallelism: the global batch's loss, also on the last stage).
         With ``profile`` (every rank passes the same path), the step runs under
-        ``torch.profiler`` (``profile_step``)."""
+        ``torch.profiler`` (``profile_step``).
+
+        With ``PARTITIONER_CHECK_COLLECTIVES=1`` in the environment, the step's collectives are
+        recorded and, after it, checked across every rank of the job (``runtime.collectives``):
+        a process group whose members issued different sequences raises ``PipelineRuntimeError``
+        on every rank (one more collective over the job per step; for gloo dry runs)."""
+        if collectives.check_enabled() and not self._recording:
+            self._recording = True
+            try:
+                with collectives.CollectiveRecorder() as rec:
+                    loss = Runner.step(self, *inputs, target=target, trace=trace, seq_len=seq_len,
+                                       batch_size=batch_size, loss_on_every_rank=loss_on_every_rank, profile=profile,
+                                       **kwargs)
+            finally:
+                self._recording = False
+            collectives.verify_across_ranks(rec, self.stage.global_rank)
+            return loss
         if profile is not None:
             return self.profile_step(profile, *inputs, target=target, trace=trace, seq_len=seq_len,
                                      batch_size=batch_size, loss_on_every_rank=loss_on_every_rank, **kwargs)
@@ -794,9 +811,12 @@ class Runner:
         try:  # the buckets' all-reduces were launched during the final backwards: wait, average
             self.stage.sync_replicas()
         except Exception as e:  # a replica died or hung: the all-reduce breaks or times out
+            ties = "; FSDP sums the tied weights' copies over the pipeline ranks here too" \
+                if getattr(self.stage.grad_sync, "tied", None) else ""
             raise PipelineRuntimeError(
                 f"replica {self.stage.dp_rank} of {self.replicas} (global rank {self.stage.global_rank}, pipeline rank "
-                f"{self.stage.rank}): averaging gradients over the replicas failed (a replica failed or timed out): {e}",
+                f"{self.stage.rank}): averaging gradients over the replicas failed (a replica failed or timed out"
+                f"{ties}): {e}",
                 self.stage.rank, "gradient all-reduce over replicas", secondary=True) from e
         # Then tied copies sum over this replica's pipeline ranks: a sum of replica averages
         # is the average of the replicas' sums, and the reduced .grad must not change under

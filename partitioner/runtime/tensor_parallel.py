@@ -498,15 +498,19 @@ def _vocab_lookups(gm: fx.GraphModule, plan: TensorParallelPlan) -> None:
         graph.erase_node(n)
 
 
-def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan) -> fx.GraphModule:
+def parallelize(gm: fx.GraphModule, mesh: DeviceMesh, plan: TensorParallelPlan,
+                made: dict[int, nn.Parameter] | None = None) -> fx.GraphModule:
     """In place: ``gm``'s parameters become DTensors over ``mesh`` as ``plan`` places them
     (each rank keeping its shard; the values are the rank's full tensors, equal on every TP
     rank), its buffers ``Replicate`` DTensors, and its graph converts plain tensors to
     ``Replicate`` DTensors where they enter and DTensors to whole plain tensors at the
-    output. Parameter names are unchanged. Returns ``gm``."""
+    output. Parameter names are unchanged. ``made`` (id of a plain parameter -> its DTensor
+    parameter), shared by the calls for one rank's stages, keeps a tensor those stages share
+    one parameter (its placement must be the same in each plan). Returns ``gm``."""
 
     with torch.no_grad():
-        made: dict[int, nn.Parameter] = {}  # a weight tied under several names stays one (DTensor) parameter
+        # a weight tied under several names (or shared with another stage's module) stays one parameter
+        made = {} if made is None else made
         for name, p in list(gm.named_parameters(remove_duplicate=False)):
             owner, _, leaf = name.rpartition(".")
             mod = gm.get_submodule(owner) if owner else gm
@@ -780,15 +784,16 @@ def build_tensor_parallel(spec: PipelineSpec, rank: int, dev: torch.device, grou
         plans[s] = decide(s, mod, replicate)
     # a weight tied across pipeline ranks splits on all of them or on none (the planner's rule
     # on the whole graph, ``find_vocab``): where one rank keeps its copy whole, all do
-    keep = _tie_consensus(tied, plans)
+    keep = _tie_consensus(tied, plans) | _shared_split_unlike(stage, plans)
     if keep:
         for s, mod in graphs.items():
             if keep & set(dict(mod.named_parameters(remove_duplicate=False))):
                 plans[s] = decide(s, mod, (*replicate, *sorted(keep)))
+    made: dict[int, nn.Parameter] = {}  # a tensor two stages of this rank share stays one DTensor parameter
     for s, mod in graphs.items():
         for name, why in plans[s].replicated.items():
             log.info("tensor parallelism: stage %d keeps %s whole on every TP rank: %s", s, name, why)
-        parallelize(mod, tp_mesh, plans[s])
+        parallelize(mod, tp_mesh, plans[s], made)
     _retie(stage, plans, tied)
     stage.tp_plans = plans  # type: ignore[attr-defined]
     stage.tp_sequence = sequence  # type: ignore[attr-defined]  # read by the runner (shard_boundaries)
@@ -813,6 +818,24 @@ def _tie_consensus(tied: list[tuple[Any, list[str]]], plans: Mapping[int, Tensor
             log.info("tensor parallelism: %s tied across pipeline ranks is kept whole on one of them: whole on all",
                      names)
             keep |= set(names)
+    return keep
+
+
+def _shared_split_unlike(stage: Any, plans: Mapping[int, TensorParallelPlan]) -> set[str]:
+    """The names of tensors that several stages of this rank share (a weight tied between the
+    first and the last stage, which a V schedule puts on one rank) and that their plans would
+    place differently: to be kept whole in all of them, so the tensor stays one parameter (its
+    one gradient is the tie's sum, as in one process). Not collective."""
+    by_tensor: dict[int, list[tuple[int, str]]] = {}
+    for s, mod in stage.modules.items():
+        for n, p in mod.named_parameters(remove_duplicate=False):
+            by_tensor.setdefault(id(p), []).append((s, n))
+    keep: set[str] = set()
+    for uses in by_tensor.values():
+        if len({s for s, _ in uses}) > 1 and len({plans[s].placements.get(n, "Replicate") for s, n in uses}) > 1:
+            log.info("tensor parallelism: %s shared by stages %s of one rank is kept whole in all of them",
+                     sorted({n for _, n in uses}), sorted({s for s, _ in uses}))
+            keep |= {n for _, n in uses}
     return keep
 
 
