@@ -24,11 +24,11 @@ from partitioner.passes.split import split_graph
 from partitioner.pipe import Pipe
 from partitioner.plan import Plan
 from partitioner.plan_builder import StageMemory
-from partitioner.solver import _fmt_bytes
 from partitioner.pricing import TIME_UNIT, to_units
 from partitioner.problem import Context, Problem, StageFit, build_problem
 from partitioner.refine import score
 from partitioner.search import rescore
+from partitioner.solver import _fmt_bytes
 
 __all__ = ["emit", "reapply", "fingerprint"]
 
