@@ -58,7 +58,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -164,6 +164,11 @@ class _Prep:
     lg: _Ix  # floor(log2(x)) for x in 0..n+1, integer-only
     top: _Ix  # n+1: a stage ending at b starts before top[b] (b, or 1 + its last computing position)
     min_cut: int  # the cheapest cut_cost among allowed interior cuts
+    G: _I64  # options x (n+1): every option's g, stacked (``_valid_ends`` tests all options at once)
+    F: _I64  # options x (n+1): every option's f, stacked
+    T_free: int  # from this threshold on, every stage [a, b) of every option passes the time test
+    #: stage -> options x (n+1): per end b, the smallest start memory and pins allow (``_floors``)
+    floors: dict[int, _Ix] = field(default_factory=dict)
 
 
 class Memo:
@@ -338,7 +343,9 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_com
         last = np.where(comp, np.arange(n), -1)
         top[1:] = np.maximum.accumulate(last) + 1 if n else top[1:]
     min_cut = int(cc[cuts].min()) if len(cuts) else 0
-    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut)
+    G, F = np.stack([o.g for o in opts]), np.stack([o.f for o in opts])
+    T_free = max(int(f.max()) - int(g.min()) for f, g in zip(F, G))  # f[b] - g[a] <= T for every a, b
+    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut, G, F, T_free)
 
 
 def _computes(inp: SolverInput) -> npt.NDArray[np.bool_]:
@@ -361,6 +368,26 @@ def _lo(pr: _Prep, o: _Opt, i: int, b: _Ix, T: int) -> _Ix:
     W = pr.SM[a0:a1] + k * o.AM[a0:a1]
     lom = a0 + np.searchsorted(W, pr.SM[b] + k * o.AM[b] - o.cap[i], "left")
     return np.maximum(np.maximum(lom, loT), pr.pin_lo[b])
+
+
+def _floors(pr: _Prep, i: int) -> _Ix:
+    """Per option and every end ``b`` in 0..n: the smallest start of stage ``i`` that memory
+    and pins allow (``_lo`` without the time test). It does not depend on the threshold, so
+    it is computed once per prepared instance and stage, not at each feasibility test. Where
+    the memory limit lies before the window ``_lo`` searches, ``_lo``'s time limit is the
+    larger anyway; where it lies past ``b`` the stage is invalid either way."""
+    hit = pr.floors.get(i)
+    if hit is None:
+        k = pr.inflight[i]
+        rows = []
+        for o in pr.opts:
+            if o.free[i]:  # any stage fits: no memory limit
+                rows.append(pr.pin_lo)
+                continue
+            W = pr.SM + k * o.AM
+            rows.append(np.maximum(np.searchsorted(W, W - o.cap[i], "left"), pr.pin_lo))
+        hit = pr.floors[i] = np.stack(rows)
+    return hit
 
 
 def _ends(pr: _Prep, i: int, T: int) -> _Ix:
@@ -391,39 +418,52 @@ def _reach(pr: _Prep, T: int) -> list[_Ix] | None:
         b = _ends(pr, i, T)
         if len(b) == 0:
             return None
-        ok = np.zeros(len(b), bool)
-        for o in pr.opts:
-            ok |= _valid_ends(pr, o, i, b, R, T)
-        R = b[ok]
+        R = b[_valid_ends(pr, i, b, R, T)]
         if len(R) == 0:
             return None
         out.append(R)
     return out
 
 
-def _valid_ends(pr: _Prep, o: _Opt, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
-    """Which ends ``b`` a stage ``i`` under option ``o`` reaches from a start in ``R``."""
-    lo = np.maximum(_lo(pr, o, i, b, T), int(R[0]))  # nothing reachable before R[0]
-    hi = pr.top[b]  # starts lie in [lo, hi)
-    width = hi - lo
-    x0, x1 = int(lo.min()), int(b[-1])
-    if x0 >= x1:
+def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
+    """Which ends ``b`` a stage ``i`` reaches from a start in ``R`` under some option.
+
+    A start ``a`` is valid for ``b`` when it lies in ``[lo, top[b])`` (memory, pins) and
+    ``g[a] >= f[b] - T`` (time), so ``b`` is reached when the largest ``g`` over the reachable
+    starts in that window passes. The windows are taken in ``R``'s own indices (only
+    reachable starts enter the range maxima) and all options share one sparse table of shape
+    (levels, options, starts): the same maxima as one table per option over every position,
+    in a few numpy calls per stage. Where ``T`` exceeds every stage time (``pr.T_free``) the
+    time test passes for every pair and a window needs only to hold a reachable start."""
+    k = len(pr.opts)
+    lo = _floors(pr, i)[:, b]
+    free = T >= pr.T_free
+    if not free:
+        for j, o in enumerate(pr.opts):  # the time test's implied limit narrows the windows (as ``_lo``)
+            np.maximum(lo[j], np.searchsorted(o.P, o.P[b] - T, "left"), out=lo[j])
+    L = np.searchsorted(R, lo, "left")  # options x ends: the first reachable start >= lo
+    H = np.searchsorted(R, pr.top[b], "left")  # per end: the first reachable start >= top[b]
+    count = H - L
+    if free:
+        ok: npt.NDArray[np.bool_] = (count >= 1).any(axis=0)
+        return ok
+    r0, r1 = int(L.min()), int(H.max())
+    m = r1 - r0
+    if m <= 0:
         return np.zeros(len(b), bool)
-    m = x1 - x0
-    mask = np.zeros(m, bool)
-    mask[R[np.searchsorted(R, x0):np.searchsorted(R, x1)] - x0] = True
-    top = int(pr.lg[max(int(width.max()), 1)])
-    table = np.empty((top + 1, m), np.int64)  # table[k, x] = max(vals[x : x + 2^k])
-    table[0] = np.where(mask, o.g[x0:x1], _NEG)
-    for k in range(1, top + 1):
-        h = 1 << (k - 1)
-        table[k, : m - h] = np.maximum(table[k - 1, : m - h], table[k - 1, h:])
-        table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
-    lvl = pr.lg[np.maximum(width, 1)]
-    left = np.minimum(lo - x0, m - 1)
-    right = np.maximum(hi - x0 - (1 << lvl), 0)
-    best = np.maximum(table[lvl, left], table[lvl, right])
-    ok: npt.NDArray[np.bool_] = (width >= 1) & (best >= o.f[b] - T)
+    top = int(pr.lg[max(int(count.max()), 1)])
+    table = np.empty((top + 1, k, m), np.int64)  # table[l, j, x] = max(g_j[R[r0 + x : r0 + x + 2^l]])
+    table[0] = pr.G[:, R[r0:r1]]
+    for lev in range(1, top + 1):
+        h = 1 << (lev - 1)
+        np.maximum(table[lev - 1, :, : m - h], table[lev - 1, :, h:], out=table[lev, :, : m - h])
+        table[lev, :, m - h:] = _NEG  # never read by a valid query; keeps garbage out
+    lvl = pr.lg[np.maximum(count, 1)]
+    left = np.minimum(L - r0, m - 1)
+    right = np.maximum(H - r0 - (1 << lvl), 0)
+    rows = np.arange(k)[:, None]
+    best = np.maximum(table[lvl, rows, left], table[lvl, rows, right])
+    ok = ((count >= 1) & (best >= pr.F[:, b] - T)).any(axis=0)
     return ok
 
 
