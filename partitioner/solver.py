@@ -58,7 +58,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -324,10 +324,7 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_com
     opts = []
     for o in inp.choices():
         P, AM = _prefix(o.compute), _prefix(o.act_mem)
-        cap = [max(min(int(c) + slack - int(o.reserve), int(SM[n]) + k * int(AM[n])), -1)
-               for c, k in zip(inp.capacity, inflight)]
-        whole = [int(SM[n]) + k * int(AM[n]) for k in inflight]
-        opts.append(_Opt(P, P - cc, P + cc, AM, cap, [c >= w for c, w in zip(cap, whole)]))
+        opts.append(_Opt(P, P - cc, P + cc, AM, *_caps(inp, SM, AM, inflight, o.reserve, slack)))
     Pmin = _prefix(np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0)) if n else _prefix([])
     pin_arr = np.asarray([0, *pins], np.intp)
     pin_lo = pin_arr[np.maximum(np.searchsorted(pin_arr, np.arange(n + 1), "left") - 1, 0)]
@@ -346,6 +343,25 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_com
     G, F = np.stack([o.g for o in opts]), np.stack([o.f for o in opts])
     T_free = max(int(f.max()) - int(g.min()) for f, g in zip(F, G))  # f[b] - g[a] <= T for every a, b
     return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut, G, F, T_free)
+
+
+def _caps(inp: SolverInput, SM: _I64, AM: _I64, inflight: list[int], reserve: int, slack: int
+          ) -> tuple[list[int], list[bool]]:
+    """One option's per-stage capacities (less its reserve, clamped to the whole model's need)
+    and whether the whole model fits each stage."""
+    n = len(SM) - 1
+    cap = [max(min(int(c) + slack - int(reserve), int(SM[n]) + k * int(AM[n])), -1)
+           for c, k in zip(inp.capacity, inflight)]
+    whole = [int(SM[n]) + k * int(AM[n]) for k in inflight]
+    return cap, [c >= w for c, w in zip(cap, whole)]
+
+
+def _with_slack(pr: _Prep, inp: SolverInput, slack: int) -> _Prep:
+    """``pr`` (prepared with no slack) as ``_prepare(..., slack=slack)`` would make it: only the
+    capacities change."""
+    opts = [replace(o, **dict(zip(("cap", "free"), _caps(inp, pr.SM, o.AM, pr.inflight, src.reserve, slack))))
+            for o, src in zip(pr.opts, inp.choices())]
+    return replace(pr, opts=opts, floors={})
 
 
 def _computes(inp: SolverInput) -> npt.NDArray[np.bool_]:
@@ -436,17 +452,16 @@ def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.boo
     in a few numpy calls per stage. Where ``T`` exceeds every stage time (``pr.T_free``) the
     time test passes for every pair and a window needs only to hold a reachable start."""
     k = len(pr.opts)
+    top_b = pr.top[b]
+    if T >= pr.T_free:
+        return _valid_ends_untimed(pr, i, b, R, top_b)
     lo = _floors(pr, i)[:, b]
-    free = T >= pr.T_free
-    if not free:
-        for j, o in enumerate(pr.opts):  # the time test's implied limit narrows the windows (as ``_lo``)
-            np.maximum(lo[j], np.searchsorted(o.P, o.P[b] - T, "left"), out=lo[j])
+    for j, o in enumerate(pr.opts):  # the time test's implied limit narrows the windows (as ``_lo``)
+        np.maximum(lo[j], np.searchsorted(o.P, o.P[b] - T, "left"), out=lo[j])
+    np.maximum(lo, int(R[0]), out=lo)  # nothing reachable before R[0]
     L = np.searchsorted(R, lo, "left")  # options x ends: the first reachable start >= lo
-    H = np.searchsorted(R, pr.top[b], "left")  # per end: the first reachable start >= top[b]
+    H = np.searchsorted(R, top_b, "left")  # per end: the first reachable start >= top[b]
     count = H - L
-    if free:
-        ok: npt.NDArray[np.bool_] = (count >= 1).any(axis=0)
-        return ok
     r0, r1 = int(L.min()), int(H.max())
     m = r1 - r0
     if m <= 0:
@@ -465,6 +480,25 @@ def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.boo
     best = np.maximum(table[lvl, rows, left], table[lvl, rows, right])
     ok = ((count >= 1) & (best >= pr.F[:, b] - T)).any(axis=0)
     return ok
+
+
+def _valid_ends_untimed(pr: _Prep, i: int, b: _Ix, R: _Ix, top_b: _Ix) -> npt.NDArray[np.bool_]:
+    """``_valid_ends`` where every stage passes the time test: ``b`` is reached when some
+    reachable start in ``[lo, top[b])`` fits memory and pins. Memory only grows as the start
+    moves left, so that holds exactly when the last reachable start before ``top[b]`` fits:
+    one look-up per end, no search over the positions (the test ``solve`` and ``feasible``
+    start with and the one the closest-split search of a refusal repeats)."""
+    idx = np.searchsorted(R, top_b, "left") - 1  # the last reachable start before top[b]
+    a = R[np.maximum(idx, 0)]
+    ok = (idx >= 0) & (a >= pr.pin_lo[b])
+    k = pr.inflight[i]
+    fits = np.zeros(len(b), bool)
+    static = pr.SM[b] - pr.SM[a]
+    for o in pr.opts:
+        if o.free[i]:  # any stage fits
+            return ok
+        fits |= static + k * (o.AM[b] - o.AM[a]) <= o.cap[i]
+    return ok & fits
 
 
 def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
@@ -628,17 +662,18 @@ def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> Infe
     # (bytes over capacity): it is the partition closest to fitting, so its worst
     # stage shows the smallest change that would make the model fit.
     lo, hi = 1, sum(inp.static_mem) + max(max(inp.inflight) * sum(o.act_mem) + o.reserve for o in inp.choices()) + 1
+    pr0 = _prepare(inp, S, pins)
     while lo < hi:
         mid = (lo + hi) // 2
-        if _reach(_prepare(inp, S, pins, slack=mid), T_inf) is None:
+        if _reach(_with_slack(pr0, inp, mid), T_inf) is None:
             lo = mid + 1
         else:
             hi = mid
-    pr = _prepare(inp, S, pins, slack=lo)
+    pr = _with_slack(pr0, inp, lo)
     R = _reach(pr, T_inf)
     assert R is not None  # slack lo is feasible by construction of the search
     cuts = _witness(pr, R, T_inf)
-    choice = _pick(_prepare(inp, S, pins), cuts, None)
+    choice = _pick(pr0, cuts, None)
     opts = inp.choices()
     worst, over, parts = 0, None, (0, 0, 0, 0)
     for i in range(S):
