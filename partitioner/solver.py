@@ -587,8 +587,10 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
         Fa, Fb = bands[i - 1], bands[i]
         new_best = np.full(len(Fb), INF)
         pred = np.zeros(len(Fb), np.intp)  # index into Fa
+        table = None if approx else _argmin_table(best)  # shared by the options: the costs are theirs
         for o, (s, e) in zip(pr.opts, spans[i - 1]):
-            nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx)
+            nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx) if table is None else \
+                _pairs_split(o, Fa, Fb, s, e, best, T, table)
             take = nb < new_best
             new_best = np.where(take, nb, new_best)
             pred = np.where(take, pd, pred)
@@ -600,6 +602,56 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
         j = int(preds[i - 1][j])
         cuts.append(int(bands[i - 1][j]))
     return cuts[::-1]
+
+
+def _argmin_table(vals: _I64) -> _Ix:
+    """Sparse table of range minima: ``t[k, x]`` is the smallest index of the minimum of
+    ``vals[x : x + 2^k]`` (entries with ``x > len(vals) - 2^k`` are never read)."""
+    m = len(vals)
+    levels = max(m.bit_length(), 1)
+    t = np.zeros((levels, m), np.intp)
+    t[0] = np.arange(m)
+    for k in range(1, levels):
+        h = 1 << (k - 1)
+        left, right = t[k - 1, : m - 2 * h + 1], t[k - 1, h: m - h + 1]
+        t[k, : m - 2 * h + 1] = np.where(vals[left] <= vals[right], left, right)
+    return t
+
+
+def _pairs_split(o: _Opt, Fa: _Ix, Fb: _Ix, s: _Ix, e: _Ix, best: _I64, T: int, table: _Ix
+                 ) -> tuple[_I64, npt.NDArray[np.intp]]:
+    """``_pairs`` (exact, not approximated) without listing every pair. A start ``a`` passes the
+    time test when ``g[a] = P[a] - cut_cost[a] >= f[b] - T``: it fails wherever
+    ``P[a] < f[b] - T`` and passes wherever ``P[a] >= f[b] - T + max cut_cost``, and ``P`` is
+    monotone, so each window splits into a failing head, a short strip tested pair by pair
+    (``_pairs``) and a passing tail answered by one range minimum (``table`` over ``best``).
+    The tail's indices follow the strip's, so the strip wins a tie: the same cost and the
+    same first start at that cost as ``_pairs``, wherever that cost is below ``INF`` (a row
+    whose cost is not below ``INF`` is never taken by ``_min_bytes``)."""
+    INF = np.int64(2**62)
+    thr = o.f[Fb] - T
+    Pa = o.P[Fa]
+    cmax = int((Pa - o.g[Fa]).max()) if len(Fa) else 0  # the largest cut cost among the starts
+    a0 = np.maximum(s, np.searchsorted(Pa, thr, "left"))  # before it: P[a] < f[b] - T, fails
+    a1 = np.maximum(s, np.searchsorted(Pa, thr + cmax, "left"))  # from it on: passes
+    new_best, pred = _pairs(o, Fa, Fb, a0, np.minimum(e, a1), best, T, False)
+    tail = np.flatnonzero(e > a1)
+    if len(tail):
+        lft, rgt = a1[tail], e[tail]
+        k = (rgt - lft).astype(np.int64)
+        lvl = np.zeros(len(k), np.intp)
+        while True:  # floor(log2(width)), integer-only
+            up = (np.int64(1) << (lvl + 1)) <= k
+            if not up.any():
+                break
+            lvl += up
+        i1, i2 = table[lvl, lft], table[lvl, rgt - (np.int64(1) << lvl)]
+        idx = np.where(best[i1] <= best[i2], i1, i2)
+        val = best[idx]
+        take = val < new_best[tail]  # a tie keeps the strip's (earlier) start
+        new_best[tail] = np.where(take, val, new_best[tail])
+        pred[tail] = np.where(take, idx, pred[tail])
+    return new_best, pred
 
 
 def _pairs(o: _Opt, Fa: _Ix, Fb: _Ix, s: _Ix, e: _Ix, best: _I64, T: int, approx: bool
