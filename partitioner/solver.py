@@ -165,6 +165,7 @@ class _Prep:
     top: _Ix  # n+1: a stage ending at b starts before top[b] (b, or 1 + its last computing position)
     min_cut: int  # the cheapest cut_cost among allowed interior cuts
     G: _I64  # options x (n+1): every option's g, stacked (``_valid_ends`` tests all options at once)
+    PP: _I64  # options x (n+1): every option's P, stacked
     F: _I64  # options x (n+1): every option's f, stacked
     T_free: int  # from this threshold on, every stage [a, b) of every option passes the time test
     #: stage -> options x (n+1): per end b, the smallest start memory and pins allow (``_floors``)
@@ -342,7 +343,8 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_com
     min_cut = int(cc[cuts].min()) if len(cuts) else 0
     G, F = np.stack([o.g for o in opts]), np.stack([o.f for o in opts])
     T_free = max(int(f.max()) - int(g.min()) for f, g in zip(F, G))  # f[b] - g[a] <= T for every a, b
-    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut, G, F, T_free)
+    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut, G,
+                 np.stack([o.P for o in opts]), F, T_free)
 
 
 def _caps(inp: SolverInput, SM: _I64, AM: _I64, inflight: list[int], reserve: int, slack: int
@@ -445,16 +447,33 @@ def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.boo
     """Which ends ``b`` a stage ``i`` reaches from a start in ``R`` under some option.
 
     A start ``a`` is valid for ``b`` when it lies in ``[lo, top[b])`` (memory, pins) and
-    ``g[a] >= f[b] - T`` (time), so ``b`` is reached when the largest ``g`` over the reachable
-    starts in that window passes. The windows are taken in ``R``'s own indices (only
-    reachable starts enter the range maxima) and all options share one sparse table of shape
-    (levels, options, starts): the same maxima as one table per option over every position,
-    in a few numpy calls per stage. Where ``T`` exceeds every stage time (``pr.T_free``) the
-    time test passes for every pair and a window needs only to hold a reachable start."""
-    k = len(pr.opts)
+    ``g[a] >= f[b] - T`` (time). The last reachable start before ``top[b]`` decides most ends
+    at once: outside the window, no start is in it; passing, ``b`` is reached; with
+    ``P[a] < f[b] - T`` every earlier start fails too (``g <= P`` and ``P`` is monotone). Only
+    an end whose last start fails by its own cut cost alone needs the range maxima over the
+    whole window (``_valid_ends_table``), and only those ends are sent there."""
     top_b = pr.top[b]
     if T >= pr.T_free:
         return _valid_ends_untimed(pr, i, b, R, top_b)
+    idx = np.searchsorted(R, top_b, "left") - 1  # the last reachable start before top[b]
+    a = R[np.maximum(idx, 0)]
+    inside = (idx >= 0) & (a >= _floors(pr, i)[:, b])  # options x ends: it lies in the window
+    thr = pr.F[:, b] - T
+    passes = inside & (pr.G[:, a] >= thr)
+    ok: npt.NDArray[np.bool_] = passes.any(axis=0)
+    unsure = (inside & ~passes & (pr.PP[:, a] >= thr)).any(axis=0) & ~ok
+    if unsure.any():
+        sub = np.flatnonzero(unsure)
+        ok[sub] = _valid_ends_table(pr, i, b[sub], R, T)
+    return ok
+
+
+def _valid_ends_table(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
+    """``_valid_ends`` by range maxima: the largest ``g`` over the reachable starts in each
+    window. The windows are taken in ``R``'s own indices (only reachable starts enter the
+    maxima) and all options share one sparse table of shape (levels, options, starts)."""
+    k = len(pr.opts)
+    top_b = pr.top[b]
     lo = _floors(pr, i)[:, b]
     for j, o in enumerate(pr.opts):  # the time test's implied limit narrows the windows (as ``_lo``)
         np.maximum(lo[j], np.searchsorted(o.P, o.P[b] - T, "left"), out=lo[j])
