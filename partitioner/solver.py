@@ -277,6 +277,8 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
             raise SolverInputError(f"options[{k}] has a negative cost or size; they must be >= 0")
     for name in ("compute", "cut_cost", "cut_bytes", "static_mem", "act_mem", "inflight",
                  "capacity"):
+        if min(getattr(inp, name), default=0) >= 0:  # the common case, without listing
+            continue
         bad = [i for i, v in enumerate(getattr(inp, name)) if v < 0]
         if bad:
             raise SolverInputError(f"{name}[{bad[0]}] = {getattr(inp, name)[bad[0]]} is "
@@ -521,18 +523,18 @@ def _valid_ends_untimed(pr: _Prep, i: int, b: _Ix, R: _Ix, top_b: _Ix) -> npt.ND
 
 
 def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
-    """Backtrack one feasible partition; returns cuts c_0=0..c_S=n."""
+    """Backtrack one feasible partition; returns cuts c_0=0..c_S=n. Each stage starts at the
+    last reachable start that fits it under some option (memory and pins by ``_floors``; the
+    time test itself, which implies ``_lo``'s time limit), all options tested at once."""
     cuts = [pr.n]
     b = pr.n
     for i in range(pr.S - 1, -1, -1):
-        best = -1
-        for o in pr.opts:
-            lo = int(_lo(pr, o, i, np.array([b]), T)[0])
-            a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], int(pr.top[b]), "left")]
-            a = a[o.g[a] >= o.f[b] - T]
-            if len(a):
-                best = max(best, int(a[-1]))
-        b = best
+        fl = _floors(pr, i)[:, b]
+        Ri = R[i]
+        a = Ri[np.searchsorted(Ri, int(fl.min()), "left"):np.searchsorted(Ri, int(pr.top[b]), "left")]
+        valid = ((a >= fl[:, None]) & (pr.G[:, a] >= (pr.F[:, b] - T)[:, None])).any(axis=0)
+        hits = a[valid]
+        b = int(hits[-1]) if len(hits) else -1
         cuts.append(b)
     return cuts[::-1]
 
@@ -778,9 +780,9 @@ def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
     # Every stage but a lone one touches >= 1 interior cut and S-1 cuts are each paid
     # twice, so the cheapest allowed cut cost lifts both the average and the max bound.
     m = min((inp.cut_cost[k] for k in range(1, n) if inp.allowed[k]), default=0) if S > 1 else 0
-    compute = [min(c) for c in zip(*(o.compute for o in inp.choices()))]
-    total = sum(compute) + 2 * (S - 1) * m
-    return max(-(-total // S), max(compute, default=0) + m)
+    compute = np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0) if n else np.zeros(0, np.int64)
+    total = int(compute.sum()) + 2 * (S - 1) * m
+    return max(-(-total // S), int(compute.max(initial=0)) + m)
 
 
 def _stage_times_between(pr: _Prep, lo: int, hi: int, budget: int) -> _I64 | None:
