@@ -78,6 +78,7 @@ _LIMIT = 2**61  # totals must stay below this so sums of two never overflow int6
 _PAIR_BUDGET = 30_000_000
 _APPROX_WIDTH = 64
 _CHUNK_PAIRS = 4_000_000  # pairs per numpy batch in the tie-break: bounds its memory
+_STEPS_BACK = 3  # earlier starts ``_valid_ends`` tries one by one before its range maxima
 _VALUE_BUDGET = 300_000  # (start, end) pairs ``solve`` examines to list the stage times it bisects over
 _FIX = ("use more GPUs, a device with more memory, fewer micro-batches in flight, "
         "or activation checkpointing")
@@ -451,9 +452,10 @@ def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.boo
     A start ``a`` is valid for ``b`` when it lies in ``[lo, top[b])`` (memory, pins) and
     ``g[a] >= f[b] - T`` (time). The last reachable start before ``top[b]`` decides most ends
     at once: outside the window, no start is in it; passing, ``b`` is reached; with
-    ``P[a] < f[b] - T`` every earlier start fails too (``g <= P`` and ``P`` is monotone). Only
-    an end whose last start fails by its own cut cost alone needs the range maxima over the
-    whole window (``_valid_ends_table``), and only those ends are sent there."""
+    ``P[a] < f[b] - T`` every earlier start fails too (``g <= P`` and ``P`` is monotone). An
+    end whose last start fails by its own cut cost alone is tested the same way on the next
+    ``_STEPS_BACK`` earlier reachable starts; only the ends still undecided then need the range
+    maxima over the whole window (``_valid_ends_table``)."""
     top_b = pr.top[b]
     if T >= pr.T_free:
         return _valid_ends_untimed(pr, i, b, R, top_b)
@@ -463,10 +465,23 @@ def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.boo
     thr = pr.F[:, b] - T
     passes = inside & (pr.G[:, a] >= thr)
     ok: npt.NDArray[np.bool_] = passes.any(axis=0)
-    unsure = (inside & ~passes & (pr.PP[:, a] >= thr)).any(axis=0) & ~ok
-    if unsure.any():
-        sub = np.flatnonzero(unsure)
-        ok[sub] = _valid_ends_table(pr, i, b[sub], R, T)
+    unsure = inside & ~passes & (pr.PP[:, a] >= thr)  # options x ends: an earlier start may pass
+    cols = np.flatnonzero(unsure.any(axis=0) & ~ok)
+    for back in range(1, _STEPS_BACK + 1):  # the next earlier reachable starts, the same three ways
+        if not len(cols):
+            return ok
+        j = idx[cols] - back
+        a = R[np.maximum(j, 0)]
+        thr_c = thr[:, cols]
+        inside = unsure[:, cols] & (j >= 0) & (a >= _floors(pr, i)[:, b[cols]])
+        passes = inside & (pr.G[:, a] >= thr_c)
+        hit = passes.any(axis=0)
+        ok[cols[hit]] = True
+        still = inside & ~passes & (pr.PP[:, a] >= thr_c)
+        unsure[:, cols] = still
+        cols = cols[still.any(axis=0) & ~hit]
+    if len(cols):
+        ok[cols] = _valid_ends_table(pr, i, b[cols], R, T)
     return ok
 
 
@@ -821,7 +836,9 @@ def _stage_times_between(pr: _Prep, lo: int, hi: int, budget: int) -> _I64 | Non
         ai = np.repeat(s[nz], wn) + np.arange(int(wn.sum())) - np.repeat(offs, wn)
         v = o.f[np.repeat(ends[nz], wn)] - o.g[starts[ai]]
         out.append(v[(v >= lo) & (v < hi)])
-    return np.unique(np.concatenate(out))
+    # sorted and unique, as np.unique, whose hash-based path is several times slower on these
+    vals = np.sort(np.concatenate(out))
+    return vals[np.concatenate(([True], vals[1:] != vals[:-1]))] if len(vals) else vals
 
 
 def solve(inp: SolverInput, n_stages: int) -> Solution:
