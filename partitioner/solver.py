@@ -881,6 +881,7 @@ def _solve(inp: SolverInput, n_stages: int) -> Solution:
     # narrow bands (see _ends), while a midpoint near the first witness touches all n.
     step = max(1, lb >> 6)
     values: _I64 | None = None  # the stage times in [lo, hi), once few enough to list
+    reached = {T_inf: R}  # threshold -> its reachable sets, for the final tie-break at the optimum
     while lo < hi:
         if step >= hi and values is None:  # bisecting: list the values the optimum can take
             values = _stage_times_between(fw, lo, hi, _VALUE_BUDGET)
@@ -895,9 +896,10 @@ def _solve(inp: SolverInput, n_stages: int) -> Solution:
         if R is None:
             lo, step = mid + 1, 2 * step
         else:  # snap to what the witness really achieves (often below mid), then bisect
+            reached[mid] = R
             hi, step = achieved(R, mid), hi
     T = hi
-    R = _reach(fw, T)
+    R = reached[T] if T in reached else _reach(fw, T)  # often the last test's own threshold
     Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins], need_compute=need), T)
     assert R is not None and Rm is not None  # T was proven feasible above
     F = [np.intersect1d(R[i], n - Rm[S - i], assume_unique=True) for i in range(S + 1)]
