@@ -623,13 +623,14 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
         Fa, Fb = bands[i - 1], bands[i]
         new_best = np.full(len(Fb), INF)
         pred = np.zeros(len(Fb), np.intp)  # index into Fa
-        table = None if approx else _argmin_table(best)  # shared by the options: the costs are theirs
-        for o, (s, e) in zip(pr.opts, spans[i - 1]):
-            nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx) if table is None else \
-                _pairs_split(o, Fa, Fb, s, e, best, T, table)
-            take = nb < new_best
-            new_best = np.where(take, nb, new_best)
-            pred = np.where(take, pd, pred)
+        if approx:
+            for o, (s, e) in zip(pr.opts, spans[i - 1]):
+                nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx)
+                take = nb < new_best
+                new_best = np.where(take, nb, new_best)
+                pred = np.where(take, pd, pred)
+        else:
+            new_best, pred = _pairs_split(pr, Fa, Fb, spans[i - 1], best, T)
         best = new_best + cb[Fb]
         preds.append(pred)
     cuts = [n]
@@ -654,39 +655,86 @@ def _argmin_table(vals: _I64) -> _Ix:
     return t
 
 
-def _pairs_split(o: _Opt, Fa: _Ix, Fb: _Ix, s: _Ix, e: _Ix, best: _I64, T: int, table: _Ix
+def _pairs_split(pr: _Prep, Fa: _Ix, Fb: _Ix, spans: list[tuple[_Ix, _Ix]], best: _I64, T: int
                  ) -> tuple[_I64, npt.NDArray[np.intp]]:
-    """``_pairs`` (exact, not approximated) without listing every pair. A start ``a`` passes the
-    time test when ``g[a] = P[a] - cut_cost[a] >= f[b] - T``: it fails wherever
-    ``P[a] < f[b] - T`` and passes wherever ``P[a] >= f[b] - T + max cut_cost``, and ``P`` is
-    monotone, so each window splits into a failing head, a short strip tested pair by pair
-    (``_pairs``) and a passing tail answered by one range minimum (``table`` over ``best``).
-    The tail's indices follow the strip's, so the strip wins a tie: the same cost and the
-    same first start at that cost as ``_pairs``, wherever that cost is below ``INF`` (a row
-    whose cost is not below ``INF`` is never taken by ``_min_bytes``)."""
+    """For each end in ``Fb``: the cheapest valid start in ``Fa`` over the options, as
+    ``_pairs`` (exact) per option merged in order (a tie keeps the earlier option's), without
+    listing every pair. A start ``a`` passes the time test when
+    ``g[a] = P[a] - cut_cost[a] >= f[b] - T``: it fails wherever ``P[a] < f[b] - T`` and
+    passes wherever ``P[a] >= f[b] - T + max cut_cost``, and ``P`` is monotone, so each window
+    splits into a failing head, a short strip tested pair by pair and a passing tail answered
+    by one range minimum over ``best`` (a sparse table shared by the options, whose costs are
+    the same). The tail's indices follow the strip's, so the strip wins a tie: the same cost
+    and the same first start at that cost as ``_pairs``, wherever that cost is below ``INF``
+    (a cost not below ``INF`` is never taken). All options are handled in the same calls."""
     INF = np.int64(2**62)
-    thr = o.f[Fb] - T
-    Pa = o.P[Fa]
-    cmax = int((Pa - o.g[Fa]).max()) if len(Fa) else 0  # the largest cut cost among the starts
-    a0 = np.maximum(s, np.searchsorted(Pa, thr, "left"))  # before it: P[a] < f[b] - T, fails
-    a1 = np.maximum(s, np.searchsorted(Pa, thr + cmax, "left"))  # from it on: passes
-    new_best, pred = _pairs(o, Fa, Fb, a0, np.minimum(e, a1), best, T, False)
-    tail = np.flatnonzero(e > a1)
+    k, nb = len(pr.opts), len(Fb)
+    e = spans[0][1]  # the same for every option: starts before top[b]
+    s = np.stack([sp[0] for sp in spans])
+    thr = pr.F[:, Fb] - T  # options x ends
+    Pa, gk = pr.PP[:, Fa], pr.G[:, Fa]
+    cmax = int((Pa[0] - gk[0]).max()) if len(Fa) else 0  # the largest cut cost among the starts
+    a0, a1 = np.empty_like(s), np.empty_like(s)
+    for j in range(k):
+        a0[j] = np.searchsorted(Pa[j], thr[j], "left")  # before it: P[a] < f[b] - T, fails
+        a1[j] = np.searchsorted(Pa[j], thr[j] + cmax, "left")  # from it on: passes
+    np.maximum(a0, s, out=a0)
+    np.maximum(a1, s, out=a1)
+    cost, pred = _cheapest(gk, np.repeat(np.arange(k), nb), a0.ravel(), np.minimum(e, a1).ravel(), thr.ravel(), best)
+    tail = np.flatnonzero((e > a1).ravel())  # (option, end) rows whose window has a passing tail
     if len(tail):
-        lft, rgt = a1[tail], e[tail]
-        k = (rgt - lft).astype(np.int64)
-        lvl = np.zeros(len(k), np.intp)
+        table = _argmin_table(best)
+        lft, rgt = a1.ravel()[tail], e[tail % nb]
+        width = (rgt - lft).astype(np.int64)
+        lvl = np.zeros(len(width), np.intp)
         while True:  # floor(log2(width)), integer-only
-            up = (np.int64(1) << (lvl + 1)) <= k
+            up = (np.int64(1) << (lvl + 1)) <= width
             if not up.any():
                 break
             lvl += up
         i1, i2 = table[lvl, lft], table[lvl, rgt - (np.int64(1) << lvl)]
         idx = np.where(best[i1] <= best[i2], i1, i2)
         val = best[idx]
-        take = val < new_best[tail]  # a tie keeps the strip's (earlier) start
-        new_best[tail] = np.where(take, val, new_best[tail])
+        take = val < cost[tail]  # a tie keeps the strip's (earlier) start
+        cost[tail] = np.where(take, val, cost[tail])
         pred[tail] = np.where(take, idx, pred[tail])
+    cost, pred = cost.reshape(k, nb), pred.reshape(k, nb)
+    j = np.argmin(cost, axis=0)  # the first option with the least cost
+    cols = np.arange(nb)
+    least = cost[j, cols]
+    keep = least < INF
+    return np.where(keep, least, INF), np.where(keep, pred[j, cols], 0)
+
+
+def _cheapest(gk: _I64, opt: _Ix, s: _Ix, e: _Ix, thr: _I64, best: _I64) -> tuple[_I64, npt.NDArray[np.intp]]:
+    """Per row ``r``: the least ``best[a]`` over starts ``a`` in ``[s_r, e_r)`` (indices into
+    the band) with ``gk[opt_r, a] >= thr_r``, and the first such ``a`` (``INF`` and an
+    arbitrary index where none), listing every pair in chunks of ``_CHUNK_PAIRS``."""
+    INF = np.int64(2**62)
+    rows = len(s)
+    width = np.maximum(e - s, 0)
+    new_best = np.full(rows, INF)
+    pred = np.zeros(rows, np.intp)
+    ends = np.cumsum(width)
+    chunk_lo = 0
+    while chunk_lo < rows:
+        base = ends[chunk_lo - 1] if chunk_lo else 0
+        chunk_hi = max(int(np.searchsorted(ends, base + _CHUNK_PAIRS, "right")), chunk_lo + 1)
+        w = width[chunk_lo:chunk_hi]
+        total = int(w.sum())
+        if total:
+            nz = np.flatnonzero(w)  # rows with at least one candidate
+            wn = w[nz]
+            starts = np.cumsum(wn) - wn
+            row = np.repeat(np.arange(len(wn)), wn)
+            ai = np.repeat(s[chunk_lo:chunk_hi][nz] - starts, wn) + np.arange(total)
+            ok = gk[opt[chunk_lo:chunk_hi][nz][row], ai] >= thr[chunk_lo:chunk_hi][nz][row]
+            cost = np.where(ok, best[ai], INF)
+            seg = np.minimum.reduceat(cost, starts)
+            first = np.minimum.reduceat(np.where(cost == seg[row], np.arange(total), total), starts)
+            new_best[chunk_lo + nz] = seg
+            pred[chunk_lo + nz] = ai[first]
+        chunk_lo = chunk_hi
     return new_best, pred
 
 
