@@ -17,7 +17,11 @@ stage count):
    on ``a`` (one ``searchsorted``); pinned cuts raise it further. The time test
    ``cost(a, b) <= T`` is ``P[a] - cut_cost[a] >= P[b] + cut_cost[b] - T``, so one
    range maximum of ``P[a] - cut_cost[a]`` over the reachable ``a`` in the window
-   answers it for every ``b`` at once (numpy sparse table). Stage ``i`` can only end
+   answers it for every ``b`` at once (numpy sparse table). Most ends need less: the last
+   reachable start before ``b`` decides ``b`` unless it fails by its own cut cost alone
+   (``P`` is monotone, so where its ``P`` is below the threshold every earlier start fails
+   too), and where ``T`` exceeds every stage time only memory and pins are tested, on that
+   last start; all options are tested in the same numpy calls. Stage ``i`` can only end
    where ``P[b] <= (i+1) T`` and ``P[n] - P[b] <= (S-1-i) T``, a band of about
    ``(S T - P[n]) / P[n] * n + 2 n / S`` positions, so a test near the optimum costs
    ``O(n log w + S)`` numpy work (``w`` = widest window, about ``n / S``), and at
@@ -34,7 +38,10 @@ stage count):
    are the only possible ``i``-th cuts. A min-bytes DP over pairs
    ``(a in F_{i-1}, b in F_i)`` is exact and costs ``O(sum_i |F_{i-1} x F_i|)``; at
    the optimum the ``F_i`` are narrow bands. Degenerate inputs (long runs of
-   zero-cost positions, huge slack) widen them towards ``O(S n^2)``.
+   zero-cost positions, huge slack) widen them towards ``O(S n^2)``. Only the pairs whose
+   time test depends on the start's cut cost are listed (``P[a]`` within the largest cut
+   cost of the threshold); the starts past them all pass and are answered by one range
+   minimum each, which keeps the same first start among equal costs.
    Approximation: when ``n > 2000`` and that pair count exceeds ``_PAIR_BUDGET``, each
    window is cut to its ``_APPROX_WIDTH`` nearest predecessors plus its largest-slack
    one, so the answer stays bottleneck-optimal and feasible but its byte total may
