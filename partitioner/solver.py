@@ -371,8 +371,10 @@ def _caps(inp: SolverInput, SM: _I64, AM: _I64, inflight: list[int], reserve: in
 def _with_slack(pr: _Prep, inp: SolverInput, slack: int) -> _Prep:
     """``pr`` (prepared with no slack) as ``_prepare(..., slack=slack)`` would make it: only the
     capacities change."""
-    opts = [replace(o, **dict(zip(("cap", "free"), _caps(inp, pr.SM, o.AM, pr.inflight, src.reserve, slack))))
-            for o, src in zip(pr.opts, inp.choices())]
+    opts = []
+    for o, src in zip(pr.opts, inp.choices()):
+        cap, free = _caps(inp, pr.SM, o.AM, pr.inflight, src.reserve, slack)
+        opts.append(replace(o, cap=cap, free=free))
     return replace(pr, opts=opts, floors={})
 
 
@@ -471,7 +473,7 @@ def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.boo
     inside = (idx >= 0) & (a >= _floors(pr, i)[:, b])  # options x ends: it lies in the window
     thr = pr.F[:, b] - T
     passes = inside & (pr.G[:, a] >= thr)
-    ok: npt.NDArray[np.bool_] = passes.any(axis=0)
+    ok: npt.NDArray[np.bool_] = np.asarray(passes.any(axis=0))
     unsure = inside & ~passes & (pr.PP[:, a] >= thr)  # options x ends: an earlier start may pass
     cols = np.flatnonzero(unsure.any(axis=0) & ~ok)
     for back in range(1, _STEPS_BACK + 1):  # the next earlier reachable starts, the same three ways
