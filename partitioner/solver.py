@@ -17,7 +17,11 @@ stage count):
    on ``a`` (one ``searchsorted``); pinned cuts raise it further. The time test
    ``cost(a, b) <= T`` is ``P[a] - cut_cost[a] >= P[b] + cut_cost[b] - T``, so one
    range maximum of ``P[a] - cut_cost[a]`` over the reachable ``a`` in the window
-   answers it for every ``b`` at once (numpy sparse table). Stage ``i`` can only end
+   answers it for every ``b`` at once (numpy sparse table). Most ends need less: the last
+   reachable start before ``b`` decides ``b`` unless it fails by its own cut cost alone
+   (``P`` is monotone, so where its ``P`` is below the threshold every earlier start fails
+   too), and where ``T`` exceeds every stage time only memory and pins are tested, on that
+   last start; all options are tested in the same numpy calls. Stage ``i`` can only end
    where ``P[b] <= (i+1) T`` and ``P[n] - P[b] <= (S-1-i) T``, a band of about
    ``(S T - P[n]) / P[n] * n + 2 n / S`` positions, so a test near the optimum costs
    ``O(n log w + S)`` numpy work (``w`` = widest window, about ``n / S``), and at
@@ -34,7 +38,10 @@ stage count):
    are the only possible ``i``-th cuts. A min-bytes DP over pairs
    ``(a in F_{i-1}, b in F_i)`` is exact and costs ``O(sum_i |F_{i-1} x F_i|)``; at
    the optimum the ``F_i`` are narrow bands. Degenerate inputs (long runs of
-   zero-cost positions, huge slack) widen them towards ``O(S n^2)``.
+   zero-cost positions, huge slack) widen them towards ``O(S n^2)``. Only the pairs whose
+   time test depends on the start's cut cost are listed (``P[a]`` within the largest cut
+   cost of the threshold); the starts past them all pass and are answered by one range
+   minimum each, which keeps the same first start among equal costs.
    Approximation: when ``n > 2000`` and that pair count exceeds ``_PAIR_BUDGET``, each
    window is cut to its ``_APPROX_WIDTH`` nearest predecessors plus its largest-slack
    one, so the answer stays bottleneck-optimal and feasible but its byte total may
@@ -58,7 +65,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +85,7 @@ _LIMIT = 2**61  # totals must stay below this so sums of two never overflow int6
 _PAIR_BUDGET = 30_000_000
 _APPROX_WIDTH = 64
 _CHUNK_PAIRS = 4_000_000  # pairs per numpy batch in the tie-break: bounds its memory
+_STEPS_BACK = 3  # earlier starts ``_valid_ends`` tries one by one before its range maxima
 _VALUE_BUDGET = 300_000  # (start, end) pairs ``solve`` examines to list the stage times it bisects over
 _FIX = ("use more GPUs, a device with more memory, fewer micro-batches in flight, "
         "or activation checkpointing")
@@ -164,6 +172,12 @@ class _Prep:
     lg: _Ix  # floor(log2(x)) for x in 0..n+1, integer-only
     top: _Ix  # n+1: a stage ending at b starts before top[b] (b, or 1 + its last computing position)
     min_cut: int  # the cheapest cut_cost among allowed interior cuts
+    G: _I64  # options x (n+1): every option's g, stacked (``_valid_ends`` tests all options at once)
+    PP: _I64  # options x (n+1): every option's P, stacked
+    F: _I64  # options x (n+1): every option's f, stacked
+    T_free: int  # from this threshold on, every stage [a, b) of every option passes the time test
+    #: stage -> options x (n+1): per end b, the smallest start memory and pins allow (``_floors``)
+    floors: dict[int, _Ix] = field(default_factory=dict)
 
 
 class Memo:
@@ -271,6 +285,8 @@ def _check(inp: SolverInput, S: int) -> tuple[int, list[int]]:
             raise SolverInputError(f"options[{k}] has a negative cost or size; they must be >= 0")
     for name in ("compute", "cut_cost", "cut_bytes", "static_mem", "act_mem", "inflight",
                  "capacity"):
+        if min(getattr(inp, name), default=0) >= 0:  # the common case, without listing
+            continue
         bad = [i for i, v in enumerate(getattr(inp, name)) if v < 0]
         if bad:
             raise SolverInputError(f"{name}[{bad[0]}] = {getattr(inp, name)[bad[0]]} is "
@@ -319,10 +335,7 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_com
     opts = []
     for o in inp.choices():
         P, AM = _prefix(o.compute), _prefix(o.act_mem)
-        cap = [max(min(int(c) + slack - int(o.reserve), int(SM[n]) + k * int(AM[n])), -1)
-               for c, k in zip(inp.capacity, inflight)]
-        whole = [int(SM[n]) + k * int(AM[n]) for k in inflight]
-        opts.append(_Opt(P, P - cc, P + cc, AM, cap, [c >= w for c, w in zip(cap, whole)]))
+        opts.append(_Opt(P, P - cc, P + cc, AM, *_caps(inp, SM, AM, inflight, o.reserve, slack)))
     Pmin = _prefix(np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0)) if n else _prefix([])
     pin_arr = np.asarray([0, *pins], np.intp)
     pin_lo = pin_arr[np.maximum(np.searchsorted(pin_arr, np.arange(n + 1), "left") - 1, 0)]
@@ -338,7 +351,31 @@ def _prepare(inp: SolverInput, S: int, pins: list[int], slack: int = 0, need_com
         last = np.where(comp, np.arange(n), -1)
         top[1:] = np.maximum.accumulate(last) + 1 if n else top[1:]
     min_cut = int(cc[cuts].min()) if len(cuts) else 0
-    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut)
+    G, F = np.stack([o.g for o in opts]), np.stack([o.f for o in opts])
+    T_free = max(int(f.max()) - int(g.min()) for f, g in zip(F, G))  # f[b] - g[a] <= T for every a, b
+    return _Prep(n, S, Pmin, SM, opts, inflight, pin_lo, cuts, Pmin[cuts], lg, top, min_cut, G,
+                 np.stack([o.P for o in opts]), F, T_free)
+
+
+def _caps(inp: SolverInput, SM: _I64, AM: _I64, inflight: list[int], reserve: int, slack: int
+          ) -> tuple[list[int], list[bool]]:
+    """One option's per-stage capacities (less its reserve, clamped to the whole model's need)
+    and whether the whole model fits each stage."""
+    n = len(SM) - 1
+    cap = [max(min(int(c) + slack - int(reserve), int(SM[n]) + k * int(AM[n])), -1)
+           for c, k in zip(inp.capacity, inflight)]
+    whole = [int(SM[n]) + k * int(AM[n]) for k in inflight]
+    return cap, [c >= w for c, w in zip(cap, whole)]
+
+
+def _with_slack(pr: _Prep, inp: SolverInput, slack: int) -> _Prep:
+    """``pr`` (prepared with no slack) as ``_prepare(..., slack=slack)`` would make it: only the
+    capacities change."""
+    opts = []
+    for o, src in zip(pr.opts, inp.choices()):
+        cap, free = _caps(inp, pr.SM, o.AM, pr.inflight, src.reserve, slack)
+        opts.append(replace(o, cap=cap, free=free))
+    return replace(pr, opts=opts, floors={})
 
 
 def _computes(inp: SolverInput) -> npt.NDArray[np.bool_]:
@@ -361,6 +398,26 @@ def _lo(pr: _Prep, o: _Opt, i: int, b: _Ix, T: int) -> _Ix:
     W = pr.SM[a0:a1] + k * o.AM[a0:a1]
     lom = a0 + np.searchsorted(W, pr.SM[b] + k * o.AM[b] - o.cap[i], "left")
     return np.maximum(np.maximum(lom, loT), pr.pin_lo[b])
+
+
+def _floors(pr: _Prep, i: int) -> _Ix:
+    """Per option and every end ``b`` in 0..n: the smallest start of stage ``i`` that memory
+    and pins allow (``_lo`` without the time test). It does not depend on the threshold, so
+    it is computed once per prepared instance and stage, not at each feasibility test. Where
+    the memory limit lies before the window ``_lo`` searches, ``_lo``'s time limit is the
+    larger anyway; where it lies past ``b`` the stage is invalid either way."""
+    hit = pr.floors.get(i)
+    if hit is None:
+        k = pr.inflight[i]
+        rows = []
+        for o in pr.opts:
+            if o.free[i]:  # any stage fits: no memory limit
+                rows.append(pr.pin_lo)
+                continue
+            W = pr.SM + k * o.AM
+            rows.append(np.maximum(np.searchsorted(W, W - o.cap[i], "left"), pr.pin_lo))
+        hit = pr.floors[i] = np.stack(rows)
+    return hit
 
 
 def _ends(pr: _Prep, i: int, T: int) -> _Ix:
@@ -391,55 +448,117 @@ def _reach(pr: _Prep, T: int) -> list[_Ix] | None:
         b = _ends(pr, i, T)
         if len(b) == 0:
             return None
-        ok = np.zeros(len(b), bool)
-        for o in pr.opts:
-            ok |= _valid_ends(pr, o, i, b, R, T)
-        R = b[ok]
+        R = b[_valid_ends(pr, i, b, R, T)]
         if len(R) == 0:
             return None
         out.append(R)
     return out
 
 
-def _valid_ends(pr: _Prep, o: _Opt, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
-    """Which ends ``b`` a stage ``i`` under option ``o`` reaches from a start in ``R``."""
-    lo = np.maximum(_lo(pr, o, i, b, T), int(R[0]))  # nothing reachable before R[0]
-    hi = pr.top[b]  # starts lie in [lo, hi)
-    width = hi - lo
-    x0, x1 = int(lo.min()), int(b[-1])
-    if x0 >= x1:
-        return np.zeros(len(b), bool)
-    m = x1 - x0
-    mask = np.zeros(m, bool)
-    mask[R[np.searchsorted(R, x0):np.searchsorted(R, x1)] - x0] = True
-    top = int(pr.lg[max(int(width.max()), 1)])
-    table = np.empty((top + 1, m), np.int64)  # table[k, x] = max(vals[x : x + 2^k])
-    table[0] = np.where(mask, o.g[x0:x1], _NEG)
-    for k in range(1, top + 1):
-        h = 1 << (k - 1)
-        table[k, : m - h] = np.maximum(table[k - 1, : m - h], table[k - 1, h:])
-        table[k, m - h:] = _NEG  # never read by a valid query; keeps garbage out
-    lvl = pr.lg[np.maximum(width, 1)]
-    left = np.minimum(lo - x0, m - 1)
-    right = np.maximum(hi - x0 - (1 << lvl), 0)
-    best = np.maximum(table[lvl, left], table[lvl, right])
-    ok: npt.NDArray[np.bool_] = (width >= 1) & (best >= o.f[b] - T)
+def _valid_ends(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
+    """Which ends ``b`` a stage ``i`` reaches from a start in ``R`` under some option.
+
+    A start ``a`` is valid for ``b`` when it lies in ``[lo, top[b])`` (memory, pins) and
+    ``g[a] >= f[b] - T`` (time). The last reachable start before ``top[b]`` decides most ends
+    at once: outside the window, no start is in it; passing, ``b`` is reached; with
+    ``P[a] < f[b] - T`` every earlier start fails too (``g <= P`` and ``P`` is monotone). An
+    end whose last start fails by its own cut cost alone is tested the same way on the next
+    ``_STEPS_BACK`` earlier reachable starts; only the ends still undecided then need the range
+    maxima over the whole window (``_valid_ends_table``)."""
+    top_b = pr.top[b]
+    if T >= pr.T_free:
+        return _valid_ends_untimed(pr, i, b, R, top_b)
+    idx = np.searchsorted(R, top_b, "left") - 1  # the last reachable start before top[b]
+    a = R[np.maximum(idx, 0)]
+    inside = (idx >= 0) & (a >= _floors(pr, i)[:, b])  # options x ends: it lies in the window
+    thr = pr.F[:, b] - T
+    passes = inside & (pr.G[:, a] >= thr)
+    ok: npt.NDArray[np.bool_] = np.asarray(passes.any(axis=0))
+    unsure = inside & ~passes & (pr.PP[:, a] >= thr)  # options x ends: an earlier start may pass
+    cols = np.flatnonzero(unsure.any(axis=0) & ~ok)
+    for back in range(1, _STEPS_BACK + 1):  # the next earlier reachable starts, the same three ways
+        if not len(cols):
+            return ok
+        j = idx[cols] - back
+        a = R[np.maximum(j, 0)]
+        thr_c = thr[:, cols]
+        inside = unsure[:, cols] & (j >= 0) & (a >= _floors(pr, i)[:, b[cols]])
+        passes = inside & (pr.G[:, a] >= thr_c)
+        hit = passes.any(axis=0)
+        ok[cols[hit]] = True
+        still = inside & ~passes & (pr.PP[:, a] >= thr_c)
+        unsure[:, cols] = still
+        cols = cols[still.any(axis=0) & ~hit]
+    if len(cols):
+        ok[cols] = _valid_ends_table(pr, i, b[cols], R, T)
     return ok
 
 
+def _valid_ends_table(pr: _Prep, i: int, b: _Ix, R: _Ix, T: int) -> npt.NDArray[np.bool_]:
+    """``_valid_ends`` by range maxima: the largest ``g`` over the reachable starts in each
+    window. The windows are taken in ``R``'s own indices (only reachable starts enter the
+    maxima) and all options share one sparse table of shape (levels, options, starts)."""
+    k = len(pr.opts)
+    top_b = pr.top[b]
+    lo = _floors(pr, i)[:, b]
+    for j, o in enumerate(pr.opts):  # the time test's implied limit narrows the windows (as ``_lo``)
+        np.maximum(lo[j], np.searchsorted(o.P, o.P[b] - T, "left"), out=lo[j])
+    np.maximum(lo, int(R[0]), out=lo)  # nothing reachable before R[0]
+    L = np.searchsorted(R, lo, "left")  # options x ends: the first reachable start >= lo
+    H = np.searchsorted(R, top_b, "left")  # per end: the first reachable start >= top[b]
+    count = H - L
+    r0, r1 = int(L.min()), int(H.max())
+    m = r1 - r0
+    if m <= 0:
+        return np.zeros(len(b), bool)
+    top = int(pr.lg[max(int(count.max()), 1)])
+    table = np.empty((top + 1, k, m), np.int64)  # table[l, j, x] = max(g_j[R[r0 + x : r0 + x + 2^l]])
+    table[0] = pr.G[:, R[r0:r1]]
+    for lev in range(1, top + 1):
+        h = 1 << (lev - 1)
+        np.maximum(table[lev - 1, :, : m - h], table[lev - 1, :, h:], out=table[lev, :, : m - h])
+        table[lev, :, m - h:] = _NEG  # never read by a valid query; keeps garbage out
+    lvl = pr.lg[np.maximum(count, 1)]
+    left = np.minimum(L - r0, m - 1)
+    right = np.maximum(H - r0 - (1 << lvl), 0)
+    rows = np.arange(k)[:, None]
+    best = np.maximum(table[lvl, rows, left], table[lvl, rows, right])
+    ok = ((count >= 1) & (best >= pr.F[:, b] - T)).any(axis=0)
+    return ok
+
+
+def _valid_ends_untimed(pr: _Prep, i: int, b: _Ix, R: _Ix, top_b: _Ix) -> npt.NDArray[np.bool_]:
+    """``_valid_ends`` where every stage passes the time test: ``b`` is reached when some
+    reachable start in ``[lo, top[b])`` fits memory and pins. Memory only grows as the start
+    moves left, so that holds exactly when the last reachable start before ``top[b]`` fits:
+    one look-up per end, no search over the positions (the test ``solve`` and ``feasible``
+    start with and the one the closest-split search of a refusal repeats)."""
+    idx = np.searchsorted(R, top_b, "left") - 1  # the last reachable start before top[b]
+    a = R[np.maximum(idx, 0)]
+    ok = (idx >= 0) & (a >= pr.pin_lo[b])
+    k = pr.inflight[i]
+    fits = np.zeros(len(b), bool)
+    static = pr.SM[b] - pr.SM[a]
+    for o in pr.opts:
+        if o.free[i]:  # any stage fits
+            return ok
+        fits |= static + k * (o.AM[b] - o.AM[a]) <= o.cap[i]
+    return ok & fits
+
+
 def _witness(pr: _Prep, R: list[_Ix], T: int) -> list[int]:
-    """Backtrack one feasible partition; returns cuts c_0=0..c_S=n."""
+    """Backtrack one feasible partition; returns cuts c_0=0..c_S=n. Each stage starts at the
+    last reachable start that fits it under some option (memory and pins by ``_floors``; the
+    time test itself, which implies ``_lo``'s time limit), all options tested at once."""
     cuts = [pr.n]
     b = pr.n
     for i in range(pr.S - 1, -1, -1):
-        best = -1
-        for o in pr.opts:
-            lo = int(_lo(pr, o, i, np.array([b]), T)[0])
-            a = R[i][np.searchsorted(R[i], lo, "left"):np.searchsorted(R[i], int(pr.top[b]), "left")]
-            a = a[o.g[a] >= o.f[b] - T]
-            if len(a):
-                best = max(best, int(a[-1]))
-        b = best
+        fl = _floors(pr, i)[:, b]
+        Ri = R[i]
+        a = Ri[np.searchsorted(Ri, int(fl.min()), "left"):np.searchsorted(Ri, int(pr.top[b]), "left")]
+        valid = ((a >= fl[:, None]) & (pr.G[:, a] >= (pr.F[:, b] - T)[:, None])).any(axis=0)
+        hits = a[valid]
+        b = int(hits[-1]) if len(hits) else -1
         cuts.append(b)
     return cuts[::-1]
 
@@ -513,11 +632,14 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
         Fa, Fb = bands[i - 1], bands[i]
         new_best = np.full(len(Fb), INF)
         pred = np.zeros(len(Fb), np.intp)  # index into Fa
-        for o, (s, e) in zip(pr.opts, spans[i - 1]):
-            nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx)
-            take = nb < new_best
-            new_best = np.where(take, nb, new_best)
-            pred = np.where(take, pd, pred)
+        if approx:
+            for o, (s, e) in zip(pr.opts, spans[i - 1]):
+                nb, pd = _pairs(o, Fa, Fb, s, e, best, T, approx)
+                take = nb < new_best
+                new_best = np.where(take, nb, new_best)
+                pred = np.where(take, pd, pred)
+        else:
+            new_best, pred = _pairs_split(pr, Fa, Fb, spans[i - 1], best, T)
         best = new_best + cb[Fb]
         preds.append(pred)
     cuts = [n]
@@ -526,6 +648,103 @@ def _min_bytes(pr: _Prep, bands: list[_Ix], cb: _I64, T: int) -> list[int]:
         j = int(preds[i - 1][j])
         cuts.append(int(bands[i - 1][j]))
     return cuts[::-1]
+
+
+def _argmin_table(vals: _I64) -> _Ix:
+    """Sparse table of range minima: ``t[k, x]`` is the smallest index of the minimum of
+    ``vals[x : x + 2^k]`` (entries with ``x > len(vals) - 2^k`` are never read)."""
+    m = len(vals)
+    levels = max(m.bit_length(), 1)
+    t = np.zeros((levels, m), np.intp)
+    t[0] = np.arange(m)
+    for k in range(1, levels):
+        h = 1 << (k - 1)
+        left, right = t[k - 1, : m - 2 * h + 1], t[k - 1, h: m - h + 1]
+        t[k, : m - 2 * h + 1] = np.where(vals[left] <= vals[right], left, right)
+    return t
+
+
+def _pairs_split(pr: _Prep, Fa: _Ix, Fb: _Ix, spans: list[tuple[_Ix, _Ix]], best: _I64, T: int
+                 ) -> tuple[_I64, npt.NDArray[np.intp]]:
+    """For each end in ``Fb``: the cheapest valid start in ``Fa`` over the options, as
+    ``_pairs`` (exact) per option merged in order (a tie keeps the earlier option's), without
+    listing every pair. A start ``a`` passes the time test when
+    ``g[a] = P[a] - cut_cost[a] >= f[b] - T``: it fails wherever ``P[a] < f[b] - T`` and
+    passes wherever ``P[a] >= f[b] - T + max cut_cost``, and ``P`` is monotone, so each window
+    splits into a failing head, a short strip tested pair by pair and a passing tail answered
+    by one range minimum over ``best`` (a sparse table shared by the options, whose costs are
+    the same). The tail's indices follow the strip's, so the strip wins a tie: the same cost
+    and the same first start at that cost as ``_pairs``, wherever that cost is below ``INF``
+    (a cost not below ``INF`` is never taken). All options are handled in the same calls."""
+    INF = np.int64(2**62)
+    k, nb = len(pr.opts), len(Fb)
+    e = spans[0][1]  # the same for every option: starts before top[b]
+    s = np.stack([sp[0] for sp in spans])
+    thr = pr.F[:, Fb] - T  # options x ends
+    Pa, gk = pr.PP[:, Fa], pr.G[:, Fa]
+    cmax = int((Pa[0] - gk[0]).max()) if len(Fa) else 0  # the largest cut cost among the starts
+    a0, a1 = np.empty_like(s), np.empty_like(s)
+    for j in range(k):
+        a0[j] = np.searchsorted(Pa[j], thr[j], "left")  # before it: P[a] < f[b] - T, fails
+        a1[j] = np.searchsorted(Pa[j], thr[j] + cmax, "left")  # from it on: passes
+    np.maximum(a0, s, out=a0)
+    np.maximum(a1, s, out=a1)
+    cost, pred = _cheapest(gk, np.repeat(np.arange(k), nb), a0.ravel(), np.minimum(e, a1).ravel(), thr.ravel(), best)
+    tail = np.flatnonzero((e > a1).ravel())  # (option, end) rows whose window has a passing tail
+    if len(tail):
+        table = _argmin_table(best)
+        lft, rgt = a1.ravel()[tail], e[tail % nb]
+        width = (rgt - lft).astype(np.int64)
+        lvl = np.zeros(len(width), np.intp)
+        while True:  # floor(log2(width)), integer-only
+            up = (np.int64(1) << (lvl + 1)) <= width
+            if not up.any():
+                break
+            lvl += up
+        i1, i2 = table[lvl, lft], table[lvl, rgt - (np.int64(1) << lvl)]
+        idx = np.where(best[i1] <= best[i2], i1, i2)
+        val = best[idx]
+        take = val < cost[tail]  # a tie keeps the strip's (earlier) start
+        cost[tail] = np.where(take, val, cost[tail])
+        pred[tail] = np.where(take, idx, pred[tail])
+    cost, pred = cost.reshape(k, nb), pred.reshape(k, nb)
+    j = np.argmin(cost, axis=0)  # the first option with the least cost
+    cols = np.arange(nb)
+    least = cost[j, cols]
+    keep = least < INF
+    return np.where(keep, least, INF), np.where(keep, pred[j, cols], 0)
+
+
+def _cheapest(gk: _I64, opt: _Ix, s: _Ix, e: _Ix, thr: _I64, best: _I64) -> tuple[_I64, npt.NDArray[np.intp]]:
+    """Per row ``r``: the least ``best[a]`` over starts ``a`` in ``[s_r, e_r)`` (indices into
+    the band) with ``gk[opt_r, a] >= thr_r``, and the first such ``a`` (``INF`` and an
+    arbitrary index where none), listing every pair in chunks of ``_CHUNK_PAIRS``."""
+    INF = np.int64(2**62)
+    rows = len(s)
+    width = np.maximum(e - s, 0)
+    new_best = np.full(rows, INF)
+    pred = np.zeros(rows, np.intp)
+    ends = np.cumsum(width)
+    chunk_lo = 0
+    while chunk_lo < rows:
+        base = ends[chunk_lo - 1] if chunk_lo else 0
+        chunk_hi = max(int(np.searchsorted(ends, base + _CHUNK_PAIRS, "right")), chunk_lo + 1)
+        w = width[chunk_lo:chunk_hi]
+        total = int(w.sum())
+        if total:
+            nz = np.flatnonzero(w)  # rows with at least one candidate
+            wn = w[nz]
+            starts = np.cumsum(wn) - wn
+            row = np.repeat(np.arange(len(wn)), wn)
+            ai = np.repeat(s[chunk_lo:chunk_hi][nz] - starts, wn) + np.arange(total)
+            ok = gk[opt[chunk_lo:chunk_hi][nz][row], ai] >= thr[chunk_lo:chunk_hi][nz][row]
+            cost = np.where(ok, best[ai], INF)
+            seg = np.minimum.reduceat(cost, starts)
+            first = np.minimum.reduceat(np.where(cost == seg[row], np.arange(total), total), starts)
+            new_best[chunk_lo + nz] = seg
+            pred[chunk_lo + nz] = ai[first]
+        chunk_lo = chunk_hi
+    return new_best, pred
 
 
 def _pairs(o: _Opt, Fa: _Ix, Fb: _Ix, s: _Ix, e: _Ix, best: _I64, T: int, approx: bool
@@ -588,17 +807,18 @@ def _memory_error(inp: SolverInput, S: int, pins: list[int], T_inf: int) -> Infe
     # (bytes over capacity): it is the partition closest to fitting, so its worst
     # stage shows the smallest change that would make the model fit.
     lo, hi = 1, sum(inp.static_mem) + max(max(inp.inflight) * sum(o.act_mem) + o.reserve for o in inp.choices()) + 1
+    pr0 = _prepare(inp, S, pins)
     while lo < hi:
         mid = (lo + hi) // 2
-        if _reach(_prepare(inp, S, pins, slack=mid), T_inf) is None:
+        if _reach(_with_slack(pr0, inp, mid), T_inf) is None:
             lo = mid + 1
         else:
             hi = mid
-    pr = _prepare(inp, S, pins, slack=lo)
+    pr = _with_slack(pr0, inp, lo)
     R = _reach(pr, T_inf)
     assert R is not None  # slack lo is feasible by construction of the search
     cuts = _witness(pr, R, T_inf)
-    choice = _pick(_prepare(inp, S, pins), cuts, None)
+    choice = _pick(pr0, cuts, None)
     opts = inp.choices()
     worst, over, parts = 0, None, (0, 0, 0, 0)
     for i in range(S):
@@ -632,9 +852,9 @@ def _lower_bound(inp: SolverInput, S: int, n: int) -> int:
     # Every stage but a lone one touches >= 1 interior cut and S-1 cuts are each paid
     # twice, so the cheapest allowed cut cost lifts both the average and the max bound.
     m = min((inp.cut_cost[k] for k in range(1, n) if inp.allowed[k]), default=0) if S > 1 else 0
-    compute = [min(c) for c in zip(*(o.compute for o in inp.choices()))]
-    total = sum(compute) + 2 * (S - 1) * m
-    return max(-(-total // S), max(compute, default=0) + m)
+    compute = np.min(np.asarray([o.compute for o in inp.choices()], np.int64), axis=0) if n else np.zeros(0, np.int64)
+    total = int(compute.sum()) + 2 * (S - 1) * m
+    return max(-(-total // S), int(compute.max(initial=0)) + m)
 
 
 def _stage_times_between(pr: _Prep, lo: int, hi: int, budget: int) -> _I64 | None:
@@ -673,7 +893,9 @@ def _stage_times_between(pr: _Prep, lo: int, hi: int, budget: int) -> _I64 | Non
         ai = np.repeat(s[nz], wn) + np.arange(int(wn.sum())) - np.repeat(offs, wn)
         v = o.f[np.repeat(ends[nz], wn)] - o.g[starts[ai]]
         out.append(v[(v >= lo) & (v < hi)])
-    return np.unique(np.concatenate(out))
+    # sorted and unique, as np.unique, whose hash-based path is several times slower on these
+    vals = np.sort(np.concatenate(out))
+    return vals[np.concatenate(([True], vals[1:] != vals[:-1]))] if len(vals) else vals
 
 
 def solve(inp: SolverInput, n_stages: int) -> Solution:
@@ -716,6 +938,7 @@ def _solve(inp: SolverInput, n_stages: int) -> Solution:
     # narrow bands (see _ends), while a midpoint near the first witness touches all n.
     step = max(1, lb >> 6)
     values: _I64 | None = None  # the stage times in [lo, hi), once few enough to list
+    reached = {T_inf: R}  # threshold -> its reachable sets, for the final tie-break at the optimum
     while lo < hi:
         if step >= hi and values is None:  # bisecting: list the values the optimum can take
             values = _stage_times_between(fw, lo, hi, _VALUE_BUDGET)
@@ -730,9 +953,10 @@ def _solve(inp: SolverInput, n_stages: int) -> Solution:
         if R is None:
             lo, step = mid + 1, 2 * step
         else:  # snap to what the witness really achieves (often below mid), then bisect
+            reached[mid] = R
             hi, step = achieved(R, mid), hi
     T = hi
-    R = _reach(fw, T)
+    R = reached[T] if T in reached else _reach(fw, T)  # often the last test's own threshold
     Rm = _reach(_prepare(_mirror(inp, n), S, [n - p for p in pins], need_compute=need), T)
     assert R is not None and Rm is not None  # T was proven feasible above
     F = [np.intersect1d(R[i], n - Rm[S - i], assume_unique=True) for i in range(S + 1)]

@@ -346,3 +346,64 @@ def test_balanced_bound_simulates_each_schedule_and_times_once(gpt, monkeypatch)
     partition(model, example_inputs=(idx,), **KW)
     keys = [(id(s), tuple(f), tuple(b)) for s, f, b, *_ in spy.calls]
     assert len(keys) == len(set(keys)) > 0
+
+
+def test_the_shortcuts_of_reachability_and_tie_break_answer_as_the_full_tests(monkeypatch) -> None:
+    """``_valid_ends`` decides most ends from their last reachable starts and sends the rest to
+    the range maxima; ``_pairs_split`` lists only the strip of pairs whose time test depends on
+    the start's cut cost. With the shortcuts off (every end through the range maxima; every
+    pair listed, option by option, by ``_pairs``) every solve and min_cost_at answers the
+    same, on random instances (large cut costs: wide strips) and a stack of blocks."""
+    import random
+    from dataclasses import replace
+
+    import numpy as np
+
+    from partitioner import solver
+    from partitioner.solver import PartitionError
+
+    def full_valid_ends(pr, i, b, R, T):  # type: ignore[no-untyped-def]
+        if T >= pr.T_free:
+            return solver._valid_ends_untimed(pr, i, b, R, pr.top[b])
+        return solver._valid_ends_table(pr, i, b, R, T)
+
+    def full_pairs(pr, Fa, Fb, spans, best, T):  # type: ignore[no-untyped-def]
+        new_best = np.full(len(Fb), np.int64(2**62))
+        pred = np.zeros(len(Fb), np.intp)
+        for o, (s, e) in zip(pr.opts, spans):
+            nb, pd = solver._pairs(o, Fa, Fb, s, e, best, T, False)
+            take = nb < new_best
+            new_best, pred = np.where(take, nb, new_best), np.where(take, pd, pred)
+        return new_best, pred
+
+    def answers(inp: Any, S: int, rng: Any) -> list[Any]:
+        out: list[Any] = []
+        try:
+            sol = solver._solve(inp, S)
+            out.append(sol)
+            T = sol.bottleneck
+        except PartitionError as e:
+            out.append((str(e), getattr(e, "closest", None)))
+            T = rng.randint(1, 300)
+        n = len(inp.compute)
+        for d in (0, 3, 40):
+            try:
+                out.append(solver._min_cost_at(inp, S, T + d, [rng.randint(0, 50) for _ in range(n + 1)]))
+            except PartitionError as e:
+                out.append(str(e))
+        return out
+
+    rng = random.Random(3)
+    cases = []
+    for _ in range(120):
+        n, S = rng.randint(1, 50), rng.randint(1, 6)
+        inp = _random_input(rng, n, S, rng.random() < 0.6)
+        if rng.random() < 0.5:
+            inp = replace(inp, cut_cost=[0] + [rng.randint(0, 60) for _ in range(n - 1)] + [0])
+        cases.append((inp, S))
+    cases += [(_blocks(20, 5), 5)]
+    fast = [answers(inp, S, random.Random(k)) for k, (inp, S) in enumerate(cases)]
+    monkeypatch.setattr(solver, "_valid_ends", full_valid_ends)
+    monkeypatch.setattr(solver, "_pairs_split", full_pairs)
+    full = [answers(inp, S, random.Random(k)) for k, (inp, S) in enumerate(cases)]
+    assert fast == full
