@@ -317,11 +317,14 @@ def size_only_values(gm: fx.GraphModule | fx.Graph) -> dict[fx.Node, frozenset[f
         val = n.meta.get(VAL)
         if isinstance(val, torch.Tensor) and val.requires_grad:
             continue
-        made[n] = frozenset().union(*(made.get(a) or leaf[a] for a in ins))
+        made[n] = frozenset().union(*(made[a] if a in made else leaf[a] for a in ins))
     # a write into a view of a made tensor changes it after it was made: neither it nor what
     # was made from it may be rebuilt (forward, so the exclusion reaches every user)
-    written = {n for n in made if isinstance(n.meta.get(VAL), torch.Tensor) and root is not None
-               and any(writes_into(root, u, a) for a in aliases(n) for u in a.users)}
+    def writes(user: fx.Node, value: fx.Node) -> bool:  # a module call without its module: assume it may
+        return user.op == "call_module" if root is None else writes_into(root, user, value)
+
+    written = {n for n in made if isinstance(n.meta.get(VAL), torch.Tensor)
+               and any(writes(u, a) for a in aliases(n) for u in a.users)}
     if written:
         for n in graph.nodes:
             if n in made and (n in written or any(a in written for a in n.all_input_nodes)):

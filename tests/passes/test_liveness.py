@@ -140,3 +140,20 @@ def test_a_tensor_made_from_sizes_crosses_no_cut_and_is_rebuilt_after_it(write: 
     for st in pipe.stages:
         vals = st(*vals)
     torch.testing.assert_close(vals[0], model(x))
+
+
+def test_a_value_made_from_no_size_at_all_counts_as_made_from_sizes() -> None:
+    from partitioner.passes.attention import size_only_values
+
+    class Scaled(torch.nn.Module):  # a constant tensor, and one made from it, read on both sides of any cut
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = torch.ones(4) * 2
+            return self.b(self.a(x * scale) * scale)
+
+    gm = torch.export.export(Scaled(), (torch.randn(2, 4),)).module()  # fx would fold the constant
+    made = {n.name: leaves for n, leaves in size_only_values(gm).items()}
+    assert made == {"ones": frozenset(), "mul": frozenset()}
