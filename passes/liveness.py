@@ -16,8 +16,10 @@ connection that spans two cuts crosses both.
 A tensor made from sizes alone (``rebuilt_values``: the causal mask a ``torch.export`` capture
 builds from the input's sizes) crosses no cut: every stage that uses it rebuilds it from the
 integer sizes it is made from (``passes.split``), so those sizes cross instead, as far as the
-tensor's last use (8 bytes each, as any int). ``Liveness`` computes every span in one sweep
-over the values (graph inputs first, then the order), and answers per-cut questions with
+tensor's last use (8 bytes each, as any int).
+
+``Liveness`` computes every span in one sweep over the values (graph inputs first, then the
+order), and answers per-cut questions with
 difference arrays (``totals``, ``count``), a fill that visits each cut once (``first``) or bisection
 (``crossing``): linear in the graph, never nodes × cuts.
 """

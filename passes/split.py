@@ -121,6 +121,17 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
 
         for n in nodes:
             env[n] = graph.node_copy(n, lookup)
+        # what is rebuilt goes right after the inputs (it reads only them): made once before any
+        # layer, as the model made it, not inside the first layer that reads it (which would split
+        # that layer's nodes for recompute regions and FSDP's outlining)
+        at = next((n for n in reversed(graph.nodes) if n.op == "placeholder"), None)
+        for name in rebuilt:
+            node = env[by_name[name]]
+            if at is None:  # no inputs (a constant made from no size at all): first
+                next(iter(graph.nodes)).prepend(node)
+            elif at is not node:
+                at.append(node)
+            at = node
         out_names = outs[s]
         if out_names is None:
             out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")

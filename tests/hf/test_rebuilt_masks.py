@@ -142,6 +142,11 @@ def test_the_causal_mask_is_rebuilt_by_the_stage_that_uses_it_not_sent(name: str
         assert [n for n in before.stages[s].graph.nodes if n.op == "placeholder" and _square_val(n)]
         made = [n for n in g.nodes if n.op == "call_function" and n.name in {m[0].name for m in masks}]
         assert len(made) == 1 and _square_val(made[0]) and made[0].name not in plan.stages[s].nodes
+        # made up front, right after the inputs (outside every layer: recompute regions and FSDP's
+        # outlining take a layer's nodes as one run)
+        ops = [n for n in g.nodes if n.op not in ("placeholder", "get_attr", "output")]
+        again = [i for i, n in enumerate(ops) if n.name not in set(plan.stages[s].nodes)]
+        assert again == list(range(len(again))) and ops[len(again) - 1] is made[0], [n.name for n in ops[:60]]
     # the price is what the runtime sends: the plan's boundary bytes (and gradients) per
     # micro-batch, each value once to each stage that uses it; before, the masks besides
     inputs, y = _data()
