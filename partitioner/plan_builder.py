@@ -140,9 +140,14 @@ def _value_spec(node: fx.Node, at: Mapping[str, int]) -> ValueSpec:
 def value_routes(gm: fx.GraphModule, split: SplitResult, at: Mapping[str, int]) -> tuple[ValueRoute, ...]:
     """Where each value the stages name (``split.io``'s inputs and outputs) is made and used,
     read from the graph the stages were split from: its producer's stage ("input" for a graph
-    input), and the stages holding its users (the graph's output: the last stage). Listed in
-    the order the stages name them: stage 0's inputs, then each stage's outputs."""
+    input), and the stages holding its users (the graph's output: the last stage; a stage that
+    rebuilds from sizes a tensor made elsewhere uses the sizes it reads, ``StageIO.rebuilt``).
+    Listed in the order the stages name them: stage 0's inputs, then each stage's outputs."""
     stage_of = {name: s for s, io in enumerate(split.io) for name in io.nodes}
+    again: dict[str, list[int]] = {}  # a rebuilt node -> the stages running it again
+    for s, io in enumerate(split.io):
+        for name in io.rebuilt:
+            again.setdefault(name, []).append(s)
     last = len(split.io) - 1
     by_name = {n.name: n for n in gm.graph.nodes}
     names = dict.fromkeys(split.io[0].inputs)
@@ -155,6 +160,7 @@ def value_routes(gm: fx.GraphModule, split: SplitResult, at: Mapping[str, int]) 
         producer: int | str = "input" if node.op == "placeholder" else stage_of.get(name, last)
         users = {last if u.op == "output" else stage_of[u.name] for u in node.users
                  if u.op == "output" or u.name in stage_of}
+        users.update(s for u in node.users for s in again.get(u.name, ()))
         users.discard(producer if isinstance(producer, int) else -1)
         spec = _value_spec(node, at)
         out.append(ValueRoute(name, producer, tuple(sorted(users)), name in split.io[last].outputs,

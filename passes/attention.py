@@ -27,10 +27,14 @@ node computes, and the captured computation otherwise:
   copied subgraph re-run on the sizes when its nodes were removed), K/V repeated by the same
   unsqueeze / expand / reshape, and the same ``scaled_dot_product_attention`` call, so the
   results are those of the unrewritten graph;
-- a mask received from an earlier stage (the model builds it once, every layer reads it) is a
-  stage input, whose producers are in another stage: ``mark_size_only`` (run by ``emit`` on
-  the whole graph) records on such an input the function of sizes that makes it
-  (``SIZE_ONLY``), which the proof uses as if its subgraph were local;
+- a mask the model builds once and every layer reads is not sent from stage to stage: the same
+  walk, over a whole graph (``size_only_values``), tells ``passes.liveness`` and
+  ``passes.split`` which tensors a stage rebuilds from integer sizes instead of receiving them,
+  so a later stage holds the mask's producers itself. One that still arrives as a stage input
+  (made from a whole ``torch.Size``, or a stage of a plan written before) has its producers in
+  another stage: ``mark_size_only`` (run by ``emit`` on the whole graph) records on such an
+  input the function of sizes that makes it (``SIZE_ONLY``), which the proof uses as if its
+  subgraph were local;
 - grouped-query attention already ``is_causal`` (no mask) drops the repeat unconditionally;
   a causal mask without GQA becomes ``is_causal`` alone.
 
@@ -64,7 +68,8 @@ from torch.utils import _pytree as pytree
 
 from partitioner.passes.meta import ATTENTION, COST, SIZE_ONLY, VAL
 
-__all__ = ["SizeOnly", "FusedAttention", "rewrite_attention", "mark_size_only", "is_causal_mask", "SDPA_TARGETS"]
+__all__ = ["SizeOnly", "FusedAttention", "rewrite_attention", "mark_size_only", "is_causal_mask", "size_only_values",
+           "SDPA_TARGETS"]
 
 log = logging.getLogger("partitioner.runtime")
 
@@ -231,6 +236,25 @@ def _mutates(n: fx.Node) -> bool:
     return "out" in n.kwargs or getattr(n.target, "__name__", "").endswith("_")
 
 
+_LEAF, _MADE, _REFUSED = "leaf", "made", "refused"
+
+
+def _rule(n: fx.Node) -> str:
+    """The proof's verdict on one node, whatever reads it: a size (``_LEAF``: a size query, an
+    integer stage input, a stage input recorded ``SIZE_ONLY``), a pure call whose value is made
+    from its inputs alone (``_MADE``), or something that reads data, state or randomness
+    (``_REFUSED``)."""
+    if n.op == "placeholder" and SIZE_ONLY in n.meta and not any(_mutates(u) for u in n.users):
+        return _LEAF
+    if _is_size_leaf(n):
+        return _LEAF
+    if n.op in ("placeholder", "get_attr", "call_module", "output") or not _is_pure(n):
+        return _REFUSED
+    if any(_mutates(u) for u in n.users):  # written in place later (the fx route): not what was made
+        return _REFUSED
+    return _MADE
+
+
 def _producers(value: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
     """(size leaves, the nodes computing ``value`` from them, in graph order), or None when
     some producer reads a tensor's data, an attribute, a module or randomness. A stage input
@@ -243,20 +267,70 @@ def _producers(value: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder" and SIZE_ONLY in n.meta and not any(_mutates(u) for u in n.users):
+        rule = _rule(n)
+        if rule == _LEAF:
             leaves.append(n)
             continue
-        if _is_size_leaf(n):
-            leaves.append(n)
-            continue
-        if n.op in ("placeholder", "get_attr", "call_module", "output") or not _is_pure(n):
-            return None
-        if any(_mutates(u) for u in n.users):  # written in place later (the fx route): not what was made
+        if rule == _REFUSED:
             return None
         nodes.add(n)
         stack.extend(n.all_input_nodes)
     order = {n: i for i, n in enumerate(value.graph.nodes)}
     return sorted(leaves, key=order.__getitem__), sorted(nodes, key=order.__getitem__)
+
+
+def _int_value(n: fx.Node) -> bool:
+    val = n.meta.get(VAL)
+    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
+
+
+def size_only_values(gm: fx.GraphModule | fx.Graph) -> dict[fx.Node, frozenset[fx.Node]]:
+    """Every node of ``gm`` that a stage can rebuild from integer sizes instead of receiving
+    it, mapped to the integer values (size queries, integer inputs) it is made from.
+
+    The proof is ``_producers``' (the one the attention rewrite uses): the node's producers are
+    pure calls down to sizes, reading no tensor's data, no parameter or buffer, no module call,
+    no randomness, written in place by none of their users. On top of it, every size it reads
+    must be an ``int`` (what crosses a cut as 8 bytes; a whole ``torch.Size`` does not qualify),
+    no tensor among them may require a gradient, and none may share storage with a tensor that
+    something writes into later (a write through a view: ``_rule`` sees only direct writes).
+    Computed in one sweep in graph order, so the answer per node is ``_producers(node)`` with
+    these conditions added, at linear cost. Leaves themselves are not listed."""
+    # deferred: split imports liveness, which imports this module
+    from partitioner.passes.split import aliases, writes_into  # noqa: PLC0415
+
+    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+    root = graph.owning_module
+    made: dict[fx.Node, frozenset[fx.Node]] = {}
+    leaf: dict[fx.Node, frozenset[fx.Node]] = {}
+    for n in graph.nodes:
+        rule = _rule(n)
+        if rule == _LEAF:
+            if _int_value(n):  # not a whole torch.Size, nor a stage input recorded SIZE_ONLY (a tensor)
+                leaf[n] = frozenset((n,))
+            continue
+        if rule != _MADE:
+            continue
+        ins = n.all_input_nodes
+        if not all(a in made or a in leaf for a in ins):
+            continue
+        val = n.meta.get(VAL)
+        if isinstance(val, torch.Tensor) and val.requires_grad:
+            continue
+        made[n] = frozenset().union(*(made[a] if a in made else leaf[a] for a in ins))
+    # a write into a view of a made tensor changes it after it was made: neither it nor what
+    # was made from it may be rebuilt (forward, so the exclusion reaches every user)
+    def writes(user: fx.Node, value: fx.Node) -> bool:  # a module call without its module: assume it may
+        return user.op == "call_module" if root is None else writes_into(root, user, value)
+
+    written = {n for n in made if isinstance(n.meta.get(VAL), torch.Tensor)
+               and any(writes(u, a) for a in aliases(n) for u in a.users)}
+    if written:
+        for n in graph.nodes:
+            if n in made and (n in written or any(a in written for a in n.all_input_nodes)):
+                written.add(n)
+                del made[n]
+    return made
 
 
 def _cpu(a: Any) -> Any:

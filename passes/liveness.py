@@ -11,8 +11,15 @@ after it:
 - a value with no user after its producer crosses nothing.
 
 So value ``v`` crosses the cuts ``produced + 1 .. last`` (``Span.cuts``), and a skip
-connection that spans two cuts crosses both. ``Liveness`` computes every span in one sweep
-over the values (graph inputs first, then the order), and answers per-cut questions with
+connection that spans two cuts crosses both.
+
+A tensor made from sizes alone (``rebuilt_values``: the causal mask a ``torch.export`` capture
+builds from the input's sizes) crosses no cut: every stage that uses it rebuilds it from the
+integer sizes it is made from (``passes.split``), so those sizes cross instead, as far as the
+tensor's last use (8 bytes each, as any int).
+
+``Liveness`` computes every span in one sweep over the values (graph inputs first, then the
+order), and answers per-cut questions with
 difference arrays (``totals``, ``count``), a fill that visits each cut once (``first``) or bisection
 (``crossing``): linear in the graph, never nodes × cuts.
 """
@@ -23,9 +30,20 @@ import bisect
 import itertools
 from typing import Callable, NamedTuple, Sequence
 
+import torch
 from torch import fx
 
-__all__ = ["Span", "Liveness"]
+from partitioner.passes.attention import size_only_values
+from partitioner.passes.meta import VAL
+
+__all__ = ["Span", "Liveness", "rebuilt_values"]
+
+
+def rebuilt_values(gm: fx.GraphModule | fx.Graph) -> dict[fx.Node, frozenset[fx.Node]]:
+    """The tensors of ``gm`` that a stage rebuilds from sizes rather than receives, each with the
+    integer values it is made from (``passes.attention.size_only_values``, restricted to
+    tensors: an int crosses as 8 bytes anyway)."""
+    return {n: leaves for n, leaves in size_only_values(gm).items() if isinstance(n.meta.get(VAL), torch.Tensor)}
 
 
 class Span(NamedTuple):
@@ -55,25 +73,37 @@ class Liveness:
     in that same order.
     """
 
-    __slots__ = ("order", "n", "pos", "values", "produced", "last")
+    __slots__ = ("order", "n", "pos", "values", "produced", "last", "rebuilt")
 
-    def __init__(self, gm: fx.GraphModule | fx.Graph, order: Sequence[fx.Node]) -> None:
+    def __init__(self, gm: fx.GraphModule | fx.Graph, order: Sequence[fx.Node], rebuild: bool = True) -> None:
         graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
         self.order = order
         self.n = n = len(order)
         self.pos = pos = {node: i for i, node in enumerate(order)}
         at = pos.get
+        #: the tensors rebuilt from sizes (``rebuilt_values``), which cross nothing; ``rebuild=False``
+        #: lists every value as sent (what a stage graph received before this existed)
+        self.rebuilt = rebuilt = rebuilt_values(graph) if rebuild else {}
+        reach: dict[fx.Node, int] = {}  # a size's last use, as far as a tensor made from it is used
+        for v, sizes in rebuilt.items():
+            if v.users:
+                q = max([at(u, n) for u in v.users])
+                for size in sizes:
+                    if reach.get(size, -1) < q:
+                        reach[size] = q
         values: list[fx.Node] = []
         first: list[int] = []
         last: list[int] = []
         # one sweep; plain lists and no per-value objects: this runs for every candidate order
         # of a 10,000-node graph
         for v in [nd for nd in graph.nodes if nd.op == "placeholder"] + list(order):
-            p = at(v, -1)
             users = v.users
-            if not users:
+            if not users or v in rebuilt:
                 continue
+            p = at(v, -1)
             q = max([at(u, n) for u in users])
+            if v in reach and reach[v] > q:
+                q = reach[v]
             if q > p:
                 values.append(v)
                 first.append(p)

@@ -3,7 +3,9 @@
 Stages form a chain: stage ``i`` takes, as positional inputs, every value live across the
 cut before it (in graph order) and returns every value live across the cut after it, so
 a value that skips stages is passed along explicitly. The last stage returns the model's
-flat outputs. Each stage is built with ``fx.GraphModule(gm, graph)``, which copies the
+flat outputs. A tensor made from sizes alone (``liveness.rebuilt_values``: a causal mask) is
+not among them: a stage that uses it made elsewhere copies the nodes that make it from the
+integer sizes (``StageIO.rebuilt``), which cross instead. Each stage is built with ``fx.GraphModule(gm, graph)``, which copies the
 referenced submodules and tensors under their original dotted names: stage state_dict
 keys are a subset of the model's, so an existing checkpoint loads into stages directly.
 """
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from partitioner.passes.attention import size_only_values
 from partitioner.passes.errors import GraphError
 from partitioner.passes.liveness import Liveness
 
@@ -32,6 +35,9 @@ class StageIO:
     inputs: tuple[str, ...]  # names of values received (graph node names), in order
     outputs: tuple[str, ...]  # names of values sent to the next stage, in order
     nodes: tuple[str, ...]  # the compute nodes this stage runs
+    #: nodes of earlier stages this stage runs again, to rebuild from sizes a tensor it uses
+    #: instead of receiving it (in the stage's graph order; not in ``nodes``)
+    rebuilt: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
     placeholders = tuple(n.name for n in gm.graph.nodes if n.op == "placeholder")
     ins = [placeholders, *crossing]
     outs = [*crossing, None]
+    made = size_only_values(gm)  # what a stage may run again from sizes, rather than receive
     stages, ios = [], []
     per_stage: list[list[fx.Node]] = [[] for _ in range(n_stages)]
     for n, s in zip(order, stages_seen):
@@ -95,6 +102,7 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
         nodes = per_stage[s]
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
+        rebuilt: list[str] = []
         for name in ins[s]:
             ph = graph.placeholder(name)
             ph.meta = dict(by_name[name].meta)
@@ -102,13 +110,28 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
 
         def lookup(n: fx.Node) -> fx.Node:
             if n not in env:
-                if n.op != "get_attr":
+                if n in made:  # made from sizes in an earlier stage: made again here (inputs first)
+                    env[n] = graph.node_copy(n, lookup)
+                    rebuilt.append(n.name)
+                elif n.op != "get_attr":
                     raise GraphError(f"stage {s} uses {n.name!r}, which reaches it from no earlier stage")
-                env[n] = graph.node_copy(n)  # each stage gets its own handle on the parameter
+                else:
+                    env[n] = graph.node_copy(n)  # each stage gets its own handle on the parameter
             return env[n]
 
         for n in nodes:
             env[n] = graph.node_copy(n, lookup)
+        # what is rebuilt goes right after the inputs (it reads only them): made once before any
+        # layer, as the model made it, not inside the first layer that reads it (which would split
+        # that layer's nodes for recompute regions and FSDP's outlining)
+        at = next((n for n in reversed(graph.nodes) if n.op == "placeholder"), None)
+        for name in rebuilt:
+            node = env[by_name[name]]
+            if at is None:  # no inputs (a constant made from no size at all): first
+                next(iter(graph.nodes)).prepend(node)
+            elif at is not node:
+                at.append(node)
+            at = node
         out_names = outs[s]
         if out_names is None:
             out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
@@ -122,7 +145,7 @@ def split_graph(gm: fx.GraphModule, assignment: dict[str, int], n_stages: int) -
         stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
         copy_persistence(gm, stage)
         stages.append(stage)
-        ios.append(StageIO(tuple(ins[s]), tuple(out_names), tuple(n.name for n in nodes)))
+        ios.append(StageIO(tuple(ins[s]), tuple(out_names), tuple(n.name for n in nodes), tuple(rebuilt)))
     return SplitResult(tuple(stages), tuple(ios))
 
 

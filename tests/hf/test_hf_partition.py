@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 pytest.importorskip("transformers", reason="the Hugging Face tests need `pip install transformers`")
 
 from partitioner import Pipe, partition  # noqa: E402
+from partitioner.pricing import module_instance  # noqa: E402
 from tests.hf.models import BATCH, CASES, SEQ, main_output  # noqa: E402
 
 NAMES = sorted(CASES)
@@ -152,7 +153,10 @@ def test_cuts_at_block_boundaries_read_like_module_names(name: str) -> None:
         left, _, right = label.partition(" | ")
         assert right and left != right and "[" not in label, label
         assert "L['self']" not in label and "L__self__" not in label and "hook" not in label, label
-    blocks = [lbl for lbl in labels if lbl.split(" | ")[0].startswith(case.block_prefix.split(".")[0])]
+    # some cut sits at a block the glob names (T5's "*.block.*": the encoder's or the decoder's;
+    # with its causal masks rebuilt rather than sent, every cut of this loopback-priced toy is
+    # in the encoder, where the min-bottleneck split moved)
+    blocks = [lbl for lbl in labels if any(module_instance(side, case.blocks) for side in lbl.split(" | "))]
     assert blocks, labels
     torch.testing.assert_close(main_output(pipe(**case.inputs(BATCH, SEQ)), case.output),
                                main_output(copy.deepcopy(model)(**case.inputs(BATCH, SEQ)), case.output))

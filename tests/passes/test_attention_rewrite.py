@@ -23,7 +23,7 @@ pytest.importorskip("transformers", reason="the Hugging Face tests need `pip ins
 
 from partitioner import partition  # noqa: E402
 from partitioner.passes.attention import SDPA_TARGETS, FusedAttention, is_causal_mask, rewrite_attention  # noqa: E402
-from partitioner.passes.meta import ATTENTION, SIZE_ONLY  # noqa: E402
+from partitioner.passes.meta import ATTENTION  # noqa: E402
 from tests.fixtures.models import FIXTURES  # noqa: E402
 from tests.hf import models as hf_models  # noqa: E402
 from tests.hf import zoo  # noqa: E402
@@ -113,16 +113,18 @@ def _repeats(st: fx.GraphModule) -> list[fx.Node]:
             and len(n.args[1]) == 5]
 
 
+def _square(n: fx.Node) -> bool:
+    """Whether ``n``'s value ends in a symbolic S x S matrix (the materialised mask)."""
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return False
+    a, b = val.shape[-2:]
+    return not isinstance(a, int) and str(a) == str(b)
+
+
 def _square_masks(st: fx.GraphModule) -> list[fx.Node]:
     """Compute nodes whose value ends in a symbolic S x S matrix (the materialised mask)."""
-    out = []
-    for n in st.graph.nodes:
-        val = n.meta.get("val")
-        if n.op == "call_function" and isinstance(val, torch.Tensor) and val.dim() >= 2:
-            a, b = val.shape[-2:]
-            if not isinstance(a, int) and str(a) == str(b):
-                out.append(n)
-    return out
+    return [n for n in st.graph.nodes if n.op == "call_function" and _square(n)]
 
 
 @pytest.mark.timeout(240)
@@ -138,15 +140,14 @@ def test_decoder_attention_runs_fused_and_equals_the_captured_graph(name: str) -
         assert all(site.repeat == gqa and site.check_fn is not None for site in _sites(st))
     if gqa:
         assert all(_repeats(st) for st in captured)
-    # stage 1 receives the mask (an input of the plan's interface), recorded as made from sizes:
-    # only the fused calls take it, for sizes that fall back; stage 0 still makes it, for
-    # stage 1 only (its output), and no attention node there reads it
-    ph = {n.name: n for n in rewritten[1].graph.nodes if n.op == "placeholder"}
-    marked = [n for n in ph.values() if SIZE_ONLY in n.meta]
-    assert marked and all(u.op == "call_module" for n in marked for u in n.users)
-    made = _square_masks(rewritten[0])  # stage 0's mask nodes serve its output (and the fallback)
-    assert made and all(u in made or u.op in ("output", "call_module") or "assert" in str(u.target)
-                        for n in made for u in n.users)
+    # no stage receives the mask: stage 1 makes it again from the sizes it receives, as stage 0
+    # makes it; after the rewrite only the fused calls take it (for sizes that fall back), and
+    # where one layer read it, it is gone: the fused call makes it for a fallback (``mask_fn``)
+    for cap, st in zip(captured, rewritten):
+        assert _square_masks(cap) and not [n for n in cap.graph.nodes if n.op == "placeholder" and _square(n)]
+        made = _square_masks(st)
+        assert all(u in made or u.op == "call_module" or "assert" in str(u.target) for n in made for u in n.users)
+        assert made or all(site.mask_fn is not None for site in _sites(st))
     # the causal check ran for the example size and passed
     for b, s in [(2, 16), (1, 5)]:  # another batch and length: checked again, cached per size
         inputs = _inputs(name, b, s)

@@ -89,3 +89,71 @@ def test_a_node_outside_the_order_counts_as_produced_before_it() -> None:
     assert live.span(x) == (x, -1, 0)  # used by the first node only: crosses cut 0
     last = order[-1]
     assert live.span(last) == (last, len(order) - 1, len(order))  # the graph output uses it at the end
+
+
+class _SizeMask(torch.nn.Module):
+    """Two attention-like products masked by one causal mask made from ``x``'s sizes, one on
+    either side of the cut (``act``); ``write`` changes the mask through a view after it is
+    made, so that only the mask as written is right."""
+
+    def __init__(self, write: bool) -> None:
+        super().__init__()
+        self.write = write
+        self.a, self.act, self.b = torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(x.size(1))
+        future = i[:, None] < i[None, :]
+        if self.write:
+            future[0].fill_(False)
+        h = self.act(self.a((x @ x.transpose(1, 2)).masked_fill(future, 0.0) @ x))
+        return self.b((h @ h.transpose(1, 2)).masked_fill(future, 0.0) @ h)
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_tensor_made_from_sizes_crosses_no_cut_and_is_rebuilt_after_it(write: bool) -> None:
+    from partitioner import partition
+    from partitioner.passes.liveness import rebuilt_values
+
+    torch.manual_seed(0)
+    model = _SizeMask(write)
+    x = torch.randn(2, 6, 4)
+    pipe = partition(model, 2, (x,), pinned_cuts=["act"])
+    gm = pipe.graph
+    order = compute_nodes(gm)
+    mask = next(n for n in gm.graph.nodes if n.name == "lt")
+    size = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "size")
+    rebuilt = rebuilt_values(gm)
+    cut = next(k for k, n in enumerate(order) if n.name == "act")
+    crossing = Liveness(gm, order).crossing([cut])[0]
+    sent = Liveness(gm, order, rebuild=False).crossing([cut])[0]
+    assert mask in sent and size not in sent  # as captured: the mask crosses, the size does not
+    if write:  # written through a view (mask[0]) after it was made: sent as it is
+        assert mask not in rebuilt and crossing == sent
+        assert "lt" in pipe.plan.stages[1].inputs
+    else:  # made again after the cut from the size, which crosses instead (8 bytes)
+        assert rebuilt[mask] == {size} and mask not in crossing and size in crossing
+        assert set(crossing) == (set(sent) - {mask}) | {size}
+        assert "lt" not in pipe.plan.stages[1].inputs and "size" in pipe.plan.stages[1].inputs
+        assert "lt" in {n.name for n in pipe.stages[1].graph.nodes if n.op == "call_function"}
+    vals = pipe.flatten_inputs((x,), {})
+    for st in pipe.stages:
+        vals = st(*vals)
+    torch.testing.assert_close(vals[0], model(x))
+
+
+def test_a_value_made_from_no_size_at_all_counts_as_made_from_sizes() -> None:
+    from partitioner.passes.attention import size_only_values
+
+    class Scaled(torch.nn.Module):  # a constant tensor, and one made from it, read on both sides of any cut
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = torch.ones(4) * 2
+            return self.b(self.a(x * scale) * scale)
+
+    gm = torch.export.export(Scaled(), (torch.randn(2, 4),)).module()  # fx would fold the constant
+    made = {n.name: leaves for n, leaves in size_only_values(gm).items()}
+    assert made == {"ones": frozenset(), "mul": frozenset()}
