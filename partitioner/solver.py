@@ -750,34 +750,12 @@ def _cheapest(gk: _I64, opt: _Ix, s: _Ix, e: _Ix, thr: _I64, best: _I64) -> tupl
 def _pairs(o: _Opt, Fa: _Ix, Fb: _Ix, s: _Ix, e: _Ix, best: _I64, T: int, approx: bool
            ) -> tuple[_I64, npt.NDArray[np.intp]]:
     """For each end in ``Fb``: the cheapest valid start in ``Fa`` under option ``o``."""
-    INF = np.int64(2**62)
     s_full = s
     if approx:
         s = np.maximum(s, e - _APPROX_WIDTH)
     thr = o.f[Fb] - T
-    width = np.maximum(e - s, 0)
-    new_best = np.full(len(Fb), INF)
-    pred = np.zeros(len(Fb), np.intp)  # index into Fa
-    ends = np.cumsum(width)
-    chunk_lo = 0
-    while chunk_lo < len(Fb):
-        base = ends[chunk_lo - 1] if chunk_lo else 0
-        chunk_hi = max(int(np.searchsorted(ends, base + _CHUNK_PAIRS, "right")), chunk_lo + 1)
-        w = width[chunk_lo:chunk_hi]
-        total = int(w.sum())
-        if total:
-            nz = np.flatnonzero(w)  # rows with at least one candidate
-            wn = w[nz]
-            starts = np.cumsum(wn) - wn
-            row = np.repeat(np.arange(len(wn)), wn)
-            ai = np.repeat(s[chunk_lo:chunk_hi][nz], wn) + np.arange(total) - np.repeat(starts, wn)
-            ok = o.g[Fa[ai]] >= thr[chunk_lo:chunk_hi][nz][row]
-            cost = np.where(ok, best[ai], INF)
-            seg = np.minimum.reduceat(cost, starts)
-            first = np.minimum.reduceat(np.where(cost == seg[row], np.arange(total), total), starts)
-            new_best[chunk_lo + nz] = seg
-            pred[chunk_lo + nz] = ai[first]
-        chunk_lo = chunk_hi
+    # one option: ``_cheapest`` with a single row of slack over the band's starts
+    new_best, pred = _cheapest(o.g[Fa][None, :], np.zeros(len(Fb), np.intp), s, e, thr, best)
     if approx:  # the largest-slack predecessor keeps every reachable b reachable
         has = e > s_full
         if has.any():
