@@ -550,6 +550,17 @@ def build_problem(ctx: Context, opts: Options, n_microbatches: int | None,
     n = len(priced.order)
     fwd, bwd = to_units(priced.fwd_s), to_units(priced.bwd_s)
     modes = RECOMPUTE[opts.recompute]
+    if "selective-op" in modes and splits_backward(opts.custom or opts.schedule):
+        # W is a second backward through the stage's graph, and a region under a selective
+        # checkpoint policy may be backwarded only once (torch.utils.checkpoint refuses the
+        # second: "Trying to backward an extra time"); whole-region checkpointing recomputes again
+        if opts.recompute == "selective-op":
+            raise PartitionError(
+                f"recompute='selective-op' cannot run schedule {getattr(opts.custom, 'name', opts.schedule)!r}: "
+                "its split backward runs a second backward (W) through each stage, which a selective "
+                "checkpoint policy refuses; use recompute='full', 'selective' or 'auto', or a schedule "
+                "with a whole backward (1f1b, interleaved-1f1b)")
+        modes = tuple(m for m in modes if m != "selective-op")
     options = []
     for mode in modes:
         act, redo, reserve = ctx.memo(("arrays", tp, order_key, dev.kind, blocks, micro, seq1, mode),

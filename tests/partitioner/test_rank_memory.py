@@ -144,3 +144,32 @@ def test_a_ranks_priced_peak_is_its_measured_peak(schedule: str, m: int, monkeyp
         assert any(f.pending for f in fits)
         bare = prob.rank_need(load, [f._replace(pending=0) for f in fits]) - static
         assert bare < 0.8 * peak, (bare, peak)
+
+
+def test_a_split_backward_never_runs_a_selective_checkpoint_policy() -> None:
+    """W is a second backward through the stage, which a selective checkpoint policy refuses at
+    run time: asked for, it is refused at planning; under "auto" it is not among the modes, and
+    a held-out architecture (Qwen2, grouped-query attention) under zbv with a tight limit trains
+    like one process."""
+    from partitioner.cost_models.errors import PartitionError
+    from tests.hf.zoo import ZOO, _ids
+
+    model = ZOO["qwen2"].build()
+    ids, labels = _ids(batch=4, seq=16), _ids(seed=7, batch=4, seq=16)
+    kw = dict(n_gpus=1, example_inputs={"input_ids": ids, "labels": labels}, device="cpu", n_microbatches=2,
+              schedule="zbv", virtual_stages=2)
+    with pytest.raises(PartitionError, match="selective-op.*split backward"):
+        partition(model, recompute="selective-op", **kw)
+    alone = max(st.cost.memory_bytes for st in partition(model, recompute="none", **kw).plan.stages)
+    pipe = partition(model, recompute="auto", memory_limit=int(alone * 1.5), **kw)
+    assert {st.recompute for st in pipe.plan.stages} <= {"none", "selective", "full"}
+    assert any(st.recompute != "none" for st in pipe.plan.stages)  # the limit binds
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = pipe.train_step(input_ids=ids, labels=labels, target=None, loss_fn=lambda out, _t: out[0],
+                           n_microbatches=2)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6)
