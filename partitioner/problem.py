@@ -261,6 +261,7 @@ class Problem:
     #: the compilation's ``Context.priced_memo``, shared by its problems (``cached``)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
     _loads: list[RankLoad] | None = field(default=None, repr=False)
+    _split: bool | None = field(default=None, repr=False)
 
     def cached(self, key: Any, make: Any) -> Any:
         """``make()``, once per ``key`` in the compilation (``Context.memo``); ``key`` must name
@@ -301,7 +302,9 @@ class Problem:
         """Stage ``i``'s bytes held from I to W per micro-batch (``StageFit.pending``): none for
         a whole backward, nor for the first stage, whose inputs (the model's) need no gradient,
         so its I does nothing and its W runs the whole backward (``runtime.splitgrad``)."""
-        if i == 0 or self.acts is None or not any(x.kind == "I" for acts in self.sched.actions for x in acts):
+        if self._split is None:  # asked per stage and mode on the exact check's path: once per problem
+            self._split = splits_backward(self.sched)
+        if i == 0 or self.acts is None or not self._split:
             return 0
         return self.ev(self.acts.pending_weight_grads(a, b))
 
