@@ -166,8 +166,8 @@ def main() -> None:
     rows[0]["phases"] = dict(_acc)
     if args.published:
         _stack.clear()
-        for m, g, who, kw, tps, note in lb.PUBLISHED:
-            if m != args.model or g != args.gpus:
+        for m, g, who, kw, tps, note, b in lb.PUBLISHED:
+            if m != args.model or g != args.gpus or (b or lb.batch_for(m, g)) != batch:
                 continue
             prow, perr = lb._plan(args.model, args.gpus, model, inputs, **kw)
             over = ""

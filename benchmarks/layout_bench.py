@@ -63,27 +63,42 @@ CONFIGS: dict[str, dict[str, Any]] = {
 #: elsewhere the same sequences per GPU as its nearest published run
 BATCH = {("8b", 8): 16, ("8b", 64): 128, ("70b", 64): 128, ("70b", 256): 512, ("405b", 256): 128,
          ("405b", 512): 256}
-#: published layouts, pinned: (model, GPUs, name, partition() keywords, published tokens/s/GPU, note)
+#: published layouts, pinned: (model, GPUs, name, partition() keywords, published tokens/s/GPU, note,
+#: global batch: None for ``batch_for``'s; a row is priced only in a run at its batch)
 PUBLISHED = [
     ("8b", 8, "torchtitan FSDP 8", dict(data_parallel=8, tensor_parallel=1, zero=3, schedule="1f1b",
                                          n_microbatches=1, recompute="selective-op"),  # its SAC, "op" policy
-     "5,762", "bf16, no torch.compile, no Float8; selective AC; local batch 2"),
+     "5,762", "bf16, no torch.compile, no Float8; selective AC; local batch 2", None),
     ("8b", 64, "torchtitan FSDP (as its 128-GPU run)", dict(data_parallel=64, tensor_parallel=1, zero=3,
                                                             schedule="1f1b", n_microbatches=1,
                                                             recompute="selective-op"),
-     "5,605 (128 GPUs)", "bf16, no compile/Float8, 128 GPUs, local batch 2"),
+     "5,605 (128 GPUs)", "bf16, no compile/Float8, 128 GPUs, local batch 2", None),
     ("70b", 256, "torchtitan FSDP 32 x TP 8", dict(data_parallel=32, tensor_parallel=8, zero=3, schedule="1f1b",
                                                   n_microbatches=1, recompute="full", sequence_parallel=True),
-     "829 (876 async TP)", "Float8 + torch.compile; full AC; local batch 16"),
+     "829 (876 async TP)", "Float8 + torch.compile; full AC; local batch 16", None),
     ("405b", 512, "torchtitan FSDP 8 x TP 8 x PP 8, 1F1B", dict(data_parallel=8, tensor_parallel=8, zero=3,
                                                                 schedule="1f1b", n_microbatches=32,
                                                                 recompute="full", sequence_parallel=True),
-     "100", "Float8 + compile + async TP; full AC; local batch 32, micro-batch 1"),
+     "100", "Float8 + compile + async TP; full AC; local batch 32, micro-batch 1", None),
     ("405b", 512, "torchtitan FSDP 8 x TP 8 x PP 8, interleaved", dict(data_parallel=8, tensor_parallel=8, zero=3,
                                                                        schedule="interleaved-1f1b",
                                                                        n_microbatches=32, recompute="full",
                                                                        sequence_parallel=True),
-     "128", "as above, interleaved 1F1B"),
+     "128", "as above, interleaved 1F1B", None),
+    # Megatron-Bridge's H100 recipes (scripts/performance/configs/llama/llama3_workload_base_configs.py,
+    # LLAMA3_70B_PRETRAIN_CONFIG_H100_FP8_CS_V1 and LLAMA3_8B_PRETRAIN_CONFIG_H100_FP8_CS_V1; figures from its
+    # docs/performance-summary-archive.md, DGX-H100, FP8 current scaling, 25.09 / 25.11 containers). Megatron's
+    # distributed optimizer is ZeRO-1; no recompute is set for 70B; 8B recomputes 5 of 32 layers, which a
+    # one-stage plan cannot say (priced with none). The BF16 recipes use context parallelism (CP 2), which
+    # this project does not implement, so the FP8 recipes' layouts are the ones priced.
+    ("70b", 64, "Megatron-Bridge TP 4 x PP 8 x VP 5 (DP 2)",
+     dict(data_parallel=2, tensor_parallel=4, zero=1, schedule="interleaved-1f1b", virtual_stages=5,
+          n_microbatches=64, recompute="none", sequence_parallel=True),
+     "1,619 / 1,602 (FP8)", "FP8 current scaling, TE kernels; global batch 128, micro-batch 1", None),
+    ("8b", 8, "Megatron-Bridge FSDP 8", dict(data_parallel=8, tensor_parallel=1, zero=3, schedule="1f1b",
+                                            n_microbatches=16, recompute="none"),
+     "14,079 / 14,451 (FP8)", "FP8 current scaling, Megatron FSDP; global batch 128, micro-batch 1, 5 layers "
+     "recomputed", 128),
 ]
 RUNS = {"8b": (8, 64), "70b": (64, 256), "405b": (256, 512)}
 #: the planner's runs (``--sweep``): every model on 64 to 512 GPUs
@@ -216,8 +231,8 @@ def main() -> None:
             jobs: list[tuple[str, dict[str, Any], str]] = []
             if not args.no_planner:
                 jobs.append(("planner", PLANNER, ""))
-            jobs += [(who, kw, f"{tps} ({note})") for m, g, who, kw, tps, note in PUBLISHED
-                     if m == name and g == n_gpus]
+            jobs += [(who, kw, f"{tps} ({note})") for m, g, who, kw, tps, note, b in PUBLISHED
+                     if m == name and g == n_gpus and (b or batch_for(m, g)) == batch]
             for who, kw, cited in jobs:
                 first = "cap" not in _shared.get(shared_key[0], {})
                 row, err = _plan(name, n_gpus, model, inputs, **kw)
