@@ -83,7 +83,8 @@ def emit(ctx: Context, solved: Solved) -> Pipe:
                                  TIME_UNIT),
     )
     step, mesh, sim = replicated(prob, solution, layout)
-    plan = replace(plan, mesh=mesh)
+    plan = replace(plan, mesh=mesh, prediction=replace(plan.prediction,
+                                                       rank_memory_bytes=tuple(prob.rank_peaks(fits))))
     if layout.dp > 1 or layout.n_nodes > 1:  # the replicas' all-reduce; cuts priced on the links they cross
         plan = replace(plan, prediction=replace(plan.prediction, step_time_s=step,
                                                 bubble_fraction=sim.bubble_fraction))

@@ -146,6 +146,9 @@ class Prediction:
     bubble_fraction: float
     bottleneck_s: float  # slowest stage, forward + backward + comm, per micro-batch
     peak_inflight: tuple[int, ...]  # micro-batches in flight per stage, from the simulator
+    #: peak bytes per pipeline rank, its stages together (a rank of an interleaved or zbv
+    #: schedule holds several); empty, and left out of the JSON, in plans written before it
+    rank_memory_bytes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -354,6 +357,8 @@ class Plan:
             del data["mesh"]["fsdp"]
         if not data["mesh"].get("shard"):
             del data["mesh"]["shard"]
+        if not data["prediction"].get("rank_memory_bytes"):
+            del data["prediction"]["rank_memory_bytes"]
         for name in ("static_shapes", "rankings", "routes"):
             if not data[name]:
                 del data[name]
@@ -637,6 +642,10 @@ def _check_consistency(plan: Plan) -> None:
                 poly.from_text(getattr(st.cost, key))
             except PartitionError as e:
                 raise PlanError(str(e), f"{p}.cost.{key}") from None
+    ranks = plan.prediction.rank_memory_bytes
+    if ranks and len(ranks) != plan.pp_ranks:
+        raise PlanError(f"rank_memory_bytes lists {len(ranks)} ranks but the pipeline has {plan.pp_ranks}",
+                        "$.prediction.rank_memory_bytes")
     for i, b in enumerate(plan.boundaries):
         if b.index != i:
             raise PlanError(f"boundary index {b.index} out of order (expected {i})", f"$.boundaries[{i}].index")

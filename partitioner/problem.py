@@ -368,6 +368,16 @@ class Problem:
         return max([*(self.need(i, x) for i, x in enumerate(fits)),
                     *(self.rank_need(load, fits) for load in self.rank_loads())])
 
+    def rank_peaks(self, fits: Sequence[StageFit]) -> list[int]:
+        """Peak bytes of each pipeline rank: its stages together (``rank_need``) where it holds
+        several or splits its backward, else its one stage's (``need``)."""
+        loads = {self.sched.rank_of(ld.stages[0]): ld for ld in self.rank_loads()}
+        own: dict[int, int] = {}
+        for i, x in enumerate(fits):
+            r = self.sched.rank_of(i)
+            own[r] = max(own.get(r, 0), self.need(i, x))
+        return [self.rank_need(loads[r], fits) if r in loads else own[r] for r in range(self.sched.n_ranks)]
+
     def fits(self, fits: Sequence[StageFit]) -> bool:
         """Does every rank fit the device (each stage alone, and the stages a rank holds together)?"""
         return all(self.need(i, x) <= self.capacity for i, x in enumerate(fits)) and \

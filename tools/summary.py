@@ -80,6 +80,7 @@ def plan_summary(plan: Any) -> dict[str, Any]:
             "bubble_fraction": p.bubble_fraction,
             "bottleneck_s": p.bottleneck_s,
             "peak_inflight": list(p.peak_inflight),
+            **({"rank_memory_bytes": list(p.rank_memory_bytes)} if p.rank_memory_bytes else {}),
         },
         "solver": {
             "bottleneck_s": s.bottleneck_s,

@@ -107,6 +107,39 @@ def test_a_rank_with_several_stages_is_kept_under_the_limit_or_refused_naming_it
             continue
         assert max(_rank_peaks(plan).values()) <= limit
         assert max(st.cost.memory_bytes for st in plan.stages) <= limit
+        assert max(plan.prediction.rank_memory_bytes) <= limit
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "interleaved-1f1b", "1f1b"])
+def test_the_plan_records_each_ranks_peak_with_its_stages_together(schedule: str) -> None:
+    from partitioner.plan import PlanError, load_plan
+
+    model = _llama()
+    ids = torch.randint(0, 100, (B, S))
+    v = 1 if schedule == "1f1b" else 2
+    plan = partition(model, n_gpus=2, example_inputs=(ids,), device="cpu", n_microbatches=4, schedule=schedule,
+                     virtual_stages=v, recompute="none").plan
+    ranks = plan.prediction.rank_memory_bytes
+    walked = _rank_peaks(plan)  # from the plan's own fields, without the I-to-W term of a split backward
+    assert len(ranks) == 2
+    for r, got in enumerate(ranks):
+        own = max(st.cost.memory_bytes for st in plan.stages if st.rank == r)
+        if schedule == "zbv":
+            assert got > walked[r] >= own  # the I-to-W gradients come on top
+        else:
+            assert got == walked[r]
+        if v == 1:
+            assert got == own
+        else:
+            assert got > own  # two stages on the rank hold more than either alone
+    again = load_plan(plan.to_json())
+    assert again.prediction.rank_memory_bytes == ranks
+    data = plan.to_dict()
+    data["prediction"]["rank_memory_bytes"] = [1]
+    with pytest.raises(PlanError, match="rank_memory_bytes lists 1 ranks but the pipeline has 2"):
+        load_plan(data)
+    del data["prediction"]["rank_memory_bytes"]  # a plan written before the field: loads, empty
+    assert load_plan(data).prediction.rank_memory_bytes == ()
 
 
 @pytest.mark.parametrize("schedule,m", [("zbv", 2), ("zbv", 4), ("interleaved-1f1b", 4)])
