@@ -88,11 +88,13 @@ PUBLISHED = [
     # Megatron-Bridge's H100 recipes (scripts/performance/configs/llama/llama3_workload_base_configs.py,
     # LLAMA3_70B_PRETRAIN_CONFIG_H100_FP8_CS_V1 and LLAMA3_8B_PRETRAIN_CONFIG_H100_FP8_CS_V1; figures from its
     # docs/performance-summary-archive.md, DGX-H100, FP8 current scaling, 25.09 / 25.11 containers). Megatron's
-    # distributed optimizer is ZeRO-1; no recompute is set for 70B; 8B recomputes 5 of 32 layers, which a
-    # one-stage plan cannot say (priced with none). The BF16 recipes use context parallelism (CP 2), which
-    # this project does not implement, so the FP8 recipes' layouts are the ones priced.
+    # distributed optimizer is ZeRO-1, which this project does not run beside tensor parallelism: the 70B row
+    # is priced with zero=0 (the same ring bytes per step; the optimizer state not split over the 2
+    # replicas, so its memory is over Megatron's). No recompute is set for 70B; 8B recomputes 5 of 32
+    # layers, which a one-stage plan cannot say (priced with none). The BF16 recipes use context
+    # parallelism (CP 2), which this project does not implement, so the FP8 recipes' layouts are priced.
     ("70b", 64, "Megatron-Bridge TP 4 x PP 8 x VP 5 (DP 2)",
-     dict(data_parallel=2, tensor_parallel=4, zero=1, schedule="interleaved-1f1b", virtual_stages=5,
+     dict(data_parallel=2, tensor_parallel=4, zero=0, schedule="interleaved-1f1b", virtual_stages=5,
           n_microbatches=64, recompute="none", sequence_parallel=True),
      "1,619 / 1,602 (FP8)", "FP8 current scaling, TE kernels; global batch 128, micro-batch 1", None),
     ("8b", 8, "Megatron-Bridge FSDP 8", dict(data_parallel=8, tensor_parallel=1, zero=3, schedule="1f1b",
