@@ -33,7 +33,7 @@ from partitioner.runtime import local  # noqa: E402
 from partitioner.simulator import boundary_bytes  # noqa: E402
 from tests.hf import models as hf_models  # noqa: E402
 from tests.hf import zoo  # noqa: E402
-from tests.runtime.helpers import sgd_reference  # noqa: E402
+from tests.runtime.helpers import pipe_sgd_losses, sgd_reference  # noqa: E402
 
 BATCH, SEQ, M = 4, 16, 2
 VOCAB = min(hf_models.VOCAB, zoo.VOCAB)  # token ids every case embeds
@@ -165,12 +165,7 @@ def test_a_pipeline_rebuilding_the_mask_trains_like_the_unpartitioned_model(name
     inputs, y = _data()
     ref = sgd_reference(model, inputs, y, _loss, steps=3, lr=0.1, init=init)
     model.load_state_dict(init)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        losses.append(pipe.train_step(**inputs, target=y, loss_fn=_loss, n_microbatches=M).item())
-        opt.step()
+    losses = pipe_sgd_losses(pipe, model, inputs, y, _loss, steps=3, m=M, lr=0.1)
     # every stage proved the mask it made causal and runs the fused kernel
     assert all(st.meta[ATTENTION]["fused"] and not st.meta[ATTENTION]["explicit"] for st in pipe.stages)
     assert losses == pytest.approx(ref.losses, rel=1e-5)
@@ -192,12 +187,7 @@ def test_a_plan_that_sends_the_mask_still_loads_and_runs() -> None:
     # from the function of sizes recorded on its input (``mark_size_only``)
     for pipe in (before, old.apply(model)):
         model.load_state_dict(init)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = []
-        for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            losses.append(pipe.train_step(**inputs, target=y, loss_fn=_loss, n_microbatches=M).item())
-            opt.step()
+        losses = pipe_sgd_losses(pipe, model, inputs, y, _loss, steps=2, m=M, lr=0.1)
         assert losses == pytest.approx(ref.losses, rel=1e-5)
         assert all(st.meta[ATTENTION]["fused"] for st in pipe.stages)
     # re-applied, it is planned as today: the same cuts, the mask rebuilt

@@ -27,7 +27,7 @@ from partitioner.passes.meta import ATTENTION  # noqa: E402
 from tests.fixtures.models import FIXTURES  # noqa: E402
 from tests.hf import models as hf_models  # noqa: E402
 from tests.hf import zoo  # noqa: E402
-from tests.runtime.helpers import sgd_reference  # noqa: E402
+from tests.runtime.helpers import pipe_sgd_losses, sgd_reference  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 WINDOW = 8  # the Mistral case's sliding window, below the captured sequence length
@@ -272,12 +272,7 @@ def test_a_two_stage_pipeline_with_fused_attention_trains_like_one_process() -> 
     pipe = partition(model, 2, inputs, device="cpu", link="loopback", pinned_cuts=["model.layers.1"])
     ref = sgd_reference(model, inputs, y, _loss, steps=3, lr=0.1, init=init)
     model.load_state_dict(init)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        losses.append(pipe.train_step(**inputs, target=y, loss_fn=_loss, n_microbatches=2).item())
-        opt.step()
+    losses = pipe_sgd_losses(pipe, model, inputs, y, _loss, steps=3, m=2, lr=0.1)
     # the runtime rewrote every stage's attention before running it
     assert all(st.meta[ATTENTION]["fused"] and _sites(st) for st in pipe.stages)
     assert losses == pytest.approx(ref.losses, rel=1e-5)

@@ -106,6 +106,19 @@ def sgd_reference(model: nn.Module, inputs: torch.Tensor | dict[str, Any], y: An
     return Reference(losses, norms, {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=remove_duplicate)})
 
 
+def pipe_sgd_losses(pipe: Any, model: nn.Module, inputs: dict[str, Any], y: Any, loss_fn: Callable[..., torch.Tensor],
+                    *, steps: int, m: int, lr: float = LR) -> list[float]:
+    """Train ``pipe`` (whose stages hold ``model``'s parameters) for ``steps`` plain SGD steps
+    in this process (``pipe.train_step`` over ``m`` micro-batches): the loss per step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        losses.append(pipe.train_step(**inputs, target=y, loss_fn=loss_fn, n_microbatches=m).item())
+        opt.step()
+    return losses
+
+
 def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
               steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train a copy of the unpartitioned model: losses and final parameters by FQN."""
