@@ -97,6 +97,10 @@ PUBLISHED = [
      dict(data_parallel=2, tensor_parallel=4, zero=0, schedule="interleaved-1f1b", virtual_stages=5,
           n_microbatches=64, recompute="none", sequence_parallel=True),
      "1,619 / 1,602 (FP8)", "FP8 current scaling, TE kernels; global batch 128, micro-batch 1", None),
+    ("70b", 64, "Megatron-Bridge's layout, recompute chosen to fit",
+     dict(data_parallel=2, tensor_parallel=4, zero=0, schedule="interleaved-1f1b", virtual_stages=5,
+          n_microbatches=64, recompute="auto", sequence_parallel=True),
+     "-", "its layout on our memory model: the planner picks each stage's recompute", None),
     ("8b", 8, "Megatron-Bridge FSDP 8", dict(data_parallel=8, tensor_parallel=1, zero=3, schedule="1f1b",
                                             n_microbatches=16, recompute="none"),
      "14,079 / 14,451 (FP8)", "FP8 current scaling, Megatron FSDP; global batch 128, micro-batch 1, 5 layers "
