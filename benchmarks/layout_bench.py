@@ -105,6 +105,9 @@ PUBLISHED = [
                                             n_microbatches=16, recompute="none"),
      "14,079 / 14,451 (FP8)", "FP8 current scaling, Megatron FSDP; global batch 128, micro-batch 1, 5 layers "
      "recomputed", 128),
+    ("8b", 8, "Megatron-Bridge's layout, recompute chosen to fit",
+     dict(data_parallel=8, tensor_parallel=1, zero=3, schedule="1f1b", n_microbatches=16, recompute="auto"),
+     "-", "its layout on our memory model: the planner picks the stage's recompute", 128),
 ]
 RUNS = {"8b": (8, 64), "70b": (64, 256), "405b": (256, 512)}
 #: the planner's runs (``--sweep``): every model on 64 to 512 GPUs
