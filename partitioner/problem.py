@@ -211,10 +211,21 @@ def rank_loads(sched: Schedule) -> list[RankLoad]:
             else:
                 continue
             seen.append(tuple(cur))
-        uniq = set(seen)
-        top = [c for c in uniq if not any(o != c and all(x >= y for x, y in zip(o, c)) for o in uniq)]
-        out.append(RankLoad(stages, tuple(sorted(top)) or (tuple(cur),)))
+        out.append(RankLoad(stages, tuple(sorted(undominated(set(seen)))) or (tuple(cur),)))
     return out
+
+
+def undominated(points: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The points no other point dominates (>= in every coordinate). A point's dominators have
+    a larger sum, so in order of falling sum each point is checked against the ones kept so far
+    only (a dominated dominator's own dominator is kept, and dominates it too): linear in the
+    points times the kept ones, not quadratic in the points (a rank's order has one point per
+    F and I, thousands with hundreds of micro-batches)."""
+    kept: list[tuple[int, ...]] = []
+    for c in sorted(points, key=sum, reverse=True):
+        if not any(all(x >= y for x, y in zip(o, c)) for o in kept):
+            kept.append(c)
+    return kept
 
 
 class StageFit(NamedTuple):

@@ -206,3 +206,14 @@ def test_a_split_backward_never_runs_a_selective_checkpoint_policy() -> None:
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_the_undominated_points_are_those_no_other_point_dominates() -> None:
+    from partitioner.problem import undominated
+
+    rng = random.Random(0)
+    for _ in range(300):
+        k = rng.randint(1, 4)
+        pts = {tuple(rng.randint(0, 6) for _ in range(k)) for _ in range(rng.randint(1, 60))}
+        want = sorted(c for c in pts if not any(o != c and all(x >= y for x, y in zip(o, c)) for o in pts))
+        assert sorted(undominated(pts)) == want
