@@ -642,10 +642,6 @@ def _check_consistency(plan: Plan) -> None:
                 poly.from_text(getattr(st.cost, key))
             except PartitionError as e:
                 raise PlanError(str(e), f"{p}.cost.{key}") from None
-    ranks = plan.prediction.rank_memory_bytes
-    if ranks and len(ranks) != plan.pp_ranks:
-        raise PlanError(f"rank_memory_bytes lists {len(ranks)} ranks but the pipeline has {plan.pp_ranks}",
-                        "$.prediction.rank_memory_bytes")
     for i, b in enumerate(plan.boundaries):
         if b.index != i:
             raise PlanError(f"boundary index {b.index} out of order (expected {i})", f"$.boundaries[{i}].index")
@@ -677,6 +673,10 @@ def _check_consistency(plan: Plan) -> None:
     if mesh.allreduce_s and len(mesh.allreduce_s) != n_gpus:
         raise PlanError(f"mesh.allreduce_s has {len(mesh.allreduce_s)} entries for {n_gpus} pipeline ranks",
                         "$.mesh.allreduce_s")
+    ranks = plan.prediction.rank_memory_bytes  # after the mesh checks: a bad mesh is named as such
+    if ranks and isinstance(n_gpus, int) and len(ranks) != n_gpus:
+        raise PlanError(f"rank_memory_bytes lists {len(ranks)} ranks but the pipeline has {n_gpus}",
+                        "$.prediction.rank_memory_bytes")
     if mesh.fsdp:
         _check_fsdp_mode(plan)
     if mesh.shard and (mesh.zero != 3 or mesh.dp % mesh.shard or mesh.shard >= mesh.dp):
