@@ -374,14 +374,11 @@ class Problem:
                 out[s] = max(out[s], -(-excess * n // sum(needs)))
         return out
 
-    def peak(self, fits: Sequence[StageFit]) -> int:
-        """Peak bytes of the fullest GPU: a stage's own, or a rank's with several stages."""
-        return max([*(self.need(i, x) for i, x in enumerate(fits)),
-                    *(self.rank_need(load, fits) for load in self.rank_loads())])
-
     def rank_peaks(self, fits: Sequence[StageFit]) -> list[int]:
         """Peak bytes of each pipeline rank: its stages together (``rank_need``) where it holds
-        several or splits its backward, else its one stage's (``need``)."""
+        several or splits its backward, else its one stage's (``need``). A rank's ``rank_need``
+        is at least each of its stages' ``need`` (the worst point of its order reaches every
+        stage's in-flight peak), so this is every stage and every rank checked."""
         loads = {self.sched.rank_of(ld.stages[0]): ld for ld in self.rank_loads()}
         own: dict[int, int] = {}
         for i, x in enumerate(fits):
@@ -389,10 +386,13 @@ class Problem:
             own[r] = max(own.get(r, 0), self.need(i, x))
         return [self.rank_need(loads[r], fits) if r in loads else own[r] for r in range(self.sched.n_ranks)]
 
+    def peak(self, fits: Sequence[StageFit]) -> int:
+        """Peak bytes of the fullest GPU (``rank_peaks``)."""
+        return max(self.rank_peaks(fits))
+
     def fits(self, fits: Sequence[StageFit]) -> bool:
         """Does every rank fit the device (each stage alone, and the stages a rank holds together)?"""
-        return all(self.need(i, x) <= self.capacity for i, x in enumerate(fits)) and \
-            all(self.rank_need(load, fits) <= self.capacity for load in self.rank_loads())
+        return self.peak(fits) <= self.capacity
 
 
 def cut_link_units(lnk: LinkSpec, *per_cut_bytes: Sequence[int], tp: int = 1,
